@@ -1,0 +1,229 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The copier's pipeline (see copy.h for the contract).
+ *
+ * Each slot (struct bm_copy_req) owns one aligned buffer and one bm_io.
+ * A data range goes: read -> scan -> one write or zero per run, issued one
+ * after another within the slot; slots run in parallel.  Keeping the runs
+ * of one slot serial keeps a slot to one request in flight, so the
+ * `requests` bound is also the bound on destination requests.
+ *
+ * pump() is guarded against recursion: a range that completes without
+ * I/O (a zero range on a zeroed destination) reports back from inside
+ * pump, and the producer may call pump again from its done callback.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "copy.h"
+#include "errors.h"
+#include "extent.h"
+#include "internal.h"
+
+struct bm_copy_req {
+	struct bm_copier *c;
+	struct bm_copy_req *next_free;
+	struct bm_copy_range range;
+	struct bm_io io;
+	void *buf;
+	uint64_t pos; /* data: offset within the range of the next run */
+};
+
+#define DEFAULT_REQUEST_SIZE (1u << 20)
+#define DEFAULT_REQUESTS 16
+#define DEFAULT_SPARSE_BLOCK 4096
+
+int
+bm_copier_init(struct bm_copier *c)
+{
+	size_t align = 4096;
+
+	if (!c->request_size)
+		c->request_size = DEFAULT_REQUEST_SIZE;
+	if (!c->requests)
+		c->requests = DEFAULT_REQUESTS;
+	if (c->sparse_block && !bm_is_power_of_2(c->sparse_block))
+		return bm_error(-EINVAL, "sparse block size must be a power "
+				"of two");
+	if (c->dst->align > 1 || c->src->align > 1)
+		align = BM_MAX(align, BM_MAX(c->dst->align, c->src->align));
+	c->request_size = (uint32_t)bm_round_up(c->request_size, align);
+	c->reqs = calloc(c->requests, sizeof *c->reqs);
+	if (!c->reqs)
+		return bm_error(-ENOMEM, "copy: out of memory");
+	for (unsigned i = 0; i < c->requests; i++) {
+		struct bm_copy_req *q = &c->reqs[i];
+
+		if (posix_memalign(&q->buf, align, c->request_size)) {
+			bm_copier_fini(c);
+			return bm_error(-ENOMEM, "copy: out of memory for "
+					"%u buffers of %u bytes",
+					c->requests, c->request_size);
+		}
+		q->c = c;
+		q->io.opaque = q;
+		q->next_free = c->free_reqs;
+		c->free_reqs = q;
+	}
+	return 0;
+}
+
+void
+bm_copier_fini(struct bm_copier *c)
+{
+	if (c->reqs)
+		for (unsigned i = 0; i < c->requests; i++)
+			free(c->reqs[i].buf);
+	free(c->reqs);
+	c->reqs = NULL;
+	c->free_reqs = NULL;
+}
+
+void
+bm_copier_stop(struct bm_copier *c)
+{
+	c->stopped = true;
+}
+
+static void
+req_finish(struct bm_copy_req *q, int err)
+{
+	struct bm_copier *c = q->c;
+	struct bm_copy_range r = q->range;
+
+	q->next_free = c->free_reqs;
+	c->free_reqs = q;
+	c->inflight--;
+	c->ops->done(c, &r, err);
+	bm_copier_pump(c);
+}
+
+static void data_next_run(struct bm_copy_req *q);
+
+static void
+run_done(struct bm_io *io, int err)
+{
+	struct bm_copy_req *q = io->opaque;
+
+	if (err < 0) {
+		req_finish(q, err);
+		return;
+	}
+	q->pos += io->length;
+	data_next_run(q);
+}
+
+/* Write the next data or zero run of a data range that has been read. */
+static void
+data_next_run(struct bm_copy_req *q)
+{
+	struct bm_copier *c = q->c;
+	const uint64_t len = q->range.length;
+
+	while (q->pos < len) {
+		size_t end;
+		bool zero = false;
+
+		if (c->sparse_block)
+			end = bm_next_run(q->buf, (size_t)len, (size_t)q->pos,
+					  c->sparse_block, &zero);
+		else
+			end = (size_t)len;
+		q->io.offset = q->range.offset + q->pos;
+		q->io.length = end - q->pos;
+		q->io.done = run_done;
+		if (!zero) {
+			q->io.buf = (char *)q->buf + q->pos;
+			q->io.flags = 0;
+			c->bytes_written += q->io.length;
+			bm_image_write(c->dst, &q->io);
+			return;
+		}
+		c->bytes_zeroed += q->io.length;
+		if (c->dst_is_zero) {
+			q->pos = end;
+			continue;
+		}
+		q->io.flags = c->allocate ? 0 : BM_IO_MAY_TRIM;
+		bm_image_zero(c->dst, &q->io);
+		return;
+	}
+	req_finish(q, 0);
+}
+
+static void
+read_done(struct bm_io *io, int err)
+{
+	struct bm_copy_req *q = io->opaque;
+
+	if (err < 0) {
+		req_finish(q, err);
+		return;
+	}
+	q->c->bytes_read += q->range.length;
+	q->pos = 0;
+	data_next_run(q);
+}
+
+static void
+zero_done(struct bm_io *io, int err)
+{
+	req_finish(io->opaque, err);
+}
+
+static void
+req_start(struct bm_copier *c, struct bm_copy_req *q)
+{
+	switch (q->range.kind) {
+	case BM_COPY_DATA:
+		q->io.offset = q->range.offset;
+		q->io.length = q->range.length;
+		q->io.buf = q->buf;
+		q->io.flags = 0;
+		q->io.done = read_done;
+		bm_image_read(c->src, &q->io);
+		return;
+	case BM_COPY_ZERO:
+	case BM_COPY_HOLE:
+		c->bytes_zeroed += q->range.length;
+		q->io.offset = q->range.offset;
+		q->io.length = q->range.length;
+		q->io.done = zero_done;
+		q->io.flags = c->allocate ? 0 : BM_IO_MAY_TRIM;
+		bm_image_zero(c->dst, &q->io);
+		return;
+	}
+}
+
+void
+bm_copier_pump(struct bm_copier *c)
+{
+	if (c->pumping) {
+		c->repump = true;
+		return;
+	}
+	c->pumping = true;
+	do {
+		c->repump = false;
+		while (!c->stopped && c->free_reqs) {
+			struct bm_copy_req *q = c->free_reqs;
+			struct bm_copy_range r;
+
+			if (!c->ops->next(c, &r))
+				break;
+			if (r.kind != BM_COPY_DATA && c->dst_is_zero &&
+			    !c->allocate) {
+				/* Nothing to do on a zeroed destination. */
+				c->bytes_zeroed += r.length;
+				c->ops->done(c, &r, 0);
+				continue;
+			}
+			c->free_reqs = q->next_free;
+			c->inflight++;
+			q->range = r;
+			req_start(c, q);
+		}
+	} while (c->repump);
+	c->pumping = false;
+}

@@ -1,0 +1,624 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The local file store: a regular file or a block device, read and
+ * written through the loop's io_uring ring.
+ *
+ * - Short reads and writes are resubmitted for the remainder (io->progress
+ *   counts what is done); done sees the whole length or an error.  A read
+ *   that hits end of file early (the file shrank under us) is -EIO.
+ * - Zeroing tries, in order: punch a hole (if the caller allows
+ *   deallocation), FALLOC_FL_ZERO_RANGE, then writing zeroes from a shared
+ *   buffer.  A method that fails with EOPNOTSUPP is remembered and not
+ *   tried again.  With BM_IO_FAST_ZERO the last, slow step is refused.
+ * - Extents come from SEEK_DATA/SEEK_HOLE (synchronous lseek, cheap) and
+ *   are delivered through bm_loop_defer like any other completion.
+ * - O_DIRECT is used only when the size is a multiple of the alignment
+ *   (4096, or the device's logical block size); otherwise the store falls
+ *   back to buffered I/O and says so in the log.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "errors.h"
+#include "internal.h"
+#include "store.h"
+
+#define ZERO_BUF_SIZE (1u << 20)
+
+struct file_store {
+	struct bm_store s;
+	int fd;
+	dev_t dev;
+	ino_t ino;
+	bool can_punch;
+	bool can_zero_range;
+	void *zero_buf; /* lazily allocated, aligned */
+};
+
+static inline struct file_store *
+to_file(struct bm_store *s)
+{
+	return bm_container_of(s, struct file_store, s);
+}
+
+static inline struct bm_io *
+op_to_io(struct bm_op *op)
+{
+	return bm_container_of(op, struct bm_io, op);
+}
+
+static void
+io_fail(struct bm_io *io, int err)
+{
+	io->done(io, err);
+}
+
+/* Complete with err on the next turn of the loop. */
+static void deferred_done(struct bm_op *op, int res);
+
+static void
+io_defer(struct bm_store *s, struct bm_io *io, int err)
+{
+	bm_loop_defer(s->loop, &io->op, deferred_done, err);
+}
+
+static void
+deferred_done(struct bm_op *op, int res)
+{
+	struct bm_io *io = op_to_io(op);
+
+	io->done(io, res);
+}
+
+static bool
+check_request(struct bm_store *s, struct bm_io *io, bool write)
+{
+	io->store = s;
+	io->progress = 0;
+	io->stage = 0;
+	if (!bm_range_ok(io->offset, io->length, s->size)) {
+		io_defer(s, io, bm_error(-EINVAL,
+			 "%s: request at %" PRIu64 "+%" PRIu64
+			 " beyond the end (%" PRIu64 ")",
+			 s->name, io->offset, io->length, s->size));
+		return false;
+	}
+	if (write && s->readonly) {
+		io_defer(s, io, bm_error(-EROFS, "%s: opened read-only",
+					 s->name));
+		return false;
+	}
+	return true;
+}
+
+/* ---- read / write ---------------------------------------------------- */
+
+static void rw_done(struct bm_op *op, int res);
+
+static void
+fua_done(struct bm_op *op, int res)
+{
+	struct bm_io *io = op_to_io(op);
+
+	if (res < 0)
+		res = bm_error(res, "%s: fdatasync: %s", io->store->name,
+			       strerror(-res));
+	io->done(io, res);
+}
+
+static void
+rw_submit(struct file_store *f, struct bm_io *io, bool write)
+{
+	struct io_uring_sqe *sqe;
+	size_t n = io->length - io->progress;
+
+	sqe = bm_loop_sqe(f->s.loop, &io->op, rw_done);
+	if (write)
+		io_uring_prep_write(sqe, f->fd, (char *)io->buf + io->progress,
+				    n, io->offset + io->progress);
+	else
+		io_uring_prep_read(sqe, f->fd, (char *)io->buf + io->progress,
+				   n, io->offset + io->progress);
+	/* stage remembers the direction across resubmissions */
+	io->stage = write;
+}
+
+static void
+rw_done(struct bm_op *op, int res)
+{
+	struct bm_io *io = op_to_io(op);
+	struct file_store *f = to_file(io->store);
+	bool write = io->stage;
+
+	if (res == -EAGAIN || res == -EINTR) {
+		rw_submit(f, io, write);
+		return;
+	}
+	if (res < 0) {
+		io_fail(io, bm_error(res, "%s: %s at offset %" PRIu64 ": %s",
+				     f->s.name, write ? "write" : "read",
+				     io->offset + io->progress,
+				     strerror(-res)));
+		return;
+	}
+	if (res == 0) {
+		io_fail(io, bm_error(-EIO, "%s: unexpected end of file at "
+				     "offset %" PRIu64, f->s.name,
+				     io->offset + io->progress));
+		return;
+	}
+	io->progress += (uint64_t)res;
+	if (io->progress < io->length) {
+		rw_submit(f, io, write);
+		return;
+	}
+	if (write && (io->flags & BM_IO_FUA)) {
+		/* A data sync of the whole file is the only way a file
+		 * offers to make one write durable. */
+		struct io_uring_sqe *sqe;
+
+		sqe = bm_loop_sqe(f->s.loop, &io->op, fua_done);
+		io_uring_prep_fsync(sqe, f->fd, IORING_FSYNC_DATASYNC);
+		return;
+	}
+	io->done(io, 0);
+}
+
+static bool
+request_too_big(struct bm_store *s, struct bm_io *io)
+{
+	if (io->length > (1u << 30)) {
+		io_defer(s, io, bm_error(-EINVAL, "%s: request of %" PRIu64
+					 " bytes is too large", s->name,
+					 io->length));
+		return true;
+	}
+	return false;
+}
+
+static void
+file_read(struct bm_store *s, struct bm_io *io)
+{
+	if (!check_request(s, io, false) || request_too_big(s, io))
+		return;
+	if (io->length == 0) {
+		io_defer(s, io, 0);
+		return;
+	}
+	rw_submit(to_file(s), io, false);
+}
+
+static void
+file_write(struct bm_store *s, struct bm_io *io)
+{
+	if (!check_request(s, io, true) || request_too_big(s, io))
+		return;
+	if (io->length == 0) {
+		io_defer(s, io, 0);
+		return;
+	}
+	rw_submit(to_file(s), io, true);
+}
+
+/* ---- zero / discard -------------------------------------------------- */
+
+enum zero_stage {
+	ZERO_PUNCH,      /* FALLOC_FL_PUNCH_HOLE */
+	ZERO_RANGE,      /* FALLOC_FL_ZERO_RANGE */
+	ZERO_WRITE,      /* write zeroes */
+	DISCARD_PUNCH,   /* discard: punch, and ignore if unsupported */
+};
+
+static void zero_step(struct file_store *f, struct bm_io *io);
+
+static void
+zero_done(struct bm_op *op, int res)
+{
+	struct bm_io *io = op_to_io(op);
+	struct file_store *f = to_file(io->store);
+
+	if (res == -EINTR || res == -EAGAIN) {
+		zero_step(f, io);
+		return;
+	}
+	switch (io->stage) {
+	case DISCARD_PUNCH:
+		if (res == -EOPNOTSUPP || res == -EINVAL) {
+			/* Discard is a hint; a store that cannot free
+			 * space keeps the data. */
+			f->can_punch = false;
+			res = 0;
+		}
+		break;
+	case ZERO_PUNCH:
+		if (res == -EOPNOTSUPP || res == -EINVAL) {
+			f->can_punch = false;
+			io->stage = ZERO_RANGE;
+			zero_step(f, io);
+			return;
+		}
+		break;
+	case ZERO_RANGE:
+		if (res == -EOPNOTSUPP || res == -EINVAL) {
+			f->can_zero_range = false;
+			io->stage = ZERO_WRITE;
+			zero_step(f, io);
+			return;
+		}
+		break;
+	case ZERO_WRITE:
+		if (res > 0) {
+			io->progress += (uint64_t)res;
+			if (io->progress < io->length) {
+				zero_step(f, io);
+				return;
+			}
+			res = 0;
+		} else if (res == 0) {
+			res = -EIO;
+		}
+		break;
+	}
+	if (res < 0)
+		res = bm_error(res, "%s: %s at offset %" PRIu64 "+%" PRIu64
+			       ": %s", f->s.name,
+			       io->stage == DISCARD_PUNCH ? "discard" : "zero",
+			       io->offset, io->length, strerror(-res));
+	io->done(io, res);
+}
+
+static void
+zero_step(struct file_store *f, struct bm_io *io)
+{
+	struct io_uring_sqe *sqe;
+
+	/* Skip methods known not to work here. */
+	if (io->stage == ZERO_PUNCH && !f->can_punch)
+		io->stage = ZERO_RANGE;
+	if (io->stage == ZERO_RANGE && !f->can_zero_range)
+		io->stage = ZERO_WRITE;
+	if (io->stage == DISCARD_PUNCH && !f->can_punch) {
+		io_defer(&f->s, io, 0);
+		return;
+	}
+	if (io->stage == ZERO_WRITE) {
+		size_t n;
+
+		if (io->flags & BM_IO_FAST_ZERO) {
+			io_defer(&f->s, io, -ENOTSUP);
+			return;
+		}
+		if (!f->zero_buf) {
+			if (posix_memalign(&f->zero_buf, 4096, ZERO_BUF_SIZE)) {
+				io_defer(&f->s, io, bm_error(-ENOMEM,
+					 "%s: out of memory", f->s.name));
+				return;
+			}
+			memset(f->zero_buf, 0, ZERO_BUF_SIZE);
+		}
+		n = BM_MIN(io->length - io->progress, ZERO_BUF_SIZE);
+		sqe = bm_loop_sqe(f->s.loop, &io->op, zero_done);
+		io_uring_prep_write(sqe, f->fd, f->zero_buf, n,
+				    io->offset + io->progress);
+		return;
+	}
+	sqe = bm_loop_sqe(f->s.loop, &io->op, zero_done);
+	io_uring_prep_fallocate(sqe, f->fd,
+				(io->stage == ZERO_RANGE ? FALLOC_FL_ZERO_RANGE
+							 : FALLOC_FL_PUNCH_HOLE) |
+				FALLOC_FL_KEEP_SIZE,
+				io->offset, io->length);
+}
+
+static void
+file_zero(struct bm_store *s, struct bm_io *io)
+{
+	if (!check_request(s, io, true))
+		return;
+	if (io->length == 0) {
+		io_defer(s, io, 0);
+		return;
+	}
+	io->stage = (io->flags & BM_IO_MAY_TRIM) ? ZERO_PUNCH : ZERO_RANGE;
+	zero_step(to_file(s), io);
+}
+
+static void
+file_discard(struct bm_store *s, struct bm_io *io)
+{
+	if (!check_request(s, io, true))
+		return;
+	if (io->length == 0) {
+		io_defer(s, io, 0);
+		return;
+	}
+	io->stage = DISCARD_PUNCH;
+	zero_step(to_file(s), io);
+}
+
+/* ---- flush ----------------------------------------------------------- */
+
+static void
+flush_done(struct bm_op *op, int res)
+{
+	struct bm_io *io = op_to_io(op);
+
+	if (res < 0)
+		res = bm_error(res, "%s: fdatasync: %s", io->store->name,
+			       strerror(-res));
+	io->done(io, res);
+}
+
+static void
+file_flush(struct bm_store *s, struct bm_io *io)
+{
+	struct io_uring_sqe *sqe;
+
+	io->store = s;
+	if (s->readonly) {
+		io_defer(s, io, 0);
+		return;
+	}
+	sqe = bm_loop_sqe(s->loop, &io->op, flush_done);
+	io_uring_prep_fsync(sqe, to_file(s)->fd, IORING_FSYNC_DATASYNC);
+}
+
+/* ---- extents --------------------------------------------------------- */
+
+static int
+file_map(struct file_store *f, uint64_t offset, uint64_t length,
+	 struct bm_extent_list *l)
+{
+	uint64_t end = offset + length;
+	int r;
+
+	if (f->s.block_device)
+		return bm_extent_list_append(l, offset, length, 0);
+	while (offset < end) {
+		off_t data, hole;
+
+		data = lseek(f->fd, (off_t)offset, SEEK_DATA);
+		if (data < 0) {
+			if (errno == ENXIO) /* nothing but a hole to EOF */
+				return bm_extent_list_append(l, offset,
+					end - offset,
+					BM_EXTENT_HOLE | BM_EXTENT_ZERO);
+			if (errno == EINVAL || errno == EOPNOTSUPP)
+				return bm_extent_list_append(l, offset,
+							     end - offset, 0);
+			return -errno;
+		}
+		if ((uint64_t)data > offset) {
+			r = bm_extent_list_append(l, offset,
+				BM_MIN((uint64_t)data, end) - offset,
+				BM_EXTENT_HOLE | BM_EXTENT_ZERO);
+			if (r < 0)
+				return r;
+			offset = BM_MIN((uint64_t)data, end);
+			if (offset >= end)
+				break;
+		}
+		hole = lseek(f->fd, (off_t)offset, SEEK_HOLE);
+		if (hole < 0)
+			return -errno;
+		if ((uint64_t)hole <= offset) /* raced with a truncate */
+			hole = (off_t)end;
+		r = bm_extent_list_append(l, offset,
+					  BM_MIN((uint64_t)hole, end) - offset,
+					  0);
+		if (r < 0)
+			return r;
+		offset = BM_MIN((uint64_t)hole, end);
+	}
+	return 0;
+}
+
+static void
+file_extents(struct bm_store *s, struct bm_io *io)
+{
+	int r;
+
+	if (!check_request(s, io, false))
+		return;
+	r = file_map(to_file(s), io->offset, io->length, io->extents);
+	if (r < 0)
+		r = bm_error(r, "%s: mapping extents: %s", s->name,
+			     strerror(-r));
+	io_defer(s, io, r);
+}
+
+/* ---- open / close ---------------------------------------------------- */
+
+static void
+file_close(struct bm_store *s)
+{
+	struct file_store *f = to_file(s);
+
+	close(f->fd);
+	free(f->zero_buf);
+	free(s->name);
+	free(f);
+}
+
+static const struct bm_store_ops file_ops = {
+	.name = "file",
+	.read = file_read,
+	.write = file_write,
+	.zero = file_zero,
+	.discard = file_discard,
+	.flush = file_flush,
+	.extents = file_extents,
+	.close = file_close,
+};
+
+static int
+open_error(const char *path, int err)
+{
+	return bm_error(err, "%s: %s", path, strerror(-err));
+}
+
+int
+bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
+	     uint64_t size, struct bm_store **out)
+{
+	struct file_store *f;
+	struct stat st;
+	int oflags = O_CLOEXEC;
+	int fd, r;
+
+	if (flags & (BM_OPEN_CREATE | BM_OPEN_TRUNCATE))
+		flags |= BM_OPEN_WRITE;
+	oflags |= (flags & BM_OPEN_WRITE) ? O_RDWR : O_RDONLY;
+	if (flags & BM_OPEN_CREATE)
+		oflags |= O_CREAT | O_EXCL;
+	if (flags & BM_OPEN_TRUNCATE)
+		oflags |= O_CREAT;
+	if (flags & BM_OPEN_DIRECT)
+		oflags |= O_DIRECT;
+
+	fd = open(path, oflags, 0644);
+	if (fd < 0 && errno == EINVAL && (oflags & O_DIRECT)) {
+		bm_info("%s: O_DIRECT not supported here, using the page cache",
+			path);
+		oflags &= ~O_DIRECT;
+		fd = open(path, oflags, 0644);
+	}
+	if (fd < 0) {
+		r = -errno;
+		if (r == -EISDIR)
+			return bm_error(r, "%s: is a directory", path);
+		return open_error(path, r);
+	}
+	if (fstat(fd, &st) < 0) {
+		r = open_error(path, -errno);
+		goto out_close;
+	}
+	if (S_ISDIR(st.st_mode)) {
+		r = bm_error(-EISDIR, "%s: is a directory", path);
+		goto out_close;
+	}
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
+		r = bm_error(-EINVAL, "%s: not a regular file or block device",
+			     path);
+		goto out_close;
+	}
+
+	f = calloc(1, sizeof *f);
+	if (!f || !(f->s.name = strdup(path))) {
+		free(f);
+		r = bm_error(-ENOMEM, "%s: out of memory", path);
+		goto out_close;
+	}
+	f->fd = fd;
+	f->dev = st.st_dev;
+	f->ino = st.st_ino;
+	f->can_punch = true;
+	f->can_zero_range = true;
+	f->s.ops = &file_ops;
+	f->s.loop = loop;
+	f->s.readonly = !(flags & BM_OPEN_WRITE);
+	f->s.align = 1;
+	f->s.preferred = 0;
+
+	if (S_ISBLK(st.st_mode)) {
+		uint64_t bytes;
+		int ssz = 512;
+
+		if (ioctl(fd, BLKGETSIZE64, &bytes) < 0) {
+			r = open_error(path, -errno);
+			goto out_free;
+		}
+		ioctl(fd, BLKSSZGET, &ssz);
+		f->s.size = bytes;
+		f->s.block_device = true;
+		f->s.allocated = UINT64_MAX;
+		if (oflags & O_DIRECT)
+			f->s.align = (uint32_t)ssz;
+	} else {
+		if (flags & (BM_OPEN_CREATE | BM_OPEN_TRUNCATE)) {
+			/* Through zero length, so that a reused file holds
+			 * no old data: it must read as zeroes. */
+			if (ftruncate(fd, 0) < 0 ||
+			    ftruncate(fd, (off_t)size) < 0) {
+				r = open_error(path, -errno);
+				goto out_free;
+			}
+			st.st_size = (off_t)size;
+			st.st_blocks = 0;
+		}
+		f->s.size = (uint64_t)st.st_size;
+		f->s.allocated = (uint64_t)st.st_blocks * 512;
+		if (oflags & O_DIRECT)
+			f->s.align = 4096;
+	}
+	if (f->s.align > 1 && f->s.size % f->s.align) {
+		bm_info("%s: size is not a multiple of %u, using the page "
+			"cache", path, f->s.align);
+		if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT) < 0) {
+			r = open_error(path, -errno);
+			goto out_free;
+		}
+		f->s.align = 1;
+	}
+	if (!(oflags & O_DIRECT))
+		posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+	*out = &f->s;
+	return 0;
+
+out_free:
+	free(f->s.name);
+	free(f);
+out_close:
+	close(fd);
+	return r;
+}
+
+bool
+bm_file_same(struct bm_store *s, const char *path)
+{
+	struct file_store *f;
+	struct stat st;
+
+	if (s->ops != &file_ops || stat(path, &st) < 0)
+		return false;
+	f = to_file(s);
+	return st.st_dev == f->dev && st.st_ino == f->ino;
+}
+
+/* ---- synchronous helper --------------------------------------------- */
+
+struct sync_wait {
+	bool done;
+	int err;
+};
+
+static void
+sync_done(struct bm_io *io, int err)
+{
+	struct sync_wait *w = io->opaque;
+
+	w->done = true;
+	w->err = err;
+}
+
+int
+bm_store_sync(struct bm_store *s,
+	      void (*op)(struct bm_store *, struct bm_io *), struct bm_io *io)
+{
+	struct sync_wait w = { 0 };
+	int r;
+
+	io->done = sync_done;
+	io->opaque = &w;
+	op(s, io);
+	r = bm_loop_run_until(s->loop, &w.done);
+	return r < 0 ? r : w.err;
+}

@@ -1,0 +1,207 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Opening and creating images: probing, the choice of driver, and the
+ * rule that protects guessed images.
+ *
+ * The rule: an image whose first sector carries a qcow2 or VHDX signature
+ * is never opened as raw unless the caller named raw.  Otherwise a guest
+ * that wrote a qcow2 header into its raw disk could have the host
+ * reinterpret (and later write) it as qcow2, or a qcow2 image could be
+ * copied as raw bytes and lose its format.  With AUTO the signature picks
+ * the driver, and a format we cannot read is an error, never raw.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "errors.h"
+#include "image.h"
+#include "internal.h"
+#include "probe.h"
+
+static const char *const format_names[] = {
+	[BLOCKMIRROR_FORMAT_AUTO] = "auto",
+	[BLOCKMIRROR_FORMAT_RAW] = "raw",
+	[BLOCKMIRROR_FORMAT_QCOW2] = "qcow2",
+	[BLOCKMIRROR_FORMAT_VHDX] = "vhdx",
+};
+
+BM_EXPORT const char *
+blockmirror_format_name(enum blockmirror_format format)
+{
+	if ((unsigned)format >= BM_ARRAY_SIZE(format_names))
+		return NULL;
+	return format_names[format];
+}
+
+BM_EXPORT int
+blockmirror_format_from_name(const char *name)
+{
+	bm_error_clear();
+	for (size_t i = 0; name && i < BM_ARRAY_SIZE(format_names); i++)
+		if (strcmp(name, format_names[i]) == 0)
+			return (int)i;
+	bm_error(-EINVAL, "unknown format '%s' (use raw, qcow2 or vhdx)",
+		 name ? name : "(null)");
+	return bm_api_fail("blockmirror_format_from_name", -EINVAL);
+}
+
+static int
+probe_store(struct bm_store *s, enum blockmirror_format *out)
+{
+	struct bm_io io = { 0 };
+	void *buf;
+	int r;
+
+	*out = BLOCKMIRROR_FORMAT_RAW;
+	if (s->size == 0)
+		return 0;
+	if (posix_memalign(&buf, 4096, 4096))
+		return bm_error(-ENOMEM, "%s: out of memory", s->name);
+	io.buf = buf;
+	io.offset = 0;
+	io.length = BM_MIN(s->size, 4096);
+	if (io.length % s->align)
+		io.length = s->align; /* size is aligned, so this fits */
+	r = bm_store_sync(s, s->ops->read, &io);
+	if (r == 0)
+		*out = bm_probe(buf, (size_t)io.length);
+	free(buf);
+	return r;
+}
+
+static int
+open_driver(struct bm_store *s, enum blockmirror_format format,
+	    unsigned flags, struct bm_image **out)
+{
+	switch (format) {
+	case BLOCKMIRROR_FORMAT_RAW:
+		return bm_raw_open(s, flags, out);
+	case BLOCKMIRROR_FORMAT_QCOW2:
+	case BLOCKMIRROR_FORMAT_VHDX:
+		return bm_error(-ENOTSUP, "%s: %s images are not supported by "
+				"this version of blockmirror", s->name,
+				blockmirror_format_name(format));
+	default:
+		return bm_error(-EINVAL, "%s: bad format", s->name);
+	}
+}
+
+int
+bm_image_open(struct bm_loop *loop, const char *name,
+	      enum blockmirror_format format, unsigned flags,
+	      struct bm_image **out)
+{
+	enum blockmirror_format found;
+	struct bm_store *s;
+	unsigned sflags = 0;
+	int r;
+
+	if (flags & BM_IMAGE_WRITE)
+		sflags |= BM_OPEN_WRITE;
+	if (flags & BM_IMAGE_DIRECT)
+		sflags |= BM_OPEN_DIRECT;
+	r = bm_file_open(loop, name, sflags, 0, &s);
+	if (r < 0)
+		return r;
+
+	if (format != BLOCKMIRROR_FORMAT_RAW) {
+		r = probe_store(s, &found);
+		if (r < 0)
+			goto out_close;
+		if (format == BLOCKMIRROR_FORMAT_AUTO) {
+			format = found;
+		} else if (found != format) {
+			r = bm_error(-EINVAL, "%s: not a %s image (it looks "
+				     "like %s)", name,
+				     blockmirror_format_name(format),
+				     blockmirror_format_name(found));
+			goto out_close;
+		}
+	}
+	r = open_driver(s, format, flags, out);
+	if (r < 0)
+		goto out_close;
+	return 0;
+
+out_close:
+	bm_store_close(s);
+	return r;
+}
+
+int
+bm_image_create(struct bm_loop *loop, const char *name,
+		enum blockmirror_format format, uint64_t size,
+		const char *options, bool overwrite, unsigned flags,
+		struct bm_image **out)
+{
+	struct bm_store *s;
+	unsigned sflags = overwrite ? BM_OPEN_TRUNCATE : BM_OPEN_CREATE;
+	int r;
+
+	if (format != BLOCKMIRROR_FORMAT_RAW)
+		return bm_error(-ENOTSUP, "%s: creating %s images is not "
+				"supported by this version", name,
+				blockmirror_format_name(format));
+	if (options && *options)
+		return bm_error(-EINVAL, "%s: raw images take no options "
+				"(got '%s')", name, options);
+	if (size > INT64_MAX)
+		return bm_error(-EFBIG, "%s: size %" PRIu64 " is too large",
+				name, size);
+	if (flags & BM_IMAGE_DIRECT)
+		sflags |= BM_OPEN_DIRECT;
+	r = bm_file_open(loop, name, sflags, size, &s);
+	if (r == -EEXIST)
+		return bm_error(r, "%s: already exists", name);
+	if (r < 0)
+		return r;
+	if (s->block_device && s->size != size) {
+		bm_store_close(s);
+		return bm_error(-EINVAL, "%s: block device holds %" PRIu64
+				" bytes, not %" PRIu64, name, s->size, size);
+	}
+	r = bm_raw_open(s, flags, out);
+	if (r < 0) {
+		bm_store_close(s);
+		return r;
+	}
+	(*out)->zero_init = !s->block_device;
+	return 0;
+}
+
+void
+bm_image_close(struct bm_image *img)
+{
+	if (img)
+		img->ops->close(img);
+}
+
+struct image_wait {
+	bool done;
+	int err;
+};
+
+static void
+image_sync_done(struct bm_io *io, int err)
+{
+	struct image_wait *w = io->opaque;
+
+	w->done = true;
+	w->err = err;
+}
+
+int
+bm_image_sync(struct bm_image *img,
+	      void (*op)(struct bm_image *, struct bm_io *), struct bm_io *io)
+{
+	struct image_wait w = { 0 };
+	int r;
+
+	io->done = image_sync_done;
+	io->opaque = &w;
+	op(img, io);
+	r = bm_loop_run_until(img->store->loop, &w.done);
+	return r < 0 ? r : w.err;
+}

@@ -1,0 +1,114 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Images: a format driver over a store, mapping guest offsets to store
+ * offsets.  Requests use the same bm_io as stores and follow the same
+ * rules (asynchronous, completion on the loop thread, never inline).
+ * Offsets and lengths are guest offsets within [0, size).
+ *
+ * block_status fills io->extents with what the guest sees: HOLE for
+ * ranges no layer allocates, ZERO for ranges that read as zeroes.
+ */
+#ifndef BM_IMAGE_H
+#define BM_IMAGE_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <blockmirror/blockmirror.h>
+
+#include "store.h"
+
+struct bm_image;
+
+struct bm_image_ops {
+	void (*read)(struct bm_image *img, struct bm_io *io);
+	void (*write)(struct bm_image *img, struct bm_io *io);
+	void (*zero)(struct bm_image *img, struct bm_io *io);
+	void (*discard)(struct bm_image *img, struct bm_io *io);
+	void (*flush)(struct bm_image *img, struct bm_io *io);
+	void (*block_status)(struct bm_image *img, struct bm_io *io);
+	void (*close)(struct bm_image *img);
+};
+
+struct bm_image {
+	const struct bm_image_ops *ops;
+	struct bm_store *store;        /* owned */
+	enum blockmirror_format format;
+	char *name;                    /* for messages */
+	uint64_t size;                 /* virtual size */
+	uint32_t cluster_size;         /* allocation unit, 0 for raw */
+	uint32_t align;                /* request alignment, >= 1 */
+	bool readonly;
+	bool zero_init;                /* created by us: reads as zeroes */
+};
+
+enum {
+	BM_IMAGE_WRITE = 1u << 0,
+	BM_IMAGE_DIRECT = 1u << 1,
+};
+
+/*
+ * Open an image.  With BLOCKMIRROR_FORMAT_AUTO the first sector decides
+ * (see probe.h); a named format must match what the image holds, except
+ * that naming raw accepts anything.  Errors name the image.
+ */
+int bm_image_open(struct bm_loop *loop, const char *name,
+		  enum blockmirror_format format, unsigned flags,
+		  struct bm_image **out);
+
+/*
+ * Create an image (a new file, or with `overwrite` a replaced one) and
+ * open it for writing.  `options`: driver key=value list or NULL.
+ */
+int bm_image_create(struct bm_loop *loop, const char *name,
+		    enum blockmirror_format format, uint64_t size,
+		    const char *options, bool overwrite, unsigned flags,
+		    struct bm_image **out);
+
+void bm_image_close(struct bm_image *img);
+
+/* Run one request to completion on the image's loop (tools, tests). */
+int bm_image_sync(struct bm_image *img,
+		  void (*op)(struct bm_image *, struct bm_io *),
+		  struct bm_io *io);
+
+static inline void
+bm_image_read(struct bm_image *img, struct bm_io *io)
+{
+	img->ops->read(img, io);
+}
+
+static inline void
+bm_image_write(struct bm_image *img, struct bm_io *io)
+{
+	img->ops->write(img, io);
+}
+
+static inline void
+bm_image_zero(struct bm_image *img, struct bm_io *io)
+{
+	img->ops->zero(img, io);
+}
+
+static inline void
+bm_image_discard(struct bm_image *img, struct bm_io *io)
+{
+	img->ops->discard(img, io);
+}
+
+static inline void
+bm_image_flush(struct bm_image *img, struct bm_io *io)
+{
+	img->ops->flush(img, io);
+}
+
+static inline void
+bm_image_block_status(struct bm_image *img, struct bm_io *io)
+{
+	img->ops->block_status(img, io);
+}
+
+/* Drivers (one file each). */
+int bm_raw_open(struct bm_store *store, unsigned flags, struct bm_image **out);
+
+#endif /* BM_IMAGE_H */

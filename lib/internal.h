@@ -1,0 +1,69 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Small helpers every lib/ file may use: export marking, container_of,
+ * overflow-checked offset arithmetic, little and big endian accessors.
+ * Every offset and length that comes from a file or the network goes
+ * through the checked helpers before it is used.
+ */
+#ifndef BM_INTERNAL_H
+#define BM_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define BM_EXPORT __attribute__((visibility("default")))
+
+#define bm_container_of(ptr, type, member) \
+	((type *)(void *)((char *)(ptr) - offsetof(type, member)))
+
+#define BM_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+#define BM_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define BM_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#define BM_KiB (UINT64_C(1) << 10)
+#define BM_MiB (UINT64_C(1) << 20)
+#define BM_GiB (UINT64_C(1) << 30)
+
+/* a + b into *r; true if it overflowed. */
+static inline bool
+bm_add_overflow(uint64_t a, uint64_t b, uint64_t *r)
+{
+	return __builtin_add_overflow(a, b, r);
+}
+
+static inline bool
+bm_mul_overflow(uint64_t a, uint64_t b, uint64_t *r)
+{
+	return __builtin_mul_overflow(a, b, r);
+}
+
+/* Does [offset, offset + length) lie within [0, size)? */
+static inline bool
+bm_range_ok(uint64_t offset, uint64_t length, uint64_t size)
+{
+	uint64_t end;
+
+	return !bm_add_overflow(offset, length, &end) && end <= size;
+}
+
+static inline bool
+bm_is_power_of_2(uint64_t v)
+{
+	return v && !(v & (v - 1));
+}
+
+static inline uint64_t
+bm_round_up(uint64_t v, uint64_t align)
+{
+	return (v + align - 1) & ~(align - 1);
+}
+
+static inline uint64_t
+bm_round_down(uint64_t v, uint64_t align)
+{
+	return v & ~(align - 1);
+}
+
+#endif /* BM_INTERNAL_H */

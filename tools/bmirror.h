@@ -1,0 +1,66 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Shared by the bmirror subcommands: exit codes, error printing, option
+ * parsing helpers, the progress bar and JSON output.
+ */
+#ifndef BMIRROR_H
+#define BMIRROR_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <jansson.h>
+
+#include <blockmirror/blockmirror.h>
+
+/* Exit status of every subcommand (DESIGN.md, Command line). */
+enum {
+	EXIT_OK = 0,
+	EXIT_FAILED = 1,
+	EXIT_USAGE = 2,
+};
+
+/* The subcommand being run, for messages ("bmirror copy"). */
+extern const char *bm_cmd;
+
+/* Print "bmirror CMD: message" on stderr. */
+void tool_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Print the library's last error (without its function-name prefix). */
+void tool_lib_error(void);
+
+/* Usage error: message, a hint to --help, and EXIT_USAGE. */
+int tool_usage_error(const char *fmt, ...)
+	__attribute__((format(printf, 1, 2)));
+
+/*
+ * Parse a size: digits with an optional suffix K, M, G, T, P or E (powers
+ * of 1024, case-insensitive, optionally followed by "iB" or "B"), or "B"
+ * for bytes.  Returns 0 and stores the value, or -EINVAL / -ERANGE.
+ */
+int parse_size(const char *s, uint64_t *out);
+
+/* Parse a format name for -f/-O; prints a usage error on failure. */
+bool parse_format(const char *s, enum blockmirror_format *out);
+
+/* Parse a positive integer no larger than max. */
+bool parse_uint(const char *s, uint64_t max, uint64_t *out);
+
+/* "1.5 GiB" into buf. */
+const char *human_size(uint64_t bytes, char *buf, size_t len);
+
+/* Progress bar on stdout (a terminal) or nothing. */
+struct progress;
+struct progress *progress_new(const char *label, bool enabled);
+void progress_update(void *progress, uint64_t done, uint64_t total);
+void progress_end(struct progress *p);
+
+/* Print a JSON object as one line on stdout and free it. */
+void json_print(json_t *obj);
+
+int cmd_copy(int argc, char **argv);
+int cmd_create(int argc, char **argv);
+int cmd_info(int argc, char **argv);
+int cmd_verify(int argc, char **argv);
+
+#endif /* BMIRROR_H */
