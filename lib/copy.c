@@ -135,7 +135,7 @@ data_next_run(struct bm_copy_req *q)
 		q->io.done = run_done;
 		if (!zero) {
 			q->io.buf = (char *)q->buf + q->pos;
-			q->io.flags = 0;
+			q->io.flags = BM_IO_WRITEBACK;
 			c->bytes_written += q->io.length;
 			bm_image_write(c->dst, &q->io);
 			return;
@@ -158,6 +158,7 @@ read_done(struct bm_io *io, int err)
 	struct bm_copy_req *q = io->opaque;
 
 	if (err < 0) {
+		q->range.read_failed = true;
 		req_finish(q, err);
 		return;
 	}
@@ -221,6 +222,7 @@ bm_copier_pump(struct bm_copier *c)
 			}
 			c->free_reqs = q->next_free;
 			c->inflight++;
+			r.read_failed = false;
 			q->range = r;
 			req_start(c, q);
 		}

@@ -32,6 +32,7 @@ struct bm_copy_range {
 	uint64_t length; /* DATA: at most request_size */
 	enum bm_copy_kind kind;
 	void *tag;       /* the producer's */
+	bool read_failed; /* set by the copier: the source read failed */
 };
 
 struct bm_copier;

@@ -118,7 +118,7 @@ bm_extent_list_find(const struct bm_extent_list *l, uint64_t offset)
 	if (l->len == 0 || offset < l->v[0].offset ||
 	    offset >= bm_extent_list_end(l))
 		return -1;
-	/* Invariant: v[lo].offset <= offset, and v[hi] (if any) starts after. */
+	/* v[lo] starts at or before offset; v[hi], if any, starts after it. */
 	while (hi - lo > 1) {
 		mid = lo + (hi - lo) / 2;
 		if (l->v[mid].offset <= offset)
@@ -151,7 +151,7 @@ bm_next_run(const void *buf, size_t len, size_t pos, size_t block, bool *zero)
 	bool z;
 
 	assert(pos < len);
-	assert(block && !(block & (block - 1)));
+	assert(bm_is_power_of_2(block));
 	/* Blocks lie on multiples of block from the start of the buffer. */
 	n = BM_MIN(block - pos % block, len - pos);
 	z = bm_is_zero(p + pos, n);

@@ -43,8 +43,9 @@ void bm_extent_list_free(struct bm_extent_list *l);
 /*
  * Append [offset, offset + length) with flags.  A zero length is ignored.
  * A hole without BM_EXTENT_ZERO is stored with it (holes read as zeroes).
- * Returns 0, -EINVAL if the extent does not start where the list ends (or
- * offset + length overflows), -ENOMEM.
+ * The first extent may start at any offset.  Returns 0, -EINVAL if the
+ * extent does not start where the list ends (or offset + length
+ * overflows), -ENOMEM; the list is unchanged on error.
  */
 int bm_extent_list_append(struct bm_extent_list *l, uint64_t offset,
 			  uint64_t length, uint32_t flags);

@@ -104,6 +104,14 @@ check_request(struct bm_store *s, struct bm_io *io, bool write)
 static void rw_done(struct bm_op *op, int res);
 
 static void
+writeback_done(struct bm_op *op, int res)
+{
+	struct bm_io *io = op_to_io(op);
+
+	io->done(io, 0);
+}
+
+static void
 fua_done(struct bm_op *op, int res)
 {
 	struct bm_io *io = op_to_io(op);
@@ -158,6 +166,18 @@ rw_done(struct bm_op *op, int res)
 	io->progress += (uint64_t)res;
 	if (io->progress < io->length) {
 		rw_submit(f, io, write);
+		return;
+	}
+	if (write && (io->flags & BM_IO_WRITEBACK) && !f->s.block_device) {
+		/* Start writeback of what a bulk copy just wrote, so the
+		 * disk works while we copy and the final flush finds little
+		 * left to do.  Only a hint: its result is ignored. */
+		struct io_uring_sqe *sqe;
+
+		sqe = bm_loop_sqe(f->s.loop, &io->op, writeback_done);
+		io_uring_prep_sync_file_range(sqe, f->fd, (unsigned)io->length,
+					      io->offset,
+					      SYNC_FILE_RANGE_WRITE);
 		return;
 	}
 	if (write && (io->flags & BM_IO_FUA)) {

@@ -28,6 +28,7 @@ enum {
 	BM_IO_FUA = 1u << 0,     /* write: durable before done */
 	BM_IO_MAY_TRIM = 1u << 1, /* zero: may deallocate (punch a hole) */
 	BM_IO_FAST_ZERO = 1u << 2, /* zero: fail with -ENOTSUP rather than write zeroes */
+	BM_IO_WRITEBACK = 1u << 3, /* write: start writing it back now (bulk copies) */
 };
 
 struct bm_io {

@@ -13,6 +13,8 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "size.h"
+
 /* Exit status of every subcommand (DESIGN.md, Command line). */
 enum {
 	EXIT_OK = 0,
@@ -33,21 +35,11 @@ void tool_lib_error(void);
 int tool_usage_error(const char *fmt, ...)
 	__attribute__((format(printf, 1, 2)));
 
-/*
- * Parse a size: digits with an optional suffix K, M, G, T, P or E (powers
- * of 1024, case-insensitive, optionally followed by "iB" or "B"), or "B"
- * for bytes.  Returns 0 and stores the value, or -EINVAL / -ERANGE.
- */
-int parse_size(const char *s, uint64_t *out);
+/* A getopt_long error (c is '?' or ':'): one usage line, EXIT_USAGE. */
+int tool_bad_option(int c, int argc, char **argv);
 
 /* Parse a format name for -f/-O; prints a usage error on failure. */
 bool parse_format(const char *s, enum blockmirror_format *out);
-
-/* Parse a positive integer no larger than max. */
-bool parse_uint(const char *s, uint64_t max, uint64_t *out);
-
-/* "1.5 GiB" into buf. */
-const char *human_size(uint64_t bytes, char *buf, size_t len);
 
 /* Progress bar on stdout (a terminal) or nothing. */
 struct progress;

@@ -51,7 +51,9 @@ cmd_copy(int argc, char **argv)
 	uint64_t v;
 	int c;
 
-	while ((c = getopt_long(argc, argv, "f:O:h", longopts, NULL)) != -1) {
+	opterr = 0;
+
+	while ((c = getopt_long(argc, argv, ":f:O:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			if (!parse_format(optarg, &o.src_format))
@@ -95,7 +97,7 @@ cmd_copy(int argc, char **argv)
 			help();
 			return EXIT_OK;
 		default:
-			return tool_usage_error("bad option");
+			return tool_bad_option(c, argc, argv);
 		}
 	}
 	if (argc - optind != 2)

@@ -30,7 +30,9 @@ cmd_create(int argc, char **argv)
 	uint64_t size;
 	int c, r;
 
-	while ((c = getopt_long(argc, argv, "f:o:h", longopts, NULL)) != -1) {
+	opterr = 0;
+
+	while ((c = getopt_long(argc, argv, ":f:o:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			if (!parse_format(optarg, &fmt))
@@ -47,7 +49,7 @@ cmd_create(int argc, char **argv)
 			help();
 			return EXIT_OK;
 		default:
-			return tool_usage_error("bad option");
+			return tool_bad_option(c, argc, argv);
 		}
 	}
 	if (argc - optind != 2)

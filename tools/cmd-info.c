@@ -29,7 +29,9 @@ cmd_info(int argc, char **argv)
 	const char *name;
 	int c;
 
-	while ((c = getopt_long(argc, argv, "f:h", longopts, NULL)) != -1) {
+	opterr = 0;
+
+	while ((c = getopt_long(argc, argv, ":f:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			if (!parse_format(optarg, &fmt))
@@ -43,7 +45,7 @@ cmd_info(int argc, char **argv)
 			help();
 			return EXIT_OK;
 		default:
-			return tool_usage_error("bad option");
+			return tool_bad_option(c, argc, argv);
 		}
 	}
 	if (argc - optind != 1)

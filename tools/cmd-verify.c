@@ -45,7 +45,9 @@ cmd_verify(int argc, char **argv)
 	char da[33], db[33];
 	int c;
 
-	while ((c = getopt_long(argc, argv, "f:F:h", longopts, NULL)) != -1) {
+	opterr = 0;
+
+	while ((c = getopt_long(argc, argv, ":f:F:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			if (!parse_format(optarg, &fa))
@@ -66,7 +68,7 @@ cmd_verify(int argc, char **argv)
 			help();
 			return EXIT_OK;
 		default:
-			return tool_usage_error("bad option");
+			return tool_bad_option(c, argc, argv);
 		}
 	}
 	if (argc - optind != 2)

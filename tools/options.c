@@ -1,17 +1,12 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Argument parsing helpers and messages shared by the subcommands.  Sizes
- * are parsed strictly: "1.5G", "-1", "10X" and overflowing values are
- * errors, never silently truncated.
+ * Messages, format names and JSON output shared by the subcommands.
  */
-#include <ctype.h>
-#include <errno.h>
-#include <inttypes.h>
+#include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <strings.h>
 
 #include "bmirror.h"
 
@@ -60,35 +55,19 @@ tool_usage_error(const char *fmt, ...)
 }
 
 int
-parse_size(const char *s, uint64_t *out)
+tool_bad_option(int c, int argc, char **argv)
 {
-	static const char units[] = "KMGTPE";
-	uint64_t v = 0, mul = 1;
-	const char *p = s;
-	const char *u;
+	const char *arg = optind > 0 && optind <= argc ? argv[optind - 1] : "";
 
-	if (!s || !isdigit((unsigned char)*p))
-		return -EINVAL;
-	for (; isdigit((unsigned char)*p); p++) {
-		if (__builtin_mul_overflow(v, 10, &v) ||
-		    __builtin_add_overflow(v, (uint64_t)(*p - '0'), &v))
-			return -ERANGE;
+	if (c == ':') {
+		if (optopt > 0 && optopt < 256)
+			return tool_usage_error("option '-%c' needs a value",
+						optopt);
+		return tool_usage_error("option '%s' needs a value", arg);
 	}
-	if (*p && (u = strchr(units, toupper((unsigned char)*p)))) {
-		for (int i = 0; i <= u - units; i++)
-			mul <<= 10;
-		p++;
-		if (strcasecmp(p, "iB") == 0 || strcasecmp(p, "B") == 0)
-			p += strlen(p);
-	} else if (strcasecmp(p, "B") == 0) {
-		p++;
-	}
-	if (*p)
-		return -EINVAL;
-	if (__builtin_mul_overflow(v, mul, &v) || v > INT64_MAX)
-		return -ERANGE;
-	*out = v;
-	return 0;
+	if (optopt > 0 && optopt < 256)
+		return tool_usage_error("unknown option '-%c'", optopt);
+	return tool_usage_error("unknown option '%s'", arg);
 }
 
 bool
@@ -103,41 +82,6 @@ parse_format(const char *s, enum blockmirror_format *out)
 	}
 	*out = (enum blockmirror_format)f;
 	return true;
-}
-
-bool
-parse_uint(const char *s, uint64_t max, uint64_t *out)
-{
-	char *end;
-	unsigned long long v;
-
-	if (!isdigit((unsigned char)*s))
-		return false;
-	errno = 0;
-	v = strtoull(s, &end, 10);
-	if (errno || *end || v == 0 || v > max)
-		return false;
-	*out = v;
-	return true;
-}
-
-const char *
-human_size(uint64_t bytes, char *buf, size_t len)
-{
-	static const char *const unit[] = { "B", "KiB", "MiB", "GiB", "TiB",
-					    "PiB", "EiB" };
-	double v = (double)bytes;
-	int i = 0;
-
-	while (v >= 1024 && i < 6) {
-		v /= 1024;
-		i++;
-	}
-	if (i == 0)
-		snprintf(buf, len, "%" PRIu64 " B", bytes);
-	else
-		snprintf(buf, len, "%.1f %s", v, unit[i]);
-	return buf;
 }
 
 void

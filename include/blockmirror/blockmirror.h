@@ -198,6 +198,295 @@ extern int blockmirror_verify(const char *a, enum blockmirror_format format_a,
 			      void *progress_data,
 			      struct blockmirror_verify_result *result);
 
+/* ---- The disk: the VM-facing device --------------------------------- */
+
+/*
+ * A blockmirror_disk is what the VM's block device talks to.  It owns one
+ * event loop; guest requests, the mirror job and any NBD server
+ * connections of the disk run on it.  The image under the disk (the
+ * "active image") is the source until a job pivots, and the destination
+ * afterwards; guests never notice the swap.
+ *
+ * Threads: every blockmirror_disk_* and blockmirror_job_* call may be made
+ * from any thread.  Calls made off the loop thread are handed to the loop.
+ * Someone must run the loop: either the library, on a thread of its own
+ * (blockmirror_disk_start_thread), or the caller, by polling
+ * blockmirror_disk_get_fd() for POLLIN and calling
+ * blockmirror_disk_process().  Blocking calls wait for the loop; made
+ * from the loop thread itself (inside a callback) they fail with
+ * -EDEADLK.  Callbacks run on the loop thread and must not block.
+ */
+struct blockmirror_disk;
+
+enum {
+	BLOCKMIRROR_DISK_READONLY = 1u << 0, /* refuse guest writes */
+	BLOCKMIRROR_DISK_DIRECT = 1u << 1,   /* O_DIRECT */
+};
+
+/*
+ * Open `name` as a disk.  Does not start a thread.  Returns NULL and sets
+ * errno (and the last error) on failure.  Free with blockmirror_disk_close.
+ */
+extern struct blockmirror_disk *
+blockmirror_disk_open(const char *name, enum blockmirror_format format,
+		      unsigned flags);
+
+/*
+ * Close the disk: cancel a running job (forced), wait for guest requests
+ * in flight, flush the active image, stop the library's thread if there
+ * is one, free everything.  Accepts NULL.  Must not be called from the
+ * loop thread.  Returns 0 or the flush error.
+ */
+extern int blockmirror_disk_close(struct blockmirror_disk *disk);
+
+/* Run the disk's loop on a new library thread.  0, -EBUSY if running. */
+extern int blockmirror_disk_start_thread(struct blockmirror_disk *disk);
+
+/* The fd to poll (POLLIN) when the caller runs the loop. */
+extern int blockmirror_disk_get_fd(struct blockmirror_disk *disk);
+
+/*
+ * Run whatever is ready on the loop without blocking.  Returns the number
+ * of callbacks run or a negative errno.  Only one thread at a time may
+ * run the loop; -EBUSY if the library's thread runs it.
+ */
+extern int blockmirror_disk_process(struct blockmirror_disk *disk);
+
+/* Guest-visible size in bytes. */
+extern uint64_t blockmirror_disk_get_size(struct blockmirror_disk *disk);
+
+/* The active image's name; the caller frees it.  NULL + errno on failure. */
+extern char *blockmirror_disk_get_image(struct blockmirror_disk *disk);
+
+/* Completion of an asynchronous guest request: err is 0 or -errno. */
+typedef void (*blockmirror_done_fn)(void *user_data, int err);
+
+enum {
+	BLOCKMIRROR_REQ_FUA = 1u << 0,     /* write/zero: durable when done */
+	BLOCKMIRROR_REQ_MAY_TRIM = 1u << 1, /* zero: may deallocate */
+};
+
+/*
+ * Asynchronous guest requests.  Returns 0 when the request was accepted,
+ * in which case `done` is called exactly once, on the loop thread; or a
+ * negative errno (-EINVAL out of range or bad flags, -EROFS, -ENOMEM,
+ * -ESHUTDOWN while closing), in which case `done` is never called.  The
+ * buffer belongs to the library until done: it must stay valid and, for
+ * writes, unchanged.
+ */
+extern int blockmirror_disk_aio_read(struct blockmirror_disk *disk,
+				     void *buf, size_t len, uint64_t offset,
+				     blockmirror_done_fn done, void *user_data);
+extern int blockmirror_disk_aio_write(struct blockmirror_disk *disk,
+				      const void *buf, size_t len,
+				      uint64_t offset, unsigned flags,
+				      blockmirror_done_fn done,
+				      void *user_data);
+extern int blockmirror_disk_aio_write_zeroes(struct blockmirror_disk *disk,
+					     uint64_t len, uint64_t offset,
+					     unsigned flags,
+					     blockmirror_done_fn done,
+					     void *user_data);
+extern int blockmirror_disk_aio_discard(struct blockmirror_disk *disk,
+					uint64_t len, uint64_t offset,
+					blockmirror_done_fn done,
+					void *user_data);
+extern int blockmirror_disk_aio_flush(struct blockmirror_disk *disk,
+				      blockmirror_done_fn done,
+				      void *user_data);
+
+/* Blocking forms of the above: 0 or a negative errno. */
+extern int blockmirror_disk_read(struct blockmirror_disk *disk, void *buf,
+				 size_t len, uint64_t offset);
+extern int blockmirror_disk_write(struct blockmirror_disk *disk,
+				  const void *buf, size_t len,
+				  uint64_t offset, unsigned flags);
+extern int blockmirror_disk_write_zeroes(struct blockmirror_disk *disk,
+					 uint64_t len, uint64_t offset,
+					 unsigned flags);
+extern int blockmirror_disk_discard(struct blockmirror_disk *disk,
+				    uint64_t len, uint64_t offset);
+extern int blockmirror_disk_flush(struct blockmirror_disk *disk);
+
+/* ---- The mirror job -------------------------------------------------- */
+
+/*
+ * A job moves the disk to a destination image while the guest runs.  See
+ * docs/mirror.md for the rules; in short: a bulk copy driven by a dirty
+ * bitmap, guest writes mirrored (active mode) or tracked (background
+ * mode), READY once the destination matches, and the pivot
+ * (blockmirror_job_complete) that switches the disk atomically.
+ *
+ *   CREATED -> MAPPING -> COPYING <-> READY -> PIVOTING -> COMPLETED
+ *                            |          |
+ *                          PAUSED     (cancel) -> CANCELLED / COMPLETED
+ *                            any state -> FAILED
+ */
+enum blockmirror_job_state {
+	BLOCKMIRROR_JOB_MAPPING = 1,   /* reading the source's allocation */
+	BLOCKMIRROR_JOB_COPYING = 2,   /* bulk copy, not yet converged */
+	BLOCKMIRROR_JOB_READY = 3,     /* destination matches; may pivot */
+	BLOCKMIRROR_JOB_PAUSED = 4,    /* by request or by the stop policy */
+	BLOCKMIRROR_JOB_PIVOTING = 5,
+	BLOCKMIRROR_JOB_COMPLETED = 6, /* pivoted, or cancelled after READY */
+	BLOCKMIRROR_JOB_CANCELLED = 7,
+	BLOCKMIRROR_JOB_FAILED = 8,
+};
+
+enum blockmirror_mode {
+	BLOCKMIRROR_MODE_BACKGROUND = 0, /* guest writes mark chunks dirty */
+	BLOCKMIRROR_MODE_ACTIVE = 1,     /* guest writes reach both images */
+	BLOCKMIRROR_MODE_AUTO = 2,       /* background until it stops converging */
+};
+
+enum blockmirror_error_policy {
+	BLOCKMIRROR_ON_ERROR_REPORT = 0, /* the job fails */
+	BLOCKMIRROR_ON_ERROR_STOP = 1,   /* the job pauses until resumed */
+	BLOCKMIRROR_ON_ERROR_RETRY = 2,  /* keep the chunk dirty, retry later */
+};
+
+enum blockmirror_event_type {
+	BLOCKMIRROR_EVENT_READY = 1,
+	BLOCKMIRROR_EVENT_COMPLETED = 2,
+	BLOCKMIRROR_EVENT_CANCELLED = 3,
+	BLOCKMIRROR_EVENT_FAILED = 4,
+	BLOCKMIRROR_EVENT_ERROR = 5,       /* an I/O error the policy handled */
+	BLOCKMIRROR_EVENT_MODE_CHANGED = 6, /* auto mode switched to active */
+	BLOCKMIRROR_EVENT_PAUSED = 7,
+	BLOCKMIRROR_EVENT_RESUMED = 8,
+};
+
+struct blockmirror_event {
+	enum blockmirror_event_type type;
+	int err;               /* ERROR, FAILED: the errno (positive) */
+	uint64_t offset;       /* ERROR: the range that failed */
+	uint64_t length;
+	bool on_source;        /* ERROR: the source failed (else the destination) */
+	bool pivoted;          /* COMPLETED: the disk now runs on the destination */
+	enum blockmirror_mode mode; /* MODE_CHANGED: the new mode */
+	const char *message;   /* ERROR, FAILED: borrowed, valid during the call */
+};
+
+typedef void (*blockmirror_event_fn)(void *user_data,
+				     const struct blockmirror_event *event);
+
+/*
+ * Called during the pivot, with guest I/O stopped and the destination
+ * flushed, to make the switch durable in the caller's own configuration.
+ * Return 0 to go ahead; a negative errno leaves the disk on the source
+ * (the pivot fails and the job stays READY).  Runs on the loop thread.
+ */
+typedef int (*blockmirror_pivot_fn)(void *user_data, const char *destination);
+
+enum {
+	/* Create the destination (it must not exist), same size as the disk. */
+	BLOCKMIRROR_JOB_CREATE = 1u << 0,
+};
+
+struct blockmirror_job_options {
+	size_t size;                   /* sizeof (struct blockmirror_job_options) */
+	enum blockmirror_format format; /* destination format; AUTO: probe, or
+					   the source's when creating */
+	unsigned flags;                /* BLOCKMIRROR_JOB_* */
+	enum blockmirror_mode mode;
+	uint64_t granularity;          /* chunk size, power of 2, 4 KiB..64 MiB;
+					  0: max(64 KiB, destination cluster) */
+	uint32_t buf_size;             /* bytes per copy request, 0: 1 MiB */
+	uint32_t requests;             /* copy requests in flight, 0: 16 */
+	uint64_t speed;                /* bulk copy bytes/s, 0: unlimited */
+	enum blockmirror_error_policy on_error;
+	uint64_t max_stall_us;         /* pivot: give up if the final copy
+					  would stall the guest longer; 0: no limit */
+	const char *link;              /* pivot: re-point this symlink */
+	blockmirror_pivot_fn on_pivot; /* pivot: or call this */
+	void *pivot_data;
+	blockmirror_event_fn on_event; /* may be NULL */
+	void *event_data;
+};
+
+struct blockmirror_job_info {
+	size_t size;                   /* sizeof (struct blockmirror_job_info) */
+	enum blockmirror_job_state state;
+	enum blockmirror_mode mode;    /* the mode in force (AUTO resolves) */
+	bool auto_mode;                /* started in AUTO */
+	bool ready;                    /* has been READY and may pivot */
+	bool actively_synced;          /* active mode, ready, no dest error since */
+	bool paused;
+	uint64_t bytes_total;          /* the disk's size */
+	uint64_t bytes_done;           /* total - remaining */
+	uint64_t bytes_remaining;      /* dirty + being copied */
+	uint64_t dirty_bytes;
+	uint64_t bytes_copied;         /* data written by the bulk copy */
+	uint64_t bytes_mirrored;       /* guest data written to the destination */
+	uint64_t speed;
+	uint64_t pivot_stall_us;       /* of the last pivot, 0 if none */
+	uint64_t granularity;
+	int error;                     /* FAILED: the errno (positive) */
+};
+
+struct blockmirror_job;
+
+/*
+ * Start moving the disk to `destination`.  The destination must have the
+ * disk's size (-EINVAL otherwise, before anything is written) and must not
+ * be the disk's own image.  One job per disk at a time (-EBUSY).  Returns
+ * NULL and sets errno on failure.  The job runs on the disk's loop; free
+ * it with blockmirror_job_free once it has ended.
+ */
+extern struct blockmirror_job *
+blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
+		      const struct blockmirror_job_options *options);
+
+/* Snapshot of the job's progress.  Blocking; 0 or -errno. */
+extern int blockmirror_job_query(struct blockmirror_job *job,
+				 struct blockmirror_job_info *info);
+
+/*
+ * Pivot: switch the disk to the destination.  Blocks until the switch is
+ * durable (0) or has failed (the disk stays on the source).  -EBUSY before
+ * READY; -ETIMEDOUT if max_stall_us would be exceeded (the job stays
+ * READY); -EINVAL in a state that cannot pivot.
+ */
+extern int blockmirror_job_complete(struct blockmirror_job *job);
+
+/*
+ * Cancel.  Before READY, or with force: stop, leave the destination as it
+ * is (CANCELLED).  After READY without force: make the destination a
+ * consistent point-in-time copy, flush it, and stay on the source
+ * (COMPLETED without pivot).  Blocks until the job has ended.
+ */
+extern int blockmirror_job_cancel(struct blockmirror_job *job, bool force);
+
+/* Stop and restart the bulk copy.  Blocking. */
+extern int blockmirror_job_pause(struct blockmirror_job *job);
+extern int blockmirror_job_resume(struct blockmirror_job *job);
+
+/* Bulk copy rate limit in bytes/s, 0: unlimited.  Blocking. */
+extern int blockmirror_job_set_speed(struct blockmirror_job *job,
+				     uint64_t bytes_per_second);
+
+/* Switch between active and background (either way).  Blocking. */
+extern int blockmirror_job_set_mode(struct blockmirror_job *job,
+				    enum blockmirror_mode mode);
+
+/*
+ * Wait until the job reaches `state` or ends, at most timeout_ms (-1: no
+ * limit).  Returns the state reached, or -ETIMEDOUT.
+ */
+extern int blockmirror_job_wait(struct blockmirror_job *job,
+				enum blockmirror_job_state state,
+				int timeout_ms);
+
+/*
+ * Free an ended job (cancelling it with force first if it still runs).
+ * Accepts NULL.  Must not be called from the loop thread.
+ */
+extern void blockmirror_job_free(struct blockmirror_job *job);
+
+/* "copying", "ready", ... */
+extern const char *blockmirror_job_state_name(enum blockmirror_job_state s);
+extern const char *blockmirror_mode_name(enum blockmirror_mode mode);
+
 #ifdef __cplusplus
 }
 #endif

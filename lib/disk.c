@@ -1,0 +1,642 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The disk: the VM-facing device over the active image.
+ *
+ * Guest requests enter through the aio calls from any thread; off the loop
+ * thread they are handed over with bm_loop_post.  On the loop thread a
+ * request is either started (bm_disk_submit) or, while the disk is
+ * quiesced for a pivot or a consistent cancel, queued in arrival order and
+ * started when the disk is released.  Reads and flushes go to the active
+ * image; writes, zeroes and discards go through the mirror job when one
+ * runs (mirror.c decides where they land), else to the active image.
+ *
+ * `inflight` counts started guest requests; the pivot waits for it to
+ * reach zero with nothing new admitted, so at the swap no request is
+ * half on the source.  Nothing here takes a lock on the I/O path: only
+ * the hand-over between threads (bm_loop_post) and the blocking wrappers
+ * (struct bm_waiter) do.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "disk.h"
+#include "errors.h"
+#include "internal.h"
+#include "mirror.h"
+
+uint64_t
+bm_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static _Thread_local struct blockmirror_disk *running_disk;
+
+bool
+bm_disk_on_loop(struct blockmirror_disk *disk)
+{
+	return running_disk == disk;
+}
+
+/* Run one turn of the loop as its runner. */
+static int
+disk_run_once(struct blockmirror_disk *disk, int timeout_ms)
+{
+	struct blockmirror_disk *saved = running_disk;
+	int r;
+
+	running_disk = disk;
+	r = bm_loop_run_once(disk->loop, timeout_ms);
+	running_disk = saved;
+	return r;
+}
+
+/* ---- opening, closing, the loop's runner ----------------------------- */
+
+BM_EXPORT struct blockmirror_disk *
+blockmirror_disk_open(const char *name, enum blockmirror_format format,
+		      unsigned flags)
+{
+	struct blockmirror_disk *disk;
+	unsigned iflags = 0;
+	int r;
+
+	bm_error_clear();
+	if (!name || (flags & ~(BLOCKMIRROR_DISK_READONLY |
+				BLOCKMIRROR_DISK_DIRECT))) {
+		r = bm_error(-EINVAL, "bad arguments");
+		goto fail;
+	}
+	disk = calloc(1, sizeof *disk);
+	if (!disk) {
+		r = bm_error(-ENOMEM, "out of memory");
+		goto fail;
+	}
+	if (!(flags & BLOCKMIRROR_DISK_READONLY))
+		iflags |= BM_IMAGE_WRITE;
+	if (flags & BLOCKMIRROR_DISK_DIRECT)
+		iflags |= BM_IMAGE_DIRECT;
+	r = bm_loop_new(256, &disk->loop);
+	if (r < 0)
+		goto fail_free;
+	r = bm_image_open(disk->loop, name, format, iflags, &disk->image);
+	if (r < 0)
+		goto fail_loop;
+	disk->size = disk->image->size;
+	disk->readonly = flags & BLOCKMIRROR_DISK_READONLY;
+	disk->open_flags = iflags;
+	disk->queue_tail = &disk->queue_head;
+	pthread_mutex_init(&disk->run_lock, NULL);
+	return disk;
+
+fail_loop:
+	bm_loop_free(disk->loop);
+fail_free:
+	free(disk);
+fail:
+	bm_api_fail("blockmirror_disk_open", r);
+	errno = -r;
+	return NULL;
+}
+
+static void *
+disk_thread(void *arg)
+{
+	struct blockmirror_disk *disk = arg;
+
+	pthread_mutex_lock(&disk->run_lock);
+	while (!atomic_load(&disk->stop_thread)) {
+		if (disk_run_once(disk, -1) < 0)
+			break; /* the ring failed: nothing left to run on */
+	}
+	pthread_mutex_unlock(&disk->run_lock);
+	return NULL;
+}
+
+BM_EXPORT int
+blockmirror_disk_start_thread(struct blockmirror_disk *disk)
+{
+	int r;
+
+	bm_error_clear();
+	if (!disk)
+		return bm_api_fail("blockmirror_disk_start_thread", -EINVAL);
+	if (atomic_load(&disk->thread_running))
+		return bm_api_fail("blockmirror_disk_start_thread",
+				   bm_error(-EBUSY, "the thread is running"));
+	atomic_store(&disk->stop_thread, false);
+	r = pthread_create(&disk->thread, NULL, disk_thread, disk);
+	if (r)
+		return bm_api_fail("blockmirror_disk_start_thread",
+				   bm_error(-r, "pthread_create: %s",
+					    strerror(r)));
+	atomic_store(&disk->thread_running, true);
+	return 0;
+}
+
+BM_EXPORT int
+blockmirror_disk_get_fd(struct blockmirror_disk *disk)
+{
+	return bm_loop_fd(disk->loop);
+}
+
+BM_EXPORT int
+blockmirror_disk_process(struct blockmirror_disk *disk)
+{
+	int r;
+
+	bm_error_clear();
+	if (atomic_load(&disk->thread_running) ||
+	    pthread_mutex_trylock(&disk->run_lock) != 0)
+		return bm_api_fail("blockmirror_disk_process",
+				   bm_error(-EBUSY, "another thread runs the "
+					    "loop"));
+	r = disk_run_once(disk, 0);
+	pthread_mutex_unlock(&disk->run_lock);
+	return r < 0 ? bm_api_fail("blockmirror_disk_process", r) : r;
+}
+
+BM_EXPORT uint64_t
+blockmirror_disk_get_size(struct blockmirror_disk *disk)
+{
+	return disk->size;
+}
+
+static void
+call_get_image(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+
+	call->arg2 = strdup(disk->image->name);
+	bm_waiter_signal(&call->w, call->arg2 ? 0 : -ENOMEM);
+}
+
+BM_EXPORT char *
+blockmirror_disk_get_image(struct blockmirror_disk *disk)
+{
+	struct bm_call call = { .fn = call_get_image, .arg = disk };
+	int r;
+
+	bm_error_clear();
+	r = bm_disk_call(disk, &call);
+	if (r < 0) {
+		bm_api_fail("blockmirror_disk_get_image", r);
+		errno = -r;
+		return NULL;
+	}
+	return call.arg2;
+}
+
+/* ---- calls onto the loop --------------------------------------------- */
+
+static void
+call_run(struct bm_work *w)
+{
+	struct bm_call *call = bm_container_of(w, struct bm_call, work);
+
+	call->fn(call);
+}
+
+int
+bm_disk_call(struct blockmirror_disk *disk, struct bm_call *call)
+{
+	int r = 0;
+
+	if (bm_disk_on_loop(disk))
+		return bm_error(-EDEADLK, "blocking call made from the disk's "
+				"own loop thread (a callback)");
+	bm_waiter_init(&call->w);
+	call->work.fn = call_run;
+	bm_loop_post(disk->loop, &call->work);
+	if (atomic_load(&disk->thread_running)) {
+		r = bm_waiter_wait(&call->w);
+	} else {
+		/* Nobody runs the loop: run it here until the call is done. */
+		pthread_mutex_lock(&disk->run_lock);
+		while (!bm_waiter_done(&call->w)) {
+			r = disk_run_once(disk, 100);
+			if (r < 0)
+				break;
+		}
+		pthread_mutex_unlock(&disk->run_lock);
+		r = bm_waiter_done(&call->w) ? call->w.err : r;
+	}
+	bm_waiter_destroy(&call->w);
+	return r;
+}
+
+/* ---- guest requests -------------------------------------------------- */
+
+static void
+req_io_done(struct bm_io *io, int err)
+{
+	struct bm_req *req = io->opaque;
+
+	req->err = err;
+	bm_disk_req_complete(req);
+}
+
+/* Reads and flushes, and writes when no job intercepts them. */
+static void
+submit_to_image(struct bm_req *req)
+{
+	struct bm_image *img = req->disk->image;
+	struct bm_io *io = &req->io_src;
+
+	memset(io, 0, sizeof *io);
+	io->offset = req->offset;
+	io->length = req->length;
+	io->buf = req->buf;
+	io->done = req_io_done;
+	io->opaque = req;
+	io->flags = (req->flags & BLOCKMIRROR_REQ_FUA) ? BM_IO_FUA : 0;
+	switch (req->type) {
+	case BM_REQ_READ:
+		bm_image_read(img, io);
+		break;
+	case BM_REQ_WRITE:
+		bm_image_write(img, io);
+		break;
+	case BM_REQ_ZERO:
+		if (req->flags & BLOCKMIRROR_REQ_MAY_TRIM)
+			io->flags |= BM_IO_MAY_TRIM;
+		bm_image_zero(img, io);
+		break;
+	case BM_REQ_DISCARD:
+		bm_image_discard(img, io);
+		break;
+	case BM_REQ_FLUSH:
+		bm_image_flush(img, io);
+		break;
+	}
+}
+
+void
+bm_disk_submit(struct bm_req *req)
+{
+	struct blockmirror_disk *disk = req->disk;
+
+	if (disk->quiesce_depth) {
+		if (!disk->first_queued_ns)
+			disk->first_queued_ns = bm_now_ns();
+		req->next = NULL;
+		*disk->queue_tail = req;
+		disk->queue_tail = &req->next;
+		return;
+	}
+	disk->inflight++;
+	if (disk->job && req->type != BM_REQ_READ &&
+	    req->type != BM_REQ_FLUSH)
+		bm_mirror_guest_write(disk->job, req);
+	else
+		submit_to_image(req);
+}
+
+void
+bm_disk_req_complete(struct bm_req *req)
+{
+	struct blockmirror_disk *disk = req->disk;
+
+	req->done(req->user_data, req->err);
+	free(req);
+	if (--disk->inflight == 0 && disk->quiesce_depth && disk->drained) {
+		void (*fn)(struct blockmirror_disk *) = disk->drained;
+
+		disk->drained = NULL;
+		fn(disk);
+	}
+}
+
+static void
+drained_soon(struct bm_op *op, int res)
+{
+	struct blockmirror_disk *disk =
+		bm_container_of(op, struct blockmirror_disk, drain_op);
+	void (*fn)(struct blockmirror_disk *) = disk->drained;
+
+	disk->drain_op_pending = false;
+	if (fn && disk->inflight == 0) {
+		disk->drained = NULL;
+		fn(disk);
+	}
+}
+
+void
+bm_disk_quiesce(struct blockmirror_disk *disk,
+		void (*drained)(struct blockmirror_disk *disk))
+{
+	if (disk->quiesce_depth++ == 0) {
+		disk->quiesce_start_ns = bm_now_ns();
+		disk->first_queued_ns = 0;
+	}
+	disk->drained = drained;
+	if (drained && disk->inflight == 0 && !disk->drain_op_pending) {
+		/* Already drained: report on the next turn, never inline. */
+		disk->drain_op_pending = true;
+		bm_loop_defer(disk->loop, &disk->drain_op, drained_soon, 0);
+	}
+}
+
+uint64_t
+bm_disk_unquiesce(struct blockmirror_disk *disk)
+{
+	struct bm_req *list;
+	uint64_t waited = 0;
+
+	if (--disk->quiesce_depth)
+		return 0;
+	disk->drained = NULL;
+	if (disk->first_queued_ns)
+		waited = bm_now_ns() - disk->first_queued_ns;
+	list = disk->queue_head;
+	disk->queue_head = NULL;
+	disk->queue_tail = &disk->queue_head;
+	while (list) {
+		struct bm_req *r = list;
+
+		list = r->next;
+		bm_disk_submit(r);
+	}
+	return waited;
+}
+
+/* ---- the aio entry points -------------------------------------------- */
+
+static void
+req_posted(struct bm_work *w)
+{
+	bm_disk_submit(bm_container_of(w, struct bm_req, work));
+}
+
+static int
+disk_aio(struct blockmirror_disk *disk, enum bm_req_type type, void *buf,
+	 uint64_t len, uint64_t offset, unsigned flags,
+	 blockmirror_done_fn done, void *user_data)
+{
+	struct bm_req *req;
+
+	if (!disk || !done)
+		return -EINVAL;
+	if (atomic_load(&disk->closing))
+		return bm_error(-ESHUTDOWN, "the disk is closing");
+	if (type != BM_REQ_FLUSH && !bm_range_ok(offset, len, disk->size))
+		return bm_error(-EINVAL, "request %" PRIu64 "+%" PRIu64
+				" beyond the end of the disk (%" PRIu64 ")",
+				offset, len, disk->size);
+	if (type != BM_REQ_READ && type != BM_REQ_FLUSH && disk->readonly)
+		return bm_error(-EROFS, "the disk is read-only");
+	if (flags & ~(BLOCKMIRROR_REQ_FUA | BLOCKMIRROR_REQ_MAY_TRIM))
+		return bm_error(-EINVAL, "unknown request flags 0x%x", flags);
+	if ((type == BM_REQ_READ || type == BM_REQ_WRITE) && len > (1u << 30))
+		return bm_error(-EINVAL, "request of %" PRIu64 " bytes is too "
+				"large", len);
+	req = calloc(1, sizeof *req);
+	if (!req)
+		return bm_error(-ENOMEM, "out of memory");
+	req->disk = disk;
+	req->type = type;
+	req->buf = buf;
+	req->length = len;
+	req->offset = offset;
+	req->flags = flags;
+	req->done = done;
+	req->user_data = user_data;
+	if (bm_disk_on_loop(disk)) {
+		bm_disk_submit(req);
+	} else {
+		req->work.fn = req_posted;
+		bm_loop_post(disk->loop, &req->work);
+	}
+	return 0;
+}
+
+#define AIO_RETURN(name, r) \
+	((r) < 0 ? bm_api_fail(name, (r)) : 0)
+
+BM_EXPORT int
+blockmirror_disk_aio_read(struct blockmirror_disk *disk, void *buf,
+			  size_t len, uint64_t offset,
+			  blockmirror_done_fn done, void *user_data)
+{
+	int r = disk_aio(disk, BM_REQ_READ, buf, len, offset, 0, done,
+			 user_data);
+
+	return AIO_RETURN("blockmirror_disk_aio_read", r);
+}
+
+BM_EXPORT int
+blockmirror_disk_aio_write(struct blockmirror_disk *disk, const void *buf,
+			   size_t len, uint64_t offset, unsigned flags,
+			   blockmirror_done_fn done, void *user_data)
+{
+	int r;
+
+	if (flags & BLOCKMIRROR_REQ_MAY_TRIM)
+		r = bm_error(-EINVAL, "MAY_TRIM is for write-zeroes");
+	else
+		r = disk_aio(disk, BM_REQ_WRITE, (void *)buf, len, offset,
+			     flags, done, user_data);
+	return AIO_RETURN("blockmirror_disk_aio_write", r);
+}
+
+BM_EXPORT int
+blockmirror_disk_aio_write_zeroes(struct blockmirror_disk *disk, uint64_t len,
+				  uint64_t offset, unsigned flags,
+				  blockmirror_done_fn done, void *user_data)
+{
+	int r = disk_aio(disk, BM_REQ_ZERO, NULL, len, offset, flags, done,
+			 user_data);
+
+	return AIO_RETURN("blockmirror_disk_aio_write_zeroes", r);
+}
+
+BM_EXPORT int
+blockmirror_disk_aio_discard(struct blockmirror_disk *disk, uint64_t len,
+			     uint64_t offset, blockmirror_done_fn done,
+			     void *user_data)
+{
+	int r = disk_aio(disk, BM_REQ_DISCARD, NULL, len, offset, 0, done,
+			 user_data);
+
+	return AIO_RETURN("blockmirror_disk_aio_discard", r);
+}
+
+BM_EXPORT int
+blockmirror_disk_aio_flush(struct blockmirror_disk *disk,
+			   blockmirror_done_fn done, void *user_data)
+{
+	int r = disk_aio(disk, BM_REQ_FLUSH, NULL, 0, 0, 0, done, user_data);
+
+	return AIO_RETURN("blockmirror_disk_aio_flush", r);
+}
+
+/* ---- blocking wrappers ----------------------------------------------- */
+
+static void
+sync_done(void *user_data, int err)
+{
+	bm_waiter_signal(user_data, err);
+}
+
+static int
+disk_sync(struct blockmirror_disk *disk, const char *name,
+	  enum bm_req_type type, void *buf, uint64_t len, uint64_t offset,
+	  unsigned flags)
+{
+	struct bm_waiter w;
+	int r;
+
+	bm_error_clear();
+	if (!disk)
+		return bm_api_fail(name, -EINVAL);
+	if (bm_disk_on_loop(disk))
+		return bm_api_fail(name, bm_error(-EDEADLK, "blocking call "
+				   "from the disk's loop thread"));
+	bm_waiter_init(&w);
+	r = disk_aio(disk, type, buf, len, offset, flags, sync_done, &w);
+	if (r == 0) {
+		if (atomic_load(&disk->thread_running)) {
+			r = bm_waiter_wait(&w);
+		} else {
+			pthread_mutex_lock(&disk->run_lock);
+			while (!bm_waiter_done(&w) &&
+			       disk_run_once(disk, 100) >= 0)
+				;
+			pthread_mutex_unlock(&disk->run_lock);
+			r = bm_waiter_wait(&w);
+		}
+		if (r < 0)
+			bm_error(r, "%s at %" PRIu64 "+%" PRIu64 ": %s",
+				 type == BM_REQ_READ ? "read" : "write",
+				 offset, len, strerror(-r));
+	}
+	bm_waiter_destroy(&w);
+	return r < 0 ? bm_api_fail(name, r) : 0;
+}
+
+BM_EXPORT int
+blockmirror_disk_read(struct blockmirror_disk *disk, void *buf, size_t len,
+		      uint64_t offset)
+{
+	return disk_sync(disk, "blockmirror_disk_read", BM_REQ_READ, buf, len,
+			 offset, 0);
+}
+
+BM_EXPORT int
+blockmirror_disk_write(struct blockmirror_disk *disk, const void *buf,
+		       size_t len, uint64_t offset, unsigned flags)
+{
+	if (flags & BLOCKMIRROR_REQ_MAY_TRIM)
+		return bm_api_fail("blockmirror_disk_write", -EINVAL);
+	return disk_sync(disk, "blockmirror_disk_write", BM_REQ_WRITE,
+			 (void *)buf, len, offset, flags);
+}
+
+BM_EXPORT int
+blockmirror_disk_write_zeroes(struct blockmirror_disk *disk, uint64_t len,
+			      uint64_t offset, unsigned flags)
+{
+	return disk_sync(disk, "blockmirror_disk_write_zeroes", BM_REQ_ZERO,
+			 NULL, len, offset, flags);
+}
+
+BM_EXPORT int
+blockmirror_disk_discard(struct blockmirror_disk *disk, uint64_t len,
+			 uint64_t offset)
+{
+	return disk_sync(disk, "blockmirror_disk_discard", BM_REQ_DISCARD,
+			 NULL, len, offset, 0);
+}
+
+BM_EXPORT int
+blockmirror_disk_flush(struct blockmirror_disk *disk)
+{
+	return disk_sync(disk, "blockmirror_disk_flush", BM_REQ_FLUSH, NULL,
+			 0, 0, 0);
+}
+
+/* ---- close ----------------------------------------------------------- */
+
+static void
+close_flushed(struct bm_io *io, int err)
+{
+	struct bm_call *call = io->opaque;
+
+	bm_waiter_signal(&call->w, err);
+}
+
+static void
+close_drained(struct blockmirror_disk *disk)
+{
+	struct bm_call *call = disk->drain_call;
+	struct bm_io *io = &disk->close_io;
+
+	memset(io, 0, sizeof *io);
+	io->done = close_flushed;
+	io->opaque = call;
+	bm_image_flush(disk->image, io);
+}
+
+static void
+call_close(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+
+	disk->drain_call = call;
+	bm_disk_quiesce(disk, close_drained);
+}
+
+static void
+wake_nothing(struct bm_work *w)
+{
+	/* Only wakes the loop so the thread sees stop_thread. */
+}
+
+BM_EXPORT int
+blockmirror_disk_close(struct blockmirror_disk *disk)
+{
+	struct bm_call call = { .fn = call_close };
+	int r;
+
+	bm_error_clear();
+	if (!disk)
+		return 0;
+	if (bm_disk_on_loop(disk))
+		return bm_api_fail("blockmirror_disk_close",
+				   bm_error(-EDEADLK, "called from the loop "
+					    "thread"));
+	/* A running job is cancelled (forced); its handle stays valid for
+	 * blockmirror_job_free. */
+	bm_job_cancel_for_close(disk);
+	atomic_store(&disk->closing, true);
+	call.arg = disk;
+	r = bm_disk_call(disk, &call);
+	if (atomic_load(&disk->thread_running)) {
+		atomic_store(&disk->stop_thread, true);
+		disk->wake_work.fn = wake_nothing;
+		bm_loop_post(disk->loop, &disk->wake_work);
+		pthread_join(disk->thread, NULL);
+		atomic_store(&disk->thread_running, false);
+	}
+	/* Requests that were queued while closing are failed. */
+	while (disk->queue_head) {
+		struct bm_req *req = disk->queue_head;
+
+		disk->queue_head = req->next;
+		req->done(req->user_data, -ESHUTDOWN);
+		free(req);
+	}
+	/* Let the ring finish anything still outstanding (the flush). */
+	while (bm_loop_inflight(disk->loop))
+		bm_loop_run_once(disk->loop, 100);
+	bm_image_close(disk->image);
+	bm_loop_free(disk->loop);
+	pthread_mutex_destroy(&disk->run_lock);
+	free(disk);
+	return r < 0 ? bm_api_fail("blockmirror_disk_close", r) : 0;
+}

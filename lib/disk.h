@@ -1,0 +1,129 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The disk's internals, shared with the mirror job (mirror.c, pivot.c)
+ * and, later, the NBD server.  Everything here runs on the disk's loop
+ * thread unless it says otherwise.
+ */
+#ifndef BM_DISK_H
+#define BM_DISK_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <blockmirror/blockmirror.h>
+
+#include "image.h"
+#include "loop.h"
+#include "waiter.h"
+
+struct bm_job;
+
+enum bm_req_type {
+	BM_REQ_READ,
+	BM_REQ_WRITE,
+	BM_REQ_ZERO,
+	BM_REQ_DISCARD,
+	BM_REQ_FLUSH,
+};
+
+/* One guest request, from acceptance to completion. */
+struct bm_req {
+	struct bm_work work;          /* handed over from another thread */
+	struct blockmirror_disk *disk;
+	enum bm_req_type type;
+	uint64_t offset;
+	uint64_t length;
+	void *buf;
+	unsigned flags;               /* BLOCKMIRROR_REQ_* */
+	blockmirror_done_fn done;
+	void *user_data;
+
+	/* the disk's and the job's */
+	struct bm_req *next;          /* in the queue while quiesced */
+	struct bm_req *prev_active;   /* in the job's list of writes */
+	struct bm_req *next_active;
+	struct bm_io io_src;
+	struct bm_io io_dst;
+	unsigned pending;             /* ios outstanding */
+	int err;                      /* the active image's result */
+	int dst_err;
+	uint64_t c0, c1;              /* chunks touched, [c0, c1) */
+	bool mirrored;
+	bool waiting;                 /* blocked behind an overlap */
+};
+
+struct bm_call {
+	struct bm_work work;
+	struct bm_waiter w;
+	void (*fn)(struct bm_call *call);
+	void *arg;
+	void *arg2;
+	uint64_t u64;
+	int i;
+};
+struct blockmirror_disk {
+	struct bm_loop *loop;
+	struct bm_image *image;       /* the active image */
+	uint64_t size;
+	bool readonly;
+	unsigned open_flags;          /* BM_IMAGE_* for images of this disk */
+
+	/* who runs the loop */
+	pthread_mutex_t run_lock;     /* held by whoever runs the loop */
+	pthread_t thread;
+	atomic_bool thread_running;
+	atomic_bool stop_thread;
+
+	/* loop thread only */
+	unsigned inflight;            /* guest requests in flight */
+	unsigned quiesce_depth;       /* > 0: queue new requests */
+	struct bm_req *queue_head;    /* queued while quiesced, in order */
+	struct bm_req **queue_tail;
+	uint64_t quiesce_start_ns;
+	uint64_t first_queued_ns;     /* 0: nothing queued yet */
+	void (*drained)(struct blockmirror_disk *disk); /* when inflight hits 0 */
+	struct bm_op drain_op;        /* reports an immediate drain */
+	bool drain_op_pending;
+	struct bm_job *job;           /* the job intercepting writes, or NULL */
+	atomic_bool closing;
+	struct bm_work wake_work;     /* wakes the thread to stop it */
+	struct bm_call *drain_call;   /* close: waiting for the drain */
+	struct bm_io close_io;
+};
+
+/* Monotonic clock in nanoseconds. */
+uint64_t bm_now_ns(void);
+
+/* Start a guest request on the loop thread (after any queueing). */
+void bm_disk_submit(struct bm_req *req);
+
+/* The request is finished: tell the guest and free it. */
+void bm_disk_req_complete(struct bm_req *req);
+
+/*
+ * Stop admitting guest requests (they queue), and call `drained` once
+ * none is in flight (possibly from within this call's next loop turn).
+ */
+void bm_disk_quiesce(struct blockmirror_disk *disk,
+		     void (*drained)(struct blockmirror_disk *disk));
+
+/*
+ * Admit requests again and start the queued ones, in order.  Returns how
+ * long (ns) the first queued request waited, 0 if none was queued.
+ */
+uint64_t bm_disk_unquiesce(struct blockmirror_disk *disk);
+
+/*
+ * Run `fn(arg)` on the loop thread and wait for it to call
+ * bm_waiter_signal(w, err); returns err.  Called from any thread but the
+ * loop's (-EDEADLK there).  If no thread runs the loop, this thread runs
+ * it while it waits.
+ */
+int bm_disk_call(struct blockmirror_disk *disk, struct bm_call *call);
+
+/* Is the current thread running this disk's loop? */
+bool bm_disk_on_loop(struct blockmirror_disk *disk);
+
+#endif /* BM_DISK_H */

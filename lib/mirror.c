@@ -1,0 +1,761 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The mirror's rules.  Everything that decides what the destination holds
+ * is in this file; DESIGN.md ("The mirror job: invariants") numbers them.
+ *
+ * Chunks of `granularity` bytes are DIRTY (bit in `dirty`), COPYING (bit
+ * in `copying`) or CLEAN (neither).  A chunk can be DIRTY and COPYING at
+ * once: a guest write landed while its copy was in flight, so the copy's
+ * result is already stale and the chunk will be copied again.
+ *
+ * 1. Start.  While the source's allocation is mapped (state MAPPING) every
+ *    chunk counts as dirty for guest writes, which only ever set bits.
+ *    Mapped data sets DIRTY.  Mapped zeroes and holes set nothing when the
+ *    destination is known to read as zero; otherwise they set DIRTY and
+ *    `zero_hint`, so the copy writes zeroes instead of reading data.  A
+ *    guest write clears zero_hint for every chunk it touches; a chunk a
+ *    guest wrote before the map arrives is DIRTY already and never gets
+ *    the hint.
+ *
+ * 2. Bulk copy.  mirror_next() takes the next run of DIRTY chunks that
+ *    are not COPYING and not touched by a guest write in flight, clears
+ *    DIRTY and sets COPYING, and hands the run to the copier.  When the
+ *    run is on the destination COPYING is cleared; a failed run becomes
+ *    DIRTY again.  A guest write that completes meanwhile re-dirties its
+ *    chunks, so the copy's possibly stale result is never trusted.
+ *
+ * 3. Guest write, background mode (and active mode while MAPPING): write
+ *    the source, then mark the touched chunks DIRTY, then complete.
+ *
+ * 4. Guest write, active mode: wait while a copy or an earlier active
+ *    write touches the same chunks (so source and destination apply
+ *    overlapping writes in the same order, and a copy's old data never
+ *    lands after a newer mirrored write).  If every touched chunk is
+ *    DIRTY, write only the source: the chunks stay DIRTY for the copy.
+ *    Otherwise write both; on success the chunks the write covers
+ *    entirely become CLEAN and partly covered DIRTY ones stay DIRTY, so
+ *    the remaining work never grows.  (DESIGN.md would write only the
+ *    source when *any* chunk is dirty; that would have to dirty the clean
+ *    chunks next to it and let the remaining work grow.)  A destination
+ *    failure never fails the guest: the chunks become DIRTY, the job is no
+ *    longer actively synced, and the error policy applies.
+ *
+ * 5. Zeroes and discards are writes of zeroes (a discard reaches the
+ *    destination as a zero that may deallocate).  Flushes only reach the
+ *    source: the pivot flushes the destination.
+ *
+ * 6. READY: mapped, nothing DIRTY or COPYING, destination flushed.
+ *
+ * 9. Errors: mirror_error() applies the policy.  report ends the job
+ *    (pivot.c), stop pauses it, retry keeps the chunks DIRTY and holds the
+ *    copy back for a growing backoff.
+ *
+ * Guest writes have priority over the bulk copy for the destination:
+ * while mirrored writes are in flight the copy keeps at most a quarter of
+ * its requests going.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "errors.h"
+#include "internal.h"
+#include "mirror.h"
+
+#define MAP_WINDOW (UINT64_C(1) << 30)
+#define TICK_NS (100 * 1000000ull)
+#define RETRY_MIN_NS (100 * 1000000ull)
+#define RETRY_MAX_NS (5000 * 1000000ull)
+#define AUTO_SAMPLE_TICKS 10   /* auto mode samples once a second */
+#define AUTO_STALLS 3          /* samples without progress before switching */
+
+static inline uint64_t
+chunk_of(const struct bm_job *job, uint64_t offset)
+{
+	return offset >> job->dirty.shift;
+}
+
+static inline uint64_t
+chunk_offset(const struct bm_job *job, uint64_t chunk)
+{
+	return chunk << job->dirty.shift;
+}
+
+/* Bytes of chunks [c0, c1), the last chunk clipped to the disk. */
+static uint64_t
+chunk_bytes(const struct bm_job *job, uint64_t c0, uint64_t c1)
+{
+	uint64_t end = BM_MIN(chunk_offset(job, c1), job->dirty.size);
+
+	return end - chunk_offset(job, c0);
+}
+
+static bool
+mapping_active(const struct bm_job *job)
+{
+	return job->mapping || job->state == BLOCKMIRROR_JOB_MAPPING;
+}
+
+/* ---- rule 1: mapping the source -------------------------------------- */
+
+static void map_window(struct bm_job *job);
+
+static void
+map_apply(struct bm_job *job)
+{
+	bool dst_zero = job->dst->zero_init;
+
+	for (size_t i = 0; i < job->map.len; i++) {
+		const struct bm_extent *e = &job->map.v[i];
+
+		if (!(e->flags & BM_EXTENT_ZERO)) {
+			bm_bitmap_set_range(&job->dirty, e->offset, e->length);
+			continue;
+		}
+		if (dst_zero)
+			continue;
+		/* Zeroes on a destination that may hold anything: copy as
+		 * zeroes, but only chunks no guest write has touched (those
+		 * are dirty already and must be read). */
+		for (uint64_t c = chunk_of(job, e->offset);
+		     c < chunk_of(job, e->offset + e->length - 1) + 1; c++) {
+			uint64_t off = chunk_offset(job, c);
+
+			if (bm_bitmap_test(&job->dirty, off))
+				continue;
+			bm_bitmap_set_range(&job->dirty, off, 1);
+			if (e->offset <= off &&
+			    off + job->granularity <= e->offset + e->length)
+				bm_bitmap_set_range(&job->zero_hint, off, 1);
+		}
+	}
+}
+
+static void
+map_done(struct bm_io *io, int err)
+{
+	struct bm_job *job = io->opaque;
+
+	job->mapping = false;
+	if (err < 0) {
+		bm_mirror_error(job, true, io->offset, io->length, err);
+		bm_job_step(job);
+		return;
+	}
+	map_apply(job);
+	job->mapped_end = io->offset + io->length;
+	if (job->goal != BM_GOAL_NONE) {
+		bm_job_step(job);
+		return;
+	}
+	if (job->mapped_end < job->src->size) {
+		map_window(job);
+		return;
+	}
+	bm_job_set_state(job, BLOCKMIRROR_JOB_COPYING);
+	job->copy_start_ns = bm_now_ns();
+	bm_mirror_pump(job);
+	bm_job_step(job);
+}
+
+static void
+map_window(struct bm_job *job)
+{
+	bm_extent_list_reset(&job->map);
+	memset(&job->map_io, 0, sizeof job->map_io);
+	job->map_io.offset = job->mapped_end;
+	job->map_io.length = BM_MIN(MAP_WINDOW,
+				    job->src->size - job->mapped_end);
+	job->map_io.extents = &job->map;
+	job->map_io.done = map_done;
+	job->map_io.opaque = job;
+	job->mapping = true;
+	bm_image_block_status(job->src, &job->map_io);
+}
+
+/* ---- rule 2: the bulk copy ------------------------------------------- */
+
+/* Does a guest write in flight touch chunk c? */
+static bool
+chunk_being_written(const struct bm_job *job, uint64_t c)
+{
+	for (const struct bm_req *r = job->writes; r; r = r->next_active)
+		if (c >= r->c0 && c < r->c1)
+			return true;
+	for (const struct bm_req *r = job->waiting; r; r = r->next)
+		if (c >= r->c0 && c < r->c1)
+			return true;
+	return false;
+}
+
+static bool
+chunk_copyable(const struct bm_job *job, uint64_t c)
+{
+	return !bm_bitmap_test(&job->copying, chunk_offset(job, c)) &&
+	       !chunk_being_written(job, c);
+}
+
+static bool
+job_stopping(const struct bm_job *job)
+{
+	return job->goal == BM_GOAL_CANCEL || job->goal == BM_GOAL_FAIL;
+}
+
+static bool
+copy_allowed_now(struct bm_job *job)
+{
+	uint64_t now;
+
+	if (job_stopping(job))
+		return false;
+	if (job->goal != BM_GOAL_NONE)
+		return true; /* the final copy of a pivot or a clean cancel */
+	switch (job->state) {
+	case BLOCKMIRROR_JOB_COPYING:
+	case BLOCKMIRROR_JOB_READY:
+		break;
+	default:
+		return false;
+	}
+	/* Guest writes first: keep most of the destination free. */
+	if (job->mirrored_inflight &&
+	    job->copier.inflight >= BM_MAX(1u, job->copier.requests / 4))
+		return false;
+	now = bm_now_ns();
+	if (job->retry_after_ns && now < job->retry_after_ns)
+		return false;
+	if (job->speed) {
+		uint64_t allowed = (now - job->speed_start_ns) / 1000 *
+				   job->speed / 1000000u;
+
+		if (job->speed_bytes > allowed)
+			return false; /* the tick pumps again */
+	}
+	return true;
+}
+
+static bool
+mirror_next(struct bm_copier *c, struct bm_copy_range *r)
+{
+	struct bm_job *job = c->opaque;
+	uint64_t off, len, c0, c1, end;
+	bool wrapped = false;
+	bool zero;
+
+	if (!copy_allowed_now(job))
+		return false;
+	for (;;) {
+		if (!bm_bitmap_next_dirty(&job->dirty, job->cursor,
+					  c->request_size, &off, &len)) {
+			if (wrapped || job->cursor == 0)
+				return false;
+			wrapped = true;
+			job->cursor = 0;
+			continue;
+		}
+		c0 = chunk_of(job, off);
+		end = chunk_of(job, off + len - 1) + 1;
+		if (!chunk_copyable(job, c0)) {
+			/* Busy now; its copy or write will pump us again. */
+			job->cursor = chunk_offset(job, c0 + 1);
+			if (job->cursor >= job->dirty.size) {
+				if (wrapped)
+					return false;
+				wrapped = true;
+				job->cursor = 0;
+			}
+			continue;
+		}
+		zero = bm_bitmap_test(&job->zero_hint, off);
+		for (c1 = c0 + 1; c1 < end; c1++) {
+			uint64_t o = chunk_offset(job, c1);
+
+			if (!chunk_copyable(job, c1) ||
+			    bm_bitmap_test(&job->zero_hint, o) != zero)
+				break;
+		}
+		break;
+	}
+	off = chunk_offset(job, c0);
+	len = chunk_bytes(job, c0, c1);
+	bm_bitmap_clear_range(&job->dirty, off, chunk_offset(job, c1) - off);
+	bm_bitmap_set_range(&job->copying, off, len);
+	job->cursor = chunk_offset(job, c1);
+	if (job->cursor >= job->dirty.size)
+		job->cursor = 0;
+	r->offset = off;
+	r->length = len;
+	r->kind = zero ? BM_COPY_HOLE : BM_COPY_DATA;
+	r->tag = NULL;
+	if (!zero)
+		job->speed_bytes += len;
+	return true;
+}
+
+static void
+mirror_copied(struct bm_copier *c, const struct bm_copy_range *r, int err)
+{
+	struct bm_job *job = c->opaque;
+	uint64_t c0 = chunk_of(job, r->offset);
+	uint64_t c1 = chunk_of(job, r->offset + r->length - 1) + 1;
+	uint64_t span = chunk_offset(job, c1) - chunk_offset(job, c0);
+
+	bm_bitmap_clear_range(&job->copying, r->offset, span);
+	if (err < 0) {
+		bm_bitmap_set_range(&job->dirty, r->offset, r->length);
+		bm_mirror_error(job, r->read_failed, r->offset, r->length,
+				err);
+	} else {
+		if (r->kind == BM_COPY_DATA)
+			job->bytes_copied += r->length;
+		job->copy_busy_bytes += r->length;
+		job->retry_backoff_ns = 0;
+	}
+	bm_job_step(job);
+}
+
+static const struct bm_copier_ops mirror_copier_ops = {
+	.next = mirror_next,
+	.done = mirror_copied,
+};
+
+void
+bm_mirror_pump(struct bm_job *job)
+{
+	bm_copier_pump(&job->copier);
+}
+
+/* ---- rules 3, 4, 5: guest writes ------------------------------------- */
+
+static void
+writes_add(struct bm_job *job, struct bm_req *req)
+{
+	req->prev_active = NULL;
+	req->next_active = job->writes;
+	if (job->writes)
+		job->writes->prev_active = req;
+	job->writes = req;
+}
+
+static void
+writes_remove(struct bm_job *job, struct bm_req *req)
+{
+	if (req->prev_active)
+		req->prev_active->next_active = req->next_active;
+	else
+		job->writes = req->next_active;
+	if (req->next_active)
+		req->next_active->prev_active = req->prev_active;
+}
+
+/* Must an active write on [c0, c1) wait?  `upto` stops the scan of the
+ * waiting queue at the request itself (earlier ones keep priority). */
+static bool
+active_conflict(struct bm_job *job, struct bm_req *req)
+{
+	uint64_t len = chunk_bytes(job, req->c0, req->c1);
+
+	if (bm_bitmap_test_range(&job->copying, chunk_offset(job, req->c0),
+				 len))
+		return true;
+	for (struct bm_req *r = job->writes; r; r = r->next_active)
+		if (r->mirrored && r->c0 < req->c1 && req->c0 < r->c1)
+			return true;
+	for (struct bm_req *r = job->waiting; r && r != req; r = r->next)
+		if (r->c0 < req->c1 && req->c0 < r->c1)
+			return true;
+	return false;
+}
+
+static bool
+all_dirty(struct bm_job *job, uint64_t c0, uint64_t c1)
+{
+	for (uint64_t c = c0; c < c1; c++)
+		if (!bm_bitmap_test(&job->dirty, chunk_offset(job, c)))
+			return false;
+	return true;
+}
+
+static void write_finish(struct bm_req *req);
+
+static void
+write_io_done(struct bm_io *io, int err)
+{
+	struct bm_req *req = io->opaque;
+
+	if (io == &req->io_src)
+		req->err = err;
+	else
+		req->dst_err = err;
+	if (--req->pending == 0)
+		write_finish(req);
+}
+
+static void
+prep_io(struct bm_req *req, struct bm_io *io)
+{
+	memset(io, 0, sizeof *io);
+	io->offset = req->offset;
+	io->length = req->length;
+	io->buf = req->buf;
+	io->opaque = req;
+	io->done = write_io_done;
+	if (req->flags & BLOCKMIRROR_REQ_FUA)
+		io->flags |= BM_IO_FUA;
+	if (req->type == BM_REQ_ZERO && (req->flags & BLOCKMIRROR_REQ_MAY_TRIM))
+		io->flags |= BM_IO_MAY_TRIM;
+}
+
+static void
+issue(struct bm_image *img, struct bm_req *req, struct bm_io *io, bool dst)
+{
+	switch (req->type) {
+	case BM_REQ_WRITE:
+		bm_image_write(img, io);
+		break;
+	case BM_REQ_ZERO:
+		bm_image_zero(img, io);
+		break;
+	case BM_REQ_DISCARD:
+		if (dst) {
+			/* The destination must read what the source reads
+			 * after a discard: zeroes, deallocated if it can. */
+			io->flags |= BM_IO_MAY_TRIM;
+			bm_image_zero(img, io);
+		} else {
+			bm_image_discard(img, io);
+		}
+		break;
+	default:
+		break;
+	}
+}
+
+static void
+write_start(struct bm_job *job, struct bm_req *req, bool active)
+{
+	req->mirrored = active && !job_stopping(job) &&
+			!all_dirty(job, req->c0, req->c1);
+	req->pending = req->mirrored ? 2 : 1;
+	req->err = req->dst_err = 0;
+	writes_add(job, req);
+	prep_io(req, &req->io_src);
+	if (req->mirrored) {
+		job->mirrored_inflight++;
+		prep_io(req, &req->io_dst);
+	}
+	issue(job->src, req, &req->io_src, false);
+	if (req->mirrored)
+		issue(job->dst, req, &req->io_dst, true);
+}
+
+static void
+kick_waiting(struct bm_job *job)
+{
+	struct bm_req **pp = &job->waiting;
+
+	while (*pp) {
+		struct bm_req *req = *pp;
+
+		if (active_conflict(job, req)) {
+			pp = &req->next;
+			continue;
+		}
+		*pp = req->next;
+		if (job->waiting_tail == &req->next)
+			job->waiting_tail = pp;
+		req->waiting = false;
+		/* The mode may have changed while it waited. */
+		write_start(job, req, job->mode == BLOCKMIRROR_MODE_ACTIVE &&
+				      !mapping_active(job));
+	}
+}
+
+static void
+write_finish(struct bm_req *req)
+{
+	struct bm_job *job = req->disk->job;
+	uint64_t touched_off = chunk_offset(job, req->c0);
+	uint64_t touched_len = chunk_offset(job, req->c1) - touched_off;
+
+	writes_remove(job, req);
+	/* Whatever reached the source, the destination no longer reads as
+	 * zero there for certain. */
+	bm_bitmap_clear_range(&job->zero_hint, touched_off, touched_len);
+	if (req->mirrored) {
+		job->mirrored_inflight--;
+		if (req->err == 0 && req->dst_err == 0) {
+			job->bytes_mirrored += req->length;
+			bm_bitmap_clear_range(&job->dirty, req->offset,
+					      req->length);
+		} else {
+			bm_bitmap_set_range(&job->dirty, req->offset,
+					    req->length);
+		}
+		if (req->dst_err) {
+			job->actively_synced = false;
+			bm_mirror_error(job, false, req->offset, req->length,
+					req->dst_err);
+		}
+	} else {
+		bm_bitmap_set_range(&job->dirty, req->offset, req->length);
+	}
+	bm_disk_req_complete(req); /* the guest sees only the source's result */
+	kick_waiting(job);
+	bm_mirror_pump(job);
+	bm_job_step(job);
+}
+
+void
+bm_mirror_guest_write(struct bm_job *job, struct bm_req *req)
+{
+	bool active = job->mode == BLOCKMIRROR_MODE_ACTIVE &&
+		      !mapping_active(job);
+
+	req->c0 = chunk_of(job, req->offset);
+	req->c1 = req->length ? chunk_of(job, req->offset + req->length - 1) + 1
+			      : req->c0 + 1;
+	if (req->c1 > job->dirty.nbits)
+		req->c1 = job->dirty.nbits;
+	if (req->c0 >= req->c1)
+		req->c1 = req->c0 + 1; /* zero-length at the end */
+	if (active && active_conflict(job, req)) {
+		req->waiting = true;
+		req->next = NULL;
+		*job->waiting_tail = req;
+		job->waiting_tail = &req->next;
+		return;
+	}
+	write_start(job, req, active);
+}
+
+/* ---- rule 6: ready, and progress ------------------------------------- */
+
+uint64_t
+bm_mirror_remaining(struct bm_job *job)
+{
+	return bm_bitmap_dirty_bytes(&job->dirty) +
+	       bm_bitmap_dirty_bytes(&job->copying);
+}
+
+bool
+bm_mirror_idle(struct bm_job *job)
+{
+	return job->copier.inflight == 0 && !job->mapping && !job->flushing;
+}
+
+static void
+ready_flushed(struct bm_io *io, int err)
+{
+	struct bm_job *job = io->opaque;
+
+	job->flushing = false;
+	if (err < 0) {
+		bm_mirror_error(job, false, 0, 0, err);
+	} else if (job->goal == BM_GOAL_NONE &&
+		   job->state == BLOCKMIRROR_JOB_COPYING) {
+		struct blockmirror_event ev = { .type = BLOCKMIRROR_EVENT_READY };
+
+		job->ready = true;
+		job->actively_synced = job->mode == BLOCKMIRROR_MODE_ACTIVE;
+		bm_job_set_state(job, BLOCKMIRROR_JOB_READY);
+		bm_job_event(job, &ev);
+	}
+	bm_job_step(job);
+}
+
+void
+bm_job_flush_for_ready(struct bm_job *job)
+{
+	if (job->retry_after_ns && bm_now_ns() < job->retry_after_ns)
+		return; /* the tick steps again */
+	job->flushing = true;
+	memset(&job->flush_io, 0, sizeof job->flush_io);
+	job->flush_io.done = ready_flushed;
+	job->flush_io.opaque = job;
+	bm_image_flush(job->dst, &job->flush_io);
+}
+
+/* ---- rule 9: errors -------------------------------------------------- */
+
+void
+bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,
+		uint64_t length, int err)
+{
+	struct blockmirror_event ev = {
+		.type = BLOCKMIRROR_EVENT_ERROR,
+		.err = -err,
+		.offset = offset,
+		.length = length,
+		.on_source = on_source,
+		.message = blockmirror_last_error(),
+	};
+	char msg[200];
+
+	if (job->goal == BM_GOAL_FAIL || job->goal == BM_GOAL_CANCEL)
+		return; /* already ending; the first error is kept */
+	snprintf(msg, sizeof msg, "%s at %" PRIu64 "+%" PRIu64 ": %s",
+		 on_source ? "source" : "destination", offset, length,
+		 strerror(-err));
+	ev.message = msg;
+	bm_job_event(job, &ev);
+	if (job->goal != BM_GOAL_NONE) {
+		bm_job_ending_error(job, err);
+		return;
+	}
+	switch (job->opt.on_error) {
+	case BLOCKMIRROR_ON_ERROR_REPORT:
+		job->error = -err;
+		snprintf(job->error_msg, sizeof job->error_msg, "%s", msg);
+		bm_job_end(job, BM_GOAL_FAIL, NULL);
+		break;
+	case BLOCKMIRROR_ON_ERROR_STOP:
+		if (job->state == BLOCKMIRROR_JOB_COPYING ||
+		    job->state == BLOCKMIRROR_JOB_READY) {
+			struct blockmirror_event p = {
+				.type = BLOCKMIRROR_EVENT_PAUSED,
+				.err = -err,
+				.message = msg,
+			};
+
+			job->paused_from = job->state;
+			bm_job_set_state(job, BLOCKMIRROR_JOB_PAUSED);
+			bm_job_event(job, &p);
+		}
+		break;
+	case BLOCKMIRROR_ON_ERROR_RETRY:
+		job->retry_backoff_ns = job->retry_backoff_ns
+			? BM_MIN(job->retry_backoff_ns * 2, RETRY_MAX_NS)
+			: RETRY_MIN_NS;
+		job->retry_after_ns = bm_now_ns() + job->retry_backoff_ns;
+		break;
+	}
+}
+
+/* ---- the tick: speed, retry, auto mode ------------------------------- */
+
+static void
+auto_sample(struct bm_job *job)
+{
+	uint64_t remaining = bm_mirror_remaining(job);
+
+	if (!job->auto_mode || job->mode == BLOCKMIRROR_MODE_ACTIVE ||
+	    job->state != BLOCKMIRROR_JOB_COPYING)
+		return;
+	if (job->auto_last_remaining && remaining >= job->auto_last_remaining)
+		job->auto_stalls++;
+	else
+		job->auto_stalls = 0;
+	job->auto_last_remaining = remaining;
+	if (job->auto_stalls >= AUTO_STALLS) {
+		struct blockmirror_event ev = {
+			.type = BLOCKMIRROR_EVENT_MODE_CHANGED,
+			.mode = BLOCKMIRROR_MODE_ACTIVE,
+		};
+
+		job->mode = BLOCKMIRROR_MODE_ACTIVE;
+		bm_job_event(job, &ev);
+	}
+}
+
+static void
+tick(struct bm_op *op, int res)
+{
+	struct bm_job *job = bm_container_of(op, struct bm_job, tick.op);
+
+	job->tick.armed = false;
+	if (bm_job_ended(job->state) || job_stopping(job) || job->finishing) {
+		bm_job_step(job);
+		return;
+	}
+	if (++job->auto_ticks % AUTO_SAMPLE_TICKS == 0)
+		auto_sample(job);
+	if (job->speed) {
+		/* Forget old history so that a long pause does not turn
+		 * into a burst. */
+		uint64_t now = bm_now_ns();
+
+		if (now - job->speed_start_ns > 1000000000u) {
+			job->speed_start_ns = now;
+			job->speed_bytes = 0;
+		}
+	}
+	bm_mirror_tick_start(job);
+	bm_mirror_pump(job);
+	bm_job_step(job);
+}
+
+/* ---- setup ----------------------------------------------------------- */
+
+int
+bm_mirror_init(struct bm_job *job)
+{
+	uint64_t size = job->src->size;
+	uint32_t req;
+	int r;
+
+	r = bm_bitmap_init(&job->dirty, size, job->granularity);
+	if (r == 0)
+		r = bm_bitmap_init(&job->copying, size, job->granularity);
+	if (r == 0)
+		r = bm_bitmap_init(&job->zero_hint, size, job->granularity);
+	if (r < 0)
+		return bm_error(r, "out of memory for the dirty bitmap");
+	req = job->opt.buf_size ? job->opt.buf_size : (1u << 20);
+	if (req < job->granularity)
+		req = (uint32_t)job->granularity;
+	job->copier.src = job->src;
+	job->copier.dst = job->dst;
+	job->copier.ops = &mirror_copier_ops;
+	job->copier.opaque = job;
+	job->copier.request_size = req;
+	job->copier.requests = job->opt.requests ? job->opt.requests : 16;
+	/* Keep the buffers bounded with huge chunks. */
+	while (job->copier.requests > 1 &&
+	       (uint64_t)job->copier.requests * req > (64u << 20))
+		job->copier.requests /= 2;
+	job->copier.sparse_block = 4096;
+	/* A destination chunk may be copied twice, so zero runs must be
+	 * written even on a destination that started out zeroed. */
+	job->copier.dst_is_zero = false;
+	r = bm_copier_init(&job->copier);
+	if (r < 0)
+		return r;
+	job->waiting_tail = &job->waiting;
+	job->speed = job->opt.speed;
+	job->speed_start_ns = bm_now_ns();
+	return 0;
+}
+
+void
+bm_mirror_tick_start(struct bm_job *job)
+{
+	if (!job->tick.armed)
+		bm_loop_timer_start(job->loop, &job->tick, TICK_NS, tick);
+}
+
+void
+bm_mirror_begin(struct bm_job *job)
+{
+	job->state = BLOCKMIRROR_JOB_MAPPING;
+	bm_mirror_tick_start(job);
+	if (job->src->size == 0) {
+		job->mapped_end = 0;
+		bm_job_set_state(job, BLOCKMIRROR_JOB_COPYING);
+		bm_job_step(job);
+		return;
+	}
+	map_window(job);
+}
+
+void
+bm_mirror_fini(struct bm_job *job)
+{
+	bm_copier_fini(&job->copier);
+	bm_bitmap_free(&job->dirty);
+	bm_bitmap_free(&job->copying);
+	bm_bitmap_free(&job->zero_hint);
+	bm_extent_list_free(&job->map);
+}

@@ -1,0 +1,308 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The io_uring file store (lib/file.c): data round trips, bounds and
+ * read-only checks, zeroing with and without deallocation, discard,
+ * extents against what the file system says, and the rule that a
+ * completion never runs inside the call that started it.
+ */
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "extent.h"
+#include "store.h"
+
+static char path[64];
+static struct bm_loop *loop;
+
+static void
+setup(void)
+{
+	int fd;
+
+	strcpy(path, "/tmp/test-file.XXXXXX");
+	fd = mkstemp(path);
+	ck_assert_int_ge(fd, 0);
+	close(fd);
+	unlink(path);
+	ck_assert_int_eq(bm_loop_new(32, &loop), 0);
+}
+
+static void
+teardown(void)
+{
+	unlink(path);
+	bm_loop_free(loop);
+}
+
+static int
+do_io(struct bm_store *s, void (*op)(struct bm_store *, struct bm_io *),
+      uint64_t off, uint64_t len, void *buf, unsigned flags)
+{
+	struct bm_io io = { .offset = off, .length = len, .buf = buf,
+			    .flags = flags };
+
+	return bm_store_sync(s, op, &io);
+}
+
+static void
+fill(unsigned char *b, size_t n, unsigned seed)
+{
+	for (size_t i = 0; i < n; i++)
+		b[i] = (unsigned char)(seed * 31 + i * 7 + 1);
+}
+
+START_TEST(test_roundtrip)
+{
+	static unsigned char w[3 << 20], r[3 << 20];
+	static const size_t lens[] = { 1, 511, 4096, 65537, 1 << 20, 3 << 20 };
+	struct bm_store *s;
+
+	ck_assert_int_eq(bm_file_open(loop, path, BM_OPEN_CREATE, 8 << 20,
+				      &s), 0);
+	ck_assert_uint_eq(s->size, 8 << 20);
+	for (size_t i = 0; i < sizeof lens / sizeof lens[0]; i++) {
+		uint64_t off = (i * 1234567) % ((8 << 20) - lens[i]);
+
+		fill(w, lens[i], (unsigned)i);
+		ck_assert_int_eq(do_io(s, s->ops->write, off, lens[i], w, 0),
+				 0);
+		memset(r, 0xee, lens[i]);
+		ck_assert_int_eq(do_io(s, s->ops->read, off, lens[i], r, 0), 0);
+		ck_assert_mem_eq(w, r, lens[i]);
+	}
+	ck_assert_int_eq(do_io(s, s->ops->write, 0, 4096, w, BM_IO_FUA), 0);
+	ck_assert_int_eq(do_io(s, s->ops->flush, 0, 0, NULL, 0), 0);
+	bm_store_close(s);
+}
+END_TEST
+
+START_TEST(test_new_file_reads_zero)
+{
+	static unsigned char r[1 << 20], zero[1 << 20];
+	struct bm_store *s;
+	int fd;
+
+	fd = open(path, O_CREAT | O_WRONLY, 0644);
+	ck_assert_int_ge(fd, 0);
+	memset(r, 0x55, sizeof r);
+	ck_assert_int_eq(write(fd, r, sizeof r), (ssize_t)sizeof r);
+	close(fd);
+	/* CREATE refuses an existing file; TRUNCATE empties it. */
+	ck_assert_int_eq(bm_file_open(loop, path, BM_OPEN_CREATE, 1 << 20,
+				      &s), -EEXIST);
+	ck_assert_int_eq(bm_file_open(loop, path, BM_OPEN_TRUNCATE, 1 << 20,
+				      &s), 0);
+	ck_assert_int_eq(do_io(s, s->ops->read, 0, sizeof r, r, 0), 0);
+	ck_assert_mem_eq(r, zero, sizeof r);
+	bm_store_close(s);
+}
+END_TEST
+
+START_TEST(test_bounds_and_readonly)
+{
+	unsigned char b[8192] = { 0 };
+	struct bm_store *s;
+
+	ck_assert_int_eq(bm_file_open(loop, path, BM_OPEN_CREATE, 8192, &s),
+			 0);
+	ck_assert_int_eq(do_io(s, s->ops->read, 4096, 4097, b, 0), -EINVAL);
+	ck_assert_int_eq(do_io(s, s->ops->write, 8192, 1, b, 0), -EINVAL);
+	ck_assert_int_eq(do_io(s, s->ops->write, UINT64_MAX, 2, b, 0),
+			 -EINVAL);
+	ck_assert_int_eq(do_io(s, s->ops->zero, 1, 8192, NULL, 0), -EINVAL);
+	ck_assert_int_eq(do_io(s, s->ops->read, 8192, 0, b, 0), 0);
+	bm_store_close(s);
+
+	ck_assert_int_eq(bm_file_open(loop, path, 0, 0, &s), 0);
+	ck_assert(s->readonly);
+	ck_assert_int_eq(do_io(s, s->ops->write, 0, 1, b, 0), -EROFS);
+	ck_assert_int_eq(do_io(s, s->ops->zero, 0, 1, NULL, 0), -EROFS);
+	ck_assert_int_eq(do_io(s, s->ops->read, 0, 8192, b, 0), 0);
+	bm_store_close(s);
+}
+END_TEST
+
+START_TEST(test_open_errors)
+{
+	struct bm_store *s;
+
+	ck_assert_int_eq(bm_file_open(loop, "/nonexistent/x", 0, 0, &s),
+			 -ENOENT);
+	ck_assert_int_eq(bm_file_open(loop, "/tmp", 0, 0, &s), -EISDIR);
+	ck_assert_int_eq(bm_file_open(loop, "/dev/null", 0, 0, &s), -EINVAL);
+}
+END_TEST
+
+static void
+check_extents(struct bm_store *s, uint64_t off, uint64_t len,
+	      const struct bm_extent *want, size_t n)
+{
+	struct bm_extent_list l = { 0 };
+	struct bm_io io = { .offset = off, .length = len, .extents = &l };
+
+	ck_assert_int_eq(bm_store_sync(s, s->ops->extents, &io), 0);
+	ck_assert_uint_eq(l.len, n);
+	for (size_t i = 0; i < n; i++) {
+		ck_assert_uint_eq(l.v[i].offset, want[i].offset);
+		ck_assert_uint_eq(l.v[i].length, want[i].length);
+		ck_assert_uint_eq(l.v[i].flags, want[i].flags);
+	}
+	bm_extent_list_free(&l);
+}
+
+START_TEST(test_zero_discard_extents)
+{
+	static unsigned char b[1 << 20], zero[1 << 20];
+	const uint32_t H = BM_EXTENT_HOLE | BM_EXTENT_ZERO;
+	const uint64_t M = 1 << 20;
+	struct bm_store *s;
+
+	ck_assert_int_eq(bm_file_open(loop, path, BM_OPEN_CREATE, 8 * M, &s),
+			 0);
+	{
+		const struct bm_extent e[] = { { 0, 8 * M, H } };
+
+		check_extents(s, 0, 8 * M, e, 1);
+	}
+	memset(b, 0xab, sizeof b);
+	ck_assert_int_eq(do_io(s, s->ops->write, 2 * M, M, b, 0), 0);
+	ck_assert_int_eq(do_io(s, s->ops->write, 5 * M, M, b, 0), 0);
+	{
+		const struct bm_extent e[] = {
+			{ 0, 2 * M, H }, { 2 * M, M, 0 }, { 3 * M, 2 * M, H },
+			{ 5 * M, M, 0 }, { 6 * M, 2 * M, H },
+		};
+
+		check_extents(s, 0, 8 * M, e, 5);
+	}
+	/* A window in the middle of things. */
+	{
+		const struct bm_extent e[] = {
+			{ 2 * M + 5, M - 5, 0 }, { 3 * M, M, H },
+		};
+
+		check_extents(s, 2 * M + 5, 2 * M - 5, e, 2);
+	}
+	/* Zero with MAY_TRIM punches a hole. */
+	ck_assert_int_eq(do_io(s, s->ops->zero, 2 * M, M, NULL,
+			       BM_IO_MAY_TRIM), 0);
+	/* Zero without it keeps the blocks but reads zero. */
+	ck_assert_int_eq(do_io(s, s->ops->zero, 5 * M + 4096, 8192, NULL, 0),
+			 0);
+	ck_assert_int_eq(do_io(s, s->ops->read, 2 * M, M, b, 0), 0);
+	ck_assert_mem_eq(b, zero, M);
+	ck_assert_int_eq(do_io(s, s->ops->read, 5 * M, M, b, 0), 0);
+	ck_assert_mem_eq(b + 4096, zero, 8192);
+	ck_assert_uint_eq(b[0], 0xab);
+	ck_assert_uint_eq(b[4096 + 8192], 0xab);
+	{
+		const struct bm_extent e[] = {
+			{ 0, 5 * M, H }, { 5 * M, M, 0 }, { 6 * M, 2 * M, H },
+		};
+
+		check_extents(s, 0, 8 * M, e, 3);
+	}
+	/* Discard frees it. */
+	ck_assert_int_eq(do_io(s, s->ops->discard, 5 * M, M, NULL, 0), 0);
+	{
+		const struct bm_extent e[] = { { 0, 8 * M, H } };
+
+		check_extents(s, 0, 8 * M, e, 1);
+	}
+	bm_store_close(s);
+}
+END_TEST
+
+struct inline_check {
+	bool returned;
+	bool ran_inline;
+	bool done;
+};
+
+static void
+inline_done(struct bm_io *io, int err)
+{
+	struct inline_check *c = io->opaque;
+
+	if (!c->returned)
+		c->ran_inline = true;
+	c->done = true;
+}
+
+START_TEST(test_never_inline)
+{
+	struct bm_extent_list l = { 0 };
+	unsigned char b[16];
+	void (*ops[4])(struct bm_store *, struct bm_io *);
+	struct bm_store *s;
+
+	ck_assert_int_eq(bm_file_open(loop, path, BM_OPEN_CREATE, 4096, &s),
+			 0);
+	ops[0] = s->ops->read;
+	ops[1] = s->ops->extents;
+	ops[2] = s->ops->flush;
+	ops[3] = s->ops->write;
+	for (int i = 0; i < 4; i++) {
+		struct inline_check c = { 0 };
+		/* Out of bounds for write: completes with an error, and
+		 * still not inline. */
+		struct bm_io io = { .offset = i == 3 ? 9999 : 0, .length = 16,
+				    .buf = b, .extents = &l,
+				    .done = inline_done, .opaque = &c };
+
+		ops[i](s, &io);
+		c.returned = true;
+		ck_assert(!c.ran_inline);
+		ck_assert_int_eq(bm_loop_run_until(loop, &c.done), 0);
+	}
+	bm_extent_list_free(&l);
+	bm_store_close(s);
+}
+END_TEST
+
+START_TEST(test_same_file)
+{
+	struct bm_store *s;
+	char link[80];
+
+	ck_assert_int_eq(bm_file_open(loop, path, BM_OPEN_CREATE, 4096, &s),
+			 0);
+	snprintf(link, sizeof link, "%s.lnk", path);
+	ck_assert_int_eq(symlink(path, link), 0);
+	ck_assert(bm_file_same(s, path));
+	ck_assert(bm_file_same(s, link));
+	ck_assert(!bm_file_same(s, "/tmp"));
+	unlink(link);
+	bm_store_close(s);
+}
+END_TEST
+
+int
+main(void)
+{
+	Suite *s = suite_create("file");
+	TCase *tc = tcase_create("file");
+	SRunner *sr;
+	int failed;
+
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_roundtrip);
+	tcase_add_test(tc, test_new_file_reads_zero);
+	tcase_add_test(tc, test_bounds_and_readonly);
+	tcase_add_test(tc, test_open_errors);
+	tcase_add_test(tc, test_zero_discard_extents);
+	tcase_add_test(tc, test_never_inline);
+	tcase_add_test(tc, test_same_file);
+	suite_add_tcase(s, tc);
+	sr = srunner_create(s);
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
