@@ -90,6 +90,7 @@ struct blockmirror_disk {
 	atomic_bool closing;
 	struct bm_work wake_work;     /* wakes the thread to stop it */
 	struct bm_call *drain_call;   /* close: waiting for the drain */
+	struct bm_call *start_call;   /* job start: waiting for the drain */
 	struct bm_io close_io;
 };
 

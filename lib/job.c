@@ -148,6 +148,19 @@ job_permitted(struct bm_job *job, enum job_op op)
 /* ---- start ----------------------------------------------------------- */
 
 static void
+start_drained(struct blockmirror_disk *disk)
+{
+	struct bm_call *call = disk->start_call;
+	struct bm_job *job = call->arg;
+
+	disk->start_call = NULL;
+	disk->job = job;
+	bm_mirror_begin(job);
+	bm_disk_unquiesce(disk);
+	bm_waiter_signal(&call->w, 0);
+}
+
+static void
 call_start(struct bm_call *call)
 {
 	struct bm_job *job = call->arg;
@@ -180,8 +193,11 @@ call_start(struct bm_call *call)
 	r = bm_mirror_init(job);
 	if (r < 0)
 		goto out;
-	disk->job = job;
-	bm_mirror_begin(job);
+	/* Writes already in flight would land unseen by the job: let them
+	 * finish before it starts watching. */
+	disk->start_call = call;
+	bm_disk_quiesce(disk, start_drained);
+	return;
 out:
 	bm_waiter_signal(&call->w, r);
 }

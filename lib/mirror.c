@@ -24,8 +24,11 @@
  *    DIRTY again.  A guest write that completes meanwhile re-dirties its
  *    chunks, so the copy's possibly stale result is never trusted.
  *
- * 3. Guest write, background mode (and active mode while MAPPING): write
- *    the source, then mark the touched chunks DIRTY, then complete.
+ * 3. Guest write, background mode (and active mode while MAPPING): mark
+ *    the touched chunks DIRTY, write the source, mark them DIRTY again
+ *    (a copy may not start on them meanwhile, but the mark is what
+ *    counts), then complete.  A job starts only once the writes already
+ *    in flight have finished, so no write escapes it.
  *
  * 4. Guest write, active mode: wait while a copy or an earlier active
  *    write touches the same chunks (so source and destination apply
@@ -175,6 +178,8 @@ map_window(struct bm_job *job)
 	bm_image_block_status(job->src, &job->map_io);
 }
 
+static void kick_waiting(struct bm_job *job);
+
 /* ---- rule 2: the bulk copy ------------------------------------------- */
 
 /* Does a guest write in flight touch chunk c? */
@@ -313,6 +318,8 @@ mirror_copied(struct bm_copier *c, const struct bm_copy_range *r, int err)
 		job->copy_busy_bytes += r->length;
 		job->retry_backoff_ns = 0;
 	}
+	/* Active writes may have been waiting for this copy. */
+	kick_waiting(job);
 	bm_job_step(job);
 }
 
@@ -446,6 +453,10 @@ write_start(struct bm_job *job, struct bm_req *req, bool active)
 		job->mirrored_inflight++;
 		prep_io(req, &req->io_dst);
 	}
+	if (!req->mirrored)
+		/* Dirty from the start too, so the remaining work counts it
+		 * at once; it is marked again when the write lands. */
+		bm_bitmap_set_range(&job->dirty, req->offset, req->length);
 	issue(job->src, req, &req->io_src, false);
 	if (req->mirrored)
 		issue(job->dst, req, &req->io_dst, true);
