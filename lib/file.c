@@ -455,6 +455,26 @@ file_extents(struct bm_store *s, struct bm_io *io)
 	io_defer(s, io, r);
 }
 
+/* ---- cancel ---------------------------------------------------------- */
+
+static void
+cancel_done(struct bm_op *op, int res)
+{
+	free(op);
+}
+
+static void
+file_cancel(struct bm_store *s)
+{
+	struct bm_op *op = calloc(1, sizeof *op);
+	struct io_uring_sqe *sqe;
+
+	if (!op)
+		return;
+	sqe = bm_loop_sqe(s->loop, op, cancel_done);
+	io_uring_prep_cancel_fd(sqe, to_file(s)->fd, IORING_ASYNC_CANCEL_ALL);
+}
+
 /* ---- open / close ---------------------------------------------------- */
 
 static void
@@ -476,6 +496,7 @@ static const struct bm_store_ops file_ops = {
 	.discard = file_discard,
 	.flush = file_flush,
 	.extents = file_extents,
+	.cancel = file_cancel,
 	.close = file_close,
 };
 

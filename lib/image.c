@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "errors.h"
+#include "fault.h"
 #include "image.h"
 #include "internal.h"
 #include "probe.h"
@@ -105,6 +106,9 @@ bm_image_open(struct bm_loop *loop, const char *name,
 	r = bm_file_open(loop, name, sflags, 0, &s);
 	if (r < 0)
 		return r;
+	r = bm_fault_maybe_wrap(name, &s);
+	if (r < 0)
+		goto out_close;
 
 	if (format != BLOCKMIRROR_FORMAT_RAW) {
 		r = probe_store(s, &found);
@@ -157,6 +161,11 @@ bm_image_create(struct bm_loop *loop, const char *name,
 		return bm_error(r, "%s: already exists", name);
 	if (r < 0)
 		return r;
+	r = bm_fault_maybe_wrap(name, &s);
+	if (r < 0) {
+		bm_store_close(s);
+		return r;
+	}
 	if (s->block_device && s->size != size) {
 		bm_store_close(s);
 		return bm_error(-EINVAL, "%s: block device holds %" PRIu64

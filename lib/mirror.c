@@ -73,6 +73,7 @@
 #define RETRY_MAX_NS (5000 * 1000000ull)
 #define AUTO_SAMPLE_TICKS 10   /* auto mode samples once a second */
 #define AUTO_STALLS 3          /* samples without progress before switching */
+#define CANCEL_GRACE_NS (1000 * 1000000ull)
 
 static inline uint64_t
 chunk_of(const struct bm_job *job, uint64_t offset)
@@ -571,8 +572,8 @@ ready_flushed(struct bm_io *io, int err)
 
 		job->ready = true;
 		job->actively_synced = job->mode == BLOCKMIRROR_MODE_ACTIVE;
-		bm_job_set_state(job, BLOCKMIRROR_JOB_READY);
 		bm_job_event(job, &ev);
+		bm_job_set_state(job, BLOCKMIRROR_JOB_READY);
 	}
 	bm_job_step(job);
 }
@@ -632,8 +633,8 @@ bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,
 			};
 
 			job->paused_from = job->state;
-			bm_job_set_state(job, BLOCKMIRROR_JOB_PAUSED);
 			bm_job_event(job, &p);
+			bm_job_set_state(job, BLOCKMIRROR_JOB_PAUSED);
 		}
 		break;
 	case BLOCKMIRROR_ON_ERROR_RETRY:
@@ -677,7 +678,23 @@ tick(struct bm_op *op, int res)
 	struct bm_job *job = bm_container_of(op, struct bm_job, tick.op);
 
 	job->tick.armed = false;
-	if (bm_job_ended(job->state) || job_stopping(job) || job->finishing) {
+	if (bm_job_ended(job->state) || job->finishing) {
+		bm_job_step(job);
+		return;
+	}
+	if (job_stopping(job)) {
+		/* Requests that will not finish (a hung destination) are
+		 * cancelled after a grace period, so that a forced cancel
+		 * returns. */
+		if (!job->io_cancelled && job->copier.inflight + job->mirrored_inflight &&
+		    bm_now_ns() - job->end_start_ns > CANCEL_GRACE_NS) {
+			struct bm_store *st = job->dst->store;
+
+			job->io_cancelled = true;
+			if (st->ops->cancel)
+				st->ops->cancel(st);
+		}
+		bm_mirror_tick_start(job);
 		bm_job_step(job);
 		return;
 	}

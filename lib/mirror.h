@@ -95,6 +95,8 @@ struct bm_job {
 	bool finishing;                /* waiting for the tick to stop */
 	bool stall_checked;
 	int pivot_failed_err;          /* the final copy failed: abandon */
+	uint64_t end_start_ns;         /* when the ending began */
+	bool io_cancelled;             /* hung requests were cancelled */
 	uint64_t pivot_stall_us;
 	int goal_err;
 };
@@ -113,6 +115,17 @@ void bm_job_flush_for_ready(struct bm_job *job);
 bool bm_mirror_idle(struct bm_job *job);
 
 /* pivot.c: the endings */
+enum bm_pivot_step {
+	BM_PIVOT_DRAINED = 1,  /* guest I/O stopped */
+	BM_PIVOT_FLUSHED,      /* final copy done, destination flushed */
+	BM_PIVOT_SYMLINKED,    /* link: temporary symlink made */
+	BM_PIVOT_RENAMED,      /* link: renamed over the old one */
+	BM_PIVOT_DIR_SYNCED,   /* link: directory synced */
+	BM_PIVOT_DURABLE,      /* link or on_pivot done */
+	BM_PIVOT_SWAPPED,      /* the disk runs on the destination */
+	BM_PIVOT_STEPS,
+};
+extern void (*bm_pivot_hook)(enum bm_pivot_step step);
 void bm_job_step(struct bm_job *job);
 int bm_job_end(struct bm_job *job, enum bm_job_goal goal,
 	       struct bm_call *call);

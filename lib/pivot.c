@@ -34,6 +34,16 @@
 #include "internal.h"
 #include "mirror.h"
 
+/* Tests set this to stop the process at a given step of the pivot. */
+void (*bm_pivot_hook)(enum bm_pivot_step step);
+
+static inline void
+pivot_hook(enum bm_pivot_step step)
+{
+	if (bm_pivot_hook)
+		bm_pivot_hook(step);
+}
+
 /* ---- the durable switch ---------------------------------------------- */
 
 /* Point `link` at `target` atomically and durably. */
@@ -50,11 +60,13 @@ relink(const char *link, const char *target)
 	if (symlink(target, tmp) < 0)
 		return bm_error(-errno, "%s: symlink: %s", tmp,
 				strerror(errno));
+	pivot_hook(BM_PIVOT_SYMLINKED);
 	if (rename(tmp, link) < 0) {
 		r = -errno;
 		unlink(tmp);
 		return bm_error(r, "%s: rename: %s", link, strerror(-r));
 	}
+	pivot_hook(BM_PIVOT_RENAMED);
 	snprintf(dir, sizeof dir, "%s", link);
 	fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 	if (fd < 0 || fsync(fd) < 0) {
@@ -65,6 +77,7 @@ relink(const char *link, const char *target)
 				strerror(-r));
 	}
 	close(fd);
+	pivot_hook(BM_PIVOT_DIR_SYNCED);
 	return 0;
 }
 
@@ -89,6 +102,7 @@ pivot_switch(struct bm_job *job)
 		r = job->opt.on_pivot(job->opt.pivot_data, job->dst_name);
 	if (r < 0)
 		return r;
+	pivot_hook(BM_PIVOT_DURABLE);
 
 	old = disk->image;
 	disk->image = job->dst;
@@ -98,6 +112,7 @@ pivot_switch(struct bm_job *job)
 	job->pivot_stall_us = bm_disk_unquiesce(disk) / 1000;
 	job->quiesced = false;
 	bm_image_close(old);
+	pivot_hook(BM_PIVOT_SWAPPED);
 	bm_info("pivot: now on %s, guest stalled %" PRIu64 " us",
 		disk->image->name, job->pivot_stall_us);
 	return 0;
@@ -143,8 +158,9 @@ finish(struct bm_job *job, enum blockmirror_job_state state, bool pivoted)
 		ev.message = job->error_msg;
 		break;
 	}
-	bm_job_set_state(job, state);
+	/* The event first: whoever waits for the state finds it delivered. */
 	bm_job_event(job, &ev);
+	bm_job_set_state(job, state);
 	signal_call(job, goal == BM_GOAL_FAIL ? -job->error : 0);
 }
 
@@ -169,6 +185,8 @@ job_drained(struct blockmirror_disk *disk)
 {
 	struct bm_job *job = disk->job;
 
+	if (job->goal == BM_GOAL_PIVOT)
+		pivot_hook(BM_PIVOT_DRAINED);
 	job->drained = true;
 	bm_job_step(job);
 }
@@ -190,6 +208,8 @@ final_flush_done(struct bm_io *io, int err)
 		job->goal = BM_GOAL_FAIL;
 	} else {
 		job->final_flushed = true;
+		if (job->goal == BM_GOAL_PIVOT)
+			pivot_hook(BM_PIVOT_FLUSHED);
 	}
 	bm_job_step(job);
 }
@@ -345,6 +365,7 @@ bm_job_end(struct bm_job *job, enum bm_job_goal goal, struct bm_call *call)
 	}
 	job->goal = goal;
 	job->goal_call = call;
+	job->end_start_ns = bm_now_ns();
 	job->drained = false;
 	job->final_flushed = false;
 	job->stall_checked = false;

@@ -54,6 +54,9 @@ struct bm_store_ops {
 	void (*flush)(struct bm_store *s, struct bm_io *io);
 	/* Append extents covering [offset, offset + length) to io->extents. */
 	void (*extents)(struct bm_store *s, struct bm_io *io);
+	/* Optional: finish every request in flight as soon as possible,
+	 * with -ECANCELED if it has not completed (a hung destination). */
+	void (*cancel)(struct bm_store *s);
 	void (*close)(struct bm_store *s);
 };
 
