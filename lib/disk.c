@@ -291,10 +291,13 @@ bm_disk_submit(struct bm_req *req)
 	}
 	disk->inflight++;
 	if (disk->job && req->type != BM_REQ_READ &&
-	    req->type != BM_REQ_FLUSH)
+	    req->type != BM_REQ_FLUSH) {
 		bm_mirror_guest_write(disk->job, req);
-	else
-		submit_to_image(req);
+		return;
+	}
+	if (disk->job && req->type == BM_REQ_FLUSH)
+		bm_mirror_guest_flush(disk->job);
+	submit_to_image(req);
 }
 
 void

@@ -246,15 +246,19 @@ static bool
 mirror_next(struct bm_copier *c, struct bm_copy_range *r)
 {
 	struct bm_job *job = c->opaque;
-	uint64_t off, len, c0, c1, end;
+	uint64_t off, len, c0, c1, end, max = c->request_size;
 	bool wrapped = false;
 	bool zero;
 
 	if (!copy_allowed_now(job))
 		return false;
+	/* Under a low speed limit, smaller requests keep the rate smooth:
+	 * about a tenth of a second's worth, at least one chunk. */
+	if (job->speed && job->goal == BM_GOAL_NONE)
+		max = BM_MAX(job->granularity, BM_MIN(max, job->speed / 10));
 	for (;;) {
-		if (!bm_bitmap_next_dirty(&job->dirty, job->cursor,
-					  c->request_size, &off, &len)) {
+		if (!bm_bitmap_next_dirty(&job->dirty, job->cursor, max,
+					  &off, &len)) {
 			if (wrapped || job->cursor == 0)
 				return false;
 			wrapped = true;
@@ -318,6 +322,7 @@ mirror_copied(struct bm_copier *c, const struct bm_copy_range *r, int err)
 			job->bytes_copied += r->length;
 		job->copy_busy_bytes += r->length;
 		job->retry_backoff_ns = 0;
+		job->copied_since_flush = true;
 	}
 	/* Active writes may have been waiting for this copy. */
 	kick_waiting(job);
@@ -520,9 +525,31 @@ write_finish(struct bm_req *req)
 	bm_job_step(job);
 }
 
+/*
+ * Durability on the destination.  Guest flushes reach only the source; the
+ * destination needs flushing before the pivot only for what the guest was
+ * promised durable (a flush or FUA since the last destination flush) and
+ * for bulk-copied data (durable on the source before the job touched it).
+ * Unflushed guest writes may be lost by a crash on either image alike.
+ */
+void
+bm_mirror_guest_flush(struct bm_job *job)
+{
+	job->guest_flush_since_flush = true;
+}
+
+void
+bm_mirror_dst_flush_started(struct bm_job *job)
+{
+	job->copied_since_flush = false;
+	job->guest_flush_since_flush = false;
+}
+
 void
 bm_mirror_guest_write(struct bm_job *job, struct bm_req *req)
 {
+	if (req->flags & BLOCKMIRROR_REQ_FUA)
+		job->guest_flush_since_flush = true;
 	bool active = job->mode == BLOCKMIRROR_MODE_ACTIVE &&
 		      !mapping_active(job);
 
@@ -584,6 +611,7 @@ bm_job_flush_for_ready(struct bm_job *job)
 	if (job->retry_after_ns && bm_now_ns() < job->retry_after_ns)
 		return; /* the tick steps again */
 	job->flushing = true;
+	bm_mirror_dst_flush_started(job);
 	memset(&job->flush_io, 0, sizeof job->flush_io);
 	job->flush_io.done = ready_flushed;
 	job->flush_io.opaque = job;
@@ -701,13 +729,19 @@ tick(struct bm_op *op, int res)
 	if (++job->auto_ticks % AUTO_SAMPLE_TICKS == 0)
 		auto_sample(job);
 	if (job->speed) {
-		/* Forget old history so that a long pause does not turn
-		 * into a burst. */
+		/* Start a new accounting window every second, carrying over
+		 * what was sent beyond the allowance (a request larger than
+		 * a second's worth), but not unused allowance (a pause must
+		 * not turn into a burst). */
 		uint64_t now = bm_now_ns();
+		uint64_t elapsed = now - job->speed_start_ns;
 
-		if (now - job->speed_start_ns > 1000000000u) {
+		if (elapsed > 1000000000u) {
+			uint64_t allowed = elapsed / 1000 * job->speed /
+					   1000000u;
+
+			job->speed_bytes -= BM_MIN(job->speed_bytes, allowed);
 			job->speed_start_ns = now;
-			job->speed_bytes = 0;
 		}
 	}
 	bm_mirror_tick_start(job);

@@ -92,6 +92,10 @@ struct bm_job {
 	bool drained;
 	bool flushing_final;
 	bool final_flushed;
+	bool preflushing;              /* pivot: flushing before quiescing */
+	bool copied_since_flush;       /* the bulk copy wrote since the last
+					  destination flush */
+	bool guest_flush_since_flush;  /* the guest asked for durability since */
 	bool finishing;                /* waiting for the tick to stop */
 	bool stall_checked;
 	int pivot_failed_err;          /* the final copy failed: abandon */
@@ -106,6 +110,8 @@ int bm_mirror_init(struct bm_job *job);
 void bm_mirror_fini(struct bm_job *job);
 void bm_mirror_begin(struct bm_job *job);
 void bm_mirror_guest_write(struct bm_job *job, struct bm_req *req);
+void bm_mirror_guest_flush(struct bm_job *job);
+void bm_mirror_dst_flush_started(struct bm_job *job);
 void bm_mirror_pump(struct bm_job *job);
 void bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,
 		     uint64_t length, int err);

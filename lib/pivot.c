@@ -279,9 +279,19 @@ bm_job_step(struct bm_job *job)
 			bm_mirror_pump(job);
 			return;
 		}
+		if (!job->final_flushed && !job->copied_since_flush &&
+		    !job->guest_flush_since_flush && !job->flushing &&
+		    !job->flushing_final) {
+			/* Nothing since the last flush needs to be durable:
+			 * spare the guest a flush in the stall. */
+			job->final_flushed = true;
+			if (job->goal == BM_GOAL_PIVOT)
+				pivot_hook(BM_PIVOT_FLUSHED);
+		}
 		if (!job->final_flushed) {
 			if (!job->flushing_final && !job->flushing) {
 				job->flushing_final = true;
+				bm_mirror_dst_flush_started(job);
 				memset(&job->flush_io, 0, sizeof job->flush_io);
 				job->flush_io.done = final_flush_done;
 				job->flush_io.opaque = job;
@@ -333,6 +343,24 @@ bm_job_step(struct bm_job *job)
 	}
 }
 
+static void
+preflush_done(struct bm_io *io, int err)
+{
+	struct bm_job *job = io->opaque;
+
+	job->preflushing = false;
+	if (err < 0) {
+		/* Counted as not flushed; the final flush will report. */
+		job->copied_since_flush = true;
+	}
+	if (job->goal == BM_GOAL_FAIL || job->goal == BM_GOAL_CANCEL) {
+		bm_job_step(job);
+		return;
+	}
+	job->quiesced = true;
+	bm_disk_quiesce(job->disk, job_drained);
+}
+
 void
 bm_job_ending_error(struct bm_job *job, int err)
 {
@@ -373,6 +401,18 @@ bm_job_end(struct bm_job *job, enum bm_job_goal goal, struct bm_call *call)
 		bm_copier_stop(&job->copier);
 	if (goal == BM_GOAL_PIVOT)
 		bm_job_set_state(job, BLOCKMIRROR_JOB_PIVOTING);
+	if ((goal == BM_GOAL_PIVOT || goal == BM_GOAL_SYNC_CANCEL) &&
+	    !job->flushing) {
+		/* Flush while the guest still runs, so that the flush in
+		 * the stall finds little or nothing to write. */
+		job->preflushing = true;
+		bm_mirror_dst_flush_started(job);
+		memset(&job->flush_io, 0, sizeof job->flush_io);
+		job->flush_io.done = preflush_done;
+		job->flush_io.opaque = job;
+		bm_image_flush(job->dst, &job->flush_io);
+		return 0;
+	}
 	job->quiesced = true;
 	bm_disk_quiesce(job->disk, job_drained);
 	return 0;
