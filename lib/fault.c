@@ -65,6 +65,7 @@ struct fault_store {
 	struct bm_store *inner;
 	struct bm_fault_rules *rules;
 	struct fault_req *held; /* hanging requests, for cancel */
+	bool cancelled;         /* after cancel, nothing goes through */
 };
 
 enum fault_kind { F_READ, F_WRITE, F_ZERO, F_DISCARD, F_FLUSH, F_EXTENTS };
@@ -192,7 +193,8 @@ timer_done(struct bm_op *op, int res)
 	struct fault_req *q = bm_container_of(op, struct fault_req, timer.op);
 
 	q->timer.armed = false;
-	if (res == -ECANCELED && !q->in_held) {
+	if ((res == -ECANCELED && !q->in_held) || q->f->cancelled) {
+		held_remove(q);
 		finish(q, -ECANCELED);
 		return;
 	}
@@ -253,7 +255,9 @@ fault_cancel(struct bm_store *s)
 	struct fault_store *f = bm_container_of(s, struct fault_store, s);
 
 	/* Held requests finish when their poll timer fires: make it fire
-	 * now, with -ECANCELED. */
+	 * now, with -ECANCELED.  Requests still waiting for their first
+	 * timer see `cancelled` when it fires. */
+	f->cancelled = true;
 	for (struct fault_req *q = f->held; q; q = q->next_held) {
 		q->in_held = false;
 		bm_loop_timer_cancel(s->loop, &q->timer);

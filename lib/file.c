@@ -111,8 +111,9 @@ writeback_done(struct bm_op *op, int res)
 	io->done(io, 0);
 }
 
+/* The fdatasync of a flush, or of a FUA write, is done. */
 static void
-fua_done(struct bm_op *op, int res)
+flush_done(struct bm_op *op, int res)
 {
 	struct bm_io *io = op_to_io(op);
 
@@ -185,7 +186,7 @@ rw_done(struct bm_op *op, int res)
 		 * offers to make one write durable. */
 		struct io_uring_sqe *sqe;
 
-		sqe = bm_loop_sqe(f->s.loop, &io->op, fua_done);
+		sqe = bm_loop_sqe(f->s.loop, &io->op, flush_done);
 		io_uring_prep_fsync(sqe, f->fd, IORING_FSYNC_DATASYNC);
 		return;
 	}
@@ -365,17 +366,6 @@ file_discard(struct bm_store *s, struct bm_io *io)
 }
 
 /* ---- flush ----------------------------------------------------------- */
-
-static void
-flush_done(struct bm_op *op, int res)
-{
-	struct bm_io *io = op_to_io(op);
-
-	if (res < 0)
-		res = bm_error(res, "%s: fdatasync: %s", io->store->name,
-			       strerror(-res));
-	io->done(io, res);
-}
 
 static void
 file_flush(struct bm_store *s, struct bm_io *io)

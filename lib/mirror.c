@@ -714,11 +714,10 @@ tick(struct bm_op *op, int res)
 		/* Requests that will not finish (a hung destination) are
 		 * cancelled after a grace period, so that a forced cancel
 		 * returns. */
-		if (!job->io_cancelled && job->copier.inflight + job->mirrored_inflight &&
+		if (job->copier.inflight + job->mirrored_inflight &&
 		    bm_now_ns() - job->end_start_ns > CANCEL_GRACE_NS) {
 			struct bm_store *st = job->dst->store;
 
-			job->io_cancelled = true;
 			if (st->ops->cancel)
 				st->ops->cancel(st);
 		}

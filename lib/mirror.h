@@ -100,7 +100,6 @@ struct bm_job {
 	bool stall_checked;
 	int pivot_failed_err;          /* the final copy failed: abandon */
 	uint64_t end_start_ns;         /* when the ending began */
-	bool io_cancelled;             /* hung requests were cancelled */
 	uint64_t pivot_stall_us;
 	int goal_err;
 };
