@@ -224,7 +224,8 @@ bm_disk_call(struct blockmirror_disk *disk, struct bm_call *call)
 				break;
 		}
 		pthread_mutex_unlock(&disk->run_lock);
-		r = bm_waiter_done(&call->w) ? call->w.err : r;
+		if (bm_waiter_done(&call->w))
+			r = bm_waiter_wait(&call->w);
 	}
 	bm_waiter_destroy(&call->w);
 	return r;

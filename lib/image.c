@@ -9,6 +9,11 @@
  * reinterpret (and later write) it as qcow2, or a qcow2 image could be
  * copied as raw bytes and lose its format.  With AUTO the signature picks
  * the driver, and a format we cannot read is an error, never raw.
+ *
+ * An NBD URI names an export that is raw by definition (the server turns
+ * whatever format it holds into guest data), so it is never probed, and
+ * naming qcow2 or VHDX for one is an error.  "Creating" one means opening
+ * the existing export, whose size must match.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -19,6 +24,7 @@
 #include "fault.h"
 #include "image.h"
 #include "internal.h"
+#include "nbd.h"
 #include "probe.h"
 
 static const char *const format_names[] = {
@@ -89,6 +95,38 @@ open_driver(struct bm_store *s, enum blockmirror_format format,
 	}
 }
 
+static int
+nbd_format_check(const char *name, enum blockmirror_format format)
+{
+	if (format == BLOCKMIRROR_FORMAT_AUTO ||
+	    format == BLOCKMIRROR_FORMAT_RAW)
+		return 0;
+	if (format == BLOCKMIRROR_FORMAT_QCOW2 ||
+	    format == BLOCKMIRROR_FORMAT_VHDX)
+		return bm_error(-EINVAL, "%s: an NBD export is raw, not %s "
+				"(the server handles the format)", name,
+				blockmirror_format_name(format));
+	return bm_error(-EINVAL, "%s: bad format", name);
+}
+
+/* Open an NBD export (a URI), fault-wrapped like a file. */
+static int
+open_nbd_store(struct bm_loop *loop, const char *name, unsigned sflags,
+	       struct bm_store **out)
+{
+	int r;
+
+	r = bm_nbd_open(loop, name, sflags & BM_OPEN_WRITE, out);
+	if (r < 0)
+		return r;
+	r = bm_fault_maybe_wrap(name, out);
+	if (r < 0) {
+		bm_store_close(*out);
+		return r;
+	}
+	return 0;
+}
+
 int
 bm_image_open(struct bm_loop *loop, const char *name,
 	      enum blockmirror_format format, unsigned flags,
@@ -103,6 +141,17 @@ bm_image_open(struct bm_loop *loop, const char *name,
 		sflags |= BM_OPEN_WRITE;
 	if (flags & BM_IMAGE_DIRECT)
 		sflags |= BM_OPEN_DIRECT;
+	if (bm_nbd_is_uri(name)) {
+		r = nbd_format_check(name, format);
+		if (r == 0)
+			r = open_nbd_store(loop, name, sflags, &s);
+		if (r < 0)
+			return r;
+		r = bm_raw_open(s, flags, out);
+		if (r < 0)
+			bm_store_close(s);
+		return r;
+	}
 	r = bm_file_open(loop, name, sflags, 0, &s);
 	if (r < 0)
 		return r;
@@ -134,6 +183,72 @@ out_close:
 	return r;
 }
 
+/*
+ * Does the whole store read as zeroes?  Block status in windows, stopping
+ * at the first window that holds data: cheap for a fresh export and for
+ * one full of data alike.  Any doubt (an error) is "no".
+ */
+static bool
+store_is_zero(struct bm_store *s)
+{
+	struct bm_extent_list l = { 0 };
+	bool zero = true;
+
+	for (uint64_t off = 0; zero && off < s->size;) {
+		struct bm_io io = { 0 };
+
+		bm_extent_list_reset(&l);
+		io.offset = off;
+		io.length = BM_MIN(s->size - off, BM_GiB);
+		io.extents = &l;
+		if (bm_store_sync(s, s->ops->extents, &io) < 0 ||
+		    bm_extent_list_end(&l) != off + io.length) {
+			bm_error_clear();
+			zero = false;
+			break;
+		}
+		for (size_t i = 0; i < l.len; i++)
+			if (!(l.v[i].flags & BM_EXTENT_ZERO))
+				zero = false;
+		off += io.length;
+	}
+	bm_extent_list_free(&l);
+	return zero;
+}
+
+/* "Create" on an NBD export: open it, check its size, write nothing. */
+static int
+create_nbd(struct bm_loop *loop, const char *name,
+	   enum blockmirror_format format, uint64_t size, const char *options,
+	   unsigned flags, struct bm_image **out)
+{
+	struct bm_store *s;
+	int r;
+
+	r = nbd_format_check(name, format);
+	if (r < 0)
+		return r;
+	if (options && *options)
+		return bm_error(-EINVAL, "%s: raw images take no options "
+				"(got '%s')", name, options);
+	r = open_nbd_store(loop, name, BM_OPEN_WRITE, &s);
+	if (r < 0)
+		return r;
+	if (s->size != size) {
+		r = bm_error(-EINVAL, "%s: the export holds %" PRIu64 " bytes, "
+			     "not %" PRIu64, name, s->size, size);
+		bm_store_close(s);
+		return r;
+	}
+	r = bm_raw_open(s, flags | BM_IMAGE_WRITE, out);
+	if (r < 0) {
+		bm_store_close(s);
+		return r;
+	}
+	(*out)->zero_init = store_is_zero(s);
+	return 0;
+}
+
 int
 bm_image_create(struct bm_loop *loop, const char *name,
 		enum blockmirror_format format, uint64_t size,
@@ -144,6 +259,9 @@ bm_image_create(struct bm_loop *loop, const char *name,
 	unsigned sflags = overwrite ? BM_OPEN_TRUNCATE : BM_OPEN_CREATE;
 	int r;
 
+	if (bm_nbd_is_uri(name))
+		return create_nbd(loop, name, format, size, options, flags,
+				  out);
 	if (format != BLOCKMIRROR_FORMAT_RAW)
 		return bm_error(-ENOTSUP, "%s: creating %s images is not "
 				"supported by this version", name,

@@ -27,6 +27,7 @@
 #include "errors.h"
 #include "internal.h"
 #include "mirror.h"
+#include "nbd.h"
 
 enum job_op {
 	OP_COMPLETE,
@@ -293,7 +294,7 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 			fmt = disk->image->format;
 		r = bm_image_create(tmp, destination, fmt, disk->size, NULL,
 				    false, disk->open_flags, &job->dst);
-		created = r == 0;
+		created = r == 0 && !bm_nbd_is_uri(destination);
 	} else {
 		r = bm_image_open(tmp, destination, fmt,
 				  disk->open_flags | BM_IMAGE_WRITE, &job->dst);

@@ -50,8 +50,9 @@
  * 6. READY: mapped, nothing DIRTY or COPYING, destination flushed.
  *
  * 9. Errors: mirror_error() applies the policy.  report ends the job
- *    (pivot.c), stop pauses it, retry keeps the chunks DIRTY and holds the
- *    copy back for a growing backoff.
+ *    (pivot.c), stop pauses it, retry keeps the chunks DIRTY (they come
+ *    round again) and, after several errors in a row, holds the copy back
+ *    for a growing backoff.
  *
  * Guest writes have priority over the bulk copy for the destination:
  * while mirrored writes are in flight the copy keeps at most a quarter of
@@ -71,6 +72,7 @@
 #define TICK_NS (100 * 1000000ull)
 #define RETRY_MIN_NS (100 * 1000000ull)
 #define RETRY_MAX_NS (5000 * 1000000ull)
+#define RETRY_HOLD_AFTER 3     /* consecutive errors before holding back */
 #define AUTO_SAMPLE_TICKS 10   /* auto mode samples once a second */
 #define AUTO_STALLS 3          /* samples without progress before switching */
 #define CANCEL_GRACE_NS (1000 * 1000000ull)
@@ -322,6 +324,7 @@ mirror_copied(struct bm_copier *c, const struct bm_copy_range *r, int err)
 			job->bytes_copied += r->length;
 		job->copy_busy_bytes += r->length;
 		job->retry_backoff_ns = 0;
+		job->consecutive_errors = 0;
 		job->copied_since_flush = true;
 	}
 	/* Active writes may have been waiting for this copy. */
@@ -505,6 +508,7 @@ write_finish(struct bm_req *req)
 		job->mirrored_inflight--;
 		if (req->err == 0 && req->dst_err == 0) {
 			job->bytes_mirrored += req->length;
+			job->consecutive_errors = 0;
 			bm_bitmap_clear_range(&job->dirty, req->offset,
 					      req->length);
 		} else {
@@ -666,6 +670,12 @@ bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,
 		}
 		break;
 	case BLOCKMIRROR_ON_ERROR_RETRY:
+		/* The range stays dirty and comes round again.  Only errors
+		 * with no success between them hold the whole copy back, for
+		 * a growing while: a flaky destination keeps moving, a dead
+		 * one is not hammered. */
+		if (++job->consecutive_errors < RETRY_HOLD_AFTER)
+			break;
 		job->retry_backoff_ns = job->retry_backoff_ns
 			? BM_MIN(job->retry_backoff_ns * 2, RETRY_MAX_NS)
 			: RETRY_MIN_NS;

@@ -81,6 +81,7 @@ struct bm_job {
 	uint64_t speed_bytes;
 	uint64_t retry_after_ns;       /* no copies before this */
 	uint64_t retry_backoff_ns;
+	unsigned consecutive_errors;   /* destination/source errors in a row */
 	uint64_t auto_last_remaining;
 	unsigned auto_ticks;
 	unsigned auto_stalls;

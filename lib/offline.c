@@ -10,6 +10,10 @@
  * a file this call created, fsync of its directory.  A failed copy
  * removes the destination it created, so a half-written image is never
  * left looking like a finished one.
+ *
+ * An NBD URI as the destination is an existing export, written in place:
+ * no existence check, nothing to remove on failure, an NBD flush instead
+ * of fdatasync and no directory to sync.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -27,6 +31,7 @@
 #include "image.h"
 #include "internal.h"
 #include "loop.h"
+#include "nbd.h"
 
 #define WINDOW (UINT64_C(1) << 30)
 #define MAX_ZERO_RANGE (UINT64_C(1) << 30)
@@ -120,7 +125,8 @@ blockmirror_image_create(const char *name, enum blockmirror_format format,
 	if (r < 0)
 		goto out;
 	r = bm_image_sync(img, bm_image_flush, &io);
-	if (r == 0 && (r = sync_parent_dir(name)) < 0)
+	if (r == 0 && !bm_nbd_is_uri(name) &&
+	    (r = sync_parent_dir(name)) < 0)
 		bm_error(r, "%s: syncing its directory: %s", name,
 			 strerror(-r));
 out:
@@ -301,7 +307,7 @@ blockmirror_copy(const char *src, const char *dst,
 	enum blockmirror_format dst_format;
 	struct bm_io io = { 0 };
 	unsigned flags = 0, iflags = 0;
-	bool created = false;
+	bool created = false, dst_uri;
 	uint64_t t0 = now_ns();
 	int r;
 
@@ -320,7 +326,9 @@ blockmirror_copy(const char *src, const char *dst,
 	flags = options->flags;
 	if (flags & BLOCKMIRROR_COPY_DIRECT)
 		iflags |= BM_IMAGE_DIRECT;
-	if (strcmp(src, dst) == 0 || same_file(src, dst)) {
+	dst_uri = bm_nbd_is_uri(dst);
+	if (strcmp(src, dst) == 0 ||
+	    (!dst_uri && !bm_nbd_is_uri(src) && same_file(src, dst))) {
 		r = bm_error(-EINVAL, "%s and %s are the same file", src, dst);
 		goto out;
 	}
@@ -331,7 +339,8 @@ blockmirror_copy(const char *src, const char *dst,
 	if (r < 0)
 		goto out;
 	dst_format = options->dst_format ? options->dst_format : in->format;
-	if (access(dst, F_OK) == 0 && !(flags & BLOCKMIRROR_COPY_OVERWRITE)) {
+	if (!dst_uri && access(dst, F_OK) == 0 &&
+	    !(flags & BLOCKMIRROR_COPY_OVERWRITE)) {
 		r = bm_error(-EEXIST, "%s: already exists (overwrite it "
 			     "explicitly to replace it)", dst);
 		goto out;
@@ -340,7 +349,7 @@ blockmirror_copy(const char *src, const char *dst,
 			    flags & BLOCKMIRROR_COPY_OVERWRITE, iflags, &out);
 	if (r < 0)
 		goto out;
-	created = !out->store->block_device;
+	created = !dst_uri && !out->store->block_device;
 
 	oc.c.src = in;
 	oc.c.dst = out;

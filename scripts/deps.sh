@@ -7,7 +7,7 @@ set -euo pipefail
 
 BM_BUILD_PACKAGES=(
 	gcc meson ninja-build pkg-config
-	liburing-dev libnbd-dev libxxhash-dev libjansson-dev check
+	liburing-dev libnbd-dev libxxhash-dev libjansson-dev libgnutls28-dev check
 )
 # The real peers the tests drive, and the sanitizer/fuzzing toolchain.
 BM_TEST_PACKAGES=(

@@ -18,6 +18,13 @@ static const struct {
 	{ "create", cmd_create, "create a new image" },
 	{ "info", cmd_info, "show an image's format and sizes" },
 	{ "verify", cmd_verify, "compare two images' guest data (XXH3)" },
+	{ "serve", cmd_serve, "export a disk over NBD, with a control socket" },
+	{ "move", cmd_move, "move a served disk live to new storage" },
+	{ "status", cmd_client, "show a served disk and its move" },
+	{ "cancel", cmd_client, "cancel a move (--force: at once)" },
+	{ "pause", cmd_client, "pause a move's bulk copy" },
+	{ "resume", cmd_client, "resume a paused move" },
+	{ "complete", cmd_client, "pivot a move started with --no-pivot" },
 };
 
 static void

@@ -54,5 +54,8 @@ int cmd_copy(int argc, char **argv);
 int cmd_create(int argc, char **argv);
 int cmd_info(int argc, char **argv);
 int cmd_verify(int argc, char **argv);
+int cmd_serve(int argc, char **argv);
+int cmd_move(int argc, char **argv);
+int cmd_client(int argc, char **argv);
 
 #endif /* BMIRROR_H */

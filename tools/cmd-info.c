@@ -56,11 +56,13 @@ cmd_info(int argc, char **argv)
 		return EXIT_FAILED;
 	}
 	if (json) {
-		json_print(json_pack("{s:s, s:s, s:I, s:I, s:i, s:b}",
+		json_print(json_pack("{s:s, s:s, s:I, s:o, s:i, s:b}",
 			"filename", name,
 			"format", blockmirror_format_name(info.format),
 			"virtual-size", (json_int_t)info.virtual_size,
-			"allocated-bytes", (json_int_t)info.allocated_bytes,
+			"allocated-bytes", info.allocated_bytes == UINT64_MAX
+				? json_null()
+				: json_integer((json_int_t)info.allocated_bytes),
 			"cluster-size", (int)info.cluster_size,
 			"block-device", info.block_device));
 		return EXIT_OK;

@@ -14,7 +14,10 @@
  *  - Option and result structures start with a `size` field that the caller
  *    sets to sizeof the structure it was compiled with, so that fields can
  *    be added at the end without breaking the ABI.
- *  - Image names are paths to regular files or block devices.
+ *  - Image names are paths to regular files or block devices, or NBD
+ *    URIs: nbd://HOST[:PORT]/EXPORT, nbds://... (TLS), nbd+unix:///EXPORT?
+ *    socket=PATH, nbds+unix://...  An NBD export holds guest data as it
+ *    is (the server handles any format), so it is always raw.
  *  - A returned `const char *` is borrowed; a returned `char *` is the
  *    caller's to free().
  */
@@ -486,6 +489,47 @@ extern void blockmirror_job_free(struct blockmirror_job *job);
 /* "copying", "ready", ... */
 extern const char *blockmirror_job_state_name(enum blockmirror_job_state s);
 extern const char *blockmirror_mode_name(enum blockmirror_mode mode);
+
+/* ---- The NBD server -------------------------------------------------- */
+
+/*
+ * An NBD server exporting a disk (what `bmirror serve` runs).  It runs on
+ * the disk's loop, so clients read and write through the disk, follow a
+ * pivot without reconnecting, and are mirrored by a running job like any
+ * other guest.  Fixed newstyle handshake, structured replies,
+ * base:allocation block status, several clients at once.
+ */
+struct blockmirror_server;
+
+struct blockmirror_server_options {
+	size_t size;              /* sizeof (struct blockmirror_server_options) */
+	const char *export_name;  /* NULL: "" (the default export) */
+	const char *description;  /* NULL: none */
+	bool readonly;            /* refuse writes */
+	const char *tls_psk_file; /* TCP only: require TLS with these PSKs
+				     (the psktool format: "user:hexkey" lines) */
+	unsigned max_clients;     /* 0: 16 */
+};
+
+/*
+ * Listen on `address`: "unix:PATH" (a socket file created with mode 0600,
+ * replacing a stale one) or "tcp:HOST:PORT" (HOST empty: 127.0.0.1).
+ * Returns NULL and sets errno on failure.  Blocking; any thread but the
+ * loop's.
+ */
+extern struct blockmirror_server *
+blockmirror_server_start(struct blockmirror_disk *disk, const char *address,
+			 const struct blockmirror_server_options *options);
+
+/*
+ * Stop listening, let requests in flight finish, close every client.
+ * Accepts NULL.  Blocking; any thread but the loop's.  Must be called
+ * before blockmirror_disk_close.
+ */
+extern void blockmirror_server_stop(struct blockmirror_server *server);
+
+/* The address actually bound ("tcp:127.0.0.1:10809"); borrowed. */
+extern const char *blockmirror_server_address(struct blockmirror_server *s);
 
 #ifdef __cplusplus
 }

@@ -1,0 +1,2269 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The NBD server: exports a blockmirror_disk over a Unix or TCP socket.
+ *
+ * Everything after blockmirror_server_start has bound the listener runs on
+ * the disk's loop thread; socket I/O is io_uring accept, recv and sendmsg
+ * on that loop, and guest I/O goes through the public blockmirror_disk_aio_*
+ * calls, which on the loop thread submit directly.  So a running mirror job
+ * sees the server's writes like any other guest's, and a pivot is followed
+ * without the client noticing.  No thread, no lock.
+ *
+ * A connection is a chain of continuations: at most one read is pending
+ * (conn_read: fill a buffer, then call `then`), and the next read is only
+ * issued by the continuation of the previous one.  The handshake and the
+ * option haggling are strictly sequential; in transmission a request header
+ * is parsed, its payload (WRITE) read into the request's own buffer, the
+ * request handed to the disk, and the next header read at once: requests
+ * run concurrently and are answered in the order they finish.
+ *
+ * Invariants:
+ *  - Sends never interleave: every message (option reply, reply header plus
+ *    its payload) is queued whole on `out`, and one sendmsg at a time sends
+ *    from the head of the queue.  With TLS, whole messages are encrypted
+ *    into records queued on `wire`, and the sendmsg sends from there.
+ *  - A WRITE's payload is always read off the socket, even when the request
+ *    is refused (it is read and dropped), so the stream never loses step;
+ *    only a payload too large to be worth reading ends the connection.
+ *  - A connection holds at most MAX_INFLIGHT requests and about
+ *    MAX_INFLIGHT_BYTES of buffers between reading a request and sending
+ *    its reply; at the bound it stops reading.
+ *  - `ops` counts everything that will call back into the connection: the
+ *    recv, the sendmsg, cancels, deferred reads and disk requests.  A
+ *    connection is freed only once it is `dead` (socket shut down, nothing
+ *    more will be started) and `ops` is zero, and only by conn_check, which
+ *    every callback calls as its very last step.
+ *  - `closing` is the graceful way out (DISC, EOF, server stop, ABORT):
+ *    read nothing more, let the disk finish what it has, send the replies,
+ *    then die.  `dead` is the hard way (protocol violation, socket error).
+ *  - Every number from the network is checked (bm_range_ok, the limits in
+ *    server.h) before it sizes a buffer or reaches the disk.
+ */
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <gnutls/gnutls.h>
+
+#include "disk.h"
+#include "errors.h"
+#include "internal.h"
+#include "loop.h"
+#include "server.h"
+
+/* ---- the protocol's numbers ------------------------------------------- */
+
+#define NBD_MAGIC UINT64_C(0x4e42444d41474943)
+#define NBD_IHAVEOPT UINT64_C(0x49484156454F5054)
+#define NBD_REP_MAGIC UINT64_C(0x3e889045565a9)
+#define NBD_REQUEST_MAGIC UINT32_C(0x25609513)
+#define NBD_SIMPLE_REPLY_MAGIC UINT32_C(0x67446698)
+#define NBD_STRUCTURED_REPLY_MAGIC UINT32_C(0x668e33ef)
+
+#define NBD_FLAG_FIXED_NEWSTYLE 1u
+#define NBD_FLAG_NO_ZEROES 2u
+#define NBD_FLAG_C_FIXED_NEWSTYLE 1u
+#define NBD_FLAG_C_NO_ZEROES 2u
+
+enum {
+	NBD_OPT_EXPORT_NAME = 1,
+	NBD_OPT_ABORT = 2,
+	NBD_OPT_LIST = 3,
+	NBD_OPT_STARTTLS = 5,
+	NBD_OPT_INFO = 6,
+	NBD_OPT_GO = 7,
+	NBD_OPT_STRUCTURED_REPLY = 8,
+	NBD_OPT_LIST_META_CONTEXT = 9,
+	NBD_OPT_SET_META_CONTEXT = 10,
+};
+
+#define NBD_REP_ERR(n) (UINT32_C(0x80000000) + (n))
+enum {
+	NBD_REP_ACK = 1,
+	NBD_REP_SERVER = 2,
+	NBD_REP_INFO = 3,
+	NBD_REP_META_CONTEXT = 4,
+};
+#define NBD_REP_ERR_UNSUP NBD_REP_ERR(1)
+#define NBD_REP_ERR_INVALID NBD_REP_ERR(3)
+#define NBD_REP_ERR_TLS_REQD NBD_REP_ERR(5)
+#define NBD_REP_ERR_UNKNOWN NBD_REP_ERR(6)
+#define NBD_REP_ERR_TOO_BIG NBD_REP_ERR(9)
+
+enum {
+	NBD_INFO_EXPORT = 0,
+	NBD_INFO_NAME = 1,
+	NBD_INFO_DESCRIPTION = 2,
+	NBD_INFO_BLOCK_SIZE = 3,
+};
+
+enum {
+	NBD_REPLY_TYPE_NONE = 0,
+	NBD_REPLY_TYPE_OFFSET_DATA = 1,
+	NBD_REPLY_TYPE_BLOCK_STATUS = 5,
+	NBD_REPLY_TYPE_ERROR = 32769,
+};
+#define NBD_REPLY_FLAG_DONE 1u
+
+#define BASE_ALLOCATION "base:allocation"
+#define BASE_ALLOCATION_ID 1u   /* our context id for it */
+
+/* ---- limits ----------------------------------------------------------- */
+
+#define DEFAULT_MAX_CLIENTS 16
+#define MAX_INFLIGHT 64                       /* requests per connection */
+#define MAX_INFLIGHT_BYTES (64u << 20)        /* buffers per connection */
+#define MAX_NAME 4096                         /* NBD strings */
+#define SEND_IOV 64                           /* iovecs per sendmsg */
+#define SCRATCH_SIZE (64u << 10)              /* for dropped payloads */
+#define TLS_IN_SIZE (64u << 10)               /* ciphertext read at once */
+#define TLS_WIRE_MAX (256u << 10)             /* ciphertext queued at once */
+#define STOP_GRACE_NS (2 * UINT64_C(1000000000)) /* stop: then hard close */
+#define ACCEPT_BACKOFF_NS (100 * UINT64_C(1000000))
+#define TLS_PRIORITY "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"
+
+/* ---- big-endian wire access ------------------------------------------- */
+
+static void
+put16(uint8_t *p, uint16_t v)
+{
+	p[0] = v >> 8;
+	p[1] = v;
+}
+
+static void
+put32(uint8_t *p, uint32_t v)
+{
+	put16(p, v >> 16);
+	put16(p + 2, v);
+}
+
+static void
+put64(uint8_t *p, uint64_t v)
+{
+	put32(p, v >> 32);
+	put32(p + 4, v);
+}
+
+static uint16_t
+get16(const uint8_t *p)
+{
+	return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static uint32_t
+get32(const uint8_t *p)
+{
+	return (uint32_t)get16(p) << 16 | get16(p + 2);
+}
+
+static uint64_t
+get64(const uint8_t *p)
+{
+	return (uint64_t)get32(p) << 32 | get32(p + 4);
+}
+
+/* ---- pure protocol helpers (server.h) --------------------------------- */
+
+int
+bm_server_parse_address(const char *address, struct bm_server_address *out)
+{
+	const char *rest, *colon;
+	size_t hlen;
+	unsigned long port = 0;
+
+	memset(out, 0, sizeof *out);
+	if (!address)
+		return bm_error(-EINVAL, "no address");
+	if (strncmp(address, "unix:", 5) == 0) {
+		rest = address + 5;
+		if (!*rest)
+			return bm_error(-EINVAL, "%s: empty socket path",
+					address);
+		if (strlen(rest) >= sizeof out->path)
+			return bm_error(-EINVAL, "%s: socket path longer than "
+					"%zu bytes", address,
+					sizeof out->path - 1);
+		out->unix_socket = true;
+		strcpy(out->path, rest);
+		return 0;
+	}
+	if (strncmp(address, "tcp:", 4) != 0)
+		return bm_error(-EINVAL, "%s: expected unix:PATH or "
+				"tcp:HOST:PORT", address);
+	rest = address + 4;
+	colon = strrchr(rest, ':');
+	if (!colon)
+		return bm_error(-EINVAL, "%s: no port (tcp:HOST:PORT)",
+				address);
+	hlen = (size_t)(colon - rest);
+	if (hlen >= 2 && rest[0] == '[' && rest[hlen - 1] == ']') {
+		rest++;
+		hlen -= 2;
+	} else if (memchr(rest, ':', hlen)) {
+		return bm_error(-EINVAL, "%s: write an IPv6 address in "
+				"brackets, tcp:[ADDR]:PORT", address);
+	}
+	if (hlen >= sizeof out->host)
+		return bm_error(-EINVAL, "%s: host name too long", address);
+	if (colon[1] == '\0' || strlen(colon + 1) > 5)
+		return bm_error(-EINVAL, "%s: bad port", address);
+	for (const char *p = colon + 1; *p; p++) {
+		if (*p < '0' || *p > '9')
+			return bm_error(-EINVAL, "%s: bad port", address);
+		port = port * 10 + (unsigned long)(*p - '0');
+	}
+	if (port > 65535)
+		return bm_error(-EINVAL, "%s: port out of range", address);
+	if (hlen)
+		memcpy(out->host, rest, hlen);
+	else
+		strcpy(out->host, "127.0.0.1");
+	snprintf(out->port, sizeof out->port, "%lu", port);
+	return 0;
+}
+
+int
+bm_server_decode_request(const uint8_t *hdr, struct bm_server_request *req)
+{
+	if (get32(hdr) != NBD_REQUEST_MAGIC)
+		return -EBADMSG;
+	req->flags = get16(hdr + 4);
+	req->type = get16(hdr + 6);
+	req->cookie = get64(hdr + 8);
+	req->offset = get64(hdr + 16);
+	req->length = get32(hdr + 24);
+	return 0;
+}
+
+uint32_t
+bm_server_check_request(const struct bm_server_export_state *e,
+			const struct bm_server_request *req)
+{
+	/* FUA may come with any command once SEND_FUA is advertised. */
+	uint16_t allowed = BM_NBD_CMD_FLAG_FUA;
+	bool writes = false;
+
+	switch (req->type) {
+	case BM_NBD_CMD_DISC:
+		return 0;
+	case BM_NBD_CMD_READ:
+		if (e->structured)
+			allowed |= BM_NBD_CMD_FLAG_DF;
+		break;
+	case BM_NBD_CMD_WRITE:
+	case BM_NBD_CMD_TRIM:
+		writes = true;
+		break;
+	case BM_NBD_CMD_WRITE_ZEROES:
+		allowed |= BM_NBD_CMD_FLAG_NO_HOLE | BM_NBD_CMD_FLAG_FAST_ZERO;
+		writes = true;
+		break;
+	case BM_NBD_CMD_BLOCK_STATUS:
+		allowed |= BM_NBD_CMD_FLAG_REQ_ONE;
+		break;
+	case BM_NBD_CMD_FLUSH:
+	case BM_NBD_CMD_CACHE:
+		break;
+	default:
+		return BM_NBD_EINVAL;
+	}
+	if (req->flags & ~allowed)
+		return BM_NBD_EINVAL;
+	if (req->type == BM_NBD_CMD_FLUSH)
+		return req->offset || req->length ? BM_NBD_EINVAL : 0;
+	if (req->length == 0)
+		return BM_NBD_EINVAL;
+	if ((req->type == BM_NBD_CMD_READ || req->type == BM_NBD_CMD_WRITE) &&
+	    req->length > BM_SERVER_MAX_PAYLOAD)
+		return BM_NBD_EINVAL;
+	if (writes && e->readonly)
+		return BM_NBD_EPERM;
+	if (!bm_range_ok(req->offset, req->length, e->size))
+		return req->type == BM_NBD_CMD_WRITE ||
+		       req->type == BM_NBD_CMD_WRITE_ZEROES ?
+		       BM_NBD_ENOSPC : BM_NBD_EINVAL;
+	if (req->type == BM_NBD_CMD_BLOCK_STATUS && !e->base_allocation)
+		return BM_NBD_EINVAL;
+	/* Zeroing is no faster than writing as far as we can promise. */
+	if (req->type == BM_NBD_CMD_WRITE_ZEROES &&
+	    (req->flags & BM_NBD_CMD_FLAG_FAST_ZERO))
+		return BM_NBD_ENOTSUP;
+	return 0;
+}
+
+uint32_t
+bm_server_nbd_error(int err)
+{
+	switch (err < 0 ? -err : err) {
+	case 0:
+		return 0;
+	case EPERM:
+	case EROFS:
+	case EACCES:
+		return BM_NBD_EPERM;
+	case ENOMEM:
+		return BM_NBD_ENOMEM;
+	case EINVAL:
+		return BM_NBD_EINVAL;
+	case ENOSPC:
+	case EDQUOT:
+	case EFBIG:
+		return BM_NBD_ENOSPC;
+	case EOVERFLOW:
+		return BM_NBD_EOVERFLOW;
+	case ENOTSUP:
+		return BM_NBD_ENOTSUP;
+	case ESHUTDOWN:
+		return BM_NBD_ESHUTDOWN;
+	default:
+		return BM_NBD_EIO;
+	}
+}
+
+uint16_t
+bm_server_tx_flags(bool readonly, bool structured)
+{
+	/* Every connection shares the disk, and a flush of the disk covers
+	 * every write it has completed: multi-conn is safe. */
+	uint16_t f = BM_NBD_FLAG_HAS_FLAGS | BM_NBD_FLAG_SEND_FLUSH |
+		     BM_NBD_FLAG_SEND_CACHE | BM_NBD_FLAG_CAN_MULTI_CONN;
+
+	if (readonly)
+		f |= BM_NBD_FLAG_READ_ONLY;
+	else
+		f |= BM_NBD_FLAG_SEND_FUA | BM_NBD_FLAG_SEND_TRIM |
+		     BM_NBD_FLAG_SEND_WRITE_ZEROES |
+		     BM_NBD_FLAG_SEND_FAST_ZERO;
+	if (structured)
+		f |= BM_NBD_FLAG_SEND_DF;
+	return f;
+}
+
+int
+bm_server_parse_info_request(const uint8_t *data, uint32_t len,
+			     struct bm_server_info_request *out)
+{
+	uint32_t nlen;
+
+	memset(out, 0, sizeof *out);
+	if (len < 6)
+		return -EINVAL;
+	nlen = get32(data);
+	if (nlen > len - 6)
+		return -EINVAL;
+	out->name = data + 4;
+	out->name_len = nlen;
+	out->ninfos = get16(data + 4 + nlen);
+	if ((uint64_t)len != 6 + (uint64_t)nlen + 2 * (uint64_t)out->ninfos)
+		return -EINVAL;
+	out->infos = data + 6 + nlen;
+	return 0;
+}
+
+int
+bm_server_parse_meta_request(const uint8_t *data, uint32_t len,
+			     struct bm_server_meta_request *out)
+{
+	static const char ba[] = BASE_ALLOCATION;
+	uint32_t nlen, pos;
+
+	memset(out, 0, sizeof *out);
+	if (len < 8)
+		return -EINVAL;
+	nlen = get32(data);
+	if (nlen > len - 8)
+		return -EINVAL;
+	out->name = data + 4;
+	out->name_len = nlen;
+	pos = 4 + nlen;
+	out->queries = get32(data + pos);
+	pos += 4;
+	for (uint32_t i = 0; i < out->queries; i++) {
+		uint32_t qlen;
+
+		if (len - pos < 4)
+			return -EINVAL;
+		qlen = get32(data + pos);
+		pos += 4;
+		if (qlen > len - pos)
+			return -EINVAL;
+		if (qlen == sizeof ba - 1 && !memcmp(data + pos, ba, qlen))
+			out->base_allocation = true;
+		if (qlen == 5 && !memcmp(data + pos, "base:", 5))
+			out->base_namespace = true;
+		pos += qlen;
+	}
+	return pos == len ? 0 : -EINVAL;
+}
+
+/* ---- the server's state ---------------------------------------------- */
+
+/* A whole message for the socket: one to three buffers sent back to back. */
+struct srv_msg {
+	struct srv_msg *next;
+	void (*release)(struct srv_msg *m); /* after it is sent or dropped */
+	struct iovec iov[2];
+	unsigned niov;
+	size_t len;                         /* sum of the iov lengths */
+};
+
+struct srv_queue {
+	struct srv_msg *head;
+	struct srv_msg **tail;
+	size_t off;                         /* of head, already sent */
+	size_t bytes;                       /* not yet sent */
+};
+
+struct srv_conn;
+
+/* One transmission request, from its header to its reply being sent. */
+struct srv_req {
+	struct srv_msg msg;                 /* the reply */
+	struct srv_conn *conn;
+	struct bm_server_request r;
+	void *buf;                          /* READ/WRITE payload */
+	uint64_t charged;                   /* in inflight_bytes */
+	uint32_t err;                       /* NBD error to answer with */
+	bool flush_after;                   /* TRIM + FUA */
+	uint8_t hdr[32];
+};
+
+struct srv_conn {
+	struct blockmirror_server *server;
+	struct srv_conn *prev, *next;
+	int fd;
+	unsigned ops;                       /* see the top of the file */
+	unsigned disk_ops;
+	bool dead;
+	bool closing;
+	bool oom;                           /* a reply could not be built */
+
+	/* negotiation */
+	bool transmission;
+	bool no_zeroes;
+	bool structured;
+	bool base_allocation;
+	uint8_t flags_buf[4];
+	uint8_t opt_hdr[16];
+	uint32_t opt;
+	uint32_t opt_len;
+	uint8_t *opt_data;
+
+	/* reading: at most one read at a time */
+	struct bm_op rd_op;
+	bool rd_busy;
+	uint8_t *rd_buf;
+	size_t rd_len;
+	size_t rd_got;
+	void (*rd_then)(struct srv_conn *c);
+	uint64_t drop_left;
+	void (*drop_then)(struct srv_conn *c);
+	uint8_t *scratch;
+
+	/* transmission */
+	uint8_t req_hdr[BM_SERVER_REQUEST_SIZE];
+	struct bm_server_request req;
+	bool hdr_pending;                   /* req parsed, not yet handled */
+	bool paused;                        /* at the in-flight bound */
+	struct srv_req *cur;                /* its payload is being read */
+	unsigned inflight;
+	uint64_t inflight_bytes;
+
+	/* writing */
+	struct srv_queue out;
+	struct srv_queue wire;              /* TLS records */
+	struct bm_op send_op;
+	bool send_busy;
+	bool send_wire;                     /* the sendmsg is from `wire` */
+	struct msghdr mh;
+	struct iovec send_iov[SEND_IOV];
+	void (*drained)(struct srv_conn *c); /* once nothing is left to send */
+
+	struct bm_op cancel_rd_op;
+	struct bm_op cancel_send_op;
+
+	/* TLS */
+	gnutls_session_t tls;
+	bool tls_handshaking;
+	bool tls_ready;
+	bool tls_bye;
+	bool tls_eof;
+	uint8_t *tls_in;
+	size_t tls_in_start;
+	size_t tls_in_end;
+};
+
+struct blockmirror_server {
+	struct blockmirror_disk *disk;
+	struct bm_loop *loop;
+	int fd;
+	bool tcp;
+	char *unix_path;                    /* to unlink when stopping */
+	char *address;
+	char *export_name;
+	char *description;
+	bool readonly;
+	unsigned max_clients;
+
+	gnutls_psk_server_credentials_t psk; /* NULL: no TLS */
+	gnutls_priority_t prio;
+
+	/* loop thread only */
+	struct srv_conn *conns;
+	unsigned nclients;
+	unsigned ops;                       /* accept, cancels, timers */
+	struct bm_op accept_op;
+	bool accept_armed;
+	struct bm_op cancel_op;
+	struct bm_timer backoff;
+	struct bm_timer stop_timer;
+	bool stopping;
+	struct bm_call *stop_call;
+};
+
+static void conn_check(struct srv_conn *c);
+static void read_option(struct srv_conn *c);
+static void read_request(struct srv_conn *c);
+static void tls_read_step(struct srv_conn *c);
+static void tls_handshake_step(struct srv_conn *c);
+static void server_check(struct blockmirror_server *s);
+
+/* ---- the send queue -------------------------------------------------- */
+
+static void
+queue_init(struct srv_queue *q)
+{
+	q->head = NULL;
+	q->tail = &q->head;
+	q->off = 0;
+	q->bytes = 0;
+}
+
+static void
+queue_push(struct srv_queue *q, struct srv_msg *m)
+{
+	m->next = NULL;
+	*q->tail = m;
+	q->tail = &m->next;
+	q->bytes += m->len;
+}
+
+/* Pop the head, which has been sent (or is being dropped). */
+static void
+queue_pop(struct srv_queue *q)
+{
+	struct srv_msg *m = q->head;
+
+	q->bytes -= m->len - q->off;
+	q->off = 0;
+	q->head = m->next;
+	if (!q->head)
+		q->tail = &q->head;
+	m->release(m);
+}
+
+static void
+queue_consume(struct srv_queue *q, size_t n)
+{
+	while (n && q->head) {
+		size_t left = q->head->len - q->off;
+
+		if (n < left) {
+			q->off += n;
+			q->bytes -= n;
+			return;
+		}
+		n -= left;
+		queue_pop(q);
+	}
+}
+
+static void
+queue_clear(struct srv_queue *q)
+{
+	while (q->head)
+		queue_pop(q);
+}
+
+static unsigned
+queue_iov(const struct srv_queue *q, struct iovec *iov, unsigned max)
+{
+	size_t off = q->off;
+	unsigned n = 0;
+
+	for (struct srv_msg *m = q->head; m && n < max; m = m->next) {
+		for (unsigned i = 0; i < m->niov && n < max; i++) {
+			size_t len = m->iov[i].iov_len;
+
+			if (off >= len) {
+				off -= len;
+				continue;
+			}
+			iov[n].iov_base = (char *)m->iov[i].iov_base + off;
+			iov[n].iov_len = len - off;
+			off = 0;
+			n++;
+		}
+	}
+	return n;
+}
+
+static void
+msg_free(struct srv_msg *m)
+{
+	free(m);
+}
+
+/* A message with `len` bytes of its own, or NULL (c->oom is then set). */
+static uint8_t *
+msg_alloc(struct srv_conn *c, size_t len)
+{
+	struct srv_msg *m = malloc(sizeof *m + len);
+
+	if (!m) {
+		c->oom = true;
+		return NULL;
+	}
+	m->release = msg_free;
+	m->iov[0].iov_base = m + 1;
+	m->iov[0].iov_len = len;
+	m->niov = 1;
+	m->len = len;
+	queue_push(&c->out, m);
+	return (uint8_t *)(m + 1);
+}
+
+/* ---- connection teardown -------------------------------------------- */
+
+static void
+cancel_rd_done(struct bm_op *op, int res)
+{
+	struct srv_conn *c = bm_container_of(op, struct srv_conn,
+					     cancel_rd_op);
+
+	c->ops--;
+	conn_check(c);
+}
+
+static void
+cancel_send_done(struct bm_op *op, int res)
+{
+	struct srv_conn *c = bm_container_of(op, struct srv_conn,
+					     cancel_send_op);
+
+	c->ops--;
+	conn_check(c);
+}
+
+/*
+ * The hard way out: shut the socket down and cancel what the ring holds
+ * for it.  Disk requests still finish; their replies are dropped.
+ */
+static void
+conn_kill(struct srv_conn *c)
+{
+	struct bm_loop *loop = c->server->loop;
+	struct io_uring_sqe *sqe;
+
+	if (c->dead)
+		return;
+	c->dead = true;
+	shutdown(c->fd, SHUT_RDWR);
+	if (c->rd_busy) {
+		sqe = bm_loop_sqe(loop, &c->cancel_rd_op, cancel_rd_done);
+		io_uring_prep_cancel(sqe, &c->rd_op, 0);
+		c->ops++;
+	}
+	if (c->send_busy) {
+		sqe = bm_loop_sqe(loop, &c->cancel_send_op, cancel_send_done);
+		io_uring_prep_cancel(sqe, &c->send_op, 0);
+		c->ops++;
+	}
+}
+
+static void req_release(struct srv_req *req);
+
+static void
+conn_free(struct srv_conn *c)
+{
+	struct blockmirror_server *s = c->server;
+
+	queue_clear(&c->out);
+	queue_clear(&c->wire);
+	if (c->cur)
+		req_release(c->cur);
+	if (c->tls)
+		gnutls_deinit(c->tls);
+	free(c->tls_in);
+	free(c->opt_data);
+	free(c->scratch);
+	close(c->fd);
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		s->conns = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	s->nclients--;
+	bm_debug("nbd server %s: connection closed (%u left)", s->address,
+		 s->nclients);
+	free(c);
+	if (s->stopping && !s->nclients && s->stop_timer.armed)
+		bm_loop_timer_cancel(s->loop, &s->stop_timer);
+	server_check(s);
+}
+
+/* ---- the sender ------------------------------------------------------ */
+
+static void
+send_done(struct bm_op *op, int res)
+{
+	struct srv_conn *c = bm_container_of(op, struct srv_conn, send_op);
+
+	c->ops--;
+	c->send_busy = false;
+	if (!c->dead) {
+		if (res > 0)
+			queue_consume(c->send_wire ? &c->wire : &c->out,
+				      (size_t)res);
+		else if (res != -EINTR && res != -EAGAIN)
+			conn_kill(c); /* the peer is gone */
+	}
+	conn_check(c);
+}
+
+/* Encrypt queued messages into TLS records on `wire`.  false: TLS failed. */
+static bool
+tls_encrypt(struct srv_conn *c)
+{
+	while (c->out.head && c->wire.bytes < TLS_WIRE_MAX) {
+		struct srv_msg *m = c->out.head;
+
+		for (unsigned i = 0; i < m->niov; i++) {
+			const uint8_t *p = m->iov[i].iov_base;
+			size_t n = m->iov[i].iov_len;
+
+			while (n) {
+				ssize_t r = gnutls_record_send(c->tls, p, n);
+
+				if (r <= 0) {
+					bm_debug("nbd server: TLS send: %s",
+						 gnutls_strerror((int)r));
+					return false;
+				}
+				p += r;
+				n -= (size_t)r;
+			}
+		}
+		queue_pop(&c->out);
+	}
+	return true;
+}
+
+static void
+send_kick(struct srv_conn *c)
+{
+	struct srv_queue *q = &c->out;
+	struct io_uring_sqe *sqe;
+	unsigned n;
+
+	if (c->send_busy || c->dead)
+		return;
+	if (c->tls) {
+		/* Nothing is queued on `out` while the handshake runs. */
+		if (c->tls_ready && !tls_encrypt(c)) {
+			conn_kill(c);
+			return;
+		}
+		q = &c->wire;
+	}
+	if (!q->head)
+		return;
+	n = queue_iov(q, c->send_iov, SEND_IOV);
+	memset(&c->mh, 0, sizeof c->mh);
+	c->mh.msg_iov = c->send_iov;
+	c->mh.msg_iovlen = n;
+	sqe = bm_loop_sqe(c->server->loop, &c->send_op, send_done);
+	io_uring_prep_sendmsg(sqe, c->fd, &c->mh, MSG_NOSIGNAL);
+	c->send_busy = true;
+	c->send_wire = q == &c->wire;
+	c->ops++;
+}
+
+static bool
+nothing_to_send(const struct srv_conn *c)
+{
+	return !c->send_busy && !c->out.head && !c->wire.head;
+}
+
+/* ---- the reader ------------------------------------------------------- */
+
+static void read_step(struct srv_conn *c);
+
+static void
+recv_done(struct bm_op *op, int res)
+{
+	struct srv_conn *c = bm_container_of(op, struct srv_conn, rd_op);
+
+	c->ops--;
+	c->rd_busy = false;
+	if (c->dead || c->closing)
+		goto out;
+	if (res == -EINTR || res == -EAGAIN) {
+		read_step(c);
+		goto out;
+	}
+	if (res < 0) {
+		bm_debug("nbd server: recv: %s", strerror(-res));
+		conn_kill(c);
+		goto out;
+	}
+	if (c->tls) {
+		c->tls_in_start = 0;
+		c->tls_in_end = (size_t)res;
+		if (res == 0)
+			c->tls_eof = true;
+		if (c->tls_handshaking)
+			tls_handshake_step(c);
+		else
+			tls_read_step(c);
+		goto out;
+	}
+	if (res == 0) {
+		/* EOF: mid-message it is the client's loss; either way
+		 * finish what was started and go. */
+		c->closing = true;
+		goto out;
+	}
+	c->rd_got += (size_t)res;
+	if (c->rd_got < c->rd_len)
+		read_step(c);
+	else
+		c->rd_then(c);
+out:
+	conn_check(c);
+}
+
+static void
+read_deferred(struct bm_op *op, int res)
+{
+	struct srv_conn *c = bm_container_of(op, struct srv_conn, rd_op);
+
+	c->ops--;
+	c->rd_busy = false;
+	if (!c->dead && !c->closing)
+		c->rd_then(c);
+	conn_check(c);
+}
+
+static void
+issue_recv(struct srv_conn *c, void *buf, size_t len)
+{
+	struct io_uring_sqe *sqe;
+
+	sqe = bm_loop_sqe(c->server->loop, &c->rd_op, recv_done);
+	io_uring_prep_recv(sqe, c->fd, buf, len, 0);
+	c->rd_busy = true;
+	c->ops++;
+}
+
+static void
+read_step(struct srv_conn *c)
+{
+	if (c->tls)
+		tls_read_step(c);
+	else
+		issue_recv(c, c->rd_buf + c->rd_got, c->rd_len - c->rd_got);
+}
+
+/* Fill buf[0, len) (len > 0) from the socket, then call then(c). */
+static void
+conn_read(struct srv_conn *c, void *buf, size_t len,
+	  void (*then)(struct srv_conn *c))
+{
+	c->rd_buf = buf;
+	c->rd_len = len;
+	c->rd_got = 0;
+	c->rd_then = then;
+	read_step(c);
+}
+
+static void
+drop_step(struct srv_conn *c)
+{
+	size_t n;
+
+	if (c->rd_buf == c->scratch)
+		c->drop_left -= c->rd_len;
+	if (!c->drop_left) {
+		c->drop_then(c);
+		return;
+	}
+	n = (size_t)BM_MIN(c->drop_left, SCRATCH_SIZE);
+	conn_read(c, c->scratch, n, drop_step);
+}
+
+/* Read and throw away `len` bytes, then call then(c). */
+static void
+conn_drop(struct srv_conn *c, uint64_t len, void (*then)(struct srv_conn *c))
+{
+	if (!c->scratch && !(c->scratch = malloc(SCRATCH_SIZE))) {
+		conn_kill(c);
+		return;
+	}
+	c->drop_left = len;
+	c->drop_then = then;
+	c->rd_buf = NULL;
+	drop_step(c);
+}
+
+/* ---- TLS -------------------------------------------------------------- */
+
+static ssize_t
+tls_push(gnutls_transport_ptr_t ptr, const void *data, size_t len)
+{
+	struct srv_conn *c = ptr;
+	struct srv_msg *m = malloc(sizeof *m + len);
+
+	if (!m) {
+		gnutls_transport_set_errno(c->tls, ENOMEM);
+		return -1;
+	}
+	memcpy(m + 1, data, len);
+	m->release = msg_free;
+	m->iov[0].iov_base = m + 1;
+	m->iov[0].iov_len = len;
+	m->niov = 1;
+	m->len = len;
+	queue_push(&c->wire, m);
+	return (ssize_t)len;
+}
+
+static ssize_t
+tls_pull(gnutls_transport_ptr_t ptr, void *data, size_t len)
+{
+	struct srv_conn *c = ptr;
+	size_t avail = c->tls_in_end - c->tls_in_start;
+
+	if (!avail) {
+		if (c->tls_eof)
+			return 0;
+		gnutls_transport_set_errno(c->tls, EAGAIN);
+		return -1;
+	}
+	len = BM_MIN(len, avail);
+	memcpy(data, c->tls_in + c->tls_in_start, len);
+	c->tls_in_start += len;
+	return (ssize_t)len;
+}
+
+static int
+tls_pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
+{
+	struct srv_conn *c = ptr;
+
+	return c->tls_in_end > c->tls_in_start || c->tls_eof;
+}
+
+/* gnutls wants ciphertext: read more of it from the socket. */
+static void
+tls_want_input(struct srv_conn *c)
+{
+	c->tls_in_start = c->tls_in_end = 0;
+	issue_recv(c, c->tls_in, TLS_IN_SIZE);
+}
+
+static void
+tls_handshake_step(struct srv_conn *c)
+{
+	int r = gnutls_handshake(c->tls);
+
+	if (r == GNUTLS_E_SUCCESS) {
+		c->tls_handshaking = false;
+		c->tls_ready = true;
+		bm_debug("nbd server %s: TLS session established",
+			 c->server->address);
+		read_option(c);
+	} else if ((r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) &&
+		   !c->tls_eof) {
+		tls_want_input(c);
+	} else {
+		bm_debug("nbd server %s: TLS handshake: %s",
+			 c->server->address, gnutls_strerror(r));
+		/* Let the alert gnutls queued go out first. */
+		c->closing = true;
+	}
+}
+
+static void
+tls_read_step(struct srv_conn *c)
+{
+	for (;;) {
+		ssize_t r = gnutls_record_recv(c->tls, c->rd_buf + c->rd_got,
+					       c->rd_len - c->rd_got);
+
+		if (r > 0) {
+			c->rd_got += (size_t)r;
+			if (c->rd_got < c->rd_len)
+				continue;
+			/* Never run the continuation inside the call that
+			 * asked for the read: pipelined requests would
+			 * recurse. */
+			bm_loop_defer(c->server->loop, &c->rd_op,
+				      read_deferred, 0);
+			c->rd_busy = true;
+			c->ops++;
+			return;
+		}
+		if (r == GNUTLS_E_INTERRUPTED)
+			continue;
+		if (r == GNUTLS_E_AGAIN && !c->tls_eof) {
+			tls_want_input(c);
+			return;
+		}
+		if (r != 0 && r != GNUTLS_E_PREMATURE_TERMINATION &&
+		    r != GNUTLS_E_AGAIN)
+			bm_debug("nbd server %s: TLS receive: %s",
+				 c->server->address, gnutls_strerror((int)r));
+		c->closing = true;
+		return;
+	}
+}
+
+/* After the STARTTLS ACK has gone out in clear. */
+static void
+tls_start(struct srv_conn *c)
+{
+	struct blockmirror_server *s = c->server;
+	int r;
+
+	r = gnutls_init(&c->tls, GNUTLS_SERVER | GNUTLS_NONBLOCK);
+	if (r < 0) {
+		c->tls = NULL;
+		goto fail;
+	}
+	r = gnutls_priority_set(c->tls, s->prio);
+	if (r >= 0)
+		r = gnutls_credentials_set(c->tls, GNUTLS_CRD_PSK, s->psk);
+	if (r < 0)
+		goto fail;
+	c->tls_in = malloc(TLS_IN_SIZE);
+	if (!c->tls_in)
+		goto fail;
+	gnutls_transport_set_ptr(c->tls, c);
+	gnutls_transport_set_push_function(c->tls, tls_push);
+	gnutls_transport_set_pull_function(c->tls, tls_pull);
+	gnutls_transport_set_pull_timeout_function(c->tls, tls_pull_timeout);
+	c->tls_handshaking = true;
+	tls_handshake_step(c);
+	return;
+fail:
+	bm_debug("nbd server %s: cannot start TLS: %s", s->address,
+		 r < 0 ? gnutls_strerror(r) : "out of memory");
+	conn_kill(c);
+}
+
+/* ---- checking a connection after every event ---------------------------- */
+
+static bool
+can_admit(const struct srv_conn *c)
+{
+	uint64_t need = 0;
+
+	if (c->inflight >= MAX_INFLIGHT)
+		return false;
+	if (c->hdr_pending && (c->req.type == BM_NBD_CMD_READ ||
+			       c->req.type == BM_NBD_CMD_WRITE))
+		need = c->req.length;
+	return !c->inflight || c->inflight_bytes + need <= MAX_INFLIGHT_BYTES;
+}
+
+/*
+ * The end of every callback: resume reading below the bound, send what
+ * is queued, close a closing connection once it is done, free a dead one
+ * once nothing can call back into it.  May free c.
+ */
+static void
+conn_check(struct srv_conn *c)
+{
+	if (!c->dead && c->paused && !c->closing && can_admit(c)) {
+		c->paused = false;
+		read_request(c);
+	}
+	send_kick(c);
+	if (!c->dead && nothing_to_send(c) && c->drained) {
+		void (*fn)(struct srv_conn *c) = c->drained;
+
+		c->drained = NULL;
+		fn(c);
+		send_kick(c);
+	}
+	if (!c->dead && c->closing && !c->disk_ops && nothing_to_send(c)) {
+		if (c->tls_ready && !c->tls_bye) {
+			/* close_notify, then go. */
+			c->tls_bye = true;
+			gnutls_bye(c->tls, GNUTLS_SHUT_WR);
+			send_kick(c);
+		}
+		if (nothing_to_send(c))
+			conn_kill(c);
+	}
+	if (c->dead && !c->ops)
+		conn_free(c);
+}
+
+/* ---- transmission ---------------------------------------------------- */
+
+static void
+req_release(struct srv_req *req)
+{
+	struct srv_conn *c = req->conn;
+
+	c->inflight--;
+	c->inflight_bytes -= req->charged;
+	free(req->buf);
+	free(req);
+}
+
+static void
+req_msg_release(struct srv_msg *m)
+{
+	req_release(bm_container_of(m, struct srv_req, msg));
+}
+
+static struct srv_req *
+req_new(struct srv_conn *c, bool with_buf)
+{
+	struct srv_req *req = calloc(1, sizeof *req);
+
+	if (!req)
+		return NULL;
+	req->conn = c;
+	req->r = c->req;
+	if (with_buf) {
+		/* Aligned: the disk may run with O_DIRECT. */
+		if (posix_memalign(&req->buf, 4096, c->req.length)) {
+			free(req);
+			return NULL;
+		}
+		req->charged = c->req.length;
+	}
+	c->inflight++;
+	c->inflight_bytes += req->charged;
+	return req;
+}
+
+/* Queue the reply for req: its error, or its result. */
+static void
+req_reply(struct srv_req *req, uint32_t err)
+{
+	struct srv_conn *c = req->conn;
+	struct srv_msg *m = &req->msg;
+	uint8_t *h = req->hdr;
+	size_t hlen;
+	bool data = !err && req->r.type == BM_NBD_CMD_READ;
+
+	m->release = req_msg_release;
+	if (!c->structured) {
+		put32(h, NBD_SIMPLE_REPLY_MAGIC);
+		put32(h + 4, err);
+		put64(h + 8, req->r.cookie);
+		hlen = 16;
+	} else {
+		put32(h, NBD_STRUCTURED_REPLY_MAGIC);
+		put16(h + 4, NBD_REPLY_FLAG_DONE);
+		put64(h + 8, req->r.cookie);
+		if (err) {
+			/* u32 error, u16 message length (no message). */
+			put16(h + 6, NBD_REPLY_TYPE_ERROR);
+			put32(h + 16, 6);
+			put32(h + 20, err);
+			put16(h + 24, 0);
+			hlen = 26;
+		} else if (data) {
+			put16(h + 6, NBD_REPLY_TYPE_OFFSET_DATA);
+			put32(h + 16, 8 + req->r.length);
+			put64(h + 20, req->r.offset);
+			hlen = 28;
+		} else if (req->r.type == BM_NBD_CMD_BLOCK_STATUS) {
+			/*
+			 * The disk has no allocation query in its public API
+			 * yet, so the whole range is reported as one data
+			 * extent (flags 0).  That is always correct, only not
+			 * sparse: clients copy zeroes they could have skipped.
+			 */
+			put16(h + 6, NBD_REPLY_TYPE_BLOCK_STATUS);
+			put32(h + 16, 12);
+			put32(h + 20, BASE_ALLOCATION_ID);
+			put32(h + 24, req->r.length);
+			put32(h + 28, 0);
+			hlen = 32;
+		} else {
+			put16(h + 6, NBD_REPLY_TYPE_NONE);
+			put32(h + 16, 0);
+			hlen = 20;
+		}
+	}
+	m->iov[0].iov_base = h;
+	m->iov[0].iov_len = hlen;
+	m->niov = 1;
+	m->len = hlen;
+	if (data) {
+		m->iov[1].iov_base = req->buf;
+		m->iov[1].iov_len = req->r.length;
+		m->niov = 2;
+		m->len += req->r.length;
+	}
+	queue_push(&c->out, m);
+}
+
+static void
+req_disk_done(void *opaque, int err)
+{
+	struct srv_req *req = opaque;
+	struct srv_conn *c = req->conn;
+	struct blockmirror_disk *disk = c->server->disk;
+
+	c->disk_ops--;
+	c->ops--;
+	if (c->dead) {
+		req_release(req);
+		goto out;
+	}
+	if (!err && req->flush_after) {
+		req->flush_after = false;
+		err = blockmirror_disk_aio_flush(disk, req_disk_done, req);
+		if (!err) {
+			c->disk_ops++;
+			c->ops++;
+			goto out;
+		}
+	}
+	req_reply(req, bm_server_nbd_error(err));
+out:
+	conn_check(c);
+}
+
+static void
+req_submit(struct srv_req *req)
+{
+	struct srv_conn *c = req->conn;
+	struct blockmirror_disk *disk = c->server->disk;
+	const struct bm_server_request *r = &req->r;
+	unsigned flags = 0;
+	int err;
+
+	if (r->flags & BM_NBD_CMD_FLAG_FUA)
+		flags |= BLOCKMIRROR_REQ_FUA;
+	switch (r->type) {
+	case BM_NBD_CMD_READ:
+		err = blockmirror_disk_aio_read(disk, req->buf, r->length,
+						r->offset, req_disk_done, req);
+		break;
+	case BM_NBD_CMD_WRITE:
+		err = blockmirror_disk_aio_write(disk, req->buf, r->length,
+						 r->offset, flags,
+						 req_disk_done, req);
+		break;
+	case BM_NBD_CMD_FLUSH:
+		err = blockmirror_disk_aio_flush(disk, req_disk_done, req);
+		break;
+	case BM_NBD_CMD_TRIM:
+		/* FUA on a trim: make it durable with a flush after it. */
+		req->flush_after = flags & BLOCKMIRROR_REQ_FUA;
+		err = blockmirror_disk_aio_discard(disk, r->length, r->offset,
+						   req_disk_done, req);
+		break;
+	case BM_NBD_CMD_WRITE_ZEROES:
+		if (!(r->flags & BM_NBD_CMD_FLAG_NO_HOLE))
+			flags |= BLOCKMIRROR_REQ_MAY_TRIM;
+		err = blockmirror_disk_aio_write_zeroes(disk, r->length,
+							r->offset, flags,
+							req_disk_done, req);
+		break;
+	default:
+		/* CACHE (a hint we may ignore) and BLOCK_STATUS (see
+		 * req_reply) need nothing from the disk. */
+		req_reply(req, 0);
+		return;
+	}
+	if (err < 0) {
+		req_reply(req, bm_server_nbd_error(err));
+		return;
+	}
+	c->disk_ops++;
+	c->ops++;
+}
+
+static void
+write_payload_read(struct srv_conn *c)
+{
+	struct srv_req *req = c->cur;
+
+	c->cur = NULL;
+	req_submit(req);
+	read_request(c);
+}
+
+static void
+refused_payload_dropped(struct srv_conn *c)
+{
+	struct srv_req *req = c->cur;
+
+	c->cur = NULL;
+	req_reply(req, req->err);
+	read_request(c);
+}
+
+/* A request header is in c->req and the bound admits it. */
+static void
+handle_request(struct srv_conn *c)
+{
+	struct blockmirror_server *s = c->server;
+	const struct bm_server_request *r = &c->req;
+	struct bm_server_export_state e = {
+		.size = s->disk->size,
+		.readonly = s->readonly,
+		.structured = c->structured,
+		.base_allocation = c->base_allocation,
+	};
+	struct srv_req *req;
+	uint32_t err;
+	bool payload = r->type == BM_NBD_CMD_WRITE;
+
+	c->hdr_pending = false;
+	if (r->type == BM_NBD_CMD_DISC) {
+		bm_debug("nbd server %s: client disconnects", s->address);
+		c->closing = true;
+		return;
+	}
+	if (payload && r->length > BM_SERVER_MAX_DROP) {
+		bm_debug("nbd server %s: WRITE of %" PRIu32 " bytes: "
+			 "disconnecting", s->address, r->length);
+		conn_kill(c);
+		return;
+	}
+	err = bm_server_check_request(&e, r);
+	req = req_new(c, !err && (payload || r->type == BM_NBD_CMD_READ));
+	if (!req && !err) {
+		err = BM_NBD_ENOMEM;
+		req = req_new(c, false);
+	}
+	if (!req) {
+		conn_kill(c);
+		return;
+	}
+	req->err = err;
+	if (payload) {
+		c->cur = req;
+		if (err)
+			conn_drop(c, r->length, refused_payload_dropped);
+		else
+			conn_read(c, req->buf, r->length, write_payload_read);
+		return;
+	}
+	if (err)
+		req_reply(req, err);
+	else
+		req_submit(req);
+	read_request(c);
+}
+
+static void
+got_request(struct srv_conn *c)
+{
+	if (bm_server_decode_request(c->req_hdr, &c->req) < 0) {
+		bm_debug("nbd server %s: bad request magic: disconnecting",
+			 c->server->address);
+		conn_kill(c);
+		return;
+	}
+	c->hdr_pending = true;
+	read_request(c);
+}
+
+/* Handle the parsed header or read the next one, unless at the bound. */
+static void
+read_request(struct srv_conn *c)
+{
+	if (c->dead || c->closing)
+		return;
+	if (!can_admit(c)) {
+		c->paused = true;
+		return;
+	}
+	if (c->hdr_pending)
+		handle_request(c);
+	else
+		conn_read(c, c->req_hdr, sizeof c->req_hdr, got_request);
+}
+
+static void
+start_transmission(struct srv_conn *c)
+{
+	c->transmission = true;
+	bm_debug("nbd server %s: transmission (%s replies)",
+		 c->server->address, c->structured ? "structured" : "simple");
+	read_request(c);
+}
+
+/* ---- option haggling ------------------------------------------------- */
+
+/* Queue an option reply with `len` bytes of data to fill, or NULL. */
+static uint8_t *
+opt_reply(struct srv_conn *c, uint32_t type, uint32_t len)
+{
+	uint8_t *p = msg_alloc(c, 20 + (size_t)len);
+
+	if (!p)
+		return NULL;
+	put64(p, NBD_REP_MAGIC);
+	put32(p + 8, c->opt);
+	put32(p + 12, type);
+	put32(p + 16, len);
+	return p + 20;
+}
+
+static void
+opt_ack(struct srv_conn *c)
+{
+	opt_reply(c, NBD_REP_ACK, 0);
+}
+
+static void
+opt_error(struct srv_conn *c, uint32_t type, const char *message)
+{
+	size_t len = strlen(message);
+	uint8_t *p = opt_reply(c, type, (uint32_t)len);
+
+	if (p)
+		memcpy(p, message, len);
+	bm_debug("nbd server %s: option %" PRIu32 ": %s", c->server->address,
+		 c->opt, message);
+}
+
+static bool
+name_matches(const struct blockmirror_server *s, const uint8_t *name,
+	     uint32_t len)
+{
+	/* "" is the default export, whatever ours is called. */
+	return len == 0 || (len == strlen(s->export_name) &&
+			    !memcmp(name, s->export_name, len));
+}
+
+static void
+info_string(struct srv_conn *c, uint16_t info, const char *str)
+{
+	size_t len = strlen(str);
+	uint8_t *p = opt_reply(c, NBD_REP_INFO, 2 + (uint32_t)len);
+
+	if (p) {
+		put16(p, info);
+		memcpy(p + 2, str, len);
+	}
+}
+
+static void
+opt_info(struct srv_conn *c, bool go)
+{
+	struct blockmirror_server *s = c->server;
+	struct bm_server_info_request ir;
+	bool want_name = false, want_desc = false;
+	uint8_t *p;
+
+	if (bm_server_parse_info_request(c->opt_data, c->opt_len, &ir) < 0) {
+		opt_error(c, NBD_REP_ERR_INVALID, "malformed request");
+		return;
+	}
+	if (!name_matches(s, ir.name, ir.name_len)) {
+		opt_error(c, NBD_REP_ERR_UNKNOWN, "no such export");
+		return;
+	}
+	for (uint16_t i = 0; i < ir.ninfos; i++) {
+		uint16_t info = get16(ir.infos + 2 * i);
+
+		if (info == NBD_INFO_NAME)
+			want_name = true;
+		else if (info == NBD_INFO_DESCRIPTION)
+			want_desc = true;
+	}
+	p = opt_reply(c, NBD_REP_INFO, 12);
+	if (p) {
+		put16(p, NBD_INFO_EXPORT);
+		put64(p + 2, s->disk->size);
+		put16(p + 10, bm_server_tx_flags(s->readonly, c->structured));
+	}
+	if (want_name)
+		info_string(c, NBD_INFO_NAME, s->export_name);
+	if (want_desc && s->description)
+		info_string(c, NBD_INFO_DESCRIPTION, s->description);
+	/* Sent whether asked or not: with a minimum of 1 it constrains
+	 * nothing, and it tells clients the preferred and largest sizes. */
+	p = opt_reply(c, NBD_REP_INFO, 14);
+	if (p) {
+		put16(p, NBD_INFO_BLOCK_SIZE);
+		put32(p + 2, 1);
+		put32(p + 6, BM_SERVER_PREFERRED_BLOCK);
+		put32(p + 10, BM_SERVER_MAX_PAYLOAD);
+	}
+	opt_ack(c);
+	if (go && !c->oom)
+		start_transmission(c);
+}
+
+static void
+opt_meta(struct srv_conn *c, bool set)
+{
+	static const char ba[] = BASE_ALLOCATION;
+	struct bm_server_meta_request m;
+	bool reply;
+	uint8_t *p;
+
+	/* SET replaces the selection even when it fails. */
+	if (set)
+		c->base_allocation = false;
+	if (!c->structured) {
+		opt_error(c, NBD_REP_ERR_INVALID, "structured replies were "
+			  "not negotiated");
+		return;
+	}
+	if (bm_server_parse_meta_request(c->opt_data, c->opt_len, &m) < 0) {
+		opt_error(c, NBD_REP_ERR_INVALID, "malformed request");
+		return;
+	}
+	if (!name_matches(c->server, m.name, m.name_len)) {
+		opt_error(c, NBD_REP_ERR_UNKNOWN, "no such export");
+		return;
+	}
+	if (set) {
+		c->base_allocation = m.base_allocation;
+		reply = m.base_allocation;
+	} else {
+		reply = !m.queries || m.base_allocation || m.base_namespace;
+	}
+	if (reply) {
+		p = opt_reply(c, NBD_REP_META_CONTEXT, 4 + sizeof ba - 1);
+		if (p) {
+			put32(p, set ? BASE_ALLOCATION_ID : 0);
+			memcpy(p + 4, ba, sizeof ba - 1);
+		}
+	}
+	opt_ack(c);
+}
+
+static void
+opt_export_name(struct srv_conn *c)
+{
+	struct blockmirror_server *s = c->server;
+	size_t len = c->no_zeroes ? 10 : 134;
+	uint8_t *p;
+
+	if (!name_matches(s, c->opt_data, c->opt_len)) {
+		/* No way to say no to EXPORT_NAME but hanging up. */
+		bm_debug("nbd server %s: unknown export: disconnecting",
+			 s->address);
+		conn_kill(c);
+		return;
+	}
+	p = msg_alloc(c, len);
+	if (!p)
+		return;
+	memset(p, 0, len);
+	put64(p, s->disk->size);
+	put16(p + 8, bm_server_tx_flags(s->readonly, c->structured));
+	start_transmission(c);
+}
+
+/* The option in c->opt with its c->opt_len bytes of c->opt_data. */
+static void
+process_option(struct srv_conn *c)
+{
+	struct blockmirror_server *s = c->server;
+	bool next = true;
+
+	if (s->psk && !c->tls_ready && c->opt != NBD_OPT_STARTTLS &&
+	    c->opt != NBD_OPT_ABORT) {
+		if (c->opt == NBD_OPT_EXPORT_NAME) {
+			conn_kill(c);
+			next = false;
+		} else {
+			opt_error(c, NBD_REP_ERR_TLS_REQD, "TLS is required");
+		}
+		goto out;
+	}
+	switch (c->opt) {
+	case NBD_OPT_EXPORT_NAME:
+		opt_export_name(c);
+		next = false;
+		break;
+	case NBD_OPT_ABORT:
+		opt_ack(c);
+		c->closing = true;
+		next = false;
+		break;
+	case NBD_OPT_LIST:
+		if (c->opt_len) {
+			opt_error(c, NBD_REP_ERR_INVALID, "LIST takes no data");
+		} else {
+			size_t len = strlen(s->export_name);
+			size_t dlen = s->description ? strlen(s->description)
+						     : 0;
+			uint8_t *p = opt_reply(c, NBD_REP_SERVER,
+					       4 + (uint32_t)(len + dlen));
+
+			if (p) {
+				put32(p, (uint32_t)len);
+				memcpy(p + 4, s->export_name, len);
+				if (dlen)
+					memcpy(p + 4 + len, s->description,
+					       dlen);
+			}
+			opt_ack(c);
+		}
+		break;
+	case NBD_OPT_STARTTLS:
+		if (!s->psk) {
+			opt_error(c, NBD_REP_ERR_UNSUP, "TLS is not enabled");
+		} else if (c->tls) {
+			opt_error(c, NBD_REP_ERR_INVALID, "TLS is already "
+				  "active");
+		} else if (c->opt_len) {
+			opt_error(c, NBD_REP_ERR_INVALID, "STARTTLS takes no "
+				  "data");
+		} else {
+			opt_ack(c);
+			/* Whatever was negotiated in clear is forgotten. */
+			c->structured = false;
+			c->base_allocation = false;
+			c->drained = tls_start;
+			next = false;
+		}
+		break;
+	case NBD_OPT_INFO:
+	case NBD_OPT_GO:
+		opt_info(c, c->opt == NBD_OPT_GO);
+		next = !c->transmission;
+		break;
+	case NBD_OPT_STRUCTURED_REPLY:
+		if (c->opt_len) {
+			opt_error(c, NBD_REP_ERR_INVALID, "STRUCTURED_REPLY "
+				  "takes no data");
+		} else {
+			c->structured = true;
+			opt_ack(c);
+		}
+		break;
+	case NBD_OPT_LIST_META_CONTEXT:
+	case NBD_OPT_SET_META_CONTEXT:
+		opt_meta(c, c->opt == NBD_OPT_SET_META_CONTEXT);
+		break;
+	default:
+		opt_error(c, NBD_REP_ERR_UNSUP, "unsupported option");
+		break;
+	}
+out:
+	free(c->opt_data);
+	c->opt_data = NULL;
+	if (c->oom)
+		conn_kill(c);
+	else if (next && !c->dead && !c->closing)
+		read_option(c);
+}
+
+static void
+option_too_big_dropped(struct srv_conn *c)
+{
+	opt_error(c, NBD_REP_ERR_TOO_BIG, "option data too large");
+	if (c->oom)
+		conn_kill(c);
+	else
+		read_option(c);
+}
+
+static void
+got_option(struct srv_conn *c)
+{
+	const struct blockmirror_server *s = c->server;
+
+	if (get64(c->opt_hdr) != NBD_IHAVEOPT) {
+		bm_debug("nbd server %s: bad option magic: disconnecting",
+			 s->address);
+		conn_kill(c);
+		return;
+	}
+	c->opt = get32(c->opt_hdr + 8);
+	c->opt_len = get32(c->opt_hdr + 12);
+	if (c->opt_len > BM_SERVER_MAX_OPTION) {
+		if (c->opt_len > BM_SERVER_MAX_OPTION_DROP ||
+		    c->opt == NBD_OPT_EXPORT_NAME) {
+			bm_debug("nbd server %s: option of %" PRIu32 " bytes:"
+				 " disconnecting", s->address, c->opt_len);
+			conn_kill(c);
+		} else {
+			conn_drop(c, c->opt_len, option_too_big_dropped);
+		}
+		return;
+	}
+	if (!c->opt_len) {
+		process_option(c);
+		return;
+	}
+	c->opt_data = malloc(c->opt_len);
+	if (!c->opt_data) {
+		conn_kill(c);
+		return;
+	}
+	conn_read(c, c->opt_data, c->opt_len, process_option);
+}
+
+static void
+read_option(struct srv_conn *c)
+{
+	conn_read(c, c->opt_hdr, sizeof c->opt_hdr, got_option);
+}
+
+static void
+got_client_flags(struct srv_conn *c)
+{
+	uint32_t flags = get32(c->flags_buf);
+
+	/* Fixed newstyle only; any bit we did not offer ends it. */
+	if (!(flags & NBD_FLAG_C_FIXED_NEWSTYLE) ||
+	    (flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))) {
+		bm_debug("nbd server %s: client flags 0x%" PRIx32 ": "
+			 "disconnecting", c->server->address, flags);
+		conn_kill(c);
+		return;
+	}
+	c->no_zeroes = flags & NBD_FLAG_C_NO_ZEROES;
+	read_option(c);
+}
+
+/* ---- accepting -------------------------------------------------------- */
+
+static void
+conn_new(struct blockmirror_server *s, int fd)
+{
+	struct srv_conn *c;
+	uint8_t *p;
+	int one = 1;
+
+	if (s->nclients >= s->max_clients) {
+		bm_debug("nbd server %s: %u clients already: refusing one",
+			 s->address, s->nclients);
+		close(fd);
+		return;
+	}
+	c = calloc(1, sizeof *c);
+	if (!c) {
+		close(fd);
+		return;
+	}
+	if (s->tcp)
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+	c->server = s;
+	c->fd = fd;
+	queue_init(&c->out);
+	queue_init(&c->wire);
+	c->next = s->conns;
+	if (s->conns)
+		s->conns->prev = c;
+	s->conns = c;
+	s->nclients++;
+	bm_debug("nbd server %s: new connection (%u)", s->address,
+		 s->nclients);
+	p = msg_alloc(c, 18);
+	if (p) {
+		put64(p, NBD_MAGIC);
+		put64(p + 8, NBD_IHAVEOPT);
+		put16(p + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+		conn_read(c, c->flags_buf, sizeof c->flags_buf,
+			  got_client_flags);
+	} else {
+		conn_kill(c);
+	}
+	conn_check(c);
+}
+
+static void accept_arm(struct blockmirror_server *s);
+
+static void
+backoff_done(struct bm_op *op, int res)
+{
+	struct blockmirror_server *s =
+		bm_container_of(op, struct blockmirror_server, backoff.op);
+
+	s->backoff.armed = false;
+	if (!s->stopping)
+		accept_arm(s);
+	s->ops--;
+	server_check(s);
+}
+
+static void
+accept_done(struct bm_op *op, int res)
+{
+	struct blockmirror_server *s =
+		bm_container_of(op, struct blockmirror_server, accept_op);
+
+	s->accept_armed = false;
+	if (s->stopping) {
+		if (res >= 0)
+			close(res);
+	} else if (res >= 0) {
+		conn_new(s, res);
+		accept_arm(s);
+	} else if (res == -EINTR || res == -EAGAIN || res == -ECONNABORTED ||
+		   res == -EPROTO) {
+		accept_arm(s);
+	} else {
+		/* Out of descriptors or memory, or worse: do not spin. */
+		bm_warn("nbd server %s: accept: %s", s->address,
+			strerror(-res));
+		s->ops++;
+		bm_loop_timer_start(s->loop, &s->backoff, ACCEPT_BACKOFF_NS,
+				    backoff_done);
+	}
+	s->ops--;
+	server_check(s);
+}
+
+static void
+accept_arm(struct blockmirror_server *s)
+{
+	struct io_uring_sqe *sqe;
+
+	sqe = bm_loop_sqe(s->loop, &s->accept_op, accept_done);
+	io_uring_prep_accept(sqe, s->fd, NULL, NULL, SOCK_CLOEXEC);
+	s->accept_armed = true;
+	s->ops++;
+}
+
+/* ---- start and stop, on the loop ---------------------------------------- */
+
+/* Stopping is over once nothing is left: tell the waiting caller. */
+static void
+server_check(struct blockmirror_server *s)
+{
+	struct bm_call *call = s->stop_call;
+
+	if (!call || s->ops || s->nclients)
+		return;
+	s->stop_call = NULL;
+	bm_waiter_signal(&call->w, 0); /* s may be freed from here on */
+}
+
+static void
+call_start(struct bm_call *call)
+{
+	struct blockmirror_server *s = call->arg;
+
+	s->loop = s->disk->loop;
+	accept_arm(s);
+	bm_waiter_signal(&call->w, 0);
+}
+
+static void
+server_cancel_done(struct bm_op *op, int res)
+{
+	struct blockmirror_server *s =
+		bm_container_of(op, struct blockmirror_server, cancel_op);
+
+	s->ops--;
+	server_check(s);
+}
+
+static void
+stop_timer_done(struct bm_op *op, int res)
+{
+	struct blockmirror_server *s =
+		bm_container_of(op, struct blockmirror_server, stop_timer.op);
+	struct srv_conn *c, *next;
+
+	s->stop_timer.armed = false;
+	if (res == -ETIME) {
+		/* The grace period is over: close whoever is left. */
+		for (c = s->conns; c; c = next) {
+			next = c->next;
+			conn_kill(c);
+			conn_check(c);
+		}
+	}
+	s->ops--;
+	server_check(s);
+}
+
+static void
+call_stop(struct bm_call *call)
+{
+	struct blockmirror_server *s = call->arg;
+	struct srv_conn *c, *next;
+	struct io_uring_sqe *sqe;
+
+	s->stopping = true;
+	s->stop_call = call;
+	s->ops++; /* hold server_check off until the end */
+	if (s->accept_armed) {
+		sqe = bm_loop_sqe(s->loop, &s->cancel_op, server_cancel_done);
+		io_uring_prep_cancel(sqe, &s->accept_op, 0);
+		s->ops++;
+	}
+	if (s->backoff.armed)
+		bm_loop_timer_cancel(s->loop, &s->backoff);
+	for (c = s->conns; c; c = next) {
+		next = c->next;
+		c->closing = true;
+		conn_check(c);
+	}
+	if (s->nclients) {
+		s->ops++;
+		bm_loop_timer_start(s->loop, &s->stop_timer, STOP_GRACE_NS,
+				    stop_timer_done);
+	}
+	s->ops--;
+	server_check(s);
+}
+
+/* ---- listening --------------------------------------------------------- */
+
+static int
+listen_unix(struct blockmirror_server *s, const char *path)
+{
+	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	struct stat st;
+	int fd, r;
+
+	strcpy(sa.sun_path, path);
+	if (lstat(path, &st) == 0) {
+		if (!S_ISSOCK(st.st_mode))
+			return bm_error(-EEXIST, "%s exists and is not a "
+					"socket", path);
+		/* Replace it only if nobody answers on it. */
+		fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		if (fd < 0)
+			return bm_error(-errno, "socket: %s", strerror(errno));
+		r = connect(fd, (struct sockaddr *)&sa, sizeof sa);
+		close(fd);
+		if (r == 0)
+			return bm_error(-EADDRINUSE, "%s: a server is "
+					"listening on it", path);
+		if (unlink(path) < 0 && errno != ENOENT)
+			return bm_error(-errno, "%s: cannot remove the stale "
+					"socket: %s", path, strerror(errno));
+	}
+	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return bm_error(-errno, "socket: %s", strerror(errno));
+	/* On Linux the mode of the socket's inode is the mode bind gives
+	 * the file: 0600 from the start, no window, and no process-wide
+	 * umask to change behind other threads' backs. */
+	if (fchmod(fd, 0600) < 0 ||
+	    bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+		r = -errno;
+		close(fd);
+		return bm_error(r, "%s: %s", path, strerror(-r));
+	}
+	/* Should a kernel ignore the socket's own mode, fix the file's
+	 * (lstat first: never chmod through a symlink put in its place). */
+	if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode) &&
+	    (st.st_mode & 0777) != 0600 && chmod(path, 0600) < 0) {
+		r = -errno;
+		unlink(path);
+		close(fd);
+		return bm_error(r, "%s: %s", path, strerror(-r));
+	}
+	if (listen(fd, 128) < 0) {
+		r = -errno;
+		unlink(path);
+		close(fd);
+		return bm_error(r, "%s: %s", path, strerror(-r));
+	}
+	s->unix_path = strdup(path);
+	if (asprintf(&s->address, "unix:%s", path) < 0)
+		s->address = NULL;
+	if (!s->unix_path || !s->address) {
+		unlink(path);
+		close(fd);
+		return bm_error(-ENOMEM, "out of memory");
+	}
+	s->fd = fd;
+	return 0;
+}
+
+static int
+listen_tcp(struct blockmirror_server *s, const struct bm_server_address *a)
+{
+	struct addrinfo hints = {
+		.ai_family = AF_UNSPEC,
+		.ai_socktype = SOCK_STREAM,
+		.ai_flags = AI_PASSIVE | AI_NUMERICSERV,
+	};
+	struct addrinfo *res, *ai;
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof ss;
+	char host[INET6_ADDRSTRLEN];
+	int fd = -1, r, one = 1, port;
+
+	r = getaddrinfo(a->host, a->port, &hints, &res);
+	if (r)
+		return bm_error(-EADDRNOTAVAIL, "%s: %s", a->host,
+				gai_strerror(r));
+	r = -EADDRNOTAVAIL;
+	for (ai = res; ai; ai = ai->ai_next) {
+		fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
+			    ai->ai_protocol);
+		if (fd < 0) {
+			r = -errno;
+			continue;
+		}
+		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+		if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
+		    listen(fd, 128) == 0)
+			break;
+		r = -errno;
+		close(fd);
+		fd = -1;
+	}
+	freeaddrinfo(res);
+	if (fd < 0)
+		return bm_error(r, "tcp:%s:%s: %s", a->host, a->port,
+				strerror(-r));
+	if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) {
+		r = -errno;
+		close(fd);
+		return bm_error(r, "getsockname: %s", strerror(-r));
+	}
+	if (ss.ss_family == AF_INET6) {
+		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
+
+		inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof host);
+		port = ntohs(sin6->sin6_port);
+		r = asprintf(&s->address, "tcp:[%s]:%d", host, port);
+	} else {
+		struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
+
+		inet_ntop(AF_INET, &sin->sin_addr, host, sizeof host);
+		port = ntohs(sin->sin_port);
+		r = asprintf(&s->address, "tcp:%s:%d", host, port);
+	}
+	if (r < 0) {
+		s->address = NULL;
+		close(fd);
+		return bm_error(-ENOMEM, "out of memory");
+	}
+	s->fd = fd;
+	s->tcp = true;
+	return 0;
+}
+
+/* ---- TLS credentials ---------------------------------------------------- */
+
+/* The psktool format: "username:hexkey" lines.  At least one must be. */
+static int
+check_psk_file(const char *path)
+{
+	FILE *f = fopen(path, "re");
+	char line[1024];
+	int keys = 0;
+
+	if (!f)
+		return bm_error(-errno, "%s: %s", path, strerror(errno));
+	while (fgets(line, sizeof line, f)) {
+		char *colon = strchr(line, ':');
+		size_t n = 0;
+
+		if (!colon || colon == line)
+			continue;
+		for (char *p = colon + 1; *p && *p != '\n' && *p != '\r'; p++)
+			n = isxdigit((unsigned char)*p) ? n + 1 : SIZE_MAX / 2;
+		if (n && n % 2 == 0 && n < SIZE_MAX / 2)
+			keys++;
+	}
+	fclose(f);
+	if (!keys)
+		return bm_error(-EINVAL, "%s: no \"username:hexkey\" line",
+				path);
+	return 0;
+}
+
+static int
+tls_setup(struct blockmirror_server *s, const char *path)
+{
+	int r;
+
+	r = check_psk_file(path);
+	if (r < 0)
+		return r;
+	r = gnutls_psk_allocate_server_credentials(&s->psk);
+	if (r < 0) {
+		s->psk = NULL;
+		goto fail;
+	}
+	r = gnutls_psk_set_server_credentials_file(s->psk, path);
+	if (r < 0)
+		goto fail;
+	r = gnutls_psk_set_server_known_dh_params(s->psk,
+						  GNUTLS_SEC_PARAM_MEDIUM);
+	if (r < 0)
+		goto fail;
+	r = gnutls_priority_init(&s->prio, TLS_PRIORITY, NULL);
+	if (r < 0) {
+		s->prio = NULL;
+		goto fail;
+	}
+	return 0;
+fail:
+	return bm_error(-EINVAL, "%s: %s", path, gnutls_strerror(r));
+}
+
+/* ---- the public calls ------------------------------------------------- */
+
+static void
+server_free(struct blockmirror_server *s)
+{
+	if (!s)
+		return;
+	if (s->fd >= 0)
+		close(s->fd);
+	if (s->unix_path)
+		unlink(s->unix_path);
+	if (s->prio)
+		gnutls_priority_deinit(s->prio);
+	if (s->psk)
+		gnutls_psk_free_server_credentials(s->psk);
+	free(s->unix_path);
+	free(s->address);
+	free(s->export_name);
+	free(s->description);
+	free(s);
+}
+
+static int
+server_start(struct blockmirror_disk *disk, const char *address,
+	     const struct blockmirror_server_options *options,
+	     struct blockmirror_server **out)
+{
+	struct blockmirror_server_options o = { .size = sizeof o };
+	struct bm_server_address a;
+	struct blockmirror_server *s;
+	struct bm_call call = { .fn = call_start };
+	int r;
+
+	if (!disk || !address)
+		return bm_error(-EINVAL, "no disk or no address");
+	if (options) {
+		if (options->size < offsetof(struct blockmirror_server_options,
+					     max_clients) +
+				    sizeof options->max_clients)
+			return bm_error(-EINVAL, "options: bad size");
+		memcpy(&o, options, BM_MIN(options->size, sizeof o));
+	}
+	if (bm_disk_on_loop(disk))
+		return bm_error(-EDEADLK, "called from the disk's loop thread");
+	if (o.export_name && strlen(o.export_name) > MAX_NAME)
+		return bm_error(-EINVAL, "export name longer than %d bytes",
+				MAX_NAME);
+	if (o.description && strlen(o.description) > MAX_NAME)
+		return bm_error(-EINVAL, "description longer than %d bytes",
+				MAX_NAME);
+	if (o.max_clients > 65536)
+		return bm_error(-EINVAL, "max_clients %u is too many",
+				o.max_clients);
+	r = bm_server_parse_address(address, &a);
+	if (r < 0)
+		return r;
+	if (o.tls_psk_file && a.unix_socket)
+		return bm_error(-EINVAL, "%s: TLS is for TCP addresses only",
+				address);
+
+	s = calloc(1, sizeof *s);
+	if (!s)
+		return bm_error(-ENOMEM, "out of memory");
+	s->fd = -1;
+	s->disk = disk;
+	s->readonly = o.readonly || disk->readonly;
+	s->max_clients = o.max_clients ? o.max_clients : DEFAULT_MAX_CLIENTS;
+	s->export_name = strdup(o.export_name ? o.export_name : "");
+	s->description = o.description ? strdup(o.description) : NULL;
+	if (!s->export_name || (o.description && !s->description)) {
+		r = bm_error(-ENOMEM, "out of memory");
+		goto fail;
+	}
+	if (o.tls_psk_file) {
+		r = tls_setup(s, o.tls_psk_file);
+		if (r < 0)
+			goto fail;
+	}
+	r = a.unix_socket ? listen_unix(s, a.path) : listen_tcp(s, &a);
+	if (r < 0)
+		goto fail;
+	call.arg = s;
+	r = bm_disk_call(disk, &call);
+	if (r < 0)
+		goto fail;
+	bm_debug("nbd server %s: listening%s", s->address,
+		 s->psk ? " (TLS required)" : "");
+	*out = s;
+	return 0;
+fail:
+	server_free(s);
+	return r;
+}
+
+BM_EXPORT struct blockmirror_server *
+blockmirror_server_start(struct blockmirror_disk *disk, const char *address,
+			 const struct blockmirror_server_options *options)
+{
+	struct blockmirror_server *s = NULL;
+	int r;
+
+	bm_error_clear();
+	r = server_start(disk, address, options, &s);
+	if (r < 0) {
+		bm_api_fail("blockmirror_server_start", r);
+		errno = -r;
+		return NULL;
+	}
+	return s;
+}
+
+BM_EXPORT void
+blockmirror_server_stop(struct blockmirror_server *s)
+{
+	struct bm_call call = { .fn = call_stop };
+	int r;
+
+	bm_error_clear();
+	if (!s)
+		return;
+	call.arg = s;
+	r = bm_disk_call(s->disk, &call);
+	if (r < 0) {
+		/* Called from the loop thread: freeing now would pull the
+		 * server out from under its own callbacks. */
+		bm_api_fail("blockmirror_server_stop", r);
+		return;
+	}
+	bm_debug("nbd server %s: stopped", s->address);
+	server_free(s);
+}
+
+BM_EXPORT const char *
+blockmirror_server_address(struct blockmirror_server *s)
+{
+	return s ? s->address : NULL;
+}
