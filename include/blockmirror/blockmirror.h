@@ -117,6 +117,8 @@ extern int blockmirror_image_info(const char *name,
  * comma-separated key=value list or NULL; raw accepts none.  An existing
  * file is refused with -EEXIST unless `overwrite` is true.  The new image
  * reads as zeroes and is fsynced (with its directory) before returning.
+ * For an NBD URI nothing is created: the export must exist and have
+ * exactly `virtual_size` bytes (-EINVAL otherwise).
  */
 extern int blockmirror_image_create(const char *name,
 				    enum blockmirror_format format,
@@ -166,8 +168,9 @@ struct blockmirror_copy_stats {
  * stay holes and runs of zeroes found in data become holes (unless
  * BLOCKMIRROR_COPY_ALLOCATE).  The destination is flushed to stable
  * storage before the call returns 0.  On failure a destination file this
- * call created is removed again.  Blocks; runs its own event loop on the
- * calling thread.  `stats` may be NULL.
+ * call created is removed again.  An NBD URI destination is written in
+ * place and must have the source's size.  Blocks; runs its own event loop
+ * on the calling thread.  `stats` may be NULL.
  *
  * Errors: those of blockmirror_image_info for the source, -EEXIST (the
  * destination exists), -EINVAL (src and dst are the same file, bad
@@ -501,6 +504,7 @@ extern const char *blockmirror_mode_name(enum blockmirror_mode mode);
  */
 struct blockmirror_server;
 
+/* A NULL options pointer means the defaults below. */
 struct blockmirror_server_options {
 	size_t size;              /* sizeof (struct blockmirror_server_options) */
 	const char *export_name;  /* NULL: "" (the default export) */

@@ -238,6 +238,7 @@ struct events {
 	atomic_int errors;
 	atomic_int paused;
 	atomic_int resumed;
+	atomic_int mode_changed; /* MODE_CHANGED to active */
 	atomic_int pivoted;   /* COMPLETED events with pivoted = true */
 	atomic_int unpivoted; /* COMPLETED events with pivoted = false */
 };
@@ -272,6 +273,10 @@ on_event(void *data, const struct blockmirror_event *ev)
 		break;
 	case BLOCKMIRROR_EVENT_RESUMED:
 		e->resumed++;
+		break;
+	case BLOCKMIRROR_EVENT_MODE_CHANGED:
+		if (ev->mode == BLOCKMIRROR_MODE_ACTIVE)
+			e->mode_changed++;
 		break;
 	default:
 		break;
@@ -1635,6 +1640,110 @@ START_TEST(test_close_with_job)
 }
 END_TEST
 
+/* ---- auto mode: background until it stops converging ----------------- */
+
+/*
+ * A guest dirtying 64 KiB chunks with 4 KiB writes faster than a
+ * speed-limited background copy can clean them: the remaining work stops
+ * shrinking, so auto mode must switch itself to active (MODE_CHANGED),
+ * after which the job converges even under the same load.
+ */
+START_TEST(test_auto_mode)
+{
+	struct fx f;
+	struct blockmirror_job_options o;
+	struct blockmirror_job_info info;
+	struct blockmirror_job *job;
+	struct hammer h = { 0 };
+	unsigned char *snap;
+	int r;
+
+	/* 4 MiB: the first half is copied in about two seconds, then the
+	 * hammered second half keeps the remaining work from shrinking. */
+	fx_init(&f, 4 * MiB, LAYOUT_FULL, 300);
+	o = fx_options(&f, BLOCKMIRROR_MODE_AUTO);
+	o.speed = 1 * MiB;
+	h.disk = f.disk;
+	h.size = f.size;
+	job = fx_start(&f, &o);
+	ck_assert_int_eq(pthread_create(&h.thread, NULL, hammer_main, &h), 0);
+	for (int i = 0; i < 200 && !f.ev.mode_changed; i++)
+		sleep_ms(100);
+	ck_assert_msg(f.ev.mode_changed == 1, "auto mode did not switch to "
+		      "active in 20 s");
+	info = query(job);
+	ck_assert_int_eq(info.mode, BLOCKMIRROR_MODE_ACTIVE);
+	ck_assert(info.auto_mode);
+	ck_assert_int_eq(blockmirror_job_set_speed(job, 0), 0);
+	wait_state(job, BLOCKMIRROR_JOB_READY, WAIT_MS, "auto mode");
+	atomic_store(&h.stop, true);
+	pthread_join(h.thread, NULL);
+	ck_assert_int_eq(atomic_load(&h.err), 0);
+	snap = disk_snapshot(f.disk, f.size);
+	r = blockmirror_job_complete(job);
+	ck_assert_msg(r == 0, "complete: %s", blockmirror_last_error());
+	blockmirror_job_free(job);
+	fx_close_disk(&f);
+	check_file(f.dst, snap, f.size, "the destination");
+	free(snap);
+	fx_fini(&f);
+}
+END_TEST
+
+/* ---- the pivot's stall limit ------------------------------------------ */
+
+/*
+ * With max_stall_us, a pivot whose final copy would stall the guest
+ * longer is refused with ETIMEDOUT and the job stays READY on the
+ * source; once the remaining work is small the same pivot goes through.
+ */
+START_TEST(test_max_stall)
+{
+	struct fx f;
+	struct blockmirror_job_options o;
+	struct blockmirror_job *job;
+	unsigned char *buf = malloc(8 * MiB);
+	char *img;
+	int r;
+
+	fx_init(&f, 32 * MiB, LAYOUT_FULL, 400);
+	o = fx_options(&f, BLOCKMIRROR_MODE_BACKGROUND);
+	o.max_stall_us = 1;
+	job = fx_start(&f, &o);
+	wait_state(job, BLOCKMIRROR_JOB_READY, WAIT_MS, "max stall");
+	/* Background mode with the copy slowed to a crawl: 8 MiB of guest
+	 * writes stay dirty. */
+	memset(buf, 0x77, 8 * MiB);
+	ck_assert_int_eq(blockmirror_job_set_speed(job, 1), 0);
+	ck_assert_int_eq(blockmirror_disk_write(f.disk, buf, 8 * MiB, MiB, 0),
+			 0);
+	ck_assert_msg(query(job).dirty_bytes >= 7 * MiB, "the writes were "
+		      "copied already");
+	r = blockmirror_job_complete(job);
+	ck_assert_msg(r == -ETIMEDOUT, "complete with 8 MiB dirty and a 1 us "
+		      "stall limit returned %d (%s)", r,
+		      r ? blockmirror_last_error() : "pivoted");
+	ck_assert_int_eq(query(job).state, BLOCKMIRROR_JOB_READY);
+	img = blockmirror_disk_get_image(f.disk);
+	ck_assert_str_eq(img, f.src);
+	free(img);
+	/* Nothing dirty any more: the pivot copies nothing and proceeds. */
+	ck_assert_int_eq(blockmirror_job_set_speed(job, 0), 0);
+	for (int i = 0; i < 100 && query(job).dirty_bytes; i++)
+		sleep_ms(20);
+	ck_assert_int_eq(query(job).dirty_bytes, 0);
+	r = blockmirror_job_complete(job);
+	ck_assert_msg(r == 0, "complete when clean: %s",
+		      blockmirror_last_error());
+	memcpy(f.content + MiB, buf, 8 * MiB);
+	blockmirror_job_free(job);
+	fx_close_disk(&f);
+	check_file(f.dst, f.content, f.size, "the destination");
+	free(buf);
+	fx_fini(&f);
+}
+END_TEST
+
 /* ---- main ------------------------------------------------------------- */
 
 static void
@@ -1677,6 +1786,8 @@ main(void)
 	add(s, "22-discard", test_discard, 2);
 	add(s, "26-probed-destination", test_probed_destination, 4);
 	add(s, "30-close-with-job", test_close_with_job, 3);
+	add(s, "auto-mode", test_auto_mode, 1);
+	add(s, "max-stall", test_max_stall, 1);
 
 	sr = srunner_create(s);
 	srunner_run_all(sr, CK_NORMAL);
