@@ -274,6 +274,11 @@ submit_to_image(struct bm_req *req)
 	case BM_REQ_FLUSH:
 		bm_image_flush(img, io);
 		break;
+	case BM_REQ_BLOCK_STATUS:
+		io->buf = NULL;
+		io->extents = req->buf;
+		bm_image_block_status(img, io);
+		break;
 	}
 }
 
@@ -291,8 +296,9 @@ bm_disk_submit(struct bm_req *req)
 		return;
 	}
 	disk->inflight++;
-	if (disk->job && req->type != BM_REQ_READ &&
-	    req->type != BM_REQ_FLUSH) {
+	if (disk->job && (req->type == BM_REQ_WRITE ||
+			  req->type == BM_REQ_ZERO ||
+			  req->type == BM_REQ_DISCARD)) {
 		bm_mirror_guest_write(disk->job, req);
 		return;
 	}
@@ -392,7 +398,8 @@ disk_aio(struct blockmirror_disk *disk, enum bm_req_type type, void *buf,
 		return bm_error(-EINVAL, "request %" PRIu64 "+%" PRIu64
 				" beyond the end of the disk (%" PRIu64 ")",
 				offset, len, disk->size);
-	if (type != BM_REQ_READ && type != BM_REQ_FLUSH && disk->readonly)
+	if ((type == BM_REQ_WRITE || type == BM_REQ_ZERO ||
+	     type == BM_REQ_DISCARD) && disk->readonly)
 		return bm_error(-EROFS, "the disk is read-only");
 	if (flags & ~(BLOCKMIRROR_REQ_FUA | BLOCKMIRROR_REQ_MAY_TRIM))
 		return bm_error(-EINVAL, "unknown request flags 0x%x", flags);
@@ -468,6 +475,15 @@ blockmirror_disk_aio_discard(struct blockmirror_disk *disk, uint64_t len,
 			 user_data);
 
 	return AIO_RETURN("blockmirror_disk_aio_discard", r);
+}
+
+int
+bm_disk_aio_block_status(struct blockmirror_disk *disk, uint64_t len,
+			 uint64_t offset, struct bm_extent_list *l,
+			 blockmirror_done_fn done, void *user_data)
+{
+	return disk_aio(disk, BM_REQ_BLOCK_STATUS, l, len, offset, 0, done,
+			user_data);
 }
 
 BM_EXPORT int

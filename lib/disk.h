@@ -14,6 +14,7 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "extent.h"
 #include "image.h"
 #include "loop.h"
 #include "waiter.h"
@@ -26,6 +27,7 @@ enum bm_req_type {
 	BM_REQ_ZERO,
 	BM_REQ_DISCARD,
 	BM_REQ_FLUSH,
+	BM_REQ_BLOCK_STATUS,          /* buf is a struct bm_extent_list */
 };
 
 /* One guest request, from acceptance to completion. */
@@ -123,6 +125,15 @@ uint64_t bm_disk_unquiesce(struct blockmirror_disk *disk);
  * it while it waits.
  */
 int bm_disk_call(struct blockmirror_disk *disk, struct bm_call *call);
+
+/*
+ * What the guest sees in [offset, offset + len): extents appended to `l`
+ * (which the caller owns until done).  Goes through the disk like a read,
+ * so it queues during a pivot and always asks the active image.
+ */
+int bm_disk_aio_block_status(struct blockmirror_disk *disk, uint64_t len,
+			     uint64_t offset, struct bm_extent_list *l,
+			     blockmirror_done_fn done, void *user_data);
 
 /* Is the current thread running this disk's loop? */
 bool bm_disk_on_loop(struct blockmirror_disk *disk);

@@ -439,6 +439,7 @@ struct srv_req {
 	uint64_t charged;                   /* in inflight_bytes */
 	uint32_t err;                       /* NBD error to answer with */
 	bool flush_after;                   /* TRIM + FUA */
+	struct bm_extent_list ext;          /* BLOCK_STATUS */
 	uint8_t hdr[32];
 };
 
@@ -1136,6 +1137,7 @@ req_release(struct srv_req *req)
 	c->inflight--;
 	c->inflight_bytes -= req->charged;
 	free(req->buf);
+	bm_extent_list_free(&req->ext);
 	free(req);
 }
 
@@ -1165,6 +1167,48 @@ req_new(struct srv_conn *c, bool with_buf)
 	c->inflight++;
 	c->inflight_bytes += req->charged;
 	return req;
+}
+
+/*
+ * Turn the disk's extents for a BLOCK_STATUS request into NBD
+ * descriptors (u32 length, u32 flags; NBD's HOLE and ZERO bits are ours)
+ * in req->buf.  Lengths are clipped to the request and to u32; with
+ * REQ_ONE only the first is kept.  Returns how many, 0 on no memory.
+ */
+static size_t
+block_status_descriptors(struct srv_req *req)
+{
+	const struct bm_extent_list *l = &req->ext;
+	size_t max = (req->r.flags & BM_NBD_CMD_FLAG_REQ_ONE) ? 1 : 4096;
+	uint64_t end = req->r.offset + req->r.length, pos = req->r.offset;
+	uint8_t *d;
+	size_t n = 0;
+
+	d = malloc(8 * BM_MIN(max, BM_MAX(l->len, 1)));
+	if (!d)
+		return 0;
+	for (size_t i = 0; i < l->len && n < max && pos < end; i++) {
+		const struct bm_extent *e = &l->v[i];
+		uint64_t e_end = BM_MIN(e->offset + e->length, end);
+		uint64_t len;
+
+		if (e_end <= pos)
+			continue;
+		len = BM_MIN(e_end - pos, UINT32_MAX & ~UINT64_C(511));
+		put32(d + 8 * n, (uint32_t)len);
+		put32(d + 8 * n + 4, e->flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO));
+		n++;
+		pos += len;
+	}
+	if (n == 0) {
+		/* No map (cannot happen for a successful call): all data. */
+		put32(d, req->r.length);
+		put32(d + 4, 0);
+		n = 1;
+	}
+	free(req->buf);
+	req->buf = d;
+	return n;
 }
 
 /* Queue the reply for req: its error, or its result. */
@@ -1200,18 +1244,22 @@ req_reply(struct srv_req *req, uint32_t err)
 			put64(h + 20, req->r.offset);
 			hlen = 28;
 		} else if (req->r.type == BM_NBD_CMD_BLOCK_STATUS) {
-			/*
-			 * The disk has no allocation query in its public API
-			 * yet, so the whole range is reported as one data
-			 * extent (flags 0).  That is always correct, only not
-			 * sparse: clients copy zeroes they could have skipped.
-			 */
-			put16(h + 6, NBD_REPLY_TYPE_BLOCK_STATUS);
-			put32(h + 16, 12);
-			put32(h + 20, BASE_ALLOCATION_ID);
-			put32(h + 24, req->r.length);
-			put32(h + 28, 0);
-			hlen = 32;
+			size_t n = block_status_descriptors(req);
+
+			if (!n) {
+				put16(h + 6, NBD_REPLY_TYPE_ERROR);
+				put32(h + 16, 6);
+				put32(h + 20, BM_NBD_ENOMEM);
+				put16(h + 24, 0);
+				hlen = 26;
+			} else {
+				put16(h + 6, NBD_REPLY_TYPE_BLOCK_STATUS);
+				put32(h + 16, (uint32_t)(4 + 8 * n));
+				put32(h + 20, BASE_ALLOCATION_ID);
+				hlen = 24;
+				m->iov[1].iov_base = req->buf;
+				m->iov[1].iov_len = 8 * n;
+			}
 		} else {
 			put16(h + 6, NBD_REPLY_TYPE_NONE);
 			put32(h + 16, 0);
@@ -1222,6 +1270,10 @@ req_reply(struct srv_req *req, uint32_t err)
 	m->iov[0].iov_len = hlen;
 	m->niov = 1;
 	m->len = hlen;
+	if (m->iov[1].iov_base && !data) { /* block status descriptors */
+		m->niov = 2;
+		m->len += m->iov[1].iov_len;
+	}
 	if (data) {
 		m->iov[1].iov_base = req->buf;
 		m->iov[1].iov_len = req->r.length;
@@ -1295,9 +1347,12 @@ req_submit(struct srv_req *req)
 							r->offset, flags,
 							req_disk_done, req);
 		break;
+	case BM_NBD_CMD_BLOCK_STATUS:
+		err = bm_disk_aio_block_status(disk, r->length, r->offset,
+					       &req->ext, req_disk_done, req);
+		break;
 	default:
-		/* CACHE (a hint we may ignore) and BLOCK_STATUS (see
-		 * req_reply) need nothing from the disk. */
+		/* CACHE: a hint we may ignore. */
 		req_reply(req, 0);
 		return;
 	}

@@ -667,8 +667,12 @@ START_TEST(test_nbdinfo)
 	ck_assert(strstr(out, "\"block_size_maximum\": 33554432"));
 	free(out);
 
+	/* The image's real allocation: data, hole, data, hole (MiB each). */
 	out = sh_out("nbdinfo --map '%s'", fx.uri);
-	ck_assert_msg(strstr(out, "data") && strstr(out, "4194304"),
+	ck_assert_msg(strstr(out, "data") && strstr(out, "hole,zero") &&
+		      strstr(out, "1048576     1048576    3") &&
+		      strstr(out, "2097152     1048576    0") &&
+		      strstr(out, "3145728     1048576    3"),
 		      "nbdinfo --map: %s", out);
 	free(out);
 
@@ -1282,10 +1286,22 @@ START_TEST(test_raw_structured)
 		 MiB, 2 * MiB);
 	read_chunk(fd, &c);
 	ck_assert(c.cookie == 3 && c.type == 5 && c.flags == 1);
-	ck_assert_uint_eq(c.length, 12);
+	ck_assert_uint_eq(c.length, 12);             /* REQ_ONE: one extent */
 	ck_assert_uint_eq(get32(c.payload), 1);      /* context id */
-	ck_assert_uint_eq(get32(c.payload + 4), 2 * MiB);
-	ck_assert_uint_eq(get32(c.payload + 8), 0);  /* data */
+	ck_assert_uint_eq(get32(c.payload + 4), MiB);
+	ck_assert_uint_eq(get32(c.payload + 8), 3);  /* hole, zero */
+	free(c.payload);
+
+	send_req(fd, 0, BM_NBD_CMD_BLOCK_STATUS, 33, MiB + 4096, 2 * MiB);
+	read_chunk(fd, &c);
+	ck_assert(c.cookie == 33 && c.type == 5 && c.flags == 1);
+	ck_assert_uint_eq(c.length, 4 + 3 * 8);
+	ck_assert_uint_eq(get32(c.payload + 4), MiB - 4096);
+	ck_assert_uint_eq(get32(c.payload + 8), 3);
+	ck_assert_uint_eq(get32(c.payload + 12), MiB);
+	ck_assert_uint_eq(get32(c.payload + 16), 0); /* data */
+	ck_assert_uint_eq(get32(c.payload + 20), 4096);
+	ck_assert_uint_eq(get32(c.payload + 24), 3);
 	free(c.payload);
 
 	send_req(fd, 0, BM_NBD_CMD_WRITE, 4, 10, 10);
