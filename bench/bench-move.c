@@ -151,6 +151,19 @@ window(uint64_t t0, uint64_t t1, double *iops, double *p99_ms, double *max_ms)
 	pthread_mutex_unlock(&g.lock);
 	qsort(v, k, sizeof *v, cmp_u64);
 	*iops = (double)k / ((double)(t1 - t0) / 1e9);
+	if (getenv("BENCH_WHEN_MAX")) {
+		uint64_t worst = 0, at = 0;
+
+		pthread_mutex_lock(&g.lock);
+		for (size_t i = 0; i < g.n; i++)
+			if (g.when[i] >= t0 && g.when[i] < t1 && g.lat[i] > worst) {
+				worst = g.lat[i];
+				at = g.when[i] - g.lat[i];
+			}
+		pthread_mutex_unlock(&g.lock);
+		fprintf(stderr, "worst %.1f ms issued at +%.3f s\n",
+			(double)worst / 1e6, (double)(at - t0) / 1e9);
+	}
 	*p99_ms = k ? (double)v[k * 99 / 100] / 1e6 : 0;
 	*max_ms = k ? (double)v[k - 1] / 1e6 : 0;
 	free(v);
