@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Small helpers every lib/ file may use: export marking, container_of,
- * overflow-checked offset arithmetic, little and big endian accessors.
+ * overflow-checked offset arithmetic, big-endian accessors.
  * Every offset and length that comes from a file or the network goes
  * through the checked helpers before it is used.
  */
@@ -64,6 +64,46 @@ static inline uint64_t
 bm_round_down(uint64_t v, uint64_t align)
 {
 	return v & ~(align - 1);
+}
+
+/* Big-endian (network and on-disk) byte order. */
+static inline void
+bm_put_be16(uint8_t *p, uint16_t v)
+{
+	p[0] = (uint8_t)(v >> 8);
+	p[1] = (uint8_t)v;
+}
+
+static inline void
+bm_put_be32(uint8_t *p, uint32_t v)
+{
+	bm_put_be16(p, (uint16_t)(v >> 16));
+	bm_put_be16(p + 2, (uint16_t)v);
+}
+
+static inline void
+bm_put_be64(uint8_t *p, uint64_t v)
+{
+	bm_put_be32(p, (uint32_t)(v >> 32));
+	bm_put_be32(p + 4, (uint32_t)v);
+}
+
+static inline uint16_t
+bm_get_be16(const uint8_t *p)
+{
+	return (uint16_t)(p[0] << 8 | p[1]);
+}
+
+static inline uint32_t
+bm_get_be32(const uint8_t *p)
+{
+	return (uint32_t)bm_get_be16(p) << 16 | bm_get_be16(p + 2);
+}
+
+static inline uint64_t
+bm_get_be64(const uint8_t *p)
+{
+	return (uint64_t)bm_get_be32(p) << 32 | bm_get_be32(p + 4);
 }
 
 #endif /* BM_INTERNAL_H */

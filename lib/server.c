@@ -135,46 +135,6 @@ enum {
 #define ACCEPT_BACKOFF_NS (100 * UINT64_C(1000000))
 #define TLS_PRIORITY "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"
 
-/* ---- big-endian wire access ------------------------------------------- */
-
-static void
-put16(uint8_t *p, uint16_t v)
-{
-	p[0] = v >> 8;
-	p[1] = v;
-}
-
-static void
-put32(uint8_t *p, uint32_t v)
-{
-	put16(p, v >> 16);
-	put16(p + 2, v);
-}
-
-static void
-put64(uint8_t *p, uint64_t v)
-{
-	put32(p, v >> 32);
-	put32(p + 4, v);
-}
-
-static uint16_t
-get16(const uint8_t *p)
-{
-	return (uint16_t)(p[0] << 8 | p[1]);
-}
-
-static uint32_t
-get32(const uint8_t *p)
-{
-	return (uint32_t)get16(p) << 16 | get16(p + 2);
-}
-
-static uint64_t
-get64(const uint8_t *p)
-{
-	return (uint64_t)get32(p) << 32 | get32(p + 4);
-}
 
 /* ---- pure protocol helpers (server.h) --------------------------------- */
 
@@ -239,13 +199,13 @@ bm_server_parse_address(const char *address, struct bm_server_address *out)
 int
 bm_server_decode_request(const uint8_t *hdr, struct bm_server_request *req)
 {
-	if (get32(hdr) != NBD_REQUEST_MAGIC)
+	if (bm_get_be32(hdr) != NBD_REQUEST_MAGIC)
 		return -EBADMSG;
-	req->flags = get16(hdr + 4);
-	req->type = get16(hdr + 6);
-	req->cookie = get64(hdr + 8);
-	req->offset = get64(hdr + 16);
-	req->length = get32(hdr + 24);
+	req->flags = bm_get_be16(hdr + 4);
+	req->type = bm_get_be16(hdr + 6);
+	req->cookie = bm_get_be64(hdr + 8);
+	req->offset = bm_get_be64(hdr + 16);
+	req->length = bm_get_be32(hdr + 24);
 	return 0;
 }
 
@@ -362,12 +322,12 @@ bm_server_parse_info_request(const uint8_t *data, uint32_t len,
 	memset(out, 0, sizeof *out);
 	if (len < 6)
 		return -EINVAL;
-	nlen = get32(data);
+	nlen = bm_get_be32(data);
 	if (nlen > len - 6)
 		return -EINVAL;
 	out->name = data + 4;
 	out->name_len = nlen;
-	out->ninfos = get16(data + 4 + nlen);
+	out->ninfos = bm_get_be16(data + 4 + nlen);
 	if ((uint64_t)len != 6 + (uint64_t)nlen + 2 * (uint64_t)out->ninfos)
 		return -EINVAL;
 	out->infos = data + 6 + nlen;
@@ -384,20 +344,20 @@ bm_server_parse_meta_request(const uint8_t *data, uint32_t len,
 	memset(out, 0, sizeof *out);
 	if (len < 8)
 		return -EINVAL;
-	nlen = get32(data);
+	nlen = bm_get_be32(data);
 	if (nlen > len - 8)
 		return -EINVAL;
 	out->name = data + 4;
 	out->name_len = nlen;
 	pos = 4 + nlen;
-	out->queries = get32(data + pos);
+	out->queries = bm_get_be32(data + pos);
 	pos += 4;
 	for (uint32_t i = 0; i < out->queries; i++) {
 		uint32_t qlen;
 
 		if (len - pos < 4)
 			return -EINVAL;
-		qlen = get32(data + pos);
+		qlen = bm_get_be32(data + pos);
 		pos += 4;
 		if (qlen > len - pos)
 			return -EINVAL;
@@ -1195,15 +1155,15 @@ block_status_descriptors(struct srv_req *req)
 		if (e_end <= pos)
 			continue;
 		len = BM_MIN(e_end - pos, UINT32_MAX & ~UINT64_C(511));
-		put32(d + 8 * n, (uint32_t)len);
-		put32(d + 8 * n + 4, e->flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO));
+		bm_put_be32(d + 8 * n, (uint32_t)len);
+		bm_put_be32(d + 8 * n + 4, e->flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO));
 		n++;
 		pos += len;
 	}
 	if (n == 0) {
 		/* No map (cannot happen for a successful call): all data. */
-		put32(d, req->r.length);
-		put32(d + 4, 0);
+		bm_put_be32(d, req->r.length);
+		bm_put_be32(d + 4, 0);
 		n = 1;
 	}
 	free(req->buf);
@@ -1223,46 +1183,46 @@ req_reply(struct srv_req *req, uint32_t err)
 
 	m->release = req_msg_release;
 	if (!c->structured) {
-		put32(h, NBD_SIMPLE_REPLY_MAGIC);
-		put32(h + 4, err);
-		put64(h + 8, req->r.cookie);
+		bm_put_be32(h, NBD_SIMPLE_REPLY_MAGIC);
+		bm_put_be32(h + 4, err);
+		bm_put_be64(h + 8, req->r.cookie);
 		hlen = 16;
 	} else {
-		put32(h, NBD_STRUCTURED_REPLY_MAGIC);
-		put16(h + 4, NBD_REPLY_FLAG_DONE);
-		put64(h + 8, req->r.cookie);
+		bm_put_be32(h, NBD_STRUCTURED_REPLY_MAGIC);
+		bm_put_be16(h + 4, NBD_REPLY_FLAG_DONE);
+		bm_put_be64(h + 8, req->r.cookie);
 		if (err) {
 			/* u32 error, u16 message length (no message). */
-			put16(h + 6, NBD_REPLY_TYPE_ERROR);
-			put32(h + 16, 6);
-			put32(h + 20, err);
-			put16(h + 24, 0);
+			bm_put_be16(h + 6, NBD_REPLY_TYPE_ERROR);
+			bm_put_be32(h + 16, 6);
+			bm_put_be32(h + 20, err);
+			bm_put_be16(h + 24, 0);
 			hlen = 26;
 		} else if (data) {
-			put16(h + 6, NBD_REPLY_TYPE_OFFSET_DATA);
-			put32(h + 16, 8 + req->r.length);
-			put64(h + 20, req->r.offset);
+			bm_put_be16(h + 6, NBD_REPLY_TYPE_OFFSET_DATA);
+			bm_put_be32(h + 16, 8 + req->r.length);
+			bm_put_be64(h + 20, req->r.offset);
 			hlen = 28;
 		} else if (req->r.type == BM_NBD_CMD_BLOCK_STATUS) {
 			size_t n = block_status_descriptors(req);
 
 			if (!n) {
-				put16(h + 6, NBD_REPLY_TYPE_ERROR);
-				put32(h + 16, 6);
-				put32(h + 20, BM_NBD_ENOMEM);
-				put16(h + 24, 0);
+				bm_put_be16(h + 6, NBD_REPLY_TYPE_ERROR);
+				bm_put_be32(h + 16, 6);
+				bm_put_be32(h + 20, BM_NBD_ENOMEM);
+				bm_put_be16(h + 24, 0);
 				hlen = 26;
 			} else {
-				put16(h + 6, NBD_REPLY_TYPE_BLOCK_STATUS);
-				put32(h + 16, (uint32_t)(4 + 8 * n));
-				put32(h + 20, BASE_ALLOCATION_ID);
+				bm_put_be16(h + 6, NBD_REPLY_TYPE_BLOCK_STATUS);
+				bm_put_be32(h + 16, (uint32_t)(4 + 8 * n));
+				bm_put_be32(h + 20, BASE_ALLOCATION_ID);
 				hlen = 24;
 				m->iov[1].iov_base = req->buf;
 				m->iov[1].iov_len = 8 * n;
 			}
 		} else {
-			put16(h + 6, NBD_REPLY_TYPE_NONE);
-			put32(h + 16, 0);
+			bm_put_be16(h + 6, NBD_REPLY_TYPE_NONE);
+			bm_put_be32(h + 16, 0);
 			hlen = 20;
 		}
 	}
@@ -1486,10 +1446,10 @@ opt_reply(struct srv_conn *c, uint32_t type, uint32_t len)
 
 	if (!p)
 		return NULL;
-	put64(p, NBD_REP_MAGIC);
-	put32(p + 8, c->opt);
-	put32(p + 12, type);
-	put32(p + 16, len);
+	bm_put_be64(p, NBD_REP_MAGIC);
+	bm_put_be32(p + 8, c->opt);
+	bm_put_be32(p + 12, type);
+	bm_put_be32(p + 16, len);
 	return p + 20;
 }
 
@@ -1527,7 +1487,7 @@ info_string(struct srv_conn *c, uint16_t info, const char *str)
 	uint8_t *p = opt_reply(c, NBD_REP_INFO, 2 + (uint32_t)len);
 
 	if (p) {
-		put16(p, info);
+		bm_put_be16(p, info);
 		memcpy(p + 2, str, len);
 	}
 }
@@ -1549,7 +1509,7 @@ opt_info(struct srv_conn *c, bool go)
 		return;
 	}
 	for (uint16_t i = 0; i < ir.ninfos; i++) {
-		uint16_t info = get16(ir.infos + 2 * i);
+		uint16_t info = bm_get_be16(ir.infos + 2 * i);
 
 		if (info == NBD_INFO_NAME)
 			want_name = true;
@@ -1558,9 +1518,9 @@ opt_info(struct srv_conn *c, bool go)
 	}
 	p = opt_reply(c, NBD_REP_INFO, 12);
 	if (p) {
-		put16(p, NBD_INFO_EXPORT);
-		put64(p + 2, s->disk->size);
-		put16(p + 10, bm_server_tx_flags(s->readonly, c->structured));
+		bm_put_be16(p, NBD_INFO_EXPORT);
+		bm_put_be64(p + 2, s->disk->size);
+		bm_put_be16(p + 10, bm_server_tx_flags(s->readonly, c->structured));
 	}
 	if (want_name)
 		info_string(c, NBD_INFO_NAME, s->export_name);
@@ -1570,10 +1530,10 @@ opt_info(struct srv_conn *c, bool go)
 	 * nothing, and it tells clients the preferred and largest sizes. */
 	p = opt_reply(c, NBD_REP_INFO, 14);
 	if (p) {
-		put16(p, NBD_INFO_BLOCK_SIZE);
-		put32(p + 2, 1);
-		put32(p + 6, BM_SERVER_PREFERRED_BLOCK);
-		put32(p + 10, BM_SERVER_MAX_PAYLOAD);
+		bm_put_be16(p, NBD_INFO_BLOCK_SIZE);
+		bm_put_be32(p + 2, 1);
+		bm_put_be32(p + 6, BM_SERVER_PREFERRED_BLOCK);
+		bm_put_be32(p + 10, BM_SERVER_MAX_PAYLOAD);
 	}
 	opt_ack(c);
 	if (go && !c->oom)
@@ -1613,7 +1573,7 @@ opt_meta(struct srv_conn *c, bool set)
 	if (reply) {
 		p = opt_reply(c, NBD_REP_META_CONTEXT, 4 + sizeof ba - 1);
 		if (p) {
-			put32(p, set ? BASE_ALLOCATION_ID : 0);
+			bm_put_be32(p, set ? BASE_ALLOCATION_ID : 0);
 			memcpy(p + 4, ba, sizeof ba - 1);
 		}
 	}
@@ -1638,8 +1598,8 @@ opt_export_name(struct srv_conn *c)
 	if (!p)
 		return;
 	memset(p, 0, len);
-	put64(p, s->disk->size);
-	put16(p + 8, bm_server_tx_flags(s->readonly, c->structured));
+	bm_put_be64(p, s->disk->size);
+	bm_put_be16(p + 8, bm_server_tx_flags(s->readonly, c->structured));
 	start_transmission(c);
 }
 
@@ -1681,7 +1641,7 @@ process_option(struct srv_conn *c)
 					       4 + (uint32_t)(len + dlen));
 
 			if (p) {
-				put32(p, (uint32_t)len);
+				bm_put_be32(p, (uint32_t)len);
 				memcpy(p + 4, s->export_name, len);
 				if (dlen)
 					memcpy(p + 4 + len, s->description,
@@ -1754,14 +1714,14 @@ got_option(struct srv_conn *c)
 {
 	const struct blockmirror_server *s = c->server;
 
-	if (get64(c->opt_hdr) != NBD_IHAVEOPT) {
+	if (bm_get_be64(c->opt_hdr) != NBD_IHAVEOPT) {
 		bm_debug("nbd server %s: bad option magic: disconnecting",
 			 s->address);
 		conn_kill(c);
 		return;
 	}
-	c->opt = get32(c->opt_hdr + 8);
-	c->opt_len = get32(c->opt_hdr + 12);
+	c->opt = bm_get_be32(c->opt_hdr + 8);
+	c->opt_len = bm_get_be32(c->opt_hdr + 12);
 	if (c->opt_len > BM_SERVER_MAX_OPTION) {
 		if (c->opt_len > BM_SERVER_MAX_OPTION_DROP ||
 		    c->opt == NBD_OPT_EXPORT_NAME) {
@@ -1794,7 +1754,7 @@ read_option(struct srv_conn *c)
 static void
 got_client_flags(struct srv_conn *c)
 {
-	uint32_t flags = get32(c->flags_buf);
+	uint32_t flags = bm_get_be32(c->flags_buf);
 
 	/* Fixed newstyle only; any bit we did not offer ends it. */
 	if (!(flags & NBD_FLAG_C_FIXED_NEWSTYLE) ||
@@ -1843,9 +1803,9 @@ conn_new(struct blockmirror_server *s, int fd)
 		 s->nclients);
 	p = msg_alloc(c, 18);
 	if (p) {
-		put64(p, NBD_MAGIC);
-		put64(p + 8, NBD_IHAVEOPT);
-		put16(p + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
+		bm_put_be64(p, NBD_MAGIC);
+		bm_put_be64(p + 8, NBD_IHAVEOPT);
+		bm_put_be16(p + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
 		conn_read(c, c->flags_buf, sizeof c->flags_buf,
 			  got_client_flags);
 	} else {

@@ -40,6 +40,8 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "fault.h"
+
 #define KiB (UINT64_C(1) << 10)
 #define MiB (UINT64_C(1) << 20)
 #define WAIT_MS 20000 /* for things that take milliseconds when healthy */
@@ -1696,9 +1698,12 @@ END_TEST
  * With max_stall_us, a pivot whose final copy would stall the guest
  * longer is refused with ETIMEDOUT and the job stays READY on the
  * source; once the remaining work is small the same pivot goes through.
+ * The destination is slowed down (lib/fault.c) so that the pivot's own
+ * copying before it stops the guest cannot clean everything first.
  */
 START_TEST(test_max_stall)
 {
+	static struct bm_fault_rules rules;
 	struct fx f;
 	struct blockmirror_job_options o;
 	struct blockmirror_job *job;
@@ -1707,6 +1712,8 @@ START_TEST(test_max_stall)
 	int r;
 
 	fx_init(&f, 32 * MiB, LAYOUT_FULL, 400);
+	memset(&rules, 0, sizeof rules);
+	ck_assert_int_eq(bm_fault_register(f.dst, &rules), 0);
 	o = fx_options(&f, BLOCKMIRROR_MODE_BACKGROUND);
 	o.max_stall_us = 1;
 	job = fx_start(&f, &o);
@@ -1719,6 +1726,7 @@ START_TEST(test_max_stall)
 			 0);
 	ck_assert_msg(query(job).dirty_bytes >= 7 * MiB, "the writes were "
 		      "copied already");
+	rules.write_delay_ns = 300 * 1000000ull;
 	r = blockmirror_job_complete(job);
 	ck_assert_msg(r == -ETIMEDOUT, "complete with 8 MiB dirty and a 1 us "
 		      "stall limit returned %d (%s)", r,
@@ -1728,10 +1736,11 @@ START_TEST(test_max_stall)
 	ck_assert_str_eq(img, f.src);
 	free(img);
 	/* Nothing dirty any more: the pivot copies nothing and proceeds. */
+	rules.write_delay_ns = 0;
 	ck_assert_int_eq(blockmirror_job_set_speed(job, 0), 0);
-	for (int i = 0; i < 100 && query(job).dirty_bytes; i++)
+	for (int i = 0; i < 250 && query(job).bytes_remaining; i++)
 		sleep_ms(20);
-	ck_assert_int_eq(query(job).dirty_bytes, 0);
+	ck_assert_int_eq(query(job).bytes_remaining, 0);
 	r = blockmirror_job_complete(job);
 	ck_assert_msg(r == 0, "complete when clean: %s",
 		      blockmirror_last_error());
@@ -1740,6 +1749,7 @@ START_TEST(test_max_stall)
 	fx_close_disk(&f);
 	check_file(f.dst, f.content, f.size, "the destination");
 	free(buf);
+	bm_fault_unregister(f.dst);
 	fx_fini(&f);
 }
 END_TEST

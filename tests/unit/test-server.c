@@ -41,6 +41,7 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "internal.h"
 #include "server.h"
 
 #define SIZE (4u << 20)
@@ -283,44 +284,6 @@ assert_still_serving(void)
 
 /* ---- a raw NBD client ------------------------------------------------- */
 
-static void
-put16(uint8_t *p, uint16_t v)
-{
-	p[0] = v >> 8;
-	p[1] = v;
-}
-
-static void
-put32(uint8_t *p, uint32_t v)
-{
-	put16(p, v >> 16);
-	put16(p + 2, v);
-}
-
-static void
-put64(uint8_t *p, uint64_t v)
-{
-	put32(p, v >> 32);
-	put32(p + 4, v);
-}
-
-static uint16_t
-get16(const uint8_t *p)
-{
-	return (uint16_t)(p[0] << 8 | p[1]);
-}
-
-static uint32_t
-get32(const uint8_t *p)
-{
-	return (uint32_t)get16(p) << 16 | get16(p + 2);
-}
-
-static uint64_t
-get64(const uint8_t *p)
-{
-	return (uint64_t)get32(p) << 32 | get32(p + 4);
-}
 
 static void
 set_timeout(int fd)
@@ -426,10 +389,10 @@ raw_greet(int fd, uint32_t client_flags)
 	uint8_t g[18], f[4];
 
 	rd_all(fd, g, sizeof g);
-	ck_assert(get64(g) == NBD_MAGIC);
-	ck_assert(get64(g + 8) == IHAVEOPT);
-	ck_assert_uint_eq(get16(g + 16), 3); /* FIXED_NEWSTYLE | NO_ZEROES */
-	put32(f, client_flags);
+	ck_assert(bm_get_be64(g) == NBD_MAGIC);
+	ck_assert(bm_get_be64(g + 8) == IHAVEOPT);
+	ck_assert_uint_eq(bm_get_be16(g + 16), 3); /* FIXED_NEWSTYLE | NO_ZEROES */
+	bm_put_be32(f, client_flags);
 	wr_all(fd, f, 4);
 }
 
@@ -438,9 +401,9 @@ send_opt_len(int fd, uint32_t opt, uint32_t len)
 {
 	uint8_t h[16];
 
-	put64(h, IHAVEOPT);
-	put32(h + 8, opt);
-	put32(h + 12, len);
+	bm_put_be64(h, IHAVEOPT);
+	bm_put_be32(h + 8, opt);
+	bm_put_be32(h + 12, len);
 	wr_all(fd, h, sizeof h);
 }
 
@@ -461,9 +424,9 @@ read_opt_reply(int fd, uint32_t opt, uint8_t *data, size_t cap,
 	uint32_t n;
 
 	rd_all(fd, h, sizeof h);
-	ck_assert(get64(h) == REP_MAGIC);
-	ck_assert_uint_eq(get32(h + 8), opt);
-	n = get32(h + 16);
+	ck_assert(bm_get_be64(h) == REP_MAGIC);
+	ck_assert_uint_eq(bm_get_be32(h + 8), opt);
+	n = bm_get_be32(h + 16);
 	if (len)
 		*len = n;
 	if (data) {
@@ -477,7 +440,7 @@ read_opt_reply(int fd, uint32_t opt, uint8_t *data, size_t cap,
 			n -= (uint32_t)k;
 		}
 	}
-	return get32(h + 12);
+	return bm_get_be32(h + 12);
 }
 
 static void
@@ -492,11 +455,11 @@ info_data(uint8_t *d, const char *name, const uint16_t *infos, uint16_t n)
 {
 	uint32_t nl = name ? (uint32_t)strlen(name) : 0;
 
-	put32(d, nl);
+	bm_put_be32(d, nl);
 	memcpy(d + 4, name ? name : "", nl);
-	put16(d + 4 + nl, n);
+	bm_put_be16(d + 4 + nl, n);
 	for (uint16_t i = 0; i < n; i++)
-		put16(d + 6 + nl + 2 * i, infos[i]);
+		bm_put_be16(d + 6 + nl + 2 * i, infos[i]);
 	return 6 + nl + 2u * n;
 }
 
@@ -512,10 +475,10 @@ raw_go(int fd)
 	send_opt(fd, OPT_GO, d, info_data(d, NULL, NULL, 0));
 	while ((type = read_opt_reply(fd, OPT_GO, d, sizeof d, &len)) ==
 	       REP_INFO) {
-		if (get16(d) == 0) {
+		if (bm_get_be16(d) == 0) {
 			ck_assert_uint_eq(len, 12);
-			ck_assert(get64(d + 2) == SIZE);
-			flags = get16(d + 10);
+			ck_assert(bm_get_be64(d + 2) == SIZE);
+			flags = bm_get_be16(d + 10);
 			got_export = true;
 		}
 	}
@@ -535,15 +498,15 @@ raw_structured(int fd, bool meta)
 	expect_ack(fd, OPT_SR);
 	if (!meta)
 		return;
-	put32(d, 0);
-	put32(d + 4, 1);
-	put32(d + 8, sizeof ba - 1);
+	bm_put_be32(d, 0);
+	bm_put_be32(d + 4, 1);
+	bm_put_be32(d + 8, sizeof ba - 1);
 	memcpy(d + 12, ba, sizeof ba - 1);
 	send_opt(fd, OPT_SET_META, d, 12 + sizeof ba - 1);
 	ck_assert_uint_eq(read_opt_reply(fd, OPT_SET_META, d, sizeof d, &len),
 			  REP_META);
 	ck_assert_uint_eq(len, 4 + sizeof ba - 1);
-	ck_assert_uint_eq(get32(d), 1);
+	ck_assert_uint_eq(bm_get_be32(d), 1);
 	ck_assert(!memcmp(d + 4, ba, sizeof ba - 1));
 	expect_ack(fd, OPT_SET_META);
 }
@@ -567,12 +530,12 @@ send_req(int fd, uint16_t flags, uint16_t type, uint64_t cookie,
 {
 	uint8_t h[28];
 
-	put32(h, REQ_MAGIC);
-	put16(h + 4, flags);
-	put16(h + 6, type);
-	put64(h + 8, cookie);
-	put64(h + 16, offset);
-	put32(h + 24, length);
+	bm_put_be32(h, REQ_MAGIC);
+	bm_put_be16(h + 4, flags);
+	bm_put_be16(h + 6, type);
+	bm_put_be64(h + 8, cookie);
+	bm_put_be64(h + 16, offset);
+	bm_put_be32(h + 24, length);
 	wr_all(fd, h, sizeof h);
 }
 
@@ -583,11 +546,11 @@ read_simple(int fd, uint64_t cookie)
 	uint8_t h[16];
 
 	rd_all(fd, h, sizeof h);
-	ck_assert_uint_eq(get32(h), SIMPLE_MAGIC);
-	ck_assert_msg(get64(h + 8) == cookie, "cookie %llx, expected %llx",
-		      (unsigned long long)get64(h + 8),
+	ck_assert_uint_eq(bm_get_be32(h), SIMPLE_MAGIC);
+	ck_assert_msg(bm_get_be64(h + 8) == cookie, "cookie %llx, expected %llx",
+		      (unsigned long long)bm_get_be64(h + 8),
 		      (unsigned long long)cookie);
-	return get32(h + 4);
+	return bm_get_be32(h + 4);
 }
 
 struct chunk {
@@ -603,11 +566,11 @@ read_chunk(int fd, struct chunk *c)
 	uint8_t h[20];
 
 	rd_all(fd, h, sizeof h);
-	ck_assert_uint_eq(get32(h), CHUNK_MAGIC);
-	c->flags = get16(h + 4);
-	c->type = get16(h + 6);
-	c->cookie = get64(h + 8);
-	c->length = get32(h + 16);
+	ck_assert_uint_eq(bm_get_be32(h), CHUNK_MAGIC);
+	c->flags = bm_get_be16(h + 4);
+	c->type = bm_get_be16(h + 6);
+	c->cookie = bm_get_be64(h + 8);
+	c->length = bm_get_be32(h + 16);
 	c->payload = malloc(c->length + 1);
 	ck_assert_ptr_nonnull(c->payload);
 	rd_all(fd, c->payload, c->length);
@@ -957,12 +920,12 @@ START_TEST(test_raw_unknown_options)
 	ck_assert_uint_eq(read_opt_reply(fd, OPT_GO, NULL, 0, NULL),
 			  REP_ERR_TOO_BIG);
 	/* Malformed GO: the name runs past the data; wrong info count. */
-	put32(d, 50);
+	bm_put_be32(d, 50);
 	send_opt(fd, OPT_GO, d, 8);
 	ck_assert_uint_eq(read_opt_reply(fd, OPT_GO, NULL, 0, NULL),
 			  REP_ERR_INVALID);
 	len = info_data(d, NULL, NULL, 0);
-	put16(d + 4, 3);
+	bm_put_be16(d + 4, 3);
 	send_opt(fd, OPT_GO, d, len);
 	ck_assert_uint_eq(read_opt_reply(fd, OPT_GO, NULL, 0, NULL),
 			  REP_ERR_INVALID);
@@ -1017,7 +980,7 @@ START_TEST(test_raw_info_list_meta_abort)
 	send_opt(fd, OPT_LIST, NULL, 0);
 	ck_assert_uint_eq(read_opt_reply(fd, OPT_LIST, d, sizeof d, &len),
 			  REP_SERVER);
-	ck_assert_uint_eq(get32(d), 5);
+	ck_assert_uint_eq(bm_get_be32(d), 5);
 	ck_assert(len == 4 + 5 + 9 && !memcmp(d + 4, "disk0described", 14));
 	expect_ack(fd, OPT_LIST);
 	send_opt(fd, OPT_LIST, "x", 1);
@@ -1027,10 +990,10 @@ START_TEST(test_raw_info_list_meta_abort)
 	send_opt(fd, OPT_INFO, d, info_data(d, "disk0", want, 4));
 	while ((type = read_opt_reply(fd, OPT_INFO, d, sizeof d, &len)) ==
 	       REP_INFO) {
-		switch (get16(d)) {
+		switch (bm_get_be16(d)) {
 		case 0:
-			ck_assert(len == 12 && get64(d + 2) == SIZE);
-			ck_assert_uint_eq(get16(d + 10),
+			ck_assert(len == 12 && bm_get_be64(d + 2) == SIZE);
+			ck_assert_uint_eq(bm_get_be16(d + 10),
 					  bm_server_tx_flags(false, false));
 			seen |= 1;
 			break;
@@ -1044,21 +1007,21 @@ START_TEST(test_raw_info_list_meta_abort)
 			break;
 		case 3:
 			ck_assert_uint_eq(len, 14);
-			ck_assert_uint_eq(get32(d + 2), 1);
-			ck_assert_uint_eq(get32(d + 6), 4096);
-			ck_assert_uint_eq(get32(d + 10), 32 * MiB);
+			ck_assert_uint_eq(bm_get_be32(d + 2), 1);
+			ck_assert_uint_eq(bm_get_be32(d + 6), 4096);
+			ck_assert_uint_eq(bm_get_be32(d + 10), 32 * MiB);
 			seen |= 8;
 			break;
 		default:
-			ck_abort_msg("unexpected info %u", get16(d));
+			ck_abort_msg("unexpected info %u", bm_get_be16(d));
 		}
 	}
 	ck_assert_uint_eq(type, REP_ACK);
 	ck_assert_int_eq(seen, 15);
 
 	/* Meta contexts need structured replies first. */
-	put32(d, 0);
-	put32(d + 4, 0);
+	bm_put_be32(d, 0);
+	bm_put_be32(d + 4, 0);
 	send_opt(fd, OPT_LIST_META, d, 8);
 	ck_assert_uint_eq(read_opt_reply(fd, OPT_LIST_META, NULL, 0, NULL),
 			  REP_ERR_INVALID);
@@ -1074,31 +1037,31 @@ START_TEST(test_raw_info_list_meta_abort)
 	ck_assert(len == 4 + 15 && !memcmp(d + 4, "base:allocation", 15));
 	expect_ack(fd, OPT_LIST_META);
 	/* "base:" lists base:allocation; "qemu:x" is ignored. */
-	put32(d, 0);
-	put32(d + 4, 2);
-	put32(d + 8, 5);
+	bm_put_be32(d, 0);
+	bm_put_be32(d + 4, 2);
+	bm_put_be32(d + 8, 5);
 	memcpy(d + 12, "base:", 5);
-	put32(d + 17, 6);
+	bm_put_be32(d + 17, 6);
 	memcpy(d + 21, "qemu:x", 6);
 	send_opt(fd, OPT_LIST_META, d, 27);
 	ck_assert_uint_eq(read_opt_reply(fd, OPT_LIST_META, NULL, 0, NULL),
 			  REP_META);
 	expect_ack(fd, OPT_LIST_META);
-	put32(d + 8, 6);
+	bm_put_be32(d + 8, 6);
 	memcpy(d + 12, "qemu:x", 6);
-	put32(d + 4, 1);
+	bm_put_be32(d + 4, 1);
 	send_opt(fd, OPT_SET_META, d, 18);
 	expect_ack(fd, OPT_SET_META); /* nothing selected */
 	/* Another export's contexts: unknown.  A query past the end. */
-	put32(d, 3);
+	bm_put_be32(d, 3);
 	memcpy(d + 4, "abc", 3);
-	put32(d + 7, 0);
+	bm_put_be32(d + 7, 0);
 	send_opt(fd, OPT_SET_META, d, 11);
 	ck_assert_uint_eq(read_opt_reply(fd, OPT_SET_META, NULL, 0, NULL),
 			  REP_ERR_UNKNOWN);
-	put32(d, 0);
-	put32(d + 4, 1);
-	put32(d + 8, 1000);
+	bm_put_be32(d, 0);
+	bm_put_be32(d + 4, 1);
+	bm_put_be32(d + 8, 1000);
 	send_opt(fd, OPT_SET_META, d, 14);
 	ck_assert_uint_eq(read_opt_reply(fd, OPT_SET_META, NULL, 0, NULL),
 			  REP_ERR_INVALID);
@@ -1121,8 +1084,8 @@ START_TEST(test_raw_export_name)
 	raw_greet(fd, 1);
 	send_opt(fd, OPT_EXPORT_NAME, NULL, 0);
 	rd_all(fd, d, 134);
-	ck_assert(get64(d) == SIZE);
-	ck_assert_uint_eq(get16(d + 8), bm_server_tx_flags(false, false));
+	ck_assert(bm_get_be64(d) == SIZE);
+	ck_assert_uint_eq(bm_get_be16(d + 8), bm_server_tx_flags(false, false));
 	for (int i = 10; i < 134; i++)
 		ck_assert_uint_eq(d[i], 0);
 	raw_read_model(fd, 1, 0, 4096);
@@ -1270,7 +1233,7 @@ START_TEST(test_raw_structured)
 	read_chunk(fd, &c);
 	ck_assert(c.cookie == 1 && c.type == 1 && c.flags == 1);
 	ck_assert_uint_eq(c.length, 8 + 65536);
-	ck_assert(get64(c.payload) == 4096);
+	ck_assert(bm_get_be64(c.payload) == 4096);
 	ck_assert(!memcmp(c.payload + 8, fx.model + 4096, 65536));
 	free(c.payload);
 
@@ -1278,8 +1241,8 @@ START_TEST(test_raw_structured)
 	read_chunk(fd, &c);
 	ck_assert(c.cookie == 2 && c.type == 32769 && c.flags == 1);
 	ck_assert_uint_eq(c.length, 6);
-	ck_assert_uint_eq(get32(c.payload), BM_NBD_EINVAL);
-	ck_assert_uint_eq(get16(c.payload + 4), 0);
+	ck_assert_uint_eq(bm_get_be32(c.payload), BM_NBD_EINVAL);
+	ck_assert_uint_eq(bm_get_be16(c.payload + 4), 0);
 	free(c.payload);
 
 	send_req(fd, BM_NBD_CMD_FLAG_REQ_ONE, BM_NBD_CMD_BLOCK_STATUS, 3,
@@ -1287,21 +1250,21 @@ START_TEST(test_raw_structured)
 	read_chunk(fd, &c);
 	ck_assert(c.cookie == 3 && c.type == 5 && c.flags == 1);
 	ck_assert_uint_eq(c.length, 12);             /* REQ_ONE: one extent */
-	ck_assert_uint_eq(get32(c.payload), 1);      /* context id */
-	ck_assert_uint_eq(get32(c.payload + 4), MiB);
-	ck_assert_uint_eq(get32(c.payload + 8), 3);  /* hole, zero */
+	ck_assert_uint_eq(bm_get_be32(c.payload), 1);      /* context id */
+	ck_assert_uint_eq(bm_get_be32(c.payload + 4), MiB);
+	ck_assert_uint_eq(bm_get_be32(c.payload + 8), 3);  /* hole, zero */
 	free(c.payload);
 
 	send_req(fd, 0, BM_NBD_CMD_BLOCK_STATUS, 33, MiB + 4096, 2 * MiB);
 	read_chunk(fd, &c);
 	ck_assert(c.cookie == 33 && c.type == 5 && c.flags == 1);
 	ck_assert_uint_eq(c.length, 4 + 3 * 8);
-	ck_assert_uint_eq(get32(c.payload + 4), MiB - 4096);
-	ck_assert_uint_eq(get32(c.payload + 8), 3);
-	ck_assert_uint_eq(get32(c.payload + 12), MiB);
-	ck_assert_uint_eq(get32(c.payload + 16), 0); /* data */
-	ck_assert_uint_eq(get32(c.payload + 20), 4096);
-	ck_assert_uint_eq(get32(c.payload + 24), 3);
+	ck_assert_uint_eq(bm_get_be32(c.payload + 4), MiB - 4096);
+	ck_assert_uint_eq(bm_get_be32(c.payload + 8), 3);
+	ck_assert_uint_eq(bm_get_be32(c.payload + 12), MiB);
+	ck_assert_uint_eq(bm_get_be32(c.payload + 16), 0); /* data */
+	ck_assert_uint_eq(bm_get_be32(c.payload + 20), 4096);
+	ck_assert_uint_eq(bm_get_be32(c.payload + 24), 3);
 	free(c.payload);
 
 	send_req(fd, 0, BM_NBD_CMD_WRITE, 4, 10, 10);
@@ -1352,9 +1315,9 @@ START_TEST(test_raw_pipeline)
 		int k;
 
 		rd_all(fd, h, sizeof h);
-		ck_assert_uint_eq(get32(h), SIMPLE_MAGIC);
-		ck_assert_uint_eq(get32(h + 4), 0);
-		cookie = get64(h + 8);
+		ck_assert_uint_eq(bm_get_be32(h), SIMPLE_MAGIC);
+		ck_assert_uint_eq(bm_get_be32(h + 4), 0);
+		cookie = bm_get_be64(h + 8);
 		k = (int)(cookie >> 32);
 		len = (uint32_t)cookie;
 		ck_assert(k >= 0 && k < N && !seen[k]);
@@ -1376,8 +1339,8 @@ START_TEST(test_raw_pipeline)
 		uint8_t h[16];
 
 		rd_all(fd, h, sizeof h);
-		ck_assert_uint_eq(get32(h + 4), 0);
-		ck_assert(get64(h + 8) >= 1000 && get64(h + 8) < 1008);
+		ck_assert_uint_eq(bm_get_be32(h + 4), 0);
+		ck_assert(bm_get_be64(h + 8) >= 1000 && bm_get_be64(h + 8) < 1008);
 	}
 	ck_assert(at_eof(fd));
 	close(fd);
@@ -1789,12 +1752,12 @@ START_TEST(test_check_request)
 	r.type = BM_NBD_CMD_TRIM;
 	ck_assert_uint_eq(bm_server_check_request(&big, &r), 0);
 
-	put32(h, REQ_MAGIC);
-	put16(h + 4, 0x0102);
-	put16(h + 6, 7);
-	put64(h + 8, 0x1122334455667788ull);
-	put64(h + 16, 42);
-	put32(h + 24, 4096);
+	bm_put_be32(h, REQ_MAGIC);
+	bm_put_be16(h + 4, 0x0102);
+	bm_put_be16(h + 6, 7);
+	bm_put_be64(h + 8, 0x1122334455667788ull);
+	bm_put_be64(h + 16, 42);
+	bm_put_be32(h + 24, 4096);
 	ck_assert_int_eq(bm_server_decode_request(h, &r), 0);
 	ck_assert(r.flags == 0x0102 && r.type == 7 &&
 		  r.cookie == 0x1122334455667788ull && r.offset == 42 &&
@@ -1839,29 +1802,29 @@ START_TEST(test_parse_options)
 		info_data(d, "ab", infos, 2), &ir), 0);
 	ck_assert(ir.name_len == 2 && !memcmp(ir.name, "ab", 2));
 	ck_assert_uint_eq(ir.ninfos, 2);
-	ck_assert_uint_eq(get16(ir.infos + 2), 1);
+	ck_assert_uint_eq(bm_get_be16(ir.infos + 2), 1);
 	ck_assert_int_eq(bm_server_parse_info_request(d, 11, &ir), -EINVAL);
 	ck_assert_int_eq(bm_server_parse_info_request(d, 13, &ir), -EINVAL);
 	ck_assert_int_eq(bm_server_parse_info_request(d, 5, &ir), -EINVAL);
-	put32(d, 0xfffffffeu);
+	bm_put_be32(d, 0xfffffffeu);
 	ck_assert_int_eq(bm_server_parse_info_request(d, 12, &ir), -EINVAL);
 
-	put32(d, 1);
+	bm_put_be32(d, 1);
 	d[4] = 'x';
-	put32(d + 5, 2);
-	put32(d + 9, 15);
+	bm_put_be32(d + 5, 2);
+	bm_put_be32(d + 9, 15);
 	memcpy(d + 13, "base:allocation", 15);
-	put32(d + 28, 5);
+	bm_put_be32(d + 28, 5);
 	memcpy(d + 32, "base:", 5);
 	ck_assert_int_eq(bm_server_parse_meta_request(d, 37, &m), 0);
 	ck_assert(m.name_len == 1 && m.queries == 2 && m.base_allocation &&
 		  m.base_namespace);
 	ck_assert_int_eq(bm_server_parse_meta_request(d, 36, &m), -EINVAL);
 	ck_assert_int_eq(bm_server_parse_meta_request(d, 38, &m), -EINVAL);
-	put32(d + 5, 0xffffffffu); /* a huge count runs out of data */
+	bm_put_be32(d + 5, 0xffffffffu); /* a huge count runs out of data */
 	ck_assert_int_eq(bm_server_parse_meta_request(d, 37, &m), -EINVAL);
-	put32(d + 5, 1);
-	put32(d + 9, 0xfffffff0u);
+	bm_put_be32(d + 5, 1);
+	bm_put_be32(d + 9, 0xfffffff0u);
 	ck_assert_int_eq(bm_server_parse_meta_request(d, 37, &m), -EINVAL);
 	ck_assert_int_eq(bm_server_parse_meta_request(d, 7, &m), -EINVAL);
 }
