@@ -1,6 +1,10 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * The NBD server: exports a blockmirror_disk over a Unix or TCP socket.
+ * This file holds sockets, connections, the send queue, transmission, and
+ * start/stop; option haggling is in server-options.c, TLS in
+ * server-tls.c, the pure protocol helpers in server-proto.c, and what they
+ * share in server-int.h.
  *
  * Everything after blockmirror_server_start has bound the listener runs on
  * the disk's loop thread; socket I/O is io_uring accept, recv and sendmsg
@@ -39,468 +43,10 @@
  *  - Every number from the network is checked (bm_range_ok, the limits in
  *    server.h) before it sizes a buffer or reaches the disk.
  */
-#include <arpa/inet.h>
-#include <ctype.h>
-#include <errno.h>
-#include <fcntl.h>
-#include <inttypes.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
-#include <sys/uio.h>
-#include <sys/un.h>
-#include <unistd.h>
-
-#include <gnutls/gnutls.h>
-
-#include "disk.h"
-#include "errors.h"
-#include "internal.h"
-#include "loop.h"
-#include "server.h"
-
-/* ---- the protocol's numbers ------------------------------------------- */
-
-#define NBD_MAGIC UINT64_C(0x4e42444d41474943)
-#define NBD_IHAVEOPT UINT64_C(0x49484156454F5054)
-#define NBD_REP_MAGIC UINT64_C(0x3e889045565a9)
-#define NBD_REQUEST_MAGIC UINT32_C(0x25609513)
-#define NBD_SIMPLE_REPLY_MAGIC UINT32_C(0x67446698)
-#define NBD_STRUCTURED_REPLY_MAGIC UINT32_C(0x668e33ef)
-
-#define NBD_FLAG_FIXED_NEWSTYLE 1u
-#define NBD_FLAG_NO_ZEROES 2u
-#define NBD_FLAG_C_FIXED_NEWSTYLE 1u
-#define NBD_FLAG_C_NO_ZEROES 2u
-
-enum {
-	NBD_OPT_EXPORT_NAME = 1,
-	NBD_OPT_ABORT = 2,
-	NBD_OPT_LIST = 3,
-	NBD_OPT_STARTTLS = 5,
-	NBD_OPT_INFO = 6,
-	NBD_OPT_GO = 7,
-	NBD_OPT_STRUCTURED_REPLY = 8,
-	NBD_OPT_LIST_META_CONTEXT = 9,
-	NBD_OPT_SET_META_CONTEXT = 10,
-};
-
-#define NBD_REP_ERR(n) (UINT32_C(0x80000000) + (n))
-enum {
-	NBD_REP_ACK = 1,
-	NBD_REP_SERVER = 2,
-	NBD_REP_INFO = 3,
-	NBD_REP_META_CONTEXT = 4,
-};
-#define NBD_REP_ERR_UNSUP NBD_REP_ERR(1)
-#define NBD_REP_ERR_INVALID NBD_REP_ERR(3)
-#define NBD_REP_ERR_TLS_REQD NBD_REP_ERR(5)
-#define NBD_REP_ERR_UNKNOWN NBD_REP_ERR(6)
-#define NBD_REP_ERR_TOO_BIG NBD_REP_ERR(9)
-
-enum {
-	NBD_INFO_EXPORT = 0,
-	NBD_INFO_NAME = 1,
-	NBD_INFO_DESCRIPTION = 2,
-	NBD_INFO_BLOCK_SIZE = 3,
-};
-
-enum {
-	NBD_REPLY_TYPE_NONE = 0,
-	NBD_REPLY_TYPE_OFFSET_DATA = 1,
-	NBD_REPLY_TYPE_BLOCK_STATUS = 5,
-	NBD_REPLY_TYPE_ERROR = 32769,
-};
-#define NBD_REPLY_FLAG_DONE 1u
-
-#define BASE_ALLOCATION "base:allocation"
-#define BASE_ALLOCATION_ID 1u   /* our context id for it */
-
-/* ---- limits ----------------------------------------------------------- */
-
-#define DEFAULT_MAX_CLIENTS 16
-#define MAX_INFLIGHT 64                       /* requests per connection */
-#define MAX_INFLIGHT_BYTES (64u << 20)        /* buffers per connection */
-#define MAX_NAME 4096                         /* NBD strings */
-#define SEND_IOV 64                           /* iovecs per sendmsg */
-#define SCRATCH_SIZE (64u << 10)              /* for dropped payloads */
-#define TLS_IN_SIZE (64u << 10)               /* ciphertext read at once */
-#define TLS_WIRE_MAX (256u << 10)             /* ciphertext queued at once */
-#define STOP_GRACE_NS (2 * UINT64_C(1000000000)) /* stop: then hard close */
-#define ACCEPT_BACKOFF_NS (100 * UINT64_C(1000000))
-#define TLS_PRIORITY "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"
-
-
-/* ---- pure protocol helpers (server.h) --------------------------------- */
-
-int
-bm_server_parse_address(const char *address, struct bm_server_address *out)
-{
-	const char *rest, *colon;
-	size_t hlen;
-	unsigned long port = 0;
-
-	memset(out, 0, sizeof *out);
-	if (!address)
-		return bm_error(-EINVAL, "no address");
-	if (strncmp(address, "unix:", 5) == 0) {
-		rest = address + 5;
-		if (!*rest)
-			return bm_error(-EINVAL, "%s: empty socket path",
-					address);
-		if (strlen(rest) >= sizeof out->path)
-			return bm_error(-EINVAL, "%s: socket path longer than "
-					"%zu bytes", address,
-					sizeof out->path - 1);
-		out->unix_socket = true;
-		strcpy(out->path, rest);
-		return 0;
-	}
-	if (strncmp(address, "tcp:", 4) != 0)
-		return bm_error(-EINVAL, "%s: expected unix:PATH or "
-				"tcp:HOST:PORT", address);
-	rest = address + 4;
-	colon = strrchr(rest, ':');
-	if (!colon)
-		return bm_error(-EINVAL, "%s: no port (tcp:HOST:PORT)",
-				address);
-	hlen = (size_t)(colon - rest);
-	if (hlen >= 2 && rest[0] == '[' && rest[hlen - 1] == ']') {
-		rest++;
-		hlen -= 2;
-	} else if (memchr(rest, ':', hlen)) {
-		return bm_error(-EINVAL, "%s: write an IPv6 address in "
-				"brackets, tcp:[ADDR]:PORT", address);
-	}
-	if (hlen >= sizeof out->host)
-		return bm_error(-EINVAL, "%s: host name too long", address);
-	if (colon[1] == '\0' || strlen(colon + 1) > 5)
-		return bm_error(-EINVAL, "%s: bad port", address);
-	for (const char *p = colon + 1; *p; p++) {
-		if (*p < '0' || *p > '9')
-			return bm_error(-EINVAL, "%s: bad port", address);
-		port = port * 10 + (unsigned long)(*p - '0');
-	}
-	if (port > 65535)
-		return bm_error(-EINVAL, "%s: port out of range", address);
-	if (hlen)
-		memcpy(out->host, rest, hlen);
-	else
-		strcpy(out->host, "127.0.0.1");
-	snprintf(out->port, sizeof out->port, "%lu", port);
-	return 0;
-}
-
-int
-bm_server_decode_request(const uint8_t *hdr, struct bm_server_request *req)
-{
-	if (bm_get_be32(hdr) != NBD_REQUEST_MAGIC)
-		return -EBADMSG;
-	req->flags = bm_get_be16(hdr + 4);
-	req->type = bm_get_be16(hdr + 6);
-	req->cookie = bm_get_be64(hdr + 8);
-	req->offset = bm_get_be64(hdr + 16);
-	req->length = bm_get_be32(hdr + 24);
-	return 0;
-}
-
-uint32_t
-bm_server_check_request(const struct bm_server_export_state *e,
-			const struct bm_server_request *req)
-{
-	/* FUA may come with any command once SEND_FUA is advertised. */
-	uint16_t allowed = BM_NBD_CMD_FLAG_FUA;
-	bool writes = false;
-
-	switch (req->type) {
-	case BM_NBD_CMD_DISC:
-		return 0;
-	case BM_NBD_CMD_READ:
-		if (e->structured)
-			allowed |= BM_NBD_CMD_FLAG_DF;
-		break;
-	case BM_NBD_CMD_WRITE:
-	case BM_NBD_CMD_TRIM:
-		writes = true;
-		break;
-	case BM_NBD_CMD_WRITE_ZEROES:
-		allowed |= BM_NBD_CMD_FLAG_NO_HOLE | BM_NBD_CMD_FLAG_FAST_ZERO;
-		writes = true;
-		break;
-	case BM_NBD_CMD_BLOCK_STATUS:
-		allowed |= BM_NBD_CMD_FLAG_REQ_ONE;
-		break;
-	case BM_NBD_CMD_FLUSH:
-	case BM_NBD_CMD_CACHE:
-		break;
-	default:
-		return BM_NBD_EINVAL;
-	}
-	if (req->flags & ~allowed)
-		return BM_NBD_EINVAL;
-	if (req->type == BM_NBD_CMD_FLUSH)
-		return req->offset || req->length ? BM_NBD_EINVAL : 0;
-	if (req->length == 0)
-		return BM_NBD_EINVAL;
-	if ((req->type == BM_NBD_CMD_READ || req->type == BM_NBD_CMD_WRITE) &&
-	    req->length > BM_SERVER_MAX_PAYLOAD)
-		return BM_NBD_EINVAL;
-	if (writes && e->readonly)
-		return BM_NBD_EPERM;
-	if (!bm_range_ok(req->offset, req->length, e->size))
-		return req->type == BM_NBD_CMD_WRITE ||
-		       req->type == BM_NBD_CMD_WRITE_ZEROES ?
-		       BM_NBD_ENOSPC : BM_NBD_EINVAL;
-	if (req->type == BM_NBD_CMD_BLOCK_STATUS && !e->base_allocation)
-		return BM_NBD_EINVAL;
-	/* Zeroing is no faster than writing as far as we can promise. */
-	if (req->type == BM_NBD_CMD_WRITE_ZEROES &&
-	    (req->flags & BM_NBD_CMD_FLAG_FAST_ZERO))
-		return BM_NBD_ENOTSUP;
-	return 0;
-}
-
-uint32_t
-bm_server_nbd_error(int err)
-{
-	switch (err < 0 ? -err : err) {
-	case 0:
-		return 0;
-	case EPERM:
-	case EROFS:
-	case EACCES:
-		return BM_NBD_EPERM;
-	case ENOMEM:
-		return BM_NBD_ENOMEM;
-	case EINVAL:
-		return BM_NBD_EINVAL;
-	case ENOSPC:
-	case EDQUOT:
-	case EFBIG:
-		return BM_NBD_ENOSPC;
-	case EOVERFLOW:
-		return BM_NBD_EOVERFLOW;
-	case ENOTSUP:
-		return BM_NBD_ENOTSUP;
-	case ESHUTDOWN:
-		return BM_NBD_ESHUTDOWN;
-	default:
-		return BM_NBD_EIO;
-	}
-}
-
-uint16_t
-bm_server_tx_flags(bool readonly, bool structured)
-{
-	/* Every connection shares the disk, and a flush of the disk covers
-	 * every write it has completed: multi-conn is safe. */
-	uint16_t f = BM_NBD_FLAG_HAS_FLAGS | BM_NBD_FLAG_SEND_FLUSH |
-		     BM_NBD_FLAG_SEND_CACHE | BM_NBD_FLAG_CAN_MULTI_CONN;
-
-	if (readonly)
-		f |= BM_NBD_FLAG_READ_ONLY;
-	else
-		f |= BM_NBD_FLAG_SEND_FUA | BM_NBD_FLAG_SEND_TRIM |
-		     BM_NBD_FLAG_SEND_WRITE_ZEROES |
-		     BM_NBD_FLAG_SEND_FAST_ZERO;
-	if (structured)
-		f |= BM_NBD_FLAG_SEND_DF;
-	return f;
-}
-
-int
-bm_server_parse_info_request(const uint8_t *data, uint32_t len,
-			     struct bm_server_info_request *out)
-{
-	uint32_t nlen;
-
-	memset(out, 0, sizeof *out);
-	if (len < 6)
-		return -EINVAL;
-	nlen = bm_get_be32(data);
-	if (nlen > len - 6)
-		return -EINVAL;
-	out->name = data + 4;
-	out->name_len = nlen;
-	out->ninfos = bm_get_be16(data + 4 + nlen);
-	if ((uint64_t)len != 6 + (uint64_t)nlen + 2 * (uint64_t)out->ninfos)
-		return -EINVAL;
-	out->infos = data + 6 + nlen;
-	return 0;
-}
-
-int
-bm_server_parse_meta_request(const uint8_t *data, uint32_t len,
-			     struct bm_server_meta_request *out)
-{
-	static const char ba[] = BASE_ALLOCATION;
-	uint32_t nlen, pos;
-
-	memset(out, 0, sizeof *out);
-	if (len < 8)
-		return -EINVAL;
-	nlen = bm_get_be32(data);
-	if (nlen > len - 8)
-		return -EINVAL;
-	out->name = data + 4;
-	out->name_len = nlen;
-	pos = 4 + nlen;
-	out->queries = bm_get_be32(data + pos);
-	pos += 4;
-	for (uint32_t i = 0; i < out->queries; i++) {
-		uint32_t qlen;
-
-		if (len - pos < 4)
-			return -EINVAL;
-		qlen = bm_get_be32(data + pos);
-		pos += 4;
-		if (qlen > len - pos)
-			return -EINVAL;
-		if (qlen == sizeof ba - 1 && !memcmp(data + pos, ba, qlen))
-			out->base_allocation = true;
-		if (qlen == 5 && !memcmp(data + pos, "base:", 5))
-			out->base_namespace = true;
-		pos += qlen;
-	}
-	return pos == len ? 0 : -EINVAL;
-}
-
-/* ---- the server's state ---------------------------------------------- */
-
-/* A whole message for the socket: one to three buffers sent back to back. */
-struct srv_msg {
-	struct srv_msg *next;
-	void (*release)(struct srv_msg *m); /* after it is sent or dropped */
-	struct iovec iov[2];
-	unsigned niov;
-	size_t len;                         /* sum of the iov lengths */
-};
-
-struct srv_queue {
-	struct srv_msg *head;
-	struct srv_msg **tail;
-	size_t off;                         /* of head, already sent */
-	size_t bytes;                       /* not yet sent */
-};
-
-struct srv_conn;
-
-/* One transmission request, from its header to its reply being sent. */
-struct srv_req {
-	struct srv_msg msg;                 /* the reply */
-	struct srv_conn *conn;
-	struct bm_server_request r;
-	void *buf;                          /* READ/WRITE payload */
-	uint64_t charged;                   /* in inflight_bytes */
-	uint32_t err;                       /* NBD error to answer with */
-	bool flush_after;                   /* TRIM + FUA */
-	struct bm_extent_list ext;          /* BLOCK_STATUS */
-	uint8_t hdr[32];
-};
-
-struct srv_conn {
-	struct blockmirror_server *server;
-	struct srv_conn *prev, *next;
-	int fd;
-	unsigned ops;                       /* see the top of the file */
-	unsigned disk_ops;
-	bool dead;
-	bool closing;
-	bool oom;                           /* a reply could not be built */
-
-	/* negotiation */
-	bool transmission;
-	bool no_zeroes;
-	bool structured;
-	bool base_allocation;
-	uint8_t flags_buf[4];
-	uint8_t opt_hdr[16];
-	uint32_t opt;
-	uint32_t opt_len;
-	uint8_t *opt_data;
-
-	/* reading: at most one read at a time */
-	struct bm_op rd_op;
-	bool rd_busy;
-	uint8_t *rd_buf;
-	size_t rd_len;
-	size_t rd_got;
-	void (*rd_then)(struct srv_conn *c);
-	uint64_t drop_left;
-	void (*drop_then)(struct srv_conn *c);
-	uint8_t *scratch;
-
-	/* transmission */
-	uint8_t req_hdr[BM_SERVER_REQUEST_SIZE];
-	struct bm_server_request req;
-	bool hdr_pending;                   /* req parsed, not yet handled */
-	bool paused;                        /* at the in-flight bound */
-	struct srv_req *cur;                /* its payload is being read */
-	unsigned inflight;
-	uint64_t inflight_bytes;
-
-	/* writing */
-	struct srv_queue out;
-	struct srv_queue wire;              /* TLS records */
-	struct bm_op send_op;
-	bool send_busy;
-	bool send_wire;                     /* the sendmsg is from `wire` */
-	struct msghdr mh;
-	struct iovec send_iov[SEND_IOV];
-	void (*drained)(struct srv_conn *c); /* once nothing is left to send */
-
-	struct bm_op cancel_rd_op;
-	struct bm_op cancel_send_op;
-
-	/* TLS */
-	gnutls_session_t tls;
-	bool tls_handshaking;
-	bool tls_ready;
-	bool tls_bye;
-	bool tls_eof;
-	uint8_t *tls_in;
-	size_t tls_in_start;
-	size_t tls_in_end;
-};
-
-struct blockmirror_server {
-	struct blockmirror_disk *disk;
-	struct bm_loop *loop;
-	int fd;
-	bool tcp;
-	char *unix_path;                    /* to unlink when stopping */
-	char *address;
-	char *export_name;
-	char *description;
-	bool readonly;
-	unsigned max_clients;
-
-	gnutls_psk_server_credentials_t psk; /* NULL: no TLS */
-	gnutls_priority_t prio;
-
-	/* loop thread only */
-	struct srv_conn *conns;
-	unsigned nclients;
-	unsigned ops;                       /* accept, cancels, timers */
-	struct bm_op accept_op;
-	bool accept_armed;
-	struct bm_op cancel_op;
-	struct bm_timer backoff;
-	struct bm_timer stop_timer;
-	bool stopping;
-	struct bm_call *stop_call;
-};
+#include "server-int.h"
 
 static void conn_check(struct srv_conn *c);
-static void read_option(struct srv_conn *c);
 static void read_request(struct srv_conn *c);
-static void tls_read_step(struct srv_conn *c);
-static void tls_handshake_step(struct srv_conn *c);
 static void server_check(struct blockmirror_server *s);
 
 /* ---- the send queue -------------------------------------------------- */
@@ -514,8 +60,8 @@ queue_init(struct srv_queue *q)
 	q->bytes = 0;
 }
 
-static void
-queue_push(struct srv_queue *q, struct srv_msg *m)
+void
+bm_srv_queue_push(struct srv_queue *q, struct srv_msg *m)
 {
 	m->next = NULL;
 	*q->tail = m;
@@ -583,15 +129,15 @@ queue_iov(const struct srv_queue *q, struct iovec *iov, unsigned max)
 	return n;
 }
 
-static void
-msg_free(struct srv_msg *m)
+void
+bm_srv_msg_free(struct srv_msg *m)
 {
 	free(m);
 }
 
 /* A message with `len` bytes of its own, or NULL (c->oom is then set). */
-static uint8_t *
-msg_alloc(struct srv_conn *c, size_t len)
+uint8_t *
+bm_srv_msg_alloc(struct srv_conn *c, size_t len)
 {
 	struct srv_msg *m = malloc(sizeof *m + len);
 
@@ -599,12 +145,12 @@ msg_alloc(struct srv_conn *c, size_t len)
 		c->oom = true;
 		return NULL;
 	}
-	m->release = msg_free;
+	m->release = bm_srv_msg_free;
 	m->iov[0].iov_base = m + 1;
 	m->iov[0].iov_len = len;
 	m->niov = 1;
 	m->len = len;
-	queue_push(&c->out, m);
+	bm_srv_queue_push(&c->out, m);
 	return (uint8_t *)(m + 1);
 }
 
@@ -634,8 +180,8 @@ cancel_send_done(struct bm_op *op, int res)
  * The hard way out: shut the socket down and cancel what the ring holds
  * for it.  Disk requests still finish; their replies are dropped.
  */
-static void
-conn_kill(struct srv_conn *c)
+void
+bm_srv_conn_kill(struct srv_conn *c)
 {
 	struct bm_loop *loop = c->server->loop;
 	struct io_uring_sqe *sqe;
@@ -702,7 +248,7 @@ send_done(struct bm_op *op, int res)
 			queue_consume(c->send_wire ? &c->wire : &c->out,
 				      (size_t)res);
 		else if (res != -EINTR && res != -EAGAIN)
-			conn_kill(c); /* the peer is gone */
+			bm_srv_conn_kill(c); /* the peer is gone */
 	}
 	conn_check(c);
 }
@@ -747,7 +293,7 @@ send_kick(struct srv_conn *c)
 	if (c->tls) {
 		/* Nothing is queued on `out` while the handshake runs. */
 		if (c->tls_ready && !tls_encrypt(c)) {
-			conn_kill(c);
+			bm_srv_conn_kill(c);
 			return;
 		}
 		q = &c->wire;
@@ -790,7 +336,7 @@ recv_done(struct bm_op *op, int res)
 	}
 	if (res < 0) {
 		bm_debug("nbd server: recv: %s", strerror(-res));
-		conn_kill(c);
+		bm_srv_conn_kill(c);
 		goto out;
 	}
 	if (c->tls) {
@@ -799,9 +345,9 @@ recv_done(struct bm_op *op, int res)
 		if (res == 0)
 			c->tls_eof = true;
 		if (c->tls_handshaking)
-			tls_handshake_step(c);
+			bm_srv_tls_handshake_step(c);
 		else
-			tls_read_step(c);
+			bm_srv_tls_read_step(c);
 		goto out;
 	}
 	if (res == 0) {
@@ -819,8 +365,8 @@ out:
 	conn_check(c);
 }
 
-static void
-read_deferred(struct bm_op *op, int res)
+void
+bm_srv_read_deferred(struct bm_op *op, int res)
 {
 	struct srv_conn *c = bm_container_of(op, struct srv_conn, rd_op);
 
@@ -831,8 +377,8 @@ read_deferred(struct bm_op *op, int res)
 	conn_check(c);
 }
 
-static void
-issue_recv(struct srv_conn *c, void *buf, size_t len)
+void
+bm_srv_issue_recv(struct srv_conn *c, void *buf, size_t len)
 {
 	struct io_uring_sqe *sqe;
 
@@ -846,14 +392,14 @@ static void
 read_step(struct srv_conn *c)
 {
 	if (c->tls)
-		tls_read_step(c);
+		bm_srv_tls_read_step(c);
 	else
-		issue_recv(c, c->rd_buf + c->rd_got, c->rd_len - c->rd_got);
+		bm_srv_issue_recv(c, c->rd_buf + c->rd_got, c->rd_len - c->rd_got);
 }
 
 /* Fill buf[0, len) (len > 0) from the socket, then call then(c). */
-static void
-conn_read(struct srv_conn *c, void *buf, size_t len,
+void
+bm_srv_conn_read(struct srv_conn *c, void *buf, size_t len,
 	  void (*then)(struct srv_conn *c))
 {
 	c->rd_buf = buf;
@@ -875,167 +421,21 @@ drop_step(struct srv_conn *c)
 		return;
 	}
 	n = (size_t)BM_MIN(c->drop_left, SCRATCH_SIZE);
-	conn_read(c, c->scratch, n, drop_step);
+	bm_srv_conn_read(c, c->scratch, n, drop_step);
 }
 
 /* Read and throw away `len` bytes, then call then(c). */
-static void
-conn_drop(struct srv_conn *c, uint64_t len, void (*then)(struct srv_conn *c))
+void
+bm_srv_conn_drop(struct srv_conn *c, uint64_t len, void (*then)(struct srv_conn *c))
 {
 	if (!c->scratch && !(c->scratch = malloc(SCRATCH_SIZE))) {
-		conn_kill(c);
+		bm_srv_conn_kill(c);
 		return;
 	}
 	c->drop_left = len;
 	c->drop_then = then;
 	c->rd_buf = NULL;
 	drop_step(c);
-}
-
-/* ---- TLS -------------------------------------------------------------- */
-
-static ssize_t
-tls_push(gnutls_transport_ptr_t ptr, const void *data, size_t len)
-{
-	struct srv_conn *c = ptr;
-	struct srv_msg *m = malloc(sizeof *m + len);
-
-	if (!m) {
-		gnutls_transport_set_errno(c->tls, ENOMEM);
-		return -1;
-	}
-	memcpy(m + 1, data, len);
-	m->release = msg_free;
-	m->iov[0].iov_base = m + 1;
-	m->iov[0].iov_len = len;
-	m->niov = 1;
-	m->len = len;
-	queue_push(&c->wire, m);
-	return (ssize_t)len;
-}
-
-static ssize_t
-tls_pull(gnutls_transport_ptr_t ptr, void *data, size_t len)
-{
-	struct srv_conn *c = ptr;
-	size_t avail = c->tls_in_end - c->tls_in_start;
-
-	if (!avail) {
-		if (c->tls_eof)
-			return 0;
-		gnutls_transport_set_errno(c->tls, EAGAIN);
-		return -1;
-	}
-	len = BM_MIN(len, avail);
-	memcpy(data, c->tls_in + c->tls_in_start, len);
-	c->tls_in_start += len;
-	return (ssize_t)len;
-}
-
-static int
-tls_pull_timeout(gnutls_transport_ptr_t ptr, unsigned int ms)
-{
-	struct srv_conn *c = ptr;
-
-	return c->tls_in_end > c->tls_in_start || c->tls_eof;
-}
-
-/* gnutls wants ciphertext: read more of it from the socket. */
-static void
-tls_want_input(struct srv_conn *c)
-{
-	c->tls_in_start = c->tls_in_end = 0;
-	issue_recv(c, c->tls_in, TLS_IN_SIZE);
-}
-
-static void
-tls_handshake_step(struct srv_conn *c)
-{
-	int r = gnutls_handshake(c->tls);
-
-	if (r == GNUTLS_E_SUCCESS) {
-		c->tls_handshaking = false;
-		c->tls_ready = true;
-		bm_debug("nbd server %s: TLS session established",
-			 c->server->address);
-		read_option(c);
-	} else if ((r == GNUTLS_E_AGAIN || r == GNUTLS_E_INTERRUPTED) &&
-		   !c->tls_eof) {
-		tls_want_input(c);
-	} else {
-		bm_debug("nbd server %s: TLS handshake: %s",
-			 c->server->address, gnutls_strerror(r));
-		/* Let the alert gnutls queued go out first. */
-		c->closing = true;
-	}
-}
-
-static void
-tls_read_step(struct srv_conn *c)
-{
-	for (;;) {
-		ssize_t r = gnutls_record_recv(c->tls, c->rd_buf + c->rd_got,
-					       c->rd_len - c->rd_got);
-
-		if (r > 0) {
-			c->rd_got += (size_t)r;
-			if (c->rd_got < c->rd_len)
-				continue;
-			/* Never run the continuation inside the call that
-			 * asked for the read: pipelined requests would
-			 * recurse. */
-			bm_loop_defer(c->server->loop, &c->rd_op,
-				      read_deferred, 0);
-			c->rd_busy = true;
-			c->ops++;
-			return;
-		}
-		if (r == GNUTLS_E_INTERRUPTED)
-			continue;
-		if (r == GNUTLS_E_AGAIN && !c->tls_eof) {
-			tls_want_input(c);
-			return;
-		}
-		if (r != 0 && r != GNUTLS_E_PREMATURE_TERMINATION &&
-		    r != GNUTLS_E_AGAIN)
-			bm_debug("nbd server %s: TLS receive: %s",
-				 c->server->address, gnutls_strerror((int)r));
-		c->closing = true;
-		return;
-	}
-}
-
-/* After the STARTTLS ACK has gone out in clear. */
-static void
-tls_start(struct srv_conn *c)
-{
-	struct blockmirror_server *s = c->server;
-	int r;
-
-	r = gnutls_init(&c->tls, GNUTLS_SERVER | GNUTLS_NONBLOCK);
-	if (r < 0) {
-		c->tls = NULL;
-		goto fail;
-	}
-	r = gnutls_priority_set(c->tls, s->prio);
-	if (r >= 0)
-		r = gnutls_credentials_set(c->tls, GNUTLS_CRD_PSK, s->psk);
-	if (r < 0)
-		goto fail;
-	c->tls_in = malloc(TLS_IN_SIZE);
-	if (!c->tls_in)
-		goto fail;
-	gnutls_transport_set_ptr(c->tls, c);
-	gnutls_transport_set_push_function(c->tls, tls_push);
-	gnutls_transport_set_pull_function(c->tls, tls_pull);
-	gnutls_transport_set_pull_timeout_function(c->tls, tls_pull_timeout);
-	c->tls_handshaking = true;
-	tls_handshake_step(c);
-	return;
-fail:
-	bm_debug("nbd server %s: cannot start TLS: %s", s->address,
-		 r < 0 ? gnutls_strerror(r) : "out of memory");
-	conn_kill(c);
 }
 
 /* ---- checking a connection after every event ---------------------------- */
@@ -1081,7 +481,7 @@ conn_check(struct srv_conn *c)
 			send_kick(c);
 		}
 		if (nothing_to_send(c))
-			conn_kill(c);
+			bm_srv_conn_kill(c);
 	}
 	if (c->dead && !c->ops)
 		conn_free(c);
@@ -1240,7 +640,7 @@ req_reply(struct srv_req *req, uint32_t err)
 		m->niov = 2;
 		m->len += req->r.length;
 	}
-	queue_push(&c->out, m);
+	bm_srv_queue_push(&c->out, m);
 }
 
 static void
@@ -1369,7 +769,7 @@ handle_request(struct srv_conn *c)
 	if (payload && r->length > BM_SERVER_MAX_DROP) {
 		bm_debug("nbd server %s: WRITE of %" PRIu32 " bytes: "
 			 "disconnecting", s->address, r->length);
-		conn_kill(c);
+		bm_srv_conn_kill(c);
 		return;
 	}
 	err = bm_server_check_request(&e, r);
@@ -1379,16 +779,16 @@ handle_request(struct srv_conn *c)
 		req = req_new(c, false);
 	}
 	if (!req) {
-		conn_kill(c);
+		bm_srv_conn_kill(c);
 		return;
 	}
 	req->err = err;
 	if (payload) {
 		c->cur = req;
 		if (err)
-			conn_drop(c, r->length, refused_payload_dropped);
+			bm_srv_conn_drop(c, r->length, refused_payload_dropped);
 		else
-			conn_read(c, req->buf, r->length, write_payload_read);
+			bm_srv_conn_read(c, req->buf, r->length, write_payload_read);
 		return;
 	}
 	if (err)
@@ -1404,7 +804,7 @@ got_request(struct srv_conn *c)
 	if (bm_server_decode_request(c->req_hdr, &c->req) < 0) {
 		bm_debug("nbd server %s: bad request magic: disconnecting",
 			 c->server->address);
-		conn_kill(c);
+		bm_srv_conn_kill(c);
 		return;
 	}
 	c->hdr_pending = true;
@@ -1424,348 +824,16 @@ read_request(struct srv_conn *c)
 	if (c->hdr_pending)
 		handle_request(c);
 	else
-		conn_read(c, c->req_hdr, sizeof c->req_hdr, got_request);
+		bm_srv_conn_read(c, c->req_hdr, sizeof c->req_hdr, got_request);
 }
 
-static void
-start_transmission(struct srv_conn *c)
+void
+bm_srv_start_transmission(struct srv_conn *c)
 {
 	c->transmission = true;
 	bm_debug("nbd server %s: transmission (%s replies)",
 		 c->server->address, c->structured ? "structured" : "simple");
 	read_request(c);
-}
-
-/* ---- option haggling ------------------------------------------------- */
-
-/* Queue an option reply with `len` bytes of data to fill, or NULL. */
-static uint8_t *
-opt_reply(struct srv_conn *c, uint32_t type, uint32_t len)
-{
-	uint8_t *p = msg_alloc(c, 20 + (size_t)len);
-
-	if (!p)
-		return NULL;
-	bm_put_be64(p, NBD_REP_MAGIC);
-	bm_put_be32(p + 8, c->opt);
-	bm_put_be32(p + 12, type);
-	bm_put_be32(p + 16, len);
-	return p + 20;
-}
-
-static void
-opt_ack(struct srv_conn *c)
-{
-	opt_reply(c, NBD_REP_ACK, 0);
-}
-
-static void
-opt_error(struct srv_conn *c, uint32_t type, const char *message)
-{
-	size_t len = strlen(message);
-	uint8_t *p = opt_reply(c, type, (uint32_t)len);
-
-	if (p)
-		memcpy(p, message, len);
-	bm_debug("nbd server %s: option %" PRIu32 ": %s", c->server->address,
-		 c->opt, message);
-}
-
-static bool
-name_matches(const struct blockmirror_server *s, const uint8_t *name,
-	     uint32_t len)
-{
-	/* "" is the default export, whatever ours is called. */
-	return len == 0 || (len == strlen(s->export_name) &&
-			    !memcmp(name, s->export_name, len));
-}
-
-static void
-info_string(struct srv_conn *c, uint16_t info, const char *str)
-{
-	size_t len = strlen(str);
-	uint8_t *p = opt_reply(c, NBD_REP_INFO, 2 + (uint32_t)len);
-
-	if (p) {
-		bm_put_be16(p, info);
-		memcpy(p + 2, str, len);
-	}
-}
-
-static void
-opt_info(struct srv_conn *c, bool go)
-{
-	struct blockmirror_server *s = c->server;
-	struct bm_server_info_request ir;
-	bool want_name = false, want_desc = false;
-	uint8_t *p;
-
-	if (bm_server_parse_info_request(c->opt_data, c->opt_len, &ir) < 0) {
-		opt_error(c, NBD_REP_ERR_INVALID, "malformed request");
-		return;
-	}
-	if (!name_matches(s, ir.name, ir.name_len)) {
-		opt_error(c, NBD_REP_ERR_UNKNOWN, "no such export");
-		return;
-	}
-	for (uint16_t i = 0; i < ir.ninfos; i++) {
-		uint16_t info = bm_get_be16(ir.infos + 2 * i);
-
-		if (info == NBD_INFO_NAME)
-			want_name = true;
-		else if (info == NBD_INFO_DESCRIPTION)
-			want_desc = true;
-	}
-	p = opt_reply(c, NBD_REP_INFO, 12);
-	if (p) {
-		bm_put_be16(p, NBD_INFO_EXPORT);
-		bm_put_be64(p + 2, s->disk->size);
-		bm_put_be16(p + 10, bm_server_tx_flags(s->readonly, c->structured));
-	}
-	if (want_name)
-		info_string(c, NBD_INFO_NAME, s->export_name);
-	if (want_desc && s->description)
-		info_string(c, NBD_INFO_DESCRIPTION, s->description);
-	/* Sent whether asked or not: with a minimum of 1 it constrains
-	 * nothing, and it tells clients the preferred and largest sizes. */
-	p = opt_reply(c, NBD_REP_INFO, 14);
-	if (p) {
-		bm_put_be16(p, NBD_INFO_BLOCK_SIZE);
-		bm_put_be32(p + 2, 1);
-		bm_put_be32(p + 6, BM_SERVER_PREFERRED_BLOCK);
-		bm_put_be32(p + 10, BM_SERVER_MAX_PAYLOAD);
-	}
-	opt_ack(c);
-	if (go && !c->oom)
-		start_transmission(c);
-}
-
-static void
-opt_meta(struct srv_conn *c, bool set)
-{
-	static const char ba[] = BASE_ALLOCATION;
-	struct bm_server_meta_request m;
-	bool reply;
-	uint8_t *p;
-
-	/* SET replaces the selection even when it fails. */
-	if (set)
-		c->base_allocation = false;
-	if (!c->structured) {
-		opt_error(c, NBD_REP_ERR_INVALID, "structured replies were "
-			  "not negotiated");
-		return;
-	}
-	if (bm_server_parse_meta_request(c->opt_data, c->opt_len, &m) < 0) {
-		opt_error(c, NBD_REP_ERR_INVALID, "malformed request");
-		return;
-	}
-	if (!name_matches(c->server, m.name, m.name_len)) {
-		opt_error(c, NBD_REP_ERR_UNKNOWN, "no such export");
-		return;
-	}
-	if (set) {
-		c->base_allocation = m.base_allocation;
-		reply = m.base_allocation;
-	} else {
-		reply = !m.queries || m.base_allocation || m.base_namespace;
-	}
-	if (reply) {
-		p = opt_reply(c, NBD_REP_META_CONTEXT, 4 + sizeof ba - 1);
-		if (p) {
-			bm_put_be32(p, set ? BASE_ALLOCATION_ID : 0);
-			memcpy(p + 4, ba, sizeof ba - 1);
-		}
-	}
-	opt_ack(c);
-}
-
-static void
-opt_export_name(struct srv_conn *c)
-{
-	struct blockmirror_server *s = c->server;
-	size_t len = c->no_zeroes ? 10 : 134;
-	uint8_t *p;
-
-	if (!name_matches(s, c->opt_data, c->opt_len)) {
-		/* No way to say no to EXPORT_NAME but hanging up. */
-		bm_debug("nbd server %s: unknown export: disconnecting",
-			 s->address);
-		conn_kill(c);
-		return;
-	}
-	p = msg_alloc(c, len);
-	if (!p)
-		return;
-	memset(p, 0, len);
-	bm_put_be64(p, s->disk->size);
-	bm_put_be16(p + 8, bm_server_tx_flags(s->readonly, c->structured));
-	start_transmission(c);
-}
-
-/* The option in c->opt with its c->opt_len bytes of c->opt_data. */
-static void
-process_option(struct srv_conn *c)
-{
-	struct blockmirror_server *s = c->server;
-	bool next = true;
-
-	if (s->psk && !c->tls_ready && c->opt != NBD_OPT_STARTTLS &&
-	    c->opt != NBD_OPT_ABORT) {
-		if (c->opt == NBD_OPT_EXPORT_NAME) {
-			conn_kill(c);
-			next = false;
-		} else {
-			opt_error(c, NBD_REP_ERR_TLS_REQD, "TLS is required");
-		}
-		goto out;
-	}
-	switch (c->opt) {
-	case NBD_OPT_EXPORT_NAME:
-		opt_export_name(c);
-		next = false;
-		break;
-	case NBD_OPT_ABORT:
-		opt_ack(c);
-		c->closing = true;
-		next = false;
-		break;
-	case NBD_OPT_LIST:
-		if (c->opt_len) {
-			opt_error(c, NBD_REP_ERR_INVALID, "LIST takes no data");
-		} else {
-			size_t len = strlen(s->export_name);
-			size_t dlen = s->description ? strlen(s->description)
-						     : 0;
-			uint8_t *p = opt_reply(c, NBD_REP_SERVER,
-					       4 + (uint32_t)(len + dlen));
-
-			if (p) {
-				bm_put_be32(p, (uint32_t)len);
-				memcpy(p + 4, s->export_name, len);
-				if (dlen)
-					memcpy(p + 4 + len, s->description,
-					       dlen);
-			}
-			opt_ack(c);
-		}
-		break;
-	case NBD_OPT_STARTTLS:
-		if (!s->psk) {
-			opt_error(c, NBD_REP_ERR_UNSUP, "TLS is not enabled");
-		} else if (c->tls) {
-			opt_error(c, NBD_REP_ERR_INVALID, "TLS is already "
-				  "active");
-		} else if (c->opt_len) {
-			opt_error(c, NBD_REP_ERR_INVALID, "STARTTLS takes no "
-				  "data");
-		} else {
-			opt_ack(c);
-			/* Whatever was negotiated in clear is forgotten. */
-			c->structured = false;
-			c->base_allocation = false;
-			c->drained = tls_start;
-			next = false;
-		}
-		break;
-	case NBD_OPT_INFO:
-	case NBD_OPT_GO:
-		opt_info(c, c->opt == NBD_OPT_GO);
-		next = !c->transmission;
-		break;
-	case NBD_OPT_STRUCTURED_REPLY:
-		if (c->opt_len) {
-			opt_error(c, NBD_REP_ERR_INVALID, "STRUCTURED_REPLY "
-				  "takes no data");
-		} else {
-			c->structured = true;
-			opt_ack(c);
-		}
-		break;
-	case NBD_OPT_LIST_META_CONTEXT:
-	case NBD_OPT_SET_META_CONTEXT:
-		opt_meta(c, c->opt == NBD_OPT_SET_META_CONTEXT);
-		break;
-	default:
-		opt_error(c, NBD_REP_ERR_UNSUP, "unsupported option");
-		break;
-	}
-out:
-	free(c->opt_data);
-	c->opt_data = NULL;
-	if (c->oom)
-		conn_kill(c);
-	else if (next && !c->dead && !c->closing)
-		read_option(c);
-}
-
-static void
-option_too_big_dropped(struct srv_conn *c)
-{
-	opt_error(c, NBD_REP_ERR_TOO_BIG, "option data too large");
-	if (c->oom)
-		conn_kill(c);
-	else
-		read_option(c);
-}
-
-static void
-got_option(struct srv_conn *c)
-{
-	const struct blockmirror_server *s = c->server;
-
-	if (bm_get_be64(c->opt_hdr) != NBD_IHAVEOPT) {
-		bm_debug("nbd server %s: bad option magic: disconnecting",
-			 s->address);
-		conn_kill(c);
-		return;
-	}
-	c->opt = bm_get_be32(c->opt_hdr + 8);
-	c->opt_len = bm_get_be32(c->opt_hdr + 12);
-	if (c->opt_len > BM_SERVER_MAX_OPTION) {
-		if (c->opt_len > BM_SERVER_MAX_OPTION_DROP ||
-		    c->opt == NBD_OPT_EXPORT_NAME) {
-			bm_debug("nbd server %s: option of %" PRIu32 " bytes:"
-				 " disconnecting", s->address, c->opt_len);
-			conn_kill(c);
-		} else {
-			conn_drop(c, c->opt_len, option_too_big_dropped);
-		}
-		return;
-	}
-	if (!c->opt_len) {
-		process_option(c);
-		return;
-	}
-	c->opt_data = malloc(c->opt_len);
-	if (!c->opt_data) {
-		conn_kill(c);
-		return;
-	}
-	conn_read(c, c->opt_data, c->opt_len, process_option);
-}
-
-static void
-read_option(struct srv_conn *c)
-{
-	conn_read(c, c->opt_hdr, sizeof c->opt_hdr, got_option);
-}
-
-static void
-got_client_flags(struct srv_conn *c)
-{
-	uint32_t flags = bm_get_be32(c->flags_buf);
-
-	/* Fixed newstyle only; any bit we did not offer ends it. */
-	if (!(flags & NBD_FLAG_C_FIXED_NEWSTYLE) ||
-	    (flags & ~(NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES))) {
-		bm_debug("nbd server %s: client flags 0x%" PRIx32 ": "
-			 "disconnecting", c->server->address, flags);
-		conn_kill(c);
-		return;
-	}
-	c->no_zeroes = flags & NBD_FLAG_C_NO_ZEROES;
-	read_option(c);
 }
 
 /* ---- accepting -------------------------------------------------------- */
@@ -1801,15 +869,15 @@ conn_new(struct blockmirror_server *s, int fd)
 	s->nclients++;
 	bm_debug("nbd server %s: new connection (%u)", s->address,
 		 s->nclients);
-	p = msg_alloc(c, 18);
+	p = bm_srv_msg_alloc(c, 18);
 	if (p) {
 		bm_put_be64(p, NBD_MAGIC);
 		bm_put_be64(p + 8, NBD_IHAVEOPT);
 		bm_put_be16(p + 16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
-		conn_read(c, c->flags_buf, sizeof c->flags_buf,
-			  got_client_flags);
+		bm_srv_conn_read(c, c->flags_buf, sizeof c->flags_buf,
+			  bm_srv_got_client_flags);
 	} else {
-		conn_kill(c);
+		bm_srv_conn_kill(c);
 	}
 	conn_check(c);
 }
@@ -1914,7 +982,7 @@ stop_timer_done(struct bm_op *op, int res)
 		/* The grace period is over: close whoever is left. */
 		for (c = s->conns; c; c = next) {
 			next = c->next;
-			conn_kill(c);
+			bm_srv_conn_kill(c);
 			conn_check(c);
 		}
 	}
@@ -2085,66 +1153,6 @@ listen_tcp(struct blockmirror_server *s, const struct bm_server_address *a)
 	return 0;
 }
 
-/* ---- TLS credentials ---------------------------------------------------- */
-
-/* The psktool format: "username:hexkey" lines.  At least one must be. */
-static int
-check_psk_file(const char *path)
-{
-	FILE *f = fopen(path, "re");
-	char line[1024];
-	int keys = 0;
-
-	if (!f)
-		return bm_error(-errno, "%s: %s", path, strerror(errno));
-	while (fgets(line, sizeof line, f)) {
-		char *colon = strchr(line, ':');
-		size_t n = 0;
-
-		if (!colon || colon == line)
-			continue;
-		for (char *p = colon + 1; *p && *p != '\n' && *p != '\r'; p++)
-			n = isxdigit((unsigned char)*p) ? n + 1 : SIZE_MAX / 2;
-		if (n && n % 2 == 0 && n < SIZE_MAX / 2)
-			keys++;
-	}
-	fclose(f);
-	if (!keys)
-		return bm_error(-EINVAL, "%s: no \"username:hexkey\" line",
-				path);
-	return 0;
-}
-
-static int
-tls_setup(struct blockmirror_server *s, const char *path)
-{
-	int r;
-
-	r = check_psk_file(path);
-	if (r < 0)
-		return r;
-	r = gnutls_psk_allocate_server_credentials(&s->psk);
-	if (r < 0) {
-		s->psk = NULL;
-		goto fail;
-	}
-	r = gnutls_psk_set_server_credentials_file(s->psk, path);
-	if (r < 0)
-		goto fail;
-	r = gnutls_psk_set_server_known_dh_params(s->psk,
-						  GNUTLS_SEC_PARAM_MEDIUM);
-	if (r < 0)
-		goto fail;
-	r = gnutls_priority_init(&s->prio, TLS_PRIORITY, NULL);
-	if (r < 0) {
-		s->prio = NULL;
-		goto fail;
-	}
-	return 0;
-fail:
-	return bm_error(-EINVAL, "%s: %s", path, gnutls_strerror(r));
-}
-
 /* ---- the public calls ------------------------------------------------- */
 
 static void
@@ -2219,7 +1227,7 @@ server_start(struct blockmirror_disk *disk, const char *address,
 		goto fail;
 	}
 	if (o.tls_psk_file) {
-		r = tls_setup(s, o.tls_psk_file);
+		r = bm_srv_tls_setup(s, o.tls_psk_file);
 		if (r < 0)
 			goto fail;
 	}
