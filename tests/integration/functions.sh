@@ -91,6 +91,14 @@ _unmount_below() {
 _cleanup() {
 	local rc=$?
 	trap - EXIT
+	# Servers and guests a failed test left running in the background.
+	local pids
+	pids=$(jobs -p)
+	if [[ -n $pids ]]; then
+		# shellcheck disable=SC2086 # one pid per word
+		kill $pids 2>/dev/null || true
+		wait 2>/dev/null || true
+	fi
 	if [[ -n ${T:-} && -d $T ]]; then
 		_unmount_below "$T"
 		rm -rf -- "$T"
