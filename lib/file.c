@@ -623,33 +623,3 @@ bm_file_same(struct bm_store *s, const char *path)
 	f = to_file(s);
 	return st.st_dev == f->dev && st.st_ino == f->ino;
 }
-
-/* ---- synchronous helper --------------------------------------------- */
-
-struct sync_wait {
-	bool done;
-	int err;
-};
-
-static void
-sync_done(struct bm_io *io, int err)
-{
-	struct sync_wait *w = io->opaque;
-
-	w->done = true;
-	w->err = err;
-}
-
-int
-bm_store_sync(struct bm_store *s,
-	      void (*op)(struct bm_store *, struct bm_io *), struct bm_io *io)
-{
-	struct sync_wait w = { 0 };
-	int r;
-
-	io->done = sync_done;
-	io->opaque = &w;
-	op(s, io);
-	r = bm_loop_run_until(s->loop, &w.done);
-	return r < 0 ? r : w.err;
-}

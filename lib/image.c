@@ -305,30 +305,53 @@ bm_image_close(struct bm_image *img)
 		img->ops->close(img);
 }
 
-struct image_wait {
+/*
+ * Running one request to completion (tools, tests, opening images): the
+ * caller's thread turns the loop until the request is done.  Stores and
+ * images share the waiting.
+ */
+struct io_wait {
 	bool done;
 	int err;
 };
 
 static void
-image_sync_done(struct bm_io *io, int err)
+io_wait_done(struct bm_io *io, int err)
 {
-	struct image_wait *w = io->opaque;
+	struct io_wait *w = io->opaque;
 
 	w->done = true;
 	w->err = err;
+}
+
+static int
+io_wait(struct bm_loop *loop, struct io_wait *w)
+{
+	int r = bm_loop_run_until(loop, &w->done);
+
+	return r < 0 ? r : w->err;
+}
+
+int
+bm_store_sync(struct bm_store *s,
+	      void (*op)(struct bm_store *, struct bm_io *), struct bm_io *io)
+{
+	struct io_wait w = { 0 };
+
+	io->done = io_wait_done;
+	io->opaque = &w;
+	op(s, io);
+	return io_wait(s->loop, &w);
 }
 
 int
 bm_image_sync(struct bm_image *img,
 	      void (*op)(struct bm_image *, struct bm_io *), struct bm_io *io)
 {
-	struct image_wait w = { 0 };
-	int r;
+	struct io_wait w = { 0 };
 
-	io->done = image_sync_done;
+	io->done = io_wait_done;
 	io->opaque = &w;
 	op(img, io);
-	r = bm_loop_run_until(img->store->loop, &w.done);
-	return r < 0 ? r : w.err;
+	return io_wait(img->store->loop, &w);
 }
