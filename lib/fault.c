@@ -162,6 +162,7 @@ forward(struct fault_req *q)
 	else if (is_write(q->kind))
 		q->f->rules->writes++;
 	in->loop = q->f->s.loop; /* follows the outer store's loop */
+	in->growable = q->f->s.growable;
 	q->inner = *q->outer;
 	q->inner.done = inner_done;
 	q->inner.opaque = q;
@@ -265,6 +266,19 @@ fault_cancel(struct bm_store *s)
 	f->held = NULL;
 }
 
+static int
+fault_truncate(struct bm_store *s, uint64_t size)
+{
+	struct fault_store *f = bm_container_of(s, struct fault_store, s);
+	int r = -ENOTSUP;
+
+	if (f->inner->ops->truncate)
+		r = f->inner->ops->truncate(f->inner, size);
+	if (r == 0)
+		s->size = size;
+	return r;
+}
+
 static void
 fault_close(struct bm_store *s)
 {
@@ -285,6 +299,7 @@ static const struct bm_store_ops fault_ops = {
 	.flush = fault_flush,
 	.extents = fault_extents,
 	.cancel = fault_cancel,
+	.truncate = fault_truncate,
 	.close = fault_close,
 };
 

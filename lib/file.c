@@ -21,6 +21,7 @@
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -84,7 +85,8 @@ check_request(struct bm_store *s, struct bm_io *io, bool write)
 	io->store = s;
 	io->progress = 0;
 	io->stage = 0;
-	if (!bm_range_ok(io->offset, io->length, s->size)) {
+	if (!bm_range_ok(io->offset, io->length,
+			 s->growable ? (uint64_t)INT64_MAX : s->size)) {
 		io_defer(s, io, bm_error(-EINVAL,
 			 "%s: request at %" PRIu64 "+%" PRIu64
 			 " beyond the end (%" PRIu64 ")",
@@ -157,6 +159,12 @@ rw_done(struct bm_op *op, int res)
 				     io->offset + io->progress,
 				     strerror(-res)));
 		return;
+	}
+	if (res == 0 && !write && f->s.growable) {
+		/* Past the end of a growable file: zeroes. */
+		memset((char *)io->buf + io->progress, 0,
+		       io->length - io->progress);
+		res = (int)BM_MIN(io->length - io->progress, (uint64_t)INT_MAX);
 	}
 	if (res == 0) {
 		io_fail(io, bm_error(-EIO, "%s: unexpected end of file at "
@@ -465,6 +473,21 @@ file_cancel(struct bm_store *s)
 	io_uring_prep_cancel_fd(sqe, to_file(s)->fd, IORING_ASYNC_CANCEL_ALL);
 }
 
+static int
+file_truncate(struct bm_store *s, uint64_t size)
+{
+	struct file_store *f = to_file(s);
+
+	if (s->block_device || size > INT64_MAX)
+		return bm_error(-EINVAL, "%s: cannot resize to %" PRIu64,
+				s->name, size);
+	if (ftruncate(f->fd, (off_t)size) < 0)
+		return bm_error(-errno, "%s: ftruncate: %s", s->name,
+				strerror(errno));
+	s->size = size;
+	return 0;
+}
+
 /* ---- open / close ---------------------------------------------------- */
 
 static void
@@ -487,6 +510,7 @@ static const struct bm_store_ops file_ops = {
 	.flush = file_flush,
 	.extents = file_extents,
 	.cancel = file_cancel,
+	.truncate = file_truncate,
 	.close = file_close,
 };
 

@@ -17,11 +17,14 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "errors.h"
 #include "fault.h"
+#include "format.h"
 #include "image.h"
 #include "internal.h"
 #include "nbd.h"
@@ -78,21 +81,34 @@ probe_store(struct bm_store *s, enum blockmirror_format *out)
 	return r;
 }
 
-static int
-open_driver(struct bm_store *s, enum blockmirror_format format,
-	    unsigned flags, struct bm_image **out)
+static const struct bm_fmt_driver *
+mapped_driver(enum blockmirror_format format)
 {
 	switch (format) {
-	case BLOCKMIRROR_FORMAT_RAW:
-		return bm_raw_open(s, flags, out);
 	case BLOCKMIRROR_FORMAT_QCOW2:
+		return &bm_qcow2_driver;
 	case BLOCKMIRROR_FORMAT_VHDX:
-		return bm_error(-ENOTSUP, "%s: %s images are not supported by "
-				"this version of blockmirror", s->name,
-				blockmirror_format_name(format));
+		return &bm_vhdx_driver;
 	default:
-		return bm_error(-EINVAL, "%s: bad format", s->name);
+		return NULL;
 	}
+}
+
+static int
+open_driver(struct bm_store *s, const char *path,
+	    enum blockmirror_format format, unsigned flags,
+	    struct bm_image **out)
+{
+	const struct bm_fmt_driver *drv = mapped_driver(format);
+
+	if (format == BLOCKMIRROR_FORMAT_RAW)
+		return bm_raw_open(s, flags, out);
+	if (!drv)
+		return bm_error(-EINVAL, "%s: bad format", s->name);
+	if (s->block_device && (flags & BM_IMAGE_WRITE))
+		return bm_error(-ENOTSUP, "%s: %s on a block device can only "
+				"be opened read-only", path, drv->name);
+	return bm_fmt_open(drv, s, path, flags, out);
 }
 
 static int
@@ -173,7 +189,18 @@ bm_image_open(struct bm_loop *loop, const char *name,
 			goto out_close;
 		}
 	}
-	r = open_driver(s, format, flags, out);
+	if (mapped_driver(format) && (sflags & BM_OPEN_DIRECT)) {
+		/* Mapped formats go through the page cache: their
+		 * metadata I/O is small and unaligned. */
+		bm_store_close(s);
+		r = bm_file_open(loop, name, sflags & ~BM_OPEN_DIRECT, 0, &s);
+		if (r < 0)
+			return r;
+		r = bm_fault_maybe_wrap(name, &s);
+		if (r < 0)
+			goto out_close;
+	}
+	r = open_driver(s, name, format, flags, out);
 	if (r < 0)
 		goto out_close;
 	return 0;
@@ -262,19 +289,18 @@ bm_image_create(struct bm_loop *loop, const char *name,
 	if (bm_nbd_is_uri(name))
 		return create_nbd(loop, name, format, size, options, flags,
 				  out);
-	if (format != BLOCKMIRROR_FORMAT_RAW)
-		return bm_error(-ENOTSUP, "%s: creating %s images is not "
-				"supported by this version", name,
-				blockmirror_format_name(format));
-	if (options && *options)
+	if (format != BLOCKMIRROR_FORMAT_RAW && !mapped_driver(format))
+		return bm_error(-EINVAL, "%s: bad format", name);
+	if (format == BLOCKMIRROR_FORMAT_RAW && options && *options)
 		return bm_error(-EINVAL, "%s: raw images take no options "
 				"(got '%s')", name, options);
 	if (size > INT64_MAX)
 		return bm_error(-EFBIG, "%s: size %" PRIu64 " is too large",
 				name, size);
-	if (flags & BM_IMAGE_DIRECT)
+	if ((flags & BM_IMAGE_DIRECT) && format == BLOCKMIRROR_FORMAT_RAW)
 		sflags |= BM_OPEN_DIRECT;
-	r = bm_file_open(loop, name, sflags, size, &s);
+	r = bm_file_open(loop, name, sflags,
+			 format == BLOCKMIRROR_FORMAT_RAW ? size : 0, &s);
 	if (r == -EEXIST)
 		return bm_error(r, "%s: already exists", name);
 	if (r < 0)
@@ -283,6 +309,25 @@ bm_image_create(struct bm_loop *loop, const char *name,
 	if (r < 0) {
 		bm_store_close(s);
 		return r;
+	}
+	if (format != BLOCKMIRROR_FORMAT_RAW) {
+		if (s->block_device) {
+			bm_store_close(s);
+			return bm_error(-ENOTSUP, "%s: creating %s images on "
+					"block devices is not supported", name,
+					blockmirror_format_name(format));
+		}
+		r = bm_fmt_create(mapped_driver(format), s, name, size,
+				  options, flags, out);
+		if (r < 0) {
+			/* What we made (or emptied) holds no image: leave
+			 * nothing behind that a retry would trip over. */
+			bm_store_close(s);
+			unlink(name);
+			return r;
+		}
+		(*out)->zero_init = bm_image_backing(*out) == NULL;
+		return 0;
 	}
 	if (s->block_device && s->size != size) {
 		bm_store_close(s);
@@ -296,6 +341,48 @@ bm_image_create(struct bm_loop *loop, const char *name,
 	}
 	(*out)->zero_init = !s->block_device;
 	return 0;
+}
+
+int
+bm_image_create_options(struct bm_image *src, enum blockmirror_format format,
+			const char *options, char **out)
+{
+	struct bm_image_facts facts;
+	const uint8_t *g;
+	char page83[40];
+	int n;
+
+	*out = NULL;
+	bm_image_facts(src, &facts);
+	if (format != BLOCKMIRROR_FORMAT_VHDX || !facts.has_identity ||
+	    (options && bm_fmt_option(options, "page83", page83,
+				      sizeof page83) != 0)) {
+		if (options && !(*out = strdup(options)))
+			return bm_error(-ENOMEM, "out of memory");
+		return 0;
+	}
+	/* The GUID's text form: its first three fields are little-endian
+	 * in the image. */
+	g = facts.identity;
+	n = asprintf(out, "%s%spage83=%02x%02x%02x%02x-%02x%02x-%02x%02x-"
+		     "%02x%02x-%02x%02x%02x%02x%02x%02x",
+		     options ? options : "", options && *options ? "," : "",
+		     g[3], g[2], g[1], g[0], g[5], g[4], g[7], g[6], g[8],
+		     g[9], g[10], g[11], g[12], g[13], g[14], g[15]);
+	if (n < 0) {
+		*out = NULL;
+		return bm_error(-ENOMEM, "out of memory");
+	}
+	return 0;
+}
+
+void
+bm_image_set_loop(struct bm_image *img, struct bm_loop *loop)
+{
+	if (img->ops->set_loop)
+		img->ops->set_loop(img, loop);
+	else
+		img->store->loop = loop;
 }
 
 void

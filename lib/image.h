@@ -27,6 +27,9 @@ struct bm_image_ops {
 	void (*discard)(struct bm_image *img, struct bm_io *io);
 	void (*flush)(struct bm_image *img, struct bm_io *io);
 	void (*block_status)(struct bm_image *img, struct bm_io *io);
+	/* Optional: move the image (and what it holds) to another loop,
+	 * while nothing is in flight.  The default moves the store. */
+	void (*set_loop)(struct bm_image *img, struct bm_loop *loop);
 	void (*close)(struct bm_image *img);
 };
 
@@ -66,6 +69,42 @@ int bm_image_create(struct bm_loop *loop, const char *name,
 		    struct bm_image **out);
 
 void bm_image_close(struct bm_image *img);
+
+/*
+ * The create options for a copy of `src` in `format`: `options` plus
+ * what keeps the guest's view of the disk the same (a VHDX copy of a
+ * VHDX gets the source's Page 83 identity unless `options` names one).
+ * *out is malloc'd or NULL.  0 or -ENOMEM.
+ */
+int bm_image_create_options(struct bm_image *src,
+			    enum blockmirror_format format,
+			    const char *options, char **out);
+
+/* Hand an idle image over to another loop (opened on a private one). */
+void bm_image_set_loop(struct bm_image *img, struct bm_loop *loop);
+
+/*
+ * What a mapped format knows beyond the bm_image fields: the backing
+ * file's name as recorded and as opened, its format, and the image's
+ * identity (VHDX Page 83 data).  Raw images: none of it (NULLs, zeroes).
+ * Fixed at open, so any thread may ask; the strings live as long as the
+ * image.
+ */
+struct bm_image_facts {
+	const char *backing_name;
+	const char *backing_path;
+	enum blockmirror_format backing_format;
+	bool has_identity;
+	uint8_t identity[16];
+};
+
+void bm_image_facts(struct bm_image *img, struct bm_image_facts *out);
+
+/* Guest bytes a mapped format allocates (0 for raw).  Idle images only. */
+uint64_t bm_image_data_bytes(struct bm_image *img);
+
+/* The backing image, or NULL. */
+struct bm_image *bm_image_backing(struct bm_image *img);
 
 /* Run one request to completion on the image's loop (tools, tests). */
 int bm_image_sync(struct bm_image *img,

@@ -187,7 +187,7 @@ call_start(struct bm_call *call)
 		job->granularity = BM_MAX(64 * BM_KiB, job->dst->cluster_size);
 	job->src = disk->image;
 	job->loop = disk->loop;
-	job->dst->store->loop = disk->loop; /* opened on a private loop */
+	bm_image_set_loop(job->dst, disk->loop); /* opened on a private loop */
 	job->mode = job->opt.mode == BLOCKMIRROR_MODE_ACTIVE
 		    ? BLOCKMIRROR_MODE_ACTIVE : BLOCKMIRROR_MODE_BACKGROUND;
 	job->auto_mode = job->opt.mode == BLOCKMIRROR_MODE_AUTO;
@@ -252,6 +252,7 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 {
 	struct bm_call call = { .fn = call_start };
 	struct bm_loop *tmp = NULL;
+	char *create_options = NULL;
 	struct bm_job *job;
 	enum blockmirror_format fmt;
 	bool created = false;
@@ -292,8 +293,13 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 	if (options->flags & BLOCKMIRROR_JOB_CREATE) {
 		if (fmt == BLOCKMIRROR_FORMAT_AUTO)
 			fmt = disk->image->format;
-		r = bm_image_create(tmp, destination, fmt, disk->size, NULL,
-				    false, disk->open_flags, &job->dst);
+		r = bm_image_create_options(disk->image, fmt, NULL,
+					    &create_options);
+		if (r == 0)
+			r = bm_image_create(tmp, destination, fmt, disk->size,
+					    create_options, false,
+					    disk->open_flags, &job->dst);
+		free(create_options);
 		created = r == 0 && !bm_nbd_is_uri(destination);
 	} else {
 		r = bm_image_open(tmp, destination, fmt,

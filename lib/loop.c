@@ -317,6 +317,18 @@ bm_loop_fd(const struct bm_loop *loop)
 	return loop->ring.ring_fd;
 }
 
+void
+bm_loop_hold(struct bm_loop *loop)
+{
+	loop->inflight++;
+}
+
+void
+bm_loop_unhold(struct bm_loop *loop)
+{
+	loop->inflight--;
+}
+
 unsigned
 bm_loop_inflight(const struct bm_loop *loop)
 {

@@ -89,6 +89,14 @@ int bm_loop_run_until(struct bm_loop *loop, const bool *done);
 /* The fd to poll for POLLIN when the caller runs the loop (the ring's). */
 int bm_loop_fd(const struct bm_loop *loop);
 
+/*
+ * Count work that another thread will post back (a worker's answer) as
+ * in flight, so that bm_loop_run_until waits for it.  Loop thread only;
+ * every hold is matched by one unhold.
+ */
+void bm_loop_hold(struct bm_loop *loop);
+void bm_loop_unhold(struct bm_loop *loop);
+
 /* Operations in flight (timers included, the wake poll not). */
 unsigned bm_loop_inflight(const struct bm_loop *loop);
 

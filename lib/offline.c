@@ -19,6 +19,7 @@
 #include <fcntl.h>
 #include <inttypes.h>
 #include <libgen.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -94,6 +95,23 @@ blockmirror_image_info(const char *name, enum blockmirror_format format,
 	info->allocated_bytes = img->store->allocated;
 	info->cluster_size = img->cluster_size;
 	info->block_device = img->store->block_device;
+	if (CHECK_STRUCT(info, struct blockmirror_image_info, identity)) {
+		struct bm_image_facts facts;
+
+		bm_image_facts(img, &facts);
+		info->data_bytes = img->format == BLOCKMIRROR_FORMAT_RAW ?
+				   info->allocated_bytes :
+				   bm_image_data_bytes(img);
+		snprintf(info->backing_file, sizeof info->backing_file, "%s",
+			 facts.backing_name ? facts.backing_name : "");
+		snprintf(info->backing_path, sizeof info->backing_path, "%s",
+			 facts.backing_path ? facts.backing_path : "");
+		info->backing_format = facts.backing_path ?
+				       facts.backing_format :
+				       BLOCKMIRROR_FORMAT_AUTO;
+		info->has_identity = facts.has_identity;
+		memcpy(info->identity, facts.identity, 16);
+	}
 out:
 	bm_image_close(img);
 	bm_loop_free(loop);
@@ -308,6 +326,8 @@ blockmirror_copy(const char *src, const char *dst,
 	struct bm_io io = { 0 };
 	unsigned flags = 0, iflags = 0;
 	bool created = false, dst_uri;
+	const char *dst_options = NULL;
+	char *dst_options_full = NULL;
 	uint64_t t0 = now_ns();
 	int r;
 
@@ -345,7 +365,15 @@ blockmirror_copy(const char *src, const char *dst,
 			     "explicitly to replace it)", dst);
 		goto out;
 	}
-	r = bm_image_create(oc.loop, dst, dst_format, in->size, NULL,
+	if (CHECK_STRUCT(options, struct blockmirror_copy_options,
+			 dst_options))
+		dst_options = options->dst_options;
+	r = bm_image_create_options(in, dst_format, dst_options,
+				    &dst_options_full);
+	if (r < 0)
+		goto out;
+	r = bm_image_create(oc.loop, dst, dst_format, in->size,
+			    dst_options_full,
 			    flags & BLOCKMIRROR_COPY_OVERWRITE, iflags, &out);
 	if (r < 0)
 		goto out;
@@ -388,5 +416,6 @@ out:
 	if (r < 0 && created && unlink(dst) == 0)
 		bm_info("%s: removed the incomplete copy", dst);
 	bm_loop_free(oc.loop);
+	free(dst_options_full);
 	return r < 0 ? bm_api_fail("blockmirror_copy", r) : 0;
 }

@@ -57,6 +57,8 @@ struct bm_store_ops {
 	/* Optional: finish every request in flight as soon as possible,
 	 * with -ECANCELED if it has not completed (a hung destination). */
 	void (*cancel)(struct bm_store *s);
+	/* Optional, synchronous: set the size of a growable store. */
+	int (*truncate)(struct bm_store *s, uint64_t size);
 	void (*close)(struct bm_store *s);
 };
 
@@ -69,6 +71,9 @@ struct bm_store {
 	uint32_t preferred;    /* preferred request size, 0 unknown */
 	bool readonly;
 	bool block_device;
+	/* A file under a mapped format: requests may reach past `size`
+	 * (writes extend the file, reads past its end return zeroes). */
+	bool growable;
 	uint64_t allocated;    /* bytes the storage holds, UINT64_MAX unknown */
 };
 

@@ -7,11 +7,12 @@ set -euo pipefail
 
 BM_BUILD_PACKAGES=(
 	gcc meson ninja-build pkg-config
-	liburing-dev libnbd-dev libxxhash-dev libjansson-dev libgnutls28-dev check
+	liburing-dev libnbd-dev libxxhash-dev libjansson-dev libgnutls28-dev check uuid-dev
+	zlib1g-dev libzstd-dev
 )
 # The real peers the tests drive, and the sanitizer/fuzzing toolchain.
 BM_TEST_PACKAGES=(
-	qemu-utils nbdkit libnbd-bin fio python3 util-linux
+	qemu-utils nbdkit libnbd-bin fio python3 util-linux groff-base
 	clang libclang-rt-14-dev
 )
 

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "bmirror.h"
+#include "rebalance.h"
 
 static const struct {
 	const char *name;
@@ -25,6 +26,7 @@ static const struct {
 	{ "pause", cmd_client, "pause a move's bulk copy" },
 	{ "resume", cmd_client, "resume a paused move" },
 	{ "complete", cmd_client, "pivot a move started with --no-pivot" },
+	{ "rebalance", cmd_rebalance, "move many disks between pools (a plan)" },
 };
 
 static void
@@ -32,7 +34,7 @@ usage(FILE *f)
 {
 	fprintf(f, "Usage: bmirror COMMAND [OPTIONS] ...\n\nCommands:\n");
 	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
-		fprintf(f, "  %-8s %s\n", commands[i].name,
+		fprintf(f, "  %-9s %s\n", commands[i].name,
 			commands[i].summary);
 	fprintf(f, "\n'bmirror COMMAND --help' describes a command.\n");
 }

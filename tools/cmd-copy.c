@@ -9,7 +9,7 @@
 static void
 help(void)
 {
-	printf("Usage: bmirror copy [-f FMT] [-O FMT] [--overwrite] "
+	printf("Usage: bmirror copy [-f FMT] [-O FMT] [-o OPTIONS] [--overwrite] "
 	       "[--progress|--json]\n"
 	       "                    [--allocate] [--direct] "
 	       "[--request-size SIZE] [--requests N] SRC DST\n\n"
@@ -18,6 +18,7 @@ help(void)
 	       "stable storage before the command exits.\n\n"
 	       "  -f FMT              format of SRC (default: probe)\n"
 	       "  -O FMT              format of DST (default: SRC's)\n"
+	       "  -o OPTIONS          create options for DST (as for create)\n"
 	       "  --overwrite         replace DST if it exists\n"
 	       "  --allocate          write every byte (no holes)\n"
 	       "  --direct            use O_DIRECT (bypass the page cache)\n"
@@ -53,7 +54,7 @@ cmd_copy(int argc, char **argv)
 
 	opterr = 0;
 
-	while ((c = getopt_long(argc, argv, ":f:O:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":f:O:o:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			if (!parse_format(optarg, &o.src_format))
@@ -62,6 +63,9 @@ cmd_copy(int argc, char **argv)
 		case 'O':
 			if (!parse_format(optarg, &o.dst_format))
 				return EXIT_USAGE;
+			break;
+		case 'o':
+			o.dst_options = optarg;
 			break;
 		case OPT_OVERWRITE:
 			o.flags |= BLOCKMIRROR_COPY_OVERWRITE;

@@ -100,6 +100,15 @@ struct blockmirror_image_info {
 	uint64_t allocated_bytes;       /* bytes the storage holds (st_blocks) */
 	uint32_t cluster_size;          /* allocation unit of the format, 0 for raw */
 	bool block_device;              /* the image is a block device */
+	/* Since 0.2 (filled when `size` covers them): */
+	uint64_t data_bytes;            /* guest bytes the format maps (qcow2,
+					 * VHDX); for raw, allocated_bytes */
+	char backing_file[1024];        /* as recorded in the image, or "" */
+	char backing_path[1024];        /* as opened (relative names resolved
+					 * against the image's directory) */
+	enum blockmirror_format backing_format; /* AUTO if no backing file */
+	bool has_identity;              /* VHDX: the Page 83 identity */
+	uint8_t identity[16];
 };
 
 /*
@@ -152,6 +161,11 @@ struct blockmirror_copy_options {
 	uint32_t requests;                  /* requests in flight, 0: 16 */
 	blockmirror_progress_fn progress;   /* NULL: none */
 	void *progress_data;
+	/* Since 0.2: create options for the destination (see
+	 * blockmirror_image_create), or NULL.  A VHDX copy of a VHDX
+	 * source keeps the source's Page 83 identity unless these name
+	 * one. */
+	const char *dst_options;
 };
 
 struct blockmirror_copy_stats {

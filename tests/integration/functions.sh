@@ -499,3 +499,57 @@ same_content() {
 	run_ok qemu-img compare -f raw -F raw "$a" "$b"
 	run_ok "$BMIRROR" verify "$@" "$a" "$b"
 }
+
+# ---- serving a disk and a guest writing to it --------------------------
+# wait_for_socket PATH: wait (up to 10 s) for a Unix socket to appear.
+# start_serve IMAGE_OR_LINK [--link]: `bmirror serve` in the background on
+#   $T/nbd.sock with control socket $T/ctl.sock (SERVE_PID; log $T/serve.err).
+# stop_serve: SIGTERM it; it must exit 0.
+# fio_write OUT [RATE]: fio (nbd engine) writes every 4 KiB block of the
+#   served disk once with a crc32c header; fio_verify WHAT checks them all.
+SERVE_PID=
+wait_for_socket() {
+	local i
+	for ((i = 0; i < 200; i++)); do
+		[[ -S $1 ]] && return 0
+		sleep 0.05
+	done
+	fail "timed out waiting for $1"
+}
+
+start_serve() { # start_serve IMAGE_OR_LINK [--link]
+	rm -f "$T/nbd.sock" "$T/ctl.sock"
+	if [[ ${2:-} == --link ]]; then
+		"$BMIRROR" serve --nbd "unix:$T/nbd.sock" --control "$T/ctl.sock" \
+			--link "$1" 2>"$T/serve.err" &
+	else
+		"$BMIRROR" serve --nbd "unix:$T/nbd.sock" --control "$T/ctl.sock" \
+			"$1" 2>"$T/serve.err" &
+	fi
+	SERVE_PID=$!
+	wait_for_socket "$T/nbd.sock"
+	wait_for_socket "$T/ctl.sock"
+}
+
+stop_serve() {
+	kill -TERM "$SERVE_PID"
+	local rc=0
+	wait "$SERVE_PID" || rc=$?
+	((rc == 0)) || { cat "$T/serve.err" >&2; fail "bmirror serve exited with $rc on SIGTERM"; }
+	SERVE_PID=
+}
+
+# fio over the served disk: each 4 KiB block written once, with a crc32c
+# header, at a limited rate so that the move happens in the middle.
+FIO_COMMON=(--name=guest --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16
+	--size=100% --verify=crc32c --randseed=4242 --verify_state_save=0)
+fio_write() { # fio_write OUT [RATE]
+	fio "${FIO_COMMON[@]}" --uri="nbd+unix:///?socket=$T/nbd.sock" \
+		--do_verify=0 --rate_iops="${2:-3000}" --output="$1" >/dev/null 2>&1
+}
+fio_verify() {
+	run fio "${FIO_COMMON[@]}" --uri="nbd+unix:///?socket=$T/nbd.sock" \
+		--verify_only --output="$T/fio-verify.out"
+	((RUN_RC == 0)) || { cat "$T/fio-verify.out" >&2; fail "fio verify failed: $1"; }
+	grep -q "err= 0" "$T/fio-verify.out" || { cat "$T/fio-verify.out" >&2; fail "fio verify reported errors: $1"; }
+}

@@ -1,0 +1,1232 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The engine under mapped formats (qcow2, VHDX): it turns a driver's
+ * synchronous answers (format.h) into the asynchronous image interface
+ * (image.h).
+ *
+ * A guest request is cut into chunks.  For each chunk the engine asks
+ * the driver where the bytes live: first on the loop with `nowait` (the
+ * answer must come from the driver's caches), and when that is not
+ * enough, on the image's worker thread, where the driver may read
+ * tables, allocate and fill clusters.  Then the engine does the data I/O
+ * the answer describes on the image's store: reads, writes, zeroes, or
+ * reads from the backing image.  Then the next chunk.
+ *
+ * The rules that make that safe, all kept on the loop thread:
+ *
+ * - Busy ranges.  A chunk sent to the worker makes its guest range,
+ *   rounded out to clusters, busy before it goes and until its data I/O
+ *   is done.  No chunk of another request that touches a busy range is
+ *   mapped meanwhile; it waits and is retried when a range is released.
+ *   So nobody sees a cluster between its allocation and its data.
+ * - Flushes in order.  Requests are kept in the order they started.  A
+ *   flush (and the flush half of a FUA write) goes to the driver only
+ *   when nothing older is in flight, so the driver's flush finds the data
+ *   of every earlier write in the file.
+ * - The worker owns the metadata store: a second handle on the same file
+ *   with a private loop, so driver I/O never waits for the image's loop
+ *   and the image's loop never waits for the worker (close joins the
+ *   worker, which by then has nothing to wait for).
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <libgen.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "errors.h"
+#include "fault.h"
+#include "format.h"
+#include "internal.h"
+#include "waiter.h"
+
+enum req_kind { R_READ, R_WRITE, R_ZERO, R_DISCARD, R_STATUS, R_FLUSH };
+
+struct fmt_req;
+
+struct fmt_sub {
+	struct bm_io io;
+	struct fmt_req *req;
+};
+
+struct fmt_req {
+	struct bm_fmt *f;
+	struct bm_io *io;            /* the caller's request */
+	enum req_kind kind;
+	uint64_t pos, end;           /* guest range still to do */
+	int err;
+	bool fua;                    /* a write that becomes a flush */
+	bool holds_busy;
+	uint64_t busy_start, busy_end;
+	bool flush_sent;
+	bool flush_needed;           /* something to make durable */
+	uint64_t seg_off;            /* STATUS: guest offset of seg_next */
+	unsigned seg_next;           /* STATUS: next segment to report */
+	unsigned pending;            /* sub-requests in flight */
+	struct bm_map_req map;
+	char msg[256];               /* the worker's error message */
+
+	struct fmt_req *prev, *next; /* in flight, oldest first */
+	struct fmt_req *busy_next;
+	struct fmt_req *wait_next;
+	struct fmt_req *job_next;    /* the worker's queue */
+	struct bm_work work;         /* worker -> loop */
+	struct bm_op defer;
+	struct bm_extent_list tmp;   /* STATUS: the backing image's extents */
+	struct fmt_sub sub[BM_MAP_MAX_SEGS];
+};
+
+struct bm_fmt {
+	struct bm_image img;         /* first: the image is the engine */
+	const struct bm_fmt_driver *drv;
+	void *state;
+	struct bm_fmt_info info;
+	char *path;
+	unsigned flags;
+	struct bm_loop *loop;        /* the image's loop */
+	struct bm_image *backing;
+	char *backing_path;          /* as opened */
+
+	/* The driver's side. */
+	struct bm_loop *wloop;
+	struct bm_store *wstore;
+	uint64_t file_size;
+	pthread_t worker;
+	bool worker_started;
+	pthread_mutex_t qlock;
+	pthread_cond_t qcond;
+	struct fmt_req *qhead, *qtail;
+	bool stopping;
+
+	/* The loop's side. */
+	struct fmt_req *oldest, *newest;
+	struct fmt_req *busy;
+	struct fmt_req *waiting, *waiting_tail;
+	bool dirty;                  /* written since the last flush started */
+};
+
+static struct bm_fmt *
+to_fmt(struct bm_image *img)
+{
+	return (struct bm_fmt *)img;
+}
+
+/* ---- services for drivers -------------------------------------------- */
+
+const char *
+bm_fmt_name(const struct bm_fmt *f)
+{
+	return f->path;
+}
+
+bool
+bm_fmt_writable(const struct bm_fmt *f)
+{
+	return f->flags & BM_IMAGE_WRITE;
+}
+
+uint64_t
+bm_fmt_file_size(const struct bm_fmt *f)
+{
+	return f->file_size;
+}
+
+bool
+bm_fmt_has_backing(const struct bm_fmt *f)
+{
+	return f->backing != NULL;
+}
+
+static int
+meta_io(struct bm_fmt *f, void (*op)(struct bm_store *, struct bm_io *),
+	void *buf, uint64_t len, uint64_t off, unsigned flags)
+{
+	struct bm_io io = { 0 };
+
+	io.buf = buf;
+	io.offset = off;
+	io.length = len;
+	io.flags = flags;
+	return bm_store_sync(f->wstore, op, &io);
+}
+
+int
+bm_fmt_pread(struct bm_fmt *f, void *buf, size_t len, uint64_t off)
+{
+	if (!bm_range_ok(off, len, f->file_size))
+		return bm_error(-EINVAL, "%s: read of %zu bytes at offset %"
+				PRIu64 " is beyond the end of the file (%"
+				PRIu64 " bytes)", f->path, len, off,
+				f->file_size);
+	if (len == 0)
+		return 0;
+	return meta_io(f, f->wstore->ops->read, buf, len, off, 0);
+}
+
+int
+bm_fmt_pread_zero(struct bm_fmt *f, void *buf, size_t len, uint64_t off)
+{
+	if (!bm_range_ok(off, len, INT64_MAX))
+		return bm_error(-EINVAL, "%s: read at offset %" PRIu64
+				" is out of range", f->path, off);
+	if (len == 0)
+		return 0;
+	return meta_io(f, f->wstore->ops->read, buf, len, off, 0);
+}
+
+int
+bm_fmt_pwrite(struct bm_fmt *f, const void *buf, size_t len, uint64_t off)
+{
+	int r;
+
+	if (!bm_range_ok(off, len, INT64_MAX))
+		return bm_error(-EINVAL, "%s: write at offset %" PRIu64
+				" is out of range", f->path, off);
+	if (len == 0)
+		return 0;
+	r = meta_io(f, f->wstore->ops->write, (void *)buf, len, off, 0);
+	if (r == 0 && off + len > f->file_size)
+		f->file_size = off + len;
+	return r;
+}
+
+int
+bm_fmt_zero_file(struct bm_fmt *f, uint64_t off, uint64_t len)
+{
+	int r;
+
+	if (!bm_range_ok(off, len, INT64_MAX))
+		return bm_error(-EINVAL, "%s: zeroing at offset %" PRIu64
+				" is out of range", f->path, off);
+	if (len == 0)
+		return 0;
+	r = meta_io(f, f->wstore->ops->zero, NULL, len, off, BM_IO_MAY_TRIM);
+	if (r == 0 && off + len > f->file_size)
+		f->file_size = off + len;
+	return r;
+}
+
+int
+bm_fmt_truncate(struct bm_fmt *f, uint64_t size)
+{
+	int r;
+
+	if (!f->wstore->ops->truncate)
+		return bm_error(-ENOTSUP, "%s: the file cannot be resized",
+				f->path);
+	r = f->wstore->ops->truncate(f->wstore, size);
+	if (r == 0)
+		f->file_size = size;
+	return r;
+}
+
+int
+bm_fmt_sync(struct bm_fmt *f)
+{
+	return meta_io(f, f->wstore->ops->flush, NULL, 0, 0, 0);
+}
+
+/* A read of the backing image, run on the image's loop for the worker. */
+struct backing_call {
+	struct bm_work work;
+	struct bm_fmt *f;
+	struct bm_io io;
+	struct bm_waiter waiter;
+};
+
+static void
+backing_call_done(struct bm_io *io, int err)
+{
+	struct backing_call *c = bm_container_of(io, struct backing_call, io);
+
+	bm_waiter_signal(&c->waiter, err);
+}
+
+static void
+backing_call_run(struct bm_work *w)
+{
+	struct backing_call *c = bm_container_of(w, struct backing_call, work);
+
+	c->io.done = backing_call_done;
+	bm_image_read(c->f->backing, &c->io);
+}
+
+int
+bm_fmt_backing_read(struct bm_fmt *f, void *buf, size_t len, uint64_t off)
+{
+	struct backing_call c = { 0 };
+	uint64_t have = 0;
+	int r;
+
+	if (f->backing && off < f->backing->size)
+		have = BM_MIN((uint64_t)len, f->backing->size - off);
+	memset((char *)buf + have, 0, len - have);
+	if (have == 0)
+		return 0;
+	bm_waiter_init(&c.waiter);
+	c.f = f;
+	c.work.fn = backing_call_run;
+	c.io.buf = buf;
+	c.io.offset = off;
+	c.io.length = have;
+	bm_loop_post(f->loop, &c.work);
+	r = bm_waiter_wait(&c.waiter);
+	bm_waiter_destroy(&c.waiter);
+	return r;
+}
+
+bool
+bm_map_add(struct bm_map_req *r, enum bm_seg_kind kind, uint64_t len,
+	   uint64_t host)
+{
+	if (r->nseg) {
+		struct bm_seg *s = &r->seg[r->nseg - 1];
+
+		if (s->kind == kind &&
+		    (kind != BM_SEG_DATA || r->op == BM_MAP_STATUS ||
+		     s->host + s->length == host)) {
+			s->length += len;
+			return true;
+		}
+	}
+	if (r->nseg == BM_MAP_MAX_SEGS)
+		return false;
+	r->seg[r->nseg++] = (struct bm_seg){ .length = len, .host = host,
+					     .kind = kind };
+	return true;
+}
+
+/* ---- create options -------------------------------------------------- */
+
+/* The next key=value item of `p`: key and value spans.  NULL at the end. */
+static const char *
+next_option(const char *p, const char **key, size_t *klen, const char **val,
+	    size_t *vlen)
+{
+	const char *end, *eq;
+
+	while (*p == ',')
+		p++;
+	if (!*p)
+		return NULL;
+	end = p + strcspn(p, ",");
+	eq = memchr(p, '=', (size_t)(end - p));
+	*key = p;
+	*klen = (size_t)((eq ? eq : end) - p);
+	*val = eq ? eq + 1 : end;
+	*vlen = (size_t)(end - *val);
+	return end;
+}
+
+int
+bm_fmt_options_check(const struct bm_fmt *f, const char *options,
+		     const char *const *known)
+{
+	const char *p = options ? options : "", *key, *val;
+	size_t klen, vlen;
+
+	while ((p = next_option(p, &key, &klen, &val, &vlen))) {
+		bool ok = false;
+
+		for (size_t i = 0; known[i] && !ok; i++)
+			ok = strlen(known[i]) == klen &&
+			     memcmp(known[i], key, klen) == 0;
+		if (!ok)
+			return bm_error(-EINVAL, "%s: unknown %s option '%.*s'",
+					f->path, f->drv->name, (int)klen, key);
+	}
+	return 0;
+}
+
+int
+bm_fmt_option(const char *options, const char *key, char *val, size_t size)
+{
+	const char *p = options ? options : "", *k, *v;
+	size_t klen, vlen;
+	int found = 0;
+
+	/* The last one wins, as on a command line. */
+	while ((p = next_option(p, &k, &klen, &v, &vlen))) {
+		if (klen != strlen(key) || memcmp(k, key, klen) != 0)
+			continue;
+		if (vlen >= size)
+			return -EINVAL;
+		memcpy(val, v, vlen);
+		val[vlen] = '\0';
+		found = 1;
+	}
+	return found;
+}
+
+int
+bm_fmt_option_size(const struct bm_fmt *f, const char *options,
+		   const char *key, uint64_t *out)
+{
+	char val[64], *end;
+	unsigned long long n;
+	unsigned shift = 0;
+	int r = bm_fmt_option(options, key, val, sizeof val);
+
+	if (r <= 0)
+		return r < 0 ? bm_error(-EINVAL, "%s: option %s: value too "
+					"long", f->path, key) : 0;
+	errno = 0;
+	n = strtoull(val, &end, 10);
+	switch (*end) {
+	case 'k': case 'K': shift = 10; end++; break;
+	case 'm': case 'M': shift = 20; end++; break;
+	case 'g': case 'G': shift = 30; end++; break;
+	case 't': case 'T': shift = 40; end++; break;
+	}
+	if (*end == 'i' && shift)
+		end++;
+	if (*end == 'B' || *end == 'b')
+		end++;
+	if (errno || end == val || *end || val[0] == '-' ||
+	    n > (UINT64_MAX >> shift))
+		return bm_error(-EINVAL, "%s: option %s: bad size '%s'",
+				f->path, key, val);
+	*out = (uint64_t)n << shift;
+	return 1;
+}
+
+/* ---- the worker ------------------------------------------------------ */
+
+static void chunk_mapped(struct bm_work *w);
+
+static void *
+worker_main(void *arg)
+{
+	struct bm_fmt *f = arg;
+
+	for (;;) {
+		struct fmt_req *req;
+		int r;
+
+		pthread_mutex_lock(&f->qlock);
+		while (!f->qhead && !f->stopping)
+			pthread_cond_wait(&f->qcond, &f->qlock);
+		req = f->qhead;
+		if (!req) {
+			pthread_mutex_unlock(&f->qlock);
+			break;
+		}
+		f->qhead = req->job_next;
+		if (!f->qhead)
+			f->qtail = NULL;
+		pthread_mutex_unlock(&f->qlock);
+
+		if (req->kind == R_FLUSH)
+			r = f->drv->flush(f->state);
+		else
+			r = f->drv->map(f->state, &req->map);
+		req->err = r;
+		if (r < 0)
+			snprintf(req->msg, sizeof req->msg, "%s",
+				 blockmirror_last_error());
+		req->work.fn = chunk_mapped;
+		bm_loop_post(f->loop, &req->work);
+	}
+	return NULL;
+}
+
+static void
+worker_send(struct bm_fmt *f, struct fmt_req *req)
+{
+	bm_loop_hold(f->loop);
+	req->job_next = NULL;
+	pthread_mutex_lock(&f->qlock);
+	if (f->qtail)
+		f->qtail->job_next = req;
+	else
+		f->qhead = req;
+	f->qtail = req;
+	pthread_cond_signal(&f->qcond);
+	pthread_mutex_unlock(&f->qlock);
+}
+
+/* ---- requests on the loop -------------------------------------------- */
+
+static void advance(struct fmt_req *req);
+static void try_flush(struct bm_fmt *f);
+
+static void
+req_unlink(struct fmt_req *req)
+{
+	struct bm_fmt *f = req->f;
+
+	if (req->prev)
+		req->prev->next = req->next;
+	else
+		f->oldest = req->next;
+	if (req->next)
+		req->next->prev = req->prev;
+	else
+		f->newest = req->prev;
+}
+
+static void
+finish(struct fmt_req *req)
+{
+	struct bm_fmt *f = req->f;
+	struct bm_io *io = req->io;
+	int err = req->err;
+
+	req_unlink(req);
+	bm_extent_list_free(&req->tmp);
+	if (err < 0 && req->msg[0])
+		bm_error(err, "%s", req->msg);
+	free(req);
+	try_flush(f);
+	io->done(io, err);
+}
+
+/* A chunk of another request touches [start, end) while it is busy? */
+static bool
+range_busy(struct bm_fmt *f, uint64_t start, uint64_t end)
+{
+	for (struct fmt_req *b = f->busy; b; b = b->busy_next)
+		if (start < b->busy_end && b->busy_start < end)
+			return true;
+	return false;
+}
+
+static void
+busy_release(struct fmt_req *req)
+{
+	struct bm_fmt *f = req->f;
+	struct fmt_req **pp, *w;
+
+	for (pp = &f->busy; *pp != req; pp = &(*pp)->busy_next)
+		;
+	*pp = req->busy_next;
+	req->holds_busy = false;
+
+	/* Everyone waiting gets another try, in order. */
+	w = f->waiting;
+	f->waiting = f->waiting_tail = NULL;
+	while (w) {
+		struct fmt_req *next = w->wait_next;
+
+		advance(w);
+		w = next;
+	}
+}
+
+static enum bm_map_op
+map_op(enum req_kind kind)
+{
+	switch (kind) {
+	case R_READ: return BM_MAP_READ;
+	case R_WRITE: return BM_MAP_WRITE;
+	case R_ZERO: return BM_MAP_ZERO;
+	case R_DISCARD: return BM_MAP_DISCARD;
+	default: return BM_MAP_STATUS;
+	}
+}
+
+static void
+fail(struct fmt_req *req, int err)
+{
+	req->err = err;
+	if (!req->msg[0])
+		snprintf(req->msg, sizeof req->msg, "%s",
+			 blockmirror_last_error());
+	if (req->holds_busy)
+		busy_release(req);
+	finish(req);
+}
+
+static void execute(struct fmt_req *req);
+
+/* The next chunk: map it here if the driver can, else on the worker. */
+static void
+advance(struct fmt_req *req)
+{
+	struct bm_fmt *f = req->f;
+	uint32_t cs = f->info.cluster_size ? f->info.cluster_size : 1;
+	uint64_t bs, be;
+	int r;
+
+	if (req->pos >= req->end) {
+		if (req->fua) {
+			req->kind = R_FLUSH;
+			try_flush(f);
+			return;
+		}
+		finish(req);
+		return;
+	}
+	bs = req->pos / cs * cs;
+	be = BM_MIN(req->end / cs * cs + (req->end % cs ? cs : 0),
+		    (uint64_t)UINT64_MAX - cs);
+	if (range_busy(f, bs, be)) {
+		req->wait_next = NULL;
+		if (f->waiting_tail)
+			f->waiting_tail->wait_next = req;
+		else
+			f->waiting = req;
+		f->waiting_tail = req;
+		return;
+	}
+
+	memset(&req->map, 0, offsetof(struct bm_map_req, seg));
+	req->map.op = map_op(req->kind);
+	req->map.flags = req->io->flags;
+	req->map.offset = req->pos;
+	req->map.length = req->end - req->pos;
+	if (req->kind == R_READ || req->kind == R_WRITE)
+		req->map.buf = (char *)req->io->buf +
+			       (req->pos - req->io->offset);
+	req->map.nowait = true;
+	req->map.nseg = 0;
+	r = f->drv->map(f->state, &req->map);
+	if (r == 0) {
+		execute(req);
+		return;
+	}
+	if (r != -EAGAIN) {
+		fail(req, r);
+		return;
+	}
+	req->map.nowait = false;
+	req->map.nseg = 0;
+	req->holds_busy = true;
+	req->busy_start = bs;
+	req->busy_end = be;
+	req->busy_next = f->busy;
+	f->busy = req;
+	worker_send(f, req);
+}
+
+static void
+chunk_done(struct fmt_req *req)
+{
+	uint64_t len = 0;
+
+	if (req->err < 0) {
+		fail(req, req->err);
+		return;
+	}
+	for (unsigned i = 0; i < req->map.nseg; i++)
+		len += req->map.seg[i].length;
+	req->pos += len;
+	if (req->holds_busy)
+		busy_release(req);
+	advance(req);
+}
+
+static void
+sub_done(struct bm_io *io, int err)
+{
+	struct fmt_sub *s = bm_container_of(io, struct fmt_sub, io);
+	struct fmt_req *req = s->req;
+
+	if (err < 0 && req->err == 0) {
+		req->err = err;
+		snprintf(req->msg, sizeof req->msg, "%s",
+			 blockmirror_last_error());
+	}
+	if (--req->pending == 0)
+		chunk_done(req);
+}
+
+static struct bm_io *
+sub_io(struct fmt_req *req, unsigned i, uint64_t off, uint64_t len, void *buf)
+{
+	struct fmt_sub *s = &req->sub[i];
+
+	memset(&s->io, 0, sizeof s->io);
+	s->req = req;
+	s->io.done = sub_done;
+	s->io.offset = off;
+	s->io.length = len;
+	s->io.buf = buf;
+	req->pending++;
+	return &s->io;
+}
+
+static void status_next(struct fmt_req *req);
+static void nothing_done(struct bm_op *op, int res);
+
+static void
+status_failed(struct fmt_req *req, int err)
+{
+	req->err = err;
+	if (!req->msg[0])
+		snprintf(req->msg, sizeof req->msg, "%s",
+			 blockmirror_last_error());
+	req->seg_next = req->map.nseg;
+}
+
+static void
+status_backing_done(struct bm_io *io, int err)
+{
+	struct fmt_sub *s = bm_container_of(io, struct fmt_sub, io);
+	struct fmt_req *req = s->req;
+	struct bm_extent_list *out = req->io->extents;
+	uint64_t end = io->offset + io->length;
+
+	req->pending--;
+	if (err < 0) {
+		status_failed(req, err);
+		status_next(req);
+		return;
+	}
+	/* Clip what the backing image said to the segment; where it said
+	 * nothing, "data" is the safe guess. */
+	for (size_t i = 0; i < req->tmp.len && err == 0; i++) {
+		struct bm_extent *e = &req->tmp.v[i];
+		uint64_t a = BM_MAX(e->offset, io->offset);
+		uint64_t b = BM_MIN(e->offset + e->length, end);
+
+		if (a < b && a == req->seg_off)
+			err = bm_extent_list_append(out, a, b - a, e->flags);
+		if (a < b && a == req->seg_off)
+			req->seg_off = b;
+	}
+	if (err == 0 && req->seg_off < end)
+		err = bm_extent_list_append(out, req->seg_off,
+					    end - req->seg_off, 0);
+	if (err < 0)
+		status_failed(req, bm_error(-ENOMEM, "%s: out of memory",
+					    req->f->path));
+	req->seg_off = end;
+	req->seg_next++;
+	status_next(req);
+}
+
+/*
+ * STATUS reports one segment at a time, so that extents stay in order;
+ * a backing segment asks the backing image.  The chunk ends through a
+ * deferred op, so long runs of chunks do not recurse.
+ */
+static void
+status_next(struct fmt_req *req)
+{
+	struct bm_fmt *f = req->f;
+	struct bm_extent_list *out = req->io->extents;
+
+	while (req->seg_next < req->map.nseg) {
+		struct bm_seg *sg = &req->map.seg[req->seg_next];
+		uint64_t off = req->seg_off;
+		uint32_t flags = 0;
+
+		if (sg->kind == BM_SEG_BACKING && f->backing &&
+		    off < f->backing->size) {
+			uint64_t len = BM_MIN(sg->length,
+					      f->backing->size - off);
+			struct bm_io *io;
+
+			if (len < sg->length) {
+				/* Past the backing image's end: the next
+				 * chunk maps it again and finds a hole. */
+				sg->length = len;
+				req->map.nseg = req->seg_next + 1;
+			}
+			bm_extent_list_reset(&req->tmp);
+			io = sub_io(req, 0, off, len, NULL);
+			io->extents = &req->tmp;
+			io->done = status_backing_done;
+			bm_image_block_status(f->backing, io);
+			return;
+		}
+		if (sg->kind == BM_SEG_ZERO)
+			flags = BM_EXTENT_ZERO;
+		else if (sg->kind != BM_SEG_DATA)
+			flags = BM_EXTENT_HOLE | BM_EXTENT_ZERO;
+		if (bm_extent_list_append(out, off, sg->length, flags) < 0) {
+			status_failed(req, bm_error(-ENOMEM, "%s: out of "
+						    "memory", f->path));
+			break;
+		}
+		req->seg_off += sg->length;
+		req->seg_next++;
+	}
+	req->pending = 1;
+	bm_loop_defer(f->loop, &req->defer, nothing_done, 0);
+}
+
+/* Deferred completion when a chunk needed no I/O at all. */
+static void
+nothing_done(struct bm_op *op, int res)
+{
+	struct fmt_req *req = bm_container_of(op, struct fmt_req, defer);
+
+	(void)res;
+	if (--req->pending == 0)
+		chunk_done(req);
+}
+
+/* Do the I/O a map answer describes. */
+static void
+execute(struct fmt_req *req)
+{
+	struct bm_fmt *f = req->f;
+	struct bm_store *s = f->img.store;
+	uint64_t off = req->pos;
+	char *buf = req->map.buf;
+
+	if (req->map.nseg == 0 || req->map.nseg > BM_MAP_MAX_SEGS) {
+		fail(req, bm_error(-EIO, "%s: driver mapped nothing at %"
+				   PRIu64, f->path, req->pos));
+		return;
+	}
+	/* Hold one count across submission so that nothing completes the
+	 * chunk before every segment is out. */
+	req->pending = 1;
+	if (req->kind == R_STATUS) {
+		req->seg_next = 0;
+		req->seg_off = req->pos;
+		status_next(req);
+		return;
+	}
+	for (unsigned i = 0; i < req->map.nseg; i++) {
+		struct bm_seg *sg = &req->map.seg[i];
+		struct bm_io *io;
+
+		if (sg->length == 0 || off + sg->length > req->end) {
+			req->err = bm_error(-EIO, "%s: driver mapped a bad "
+					    "segment at %" PRIu64, f->path,
+					    off);
+			break;
+		}
+		switch (req->kind) {
+		case R_READ:
+			if (sg->kind == BM_SEG_DATA) {
+				io = sub_io(req, i, sg->host, sg->length, buf);
+				s->ops->read(s, io);
+			} else if (sg->kind == BM_SEG_BACKING && f->backing &&
+				   off < f->backing->size) {
+				uint64_t n = BM_MIN(sg->length,
+						    f->backing->size - off);
+
+				memset(buf + n, 0, sg->length - n);
+				io = sub_io(req, i, off, n, buf);
+				bm_image_read(f->backing, io);
+			} else if (sg->kind != BM_SEG_DONE) {
+				memset(buf, 0, sg->length);
+			}
+			break;
+		case R_WRITE:
+			if (sg->kind == BM_SEG_DATA) {
+				io = sub_io(req, i, sg->host, sg->length, buf);
+				io->flags = req->io->flags & BM_IO_WRITEBACK;
+				s->ops->write(s, io);
+			} else if (sg->kind != BM_SEG_DONE) {
+				req->err = bm_error(-EIO, "%s: driver gave no "
+						    "place to write at %"
+						    PRIu64, f->path, off);
+			}
+			break;
+		case R_ZERO:
+		case R_DISCARD:
+			if (sg->kind == BM_SEG_DATA) {
+				io = sub_io(req, i, sg->host, sg->length, NULL);
+				if (req->kind == R_ZERO) {
+					io->flags = req->io->flags &
+						    (BM_IO_MAY_TRIM |
+						     BM_IO_FAST_ZERO);
+					s->ops->zero(s, io);
+				} else {
+					s->ops->discard(s, io);
+				}
+			}
+			break;
+		default:
+			break;
+		}
+		if (req->err < 0)
+			break;
+		off += sg->length;
+		if (buf)
+			buf += sg->length;
+	}
+	bm_loop_defer(f->loop, &req->defer, nothing_done, 0);
+}
+
+/* The worker has answered (a map or a flush). */
+static void
+chunk_mapped(struct bm_work *w)
+{
+	struct fmt_req *req = bm_container_of(w, struct fmt_req, work);
+
+	bm_loop_unhold(req->f->loop);
+	if (req->kind == R_FLUSH) {
+		finish(req);
+		return;
+	}
+	if (req->err < 0) {
+		fail(req, req->err);
+		return;
+	}
+	execute(req);
+}
+
+static void
+flush_skipped(struct bm_op *op, int res)
+{
+	(void)res;
+	finish(bm_container_of(op, struct fmt_req, defer));
+}
+
+/* Send the oldest request to the driver if it is a flush. */
+static void
+try_flush(struct bm_fmt *f)
+{
+	struct fmt_req *req = f->oldest;
+
+	if (!req || req->kind != R_FLUSH || req->flush_sent)
+		return;
+	req->flush_sent = true;
+	if (!req->flush_needed || f->img.readonly) {
+		bm_loop_defer(f->loop, &req->defer, flush_skipped, 0);
+		return;
+	}
+	worker_send(f, req);
+}
+
+static void
+start_later(struct bm_op *op, int res)
+{
+	struct fmt_req *req = bm_container_of(op, struct fmt_req, defer);
+
+	(void)res;
+	if (req->kind == R_FLUSH)
+		try_flush(req->f);
+	else if (req->err < 0)
+		fail(req, req->err);
+	else
+		advance(req);
+}
+
+static void
+oom_done(struct bm_op *op, int res)
+{
+	struct bm_io *io = bm_container_of(op, struct bm_io, op);
+
+	io->done(io, res);
+}
+
+static void
+submit(struct bm_image *img, struct bm_io *io, enum req_kind kind)
+{
+	struct bm_fmt *f = to_fmt(img);
+	struct fmt_req *req = calloc(1, sizeof *req);
+	int err = 0;
+
+	if (!req) {
+		/* The engine does not pass the caller's bm_io down to a
+		 * store, so its op is free to carry the failure. */
+		bm_error(-ENOMEM, "%s: out of memory", f->path);
+		bm_loop_defer(f->loop, &io->op, oom_done, -ENOMEM);
+		return;
+	}
+	req->f = f;
+	req->io = io;
+	req->kind = kind;
+	req->pos = io->offset;
+	req->end = io->offset + io->length;
+	req->fua = kind == R_WRITE && (io->flags & BM_IO_FUA);
+	if (kind != R_FLUSH && !bm_range_ok(io->offset, io->length, img->size))
+		err = bm_error(-EINVAL, "%s: request at %" PRIu64 "+%" PRIu64
+			       " beyond the end (%" PRIu64 ")", f->path,
+			       io->offset, io->length, img->size);
+	else if (kind != R_FLUSH && kind != R_STATUS &&
+		 (io->offset % img->align || io->length % img->align))
+		err = bm_error(-EINVAL, "%s: request at %" PRIu64 "+%" PRIu64
+			       " is not aligned to %u bytes", f->path,
+			       io->offset, io->length, img->align);
+	else if (kind != R_READ && kind != R_STATUS && kind != R_FLUSH &&
+		 img->readonly)
+		err = bm_error(-EROFS, "%s: opened read-only", f->path);
+	if (err < 0) {
+		req->err = err;
+		snprintf(req->msg, sizeof req->msg, "%s",
+			 blockmirror_last_error());
+	}
+	if (kind == R_WRITE || kind == R_ZERO || kind == R_DISCARD)
+		f->dirty = true;
+	if (kind == R_FLUSH) {
+		/* This flush covers what was written before it started. */
+		req->flush_needed = f->dirty;
+		f->dirty = false;
+	}
+	if (req->fua) {
+		req->flush_needed = true;
+		f->dirty = false;
+	}
+
+	req->prev = f->newest;
+	if (f->newest)
+		f->newest->next = req;
+	else
+		f->oldest = req;
+	f->newest = req;
+	bm_loop_defer(f->loop, &req->defer, start_later, 0);
+}
+
+static void fmt_read(struct bm_image *i, struct bm_io *io) { submit(i, io, R_READ); }
+static void fmt_write(struct bm_image *i, struct bm_io *io) { submit(i, io, R_WRITE); }
+static void fmt_zero(struct bm_image *i, struct bm_io *io) { submit(i, io, R_ZERO); }
+static void fmt_discard(struct bm_image *i, struct bm_io *io) { submit(i, io, R_DISCARD); }
+static void fmt_flush(struct bm_image *i, struct bm_io *io) { submit(i, io, R_FLUSH); }
+static void fmt_status(struct bm_image *i, struct bm_io *io) { submit(i, io, R_STATUS); }
+
+static void
+fmt_set_loop(struct bm_image *img, struct bm_loop *loop)
+{
+	struct bm_fmt *f = to_fmt(img);
+
+	f->loop = loop;
+	img->store->loop = loop;
+	if (f->backing)
+		bm_image_set_loop(f->backing, loop);
+}
+
+/* ---- open, create, close --------------------------------------------- */
+
+static void
+fmt_free(struct bm_fmt *f)
+{
+	if (f->worker_started) {
+		pthread_mutex_lock(&f->qlock);
+		f->stopping = true;
+		pthread_cond_signal(&f->qcond);
+		pthread_mutex_unlock(&f->qlock);
+		pthread_join(f->worker, NULL);
+	}
+	if (f->state) {
+		if (!f->img.readonly && f->drv->flush(f->state) < 0)
+			bm_info("%s: final metadata flush failed: %s", f->path,
+				blockmirror_last_error());
+		f->drv->close(f->state);
+	}
+	bm_image_close(f->backing);
+	bm_store_close(f->wstore);
+	bm_loop_free(f->wloop);
+	pthread_cond_destroy(&f->qcond);
+	pthread_mutex_destroy(&f->qlock);
+	free(f->info.backing_name);
+	free(f->backing_path);
+	free(f->img.name);
+	free(f->path);
+	free(f);
+}
+
+static void
+fmt_close(struct bm_image *img)
+{
+	struct bm_fmt *f = to_fmt(img);
+	struct bm_store *s = img->store;
+
+	fmt_free(f);
+	bm_store_close(s);
+}
+
+static const struct bm_image_ops fmt_ops = {
+	.read = fmt_read,
+	.write = fmt_write,
+	.zero = fmt_zero,
+	.discard = fmt_discard,
+	.flush = fmt_flush,
+	.block_status = fmt_status,
+	.set_loop = fmt_set_loop,
+	.close = fmt_close,
+};
+
+/* The engine with its metadata store, before the driver has run. */
+static int
+fmt_new(const struct bm_fmt_driver *drv, struct bm_store *store,
+	const char *path, unsigned flags, struct bm_fmt **out)
+{
+	struct bm_fmt *f = calloc(1, sizeof *f);
+	int r;
+
+	if (!f || !(f->path = strdup(path)) || !(f->img.name = strdup(path))) {
+		if (f)
+			free(f->path);
+		free(f);
+		return bm_error(-ENOMEM, "%s: out of memory", path);
+	}
+	pthread_mutex_init(&f->qlock, NULL);
+	pthread_cond_init(&f->qcond, NULL);
+	f->drv = drv;
+	f->flags = flags;
+	f->loop = store->loop;
+	f->img.ops = &fmt_ops;
+	f->img.format = drv->format;
+	f->img.readonly = !(flags & BM_IMAGE_WRITE);
+	store->growable = true;
+
+	r = bm_loop_new(16, &f->wloop);
+	if (r < 0) {
+		bm_error(r, "%s: cannot create a loop: %s", path, strerror(-r));
+		goto fail;
+	}
+	r = bm_file_open(f->wloop, path, (flags & BM_IMAGE_WRITE) ?
+			 BM_OPEN_WRITE : 0, 0, &f->wstore);
+	if (r < 0)
+		goto fail;
+	r = bm_fault_maybe_wrap(path, &f->wstore);
+	if (r < 0)
+		goto fail;
+	f->wstore->growable = true;
+	f->file_size = f->wstore->size;
+	*out = f;
+	return 0;
+fail:
+	fmt_free(f);
+	return r;
+}
+
+/* How deep the backing chain being opened on this thread is. */
+static _Thread_local unsigned chain_depth;
+#define MAX_CHAIN_DEPTH 32
+
+static int
+open_backing(struct bm_fmt *f)
+{
+	const char *name = f->info.backing_name;
+	char *resolved = NULL;
+	int r;
+
+	if (!name || !*name)
+		return 0;
+	if (strstr(name, "://") || strncmp(name, "json:", 5) == 0)
+		return bm_error(-ENOTSUP, "%s: backing file '%s' is not a "
+				"local path (not supported)", f->path, name);
+	if (name[0] != '/') {
+		char *copy = strdup(f->path);
+
+		if (!copy || asprintf(&resolved, "%s/%s", dirname(copy),
+				      name) < 0)
+			resolved = NULL;
+		free(copy);
+		if (!resolved)
+			return bm_error(-ENOMEM, "%s: out of memory", f->path);
+		name = resolved;
+	}
+	if (chain_depth >= MAX_CHAIN_DEPTH) {
+		free(resolved);
+		return bm_error(-ELOOP, "%s: backing chain deeper than %d "
+				"images (a loop?)", f->path, MAX_CHAIN_DEPTH);
+	}
+	chain_depth++;
+	r = bm_image_open(f->loop, name, f->info.backing_format, 0,
+			  &f->backing);
+	chain_depth--;
+	if (r < 0) {
+		r = bm_error(r, "%s: cannot open its backing file '%s': %s",
+			     f->path, name, blockmirror_last_error());
+		free(resolved);
+		return r;
+	}
+	f->backing_path = resolved ? resolved : strdup(name);
+	if (!f->backing_path)
+		return bm_error(-ENOMEM, "%s: out of memory", f->path);
+	return 0;
+}
+
+int
+bm_fmt_open(const struct bm_fmt_driver *drv, struct bm_store *store,
+	    const char *path, unsigned flags, struct bm_image **out)
+{
+	struct bm_fmt *f;
+	int r;
+
+	r = fmt_new(drv, store, path, flags, &f);
+	if (r < 0)
+		return r;
+	r = drv->open(f, flags, &f->info, &f->state);
+	if (r < 0) {
+		f->state = NULL;
+		goto fail;
+	}
+	if ((flags & BM_IMAGE_WRITE) && f->info.readonly) {
+		r = bm_error(-EROFS, "%s: this %s image can only be opened "
+			     "read-only", path, drv->name);
+		goto fail;
+	}
+	r = open_backing(f);
+	if (r < 0)
+		goto fail;
+	f->img.store = store;
+	f->img.size = f->info.virtual_size;
+	f->img.cluster_size = f->info.cluster_size;
+	f->img.align = f->info.align ? f->info.align : 1;
+	if (f->img.align < store->align)
+		f->img.align = store->align;
+	r = pthread_create(&f->worker, NULL, worker_main, f);
+	if (r) {
+		r = bm_error(-r, "%s: cannot start a thread: %s", path,
+			     strerror(r));
+		goto fail;
+	}
+	f->worker_started = true;
+	*out = &f->img;
+	return 0;
+fail:
+	/* Nothing was written through a failed open that needs a flush. */
+	if (f->state) {
+		f->drv->close(f->state);
+		f->state = NULL;
+	}
+	fmt_free(f);
+	return r;
+}
+
+int
+bm_fmt_create(const struct bm_fmt_driver *drv, struct bm_store *store,
+	      const char *path, uint64_t size, const char *options,
+	      unsigned flags, struct bm_image **out)
+{
+	struct bm_fmt *f;
+	int r;
+
+	r = fmt_new(drv, store, path, flags | BM_IMAGE_WRITE, &f);
+	if (r < 0)
+		return r;
+	r = drv->create(f, size, options);
+	fmt_free(f);
+	if (r < 0)
+		return r;
+	return bm_fmt_open(drv, store, path, flags | BM_IMAGE_WRITE, out);
+}
+
+uint64_t
+bm_image_data_bytes(struct bm_image *img)
+{
+	struct bm_fmt *f = to_fmt(img);
+
+	if (img->ops != &fmt_ops || !f->drv->allocated)
+		return 0;
+	return f->drv->allocated(f->state);
+}
+
+struct bm_image *
+bm_image_backing(struct bm_image *img)
+{
+	return img->ops == &fmt_ops ? to_fmt(img)->backing : NULL;
+}
+
+void
+bm_image_facts(struct bm_image *img, struct bm_image_facts *out)
+{
+	struct bm_fmt *f;
+
+	memset(out, 0, sizeof *out);
+	out->backing_format = BLOCKMIRROR_FORMAT_AUTO;
+	if (img->ops != &fmt_ops)
+		return;
+	f = to_fmt(img);
+	out->backing_name = f->info.backing_name;
+	out->backing_path = f->backing_path;
+	out->backing_format = f->backing ? f->backing->format :
+					   f->info.backing_format;
+	out->has_identity = f->info.has_identity;
+	memcpy(out->identity, f->info.identity, 16);
+}

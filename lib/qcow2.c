@@ -1,0 +1,1312 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The qcow2 format driver (see format.h for the engine contract and
+ * qcow2.h for the on-disk structures).
+ *
+ * Reads version 2 and 3 images; writes version 3 only.  Metadata lives
+ * in two small write-back caches (L2 tables, refcount blocks) plus the
+ * whole L1 table and refcount table in memory.  Allocation appends (or
+ * reuses a cluster freed by an earlier flush) and only changes memory;
+ * flush makes it durable in this order, each step followed by a sync:
+ *
+ *   1. the data (the engine has completed every earlier request);
+ *   2. dirty refcount blocks, then the refcount table entries that
+ *      point at new blocks: refcount before reference;
+ *   3. dirty L2 tables: data before L2, refcount before reference;
+ *   4. the changed part of the L1 table: L2 before L1;
+ *   5. pending frees: the decrements of clusters whose last reference
+ *      was removed in steps 3-4, so "reference removed before the
+ *      cluster is freed"; only then may the allocator reuse them.
+ *
+ * A crash between any two steps leaves refcounts at or above the true
+ * number of references: at worst leaked clusters (qemu-img check exit
+ * 3), never a referenced cluster with refcount 0.  Refcount blocks may
+ * be written early (cache eviction): between flushes they only hold
+ * increments, which can only leak.  A write that needs a new cluster
+ * (or copy-on-write) is done by the driver itself: it writes the whole
+ * cluster (the guest's bytes plus the fill from the backing image, the
+ * old cluster or zeroes) before it changes the L2 entry in memory, so
+ * an L2 table evicted before the next flush only needs a sync ahead of
+ * it for "data before L2" ("young" tables).  Growing the refcount table
+ * writes the new table and its blocks elsewhere, syncs, and then
+ * switches the header with one 12-byte write inside the first sector;
+ * the old table is freed like any other cluster.  The L1 table is never
+ * resized (there is no resize), so it is only ever updated in place.
+ *
+ * Images with internal snapshots, dirty (lazy refcount) or corrupt
+ * images and version 2 images are read-only here.  A data write whose
+ * host range overlaps metadata marks the image corrupt (as QEMU does)
+ * and fails.
+ *
+ * One mutex guards everything; map with nowait uses trylock and only
+ * answers from memory.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "errors.h"
+#include "format.h"
+#include "internal.h"
+#include "qcow2.h"
+
+struct table {
+	uint64_t offset;       /* host offset; 0: free slot */
+	uint8_t *buf;          /* one cluster, big-endian entries */
+	uint64_t used;         /* LRU stamp */
+	uint32_t young;        /* L2: entries allocated since last flush */
+	bool dirty;
+};
+
+struct cache {
+	struct table **t;
+	unsigned n;            /* slots in use (t[0..n)) */
+	unsigned bound;        /* soft limit on n */
+	uint64_t tick;
+};
+
+struct pending_free {
+	uint64_t cluster;
+	uint64_t count;
+};
+
+struct qcow2 {
+	struct bm_fmt *f;
+	const char *name;
+	pthread_mutex_t lock;
+	struct bm_qcow2_header h;
+	uint32_t cb;           /* cluster bits */
+	uint64_t cs;           /* cluster size */
+	uint64_t l2_entries;
+	uint64_t rpb;          /* refcounts per block */
+	bool writable;
+	bool corrupt;
+
+	uint8_t *l1;           /* l1_size entries, buffer rounded to 512 */
+	uint64_t l1_buf_len;
+	uint64_t l1_lo, l1_hi; /* dirty entries [lo, hi) */
+
+	uint8_t *rt;           /* refcount table, rt_entries entries */
+	uint64_t rt_entries;
+	uint64_t rt_lo, rt_hi;
+
+	struct cache l2c, rbc;
+	struct pending_free *pend;
+	size_t npend, pend_cap;
+	uint64_t cursor;       /* first cluster that may be free */
+
+	uint8_t *zero;         /* one cluster of zeroes */
+	uint8_t *work;         /* one cluster: COW source */
+	uint8_t *cin;          /* compressed input, 2 clusters + 512 */
+	uint8_t *cout;         /* last decompressed cluster */
+	uint64_t cout_entry;   /* its L2 entry; 0: none */
+};
+
+/* ---- small helpers ------------------------------------------------- */
+
+static void *
+alloc_buf(uint64_t len)
+{
+	void *p;
+
+	if (posix_memalign(&p, 4096, len ? len : 512))
+		return NULL;
+	memset(p, 0, len ? len : 512);
+	return p;
+}
+
+static uint64_t
+l1_get(struct qcow2 *q, uint64_t i)
+{
+	return bm_get_be64(q->l1 + i * 8);
+}
+
+static void
+l1_set(struct qcow2 *q, uint64_t i, uint64_t v)
+{
+	bm_put_be64(q->l1 + i * 8, v);
+	if (q->l1_lo == q->l1_hi) {
+		q->l1_lo = i;
+		q->l1_hi = i + 1;
+	} else {
+		q->l1_lo = BM_MIN(q->l1_lo, i);
+		q->l1_hi = BM_MAX(q->l1_hi, i + 1);
+	}
+}
+
+static uint64_t
+rt_get(struct qcow2 *q, uint64_t i)
+{
+	return bm_get_be64(q->rt + i * 8) & BM_QCOW2_REFTABLE_MASK;
+}
+
+static void
+rt_set(struct qcow2 *q, uint64_t i, uint64_t v)
+{
+	bm_put_be64(q->rt + i * 8, v);
+	if (q->rt_lo == q->rt_hi) {
+		q->rt_lo = i;
+		q->rt_hi = i + 1;
+	} else {
+		q->rt_lo = BM_MIN(q->rt_lo, i);
+		q->rt_hi = BM_MAX(q->rt_hi, i + 1);
+	}
+}
+
+/* Write entries [lo, hi) of an 8-byte-entry table at `off`, widened to
+ * 512-byte boundaries inside the buffer (`buf_len` bytes). */
+static int
+write_entries(struct qcow2 *q, const uint8_t *buf, uint64_t buf_len,
+	      uint64_t off, uint64_t lo, uint64_t hi)
+{
+	uint64_t a = bm_round_down(lo * 8, 512);
+	uint64_t b = BM_MIN(bm_round_up(hi * 8, 512), buf_len);
+
+	return bm_fmt_pwrite(q->f, buf + a, b - a, off + a);
+}
+
+static int
+mark_corrupt(struct qcow2 *q)
+{
+	uint8_t b[8];
+	int err;
+
+	q->corrupt = true;
+	q->h.incompatible |= BM_QCOW2_INCOMPAT_CORRUPT;
+	bm_put_be64(b, q->h.incompatible);
+	err = bm_fmt_pwrite(q->f, b, 8, BM_QCOW2_OFF_INCOMPAT);
+	if (!err)
+		err = bm_fmt_sync(q->f);
+	return err;
+}
+
+static int
+add_pending(struct qcow2 *q, uint64_t cluster, uint64_t count)
+{
+	if (q->npend == q->pend_cap) {
+		size_t cap = q->pend_cap ? q->pend_cap * 2 : 64;
+		struct pending_free *p = realloc(q->pend, cap * sizeof *p);
+
+		if (!p)
+			return bm_error(-ENOMEM, "%s: out of memory", q->name);
+		q->pend = p;
+		q->pend_cap = cap;
+	}
+	q->pend[q->npend++] = (struct pending_free){ cluster, count };
+	return 0;
+}
+
+/* ---- caches --------------------------------------------------------- */
+
+static int flush_refcounts(struct qcow2 *q);
+
+static struct table *
+cache_find(struct cache *c, uint64_t off)
+{
+	for (unsigned i = 0; i < c->n; i++)
+		if (c->t[i]->offset == off) {
+			c->t[i]->used = ++c->tick;
+			return c->t[i];
+		}
+	return NULL;
+}
+
+static int
+table_writeback(struct qcow2 *q, struct cache *c, struct table *t)
+{
+	int err;
+
+	if (!t->dirty)
+		return 0;
+	/* An L2 table may reference clusters whose refcounts are still
+	 * only in memory (and a new table's blocks): those go first. */
+	if (c == &q->l2c) {
+		err = t->young ? bm_fmt_sync(q->f) : 0;
+		if (!err)
+			err = flush_refcounts(q);
+		if (err)
+			return err;
+		t->young = 0;
+	}
+	err = bm_fmt_pwrite(q->f, t->buf, q->cs, t->offset);
+	if (!err)
+		t->dirty = false;
+	return err;
+}
+
+/* A slot for a table not in the cache: a new one under the bound, else
+ * the least recently used one, preferring tables without young entries
+ * (writing those needs no data sync). */
+static int
+cache_slot(struct qcow2 *q, struct cache *c, struct table **out)
+{
+	struct table *victim = NULL, **nt;
+	int err;
+
+	for (unsigned i = 0; c->n >= c->bound && i < c->n; i++) {
+		struct table *t = c->t[i];
+
+		if (!victim || (victim->young && !t->young) ||
+		    (!victim->young == !t->young && t->used < victim->used))
+			victim = t;
+	}
+	if (victim) {
+		err = table_writeback(q, c, victim);
+		if (err)
+			return err;
+		*out = victim;
+		return 0;
+	}
+	nt = realloc(c->t, (c->n + 1) * sizeof *nt);
+	if (!nt)
+		return bm_error(-ENOMEM, "%s: out of memory", q->name);
+	c->t = nt;
+	victim = calloc(1, sizeof *victim);
+	if (!victim || !(victim->buf = alloc_buf(q->cs))) {
+		free(victim);
+		return bm_error(-ENOMEM, "%s: out of memory", q->name);
+	}
+	c->t[c->n++] = victim;
+	*out = victim;
+	return 0;
+}
+
+/* The table at `off`, read from the file unless `fresh` (then zeroed
+ * and dirty). */
+static int
+cache_get(struct qcow2 *q, struct cache *c, uint64_t off, bool fresh,
+	  struct table **out)
+{
+	struct table *t = cache_find(c, off);
+	int err;
+
+	if (t && !fresh) {
+		*out = t;
+		return 0;
+	}
+	if (!t) {
+		err = cache_slot(q, c, &t);
+		if (err)
+			return err;
+	}
+	t->offset = 0;
+	t->young = 0;
+	t->dirty = false;
+	if (fresh) {
+		memset(t->buf, 0, q->cs);
+		t->dirty = true;
+	} else {
+		err = bm_fmt_pread_zero(q->f, t->buf, q->cs, off);
+		if (err)
+			return err;
+	}
+	t->offset = off;
+	t->used = ++c->tick;
+	*out = t;
+	return 0;
+}
+
+static void
+cache_free(struct cache *c)
+{
+	for (unsigned i = 0; i < c->n; i++) {
+		free(c->t[i]->buf);
+		free(c->t[i]);
+	}
+	free(c->t);
+	c->t = NULL;
+	c->n = 0;
+}
+
+/* ---- refcounts ------------------------------------------------------ */
+
+static int grow_reftable(struct qcow2 *q, uint64_t need_index,
+			 uint64_t avoid);
+
+/* The refcount block for `cluster`; *t NULL if there is none (all its
+ * counts are 0) and !create.  With create, a missing block (or table
+ * entry) is made, avoiding cluster `avoid` for the block itself. */
+static int
+rc_block(struct qcow2 *q, uint64_t cluster, bool create, uint64_t avoid,
+	 struct table **t)
+{
+	uint64_t ti = cluster / q->rpb, off, b;
+	int err;
+
+	*t = NULL;
+	if (ti >= q->rt_entries) {
+		if (!create)
+			return 0;
+		err = grow_reftable(q, ti, avoid);
+		if (err)
+			return err;
+	}
+	off = rt_get(q, ti);
+	if (off & (q->cs - 1))
+		return bm_error(-EIO, "%s: corrupt qcow2 image: refcount "
+				"block offset 0x%" PRIx64 " unaligned "
+				"(refcount table index %" PRIu64 ")", q->name,
+				off, ti);
+	if (off)
+		return cache_get(q, &q->rbc, off, false, t);
+	if (!create)
+		return 0;
+	/* Every cluster of this range has refcount 0: the new block takes
+	 * one of them and counts itself. */
+	b = ti * q->rpb;
+	if (b == avoid || b == 0)
+		b++;
+	if (b == avoid)
+		b++;
+	err = cache_get(q, &q->rbc, b << q->cb, true, t);
+	if (err)
+		return err;
+	bm_qcow2_refcount_set((*t)->buf, q->h.refcount_order, b % q->rpb, 1);
+	rt_set(q, ti, b << q->cb);
+	return 0;
+}
+
+static int
+rc_set(struct qcow2 *q, uint64_t cluster, uint64_t v)
+{
+	struct table *t;
+	int err = rc_block(q, cluster, true, cluster, &t);
+
+	if (err)
+		return err;
+	bm_qcow2_refcount_set(t->buf, q->h.refcount_order, cluster % q->rpb,
+			      v);
+	t->dirty = true;
+	return 0;
+}
+
+/*
+ * Make the refcount table cover entry `need_index`: build a larger
+ * table and the blocks for the clusters it occupies at the end of
+ * everything the current table covers (and past cluster `avoid`), all
+ * counting themselves; write and sync them, then switch the header.
+ */
+static int
+grow_reftable(struct qcow2 *q, uint64_t need_index, uint64_t avoid)
+{
+	uint64_t cover = q->rt_entries * q->rpb;
+	uint64_t start = BM_MAX(cover, avoid + 1), entries, tc, nb = 0;
+	uint64_t first_block, old_off = q->h.refcount_table_offset;
+	uint64_t old_clusters = q->h.refcount_table_clusters;
+	uint8_t *nt = NULL, *blk = NULL, hb[12];
+	int err;
+
+	start = BM_MAX(start, bm_round_up(bm_fmt_file_size(q->f), q->cs) >>
+				      q->cb);
+	err = flush_refcounts(q);
+	if (err)
+		return err;
+	entries = BM_MAX(q->rt_entries * 2, need_index + 1);
+	for (;;) {
+		uint64_t end, nb2;
+
+		tc = (entries * 8 + q->cs - 1) >> q->cb;
+		end = start + tc + nb;
+		nb2 = (end - 1) / q->rpb - start / q->rpb + 1;
+		if ((end - 1) / q->rpb >= entries) {
+			entries = (end - 1) / q->rpb + 1;
+			continue;
+		}
+		if (nb2 == nb)
+			break;
+		nb = nb2;
+	}
+	if (tc << q->cb > BM_QCOW2_MAX_REFTABLE_BYTES)
+		return bm_error(-EFBIG, "%s: qcow2 refcount table would "
+				"exceed its size limit", q->name);
+	nt = alloc_buf(tc << q->cb);
+	blk = alloc_buf(q->cs);
+	if (!nt || !blk) {
+		err = bm_error(-ENOMEM, "%s: out of memory", q->name);
+		goto out;
+	}
+	memcpy(nt, q->rt, q->rt_entries * 8);
+	first_block = start / q->rpb;
+	for (uint64_t k = 0; k < nb; k++) {
+		uint64_t range = first_block + k;
+
+		memset(blk, 0, q->cs);
+		for (uint64_t c = start; c < start + tc + nb; c++)
+			if (c / q->rpb == range)
+				bm_qcow2_refcount_set(blk, q->h.refcount_order,
+						      c % q->rpb, 1);
+		bm_put_be64(nt + range * 8, (start + tc + k) << q->cb);
+		err = bm_fmt_pwrite(q->f, blk, q->cs, (start + tc + k) << q->cb);
+		if (err)
+			goto out;
+	}
+	err = bm_fmt_pwrite(q->f, nt, tc << q->cb, start << q->cb);
+	if (!err)
+		err = bm_fmt_sync(q->f);
+	if (err)
+		goto out;
+	bm_put_be64(hb, start << q->cb);
+	bm_put_be32(hb + 8, (uint32_t)tc);
+	err = bm_fmt_pwrite(q->f, hb, sizeof hb, BM_QCOW2_OFF_REFTABLE);
+	if (!err)
+		err = bm_fmt_sync(q->f);
+	if (err)
+		goto out;
+	free(q->rt);
+	q->rt = nt;
+	nt = NULL;
+	q->rt_entries = (tc << q->cb) / 8;
+	q->rt_lo = q->rt_hi = 0;
+	q->h.refcount_table_offset = start << q->cb;
+	q->h.refcount_table_clusters = (uint32_t)tc;
+	err = add_pending(q, old_off >> q->cb, old_clusters);
+out:
+	free(nt);
+	free(blk);
+	return err;
+}
+
+/* Write dirty refcount blocks, sync, then the table entries that point
+ * at new blocks, sync. */
+static int
+flush_refcounts(struct qcow2 *q)
+{
+	bool wrote = false;
+	int err;
+
+	for (unsigned i = 0; i < q->rbc.n; i++) {
+		struct table *t = q->rbc.t[i];
+
+		if (!t->dirty)
+			continue;
+		err = bm_fmt_pwrite(q->f, t->buf, q->cs, t->offset);
+		if (err)
+			return err;
+		t->dirty = false;
+		wrote = true;
+	}
+	if (q->rt_lo != q->rt_hi) {
+		if (wrote) {
+			err = bm_fmt_sync(q->f);
+			if (err)
+				return err;
+		}
+		err = write_entries(q, q->rt, q->rt_entries * 8,
+				    q->h.refcount_table_offset, q->rt_lo,
+				    q->rt_hi);
+		if (err)
+			return err;
+		q->rt_lo = q->rt_hi = 0;
+		wrote = true;
+	}
+	return wrote ? bm_fmt_sync(q->f) : 0;
+}
+
+/* The first cluster at or after the cursor with refcount 0. */
+static int
+find_free(struct qcow2 *q, uint64_t *out)
+{
+	uint64_t c = q->cursor;
+
+	for (;;) {
+		uint64_t ti = c / q->rpb;
+		struct table *t;
+		int err;
+
+		if (ti >= q->rt_entries || rt_get(q, ti) == 0) {
+			*out = c;
+			return 0;
+		}
+		err = rc_block(q, c, false, 0, &t);
+		if (err)
+			return err;
+		for (uint64_t i = c % q->rpb; i < q->rpb; i++)
+			if (!bm_qcow2_refcount_get(t->buf, q->h.refcount_order,
+						   i)) {
+				*out = ti * q->rpb + i;
+				return 0;
+			}
+		c = (ti + 1) * q->rpb;
+	}
+}
+
+static int
+alloc_cluster(struct qcow2 *q, uint64_t *host)
+{
+	uint64_t c;
+	int err = find_free(q, &c);
+
+	if (err)
+		return err;
+	if (c >= (UINT64_C(1) << (56 - q->cb)))
+		return bm_error(-EFBIG, "%s: qcow2 image full", q->name);
+	err = rc_set(q, c, 1);
+	if (err)
+		return err;
+	q->cursor = c + 1;
+	*host = c << q->cb;
+	return 0;
+}
+
+static int
+apply_frees(struct qcow2 *q)
+{
+	for (size_t i = 0; i < q->npend; i++) {
+		for (uint64_t c = q->pend[i].cluster;
+		     c < q->pend[i].cluster + q->pend[i].count; c++) {
+			struct table *t;
+			uint64_t v;
+			int err = rc_block(q, c, false, 0, &t);
+
+			if (err)
+				return err;
+			v = t ? bm_qcow2_refcount_get(t->buf,
+						      q->h.refcount_order,
+						      c % q->rpb) : 0;
+			if (!v) {
+				bm_warn("%s: qcow2: freeing cluster 0x%" PRIx64
+					" whose refcount is already 0",
+					q->name, c << q->cb);
+				continue;
+			}
+			bm_qcow2_refcount_set(t->buf, q->h.refcount_order,
+					      c % q->rpb, v - 1);
+			t->dirty = true;
+			if (v == 1 && c < q->cursor)
+				q->cursor = c;
+		}
+	}
+	q->npend = 0;
+	return 0;
+}
+
+/* ---- L2 tables ------------------------------------------------------ */
+
+/* The L2 table for L1 index `i` (*t NULL: none).  With `alloc` a
+ * missing one is allocated; a shared one is refused. */
+static int
+l2_table(struct qcow2 *q, uint64_t i, bool nowait, bool alloc,
+	 struct table **t)
+{
+	uint64_t e = l1_get(q, i), off = e & BM_QCOW2_OFFSET_MASK, host;
+	int err;
+
+	*t = NULL;
+	if (off == 0) {
+		if (!alloc)
+			return 0;
+		if (nowait)
+			return -EAGAIN;
+		err = alloc_cluster(q, &host);
+		if (!err)
+			err = cache_get(q, &q->l2c, host, true, t);
+		if (err)
+			return err;
+		l1_set(q, i, host | BM_QCOW2_FLAG_COPIED);
+		return 0;
+	}
+	if (off & (q->cs - 1))
+		return bm_error(-EIO, "%s: corrupt qcow2 image: L2 table "
+				"offset 0x%" PRIx64 " unaligned (L1 index %"
+				PRIu64 ")", q->name, off, i);
+	if (alloc && !(e & BM_QCOW2_FLAG_COPIED))
+		return bm_error(-EIO, "%s: qcow2 L2 table 0x%" PRIx64 " (L1 "
+				"index %" PRIu64 ") is shared (no COPIED "
+				"flag); run 'qemu-img check -r all'",
+				q->name, off, i);
+	if (nowait) {
+		*t = cache_find(&q->l2c, off);
+		return *t ? 0 : -EAGAIN;
+	}
+	return cache_get(q, &q->l2c, off, false, t);
+}
+
+static int
+l2_entry(struct qcow2 *q, struct table *t, uint64_t i, struct bm_qcow2_l2 *e)
+{
+	if (!t) {
+		memset(e, 0, sizeof *e);
+		return 0;
+	}
+	return bm_qcow2_l2_decode(q->name, bm_get_be64(t->buf + i * 8),
+				  q->cb, q->h.version, e, t->offset, i);
+}
+
+static void
+l2_set(struct table *t, uint64_t i, uint64_t v)
+{
+	bm_put_be64(t->buf + i * 8, v);
+	t->dirty = true;
+}
+
+/* Does [host, host+len) overlap metadata we know of?  Like QEMU's
+ * "cached" overlap check: header, L1, refcount table, cached tables. */
+static const char *
+overlap(struct qcow2 *q, uint64_t host, uint64_t len)
+{
+	uint64_t end = host + len;
+
+#define OVERLAPS(a, l) ((a) < end && host < (a) + (l))
+	if (OVERLAPS(0, q->cs))
+		return "header";
+	if (OVERLAPS(q->h.l1_table_offset, (uint64_t)q->h.l1_size * 8))
+		return "active L1 table";
+	if (OVERLAPS(q->h.refcount_table_offset,
+		     (uint64_t)q->h.refcount_table_clusters << q->cb))
+		return "refcount table";
+	for (unsigned i = 0; i < q->rbc.n; i++)
+		if (q->rbc.t[i]->offset && OVERLAPS(q->rbc.t[i]->offset, q->cs))
+			return "refcount block";
+	for (unsigned i = 0; i < q->l2c.n; i++)
+		if (q->l2c.t[i]->offset && OVERLAPS(q->l2c.t[i]->offset, q->cs))
+			return "L2 table";
+#undef OVERLAPS
+	return NULL;
+}
+
+static int
+refuse_overlap(struct qcow2 *q, uint64_t host, uint64_t len, bool nowait)
+{
+	const char *what = overlap(q, host, len);
+
+	if (!what)
+		return 0;
+	if (nowait)
+		return -EAGAIN;
+	mark_corrupt(q);
+	return bm_error(-EIO, "%s: qcow2: marking image as corrupt: "
+			"preventing a write at 0x%" PRIx64 " that would "
+			"overwrite metadata (%s)", q->name, host, what);
+}
+
+/* ---- reading clusters ----------------------------------------------- */
+
+/* Decompress the cluster of entry `raw` into q->cout. */
+static int
+load_compressed(struct qcow2 *q, uint64_t raw, const struct bm_qcow2_l2 *e,
+		uint64_t guest)
+{
+	int err;
+
+	if (q->cout_entry == raw && raw)
+		return 0;
+	q->cout_entry = 0;
+	err = bm_fmt_pread_zero(q->f, q->cin, e->csize, e->host);
+	if (err)
+		return err;
+	err = bm_qcow2_decompress(q->h.compression_type, q->cin, e->csize,
+				  q->cout, q->cs);
+	if (err)
+		return bm_error(err, "%s: qcow2 compressed cluster at "
+				"0x%" PRIx64 " (guest offset 0x%" PRIx64 ") "
+				"does not decompress", q->name, e->host, guest);
+	q->cout_entry = raw;
+	return 0;
+}
+
+/* What guest cluster `gc` (entry *e) reads as, into q->work; *zero set
+ * instead of filling when it reads as zeroes. */
+static int
+cluster_content(struct qcow2 *q, uint64_t gc, uint64_t raw,
+		const struct bm_qcow2_l2 *e, bool *zero)
+{
+	uint64_t guest = gc << q->cb, len;
+	int err;
+
+	*zero = false;
+	switch (e->kind) {
+	case BM_QCOW2_UNALLOCATED:
+		if (!bm_fmt_has_backing(q->f) || guest >= q->h.size)
+			break;
+		len = BM_MIN(q->cs, q->h.size - guest);
+		memset(q->work + len, 0, q->cs - len);
+		return bm_fmt_backing_read(q->f, q->work, len, guest);
+	case BM_QCOW2_NORMAL:
+		return bm_fmt_pread_zero(q->f, q->work, q->cs, e->host);
+	case BM_QCOW2_COMPRESSED:
+		err = load_compressed(q, raw, e, guest);
+		if (!err)
+			memcpy(q->work, q->cout, q->cs);
+		return err;
+	default:
+		break;
+	}
+	*zero = true;
+	return 0;
+}
+
+/* ---- map ------------------------------------------------------------ */
+
+
+static int
+free_entry(struct qcow2 *q, const struct bm_qcow2_l2 *e)
+{
+	uint64_t first, count;
+
+	switch (e->kind) {
+	case BM_QCOW2_NORMAL:
+	case BM_QCOW2_ZERO_ALLOC:
+		return add_pending(q, e->host >> q->cb, 1);
+	case BM_QCOW2_COMPRESSED:
+		bm_qcow2_compressed_span(e, q->cb, &first, &count);
+		return add_pending(q, first, count);
+	default:
+		return 0;
+	}
+}
+
+/*
+ * Give guest cluster `gc` (entry `i` of table t, currently *e) a host
+ * cluster of its own and write all of it: what the cluster read as,
+ * with [in, in+n) replaced by `data` (zeroes if NULL).  The driver
+ * writes the data itself so that it is in the file before the L2 entry
+ * can be: an evicted L2 table with such entries only needs a sync.
+ */
+static int
+cow_cluster(struct qcow2 *q, struct table *t, uint64_t i, uint64_t gc,
+	    uint64_t raw, const struct bm_qcow2_l2 *e, uint64_t in,
+	    uint64_t n, const uint8_t *data)
+{
+	bool reuse = e->kind == BM_QCOW2_ZERO_ALLOC && e->copied;
+	const uint8_t *src;
+	uint64_t host;
+	bool zero = true;
+	int err = 0;
+
+	if (n < q->cs)
+		err = cluster_content(q, gc, raw, e, &zero);
+	if (err)
+		return err;
+	if (n == q->cs) {
+		src = data ? data : q->zero;
+	} else {
+		if (zero)
+			memset(q->work, 0, q->cs);
+		if (data)
+			memcpy(q->work + in, data, n);
+		else
+			memset(q->work + in, 0, n);
+		src = q->work;
+	}
+	if (reuse)
+		host = e->host;
+	else if ((err = alloc_cluster(q, &host)))
+		return err;
+	err = refuse_overlap(q, host, q->cs, false);
+	if (!err)
+		err = bm_fmt_pwrite(q->f, src, q->cs, host);
+	if (err)
+		return err;
+	l2_set(t, i, host | BM_QCOW2_FLAG_COPIED);
+	t->young++;
+	if (q->cout_entry == raw)
+		q->cout_entry = 0;
+	return reuse ? 0 : free_entry(q, e);
+}
+
+static int
+map_read(struct qcow2 *q, struct bm_map_req *r, uint64_t pos, uint64_t n,
+	 struct table *t, uint64_t i, uint64_t raw,
+	 const struct bm_qcow2_l2 *e)
+{
+	uint64_t in = pos & (q->cs - 1);
+	enum bm_seg_kind kind;
+	int err;
+
+	switch (e->kind) {
+	case BM_QCOW2_UNALLOCATED:
+		kind = bm_fmt_has_backing(q->f) ? BM_SEG_BACKING : BM_SEG_HOLE;
+		break;
+	case BM_QCOW2_ZERO_PLAIN:
+	case BM_QCOW2_ZERO_ALLOC:
+		kind = BM_SEG_ZERO;
+		break;
+	case BM_QCOW2_NORMAL:
+		bm_map_add(r, BM_SEG_DATA, n, e->host + in);
+		return 0;
+	default:
+		if (r->op == BM_MAP_STATUS) {
+			bm_map_add(r, BM_SEG_DATA, n, 0);
+			return 0;
+		}
+		if (r->nowait)
+			return -EAGAIN;
+		err = load_compressed(q, raw, e, pos);
+		if (err)
+			return err;
+		memcpy((uint8_t *)r->buf + (pos - r->offset), q->cout + in, n);
+		kind = BM_SEG_DONE;
+		break;
+	}
+	bm_map_add(r, kind, n, 0);
+	return 0;
+}
+
+static int
+map_write(struct qcow2 *q, struct bm_map_req *r, uint64_t pos, uint64_t n,
+	  struct table *t, uint64_t i, uint64_t raw,
+	  const struct bm_qcow2_l2 *e)
+{
+	uint64_t in = pos & (q->cs - 1);
+	const uint8_t *data = NULL;
+	int err;
+
+	if (e->kind == BM_QCOW2_NORMAL && e->copied) {
+		err = refuse_overlap(q, e->host + in, n, r->nowait);
+		if (!err)
+			bm_map_add(r, BM_SEG_DATA, n, e->host + in);
+		return err;
+	}
+	if (r->nowait)
+		return -EAGAIN;
+	if (r->op == BM_MAP_ZERO && (r->flags & BM_IO_FAST_ZERO))
+		return -ENOTSUP;
+	if (r->op == BM_MAP_WRITE)
+		data = (const uint8_t *)r->buf + (pos - r->offset);
+	err = cow_cluster(q, t, i, pos >> q->cb, raw, e, in, n, data);
+	if (!err)
+		bm_map_add(r, BM_SEG_DONE, n, 0);
+	return err;
+}
+
+/* Zero or discard a whole guest cluster through its L2 entry. */
+static int
+map_zero_full(struct qcow2 *q, struct bm_map_req *r, uint64_t n,
+	      struct table *t, uint64_t i, const struct bm_qcow2_l2 *e)
+{
+	bool trim = r->op == BM_MAP_DISCARD || (r->flags & BM_IO_MAY_TRIM);
+	bool keep = !trim && e->kind == BM_QCOW2_NORMAL && e->copied;
+	uint64_t want;
+
+	if (e->kind == BM_QCOW2_ZERO_PLAIN ||
+	    (e->kind == BM_QCOW2_ZERO_ALLOC && !trim) ||
+	    (r->op == BM_MAP_DISCARD && e->kind == BM_QCOW2_UNALLOCATED &&
+	     !bm_fmt_has_backing(q->f))) {
+		bm_map_add(r, BM_SEG_DONE, n, 0);
+		return 0;
+	}
+	if (r->nowait)
+		return -EAGAIN;
+	want = keep ? (e->host | BM_QCOW2_FLAG_COPIED | BM_QCOW2_FLAG_ZERO)
+		    : BM_QCOW2_FLAG_ZERO;
+	l2_set(t, i, want);
+	if (!keep) {
+		int err = free_entry(q, e);
+
+		if (err)
+			return err;
+	}
+	q->cout_entry = 0;
+	bm_map_add(r, BM_SEG_DONE, n, 0);
+	return 0;
+}
+
+static int
+map_zero(struct qcow2 *q, struct bm_map_req *r, uint64_t pos, uint64_t n,
+	 struct table *t, uint64_t i, uint64_t raw,
+	 const struct bm_qcow2_l2 *e)
+{
+	uint64_t in = pos & (q->cs - 1);
+	bool full = in == 0 && (n == q->cs || pos + n >= q->h.size);
+
+	if (full)
+		return map_zero_full(q, r, n, t, i, e);
+	if (r->op == BM_MAP_DISCARD || e->kind == BM_QCOW2_ZERO_PLAIN ||
+	    e->kind == BM_QCOW2_ZERO_ALLOC ||
+	    (e->kind == BM_QCOW2_UNALLOCATED && !bm_fmt_has_backing(q->f))) {
+		bm_map_add(r, BM_SEG_DONE, n, 0);
+		return 0;
+	}
+	return map_write(q, r, pos, n, t, i, raw, e);
+}
+
+static int
+map_one(struct qcow2 *q, struct bm_map_req *r, uint64_t pos, uint64_t n)
+{
+	uint64_t gc = pos >> q->cb, l1i = gc / q->l2_entries;
+	uint64_t i = gc % q->l2_entries, raw;
+	bool change = r->op != BM_MAP_READ && r->op != BM_MAP_STATUS;
+	struct bm_qcow2_l2 e;
+	struct table *t;
+	int err;
+
+	err = l2_table(q, l1i, r->nowait, false, &t);
+	if (err)
+		return err;
+	if (change && !t) {
+		bool partial = (pos & (q->cs - 1)) ||
+			       (n < q->cs && pos + n < q->h.size);
+
+		/* Zeroing or discarding where nothing is allocated and
+		 * nothing shows through needs no table. */
+		if (r->op != BM_MAP_WRITE && (!bm_fmt_has_backing(q->f) ||
+					      (r->op == BM_MAP_DISCARD &&
+					       partial))) {
+			bm_map_add(r, BM_SEG_DONE, n, 0);
+			return 0;
+		}
+	}
+	if (change && (!t || !(l1_get(q, l1i) & BM_QCOW2_FLAG_COPIED))) {
+		err = l2_table(q, l1i, r->nowait, true, &t);
+		if (err)
+			return err;
+	}
+	raw = t ? bm_get_be64(t->buf + i * 8) : 0;
+	err = l2_entry(q, t, i, &e);
+	if (err)
+		return err;
+	switch (r->op) {
+	case BM_MAP_READ:
+	case BM_MAP_STATUS:
+		return map_read(q, r, pos, n, t, i, raw, &e);
+	case BM_MAP_WRITE:
+		return map_write(q, r, pos, n, t, i, raw, &e);
+	default:
+		return map_zero(q, r, pos, n, t, i, raw, &e);
+	}
+}
+
+static int
+qcow2_map(void *drv, struct bm_map_req *r)
+{
+	struct qcow2 *q = drv;
+	uint64_t pos = r->offset, end = r->offset + r->length;
+	bool change = r->op != BM_MAP_READ && r->op != BM_MAP_STATUS;
+	int err = 0;
+
+	if (r->nowait) {
+		if (pthread_mutex_trylock(&q->lock))
+			return -EAGAIN;
+	} else {
+		pthread_mutex_lock(&q->lock);
+	}
+	r->nseg = 0;
+	if (change && !q->writable)
+		err = bm_error(-EROFS, "%s: qcow2 image is read-only", q->name);
+	else if (change && q->corrupt)
+		err = bm_error(-EIO, "%s: qcow2 image is marked corrupt; "
+			       "refusing to write", q->name);
+	while (!err && pos < end && r->nseg < BM_MAP_MAX_SEGS) {
+		uint64_t n = BM_MIN(q->cs - (pos & (q->cs - 1)), end - pos);
+
+		err = map_one(q, r, pos, n);
+		if (!err)
+			pos += n;
+	}
+	if (err == -EAGAIN && r->nowait && r->nseg)
+		err = 0;
+	pthread_mutex_unlock(&q->lock);
+	return err;
+}
+
+/* ---- flush ---------------------------------------------------------- */
+
+static int
+flush_locked(struct qcow2 *q)
+{
+	bool wrote = false;
+	int err;
+
+	err = bm_fmt_sync(q->f);
+	if (!err)
+		err = flush_refcounts(q);
+	for (unsigned i = 0; !err && i < q->l2c.n; i++) {
+		struct table *t = q->l2c.t[i];
+
+		if (t->dirty) {
+			err = bm_fmt_pwrite(q->f, t->buf, q->cs, t->offset);
+			t->dirty = err != 0;
+			wrote = true;
+		}
+		t->young = 0;
+	}
+	if (!err && wrote)
+		err = bm_fmt_sync(q->f);
+	if (!err && q->l1_lo != q->l1_hi) {
+		err = write_entries(q, q->l1, q->l1_buf_len,
+				    q->h.l1_table_offset, q->l1_lo, q->l1_hi);
+		if (!err)
+			err = bm_fmt_sync(q->f);
+		if (!err)
+			q->l1_lo = q->l1_hi = 0;
+	}
+	if (!err && q->npend) {
+		err = apply_frees(q);
+		if (!err)
+			err = flush_refcounts(q);
+	}
+	return err;
+}
+
+static int
+qcow2_flush(void *drv)
+{
+	struct qcow2 *q = drv;
+	int err = 0;
+
+	if (!q->writable)
+		return 0;
+	pthread_mutex_lock(&q->lock);
+	err = flush_locked(q);
+	pthread_mutex_unlock(&q->lock);
+	return err;
+}
+
+/* ---- allocated, close ----------------------------------------------- */
+
+static uint64_t
+qcow2_allocated(void *drv)
+{
+	struct qcow2 *q = drv;
+	uint64_t total = 0;
+	uint8_t *buf = alloc_buf(q->cs);
+
+	if (!buf)
+		return 0;
+	pthread_mutex_lock(&q->lock);
+	for (uint64_t i = 0; i < q->h.l1_size; i++) {
+		uint64_t off = l1_get(q, i) & BM_QCOW2_OFFSET_MASK;
+		struct table *t;
+		const uint8_t *p = buf;
+
+		if (!off || off & (q->cs - 1))
+			continue;
+		t = cache_find(&q->l2c, off);
+		if (t)
+			p = t->buf;
+		else if (bm_fmt_pread_zero(q->f, buf, q->cs, off))
+			break;
+		for (uint64_t j = 0; j < q->l2_entries; j++) {
+			uint64_t e = bm_get_be64(p + j * 8);
+
+			if ((e & BM_QCOW2_FLAG_COMPRESSED) ||
+			    ((e & BM_QCOW2_OFFSET_MASK) &&
+			     !(e & BM_QCOW2_FLAG_ZERO)))
+				total += q->cs;
+		}
+	}
+	pthread_mutex_unlock(&q->lock);
+	free(buf);
+	return BM_MIN(total, bm_round_up(q->h.size, q->cs));
+}
+
+static void
+qcow2_free(struct qcow2 *q)
+{
+	if (!q)
+		return;
+	cache_free(&q->l2c);
+	cache_free(&q->rbc);
+	bm_qcow2_header_free(&q->h);
+	free(q->l1);
+	free(q->rt);
+	free(q->pend);
+	free(q->zero);
+	free(q->work);
+	free(q->cin);
+	free(q->cout);
+	pthread_mutex_destroy(&q->lock);
+	free(q);
+}
+
+static void
+qcow2_close(void *drv)
+{
+	qcow2_free(drv);
+}
+
+/* ---- open ----------------------------------------------------------- */
+
+static unsigned
+cache_bound(uint64_t budget, uint64_t cs, unsigned lo, unsigned hi)
+{
+	uint64_t n = budget / cs;
+
+	return (unsigned)BM_MAX((uint64_t)lo, BM_MIN(n, (uint64_t)hi));
+}
+
+static int
+check_writable(struct qcow2 *q)
+{
+	const struct bm_qcow2_header *h = &q->h;
+
+	if (h->version < 3)
+		return bm_error(-ENOTSUP, "%s: qcow2 version 2 (compat=0.10) "
+				"images can only be opened read-only; upgrade "
+				"with 'qemu-img amend -o compat=1.1'", q->name);
+	if (h->incompatible & BM_QCOW2_INCOMPAT_CORRUPT)
+		return bm_error(-EIO, "%s: qcow2 image is marked corrupt; it "
+				"can only be opened read-only (repair with "
+				"'qemu-img check -r all')", q->name);
+	if (h->incompatible & BM_QCOW2_INCOMPAT_DIRTY)
+		return bm_error(-EIO, "%s: qcow2 image was not closed cleanly "
+				"(dirty bit, lazy refcounts); repair it with "
+				"'qemu-img check -r all' before writing",
+				q->name);
+	if (h->nb_snapshots)
+		return bm_error(-ENOTSUP, "%s: qcow2 image has %" PRIu32
+				" internal snapshot(s); writing to images with "
+				"internal snapshots is not supported", q->name,
+				h->nb_snapshots);
+	return 0;
+}
+
+static int
+backing_format(struct qcow2 *q, enum blockmirror_format *out)
+{
+	const char *fmt = q->h.backing_format;
+
+	*out = BLOCKMIRROR_FORMAT_AUTO;
+	if (!fmt[0])
+		return 0;
+	if (!strcmp(fmt, "raw") || !strcmp(fmt, "file"))
+		*out = BLOCKMIRROR_FORMAT_RAW;
+	else if (!strcmp(fmt, "qcow2"))
+		*out = BLOCKMIRROR_FORMAT_QCOW2;
+	else if (!strcmp(fmt, "vhdx"))
+		*out = BLOCKMIRROR_FORMAT_VHDX;
+	else
+		return bm_error(-ENOTSUP, "%s: backing file format '%s' is not "
+				"supported", q->name, fmt);
+	return 0;
+}
+
+static int
+load_tables(struct qcow2 *q)
+{
+	const struct bm_qcow2_header *h = &q->h;
+	uint64_t l1_end = h->l1_table_offset + (uint64_t)h->l1_size * 8;
+	uint64_t rt_len = (uint64_t)h->refcount_table_clusters << q->cb;
+
+	if (h->l1_size && h->l1_table_offset < h->refcount_table_offset + rt_len &&
+	    h->refcount_table_offset < l1_end)
+		return bm_error(-EINVAL, "%s: corrupt qcow2 image: the L1 "
+				"table overlaps the refcount table", q->name);
+	q->l1_buf_len = bm_round_up((uint64_t)h->l1_size * 8, 512);
+	q->l1 = alloc_buf(q->l1_buf_len);
+	q->rt = alloc_buf(rt_len);
+	if (!q->l1 || !q->rt)
+		return bm_error(-ENOMEM, "%s: out of memory", q->name);
+	q->rt_entries = rt_len / 8;
+	if (h->l1_size) {
+		int err = bm_fmt_pread_zero(q->f, q->l1, q->l1_buf_len,
+					    h->l1_table_offset);
+
+		if (err)
+			return err;
+		/* Whatever follows the table in its last sector is not ours. */
+		memset(q->l1 + (uint64_t)h->l1_size * 8, 0,
+		       q->l1_buf_len - (uint64_t)h->l1_size * 8);
+	}
+	return bm_fmt_pread_zero(q->f, q->rt, rt_len,
+				 h->refcount_table_offset);
+}
+
+static int
+setup(struct qcow2 *q, unsigned flags)
+{
+	uint8_t first[512];
+	uint8_t *c0;
+	uint32_t cb;
+	int err;
+
+	err = bm_fmt_pread_zero(q->f, first, sizeof first, 0);
+	if (err)
+		return err;
+	cb = bm_get_be32(first + 20);
+	if (bm_get_be32(first) != BM_QCOW2_MAGIC ||
+	    cb < BM_QCOW2_MIN_CLUSTER_BITS || cb > BM_QCOW2_MAX_CLUSTER_BITS) {
+		err = bm_qcow2_header_parse(q->name, first, sizeof first,
+					    &q->h);
+		return err ? err : bm_error(-EINVAL, "%s: not a qcow2 image",
+					    q->name);
+	}
+	c0 = alloc_buf(UINT64_C(1) << cb);
+	if (!c0)
+		return bm_error(-ENOMEM, "%s: out of memory", q->name);
+	err = bm_fmt_pread_zero(q->f, c0, UINT64_C(1) << cb, 0);
+	if (!err)
+		err = bm_qcow2_header_parse(q->name, c0, UINT64_C(1) << cb,
+					    &q->h);
+	free(c0);
+	if (err)
+		return err;
+	q->cb = cb;
+	q->cs = UINT64_C(1) << cb;
+	q->l2_entries = q->cs / 8;
+	q->rpb = (q->cs * 8) >> q->h.refcount_order;
+	q->writable = flags & BM_IMAGE_WRITE;
+	if (q->writable && (err = check_writable(q)))
+		return err;
+	q->zero = alloc_buf(q->cs);
+	q->work = alloc_buf(q->cs);
+	q->cin = alloc_buf(2 * q->cs + 512);
+	q->cout = alloc_buf(q->cs);
+	if (!q->zero || !q->work || !q->cin || !q->cout)
+		return bm_error(-ENOMEM, "%s: out of memory", q->name);
+	q->l2c.bound = cache_bound(4 * BM_MiB, q->cs, 4, 256);
+	q->rbc.bound = cache_bound(2 * BM_MiB, q->cs, 4, 64);
+	return load_tables(q);
+}
+
+/* Clear autoclear bits we do not maintain (bitmaps become
+ * inconsistent, as the specification asks of such writers). */
+static int
+clear_autoclear(struct qcow2 *q)
+{
+	uint8_t b[8] = { 0 };
+	int err;
+
+	if (!q->h.autoclear)
+		return 0;
+	q->h.autoclear = 0;
+	err = bm_fmt_pwrite(q->f, b, 8, BM_QCOW2_OFF_AUTOCLEAR);
+	return err ? err : bm_fmt_sync(q->f);
+}
+
+static int
+qcow2_open(struct bm_fmt *f, unsigned flags, struct bm_fmt_info *info,
+	   void **drv)
+{
+	struct qcow2 *q = calloc(1, sizeof *q);
+	int err;
+
+	if (!q)
+		return bm_error(-ENOMEM, "%s: out of memory", bm_fmt_name(f));
+	q->f = f;
+	q->name = bm_fmt_name(f);
+	pthread_mutex_init(&q->lock, NULL);
+	err = setup(q, flags);
+	if (!err && q->writable)
+		err = clear_autoclear(q);
+	if (!err)
+		err = backing_format(q, &info->backing_format);
+	if (!err && q->h.backing_name &&
+	    !(info->backing_name = strdup(q->h.backing_name)))
+		err = bm_error(-ENOMEM, "%s: out of memory", q->name);
+	if (err) {
+		qcow2_free(q);
+		return err;
+	}
+	info->virtual_size = q->h.size;
+	info->cluster_size = (uint32_t)q->cs;
+	info->align = 1;
+	info->readonly = !q->writable;
+	info->allocated = 0;
+	info->has_identity = false;
+	*drv = q;
+	return 0;
+}
+
+const struct bm_fmt_driver bm_qcow2_driver = {
+	.name = "qcow2",
+	.format = BLOCKMIRROR_FORMAT_QCOW2,
+	.open = qcow2_open,
+	.create = bm_qcow2_create,
+	.map = qcow2_map,
+	.flush = qcow2_flush,
+	.allocated = qcow2_allocated,
+	.close = qcow2_close,
+};

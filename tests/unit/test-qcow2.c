@@ -1,0 +1,322 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The qcow2 driver: the pure parsers of qcow2-parse.c (header round
+ * trip with kept extensions, each refusal, L2 entry decoding, refcount
+ * widths, compression) and the driver through the engine (create,
+ * partial writes, zeroes, discard, block status, reopen).
+ */
+#include <check.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "errors.h"
+#include "extent.h"
+#include "format.h"
+#include "image.h"
+#include "internal.h"
+#include "loop.h"
+#include "qcow2.h"
+
+/* Reference the driver so that the static library's object is linked. */
+static const struct bm_fmt_driver *const force_qcow2 __attribute__((used)) =
+	&bm_qcow2_driver;
+
+#define CS 65536
+
+static uint8_t *
+sample_header(struct bm_qcow2_header *h)
+{
+	uint8_t *buf = calloc(1, CS);
+
+	memset(h, 0, sizeof *h);
+	h->version = 3;
+	h->cluster_bits = 16;
+	h->size = 64 * BM_MiB;
+	h->l1_size = 1;
+	h->l1_table_offset = 3 * CS;
+	h->refcount_table_offset = CS;
+	h->refcount_table_clusters = 1;
+	h->refcount_order = 4;
+	h->header_length = 112;
+	ck_assert_ptr_nonnull(buf);
+	return buf;
+}
+
+START_TEST(test_header_roundtrip)
+{
+	struct bm_qcow2_header h, p;
+	uint8_t unknown[16] = { 0x12, 0x34, 0x56, 0x78, 0, 0, 0, 5, 'h', 'e',
+				'l', 'l', 'o' };
+	uint8_t extra[7] = { 1, 2, 3, 4, 5, 6, 7 };
+	uint8_t *buf = sample_header(&h);
+
+	h.backing_name = (char *)"base.qcow2";
+	strcpy(h.backing_format, "qcow2");
+	h.kept_exts = unknown;
+	h.kept_exts_len = sizeof unknown;
+	h.header_length = 112;
+	h.extra_fields = extra;
+	h.extra_fields_len = sizeof extra;
+	h.compatible = 1;
+	ck_assert_int_eq(bm_qcow2_header_serialize(&h, buf, CS, true), 0);
+	ck_assert_int_eq(bm_qcow2_header_parse("t", buf, CS, &p), 0);
+	ck_assert_uint_eq(p.version, 3);
+	ck_assert_uint_eq(p.size, 64 * BM_MiB);
+	ck_assert_str_eq(p.backing_name, "base.qcow2");
+	ck_assert_str_eq(p.backing_format, "qcow2");
+	ck_assert_uint_eq(p.kept_exts_len, sizeof unknown);
+	ck_assert_mem_eq(p.kept_exts, unknown, sizeof unknown);
+	ck_assert_uint_eq(p.extra_fields_len, sizeof extra);
+	ck_assert_mem_eq(p.extra_fields, extra, sizeof extra);
+	ck_assert(p.has_feature_names);
+	ck_assert_str_eq(p.feature_names[0][0], "dirty bit");
+	ck_assert_uint_eq(p.compatible, 1);
+	bm_qcow2_header_free(&p);
+	free(buf);
+}
+END_TEST
+
+/* Serialize the sample, patch one field, expect err and a message. */
+static void
+expect_bad(size_t off, int width, uint64_t value, int err, const char *msg)
+{
+	struct bm_qcow2_header h, p;
+	uint8_t *buf = sample_header(&h);
+
+	ck_assert_int_eq(bm_qcow2_header_serialize(&h, buf, CS, true), 0);
+	if (width == 4)
+		bm_put_be32(buf + off, (uint32_t)value);
+	else
+		bm_put_be64(buf + off, value);
+	ck_assert_int_eq(bm_qcow2_header_parse("img", buf, CS, &p), err);
+	ck_assert_msg(strstr(blockmirror_last_error(), msg),
+		      "message '%s' lacks '%s'", blockmirror_last_error(), msg);
+	free(buf);
+}
+
+START_TEST(test_header_bad)
+{
+	expect_bad(0, 4, 0x12345678, -EINVAL, "bad magic");
+	expect_bad(4, 4, 4, -ENOTSUP, "version 4");
+	expect_bad(20, 4, 8, -EINVAL, "cluster size 2^8");
+	expect_bad(20, 4, 22, -EINVAL, "cluster size 2^22");
+	expect_bad(100, 4, 100, -EINVAL, "header too short");
+	expect_bad(100, 4, 0x20000, -EINVAL, "exceeds cluster size");
+	expect_bad(8, 8, 0x20000, -EINVAL, "backing file offset");
+	expect_bad(32, 4, 2, -ENOTSUP, "encrypted");
+	expect_bad(72, 8, 4, -ENOTSUP, "external data file");
+	expect_bad(72, 8, 16, -ENOTSUP, "extended L2");
+	expect_bad(72, 8, 8, -EINVAL, "compression type");
+	expect_bad(72, 8, 1u << 6, -ENOTSUP, "incompatible bit 6");
+	expect_bad(96, 4, 7, -EINVAL, "refcount_order 7");
+	expect_bad(56, 4, 0, -EINVAL, "no refcount table");
+	expect_bad(36, 4, 0, -EINVAL, "L1 table is too small");
+	expect_bad(40, 8, 3 * CS + 512, -EINVAL, "L1 table offset");
+	expect_bad(48, 8, CS + 8, -EINVAL, "refcount table offset");
+	expect_bad(60, 4, 0x7fffffff, -EINVAL, "snapshot table too large");
+	/* The feature table's length field. */
+	expect_bad(116, 4, 0x100000, -EINVAL, "too large");
+}
+END_TEST
+
+START_TEST(test_header_short)
+{
+	struct bm_qcow2_header h, p;
+	uint8_t *buf = sample_header(&h);
+
+	ck_assert_int_eq(bm_qcow2_header_serialize(&h, buf, CS, false), 0);
+	for (size_t len = 0; len < 128; len++)
+		if (bm_qcow2_header_parse("t", buf, len, &p) == 0)
+			bm_qcow2_header_free(&p);
+	ck_assert_int_ne(bm_qcow2_header_parse("t", buf, 50, &p), 0);
+	free(buf);
+}
+END_TEST
+
+START_TEST(test_l2_decode)
+{
+	struct bm_qcow2_l2 e;
+	uint64_t first, count;
+
+	ck_assert_int_eq(bm_qcow2_l2_decode("t", 0, 16, 3, &e, 0, 0), 0);
+	ck_assert_int_eq(e.kind, BM_QCOW2_UNALLOCATED);
+	ck_assert_int_eq(bm_qcow2_l2_decode("t", 1, 16, 3, &e, 0, 0), 0);
+	ck_assert_int_eq(e.kind, BM_QCOW2_ZERO_PLAIN);
+	ck_assert_int_eq(bm_qcow2_l2_decode("t", 0x50001, 16, 3, &e, 0, 0), 0);
+	ck_assert_int_eq(e.kind, BM_QCOW2_ZERO_ALLOC);
+	ck_assert_int_eq(bm_qcow2_l2_decode("t", 0x50000 | BM_QCOW2_FLAG_COPIED,
+					    16, 3, &e, 0, 0), 0);
+	ck_assert_int_eq(e.kind, BM_QCOW2_NORMAL);
+	ck_assert(e.copied);
+	ck_assert_uint_eq(e.host, 0x50000);
+	ck_assert_int_eq(bm_qcow2_l2_decode("t", 0x50200, 16, 3, &e, 0x40000,
+					    7), -EIO);
+	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), "unaligned"));
+	ck_assert_int_eq(bm_qcow2_l2_decode("t", 1, 16, 2, &e, 0, 0), -EIO);
+	/* Compressed, 64 KiB clusters: 8 bits of sector count at bit 54. */
+	ck_assert_int_eq(bm_qcow2_l2_decode("t", BM_QCOW2_FLAG_COMPRESSED |
+					    (UINT64_C(3) << 54) | 0x1ff00,
+					    16, 3, &e, 0, 0), 0);
+	ck_assert_int_eq(e.kind, BM_QCOW2_COMPRESSED);
+	ck_assert_uint_eq(e.host, 0x1ff00);
+	ck_assert_uint_eq(e.csize, 4 * 512 - 0x100);
+	bm_qcow2_compressed_span(&e, 16, &first, &count);
+	ck_assert_uint_eq(first, 1);
+	ck_assert_uint_eq(count, 2);
+}
+END_TEST
+
+START_TEST(test_refcounts)
+{
+	uint8_t block[512];
+
+	for (uint32_t order = 0; order <= 6; order++) {
+		uint64_t max = order == 6 ? UINT64_MAX :
+					    (UINT64_C(1) << (1u << order)) - 1;
+		uint64_t n = sizeof block * 8 >> order;
+
+		memset(block, 0, sizeof block);
+		for (uint64_t i = 0; i < n; i++)
+			bm_qcow2_refcount_set(block, order, i, (i * 7) & max);
+		for (uint64_t i = 0; i < n; i++)
+			ck_assert_uint_eq(bm_qcow2_refcount_get(block, order, i),
+					  (i * 7) & max);
+	}
+}
+END_TEST
+
+START_TEST(test_compression)
+{
+	uint8_t in[CS], out[CS], comp[2 * CS];
+
+	for (size_t i = 0; i < sizeof in; i++)
+		in[i] = (uint8_t)(i % 251 ^ i / 4096);
+	for (int t = BM_QCOW2_ZLIB; t <= BM_QCOW2_ZSTD; t++) {
+		long n = bm_qcow2_compress(t, in, CS, comp, sizeof comp);
+
+		ck_assert_int_gt(n, 0);
+		/* Sector padding after the stream is allowed. */
+		memset(comp + n, 0xee, 512);
+		ck_assert_int_eq(bm_qcow2_decompress(t, comp, (size_t)n + 512,
+						     out, CS), 0);
+		ck_assert_mem_eq(in, out, CS);
+		ck_assert_int_eq(bm_qcow2_decompress(t, in, 1024, out, CS),
+				 -EIO);
+		ck_assert_int_eq(bm_qcow2_decompress(t, comp, (size_t)n / 2,
+						     out, CS), -EIO);
+	}
+}
+END_TEST
+
+/* ---- through the engine ---------------------------------------------- */
+
+static char path[64];
+static struct bm_loop *loop;
+
+static void
+setup(void)
+{
+	int fd;
+
+	strcpy(path, "/tmp/test-qcow2.XXXXXX");
+	fd = mkstemp(path);
+	ck_assert_int_ge(fd, 0);
+	close(fd);
+	ck_assert_int_eq(bm_loop_new(32, &loop), 0);
+}
+
+static void
+teardown(void)
+{
+	unlink(path);
+	bm_loop_free(loop);
+}
+
+static int
+io(struct bm_image *img, void (*op)(struct bm_image *, struct bm_io *),
+   uint64_t off, uint64_t len, void *buf, unsigned flags)
+{
+	struct bm_io b = { .offset = off, .length = len, .buf = buf,
+			   .flags = flags };
+
+	return bm_image_sync(img, op, &b);
+}
+
+START_TEST(test_driver)
+{
+	struct bm_extent_list ext = { 0 };
+	struct bm_image *img;
+	uint8_t *buf = malloc(3 * 4096), *rd = malloc(3 * 4096);
+
+	ck_assert_int_eq(bm_image_create(loop, path, BLOCKMIRROR_FORMAT_QCOW2,
+					 8 * BM_MiB, "cluster_size=4K", true,
+					 0, &img), 0);
+	ck_assert_uint_eq(img->cluster_size, 4096);
+	memset(buf, 0xab, 3 * 4096);
+	/* Unaligned, across three clusters. */
+	ck_assert_int_eq(io(img, bm_image_write, 1000, 9000, buf, 0), 0);
+	ck_assert_int_eq(io(img, bm_image_zero, 2 * 4096, 4096, NULL,
+			    BM_IO_MAY_TRIM), 0);
+	ck_assert_int_eq(io(img, bm_image_flush, 0, 0, NULL, 0), 0);
+	bm_image_close(img);
+
+	ck_assert_int_eq(bm_image_open(loop, path, BLOCKMIRROR_FORMAT_QCOW2, 0,
+				       &img), 0);
+	ck_assert_int_eq(io(img, bm_image_read, 0, 3 * 4096, rd, 0), 0);
+	for (size_t i = 0; i < 3 * 4096; i++)
+		ck_assert_uint_eq(rd[i], i >= 1000 && i < 2 * 4096 ? 0xab : 0);
+	{
+		struct bm_io b = { .offset = 0, .length = 8 * BM_MiB,
+				   .extents = &ext };
+
+		ck_assert_int_eq(bm_image_sync(img, bm_image_block_status,
+					       &b), 0);
+	}
+	ck_assert_uint_ge(ext.len, 2);
+	ck_assert_uint_eq(ext.v[0].offset, 0);
+	ck_assert_uint_eq(ext.v[0].length, 2 * 4096);
+	ck_assert_uint_eq(ext.v[0].flags, 0);
+	ck_assert(ext.v[1].flags & BM_EXTENT_ZERO);
+	/* Read-only: writes are refused. */
+	ck_assert_int_lt(io(img, bm_image_write, 0, 512, buf, 0), 0);
+	bm_extent_list_free(&ext);
+	bm_image_close(img);
+	free(buf);
+	free(rd);
+}
+END_TEST
+
+static Suite *
+qcow2_suite(void)
+{
+	Suite *s = suite_create("qcow2");
+	TCase *tc = tcase_create("parse");
+
+	tcase_add_test(tc, test_header_roundtrip);
+	tcase_add_test(tc, test_header_bad);
+	tcase_add_test(tc, test_header_short);
+	tcase_add_test(tc, test_l2_decode);
+	tcase_add_test(tc, test_refcounts);
+	tcase_add_test(tc, test_compression);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("driver");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_test(tc, test_driver);
+	suite_add_tcase(s, tc);
+	return s;
+}
+
+int
+main(void)
+{
+	SRunner *sr = srunner_create(qcow2_suite());
+	int failed;
+
+	srunner_run_all(sr, CK_NORMAL);
+	failed = srunner_ntests_failed(sr);
+	srunner_free(sr);
+	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
