@@ -730,18 +730,21 @@ START_TEST(test_log_search)
 	/* A data sector whose sequence halves disagree. */
 	log_setup(&h);
 	put_entry(&h, 0, 1, 0, 5 * MiB, 0xaa);
+	x = mf.b + MiB; /* log_setup reallocated the file */
 	x[4096 + 4092] ^= 1;
 	fix_mem_crc(x, 8192);
 	replay(&h, -EINVAL);
 	/* More descriptors than the entry holds. */
 	log_setup(&h);
 	put_entry(&h, 0, 1, 0, 5 * MiB, 0xaa);
+	x = mf.b + MiB; /* log_setup reallocated the file */
 	vhdx_put_le32(x + 24, 1000);
 	fix_mem_crc(x, 8192);
 	replay(&h, -EINVAL);
 	/* The head says more was durable than the file holds. */
 	log_setup(&h);
 	put_entry(&h, 0, 1, 0, 5 * MiB, 0xaa);
+	x = mf.b + MiB; /* log_setup reallocated the file */
 	vhdx_put_le64(x + 48, 9 * MiB);
 	fix_mem_crc(x, 8192);
 	replay(&h, -EINVAL);
@@ -757,6 +760,7 @@ START_TEST(test_log_search)
 	/* LastFileOffset grows the file. */
 	log_setup(&h);
 	put_entry(&h, 0, 1, 0, 5 * MiB, 0xaa);
+	x = mf.b + MiB; /* log_setup reallocated the file */
 	vhdx_put_le64(x + 56, 10 * MiB);
 	fix_mem_crc(x, 8192);
 	replay(&h, 0);
