@@ -43,7 +43,9 @@
 #include "internal.h"
 #include "waiter.h"
 
-enum req_kind { R_READ, R_WRITE, R_ZERO, R_DISCARD, R_STATUS, R_FLUSH };
+/* R_BACKING: a backing file change, ordered like a flush. */
+enum req_kind { R_READ, R_WRITE, R_ZERO, R_DISCARD, R_STATUS, R_FLUSH,
+		R_BACKING };
 
 struct fmt_req;
 
@@ -60,6 +62,7 @@ struct fmt_req {
 	int err;
 	bool fua;                    /* a write that becomes a flush */
 	bool holds_busy;
+	bool counted;                /* in f->mapped_io (see wait_data) */
 	uint64_t busy_start, busy_end;
 	bool flush_sent;
 	bool flush_needed;           /* something to make durable */
@@ -76,6 +79,8 @@ struct fmt_req {
 	struct bm_work work;         /* worker -> loop */
 	struct bm_op defer;
 	struct bm_extent_list tmp;   /* STATUS: the backing image's extents */
+	bool top;                    /* STATUS: this layer only (BACKING) */
+	struct bm_backing_change *bc; /* R_BACKING */
 	struct fmt_sub sub[BM_MAP_MAX_SEGS];
 };
 
@@ -100,12 +105,22 @@ struct bm_fmt {
 	pthread_cond_t qcond;
 	struct fmt_req *qhead, *qtail;
 	bool stopping;
+	/* Chunks the worker has mapped whose data I/O has not finished:
+	 * bm_fmt_wait_data waits for them (under qlock, qcond). */
+	unsigned mapped_io;
 
 	/* The loop's side. */
 	struct fmt_req *oldest, *newest;
 	struct fmt_req *busy;
 	struct fmt_req *waiting, *waiting_tail;
 	bool dirty;                  /* written since the last flush started */
+
+	/* Replaced backing images and names, kept until close: reads mapped
+	 * before a backing change may still use them (and facts borrowers
+	 * the strings). */
+	struct bm_image **retired;
+	char **retired_names;
+	size_t nretired;
 };
 
 static struct bm_fmt *
@@ -227,6 +242,16 @@ int
 bm_fmt_sync(struct bm_fmt *f)
 {
 	return meta_io(f, f->wstore->ops->flush, NULL, 0, 0, 0);
+}
+
+int
+bm_fmt_wait_data(struct bm_fmt *f)
+{
+	pthread_mutex_lock(&f->qlock);
+	while (f->mapped_io > 0)
+		pthread_cond_wait(&f->qcond, &f->qlock);
+	pthread_mutex_unlock(&f->qlock);
+	return 0;
 }
 
 /* A read of the backing image, run on the image's loop for the worker. */
@@ -421,12 +446,23 @@ worker_main(void *arg)
 
 		if (req->kind == R_FLUSH)
 			r = f->drv->flush(f->state);
-		else
+		else if (req->kind == R_BACKING) {
+			r = f->drv->flush(f->state);
+			if (r == 0)
+				r = f->drv->set_backing(f->state, req->bc->name,
+						req->bc->backing->format);
+		} else
 			r = f->drv->map(f->state, &req->map);
 		req->err = r;
 		if (r < 0)
 			snprintf(req->msg, sizeof req->msg, "%s",
 				 blockmirror_last_error());
+		if (r == 0 && req->kind != R_FLUSH) {
+			pthread_mutex_lock(&f->qlock);
+			f->mapped_io++;
+			req->counted = true;
+			pthread_mutex_unlock(&f->qlock);
+		}
 		req->work.fn = chunk_mapped;
 		bm_loop_post(f->loop, &req->work);
 	}
@@ -504,6 +540,13 @@ busy_release(struct fmt_req *req)
 		;
 	*pp = req->busy_next;
 	req->holds_busy = false;
+	if (req->counted) {
+		pthread_mutex_lock(&f->qlock);
+		if (--f->mapped_io == 0)
+			pthread_cond_broadcast(&f->qcond);
+		pthread_mutex_unlock(&f->qlock);
+		req->counted = false;
+	}
 
 	/* Everyone waiting gets another try, in order. */
 	w = f->waiting;
@@ -715,6 +758,18 @@ status_next(struct fmt_req *req)
 		uint64_t off = req->seg_off;
 		uint32_t flags = 0;
 
+		if (sg->kind == BM_SEG_BACKING && req->top && f->backing) {
+			/* Top layer only: the backing image is not asked. */
+			if (bm_extent_list_append(out, off, sg->length,
+						  BM_EXTENT_BACKING) < 0) {
+				status_failed(req, bm_error(-ENOMEM, "%s: out "
+						"of memory", f->path));
+				break;
+			}
+			req->seg_off += sg->length;
+			req->seg_next++;
+			continue;
+		}
 		if (sg->kind == BM_SEG_BACKING && f->backing &&
 		    off < f->backing->size) {
 			uint64_t len = BM_MIN(sg->length,
@@ -848,6 +903,66 @@ execute(struct fmt_req *req)
 	bm_loop_defer(f->loop, &req->defer, nothing_done, 0);
 }
 
+/*
+ * A backing change the driver has made durable: read through the new
+ * backing image from now on.  The old one stays open until close (a
+ * read mapped before may still be reading it; both read the same).
+ */
+static int
+swap_backing(struct bm_fmt *f, struct bm_backing_change *bc)
+{
+	char *name = strdup(bc->name), *path = strdup(bc->backing->name);
+	size_t n = f->nretired + 1;
+	struct bm_image **ri = realloc(f->retired, n * sizeof *ri);
+	char **rn;
+
+	if (ri)
+		f->retired = ri;
+	rn = realloc(f->retired_names, 2 * n * sizeof *rn);
+	if (rn)
+		f->retired_names = rn;
+	if (!name || !path || !ri || !rn) {
+		free(name);
+		free(path);
+		/* The image records the new name already; the old backing
+		 * image reads the same, so keep reading it. */
+		return bm_error(-ENOMEM, "%s: out of memory", f->path);
+	}
+	f->retired[f->nretired] = f->backing;
+	f->retired_names[2 * f->nretired] = f->info.backing_name;
+	f->retired_names[2 * f->nretired + 1] = f->backing_path;
+	f->nretired = n;
+	f->backing = bc->backing;
+	bc->backing = NULL;
+	f->info.backing_name = name;
+	f->backing_path = path;
+	f->info.backing_format = f->backing->format;
+	return 0;
+}
+
+static int
+backing_change_check(struct bm_fmt *f, struct bm_io *io)
+{
+	struct bm_backing_change *bc =
+		bm_container_of(io, struct bm_backing_change, io);
+
+	if (!f->drv->set_backing)
+		return bm_error(-ENOTSUP, "%s: %s images cannot change their "
+				"backing file here", f->path, f->drv->name);
+	if (f->img.readonly)
+		return bm_error(-EROFS, "%s: opened read-only", f->path);
+	if (!f->backing)
+		return bm_error(-EINVAL, "%s: has no backing file", f->path);
+	if (!bc->name || !*bc->name || !bc->backing)
+		return bm_error(-EINVAL, "%s: no new backing file", f->path);
+	if (bc->backing->size != f->backing->size)
+		return bm_error(-EINVAL, "%s: new backing file %s holds %"
+				PRIu64 " bytes, the old one %" PRIu64,
+				f->path, bc->backing->name, bc->backing->size,
+				f->backing->size);
+	return 0;
+}
+
 /* The worker has answered (a map or a flush). */
 static void
 chunk_mapped(struct bm_work *w)
@@ -856,6 +971,12 @@ chunk_mapped(struct bm_work *w)
 
 	bm_loop_unhold(req->f->loop);
 	if (req->kind == R_FLUSH) {
+		finish(req);
+		return;
+	}
+	if (req->kind == R_BACKING) {
+		if (req->err == 0)
+			req->err = swap_backing(req->f, req->bc);
 		finish(req);
 		return;
 	}
@@ -879,10 +1000,12 @@ try_flush(struct bm_fmt *f)
 {
 	struct fmt_req *req = f->oldest;
 
-	if (!req || req->kind != R_FLUSH || req->flush_sent)
+	if (!req || (req->kind != R_FLUSH && req->kind != R_BACKING) ||
+	    req->flush_sent)
 		return;
 	req->flush_sent = true;
-	if (!req->flush_needed || f->img.readonly) {
+	if (req->kind == R_FLUSH &&
+	    (!req->flush_needed || f->img.readonly)) {
 		bm_loop_defer(f->loop, &req->defer, flush_skipped, 0);
 		return;
 	}
@@ -895,7 +1018,9 @@ start_later(struct bm_op *op, int res)
 	struct fmt_req *req = bm_container_of(op, struct fmt_req, defer);
 
 	(void)res;
-	if (req->kind == R_FLUSH)
+	if (req->err < 0 && req->kind == R_BACKING)
+		fail(req, req->err);
+	else if (req->kind == R_FLUSH || req->kind == R_BACKING)
 		try_flush(req->f);
 	else if (req->err < 0)
 		fail(req, req->err);
@@ -911,7 +1036,7 @@ oom_done(struct bm_op *op, int res)
 	io->done(io, res);
 }
 
-static void
+static struct fmt_req *
 submit(struct bm_image *img, struct bm_io *io, enum req_kind kind)
 {
 	struct bm_fmt *f = to_fmt(img);
@@ -923,7 +1048,7 @@ submit(struct bm_image *img, struct bm_io *io, enum req_kind kind)
 		 * store, so its op is free to carry the failure. */
 		bm_error(-ENOMEM, "%s: out of memory", f->path);
 		bm_loop_defer(f->loop, &io->op, oom_done, -ENOMEM);
-		return;
+		return NULL;
 	}
 	req->f = f;
 	req->io = io;
@@ -931,7 +1056,10 @@ submit(struct bm_image *img, struct bm_io *io, enum req_kind kind)
 	req->pos = io->offset;
 	req->end = io->offset + io->length;
 	req->fua = kind == R_WRITE && (io->flags & BM_IO_FUA);
-	if (kind != R_FLUSH && !bm_range_ok(io->offset, io->length, img->size))
+	if (kind == R_BACKING)
+		err = backing_change_check(f, io);
+	else if (kind != R_FLUSH &&
+		 !bm_range_ok(io->offset, io->length, img->size))
 		err = bm_error(-EINVAL, "%s: request at %" PRIu64 "+%" PRIu64
 			       " beyond the end (%" PRIu64 ")", f->path,
 			       io->offset, io->length, img->size);
@@ -967,6 +1095,7 @@ submit(struct bm_image *img, struct bm_io *io, enum req_kind kind)
 		f->oldest = req;
 	f->newest = req;
 	bm_loop_defer(f->loop, &req->defer, start_later, 0);
+	return req;
 }
 
 static void fmt_read(struct bm_image *i, struct bm_io *io) { submit(i, io, R_READ); }
@@ -1006,6 +1135,13 @@ fmt_free(struct bm_fmt *f)
 		f->drv->close(f->state);
 	}
 	bm_image_close(f->backing);
+	for (size_t i = 0; i < f->nretired; i++) {
+		bm_image_close(f->retired[i]);
+		free(f->retired_names[2 * i]);
+		free(f->retired_names[2 * i + 1]);
+	}
+	free(f->retired);
+	free(f->retired_names);
 	bm_store_close(f->wstore);
 	bm_loop_free(f->wloop);
 	pthread_cond_destroy(&f->qcond);
@@ -1037,6 +1173,39 @@ static const struct bm_image_ops fmt_ops = {
 	.set_loop = fmt_set_loop,
 	.close = fmt_close,
 };
+
+void
+bm_image_set_backing(struct bm_image *img, struct bm_backing_change *bc)
+{
+	struct fmt_req *req;
+
+	if (img->ops != &fmt_ops) {
+		bm_error(-ENOTSUP, "%s: only qcow2 and VHDX images have a "
+			 "backing file", img->name);
+		bm_loop_defer(img->store->loop, &bc->io.op, oom_done,
+			      -ENOTSUP);
+		return;
+	}
+	req = submit(img, &bc->io, R_BACKING);
+	if (req)
+		req->bc = bc;
+}
+
+void
+bm_image_block_status_top(struct bm_image *img, struct bm_io *io)
+{
+	struct fmt_req *req;
+
+	if (img->ops != &fmt_ops) {
+		bm_image_block_status(img, io);
+		return;
+	}
+	/* The request starts from a deferred op: marking it now is in
+	 * time. */
+	req = submit(img, io, R_STATUS);
+	if (req)
+		req->top = true;
+}
 
 /* The engine with its metadata store, before the driver has run. */
 static int

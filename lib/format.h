@@ -33,9 +33,11 @@
  *   So a freshly allocated cluster is never read or written by anybody
  *   else before its data (and COW fill) are in place.
  * - flush is called only once every request issued before it has
- *   completed, data included.  So when flush runs, the data of every
- *   write mapped before it is in the file (not yet durable: the driver
- *   calls bm_fmt_sync first), which is what "data before L2" needs.
+ *   completed, data included.  Later requests may have been mapped by
+ *   then, their data still on its way: a driver that is about to write
+ *   a table pointing at clusters it handed out as BM_SEG_DATA calls
+ *   bm_fmt_wait_data first (and then bm_fmt_sync), which is what "data
+ *   before L2" needs, at flush and when it evicts a table alike.
  * - Clusters the driver frees (discard, zero with BM_IO_MAY_TRIM, COW of
  *   a shared cluster) must not be handed out again before the reference
  *   removal is durable (a flush): keep them pending until the end of the
@@ -160,6 +162,14 @@ struct bm_fmt_driver {
 	uint64_t (*allocated)(void *drv);
 	/* Free the driver.  The engine has flushed first (if writable). */
 	void (*close)(void *drv);
+	/*
+	 * Optional: record `name` (and `format`, AUTO: leave the recorded
+	 * format alone) as the backing file, durably and crash-safely: after
+	 * a crash at any point the image opens and names either the old or
+	 * the new backing file.  The engine has flushed first.
+	 */
+	int (*set_backing)(void *drv, const char *name,
+			   enum blockmirror_format format);
 };
 
 extern const struct bm_fmt_driver bm_qcow2_driver;
@@ -190,6 +200,14 @@ int bm_fmt_pwrite(struct bm_fmt *f, const void *buf, size_t len,
 int bm_fmt_zero_file(struct bm_fmt *f, uint64_t off, uint64_t len);
 /* Set the file's size (grow with zeroes, or shrink). */
 int bm_fmt_truncate(struct bm_fmt *f, uint64_t size);
+/*
+ * Wait until the data I/O of every chunk the worker has mapped so far has
+ * finished (the engine's writes into clusters the driver handed out).
+ * Worker thread only; the wait is short, since no new chunk is mapped
+ * while the worker waits.  Always 0.
+ */
+int bm_fmt_wait_data(struct bm_fmt *f);
+
 /* fdatasync: every completed write to the file, data and metadata
  * store alike, is durable afterwards. */
 int bm_fmt_sync(struct bm_fmt *f);

@@ -9,7 +9,8 @@
  * reuses a cluster freed by an earlier flush) and only changes memory;
  * flush makes it durable in this order, each step followed by a sync:
  *
- *   1. the data (the engine has completed every earlier request);
+ *   1. the data (the engine has completed every earlier request, and
+ *      bm_fmt_wait_data waits for later ones already mapped);
  *   2. dirty refcount blocks, then the refcount table entries that
  *      point at new blocks: refcount before reference;
  *   3. dirty L2 tables: data before L2, refcount before reference;
@@ -23,11 +24,13 @@
  * 3), never a referenced cluster with refcount 0.  Refcount blocks may
  * be written early (cache eviction): between flushes they only hold
  * increments, which can only leak.  A write that needs a new cluster
- * (or copy-on-write) is done by the driver itself: it writes the whole
- * cluster (the guest's bytes plus the fill from the backing image, the
- * old cluster or zeroes) before it changes the L2 entry in memory, so
- * an L2 table evicted before the next flush only needs a sync ahead of
- * it for "data before L2" ("young" tables).  Growing the refcount table
+ * (or copy-on-write) for part of a cluster is done by the driver
+ * itself: it writes the whole cluster (the guest's bytes plus the fill
+ * from the backing image, the old cluster or zeroes).  A whole new
+ * cluster of guest data is handed to the engine to write from the
+ * caller's buffer.  Either way, before an L2 table with such entries
+ * ("young") is written, at flush or eviction, bm_fmt_wait_data and a
+ * sync put the data in the file: "data before L2".  Growing the refcount table
  * writes the new table and its blocks elsewhere, syncs, and then
  * switches the header with one 12-byte write inside the first sector;
  * the old table is freed like any other cluster.  The L1 table is never
@@ -44,6 +47,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -223,6 +227,8 @@ table_writeback(struct qcow2 *q, struct cache *c, struct table *t)
 	/* An L2 table may reference clusters whose refcounts are still
 	 * only in memory (and a new table's blocks): those go first. */
 	if (c == &q->l2c) {
+		if (t->young)
+			bm_fmt_wait_data(q->f);
 		err = t->young ? bm_fmt_sync(q->f) : 0;
 		if (!err)
 			err = flush_refcounts(q);
@@ -760,14 +766,18 @@ free_entry(struct qcow2 *q, const struct bm_qcow2_l2 *e)
 /*
  * Give guest cluster `gc` (entry `i` of table t, currently *e) a host
  * cluster of its own and write all of it: what the cluster read as,
- * with [in, in+n) replaced by `data` (zeroes if NULL).  The driver
- * writes the data itself so that it is in the file before the L2 entry
- * can be: an evicted L2 table with such entries only needs a sync.
+ * with [in, in+n) replaced by `data` (zeroes if NULL).
+ *
+ * A whole cluster of guest data is the engine's to write, straight from
+ * the caller's buffer: with `handoff` set, *handoff gets the new host
+ * offset and nothing is written here.  Either way the table becomes
+ * "young": before it is written, bm_fmt_wait_data and a sync put the
+ * data in the file first.
  */
 static int
 cow_cluster(struct qcow2 *q, struct table *t, uint64_t i, uint64_t gc,
 	    uint64_t raw, const struct bm_qcow2_l2 *e, uint64_t in,
-	    uint64_t n, const uint8_t *data)
+	    uint64_t n, const uint8_t *data, uint64_t *handoff)
 {
 	bool reuse = e->kind == BM_QCOW2_ZERO_ALLOC && e->copied;
 	const uint8_t *src;
@@ -795,7 +805,9 @@ cow_cluster(struct qcow2 *q, struct table *t, uint64_t i, uint64_t gc,
 	else if ((err = alloc_cluster(q, &host)))
 		return err;
 	err = refuse_overlap(q, host, q->cs, false);
-	if (!err)
+	if (!err && handoff && n == q->cs && data)
+		*handoff = host;
+	else if (!err)
 		err = bm_fmt_pwrite(q->f, src, q->cs, host);
 	if (err)
 		return err;
@@ -849,7 +861,7 @@ map_write(struct qcow2 *q, struct bm_map_req *r, uint64_t pos, uint64_t n,
 	  struct table *t, uint64_t i, uint64_t raw,
 	  const struct bm_qcow2_l2 *e)
 {
-	uint64_t in = pos & (q->cs - 1);
+	uint64_t in = pos & (q->cs - 1), host = 0;
 	const uint8_t *data = NULL;
 	int err;
 
@@ -865,9 +877,10 @@ map_write(struct qcow2 *q, struct bm_map_req *r, uint64_t pos, uint64_t n,
 		return -ENOTSUP;
 	if (r->op == BM_MAP_WRITE)
 		data = (const uint8_t *)r->buf + (pos - r->offset);
-	err = cow_cluster(q, t, i, pos >> q->cb, raw, e, in, n, data);
+	err = cow_cluster(q, t, i, pos >> q->cb, raw, e, in, n, data,
+			  r->op == BM_MAP_WRITE ? &host : NULL);
 	if (!err)
-		bm_map_add(r, BM_SEG_DONE, n, 0);
+		bm_map_add(r, host ? BM_SEG_DATA : BM_SEG_DONE, n, host);
 	return err;
 }
 
@@ -1009,6 +1022,7 @@ flush_locked(struct qcow2 *q)
 	bool wrote = false;
 	int err;
 
+	bm_fmt_wait_data(q->f);
 	err = bm_fmt_sync(q->f);
 	if (!err)
 		err = flush_refcounts(q);
@@ -1300,6 +1314,60 @@ qcow2_open(struct bm_fmt *f, unsigned flags, struct bm_fmt_info *info,
 	return 0;
 }
 
+/*
+ * Change the backing file name (bm_qcow2_backing_plan): the new name
+ * goes into free space in cluster 0 first, then one sector write flips
+ * the header to it.  The header area is read from the file, under the
+ * lock, so the sector written back carries every field the driver has
+ * changed before (they are all written through at once).
+ */
+static int
+qcow2_set_backing(void *drv, const char *name, enum blockmirror_format format)
+{
+	struct qcow2 *q = drv;
+	const char *fmt = format == BLOCKMIRROR_FORMAT_AUTO ? NULL :
+			  blockmirror_format_name(format);
+	uint8_t sector[BM_QCOW2_SECTOR];
+	uint64_t off;
+	char *copy = strdup(name);
+	uint8_t *buf = alloc_buf(q->cs);
+	int err;
+
+	if (!copy || !buf) {
+		free(copy);
+		free(buf);
+		return bm_error(-ENOMEM, "%s: out of memory", q->name);
+	}
+	pthread_mutex_lock(&q->lock);
+	err = q->writable ? 0 : bm_error(-EROFS, "%s: read-only", q->name);
+	if (!err)
+		err = bm_fmt_pread_zero(q->f, buf, q->cs, 0);
+	if (!err)
+		err = bm_qcow2_backing_plan(q->name, buf, q->cs,
+					    q->h.header_length, name, fmt,
+					    &off, sector);
+	if (!err)
+		err = bm_fmt_pwrite(q->f, name, strlen(name), off);
+	if (!err)
+		err = bm_fmt_sync(q->f);
+	if (!err)
+		err = bm_fmt_pwrite(q->f, sector, sizeof sector, 0);
+	if (!err)
+		err = bm_fmt_sync(q->f);
+	if (!err) {
+		free(q->h.backing_name);
+		q->h.backing_name = copy;
+		copy = NULL;
+		if (fmt)
+			snprintf(q->h.backing_format,
+				 sizeof q->h.backing_format, "%s", fmt);
+	}
+	pthread_mutex_unlock(&q->lock);
+	free(copy);
+	free(buf);
+	return err;
+}
+
 const struct bm_fmt_driver bm_qcow2_driver = {
 	.name = "qcow2",
 	.format = BLOCKMIRROR_FORMAT_QCOW2,
@@ -1309,4 +1377,5 @@ const struct bm_fmt_driver bm_qcow2_driver = {
 	.flush = qcow2_flush,
 	.allocated = qcow2_allocated,
 	.close = qcow2_close,
+	.set_backing = qcow2_set_backing,
 };

@@ -1074,6 +1074,9 @@ vhdx_flush(void *drv)
 	int r;
 
 	pthread_mutex_lock(&d->lock);
+	/* Blocks handed out since the last flush hold their data before
+	 * the BAT that points at them is logged. */
+	bm_fmt_wait_data(d->f);
 	r = bm_fmt_sync(d->f);
 	if (r == 0 && d->ndirty)
 		r = flush_bat(d);
