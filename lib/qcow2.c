@@ -768,11 +768,14 @@ free_entry(struct qcow2 *q, const struct bm_qcow2_l2 *e)
  * cluster of its own and write all of it: what the cluster read as,
  * with [in, in+n) replaced by `data` (zeroes if NULL).
  *
- * A whole cluster of guest data is the engine's to write, straight from
- * the caller's buffer: with `handoff` set, *handoff gets the new host
- * offset and nothing is written here.  Either way the table becomes
- * "young": before it is written, bm_fmt_wait_data and a sync put the
- * data in the file first.
+ * The engine writes the guest's part itself, straight from the caller's
+ * buffer, when nothing else of the cluster needs writing: a whole
+ * cluster of guest data, or part of a cluster that reads as zeroes and
+ * is new at the end of the file (the file is extended first, so the
+ * rest already reads as zeroes).  Then, with `handoff` set, *handoff
+ * gets the host offset of the guest's part and nothing is written here.
+ * Either way the table becomes "young": before it is written,
+ * bm_fmt_wait_data and a sync put the data in the file first.
  */
 static int
 cow_cluster(struct qcow2 *q, struct table *t, uint64_t i, uint64_t gc,
@@ -780,37 +783,47 @@ cow_cluster(struct qcow2 *q, struct table *t, uint64_t i, uint64_t gc,
 	    uint64_t n, const uint8_t *data, uint64_t *handoff)
 {
 	bool reuse = e->kind == BM_QCOW2_ZERO_ALLOC && e->copied;
+	bool zero = true, fresh = false;
 	const uint8_t *src;
 	uint64_t host;
-	bool zero = true;
 	int err = 0;
 
 	if (n < q->cs)
 		err = cluster_content(q, gc, raw, e, &zero);
 	if (err)
 		return err;
-	if (n == q->cs) {
-		src = data ? data : q->zero;
-	} else {
-		if (zero)
-			memset(q->work, 0, q->cs);
-		if (data)
-			memcpy(q->work + in, data, n);
-		else
-			memset(q->work + in, 0, n);
-		src = q->work;
-	}
-	if (reuse)
+	if (reuse) {
 		host = e->host;
-	else if ((err = alloc_cluster(q, &host)))
-		return err;
-	err = refuse_overlap(q, host, q->cs, false);
-	if (!err && handoff && n == q->cs && data)
-		*handoff = host;
-	else if (!err)
-		err = bm_fmt_pwrite(q->f, src, q->cs, host);
+	} else {
+		err = alloc_cluster(q, &host);
+		if (err)
+			return err;
+		fresh = host >= bm_fmt_file_size(q->f);
+		if (host + q->cs > bm_fmt_file_size(q->f))
+			err = bm_fmt_truncate(q->f, host + q->cs);
+	}
+	if (!err)
+		err = refuse_overlap(q, host, q->cs, false);
 	if (err)
 		return err;
+	if (handoff && data && (n == q->cs || (fresh && zero))) {
+		*handoff = host + in;
+	} else {
+		if (n == q->cs) {
+			src = data ? data : q->zero;
+		} else {
+			if (zero)
+				memset(q->work, 0, q->cs);
+			if (data)
+				memcpy(q->work + in, data, n);
+			else
+				memset(q->work + in, 0, n);
+			src = q->work;
+		}
+		err = bm_fmt_pwrite(q->f, src, q->cs, host);
+		if (err)
+			return err;
+	}
 	l2_set(t, i, host | BM_QCOW2_FLAG_COPIED);
 	t->young++;
 	if (q->cout_entry == raw)
