@@ -219,7 +219,7 @@ look_at_image(struct bm_plan_disk *d, struct rb_disk *rd)
 			   d->name, d->image, pid);
 		return -EBUSY;
 	}
-	if (blockmirror_image_info(rd->location, BLOCKMIRROR_FORMAT_RAW,
+	if (blockmirror_image_info(rd->location, BLOCKMIRROR_FORMAT_AUTO,
 				   &info) < 0) {
 		plan_error("disk '%s': %s", d->name, blockmirror_last_error());
 		return -EINVAL;

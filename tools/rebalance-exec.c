@@ -652,7 +652,7 @@ child_copy(const char *src, const char *dst, int prog_fd, int speed_fd,
 	signal(SIGTERM, SIG_DFL);
 	fcntl(speed_fd, F_SETFL, fcntl(speed_fd, F_GETFL) | O_NONBLOCK);
 
-	o.src_format = BLOCKMIRROR_FORMAT_RAW;
+	o.src_format = BLOCKMIRROR_FORMAT_AUTO; /* and the same format out */
 	o.progress = child_progress;
 	o.progress_data = &c;
 	/* Small requests keep a paced copy smooth. */

@@ -343,3 +343,25 @@ json_assert "$T/int.sum" "d['summary'] == 'interrupted'" \
 [[ $(checksum "$T/i1/w2.raw") == "$sum_w2" ]] || fail "w2 changed"
 pass "SIGINT cancels the running moves and reports them; nothing is left behind"
 stop_all
+
+# ---- qcow2 and VHDX images move offline in their own format -------------
+mkdir -p "$T/f1" "$T/f2"
+make_mixed_image "$T/fmt-orig.raw"
+run_ok "$BMIRROR" copy -O qcow2 "$T/fmt-orig.raw" "$T/f1/q.qcow2"
+run_ok "$BMIRROR" copy -O vhdx -o block_size=1M "$T/fmt-orig.raw" "$T/f1/v.vhdx"
+cat >"$T/fmt.json" <<EOF2
+{
+  "version": 1,
+  "pools": [{"name": "f1", "path": "$T/f1", "capacity": "64M"},
+            {"name": "f2", "path": "$T/f2", "capacity": "64M"}],
+  "disks": [{"name": "q", "image": "$T/f1/q.qcow2"}, {"name": "v", "image": "$T/f1/v.vhdx"}],
+  "goal": {"type": "evacuate", "pool": "f1"}
+}
+EOF2
+run_ok "$BMIRROR" rebalance "$T/fmt.json"
+[[ ! -e $T/f1/q.qcow2 && ! -e $T/f1/v.vhdx ]] || fail "the images are still in f1"
+run_ok qemu-img check -f qcow2 "$T/f2/q.qcow2"
+run_ok qemu-img check -f vhdx "$T/f2/v.vhdx"
+run_ok qemu-img compare -f raw -F qcow2 "$T/fmt-orig.raw" "$T/f2/q.qcow2"
+run_ok qemu-img compare -f raw -F vhdx "$T/fmt-orig.raw" "$T/f2/v.vhdx"
+pass "qcow2 and VHDX images evacuate offline, still qcow2 and VHDX, data intact"
