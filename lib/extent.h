@@ -15,6 +15,10 @@
 enum {
 	BM_EXTENT_HOLE = 1u << 0, /* not allocated */
 	BM_EXTENT_ZERO = 1u << 1, /* reads as zeroes */
+	/* Only from bm_image_block_status_top: this layer holds nothing,
+	 * the backing image supplies the bytes (what they are is not
+	 * asked).  Never with HOLE or ZERO. */
+	BM_EXTENT_BACKING = 1u << 2,
 };
 
 struct bm_extent {

@@ -420,6 +420,80 @@ bm_fmt_option_size(const struct bm_fmt *f, const char *options,
 
 /* ---- the worker ------------------------------------------------------ */
 
+/*
+ * A backing change the driver has made durable: read through the new
+ * backing image from now on.  The old one stays open until close (a
+ * read mapped before may still be reading it; both read the same).
+ * Runs on the loop while the worker waits for it (swap_on_loop), so
+ * neither thread sees f->backing change under it.
+ */
+static int
+swap_backing(struct bm_fmt *f, struct bm_backing_change *bc)
+{
+	char *name = strdup(bc->name), *path = strdup(bc->backing->name);
+	size_t n = f->nretired + 1;
+	struct bm_image **ri = realloc(f->retired, n * sizeof *ri);
+	char **rn;
+
+	if (ri)
+		f->retired = ri;
+	rn = realloc(f->retired_names, 2 * n * sizeof *rn);
+	if (rn)
+		f->retired_names = rn;
+	if (!name || !path || !ri || !rn) {
+		free(name);
+		free(path);
+		/* The image records the new name already; the old backing
+		 * image reads the same, so keep reading it. */
+		return bm_error(-ENOMEM, "%s: out of memory", f->path);
+	}
+	f->retired[f->nretired] = f->backing;
+	f->retired_names[2 * f->nretired] = f->info.backing_name;
+	f->retired_names[2 * f->nretired + 1] = f->backing_path;
+	f->nretired = n;
+	f->backing = bc->backing;
+	bc->backing = NULL;
+	f->info.backing_name = name;
+	f->backing_path = path;
+	f->info.backing_format = f->backing->format;
+	return 0;
+}
+
+struct swap_call {
+	struct bm_work work;
+	struct bm_fmt *f;
+	struct bm_backing_change *bc;
+	int err;
+	struct bm_waiter waiter;
+};
+
+static void
+swap_call_run(struct bm_work *w)
+{
+	struct swap_call *c = bm_container_of(w, struct swap_call, work);
+
+	c->err = swap_backing(c->f, c->bc);
+	bm_waiter_signal(&c->waiter, c->err);
+}
+
+/* The worker's side: have the loop swap, and wait. */
+static int
+swap_on_loop(struct bm_fmt *f, struct bm_backing_change *bc)
+{
+	struct swap_call c = { 0 };
+	int r;
+
+	bm_waiter_init(&c.waiter);
+	c.f = f;
+	c.bc = bc;
+	c.work.fn = swap_call_run;
+	bm_loop_post(f->loop, &c.work);
+	r = bm_waiter_wait(&c.waiter);
+	bm_waiter_destroy(&c.waiter);
+	return r;
+}
+
+
 static void chunk_mapped(struct bm_work *w);
 
 static void *
@@ -451,13 +525,15 @@ worker_main(void *arg)
 			if (r == 0)
 				r = f->drv->set_backing(f->state, req->bc->name,
 						req->bc->backing->format);
+			if (r == 0)
+				r = swap_on_loop(f, req->bc);
 		} else
 			r = f->drv->map(f->state, &req->map);
 		req->err = r;
 		if (r < 0)
 			snprintf(req->msg, sizeof req->msg, "%s",
 				 blockmirror_last_error());
-		if (r == 0 && req->kind != R_FLUSH) {
+		if (r == 0 && req->kind != R_FLUSH && req->kind != R_BACKING) {
 			pthread_mutex_lock(&f->qlock);
 			f->mapped_io++;
 			req->counted = true;
@@ -903,43 +979,6 @@ execute(struct fmt_req *req)
 	bm_loop_defer(f->loop, &req->defer, nothing_done, 0);
 }
 
-/*
- * A backing change the driver has made durable: read through the new
- * backing image from now on.  The old one stays open until close (a
- * read mapped before may still be reading it; both read the same).
- */
-static int
-swap_backing(struct bm_fmt *f, struct bm_backing_change *bc)
-{
-	char *name = strdup(bc->name), *path = strdup(bc->backing->name);
-	size_t n = f->nretired + 1;
-	struct bm_image **ri = realloc(f->retired, n * sizeof *ri);
-	char **rn;
-
-	if (ri)
-		f->retired = ri;
-	rn = realloc(f->retired_names, 2 * n * sizeof *rn);
-	if (rn)
-		f->retired_names = rn;
-	if (!name || !path || !ri || !rn) {
-		free(name);
-		free(path);
-		/* The image records the new name already; the old backing
-		 * image reads the same, so keep reading it. */
-		return bm_error(-ENOMEM, "%s: out of memory", f->path);
-	}
-	f->retired[f->nretired] = f->backing;
-	f->retired_names[2 * f->nretired] = f->info.backing_name;
-	f->retired_names[2 * f->nretired + 1] = f->backing_path;
-	f->nretired = n;
-	f->backing = bc->backing;
-	bc->backing = NULL;
-	f->info.backing_name = name;
-	f->backing_path = path;
-	f->info.backing_format = f->backing->format;
-	return 0;
-}
-
 static int
 backing_change_check(struct bm_fmt *f, struct bm_io *io)
 {
@@ -975,8 +1014,6 @@ chunk_mapped(struct bm_work *w)
 		return;
 	}
 	if (req->kind == R_BACKING) {
-		if (req->err == 0)
-			req->err = swap_backing(req->f, req->bc);
 		finish(req);
 		return;
 	}

@@ -87,8 +87,9 @@ void bm_image_set_loop(struct bm_image *img, struct bm_loop *loop);
  * What a mapped format knows beyond the bm_image fields: the backing
  * file's name as recorded and as opened, its format, and the image's
  * identity (VHDX Page 83 data).  Raw images: none of it (NULLs, zeroes).
- * Fixed at open, so any thread may ask; the strings live as long as the
- * image.
+ * Fixed at open, except that bm_image_set_backing changes the backing
+ * names (on the loop); any thread may ask, and every string handed out
+ * lives as long as the image.
  */
 struct bm_image_facts {
 	const char *backing_name;
@@ -146,6 +147,34 @@ bm_image_block_status(struct bm_image *img, struct bm_io *io)
 {
 	img->ops->block_status(img, io);
 }
+
+/*
+ * Block status of the top layer only: like bm_image_block_status, but a
+ * range this image leaves to its backing image is reported as one
+ * BM_EXTENT_BACKING extent instead of asking the backing image.  Images
+ * without a backing chain answer as bm_image_block_status does.
+ */
+void bm_image_block_status_top(struct bm_image *img, struct bm_io *io);
+
+/*
+ * Re-point a mapped-format image at another backing image that reads the
+ * same (docs/chains.md): with every earlier request completed, flush the
+ * image, have the driver record `name` durably (format.h, set_backing),
+ * then read through `backing` from then on.  `backing` must be open on
+ * the image's loop and have the old backing image's size; on success the
+ * image takes it (consumes), and keeps the old one open until it closes,
+ * since reads already mapped may still be reading it.  Completion
+ * (io->done) on the loop; -ENOTSUP for raw images and drivers without
+ * set_backing, -EINVAL if the image has no backing file, -EROFS if it is
+ * read-only.
+ */
+struct bm_backing_change {
+	struct bm_io io;
+	const char *name;            /* as to record in the image */
+	struct bm_image *backing;
+};
+
+void bm_image_set_backing(struct bm_image *img, struct bm_backing_change *bc);
 
 /* Drivers (one file each). */
 int bm_raw_open(struct bm_store *store, unsigned flags, struct bm_image **out);

@@ -19,6 +19,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -116,6 +117,8 @@ bm_job_ended(enum blockmirror_job_state state)
 void
 bm_job_set_state(struct bm_job *job, enum blockmirror_job_state state)
 {
+	if (bm_job_ended(state) && !bm_job_ended(job->state))
+		bm_state_job_end(job); /* the move is over: so is its state */
 	pthread_mutex_lock(&job->state_lock);
 	if (job->state != state && !(transitions[job->state] & (1u << state)))
 		bm_warn("job: unexpected transition %s -> %s",
@@ -192,6 +195,8 @@ call_start(struct bm_call *call)
 		    ? BLOCKMIRROR_MODE_ACTIVE : BLOCKMIRROR_MODE_BACKGROUND;
 	job->auto_mode = job->opt.mode == BLOCKMIRROR_MODE_AUTO;
 	r = bm_mirror_init(job);
+	if (r == 0)
+		r = bm_state_job_start(job); /* with a state_dir */
 	if (r < 0)
 		goto out;
 	/* Writes already in flight would land unseen by the job: let them
@@ -229,14 +234,64 @@ check_options(const struct blockmirror_job_options *o)
 	if (o->link && o->on_pivot)
 		return bm_error(-EINVAL, "give a link or an on_pivot callback, "
 				"not both");
-	if (o->flags & ~BLOCKMIRROR_JOB_CREATE)
+	if (o->flags & ~(BLOCKMIRROR_JOB_CREATE | BLOCKMIRROR_JOB_RESUME))
 		return bm_error(-EINVAL, "unknown flags 0x%x", o->flags);
+	if (o->size >= offsetof(struct blockmirror_job_options, sync) +
+		       sizeof(o->sync) &&
+	    (unsigned)o->sync > BLOCKMIRROR_SYNC_NONE)
+		return bm_error(-EINVAL, "unknown sync mode %d", (int)o->sync);
 	return 0;
+}
+
+/*
+ * The create options of a new destination: what keeps the guest's view
+ * (bm_image_create_options), and for sync TOP the source's backing file,
+ * so the destination reads through to the same chain (docs/chains.md).
+ * A relative backing name is made absolute: the destination may live in
+ * another directory.  *out is malloc'd or NULL.
+ */
+static int
+dest_create_options(struct bm_image *src, enum blockmirror_format fmt,
+		    enum blockmirror_sync sync, char **out)
+{
+	struct bm_image_facts facts;
+	char *backing = NULL;
+	int r;
+
+	*out = NULL;
+	bm_image_facts(src, &facts);
+	if (sync == BLOCKMIRROR_SYNC_TOP && facts.backing_path) {
+		const char *fname = blockmirror_format_name(
+			facts.backing_format);
+
+		bool vhdx = fmt == BLOCKMIRROR_FORMAT_VHDX &&
+			    facts.backing_format == BLOCKMIRROR_FORMAT_VHDX;
+
+		if (fmt != BLOCKMIRROR_FORMAT_QCOW2 && !vhdx)
+			return bm_error(-ENOTSUP, "sync top: a new %s "
+					"destination cannot have this backing "
+					"file (create it yourself)",
+					blockmirror_format_name(fmt));
+		if (strchr(facts.backing_path, ','))
+			return bm_error(-EINVAL, "sync top: backing file name "
+					"'%s' has a comma", facts.backing_path);
+		if (vhdx ? asprintf(&backing, "parent=%s",
+				    facts.backing_path) < 0 :
+			   asprintf(&backing, "backing_file=%s%s%s",
+				    facts.backing_path,
+				    fname ? ",backing_fmt=" : "",
+				    fname ? fname : "") < 0)
+			return bm_error(-ENOMEM, "out of memory");
+	}
+	r = bm_image_create_options(src, fmt, backing, out);
+	free(backing);
+	return r;
 }
 
 static void
 job_destroy(struct bm_job *job)
 {
+	bm_state_job_free(job);
 	bm_mirror_fini(job);
 	bm_image_close(job->dst);
 	pthread_cond_destroy(&job->state_cond);
@@ -293,8 +348,8 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 	if (options->flags & BLOCKMIRROR_JOB_CREATE) {
 		if (fmt == BLOCKMIRROR_FORMAT_AUTO)
 			fmt = disk->image->format;
-		r = bm_image_create_options(disk->image, fmt, NULL,
-					    &create_options);
+		r = dest_create_options(disk->image, fmt, job->opt.sync,
+					&create_options);
 		if (r == 0)
 			r = bm_image_create(tmp, destination, fmt, disk->size,
 					    create_options, false,

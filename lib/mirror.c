@@ -15,7 +15,10 @@
  *    `zero_hint`, so the copy writes zeroes instead of reading data.  A
  *    guest write clears zero_hint for every chunk it touches; a chunk a
  *    guest wrote before the map arrives is DIRTY already and never gets
- *    the hint.
+ *    the hint.  Sync top maps the top layer only and leaves what it
+ *    leaves to its backing image (BM_EXTENT_BACKING) clean: the
+ *    destination's own backing chain holds the same bytes.  Sync none
+ *    leaves every mapped chunk clean (docs/chains.md).
  *
  * 2. Bulk copy.  mirror_next() takes the next run of DIRTY chunks that
  *    are not COPYING and not touched by a guest write in flight, clears
@@ -113,9 +116,17 @@ map_apply(struct bm_job *job)
 {
 	bool dst_zero = job->dst->zero_init;
 
+	/* Sync none: the caller put the source's content on the
+	 * destination; only guest writes from now on are the job's. */
+	if (job->opt.sync == BLOCKMIRROR_SYNC_NONE)
+		return;
 	for (size_t i = 0; i < job->map.len; i++) {
 		const struct bm_extent *e = &job->map.v[i];
 
+		/* Sync top: the destination's backing chain supplies what
+		 * the source's top layer leaves to its own. */
+		if (e->flags & BM_EXTENT_BACKING)
+			continue;
 		if (!(e->flags & BM_EXTENT_ZERO)) {
 			bm_bitmap_set_range(&job->dirty, e->offset, e->length);
 			continue;
@@ -151,6 +162,7 @@ map_done(struct bm_io *io, int err)
 		return;
 	}
 	map_apply(job);
+	bm_state_clip_map(job); /* resumed: the destination holds the rest */
 	job->mapped_end = io->offset + io->length;
 	if (job->goal != BM_GOAL_NONE) {
 		bm_job_step(job);
@@ -178,7 +190,10 @@ map_window(struct bm_job *job)
 	job->map_io.done = map_done;
 	job->map_io.opaque = job;
 	job->mapping = true;
-	bm_image_block_status(job->src, &job->map_io);
+	if (job->opt.sync == BLOCKMIRROR_SYNC_TOP)
+		bm_image_block_status_top(job->src, &job->map_io);
+	else
+		bm_image_block_status(job->src, &job->map_io);
 }
 
 static void kick_waiting(struct bm_job *job);
@@ -552,6 +567,10 @@ bm_mirror_dst_flush_started(struct bm_job *job)
 void
 bm_mirror_guest_write(struct bm_job *job, struct bm_req *req)
 {
+	/* With a state_dir, no write reaches an image before its regions
+	 * are dirty on disk; a held write comes back here (state-io.c). */
+	if (bm_state_hold_write(job, req))
+		return;
 	if (req->flags & BLOCKMIRROR_REQ_FUA)
 		job->guest_flush_since_flush = true;
 	bool active = job->mode == BLOCKMIRROR_MODE_ACTIVE &&
@@ -737,6 +756,7 @@ tick(struct bm_op *op, int res)
 	}
 	if (++job->auto_ticks % AUTO_SAMPLE_TICKS == 0)
 		auto_sample(job);
+	bm_state_tick(job); /* clear persisted regions both images hold */
 	if (job->speed) {
 		/* Start a new accounting window every second, carrying over
 		 * what was sent beyond the allowance (a request larger than

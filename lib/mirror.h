@@ -21,6 +21,7 @@
 #include "disk.h"
 #include "extent.h"
 #include "loop.h"
+#include "state.h"
 
 /* How a job ends: the goal pivot.c drives towards once asked to stop. */
 enum bm_job_goal {
@@ -103,6 +104,9 @@ struct bm_job {
 	uint64_t end_start_ns;         /* when the ending began */
 	uint64_t pivot_stall_us;
 	int goal_err;
+
+	/* Crash-resumable state (state-io.c); NULL without a state_dir. */
+	struct bm_state_job *pstate;
 };
 
 /* mirror.c: the rules */
@@ -136,6 +140,7 @@ void bm_job_step(struct bm_job *job);
 int bm_job_end(struct bm_job *job, enum bm_job_goal goal,
 	       struct bm_call *call);
 void bm_job_ending_error(struct bm_job *job, int err);
+void bm_job_quiesce_for_end(struct bm_job *job);
 
 /* job.c: state and events */
 void bm_job_set_state(struct bm_job *job, enum blockmirror_job_state state);

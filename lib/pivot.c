@@ -304,6 +304,9 @@ bm_job_step(struct bm_job *job)
 		return;
 	}
 
+	if (bm_state_busy(job))
+		return; /* its completion steps again */
+
 	/* Nothing of ours is in flight but the tick: stop it first. */
 	job->finishing = true;
 	if (job->tick.armed) {
@@ -357,6 +360,21 @@ preflush_done(struct bm_io *io, int err)
 		bm_job_step(job);
 		return;
 	}
+	bm_job_quiesce_for_end(job);
+}
+
+/*
+ * Quiesce for an ending, once the preflush is done.  State I/O in flight
+ * (state-io.c: a clearing pass flushes the destination) finishes first,
+ * while the guest still runs, so that it never adds to the stall; its
+ * completion calls this again.
+ */
+void
+bm_job_quiesce_for_end(struct bm_job *job)
+{
+	if (job->quiesced || job->preflushing || bm_state_busy(job) ||
+	    job->goal == BM_GOAL_NONE || bm_job_ended(job->state))
+		return;
 	job->quiesced = true;
 	bm_disk_quiesce(job->disk, job_drained);
 }

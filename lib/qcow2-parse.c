@@ -696,3 +696,78 @@ bm_qcow2_refcount_set(uint8_t *block, uint32_t order, uint64_t i,
 		break;
 	}
 }
+
+/* ---- changing the backing file name (docs/chains.md) ----------------- */
+
+int
+bm_qcow2_backing_plan(const char *img, const uint8_t *buf, size_t len,
+		      uint32_t header_length, const char *name,
+		      const char *format, uint64_t *name_off,
+		      uint8_t sector[BM_QCOW2_SECTOR])
+{
+	uint64_t old_off = bm_get_be64(buf + 8);
+	uint32_t old_len = bm_get_be32(buf + 16);
+	uint64_t limit = old_off ? old_off : len, pos = header_length;
+	uint64_t ext_end = 0, fmt_pos = 0, new_len = strlen(name);
+	uint32_t fmt_len = 0;
+
+	if (len < BM_QCOW2_SECTOR || old_off > len ||
+	    old_len > len - old_off || new_len == 0 ||
+	    new_len > BM_QCOW2_MAX_BACKING_NAME)
+		return bm_error(-EINVAL, "%s: cannot change the qcow2 backing "
+				"file name (bad header or name)", img);
+	while (pos + 8 <= limit) {
+		uint32_t type = bm_get_be32(buf + pos);
+		uint32_t elen = bm_get_be32(buf + pos + 4);
+
+		if (type == BM_QCOW2_EXT_END) {
+			ext_end = pos + 8;
+			break;
+		}
+		if (type == BM_QCOW2_EXT_BACKING_FORMAT) {
+			fmt_pos = pos;
+			fmt_len = elen;
+		}
+		if (elen > limit - pos - 8)
+			break;
+		pos += bm_round_up((uint64_t)elen + 8, 8);
+	}
+	if (!ext_end)
+		return bm_error(-EINVAL, "%s: qcow2 header extensions have no "
+				"end marker", img);
+
+	/* Step 1's place: right after the extensions if the old name is not
+	 * in the way, else right after the old name. */
+	if (!old_off || ext_end + new_len <= old_off)
+		*name_off = ext_end;
+	else if (old_off + old_len + new_len <= len)
+		*name_off = old_off + old_len;
+	else
+		return bm_error(-ENOSPC, "%s: no room in the qcow2 header for "
+				"the backing file name '%s' beside the old one",
+				img, name);
+
+	memcpy(sector, buf, BM_QCOW2_SECTOR);
+	bm_put_be64(sector + 8, *name_off);
+	bm_put_be32(sector + 16, (uint32_t)new_len);
+	if (*name_off < BM_QCOW2_SECTOR)
+		memcpy(sector + *name_off, name,
+		       BM_MIN(new_len, BM_QCOW2_SECTOR - *name_off));
+	if (format && *format &&
+	    !(fmt_pos && fmt_len == strlen(format) &&
+	      memcmp(buf + fmt_pos + 8, format, fmt_len) == 0)) {
+		size_t flen = strlen(format);
+		uint64_t slot = bm_round_up((uint64_t)fmt_len, 8);
+
+		if (!fmt_pos || flen >= 16 || bm_round_up(flen, 8) != slot ||
+		    fmt_pos + 8 + slot > BM_QCOW2_SECTOR)
+			return bm_error(-ENOTSUP, "%s: cannot record backing "
+					"format '%s' in place (the image's "
+					"backing format extension does not "
+					"fit)", img, format);
+		bm_put_be32(sector + fmt_pos + 4, (uint32_t)flen);
+		memset(sector + fmt_pos + 8, 0, slot);
+		memcpy(sector + fmt_pos + 8, format, flen);
+	}
+	return 0;
+}

@@ -125,6 +125,30 @@ void bm_qcow2_header_free(struct bm_qcow2_header *h);
 int bm_qcow2_header_serialize(const struct bm_qcow2_header *h, uint8_t *buf,
 			      size_t len, bool feature_table);
 
+/*
+ * Plan a crash-safe change of the backing file recorded in cluster 0
+ * (`buf`, `len` bytes as in the file; len is one cluster, >= 512):
+ *
+ *   1. write `name` (strlen bytes) at *name_off, in cluster 0 after the
+ *      header extensions and clear of the old name; sync;
+ *   2. write `sector` (the first BM_QCOW2_SECTOR bytes, as in buf but
+ *      with the name's offset and size, bytes 8-19, and with a changed
+ *      backing format extension if `format` is not NULL and differs);
+ *      sync.
+ *
+ * Until step 2 the header names the old file; a sector write is taken
+ * to be atomic, so a crash at any point leaves the old or the new name.
+ * -ENOSPC if the name does not fit beside the old one; -ENOTSUP if the
+ * format must change but its extension is absent, outside the first
+ * sector or of another padded size; -EINVAL for a header with no end of
+ * extensions marker.  `img` names the image in messages.
+ */
+#define BM_QCOW2_SECTOR 512
+int bm_qcow2_backing_plan(const char *img, const uint8_t *buf, size_t len,
+			  uint32_t header_length, const char *name,
+			  const char *format, uint64_t *name_off,
+			  uint8_t sector[BM_QCOW2_SECTOR]);
+
 /* Number of L1 entries needed for `size` bytes with 2^cluster_bits
  * clusters; false on overflow. */
 bool bm_qcow2_l1_entries(uint64_t size, uint32_t cluster_bits,

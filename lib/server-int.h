@@ -95,6 +95,8 @@ enum {
 #define MAX_INFLIGHT 64                       /* requests per connection */
 #define MAX_INFLIGHT_BYTES (64u << 20)        /* buffers per connection */
 #define MAX_NAME 4096                         /* NBD strings */
+#define MAX_OPT_QUEUED (64u << 10)            /* unsent option replies
+						 before reading stops */
 #define SEND_IOV 64                           /* iovecs per sendmsg */
 #define SCRATCH_SIZE (64u << 10)              /* for dropped payloads */
 #define TLS_IN_SIZE (64u << 10)               /* ciphertext read at once */

@@ -3,8 +3,10 @@
  * NBD option haggling (fixed newstyle): the client's flags, then options
  * until GO, EXPORT_NAME or ABORT.  Every option's length is bounded and
  * its data always consumed; options we do not implement are answered
- * ERR_UNSUP and negotiation goes on.  With TLS required, everything but
- * STARTTLS and ABORT is answered ERR_TLS_REQD until TLS is up.
+ * ERR_UNSUP and negotiation goes on.  Replies a client leaves unread
+ * stop the reading of options at MAX_OPT_QUEUED.  With TLS required,
+ * everything but STARTTLS and ABORT is answered ERR_TLS_REQD until TLS
+ * is up.
  */
 #include "server-int.h"
 
@@ -175,6 +177,28 @@ opt_export_name(struct srv_conn *c)
 	bm_srv_start_transmission(c);
 }
 
+static void
+option_resume(struct srv_conn *c)
+{
+	if (!c->closing)
+		bm_srv_read_option(c);
+}
+
+/*
+ * Read the next option; but while more than MAX_OPT_QUEUED of replies
+ * wait to be sent (a client that sends options and reads no answers),
+ * only once they are out, so such a client cannot make us queue without
+ * bound.
+ */
+static void
+next_option(struct srv_conn *c)
+{
+	if (c->out.bytes + c->wire.bytes > MAX_OPT_QUEUED)
+		c->drained = option_resume;
+	else
+		bm_srv_read_option(c);
+}
+
 /* The option in c->opt with its c->opt_len bytes of c->opt_data. */
 static void
 process_option(struct srv_conn *c)
@@ -268,7 +292,7 @@ out:
 	if (c->oom)
 		bm_srv_conn_kill(c);
 	else if (next && !c->dead && !c->closing)
-		bm_srv_read_option(c);
+		next_option(c);
 }
 
 static void
@@ -278,7 +302,7 @@ option_too_big_dropped(struct srv_conn *c)
 	if (c->oom)
 		bm_srv_conn_kill(c);
 	else
-		bm_srv_read_option(c);
+		next_option(c);
 }
 
 static void

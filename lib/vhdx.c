@@ -1371,6 +1371,133 @@ vhdx_create(struct bm_fmt *f, uint64_t size, const char *options)
 	return r;
 }
 
+/* ---- changing the parent (docs/chains.md) ----------------------------- */
+
+/*
+ * Point the parent locator at `name`: the linkage becomes the new
+ * parent's DataWriteGuid (it must have our size and sector size), the
+ * path the new name.  The re-encoded metadata region's changed pages go
+ * through the log like BAT pages: one log entry (synced), then the pages
+ * in place (synced).  A crash before the entry is durable leaves the old
+ * locator; after it, replay at the next open writes the new one.  Other
+ * metadata items are re-encoded from what was parsed: items this driver
+ * does not know are not kept.
+ */
+static int
+vhdx_set_backing(void *drv, const char *name, enum blockmirror_format format)
+{
+	struct vhdx *d = drv;
+	size_t len = 2 * VHDX_METADATA_TABLE_SIZE, n = 0;
+	size_t pages = len / VHDX_LOG_SECTOR;
+	struct vhdx_log_desc *desc = calloc(pages, sizeof *desc);
+	uint8_t *cur = malloc(len), *next = calloc(1, len), dwg[16];
+	struct vhdx_meta m;
+	char *path = resolve(d->name, name), g[39];
+	uint64_t size = 0;
+	uint32_t lss = 0;
+	int r = 0;
+
+	if (!desc || !cur || !next || !path) {
+		r = bm_error(-ENOMEM, "%s: out of memory", d->name);
+		goto out;
+	}
+	if (format != BLOCKMIRROR_FORMAT_AUTO &&
+	    format != BLOCKMIRROR_FORMAT_VHDX) {
+		r = bm_error(-ENOTSUP, "%s: a VHDX parent must be VHDX",
+			     d->name);
+		goto out;
+	}
+	if (!d->meta.has_parent || len > d->reg.meta_length) {
+		r = bm_error(-EINVAL, "%s: not a differencing VHDX", d->name);
+		goto out;
+	}
+	r = read_parent(path, dwg, &size, &lss);
+	if (r == 0 && (size != d->meta.virtual_size ||
+		       lss != d->meta.logical_sector))
+		r = bm_error(-EINVAL, "%s: new parent %s differs in size or "
+			     "sector size", d->name, name);
+	if (r < 0)
+		goto out;
+
+	pthread_mutex_lock(&d->lock);
+	m = d->meta;
+	vhdx_guid_format(dwg, g);
+	m.parent_linkage = g;
+	m.parent_linkage2 = NULL;
+	m.volume_path = NULL;
+	m.relative_path = NULL;
+	m.absolute_win32_path = windows_path(name);
+	if (name[0] != '/') {
+		m.relative_path = m.absolute_win32_path;
+		m.absolute_win32_path = NULL;
+	}
+	if (!m.relative_path && !m.absolute_win32_path)
+		r = bm_error(-ENOMEM, "%s: out of memory", d->name);
+	if (r == 0 && vhdx_metadata_encode(&m, next, len) < 0)
+		r = bm_error(-EINVAL, "%s: parent path cannot be stored",
+			     d->name);
+	if (r == 0)
+		r = meta_read(d, cur, len, d->reg.meta_offset);
+	for (size_t i = 0; r == 0 && i < pages; i++) {
+		size_t o = i * VHDX_LOG_SECTOR;
+
+		if (memcmp(cur + o, next + o, VHDX_LOG_SECTOR) == 0)
+			continue;
+		desc[n].file_offset = d->reg.meta_offset + o;
+		desc[n++].data = next + o;
+	}
+	if (r == 0 && n > vhdx_log_max_data(d->hdr.log_length))
+		r = bm_error(-ENOSPC, "%s: the new parent locator does not fit "
+			     "one log entry", d->name);
+	if (r == 0)
+		r = begin_change(d, false);
+	if (r == 0 && !d->log_active) {
+		vhdx_guid_generate(d->hdr.log_guid);
+		d->logw = (struct vhdx_log_writer){ 0 };
+		d->log_active = true;
+		r = header_update(d);
+	}
+	/* Whatever was flushed before stays durable: the log entry may
+	 * only follow it. */
+	if (r == 0)
+		r = bm_fmt_sync(d->f);
+	if (r == 0 && n)
+		r = vhdx_log_write(&d->io, &d->hdr, &d->logw, desc, n);
+	for (size_t i = 0; r == 0 && i < n; i++)
+		r = bm_fmt_pwrite(d->f, desc[i].data, VHDX_LOG_SECTOR,
+				  desc[i].file_offset);
+	if (r == 0)
+		r = bm_fmt_sync(d->f);
+	if (r == 0) {
+		char *lk = strdup(g);
+
+		if (!lk) {
+			r = bm_error(-ENOMEM, "%s: out of memory", d->name);
+		} else {
+			free(d->meta.parent_linkage);
+			free(d->meta.parent_linkage2);
+			free(d->meta.volume_path);
+			free(d->meta.relative_path);
+			free(d->meta.absolute_win32_path);
+			d->meta.parent_linkage = lk;
+			d->meta.parent_linkage2 = NULL;
+			d->meta.volume_path = NULL;
+			d->meta.relative_path = m.relative_path;
+			d->meta.absolute_win32_path = m.absolute_win32_path;
+			m.relative_path = m.absolute_win32_path = NULL;
+		}
+	}
+	pthread_mutex_unlock(&d->lock);
+	free(m.relative_path);
+	free(m.absolute_win32_path);
+out:
+	free(desc);
+	free(cur);
+	free(next);
+	free(path);
+	return r;
+}
+
 const struct bm_fmt_driver bm_vhdx_driver = {
 	.name = "vhdx",
 	.format = BLOCKMIRROR_FORMAT_VHDX,
@@ -1380,4 +1507,5 @@ const struct bm_fmt_driver bm_vhdx_driver = {
 	.flush = vhdx_flush,
 	.allocated = vhdx_allocated,
 	.close = vhdx_close,
+	.set_backing = vhdx_set_backing,
 };

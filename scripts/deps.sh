@@ -13,7 +13,7 @@ BM_BUILD_PACKAGES=(
 # The real peers the tests drive, and the sanitizer/fuzzing toolchain.
 BM_TEST_PACKAGES=(
 	qemu-utils nbdkit libnbd-bin fio python3 util-linux groff-base
-	clang libclang-rt-14-dev
+	clang libclang-rt-14-dev valgrind
 )
 
 bm_install_missing() {

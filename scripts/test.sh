@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # SPDX-License-Identifier: LGPL-2.1-or-later
 # Run the whole test suite on a fresh Debian 12 machine: install what is
-# missing, build (warnings are errors), run every suite, then run the unit
-# and integration suites again under AddressSanitizer + UBSan.
+# missing, build (warnings are errors), run every suite (valgrind's test
+# among them), run them again under AddressSanitizer + UBSan, the unit
+# suites under ThreadSanitizer, and then every libFuzzer target for a
+# while (FUZZ_SECONDS each, default 30; 0 skips).
 #
 # With CI=true a test that would skip for a missing tool fails instead.
 set -euo pipefail
@@ -16,8 +18,13 @@ meson test -C build --print-errorlogs "$@"
 
 # AddressSanitizer + UBSan over everything (clang: its runtimes are the
 # ones fuzz/ uses too).  The allocator may return NULL: tests check ENOMEM.
+# The kill loops run their full counts in the build above; here fewer
+# rounds look for memory errors on the same paths, to keep CI short.
 CC=clang bm_build build-asan -Dwerror=true -Db_sanitize=address,undefined \
 	-Db_lundef=false -Dbuildtype=debug
+CRASH_ITERATIONS=${CRASH_ITERATIONS:-15} \
+QCOW2_CRASH_ITERATIONS=${QCOW2_CRASH_ITERATIONS:-15} \
+CHAINS_KILLS=${CHAINS_KILLS:-10} \
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	meson test -C build-asan --print-errorlogs "$@"
@@ -28,3 +35,39 @@ CC=clang bm_build build-tsan -Dwerror=true -Db_sanitize=thread \
 	-Db_lundef=false -Dbuildtype=debug
 TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1 \
 	meson test -C build-tsan --print-errorlogs --suite unit "$@"
+
+# Every fuzz target for FUZZ_SECONDS under ASan+UBSan, starting from its
+# seed corpus (read-only: new inputs go to a scratch directory).  A crash,
+# leak, sanitizer report or hang fails; the input is kept in
+# build-fuzz/artifacts and printed.  The executions per target are
+# printed at the end.
+fuzz_seconds=${FUZZ_SECONDS:-30}
+if [ "$fuzz_seconds" -gt 0 ]; then
+	CC=clang bm_build build-fuzz -Dfuzzing=true -Dtests=false \
+		-Db_sanitize=address,undefined -Db_lundef=false -Dwerror=true
+	mkdir -p build-fuzz/artifacts
+	summary=()
+	for exe in build-fuzz/fuzz/fuzz-*; do
+		[ -x "$exe" ] && [ -f "$exe" ] || continue
+		name=${exe##*/fuzz-}
+		work=$(mktemp -d)
+		log=build-fuzz/artifacts/$name.log
+		echo "fuzz-$name: ${fuzz_seconds}s"
+		rc=0
+		ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 \
+		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+			"$exe" -max_total_time="$fuzz_seconds" -timeout=30 \
+			-print_final_stats=1 \
+			-artifact_prefix=build-fuzz/artifacts/"$name"- \
+			"$work" "fuzz/corpus/$name" >"$log" 2>&1 || rc=$?
+		rm -rf "$work"
+		runs=$(sed -n 's/^#\([0-9]*\)[[:space:]]*DONE.*/\1/p' "$log" | tail -n 1)
+		summary+=("fuzz-$name: ${runs:-?} executions in ${fuzz_seconds}s")
+		if [ "$rc" -ne 0 ]; then
+			tail -n 60 "$log"
+			echo "fuzz-$name failed (exit $rc); inputs in build-fuzz/artifacts" >&2
+			exit 1
+		fi
+	done
+	printf '%s\n' "${summary[@]}"
+fi

@@ -141,18 +141,26 @@ help_move(void)
 	       "[--mode active|background|auto]\n"
 	       "                    [--speed RATE] [--granularity SIZE] "
 	       "[--no-pivot] [--progress|--json]\n"
-	       "                    [--on-error report|stop|retry]\n\n"
+	       "                    [--on-error report|stop|retry] "
+	       "[--sync full|top|none | --shallow]\n"
+	       "       bmirror move --control PATH --base --to NEW_BASE\n\n"
 	       "Move the disk served by `bmirror serve` to DEST (a path, "
 	       "created if it does not\nexist, or an NBD URI of an export "
 	       "of the same size) while the guest runs, and\npivot to it "
-	       "once it is in sync.  RATE and SIZE take suffixes (64M).\n");
+	       "once it is in sync.  RATE and SIZE take suffixes (64M).\n"
+	       "--sync: full copies the whole chain into DEST (default), top "
+	       "only the top\nimage (DEST gets the same backing file), none "
+	       "only new writes.\n--base: move the backing file of the "
+	       "served disk instead (copied unless\nNEW_BASE exists, "
+	       "verified, then the disk is re-pointed at it).\n");
 }
 
 int
 cmd_move(int argc, char **argv)
 {
 	enum { OPT_CONTROL = 256, OPT_TO, OPT_MODE, OPT_SPEED, OPT_GRAN,
-	       OPT_NO_PIVOT, OPT_PROGRESS, OPT_JSON, OPT_ON_ERROR, OPT_HELP };
+	       OPT_NO_PIVOT, OPT_PROGRESS, OPT_JSON, OPT_ON_ERROR, OPT_HELP,
+	       OPT_SYNC, OPT_SHALLOW, OPT_BASE };
 	static const struct option longopts[] = {
 		{ "control", required_argument, NULL, OPT_CONTROL },
 		{ "to", required_argument, NULL, OPT_TO },
@@ -163,16 +171,19 @@ cmd_move(int argc, char **argv)
 		{ "progress", no_argument, NULL, OPT_PROGRESS },
 		{ "json", no_argument, NULL, OPT_JSON },
 		{ "on-error", required_argument, NULL, OPT_ON_ERROR },
+		{ "sync", required_argument, NULL, OPT_SYNC },
+		{ "shallow", no_argument, NULL, OPT_SHALLOW },
+		{ "base", no_argument, NULL, OPT_BASE },
 		{ "help", no_argument, NULL, OPT_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
-	const char *on_error = "report";
+	const char *on_error = "report", *sync = "full";
 	struct move_state m = { .pivot = true, .status = EXIT_FAILED };
 	const char *control = NULL, *to = NULL, *mode = "active";
 	enum blockmirror_format ofmt = BLOCKMIRROR_FORMAT_AUTO;
 	char dest[PATH_MAX];
 	uint64_t speed = 0, gran = 0;
-	bool want_bar = isatty(STDOUT_FILENO), create = false;
+	bool want_bar = isatty(STDOUT_FILENO), create = false, base = false;
 	struct line_reader rd = { 0 };
 	json_t *cmd, *reply;
 	struct timespec t0, t1;
@@ -218,6 +229,19 @@ cmd_move(int argc, char **argv)
 					"report, stop or retry, not '%s'",
 					optarg);
 			on_error = optarg;
+			break;
+		case OPT_SYNC:
+			if (strcmp(optarg, "full") && strcmp(optarg, "top") &&
+			    strcmp(optarg, "none"))
+				return tool_usage_error("--sync takes full, top "
+					"or none, not '%s'", optarg);
+			sync = optarg;
+			break;
+		case OPT_SHALLOW:
+			sync = "top";
+			break;
+		case OPT_BASE:
+			base = true;
 			break;
 		case OPT_PROGRESS:
 			want_bar = true;
@@ -270,6 +294,10 @@ cmd_move(int argc, char **argv)
 			"move", "to", dest, "mode", mode, "pivot", m.pivot,
 			"create", create, "speed", (json_int_t)speed,
 			"granularity", (json_int_t)gran, "on_error", on_error);
+	if (strcmp(sync, "full"))
+		json_object_set_new(cmd, "sync", json_string(sync));
+	if (base)
+		json_object_set_new(cmd, "base", json_true());
 	if (ofmt)
 		json_object_set_new(cmd, "format",
 				    json_string(blockmirror_format_name(ofmt)));
@@ -371,6 +399,31 @@ help_client(const char *what)
 	       strcmp(what, "cancel") == 0 ? " [--force]" : "");
 }
 
+/* What `serve` found of a crashed move when it started (docs/state.md). */
+static void
+print_resume(json_t *r)
+{
+	const char *err = json_string_value(json_object_get(r, "error"));
+
+	if (!json_is_object(r))
+		return;
+	if (json_is_true(json_object_get(r, "resumed")))
+		printf("resumed: a crashed move to %s, %lld of %lld regions "
+		       "to copy again\n",
+		       json_string_value(json_object_get(r, "destination")),
+		       (long long)json_integer_value(json_object_get(r,
+							"regions_dirty")),
+		       (long long)json_integer_value(json_object_get(r,
+							"regions")));
+	else if (err)
+		printf("state: not trusted (%s)%s\n", err,
+		       json_is_true(json_object_get(r, "full_copy"))
+		       ? "; the move restarted from a full copy" : "");
+	else
+		printf("state: a crashed move found after its switch; "
+		       "removed\n");
+}
+
 static void
 print_status(json_t *ret)
 {
@@ -379,6 +432,7 @@ print_status(json_t *ret)
 
 	printf("image: %s\n", json_string_value(json_object_get(ret, "image")));
 	printf("nbd: %s\n", json_string_value(json_object_get(ret, "nbd")));
+	print_resume(json_object_get(ret, "resume"));
 	if (!json_is_object(job)) {
 		printf("move: none\n");
 		return;

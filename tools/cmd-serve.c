@@ -31,6 +31,7 @@
 #include "control.h"
 
 #define MAX_CLIENTS 16
+#define BM_MIN_U64(a, b) ((uint64_t)(a) < (uint64_t)(b) ? (uint64_t)(a) : (uint64_t)(b))
 
 struct client {
 	int fd;
@@ -55,6 +56,13 @@ struct serve {
 	double job_start;
 	char job_mode[16];
 	bool quit;
+	char **allow_dirs;            /* --allow-dir, canonical */
+	size_t n_allow;
+
+	/* Crash-resumable state (docs/state.md). */
+	const char *state_dir;        /* NULL: moves keep none */
+	char *state_dir_buf;
+	json_t *resume;               /* what start-up found, or NULL */
 };
 
 static struct serve S;
@@ -168,6 +176,9 @@ ctl_query(void)
 			      "nbd", blockmirror_server_address(S.server),
 			      "job", job_info_json());
 
+	if (S.resume && r)
+		json_object_set(json_object_get(r, "return"), "resume",
+				S.resume);
 	free(img);
 	return r;
 }
@@ -191,6 +202,8 @@ ctl_move(json_t *req, int client_fd)
 {
 	struct blockmirror_job_options o = { .size = sizeof o };
 	const char *to = json_string_value(json_object_get(req, "to"));
+	char why[PATH_MAX + 128];
+	int bad;
 	const char *fmt = json_string_value(json_object_get(req, "format"));
 	const char *mode = json_string_value(json_object_get(req, "mode"));
 	json_t *pivot = json_object_get(req, "pivot");
@@ -198,6 +211,10 @@ ctl_move(json_t *req, int client_fd)
 
 	if (!to)
 		return error_reply(-EINVAL, "move needs \"to\"");
+	bad = control_check_destination(to, S.allow_dirs, S.n_allow, why,
+					sizeof why);
+	if (bad < 0)
+		return error_reply(bad, why);
 	if (S.job && !S.job_ended)
 		return error_reply(-EBUSY, "a move is already running");
 	if (S.job) {
@@ -233,7 +250,24 @@ ctl_move(json_t *req, int client_fd)
 			return error_reply(-EINVAL, "on_error must be report, "
 					   "stop or retry");
 	}
+	{
+		json_t *js = json_object_get(req, "sync");
+		const char *sync = json_string_value(js);
+
+		if (js && !sync)
+			return error_reply(-EINVAL, "sync must be a string");
+		if (!sync || strcmp(sync, "full") == 0)
+			o.sync = BLOCKMIRROR_SYNC_FULL;
+		else if (strcmp(sync, "top") == 0)
+			o.sync = BLOCKMIRROR_SYNC_TOP;
+		else if (strcmp(sync, "none") == 0)
+			o.sync = BLOCKMIRROR_SYNC_NONE;
+		else
+			return error_reply(-EINVAL, "sync must be full, top "
+					   "or none");
+	}
 	o.link = S.link;
+	o.state_dir = S.state_dir; /* a new move replaces any old state */
 	o.on_event = on_event;
 	o.event_data = NULL;
 	S.job_ended = false;
@@ -282,15 +316,81 @@ ctl_job(const char *cmd, json_t *req)
 	return json_pack("{s:o}", "return", job_info_json());
 }
 
+/*
+ * "move" with "base": move the served image's backing file to "to" (made
+ * by copying the old one unless it exists), verify it, then re-point the
+ * image at it (blockmirror_disk_set_backing; docs/chains.md).  The base
+ * is read-only under the overlay, so no mirroring is needed; the guest
+ * goes on meanwhile.  Blocking: the control socket waits, NBD does not.
+ */
+static json_t *
+ctl_move_base(json_t *req, int client_fd)
+{
+	const char *to = json_string_value(json_object_get(req, "to"));
+	char why[PATH_MAX + 128], *img;
+	struct blockmirror_image_info ii = { .size = sizeof ii };
+	struct blockmirror_copy_options co = { .size = sizeof co };
+	struct blockmirror_verify_result vr = { .size = sizeof vr };
+	double t0 = now_s();
+	json_t *ev;
+	int r;
+
+	if (!to)
+		return error_reply(-EINVAL, "move needs \"to\"");
+	r = control_check_destination(to, S.allow_dirs, S.n_allow, why,
+				      sizeof why);
+	if (r < 0)
+		return error_reply(r, why);
+	if (S.job && !S.job_ended)
+		return error_reply(-EBUSY, "a move is already running");
+	img = blockmirror_disk_get_image(S.disk);
+	r = img ? blockmirror_image_info(img, BLOCKMIRROR_FORMAT_AUTO, &ii)
+		: -ENOMEM;
+	free(img);
+	if (r < 0)
+		return lib_error_reply(r);
+	if (!ii.backing_path[0])
+		return error_reply(-EINVAL, "the served image has no backing "
+				   "file");
+	if (json_is_true(json_object_get(req, "create"))) {
+		co.src_format = ii.backing_format;
+		r = blockmirror_copy(ii.backing_path, to, &co, NULL);
+		if (r < 0)
+			return lib_error_reply(r);
+	}
+	r = blockmirror_verify(ii.backing_path, ii.backing_format, to,
+			       BLOCKMIRROR_FORMAT_AUTO, NULL, NULL, &vr);
+	if (r < 0)
+		return lib_error_reply(r);
+	if (!vr.identical)
+		return error_reply(-EINVAL, "the new base does not read as "
+				   "the old one");
+	r = blockmirror_disk_set_backing(S.disk, to, BLOCKMIRROR_FORMAT_AUTO);
+	if (r < 0)
+		return lib_error_reply(r);
+	ev = json_pack("{s:s, s:b, s:s, s:s, s:f}", "event", "COMPLETED",
+		       "pivoted", 1, "old_base", ii.backing_path, "base", to,
+		       "elapsed_s", now_s() - t0);
+	if (ev)
+		line_write(client_fd, ev);
+	return json_pack("{s:{s:s}}", "return", "state", "completed");
+}
+
 static json_t *
 handle(json_t *req, int client_fd)
 {
-	const char *cmd = json_string_value(json_object_get(req, "cmd"));
+	struct control_request cr;
+	const char *cmd, *why;
 
-	if (!cmd)
-		return error_reply(-EINVAL, "no \"cmd\"");
+	/* Members of the wrong type are refused before anything runs. */
+	if (control_parse_request(req, &cr, &why) < 0)
+		return error_reply(-EINVAL, why);
+	cmd = cr.cmd;
 	if (strcmp(cmd, "query") == 0)
 		return ctl_query();
+	if (strcmp(cmd, "move") == 0 &&
+	    json_is_true(json_object_get(req, "base")))
+		return ctl_move_base(req, client_fd);
 	if (strcmp(cmd, "move") == 0)
 		return ctl_move(req, client_fd);
 	if (strcmp(cmd, "cancel") == 0 || strcmp(cmd, "pause") == 0 ||
@@ -348,11 +448,32 @@ forward_event(json_t *ev)
 
 /* ---- sockets ---------------------------------------------------------- */
 
+/*
+ * Only our own user and root may talk to the control socket.  The
+ * socket file is 0600 already; this holds even if its mode or its
+ * directory's is loosened, or the descriptor is passed on.
+ */
+static bool
+peer_allowed(int fd)
+{
+	struct ucred cred;
+	socklen_t len = sizeof cred;
+
+	if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+		return false;
+	if (cred.uid == geteuid() || cred.uid == 0)
+		return true;
+	fprintf(stderr, "bmirror serve: %s: refused a control client of "
+		"uid %u (pid %d)\n", S.control_path, (unsigned)cred.uid,
+		(int)cred.pid);
+	return false;
+}
+
 static int
 listen_control(const char *path)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	mode_t old;
+	struct stat st;
 	int fd;
 
 	if (strlen(path) >= sizeof sa.sun_path) {
@@ -365,16 +486,33 @@ listen_control(const char *path)
 		tool_error("%s: socket: %s", path, strerror(errno));
 		return -1;
 	}
-	unlink(path);
-	old = umask(0077);
-	if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
+	/* Replace a stale socket, never a file or a live server's socket. */
+	if (lstat(path, &st) == 0) {
+		int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+		bool live = S_ISSOCK(st.st_mode) && probe >= 0 &&
+			    connect(probe, (struct sockaddr *)&sa,
+				    sizeof sa) == 0;
+
+		if (probe >= 0)
+			close(probe);
+		if (!S_ISSOCK(st.st_mode) || live) {
+			tool_error("%s: %s", path, live ? "a server is "
+				   "listening on it" : "exists and is not a "
+				   "socket");
+			close(fd);
+			return -1;
+		}
+		unlink(path);
+	}
+	/* The socket's mode is the file's: 0600 from bind on, without
+	 * changing the umask behind the loop thread's back. */
+	if (fchmod(fd, 0600) < 0 ||
+	    bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
 	    listen(fd, 16) < 0) {
-		umask(old);
 		tool_error("%s: %s", path, strerror(errno));
 		close(fd);
 		return -1;
 	}
-	umask(old);
 	return fd;
 }
 
@@ -425,6 +563,11 @@ serve_loop(void)
 					 SOCK_CLOEXEC | SOCK_NONBLOCK);
 			int i;
 
+			if (fd >= 0 && !peer_allowed(fd)) {
+				close(fd);
+				fd = -1;
+			}
+
 			for (i = 0; fd >= 0 && i < MAX_CLIENTS; i++)
 				if (S.clients[i].fd < 0) {
 					S.clients[i].fd = fd;
@@ -458,6 +601,181 @@ serve_loop(void)
 	}
 }
 
+/* --allow-dir DIR: kept canonical, as control_check_destination wants. */
+static int
+add_allow_dir(const char *dir)
+{
+	char *real = realpath(dir, NULL);
+	char **v;
+	struct stat st;
+
+	if (!real || stat(real, &st) < 0 || !S_ISDIR(st.st_mode)) {
+		tool_usage_error("--allow-dir %s: %s", dir,
+				 real ? "not a directory" : strerror(errno));
+		free(real);
+		return -1;
+	}
+	v = realloc(S.allow_dirs, (S.n_allow + 1) * sizeof *v);
+	if (!v) {
+		free(real);
+		return -1;
+	}
+	v[S.n_allow++] = real;
+	S.allow_dirs = v;
+	return 0;
+}
+
+static void
+free_allow_dirs(void)
+{
+	for (size_t i = 0; i < S.n_allow; i++)
+		free(S.allow_dirs[i]);
+	free(S.allow_dirs);
+	S.allow_dirs = NULL;
+	S.n_allow = 0;
+}
+
+/* ---- crash-resumable state (docs/state.md) ---------------------------- */
+
+/* Start the move a state records: resumed (only what it marks dirty), or
+ * from a full copy.  Like a `move` command without a client. */
+static int
+start_recorded_move(const struct blockmirror_state_info *si, bool resume)
+{
+	struct blockmirror_job_options o = { .size = sizeof o };
+
+	o.format = si->format;
+	o.mode = si->mode;
+	o.granularity = si->granularity;
+	o.flags = resume ? BLOCKMIRROR_JOB_RESUME : 0;
+	o.link = S.link;
+	o.state_dir = S.state_dir;
+	o.on_event = on_event;
+	S.job_ended = false;
+	S.job_pivot = true;
+	S.job_client = -1;
+	S.job_start = now_s();
+	snprintf(S.job_mode, sizeof S.job_mode, "%s",
+		 blockmirror_mode_name(si->mode));
+	S.job = blockmirror_job_start(S.disk, si->destination, &o);
+	return S.job ? 0 : -errno;
+}
+
+/* The image the disk was opened on, as a state records it. */
+static char *
+current_image(const char *image)
+{
+	char buf[PATH_MAX];
+	ssize_t n;
+
+	if (S.link) {
+		n = readlink(S.link, buf, sizeof buf - 1);
+		if (n <= 0)
+			return NULL;
+		buf[n] = '\0';
+		return strdup(buf);
+	}
+	return realpath(image, NULL);
+}
+
+/*
+ * At start-up: a state left by a crash.  Before the switch was durable
+ * (the disk runs on the recorded source) the move resumes, copying only
+ * what the state marks dirty; after it (the disk runs on the recorded
+ * destination) the move is over and the state goes.  A state that fails
+ * its checks is reported and never trusted: the move starts again from a
+ * full copy if its record survived.
+ */
+static int
+state_setup(bool no_state, const char *image)
+{
+	struct blockmirror_state_info si = { .size = sizeof si };
+	char *cur = NULL;
+	const char *err = NULL;
+	int r;
+
+	if (no_state) {
+		S.state_dir = NULL;
+		return 0;
+	}
+	if (!S.state_dir && S.link) {
+		if (asprintf(&S.state_dir_buf, "%s.bmirror-state", S.link) < 0)
+			return -1;
+		S.state_dir = S.state_dir_buf;
+	}
+	if (!S.state_dir)
+		return 0;
+	r = blockmirror_state_read(S.state_dir, &si);
+	if (r == -ENOENT)
+		return 0;
+	S.resume = json_pack("{s:s, s:b}", "state_dir", S.state_dir,
+			     "resumed", false);
+	if (r < 0) {
+		err = blockmirror_last_error();
+		fprintf(stderr, "bmirror serve: invalid state, not trusted: "
+			"%s\n", err);
+		json_object_set_new(S.resume, "error", json_string(err));
+		if (!si.destination) {
+			/* Not even the move is known: nothing to restart. */
+			blockmirror_state_remove(S.state_dir);
+			goto out;
+		}
+	}
+	cur = current_image(image);
+	json_object_set_new(S.resume, "destination",
+			    json_string(si.destination));
+	if (cur && strcmp(cur, si.destination) == 0) {
+		/* The switch was durable: the disk runs on the destination. */
+		json_object_set_new(S.resume, "phase", json_string("switched"));
+		blockmirror_state_remove(S.state_dir);
+		goto out;
+	}
+	if (!cur || strcmp(cur, si.source) != 0) {
+		fprintf(stderr, "bmirror serve: %s: the state records a move "
+			"of %s, not of %s; removed\n", S.state_dir, si.source,
+			cur ? cur : image);
+		json_object_set_new(S.resume, "error", json_string(
+			"the state records a move of another image"));
+		blockmirror_state_remove(S.state_dir);
+		goto out;
+	}
+	json_object_set_new(S.resume, "phase", json_string("copying"));
+	if (!err && start_recorded_move(&si, true) == 0) {
+		fprintf(stderr, "bmirror serve: resuming the move to %s: %llu "
+			"of %llu regions to copy again\n", si.destination,
+			(unsigned long long)si.regions_dirty,
+			(unsigned long long)si.regions);
+		json_object_set_new(S.resume, "resumed", json_true());
+		json_object_set_new(S.resume, "regions",
+				    json_integer((json_int_t)si.regions));
+		json_object_set_new(S.resume, "regions_dirty",
+				    json_integer((json_int_t)si.regions_dirty));
+		json_object_set_new(S.resume, "bytes_dirty", json_integer(
+			(json_int_t)BM_MIN_U64(si.regions_dirty *
+					       si.region_size, si.disk_size)));
+		goto out;
+	}
+	if (!err) {
+		err = blockmirror_last_error();
+		fprintf(stderr, "bmirror serve: cannot resume: %s\n", err);
+		json_object_set_new(S.resume, "error", json_string(err));
+	}
+	fprintf(stderr, "bmirror serve: restarting the move to %s from a "
+		"full copy\n", si.destination);
+	if (start_recorded_move(&si, false) < 0) {
+		fprintf(stderr, "bmirror serve: %s\n", blockmirror_last_error());
+		json_object_set_new(S.resume, "restart_error", json_string(
+			blockmirror_last_error()));
+	} else {
+		json_object_set_new(S.resume, "full_copy", json_true());
+	}
+out:
+	free(cur);
+	free(si.source);
+	free(si.destination);
+	return 0;
+}
+
 static void
 help(void)
 {
@@ -465,19 +783,25 @@ help(void)
 	       "--control PATH\n"
 	       "                     [--export-name NAME] [--readonly] "
 	       "[--tls-psk-file FILE]\n"
-	       "                     (IMAGE | --link LINK)\n\n"
+	       "                     [--allow-dir DIR]... "
+	       "(IMAGE | --link LINK)\n\n"
 	       "Export IMAGE (or the image LINK points to) over NBD and take "
 	       "commands on the\ncontrol socket (bmirror move, status, "
 	       "cancel, pause, resume).  With --link, a\nmove's pivot "
-	       "re-points LINK at the destination.  Runs until SIGTERM, "
-	       "SIGINT\nor a quit command.\n");
+	       "re-points LINK at the destination.  With --allow-dir, moves "
+	       "may only write\ninto those directories.  Runs until SIGTERM, "
+	       "SIGINT or a quit command.\n");
+	printf("\nA move keeps crash-resumable state in --state-dir DIR "
+	       "(with --link, by\ndefault LINK.bmirror-state; --no-state: "
+	       "none).  Started again after a\ncrash, serve resumes the move "
+	       "it finds there (docs/state.md).\n");
 }
 
 int
 cmd_serve(int argc, char **argv)
 {
 	enum { OPT_NBD = 256, OPT_CONTROL, OPT_LINK, OPT_EXPORT, OPT_READONLY,
-	       OPT_PSK, OPT_HELP };
+	       OPT_PSK, OPT_ALLOW_DIR, OPT_HELP, OPT_STATE_DIR, OPT_NO_STATE };
 	static const struct option longopts[] = {
 		{ "nbd", required_argument, NULL, OPT_NBD },
 		{ "control", required_argument, NULL, OPT_CONTROL },
@@ -485,6 +809,9 @@ cmd_serve(int argc, char **argv)
 		{ "export-name", required_argument, NULL, OPT_EXPORT },
 		{ "readonly", no_argument, NULL, OPT_READONLY },
 		{ "tls-psk-file", required_argument, NULL, OPT_PSK },
+		{ "allow-dir", required_argument, NULL, OPT_ALLOW_DIR },
+		{ "state-dir", required_argument, NULL, OPT_STATE_DIR },
+		{ "no-state", no_argument, NULL, OPT_NO_STATE },
 		{ "help", no_argument, NULL, OPT_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -494,6 +821,8 @@ cmd_serve(int argc, char **argv)
 	unsigned dflags = 0;
 	sigset_t mask;
 	int c, status = EXIT_OK;
+	bool no_state = false;
+	char *link_target = NULL;
 
 	opterr = 0;
 	S.listen_fd = S.signal_fd = -1;
@@ -522,6 +851,16 @@ cmd_serve(int argc, char **argv)
 			break;
 		case OPT_PSK:
 			so.tls_psk_file = optarg;
+			break;
+		case OPT_ALLOW_DIR:
+			if (add_allow_dir(optarg) < 0)
+				return EXIT_USAGE;
+			break;
+		case OPT_STATE_DIR:
+			S.state_dir = optarg;
+			break;
+		case OPT_NO_STATE:
+			no_state = true;
 			break;
 		case 'h':
 		case OPT_HELP:
@@ -552,6 +891,11 @@ cmd_serve(int argc, char **argv)
 			tool_error("%s: not a symbolic link", S.link);
 			return EXIT_FAILED;
 		}
+		/* A pivot to an NBD export points LINK at its URI, which
+		 * is opened as such rather than as a path. */
+		link_target = current_image(NULL);
+		if (link_target && strstr(link_target, "://"))
+			image = link_target;
 	}
 
 	/* Signals are read through a signalfd, in the poll loop. */
@@ -587,6 +931,10 @@ cmd_serve(int argc, char **argv)
 		goto out;
 	}
 
+	if (state_setup(no_state, image) < 0) {
+		status = EXIT_FAILED;
+		goto out;
+	}
 	serve_loop();
 
 out:
@@ -608,10 +956,15 @@ out:
 		tool_lib_error();
 		status = EXIT_FAILED;
 	}
+	free_allow_dirs();
+	json_decref(S.resume);
+	free(S.state_dir_buf);
+	free(link_target);
 	return status;
 
 fail_disk:
 	tool_lib_error();
 	blockmirror_disk_close(S.disk);
+	free(link_target);
 	return EXIT_FAILED;
 }

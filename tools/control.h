@@ -9,6 +9,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include <jansson.h>
 
@@ -32,5 +33,44 @@ int line_write(int fd, json_t *obj);
 
 /* Connect to a control socket; returns the fd or -errno. */
 int control_connect(const char *path);
+
+/*
+ * The members of a command that the server reads, type-checked
+ * (docs/control.md).  Strings are borrowed from the JSON object; absent
+ * members are NULL, 0 or false (pivot: true).  Members not listed here
+ * are left to the command that uses them.
+ */
+struct control_request {
+	const char *cmd;
+	const char *to;
+	const char *format;
+	const char *mode;
+	const char *on_error;
+	uint64_t speed;
+	uint64_t granularity;
+	bool pivot;
+	bool create;
+	bool force;
+};
+
+/*
+ * Check a command's members: "cmd" a string, the strings strings, speed
+ * and granularity integers from 0 to INT64_MAX, the flags booleans.
+ * Pure.  0, or -EINVAL with *err set to a static message.
+ */
+int control_parse_request(json_t *req, struct control_request *out,
+			  const char **err);
+
+/*
+ * May a move write to `to` (a path or an NBD URI)?  A path must be
+ * absolute.  With n_allow > 0 allowed directories (canonical, from
+ * realpath), a path must also name an entry, not a symbolic link, of a
+ * directory that resolves (realpath: symlinks and ".." followed) to one of
+ * them or below, and an NBD URI must have no query (which could name a
+ * local socket or key file).  0, or a negative errno with a message in
+ * err.
+ */
+int control_check_destination(const char *to, char *const *allow,
+			      size_t n_allow, char *err, size_t errlen);
 
 #endif /* BMIRROR_CONTROL_H */

@@ -359,6 +359,15 @@ enum blockmirror_mode {
 	BLOCKMIRROR_MODE_AUTO = 2,       /* background until it stops converging */
 };
 
+/* What a move copies of a disk with a backing chain (docs/chains.md). */
+enum blockmirror_sync {
+	BLOCKMIRROR_SYNC_FULL = 0, /* the whole guest view: flatten the chain */
+	BLOCKMIRROR_SYNC_TOP = 1,  /* only what the top image allocates; the
+				      destination has the same backing chain */
+	BLOCKMIRROR_SYNC_NONE = 2, /* only new guest writes; the caller has
+				      put the rest on the destination */
+};
+
 enum blockmirror_error_policy {
 	BLOCKMIRROR_ON_ERROR_REPORT = 0, /* the job fails */
 	BLOCKMIRROR_ON_ERROR_STOP = 1,   /* the job pauses until resumed */
@@ -401,6 +410,10 @@ typedef int (*blockmirror_pivot_fn)(void *user_data, const char *destination);
 enum {
 	/* Create the destination (it must not exist), same size as the disk. */
 	BLOCKMIRROR_JOB_CREATE = 1u << 0,
+	/* Resume the move recorded in state_dir (docs/state.md): copy only
+	 * what the state marks dirty.  -ESTALE if the state is missing,
+	 * invalid or records another move; nothing is written then. */
+	BLOCKMIRROR_JOB_RESUME = 1u << 1,
 };
 
 struct blockmirror_job_options {
@@ -422,6 +435,12 @@ struct blockmirror_job_options {
 	void *pivot_data;
 	blockmirror_event_fn on_event; /* may be NULL */
 	void *event_data;
+	/* Appended fields: a caller's smaller size leaves them zero. */
+	enum blockmirror_sync sync;    /* FULL unless set; with CREATE and
+					  TOP the new destination gets the
+					  source's backing file */
+	const char *state_dir;         /* keep crash-resumable state in this
+					  directory (docs/state.md); NULL: none */
 };
 
 struct blockmirror_job_info {
@@ -507,6 +526,34 @@ extern void blockmirror_job_free(struct blockmirror_job *job);
 extern const char *blockmirror_job_state_name(enum blockmirror_job_state s);
 extern const char *blockmirror_mode_name(enum blockmirror_mode mode);
 
+/* ---- Crash-resumable state (docs/state.md) --------------------------- */
+
+struct blockmirror_state_info {
+	size_t size;                   /* sizeof (struct blockmirror_state_info) */
+	char *source;                  /* the caller's (free); NULL if unknown */
+	char *destination;             /* the caller's (free); NULL if unknown */
+	enum blockmirror_format format; /* the destination's */
+	enum blockmirror_mode mode;
+	uint64_t disk_size;
+	uint64_t granularity;
+	uint64_t region_size;          /* bytes per persisted bit */
+	uint64_t regions;
+	uint64_t regions_dirty;        /* to copy again on resume */
+};
+
+/*
+ * Read the state a move left in `dir`.  0: a valid state, *info filled.
+ * -ENOENT: none.  -EBADMSG: the state fails its checks (the message says
+ * which); source and destination are filled if the move record itself is
+ * intact, so the move can start again from a full copy.  Other -errno:
+ * could not read it.
+ */
+extern int blockmirror_state_read(const char *dir,
+				  struct blockmirror_state_info *info);
+
+/* Remove the state in `dir`, durably.  0 (also when there was none). */
+extern int blockmirror_state_remove(const char *dir);
+
 /* ---- The NBD server -------------------------------------------------- */
 
 /*
@@ -548,6 +595,24 @@ extern void blockmirror_server_stop(struct blockmirror_server *server);
 
 /* The address actually bound ("tcp:127.0.0.1:10809"); borrowed. */
 extern const char *blockmirror_server_address(struct blockmirror_server *s);
+
+/* ---- Backing chains (docs/chains.md) ----------------------------------- */
+
+/*
+ * Make the disk's image (a qcow2 overlay or a differencing VHDX) name
+ * `backing` as its backing file, live: the pivot of moving the base
+ * image under a running overlay.  `backing` must read exactly as the current backing image
+ * (the caller has copied and verified it; this call does not compare
+ * them) and have its size.  The name is recorded as given (make it
+ * absolute) crash-safely: after a crash at any point the image names
+ * the old or the new file.  Guest I/O continues; reads go to the new
+ * file afterwards.  -EINVAL if the image has no backing file or the
+ * sizes differ, -EBUSY while a job runs, -ENOTSUP for formats that
+ * cannot do it.  Blocking; not on the loop thread.
+ */
+extern int blockmirror_disk_set_backing(struct blockmirror_disk *disk,
+					const char *backing,
+					enum blockmirror_format format);
 
 #ifdef __cplusplus
 }

@@ -23,6 +23,7 @@
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -1383,6 +1384,69 @@ START_TEST(test_raw_abrupt_disconnects)
 }
 END_TEST
 
+/*
+ * A client that sends options and never reads the replies: the server
+ * must stop reading options once the replies pile up (MAX_OPT_QUEUED)
+ * rather than queue them all, so the client's writes soon block.  Once
+ * the client reads, haggling goes on.
+ */
+START_TEST(test_raw_option_flood)
+{
+	enum { N = 200000 };
+	size_t total = (size_t)N * 16, sent = 0, got = 0;
+	uint8_t *buf = malloc(total), sink[65536];
+	int fd = raw_connect();
+
+	ck_assert_ptr_nonnull(buf);
+	for (size_t i = 0; i < N; i++) {
+		bm_put_be64(buf + 16 * i, IHAVEOPT);
+		bm_put_be32(buf + 16 * i + 8, OPT_LIST);
+		bm_put_be32(buf + 16 * i + 12, 0);
+	}
+	raw_greet(fd, 3);
+	ck_assert_int_eq(fcntl(fd, F_SETFL, O_NONBLOCK), 0);
+	while (sent < total) {
+		struct pollfd p = { .fd = fd, .events = POLLOUT };
+		ssize_t n;
+
+		if (poll(&p, 1, 2000) == 0)
+			break; /* blocked: the server stopped reading */
+		n = send(fd, buf + sent, total - sent, MSG_NOSIGNAL);
+		if (n > 0)
+			sent += (size_t)n;
+		else
+			ck_assert_msg(errno == EAGAIN, "send: %s",
+				      strerror(errno));
+	}
+	ck_assert_msg(sent < total / 2, "the server took %zu bytes of options "
+		      "with no reply read", sent);
+	/* Now read: the server catches up and takes the rest. */
+	while (sent < total || got < (size_t)N * 44) {
+		struct pollfd p = { .fd = fd, .events = POLLIN };
+		ssize_t n;
+
+		if (sent < total)
+			p.events |= POLLOUT;
+		ck_assert_int_gt(poll(&p, 1, 10000), 0);
+		if (p.revents & POLLOUT) {
+			n = send(fd, buf + sent, total - sent, MSG_NOSIGNAL);
+			if (n > 0)
+				sent += (size_t)n;
+		}
+		if (p.revents & POLLIN) {
+			n = recv(fd, sink, sizeof sink, 0);
+			ck_assert_int_gt(n, 0);
+			got += (size_t)n;
+		}
+	}
+	/* One SERVER reply (20 + 4 bytes, the name is "") and an ACK each. */
+	ck_assert_uint_eq(got, (size_t)N * 44);
+	free(buf);
+	close(fd);
+	assert_still_serving();
+}
+END_TEST
+
 START_TEST(test_max_clients)
 {
 	struct blockmirror_server_options o = {
@@ -1897,6 +1961,7 @@ main(void)
 	tcase_add_test(raw, test_raw_structured);
 	tcase_add_test(raw, test_raw_pipeline);
 	tcase_add_test(raw, test_raw_abrupt_disconnects);
+	tcase_add_test(raw, test_raw_option_flood);
 	suite_add_tcase(s, raw);
 
 	tcase_add_checked_fixture(srv, setup_serving, teardown);
