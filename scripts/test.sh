@@ -4,7 +4,7 @@
 # missing, build (warnings are errors), run every suite (valgrind's test
 # among them), run them again under AddressSanitizer + UBSan, the unit
 # suites under ThreadSanitizer, and then every libFuzzer target for a
-# while (FUZZ_SECONDS each, default 30; 0 skips).
+# while (FUZZ_SECONDS each, default 20; 0 skips).
 #
 # With CI=true a test that would skip for a missing tool fails instead.
 set -euo pipefail
@@ -41,7 +41,7 @@ TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1 \
 # leak, sanitizer report or hang fails; the input is kept in
 # build-fuzz/artifacts and printed.  The executions per target are
 # printed at the end.
-fuzz_seconds=${FUZZ_SECONDS:-30}
+fuzz_seconds=${FUZZ_SECONDS:-20}
 if [ "$fuzz_seconds" -gt 0 ]; then
 	CC=clang bm_build build-fuzz -Dfuzzing=true -Dtests=false \
 		-Db_sanitize=address,undefined -Db_lundef=false -Dwerror=true
