@@ -331,3 +331,15 @@ bm_fault_maybe_wrap(const char *name, struct bm_store **store)
 	*store = &f->s;
 	return 0;
 }
+
+int (*bm_store_wrap_hook)(const char *name, struct bm_store **store);
+
+int
+bm_store_wrap(const char *name, struct bm_store **store)
+{
+	int r = 0;
+
+	if (bm_store_wrap_hook)
+		r = bm_store_wrap_hook(name, store);
+	return r < 0 ? r : bm_fault_maybe_wrap(name, store);
+}

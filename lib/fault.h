@@ -51,4 +51,13 @@ void bm_fault_unregister(const char *name);
 /* If `name` is registered, wrap *store (consumed) in a fault store. */
 int bm_fault_maybe_wrap(const char *name, struct bm_store **store);
 
+/*
+ * The one place where test wrappers get at a store: called wherever an
+ * image's store or a job's state file is opened, with the name it was
+ * opened by.  First the hook a test may install (the crash recorder,
+ * which must see what reaches the real store), then the fault store.
+ */
+extern int (*bm_store_wrap_hook)(const char *name, struct bm_store **store);
+int bm_store_wrap(const char *name, struct bm_store **store);
+
 #endif /* BM_FAULT_H */

@@ -1277,7 +1277,7 @@ fmt_new(const struct bm_fmt_driver *drv, struct bm_store *store,
 			 BM_OPEN_WRITE : 0, 0, &f->wstore);
 	if (r < 0)
 		goto fail;
-	r = bm_fault_maybe_wrap(path, &f->wstore);
+	r = bm_store_wrap(path, &f->wstore);
 	if (r < 0)
 		goto fail;
 	f->wstore->growable = true;

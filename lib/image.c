@@ -135,7 +135,7 @@ open_nbd_store(struct bm_loop *loop, const char *name, unsigned sflags,
 	r = bm_nbd_open(loop, name, sflags & BM_OPEN_WRITE, out);
 	if (r < 0)
 		return r;
-	r = bm_fault_maybe_wrap(name, out);
+	r = bm_store_wrap(name, out);
 	if (r < 0) {
 		bm_store_close(*out);
 		return r;
@@ -171,7 +171,7 @@ bm_image_open(struct bm_loop *loop, const char *name,
 	r = bm_file_open(loop, name, sflags, 0, &s);
 	if (r < 0)
 		return r;
-	r = bm_fault_maybe_wrap(name, &s);
+	r = bm_store_wrap(name, &s);
 	if (r < 0)
 		goto out_close;
 
@@ -196,7 +196,7 @@ bm_image_open(struct bm_loop *loop, const char *name,
 		r = bm_file_open(loop, name, sflags & ~BM_OPEN_DIRECT, 0, &s);
 		if (r < 0)
 			return r;
-		r = bm_fault_maybe_wrap(name, &s);
+		r = bm_store_wrap(name, &s);
 		if (r < 0)
 			goto out_close;
 	}
@@ -305,7 +305,7 @@ bm_image_create(struct bm_loop *loop, const char *name,
 		return bm_error(r, "%s: already exists", name);
 	if (r < 0)
 		return r;
-	r = bm_fault_maybe_wrap(name, &s);
+	r = bm_store_wrap(name, &s);
 	if (r < 0) {
 		bm_store_close(s);
 		return r;

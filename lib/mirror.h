@@ -128,10 +128,8 @@ bool bm_mirror_idle(struct bm_job *job);
 enum bm_pivot_step {
 	BM_PIVOT_DRAINED = 1,  /* guest I/O stopped */
 	BM_PIVOT_FLUSHED,      /* final copy done, destination flushed */
-	BM_PIVOT_SYMLINKED,    /* link: temporary symlink made */
-	BM_PIVOT_RENAMED,      /* link: renamed over the old one */
-	BM_PIVOT_DIR_SYNCED,   /* link: directory synced */
-	BM_PIVOT_DURABLE,      /* link or on_pivot done */
+	BM_PIVOT_DURABLE,      /* link or on_pivot done (the link's own
+				  steps: durable.h's hook) */
 	BM_PIVOT_SWAPPED,      /* the disk runs on the destination */
 	BM_PIVOT_STEPS,
 };

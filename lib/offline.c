@@ -18,7 +18,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +26,7 @@
 #include <unistd.h>
 
 #include "copy.h"
+#include "durable.h"
 #include "errors.h"
 #include "extent.h"
 #include "image.h"
@@ -48,24 +48,6 @@ now_ns(void)
 
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* fsync the directory that holds `path`, so a new name is durable. */
-static int
-sync_parent_dir(const char *path)
-{
-	char *copy = strdup(path);
-	int fd, r = 0;
-
-	if (!copy)
-		return -ENOMEM;
-	fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0 || fsync(fd) < 0)
-		r = -errno;
-	if (fd >= 0)
-		close(fd);
-	free(copy);
-	return r;
 }
 
 /* ---- info ------------------------------------------------------------ */
@@ -143,10 +125,8 @@ blockmirror_image_create(const char *name, enum blockmirror_format format,
 	if (r < 0)
 		goto out;
 	r = bm_image_sync(img, bm_image_flush, &io);
-	if (r == 0 && !bm_nbd_is_uri(name) &&
-	    (r = sync_parent_dir(name)) < 0)
-		bm_error(r, "%s: syncing its directory: %s", name,
-			 strerror(-r));
+	if (r == 0 && !bm_nbd_is_uri(name))
+		r = bm_durable_sync_parent(name);
 out:
 	bm_image_close(img);
 	bm_loop_free(loop);
@@ -396,11 +376,8 @@ blockmirror_copy(const char *src, const char *dst,
 	r = bm_image_sync(out, bm_image_flush, &io);
 	if (r < 0)
 		goto out;
-	if (created && (r = sync_parent_dir(dst)) < 0) {
-		bm_error(r, "%s: syncing its directory: %s", dst,
-			 strerror(-r));
+	if (created && (r = bm_durable_sync_parent(dst)) < 0)
 		goto out;
-	}
 	if (oc.progress)
 		oc.progress(oc.progress_data, in->size, in->size);
 	if (stats) {

@@ -30,6 +30,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "durable.h"
 #include "errors.h"
 #include "internal.h"
 #include "mirror.h"
@@ -50,35 +51,7 @@ pivot_hook(enum bm_pivot_step step)
 static int
 relink(const char *link, const char *target)
 {
-	char tmp[4096], dir[4096];
-	int fd, r;
-
-	if (snprintf(tmp, sizeof tmp, "%s.bm-pivot.%ld", link,
-		     (long)getpid()) >= (int)sizeof tmp)
-		return bm_error(-ENAMETOOLONG, "%s: name too long", link);
-	unlink(tmp);
-	if (symlink(target, tmp) < 0)
-		return bm_error(-errno, "%s: symlink: %s", tmp,
-				strerror(errno));
-	pivot_hook(BM_PIVOT_SYMLINKED);
-	if (rename(tmp, link) < 0) {
-		r = -errno;
-		unlink(tmp);
-		return bm_error(r, "%s: rename: %s", link, strerror(-r));
-	}
-	pivot_hook(BM_PIVOT_RENAMED);
-	snprintf(dir, sizeof dir, "%s", link);
-	fd = open(dirname(dir), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0 || fsync(fd) < 0) {
-		r = -errno;
-		if (fd >= 0)
-			close(fd);
-		return bm_error(r, "%s: syncing the directory: %s", link,
-				strerror(-r));
-	}
-	close(fd);
-	pivot_hook(BM_PIVOT_DIR_SYNCED);
-	return 0;
+	return bm_durable_symlink(target, link, NULL);
 }
 
 /*

@@ -36,7 +36,6 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
-#include <libgen.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -44,7 +43,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "durable.h"
 #include "errors.h"
+#include "fault.h"
 #include "internal.h"
 #include "mirror.h"
 #include "state.h"
@@ -103,29 +104,6 @@ state_path(const char *dir)
 	if (asprintf(&p, "%s/%s", dir, BM_STATE_FILE) < 0)
 		return NULL;
 	return p;
-}
-
-static int
-sync_dir(const char *path)
-{
-	int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	int r = 0;
-
-	if (fd < 0 || fsync(fd) < 0)
-		r = -errno;
-	if (fd >= 0)
-		close(fd);
-	return r;
-}
-
-static int
-sync_parent(const char *path)
-{
-	char buf[PATH_MAX];
-
-	if (snprintf(buf, sizeof buf, "%s", path) >= (int)sizeof buf)
-		return -ENAMETOOLONG;
-	return sync_dir(dirname(buf));
 }
 
 int
@@ -190,17 +168,14 @@ int
 bm_state_remove(const char *dir)
 {
 	char *path = state_path(dir);
-	int r = 0;
+	int r;
 
 	if (!path)
 		return bm_error(-ENOMEM, "out of memory");
-	if (unlink(path) < 0 && errno != ENOENT)
-		r = bm_error(-errno, "%s: %s", path, strerror(errno));
+	r = bm_durable_unlink(path);
 	free(path);
-	if (r == 0 && rmdir(dir) < 0 && errno != ENOENT)
-		r = bm_error(-errno, "%s: %s", dir, strerror(errno));
 	if (r == 0)
-		sync_parent(dir);
+		r = bm_durable_rmdir(dir);
 	return r;
 }
 
@@ -212,14 +187,10 @@ create_file(struct bm_state_job *ps, const struct bm_state_record *rec,
 {
 	size_t len = BM_STATE_RECORD_SIZE + 2 * ps->slot_size;
 	uint8_t *buf = calloc(1, len);
-	char *tmp = NULL;
-	int fd = -1, r;
+	int r;
 
-	if (!buf || asprintf(&tmp, "%s.tmp", ps->path) < 0) {
-		tmp = NULL;
-		r = bm_error(-ENOMEM, "out of memory");
-		goto out;
-	}
+	if (!buf)
+		return bm_error(-ENOMEM, "out of memory");
 	r = bm_state_record_encode(rec, buf, &ps->record_hash);
 	if (r < 0)
 		goto out;
@@ -229,28 +200,10 @@ create_file(struct bm_state_job *ps, const struct bm_state_record *rec,
 	bm_state_slot_encode(buf + BM_STATE_RECORD_SIZE + ps->slot_size,
 			     ps->seq, BM_STATE_PHASE_COPYING, ps->record_hash,
 			     ps->region_size, ps->regions, words);
-	if (mkdir(ps->dir, 0700) < 0 && errno != EEXIST) {
-		r = bm_error(-errno, "%s: %s", ps->dir, strerror(errno));
-		goto out;
-	}
-	fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-	if (fd < 0 || pwrite(fd, buf, len, 0) != (ssize_t)len ||
-	    fsync(fd) < 0 || rename(tmp, ps->path) < 0) {
-		r = bm_error(errno ? -errno : -EIO, "%s: %s", tmp,
-			     strerror(errno ? errno : EIO));
-		unlink(tmp);
-		goto out;
-	}
-	if (sync_dir(ps->dir) < 0 || sync_parent(ps->dir) < 0) {
-		r = bm_error(-errno, "%s: syncing: %s", ps->dir,
-			     strerror(errno));
-		goto out;
-	}
-	r = 0;
+	r = bm_durable_mkdir(ps->dir, 0700);
+	if (r == 0)
+		r = bm_durable_write_file(ps->path, buf, len, 0600);
 out:
-	if (fd >= 0)
-		close(fd);
-	free(tmp);
 	free(buf);
 	return r;
 }
@@ -368,8 +321,8 @@ give_up(struct bm_job *job, int err)
 	bm_warn("%s: %s; the move goes on without crash-resumable state",
 		ps->path, strerror(-err));
 	ps->failed = true;
-	if (unlink(ps->path) == 0)
-		sync_dir(ps->dir);
+	if (bm_durable_unlink(ps->path) < 0)
+		bm_warn("%s", blockmirror_last_error());
 	release_held(job);
 }
 
@@ -731,6 +684,8 @@ bm_state_job_start(struct bm_job *job)
 		goto fail;
 	}
 	r = bm_file_open(job->loop, ps->path, BM_OPEN_WRITE, 0, &ps->store);
+	if (r == 0)
+		r = bm_store_wrap(ps->path, &ps->store);
 	if (r < 0)
 		goto fail;
 	ps->last_clear_ns = bm_now_ns();

@@ -637,142 +637,120 @@ free_allow_dirs(void)
 
 /* ---- crash-resumable state (docs/state.md) ---------------------------- */
 
-/* Start the move a state records: resumed (only what it marks dirty), or
- * from a full copy.  Like a `move` command without a client. */
+/* The target of the symlink `link`, malloc'd, or NULL. */
+static char *
+read_link(const char *link)
+{
+	char buf[PATH_MAX];
+	ssize_t n = readlink(link, buf, sizeof buf - 1);
+
+	if (n <= 0)
+		return NULL;
+	buf[n] = '\0';
+	return strdup(buf);
+}
+
+/* Take up the move a crash left (docs/state.md), like a `move` command
+ * without a client. */
 static int
-start_recorded_move(const struct blockmirror_state_info *si, bool resume)
+start_recovered_move(const struct blockmirror_recovery *rec)
 {
 	struct blockmirror_job_options o = { .size = sizeof o };
 
-	o.format = si->format;
-	o.mode = si->mode;
-	o.granularity = si->granularity;
-	o.flags = resume ? BLOCKMIRROR_JOB_RESUME : 0;
 	o.link = S.link;
-	o.state_dir = S.state_dir;
 	o.on_event = on_event;
 	S.job_ended = false;
 	S.job_pivot = true;
 	S.job_client = -1;
 	S.job_start = now_s();
 	snprintf(S.job_mode, sizeof S.job_mode, "%s",
-		 blockmirror_mode_name(si->mode));
-	S.job = blockmirror_job_start(S.disk, si->destination, &o);
+		 blockmirror_mode_name(rec->state.mode));
+	S.job = blockmirror_job_start_recovered(S.disk, rec, &o);
 	return S.job ? 0 : -errno;
 }
 
-/* The image the disk was opened on, as a state records it. */
-static char *
-current_image(const char *image)
-{
-	char buf[PATH_MAX];
-	ssize_t n;
-
-	if (S.link) {
-		n = readlink(S.link, buf, sizeof buf - 1);
-		if (n <= 0)
-			return NULL;
-		buf[n] = '\0';
-		return strdup(buf);
-	}
-	return realpath(image, NULL);
-}
-
 /*
- * At start-up: a state left by a crash.  Before the switch was durable
- * (the disk runs on the recorded source) the move resumes, copying only
- * what the state marks dirty; after it (the disk runs on the recorded
- * destination) the move is over and the state goes.  A state that fails
- * its checks is reported and never trusted: the move starts again from a
- * full copy if its record survived.
+ * At start-up: what a crash left, decided by the library
+ * (blockmirror_recover).  Reported in the `resume` member of the first
+ * status reply and on stderr.
  */
 static int
 state_setup(bool no_state, const char *image)
 {
-	struct blockmirror_state_info si = { .size = sizeof si };
-	char *cur = NULL;
-	const char *err = NULL;
+	struct blockmirror_recovery rec = { .size = sizeof rec };
+	const struct blockmirror_state_info *si = &rec.state;
+	static const char *const phase[] = {
+		[BLOCKMIRROR_RECOVER_RESUME] = "copying",
+		[BLOCKMIRROR_RECOVER_RESTART] = "copying",
+		[BLOCKMIRROR_RECOVER_SWITCHED] = "switched",
+		[BLOCKMIRROR_RECOVER_DISCARDED] = "discarded",
+	};
 	int r;
 
 	if (no_state) {
 		S.state_dir = NULL;
 		return 0;
 	}
-	if (!S.state_dir && S.link) {
-		if (asprintf(&S.state_dir_buf, "%s.bmirror-state", S.link) < 0)
-			return -1;
+	r = blockmirror_recover(S.link, image, S.state_dir, 0, &rec);
+	if (r < 0) {
+		fprintf(stderr, "bmirror serve: %s\n", blockmirror_last_error());
+		return r;
+	}
+	if (rec.state_dir && !S.state_dir) {
+		S.state_dir_buf = strdup(rec.state_dir);
 		S.state_dir = S.state_dir_buf;
 	}
-	if (!S.state_dir)
-		return 0;
-	r = blockmirror_state_read(S.state_dir, &si);
-	if (r == -ENOENT)
-		return 0;
-	S.resume = json_pack("{s:s, s:b}", "state_dir", S.state_dir,
-			     "resumed", false);
-	if (r < 0) {
-		err = blockmirror_last_error();
-		fprintf(stderr, "bmirror serve: invalid state, not trusted: "
-			"%s\n", err);
-		json_object_set_new(S.resume, "error", json_string(err));
-		if (!si.destination) {
-			/* Not even the move is known: nothing to restart. */
-			blockmirror_state_remove(S.state_dir);
+	if (rec.action == BLOCKMIRROR_RECOVER_NONE)
+		goto out;
+	fprintf(stderr, "bmirror serve: %s\n", rec.message);
+	S.resume = json_pack("{s:s, s:b, s:s}", "state_dir", rec.state_dir,
+			     "resumed", false, "phase", phase[rec.action]);
+	if (si->destination)
+		json_object_set_new(S.resume, "destination",
+				    json_string(si->destination));
+	if (rec.action != BLOCKMIRROR_RECOVER_RESUME &&
+	    rec.action != BLOCKMIRROR_RECOVER_RESTART) {
+		if (rec.action == BLOCKMIRROR_RECOVER_DISCARDED)
+			json_object_set_new(S.resume, "error",
+					    json_string(rec.message));
+		goto out;
+	}
+	if (rec.action == BLOCKMIRROR_RECOVER_RESTART)
+		json_object_set_new(S.resume, "error", json_string(rec.message));
+	if (start_recovered_move(&rec) < 0) {
+		const char *err = blockmirror_last_error();
+
+		fprintf(stderr, "bmirror serve: cannot take up the move: %s\n",
+			err);
+		json_object_set_new(S.resume, rec.action ==
+				    BLOCKMIRROR_RECOVER_RESUME ? "error"
+				    : "restart_error", json_string(err));
+		if (rec.action != BLOCKMIRROR_RECOVER_RESUME)
+			goto out;
+		/* The bitmap could not be used after all: a full copy. */
+		rec.action = BLOCKMIRROR_RECOVER_RESTART;
+		fprintf(stderr, "bmirror serve: restarting the move to %s "
+			"from a full copy\n", si->destination);
+		if (start_recovered_move(&rec) < 0) {
+			json_object_set_new(S.resume, "restart_error",
+				json_string(blockmirror_last_error()));
 			goto out;
 		}
 	}
-	cur = current_image(image);
-	json_object_set_new(S.resume, "destination",
-			    json_string(si.destination));
-	if (cur && strcmp(cur, si.destination) == 0) {
-		/* The switch was durable: the disk runs on the destination. */
-		json_object_set_new(S.resume, "phase", json_string("switched"));
-		blockmirror_state_remove(S.state_dir);
-		goto out;
-	}
-	if (!cur || strcmp(cur, si.source) != 0) {
-		fprintf(stderr, "bmirror serve: %s: the state records a move "
-			"of %s, not of %s; removed\n", S.state_dir, si.source,
-			cur ? cur : image);
-		json_object_set_new(S.resume, "error", json_string(
-			"the state records a move of another image"));
-		blockmirror_state_remove(S.state_dir);
-		goto out;
-	}
-	json_object_set_new(S.resume, "phase", json_string("copying"));
-	if (!err && start_recorded_move(&si, true) == 0) {
-		fprintf(stderr, "bmirror serve: resuming the move to %s: %llu "
-			"of %llu regions to copy again\n", si.destination,
-			(unsigned long long)si.regions_dirty,
-			(unsigned long long)si.regions);
-		json_object_set_new(S.resume, "resumed", json_true());
-		json_object_set_new(S.resume, "regions",
-				    json_integer((json_int_t)si.regions));
-		json_object_set_new(S.resume, "regions_dirty",
-				    json_integer((json_int_t)si.regions_dirty));
-		json_object_set_new(S.resume, "bytes_dirty", json_integer(
-			(json_int_t)BM_MIN_U64(si.regions_dirty *
-					       si.region_size, si.disk_size)));
-		goto out;
-	}
-	if (!err) {
-		err = blockmirror_last_error();
-		fprintf(stderr, "bmirror serve: cannot resume: %s\n", err);
-		json_object_set_new(S.resume, "error", json_string(err));
-	}
-	fprintf(stderr, "bmirror serve: restarting the move to %s from a "
-		"full copy\n", si.destination);
-	if (start_recorded_move(&si, false) < 0) {
-		fprintf(stderr, "bmirror serve: %s\n", blockmirror_last_error());
-		json_object_set_new(S.resume, "restart_error", json_string(
-			blockmirror_last_error()));
-	} else {
+	if (rec.action == BLOCKMIRROR_RECOVER_RESTART) {
 		json_object_set_new(S.resume, "full_copy", json_true());
+		goto out;
 	}
+	json_object_set_new(S.resume, "resumed", json_true());
+	json_object_set_new(S.resume, "regions",
+			    json_integer((json_int_t)si->regions));
+	json_object_set_new(S.resume, "regions_dirty",
+			    json_integer((json_int_t)si->regions_dirty));
+	json_object_set_new(S.resume, "bytes_dirty", json_integer(
+		(json_int_t)BM_MIN_U64(si->regions_dirty * si->region_size,
+				       si->disk_size)));
 out:
-	free(cur);
-	free(si.source);
-	free(si.destination);
+	blockmirror_recovery_free(&rec);
 	return 0;
 }
 
@@ -893,7 +871,7 @@ cmd_serve(int argc, char **argv)
 		}
 		/* A pivot to an NBD export points LINK at its URI, which
 		 * is opened as such rather than as a path. */
-		link_target = current_image(NULL);
+		link_target = read_link(S.link);
 		if (link_target && strstr(link_target, "://"))
 			image = link_target;
 	}

@@ -554,6 +554,76 @@ extern int blockmirror_state_read(const char *dir,
 /* Remove the state in `dir`, durably.  0 (also when there was none). */
 extern int blockmirror_state_remove(const char *dir);
 
+/* ---- Recovery after a crash (docs/state.md) -------------------------- */
+
+/* What a program serving a disk does with the state a crash left. */
+enum blockmirror_recovery_action {
+	/* No state: serve `image`; no move to take up. */
+	BLOCKMIRROR_RECOVER_NONE = 0,
+	/* The switch was not durable: the source is authoritative and
+	 * complete.  Serve `image` (the source) and resume the recorded
+	 * move, copying only what the state marks dirty. */
+	BLOCKMIRROR_RECOVER_RESUME = 1,
+	/* As RESUME, but the state's bitmap failed its checks and is not
+	 * trusted: the recorded move starts again from a full copy. */
+	BLOCKMIRROR_RECOVER_RESTART = 2,
+	/* The switch was durable: serve `image` (the destination); the
+	 * move is over and its state has been removed. */
+	BLOCKMIRROR_RECOVER_SWITCHED = 3,
+	/* The state could not be used (its record is unreadable, or it
+	 * records a move of another image): it has been removed, nothing
+	 * resumes; serve `image`. */
+	BLOCKMIRROR_RECOVER_DISCARDED = 4,
+};
+
+struct blockmirror_recovery {
+	size_t size;                    /* sizeof (struct blockmirror_recovery) */
+	enum blockmirror_recovery_action action;
+	char *image;                    /* what to serve; the caller's */
+	char *state_dir;                /* the state directory looked at, or
+					   NULL; the caller's */
+	/* RESUME, RESTART: the move to take up (source and destination
+	 * are the caller's); SWITCHED, DISCARDED: what was found. */
+	struct blockmirror_state_info state;
+	char message[512];              /* what was found and done, one line */
+};
+
+enum {
+	/* Decide, but change nothing (no state is removed). */
+	BLOCKMIRROR_RECOVER_KEEP = 1u << 0,
+};
+
+/*
+ * Decide what to serve after a crash, from the state directory
+ * `state_dir` (NULL: LINK.bmirror-state when `link` is given) and the
+ * image the caller would serve: the target of the symlink `link`, or
+ * `image` when link is NULL.  A state whose destination is what the link
+ * names means the switch was durable (SWITCHED); one whose source it
+ * names is resumed (RESUME) or, if its bitmap is damaged, restarted
+ * (RESTART); anything else is removed (DISCARDED).  Never starts a job:
+ * open the disk on out->image and, for RESUME and RESTART, call
+ * blockmirror_job_start_recovered.  Free with blockmirror_recovery_free.
+ * 0 or a negative errno (the state could not be read or removed).
+ * Blocking; any thread.
+ */
+extern int blockmirror_recover(const char *link, const char *image,
+			       const char *state_dir, unsigned flags,
+			       struct blockmirror_recovery *out);
+
+extern void blockmirror_recovery_free(struct blockmirror_recovery *r);
+
+/*
+ * Take up the move a recovery found (RESUME or RESTART) on `disk`, which
+ * must be open on out->image: the destination, format, mode and
+ * granularity come from the state, everything else (link or on_pivot,
+ * events, speed, error policy) from `options`.  As blockmirror_job_start;
+ * -EINVAL for any other action.
+ */
+extern struct blockmirror_job *
+blockmirror_job_start_recovered(struct blockmirror_disk *disk,
+				const struct blockmirror_recovery *recovery,
+				const struct blockmirror_job_options *options);
+
 /* ---- The NBD server -------------------------------------------------- */
 
 /*

@@ -3,7 +3,8 @@
  * Pivot durability (DESIGN.md rule 10): a child process serves a disk
  * through a symbolic link, writes to it, moves it with a job that
  * re-points the link at the pivot, and is killed with SIGKILL at one step
- * of the pivot (lib/pivot.c's hook).  Whatever the step, the link must
+ * of the pivot (lib/pivot.c's hook, and lib/durable.h's for the steps of
+ * re-pointing the link).  Whatever the step, the link must
  * afterwards name a complete image: one that holds every write the child
  * saw acknowledged.  Before the rename that is the source, after it the
  * destination; a stray temporary link may remain, never a broken LINK.
@@ -24,19 +25,49 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "durable.h"
 #include "mirror.h"
 
 #define SIZE (6u << 20)
 #define WRITES 200
 
-/* The steps, from lib/mirror.h. */
-static enum bm_pivot_step kill_at;
+/*
+ * The kill points: the pivot's own steps (lib/mirror.h) and, between
+ * FLUSHED and DURABLE, each step of re-pointing the link once done.
+ */
+static const struct kill_point {
+	enum bm_pivot_step pivot;      /* or 0 */
+	enum bm_durable_step durable;  /* when pivot is 0 */
+	bool link_renamed;             /* the link names the destination */
+} points[] = {
+	{ BM_PIVOT_DRAINED, 0, false },
+	{ BM_PIVOT_FLUSHED, 0, false },
+	{ 0, BM_DURABLE_SYMLINK, false },
+	{ 0, BM_DURABLE_RENAME, true },
+	{ 0, BM_DURABLE_FSYNC_DIR, true },
+	{ BM_PIVOT_DURABLE, 0, true },
+	{ BM_PIVOT_SWAPPED, 0, true },
+};
+#define POINTS (int)(sizeof points / sizeof points[0])
+
+static const struct kill_point *kill_at;
+static bool pivoting;
 
 static void
 kill_hook(enum bm_pivot_step step)
 {
-	if (step == kill_at)
+	pivoting = true;
+	if (kill_at->pivot && step == kill_at->pivot)
 		raise(SIGKILL);
+}
+
+static int
+durable_hook(const struct bm_durable_event *ev)
+{
+	if (pivoting && !kill_at->pivot && ev->done && ev->result == 0 &&
+	    ev->step == kill_at->durable)
+		raise(SIGKILL);
+	return 0;
 }
 
 static uint64_t
@@ -122,15 +153,15 @@ child(const char *dir, uint64_t seed, enum blockmirror_mode mode)
 	    BLOCKMIRROR_JOB_READY)
 		_exit(4);
 	bm_pivot_hook = kill_hook;
+	bm_durable_hook = durable_hook;
 	blockmirror_job_complete(job);
 	_exit(0); /* not reached when the hook kills */
 }
 
 START_TEST(test_kill_during_pivot)
 {
-	enum bm_pivot_step step =
-		(enum bm_pivot_step)(1 + _i % (BM_PIVOT_STEPS - 1));
-	enum blockmirror_mode mode = (_i / (BM_PIVOT_STEPS - 1)) % 2
+	int step = _i % POINTS;
+	enum blockmirror_mode mode = (_i / POINTS) % 2
 				     ? BLOCKMIRROR_MODE_ACTIVE
 				     : BLOCKMIRROR_MODE_BACKGROUND;
 	uint64_t seed = 1000 + (uint64_t)_i;
@@ -144,7 +175,7 @@ START_TEST(test_kill_during_pivot)
 	pid_t pid;
 
 	ck_assert_ptr_nonnull(mkdtemp(dir));
-	kill_at = step;
+	kill_at = &points[step];
 	pid = fork();
 	ck_assert_int_ge(pid, 0);
 	if (pid == 0)
@@ -170,7 +201,7 @@ START_TEST(test_kill_during_pivot)
 		      strerror(errno));
 	target[n] = '\0';
 	snprintf(path, sizeof path, "%s/%s", dir,
-		 step >= BM_PIVOT_RENAMED ? "dst" : "src");
+		 points[step].link_renamed ? "dst" : "src");
 	ck_assert_str_eq(target, path);
 	fd = open(link, O_RDONLY);
 	ck_assert_int_ge(fd, 0);
@@ -197,8 +228,7 @@ main(void)
 
 	tcase_set_timeout(tc, 60);
 	/* Every step, in background and in active mode. */
-	tcase_add_loop_test(tc, test_kill_during_pivot, 0,
-			    2 * (BM_PIVOT_STEPS - 1));
+	tcase_add_loop_test(tc, test_kill_during_pivot, 0, 2 * POINTS);
 	suite_add_tcase(s, tc);
 	sr = srunner_create(s);
 	srunner_run_all(sr, CK_NORMAL);
