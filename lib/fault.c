@@ -133,6 +133,19 @@ injected_error(struct fault_req *q)
 			return -r->read_errno;
 		}
 	}
+	if (q->kind == F_FLUSH && r->flush_errno && r->flush_err_count != 0) {
+		if (r->flush_err_count > 0)
+			r->flush_err_count--;
+		r->failures++;
+		return -r->flush_errno;
+	}
+	if (q->kind == F_EXTENTS && r->extents_errno &&
+	    r->extents_err_count != 0) {
+		if (r->extents_err_count > 0)
+			r->extents_err_count--;
+		r->failures++;
+		return -r->extents_errno;
+	}
 	if ((is_write(q->kind) || (q->kind == F_FLUSH && r->fail_flush)) &&
 	    r->write_errno && r->write_err_count != 0) {
 		if (r->writes >= r->write_err_after) {
@@ -153,7 +166,9 @@ forward(struct fault_req *q)
 
 	if (err) {
 		bm_error(err, "%s: injected %s error", q->f->s.name,
-			 q->kind == F_READ ? "read" : "write");
+			 q->kind == F_READ ? "read" : q->kind == F_FLUSH ?
+			 "flush" : q->kind == F_EXTENTS ? "block status" :
+			 "write");
 		finish(q, err);
 		return;
 	}
@@ -161,6 +176,8 @@ forward(struct fault_req *q)
 		q->f->rules->reads++;
 	else if (is_write(q->kind))
 		q->f->rules->writes++;
+	else if (q->kind == F_FLUSH)
+		q->f->rules->flushes++;
 	in->loop = q->f->s.loop; /* follows the outer store's loop */
 	in->growable = q->f->s.growable;
 	q->inner = *q->outer;
@@ -199,7 +216,8 @@ timer_done(struct bm_op *op, int res)
 		finish(q, -ECANCELED);
 		return;
 	}
-	if (q->f->rules->hang) {
+	if (q->f->rules->hang ||
+	    (q->kind == F_FLUSH && q->f->rules->hang_flush)) {
 		if (!q->in_held) {
 			q->next_held = q->f->held;
 			q->f->held = q;
@@ -236,8 +254,11 @@ submit(struct bm_store *s, struct bm_io *io, enum fault_kind kind)
 	q->f = f;
 	q->outer = io;
 	q->kind = kind;
+	f->rules->submitted++;
 	delay = kind == F_READ ? f->rules->read_delay_ns
 	      : is_write(kind) ? f->rules->write_delay_ns : 0;
+	if (is_write(kind) && f->rules->next_write_delay_ns)
+		delay += atomic_exchange(&f->rules->next_write_delay_ns, 0);
 	/* Always through a timer, so completions are never inline. */
 	bm_loop_timer_start(s->loop, &q->timer, delay ? delay : 1,
 			    timer_done);

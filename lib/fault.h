@@ -23,6 +23,8 @@ struct bm_fault_rules {
 	/* Every read / write (and zero, discard) waits this long first. */
 	_Atomic uint64_t read_delay_ns;
 	_Atomic uint64_t write_delay_ns;
+	/* The next write (or zero, discard) alone waits this long. */
+	_Atomic uint64_t next_write_delay_ns;
 	/* Reads overlapping [read_err_offset, +read_err_length) fail with
 	 * read_errno, read_err_count times (-1: always). */
 	_Atomic int read_errno;
@@ -36,12 +38,22 @@ struct bm_fault_rules {
 	_Atomic uint64_t write_err_after;
 	_Atomic int write_err_count;
 	_Atomic bool fail_flush;
-	/* Hold every request until cleared (a hung server or disk). */
+	/* Flushes alone fail with flush_errno, flush_err_count times (-1:
+	 * always), and block status requests with extents_errno likewise. */
+	_Atomic int flush_errno;
+	_Atomic int flush_err_count;
+	_Atomic int extents_errno;
+	_Atomic int extents_err_count;
+	/* Hold every request until cleared (a hung server or disk); with
+	 * hang_flush only flushes. */
 	_Atomic bool hang;
+	_Atomic bool hang_flush;
 	/* Counters. */
 	_Atomic uint64_t reads;
 	_Atomic uint64_t writes;
 	_Atomic uint64_t failures;
+	_Atomic uint64_t flushes;
+	_Atomic uint64_t submitted;     /* requests of any kind received */
 };
 
 /* Register rules for an image name (until unregistered).  0 or -ENOMEM. */

@@ -12,6 +12,9 @@
  *   tried again.  With BM_IO_FAST_ZERO the last, slow step is refused.
  * - Extents come from SEEK_DATA/SEEK_HOLE (synchronous lseek, cheap) and
  *   are delivered through bm_loop_defer like any other completion.
+ * - Only regular files and block devices are opened: the type is checked
+ *   before the open (a FIFO would block it) and again on the descriptor,
+ *   which is opened with O_NONBLOCK for that moment.
  * - O_DIRECT is used only when the size is a multiple of the alignment
  *   (4096, or the device's logical block size); otherwise the store falls
  *   back to buffered I/O and says so in the log.
@@ -42,6 +45,7 @@ struct file_store {
 	bool can_punch;
 	bool can_zero_range;
 	void *zero_buf; /* lazily allocated, aligned */
+	uint64_t datasyncs; /* fdatasyncs issued: flushes, FUA writes, zeroes */
 };
 
 static inline struct file_store *
@@ -194,6 +198,7 @@ rw_done(struct bm_op *op, int res)
 		 * offers to make one write durable. */
 		struct io_uring_sqe *sqe;
 
+		f->datasyncs++;
 		sqe = bm_loop_sqe(f->s.loop, &io->op, flush_done);
 		io_uring_prep_fsync(sqe, f->fd, IORING_FSYNC_DATASYNC);
 		return;
@@ -301,6 +306,16 @@ zero_done(struct bm_op *op, int res)
 			       ": %s", f->s.name,
 			       io->stage == DISCARD_PUNCH ? "discard" : "zero",
 			       io->offset, io->length, strerror(-res));
+	if (res == 0 && io->stage != DISCARD_PUNCH &&
+	    (io->flags & BM_IO_FUA)) {
+		/* As for a FUA write: zeroes are data too. */
+		struct io_uring_sqe *sqe;
+
+		f->datasyncs++;
+		sqe = bm_loop_sqe(f->s.loop, &io->op, flush_done);
+		io_uring_prep_fsync(sqe, f->fd, IORING_FSYNC_DATASYNC);
+		return;
+	}
 	io->done(io, res);
 }
 
@@ -386,6 +401,7 @@ file_flush(struct bm_store *s, struct bm_io *io)
 		return;
 	}
 	sqe = bm_loop_sqe(s->loop, &io->op, flush_done);
+	to_file(s)->datasyncs++;
 	io_uring_prep_fsync(sqe, to_file(s)->fd, IORING_FSYNC_DATASYNC);
 }
 
@@ -520,6 +536,22 @@ open_error(const char *path, int err)
 	return bm_error(err, "%s: %s", path, strerror(-err));
 }
 
+/* Only regular files and block devices hold images. */
+static int
+type_check(const char *path, const struct stat *st)
+{
+	if (S_ISDIR(st->st_mode))
+		return bm_error(-EISDIR, "%s: is a directory", path);
+	if (!S_ISREG(st->st_mode) && !S_ISBLK(st->st_mode))
+		return bm_error(-EINVAL, "%s: not a regular file or block "
+				"device (%s)", path,
+				S_ISFIFO(st->st_mode) ? "a FIFO" :
+				S_ISCHR(st->st_mode) ? "a character device" :
+				S_ISSOCK(st->st_mode) ? "a socket" :
+				"something else");
+	return 0;
+}
+
 int
 bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 	     uint64_t size, struct bm_store **out)
@@ -539,6 +571,16 @@ bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 	if (flags & BM_OPEN_DIRECT)
 		oflags |= O_DIRECT;
 
+	/* What is there decides before anything is opened: opening a FIFO
+	 * blocks until a writer comes, and opening some character devices
+	 * does things.  O_NONBLOCK covers a swap between the two looks; it
+	 * is cleared again, as io_uring would take it for "never wait". */
+	if (stat(path, &st) == 0) {
+		r = type_check(path, &st);
+		if (r < 0)
+			return r;
+	}
+	oflags |= O_NONBLOCK;
 	fd = open(path, oflags, 0644);
 	if (fd < 0 && errno == EINVAL && (oflags & O_DIRECT)) {
 		bm_info("%s: O_DIRECT not supported here, using the page cache",
@@ -556,13 +598,11 @@ bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 		r = open_error(path, -errno);
 		goto out_close;
 	}
-	if (S_ISDIR(st.st_mode)) {
-		r = bm_error(-EISDIR, "%s: is a directory", path);
+	r = type_check(path, &st);
+	if (r < 0)
 		goto out_close;
-	}
-	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode)) {
-		r = bm_error(-EINVAL, "%s: not a regular file or block device",
-			     path);
+	if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0) {
+		r = open_error(path, -errno);
 		goto out_close;
 	}
 
@@ -646,4 +686,10 @@ bm_file_same(struct bm_store *s, const char *path)
 		return false;
 	f = to_file(s);
 	return st.st_dev == f->dev && st.st_ino == f->ino;
+}
+
+uint64_t
+bm_file_datasyncs(struct bm_store *s)
+{
+	return s->ops == &file_ops ? to_file(s)->datasyncs : 0;
 }

@@ -14,7 +14,7 @@
  *   COPYING     EBUSY     yes     yes    EINVAL  yes        yes
  *   READY       yes       yes     yes    EINVAL  yes        yes
  *   PAUSED      EBUSY     yes     EINVAL yes     yes        yes
- *   PIVOTING    EBUSY     EBUSY   EBUSY  EBUSY   yes        EBUSY
+ *   PIVOTING    EBUSY     force   EBUSY  EBUSY   yes        EBUSY
  *   ended       EINVAL    EINVAL  EINVAL EINVAL  EINVAL     EINVAL
  */
 #include <errno.h>
@@ -25,6 +25,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "durable.h"
 #include "errors.h"
 #include "internal.h"
 #include "mirror.h"
@@ -50,8 +51,9 @@ static const struct {
 } permitted[OP_COUNT] = {
 	[OP_COMPLETE] = { "complete", S(READY),
 			  S(MAPPING) | S(COPYING) | S(PAUSED) | S(PIVOTING) },
-	[OP_CANCEL] = { "cancel", S(MAPPING) | S(COPYING) | S(READY) | S(PAUSED),
-			S(PIVOTING) },
+	/* In PIVOTING only a forced cancel acts (call_op). */
+	[OP_CANCEL] = { "cancel", S(MAPPING) | S(COPYING) | S(READY) |
+				  S(PAUSED) | S(PIVOTING), 0 },
 	[OP_PAUSE] = { "pause", S(COPYING) | S(READY),
 		       S(MAPPING) | S(PIVOTING) },
 	[OP_RESUME] = { "resume", S(PAUSED), S(PIVOTING) },
@@ -62,14 +64,16 @@ static const struct {
 
 /* Which state may follow which. */
 static const unsigned transitions[] = {
-	[BLOCKMIRROR_JOB_MAPPING] = S(COPYING) | S(CANCELLED) | S(FAILED),
+	[BLOCKMIRROR_JOB_MAPPING] = S(COPYING) | S(PAUSED) | S(CANCELLED) |
+				    S(FAILED),
 	[BLOCKMIRROR_JOB_COPYING] = S(READY) | S(PAUSED) | S(CANCELLED) |
 				    S(FAILED),
 	[BLOCKMIRROR_JOB_READY] = S(PAUSED) | S(PIVOTING) | S(COMPLETED) |
 				  S(CANCELLED) | S(FAILED),
-	[BLOCKMIRROR_JOB_PAUSED] = S(COPYING) | S(READY) | S(COMPLETED) |
-				   S(CANCELLED) | S(FAILED),
-	[BLOCKMIRROR_JOB_PIVOTING] = S(COMPLETED) | S(READY) | S(FAILED),
+	[BLOCKMIRROR_JOB_PAUSED] = S(MAPPING) | S(COPYING) | S(READY) |
+				   S(COMPLETED) | S(CANCELLED) | S(FAILED),
+	[BLOCKMIRROR_JOB_PIVOTING] = S(COMPLETED) | S(READY) | S(CANCELLED) |
+				     S(FAILED),
 	[BLOCKMIRROR_JOB_COMPLETED] = 0,
 	[BLOCKMIRROR_JOB_CANCELLED] = 0,
 	[BLOCKMIRROR_JOB_FAILED] = 0,
@@ -356,6 +360,10 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 					    disk->open_flags, &job->dst);
 		free(create_options);
 		created = r == 0 && !bm_nbd_is_uri(destination);
+		/* The pivot will name this file: its name must survive a
+		 * power loss before anything counts on it. */
+		if (created)
+			r = bm_durable_sync_parent(destination);
 	} else {
 		r = bm_image_open(tmp, destination, fmt,
 				  disk->open_flags | BM_IMAGE_WRITE, &job->dst);
@@ -370,8 +378,17 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 	return (struct blockmirror_job *)job;
 
 fail_job:
-	if (created)
-		unlink(destination);
+	if (created) {
+		/* Keep the first error; a partial file left behind is
+		 * worth a warning of its own. */
+		char first[512];
+
+		snprintf(first, sizeof first, "%s", blockmirror_last_error());
+		if (bm_durable_unlink(destination) < 0)
+			bm_warn("%s: the new destination could not be removed: "
+				"%s", destination, blockmirror_last_error());
+		bm_error(r, "%s", first);
+	}
 	job_destroy(job);
 	bm_loop_free(tmp);
 fail:
@@ -451,7 +468,21 @@ call_op(struct bm_call *call)
 			return; /* signalled when the pivot ends */
 		break;
 	case OP_CANCEL: {
-		bool sync = job->ready && !call->u64 &&
+		bool sync;
+
+		if (job->goal != BM_GOAL_NONE) {
+			/* Already ending: a forced cancel overrides a pivot
+			 * or a clean cancel (pivot.c). */
+			r = call->u64 ? bm_job_force_cancel(job, call)
+				      : bm_error(-EBUSY, "cannot cancel: the "
+						 "job is %s", job->goal ==
+						 BM_GOAL_PIVOT ? "pivoting"
+						 : "already ending");
+			if (r == 0)
+				return;
+			break;
+		}
+		sync = job->ready && !call->u64 &&
 			    (job->state == BLOCKMIRROR_JOB_READY ||
 			     job->paused_from == BLOCKMIRROR_JOB_READY);
 
@@ -475,6 +506,7 @@ call_op(struct bm_call *call)
 		job->retry_after_ns = 0;
 		bm_job_set_state(job, job->paused_from);
 		bm_job_event(job, &ev);
+		bm_mirror_remap(job); /* paused by a mapping error */
 		bm_mirror_pump(job);
 		bm_job_step(job);
 		break;
@@ -628,8 +660,16 @@ call_cancel_for_close(struct bm_call *call)
 	struct blockmirror_disk *disk = call->arg;
 	struct bm_job *job = disk->job;
 
-	if (!job || bm_job_end(job, BM_GOAL_CANCEL, call) < 0)
+	/* The disk goes away only once the job has let go of it. */
+	if (!job)
 		bm_waiter_signal(&call->w, 0);
+	else if (job->goal == BM_GOAL_NONE)
+		bm_job_end(job, BM_GOAL_CANCEL, call);
+	else if (job->goal == BM_GOAL_PIVOT ||
+		 job->goal == BM_GOAL_SYNC_CANCEL)
+		bm_job_force_cancel(job, call);
+	else
+		job->close_call = call; /* signalled when it has ended */
 }
 
 void

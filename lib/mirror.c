@@ -33,10 +33,15 @@
  *    counts), then complete.  A job starts only once the writes already
  *    in flight have finished, so no write escapes it.
  *
- * 4. Guest write, active mode: wait while a copy or an earlier active
- *    write touches the same chunks (so source and destination apply
- *    overlapping writes in the same order, and a copy's old data never
- *    lands after a newer mirrored write).  If every touched chunk is
+ * 4. Guest write, active mode: wait while a copy or any earlier write,
+ *    mirrored or not, touches the same chunks (so source and destination
+ *    apply overlapping writes in the same order, a copy's old data never
+ *    lands after a newer mirrored write, and a mirrored write never
+ *    completes after an overlapping unmirrored one landed behind it on
+ *    the source).  In background mode a write waits only for overlapping
+ *    mirrored writes left from active mode.  must_wait() is this rule,
+ *    the one range tracker for guest writes and copies.  If every touched
+ *    chunk is
  *    DIRTY, write only the source: the chunks stay DIRTY for the copy.
  *    Otherwise write both; on success the chunks the write covers
  *    entirely become CLEAN and partly covered DIRTY ones stay DIRTY, so
@@ -46,9 +51,14 @@
  *    failure never fails the guest: the chunks become DIRTY, the job is no
  *    longer actively synced, and the error policy applies.
  *
- * 5. Zeroes and discards are writes of zeroes (a discard reaches the
- *    destination as a zero that may deallocate).  Flushes only reach the
- *    source: the pivot flushes the destination.
+ * 5. Write-zeroes are writes (mirrored as write-zeroes, FUA kept).  A
+ *    discard is a hint the source may ignore (inside an allocated qcow2
+ *    cluster, or on NBD), so its result is known only by reading: it
+ *    reaches the source alone, its chunks become DIRTY, and the copy
+ *    brings over whatever the source then reads.  During a move a
+ *    discarded range reads as either its old data or zeroes, the same on
+ *    both images once the move ends.  Flushes only reach the source: the
+ *    pivot flushes the destination.
  *
  * 6. READY: mapped, nothing DIRTY or COPYING, destination flushed.
  *
@@ -176,6 +186,21 @@ map_done(struct bm_io *io, int err)
 	job->copy_start_ns = bm_now_ns();
 	bm_mirror_pump(job);
 	bm_job_step(job);
+}
+
+/*
+ * Map again after a block-status error: the retry policy once its backoff
+ * is over (the tick calls this), the stop policy on resume.  Mapping goes
+ * on from the first window not yet applied.
+ */
+void
+bm_mirror_remap(struct bm_job *job)
+{
+	if (job->state != BLOCKMIRROR_JOB_MAPPING || job->mapping ||
+	    job->goal != BM_GOAL_NONE || job->src->size == 0 ||
+	    (job->retry_after_ns && bm_now_ns() < job->retry_after_ns))
+		return;
+	map_window(job);
 }
 
 static void
@@ -381,23 +406,42 @@ writes_remove(struct bm_job *job, struct bm_req *req)
 		req->next_active->prev_active = req->prev_active;
 }
 
-/* Must an active write on [c0, c1) wait?  `upto` stops the scan of the
- * waiting queue at the request itself (earlier ones keep priority). */
+/*
+ * The range tracker: must this write wait?  In flight means issued to the
+ * source and not yet completed; copies count from the read of the source
+ * to the write of the destination.  The rule (the top comment's rule 4):
+ *
+ *   - every write waits for earlier waiting writes it overlaps (FIFO);
+ *   - in active mode a write waits for every overlapping write in flight,
+ *     mirrored or not, and for every overlapping copy;
+ *   - in background mode a write waits only for overlapping mirrored
+ *     writes (left from active mode).
+ *
+ * So two overlapping operations of which one reaches the destination never
+ * run at once, and the destination sees them in the source's order.
+ */
 static bool
-active_conflict(struct bm_job *job, struct bm_req *req)
+must_wait(struct bm_job *job, struct bm_req *req, bool active)
 {
 	uint64_t len = chunk_bytes(job, req->c0, req->c1);
 
-	if (bm_bitmap_test_range(&job->copying, chunk_offset(job, req->c0),
-				 len))
+	if (active && bm_bitmap_test_range(&job->copying,
+					   chunk_offset(job, req->c0), len))
 		return true;
 	for (struct bm_req *r = job->writes; r; r = r->next_active)
-		if (r->mirrored && r->c0 < req->c1 && req->c0 < r->c1)
+		if ((active || r->mirrored) && r->c0 < req->c1 &&
+		    req->c0 < r->c1)
 			return true;
 	for (struct bm_req *r = job->waiting; r && r != req; r = r->next)
 		if (r->c0 < req->c1 && req->c0 < r->c1)
 			return true;
 	return false;
+}
+
+static bool
+write_active(const struct bm_job *job)
+{
+	return job->mode == BLOCKMIRROR_MODE_ACTIVE && !mapping_active(job);
 }
 
 static bool
@@ -440,7 +484,7 @@ prep_io(struct bm_req *req, struct bm_io *io)
 }
 
 static void
-issue(struct bm_image *img, struct bm_req *req, struct bm_io *io, bool dst)
+issue(struct bm_image *img, struct bm_req *req, struct bm_io *io)
 {
 	switch (req->type) {
 	case BM_REQ_WRITE:
@@ -450,14 +494,7 @@ issue(struct bm_image *img, struct bm_req *req, struct bm_io *io, bool dst)
 		bm_image_zero(img, io);
 		break;
 	case BM_REQ_DISCARD:
-		if (dst) {
-			/* The destination must read what the source reads
-			 * after a discard: zeroes, deallocated if it can. */
-			io->flags |= BM_IO_MAY_TRIM;
-			bm_image_zero(img, io);
-		} else {
-			bm_image_discard(img, io);
-		}
+		bm_image_discard(img, io); /* the source only: rule 5 */
 		break;
 	default:
 		break;
@@ -467,8 +504,9 @@ issue(struct bm_image *img, struct bm_req *req, struct bm_io *io, bool dst)
 static void
 write_start(struct bm_job *job, struct bm_req *req, bool active)
 {
-	req->mirrored = active && !job_stopping(job) &&
-			!all_dirty(job, req->c0, req->c1);
+	/* A discard is never mirrored (rule 5). */
+	req->mirrored = active && req->type != BM_REQ_DISCARD &&
+			!job_stopping(job) && !all_dirty(job, req->c0, req->c1);
 	req->pending = req->mirrored ? 2 : 1;
 	req->err = req->dst_err = 0;
 	writes_add(job, req);
@@ -481,9 +519,9 @@ write_start(struct bm_job *job, struct bm_req *req, bool active)
 		/* Dirty from the start too, so the remaining work counts it
 		 * at once; it is marked again when the write lands. */
 		bm_bitmap_set_range(&job->dirty, req->offset, req->length);
-	issue(job->src, req, &req->io_src, false);
+	issue(job->src, req, &req->io_src);
 	if (req->mirrored)
-		issue(job->dst, req, &req->io_dst, true);
+		issue(job->dst, req, &req->io_dst);
 }
 
 static void
@@ -494,7 +532,10 @@ kick_waiting(struct bm_job *job)
 	while (*pp) {
 		struct bm_req *req = *pp;
 
-		if (active_conflict(job, req)) {
+		/* The mode may have changed while it waited. */
+		bool active = write_active(job);
+
+		if (must_wait(job, req, active)) {
 			pp = &req->next;
 			continue;
 		}
@@ -502,9 +543,7 @@ kick_waiting(struct bm_job *job)
 		if (job->waiting_tail == &req->next)
 			job->waiting_tail = pp;
 		req->waiting = false;
-		/* The mode may have changed while it waited. */
-		write_start(job, req, job->mode == BLOCKMIRROR_MODE_ACTIVE &&
-				      !mapping_active(job));
+		write_start(job, req, active);
 	}
 }
 
@@ -573,8 +612,7 @@ bm_mirror_guest_write(struct bm_job *job, struct bm_req *req)
 		return;
 	if (req->flags & BLOCKMIRROR_REQ_FUA)
 		job->guest_flush_since_flush = true;
-	bool active = job->mode == BLOCKMIRROR_MODE_ACTIVE &&
-		      !mapping_active(job);
+	bool active = write_active(job);
 
 	req->c0 = chunk_of(job, req->offset);
 	req->c1 = req->length ? chunk_of(job, req->offset + req->length - 1) + 1
@@ -583,7 +621,7 @@ bm_mirror_guest_write(struct bm_job *job, struct bm_req *req)
 		req->c1 = job->dirty.nbits;
 	if (req->c0 >= req->c1)
 		req->c1 = req->c0 + 1; /* zero-length at the end */
-	if (active && active_conflict(job, req)) {
+	if (must_wait(job, req, active)) {
 		req->waiting = true;
 		req->next = NULL;
 		*job->waiting_tail = req;
@@ -675,7 +713,8 @@ bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,
 		bm_job_end(job, BM_GOAL_FAIL, NULL);
 		break;
 	case BLOCKMIRROR_ON_ERROR_STOP:
-		if (job->state == BLOCKMIRROR_JOB_COPYING ||
+		if (job->state == BLOCKMIRROR_JOB_MAPPING ||
+		    job->state == BLOCKMIRROR_JOB_COPYING ||
 		    job->state == BLOCKMIRROR_JOB_READY) {
 			struct blockmirror_event p = {
 				.type = BLOCKMIRROR_EVENT_PAUSED,
@@ -743,7 +782,9 @@ tick(struct bm_op *op, int res)
 		/* Requests that will not finish (a hung destination) are
 		 * cancelled after a grace period, so that a forced cancel
 		 * returns. */
-		if (job->copier.inflight + job->mirrored_inflight &&
+		if ((job->copier.inflight || job->mirrored_inflight ||
+		     job->mapping || job->flushing || job->flushing_final ||
+		     job->preflushing) &&
 		    bm_now_ns() - job->end_start_ns > CANCEL_GRACE_NS) {
 			struct bm_store *st = job->dst->store;
 
@@ -757,6 +798,7 @@ tick(struct bm_op *op, int res)
 	if (++job->auto_ticks % AUTO_SAMPLE_TICKS == 0)
 		auto_sample(job);
 	bm_state_tick(job); /* clear persisted regions both images hold */
+	bm_mirror_remap(job);
 	if (job->speed) {
 		/* Start a new accounting window every second, carrying over
 		 * what was sent beyond the allowance (a request larger than

@@ -90,6 +90,7 @@ struct bm_job {
 	/* The endings (pivot.c). */
 	enum bm_job_goal goal;
 	struct bm_call *goal_call;     /* the caller waiting for the ending */
+	struct bm_call *close_call;    /* blockmirror_disk_close, waiting */
 	bool quiesced;
 	bool drained;
 	bool flushing_final;
@@ -123,6 +124,8 @@ uint64_t bm_mirror_remaining(struct bm_job *job);
 void bm_mirror_tick_start(struct bm_job *job);
 void bm_job_flush_for_ready(struct bm_job *job);
 bool bm_mirror_idle(struct bm_job *job);
+/* After a block-status error: map again once the policy allows. */
+void bm_mirror_remap(struct bm_job *job);
 
 /* pivot.c: the endings */
 enum bm_pivot_step {
@@ -135,6 +138,7 @@ enum bm_pivot_step {
 };
 extern void (*bm_pivot_hook)(enum bm_pivot_step step);
 void bm_job_step(struct bm_job *job);
+int bm_job_force_cancel(struct bm_job *job, struct bm_call *call);
 int bm_job_end(struct bm_job *job, enum bm_job_goal goal,
 	       struct bm_call *call);
 void bm_job_ending_error(struct bm_job *job, int err);

@@ -47,11 +47,20 @@ pivot_hook(enum bm_pivot_step step)
 
 /* ---- the durable switch ---------------------------------------------- */
 
-/* Point `link` at `target` atomically and durably. */
+/*
+ * Point `link` at `target` atomically and durably.  *renamed says whether
+ * the link names the target now: once it does, whatever failed after (the
+ * directory's fsync) cannot take the switch back, since a restart serves
+ * what the link names.  A failed directory fsync is tried once more.
+ */
 static int
-relink(const char *link, const char *target)
+relink(const char *link, const char *target, bool *renamed)
 {
-	return bm_durable_symlink(target, link, NULL);
+	int r = bm_durable_symlink(target, link, renamed);
+
+	if (r < 0 && *renamed && bm_durable_sync_parent(link) == 0)
+		r = 0;
+	return r;
 }
 
 /*
@@ -67,14 +76,29 @@ pivot_switch(struct bm_job *job)
 {
 	struct blockmirror_disk *disk = job->disk;
 	struct bm_image *old;
+	bool renamed = false;
 	int r = 0;
 
 	if (job->link)
-		r = relink(job->link, job->dst_name);
+		r = relink(job->link, job->dst_name, &renamed);
 	else if (job->opt.on_pivot)
 		r = job->opt.on_pivot(job->opt.pivot_data, job->dst_name);
-	if (r < 0)
+	if (r < 0 && !renamed)
 		return r;
+	if (r < 0) {
+		/* The link names the destination: so must the disk.  Its
+		 * durability is unknown; say so and go on. */
+		struct blockmirror_event ev = {
+			.type = BLOCKMIRROR_EVENT_ERROR,
+			.err = -r,
+			.message = blockmirror_last_error(),
+		};
+
+		bm_warn("pivot: %s; the link names %s, which the disk now "
+			"runs on, but may not after a power loss",
+			blockmirror_last_error(), job->dst_name);
+		bm_job_event(job, &ev);
+	}
 	pivot_hook(BM_PIVOT_DURABLE);
 
 	old = disk->image;
@@ -97,8 +121,17 @@ static void
 signal_call(struct bm_job *job, int err)
 {
 	struct bm_call *call = job->goal_call;
+	struct bm_call *close = NULL;
 
 	job->goal_call = NULL;
+	if (bm_job_ended(job->state)) {
+		close = job->close_call;
+		job->close_call = NULL;
+	}
+	/* Nothing of the job is touched after this: a waiter may free it
+	 * as soon as it wakes. */
+	if (close)
+		bm_waiter_signal(&close->w, 0);
 	if (call)
 		bm_waiter_signal(&call->w, err);
 }
@@ -110,6 +143,10 @@ finish(struct bm_job *job, enum blockmirror_job_state state, bool pivoted)
 	enum bm_job_goal goal = job->goal;
 
 	if (!pivoted) {
+		/* The state goes before the queued writes are let go: they
+		 * reach the source unseen by the job, so a state left on
+		 * disk would resume a move that misses them. */
+		bm_state_job_end(job);
 		job->disk->job = NULL;
 		bm_image_close(job->dst);
 		job->dst = NULL;
@@ -170,6 +207,11 @@ final_flush_done(struct bm_io *io, int err)
 	struct bm_job *job = io->opaque;
 
 	job->flushing_final = false;
+	if (err < 0 && job->goal == BM_GOAL_CANCEL) {
+		/* Cancelled by force while flushing: nothing to keep. */
+		bm_job_step(job);
+		return;
+	}
 	if (err < 0) {
 		job->error = -err;
 		snprintf(job->error_msg, sizeof job->error_msg,
@@ -329,11 +371,10 @@ preflush_done(struct bm_io *io, int err)
 		/* Counted as not flushed; the final flush will report. */
 		job->copied_since_flush = true;
 	}
-	if (job->goal == BM_GOAL_FAIL || job->goal == BM_GOAL_CANCEL) {
-		bm_job_step(job);
-		return;
-	}
+	/* Whatever the goal is now (a forced cancel or a failure may have
+	 * replaced it), the ending goes on from a quiesced disk. */
 	bm_job_quiesce_for_end(job);
+	bm_job_step(job);
 }
 
 /*
@@ -366,6 +407,39 @@ bm_job_ending_error(struct bm_job *job, int err)
 		 "the final copy failed: %s", strerror(-err));
 	job->goal = BM_GOAL_FAIL;
 	bm_copier_stop(&job->copier);
+}
+
+/*
+ * A forced cancel while a pivot or a clean cancel is under way (their
+ * flush may hang on a dead destination): the ending becomes a plain
+ * cancel.  Until pivot_switch() runs, which it does in one go on this
+ * thread, the source is still authoritative, so nothing is lost.  The
+ * call waiting for the pivot learns -ECANCELED; one waiting for a clean
+ * cancel learns that the job was cancelled, as it asked.  Requests still
+ * in flight to the destination are cancelled by the tick after a grace
+ * period (mirror.c).
+ */
+int
+bm_job_force_cancel(struct bm_job *job, struct bm_call *call)
+{
+	struct bm_call *prev = job->goal_call;
+
+	if (job->goal != BM_GOAL_PIVOT && job->goal != BM_GOAL_SYNC_CANCEL)
+		return bm_error(-EBUSY, "cannot cancel: the job is already "
+				"ending");
+	if (prev)
+		bm_waiter_signal(&prev->w, job->goal == BM_GOAL_PIVOT ?
+				 bm_error(-ECANCELED, "the pivot was "
+					  "cancelled") : 0);
+	job->goal = BM_GOAL_CANCEL;
+	job->goal_call = call;
+	job->end_start_ns = bm_now_ns();
+	job->pivot_failed_err = 0;
+	bm_copier_stop(&job->copier);
+	bm_mirror_tick_start(job);
+	bm_job_quiesce_for_end(job);
+	bm_job_step(job);
+	return 0;
 }
 
 int

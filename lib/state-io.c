@@ -15,8 +15,9 @@
  *   durable  what the last completed slot write (write + flush) says
  *   touched  regions a guest write entered since the current clear began
  *
- * Marking (bm_state_hold_write): a write whose regions are all durable
- * goes on at once and costs nothing.  Otherwise it sets its regions in
+ * Marking (bm_state_hold_write): a write whose regions are dirty in the
+ * durable slot, in `want` and in the slot being written goes on at once
+ * and costs nothing (all_durable).  Otherwise it sets its regions in
  * `want` and waits in `held`; one slot write (write + flush) at a time
  * carries every mark made meanwhile, so concurrent writes share one sync.
  * When it completes, `durable` takes the snapshot it wrote and the held
@@ -271,13 +272,26 @@ region_of(const struct bm_state_job *ps, uint64_t offset)
 	return offset / ps->region_size;
 }
 
+/*
+ * Are the regions of [offset, +length) dirty in every slot that is or may
+ * become the newest on disk?  That is the last durable one and, while a
+ * slot write is in flight, the one being written; `want` is a superset of
+ * the latter, and a region a clear took out of `want` must wait for the
+ * slot that marks it again, not count on the durable one the clear is
+ * about to replace.
+ */
 static bool
 all_durable(const struct bm_state_job *ps, uint64_t offset, uint64_t length)
 {
 	for (uint64_t r = region_of(ps, offset);
-	     r <= region_of(ps, offset + length - 1); r++)
-		if (!bm_bitmap_test(&ps->durable, r * ps->region_size))
+	     r <= region_of(ps, offset + length - 1); r++) {
+		uint64_t off = r * ps->region_size;
+
+		if (!bm_bitmap_test(&ps->durable, off) ||
+		    !bm_bitmap_test(&ps->want, off) ||
+		    (ps->writing && !bm_bitmap_test(&ps->snap, off)))
 			return false;
+	}
 	return true;
 }
 
@@ -702,8 +716,8 @@ bm_state_job_end(struct bm_job *job)
 {
 	struct bm_state_job *ps = job->pstate;
 
-	if (!ps)
-		return;
+	if (!ps || (ps->failed && !ps->store))
+		return; /* ended already (or given up and removed) */
 	bm_store_close(ps->store);
 	ps->store = NULL;
 	if (bm_state_remove(ps->dir) < 0)

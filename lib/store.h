@@ -96,6 +96,8 @@ int bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 
 /* Does the file at `path` hold the same inode as the store? */
 bool bm_file_same(struct bm_store *s, const char *path);
+/* For tests: how many fdatasyncs a file store has issued (0 for others). */
+uint64_t bm_file_datasyncs(struct bm_store *s);
 
 static inline void
 bm_store_close(struct bm_store *s)

@@ -25,16 +25,23 @@ CC=clang bm_build build-asan -Dwerror=true -Db_sanitize=address,undefined \
 CRASH_ITERATIONS=${CRASH_ITERATIONS:-15} \
 QCOW2_CRASH_ITERATIONS=${QCOW2_CRASH_ITERATIONS:-15} \
 CHAINS_KILLS=${CHAINS_KILLS:-10} \
+BM_MODEL_SEEDS=${BM_MODEL_SEEDS:-3} \
+BM_CRASH_POINTS=${BM_CRASH_POINTS:-300} \
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	meson test -C build-asan --print-errorlogs "$@"
 
-# ThreadSanitizer over the unit suites: the disk, the job and the loop
-# are driven from several threads there.
+# ThreadSanitizer over the unit suites where the disk, the job and the
+# loop are driven from several threads (the server's floods and the crash
+# replayer are single-threaded and slow under it: the builds above run
+# them).
 CC=clang bm_build build-tsan -Dwerror=true -Db_sanitize=thread \
 	-Db_lundef=false -Dbuildtype=debug
+tsan_tests=(loop file format mirror mirror-errors pivot-crash nbd
+	    mirror-scenarios chain state model)
+BM_MODEL_SEEDS=${BM_MODEL_SEEDS:-2} \
 TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1 \
-	meson test -C build-tsan --print-errorlogs --suite unit "$@"
+	meson test -C build-tsan --print-errorlogs "${tsan_tests[@]}" "$@"
 
 # Every fuzz target for FUZZ_SECONDS under ASan+UBSan, starting from its
 # seed corpus (read-only: new inputs go to a scratch directory).  A crash,

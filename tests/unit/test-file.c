@@ -156,6 +156,29 @@ check_extents(struct bm_store *s, uint64_t off, uint64_t len,
 	bm_extent_list_free(&l);
 }
 
+/* FUA makes a zeroed range durable as it does a written one: an
+ * fdatasync follows, and none follows a plain zero or a discard. */
+START_TEST(test_zero_fua)
+{
+	struct bm_store *s;
+	uint64_t n;
+
+	ck_assert_int_eq(bm_file_open(loop, path, BM_OPEN_CREATE, 1 << 20,
+				      &s), 0);
+	n = bm_file_datasyncs(s);
+	ck_assert_int_eq(do_io(s, s->ops->zero, 0, 8192, NULL, 0), 0);
+	ck_assert_int_eq(do_io(s, s->ops->discard, 0, 4096, NULL, 0), 0);
+	ck_assert_uint_eq(bm_file_datasyncs(s), n);
+	ck_assert_int_eq(do_io(s, s->ops->zero, 4096, 4096, NULL, BM_IO_FUA),
+			 0);
+	ck_assert_uint_eq(bm_file_datasyncs(s), n + 1);
+	ck_assert_int_eq(do_io(s, s->ops->zero, 0, 4096, NULL,
+			       BM_IO_FUA | BM_IO_MAY_TRIM), 0);
+	ck_assert_uint_eq(bm_file_datasyncs(s), n + 2);
+	bm_store_close(s);
+}
+END_TEST
+
 START_TEST(test_zero_discard_extents)
 {
 	static unsigned char b[1 << 20], zero[1 << 20];
@@ -297,6 +320,7 @@ main(void)
 	tcase_add_test(tc, test_bounds_and_readonly);
 	tcase_add_test(tc, test_open_errors);
 	tcase_add_test(tc, test_zero_discard_extents);
+	tcase_add_test(tc, test_zero_fua);
 	tcase_add_test(tc, test_never_inline);
 	tcase_add_test(tc, test_same_file);
 	suite_add_tcase(s, tc);

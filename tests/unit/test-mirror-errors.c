@@ -24,7 +24,9 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "durable.h"
 #include "fault.h"
+#include "state.h"
 
 #define SIZE (8u << 20)
 #define MiB (1u << 20)
@@ -68,7 +70,7 @@ on_event(void *data, const struct blockmirror_event *ev)
 }
 
 struct fixture {
-	char dir[64], src[96], dst[96];
+	char dir[64], src[96], dst[96], link[96];
 	unsigned char *model;
 	struct blockmirror_disk *disk;
 	struct blockmirror_job *job;
@@ -124,6 +126,7 @@ setup(void)
 	ck_assert_ptr_nonnull(mkdtemp(fx.dir));
 	snprintf(fx.src, sizeof fx.src, "%s/src", fx.dir);
 	snprintf(fx.dst, sizeof fx.dst, "%s/dst", fx.dir);
+	snprintf(fx.link, sizeof fx.link, "%s/link", fx.dir);
 	fx.model = malloc(SIZE);
 	srand(42);
 	for (unsigned i = 0; i < SIZE; i++)
@@ -144,6 +147,8 @@ teardown(void)
 {
 	bm_fault_unregister(fx.src);
 	bm_fault_unregister(fx.dst);
+	bm_durable_hook = NULL;
+	unlink(fx.link);
 	unlink(fx.src);
 	unlink(fx.dst);
 	rmdir(fx.dir);
@@ -161,7 +166,8 @@ open_disk(void)
 }
 
 static void
-start_job(enum blockmirror_mode mode, enum blockmirror_error_policy policy)
+start_job_link(enum blockmirror_mode mode,
+	       enum blockmirror_error_policy policy, const char *link)
 {
 	struct blockmirror_job_options o = {
 		.size = sizeof o,
@@ -170,10 +176,17 @@ start_job(enum blockmirror_mode mode, enum blockmirror_error_policy policy)
 		.on_error = policy,
 		.on_event = on_event,
 		.event_data = &fx.ev,
+		.link = link,
 	};
 
 	fx.job = blockmirror_job_start(fx.disk, fx.dst, &o);
 	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
+}
+
+static void
+start_job(enum blockmirror_mode mode, enum blockmirror_error_policy policy)
+{
+	start_job_link(mode, policy, NULL);
 }
 
 static void
@@ -433,12 +446,463 @@ START_TEST(test_dst_hangs)
 }
 END_TEST
 
+
+/* ---- late phases: mapping, the pre-pivot flush, the link ------------- */
+
+/* A blocking job call run on a thread, so that a hang shows as a time-out
+ * of the test instead of a stuck test. */
+struct bg_call {
+	pthread_t thread;
+	int (*fn)(struct blockmirror_job *, bool);
+	bool arg;
+	atomic_bool done;
+	int result;
+};
+
+static void *
+bg_main(void *arg)
+{
+	struct bg_call *c = arg;
+
+	c->result = c->fn(fx.job, c->arg);
+	atomic_store(&c->done, true);
+	return NULL;
+}
+
+static int
+complete_call(struct blockmirror_job *j, bool unused)
+{
+	(void)unused;
+	return blockmirror_job_complete(j);
+}
+
+static void
+bg_start(struct bg_call *c, int (*fn)(struct blockmirror_job *, bool),
+	 bool arg)
+{
+	memset(c, 0, sizeof *c);
+	c->fn = fn;
+	c->arg = arg;
+	pthread_create(&c->thread, NULL, bg_main, c);
+}
+
+/* Wait up to `ms` for the call to return; false if it did not. */
+static bool
+bg_wait(struct bg_call *c, unsigned ms)
+{
+	for (unsigned t = 0; t < ms && !atomic_load(&c->done); t += 10)
+		sleep_ms(10);
+	if (!atomic_load(&c->done))
+		return false;
+	pthread_join(c->thread, NULL);
+	return true;
+}
+
+static void
+wait_ready(void)
+{
+	int s = blockmirror_job_wait(fx.job, BLOCKMIRROR_JOB_READY, 30000);
+
+	ck_assert_msg(s == BLOCKMIRROR_JOB_READY, "state %d: %s", s,
+		      blockmirror_last_error());
+}
+
+/* Defect 9: a block-status error while mapping the source, under the stop
+ * and retry policies (_i 0 and 1), must not leave the job in MAPPING for
+ * good: retry maps again, stop pauses and resume maps again. */
+START_TEST(test_map_error)
+{
+	bool retry = _i == 1;
+	int s;
+
+	fx.rules.extents_errno = EIO;
+	fx.rules.extents_err_count = 1;
+	ck_assert_int_eq(bm_fault_register(fx.src, &fx.rules), 0);
+	open_disk();
+	start_job(BLOCKMIRROR_MODE_BACKGROUND, retry ?
+		  BLOCKMIRROR_ON_ERROR_RETRY : BLOCKMIRROR_ON_ERROR_STOP);
+	if (!retry) {
+		s = blockmirror_job_wait(fx.job, BLOCKMIRROR_JOB_PAUSED, 10000);
+		ck_assert_msg(s == BLOCKMIRROR_JOB_PAUSED, "state %s",
+			      blockmirror_job_state_name(s));
+		ck_assert_int_eq(blockmirror_job_resume(fx.job), 0);
+	}
+	pivot_and_check();
+	ck_assert_int_eq(fx.ev.src_errors, 1);
+}
+END_TEST
+
+/* Defect 9, the other way out: cancel after a mapping error. */
+START_TEST(test_map_error_cancel)
+{
+	struct bg_call c;
+
+	fx.rules.extents_errno = EIO;
+	fx.rules.extents_err_count = -1;
+	ck_assert_int_eq(bm_fault_register(fx.src, &fx.rules), 0);
+	open_disk();
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_RETRY);
+	for (int i = 0; i < 100 && !fx.ev.src_errors; i++)
+		sleep_ms(10);
+	ck_assert_int_ge(fx.ev.src_errors, 1);
+	bg_start(&c, blockmirror_job_cancel, false);
+	ck_assert_msg(bg_wait(&c, 5000), "cancel after a mapping error hangs");
+	ck_assert_int_eq(c.result, 0);
+	ck_assert_int_eq(fx.ev.cancelled, 1);
+	check_on_source();
+}
+END_TEST
+
+/* Defect 7: cancel after READY flushes the destination; when that flush
+ * fails the cancel must still end (the destination is no consistent copy
+ * then: the job fails and says why), never hang. */
+START_TEST(test_cancel_ready_flush_fails)
+{
+	struct bg_call c;
+	int s;
+
+	ck_assert_int_eq(bm_fault_register(fx.dst, &fx.rules), 0);
+	open_disk();
+	start_job(_i ? BLOCKMIRROR_MODE_ACTIVE : BLOCKMIRROR_MODE_BACKGROUND,
+		  BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	fx.rules.flush_errno = EIO;
+	fx.rules.flush_err_count = -1;
+	bg_start(&c, blockmirror_job_cancel, false);
+	ck_assert_msg(bg_wait(&c, 10000), "cancel with a failing flush hangs");
+	s = blockmirror_job_wait(fx.job, BLOCKMIRROR_JOB_FAILED, 1000);
+	ck_assert_msg(s == BLOCKMIRROR_JOB_FAILED, "state %s",
+		      blockmirror_job_state_name(s));
+	ck_assert_int_eq(c.result, -EIO);
+	ck_assert_int_eq(fx.ev.failed, 1);
+	check_on_source();
+}
+END_TEST
+
+/* Defects 7 and 8: a destination whose flush hangs, in a cancel after
+ * READY (_i 0) and in a pivot (_i 1).  A forced cancel ends either at
+ * once; the blocked call returns; the disk stays on the source. */
+START_TEST(test_flush_hangs_forced_cancel)
+{
+	struct bg_call c;
+	struct timespec t0, t1;
+	double secs;
+	int r;
+
+	ck_assert_int_eq(bm_fault_register(fx.dst, &fx.rules), 0);
+	open_disk();
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	atomic_store(&fx.rules.hang_flush, true);
+	if (_i)
+		bg_start(&c, complete_call, false);
+	else
+		bg_start(&c, blockmirror_job_cancel, false);
+	sleep_ms(300);
+	ck_assert(!atomic_load(&c.done));
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	r = blockmirror_job_cancel(fx.job, true);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	ck_assert_msg(r == 0, "forced cancel: %s", blockmirror_last_error());
+	secs = (double)(t1.tv_sec - t0.tv_sec) +
+	       (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	ck_assert_msg(secs < 5.0, "forced cancel took %.1f s", secs);
+	ck_assert_msg(bg_wait(&c, 5000), "the first call still hangs");
+	if (_i)
+		ck_assert_int_lt(c.result, 0);
+	ck_assert_int_eq(blockmirror_job_wait(fx.job, BLOCKMIRROR_JOB_CANCELLED,
+					      0), BLOCKMIRROR_JOB_CANCELLED);
+	ck_assert_int_eq(fx.ev.cancelled, 1);
+	check_on_source();
+}
+END_TEST
+
+/* Make the first fsync of the link's directory during the pivot fail. */
+static atomic_bool fail_dir_sync, dir_sync_failed;
+
+static int
+dir_sync_hook(const struct bm_durable_event *ev)
+{
+	if (!ev->done && ev->step == BM_DURABLE_FSYNC_DIR &&
+	    atomic_load(&fail_dir_sync) && !atomic_load(&dir_sync_failed)) {
+		atomic_store(&dir_sync_failed, true);
+		return -EIO;
+	}
+	return 0;
+}
+
+/* Defect 4: the pivot renamed the link over to the destination, and the
+ * directory's fsync then failed.  The link names the destination, so that
+ * is what a restart serves: the disk must go on there too, never back to
+ * the source (whose later writes a restart would lose). */
+START_TEST(test_pivot_dir_sync_fails)
+{
+	char target[128];
+	char *img;
+	ssize_t n;
+
+	ck_assert_int_eq(symlink(fx.src, fx.link), 0);
+	open_disk();
+	start_job_link(_i ? BLOCKMIRROR_MODE_ACTIVE
+			  : BLOCKMIRROR_MODE_BACKGROUND,
+		       BLOCKMIRROR_ON_ERROR_REPORT, fx.link);
+	wait_ready();
+	atomic_store(&dir_sync_failed, false);
+	atomic_store(&fail_dir_sync, true);
+	bm_durable_hook = dir_sync_hook;
+	blockmirror_job_complete(fx.job);
+	ck_assert(atomic_load(&dir_sync_failed));
+	n = readlink(fx.link, target, sizeof target - 1);
+	ck_assert_int_gt(n, 0);
+	target[n] = '\0';
+	img = blockmirror_disk_get_image(fx.disk);
+	ck_assert_msg(strcmp(img, target) == 0, "the disk runs on %s but the "
+		      "link names %s", img, target);
+	free(img);
+	ck_assert_str_eq(target, fx.dst);
+	stop_writer();
+	blockmirror_job_free(fx.job);
+	ck_assert_int_eq(blockmirror_disk_close(fx.disk), 0);
+	check_file(fx.dst, "the destination");
+}
+END_TEST
+
+/* Record the directories synced. */
+static char synced_dirs[16][128];
+static atomic_int nsynced;
+
+static int
+record_dir_sync(const struct bm_durable_event *ev)
+{
+	if (ev->done && ev->result == 0 && ev->step == BM_DURABLE_FSYNC_DIR) {
+		int i = atomic_fetch_add(&nsynced, 1);
+
+		if (i < 16)
+			snprintf(synced_dirs[i], sizeof synced_dirs[i], "%s",
+				 ev->path);
+	}
+	return 0;
+}
+
+/* Defect 5: a destination the job creates has its directory entry made
+ * durable before the job counts on it (READY). */
+START_TEST(test_created_dst_dir_synced)
+{
+	bool found = false;
+
+	atomic_store(&nsynced, 0);
+	bm_durable_hook = record_dir_sync;
+	open_disk();
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	for (int i = 0; i < atomic_load(&nsynced) && i < 16; i++)
+		if (strcmp(synced_dirs[i], fx.dir) == 0)
+			found = true;
+	ck_assert_msg(found, "the new destination's directory was never "
+		      "synced");
+	pivot_and_check();
+}
+END_TEST
+
+/* ---- ordering of overlapping writes (rule 4) ------------------------- */
+
+struct aio_wait {
+	atomic_int left;
+	atomic_int err;
+};
+
+static void
+aio_done(void *data, int err)
+{
+	struct aio_wait *w = data;
+
+	if (err)
+		atomic_store(&w->err, err);
+	atomic_fetch_sub(&w->left, 1);
+}
+
+/* Open the disk with no writer thread: these tests choose every write. */
+static void
+open_disk_quiet(const char *name, enum blockmirror_format fmt)
+{
+	fx.disk = blockmirror_disk_open(name, fmt, 0);
+	ck_assert_msg(fx.disk != NULL, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_start_thread(fx.disk), 0);
+}
+
+/* Complete the job and require the destination to equal the source. */
+static void
+pivot_and_compare(const char *src, enum blockmirror_format src_fmt)
+{
+	struct blockmirror_verify_result v = { .size = sizeof v };
+
+	ck_assert_int_eq(blockmirror_job_resume(fx.job), 0);
+	wait_ready();
+	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "%s",
+		      blockmirror_last_error());
+	blockmirror_job_free(fx.job);
+	ck_assert_int_eq(blockmirror_disk_close(fx.disk), 0);
+	/* A destination the job created has the source's format. */
+	ck_assert_int_eq(blockmirror_verify(src, src_fmt, fx.dst, src_fmt,
+					    NULL, NULL, &v), 0);
+	ck_assert_msg(v.identical, "the destination differs from the source "
+		      "at %llu", (unsigned long long)v.first_difference);
+}
+
+/*
+ * Defect 1: in active mode an unmirrored write W1 (its chunk is dirty)
+ * still in flight to the source, and a mirrored write W2 that overlaps it
+ * (it also covers a clean chunk).  W2 reaches the source first and its
+ * destination write is slow; W1 lands on the source after W2 and
+ * completes first.  Source and destination then hold different data for
+ * the overlap, and W2's completion must not leave the chunk clean.
+ */
+START_TEST(test_active_overlap_order)
+{
+	static struct bm_fault_rules dst_rules;
+	static unsigned char w1[4096], w2[128 << 10], one[4096];
+	struct aio_wait w = { .left = 2 };
+
+	memset(&dst_rules, 0, sizeof dst_rules);
+	ck_assert_int_eq(bm_fault_register(fx.src, &fx.rules), 0);
+	ck_assert_int_eq(bm_fault_register(fx.dst, &dst_rules), 0);
+	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	/* Paused: no copy cleans what the test dirties. */
+	ck_assert_int_eq(blockmirror_job_pause(fx.job), 0);
+	ck_assert_int_eq(blockmirror_job_set_mode(fx.job,
+		BLOCKMIRROR_MODE_BACKGROUND), 0);
+	memset(one, 0x11, sizeof one);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, one, sizeof one, 0,
+						0), 0);
+	ck_assert_int_eq(blockmirror_job_set_mode(fx.job,
+		BLOCKMIRROR_MODE_ACTIVE), 0);
+	memset(w1, 0x22, sizeof w1);
+	memset(w2, 0x33, sizeof w2);
+	fx.rules.next_write_delay_ns = 100 * 1000000ull;
+	dst_rules.next_write_delay_ns = 300 * 1000000ull;
+	ck_assert_int_eq(blockmirror_disk_aio_write(fx.disk, w1, sizeof w1,
+						    4096, 0, aio_done, &w), 0);
+	ck_assert_int_eq(blockmirror_disk_aio_write(fx.disk, w2, sizeof w2, 0,
+						    0, aio_done, &w), 0);
+	while (atomic_load(&w.left))
+		sleep_ms(5);
+	ck_assert_int_eq(w.err, 0);
+	pivot_and_compare(fx.src, BLOCKMIRROR_FORMAT_RAW);
+}
+END_TEST
+
+/*
+ * Defect 6: a discard is only a hint on the source (inside an allocated
+ * qcow2 cluster it frees nothing and the old data stays); the destination
+ * must end up reading what the source reads, whatever that is.
+ */
+START_TEST(test_active_discard_partial_cluster)
+{
+	char src[128];
+	static unsigned char buf[1 << 20];
+
+	snprintf(src, sizeof src, "%s/src.qcow2", fx.dir);
+	ck_assert_int_eq(blockmirror_image_create(src,
+		BLOCKMIRROR_FORMAT_QCOW2, SIZE, "cluster_size=65536", false),
+		0);
+	open_disk_quiet(src, BLOCKMIRROR_FORMAT_QCOW2);
+	memset(buf, 0x5a, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf, 0,
+						0), 0);
+	start_job(_i ? BLOCKMIRROR_MODE_ACTIVE : BLOCKMIRROR_MODE_BACKGROUND,
+		  BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	ck_assert_int_eq(blockmirror_job_pause(fx.job), 0);
+	/* 4 KiB inside the second cluster, and a cluster and a half. */
+	ck_assert_int_eq(blockmirror_disk_discard(fx.disk, 4096, 65536 + 8192),
+			 0);
+	ck_assert_int_eq(blockmirror_disk_discard(fx.disk, 98304, 196608 +
+						  32768), 0);
+	pivot_and_compare(src, BLOCKMIRROR_FORMAT_QCOW2);
+	unlink(src);
+}
+END_TEST
+
+/* ---- the persistent bitmap (state-io.c) ------------------------------ */
+
+/*
+ * Defect 2: a guest write that arrives while a clear of the persistent
+ * bitmap is being written must not count as marked by the slot that is
+ * clearing its region.  Background mode, the copy paused so that the
+ * destination lacks the write: once the write has completed, its region
+ * must be dirty in the state on disk, whatever a crash would find.
+ */
+START_TEST(test_state_write_during_clear)
+{
+	static struct bm_fault_rules st_rules;
+	static unsigned char buf[4096];
+	struct blockmirror_job_options o = {
+		.size = sizeof o,
+		.flags = BLOCKMIRROR_JOB_CREATE,
+		.mode = BLOCKMIRROR_MODE_BACKGROUND,
+		.on_event = on_event,
+		.event_data = &fx.ev,
+	};
+	struct blockmirror_state_info si = { .size = sizeof si };
+	struct aio_wait w = { .left = 1 };
+	char sdir[128], sfile[160];
+	uint64_t sub;
+
+	snprintf(sdir, sizeof sdir, "%s/state", fx.dir);
+	snprintf(sfile, sizeof sfile, "%s/%s", sdir, BM_STATE_FILE);
+	memset(&st_rules, 0, sizeof st_rules);
+	ck_assert_int_eq(bm_fault_register(sfile, &st_rules), 0);
+	o.state_dir = sdir;
+	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
+	fx.job = blockmirror_job_start(fx.disk, fx.dst, &o);
+	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
+	wait_ready();
+	memset(buf, 0x77, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf, 0,
+						0), 0);
+	/* The copy cleans region 0 again; the next clear of the state
+	 * hangs in its slot write. */
+	atomic_store(&st_rules.hang, true);
+	sub = st_rules.submitted;
+	for (int i = 0; i < 500 && st_rules.submitted == sub; i++)
+		sleep_ms(10);
+	ck_assert_msg(st_rules.submitted > sub, "no clear of the state");
+	ck_assert_int_eq(blockmirror_job_pause(fx.job), 0);
+	memset(buf, 0x78, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_aio_write(fx.disk, buf, sizeof buf,
+						    0, 0, aio_done, &w), 0);
+	sleep_ms(100);
+	sub = st_rules.flushes;
+	atomic_store(&st_rules.hang, false);
+	while (atomic_load(&w.left))
+		sleep_ms(5);
+	ck_assert_int_eq(w.err, 0);
+	/* The clearing slot has landed (and any slot after it). */
+	for (int i = 0; i < 500 && st_rules.flushes == sub; i++)
+		sleep_ms(10);
+	sleep_ms(200);
+	ck_assert_int_eq(blockmirror_state_read(sdir, &si), 0);
+	ck_assert_msg(si.regions_dirty >= 1, "the write at 0 completed, the "
+		      "destination lacks it, and the state on disk says "
+		      "nothing is dirty");
+	free(si.source);
+	free(si.destination);
+	pivot_and_compare(fx.src, BLOCKMIRROR_FORMAT_RAW);
+	bm_fault_unregister(sfile);
+	rmdir(sdir);
+}
+END_TEST
+
 int
 main(void)
 {
 	Suite *s = suite_create("mirror-errors");
 	TCase *src = tcase_create("source");
 	TCase *dst = tcase_create("destination");
+	TCase *late = tcase_create("late");
+	TCase *order = tcase_create("order");
 	SRunner *sr;
 	int failed;
 
@@ -459,6 +923,23 @@ main(void)
 	tcase_add_loop_test(dst, test_mirrored_write_errors, 0, 2);
 	tcase_add_loop_test(dst, test_dst_hangs, 0, 2);
 	suite_add_tcase(s, dst);
+
+	tcase_add_checked_fixture(late, setup, teardown);
+	tcase_set_timeout(late, 60);
+	tcase_add_loop_test(late, test_map_error, 0, 2);
+	tcase_add_test(late, test_map_error_cancel);
+	tcase_add_loop_test(late, test_cancel_ready_flush_fails, 0, 2);
+	tcase_add_loop_test(late, test_flush_hangs_forced_cancel, 0, 2);
+	tcase_add_loop_test(late, test_pivot_dir_sync_fails, 0, 2);
+	tcase_add_test(late, test_created_dst_dir_synced);
+	suite_add_tcase(s, late);
+
+	tcase_add_checked_fixture(order, setup, teardown);
+	tcase_set_timeout(order, 60);
+	tcase_add_test(order, test_active_overlap_order);
+	tcase_add_loop_test(order, test_active_discard_partial_cluster, 0, 2);
+	tcase_add_test(order, test_state_write_during_clear);
+	suite_add_tcase(s, order);
 
 	sr = srunner_create(s);
 	srunner_run_all(sr, CK_NORMAL);

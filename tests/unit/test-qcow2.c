@@ -14,6 +14,7 @@
 
 #include "errors.h"
 #include "extent.h"
+#include "fault.h"
 #include "format.h"
 #include "image.h"
 #include "internal.h"
@@ -289,6 +290,32 @@ START_TEST(test_driver)
 }
 END_TEST
 
+/* FUA on write-zeroes reaches the file as a flush, as it does for a
+ * write (the format engine turns either into a flush of the driver). */
+START_TEST(test_zero_fua)
+{
+	static struct bm_fault_rules rules;
+	struct bm_image *img;
+	uint8_t buf[4096];
+	uint64_t n;
+
+	memset(&rules, 0, sizeof rules);
+	ck_assert_int_eq(bm_fault_register(path, &rules), 0);
+	ck_assert_int_eq(bm_image_create(loop, path, BLOCKMIRROR_FORMAT_QCOW2,
+					 8 * BM_MiB, "cluster_size=4K", true,
+					 0, &img), 0);
+	memset(buf, 0xcd, sizeof buf);
+	ck_assert_int_eq(io(img, bm_image_write, 0, sizeof buf, buf, 0), 0);
+	n = rules.flushes;
+	ck_assert_int_eq(io(img, bm_image_zero, 0, 4096, NULL, 0), 0);
+	ck_assert_uint_eq(rules.flushes, n);
+	ck_assert_int_eq(io(img, bm_image_zero, 0, 4096, NULL, BM_IO_FUA), 0);
+	ck_assert_uint_gt(rules.flushes, n);
+	bm_image_close(img);
+	bm_fault_unregister(path);
+}
+END_TEST
+
 static Suite *
 qcow2_suite(void)
 {
@@ -305,6 +332,7 @@ qcow2_suite(void)
 	tc = tcase_create("driver");
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, test_driver);
+	tcase_add_test(tc, test_zero_fua);
 	suite_add_tcase(s, tc);
 	return s;
 }
