@@ -129,6 +129,16 @@ SEEDS = {
         b"".join(req("READ", (i * 4096) % (1 << 20), 4096, cookie=i)
                  for i in range(80)),
     "empty": b"\0",
+    # Block status over the whole disk, many at once with no reply read,
+    # then EOF while steps are still queued (docs/nbd-server.md).
+    "block-status-flood": b"\0" + flags(3) + b"".join([
+        opt("STRUCTURED_REPLY"),
+        opt("SET_META", meta_data(b"", [b"base:allocation"])),
+        go(b"", ()),
+    ]) + b"".join(req("BLOCK_STATUS", (i * 512) % (1 << 20),
+                      (1 << 20) - (i * 512) % (1 << 20),
+                      REQ_ONE if i % 3 == 0 else 0, cookie=i)
+                  for i in range(100)),
 }
 
 

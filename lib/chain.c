@@ -17,6 +17,11 @@
  *   - reads go to the new backing image from then on; the old one stays
  *     open until the overlay closes, for reads mapped before the change.
  *
+ * Before any of that, the name is checked as the overlay's next open
+ * will check it (the backing file policy, image.h): a name it would
+ * refuse, such as an NBD URI, would leave an overlay that cannot be
+ * opened again, so it is refused up front.
+ *
  * Invariant: the old and the new backing image read the same.  Then a
  * crash at any moment leaves an overlay that names one of them and reads
  * right, and the guest never sees the switch, so it need not stop.
@@ -29,6 +34,7 @@
 #include "errors.h"
 #include "image.h"
 #include "internal.h"
+#include "nbd.h"
 #include "waiter.h"
 
 struct set_backing_call {
@@ -71,6 +77,49 @@ call_set_backing(struct bm_call *call)
 	bm_image_set_backing(disk->image, &s->bc);
 }
 
+/*
+ * Would the overlay open again over `backing`?  An image's backing file
+ * must be a local file that the backing file policy (image.h,
+ * bm_backing_check) lets its next open use, and the name recorded must
+ * lead from the overlay's directory to the file opened here.  Checked
+ * before anything is opened or changed.
+ */
+static int
+check_name(struct blockmirror_disk *disk, const char *backing)
+{
+	char *image, *real = NULL, *here;
+	int r;
+
+	if (bm_nbd_is_uri(backing) || strstr(backing, "://"))
+		return bm_error(-ENOTSUP, "%s: an NBD export cannot be a "
+				"backing file: the overlay could not be opened "
+				"again (copy the base to a local file)",
+				backing);
+	image = blockmirror_disk_get_image(disk);
+	if (!image)
+		return -errno;
+	if (bm_nbd_is_uri(image)) {
+		/* Raw by definition: refused below as having no backing. */
+		free(image);
+		return 0;
+	}
+	r = bm_backing_check(image, backing, &real);
+	if (r < 0) {
+		free(image);
+		return bm_error_prefix(r, "the overlay would not open again "
+				       "over it: ");
+	}
+	here = realpath(backing, NULL);
+	if (!here || strcmp(here, real) != 0)
+		r = bm_error(-EINVAL, "%s: recorded in %s, the name would lead "
+			     "to %s, not to %s (give an absolute path)",
+			     backing, image, real, here ? here : backing);
+	free(here);
+	free(real);
+	free(image);
+	return r;
+}
+
 BM_EXPORT int
 blockmirror_disk_set_backing(struct blockmirror_disk *disk,
 			     const char *backing,
@@ -85,6 +134,9 @@ blockmirror_disk_set_backing(struct blockmirror_disk *disk,
 	if (!disk || !backing || !*backing)
 		return bm_api_fail("blockmirror_disk_set_backing",
 				   bm_error(-EINVAL, "bad arguments"));
+	r = check_name(disk, backing);
+	if (r < 0)
+		return bm_api_fail("blockmirror_disk_set_backing", r);
 	r = bm_loop_new(8, &tmp);
 	if (r == 0)
 		r = bm_image_open(tmp, backing, format,

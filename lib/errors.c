@@ -4,7 +4,10 @@
  *
  * The message lives in a thread-local fixed buffer, so recording an error
  * never allocates and cannot itself fail; messages longer than the buffer
- * are cut.  The log callback is read and written under a mutex so that
+ * are cut.  Every message is formatted in a buffer on the stack and then
+ * copied in, so an argument may point into the current message: adding
+ * context to it (bm_error_prefix, or passing blockmirror_last_error() to
+ * bm_error) never formats a buffer into itself.  The log callback is read and written under a mutex so that
  * blockmirror_set_log may race with logging threads.
  */
 #include <errno.h>
@@ -28,15 +31,49 @@ static void *log_data;
 static enum blockmirror_log_level log_max = BLOCKMIRROR_LOG_WARNING;
 static int log_env = -1; /* BLOCKMIRROR_DEBUG, read once */
 
+/* Replace the message by `msg`, which may be anywhere (even in it). */
+static void
+set_message(int err, const char *msg)
+{
+	size_t n = strlen(msg);
+
+	if (n >= sizeof error_msg)
+		n = sizeof error_msg - 1;
+	memmove(error_msg, msg, n);
+	error_msg[n] = '\0';
+	error_errno = err < 0 ? -err : err;
+}
+
 int
 bm_error(int err, const char *fmt, ...)
 {
+	char tmp[BM_ERROR_MAX];
+	va_list ap;
+
+	/* Formatted aside: an argument may be the current message (a
+	 * caller passing blockmirror_last_error() on). */
+	va_start(ap, fmt);
+	vsnprintf(tmp, sizeof tmp, fmt, ap);
+	va_end(ap);
+	set_message(err, tmp);
+	bm_debug("error: %s", error_msg);
+	return err;
+}
+
+int
+bm_error_prefix(int err, const char *fmt, ...)
+{
+	char tmp[BM_ERROR_MAX];
+	size_t n;
 	va_list ap;
 
 	va_start(ap, fmt);
-	vsnprintf(error_msg, sizeof error_msg, fmt, ap);
+	vsnprintf(tmp, sizeof tmp, fmt, ap);
 	va_end(ap);
-	error_errno = err < 0 ? -err : err;
+	n = strlen(tmp);
+	snprintf(tmp + n, sizeof tmp - n, "%s",
+		 error_msg[0] ? error_msg : strerror(err < 0 ? -err : err));
+	set_message(err, tmp);
 	bm_debug("error: %s", error_msg);
 	return err;
 }
@@ -52,18 +89,12 @@ int
 bm_api_fail(const char *func, int err)
 {
 	char tmp[BM_ERROR_MAX + 128];
-	size_t n;
 
 	if (error_msg[0] == '\0' || error_errno != -err)
 		snprintf(tmp, sizeof tmp, "%s: %s", func, strerror(-err));
 	else
 		snprintf(tmp, sizeof tmp, "%s: %s", func, error_msg);
-	n = strlen(tmp);
-	if (n >= sizeof error_msg)
-		n = sizeof error_msg - 1;
-	memcpy(error_msg, tmp, n);
-	error_msg[n] = '\0';
-	error_errno = -err;
+	set_message(err, tmp);
 	return err;
 }
 

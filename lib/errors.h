@@ -21,8 +21,19 @@
  * Set this thread's error message (printf format) and errno.  err is a
  * negative errno; returns err.  The message should name the object (file,
  * URI) and the problem; strerror(-err) is not appended automatically.
+ * The arguments may point into the current message (it is formatted
+ * aside first), but to add to a message use bm_error_prefix.
  */
 int bm_error(int err, const char *fmt, ...)
+	__attribute__((format(printf, 2, 3)));
+
+/*
+ * Put a printf-formatted prefix before this thread's message (strerror(-err)
+ * if there is none), set errno to err and return err:
+ * `return bm_error_prefix(r, "%s: backing file: ", name);`.  Where the
+ * whole does not fit, the end of the message is cut.
+ */
+int bm_error_prefix(int err, const char *fmt, ...)
 	__attribute__((format(printf, 2, 3)));
 
 /* Clear this thread's error (at the start of a public call). */

@@ -30,7 +30,6 @@
  */
 #include <errno.h>
 #include <inttypes.h>
-#include <libgen.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -41,6 +40,7 @@
 #include "fault.h"
 #include "format.h"
 #include "internal.h"
+#include "memstore.h"
 #include "waiter.h"
 
 /* R_BACKING: a backing file change, ordered like a flush. */
@@ -421,6 +421,23 @@ bm_fmt_option_size(const struct bm_fmt *f, const char *options,
 /* ---- the worker ------------------------------------------------------ */
 
 /*
+ * Keep this thread's error message for the request's completion (finish
+ * sets it again on the loop).  A failure may have recorded none, and
+ * blockmirror_last_error() is NULL then: say what errno says.
+ */
+static void
+note_error(struct fmt_req *req, int err)
+{
+	const char *msg = blockmirror_last_error();
+
+	if (msg)
+		snprintf(req->msg, sizeof req->msg, "%s", msg);
+	else
+		snprintf(req->msg, sizeof req->msg, "%s: %s", req->f->path,
+			 strerror(-err));
+}
+
+/*
  * A backing change the driver has made durable: read through the new
  * backing image from now on.  The old one stays open until close (a
  * read mapped before may still be reading it; both read the same).
@@ -531,8 +548,7 @@ worker_main(void *arg)
 			r = f->drv->map(f->state, &req->map);
 		req->err = r;
 		if (r < 0)
-			snprintf(req->msg, sizeof req->msg, "%s",
-				 blockmirror_last_error());
+			note_error(req, r);
 		if (r == 0 && req->kind != R_FLUSH && req->kind != R_BACKING) {
 			pthread_mutex_lock(&f->qlock);
 			f->mapped_io++;
@@ -652,8 +668,7 @@ fail(struct fmt_req *req, int err)
 {
 	req->err = err;
 	if (!req->msg[0])
-		snprintf(req->msg, sizeof req->msg, "%s",
-			 blockmirror_last_error());
+		note_error(req, err);
 	if (req->holds_busy)
 		busy_release(req);
 	finish(req);
@@ -746,8 +761,7 @@ sub_done(struct bm_io *io, int err)
 
 	if (err < 0 && req->err == 0) {
 		req->err = err;
-		snprintf(req->msg, sizeof req->msg, "%s",
-			 blockmirror_last_error());
+		note_error(req, err);
 	}
 	if (--req->pending == 0)
 		chunk_done(req);
@@ -776,8 +790,7 @@ status_failed(struct fmt_req *req, int err)
 {
 	req->err = err;
 	if (!req->msg[0])
-		snprintf(req->msg, sizeof req->msg, "%s",
-			 blockmirror_last_error());
+		note_error(req, err);
 	req->seg_next = req->map.nseg;
 }
 
@@ -1092,7 +1105,8 @@ submit(struct bm_image *img, struct bm_io *io, enum req_kind kind)
 	req->kind = kind;
 	req->pos = io->offset;
 	req->end = io->offset + io->length;
-	req->fua = kind == R_WRITE && (io->flags & BM_IO_FUA);
+	req->fua = (kind == R_WRITE || kind == R_ZERO) &&
+		   (io->flags & BM_IO_FUA);
 	if (kind == R_BACKING)
 		err = backing_change_check(f, io);
 	else if (kind != R_FLUSH &&
@@ -1110,8 +1124,7 @@ submit(struct bm_image *img, struct bm_io *io, enum req_kind kind)
 		err = bm_error(-EROFS, "%s: opened read-only", f->path);
 	if (err < 0) {
 		req->err = err;
-		snprintf(req->msg, sizeof req->msg, "%s",
-			 blockmirror_last_error());
+		note_error(req, err);
 	}
 	if (kind == R_WRITE || kind == R_ZERO || kind == R_DISCARD)
 		f->dirty = true;
@@ -1166,9 +1179,12 @@ fmt_free(struct bm_fmt *f)
 		pthread_join(f->worker, NULL);
 	}
 	if (f->state) {
-		if (!f->img.readonly && f->drv->flush(f->state) < 0)
+		int r = f->img.readonly ? 0 : f->drv->flush(f->state);
+		const char *msg = blockmirror_last_error();
+
+		if (r < 0)
 			bm_info("%s: final metadata flush failed: %s", f->path,
-				blockmirror_last_error());
+				msg ? msg : strerror(-r));
 		f->drv->close(f->state);
 	}
 	bm_image_close(f->backing);
@@ -1289,52 +1305,35 @@ fail:
 	return r;
 }
 
-/* How deep the backing chain being opened on this thread is. */
-static _Thread_local unsigned chain_depth;
-#define MAX_CHAIN_DEPTH 32
-
-static int
-open_backing(struct bm_fmt *f)
+/* Test hook (fuzz/, declared in memstore.h): the driver's services over
+ * wstore, without an image, a worker or a backing image. */
+int
+bm_fmt_detached_new(struct bm_store *wstore, const char *name,
+		    unsigned flags, struct bm_fmt **out)
 {
-	const char *name = f->info.backing_name;
-	char *resolved = NULL;
-	int r;
+	struct bm_fmt *f = calloc(1, sizeof *f);
 
-	if (!name || !*name)
-		return 0;
-	if (strstr(name, "://") || strncmp(name, "json:", 5) == 0)
-		return bm_error(-ENOTSUP, "%s: backing file '%s' is not a "
-				"local path (not supported)", f->path, name);
-	if (name[0] != '/') {
-		char *copy = strdup(f->path);
-
-		if (!copy || asprintf(&resolved, "%s/%s", dirname(copy),
-				      name) < 0)
-			resolved = NULL;
-		free(copy);
-		if (!resolved)
-			return bm_error(-ENOMEM, "%s: out of memory", f->path);
-		name = resolved;
+	if (!f || !(f->path = strdup(name))) {
+		free(f);
+		bm_store_close(wstore);
+		return bm_error(-ENOMEM, "%s: out of memory", name);
 	}
-	if (chain_depth >= MAX_CHAIN_DEPTH) {
-		free(resolved);
-		return bm_error(-ELOOP, "%s: backing chain deeper than %d "
-				"images (a loop?)", f->path, MAX_CHAIN_DEPTH);
-	}
-	chain_depth++;
-	r = bm_image_open(f->loop, name, f->info.backing_format, 0,
-			  &f->backing);
-	chain_depth--;
-	if (r < 0) {
-		r = bm_error(r, "%s: cannot open its backing file '%s': %s",
-			     f->path, name, blockmirror_last_error());
-		free(resolved);
-		return r;
-	}
-	f->backing_path = resolved ? resolved : strdup(name);
-	if (!f->backing_path)
-		return bm_error(-ENOMEM, "%s: out of memory", f->path);
+	pthread_mutex_init(&f->qlock, NULL);
+	pthread_cond_init(&f->qcond, NULL);
+	f->flags = flags;
+	f->img.readonly = !(flags & BM_IMAGE_WRITE);
+	f->wstore = wstore;
+	wstore->growable = true;
+	f->file_size = wstore->size;
+	*out = f;
 	return 0;
+}
+
+void
+bm_fmt_detached_free(struct bm_fmt *f)
+{
+	if (f)
+		fmt_free(f);
 }
 
 int
@@ -1357,7 +1356,10 @@ bm_fmt_open(const struct bm_fmt_driver *drv, struct bm_store *store,
 			     "read-only", path, drv->name);
 		goto fail;
 	}
-	r = open_backing(f);
+	/* The backing file policy and the chain: backing.c. */
+	r = bm_backing_open(f->loop, f->path, f->info.backing_name,
+			    f->info.backing_format, &f->backing,
+			    &f->backing_path);
 	if (r < 0)
 		goto fail;
 	f->img.store = store;

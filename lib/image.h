@@ -16,6 +16,7 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "backing.h"
 #include "store.h"
 
 struct bm_image;
@@ -175,6 +176,9 @@ struct bm_backing_change {
 };
 
 void bm_image_set_backing(struct bm_image *img, struct bm_backing_change *bc);
+
+/* The backing file policy (bm_backing_check and the rest): backing.h,
+ * included above. */
 
 /* Drivers (one file each). */
 int bm_raw_open(struct bm_store *store, unsigned flags, struct bm_image **out);

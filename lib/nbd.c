@@ -107,6 +107,7 @@ struct nbd_cmd {
 	uint64_t length;
 	uint64_t bytes;            /* payload counted against MAX_BYTES */
 	uint64_t mapped_before;    /* extents: q->mapped when issued */
+	uint64_t covered;          /* read: bytes the server's chunks held */
 	bool completed;            /* the completion callback ran */
 	int err;                   /* its errno */
 };
@@ -129,6 +130,7 @@ struct nbd_store {
 	uint64_t max_zero;
 	uint64_t max_status;
 	bool can_zero, can_fast_zero, can_trim, can_flush, can_fua, can_meta;
+	bool structured;           /* structured replies negotiated */
 	void *zero_buf;            /* ZERO_CHUNK zeroes, for !can_zero */
 
 	struct nbd_req *live;
@@ -206,6 +208,12 @@ bm_nbd_is_uri(const char *name)
 		if (strncmp(name, schemes[i], strlen(schemes[i])) == 0)
 			return true;
 	return false;
+}
+
+BM_EXPORT bool
+blockmirror_nbd_is_uri(const char *name)
+{
+	return bm_nbd_is_uri(name);
 }
 
 /* ---- request bookkeeping -------------------------------------------- */
@@ -385,6 +393,7 @@ req_next(struct nbd_store *n, struct nbd_req *q, struct cmd_spec *c)
 							n->max_payload));
 			c->bytes = c->length;
 			c->buf = n->zero_buf;
+			c->flags = q->cmd_flags & LIBNBD_CMD_FLAG_FUA;
 		} else {
 			c->type = K_ZERO;
 			c->length = BM_MIN(left, n->max_zero);
@@ -410,6 +419,19 @@ cmd_done(void *opaque, int *error)
 	cmd->err = *error;
 	cmd->q->n->last_activity = now_ns();
 	return 1; /* retire the command: we never ask for it again */
+}
+
+/* A structured read's data or hole chunk (libnbd checks it lies within
+ * the command's range, not that the chunks cover all of it). */
+static int
+read_chunk_cb(void *opaque, const void *subbuf, size_t count,
+	      uint64_t offset, unsigned status, int *error)
+{
+	struct nbd_cmd *cmd = opaque;
+
+	if (status == LIBNBD_READ_DATA || status == LIBNBD_READ_HOLE)
+		cmd->covered += count;
+	return 0;
 }
 
 static int
@@ -476,6 +498,14 @@ retire(struct nbd_store *n, struct nbd_cmd *cmd)
 	} else if (e) {
 		req_fail(q, -e, "%s at offset %" PRIu64 "+%" PRIu64 ": %s",
 			 what, cmd->offset, cmd->length, strerror(e));
+	} else if (cmd->type == K_READ && n->structured &&
+		   cmd->covered != cmd->length) {
+		/* A server that says DONE before sending every byte would
+		 * leave part of the buffer unread: never pass that on as
+		 * data. */
+		req_fail(q, -EPROTO, "read at offset %" PRIu64 "+%" PRIu64
+			 ": the server sent %" PRIu64 " bytes of it", cmd->offset,
+			 cmd->length, cmd->covered);
 	} else if (cmd->type == K_EXTENTS && q->mapped == cmd->mapped_before) {
 		/* Asking again would loop forever. */
 		req_fail(q, -EPROTO, "block status at offset %" PRIu64
@@ -534,7 +564,10 @@ issue(struct nbd_store *n, struct nbd_req *q, const struct cmd_spec *c)
 	n->issue_freed = false;
 	switch (c->type) {
 	case K_READ:
-		r = nbd_aio_pread(n->h, c->buf, c->length, c->offset, done, 0);
+		r = nbd_aio_pread_structured(n->h, c->buf, c->length,
+			c->offset, (nbd_chunk_callback){
+				.callback = read_chunk_cb, .user_data = cmd },
+			done, 0);
 		break;
 	case K_WRITE:
 		r = nbd_aio_pwrite(n->h, c->buf, c->length, c->offset, done,
@@ -931,14 +964,16 @@ prepare(struct nbd_store *n, struct nbd_req *q)
 	}
 	if (q->kind != K_FLUSH && io->length == 0)
 		return false;
+	/* FUA: the server's flag on every part, or a flush after them. */
+	if ((q->kind == K_WRITE || q->kind == K_ZERO) &&
+	    (io->flags & BM_IO_FUA)) {
+		if (n->can_fua)
+			q->cmd_flags = LIBNBD_CMD_FLAG_FUA;
+		else
+			q->fua_flush = n->can_flush;
+	}
 	switch (q->kind) {
 	case K_WRITE:
-		if (io->flags & BM_IO_FUA) {
-			if (n->can_fua)
-				q->cmd_flags = LIBNBD_CMD_FLAG_FUA;
-			else
-				q->fua_flush = n->can_flush;
-		}
 		break;
 	case K_ZERO:
 		if (io->flags & BM_IO_FAST_ZERO) {
@@ -1188,6 +1223,13 @@ bm_nbd_open(struct bm_loop *loop, const char *uri, unsigned flags,
 			     PRId64, uri, minimum);
 		goto fail;
 	}
+	if ((uint64_t)size % (uint64_t)minimum) {
+		/* Its last bytes could never be read or written. */
+		r = bm_error(-EPROTO, "%s: the export's size %" PRId64 " is "
+			     "not a multiple of its minimum block size %"
+			     PRId64, uri, size, minimum);
+		goto fail;
+	}
 	if (maximum <= 0 || (uint64_t)maximum > MAX_PAYLOAD)
 		maximum = MAX_PAYLOAD;
 	maximum = (int64_t)bm_round_down((uint64_t)maximum,
@@ -1212,6 +1254,7 @@ bm_nbd_open(struct bm_loop *loop, const char *uri, unsigned flags,
 	n->can_trim = nbd_can_trim(h) == 1;
 	n->can_flush = nbd_can_flush(h) == 1;
 	n->can_fua = nbd_can_fua(h) == 1;
+	n->structured = nbd_get_structured_replies_negotiated(h) == 1;
 	n->can_meta = nbd_can_meta_context(h,
 				LIBNBD_CONTEXT_BASE_ALLOCATION) == 1;
 	n->s.ops = &nbd_ops;

@@ -316,7 +316,7 @@ static int
 parse_header(const char *name, const uint8_t *buf, size_t len,
 	     struct bm_qcow2_header *h)
 {
-	uint64_t cs, limit, backing_off;
+	uint64_t cs, limit, backing_off, ext_end;
 	uint32_t backing_size;
 	int err;
 
@@ -367,9 +367,11 @@ parse_header(const char *name, const uint8_t *buf, size_t len,
 	if (err)
 		return err;
 	/* Version 2 images may have extensions too (QEMU writes them). */
-	if (h->header_length + 8 <= (backing_off ? backing_off : limit)) {
-		err = parse_exts(name, h, buf, h->header_length,
-				 backing_off ? backing_off : limit);
+	/* The extensions end where the backing name starts, and never
+	 * past the bytes we were given. */
+	ext_end = backing_off ? BM_MIN(backing_off, limit) : limit;
+	if (h->header_length + 8 <= ext_end) {
+		err = parse_exts(name, h, buf, h->header_length, ext_end);
 		if (err)
 			return err;
 	}
@@ -707,7 +709,8 @@ bm_qcow2_backing_plan(const char *img, const uint8_t *buf, size_t len,
 {
 	uint64_t old_off = bm_get_be64(buf + 8);
 	uint32_t old_len = bm_get_be32(buf + 16);
-	uint64_t limit = old_off ? old_off : len, pos = header_length;
+	uint64_t limit = old_off ? BM_MIN(old_off, (uint64_t)len) : len;
+	uint64_t pos = header_length;
 	uint64_t ext_end = 0, fmt_pos = 0, new_len = strlen(name);
 	uint32_t fmt_len = 0;
 

@@ -66,6 +66,7 @@ enum {
 	NBD_REP_META_CONTEXT = 4,
 };
 #define NBD_REP_ERR_UNSUP NBD_REP_ERR(1)
+#define NBD_REP_ERR_POLICY NBD_REP_ERR(2)
 #define NBD_REP_ERR_INVALID NBD_REP_ERR(3)
 #define NBD_REP_ERR_TLS_REQD NBD_REP_ERR(5)
 #define NBD_REP_ERR_UNKNOWN NBD_REP_ERR(6)
@@ -92,6 +93,10 @@ enum {
 /* ---- limits ----------------------------------------------------------- */
 
 #define DEFAULT_MAX_CLIENTS 16
+#define DEFAULT_HANDSHAKE_TIMEOUT 10          /* seconds */
+#define MAX_HANDSHAKING 32                    /* connections before GO */
+#define MAX_HANDSHAKING_PER_PEER 4            /* of them, from one address
+						 (IPv6: one /64) */
 #define MAX_INFLIGHT 64                       /* requests per connection */
 #define MAX_INFLIGHT_BYTES (64u << 20)        /* buffers per connection */
 #define MAX_NAME 4096                         /* NBD strings */
@@ -103,6 +108,16 @@ enum {
 #define TLS_WIRE_MAX (256u << 10)             /* ciphertext queued at once */
 #define STOP_GRACE_NS (2 * UINT64_C(1000000000)) /* stop: then hard close */
 #define ACCEPT_BACKOFF_NS (100 * UINT64_C(1000000))
+/* BLOCK_STATUS: a reply covers at most BS_MAX_LENGTH bytes and
+ * BS_MAX_DESCRIPTORS extents (a prefix of the range: clients ask again).
+ * The disk is asked in steps of BS_STEP_MIN..BS_STEP_MAX bytes, one step
+ * at a time for the whole server (see server.c), and each request is
+ * charged BS_CHARGE bytes in the connection's in-flight bound. */
+#define BS_MAX_LENGTH (1u << 30)
+#define BS_MAX_DESCRIPTORS 4096u
+#define BS_STEP_MIN (1u << 20)
+#define BS_STEP_MAX (16u << 20)
+#define BS_CHARGE (8u * BS_MAX_DESCRIPTORS + 1024u)
 #define TLS_PRIORITY "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"
 
 
@@ -135,7 +150,13 @@ struct srv_req {
 	uint64_t charged;                   /* in inflight_bytes */
 	uint32_t err;                       /* NBD error to answer with */
 	bool flush_after;                   /* TRIM + FUA */
-	struct bm_extent_list ext;          /* BLOCK_STATUS */
+	/* BLOCK_STATUS: descriptors in buf, built step by step */
+	struct srv_req *bs_next;            /* in server->bs_head */
+	uint64_t bs_pos;                    /* next offset to ask about */
+	uint64_t bs_end;                    /* the (clamped) end */
+	uint64_t bs_step;                   /* bytes asked in the next step */
+	size_t bs_n;                        /* descriptors so far */
+	size_t bs_max;
 	uint8_t hdr[32];
 };
 
@@ -148,6 +169,12 @@ struct srv_conn {
 	bool dead;
 	bool closing;
 	bool oom;                           /* a reply could not be built */
+
+	/* until transmission: counted in server->nhandshaking */
+	struct bm_timer hs_timer;           /* the handshake deadline */
+	bool hs_cancelled;
+	uint8_t peer[17];                   /* family, address (IPv6: /64) */
+	uint8_t peer_len;                   /* 0: not TCP */
 
 	/* negotiation */
 	bool transmission;
@@ -214,14 +241,16 @@ struct blockmirror_server {
 	char *export_name;
 	char *description;
 	bool readonly;
-	unsigned max_clients;
+	unsigned max_clients;               /* in transmission */
+	uint64_t handshake_ns;
 
 	gnutls_psk_server_credentials_t psk; /* NULL: no TLS */
 	gnutls_priority_t prio;
 
 	/* loop thread only */
 	struct srv_conn *conns;
-	unsigned nclients;
+	unsigned nclients;                  /* every connection */
+	unsigned nhandshaking;              /* of them, before transmission */
 	unsigned ops;                       /* accept, cancels, timers */
 	struct bm_op accept_op;
 	bool accept_armed;
@@ -230,6 +259,15 @@ struct blockmirror_server {
 	struct bm_timer stop_timer;
 	bool stopping;
 	struct bm_call *stop_call;
+
+	/* BLOCK_STATUS requests waiting for their next step, oldest first;
+	 * at most one step is with the disk at a time, into bs_ext. */
+	struct srv_req *bs_head;
+	struct srv_req **bs_tail;
+	bool bs_busy;
+	struct bm_extent_list bs_ext;
+	struct bm_op bs_kick_op;            /* deferred: start the next step */
+	bool bs_kick_armed;
 };
 
 
@@ -244,6 +282,7 @@ void bm_srv_queue_push(struct srv_queue *q, struct srv_msg *m);
 void bm_srv_issue_recv(struct srv_conn *c, void *buf, size_t len);
 void bm_srv_read_deferred(struct bm_op *op, int res);
 void bm_srv_start_transmission(struct srv_conn *c);
+bool bm_srv_can_serve(const struct srv_conn *c);
 void bm_srv_got_client_flags(struct srv_conn *c);
 void bm_srv_read_option(struct srv_conn *c);
 void bm_srv_tls_start(struct srv_conn *c);

@@ -82,6 +82,11 @@ opt_info(struct srv_conn *c, bool go)
 		opt_error(c, NBD_REP_ERR_UNKNOWN, "no such export");
 		return;
 	}
+	if (go && !bm_srv_can_serve(c)) {
+		/* Others finished their handshakes first. */
+		opt_error(c, NBD_REP_ERR_POLICY, "too many clients");
+		return;
+	}
 	for (uint16_t i = 0; i < ir.ninfos; i++) {
 		uint16_t info = bm_get_be16(ir.infos + 2 * i);
 

@@ -42,6 +42,13 @@
  *    then die.  `dead` is the hard way (protocol violation, socket error).
  *  - Every number from the network is checked (bm_range_ok, the limits in
  *    server.h) before it sizes a buffer or reaches the disk.
+ *  - Until transmission a connection is counted in `nhandshaking`, not
+ *    against max_clients, and holds a deadline timer (an op like any
+ *    other): silent or trickling clients are closed at the deadline and
+ *    can never take a served client's slot.
+ *  - BLOCK_STATUS never asks the disk about a whole range: steps of all
+ *    requests take turns, one with the disk at a time (see "block
+ *    status" below), so an extent walk on the loop thread is short.
  */
 #include "server-int.h"
 
@@ -176,6 +183,15 @@ cancel_send_done(struct bm_op *op, int res)
 	conn_check(c);
 }
 
+static void
+hs_timer_stop(struct srv_conn *c)
+{
+	if (c->hs_timer.armed && !c->hs_cancelled) {
+		c->hs_cancelled = true;
+		bm_loop_timer_cancel(c->server->loop, &c->hs_timer);
+	}
+}
+
 /*
  * The hard way out: shut the socket down and cancel what the ring holds
  * for it.  Disk requests still finish; their replies are dropped.
@@ -190,6 +206,7 @@ bm_srv_conn_kill(struct srv_conn *c)
 		return;
 	c->dead = true;
 	shutdown(c->fd, SHUT_RDWR);
+	hs_timer_stop(c);
 	if (c->rd_busy) {
 		sqe = bm_loop_sqe(loop, &c->cancel_rd_op, cancel_rd_done);
 		io_uring_prep_cancel(sqe, &c->rd_op, 0);
@@ -226,6 +243,8 @@ conn_free(struct srv_conn *c)
 	if (c->next)
 		c->next->prev = c->prev;
 	s->nclients--;
+	if (!c->transmission)
+		s->nhandshaking--;
 	bm_debug("nbd server %s: connection closed (%u left)", s->address,
 		 s->nclients);
 	free(c);
@@ -450,6 +469,8 @@ can_admit(const struct srv_conn *c)
 	if (c->hdr_pending && (c->req.type == BM_NBD_CMD_READ ||
 			       c->req.type == BM_NBD_CMD_WRITE))
 		need = c->req.length;
+	else if (c->hdr_pending && c->req.type == BM_NBD_CMD_BLOCK_STATUS)
+		need = BS_CHARGE;
 	return !c->inflight || c->inflight_bytes + need <= MAX_INFLIGHT_BYTES;
 }
 
@@ -497,7 +518,6 @@ req_release(struct srv_req *req)
 	c->inflight--;
 	c->inflight_bytes -= req->charged;
 	free(req->buf);
-	bm_extent_list_free(&req->ext);
 	free(req);
 }
 
@@ -523,52 +543,12 @@ req_new(struct srv_conn *c, bool with_buf)
 			return NULL;
 		}
 		req->charged = c->req.length;
+	} else if (c->req.type == BM_NBD_CMD_BLOCK_STATUS) {
+		req->charged = BS_CHARGE; /* its descriptors */
 	}
 	c->inflight++;
 	c->inflight_bytes += req->charged;
 	return req;
-}
-
-/*
- * Turn the disk's extents for a BLOCK_STATUS request into NBD
- * descriptors (u32 length, u32 flags; NBD's HOLE and ZERO bits are ours)
- * in req->buf.  Lengths are clipped to the request and to u32; with
- * REQ_ONE only the first is kept.  Returns how many, 0 on no memory.
- */
-static size_t
-block_status_descriptors(struct srv_req *req)
-{
-	const struct bm_extent_list *l = &req->ext;
-	size_t max = (req->r.flags & BM_NBD_CMD_FLAG_REQ_ONE) ? 1 : 4096;
-	uint64_t end = req->r.offset + req->r.length, pos = req->r.offset;
-	uint8_t *d;
-	size_t n = 0;
-
-	d = malloc(8 * BM_MIN(max, BM_MAX(l->len, 1)));
-	if (!d)
-		return 0;
-	for (size_t i = 0; i < l->len && n < max && pos < end; i++) {
-		const struct bm_extent *e = &l->v[i];
-		uint64_t e_end = BM_MIN(e->offset + e->length, end);
-		uint64_t len;
-
-		if (e_end <= pos)
-			continue;
-		len = BM_MIN(e_end - pos, UINT32_MAX & ~UINT64_C(511));
-		bm_put_be32(d + 8 * n, (uint32_t)len);
-		bm_put_be32(d + 8 * n + 4, e->flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO));
-		n++;
-		pos += len;
-	}
-	if (n == 0) {
-		/* No map (cannot happen for a successful call): all data. */
-		bm_put_be32(d, req->r.length);
-		bm_put_be32(d + 4, 0);
-		n = 1;
-	}
-	free(req->buf);
-	req->buf = d;
-	return n;
 }
 
 /* Queue the reply for req: its error, or its result. */
@@ -604,7 +584,7 @@ req_reply(struct srv_req *req, uint32_t err)
 			bm_put_be64(h + 20, req->r.offset);
 			hlen = 28;
 		} else if (req->r.type == BM_NBD_CMD_BLOCK_STATUS) {
-			size_t n = block_status_descriptors(req);
+			size_t n = req->bs_n;
 
 			if (!n) {
 				bm_put_be16(h + 6, NBD_REPLY_TYPE_ERROR);
@@ -670,6 +650,193 @@ out:
 	conn_check(c);
 }
 
+/* ---- block status --------------------------------------------------- */
+
+/*
+ * The disk's extent walk may run on the loop thread (lseek for files), and
+ * its cost grows with the extents in the range it is asked about.  So a
+ * BLOCK_STATUS request never asks the disk about its whole range: it asks
+ * in steps of at most BS_STEP_MAX bytes, and the steps of every request
+ * of every connection take turns, one with the disk at a time, so guest
+ * I/O on the loop runs between any two.  A step grows while it finds few
+ * extents and shrinks when it finds many.  The reply describes a prefix
+ * of the range, at most BS_MAX_LENGTH bytes in BS_MAX_DESCRIPTORS
+ * descriptors (the protocol allows it; clients ask again from where it
+ * ended); extents with the same flags on both sides of a step boundary
+ * merge.  A request holds a disk op of its connection from its start to
+ * its reply.
+ */
+
+#define BS_DESC_MAX (UINT32_MAX & ~UINT32_C(511))
+
+static void
+bs_push(struct blockmirror_server *s, struct srv_req *req)
+{
+	req->bs_next = NULL;
+	*s->bs_tail = req;
+	s->bs_tail = &req->bs_next;
+}
+
+/* Done with the disk: reply with what is known, or drop it.  May free the
+ * connection. */
+static void
+bs_finish(struct srv_req *req, int err)
+{
+	struct srv_conn *c = req->conn;
+
+	c->disk_ops--;
+	c->ops--;
+	if (c->dead)
+		req_release(req);
+	else if (req->bs_n)
+		req_reply(req, 0);
+	else
+		req_reply(req, bm_server_nbd_error(err < 0 ? err : -EIO));
+	conn_check(c);
+}
+
+/* Add a step's extents, from bs_pos on, as descriptors; how many were
+ * used. */
+static size_t
+bs_add(struct srv_req *req, const struct bm_extent_list *l)
+{
+	uint8_t *d = req->buf;
+	size_t used = 0;
+
+	for (size_t i = 0; i < l->len && req->bs_pos < req->bs_end; i++) {
+		const struct bm_extent *e = &l->v[i];
+		uint32_t flags = e->flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO);
+		uint64_t e_end = BM_MIN(e->offset + e->length, req->bs_end);
+		uint8_t *last = d + 8 * (req->bs_n ? req->bs_n - 1 : 0);
+		uint64_t len;
+
+		if (e->offset > req->bs_pos)
+			break; /* a gap: nothing to say about it */
+		if (e_end <= req->bs_pos)
+			continue;
+		len = e_end - req->bs_pos;
+		if (req->bs_n && bm_get_be32(last + 4) == flags &&
+		    bm_get_be32(last) + len <= BS_DESC_MAX) {
+			bm_put_be32(last, (uint32_t)(bm_get_be32(last) + len));
+		} else {
+			if (req->bs_n == req->bs_max)
+				break;
+			len = BM_MIN(len, BS_DESC_MAX);
+			bm_put_be32(d + 8 * req->bs_n, (uint32_t)len);
+			bm_put_be32(d + 8 * req->bs_n + 4, flags);
+			req->bs_n++;
+		}
+		req->bs_pos += len;
+		used++;
+	}
+	return used;
+}
+
+static void bs_kick(struct blockmirror_server *s);
+
+static void
+bs_step_done(void *opaque, int err)
+{
+	struct srv_req *req = opaque;
+	struct srv_conn *c = req->conn;
+	struct blockmirror_server *s = c->server;
+	uint64_t before = req->bs_pos;
+	size_t used;
+
+	s->ops++; /* s outlives what follows */
+	s->bs_busy = false;
+	if (c->dead || err < 0) {
+		bs_finish(req, err);
+		goto out;
+	}
+	used = bs_add(req, &s->bs_ext);
+	if (req->bs_pos == before || req->bs_pos >= req->bs_end ||
+	    req->bs_n == req->bs_max || c->closing) {
+		bs_finish(req, 0);
+		goto out;
+	}
+	if (used < 64)
+		req->bs_step = BM_MIN(req->bs_step * 2, BS_STEP_MAX);
+	else if (used > 1024)
+		req->bs_step = BM_MAX(req->bs_step / 2, BS_STEP_MIN);
+	bs_push(s, req);
+out:
+	bs_kick(s);
+	s->ops--;
+	server_check(s);
+}
+
+/* Give the disk the next step, unless one is with it.  Only from a
+ * callback's context: it may reply, and free connections. */
+static void
+bs_kick(struct blockmirror_server *s)
+{
+	while (!s->bs_busy && s->bs_head) {
+		struct srv_req *req = s->bs_head;
+		int err;
+
+		s->bs_head = req->bs_next;
+		if (!s->bs_head)
+			s->bs_tail = &s->bs_head;
+		if (req->conn->dead) {
+			bs_finish(req, -ECONNRESET);
+			continue;
+		}
+		bm_extent_list_reset(&s->bs_ext);
+		s->bs_busy = true;
+		err = bm_disk_aio_block_status(s->disk,
+				BM_MIN(req->bs_step, req->bs_end - req->bs_pos),
+				req->bs_pos, &s->bs_ext, bs_step_done, req);
+		if (err < 0) {
+			s->bs_busy = false;
+			bs_finish(req, err);
+		}
+	}
+	if (!s->bs_busy)
+		bm_extent_list_free(&s->bs_ext); /* one step's worth */
+}
+
+static void
+bs_kick_done(struct bm_op *op, int res)
+{
+	struct blockmirror_server *s =
+		bm_container_of(op, struct blockmirror_server, bs_kick_op);
+
+	s->bs_kick_armed = false;
+	bs_kick(s);
+	s->ops--;
+	server_check(s);
+}
+
+/* Queue a checked BLOCK_STATUS request for its first step. */
+static void
+bs_start(struct srv_req *req)
+{
+	struct srv_conn *c = req->conn;
+	struct blockmirror_server *s = c->server;
+	const struct bm_server_request *r = &req->r;
+
+	req->bs_max = (r->flags & BM_NBD_CMD_FLAG_REQ_ONE) ? 1
+							    : BS_MAX_DESCRIPTORS;
+	req->buf = malloc(8 * req->bs_max);
+	if (!req->buf) {
+		req_reply(req, BM_NBD_ENOMEM);
+		return;
+	}
+	req->bs_pos = r->offset;
+	req->bs_end = r->offset + BM_MIN(r->length, BS_MAX_LENGTH);
+	req->bs_step = BS_STEP_MIN;
+	c->disk_ops++;
+	c->ops++;
+	bs_push(s, req);
+	if (!s->bs_busy && !s->bs_kick_armed) {
+		/* Deferred: the caller goes on using the connection. */
+		s->bs_kick_armed = true;
+		s->ops++;
+		bm_loop_defer(s->loop, &s->bs_kick_op, bs_kick_done, 0);
+	}
+}
+
 static void
 req_submit(struct srv_req *req)
 {
@@ -708,9 +875,8 @@ req_submit(struct srv_req *req)
 							req_disk_done, req);
 		break;
 	case BM_NBD_CMD_BLOCK_STATUS:
-		err = bm_disk_aio_block_status(disk, r->length, r->offset,
-					       &req->ext, req_disk_done, req);
-		break;
+		bs_start(req);
+		return;
 	default:
 		/* CACHE: a hint we may ignore. */
 		req_reply(req, 0);
@@ -827,10 +993,31 @@ read_request(struct srv_conn *c)
 		bm_srv_conn_read(c, c->req_hdr, sizeof c->req_hdr, got_request);
 }
 
+/* Is there a slot for one more client in transmission? */
+bool
+bm_srv_can_serve(const struct srv_conn *c)
+{
+	const struct blockmirror_server *s = c->server;
+
+	return s->nclients - s->nhandshaking < s->max_clients;
+}
+
 void
 bm_srv_start_transmission(struct srv_conn *c)
 {
+	struct blockmirror_server *s = c->server;
+
+	if (!bm_srv_can_serve(c)) {
+		/* Only EXPORT_NAME gets here (GO is refused before): it has
+		 * no way to say no but hanging up. */
+		bm_debug("nbd server %s: %u clients already: closing one "
+			 "after its handshake", s->address, s->max_clients);
+		bm_srv_conn_kill(c);
+		return;
+	}
 	c->transmission = true;
+	s->nhandshaking--;
+	hs_timer_stop(c);
 	bm_debug("nbd server %s: transmission (%s replies)",
 		 c->server->address, c->structured ? "structured" : "simple");
 	read_request(c);
@@ -838,16 +1025,104 @@ bm_srv_start_transmission(struct srv_conn *c)
 
 /* ---- accepting -------------------------------------------------------- */
 
+/*
+ * Who is on the other end, as far as limits go: the family and the
+ * address, only the /64 prefix for IPv6 (one host has them all), the
+ * IPv4 address for an IPv4-mapped one.  0 bytes if not TCP or unknown.
+ */
+static uint8_t
+peer_key(int fd, uint8_t key[17])
+{
+	struct sockaddr_storage ss;
+	socklen_t sl = sizeof ss;
+
+	if (getpeername(fd, (struct sockaddr *)&ss, &sl) < 0)
+		return 0;
+	if (ss.ss_family == AF_INET) {
+		key[0] = 4;
+		memcpy(key + 1, &((struct sockaddr_in *)&ss)->sin_addr, 4);
+		return 5;
+	}
+	if (ss.ss_family == AF_INET6) {
+		const struct in6_addr *a =
+			&((struct sockaddr_in6 *)&ss)->sin6_addr;
+
+		if (IN6_IS_ADDR_V4MAPPED(a)) {
+			key[0] = 4;
+			memcpy(key + 1, a->s6_addr + 12, 4);
+			return 5;
+		}
+		key[0] = 6;
+		memcpy(key + 1, a->s6_addr, 8);
+		return 9;
+	}
+	return 0;
+}
+
+/* Connections from that peer still in the handshake. */
+static unsigned
+peer_handshaking(const struct blockmirror_server *s, const uint8_t *key,
+		 uint8_t len)
+{
+	unsigned n = 0;
+
+	for (const struct srv_conn *c = s->conns; c; c = c->next)
+		if (!c->transmission && c->peer_len == len &&
+		    !memcmp(c->peer, key, len))
+			n++;
+	return n;
+}
+
+/* The handshake took too long: a silent or trickling client (or one
+ * that never finishes TLS) must not hold its slot. */
+static void
+hs_timer_done(struct bm_op *op, int res)
+{
+	struct srv_conn *c = bm_container_of(op, struct srv_conn,
+					     hs_timer.op);
+
+	c->hs_timer.armed = false;
+	c->ops--;
+	if (res == -ETIME && !c->transmission && !c->dead) {
+		bm_debug("nbd server %s: no handshake within %" PRIu64
+			 " s: closing the connection", c->server->address,
+			 c->server->handshake_ns / 1000000000u);
+		bm_srv_conn_kill(c);
+	}
+	conn_check(c);
+}
+
 static void
 conn_new(struct blockmirror_server *s, int fd)
 {
 	struct srv_conn *c;
-	uint8_t *p;
+	uint8_t *p, key[17], key_len = 0;
 	int one = 1;
 
-	if (s->nclients >= s->max_clients) {
+	/* Handshaking clients have slots of their own, and a few per
+	 * address: a flood that never authenticates cannot take the
+	 * slots of clients being served, nor all the handshake slots
+	 * from one address. */
+	if (s->nclients - s->nhandshaking >= s->max_clients) {
 		bm_debug("nbd server %s: %u clients already: refusing one",
-			 s->address, s->nclients);
+			 s->address, s->max_clients);
+		close(fd);
+		return;
+	}
+	if (s->nhandshaking >= MAX_HANDSHAKING) {
+		bm_debug("nbd server %s: %u clients in the handshake "
+			 "already: refusing one", s->address,
+			 s->nhandshaking);
+		close(fd);
+		return;
+	}
+	if (s->tcp)
+		key_len = peer_key(fd, key);
+	if (key_len && peer_handshaking(s, key, key_len) >=
+		       MAX_HANDSHAKING_PER_PEER) {
+		bm_debug("nbd server %s: %u clients from one address in the "
+			 "handshake already: refusing one", s->address,
+			 MAX_HANDSHAKING_PER_PEER);
 		close(fd);
 		return;
 	}
@@ -860,6 +1135,8 @@ conn_new(struct blockmirror_server *s, int fd)
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 	c->server = s;
 	c->fd = fd;
+	memcpy(c->peer, key, key_len);
+	c->peer_len = key_len;
 	queue_init(&c->out);
 	queue_init(&c->wire);
 	c->next = s->conns;
@@ -867,8 +1144,12 @@ conn_new(struct blockmirror_server *s, int fd)
 		s->conns->prev = c;
 	s->conns = c;
 	s->nclients++;
+	s->nhandshaking++;
 	bm_debug("nbd server %s: new connection (%u)", s->address,
 		 s->nclients);
+	c->ops++;
+	bm_loop_timer_start(s->loop, &c->hs_timer, s->handshake_ns,
+			    hs_timer_done);
 	p = bm_srv_msg_alloc(c, 18);
 	if (p) {
 		bm_put_be64(p, NBD_MAGIC);
@@ -1168,6 +1449,7 @@ server_free(struct blockmirror_server *s)
 		gnutls_priority_deinit(s->prio);
 	if (s->psk)
 		gnutls_psk_free_server_credentials(s->psk);
+	bm_extent_list_free(&s->bs_ext);
 	free(s->unix_path);
 	free(s->address);
 	free(s->export_name);
@@ -1206,6 +1488,9 @@ server_start(struct blockmirror_disk *disk, const char *address,
 	if (o.max_clients > 65536)
 		return bm_error(-EINVAL, "max_clients %u is too many",
 				o.max_clients);
+	if (o.handshake_timeout > 24 * 3600)
+		return bm_error(-EINVAL, "handshake_timeout %u s is too long",
+				o.handshake_timeout);
 	r = bm_server_parse_address(address, &a);
 	if (r < 0)
 		return r;
@@ -1218,8 +1503,12 @@ server_start(struct blockmirror_disk *disk, const char *address,
 		return bm_error(-ENOMEM, "out of memory");
 	s->fd = -1;
 	s->disk = disk;
+	s->bs_tail = &s->bs_head;
 	s->readonly = o.readonly || disk->readonly;
 	s->max_clients = o.max_clients ? o.max_clients : DEFAULT_MAX_CLIENTS;
+	s->handshake_ns = (uint64_t)(o.handshake_timeout ?
+				     o.handshake_timeout :
+				     DEFAULT_HANDSHAKE_TIMEOUT) * 1000000000u;
 	s->export_name = strdup(o.export_name ? o.export_name : "");
 	s->description = o.description ? strdup(o.description) : NULL;
 	if (!s->export_name || (o.description && !s->description)) {

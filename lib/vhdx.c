@@ -58,8 +58,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include "backing.h"
 #include "errors.h"
 #include "format.h"
 #include "internal.h"
@@ -407,6 +409,53 @@ check_overlay(struct vhdx *d)
 			d->name, bad);
 }
 
+/* A parent is read only if it is a regular file or a block device. */
+static int
+parent_type_check(const char *path, const struct stat *st)
+{
+	if (S_ISREG(st->st_mode) || S_ISBLK(st->st_mode))
+		return 0;
+	return bm_error(-EINVAL, "%s: the parent is not a regular file or "
+			"block device (%s)", path,
+			S_ISDIR(st->st_mode) ? "a directory" :
+			S_ISFIFO(st->st_mode) ? "a FIFO" :
+			S_ISCHR(st->st_mode) ? "a character device" :
+			S_ISSOCK(st->st_mode) ? "a socket" : "something else");
+}
+
+/*
+ * Open a parent for reading, as bm_file_open does: the type is checked
+ * before the open (opening a FIFO blocks until a writer comes, opening
+ * some character devices does things) and again on the descriptor,
+ * opened with O_NONBLOCK in case the two looks saw different files.
+ */
+static int
+open_parent(const char *path)
+{
+	struct stat st;
+	int fd, r;
+
+	if (stat(path, &st) == 0 && (r = parent_type_check(path, &st)) < 0)
+		return r;
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+	if (fd < 0)
+		return bm_error(-errno, "%s: cannot open the parent: %s", path,
+				strerror(errno));
+	if (fstat(fd, &st) < 0)
+		r = bm_error(-errno, "%s: cannot open the parent: %s", path,
+			     strerror(errno));
+	else
+		r = parent_type_check(path, &st);
+	if (r == 0 && fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_NONBLOCK) < 0)
+		r = bm_error(-errno, "%s: cannot open the parent: %s", path,
+			     strerror(errno));
+	if (r < 0) {
+		close(fd);
+		return r;
+	}
+	return fd;
+}
+
 /* Read the identity of a VHDX parent with plain I/O. */
 static int
 read_parent(const char *path, uint8_t dwg[16], uint64_t *size, uint32_t *lss)
@@ -420,10 +469,9 @@ read_parent(const char *path, uint8_t dwg[16], uint64_t *size, uint32_t *lss)
 
 	if (!buf)
 		return bm_error(-ENOMEM, "%s: out of memory", path);
-	fd = open(path, O_RDONLY | O_CLOEXEC);
+	fd = open_parent(path);
 	if (fd < 0) {
-		r = bm_error(-errno, "%s: cannot open the parent: %s", path,
-			     strerror(errno));
+		r = fd;
 		goto out;
 	}
 	if (pread(fd, buf, VHDX_HEADER_SIZE, VHDX_HEADER1_OFFSET) !=
@@ -484,22 +532,29 @@ resolve(const char *image, const char *rel)
 
 /*
  * A child is valid only over the parent it was made from: the parent's
- * DataWriteGuid must be the recorded linkage.  A parent we cannot read
- * here is left for the engine to report.
+ * DataWriteGuid must be the recorded linkage.  The locator comes from an
+ * untrusted image, so the parent is read only where the backing file
+ * policy (backing.h) lets the engine open it, and at the path the policy
+ * resolved: otherwise a child could have us open a FIFO (and hang) or
+ * tell, in the message below, the identity of any VHDX it names.  A
+ * parent refused or unreadable here is left for the engine to report
+ * (bm_backing_open refuses it with the same words).
  */
 static int
 check_linkage(struct vhdx *d, const char *parent)
 {
-	char *path = resolve(d->name, parent), g[39];
+	char *path = NULL, g[39];
 	uint8_t dwg[16];
 	uint64_t size;
 	uint32_t lss;
 	int r;
 
-	if (!path)
-		return bm_error(-ENOMEM, "%s: out of memory", d->name);
-	r = read_parent(path, dwg, &size, &lss);
+	r = bm_backing_check_in_chain(d->name, parent, &path);
+	if (r == 0)
+		r = read_parent(path, dwg, &size, &lss);
 	free(path);
+	if (r == -ENOMEM)
+		return r;
 	if (r < 0) {
 		bm_error_clear();
 		return 0;

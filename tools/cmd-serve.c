@@ -5,21 +5,32 @@
  *
  * Threads: the library's loop thread runs the disk, the NBD server and a
  * move; this thread runs the control socket with poll(2).  Job events are
- * produced on the loop thread; on_event turns each into a JSON line and
- * writes it to a pipe, which this thread reads and forwards to the client
- * that started the move.  This thread also performs the pivot when a move
- * asked for one and its READY event arrives, and frees ended jobs (never
- * on the loop thread).
+ * produced on the loop thread; on_event queues each (see "events from the
+ * loop" for why none is ever lost) and this thread turns them into JSON
+ * lines for the client that started the move.  This thread also performs
+ * the pivot when a move asked for one and its READY event arrives, and
+ * frees ended jobs (never on the loop thread).  Job-ending events are
+ * processed whether or not any client is there to see them.
+ *
+ * This thread never waits for a client.  Sockets are non-blocking; each
+ * client has an output queue sent as fast as it reads.  A client whose
+ * queue holds OUT_PAUSE bytes has no more of its commands read until it
+ * takes them (so one that pipelines commands without reading only slows
+ * itself); one whose queue still grows past OUT_MAX (events it does not
+ * read) is disconnected.  Each poll round reads at most LINES_PER_ROUND
+ * commands from each client, so a flooding client cannot starve others.
  */
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
 #include <limits.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -30,12 +41,17 @@
 #include "bmirror.h"
 #include "control.h"
 
-#define MAX_CLIENTS 16
+#define MAX_CLIENTS 64
+#define LINES_PER_ROUND 16          /* commands per client per poll round */
+#define OUT_PAUSE (64 * 1024)       /* queued output that pauses reading */
+#define OUT_MAX (1024 * 1024)       /* queued output that disconnects */
 #define BM_MIN_U64(a, b) ((uint64_t)(a) < (uint64_t)(b) ? (uint64_t)(a) : (uint64_t)(b))
 
 struct client {
-	int fd;
+	int fd;                       /* -1: a free slot */
 	struct line_reader rd;
+	struct line_out out;          /* lines not yet taken by the client */
+	bool eof;                     /* it sent EOF: close once out is sent */
 };
 
 struct serve {
@@ -44,13 +60,14 @@ struct serve {
 	const char *link;
 	const char *control_path;
 	int listen_fd;
-	int event_pipe[2];
+	int event_fd;                 /* wakes this thread for queued events */
 	int signal_fd;
 	struct client clients[MAX_CLIENTS];
-	struct line_reader event_rd;
 
 	struct blockmirror_job *job;
-	int job_client;               /* fd of the client that started it, -1 */
+	unsigned job_gen;             /* tags the job's events (event_data) */
+	int job_client;               /* index of the client that started it,
+				       * -1 */
 	bool job_pivot;               /* pivot when READY */
 	bool job_ended;
 	double job_start;
@@ -58,6 +75,8 @@ struct serve {
 	bool quit;
 	char **allow_dirs;            /* --allow-dir, canonical */
 	size_t n_allow;
+	char **allow_nbd;             /* --allow-nbd, "unix:" paths canonical */
+	size_t n_allow_nbd;
 
 	/* Crash-resumable state (docs/state.md). */
 	const char *state_dir;        /* NULL: moves keep none */
@@ -87,13 +106,106 @@ static const char *const event_names[] = {
 	[BLOCKMIRROR_EVENT_RESUMED] = "RESUMED",
 };
 
-/* On the loop thread: serialise and hand over through the pipe. */
+/*
+ * Job events, from the loop thread to this one.  None may be lost: a lost
+ * COMPLETED would leave the job running as far as this thread knows and
+ * refuse every later move (EBUSY), a lost READY the automatic pivot.  So
+ * on_event appends to an unbounded list under a mutex and only wakes this
+ * thread through an eventfd (a failed wake-up loses nothing: the counter
+ * is non-zero already).  A node that cannot be allocated is replaced by
+ * one kept aside per event type; only a repeat of the same type before
+ * this thread catches up can be lost then, never READY or a job-ending
+ * event, which come once per job.  Each event carries its job's
+ * generation, so one left over from an earlier job is never taken for
+ * the current one's.
+ */
+struct ev_node {
+	struct ev_node *next;
+	unsigned gen;
+	bool spare;                   /* one of EQ.spares */
+	struct blockmirror_event ev;  /* .message: malloc'd copy, or NULL */
+};
+
+#define N_EVENT_TYPES (BLOCKMIRROR_EVENT_RESUMED + 1)
+
+static struct {
+	pthread_mutex_t lock;
+	struct ev_node *head, **tail;
+	struct ev_node spares[N_EVENT_TYPES];
+	bool spare_busy[N_EVENT_TYPES];
+} EQ = { .lock = PTHREAD_MUTEX_INITIALIZER, .tail = &EQ.head };
+
+/* On the loop thread: copy the event and queue it for this thread. */
 static void
 on_event(void *data, const struct blockmirror_event *ev)
 {
-	json_t *o = json_pack("{s:s}", "event", event_names[ev->type]);
-	char *s;
+	unsigned t = (unsigned)ev->type;
+	char *msg;
+	struct ev_node *n;
+	uint64_t one = 1;
 
+	if (t == 0 || t >= N_EVENT_TYPES || !event_names[t])
+		return; /* a type this program does not know */
+	msg = ev->message ? strdup(ev->message) : NULL;
+	n = malloc(sizeof *n);
+	pthread_mutex_lock(&EQ.lock);
+	if (!n && !EQ.spare_busy[t]) {
+		EQ.spare_busy[t] = true;
+		n = &EQ.spares[t];
+		n->spare = true;
+	} else if (n) {
+		n->spare = false;
+	}
+	if (n) {
+		n->next = NULL;
+		n->gen = (unsigned)(uintptr_t)data;
+		n->ev = *ev;
+		n->ev.message = msg;
+		*EQ.tail = n;
+		EQ.tail = &n->next;
+	}
+	pthread_mutex_unlock(&EQ.lock);
+	if (!n)
+		free(msg);
+	if (write(S.event_fd, &one, sizeof one) < 0) {
+		/* EAGAIN: the counter is non-zero, this thread wakes anyway. */
+	}
+}
+
+/* Take every queued event off the list (this thread). */
+static struct ev_node *
+take_events(void)
+{
+	struct ev_node *list;
+
+	pthread_mutex_lock(&EQ.lock);
+	list = EQ.head;
+	EQ.head = NULL;
+	EQ.tail = &EQ.head;
+	pthread_mutex_unlock(&EQ.lock);
+	return list;
+}
+
+static void
+free_event(struct ev_node *n)
+{
+	free((char *)n->ev.message);
+	if (!n->spare) {
+		free(n);
+		return;
+	}
+	pthread_mutex_lock(&EQ.lock);
+	EQ.spare_busy[n->ev.type] = false;
+	pthread_mutex_unlock(&EQ.lock);
+}
+
+static json_t *
+event_json(const struct blockmirror_event *ev)
+{
+	json_t *o = json_pack("{s:s}", "event", event_names[ev->type]);
+
+	if (!o)
+		return NULL;
 	if (ev->err)
 		json_object_set_new(o, "errno", json_integer(ev->err));
 	if (ev->message)
@@ -109,18 +221,10 @@ on_event(void *data, const struct blockmirror_event *ev)
 	if (ev->type == BLOCKMIRROR_EVENT_MODE_CHANGED)
 		json_object_set_new(o, "mode",
 				    json_string(blockmirror_mode_name(ev->mode)));
-	s = json_dumps(o, JSON_COMPACT | JSON_PRESERVE_ORDER);
-	json_decref(o);
-	if (s) {
-		size_t len = strlen(s);
-
-		s[len++] = '\n';
-		if (write(S.event_pipe[1], s, len) < 0) {
-			/* The pipe is large enough for any burst we make. */
-		}
-		free(s);
-	}
+	return o;
 }
+
+static void client_send(int ci, json_t *obj);
 
 static json_t *
 error_reply(int err, const char *msg)
@@ -197,12 +301,28 @@ parse_mode(const char *s, enum blockmirror_mode *out)
 	return true;
 }
 
+/* The destination a move asked for, checked (control_check_destination)
+ * into dest, the name to open. */
+static int
+check_destination(const char *to, bool create, char *dest, size_t destlen,
+		  char *why, size_t whylen)
+{
+	const struct control_allow allow = {
+		.dirs = S.allow_dirs, .n_dirs = S.n_allow,
+		.nbd = S.allow_nbd, .n_nbd = S.n_allow_nbd,
+	};
+
+	return control_check_destination(to, blockmirror_nbd_is_uri(to),
+					 create, &allow, dest, destlen, why,
+					 whylen);
+}
+
 static json_t *
-ctl_move(json_t *req, int client_fd)
+ctl_move(json_t *req, int ci)
 {
 	struct blockmirror_job_options o = { .size = sizeof o };
 	const char *to = json_string_value(json_object_get(req, "to"));
-	char why[PATH_MAX + 128];
+	char why[PATH_MAX + 128], dest[PATH_MAX];
 	int bad;
 	const char *fmt = json_string_value(json_object_get(req, "format"));
 	const char *mode = json_string_value(json_object_get(req, "mode"));
@@ -211,8 +331,8 @@ ctl_move(json_t *req, int client_fd)
 
 	if (!to)
 		return error_reply(-EINVAL, "move needs \"to\"");
-	bad = control_check_destination(to, S.allow_dirs, S.n_allow, why,
-					sizeof why);
+	bad = check_destination(to, json_is_true(create), dest, sizeof dest,
+				why, sizeof why);
 	if (bad < 0)
 		return error_reply(bad, why);
 	if (S.job && !S.job_ended)
@@ -269,13 +389,14 @@ ctl_move(json_t *req, int client_fd)
 	o.link = S.link;
 	o.state_dir = S.state_dir; /* a new move replaces any old state */
 	o.on_event = on_event;
-	o.event_data = NULL;
+	/* Generation 0 is a recovered move's (start_recovered_move). */
+	o.event_data = (void *)(uintptr_t)++S.job_gen;
 	S.job_ended = false;
 	S.job_pivot = !json_is_false(pivot);
-	S.job_client = client_fd;
+	S.job_client = ci;
 	S.job_start = now_s();
 	snprintf(S.job_mode, sizeof S.job_mode, "%s", mode ? mode : "active");
-	S.job = blockmirror_job_start(S.disk, to, &o);
+	S.job = blockmirror_job_start(S.disk, dest, &o);
 	if (!S.job)
 		return lib_error_reply(-errno);
 	return json_pack("{s:{s:s}}", "return", "state", "started");
@@ -324,10 +445,11 @@ ctl_job(const char *cmd, json_t *req)
  * goes on meanwhile.  Blocking: the control socket waits, NBD does not.
  */
 static json_t *
-ctl_move_base(json_t *req, int client_fd)
+ctl_move_base(json_t *req, int ci)
 {
 	const char *to = json_string_value(json_object_get(req, "to"));
-	char why[PATH_MAX + 128], *img;
+	bool create = json_is_true(json_object_get(req, "create"));
+	char why[PATH_MAX + 128], dest[PATH_MAX], *img;
 	struct blockmirror_image_info ii = { .size = sizeof ii };
 	struct blockmirror_copy_options co = { .size = sizeof co };
 	struct blockmirror_verify_result vr = { .size = sizeof vr };
@@ -337,10 +459,10 @@ ctl_move_base(json_t *req, int client_fd)
 
 	if (!to)
 		return error_reply(-EINVAL, "move needs \"to\"");
-	r = control_check_destination(to, S.allow_dirs, S.n_allow, why,
-				      sizeof why);
+	r = check_destination(to, create, dest, sizeof dest, why, sizeof why);
 	if (r < 0)
 		return error_reply(r, why);
+	to = dest;
 	if (S.job && !S.job_ended)
 		return error_reply(-EBUSY, "a move is already running");
 	img = blockmirror_disk_get_image(S.disk);
@@ -352,7 +474,7 @@ ctl_move_base(json_t *req, int client_fd)
 	if (!ii.backing_path[0])
 		return error_reply(-EINVAL, "the served image has no backing "
 				   "file");
-	if (json_is_true(json_object_get(req, "create"))) {
+	if (create) {
 		co.src_format = ii.backing_format;
 		r = blockmirror_copy(ii.backing_path, to, &co, NULL);
 		if (r < 0)
@@ -371,13 +493,12 @@ ctl_move_base(json_t *req, int client_fd)
 	ev = json_pack("{s:s, s:b, s:s, s:s, s:f}", "event", "COMPLETED",
 		       "pivoted", 1, "old_base", ii.backing_path, "base", to,
 		       "elapsed_s", now_s() - t0);
-	if (ev)
-		line_write(client_fd, ev);
+	client_send(ci, ev);
 	return json_pack("{s:{s:s}}", "return", "state", "completed");
 }
 
 static json_t *
-handle(json_t *req, int client_fd)
+handle(json_t *req, int ci)
 {
 	struct control_request cr;
 	const char *cmd, *why;
@@ -390,9 +511,9 @@ handle(json_t *req, int client_fd)
 		return ctl_query();
 	if (strcmp(cmd, "move") == 0 &&
 	    json_is_true(json_object_get(req, "base")))
-		return ctl_move_base(req, client_fd);
+		return ctl_move_base(req, ci);
 	if (strcmp(cmd, "move") == 0)
-		return ctl_move(req, client_fd);
+		return ctl_move(req, ci);
 	if (strcmp(cmd, "cancel") == 0 || strcmp(cmd, "pause") == 0 ||
 	    strcmp(cmd, "resume") == 0 || strcmp(cmd, "complete") == 0 ||
 	    strcmp(cmd, "set-speed") == 0 || strcmp(cmd, "set-mode") == 0)
@@ -428,9 +549,8 @@ forward_event(json_t *ev)
 		json_object_set_new(ev, "mode", json_string(S.job_mode));
 		json_decref(info);
 	}
-	if (S.job_client >= 0 &&
-	    line_write(S.job_client, json_incref(ev)) < 0)
-		S.job_client = -1; /* it went away; the move goes on */
+	/* If the client is gone or drops out here, the move goes on. */
+	client_send(S.job_client, json_incref(ev));
 	if (name && strcmp(name, "READY") == 0 && S.job_pivot) {
 		int r = blockmirror_job_complete(S.job);
 
@@ -438,12 +558,40 @@ forward_event(json_t *ev)
 			json_t *e = json_pack("{s:s, s:i}", "event",
 					      "PIVOT_FAILED", "errno", -r);
 
-			json_object_set_new(e, "message", json_string(
-				blockmirror_last_error()));
-			line_write(S.job_client, e);
+			if (e)
+				json_object_set_new(e, "message", json_string(
+					blockmirror_last_error()));
+			client_send(S.job_client, e);
 		}
 	}
 	json_decref(ev);
+}
+
+/* Forward the queued events of the current job, in order. */
+static void
+deliver_events(void)
+{
+	struct ev_node *list, *n;
+	uint64_t count;
+
+	if (read(S.event_fd, &count, sizeof count) < 0) {
+		/* EAGAIN: a wake-up for events already taken */
+	}
+	list = take_events();
+	while ((n = list)) {
+		list = n->next;
+		if (n->gen == S.job_gen && S.job) {
+			json_t *ev = event_json(&n->ev);
+
+			if (ev)
+				forward_event(ev);
+			else if (n->ev.type == BLOCKMIRROR_EVENT_COMPLETED ||
+				 n->ev.type == BLOCKMIRROR_EVENT_CANCELLED ||
+				 n->ev.type == BLOCKMIRROR_EVENT_FAILED)
+				S.job_ended = true; /* told nobody, but over */
+		}
+		free_event(n);
+	}
 }
 
 /* ---- sockets ---------------------------------------------------------- */
@@ -508,7 +656,7 @@ listen_control(const char *path)
 	 * changing the umask behind the loop thread's back. */
 	if (fchmod(fd, 0600) < 0 ||
 	    bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0 ||
-	    listen(fd, 16) < 0) {
+	    listen(fd, MAX_CLIENTS) < 0) {
 		tool_error("%s: %s", path, strerror(errno));
 		close(fd);
 		return -1;
@@ -519,26 +667,142 @@ listen_control(const char *path)
 static void
 drop_client(struct client *c)
 {
-	if (S.job_client == c->fd)
+	if (S.job_client == (int)(c - S.clients))
 		S.job_client = -1;
 	close(c->fd);
 	c->fd = -1;
+	c->rd.len = 0;
+	c->eof = false;
+	line_out_free(&c->out);
+}
+
+/*
+ * Queue a line for client `ci` (-1 or a free slot: nobody, the line is
+ * dropped) and send what its socket takes now.  A client that is gone, or
+ * that has let more than OUT_MAX bytes pile up, is disconnected.  Steals
+ * obj (NULL: nothing is sent).
+ */
+static void
+client_send(int ci, json_t *obj)
+{
+	struct client *c = ci >= 0 ? &S.clients[ci] : NULL;
+
+	if (!c || c->fd < 0 || !obj) {
+		json_decref(obj);
+		return;
+	}
+	if (line_out_add(&c->out, obj) < 0 ||
+	    line_out_flush(&c->out, c->fd) < 0) {
+		drop_client(c);
+		return;
+	}
+	if (c->out.len > OUT_MAX) {
+		fprintf(stderr, "bmirror serve: %s: disconnected a control "
+			"client that left %zu bytes unread\n", S.control_path,
+			c->out.len);
+		drop_client(c);
+	}
+}
+
+/* Are the client's commands read now?  Not after its EOF, nor while its
+ * answers pile up unread. */
+static bool
+client_reads(const struct client *c)
+{
+	return c->fd >= 0 && !c->eof && c->out.len < OUT_PAUSE;
+}
+
+/* Run up to LINES_PER_ROUND of the client's commands. */
+static void
+client_commands(int ci)
+{
+	struct client *c = &S.clients[ci];
+
+	for (int k = 0; k < LINES_PER_ROUND && client_reads(c) && !S.quit;
+	     k++) {
+		json_t *req, *reply;
+		int r = line_read(&c->rd, &req);
+
+		if (r == -EAGAIN)
+			return;
+		if (r == 0) {
+			c->eof = true; /* a partial last line is dropped */
+			return;
+		}
+		if (r < 0 && r != -EPROTO) {
+			drop_client(c); /* -EMSGSIZE, or the socket failed */
+			return;
+		}
+		reply = req ? handle(req, ci)
+			    : error_reply(-EPROTO, "not a JSON object");
+		json_decref(req);
+		client_send(ci, reply);
+	}
+}
+
+static void
+accept_clients(void)
+{
+	/* A bounded number per round: the rest wait in the backlog. */
+	for (int k = 0; k < MAX_CLIENTS; k++) {
+		int fd = accept4(S.listen_fd, NULL, NULL,
+				 SOCK_CLOEXEC | SOCK_NONBLOCK);
+		int i;
+
+		if (fd < 0)
+			return;
+		if (!peer_allowed(fd)) {
+			close(fd);
+			continue;
+		}
+		for (i = 0; i < MAX_CLIENTS; i++)
+			if (S.clients[i].fd < 0)
+				break;
+		if (i == MAX_CLIENTS) {
+			struct line_out o = { 0 };
+
+			/* Said once, without waiting: then closed. */
+			if (line_out_add(&o, error_reply(-EBUSY, "too many "
+					 "control clients")) == 0)
+				line_out_flush(&o, fd);
+			line_out_free(&o);
+			close(fd);
+			continue;
+		}
+		S.clients[i].fd = fd;
+		S.clients[i].rd.fd = fd;
+		S.clients[i].rd.len = 0;
+		S.clients[i].eof = false;
+		S.clients[i].out.len = 0;
+	}
 }
 
 static void
 serve_loop(void)
 {
+	struct pollfd p[MAX_CLIENTS + 3];
+
 	while (!S.quit) {
-		struct pollfd p[MAX_CLIENTS + 3];
-		int n = 0;
+		int n = 0, timeout = -1;
 
 		p[n++] = (struct pollfd){ .fd = S.listen_fd, .events = POLLIN };
-		p[n++] = (struct pollfd){ .fd = S.event_pipe[0], .events = POLLIN };
+		p[n++] = (struct pollfd){ .fd = S.event_fd, .events = POLLIN };
 		p[n++] = (struct pollfd){ .fd = S.signal_fd, .events = POLLIN };
-		for (int i = 0; i < MAX_CLIENTS; i++)
-			p[n++] = (struct pollfd){ .fd = S.clients[i].fd,
-						  .events = POLLIN };
-		if (poll(p, (nfds_t)n, -1) < 0) {
+		for (int i = 0; i < MAX_CLIENTS; i++) {
+			struct client *c = &S.clients[i];
+			short ev = 0;
+
+			if (client_reads(c)) {
+				ev |= POLLIN;
+				/* Lines left over from the last round. */
+				if (line_pending(&c->rd))
+					timeout = 0;
+			}
+			if (c->fd >= 0 && c->out.len)
+				ev |= POLLOUT;
+			p[n++] = (struct pollfd){ .fd = c->fd, .events = ev };
+		}
+		if (poll(p, (nfds_t)n, timeout) < 0) {
 			if (errno == EINTR)
 				continue;
 			break;
@@ -549,53 +813,25 @@ serve_loop(void)
 			if (read(S.signal_fd, &si, sizeof si) > 0)
 				S.quit = true;
 		}
-		if (p[1].revents) {
-			json_t *ev;
-			int r;
-
-			while ((r = line_read(&S.event_rd, &ev)) == 1 ||
-			       r == -EPROTO)
-				if (ev)
-					forward_event(ev);
-		}
-		if (p[0].revents) {
-			int fd = accept4(S.listen_fd, NULL, NULL,
-					 SOCK_CLOEXEC | SOCK_NONBLOCK);
-			int i;
-
-			if (fd >= 0 && !peer_allowed(fd)) {
-				close(fd);
-				fd = -1;
-			}
-
-			for (i = 0; fd >= 0 && i < MAX_CLIENTS; i++)
-				if (S.clients[i].fd < 0) {
-					S.clients[i].fd = fd;
-					S.clients[i].rd.fd = fd;
-					S.clients[i].rd.len = 0;
-					break;
-				}
-			if (fd >= 0 && i == MAX_CLIENTS)
-				close(fd);
-		}
-		for (int i = 0; i < MAX_CLIENTS; i++) {
+		/* Events first: a job's end frees the way for a new move. */
+		if (p[1].revents)
+			deliver_events();
+		if (p[0].revents)
+			accept_clients();
+		for (int i = 0; i < MAX_CLIENTS && !S.quit; i++) {
 			struct client *c = &S.clients[i];
-			json_t *req;
-			int r;
+			short re = p[3 + i].revents;
 
-			if (c->fd < 0 || !p[3 + i].revents)
+			if (c->fd < 0)
 				continue;
-			while ((r = line_read(&c->rd, &req)) == 1 ||
-			       r == -EPROTO) {
-				json_t *reply = req ? handle(req, c->fd)
-					: error_reply(-EPROTO, "not a JSON "
-						      "object");
-
-				json_decref(req);
-				if (line_write(c->fd, reply) < 0)
-					break;
+			if (c->out.len && (re & (POLLOUT | POLLERR | POLLHUP)) &&
+			    line_out_flush(&c->out, c->fd) < 0) {
+				drop_client(c);
+				continue;
 			}
-			if (r != -EAGAIN && r != 1 && r != -EPROTO)
+			if (client_reads(c) && (re || line_pending(&c->rd)))
+				client_commands(i);
+			if (c->fd >= 0 && c->eof && !c->out.len)
 				drop_client(c);
 		}
 	}
@@ -625,9 +861,49 @@ add_allow_dir(const char *dir)
 	return 0;
 }
 
+/* --allow-nbd HOST | unix:SOCKET: a socket's path kept canonical, as
+ * control_check_destination wants. */
+static int
+add_allow_nbd(const char *arg)
+{
+	char canon[PATH_MAX], why[PATH_MAX + 128], *e, **v;
+
+	if (strncmp(arg, "unix:", 5) == 0) {
+		if (control_canonical_path(arg + 5, canon, sizeof canon, why,
+					   sizeof why) < 0)
+			return tool_usage_error("--allow-nbd %s", why);
+		if (asprintf(&e, "unix:%s", canon) < 0)
+			return -1;
+	} else {
+		size_t n = strlen(arg);
+
+		if (!n || strspn(arg, "abcdefghijklmnopqrstuvwxyz"
+			     "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]") != n)
+			return tool_usage_error("--allow-nbd takes a host name "
+						"or address, or unix:PATH, "
+						"not '%s'", arg);
+		e = strdup(arg);
+		if (!e)
+			return -1;
+	}
+	v = realloc(S.allow_nbd, (S.n_allow_nbd + 1) * sizeof *v);
+	if (!v) {
+		free(e);
+		return -1;
+	}
+	v[S.n_allow_nbd++] = e;
+	S.allow_nbd = v;
+	return 0;
+}
+
 static void
 free_allow_dirs(void)
 {
+	for (size_t i = 0; i < S.n_allow_nbd; i++)
+		free(S.allow_nbd[i]);
+	free(S.allow_nbd);
+	S.allow_nbd = NULL;
+	S.n_allow_nbd = 0;
 	for (size_t i = 0; i < S.n_allow; i++)
 		free(S.allow_dirs[i]);
 	free(S.allow_dirs);
@@ -762,13 +1038,19 @@ help(void)
 	       "                     [--export-name NAME] [--readonly] "
 	       "[--tls-psk-file FILE]\n"
 	       "                     [--allow-dir DIR]... "
+	       "[--allow-nbd HOST|unix:SOCKET]...\n"
+	       "                     [--handshake-timeout SECONDS] "
 	       "(IMAGE | --link LINK)\n\n"
 	       "Export IMAGE (or the image LINK points to) over NBD and take "
 	       "commands on the\ncontrol socket (bmirror move, status, "
 	       "cancel, pause, resume).  With --link, a\nmove's pivot "
-	       "re-points LINK at the destination.  With --allow-dir, moves "
-	       "may only write\ninto those directories.  Runs until SIGTERM, "
-	       "SIGINT or a quit command.\n");
+	       "re-points LINK at the destination.  With --allow-dir or "
+	       "--allow-nbd,\nmoves may only write into those directories "
+	       "and to those NBD servers.  Runs until SIGTERM, "
+	       "SIGINT or a quit command.\n"
+	       "An NBD client that has not finished its handshake "
+	       "(TLS included) after\n--handshake-timeout seconds "
+	       "(default 10) is disconnected.\n");
 	printf("\nA move keeps crash-resumable state in --state-dir DIR "
 	       "(with --link, by\ndefault LINK.bmirror-state; --no-state: "
 	       "none).  Started again after a\ncrash, serve resumes the move "
@@ -779,7 +1061,8 @@ int
 cmd_serve(int argc, char **argv)
 {
 	enum { OPT_NBD = 256, OPT_CONTROL, OPT_LINK, OPT_EXPORT, OPT_READONLY,
-	       OPT_PSK, OPT_ALLOW_DIR, OPT_HELP, OPT_STATE_DIR, OPT_NO_STATE };
+	       OPT_PSK, OPT_ALLOW_DIR, OPT_HELP, OPT_STATE_DIR, OPT_NO_STATE,
+	       OPT_ALLOW_NBD, OPT_HANDSHAKE };
 	static const struct option longopts[] = {
 		{ "nbd", required_argument, NULL, OPT_NBD },
 		{ "control", required_argument, NULL, OPT_CONTROL },
@@ -788,8 +1071,10 @@ cmd_serve(int argc, char **argv)
 		{ "readonly", no_argument, NULL, OPT_READONLY },
 		{ "tls-psk-file", required_argument, NULL, OPT_PSK },
 		{ "allow-dir", required_argument, NULL, OPT_ALLOW_DIR },
+		{ "allow-nbd", required_argument, NULL, OPT_ALLOW_NBD },
 		{ "state-dir", required_argument, NULL, OPT_STATE_DIR },
 		{ "no-state", no_argument, NULL, OPT_NO_STATE },
+		{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE },
 		{ "help", no_argument, NULL, OPT_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -803,7 +1088,7 @@ cmd_serve(int argc, char **argv)
 	char *link_target = NULL;
 
 	opterr = 0;
-	S.listen_fd = S.signal_fd = -1;
+	S.listen_fd = S.signal_fd = S.event_fd = -1;
 	S.job_client = -1;
 	while ((c = getopt_long(argc, argv, ":f:h", longopts, NULL)) != -1) {
 		switch (c) {
@@ -834,12 +1119,30 @@ cmd_serve(int argc, char **argv)
 			if (add_allow_dir(optarg) < 0)
 				return EXIT_USAGE;
 			break;
+		case OPT_ALLOW_NBD:
+			if (add_allow_nbd(optarg) < 0)
+				return EXIT_USAGE;
+			break;
 		case OPT_STATE_DIR:
 			S.state_dir = optarg;
 			break;
 		case OPT_NO_STATE:
 			no_state = true;
 			break;
+		case OPT_HANDSHAKE: {
+			char *end;
+			unsigned long v;
+
+			errno = 0;
+			v = strtoul(optarg, &end, 10);
+			if (errno || end == optarg || *end || v == 0 ||
+			    v > 86400 || optarg[0] == '-')
+				return tool_usage_error("--handshake-timeout: "
+					"'%s' is not a number of seconds from "
+					"1 to 86400", optarg);
+			so.handshake_timeout = (unsigned)v;
+			break;
+		}
 		case 'h':
 		case OPT_HELP:
 			help();
@@ -884,12 +1187,11 @@ cmd_serve(int argc, char **argv)
 	pthread_sigmask(SIG_BLOCK, &mask, NULL);
 	signal(SIGPIPE, SIG_IGN);
 	S.signal_fd = signalfd(-1, &mask, SFD_CLOEXEC);
-	if (pipe2(S.event_pipe, O_CLOEXEC | O_NONBLOCK) < 0) {
-		tool_error("pipe: %s", strerror(errno));
+	S.event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (S.event_fd < 0) {
+		tool_error("eventfd: %s", strerror(errno));
 		return EXIT_FAILED;
 	}
-	fcntl(S.event_pipe[1], F_SETPIPE_SZ, 1 << 20);
-	S.event_rd.fd = S.event_pipe[0];
 	for (int i = 0; i < MAX_CLIENTS; i++)
 		S.clients[i].fd = -1;
 
@@ -900,16 +1202,21 @@ cmd_serve(int argc, char **argv)
 	}
 	if (blockmirror_disk_start_thread(S.disk) < 0)
 		goto fail_disk;
-	S.server = blockmirror_server_start(S.disk, nbd, &so);
-	if (!S.server)
-		goto fail_disk;
-	S.listen_fd = listen_control(S.control_path);
-	if (S.listen_fd < 0) {
+	/* A move a crash left is taken up before the guest can write: a
+	 * write that reached the source before the resumed job watches
+	 * would be missing on the destination. */
+	if (state_setup(no_state, image) < 0) {
 		status = EXIT_FAILED;
 		goto out;
 	}
-
-	if (state_setup(no_state, image) < 0) {
+	S.server = blockmirror_server_start(S.disk, nbd, &so);
+	if (!S.server) {
+		tool_lib_error();
+		status = EXIT_FAILED;
+		goto out;
+	}
+	S.listen_fd = listen_control(S.control_path);
+	if (S.listen_fd < 0) {
 		status = EXIT_FAILED;
 		goto out;
 	}
@@ -922,9 +1229,21 @@ out:
 			blockmirror_job_cancel(S.job, true);
 		blockmirror_job_free(S.job);
 	}
-	for (int i = 0; i < MAX_CLIENTS; i++)
-		if (S.clients[i].fd >= 0)
-			close(S.clients[i].fd);
+	/* Events the job sent to the end; answers (quit's) once, unwaited. */
+	for (struct ev_node *n = take_events(), *next; n; n = next) {
+		next = n->next;
+		free_event(n);
+	}
+	if (S.event_fd >= 0)
+		close(S.event_fd);
+	for (int i = 0; i < MAX_CLIENTS; i++) {
+		struct client *cl = &S.clients[i];
+
+		if (cl->fd < 0)
+			continue;
+		line_out_flush(&cl->out, cl->fd);
+		drop_client(cl);
+	}
 	if (S.listen_fd >= 0) {
 		close(S.listen_fd);
 		unlink(S.control_path);

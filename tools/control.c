@@ -2,13 +2,24 @@
 /*
  * Line I/O for the control protocol.  A line longer than the reader's
  * buffer is an error (-EMSGSIZE) and the connection should be dropped:
- * no command needs 64 KiB.
+ * no command needs 64 KiB.  Clients write with line_write (blocking); the
+ * server queues its lines (struct line_out) and sends them only as fast
+ * as each client reads: it never waits for one.
  *
  * Also the server's checks on what a command asks for: members of the
  * right types (control_parse_request) and destinations inside what the
  * operator allowed (control_check_destination).  A control client is
  * trusted only as far as the socket's owner trusts it (SECURITY.md).
+ *
+ * Destinations: the invariant is that the rules are applied to what the
+ * library will open.  So the caller classifies `to` with the library's
+ * own rule (blockmirror_nbd_is_uri: a path may well contain "://"), a
+ * confined path is checked and then opened by its canonical name (the
+ * directory resolved once, here), and an NBD URI is allowed only in a
+ * plain form whose host or socket cannot read differently to libnbd
+ * (no percent-escapes, user information, fragment or other query).
  */
+#include <ctype.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
@@ -90,6 +101,86 @@ line_write(int fd, json_t *obj)
 	}
 	free(s);
 	return r;
+}
+
+bool
+line_pending(const struct line_reader *r)
+{
+	return memchr(r->buf, '\n', r->len) != NULL;
+}
+
+int
+line_out_add(struct line_out *o, json_t *obj)
+{
+	char *s = json_dumps(obj, JSON_COMPACT | JSON_PRESERVE_ORDER);
+	size_t len;
+
+	json_decref(obj);
+	if (!s)
+		return -ENOMEM;
+	len = strlen(s);
+	if (o->cap - o->len < len + 1) {
+		size_t cap = o->cap ? o->cap : 4096;
+		char *b;
+
+		while (cap - o->len < len + 1) {
+			if (cap > SIZE_MAX / 2) {
+				free(s);
+				return -ENOMEM;
+			}
+			cap *= 2;
+		}
+		b = realloc(o->buf, cap);
+		if (!b) {
+			free(s);
+			return -ENOMEM;
+		}
+		o->buf = b;
+		o->cap = cap;
+	}
+	memcpy(o->buf + o->len, s, len);
+	o->buf[o->len + len] = '\n';
+	o->len += len + 1;
+	free(s);
+	return 0;
+}
+
+int
+line_out_flush(struct line_out *o, int fd)
+{
+	size_t off = 0;
+	int r = 0;
+
+	while (off < o->len) {
+		ssize_t n = send(fd, o->buf + off, o->len - off,
+				 MSG_NOSIGNAL | MSG_DONTWAIT);
+
+		if (n < 0) {
+			if (errno == EINTR)
+				continue;
+			if (errno != EAGAIN && errno != EWOULDBLOCK)
+				r = -errno;
+			break;
+		}
+		off += (size_t)n;
+	}
+	memmove(o->buf, o->buf + off, o->len - off);
+	o->len -= off;
+	/* A burst that is out gives its memory back. */
+	if (o->len == 0 && o->cap > 65536) {
+		free(o->buf);
+		o->buf = NULL;
+		o->cap = 0;
+	}
+	return r;
+}
+
+void
+line_out_free(struct line_out *o)
+{
+	free(o->buf);
+	o->buf = NULL;
+	o->len = o->cap = 0;
 }
 
 int
@@ -231,49 +322,235 @@ path_within(const char *p, const char *dir)
 }
 
 int
-control_check_destination(const char *to, char *const *allow,
-			  size_t n_allow, char *err, size_t errlen)
+control_canonical_path(const char *path, char *out, size_t outlen,
+		       char *err, size_t errlen)
 {
 	char parent[PATH_MAX], real[PATH_MAX];
-	const char *slash, *base;
-	struct stat st;
+	const char *slash = strrchr(path, '/'), *base;
+	size_t plen, rlen, blen;
 
-	if (strstr(to, "://")) {
-		if (n_allow && strchr(to, '?'))
-			return dest_error(err, errlen, -EPERM, "%s: with "
-					  "--allow-dir, an NBD URI may not "
-					  "have a query (it can name local "
-					  "files)", to);
-		return 0;
-	}
-	if (to[0] != '/')
+	if (path[0] != '/' || !slash)
 		return dest_error(err, errlen, -EINVAL, "%s: not an absolute "
-				  "path", to);
-	if (!n_allow)
-		return 0;
-	slash = strrchr(to, '/');
+				  "path", path);
 	base = slash + 1;
 	if (!*base || strcmp(base, ".") == 0 || strcmp(base, "..") == 0)
 		return dest_error(err, errlen, -EINVAL, "%s: does not name a "
-				  "file", to);
-	if ((size_t)(slash - to) >= sizeof parent)
+				  "file", path);
+	plen = (size_t)(slash - path);
+	if (plen >= sizeof parent)
 		return dest_error(err, errlen, -ENAMETOOLONG, "%s: path too "
-				  "long", to);
-	memcpy(parent, to, (size_t)(slash - to));
-	parent[slash - to] = '\0';
-	if (!realpath(parent[0] ? parent : "/", real))
+				  "long", path);
+	memcpy(parent, path, plen);
+	parent[plen] = '\0';
+	if (!realpath(plen ? parent : "/", real))
+		return dest_error(err, errlen, -errno, "%s: %s", path,
+				  strerror(errno));
+	rlen = strlen(real);
+	if (rlen == 1) /* "/" */
+		rlen = 0;
+	blen = strlen(base);
+	if (rlen + 1 + blen + 1 > outlen || rlen + 1 + blen + 1 > PATH_MAX)
+		return dest_error(err, errlen, -ENAMETOOLONG, "%s: path too "
+				  "long", path);
+	memcpy(out, real, rlen);
+	out[rlen] = '/';
+	memcpy(out + rlen + 1, base, blen + 1);
+	return 0;
+}
+
+static int
+check_path(const char *to, bool create, const struct control_allow *allow,
+	   char *out, size_t outlen, char *err, size_t errlen)
+{
+	struct stat st;
+	size_t i;
+	int r;
+
+	r = control_canonical_path(to, out, outlen, err, errlen);
+	if (r < 0)
+		return r;
+	for (i = 0; i < allow->n_dirs; i++)
+		if (path_within(out, allow->dirs[i]))
+			break;
+	if (i == allow->n_dirs)
+		return dest_error(err, errlen, -EPERM, "%s: outside the "
+				  "directories the server allows "
+				  "(--allow-dir)", to);
+	if (lstat(out, &st) < 0) {
+		if (errno == ENOENT)
+			return 0; /* made by the move, or it fails */
 		return dest_error(err, errlen, -errno, "%s: %s", to,
 				  strerror(errno));
-	for (size_t i = 0; i < n_allow; i++) {
-		if (!path_within(real, allow[i]))
+	}
+	/* The last component is opened as named: no symlink there may
+	 * point outside, nor a second name of a file outside. */
+	if (S_ISLNK(st.st_mode))
+		return dest_error(err, errlen, -ELOOP, "%s: is a symbolic link",
+				  to);
+	if (create)
+		return dest_error(err, errlen, -EEXIST, "%s: exists (\"create\" "
+				  "makes a new file)", to);
+	if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+		return dest_error(err, errlen, -EINVAL, "%s: not a regular file "
+				  "or a block device", to);
+	if (S_ISREG(st.st_mode) && st.st_nlink > 1)
+		return dest_error(err, errlen, -EPERM, "%s: has other hard "
+				  "links, which may lie outside --allow-dir", to);
+	return 0;
+}
+
+/* Is `host` (len bytes) an entry of allow->nbd?  Brackets around an IPv6
+ * address are not part of it on either side; case does not count. */
+static bool
+nbd_host_allowed(const char *host, size_t len,
+		 const struct control_allow *allow)
+{
+	if (len >= 2 && host[0] == '[') {
+		host++;
+		len -= 2;
+	}
+	for (size_t i = 0; i < allow->n_nbd; i++) {
+		const char *a = allow->nbd[i];
+		size_t alen = strlen(a);
+
+		if (strncmp(a, "unix:", 5) == 0)
 			continue;
-		/* The last component is opened as named: no symlink there
-		 * may point outside. */
-		if (lstat(to, &st) == 0 && S_ISLNK(st.st_mode))
-			return dest_error(err, errlen, -ELOOP, "%s: is a "
-					  "symbolic link", to);
+		if (alen >= 2 && a[0] == '[' && a[alen - 1] == ']') {
+			a++;
+			alen -= 2;
+		}
+		if (alen == len && strncasecmp(a, host, len) == 0)
+			return true;
+	}
+	return false;
+}
+
+static bool
+nbd_socket_allowed(const char *path, const struct control_allow *allow)
+{
+	for (size_t i = 0; i < allow->n_nbd; i++)
+		if (strncmp(allow->nbd[i], "unix:", 5) == 0 &&
+		    strcmp(allow->nbd[i] + 5, path) == 0)
+			return true;
+	return false;
+}
+
+/*
+ * A confined NBD URI (see control.h).  `to` starts with one of the
+ * library's schemes, a word of letters and '+' up to the first ':'.
+ */
+static int
+check_uri(const char *to, const struct control_allow *allow, char *out,
+	  size_t outlen, char *err, size_t errlen)
+{
+	const char *colon = strchr(to, ':'), *auth, *p, *q;
+	bool is_unix;
+	size_t alen, hlen;
+
+	if (!colon || colon == to || strncmp(colon, "://", 3) != 0 ||
+	    strspn(to, "abcdefghijklmnopqrstuvwxyz+") != (size_t)(colon - to))
+		return dest_error(err, errlen, -EINVAL, "%s: not an NBD URI "
+				  "(SCHEME://...)", to);
+	is_unix = (size_t)(colon - to) > 5 &&
+		  strncmp(colon - 5, "+unix", 5) == 0;
+	auth = colon + 3;
+	alen = strcspn(auth, "/?#");
+	p = auth + alen;
+	if (strpbrk(to, "%#") || memchr(auth, '@', alen))
+		return dest_error(err, errlen, -EPERM, "%s: with --allow-dir, "
+				  "an NBD URI may not have percent-escapes, "
+				  "user information or a fragment", to);
+	q = strchr(p, '?');
+	if (is_unix) {
+		char sock[PATH_MAX];
+		const char *path;
+
+		if (alen || !q || strncmp(q + 1, "socket=", 7) != 0 ||
+		    strpbrk(q + 8, "&;"))
+			return dest_error(err, errlen, -EPERM, "%s: with "
+					  "--allow-dir, a Unix NBD URI must "
+					  "be SCHEME:///EXPORT?socket=PATH, "
+					  "nothing else", to);
+		path = q + 8;
+		if (control_canonical_path(path, sock, sizeof sock, NULL,
+					   0) < 0 ||
+		    !nbd_socket_allowed(sock, allow))
+			return dest_error(err, errlen, -EPERM, "%s: the socket "
+					  "is not one the server allows "
+					  "(--allow-nbd unix:PATH)", to);
+		/* Connect to the socket that was checked. */
+		if ((size_t)(path - to) + strlen(sock) >= outlen)
+			return dest_error(err, errlen, -ENAMETOOLONG, "%s: too "
+					  "long", to);
+		memcpy(out, to, (size_t)(path - to));
+		strcpy(out + (path - to), sock);
 		return 0;
 	}
-	return dest_error(err, errlen, -EPERM, "%s: outside the directories "
-			  "the server allows (--allow-dir)", to);
+	if (q)
+		return dest_error(err, errlen, -EPERM, "%s: with --allow-dir, "
+				  "an NBD URI may not have a query (it can "
+				  "name local files)", to);
+	/* HOST[:PORT] or [IPV6][:PORT], of plain characters only. */
+	if (alen && auth[0] == '[') {
+		const char *end = memchr(auth, ']', alen);
+
+		if (!end)
+			goto bad_host;
+		hlen = (size_t)(end - auth) + 1;
+		for (size_t i = 1; i + 1 < hlen; i++)
+			if (!isxdigit((unsigned char)auth[i]) &&
+			    auth[i] != ':' && auth[i] != '.')
+				goto bad_host;
+	} else {
+		hlen = strcspn(auth, ":/");
+		if (hlen > alen)
+			hlen = alen;
+		for (size_t i = 0; i < hlen; i++)
+			if (!isalnum((unsigned char)auth[i]) &&
+			    auth[i] != '.' && auth[i] != '-')
+				goto bad_host;
+	}
+	if (hlen == 0 || (hlen < alen && (auth[hlen] != ':' ||
+					  hlen + 1 == alen)))
+		goto bad_host;
+	for (size_t i = hlen + 1; i < alen; i++)
+		if (!isdigit((unsigned char)auth[i]))
+			goto bad_host;
+	if (!nbd_host_allowed(auth, hlen, allow))
+		return dest_error(err, errlen, -EPERM, "%s: the host is not "
+				  "one the server allows (--allow-nbd HOST)",
+				  to);
+	memcpy(out, to, strlen(to) + 1);
+	return 0;
+bad_host:
+	return dest_error(err, errlen, -EPERM, "%s: with --allow-dir, an NBD "
+			  "URI needs a plain HOST[:PORT]", to);
+}
+
+int
+control_check_destination(const char *to, bool is_uri, bool create,
+			  const struct control_allow *allow, char *out,
+			  size_t outlen, char *err, size_t errlen)
+{
+	static const struct control_allow none;
+	size_t len = strlen(to);
+
+	if (!allow)
+		allow = &none;
+	if (len >= outlen)
+		return dest_error(err, errlen, -ENAMETOOLONG, "%s: too long",
+				  to);
+	if (!is_uri && to[0] != '/')
+		return dest_error(err, errlen, -EINVAL, "%s: not an absolute "
+				  "path", to);
+	if (!allow->n_dirs && !allow->n_nbd) {
+		memcpy(out, to, len + 1);
+		return 0;
+	}
+	if (!is_uri)
+		return check_path(to, create, allow, out, outlen, err, errlen);
+	if (!allow->n_nbd)
+		return dest_error(err, errlen, -EPERM, "%s: with --allow-dir, "
+				  "NBD destinations need --allow-nbd", to);
+	return check_uri(to, allow, out, outlen, err, errlen);
 }

@@ -28,8 +28,31 @@ struct line_reader {
  */
 int line_read(struct line_reader *r, json_t **out);
 
-/* Write a JSON object as one line (blocking).  0 or -errno.  Steals obj. */
+/* Is a complete line waiting in the reader's buffer (line_read would
+ * return it without reading the fd)? */
+bool line_pending(const struct line_reader *r);
+
+/* Write a JSON object as one line (blocking: for clients, whose socket is
+ * blocking).  0 or -errno.  Steals obj. */
 int line_write(int fd, json_t *obj);
+
+/*
+ * Lines waiting to go out on a non-blocking socket (the server's side: it
+ * never waits for a client).  Zero-initialised is empty.
+ */
+struct line_out {
+	char *buf;
+	size_t len, cap;
+};
+
+/* Queue a JSON object as one line.  0 or -ENOMEM.  Steals obj. */
+int line_out_add(struct line_out *o, json_t *obj);
+
+/* Send what the socket takes now, without waiting: 0 (o->len says what
+ * is left), or -errno for a socket that is gone. */
+int line_out_flush(struct line_out *o, int fd);
+
+void line_out_free(struct line_out *o);
 
 /* Connect to a control socket; returns the fd or -errno. */
 int control_connect(const char *path);
@@ -62,15 +85,52 @@ int control_parse_request(json_t *req, struct control_request *out,
 			  const char **err);
 
 /*
- * May a move write to `to` (a path or an NBD URI)?  A path must be
- * absolute.  With n_allow > 0 allowed directories (canonical, from
- * realpath), a path must also name an entry, not a symbolic link, of a
- * directory that resolves (realpath: symlinks and ".." followed) to one of
- * them or below, and an NBD URI must have no query (which could name a
- * local socket or key file).  0, or a negative errno with a message in
- * err.
+ * What the operator lets a move write to (bmirror serve --allow-dir,
+ * --allow-nbd).  With both lists empty nothing is confined.
  */
-int control_check_destination(const char *to, char *const *allow,
-			      size_t n_allow, char *err, size_t errlen);
+struct control_allow {
+	char *const *dirs;  /* directories, canonical (realpath) */
+	size_t n_dirs;
+	char *const *nbd;   /* NBD hosts, or "unix:" + a canonical socket path
+			     * (control_canonical_path) */
+	size_t n_nbd;
+};
+
+/*
+ * The canonical name of the absolute `path`: its directory resolved
+ * (realpath: symbolic links and ".." followed) with its last component
+ * appended as it is, so that the name opens the same entry whatever
+ * later happens to ".." or links above it.  The last component must name
+ * an entry (not empty, "." or "..").  0, or a negative errno with a
+ * message in err.
+ */
+int control_canonical_path(const char *path, char *out, size_t outlen,
+			   char *err, size_t errlen);
+
+/*
+ * May a move write to `to`, and what exactly should it open?  `is_uri`
+ * is the library's classification of `to` (blockmirror_nbd_is_uri): the
+ * caller makes it once, and the rules below are those of what the
+ * library will open.  `create`: the move makes the file.
+ *
+ * A path must be absolute.  When the server is confined (allow has an
+ * entry), a path must also resolve (control_canonical_path) into one of
+ * allow->dirs, and its entry, if it exists, must be a regular file or a
+ * block device, not a symbolic link (-ELOOP), and a regular file must not
+ * have other hard links (with one elsewhere, writing it would write
+ * there); an NBD URI must be of the form SCHEME://HOST[:PORT]/EXPORT with
+ * HOST in allow->nbd and no query, or SCHEME+unix:///EXPORT?socket=PATH
+ * (only that query) with "unix:"PATH, canonical, in allow->nbd; no
+ * percent-escapes, user information or fragment.
+ *
+ * On success `out` holds the name to open: the canonical path for a
+ * confined path, a confined Unix NBD URI with its socket's canonical path,
+ * else `to` as it is.  0, or a negative errno (-EINVAL,
+ * -EPERM, -ELOOP, -ENAMETOOLONG, ...) with a message in err.  Reads the
+ * file system, writes nothing.
+ */
+int control_check_destination(const char *to, bool is_uri, bool create,
+			      const struct control_allow *allow, char *out,
+			      size_t outlen, char *err, size_t errlen);
 
 #endif /* BMIRROR_CONTROL_H */

@@ -85,6 +85,14 @@ extern const char *blockmirror_format_name(enum blockmirror_format format);
 extern int blockmirror_format_from_name(const char *name);
 
 /*
+ * Is `name` opened as an NBD URI (it starts with nbd:, nbds:, nbd+unix:
+ * or nbds+unix:, case-sensitively) rather than as a path?  The rule every
+ * call taking an image name applies; a caller that checks names before
+ * handing them over should classify them with it.  Pure; NULL: false.
+ */
+extern bool blockmirror_nbd_is_uri(const char *name);
+
+/*
  * Probing: with BLOCKMIRROR_FORMAT_AUTO the first sector decides.  An image
  * that starts with a qcow2 or VHDX signature is opened as that format (or
  * refused if the format is not supported), never as raw: only naming
@@ -492,7 +500,11 @@ extern int blockmirror_job_complete(struct blockmirror_job *job);
  * Cancel.  Before READY, or with force: stop, leave the destination as it
  * is (CANCELLED).  After READY without force: make the destination a
  * consistent point-in-time copy, flush it, and stay on the source
- * (COMPLETED without pivot).  Blocks until the job has ended.
+ * (COMPLETED without pivot; FAILED with the error if the flush fails).
+ * With force it also ends a pivot in progress (the blocked complete returns
+ * -ECANCELED) or a cancel still flushing, even on a destination that hangs:
+ * requests in flight there are cancelled after a second.  Blocks until the
+ * job has ended.  -EBUSY without force while the job is pivoting.
  */
 extern int blockmirror_job_cancel(struct blockmirror_job *job, bool force);
 
@@ -643,7 +655,13 @@ struct blockmirror_server_options {
 	bool readonly;            /* refuse writes */
 	const char *tls_psk_file; /* TCP only: require TLS with these PSKs
 				     (the psktool format: "user:hexkey" lines) */
-	unsigned max_clients;     /* 0: 16 */
+	unsigned max_clients;     /* 0: 16 (clients past the handshake) */
+	/* Seconds a client has to finish the handshake (TLS included) and
+	 * reach transmission; then it is closed.  0: 10.  Connections still
+	 * in the handshake have their own slots (32, at most 4 per client
+	 * address, per /64 for IPv6), so they never take a served client's
+	 * (docs/nbd-server.md). */
+	unsigned handshake_timeout;
 };
 
 /*
@@ -683,6 +701,31 @@ extern const char *blockmirror_server_address(struct blockmirror_server *s);
 extern int blockmirror_disk_set_backing(struct blockmirror_disk *disk,
 					const char *backing,
 					enum blockmirror_format format);
+
+/*
+ * Backing file names recorded inside images are not trusted (SECURITY.md,
+ * docs/chains.md).  Such a name is opened only if it resolves (symbolic
+ * links and ".." followed) to a regular file inside the directory of the
+ * image the caller named (its tree), or inside a directory allowed here
+ * or in BLOCKMIRROR_ALLOW_BACKING_DIRS (colon-separated, read at each
+ * open).  Block devices are refused unless their directory is allowed
+ * with BLOCKMIRROR_BACKING_DEVICES (or listed in
+ * BLOCKMIRROR_ALLOW_BACKING_DEVICES); FIFOs, sockets and character
+ * devices always are.  A backing file with no recorded format is opened
+ * only if it is qcow2 or VHDX, never as raw.  Refusals are -EPERM, with
+ * a message naming the image, the name and the reason.
+ *
+ * blockmirror_allow_backing_dir adds `dir` to the process-wide list of
+ * allowed directories (resolved now: it must exist), for images opened
+ * afterwards; NULL empties the list.  flags: 0 or
+ * BLOCKMIRROR_BACKING_DEVICES.  -ENOENT, -ENOTDIR, -EINVAL, -ENOMEM.
+ * Thread-safe.
+ */
+enum {
+	BLOCKMIRROR_BACKING_DEVICES = 1u << 0, /* block devices in it too */
+};
+
+extern int blockmirror_allow_backing_dir(const char *dir, unsigned flags);
 
 #ifdef __cplusplus
 }

@@ -98,7 +98,7 @@ toy_open(struct bm_fmt *f, unsigned flags, struct bm_fmt_info *info,
 	if (hdr[64]) {
 		hdr[64 + 255] = 0;
 		info->backing_name = strdup((char *)hdr + 64);
-		info->backing_format = BLOCKMIRROR_FORMAT_AUTO;
+		info->backing_format = BLOCKMIRROR_FORMAT_RAW;
 	}
 	*out = t;
 	return 0;

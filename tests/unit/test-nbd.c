@@ -608,6 +608,14 @@ START_TEST(test_fallbacks)
 	ck_assert_uint_eq(count_in_file(log, "Flush"), 0);
 	ck_assert_int_eq(do_io(s, s->ops->write, 4096, 4096, w, BM_IO_FUA), 0);
 	ck_assert_uint_ge(count_in_file(log, "Flush"), 1);
+	/* Zeroes too (written as data here). */
+	{
+		size_t flushes = count_in_file(log, "Flush");
+
+		ck_assert_int_eq(do_io(s, s->ops->zero, 8192, 4096, NULL,
+				       BM_IO_FUA), 0);
+		ck_assert_uint_gt(count_in_file(log, "Flush"), flushes);
+	}
 
 	/* No block status: everything is data. */
 	io.offset = 10;
@@ -640,6 +648,9 @@ START_TEST(test_fua_native)
 	ck_assert_int_eq(do_io(s, s->ops->write, 0, sizeof buf, buf,
 			       BM_IO_FUA), 0);
 	ck_assert_uint_ge(count_in_file(log, "fua=1"), 1);
+	ck_assert_int_eq(do_io(s, s->ops->zero, 4096, 4096, NULL, BM_IO_FUA),
+			 0);
+	ck_assert_uint_ge(count_in_file(log, "fua=1"), 2);
 	ck_assert_uint_eq(count_in_file(log, "Flush"), 0);
 	ck_assert_int_eq(do_io(s, s->ops->discard, 0, 4096, NULL, 0), 0);
 	ck_assert_uint_ge(count_in_file(log, "Trim"), 1);
