@@ -1,13 +1,16 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * The mirror job's public calls and its state machine.
+ * The mirror job's public calls and its public state.
  *
  * Every call that acts on a job runs on the disk's loop (bm_disk_call)
  * and first asks job_permitted() whether the job's state allows it; a
- * refused call returns an error and changes nothing.  Every change of
- * state goes through bm_job_set_state(), which checks it against the
- * transition table; other threads read the state under state_lock (query
- * and wait).
+ * refused call returns an error and changes nothing.  Internally a job is
+ * in a phase (enum bm_job_phase, mirror.h; pivot.c moves it on); every
+ * change of phase goes through bm_job_set_phase(), which derives the
+ * public state from it (bm_job_public_state()), checks that against the
+ * transition table and publishes it under state_lock, where other
+ * threads read it (query and wait).  During an ending the public state
+ * stays what it was when the ending began, PIVOTING for a pivot.
  *
  *   state       complete  cancel  pause  resume  set_speed  set_mode
  *   MAPPING     EBUSY     yes     EBUSY  EINVAL  yes        yes
@@ -16,6 +19,11 @@
  *   PAUSED      EBUSY     yes     EINVAL yes     yes        yes
  *   PIVOTING    EBUSY     force   EBUSY  EBUSY   yes        EBUSY
  *   ended       EINVAL    EINVAL  EINVAL EINVAL  EINVAL     EINVAL
+ *
+ * While a cancel is in progress (the state it began in is shown), a
+ * second cancel acts only forced (a clean cancel's flush may hang),
+ * complete returns EBUSY, and pause and resume return EBUSY: nothing
+ * pauses an ending.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -118,13 +126,44 @@ bm_job_ended(enum blockmirror_job_state state)
 	return (S(COMPLETED) | S(CANCELLED) | S(FAILED)) & (1u << state);
 }
 
-void
-bm_job_set_state(struct bm_job *job, enum blockmirror_job_state state)
+/* The public state of a phase.  During an ending it is what it was when
+ * the ending began (PIVOTING for a pivot), until the ending ends. */
+enum blockmirror_job_state
+bm_job_public_state(const struct bm_job *job)
 {
+	switch (job->phase) {
+	case BM_PHASE_MAPPING:
+		return BLOCKMIRROR_JOB_MAPPING;
+	case BM_PHASE_COPYING:
+		return BLOCKMIRROR_JOB_COPYING;
+	case BM_PHASE_READY:
+		return BLOCKMIRROR_JOB_READY;
+	case BM_PHASE_PAUSED:
+		return BLOCKMIRROR_JOB_PAUSED;
+	case BM_PHASE_COMPLETED:
+		return BLOCKMIRROR_JOB_COMPLETED;
+	case BM_PHASE_CANCELLED:
+		return BLOCKMIRROR_JOB_CANCELLED;
+	case BM_PHASE_FAILED:
+		return BLOCKMIRROR_JOB_FAILED;
+	default:
+		return job->end_shown;
+	}
+}
+
+void
+bm_job_set_phase(struct bm_job *job, enum bm_job_phase phase)
+{
+	enum blockmirror_job_state state;
+
+	job->phase = phase;
+	state = bm_job_public_state(job);
+	if (state == job->state)
+		return;
 	if (bm_job_ended(state) && !bm_job_ended(job->state))
 		bm_state_job_end(job); /* the move is over: so is its state */
 	pthread_mutex_lock(&job->state_lock);
-	if (job->state != state && !(transitions[job->state] & (1u << state)))
+	if (!(transitions[job->state] & (1u << state)))
 		bm_warn("job: unexpected transition %s -> %s",
 			state_names[job->state], state_names[state]);
 	job->state = state;
@@ -144,6 +183,11 @@ job_permitted(struct bm_job *job, enum job_op op)
 {
 	unsigned s = 1u << job->state;
 
+	/* An ending keeps the public state it began in (PIVOTING for a
+	 * pivot), but nothing pauses it. */
+	if (bm_job_ending(job) && (op == OP_PAUSE || op == OP_RESUME))
+		return bm_error(-EBUSY, "cannot %s: the job is ending",
+				permitted[op].name);
 	if (permitted[op].allowed & s)
 		return 0;
 	if (permitted[op].busy & s)
@@ -339,6 +383,7 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 	job->opt.size = sizeof job->opt;
 	job->opt.link = job->link;
 	job->granularity = options->granularity;
+	job->phase = BM_PHASE_MAPPING;
 	job->state = BLOCKMIRROR_JOB_MAPPING;
 	pthread_mutex_init(&job->state_lock, NULL);
 	pthread_cond_init(&job->state_cond, NULL);
@@ -483,8 +528,9 @@ call_op(struct bm_call *call)
 			break;
 		}
 		sync = job->ready && !call->u64 &&
-			    (job->state == BLOCKMIRROR_JOB_READY ||
-			     job->paused_from == BLOCKMIRROR_JOB_READY);
+		       (job->phase == BM_PHASE_READY ||
+			(job->phase == BM_PHASE_PAUSED &&
+			 job->paused_from == BM_PHASE_READY));
 
 		r = bm_job_end(job, sync ? BM_GOAL_SYNC_CANCEL
 					 : BM_GOAL_CANCEL, call);
@@ -495,8 +541,8 @@ call_op(struct bm_call *call)
 	case OP_PAUSE: {
 		struct blockmirror_event ev = { .type = BLOCKMIRROR_EVENT_PAUSED };
 
-		job->paused_from = job->state;
-		bm_job_set_state(job, BLOCKMIRROR_JOB_PAUSED);
+		job->paused_from = job->phase;
+		bm_job_set_phase(job, BM_PHASE_PAUSED);
 		bm_job_event(job, &ev);
 		break;
 	}
@@ -504,7 +550,7 @@ call_op(struct bm_call *call)
 		struct blockmirror_event ev = { .type = BLOCKMIRROR_EVENT_RESUMED };
 
 		job->retry_after_ns = 0;
-		bm_job_set_state(job, job->paused_from);
+		bm_job_set_phase(job, job->paused_from);
 		bm_job_event(job, &ev);
 		bm_mirror_remap(job); /* paused by a mapping error */
 		bm_mirror_pump(job);

@@ -8,8 +8,9 @@
  * once: a guest write landed while its copy was in flight, so the copy's
  * result is already stale and the chunk will be copied again.
  *
- * 1. Start.  While the source's allocation is mapped (state MAPPING) every
- *    chunk counts as dirty for guest writes, which only ever set bits.
+ * 1. Start.  While the source's allocation is mapped (phase MAPPING, or
+ *    PAUSED in it: bm_mirror_mapping()) every chunk counts as dirty for
+ *    guest writes, which only ever set bits.
  *    Mapped data sets DIRTY.  Mapped zeroes and holes set nothing when the
  *    destination is known to read as zero; otherwise they set DIRTY and
  *    `zero_hint`, so the copy writes zeroes instead of reading data.  A
@@ -60,7 +61,8 @@
  *    both images once the move ends.  Flushes only reach the source: the
  *    pivot flushes the destination.
  *
- * 6. READY: mapped, nothing DIRTY or COPYING, destination flushed.
+ * 6. READY: mapped, nothing DIRTY or COPYING, destination flushed
+ *    (phase COPYING -> READY; the phases and the endings are pivot.c's).
  *
  * 9. Errors: mirror_error() applies the policy.  report ends the job
  *    (pivot.c), stop pauses it, retry keeps the chunks DIRTY (they come
@@ -111,10 +113,14 @@ chunk_bytes(const struct bm_job *job, uint64_t c0, uint64_t c1)
 	return end - chunk_offset(job, c0);
 }
 
-static bool
-mapping_active(const struct bm_job *job)
+/* Until the whole source is mapped, guest writes only set DIRTY bits and
+ * no region of the persisted state may be cleared. */
+bool
+bm_mirror_mapping(const struct bm_job *job)
 {
-	return job->mapping || job->state == BLOCKMIRROR_JOB_MAPPING;
+	return job->mapping || job->phase == BM_PHASE_MAPPING ||
+	       (job->phase == BM_PHASE_PAUSED &&
+		job->paused_from == BM_PHASE_MAPPING);
 }
 
 /* ---- rule 1: mapping the source -------------------------------------- */
@@ -182,7 +188,7 @@ map_done(struct bm_io *io, int err)
 		map_window(job);
 		return;
 	}
-	bm_job_set_state(job, BLOCKMIRROR_JOB_COPYING);
+	bm_job_set_phase(job, BM_PHASE_COPYING);
 	job->copy_start_ns = bm_now_ns();
 	bm_mirror_pump(job);
 	bm_job_step(job);
@@ -196,7 +202,7 @@ map_done(struct bm_io *io, int err)
 void
 bm_mirror_remap(struct bm_job *job)
 {
-	if (job->state != BLOCKMIRROR_JOB_MAPPING || job->mapping ||
+	if (job->phase != BM_PHASE_MAPPING || job->mapping ||
 	    job->goal != BM_GOAL_NONE || job->src->size == 0 ||
 	    (job->retry_after_ns && bm_now_ns() < job->retry_after_ns))
 		return;
@@ -248,7 +254,7 @@ chunk_copyable(const struct bm_job *job, uint64_t c)
 static bool
 job_stopping(const struct bm_job *job)
 {
-	return job->goal == BM_GOAL_CANCEL || job->goal == BM_GOAL_FAIL;
+	return job->phase == BM_PHASE_STOPPING;
 }
 
 static bool
@@ -258,11 +264,11 @@ copy_allowed_now(struct bm_job *job)
 
 	if (job_stopping(job))
 		return false;
-	if (job->goal != BM_GOAL_NONE)
+	if (bm_job_ending(job))
 		return true; /* the final copy of a pivot or a clean cancel */
-	switch (job->state) {
-	case BLOCKMIRROR_JOB_COPYING:
-	case BLOCKMIRROR_JOB_READY:
+	switch (job->phase) {
+	case BM_PHASE_COPYING:
+	case BM_PHASE_READY:
 		break;
 	default:
 		return false;
@@ -441,7 +447,7 @@ must_wait(struct bm_job *job, struct bm_req *req, bool active)
 static bool
 write_active(const struct bm_job *job)
 {
-	return job->mode == BLOCKMIRROR_MODE_ACTIVE && !mapping_active(job);
+	return job->mode == BLOCKMIRROR_MODE_ACTIVE && !bm_mirror_mapping(job);
 }
 
 static bool
@@ -641,42 +647,33 @@ bm_mirror_remaining(struct bm_job *job)
 }
 
 bool
-bm_mirror_idle(struct bm_job *job)
+bm_mirror_busy(const struct bm_job *job)
 {
-	return job->copier.inflight == 0 && !job->mapping && !job->flushing;
+	return job->copier.inflight || job->mapping || job->flushing;
 }
 
-static void
-ready_flushed(struct bm_io *io, int err)
+/* The READY flush is done (pivot.c's dst_flushed() steps next). */
+void
+bm_mirror_ready_flushed(struct bm_job *job, int err)
 {
-	struct bm_job *job = io->opaque;
-
-	job->flushing = false;
 	if (err < 0) {
 		bm_mirror_error(job, false, 0, 0, err);
-	} else if (job->goal == BM_GOAL_NONE &&
-		   job->state == BLOCKMIRROR_JOB_COPYING) {
+	} else if (job->phase == BM_PHASE_COPYING) {
 		struct blockmirror_event ev = { .type = BLOCKMIRROR_EVENT_READY };
 
 		job->ready = true;
 		job->actively_synced = job->mode == BLOCKMIRROR_MODE_ACTIVE;
 		bm_job_event(job, &ev);
-		bm_job_set_state(job, BLOCKMIRROR_JOB_READY);
+		bm_job_set_phase(job, BM_PHASE_READY);
 	}
-	bm_job_step(job);
 }
 
 void
-bm_job_flush_for_ready(struct bm_job *job)
+bm_mirror_flush_for_ready(struct bm_job *job)
 {
 	if (job->retry_after_ns && bm_now_ns() < job->retry_after_ns)
 		return; /* the tick steps again */
-	job->flushing = true;
-	bm_mirror_dst_flush_started(job);
-	memset(&job->flush_io, 0, sizeof job->flush_io);
-	job->flush_io.done = ready_flushed;
-	job->flush_io.opaque = job;
-	bm_image_flush(job->dst, &job->flush_io);
+	bm_job_flush_dst(job);
 }
 
 /* ---- rule 9: errors -------------------------------------------------- */
@@ -695,7 +692,7 @@ bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,
 	};
 	char msg[200];
 
-	if (job->goal == BM_GOAL_FAIL || job->goal == BM_GOAL_CANCEL)
+	if (job->phase == BM_PHASE_STOPPING || bm_job_ended(job->state))
 		return; /* already ending; the first error is kept */
 	snprintf(msg, sizeof msg, "%s at %" PRIu64 "+%" PRIu64 ": %s",
 		 on_source ? "source" : "destination", offset, length,
@@ -713,18 +710,18 @@ bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,
 		bm_job_end(job, BM_GOAL_FAIL, NULL);
 		break;
 	case BLOCKMIRROR_ON_ERROR_STOP:
-		if (job->state == BLOCKMIRROR_JOB_MAPPING ||
-		    job->state == BLOCKMIRROR_JOB_COPYING ||
-		    job->state == BLOCKMIRROR_JOB_READY) {
+		if (job->phase == BM_PHASE_MAPPING ||
+		    job->phase == BM_PHASE_COPYING ||
+		    job->phase == BM_PHASE_READY) {
 			struct blockmirror_event p = {
 				.type = BLOCKMIRROR_EVENT_PAUSED,
 				.err = -err,
 				.message = msg,
 			};
 
-			job->paused_from = job->state;
+			job->paused_from = job->phase;
 			bm_job_event(job, &p);
-			bm_job_set_state(job, BLOCKMIRROR_JOB_PAUSED);
+			bm_job_set_phase(job, BM_PHASE_PAUSED);
 		}
 		break;
 	case BLOCKMIRROR_ON_ERROR_RETRY:
@@ -750,7 +747,7 @@ auto_sample(struct bm_job *job)
 	uint64_t remaining = bm_mirror_remaining(job);
 
 	if (!job->auto_mode || job->mode == BLOCKMIRROR_MODE_ACTIVE ||
-	    job->state != BLOCKMIRROR_JOB_COPYING)
+	    job->phase != BM_PHASE_COPYING)
 		return;
 	if (job->auto_last_remaining && remaining >= job->auto_last_remaining)
 		job->auto_stalls++;
@@ -774,17 +771,15 @@ tick(struct bm_op *op, int res)
 	struct bm_job *job = bm_container_of(op, struct bm_job, tick.op);
 
 	job->tick.armed = false;
-	if (bm_job_ended(job->state) || job->finishing) {
-		bm_job_step(job);
+	if (!bm_job_tick_wanted(job)) {
+		bm_job_step(job); /* it waited for the tick to stop */
 		return;
 	}
 	if (job_stopping(job)) {
 		/* Requests that will not finish (a hung destination) are
 		 * cancelled after a grace period, so that a forced cancel
 		 * returns. */
-		if ((job->copier.inflight || job->mirrored_inflight ||
-		     job->mapping || job->flushing || job->flushing_final ||
-		     job->preflushing) &&
+		if ((bm_mirror_busy(job) || job->mirrored_inflight) &&
 		    bm_now_ns() - job->end_start_ns > CANCEL_GRACE_NS) {
 			struct bm_store *st = job->dst->store;
 
@@ -872,11 +867,10 @@ bm_mirror_tick_start(struct bm_job *job)
 void
 bm_mirror_begin(struct bm_job *job)
 {
-	job->state = BLOCKMIRROR_JOB_MAPPING;
 	bm_mirror_tick_start(job);
 	if (job->src->size == 0) {
 		job->mapped_end = 0;
-		bm_job_set_state(job, BLOCKMIRROR_JOB_COPYING);
+		bm_job_set_phase(job, BM_PHASE_COPYING);
 		bm_job_step(job);
 		return;
 	}

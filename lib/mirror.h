@@ -23,7 +23,42 @@
 #include "loop.h"
 #include "state.h"
 
-/* How a job ends: the goal pivot.c drives towards once asked to stop. */
+/*
+ * Where a job is.  Every phase has one enter_*() function (pivot.c,
+ * mirror.c) and one case in bm_job_step(); completions call bm_job_step()
+ * and it moves the job on when the phase's exit condition holds.
+ *
+ *   MAPPING -> COPYING -> READY            (PAUSED from any of the three)
+ *   pivot, clean cancel:
+ *     PREFLUSH -> DRAIN -> FINAL_COPY -> FINAL_FLUSH -> SWITCH -> COMPLETED
+ *     (a pivot that fails before the switch: ABANDON -> READY)
+ *   cancel, failure, forced cancel (from any phase that is not ended):
+ *     STOPPING -> CANCELLED or FAILED
+ *
+ * The public state (enum blockmirror_job_state) is derived from it:
+ * bm_job_public_state().
+ */
+enum bm_job_phase {
+	BM_PHASE_MAPPING,      /* block status of the source (rule 1) */
+	BM_PHASE_COPYING,      /* bulk copy; the READY flush once converged */
+	BM_PHASE_READY,        /* converged and flushed */
+	BM_PHASE_PAUSED,       /* paused_from says where resume goes */
+	BM_PHASE_PREFLUSH,     /* destination flush while the guest runs */
+	BM_PHASE_DRAIN,        /* disk quiesced, guest requests in flight
+				  finish */
+	BM_PHASE_FINAL_COPY,   /* copy what is still dirty (guest stalled) */
+	BM_PHASE_FINAL_FLUSH,  /* flush the destination if anything needs it */
+	BM_PHASE_SWITCH,       /* stop the tick, then switch (or let go) */
+	BM_PHASE_ABANDON,      /* the pivot failed: copies finish, then READY */
+	BM_PHASE_STOPPING,     /* cancel/fail: quiesced, the job's own I/O and
+				  the guest's finish */
+	BM_PHASE_COMPLETED,
+	BM_PHASE_CANCELLED,
+	BM_PHASE_FAILED,
+};
+
+/* Which ending a job is in; BM_GOAL_NONE while it runs.  The phase says
+ * where it is; the goal says only where it ends. */
 enum bm_job_goal {
 	BM_GOAL_NONE,
 	BM_GOAL_PIVOT,        /* complete: switch the disk to the destination */
@@ -44,8 +79,12 @@ struct bm_job {
 	/* Read by other threads under state_lock; written on the loop. */
 	pthread_mutex_t state_lock;
 	pthread_cond_t state_cond;
-	enum blockmirror_job_state state;
-	enum blockmirror_job_state paused_from; /* state to resume to */
+	enum blockmirror_job_state state; /* bm_job_public_state(), published */
+
+	/* The phase machine (pivot.c); loop thread only. */
+	enum bm_job_phase phase;
+	enum bm_job_phase paused_from; /* MAPPING, COPYING or READY */
+	enum blockmirror_job_state end_shown; /* public state while ending */
 	enum blockmirror_mode mode;    /* ACTIVE or BACKGROUND */
 	bool auto_mode;
 	bool ready;                    /* has emitted READY */
@@ -64,11 +103,13 @@ struct bm_job {
 	struct bm_req *waiting;        /* active-mode writes waiting, FIFO */
 	struct bm_req **waiting_tail;
 	unsigned mirrored_inflight;
-	bool mapping;
+	bool mapping;                  /* a block-status request is in flight */
 	uint64_t mapped_end;
 	struct bm_extent_list map;
 	struct bm_io map_io;
-	bool flushing;                 /* the READY flush is in flight */
+	bool flushing;                 /* a destination flush is in flight (the
+					  READY flush, the preflush or the
+					  final flush: the phase says which) */
 	struct bm_io flush_io;
 	uint64_t bytes_copied;
 	uint64_t bytes_mirrored;
@@ -91,20 +132,13 @@ struct bm_job {
 	enum bm_job_goal goal;
 	struct bm_call *goal_call;     /* the caller waiting for the ending */
 	struct bm_call *close_call;    /* blockmirror_disk_close, waiting */
-	bool quiesced;
-	bool drained;
-	bool flushing_final;
-	bool final_flushed;
-	bool preflushing;              /* pivot: flushing before quiescing */
+	bool quiesced;                 /* the job holds the disk quiesced */
 	bool copied_since_flush;       /* the bulk copy wrote since the last
 					  destination flush */
 	bool guest_flush_since_flush;  /* the guest asked for durability since */
-	bool finishing;                /* waiting for the tick to stop */
-	bool stall_checked;
-	int pivot_failed_err;          /* the final copy failed: abandon */
+	int abandon_err;               /* ABANDON: what the caller learns */
 	uint64_t end_start_ns;         /* when the ending began */
 	uint64_t pivot_stall_us;
-	int goal_err;
 
 	/* Crash-resumable state (state-io.c); NULL without a state_dir. */
 	struct bm_state_job *pstate;
@@ -122,8 +156,13 @@ void bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,
 		     uint64_t length, int err);
 uint64_t bm_mirror_remaining(struct bm_job *job);
 void bm_mirror_tick_start(struct bm_job *job);
-void bm_job_flush_for_ready(struct bm_job *job);
-bool bm_mirror_idle(struct bm_job *job);
+/* COPYING converged: flush the destination; READY when it is done. */
+void bm_mirror_flush_for_ready(struct bm_job *job);
+void bm_mirror_ready_flushed(struct bm_job *job, int err);
+/* Is the job's own I/O (copies, block status, a flush) in flight? */
+bool bm_mirror_busy(const struct bm_job *job);
+/* Writes see the source as being mapped (MAPPING, or paused in it). */
+bool bm_mirror_mapping(const struct bm_job *job);
 /* After a block-status error: map again once the policy allows. */
 void bm_mirror_remap(struct bm_job *job);
 
@@ -142,10 +181,17 @@ int bm_job_force_cancel(struct bm_job *job, struct bm_call *call);
 int bm_job_end(struct bm_job *job, enum bm_job_goal goal,
 	       struct bm_call *call);
 void bm_job_ending_error(struct bm_job *job, int err);
-void bm_job_quiesce_for_end(struct bm_job *job);
+/* Flush the destination (one flush at a time: job->flushing). */
+void bm_job_flush_dst(struct bm_job *job);
+/* Should the tick go on, or is the job waiting for it to stop? */
+bool bm_job_tick_wanted(struct bm_job *job);
+/* Is the job in an ending (a phase from PREFLUSH to STOPPING)? */
+bool bm_job_ending(const struct bm_job *job);
 
-/* job.c: state and events */
-void bm_job_set_state(struct bm_job *job, enum blockmirror_job_state state);
+/* job.c: phases, state and events */
+/* Enter a phase and publish the public state derived from it. */
+void bm_job_set_phase(struct bm_job *job, enum bm_job_phase phase);
+enum blockmirror_job_state bm_job_public_state(const struct bm_job *job);
 void bm_job_event(struct bm_job *job, const struct blockmirror_event *ev);
 bool bm_job_ended(enum blockmirror_job_state state);
 

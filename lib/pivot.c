@@ -1,25 +1,45 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * How a mirror job ends: the pivot, the two cancels, and failure.
+ * The job's phase machine, and how a job ends: the pivot, the two
+ * cancels, and failure.
  *
- * Every ending starts the same way: the disk is quiesced (new guest
- * requests queue, requests in flight finish), so that when the job lets go
- * of the disk no guest write is half mirrored.  Then:
+ * A job is in exactly one phase (enum bm_job_phase, mirror.h).  Each
+ * phase is entered by one enter_*() function and left when the condition
+ * in its case of bm_job_step() holds; every completion that could make a
+ * condition true (copy, flush, drain, state I/O, tick) calls
+ * bm_job_step().  The goal says only which ending the job is in.
  *
- *   PIVOT        copy what is still dirty, flush the destination, make the
- *                switch durable (link or on_pivot), swap the disk's image,
- *                release the queue: the guest continues on the destination.
- *   SYNC_CANCEL  the same without the switch: the destination is left a
- *                consistent, flushed point-in-time copy; the guest
- *                continues on the source.
- *   CANCEL       stop copying, wait for copies in flight, let go.
- *   FAIL         the same, after an error the policy says to report.
+ *   MAPPING, COPYING, READY, PAUSED   the job runs (mirror.c, job.c)
  *
- * bm_job_step() is the one place that moves an ending forward; every
- * completion that could unblock it (drain, copy, flush, tick) calls it.
- * Until pivot_switch() has returned, the source is authoritative and
- * complete; after, the destination is.  A pivot that cannot be made
- * durable leaves the disk on the source and the job READY.
+ *   pivot (complete) and clean cancel (cancel after READY):
+ *   PREFLUSH     flush the destination while the guest still runs, so the
+ *                flush in the stall finds little to write; wait for state
+ *                I/O too, for the same reason
+ *   DRAIN        the disk is quiesced: new guest requests queue, those in
+ *                flight finish
+ *   FINAL_COPY   (pivot: first give up if the copy would stall the guest
+ *                longer than max_stall_us) copy what is still dirty
+ *   FINAL_FLUSH  flush the destination if anything since the last flush
+ *                must be durable
+ *   SWITCH       stop the tick; then pivot() (make the switch durable,
+ *                swap the disk's image, release the queue) or, for a clean
+ *                cancel, let go: the destination is a consistent copy
+ *   ABANDON      the pivot failed before the switch (an error in the
+ *                final copy or flush): copies in flight finish, the job is
+ *                READY again on the source and the caller learns the error
+ *
+ *   cancel, failure, forced cancel:
+ *   STOPPING     the copier stops, the disk is quiesced; when neither the
+ *                guest nor the job has anything in flight, the job ends
+ *
+ * Bounded exits.  A cancel before READY, a failure, and a forced cancel in
+ * any phase that has not ended go to STOPPING (bm_job_end,
+ * bm_job_force_cancel).  STOPPING waits only for I/O already in flight,
+ * and the tick cancels the destination's requests after a grace period
+ * (mirror.c), so a dead destination cannot keep it there.  A pivot that
+ * fails at or before SWITCH leaves the disk on the source: until pivot()
+ * has made the switch durable the source is authoritative and complete;
+ * after, the destination is.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -63,59 +83,7 @@ relink(const char *link, const char *target, bool *renamed)
 	return r;
 }
 
-/*
- * The pivot.  Called with the disk quiesced and drained, nothing dirty,
- * nothing being copied and the destination flushed, so the destination
- * holds exactly what every completed guest write left on the source.
- * First the switch is made durable, so that a crash from here on finds
- * the destination named; then the disk swaps its image and releases the
- * queued requests to the destination.
- */
-static int
-pivot_switch(struct bm_job *job)
-{
-	struct blockmirror_disk *disk = job->disk;
-	struct bm_image *old;
-	bool renamed = false;
-	int r = 0;
-
-	if (job->link)
-		r = relink(job->link, job->dst_name, &renamed);
-	else if (job->opt.on_pivot)
-		r = job->opt.on_pivot(job->opt.pivot_data, job->dst_name);
-	if (r < 0 && !renamed)
-		return r;
-	if (r < 0) {
-		/* The link names the destination: so must the disk.  Its
-		 * durability is unknown; say so and go on. */
-		struct blockmirror_event ev = {
-			.type = BLOCKMIRROR_EVENT_ERROR,
-			.err = -r,
-			.message = blockmirror_last_error(),
-		};
-
-		bm_warn("pivot: %s; the link names %s, which the disk now "
-			"runs on, but may not after a power loss",
-			blockmirror_last_error(), job->dst_name);
-		bm_job_event(job, &ev);
-	}
-	pivot_hook(BM_PIVOT_DURABLE);
-
-	old = disk->image;
-	disk->image = job->dst;
-	disk->job = NULL;
-	job->dst = NULL;
-	job->src = NULL;
-	job->pivot_stall_us = bm_disk_unquiesce(disk) / 1000;
-	job->quiesced = false;
-	bm_image_close(old);
-	pivot_hook(BM_PIVOT_SWAPPED);
-	bm_info("pivot: now on %s, guest stalled %" PRIu64 " us",
-		disk->image->name, job->pivot_stall_us);
-	return 0;
-}
-
-/* ---- the endings ----------------------------------------------------- */
+/* ---- ending a job ---------------------------------------------------- */
 
 static void
 signal_call(struct bm_job *job, int err)
@@ -137,7 +105,7 @@ signal_call(struct bm_job *job, int err)
 }
 
 static void
-finish(struct bm_job *job, enum blockmirror_job_state state, bool pivoted)
+finish(struct bm_job *job, enum bm_job_phase phase, bool pivoted)
 {
 	struct blockmirror_event ev = { 0 };
 	enum bm_job_goal goal = job->goal;
@@ -154,12 +122,12 @@ finish(struct bm_job *job, enum blockmirror_job_state state, bool pivoted)
 			bm_disk_unquiesce(job->disk);
 		job->quiesced = false;
 	}
-	switch (state) {
-	case BLOCKMIRROR_JOB_COMPLETED:
+	switch (phase) {
+	case BM_PHASE_COMPLETED:
 		ev.type = BLOCKMIRROR_EVENT_COMPLETED;
 		ev.pivoted = pivoted;
 		break;
-	case BLOCKMIRROR_JOB_CANCELLED:
+	case BM_PHASE_CANCELLED:
 		ev.type = BLOCKMIRROR_EVENT_CANCELLED;
 		break;
 	default:
@@ -170,62 +138,144 @@ finish(struct bm_job *job, enum blockmirror_job_state state, bool pivoted)
 	}
 	/* The event first: whoever waits for the state finds it delivered. */
 	bm_job_event(job, &ev);
-	bm_job_set_state(job, state);
+	bm_job_set_phase(job, phase);
 	signal_call(job, goal == BM_GOAL_FAIL ? -job->error : 0);
 }
 
-/* Give up on a pivot: back to READY on the source. */
+/* ---- the pivot ------------------------------------------------------- */
+
+/* Give up on a pivot: READY again on the source; the caller learns err. */
 static void
-abandon_pivot(struct bm_job *job, int err)
+back_to_ready(struct bm_job *job, int err)
 {
 	job->goal = BM_GOAL_NONE;
-	job->drained = false;
-	job->final_flushed = false;
-	job->stall_checked = false;
+	job->abandon_err = 0;
 	if (job->quiesced)
 		bm_disk_unquiesce(job->disk);
 	job->quiesced = false;
-	bm_job_set_state(job, BLOCKMIRROR_JOB_READY);
+	bm_job_set_phase(job, BM_PHASE_READY);
 	signal_call(job, err);
 	bm_mirror_pump(job);
+	bm_mirror_tick_start(job);
+}
+
+/*
+ * The pivot, top to bottom.  Called in SWITCH: the disk quiesced and
+ * drained, nothing dirty, nothing being copied, the destination flushed,
+ * the tick stopped; so the destination holds exactly what every completed
+ * guest write left on the source.
+ *
+ * 1. The durable switch: after it a crash finds the destination named.
+ *    If it fails and the link does not name the destination, nothing has
+ *    changed: back to READY on the source.
+ * 2. The swap: the disk's image becomes the destination; the job lets go.
+ * 3. The release: the queued guest requests go to the destination, and
+ *    the source is closed.
+ */
+static void
+pivot(struct bm_job *job)
+{
+	struct blockmirror_disk *disk = job->disk;
+	struct bm_image *old;
+	bool renamed = false;
+	int r = 0;
+
+	/* 1. the durable switch */
+	if (job->link)
+		r = relink(job->link, job->dst_name, &renamed);
+	else if (job->opt.on_pivot)
+		r = job->opt.on_pivot(job->opt.pivot_data, job->dst_name);
+	if (r < 0) {
+		struct blockmirror_event ev = {
+			.type = BLOCKMIRROR_EVENT_ERROR,
+			.err = -r,
+			.message = blockmirror_last_error(),
+		};
+
+		/* The link names the destination: so must the disk.  Its
+		 * durability is unknown; say so and go on. */
+		if (renamed)
+			bm_warn("pivot: %s; the link names %s, which the disk "
+				"now runs on, but may not after a power loss",
+				blockmirror_last_error(), job->dst_name);
+		bm_job_event(job, &ev);
+		if (!renamed) {
+			back_to_ready(job, r);
+			return;
+		}
+	}
+	pivot_hook(BM_PIVOT_DURABLE);
+
+	/* 2. the swap */
+	old = disk->image;
+	disk->image = job->dst;
+	disk->job = NULL;
+	job->dst = NULL;
+	job->src = NULL;
+
+	/* 3. the release */
+	job->pivot_stall_us = bm_disk_unquiesce(disk) / 1000;
+	job->quiesced = false;
+	bm_image_close(old);
+	pivot_hook(BM_PIVOT_SWAPPED);
+	bm_info("pivot: now on %s, guest stalled %" PRIu64 " us",
+		disk->image->name, job->pivot_stall_us);
+	finish(job, BM_PHASE_COMPLETED, true);
+}
+
+/* ---- the phases of an ending ------------------------------------------ */
+
+static void enter_drain(struct bm_job *job);
+static void enter_final_copy(struct bm_job *job);
+static void enter_final_flush(struct bm_job *job);
+static void enter_switch(struct bm_job *job);
+static void enter_abandon(struct bm_job *job, int err);
+static void enter_stopping(struct bm_job *job, enum bm_job_goal goal);
+
+bool
+bm_job_ending(const struct bm_job *job)
+{
+	return job->phase >= BM_PHASE_PREFLUSH &&
+	       job->phase <= BM_PHASE_STOPPING;
 }
 
 static void
 job_drained(struct blockmirror_disk *disk)
 {
-	struct bm_job *job = disk->job;
+	if (disk->job)
+		bm_job_step(disk->job);
+}
 
-	if (job->goal == BM_GOAL_PIVOT)
-		pivot_hook(BM_PIVOT_DRAINED);
-	job->drained = true;
-	bm_job_step(job);
+static void dst_flushed(struct bm_io *io, int err);
+
+/* The job's one destination flush; dst_flushed() completes it. */
+static void
+flush_dst(struct bm_job *job)
+{
+	job->flushing = true;
+	bm_mirror_dst_flush_started(job);
+	memset(&job->flush_io, 0, sizeof job->flush_io);
+	job->flush_io.done = dst_flushed;
+	job->flush_io.opaque = job;
+	bm_image_flush(job->dst, &job->flush_io);
+}
+
+/* Pivot or clean cancel, from READY (or PAUSED after READY). */
+static void
+enter_preflush(struct bm_job *job)
+{
+	bm_job_set_phase(job, BM_PHASE_PREFLUSH);
+	/* A READY flush in flight serves as the preflush. */
+	if (!job->flushing)
+		flush_dst(job);
 }
 
 static void
-final_flush_done(struct bm_io *io, int err)
+enter_drain(struct bm_job *job)
 {
-	struct bm_job *job = io->opaque;
-
-	job->flushing_final = false;
-	if (err < 0 && job->goal == BM_GOAL_CANCEL) {
-		/* Cancelled by force while flushing: nothing to keep. */
-		bm_job_step(job);
-		return;
-	}
-	if (err < 0) {
-		job->error = -err;
-		snprintf(job->error_msg, sizeof job->error_msg,
-			 "flushing the destination: %s", strerror(-err));
-		if (job->goal == BM_GOAL_PIVOT) {
-			abandon_pivot(job, err);
-			return;
-		}
-		job->goal = BM_GOAL_FAIL;
-	} else {
-		job->final_flushed = true;
-		if (job->goal == BM_GOAL_PIVOT)
-			pivot_hook(BM_PIVOT_FLUSHED);
-	}
+	bm_job_set_phase(job, BM_PHASE_DRAIN);
+	job->quiesced = true;
+	bm_disk_quiesce(job->disk, job_drained);
 	bm_job_step(job);
 }
 
@@ -246,178 +296,247 @@ stall_too_long(struct bm_job *job)
 	return est_us > job->opt.max_stall_us;
 }
 
-void
-bm_job_step(struct bm_job *job)
+static void
+enter_final_copy(struct bm_job *job)
 {
-	if (bm_job_ended(job->state))
-		return;
-
-	if (job->goal == BM_GOAL_NONE) {
-		/* Rule 6: READY once converged and flushed. */
-		if (job->state == BLOCKMIRROR_JOB_COPYING && !job->mapping &&
-		    bm_bitmap_count(&job->dirty) == 0 &&
-		    job->copier.inflight == 0 && !job->flushing) {
-			bm_job_flush_for_ready(job);
-		}
-		return;
-	}
-
-	if (!job->drained)
-		return;
-
-	if (job->goal == BM_GOAL_PIVOT && !job->stall_checked) {
-		job->stall_checked = true;
+	if (job->goal == BM_GOAL_PIVOT) {
+		pivot_hook(BM_PIVOT_DRAINED);
 		if (stall_too_long(job)) {
-			bm_error(-ETIMEDOUT, "the final copy of %" PRIu64
-				 " bytes would exceed the stall limit of %"
-				 PRIu64 " us", bm_mirror_remaining(job),
-				 job->opt.max_stall_us);
-			abandon_pivot(job, -ETIMEDOUT);
+			int err = bm_error(-ETIMEDOUT, "the final copy of %"
+					   PRIu64 " bytes would exceed the "
+					   "stall limit of %" PRIu64 " us",
+					   bm_mirror_remaining(job),
+					   job->opt.max_stall_us);
+
+			back_to_ready(job, err);
 			return;
 		}
 	}
-
-	if (job->pivot_failed_err) {
-		int err = job->pivot_failed_err;
-
-		if (job->copier.inflight || job->mapping)
-			return;
-		job->pivot_failed_err = 0;
-		job->copier.stopped = false;
-		abandon_pivot(job, err);
-		return;
-	}
-
-	if (job->goal == BM_GOAL_PIVOT || job->goal == BM_GOAL_SYNC_CANCEL) {
-		if (bm_bitmap_count(&job->dirty) || job->copier.inflight ||
-		    job->mapping) {
-			bm_mirror_pump(job);
-			return;
-		}
-		if (!job->final_flushed && !job->copied_since_flush &&
-		    !job->guest_flush_since_flush && !job->flushing &&
-		    !job->flushing_final) {
-			/* Nothing since the last flush needs to be durable:
-			 * spare the guest a flush in the stall. */
-			job->final_flushed = true;
-			if (job->goal == BM_GOAL_PIVOT)
-				pivot_hook(BM_PIVOT_FLUSHED);
-		}
-		if (!job->final_flushed) {
-			if (!job->flushing_final && !job->flushing) {
-				job->flushing_final = true;
-				bm_mirror_dst_flush_started(job);
-				memset(&job->flush_io, 0, sizeof job->flush_io);
-				job->flush_io.done = final_flush_done;
-				job->flush_io.opaque = job;
-				bm_image_flush(job->dst, &job->flush_io);
-			}
-			return;
-		}
-	} else if (job->copier.inflight || job->mapping || job->flushing ||
-		   job->flushing_final) {
-		return;
-	}
-
-	if (bm_state_busy(job))
-		return; /* its completion steps again */
-
-	/* Nothing of ours is in flight but the tick: stop it first. */
-	job->finishing = true;
-	if (job->tick.armed) {
-		bm_loop_timer_cancel(job->loop, &job->tick);
-		return; /* its callback steps again */
-	}
-
-	switch (job->goal) {
-	case BM_GOAL_PIVOT: {
-		int r = pivot_switch(job);
-
-		if (r < 0) {
-			struct blockmirror_event ev = {
-				.type = BLOCKMIRROR_EVENT_ERROR,
-				.err = -r,
-				.message = blockmirror_last_error(),
-			};
-
-			job->finishing = false;
-			bm_job_event(job, &ev);
-			abandon_pivot(job, r);
-			bm_mirror_tick_start(job);
-			return;
-		}
-		finish(job, BLOCKMIRROR_JOB_COMPLETED, true);
-		break;
-	}
-	case BM_GOAL_SYNC_CANCEL:
-		finish(job, BLOCKMIRROR_JOB_COMPLETED, false);
-		break;
-	case BM_GOAL_CANCEL:
-		finish(job, BLOCKMIRROR_JOB_CANCELLED, false);
-		break;
-	default:
-		finish(job, BLOCKMIRROR_JOB_FAILED, false);
-		break;
-	}
+	bm_job_set_phase(job, BM_PHASE_FINAL_COPY);
+	bm_job_step(job);
 }
 
 static void
-preflush_done(struct bm_io *io, int err)
+final_flushed(struct bm_job *job)
 {
-	struct bm_job *job = io->opaque;
+	if (job->goal == BM_GOAL_PIVOT)
+		pivot_hook(BM_PIVOT_FLUSHED);
+	enter_switch(job);
+}
 
-	job->preflushing = false;
-	if (err < 0) {
-		/* Counted as not flushed; the final flush will report. */
-		job->copied_since_flush = true;
+static void
+enter_final_flush(struct bm_job *job)
+{
+	bm_job_set_phase(job, BM_PHASE_FINAL_FLUSH);
+	if (!job->copied_since_flush && !job->guest_flush_since_flush) {
+		/* Nothing since the last flush needs to be durable: spare
+		 * the guest a flush in the stall. */
+		final_flushed(job);
+		return;
 	}
-	/* Whatever the goal is now (a forced cancel or a failure may have
-	 * replaced it), the ending goes on from a quiesced disk. */
-	bm_job_quiesce_for_end(job);
+	flush_dst(job);
+}
+
+static void
+final_flush_done(struct bm_job *job, int err)
+{
+	if (err >= 0) {
+		final_flushed(job);
+		return;
+	}
+	job->error = -err;
+	snprintf(job->error_msg, sizeof job->error_msg,
+		 "flushing the destination: %s", strerror(-err));
+	if (job->goal == BM_GOAL_PIVOT)
+		enter_abandon(job, err);
+	else
+		enter_stopping(job, BM_GOAL_FAIL);
+}
+
+static void
+enter_switch(struct bm_job *job)
+{
+	bm_job_set_phase(job, BM_PHASE_SWITCH);
+	bm_job_step(job);
+}
+
+static void
+enter_abandon(struct bm_job *job, int err)
+{
+	bm_copier_stop(&job->copier);
+	job->abandon_err = err;
+	bm_job_set_phase(job, BM_PHASE_ABANDON);
+	bm_job_step(job);
+}
+
+static void
+enter_stopping(struct bm_job *job, enum bm_job_goal goal)
+{
+	job->goal = goal;
+	job->abandon_err = 0;
+	bm_copier_stop(&job->copier);
+	bm_job_set_phase(job, BM_PHASE_STOPPING);
+	if (!job->quiesced) {
+		job->quiesced = true;
+		bm_disk_quiesce(job->disk, job_drained);
+	}
+	bm_mirror_tick_start(job); /* cancels a hung destination's requests */
 	bm_job_step(job);
 }
 
 /*
- * Quiesce for an ending, once the preflush is done.  State I/O in flight
- * (state-io.c: a clearing pass flushes the destination) finishes first,
- * while the guest still runs, so that it never adds to the stall; its
- * completion calls this again.
+ * Every destination flush completes here; the phase says which flush it
+ * was.  A flush that fails where nobody waits for it counts as not done.
  */
-void
-bm_job_quiesce_for_end(struct bm_job *job)
+static void
+dst_flushed(struct bm_io *io, int err)
 {
-	if (job->quiesced || job->preflushing || bm_state_busy(job) ||
-	    job->goal == BM_GOAL_NONE || bm_job_ended(job->state))
+	struct bm_job *job = io->opaque;
+
+	job->flushing = false;
+	switch (job->phase) {
+	case BM_PHASE_COPYING:
+	case BM_PHASE_PAUSED:
+		bm_mirror_ready_flushed(job, err);
+		break;
+	case BM_PHASE_FINAL_FLUSH:
+		final_flush_done(job, err);
 		return;
-	job->quiesced = true;
-	bm_disk_quiesce(job->disk, job_drained);
+	default:
+		if (err < 0)
+			job->copied_since_flush = true;
+		break;
+	}
+	bm_job_step(job);
 }
 
+/* Nothing in flight that would let the job out of STOPPING? */
+static bool
+stopped(struct bm_job *job)
+{
+	return job->disk->inflight == 0 && !bm_mirror_busy(job) &&
+	       !bm_state_busy(job);
+}
+
+/* The tick may run a last time before the job lets go: stop it first;
+ * its callback steps again. */
+static bool
+tick_stopped(struct bm_job *job)
+{
+	if (!job->tick.armed)
+		return true;
+	bm_loop_timer_cancel(job->loop, &job->tick);
+	return false;
+}
+
+void
+bm_job_step(struct bm_job *job)
+{
+	switch (job->phase) {
+	case BM_PHASE_MAPPING:
+	case BM_PHASE_READY:
+	case BM_PHASE_PAUSED:
+		break;
+	case BM_PHASE_COPYING:
+		/* Rule 6: READY once converged and flushed. */
+		if (!job->mapping && bm_bitmap_count(&job->dirty) == 0 &&
+		    job->copier.inflight == 0 && !job->flushing)
+			bm_mirror_flush_for_ready(job);
+		break;
+	case BM_PHASE_PREFLUSH:
+		/* State I/O finishes while the guest still runs too, so that
+		 * it never adds to the stall. */
+		if (!job->flushing && !bm_state_busy(job))
+			enter_drain(job);
+		break;
+	case BM_PHASE_DRAIN:
+		if (job->disk->inflight == 0)
+			enter_final_copy(job);
+		break;
+	case BM_PHASE_FINAL_COPY:
+		if (bm_bitmap_count(&job->dirty) || job->copier.inflight ||
+		    job->mapping) {
+			bm_mirror_pump(job);
+			break;
+		}
+		enter_final_flush(job);
+		break;
+	case BM_PHASE_FINAL_FLUSH:
+		break; /* dst_flushed() moves on */
+	case BM_PHASE_SWITCH:
+		if (bm_state_busy(job) || !tick_stopped(job))
+			break;
+		if (job->goal == BM_GOAL_PIVOT)
+			pivot(job);
+		else
+			finish(job, BM_PHASE_COMPLETED, false);
+		break;
+	case BM_PHASE_ABANDON:
+		if (bm_mirror_busy(job))
+			break;
+		job->copier.stopped = false;
+		back_to_ready(job, job->abandon_err);
+		break;
+	case BM_PHASE_STOPPING:
+		if (!stopped(job) || !tick_stopped(job))
+			break;
+		finish(job, job->goal == BM_GOAL_CANCEL ? BM_PHASE_CANCELLED
+							: BM_PHASE_FAILED,
+		       false);
+		break;
+	case BM_PHASE_COMPLETED:
+	case BM_PHASE_CANCELLED:
+	case BM_PHASE_FAILED:
+		break;
+	}
+}
+
+/* Does the tick go on?  Not once the job only waits for it to stop. */
+bool
+bm_job_tick_wanted(struct bm_job *job)
+{
+	switch (job->phase) {
+	case BM_PHASE_SWITCH:
+	case BM_PHASE_COMPLETED:
+	case BM_PHASE_CANCELLED:
+	case BM_PHASE_FAILED:
+		return false;
+	case BM_PHASE_STOPPING:
+		return !stopped(job);
+	default:
+		return true;
+	}
+}
+
+/* ---- the calls that start or change an ending ----------------------- */
+
+/* An error while ending (the final copy, a mirrored write, a flush). */
 void
 bm_job_ending_error(struct bm_job *job, int err)
 {
 	if (job->goal == BM_GOAL_PIVOT) {
-		/* The final copy failed: the disk stays on the source. */
-		bm_copier_stop(&job->copier);
-		job->pivot_failed_err = err;
+		/* The disk stays on the source. */
+		if (job->phase == BM_PHASE_ABANDON)
+			job->abandon_err = err;
+		else if (job->phase != BM_PHASE_SWITCH)
+			enter_abandon(job, err);
 		return;
 	}
 	job->error = -err;
 	snprintf(job->error_msg, sizeof job->error_msg,
 		 "the final copy failed: %s", strerror(-err));
-	job->goal = BM_GOAL_FAIL;
-	bm_copier_stop(&job->copier);
+	enter_stopping(job, BM_GOAL_FAIL);
 }
 
 /*
  * A forced cancel while a pivot or a clean cancel is under way (their
  * flush may hang on a dead destination): the ending becomes a plain
- * cancel.  Until pivot_switch() runs, which it does in one go on this
- * thread, the source is still authoritative, so nothing is lost.  The
- * call waiting for the pivot learns -ECANCELED; one waiting for a clean
- * cancel learns that the job was cancelled, as it asked.  Requests still
- * in flight to the destination are cancelled by the tick after a grace
- * period (mirror.c).
+ * cancel, from whatever phase it is in.  Until pivot() runs, which it
+ * does in one go on this thread, the source is still authoritative, so
+ * nothing is lost.  The call waiting for the pivot learns -ECANCELED; one
+ * waiting for a clean cancel learns that the job was cancelled, as it
+ * asked.  Requests still in flight to the destination are cancelled by
+ * the tick after a grace period (mirror.c).
  */
 int
 bm_job_force_cancel(struct bm_job *job, struct bm_call *call)
@@ -431,14 +550,9 @@ bm_job_force_cancel(struct bm_job *job, struct bm_call *call)
 		bm_waiter_signal(&prev->w, job->goal == BM_GOAL_PIVOT ?
 				 bm_error(-ECANCELED, "the pivot was "
 					  "cancelled") : 0);
-	job->goal = BM_GOAL_CANCEL;
 	job->goal_call = call;
 	job->end_start_ns = bm_now_ns();
-	job->pivot_failed_err = 0;
-	bm_copier_stop(&job->copier);
-	bm_mirror_tick_start(job);
-	bm_job_quiesce_for_end(job);
-	bm_job_step(job);
+	enter_stopping(job, BM_GOAL_CANCEL);
 	return 0;
 }
 
@@ -449,9 +563,7 @@ bm_job_end(struct bm_job *job, enum bm_job_goal goal, struct bm_call *call)
 		/* A failure overrides an ending in progress; its caller
 		 * learns the error. */
 		if (goal == BM_GOAL_FAIL && job->goal != BM_GOAL_FAIL) {
-			job->goal = BM_GOAL_FAIL;
-			bm_copier_stop(&job->copier);
-			bm_job_step(job);
+			enter_stopping(job, BM_GOAL_FAIL);
 			return 0;
 		}
 		return bm_error(-EBUSY, "the job is already ending");
@@ -459,26 +571,18 @@ bm_job_end(struct bm_job *job, enum bm_job_goal goal, struct bm_call *call)
 	job->goal = goal;
 	job->goal_call = call;
 	job->end_start_ns = bm_now_ns();
-	job->drained = false;
-	job->final_flushed = false;
-	job->stall_checked = false;
-	if (goal == BM_GOAL_CANCEL || goal == BM_GOAL_FAIL)
-		bm_copier_stop(&job->copier);
-	if (goal == BM_GOAL_PIVOT)
-		bm_job_set_state(job, BLOCKMIRROR_JOB_PIVOTING);
-	if ((goal == BM_GOAL_PIVOT || goal == BM_GOAL_SYNC_CANCEL) &&
-	    !job->flushing) {
-		/* Flush while the guest still runs, so that the flush in
-		 * the stall finds little or nothing to write. */
-		job->preflushing = true;
-		bm_mirror_dst_flush_started(job);
-		memset(&job->flush_io, 0, sizeof job->flush_io);
-		job->flush_io.done = preflush_done;
-		job->flush_io.opaque = job;
-		bm_image_flush(job->dst, &job->flush_io);
-		return 0;
-	}
-	job->quiesced = true;
-	bm_disk_quiesce(job->disk, job_drained);
+	job->end_shown = goal == BM_GOAL_PIVOT ? BLOCKMIRROR_JOB_PIVOTING
+					       : job->state;
+	if (goal == BM_GOAL_PIVOT || goal == BM_GOAL_SYNC_CANCEL)
+		enter_preflush(job);
+	else
+		enter_stopping(job, goal);
 	return 0;
+}
+
+/* The READY flush (mirror.c) completes through dst_flushed() too. */
+void
+bm_job_flush_dst(struct bm_job *job)
+{
+	flush_dst(job);
 }

@@ -260,12 +260,6 @@ blockmirror_state_remove(const char *dir)
 static void start_write(struct bm_job *job);
 static void state_io_done(struct bm_job *job);
 
-static bool
-mapping_busy(const struct bm_job *job)
-{
-	return job->mapping || job->state == BLOCKMIRROR_JOB_MAPPING;
-}
-
 static uint64_t
 region_of(const struct bm_state_job *ps, uint64_t offset)
 {
@@ -378,12 +372,10 @@ bitmaps_equal(const struct bm_bitmap *a, const struct bm_bitmap *b)
 		      (a->nbits + 63) / 64 * sizeof(uint64_t)) == 0;
 }
 
-/* State I/O is done: step the job, and let an ending that waited for it
- * quiesce the disk (pivot.c). */
+/* State I/O is done: step the job (an ending waits for it, pivot.c). */
 static void
 state_io_done(struct bm_job *job)
 {
-	bm_job_quiesce_for_end(job);
 	bm_job_step(job);
 }
 
@@ -503,7 +495,7 @@ clear_flushed(struct bm_io *io, int err)
 	if (--ps->clear_pending)
 		return;
 	ps->clearing = false;
-	if (ps->clear_err == 0 && !ps->failed && !mapping_busy(job)) {
+	if (ps->clear_err == 0 && !ps->failed && !bm_mirror_mapping(job)) {
 		find_busy(job);
 		for (uint64_t r = 0; r < ps->regions; r++) {
 			uint64_t off = r * ps->region_size;
@@ -527,7 +519,7 @@ bm_state_tick(struct bm_job *job)
 	bool any = false;
 
 	if (!ps || ps->failed || ps->clearing || job->goal != BM_GOAL_NONE ||
-	    mapping_busy(job) || now - ps->last_clear_ns < CLEAR_INTERVAL_NS)
+	    bm_mirror_mapping(job) || now - ps->last_clear_ns < CLEAR_INTERVAL_NS)
 		return;
 	ps->last_clear_ns = now;
 	find_busy(job);
