@@ -5,14 +5,16 @@
  * Guest requests enter through the aio calls from any thread; off the loop
  * thread they are handed over with bm_loop_post.  On the loop thread a
  * request is either started (bm_disk_submit) or, while the disk is
- * quiesced for a pivot or a consistent cancel, queued in arrival order and
- * started when the disk is released.  Reads and flushes go to the active
- * image; writes, zeroes and discards go through the mirror job when one
- * runs (mirror.c decides where they land), else to the active image.
+ * quiesced (a job starting or ending, close), queued in arrival order and
+ * started when the disk is released.  Every request goes to the active
+ * image, whatever it is: the disk knows only "an image".  While a move
+ * runs that image is the job's mirror filter (mirror.c), stacked over the
+ * source and holding the destination; bm_disk_swap_image() pushes it,
+ * swaps in the destination at the pivot, or swaps the source back.
  *
- * `inflight` counts started guest requests; the pivot waits for it to
- * reach zero with nothing new admitted, so at the swap no request is
- * half on the source.  Nothing here takes a lock on the I/O path: only
+ * `inflight` counts started guest requests; every swap waits for it to
+ * reach zero with nothing new admitted, so no request is split between
+ * two images.  Nothing here takes a lock on the I/O path: only
  * the hand-over between threads (bm_loop_post) and the blocking wrappers
  * (struct bm_waiter) do.
  */
@@ -242,12 +244,11 @@ req_io_done(struct bm_io *io, int err)
 	bm_disk_req_complete(req);
 }
 
-/* Reads and flushes, and writes when no job intercepts them. */
 static void
 submit_to_image(struct bm_req *req)
 {
 	struct bm_image *img = req->disk->image;
-	struct bm_io *io = &req->io_src;
+	struct bm_io *io = &req->io;
 
 	memset(io, 0, sizeof *io);
 	io->offset = req->offset;
@@ -296,15 +297,20 @@ bm_disk_submit(struct bm_req *req)
 		return;
 	}
 	disk->inflight++;
-	if (disk->job && (req->type == BM_REQ_WRITE ||
-			  req->type == BM_REQ_ZERO ||
-			  req->type == BM_REQ_DISCARD)) {
-		bm_mirror_guest_write(disk->job, req);
-		return;
-	}
-	if (disk->job && req->type == BM_REQ_FLUSH)
-		bm_mirror_guest_flush(disk->job);
 	submit_to_image(req);
+}
+
+struct bm_image *
+bm_disk_swap_image(struct blockmirror_disk *disk, struct bm_image *img)
+{
+	struct bm_image *old = disk->image;
+
+	if (disk->inflight || !disk->quiesce_depth)
+		bm_warn("disk: image swapped with %u requests in flight%s",
+			disk->inflight, disk->quiesce_depth ? "" :
+			" and the disk not quiesced");
+	disk->image = img;
+	return old;
 }
 
 void

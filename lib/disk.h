@@ -1,8 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * The disk's internals, shared with the mirror job (mirror.c, pivot.c)
- * and, later, the NBD server.  Everything here runs on the disk's loop
- * thread unless it says otherwise.
+ * The disk's internals, shared with the mirror job (job.c, pivot.c) and
+ * the NBD server.  Everything here runs on the disk's loop thread unless
+ * it says otherwise.
  */
 #ifndef BM_DISK_H
 #define BM_DISK_H
@@ -42,18 +42,10 @@ struct bm_req {
 	blockmirror_done_fn done;
 	void *user_data;
 
-	/* the disk's and the job's */
+	/* the disk's */
 	struct bm_req *next;          /* in the queue while quiesced */
-	struct bm_req *prev_active;   /* in the job's list of writes */
-	struct bm_req *next_active;
-	struct bm_io io_src;
-	struct bm_io io_dst;
-	unsigned pending;             /* ios outstanding */
+	struct bm_io io;              /* to the active image */
 	int err;                      /* the active image's result */
-	int dst_err;
-	uint64_t c0, c1;              /* chunks touched, [c0, c1) */
-	bool mirrored;
-	bool waiting;                 /* blocked behind an overlap */
 };
 
 struct bm_call {
@@ -67,7 +59,9 @@ struct bm_call {
 };
 struct blockmirror_disk {
 	struct bm_loop *loop;
-	struct bm_image *image;       /* the active image */
+	struct bm_image *image;       /* the active image: the only one the
+					 guest's requests see (while a job
+					 runs, its mirror filter) */
 	uint64_t size;
 	bool readonly;
 	unsigned open_flags;          /* BM_IMAGE_* for images of this disk */
@@ -88,13 +82,25 @@ struct blockmirror_disk {
 	void (*drained)(struct blockmirror_disk *disk); /* when inflight hits 0 */
 	struct bm_op drain_op;        /* reports an immediate drain */
 	bool drain_op_pending;
-	struct bm_job *job;           /* the job intercepting writes, or NULL */
+	struct bm_job *job;           /* the running job, for the control
+					 calls (start, close, backing); the
+					 I/O path never looks at it */
 	atomic_bool closing;
 	struct bm_work wake_work;     /* wakes the thread to stop it */
 	struct bm_call *drain_call;   /* close: waiting for the drain */
 	struct bm_call *start_call;   /* job start: waiting for the drain */
 	struct bm_io close_io;
 };
+
+/*
+ * Make `img` the disk's active image and return the one it replaces.  The
+ * one mechanism that starts a move (push the mirror filter), pivots (swap
+ * in the destination) and ends one without a pivot (swap the source
+ * back).  Only with the disk quiesced and nothing in flight, so that no
+ * request is split between the two images.
+ */
+struct bm_image *bm_disk_swap_image(struct blockmirror_disk *disk,
+				    struct bm_image *img);
 
 /* Monotonic clock in nanoseconds. */
 uint64_t bm_now_ns(void);

@@ -207,6 +207,7 @@ start_drained(struct blockmirror_disk *disk)
 
 	disk->start_call = NULL;
 	disk->job = job;
+	bm_disk_swap_image(disk, &job->filter); /* job->src is under it */
 	bm_mirror_begin(job);
 	bm_disk_unquiesce(disk);
 	bm_waiter_signal(&call->w, 0);

@@ -72,6 +72,18 @@
  * Guest writes have priority over the bulk copy for the destination:
  * while mirrored writes are in flight the copy keeps at most a quarter of
  * its requests going.
+ *
+ * The filter.  While the job runs, the disk's active image is job->filter,
+ * a filter image stacked over the source that holds the destination; the
+ * disk sends it every guest request as it would any image.  Reads and
+ * block status pass through to the source; flushes reach the source
+ * (rule 5); writes, write-zeroes and discards become a struct
+ * bm_mirror_write, the job's per-request state (chunks, mirrored or not,
+ * the ios to each image), taken from a free list that grows only to the
+ * most writes ever in flight at once, and follow rules 3 to 5.  The job
+ * pushes the filter when it starts and swaps it out when it ends
+ * (bm_disk_swap_image(): the destination at the pivot, the source
+ * otherwise); the disk never asks whether a job runs.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -235,10 +247,12 @@ static void kick_waiting(struct bm_job *job);
 static bool
 chunk_being_written(const struct bm_job *job, uint64_t c)
 {
-	for (const struct bm_req *r = job->writes; r; r = r->next_active)
+	const struct bm_mirror_write *r;
+
+	for (r = job->writes; r; r = r->next_active)
 		if (c >= r->c0 && c < r->c1)
 			return true;
-	for (const struct bm_req *r = job->waiting; r; r = r->next)
+	for (r = job->waiting; r; r = r->next)
 		if (c >= r->c0 && c < r->c1)
 			return true;
 	return false;
@@ -392,7 +406,7 @@ bm_mirror_pump(struct bm_job *job)
 /* ---- rules 3, 4, 5: guest writes ------------------------------------- */
 
 static void
-writes_add(struct bm_job *job, struct bm_req *req)
+writes_add(struct bm_job *job, struct bm_mirror_write *req)
 {
 	req->prev_active = NULL;
 	req->next_active = job->writes;
@@ -402,7 +416,7 @@ writes_add(struct bm_job *job, struct bm_req *req)
 }
 
 static void
-writes_remove(struct bm_job *job, struct bm_req *req)
+writes_remove(struct bm_job *job, struct bm_mirror_write *req)
 {
 	if (req->prev_active)
 		req->prev_active->next_active = req->next_active;
@@ -427,18 +441,18 @@ writes_remove(struct bm_job *job, struct bm_req *req)
  * run at once, and the destination sees them in the source's order.
  */
 static bool
-must_wait(struct bm_job *job, struct bm_req *req, bool active)
+must_wait(struct bm_job *job, struct bm_mirror_write *req, bool active)
 {
 	uint64_t len = chunk_bytes(job, req->c0, req->c1);
 
 	if (active && bm_bitmap_test_range(&job->copying,
 					   chunk_offset(job, req->c0), len))
 		return true;
-	for (struct bm_req *r = job->writes; r; r = r->next_active)
+	for (struct bm_mirror_write *r = job->writes; r; r = r->next_active)
 		if ((active || r->mirrored) && r->c0 < req->c1 &&
 		    req->c0 < r->c1)
 			return true;
-	for (struct bm_req *r = job->waiting; r && r != req; r = r->next)
+	for (struct bm_mirror_write *r = job->waiting; r && r != req; r = r->next)
 		if (r->c0 < req->c1 && req->c0 < r->c1)
 			return true;
 	return false;
@@ -459,12 +473,12 @@ all_dirty(struct bm_job *job, uint64_t c0, uint64_t c1)
 	return true;
 }
 
-static void write_finish(struct bm_req *req);
+static void write_finish(struct bm_mirror_write *req);
 
 static void
 write_io_done(struct bm_io *io, int err)
 {
-	struct bm_req *req = io->opaque;
+	struct bm_mirror_write *req = io->opaque;
 
 	if (io == &req->io_src)
 		req->err = err;
@@ -475,7 +489,7 @@ write_io_done(struct bm_io *io, int err)
 }
 
 static void
-prep_io(struct bm_req *req, struct bm_io *io)
+prep_io(struct bm_mirror_write *req, struct bm_io *io)
 {
 	memset(io, 0, sizeof *io);
 	io->offset = req->offset;
@@ -483,14 +497,13 @@ prep_io(struct bm_req *req, struct bm_io *io)
 	io->buf = req->buf;
 	io->opaque = req;
 	io->done = write_io_done;
-	if (req->flags & BLOCKMIRROR_REQ_FUA)
-		io->flags |= BM_IO_FUA;
-	if (req->type == BM_REQ_ZERO && (req->flags & BLOCKMIRROR_REQ_MAY_TRIM))
-		io->flags |= BM_IO_MAY_TRIM;
+	io->flags = req->flags & BM_IO_FUA;
+	if (req->type == BM_REQ_ZERO)
+		io->flags |= req->flags & BM_IO_MAY_TRIM;
 }
 
 static void
-issue(struct bm_image *img, struct bm_req *req, struct bm_io *io)
+issue(struct bm_image *img, struct bm_mirror_write *req, struct bm_io *io)
 {
 	switch (req->type) {
 	case BM_REQ_WRITE:
@@ -508,7 +521,7 @@ issue(struct bm_image *img, struct bm_req *req, struct bm_io *io)
 }
 
 static void
-write_start(struct bm_job *job, struct bm_req *req, bool active)
+write_start(struct bm_job *job, struct bm_mirror_write *req, bool active)
 {
 	/* A discard is never mirrored (rule 5). */
 	req->mirrored = active && req->type != BM_REQ_DISCARD &&
@@ -533,10 +546,10 @@ write_start(struct bm_job *job, struct bm_req *req, bool active)
 static void
 kick_waiting(struct bm_job *job)
 {
-	struct bm_req **pp = &job->waiting;
+	struct bm_mirror_write **pp = &job->waiting;
 
 	while (*pp) {
-		struct bm_req *req = *pp;
+		struct bm_mirror_write *req = *pp;
 
 		/* The mode may have changed while it waited. */
 		bool active = write_active(job);
@@ -554,9 +567,11 @@ kick_waiting(struct bm_job *job)
 }
 
 static void
-write_finish(struct bm_req *req)
+write_finish(struct bm_mirror_write *req)
 {
-	struct bm_job *job = req->disk->job;
+	struct bm_job *job = req->job;
+	struct bm_io *guest = req->guest;
+	int err = req->err;
 	uint64_t touched_off = chunk_offset(job, req->c0);
 	uint64_t touched_len = chunk_offset(job, req->c1) - touched_off;
 
@@ -583,7 +598,9 @@ write_finish(struct bm_req *req)
 	} else {
 		bm_bitmap_set_range(&job->dirty, req->offset, req->length);
 	}
-	bm_disk_req_complete(req); /* the guest sees only the source's result */
+	req->next = job->free_writes;
+	job->free_writes = req;
+	guest->done(guest, err); /* the guest sees only the source's result */
 	kick_waiting(job);
 	bm_mirror_pump(job);
 	bm_job_step(job);
@@ -597,12 +614,6 @@ write_finish(struct bm_req *req)
  * Unflushed guest writes may be lost by a crash on either image alike.
  */
 void
-bm_mirror_guest_flush(struct bm_job *job)
-{
-	job->guest_flush_since_flush = true;
-}
-
-void
 bm_mirror_dst_flush_started(struct bm_job *job)
 {
 	job->copied_since_flush = false;
@@ -610,13 +621,13 @@ bm_mirror_dst_flush_started(struct bm_job *job)
 }
 
 void
-bm_mirror_guest_write(struct bm_job *job, struct bm_req *req)
+bm_mirror_guest_write(struct bm_job *job, struct bm_mirror_write *req)
 {
 	/* With a state_dir, no write reaches an image before its regions
 	 * are dirty on disk; a held write comes back here (state-io.c). */
 	if (bm_state_hold_write(job, req))
 		return;
-	if (req->flags & BLOCKMIRROR_REQ_FUA)
+	if (req->flags & BM_IO_FUA)
 		job->guest_flush_since_flush = true;
 	bool active = write_active(job);
 
@@ -635,6 +646,127 @@ bm_mirror_guest_write(struct bm_job *job, struct bm_req *req)
 		return;
 	}
 	write_start(job, req, active);
+}
+
+/* ---- the filter image ------------------------------------------------ */
+
+/*
+ * While the job runs, the disk's active image is job->filter: reads and
+ * block status pass through to the source, flushes reach the source (and
+ * note that the guest asked for durability), writes, write-zeroes and
+ * discards take a bm_mirror_write from the free list and follow rules 3
+ * to 5.  The list only grows to the most writes ever in flight at once,
+ * so the guest's path allocates nothing once the job is warm.
+ */
+static inline struct bm_job *
+filter_job(struct bm_image *img)
+{
+	return bm_container_of(img, struct bm_job, filter);
+}
+
+static void
+filter_failed(struct bm_op *op, int res)
+{
+	struct bm_io *io = bm_container_of(op, struct bm_io, op);
+
+	io->done(io, res);
+}
+
+static void
+filter_write_type(struct bm_image *img, struct bm_io *io,
+		  enum bm_req_type type)
+{
+	struct bm_job *job = filter_job(img);
+	struct bm_mirror_write *w = job->free_writes;
+
+	if (w) {
+		job->free_writes = w->next;
+	} else if (!(w = malloc(sizeof *w))) {
+		/* The guest's io is ours to complete, never inline. */
+		bm_loop_defer(job->loop, &io->op, filter_failed, -ENOMEM);
+		return;
+	}
+	memset(w, 0, sizeof *w);
+	w->job = job;
+	w->guest = io;
+	w->type = type;
+	w->offset = io->offset;
+	w->length = io->length;
+	w->buf = io->buf;
+	w->flags = io->flags & (BM_IO_FUA | BM_IO_MAY_TRIM);
+	bm_mirror_guest_write(job, w);
+}
+
+static void
+filter_read(struct bm_image *img, struct bm_io *io)
+{
+	bm_image_read(filter_job(img)->src, io);
+}
+
+static void
+filter_write(struct bm_image *img, struct bm_io *io)
+{
+	filter_write_type(img, io, BM_REQ_WRITE);
+}
+
+static void
+filter_zero(struct bm_image *img, struct bm_io *io)
+{
+	filter_write_type(img, io, BM_REQ_ZERO);
+}
+
+static void
+filter_discard(struct bm_image *img, struct bm_io *io)
+{
+	filter_write_type(img, io, BM_REQ_DISCARD);
+}
+
+static void
+filter_flush(struct bm_image *img, struct bm_io *io)
+{
+	struct bm_job *job = filter_job(img);
+
+	job->guest_flush_since_flush = true;
+	bm_image_flush(job->src, io);
+}
+
+static void
+filter_block_status(struct bm_image *img, struct bm_io *io)
+{
+	bm_image_block_status(filter_job(img)->src, io);
+}
+
+static void
+filter_close(struct bm_image *img)
+{
+	/* The job owns the filter and both images under it. */
+}
+
+static const struct bm_image_ops filter_ops = {
+	.read = filter_read,
+	.write = filter_write,
+	.zero = filter_zero,
+	.discard = filter_discard,
+	.flush = filter_flush,
+	.block_status = filter_block_status,
+	.close = filter_close,
+};
+
+/* The filter looks like the source to whoever asks the disk's image. */
+static void
+filter_init(struct bm_job *job)
+{
+	struct bm_image *f = &job->filter;
+
+	f->ops = &filter_ops;
+	f->store = job->src->store;    /* borrowed, for questions only */
+	f->format = job->src->format;
+	f->name = job->src->name;      /* borrowed */
+	f->size = job->src->size;
+	f->cluster_size = job->src->cluster_size;
+	f->align = job->src->align;
+	f->readonly = job->src->readonly;
+	f->zero_init = job->src->zero_init;
 }
 
 /* ---- rule 6: ready, and progress ------------------------------------- */
@@ -852,6 +984,7 @@ bm_mirror_init(struct bm_job *job)
 	if (r < 0)
 		return r;
 	job->waiting_tail = &job->waiting;
+	filter_init(job);
 	job->speed = job->opt.speed;
 	job->speed_start_ns = bm_now_ns();
 	return 0;
@@ -885,4 +1018,10 @@ bm_mirror_fini(struct bm_job *job)
 	bm_bitmap_free(&job->copying);
 	bm_bitmap_free(&job->zero_hint);
 	bm_extent_list_free(&job->map);
+	while (job->free_writes) {
+		struct bm_mirror_write *w = job->free_writes;
+
+		job->free_writes = w->next;
+		free(w);
+	}
 }

@@ -2,10 +2,12 @@
 /*
  * The mirror job's internals.  mirror.c holds the rules (what is dirty,
  * where guest writes land, what the bulk copy takes next, when the job is
- * READY, what an error does); pivot.c holds the endings (pivot, cancel,
- * failure); job.c holds the public calls and the state machine.  All of
- * it runs on the disk's loop thread; only `state` and its friends are
- * also read by other threads, under state_lock.
+ * READY, what an error does) and the filter image through which the disk
+ * sends guest requests while the job runs; pivot.c holds the phase
+ * machine and the endings (pivot, cancel, failure); job.c holds the
+ * public calls and the public state.  All of it runs on the disk's loop
+ * thread; only `state` and its friends are also read by other threads,
+ * under state_lock.
  */
 #ifndef BM_MIRROR_H
 #define BM_MIRROR_H
@@ -67,10 +69,38 @@ enum bm_job_goal {
 	BM_GOAL_FAIL,         /* the error policy said report */
 };
 
+/*
+ * A guest write, write-zeroes or discard through the mirror filter: the
+ * job's state for it, from the filter's free list (mirror.c).  `guest` is
+ * the disk's request, completed when the write is done.
+ */
+struct bm_mirror_write {
+	struct bm_job *job;
+	struct bm_io *guest;
+	enum bm_req_type type;        /* WRITE, ZERO or DISCARD */
+	uint64_t offset;
+	uint64_t length;
+	void *buf;
+	unsigned flags;               /* BM_IO_FUA, BM_IO_MAY_TRIM */
+	struct bm_mirror_write *next; /* waiting, held (state-io.c) or free */
+	struct bm_mirror_write *prev_active; /* in the job's writes */
+	struct bm_mirror_write *next_active;
+	struct bm_io io_src;
+	struct bm_io io_dst;
+	unsigned pending;             /* ios outstanding */
+	int err;                      /* the source's result: the guest's */
+	int dst_err;
+	uint64_t c0, c1;              /* chunks touched, [c0, c1) */
+	bool mirrored;
+	bool waiting;                 /* blocked behind an overlap */
+};
+
 struct bm_job {
 	struct blockmirror_disk *disk;
+	struct bm_image filter;        /* the disk's image while the job runs */
 	struct bm_loop *loop;
-	struct bm_image *src;          /* the disk's image at the start */
+	struct bm_image *src;          /* the disk's image at the start,
+					  under the filter while it runs */
 	struct bm_image *dst;          /* ours until the pivot hands it over */
 	char *dst_name;
 	char *link;
@@ -99,9 +129,10 @@ struct bm_job {
 	struct bm_bitmap zero_hint;    /* read as zero at the start, unwritten since */
 	struct bm_copier copier;
 	uint64_t cursor;               /* where the bulk copy looks next */
-	struct bm_req *writes;         /* guest writes in flight through the job */
-	struct bm_req *waiting;        /* active-mode writes waiting, FIFO */
-	struct bm_req **waiting_tail;
+	struct bm_mirror_write *writes;  /* guest writes in flight */
+	struct bm_mirror_write *waiting; /* writes waiting (overlap), FIFO */
+	struct bm_mirror_write **waiting_tail;
+	struct bm_mirror_write *free_writes; /* for the next guest writes */
 	unsigned mirrored_inflight;
 	bool mapping;                  /* a block-status request is in flight */
 	uint64_t mapped_end;
@@ -148,8 +179,9 @@ struct bm_job {
 int bm_mirror_init(struct bm_job *job);
 void bm_mirror_fini(struct bm_job *job);
 void bm_mirror_begin(struct bm_job *job);
-void bm_mirror_guest_write(struct bm_job *job, struct bm_req *req);
-void bm_mirror_guest_flush(struct bm_job *job);
+/* The filter's write path, after state-io.c's hold (it calls this again
+ * for a held write). */
+void bm_mirror_guest_write(struct bm_job *job, struct bm_mirror_write *w);
 void bm_mirror_dst_flush_started(struct bm_job *job);
 void bm_mirror_pump(struct bm_job *job);
 void bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,

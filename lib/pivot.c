@@ -115,6 +115,7 @@ finish(struct bm_job *job, enum bm_job_phase phase, bool pivoted)
 		 * reach the source unseen by the job, so a state left on
 		 * disk would resume a move that misses them. */
 		bm_state_job_end(job);
+		bm_disk_swap_image(job->disk, job->src); /* the filter goes */
 		job->disk->job = NULL;
 		bm_image_close(job->dst);
 		job->dst = NULL;
@@ -168,7 +169,8 @@ back_to_ready(struct bm_job *job, int err)
  * 1. The durable switch: after it a crash finds the destination named.
  *    If it fails and the link does not name the destination, nothing has
  *    changed: back to READY on the source.
- * 2. The swap: the disk's image becomes the destination; the job lets go.
+ * 2. The swap: the destination replaces the mirror filter as the disk's
+ *    image (bm_disk_swap_image); the job lets go.
  * 3. The release: the queued guest requests go to the destination, and
  *    the source is closed.
  */
@@ -206,10 +208,10 @@ pivot(struct bm_job *job)
 	}
 	pivot_hook(BM_PIVOT_DURABLE);
 
-	/* 2. the swap */
-	old = disk->image;
-	disk->image = job->dst;
+	/* 2. the swap: the destination replaces the filter */
+	bm_disk_swap_image(disk, job->dst);
 	disk->job = NULL;
+	old = job->src;
 	job->dst = NULL;
 	job->src = NULL;
 

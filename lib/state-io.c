@@ -74,8 +74,8 @@ struct bm_state_job {
 
 	bool writing;               /* a slot write or its flush in flight */
 	struct bm_io wio;
-	struct bm_req *held;        /* writes waiting for marks, FIFO */
-	struct bm_req **held_tail;
+	struct bm_mirror_write *held; /* writes waiting for marks, FIFO */
+	struct bm_mirror_write **held_tail;
 
 	bool clearing;
 	unsigned clear_pending;
@@ -293,12 +293,13 @@ static void
 release_held(struct bm_job *job)
 {
 	struct bm_state_job *ps = job->pstate;
-	struct bm_req *list = ps->held, *ready = NULL, **rtail = &ready;
+	struct bm_mirror_write *list = ps->held, *ready = NULL;
+	struct bm_mirror_write **rtail = &ready;
 
 	ps->held = NULL;
 	ps->held_tail = &ps->held;
 	while (list) {
-		struct bm_req *req = list;
+		struct bm_mirror_write *req = list;
 
 		list = req->next;
 		req->next = NULL;
@@ -311,7 +312,7 @@ release_held(struct bm_job *job)
 		}
 	}
 	while (ready) {
-		struct bm_req *req = ready;
+		struct bm_mirror_write *req = ready;
 
 		ready = req->next;
 		req->next = NULL;
@@ -405,7 +406,7 @@ start_write(struct bm_job *job)
 }
 
 bool
-bm_state_hold_write(struct bm_job *job, struct bm_req *req)
+bm_state_hold_write(struct bm_job *job, struct bm_mirror_write *req)
 {
 	struct bm_state_job *ps = job->pstate;
 
@@ -449,7 +450,7 @@ bm_state_clip_map(struct bm_job *job)
 }
 
 static void
-mark_busy(struct bm_state_job *ps, const struct bm_req *r)
+mark_busy(struct bm_state_job *ps, const struct bm_mirror_write *r)
 {
 	if (r->length && bm_range_ok(r->offset, r->length, ps->busy.size))
 		bm_bitmap_set_range(&ps->busy, r->offset, r->length);
@@ -461,13 +462,15 @@ find_busy(struct bm_job *job)
 {
 	struct bm_state_job *ps = job->pstate;
 
+	const struct bm_mirror_write *w;
+
 	bm_bitmap_clear_all(&ps->busy);
-	for (const struct bm_req *r = job->writes; r; r = r->next_active)
-		mark_busy(ps, r);
-	for (const struct bm_req *r = job->waiting; r; r = r->next)
-		mark_busy(ps, r);
-	for (const struct bm_req *r = ps->held; r; r = r->next)
-		mark_busy(ps, r);
+	for (w = job->writes; w; w = w->next_active)
+		mark_busy(ps, w);
+	for (w = job->waiting; w; w = w->next)
+		mark_busy(ps, w);
+	for (w = ps->held; w; w = w->next)
+		mark_busy(ps, w);
 }
 
 static bool

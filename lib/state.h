@@ -104,7 +104,7 @@ int bm_state_load(const char *dir, struct bm_state *st);
 int bm_state_remove(const char *dir);
 
 struct bm_job;
-struct bm_req;
+struct bm_mirror_write;
 
 /* job.c, on the loop before the job begins: create (or, with
  * BLOCKMIRROR_JOB_RESUME, take over) the state in opt.state_dir. */
@@ -117,7 +117,7 @@ void bm_state_job_free(struct bm_job *job);
 
 /* mirror.c: hold a guest write until every region it touches is dirty on
  * disk; true if held (it re-enters bm_mirror_guest_write later). */
-bool bm_state_hold_write(struct bm_job *job, struct bm_req *req);
+bool bm_state_hold_write(struct bm_job *job, struct bm_mirror_write *req);
 /* mirror.c, after a map window is applied: a resumed job leaves clean
  * what the state says the destination holds. */
 void bm_state_clip_map(struct bm_job *job);
