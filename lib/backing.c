@@ -320,8 +320,8 @@ backing_resolve(const struct backing_policy *p, const char *image,
 		free(dir);
 		return bm_error(inside, "%s: backing file '%s' refused: it "
 				"leads to %s, outside %s (allow other "
-				"directories with "
-				"BLOCKMIRROR_ALLOW_BACKING_DIRS)", image, esc,
+				"directories with bmirror's --allow-backing-dir "
+				"or BLOCKMIRROR_ALLOW_BACKING_DIRS)", image, esc,
 				folded, top);
 	}
 	if (inside < 0) {
@@ -344,7 +344,8 @@ backing_resolve(const struct backing_policy *p, const char *image,
 		if (inside)
 			return bm_error(-EPERM, "%s: backing file '%s' refused: "
 					"it leads to %s, outside %s (allow "
-					"other directories with "
+					"other directories with bmirror's "
+					"--allow-backing-dir or "
 					"BLOCKMIRROR_ALLOW_BACKING_DIRS)",
 					image, esc, folded, top);
 		return bm_error(r, "%s: backing file '%s': %s", image, esc,
@@ -354,7 +355,8 @@ backing_resolve(const struct backing_policy *p, const char *image,
 	if (bm_backing_dir_find(p->dirs, p->n, real, false) < 0) {
 		r = bm_error(-EPERM, "%s: backing file '%s' refused: it "
 			     "resolves to %s, outside %s (allow other "
-			     "directories with BLOCKMIRROR_ALLOW_BACKING_DIRS)",
+			     "directories with bmirror's --allow-backing-dir or "
+			     "BLOCKMIRROR_ALLOW_BACKING_DIRS)",
 			     image, esc, real, top);
 		free(real);
 		return r;

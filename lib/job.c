@@ -38,6 +38,7 @@
 #include "internal.h"
 #include "mirror.h"
 #include "nbd.h"
+#include "server.h"
 
 enum job_op {
 	OP_COMPLETE,
@@ -224,9 +225,18 @@ call_start(struct bm_call *call)
 		r = bm_error(-EBUSY, "the disk already has a running job");
 		goto out;
 	}
-	if (bm_file_same(disk->image->store, job->dst_name)) {
-		r = bm_error(-EINVAL, "%s: is the disk's own image",
-			     job->dst_name);
+	/* Any image of the served chain: writing a backing file would
+	 * change what every overlay on it reads. */
+	for (struct bm_image *img = disk->image; img;
+	     img = bm_image_backing(img)) {
+		if (!bm_file_same(img->store, job->dst_name))
+			continue;
+		r = img == disk->image
+		    ? bm_error(-EINVAL, "%s: is the disk's own image",
+			       job->dst_name)
+		    : bm_error(-EINVAL, "%s: is a backing file of the disk "
+			       "(%s); a move would overwrite what its overlays "
+			       "read", job->dst_name, disk->image->name);
 		goto out;
 	}
 	if (job->dst->size != disk->size) {
@@ -370,6 +380,13 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 	r = check_options(options);
 	if (r < 0)
 		goto fail;
+	if (bm_nbd_is_uri(destination) &&
+	    bm_server_is_own_export(disk, destination)) {
+		r = bm_error(-EINVAL, "%s: is this disk's own NBD export; a "
+			     "move there would write the disk into itself",
+			     destination);
+		goto fail;
+	}
 	job = calloc(1, sizeof *job);
 	if (!job || !(job->dst_name = strdup(destination)) ||
 	    (options->link && !(job->link = strdup(options->link)))) {

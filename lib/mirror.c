@@ -53,13 +53,16 @@
  *    longer actively synced, and the error policy applies.
  *
  * 5. Write-zeroes are writes (mirrored as write-zeroes, FUA kept).  A
- *    discard is a hint the source may ignore (inside an allocated qcow2
- *    cluster, or on NBD), so its result is known only by reading: it
- *    reaches the source alone, its chunks become DIRTY, and the copy
- *    brings over whatever the source then reads.  During a move a
- *    discarded range reads as either its old data or zeroes, the same on
- *    both images once the move ends.  Flushes only reach the source: the
- *    pivot flushes the destination.
+ *    discard is a hint an image may ignore (inside an allocated qcow2
+ *    cluster, or on NBD), so a discard mirrored as a discard could leave
+ *    the two images different.  A discard that would be mirrored is
+ *    turned into a write-zeroes that may deallocate, on both images: both
+ *    then read zeroes.  One that would not (background mode, or every
+ *    chunk dirty) reaches the source as the hint it is, and its chunks
+ *    stay DIRTY: the copy brings over whatever the source then reads.
+ *    So during a move a discarded range reads as its old data or as
+ *    zeroes, the same on both images once the move ends.  Flushes only
+ *    reach the source: the pivot flushes the destination.
  *
  * 6. READY: mapped, nothing DIRTY or COPYING, destination flushed
  *    (phase COPYING -> READY; the phases and the endings are pivot.c's).
@@ -513,7 +516,15 @@ issue(struct bm_image *img, struct bm_mirror_write *req, struct bm_io *io)
 		bm_image_zero(img, io);
 		break;
 	case BM_REQ_DISCARD:
-		bm_image_discard(img, io); /* the source only: rule 5 */
+		/* Rule 5: mirrored, it zeroes both images (deallocating
+		 * where they can), so both read the same; else it is the
+		 * source's hint and the chunks stay dirty for the copy. */
+		if (req->mirrored) {
+			io->flags |= BM_IO_MAY_TRIM;
+			bm_image_zero(img, io);
+		} else {
+			bm_image_discard(img, io);
+		}
 		break;
 	default:
 		break;
@@ -523,9 +534,13 @@ issue(struct bm_image *img, struct bm_mirror_write *req, struct bm_io *io)
 static void
 write_start(struct bm_job *job, struct bm_mirror_write *req, bool active)
 {
-	/* A discard is never mirrored (rule 5). */
-	req->mirrored = active && req->type != BM_REQ_DISCARD &&
-			!job_stopping(job) && !all_dirty(job, req->c0, req->c1);
+	/* A write the destination cannot take as it is (finer than its
+	 * sectors) goes to the source alone and leaves its chunks to the
+	 * copy, whose requests are whole chunks. */
+	req->mirrored = active && !job_stopping(job) &&
+			req->offset % job->dst->align == 0 &&
+			req->length % job->dst->align == 0 &&
+			!all_dirty(job, req->c0, req->c1);
 	req->pending = req->mirrored ? 2 : 1;
 	req->err = req->dst_err = 0;
 	writes_add(job, req);
@@ -918,6 +933,10 @@ tick(struct bm_op *op, int res)
 			if (st->ops->cancel)
 				st->ops->cancel(st);
 		}
+		/* A hung state file holds guest writes and the ending: its
+		 * requests go too, and the state with them (state-io.c). */
+		if (bm_now_ns() - job->end_start_ns > CANCEL_GRACE_NS)
+			bm_state_cancel(job);
 		bm_mirror_tick_start(job);
 		bm_job_step(job);
 		return;

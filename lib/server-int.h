@@ -273,6 +273,9 @@ struct blockmirror_server {
 
 
 /* Shared between the server's files (definitions say where). */
+/* server-self.c: the list of running servers, for bm_server_is_own_export */
+void bm_server_register(struct blockmirror_server *s);
+void bm_server_unregister(struct blockmirror_server *s);
 void bm_srv_conn_drop(struct srv_conn *c, uint64_t len, void (*then)(struct srv_conn *c));
 void bm_srv_conn_kill(struct srv_conn *c);
 void bm_srv_conn_read(struct srv_conn *c, void *buf, size_t len, void (*then)(struct srv_conn *c));

@@ -1441,6 +1441,7 @@ server_free(struct blockmirror_server *s)
 {
 	if (!s)
 		return;
+	bm_server_unregister(s);
 	if (s->fd >= 0)
 		close(s->fd);
 	if (s->unix_path)
@@ -1529,6 +1530,7 @@ server_start(struct blockmirror_disk *disk, const char *address,
 		goto fail;
 	bm_debug("nbd server %s: listening%s", s->address,
 		 s->psk ? " (TLS required)" : "");
+	bm_server_register(s);
 	*out = s;
 	return 0;
 fail:

@@ -13,6 +13,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
+struct blockmirror_disk;
+
+/*
+ * Does the NBD URI `uri` name one of `disk`'s own running exports (its
+ * Unix socket, or its TCP port on an address of this machine)?  A move
+ * must never write there (server-self.c).  Any thread.
+ */
+bool bm_server_is_own_export(struct blockmirror_disk *disk, const char *uri);
+
 /* Limits the server enforces (docs/nbd-server.md). */
 #define BM_SERVER_MAX_PAYLOAD (32u << 20)   /* largest READ/WRITE served */
 #define BM_SERVER_MAX_DROP (64u << 20)      /* largest WRITE payload read

@@ -554,6 +554,15 @@ bm_state_tick(struct bm_job *job)
 	bm_image_flush(job->dst, &ps->cflush);
 }
 
+void
+bm_state_cancel(struct bm_job *job)
+{
+	struct bm_state_job *ps = job->pstate;
+
+	if (ps && ps->store && bm_state_busy(job) && ps->store->ops->cancel)
+		ps->store->ops->cancel(ps->store);
+}
+
 bool
 bm_state_busy(struct bm_job *job)
 {

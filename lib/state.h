@@ -124,6 +124,9 @@ void bm_state_clip_map(struct bm_job *job);
 /* mirror.c, every tick: clear regions both images hold durably. */
 void bm_state_tick(struct bm_job *job);
 /* pivot.c: state I/O in flight; the ending waits for it. */
+/* A forced cancel gave up waiting: cancel the state file's requests
+ * (they fail, and persistence is given up). */
+void bm_state_cancel(struct bm_job *job);
 bool bm_state_busy(struct bm_job *job);
 
 /* Tests: called on the loop when slot `seq` has become durable, before

@@ -12,7 +12,7 @@ BM_BUILD_PACKAGES=(
 )
 # The real peers the tests drive, and the sanitizer/fuzzing toolchain.
 BM_TEST_PACKAGES=(
-	qemu-utils nbdkit libnbd-bin fio python3 util-linux groff-base
+	qemu-utils nbdkit libnbd-bin fio python3 util-linux groff-base e2fsprogs
 	clang libclang-rt-14-dev valgrind
 )
 

@@ -29,6 +29,57 @@ static const struct {
 	{ "rebalance", cmd_rebalance, "move many disks between pools (a plan)" },
 };
 
+/*
+ * --allow-backing-dir DIR and --allow-backing-devices DIR, taken out of
+ * any command's arguments before it parses its own: backing files named
+ * inside images may then also come from DIR (lib/backing.c).  0, or an
+ * exit status.
+ */
+static int
+take_backing_options(int *argc, char **argv)
+{
+	int out = 1;
+
+	for (int i = 1; i < *argc; i++) {
+		const char *a = argv[i], *dir = NULL;
+		unsigned flags = 0;
+		size_t n;
+
+		if (strcmp(a, "--") == 0) {
+			while (i < *argc)
+				argv[out++] = argv[i++];
+			break;
+		}
+		if (strncmp(a, "--allow-backing-devices", 23) == 0) {
+			flags = BLOCKMIRROR_BACKING_DEVICES;
+			n = 23;
+		} else if (strncmp(a, "--allow-backing-dir", 19) == 0) {
+			n = 19;
+		} else {
+			argv[out++] = argv[i];
+			continue;
+		}
+		if (a[n] == '=')
+			dir = a + n + 1;
+		else if (a[n] == '\0' && i + 1 < *argc)
+			dir = argv[++i];
+		else if (a[n] != '\0') {
+			argv[out++] = argv[i]; /* another option */
+			continue;
+		}
+		if (!dir || !*dir)
+			return tool_usage_error("%.*s needs a directory",
+						(int)n, a);
+		if (blockmirror_allow_backing_dir(dir, flags) < 0) {
+			tool_lib_error();
+			return EXIT_USAGE;
+		}
+	}
+	argv[out] = NULL;
+	*argc = out;
+	return 0;
+}
+
 static void
 usage(FILE *f)
 {
@@ -36,12 +87,18 @@ usage(FILE *f)
 	for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
 		fprintf(f, "  %-9s %s\n", commands[i].name,
 			commands[i].summary);
-	fprintf(f, "\n'bmirror COMMAND --help' describes a command.\n");
+	fprintf(f, "\n'bmirror COMMAND --help' describes a command.  Every "
+		"command that opens images\nalso takes --allow-backing-dir DIR "
+		"(backing files named inside images may\ncome from DIR, not only "
+		"from the image's own directory) and\n"
+		"--allow-backing-devices DIR (block devices in DIR too).\n");
 }
 
 int
 main(int argc, char **argv)
 {
+	int r;
+
 	if (argc < 2) {
 		usage(stderr);
 		return EXIT_USAGE;
@@ -62,7 +119,12 @@ main(int argc, char **argv)
 		snprintf(cmdname, sizeof cmdname, "bmirror %s",
 			 commands[i].name);
 		bm_cmd = cmdname;
-		return commands[i].fn(argc - 1, argv + 1);
+		argc--;
+		argv++;
+		r = take_backing_options(&argc, argv);
+		if (r)
+			return r;
+		return commands[i].fn(argc, argv);
 	}
 	return tool_usage_error("unknown command '%s'", argv[1]);
 }

@@ -262,7 +262,7 @@ cmd_move(int argc, char **argv)
 		return tool_usage_error("move needs --control PATH and --to DEST");
 
 	/* A path is handed to the server absolute; a new one is created. */
-	if (strstr(to, "://") == NULL) {
+	if (!blockmirror_nbd_is_uri(to)) {
 		struct stat st;
 
 		if (to[0] == '/') {

@@ -143,7 +143,7 @@ query_served(struct bm_plan_disk *d, struct rb_disk *rd)
 		}
 	}
 	rd->live = true;
-	rd->location = strstr(image, "://") ? strdup(image)
+	rd->location = blockmirror_nbd_is_uri(image) ? strdup(image)
 					    : realpath(image, NULL);
 	d->size = (uint64_t)json_integer_value(
 		json_object_get(ret, "size"));
@@ -276,7 +276,7 @@ look_at_world(struct bm_plan *plan, struct rb_disk *disks)
 		for (size_t p = 0; p < plan->n_pools && d->pool < 0; p++) {
 			const struct bm_plan_pool *pool = &plan->pools[p];
 
-			if (pool->path && !strstr(loc, "://")) {
+			if (pool->path && !blockmirror_nbd_is_uri(loc)) {
 				char buf[PATH_MAX];
 
 				snprintf(buf, sizeof buf, "%s", loc);

@@ -1175,7 +1175,7 @@ cmd_serve(int argc, char **argv)
 		/* A pivot to an NBD export points LINK at its URI, which
 		 * is opened as such rather than as a path. */
 		link_target = read_link(S.link);
-		if (link_target && strstr(link_target, "://"))
+		if (link_target && blockmirror_nbd_is_uri(link_target))
 			image = link_target;
 	}
 

@@ -144,7 +144,7 @@ rb_destination(const struct bm_plan *plan, const struct rb_disk *disks,
 			return -ENOMEM;
 		n = snprintf(buf, len, "%s", u);
 		free(u);
-	} else if (strstr(loc, "://") || !base) {
+	} else if (blockmirror_nbd_is_uri(loc) || !base) {
 		n = snprintf(buf, len, "%s/%s.raw", pool->path,
 			     plan->disks[move->disk].name);
 	} else {
@@ -368,7 +368,7 @@ finish(struct exec *x, struct run *r, enum run_state st)
 	if (st == RUN_DONE) {
 		/* The disk now lives at dest; the old image goes, and only
 		 * then does its pool get the bytes back. */
-		if (!strstr(d->location, "://")) {
+		if (!blockmirror_nbd_is_uri(d->location)) {
 			if (unlink(d->location) < 0 && errno != ENOENT)
 				say(x, "warning: %s: cannot remove the old "
 				    "image: %s", d->location, strerror(errno));

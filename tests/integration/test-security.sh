@@ -141,3 +141,42 @@ expect_fail_with 1 "listening" "$BMIRROR" serve --nbd "unix:$T/nbd2.sock" \
 run_ok "$BMIRROR" status --control "$T/ctl.sock"
 pass "--control refuses a live server's socket"
 stop_serve
+
+# ---- a move never writes the disk's own chain or its own export -------------
+# (issue 15, finding 4): the served overlay's backing file is shared by
+# other overlays; the disk's own NBD export would loop the disk into itself.
+mkdir "$T/chain"
+truncate -s 8M "$T/chain/base.raw"
+head -c 1M /dev/urandom | dd of="$T/chain/base.raw" conv=notrunc status=none
+qemu-img create -q -f qcow2 -b base.raw -F raw "$T/chain/top.qcow2" 8M
+base_sum=$(checksum "$T/chain/base.raw")
+start_serve "$T/chain/top.qcow2"
+expect_fail_with 1 "backing file of the disk" "$BMIRROR" move \
+	--control "$T/ctl.sock" --to "$T/chain/base.raw" -O raw
+ln "$T/chain/base.raw" "$T/chain/hardlink.raw"
+expect_fail_with 1 "backing file of the disk" "$BMIRROR" move \
+	--control "$T/ctl.sock" --to "$T/chain/hardlink.raw" -O raw
+[[ $(checksum "$T/chain/base.raw") == "$base_sum" ]] ||
+	fail "the shared base changed"
+pass "a move onto the served overlay's backing file (or a hard link to it) is refused"
+expect_fail_with 1 "own NBD export" "$BMIRROR" move --control "$T/ctl.sock" \
+	--to "nbd+unix:///?socket=$T/nbd.sock"
+ln -s "$T/nbd.sock" "$T/nbd-link.sock"
+expect_fail_with 1 "own NBD export" "$BMIRROR" move --control "$T/ctl.sock" \
+	--to "nbd+unix:///?socket=$T/nbd-link.sock"
+run_ok "$BMIRROR" status --control "$T/ctl.sock"
+pass "a move onto the disk's own Unix-socket export is refused"
+stop_serve
+
+port=$((20000 + RANDOM % 20000))
+"$BMIRROR" serve --nbd "tcp:127.0.0.1:$port" --control "$T/ctl.sock" \
+	"$T/disk.raw" 2>"$T/serve.err" &
+SERVE_PID=$!
+wait_for_socket "$T/ctl.sock"
+for uri in "nbd://127.0.0.1:$port/" "nbd://localhost:$port" \
+	   "nbd://127.0.0.1:$port"; do
+	expect_fail_with 1 "own NBD export" "$BMIRROR" move \
+		--control "$T/ctl.sock" --to "$uri"
+done
+pass "a move onto the disk's own TCP export is refused"
+stop_serve

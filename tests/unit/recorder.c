@@ -141,7 +141,7 @@ rec_rand(uint64_t *s)
 
 /* ---- events (under the lock) ------------------------------------------ */
 
-static uint64_t
+static uint64_t __attribute__((format(printf, 2, 0)))
 event_locked(bool flush_point, const char *fmt, va_list ap)
 {
 	uint64_t seq = R.seq++;

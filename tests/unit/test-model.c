@@ -76,13 +76,13 @@
  * (decoded into the write that wrote it) and the candidates the model
  * allowed.
  *
- * Environment: BM_MODEL_SEEDS=N runs seeds 0..N-1 (default 8, about a
- * minute here; scale it for slower builds); BM_MODEL_SEED=S runs seed S
- * only.  To tell defects apart: BM_MODEL_NO_DISCARD=1 turns discards into
+ * Environment: BM_MODEL_SEEDS=N runs N seeds (default 8, about a minute
+ * here; scale it for slower builds) from BM_MODEL_FIRST (default 0);
+ * BM_MODEL_SEED=S runs seed S only.  To tell defects apart: BM_MODEL_NO_DISCARD=1 turns discards into
  * write-zeroes; BM_MODEL_SRC=raw|qcow2|vhdx, BM_MODEL_DEST=raw|qcow2|
  * vhdx|nbd|new|old and BM_MODEL_MODE=active|background force those
  * choices; BM_MODEL_DEBUG=1 prints the job's progress while waiting for
- * READY; BM_MODEL_KEEP=1 keeps the images.  nbdkit missing: skip (77), or
+ * READY; BM_MODEL_KEEP=1 keeps the images (a failure keeps them too).  nbdkit missing: skip (77), or
  * fail with CI=true.
  */
 #include <check.h>
@@ -247,11 +247,10 @@ enum op_kind {
 	OP_DISCARD,
 	OP_FLUSH,
 	OP_READ,
-	OP_SNAP,    /* virtual: "the other image's byte" (SNAP checks) */
 };
 
 static const char *const kind_names[] = { "void", "init", "write", "zero",
-					  "discard", "flush", "read", "snap" };
+					  "discard", "flush", "read" };
 
 struct writer;
 
@@ -366,8 +365,9 @@ op_done(void *data, int err)
 	struct writer *w = op->w;
 	struct run *run = w->run;
 
-	op->complete = stamp();
 	op->err = err;
+	/* Atomic only for the stall report, which reads it while running. */
+	__atomic_store_n(&op->complete, stamp(), __ATOMIC_RELEASE);
 	if (op->kind == OP_READ && err == 0 &&
 	    atomic_fetch_add(&run->read_kept, op->len) + op->len <= READ_KEEP) {
 		/* keep op->buf: checked at the end */
@@ -439,13 +439,15 @@ writer_main(void *arg)
 	while (!atomic_load(&run->stop)) {
 		unsigned pick = (unsigned)rnd_range(&s, total), kind = 0;
 		struct op *op;
+		bool failed;
 		int r;
 
 		pthread_mutex_lock(&w->lock);
 		while (w->inflight >= w->depth)
 			pthread_cond_wait(&w->cond, &w->lock);
+		failed = w->failure[0] != 0;
 		pthread_mutex_unlock(&w->lock);
-		if (w->failure[0] || !(op = new_op(run)))
+		if (failed || !(op = new_op(run)))
 			break;
 		while (pick >= run->mix[kind])
 			pick -= run->mix[kind++];
@@ -747,6 +749,19 @@ describe_found(char *buf, size_t size, const struct run *run,
 		n += snprintf(buf + n, size - (size_t)n, "%s", matches++
 			      ? " or " : ", the tag of ");
 		n += describe_op(buf + n, size - (size_t)n, run, op);
+	}
+	if (!matches && w0 >= off && w0 + 8 <= off + len) {
+		/* Misplaced data?  The word says whose and where. */
+		decode_word(get_le64(got + (w0 - off)), &id, &at);
+		if (id >= 1 && id <= atomic_load(&run->nops)) {
+			n += snprintf(buf + n, size - (size_t)n, ", no request's"
+				      " here: the word is the tag of ");
+			n += describe_op(buf + n, size - (size_t)n, run,
+					 &run->ops[id - 1]);
+			n += snprintf(buf + n, size - (size_t)n, " for offset "
+				      "%" PRIu64, at);
+			return n;
+		}
 	}
 	if (!matches)
 		n += snprintf(buf + n, size - (size_t)n, ", no request's");
@@ -1162,6 +1177,7 @@ struct ctl {
 	bool forced_active;   /* background did not converge in time */
 	unsigned throttled;   /* neither did active mode: writers slowed */
 	unsigned switches;    /* set_mode calls */
+	struct events *ev;    /* for the job's own failure message */
 };
 
 static int
@@ -1231,8 +1247,31 @@ fiddle(struct ctl *c)
 	default:
 		break;
 	}
-	ck_assert_msg(r == 0, "seed %d: controller: %s", c->run->seed,
-		      blockmirror_last_error());
+	ck_assert_msg(r == 0, "seed %d (%s): controller: %s (the job: %s)",
+		      c->run->seed, c->run->params, blockmirror_last_error(),
+		      c->ev->message);
+}
+
+/* Not READY for minutes: list the guest requests still in flight. */
+static void
+report_stall(struct run *run)
+{
+	unsigned n = atomic_load(&run->nops), inflight = 0;
+	char text[200];
+
+	for (unsigned i = 0; i < n; i++) {
+		struct op *op = &run->ops[i];
+
+		if (op->kind == OP_INIT || op->kind == OP_VOID || !op->submit ||
+		    __atomic_load_n(&op->complete, __ATOMIC_ACQUIRE))
+			continue;
+		if (inflight++ < 10) {
+			describe_op(text, sizeof text, run, op);
+			fprintf(stderr, "  still in flight: %s (now %" PRIu64
+				")\n", text, (uint64_t)atomic_load(&clock_));
+		}
+	}
+	fprintf(stderr, "  %u guest requests in flight\n", inflight);
 }
 
 /* Sleep about `ms`, interfering now and then. */
@@ -1285,9 +1324,12 @@ wait_ready(struct ctl *c, unsigned patience_ms)
 					 BLOCKMIRROR_MODE_ACTIVE), 0);
 			c->forced_active = true;
 		}
-		if (t > 180000)
+		if (t > 180000) {
+			report_stall(c->run);
 			return -ETIMEDOUT;
-		if (getenv("BM_MODEL_DEBUG") && t / 1000 != last / 1000) {
+		}
+		if ((getenv("BM_MODEL_DEBUG") || t > 20000) &&
+		    t / 1000 != last / 1000) {
 			struct blockmirror_job_info i = { .size = sizeof i };
 
 			blockmirror_job_query(c->job, &i);
@@ -1681,8 +1723,8 @@ qcow2_check(const struct run *run, const char *path, const char *what)
 
 /* ---- one seed -------------------------------------------------------- */
 
-/* Each seed works in base_dir/seed-N; main removes base_dir at the end,
- * also after failures (which leave their seed's files behind). */
+/* Each seed works in base_dir/seed-N; main removes base_dir at the end
+ * unless a seed failed (its files stay for a look). */
 static char base_dir[] = "/tmp/test-model.XXXXXX";
 
 static const char *
@@ -1708,13 +1750,13 @@ run_seed(int seed)
 	struct blockmirror_job_options o = { .size = sizeof o };
 	struct blockmirror_job_info info = { .size = sizeof info };
 	struct events ev = { 0 };
-	struct ctl c = { .run = run };
+	struct ctl c = { .run = run, .ev = &ev };
 	struct meddler med = { .calls = 0 };
 	bool meddle;
 	char dir[256], src[300], dst[320], sock[300];
 	enum blockmirror_format dst_fmt, src_fmt;
 	const char *src_opts = NULL;
-	enum blockmirror_mode mode;
+	enum blockmirror_mode mode, end_mode = BLOCKMIRROR_MODE_AUTO;
 	enum dest_kind dest;
 	enum ending ending;
 	unsigned nw, mode_pick;
@@ -1792,6 +1834,8 @@ run_seed(int seed)
 	    blockmirror_format_from_name(getenv("BM_MODEL_SRC")) > 0)
 		src_fmt = (enum blockmirror_format)blockmirror_format_from_name(
 			getenv("BM_MODEL_SRC"));
+	if (src_fmt != BLOCKMIRROR_FORMAT_QCOW2)
+		src_opts = NULL;
 
 	/* Overrides, for telling defects apart. */
 	no_discard = getenv("BM_MODEL_NO_DISCARD") != NULL;
@@ -1924,6 +1968,8 @@ run_seed(int seed)
 		busy_sleep(&c, (unsigned)rnd_range(&s, 200), true);
 		if (quiet)
 			stop_writers(run, w, nw, &stopped);
+		ck_assert_int_eq(blockmirror_job_query(c.job, &info), 0);
+		end_mode = info.mode;
 		t_call = now_ms();
 		if (meddle)
 			meddler_start(&med, c.job, rnd(&s));
@@ -2003,7 +2049,7 @@ run_seed(int seed)
 
 		for (unsigned i = 0; i < nw; i++)
 			total += w[i].ops;
-		fprintf(stderr, "seed %d ok: %s\n  %s%s, %lu requests, "
+		fprintf(stderr, "seed %d ok: %s\n  %s%s%s%s, %lu requests, "
 			"%u mode switches%s%s\n  setup %.1f s, ready after "
 			"%.1f s, ending call %.1f s, run %.1f s, check %.1f "
 			"s\n",
@@ -2012,6 +2058,9 @@ run_seed(int seed)
 						     : "cancelled",
 			ending == END_CANCEL_EARLY && synced ? " (was READY)"
 							     : "",
+			end_mode != BLOCKMIRROR_MODE_AUTO ? " in mode " : "",
+			end_mode != BLOCKMIRROR_MODE_AUTO
+				? blockmirror_mode_name(end_mode) : "",
 			total, c.switches,
 			c.forced_active ? ", forced active" : "",
 			c.throttled ? ", writers slowed to converge" : "",
@@ -2077,8 +2126,11 @@ main(void)
 		fprintf(stderr, "SKIP: nbdkit not found\n");
 		return 77;
 	}
+	if (getenv("BM_MODEL_FIRST"))
+		first = atoi(getenv("BM_MODEL_FIRST"));
+	last = first + DEFAULT_SEEDS;
 	if (getenv("BM_MODEL_SEEDS") && atoi(getenv("BM_MODEL_SEEDS")) > 0)
-		last = atoi(getenv("BM_MODEL_SEEDS"));
+		last = first + atoi(getenv("BM_MODEL_SEEDS"));
 	if (getenv("BM_MODEL_SEED")) {
 		first = atoi(getenv("BM_MODEL_SEED"));
 		last = first + 1;
@@ -2095,8 +2147,9 @@ main(void)
 	srunner_run_all(sr, CK_NORMAL);
 	failed = srunner_ntests_failed(sr);
 	srunner_free(sr);
-	if (getenv("BM_MODEL_KEEP"))
-		fprintf(stderr, "images kept in %s\n", base_dir);
+	if (getenv("BM_MODEL_KEEP") || failed)
+		fprintf(stderr, "images kept in %s (remove it when done)\n",
+			base_dir);
 	else
 		nftw(base_dir, remove_entry, 8, FTW_DEPTH | FTW_PHYS);
 	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
