@@ -105,8 +105,9 @@ struct bm_fmt {
 	pthread_cond_t qcond;
 	struct fmt_req *qhead, *qtail;
 	bool stopping;
-	/* Chunks the worker has mapped whose data I/O has not finished:
-	 * bm_fmt_wait_data waits for them (under qlock, qcond). */
+	/* Chunks mapped (by the worker or on the loop) whose data I/O has
+	 * not finished: bm_fmt_wait_data waits for them (under qlock,
+	 * qcond). */
 	unsigned mapped_io;
 
 	/* The loop's side. */
@@ -612,6 +613,32 @@ finish(struct fmt_req *req)
 	io->done(io, err);
 }
 
+/* Count a chunk in f->mapped_io until its data I/O is done. */
+static void
+count_io(struct fmt_req *req)
+{
+	struct bm_fmt *f = req->f;
+
+	pthread_mutex_lock(&f->qlock);
+	f->mapped_io++;
+	req->counted = true;
+	pthread_mutex_unlock(&f->qlock);
+}
+
+static void
+uncount_io(struct fmt_req *req)
+{
+	struct bm_fmt *f = req->f;
+
+	if (!req->counted)
+		return;
+	pthread_mutex_lock(&f->qlock);
+	if (--f->mapped_io == 0)
+		pthread_cond_broadcast(&f->qcond);
+	pthread_mutex_unlock(&f->qlock);
+	req->counted = false;
+}
+
 /* A chunk of another request touches [start, end) while it is busy? */
 static bool
 range_busy(struct bm_fmt *f, uint64_t start, uint64_t end)
@@ -632,13 +659,7 @@ busy_release(struct fmt_req *req)
 		;
 	*pp = req->busy_next;
 	req->holds_busy = false;
-	if (req->counted) {
-		pthread_mutex_lock(&f->qlock);
-		if (--f->mapped_io == 0)
-			pthread_cond_broadcast(&f->qcond);
-		pthread_mutex_unlock(&f->qlock);
-		req->counted = false;
-	}
+	uncount_io(req);
 
 	/* Everyone waiting gets another try, in order. */
 	w = f->waiting;
@@ -669,6 +690,7 @@ fail(struct fmt_req *req, int err)
 	req->err = err;
 	if (!req->msg[0])
 		note_error(req, err);
+	uncount_io(req);
 	if (req->holds_busy)
 		busy_release(req);
 	finish(req);
@@ -717,11 +739,22 @@ advance(struct fmt_req *req)
 			       (req->pos - req->io->offset);
 	req->map.nowait = true;
 	req->map.nseg = 0;
+	/*
+	 * A chunk mapped here holds no busy range: a discard may free its
+	 * cluster on the worker while its data I/O is in flight, and a
+	 * flush already queued may then make the cluster reusable.  So
+	 * bm_fmt_wait_data (which a driver calls under the lock that this
+	 * map takes with trylock, before it frees anything for reuse)
+	 * waits for it too.  Counted before the map, so that a worker
+	 * holding that lock cannot miss it.
+	 */
+	count_io(req);
 	r = f->drv->map(f->state, &req->map);
 	if (r == 0) {
 		execute(req);
 		return;
 	}
+	uncount_io(req);
 	if (r != -EAGAIN) {
 		fail(req, r);
 		return;
@@ -741,6 +774,7 @@ chunk_done(struct fmt_req *req)
 {
 	uint64_t len = 0;
 
+	uncount_io(req);
 	if (req->err < 0) {
 		fail(req, req->err);
 		return;

@@ -201,10 +201,13 @@ int bm_fmt_zero_file(struct bm_fmt *f, uint64_t off, uint64_t len);
 /* Set the file's size (grow with zeroes, or shrink). */
 int bm_fmt_truncate(struct bm_fmt *f, uint64_t size);
 /*
- * Wait until the data I/O of every chunk the worker has mapped so far has
- * finished (the engine's writes into clusters the driver handed out).
- * Worker thread only; the wait is short, since no new chunk is mapped
- * while the worker waits.  Always 0.
+ * Wait until the data I/O of every chunk mapped so far has finished: the
+ * chunks the worker mapped (the engine's writes into clusters the driver
+ * handed out) and those mapped on the loop in nowait mode (which hold no
+ * busy range, so a discard may free their cluster meanwhile).  Worker
+ * thread only.  The wait is short as long as the driver calls this under
+ * the lock its nowait map takes with trylock: no new chunk is mapped on
+ * either side while it waits.  Always 0.
  */
 int bm_fmt_wait_data(struct bm_fmt *f);
 

@@ -3,7 +3,8 @@
  * The qcow2 driver: the pure parsers of qcow2-parse.c (header round
  * trip with kept extensions, each refusal, L2 entry decoding, refcount
  * widths, compression) and the driver through the engine (create,
- * partial writes, zeroes, discard, block status, reopen).
+ * partial writes, zeroes, discard, block status, reopen), and a freed
+ * cluster that must not be reused under a write still in flight.
  */
 #include <check.h>
 #include <errno.h>
@@ -316,6 +317,130 @@ START_TEST(test_zero_fua)
 }
 END_TEST
 
+/* ---- a freed cluster reused under a data write still in flight ------- */
+
+struct pending {
+	struct bm_io io;
+	bool done;
+	int err;
+};
+
+static void
+pending_done(struct bm_io *b, int err)
+{
+	struct pending *p = bm_container_of(b, struct pending, io);
+
+	p->done = true;
+	p->err = err;
+}
+
+static void
+start(struct bm_image *img, void (*op)(struct bm_image *, struct bm_io *),
+      struct pending *p, uint64_t off, uint64_t len, void *buf,
+      unsigned flags)
+{
+	memset(p, 0, sizeof *p);
+	p->io.offset = off;
+	p->io.length = len;
+	p->io.buf = buf;
+	p->io.flags = flags;
+	p->io.done = pending_done;
+	op(img, &p->io);
+}
+
+/* Start a write whose data reaches the file `ns` late: the rule is
+ * consumed by the next write any store of the image sends, so turn the
+ * loop (the worker is idle) until this one has taken it. */
+static void
+start_slow_write(struct bm_image *img, struct bm_fault_rules *rules,
+		 struct pending *p, uint64_t off, uint64_t len, void *buf,
+		 uint64_t ns)
+{
+	rules->next_write_delay_ns = ns;
+	start(img, bm_image_write, p, off, len, buf, 0);
+	while (rules->next_write_delay_ns)
+		ck_assert_int_ge(bm_loop_run_once(loop, 10), 0);
+}
+
+/*
+ * A write mapped on the loop (its cluster allocated, its L2 table
+ * cached) holds no busy range, so a discard (or a trimming zero) of the
+ * same cluster is mapped while the write's data is still on its way and
+ * frees the host cluster.  A flush started before the write (it waited
+ * for an older request) must not make that cluster reusable before the
+ * write has landed: a partial write into a new guest cluster gets it
+ * next, is filled with zeroes, and the late data would then show
+ * through in a guest cluster nobody wrote it to.
+ */
+START_TEST(test_reuse_under_write)
+{
+	static struct bm_fault_rules rules;
+	struct pending x, fl, w, d;
+	struct bm_image *img;
+	uint8_t *a = malloc(CS), *b = malloc(CS), *rd = malloc(CS);
+	char cmd[256];
+
+	memset(&rules, 0, sizeof rules);
+	ck_assert_int_eq(bm_fault_register(path, &rules), 0);
+	ck_assert_int_eq(bm_image_create(loop, path, BLOCKMIRROR_FORMAT_QCOW2,
+					 64 * BM_MiB, "cluster_size=64K", true,
+					 0, &img), 0);
+	/* Guest clusters 0 and 1 allocated, their table cached. */
+	memset(a, 0x11, CS);
+	ck_assert_int_eq(io(img, bm_image_write, 0, CS, a, 0), 0);
+	memset(b, 0x22, CS);
+	ck_assert_int_eq(io(img, bm_image_write, CS, CS, b, 0), 0);
+	ck_assert_int_eq(io(img, bm_image_flush, 0, 0, NULL, 0), 0);
+
+	/* X: slow; the flush queues behind it. */
+	memset(b, 0x55, 4096);
+	start_slow_write(img, &rules, &x, CS, 4096, b, 300 * 1000000ull);
+	start(img, bm_image_flush, &fl, 0, 0, NULL, 0);
+	/* W: slower still, into guest cluster 0. */
+	memset(a, 0x33, CS);
+	start_slow_write(img, &rules, &w, 0, CS / 2, a, 1500 * 1000000ull);
+	/* D: frees guest cluster 0's host cluster while W is in flight. */
+	if (_i == 0)
+		start(img, bm_image_discard, &d, 0, CS, NULL, 0);
+	else
+		start(img, bm_image_zero, &d, 0, CS, NULL, BM_IO_MAY_TRIM);
+	ck_assert_int_eq(bm_loop_run_until(loop, &d.done), 0);
+	ck_assert_int_eq(d.err, 0);
+	ck_assert_msg(!w.done, "the slow write landed too early");
+	ck_assert_int_eq(bm_loop_run_until(loop, &fl.done), 0);
+	ck_assert_int_eq(fl.err, 0);
+	ck_assert(x.done);
+	/* A: part of a new guest cluster, after the flush. */
+	memset(b, 0x44, 4096);
+	ck_assert_int_eq(io(img, bm_image_write, 5 * CS, 4096, b, 0), 0);
+	ck_assert_int_eq(bm_loop_run_until(loop, &w.done), 0);
+	ck_assert_int_eq(w.err, 0);
+
+	ck_assert_int_eq(io(img, bm_image_read, 5 * CS, CS, rd, 0), 0);
+	for (size_t i = 0; i < CS; i++)
+		ck_assert_msg(rd[i] == (i < 4096 ? 0x44 : 0),
+			      "guest cluster 5, byte %zu: 0x%02x", i, rd[i]);
+	ck_assert_int_eq(io(img, bm_image_read, CS, CS, rd, 0), 0);
+	for (size_t i = 0; i < CS; i++)
+		ck_assert_uint_eq(rd[i], i < 4096 ? 0x55 : 0x22);
+	/* Guest cluster 0: W and D overlapped, either order is fine. */
+	ck_assert_int_eq(io(img, bm_image_read, 0, CS, rd, 0), 0);
+	for (size_t i = 0; i < CS; i++)
+		ck_assert(rd[i] == 0 || (rd[i] == 0x33 && i < CS / 2));
+	ck_assert_int_eq(io(img, bm_image_flush, 0, 0, NULL, 0), 0);
+	bm_image_close(img);
+	bm_fault_unregister(path);
+
+	if (system("qemu-img --version >/dev/null 2>&1") == 0) {
+		snprintf(cmd, sizeof cmd, "qemu-img check -q '%s'", path);
+		ck_assert_msg(system(cmd) == 0, "%s", cmd);
+	}
+	free(a);
+	free(b);
+	free(rd);
+}
+END_TEST
+
 static Suite *
 qcow2_suite(void)
 {
@@ -333,6 +458,10 @@ qcow2_suite(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, test_driver);
 	tcase_add_test(tc, test_zero_fua);
+	suite_add_tcase(s, tc);
+	tc = tcase_create("race");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_add_loop_test(tc, test_reuse_under_write, 0, 2);
 	suite_add_tcase(s, tc);
 	return s;
 }
