@@ -17,6 +17,7 @@
 
 #include "durable.h"
 #include "errors.h"
+#include "internal.h"
 
 int (*bm_durable_hook)(const struct bm_durable_event *ev);
 
@@ -47,6 +48,7 @@ bm_durable_step_name(enum bm_durable_step step)
 struct step_args {
 	int fd;
 	mode_t mode;
+	bool noreplace;        /* rename: fail with EEXIST rather than replace */
 };
 
 static int
@@ -77,7 +79,10 @@ do_step(const struct bm_durable_event *ev, const struct step_args *a)
 		r = symlink(ev->path2, ev->path);
 		break;
 	case BM_DURABLE_RENAME:
-		r = rename(ev->path, ev->path2);
+		r = a && a->noreplace
+		    ? renameat2(AT_FDCWD, ev->path, AT_FDCWD, ev->path2,
+				RENAME_NOREPLACE)
+		    : rename(ev->path, ev->path2);
 		break;
 	case BM_DURABLE_UNLINK:
 		r = unlink(ev->path);
@@ -188,9 +193,11 @@ bm_durable_publish(int fd, const char *path)
 	return r < 0 ? r : bm_durable_sync_parent(path);
 }
 
-int
-bm_durable_rename(const char *from, const char *to, bool *renamed)
+static int
+rename_durably(const char *from, const char *to, bool noreplace,
+	       bool *renamed)
 {
+	struct step_args a = { .fd = -1, .noreplace = noreplace };
 	char d1[PATH_MAX], d2[PATH_MAX];
 	int r;
 
@@ -200,7 +207,7 @@ bm_durable_rename(const char *from, const char *to, bool *renamed)
 	if (r == 0)
 		r = parent_of(to, d2, sizeof d2);
 	if (r == 0)
-		r = step(BM_DURABLE_RENAME, from, to, NULL, 0, NULL);
+		r = step(BM_DURABLE_RENAME, from, to, NULL, 0, &a);
 	if (r < 0)
 		return r;
 	if (renamed)
@@ -209,6 +216,46 @@ bm_durable_rename(const char *from, const char *to, bool *renamed)
 	if (r == 0 && strcmp(d1, d2) != 0)
 		r = bm_durable_sync_dir(d1);
 	return r;
+}
+
+int
+bm_durable_rename(const char *from, const char *to, bool *renamed)
+{
+	return rename_durably(from, to, false, renamed);
+}
+
+int
+bm_durable_rename_new(const char *from, const char *to)
+{
+	return rename_durably(from, to, true, NULL);
+}
+
+/* The public forms, for programs (bmirror rebalance) that publish files
+ * of their own. */
+BM_EXPORT int
+blockmirror_rename_durable(const char *from, const char *to)
+{
+	int r;
+
+	bm_error_clear();
+	if (!from || !to)
+		return bm_api_fail("blockmirror_rename_durable",
+				   bm_error(-EINVAL, "bad arguments"));
+	r = bm_durable_rename_new(from, to);
+	return r < 0 ? bm_api_fail("blockmirror_rename_durable", r) : 0;
+}
+
+BM_EXPORT int
+blockmirror_unlink_durable(const char *path)
+{
+	int r;
+
+	bm_error_clear();
+	if (!path)
+		return bm_api_fail("blockmirror_unlink_durable",
+				   bm_error(-EINVAL, "bad arguments"));
+	r = bm_durable_unlink(path);
+	return r < 0 ? bm_api_fail("blockmirror_unlink_durable", r) : 0;
 }
 
 int

@@ -75,6 +75,9 @@ int bm_durable_publish(int fd, const char *path);
  */
 int bm_durable_rename(const char *from, const char *to, bool *renamed);
 
+/* As bm_durable_rename, but never replaces: -EEXIST if `to` exists. */
+int bm_durable_rename_new(const char *from, const char *to);
+
 /*
  * Point the symlink `link` at `target` atomically and durably: a symlink
  * under a temporary name beside it, renamed over `link`, then the

@@ -325,20 +325,6 @@ share_speed(struct exec *x)
 /* ---- ending a move ------------------------------------------------------ */
 
 static void
-fsync_dir_of(const char *path)
-{
-	char buf[PATH_MAX + 256];
-	int fd;
-
-	snprintf(buf, sizeof buf, "%s", path);
-	fd = open(dirname(buf), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd >= 0) {
-		fsync(fd);
-		close(fd);
-	}
-}
-
-static void
 close_run(struct run *r)
 {
 	if (r->fd >= 0)
@@ -368,13 +354,10 @@ finish(struct exec *x, struct run *r, enum run_state st)
 	if (st == RUN_DONE) {
 		/* The disk now lives at dest; the old image goes, and only
 		 * then does its pool get the bytes back. */
-		if (!blockmirror_nbd_is_uri(d->location)) {
-			if (unlink(d->location) < 0 && errno != ENOENT)
-				say(x, "warning: %s: cannot remove the old "
-				    "image: %s", d->location, strerror(errno));
-			else
-				fsync_dir_of(d->location);
-		}
+		if (!blockmirror_nbd_is_uri(d->location) &&
+		    blockmirror_unlink_durable(d->location) < 0)
+			say(x, "warning: cannot remove the old image: %s",
+			    blockmirror_last_error());
 		x->used[m->from] -= m->bytes;
 		free(d->location);
 		d->location = strdup(r->dest);
@@ -750,14 +733,13 @@ static void
 offline_commit(struct exec *x, struct run *r)
 {
 	if (r->dest_is_path) {
-		/* Never replace an image that appeared meanwhile. */
-		if (renameat2(AT_FDCWD, r->tmp, AT_FDCWD, r->dest,
-			      RENAME_NOREPLACE) < 0) {
-			fail_run(x, r, "%s: %s", r->dest, strerror(errno));
+		/* Never replace an image that appeared meanwhile; every
+		 * error of the rename and of the directory syncs counts. */
+		if (blockmirror_rename_durable(r->tmp, r->dest) < 0) {
+			fail_run(x, r, "%s", blockmirror_last_error());
 			return;
 		}
 		r->tmp[0] = '\0';
-		fsync_dir_of(r->dest);
 	}
 	finish(x, r, RUN_DONE);
 }

@@ -636,6 +636,20 @@ blockmirror_job_start_recovered(struct blockmirror_disk *disk,
 				const struct blockmirror_recovery *recovery,
 				const struct blockmirror_job_options *options);
 
+/* ---- Publishing files durably ---------------------------------------- */
+
+/*
+ * Rename `from` to `to` and sync both directories, so that after a power
+ * loss `to` names the file and `from` is gone.  Never replaces: -EEXIST
+ * if `to` exists.  The file's own data must have been synced by the
+ * caller.  0 or a negative errno, with the step that failed in
+ * blockmirror_last_error().  Blocking; any thread.
+ */
+extern int blockmirror_rename_durable(const char *from, const char *to);
+
+/* Remove `path` and sync its directory; a missing file is no error. */
+extern int blockmirror_unlink_durable(const char *path);
+
 /* ---- The NBD server -------------------------------------------------- */
 
 /*
