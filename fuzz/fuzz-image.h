@@ -23,6 +23,11 @@
  *   else open read-only, block-status and read a prefix and the end of
  *        the guest range, and close.
  * Nothing may crash, hang, leak or read out of bounds; errors are fine.
+ *
+ * A target's limits() keeps an input's cost near the average (goal:
+ * 5,000 inputs per CPU-second on one core): images that would make the
+ * driver allocate, copy or walk many MiB go through fewer of the steps
+ * above (fuzz-qcow2.c).
  */
 #ifndef FUZZ_IMAGE_H
 #define FUZZ_IMAGE_H
@@ -48,8 +53,13 @@
 #define FUZZ_MODE_ENGINE 'E'
 #define FUZZ_ENGINE_ONE_IN 8
 
-/* The engine path: guest bytes read per input, and per request. */
-#define FUZZ_READ_LIMIT (16u << 20)
+/* The engine path: the guest range block-statused per input, in
+ * requests of FUZZ_CHUNK, and the bytes read at the start of each (the
+ * engine maps cluster by cluster and zero-fills holes: a MiB read costs
+ * more than the rest of an input). */
+#define FUZZ_READ_LIMIT (4u << 20)
+#define FUZZ_ENGINE_READ (256u << 10)
+/* The guest buffer, and the most the fast path maps at once. */
 #define FUZZ_CHUNK (1u << 20)
 /* The fast path: where the guest range is mapped (fuzz_map_all), and
  * the driver map calls per request. */
@@ -59,6 +69,8 @@
 /* allocated(), which walks every table, only on images of at most this
  * many clusters. */
 #define FUZZ_WALK_CLUSTERS (1u << 16)
+/* The 'W' writes: at most this many bytes each. */
+#define FUZZ_WRITE_MAX 65536u
 /* The memory store: how large the file may grow, and its memory. */
 #define FUZZ_MAX_FILE (UINT64_C(1) << 40)
 #define FUZZ_MAX_MEM (UINT64_C(64) << 20)
@@ -72,12 +84,26 @@ struct fuzz_sink {
 	int fd;                  /* memfd */
 };
 
+/* What a target's limits() may ask of the harness for one input. */
+#define FUZZ_SKIP 1u      /* no driver: only the pure parsers */
+#define FUZZ_NO_WRITE 2u  /* 'W' opens read-only */
+#define FUZZ_NO_WALK 4u   /* no allocated() */
+
 struct fuzz_target {
 	const char *name;
 	const struct bm_fmt_driver *drv;
 	enum blockmirror_format format;
 	/* Lay out the file that data describes.  0 or -1. */
 	int (*layout)(const uint8_t *data, size_t size, struct fuzz_sink *k);
+	/* Optional: FUZZ_* flags for an input whose image would make the
+	 * driver allocate or walk far more than the input is worth (the
+	 * formats allow tables of many MiB and 2 MiB clusters); a cheap
+	 * look at the input, not a validation. */
+	unsigned (*limits)(const uint8_t *data, size_t size);
+	/* set_backing reads the file it names (VHDX, for the parent's
+	 * identity), which costs the driver as much as an input: then the
+	 * short missing name is left out (the long one fails the same way). */
+	bool backing_is_read;
 };
 
 static struct bm_loop *
@@ -205,13 +231,50 @@ fuzz_map_all(struct bm_fmt *f, const struct bm_fmt_driver *drv, void *state,
 	}
 }
 
+/*
+ * A base image for set_backing, made once by the driver's own create in
+ * a memfd: a driver that reads what it links to (VHDX records the
+ * parent's DataWriteGuid) then goes all the way instead of failing at
+ * a missing file.  Its path, or NULL.
+ */
+static const char *
+fuzz_parent(const struct fuzz_target *t)
+{
+	static char path[64];
+	static bool tried;
+	struct bm_store *s;
+	struct bm_fmt *f;
+	int fd, r = -1;
+
+	if (tried)
+		return path[0] ? path : NULL;
+	tried = true;
+	fd = memfd_create("fuzz-parent", 0);
+	if (fd < 0)
+		return NULL;
+	snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+	if (bm_file_open(fuzz_loop(), path, BM_OPEN_WRITE, 0, &s) == 0 &&
+	    bm_fmt_detached_new(s, path, BM_IMAGE_WRITE, &f) == 0) {
+		r = t->drv->create ? t->drv->create(f, 4u << 20, "") : -1;
+		bm_fmt_detached_free(f);
+	}
+	bm_error_clear();
+	if (r < 0) {
+		/* The fd stays open: the path is ours for the run. */
+		path[0] = 0;
+		return NULL;
+	}
+	return path;
+}
+
 /* Writes that make a driver allocate, fill partial clusters, free and
  * zero; then the backing file changes; flushes between. */
 static void
-fuzz_write_all(struct bm_fmt *f, const struct bm_fmt_driver *drv,
-	       void *state, const struct bm_fmt_info *info,
-	       enum blockmirror_format format)
+fuzz_write_all(struct bm_fmt *f, const struct fuzz_target *t, void *state,
+	       const struct bm_fmt_info *info)
 {
+	const struct bm_fmt_driver *drv = t->drv;
+	const char *parent = fuzz_parent(t);
 	unsigned maps = 0;
 	uint64_t vsize = info->virtual_size;
 	uint64_t cs = info->cluster_size ? info->cluster_size : 65536;
@@ -223,7 +286,7 @@ fuzz_write_all(struct bm_fmt *f, const struct bm_fmt_driver *drv,
 		uint64_t off, len;
 	} ops[] = {
 		{ BM_MAP_WRITE, 0, 4096, 8192 },
-		{ BM_MAP_WRITE, 0, cs, 65536 },
+		{ BM_MAP_WRITE, 0, cs, FUZZ_WRITE_MAX },
 		{ BM_MAP_ZERO, BM_IO_MAY_TRIM, 0, cs },
 		{ BM_MAP_ZERO, 0, 2 * cs, cs },
 		{ BM_MAP_ZERO, BM_IO_FAST_ZERO, 3 * cs, 4096 },
@@ -233,7 +296,8 @@ fuzz_write_all(struct bm_fmt *f, const struct bm_fmt_driver *drv,
 		{ BM_MAP_WRITE, 0, 2 * cs + 4096, 4096 },
 	};
 
-	memset(buf, 0xa5, FUZZ_CHUNK);
+	/* Reads of the last input left their bytes in buf. */
+	memset(buf, 0xa5, FUZZ_WRITE_MAX);
 	for (size_t i = 0; i < BM_ARRAY_SIZE(ops); i++) {
 		uint64_t off = ops[i].off, len = ops[i].len;
 
@@ -251,8 +315,15 @@ fuzz_write_all(struct bm_fmt *f, const struct bm_fmt_driver *drv,
 	if (r < 0)
 		return;
 	if (drv->set_backing) {
-		r = drv->set_backing(state, "fuzz-base.img", format);
-		fuzz_note("set_backing", r);
+		if (!parent || !t->backing_is_read) {
+			r = drv->set_backing(state, "fuzz-base.img",
+					     t->format);
+			fuzz_note("set_backing", r);
+		}
+		if (parent) {
+			r = drv->set_backing(state, parent, t->format);
+			fuzz_note("set_backing (a real base)", r);
+		}
 		r = drv->set_backing(state, "../a/rather/longer/name/for/the/"
 				     "backing/file.vhdx",
 				     BLOCKMIRROR_FORMAT_AUTO);
@@ -275,7 +346,7 @@ fuzz_mem_put(struct fuzz_sink *k, const void *buf, size_t len, uint64_t off)
 
 static void
 fuzz_direct(const struct fuzz_target *t, const uint8_t *data, size_t size,
-	    bool write)
+	    bool write, unsigned limits)
 {
 	unsigned flags = write ? BM_IMAGE_WRITE : 0;
 	struct fuzz_sink k = { fuzz_mem_resize, fuzz_mem_put, NULL, -1 };
@@ -295,13 +366,19 @@ fuzz_direct(const struct fuzz_target *t, const uint8_t *data, size_t size,
 		return;
 	r = t->drv->open(f, flags, &info, &state);
 	fuzz_note(write ? "open writable" : "open", r);
+	if (r == 0 && info.backing_name) {
+		char what[128];
+
+		snprintf(what, sizeof what, "backing file '%s'",
+			 info.backing_name);
+		fuzz_note(what, 0);
+	}
 	if (r == 0) {
 		/* The engine refuses a writable open of a read-only image
 		 * and closes the driver without a flush. */
 		if (!(write && info.readonly)) {
 			if (write)
-				fuzz_write_all(f, t->drv, state, &info,
-					       t->format);
+				fuzz_write_all(f, t, state, &info);
 			else
 				fuzz_map_all(f, t->drv, state,
 					     info.virtual_size,
@@ -313,7 +390,7 @@ fuzz_direct(const struct fuzz_target *t, const uint8_t *data, size_t size,
 		/* A walk of every table (every L1 entry, every BAT entry):
 		 * worth it after writes, on guest ranges of few clusters,
 		 * too slow to pay on every input. */
-		if (write && info.cluster_size &&
+		if (write && !(limits & FUZZ_NO_WALK) && info.cluster_size &&
 		    info.virtual_size / info.cluster_size <= FUZZ_WALK_CLUSTERS)
 			t->drv->allocated(state);
 		t->drv->close(state);
@@ -357,7 +434,9 @@ fuzz_engine(const struct fuzz_target *t, const uint8_t *data, size_t size)
 	     off += FUZZ_CHUNK) {
 		uint64_t n = BM_MIN(img->size - off, (uint64_t)FUZZ_CHUNK);
 		struct bm_extent_list l = { 0 };
-		struct bm_io r = { .offset = off, .length = n, .buf = buf };
+		struct bm_io r = { .offset = off,
+				   .length = BM_MIN(n, FUZZ_ENGINE_READ),
+				   .buf = buf };
 		struct bm_io s = { .offset = off, .length = n, .extents = &l };
 
 		bm_image_sync(img, bm_image_block_status, &s);
@@ -375,7 +454,12 @@ static void
 fuzz_image(const struct fuzz_target *t, const uint8_t *data, size_t size)
 {
 	int mode = size ? data[size - 1] : 0;
+	unsigned limits = t->limits ? t->limits(data, size) : 0;
 
+	if (limits & FUZZ_SKIP) {
+		fuzz_note("skipped (too large for the harness)", 0);
+		return;
+	}
 	/* Mutants of an 'E' input mostly end in 'E' too: a checksum of
 	 * the whole input keeps them to one in FUZZ_ENGINE_ONE_IN, so the
 	 * slow path stays a small share of the executions. */
@@ -383,7 +467,9 @@ fuzz_image(const struct fuzz_target *t, const uint8_t *data, size_t size)
 	    bm_crc32c(0, data, size) % FUZZ_ENGINE_ONE_IN == 0)
 		fuzz_engine(t, data, size);
 	else
-		fuzz_direct(t, data, size, mode == FUZZ_MODE_WRITE);
+		fuzz_direct(t, data, size,
+			    mode == FUZZ_MODE_WRITE && !(limits & FUZZ_NO_WRITE),
+			    limits);
 	bm_error_clear();
 }
 

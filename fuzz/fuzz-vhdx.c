@@ -95,6 +95,7 @@ static const struct fuzz_target target = {
 	.drv = &bm_vhdx_driver,
 	.format = BLOCKMIRROR_FORMAT_VHDX,
 	.layout = layout,
+	.backing_is_read = true,
 };
 
 int

@@ -22,8 +22,10 @@ qemu-img create -q -f vhdx -o subformat=dynamic,block_size=1M,block_state_zero=o
 cp "$tmp/np.vhdx" "$out/qemu-not-present.vhdx"
 if [[ -n ${BMIRROR:-} ]]; then
 	"$BMIRROR" create -f vhdx -o block_size=1M,logical_sector_size=4096 "$out/bm-4k.vhdx" 2M
-	"$BMIRROR" create -f vhdx -o block_size=1M "$tmp/p.vhdx" 2M
-	"$BMIRROR" create -f vhdx -o parent=p.vhdx,block_size=1M "$tmp/c.vhdx" 2M
+	# A differencing image with a parent locator: its 'W' variant
+	# (below) changes the backing file, to fuzz-image.h's 4 MiB base.
+	"$BMIRROR" create -f vhdx -o block_size=1M "$tmp/p.vhdx" 4M
+	"$BMIRROR" create -f vhdx -o parent=p.vhdx,block_size=1M "$tmp/c.vhdx" 4M
 	cp "$tmp/c.vhdx" "$out/bm-child.vhdx"
 fi
 
@@ -99,4 +101,9 @@ open(path[:-5] + ".seed", "wb").write(b"".join(out))
 PY
 	rm -- "$f"
 done
+# The last byte picks the mode (fuzz-image.h): a trailing byte after
+# the last record is ignored by the layout.
+if [[ -f $out/bm-child.seed ]]; then
+	{ cat "$out/bm-child.seed"; printf W; } >"$out/bm-child-W.seed"
+fi
 ls -la "$out"

@@ -51,6 +51,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <zstd.h>
+
 #include "errors.h"
 #include "format.h"
 #include "internal.h"
@@ -101,11 +103,15 @@ struct qcow2 {
 	size_t npend, pend_cap;
 	uint64_t cursor;       /* first cluster that may be free */
 
+	/* Allocated on first use (cluster_bufs): up to 2 MiB each, and
+	 * many opens never write part of a cluster or decompress. */
 	uint8_t *zero;         /* one cluster of zeroes */
 	uint8_t *work;         /* one cluster: COW source */
 	uint8_t *cin;          /* compressed input, 2 clusters + 512 */
 	uint8_t *cout;         /* last decompressed cluster */
 	uint64_t cout_entry;   /* its L2 entry; 0: none */
+	ZSTD_DCtx *zstd;       /* reused: creating one costs more than a
+				* cluster's decompression */
 };
 
 /* ---- small helpers ------------------------------------------------- */
@@ -689,6 +695,50 @@ refuse_overlap(struct qcow2 *q, uint64_t host, uint64_t len, bool nowait)
 
 /* ---- reading clusters ----------------------------------------------- */
 
+/* The cluster-sized buffers, allocated on first need.  0 or -ENOMEM. */
+static int
+cluster_bufs(struct qcow2 *q)
+{
+	if (q->cout)
+		return 0;
+	if (!q->zero)
+		q->zero = alloc_buf(q->cs);
+	if (!q->work)
+		q->work = alloc_buf(q->cs);
+	if (!q->cin)
+		q->cin = alloc_buf(2 * q->cs + 512);
+	if (q->zero && q->work && q->cin)
+		q->cout = alloc_buf(q->cs);
+	return q->cout ? 0 : bm_error(-ENOMEM, "%s: out of memory", q->name);
+}
+
+/* bm_qcow2_decompress of `in_len` bytes of q->cin into q->cout, with
+ * the image's own zstd context.  0, -EIO or -ENOMEM. */
+static int
+decompress(struct qcow2 *q, size_t in_len)
+{
+	ZSTD_inBuffer ib = { q->cin, in_len, 0 };
+	ZSTD_outBuffer ob = { q->cout, q->cs, 0 };
+
+	if (q->h.compression_type != BM_QCOW2_ZSTD)
+		return bm_qcow2_decompress(q->h.compression_type, q->cin,
+					   in_len, q->cout, q->cs);
+	if (!q->zstd && !(q->zstd = ZSTD_createDCtx()))
+		return -ENOMEM;
+	/* The last cluster may have failed half-way. */
+	if (ZSTD_isError(ZSTD_DCtx_reset(q->zstd, ZSTD_reset_session_only)))
+		return -EIO;
+	while (ob.pos < ob.size && ib.pos < ib.size) {
+		size_t r = ZSTD_decompressStream(q->zstd, &ob, &ib);
+
+		if (ZSTD_isError(r))
+			return -EIO;
+		if (r == 0)
+			break;
+	}
+	return ob.pos == ob.size ? 0 : -EIO;
+}
+
 /* Decompress the cluster of entry `raw` into q->cout. */
 static int
 load_compressed(struct qcow2 *q, uint64_t raw, const struct bm_qcow2_l2 *e,
@@ -699,11 +749,12 @@ load_compressed(struct qcow2 *q, uint64_t raw, const struct bm_qcow2_l2 *e,
 	if (q->cout_entry == raw && raw)
 		return 0;
 	q->cout_entry = 0;
-	err = bm_fmt_pread_zero(q->f, q->cin, e->csize, e->host);
+	err = cluster_bufs(q);
+	if (!err)
+		err = bm_fmt_pread_zero(q->f, q->cin, e->csize, e->host);
 	if (err)
 		return err;
-	err = bm_qcow2_decompress(q->h.compression_type, q->cin, e->csize,
-				  q->cout, q->cs);
+	err = decompress(q, e->csize);
 	if (err)
 		return bm_error(err, "%s: qcow2 compressed cluster at "
 				"0x%" PRIx64 " (guest offset 0x%" PRIx64 ") "
@@ -786,9 +837,9 @@ cow_cluster(struct qcow2 *q, struct table *t, uint64_t i, uint64_t gc,
 	bool zero = true, fresh = false;
 	const uint8_t *src;
 	uint64_t host;
-	int err = 0;
+	int err = cluster_bufs(q);
 
-	if (n < q->cs)
+	if (!err && n < q->cs)
 		err = cluster_content(q, gc, raw, e, &zero);
 	if (err)
 		return err;
@@ -1087,13 +1138,17 @@ static uint64_t
 qcow2_allocated(void *drv)
 {
 	struct qcow2 *q = drv;
-	uint64_t total = 0;
+	uint64_t total = 0, n = q->h.l1_size;
 	uint8_t *buf = alloc_buf(q->cs);
 
 	if (!buf)
 		return 0;
+	/* Entries past the guest range map nothing (map never looks at
+	 * them), however long the table says it is. */
+	if (bm_qcow2_l1_entries(q->h.size, q->cb, &n))
+		n = BM_MIN(n, (uint64_t)q->h.l1_size);
 	pthread_mutex_lock(&q->lock);
-	for (uint64_t i = 0; i < q->h.l1_size; i++) {
+	for (uint64_t i = 0; i < n; i++) {
 		uint64_t off = l1_get(q, i) & BM_QCOW2_OFFSET_MASK;
 		struct table *t;
 		const uint8_t *p = buf;
@@ -1134,6 +1189,7 @@ qcow2_free(struct qcow2 *q)
 	free(q->work);
 	free(q->cin);
 	free(q->cout);
+	ZSTD_freeDCtx(q->zstd);
 	pthread_mutex_destroy(&q->lock);
 	free(q);
 }
@@ -1267,12 +1323,6 @@ setup(struct qcow2 *q, unsigned flags)
 	q->writable = flags & BM_IMAGE_WRITE;
 	if (q->writable && (err = check_writable(q)))
 		return err;
-	q->zero = alloc_buf(q->cs);
-	q->work = alloc_buf(q->cs);
-	q->cin = alloc_buf(2 * q->cs + 512);
-	q->cout = alloc_buf(q->cs);
-	if (!q->zero || !q->work || !q->cin || !q->cout)
-		return bm_error(-ENOMEM, "%s: out of memory", q->name);
 	q->l2c.bound = cache_bound(4 * BM_MiB, q->cs, 4, 256);
 	q->rbc.bound = cache_bound(2 * BM_MiB, q->cs, 4, 64);
 	return load_tables(q);

@@ -460,7 +460,9 @@ open_parent(const char *path)
 static int
 read_parent(const char *path, uint8_t dwg[16], uint64_t *size, uint32_t *lss)
 {
-	uint8_t *buf = malloc(META_READ_MAX);
+	/* The headers and the region table first; the metadata region,
+	 * sized by the table (at most META_READ_MAX), once it is known. */
+	uint8_t *buf = malloc(2 * VHDX_HEADER_SIZE + VHDX_REGION_SIZE);
 	struct vhdx_header h;
 	struct vhdx_regions reg;
 	struct vhdx_meta m;
@@ -497,6 +499,15 @@ read_parent(const char *path, uint8_t dwg[16], uint64_t *size, uint32_t *lss)
 	if (r < 0)
 		goto out;
 	len = BM_MIN(reg.meta_length, META_READ_MAX);
+	if (len > 2 * VHDX_HEADER_SIZE + VHDX_REGION_SIZE) {
+		uint8_t *bigger = realloc(buf, len);
+
+		if (!bigger) {
+			r = bm_error(-ENOMEM, "%s: out of memory", path);
+			goto out;
+		}
+		buf = bigger;
+	}
 	if (pread(fd, buf, len, (off_t)reg.meta_offset) != (ssize_t)len) {
 		r = bm_error(-EINVAL, "%s: parent metadata unreadable", path);
 		goto out;
