@@ -922,6 +922,11 @@ tick(struct bm_op *op, int res)
 		bm_job_step(job); /* it waited for the tick to stop */
 		return;
 	}
+	if ((job->goal == BM_GOAL_PIVOT || job->goal == BM_GOAL_SYNC_CANCEL) &&
+	    job->opt.end_timeout_ms &&
+	    (bm_now_ns() - job->end_start_ns) / 1000000 >
+	    job->opt.end_timeout_ms)
+		bm_job_end_timed_out(job); /* now stopping, below */
 	if (job_stopping(job)) {
 		/* Requests that will not finish (a hung destination) are
 		 * cancelled after a grace period, so that a forced cancel

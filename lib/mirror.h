@@ -210,6 +210,7 @@ enum bm_pivot_step {
 extern void (*bm_pivot_hook)(enum bm_pivot_step step);
 void bm_job_step(struct bm_job *job);
 int bm_job_force_cancel(struct bm_job *job, struct bm_call *call);
+void bm_job_end_timed_out(struct bm_job *job);
 int bm_job_end(struct bm_job *job, enum bm_job_goal goal,
 	       struct bm_call *call);
 void bm_job_ending_error(struct bm_job *job, int err);

@@ -558,6 +558,36 @@ bm_job_force_cancel(struct bm_job *job, struct bm_call *call)
 	return 0;
 }
 
+/*
+ * The caller's end_timeout_ms ran out during a pivot or a clean cancel
+ * (the tick checks): as a forced cancel, but the waiting call learns
+ * -ETIMEDOUT, and an ERROR event says why.
+ */
+void
+bm_job_end_timed_out(struct bm_job *job)
+{
+	struct bm_call *prev = job->goal_call;
+	struct blockmirror_event ev = {
+		.type = BLOCKMIRROR_EVENT_ERROR,
+		.err = ETIMEDOUT,
+	};
+	char msg[200];
+
+	if (job->goal != BM_GOAL_PIVOT && job->goal != BM_GOAL_SYNC_CANCEL)
+		return;
+	snprintf(msg, sizeof msg, "the %s did not finish within %" PRIu64
+		 " ms; the destination is abandoned, the disk stays on the "
+		 "source", job->goal == BM_GOAL_PIVOT ? "pivot" : "cancel",
+		 job->opt.end_timeout_ms);
+	ev.message = msg;
+	bm_job_event(job, &ev);
+	job->goal_call = NULL;
+	job->end_start_ns = bm_now_ns();
+	enter_stopping(job, BM_GOAL_CANCEL);
+	if (prev)
+		bm_waiter_signal(&prev->w, bm_error(-ETIMEDOUT, "%s", msg));
+}
+
 int
 bm_job_end(struct bm_job *job, enum bm_job_goal goal, struct bm_call *call)
 {

@@ -449,6 +449,12 @@ struct blockmirror_job_options {
 					  source's backing file */
 	const char *state_dir;         /* keep crash-resumable state in this
 					  directory (docs/state.md); NULL: none */
+	/* A pivot or a cancel after READY that has not finished after this
+	 * many milliseconds (its destination hangs) becomes a forced
+	 * cancel: the destination is abandoned, the disk stays on the
+	 * source, the waiting call returns -ETIMEDOUT.  0: wait for ever
+	 * (a forced cancel still ends it). */
+	uint64_t end_timeout_ms;
 };
 
 struct blockmirror_job_info {

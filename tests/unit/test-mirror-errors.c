@@ -617,6 +617,43 @@ START_TEST(test_flush_hangs_forced_cancel)
 }
 END_TEST
 
+/* The caller's end_timeout_ms: a pivot (_i 1) or a cancel after READY
+ * (_i 0) whose destination flush hangs ends by itself, as a forced cancel
+ * would, and the blocked call says it timed out. */
+START_TEST(test_end_timeout)
+{
+	struct blockmirror_job_options o = {
+		.size = sizeof o,
+		.flags = BLOCKMIRROR_JOB_CREATE,
+		.mode = BLOCKMIRROR_MODE_ACTIVE,
+		.on_event = on_event,
+		.event_data = &fx.ev,
+		.end_timeout_ms = 300,
+	};
+	struct timespec t0, t1;
+	double secs;
+	int r;
+
+	ck_assert_int_eq(bm_fault_register(fx.dst, &fx.rules), 0);
+	open_disk();
+	fx.job = blockmirror_job_start(fx.disk, fx.dst, &o);
+	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
+	wait_ready();
+	atomic_store(&fx.rules.hang_flush, true);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	r = _i ? blockmirror_job_complete(fx.job)
+	       : blockmirror_job_cancel(fx.job, false);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	secs = (double)(t1.tv_sec - t0.tv_sec) +
+	       (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	ck_assert_msg(r == -ETIMEDOUT, "%d: %s", r, blockmirror_last_error());
+	ck_assert_msg(secs < 5.0, "the ending took %.1f s", secs);
+	ck_assert_int_eq(blockmirror_job_wait(fx.job, BLOCKMIRROR_JOB_CANCELLED,
+					      5000), BLOCKMIRROR_JOB_CANCELLED);
+	check_on_source();
+}
+END_TEST
+
 /* Make the first fsync of the link's directory during the pivot fail. */
 static atomic_bool fail_dir_sync, dir_sync_failed;
 
@@ -930,6 +967,7 @@ main(void)
 	tcase_add_test(late, test_map_error_cancel);
 	tcase_add_loop_test(late, test_cancel_ready_flush_fails, 0, 2);
 	tcase_add_loop_test(late, test_flush_hangs_forced_cancel, 0, 2);
+	tcase_add_loop_test(late, test_end_timeout, 0, 2);
 	tcase_add_loop_test(late, test_pivot_dir_sync_fails, 0, 2);
 	tcase_add_test(late, test_created_dst_dir_synced);
 	suite_add_tcase(s, late);
