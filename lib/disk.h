@@ -56,6 +56,7 @@ struct bm_call {
 	void *arg2;
 	uint64_t u64;
 	int i;
+	struct bm_call *next_waiter;  /* a job's end_waiters */
 };
 struct blockmirror_disk {
 	struct bm_loop *loop;

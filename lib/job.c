@@ -733,7 +733,7 @@ call_cancel_for_close(struct bm_call *call)
 		 job->goal == BM_GOAL_SYNC_CANCEL)
 		bm_job_force_cancel(job, call);
 	else
-		job->close_call = call; /* signalled when it has ended */
+		bm_job_wait_end(job, call); /* signalled when it has ended */
 }
 
 void

@@ -931,7 +931,8 @@ tick(struct bm_op *op, int res)
 		/* Requests that will not finish (a hung destination) are
 		 * cancelled after a grace period, so that a forced cancel
 		 * returns. */
-		if ((bm_mirror_busy(job) || job->mirrored_inflight) &&
+		if ((bm_mirror_busy(job) || job->mirrored_inflight ||
+		     bm_state_busy(job)) &&
 		    bm_now_ns() - job->end_start_ns > CANCEL_GRACE_NS) {
 			struct bm_store *st = job->dst->store;
 
@@ -939,7 +940,8 @@ tick(struct bm_op *op, int res)
 				st->ops->cancel(st);
 		}
 		/* A hung state file holds guest writes and the ending: its
-		 * requests go too, and the state with them (state-io.c). */
+		 * requests go too, and the state with them (state-io.c); a
+		 * clear's destination flush went with the store above. */
 		if (bm_now_ns() - job->end_start_ns > CANCEL_GRACE_NS)
 			bm_state_cancel(job);
 		bm_mirror_tick_start(job);

@@ -162,7 +162,10 @@ struct bm_job {
 	/* The endings (pivot.c). */
 	enum bm_job_goal goal;
 	struct bm_call *goal_call;     /* the caller waiting for the ending */
-	struct bm_call *close_call;    /* blockmirror_disk_close, waiting */
+	int end_err;                   /* what goal_call learns instead
+					  (-ECANCELED, -ETIMEDOUT), or 0 */
+	struct bm_call *end_waiters;   /* others waiting for the end (disk
+					  close, a second cancel): told 0 */
 	bool quiesced;                 /* the job holds the disk quiesced */
 	bool copied_since_flush;       /* the bulk copy wrote since the last
 					  destination flush */
@@ -211,6 +214,8 @@ extern void (*bm_pivot_hook)(enum bm_pivot_step step);
 void bm_job_step(struct bm_job *job);
 int bm_job_force_cancel(struct bm_job *job, struct bm_call *call);
 void bm_job_end_timed_out(struct bm_job *job);
+/* `call` is signalled (with 0) once the job has ended. */
+void bm_job_wait_end(struct bm_job *job, struct bm_call *call);
 int bm_job_end(struct bm_job *job, enum bm_job_goal goal,
 	       struct bm_call *call);
 void bm_job_ending_error(struct bm_job *job, int err);

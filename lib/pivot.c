@@ -85,23 +85,48 @@ relink(const char *link, const char *target, bool *renamed)
 
 /* ---- ending a job ---------------------------------------------------- */
 
-static void
-signal_call(struct bm_job *job, int err)
+/*
+ * The callers waiting for an ending are taken out of the job before the
+ * ending is published (bm_job_set_phase), and woken after it: a thread
+ * that sees the job ended may free it at once, so nothing of the job is
+ * read after that.
+ */
+struct waiters {
+	struct bm_call *call;        /* the one the ending answers */
+	struct bm_call *others;      /* told 0 */
+};
+
+static struct waiters
+take_waiters(struct bm_job *job, bool ending)
 {
-	struct bm_call *call = job->goal_call;
-	struct bm_call *close = NULL;
+	struct waiters w = { job->goal_call, NULL };
 
 	job->goal_call = NULL;
-	if (bm_job_ended(job->state)) {
-		close = job->close_call;
-		job->close_call = NULL;
+	if (ending) {
+		w.others = job->end_waiters;
+		job->end_waiters = NULL;
 	}
-	/* Nothing of the job is touched after this: a waiter may free it
-	 * as soon as it wakes. */
-	if (close)
-		bm_waiter_signal(&close->w, 0);
-	if (call)
-		bm_waiter_signal(&call->w, err);
+	return w;
+}
+
+static void
+wake(struct waiters w, int err)
+{
+	while (w.others) {
+		struct bm_call *c = w.others;
+
+		w.others = c->next_waiter;
+		bm_waiter_signal(&c->w, 0);
+	}
+	if (w.call)
+		bm_waiter_signal(&w.call->w, err);
+}
+
+void
+bm_job_wait_end(struct bm_job *job, struct bm_call *call)
+{
+	call->next_waiter = job->end_waiters;
+	job->end_waiters = call;
 }
 
 static void
@@ -137,10 +162,14 @@ finish(struct bm_job *job, enum bm_job_phase phase, bool pivoted)
 		ev.message = job->error_msg;
 		break;
 	}
+	struct waiters w = take_waiters(job, true);
+	int err = job->end_err ? job->end_err :
+		  goal == BM_GOAL_FAIL ? -job->error : 0;
+
 	/* The event first: whoever waits for the state finds it delivered. */
 	bm_job_event(job, &ev);
 	bm_job_set_phase(job, phase);
-	signal_call(job, goal == BM_GOAL_FAIL ? -job->error : 0);
+	wake(w, err); /* the job may be gone from here on */
 }
 
 /* ---- the pivot ------------------------------------------------------- */
@@ -155,9 +184,9 @@ back_to_ready(struct bm_job *job, int err)
 		bm_disk_unquiesce(job->disk);
 	job->quiesced = false;
 	bm_job_set_phase(job, BM_PHASE_READY);
-	signal_call(job, err);
 	bm_mirror_pump(job);
 	bm_mirror_tick_start(job);
+	wake(take_waiters(job, false), err);
 }
 
 /*
@@ -543,16 +572,14 @@ bm_job_ending_error(struct bm_job *job, int err)
 int
 bm_job_force_cancel(struct bm_job *job, struct bm_call *call)
 {
-	struct bm_call *prev = job->goal_call;
-
 	if (job->goal != BM_GOAL_PIVOT && job->goal != BM_GOAL_SYNC_CANCEL)
 		return bm_error(-EBUSY, "cannot cancel: the job is already "
 				"ending");
-	if (prev)
-		bm_waiter_signal(&prev->w, job->goal == BM_GOAL_PIVOT ?
-				 bm_error(-ECANCELED, "the pivot was "
-					  "cancelled") : 0);
-	job->goal_call = call;
+	/* The call already waiting stays the one the ending answers. */
+	if (job->goal == BM_GOAL_PIVOT)
+		job->end_err = -ECANCELED;
+	if (call)
+		bm_job_wait_end(job, call);
 	job->end_start_ns = bm_now_ns();
 	enter_stopping(job, BM_GOAL_CANCEL);
 	return 0;
@@ -566,7 +593,6 @@ bm_job_force_cancel(struct bm_job *job, struct bm_call *call)
 void
 bm_job_end_timed_out(struct bm_job *job)
 {
-	struct bm_call *prev = job->goal_call;
 	struct blockmirror_event ev = {
 		.type = BLOCKMIRROR_EVENT_ERROR,
 		.err = ETIMEDOUT,
@@ -581,11 +607,10 @@ bm_job_end_timed_out(struct bm_job *job)
 		 job->opt.end_timeout_ms);
 	ev.message = msg;
 	bm_job_event(job, &ev);
-	job->goal_call = NULL;
+	snprintf(job->error_msg, sizeof job->error_msg, "%s", msg);
+	job->end_err = -ETIMEDOUT;
 	job->end_start_ns = bm_now_ns();
 	enter_stopping(job, BM_GOAL_CANCEL);
-	if (prev)
-		bm_waiter_signal(&prev->w, bm_error(-ETIMEDOUT, "%s", msg));
 }
 
 int

@@ -932,6 +932,43 @@ START_TEST(test_state_write_during_clear)
 }
 END_TEST
 
+/* A clear of the persistent bitmap flushes the destination; when that
+ * flush hangs, a forced cancel must still end the job (its request is
+ * cancelled with the destination's others). */
+START_TEST(test_forced_cancel_hung_clear)
+{
+	struct blockmirror_job_options o = {
+		.size = sizeof o,
+		.flags = BLOCKMIRROR_JOB_CREATE,
+		.mode = BLOCKMIRROR_MODE_ACTIVE,
+		.on_event = on_event,
+		.event_data = &fx.ev,
+	};
+	struct bg_call c;
+	char sdir[128];
+
+	snprintf(sdir, sizeof sdir, "%s/state", fx.dir);
+	o.state_dir = sdir;
+	ck_assert_int_eq(bm_fault_register(fx.dst, &fx.rules), 0);
+	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
+	fx.job = blockmirror_job_start(fx.disk, fx.dst, &o);
+	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
+	wait_ready();
+	atomic_store(&fx.rules.hang_flush, true);
+	/* The next clear (once a second) hangs in its flush. */
+	sleep_ms(2500);
+	bg_start(&c, blockmirror_job_cancel, true);
+	ck_assert_msg(bg_wait(&c, 5000), "forced cancel hangs on a clear");
+	ck_assert_int_eq(c.result, 0);
+	ck_assert_int_eq(blockmirror_job_wait(fx.job, BLOCKMIRROR_JOB_CANCELLED,
+					      0), BLOCKMIRROR_JOB_CANCELLED);
+	blockmirror_job_free(fx.job);
+	ck_assert_int_eq(blockmirror_disk_close(fx.disk), 0);
+	check_file(fx.src, "the source");
+	rmdir(sdir);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -977,6 +1014,7 @@ main(void)
 	tcase_add_test(order, test_active_overlap_order);
 	tcase_add_loop_test(order, test_active_discard_partial_cluster, 0, 2);
 	tcase_add_test(order, test_state_write_during_clear);
+	tcase_add_test(order, test_forced_cancel_hung_clear);
 	suite_add_tcase(s, order);
 
 	sr = srunner_create(s);
