@@ -20,6 +20,8 @@
  *   back to buffered I/O and says so in the log.
  */
 #include <errno.h>
+#include <linux/openat2.h>
+#include <sys/syscall.h>
 #include <inttypes.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
@@ -552,6 +554,33 @@ type_check(const char *path, const struct stat *st)
 	return 0;
 }
 
+/*
+ * open(2), or with BM_OPEN_NOFOLLOW openat2(2) refusing a symbolic link in
+ * any part of the path: a name a caller checked (resolved, inside an
+ * allowed directory) cannot be swapped for a link between the check and
+ * the open.  A kernel without openat2 gets O_NOFOLLOW (the last part).
+ */
+static int
+open_path(const char *path, int oflags, unsigned flags)
+{
+	if (flags & BM_OPEN_NOFOLLOW) {
+#ifdef SYS_openat2
+		struct open_how how = {
+			.flags = (uint64_t)oflags,
+			.mode = (oflags & O_CREAT) ? 0644 : 0,
+			.resolve = RESOLVE_NO_SYMLINKS,
+		};
+		long fd = syscall(SYS_openat2, AT_FDCWD, path, &how,
+				  sizeof how);
+
+		if (fd >= 0 || errno != ENOSYS)
+			return (int)fd;
+#endif
+		oflags |= O_NOFOLLOW;
+	}
+	return open(path, oflags, 0644);
+}
+
 int
 bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 	     uint64_t size, struct bm_store **out)
@@ -581,17 +610,21 @@ bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 			return r;
 	}
 	oflags |= O_NONBLOCK;
-	fd = open(path, oflags, 0644);
+	fd = open_path(path, oflags, flags);
 	if (fd < 0 && errno == EINVAL && (oflags & O_DIRECT)) {
 		bm_info("%s: O_DIRECT not supported here, using the page cache",
 			path);
 		oflags &= ~O_DIRECT;
-		fd = open(path, oflags, 0644);
+		fd = open_path(path, oflags, flags);
 	}
 	if (fd < 0) {
 		r = -errno;
 		if (r == -EISDIR)
 			return bm_error(r, "%s: is a directory", path);
+		if (r == -ELOOP && (flags & BM_OPEN_NOFOLLOW))
+			return bm_error(r, "%s: refused: a symbolic link in "
+					"the path (it was checked without one)",
+					path);
 		return open_error(path, r);
 	}
 	if (fstat(fd, &st) < 0) {

@@ -1323,8 +1323,9 @@ fmt_new(const struct bm_fmt_driver *drv, struct bm_store *store,
 		bm_error(r, "%s: cannot create a loop: %s", path, strerror(-r));
 		goto fail;
 	}
-	r = bm_file_open(f->wloop, path, (flags & BM_IMAGE_WRITE) ?
-			 BM_OPEN_WRITE : 0, 0, &f->wstore);
+	r = bm_file_open(f->wloop, path, ((flags & BM_IMAGE_WRITE) ?
+			 BM_OPEN_WRITE : 0) | ((flags & BM_IMAGE_NOFOLLOW) ?
+			 BM_OPEN_NOFOLLOW : 0), 0, &f->wstore);
 	if (r < 0)
 		goto fail;
 	r = bm_store_wrap(path, &f->wstore);

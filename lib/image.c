@@ -157,6 +157,8 @@ bm_image_open(struct bm_loop *loop, const char *name,
 		sflags |= BM_OPEN_WRITE;
 	if (flags & BM_IMAGE_DIRECT)
 		sflags |= BM_OPEN_DIRECT;
+	if (flags & BM_IMAGE_NOFOLLOW)
+		sflags |= BM_OPEN_NOFOLLOW;
 	if (bm_nbd_is_uri(name)) {
 		r = nbd_format_check(name, format);
 		if (r == 0)
@@ -299,6 +301,8 @@ bm_image_create(struct bm_loop *loop, const char *name,
 				name, size);
 	if ((flags & BM_IMAGE_DIRECT) && format == BLOCKMIRROR_FORMAT_RAW)
 		sflags |= BM_OPEN_DIRECT;
+	if (flags & BM_IMAGE_NOFOLLOW)
+		sflags |= BM_OPEN_NOFOLLOW;
 	r = bm_file_open(loop, name, sflags,
 			 format == BLOCKMIRROR_FORMAT_RAW ? size : 0, &s);
 	if (r == -EEXIST)

@@ -49,6 +49,7 @@ struct bm_image {
 enum {
 	BM_IMAGE_WRITE = 1u << 0,
 	BM_IMAGE_DIRECT = 1u << 1,
+	BM_IMAGE_NOFOLLOW = 1u << 2,   /* no symbolic link in the path */
 };
 
 /*

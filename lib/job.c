@@ -293,7 +293,8 @@ check_options(const struct blockmirror_job_options *o)
 	if (o->link && o->on_pivot)
 		return bm_error(-EINVAL, "give a link or an on_pivot callback, "
 				"not both");
-	if (o->flags & ~(BLOCKMIRROR_JOB_CREATE | BLOCKMIRROR_JOB_RESUME))
+	if (o->flags & ~(BLOCKMIRROR_JOB_CREATE | BLOCKMIRROR_JOB_RESUME |
+			 BLOCKMIRROR_JOB_NOFOLLOW))
 		return bm_error(-EINVAL, "unknown flags 0x%x", o->flags);
 	if (o->size >= offsetof(struct blockmirror_job_options, sync) +
 		       sizeof(o->sync) &&
@@ -370,6 +371,7 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 	struct bm_job *job;
 	enum blockmirror_format fmt;
 	bool created = false;
+	unsigned dflags;
 	int r;
 
 	bm_error_clear();
@@ -412,6 +414,9 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 	if (r < 0)
 		goto fail_job;
 	fmt = options->format;
+	dflags = disk->open_flags |
+		 ((options->flags & BLOCKMIRROR_JOB_NOFOLLOW) ?
+		  BM_IMAGE_NOFOLLOW : 0);
 	if (options->flags & BLOCKMIRROR_JOB_CREATE) {
 		if (fmt == BLOCKMIRROR_FORMAT_AUTO)
 			fmt = disk->image->format;
@@ -419,8 +424,8 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 					&create_options);
 		if (r == 0)
 			r = bm_image_create(tmp, destination, fmt, disk->size,
-					    create_options, false,
-					    disk->open_flags, &job->dst);
+					    create_options, false, dflags,
+					    &job->dst);
 		free(create_options);
 		created = r == 0 && !bm_nbd_is_uri(destination);
 		/* The pivot will name this file: its name must survive a
@@ -429,7 +434,7 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 			r = bm_durable_sync_parent(destination);
 	} else {
 		r = bm_image_open(tmp, destination, fmt,
-				  disk->open_flags | BM_IMAGE_WRITE, &job->dst);
+				  dflags | BM_IMAGE_WRITE, &job->dst);
 	}
 	if (r < 0)
 		goto fail_job;

@@ -83,6 +83,9 @@ enum {
 	BM_OPEN_DIRECT = 1u << 1,   /* O_DIRECT where possible */
 	BM_OPEN_CREATE = 1u << 2,   /* create; fail if it exists */
 	BM_OPEN_TRUNCATE = 1u << 3, /* create or empty an existing file */
+	BM_OPEN_NOFOLLOW = 1u << 4, /* no symbolic link anywhere in the
+				       path: -ELOOP (openat2 where the
+				       kernel has it, else the last part) */
 };
 
 /*

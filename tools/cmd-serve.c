@@ -356,6 +356,10 @@ ctl_move(json_t *req, int ci)
 		json_object_get(req, "granularity"));
 	if (json_is_true(create))
 		o.flags |= BLOCKMIRROR_JOB_CREATE;
+	/* A confined path was resolved and checked: no link may appear in
+	 * it between that check and the open. */
+	if (S.n_allow && !blockmirror_nbd_is_uri(dest))
+		o.flags |= BLOCKMIRROR_JOB_NOFOLLOW;
 	{
 		const char *pol = json_string_value(json_object_get(req,
 							"on_error"));

@@ -422,6 +422,11 @@ enum {
 	 * what the state marks dirty.  -ESTALE if the state is missing,
 	 * invalid or records another move; nothing is written then. */
 	BLOCKMIRROR_JOB_RESUME = 1u << 1,
+	/* The destination's name was checked by the caller with no symbolic
+	 * link in it (a resolved path inside an allowed directory): open it
+	 * so that none is followed anywhere in the path, -ELOOP otherwise,
+	 * so the name cannot be swapped for a link after the check. */
+	BLOCKMIRROR_JOB_NOFOLLOW = 1u << 2,
 };
 
 struct blockmirror_job_options {
