@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "bitmap.h"
+#include "helpers.h"
 #include "internal.h"
 
 #define KiB BM_KiB
@@ -944,11 +945,5 @@ bitmap_suite(void)
 int
 main(void)
 {
-	SRunner *sr = srunner_create(bitmap_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(bitmap_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

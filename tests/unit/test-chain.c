@@ -19,6 +19,7 @@
 #include "errors.h"
 #include "fault.h"
 #include "format.h"
+#include "helpers.h"
 #include "image.h"
 #include "internal.h"
 #include "loop.h"
@@ -75,11 +76,8 @@ setup(void)
 static void
 teardown(void)
 {
-	char cmd[256];
-
 	bm_loop_free(loop);
-	snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-	ck_assert_int_eq(system(cmd), 0);
+	remove_tree(dir);
 }
 
 static uint8_t *
@@ -457,11 +455,5 @@ chain_suite(void)
 int
 main(void)
 {
-	SRunner *sr = srunner_create(chain_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(chain_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -56,6 +56,7 @@
 #include <blockmirror/blockmirror.h>
 
 #include "fault.h"
+#include "helpers.h"
 #include "recorder.h"
 
 #define SECT 4096u
@@ -454,15 +455,6 @@ env_u64(const char *name, uint64_t def)
 	return v && *v ? strtoull(v, NULL, 0) : def;
 }
 
-static uint64_t
-now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 static void
 fsync_path(const char *p)
 {
@@ -590,12 +582,6 @@ read_initial(void)
 	G.initial = malloc(SIZE);
 	ck_assert_int_eq(pread(fd, G.initial, SIZE, 0), SIZE);
 	close(fd);
-}
-
-static void
-sleep_ms(unsigned ms)
-{
-	usleep(ms * 1000u);
 }
 
 /* ---- recording --------------------------------------------------------- */
@@ -936,12 +922,8 @@ START_TEST(test_crash_points)
 		free(G.ops[i].buf);
 	free(G.ops);
 	free(G.initial);
-	if (!t.failures) {
-		char cmd[PATH_MAX + 16];
-
-		snprintf(cmd, sizeof cmd, "rm -rf %s", G.root);
-		ck_assert_int_eq(system(cmd), 0);
-	}
+	if (!t.failures)
+		remove_tree(G.root);
 	ck_assert_msg(t.failures == 0, "%s: %u crash points failed (seed %"
 		      PRIu64 ", see above)", sc->name, t.failures, seed);
 }
@@ -952,8 +934,6 @@ main(void)
 {
 	Suite *s = suite_create("crash-record");
 	TCase *tc = tcase_create("replay");
-	SRunner *sr;
-	int failed;
 
 	run_seed = env_u64("BM_CRASH_SEED", 0);
 	if (!run_seed)
@@ -961,9 +941,5 @@ main(void)
 	tcase_set_timeout(tc, 300);
 	tcase_add_loop_test(tc, test_crash_points, 0, SCENARIOS);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -20,6 +20,7 @@
 #include <string.h>
 
 #include "extent.h"
+#include "helpers.h"
 #include "internal.h"
 
 #define HOLE BM_EXTENT_HOLE
@@ -715,11 +716,5 @@ extent_suite(void)
 int
 main(void)
 {
-	SRunner *sr = srunner_create(extent_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(extent_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "extent.h"
+#include "helpers.h"
 #include "store.h"
 
 static char path[64];
@@ -179,6 +180,43 @@ START_TEST(test_zero_fua)
 }
 END_TEST
 
+/* BM_OPEN_NOFOLLOW: a symbolic link anywhere in the path is refused
+ * (-ELOOP) and nothing is created behind it; without the flag the same
+ * name opens. */
+START_TEST(test_nofollow)
+{
+	char dir[64], real[96], link[96], name[128], lname[128];
+	struct bm_store *s;
+
+	strcpy(dir, "/tmp/test-file-nf.XXXXXX");
+	ck_assert_ptr_nonnull(mkdtemp(dir));
+	snprintf(real, sizeof real, "%s/real", dir);
+	snprintf(link, sizeof link, "%s/link", dir);
+	ck_assert_int_eq(mkdir(real, 0700), 0);
+	ck_assert_int_eq(symlink(real, link), 0);
+	snprintf(name, sizeof name, "%s/new.raw", link);
+	ck_assert_int_eq(bm_file_open(loop, name, BM_OPEN_CREATE |
+				      BM_OPEN_NOFOLLOW, 4096, &s), -ELOOP);
+	snprintf(lname, sizeof lname, "%s/new.raw", real);
+	ck_assert_int_eq(access(lname, F_OK), -1);
+	/* An existing file behind a linked directory, and a link itself. */
+	ck_assert_int_eq(bm_file_open(loop, lname, BM_OPEN_CREATE, 4096, &s),
+			 0);
+	bm_store_close(s);
+	ck_assert_int_eq(bm_file_open(loop, name, BM_OPEN_WRITE |
+				      BM_OPEN_NOFOLLOW, 0, &s), -ELOOP);
+	ck_assert_int_eq(bm_file_open(loop, name, BM_OPEN_WRITE, 0, &s), 0);
+	bm_store_close(s);
+	ck_assert_int_eq(bm_file_open(loop, lname, BM_OPEN_WRITE |
+				      BM_OPEN_NOFOLLOW, 0, &s), 0);
+	bm_store_close(s);
+	unlink(lname);
+	unlink(link);
+	rmdir(real);
+	rmdir(dir);
+}
+END_TEST
+
 START_TEST(test_zero_discard_extents)
 {
 	static unsigned char b[1 << 20], zero[1 << 20];
@@ -311,8 +349,6 @@ main(void)
 {
 	Suite *s = suite_create("file");
 	TCase *tc = tcase_create("file");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, test_roundtrip);
@@ -321,12 +357,9 @@ main(void)
 	tcase_add_test(tc, test_open_errors);
 	tcase_add_test(tc, test_zero_discard_extents);
 	tcase_add_test(tc, test_zero_fua);
+	tcase_add_test(tc, test_nofollow);
 	tcase_add_test(tc, test_never_inline);
 	tcase_add_test(tc, test_same_file);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -25,6 +25,7 @@
 #include "errors.h"
 #include "extent.h"
 #include "format.h"
+#include "helpers.h"
 #include "image.h"
 #include "internal.h"
 
@@ -329,16 +330,6 @@ static uint8_t *model, *base_model;
 
 static uint64_t rng_state;
 
-static uint64_t
-rnd(void)
-{
-	uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
 static void
 setup(void)
 {
@@ -424,12 +415,12 @@ random_batch(struct bm_image *img, bool writes, bool discard_is_zero)
 
 	memset(ops, 0, sizeof ops);
 	for (unsigned i = 0; i < 16; i++) {
-		uint64_t len = 1 + rnd() % (3 * TOY_CLUSTER);
-		uint64_t off = rnd() % (DISK - len);
+		uint64_t len = 1 + rnd(&rng_state) % (3 * TOY_CLUSTER);
+		uint64_t off = rnd(&rng_state) % (DISK - len);
 		bool clash = false;
 		struct op *o = &ops[n];
 
-		if (rnd() % 2)
+		if (rnd(&rng_state) % 2)
 			len = (len + 511) & ~511ull;
 		if (off + len > DISK)
 			continue;
@@ -441,7 +432,7 @@ random_batch(struct bm_image *img, bool writes, bool discard_is_zero)
 		used[n][0] = off;
 		used[n][1] = off + len;
 		o->buf = malloc(len);
-		o->kind = writes ? (int)(rnd() % 4) : 0;
+		o->kind = writes ? (int)(rnd(&rng_state) % 4) : 0;
 		o->io.offset = off;
 		o->io.length = len;
 		o->io.buf = o->buf;
@@ -452,7 +443,7 @@ random_batch(struct bm_image *img, bool writes, bool discard_is_zero)
 			break;
 		case 1:
 			for (uint64_t b = 0; b < len; b++)
-				o->buf[b] = (uint8_t)rnd();
+				o->buf[b] = (uint8_t)rnd(&rng_state);
 			memcpy(model + off, o->buf, len);
 			bm_image_write(img, &o->io);
 			break;
@@ -719,11 +710,5 @@ format_suite(void)
 int
 main(void)
 {
-	SRunner *sr = srunner_create(format_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(format_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -11,6 +11,7 @@
 #include <xxhash.h>
 
 #include "hash.h"
+#include "helpers.h"
 
 START_TEST(test_known_values)
 {
@@ -78,16 +79,10 @@ main(void)
 {
 	Suite *s = suite_create("hash");
 	TCase *tc = tcase_create("xxh3");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_test(tc, test_known_values);
 	tcase_add_test(tc, test_stream_matches_buffer);
 	tcase_add_test(tc, test_every_byte_matters);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 
+#include "helpers.h"
 #include "loop.h"
 
 #define THREADS 4
@@ -168,17 +169,11 @@ main(void)
 {
 	Suite *s = suite_create("loop");
 	TCase *tc = tcase_create("loop");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_test(tc, test_post_from_threads);
 	tcase_add_test(tc, test_defer_order);
 	tcase_add_test(tc, test_timers);
 	tcase_add_test(tc, test_nothing_to_wait_for);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

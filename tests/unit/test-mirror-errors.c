@@ -26,48 +26,11 @@
 
 #include "durable.h"
 #include "fault.h"
+#include "helpers.h"
 #include "state.h"
 
 #define SIZE (8u << 20)
 #define MiB (1u << 20)
-
-struct events {
-	atomic_int ready, completed, cancelled, failed, errors, paused;
-	atomic_int src_errors, dst_errors;
-};
-
-static void
-on_event(void *data, const struct blockmirror_event *ev)
-{
-	struct events *e = data;
-
-	switch (ev->type) {
-	case BLOCKMIRROR_EVENT_READY:
-		e->ready++;
-		break;
-	case BLOCKMIRROR_EVENT_COMPLETED:
-		e->completed++;
-		break;
-	case BLOCKMIRROR_EVENT_CANCELLED:
-		e->cancelled++;
-		break;
-	case BLOCKMIRROR_EVENT_FAILED:
-		e->failed++;
-		break;
-	case BLOCKMIRROR_EVENT_ERROR:
-		e->errors++;
-		if (ev->on_source)
-			e->src_errors++;
-		else
-			e->dst_errors++;
-		break;
-	case BLOCKMIRROR_EVENT_PAUSED:
-		e->paused++;
-		break;
-	default:
-		break;
-	}
-}
 
 struct fixture {
 	char dir[64], src[96], dst[96], link[96];
@@ -84,14 +47,6 @@ struct fixture {
 };
 
 static struct fixture fx;
-
-static void
-sleep_ms(unsigned ms)
-{
-	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-
-	nanosleep(&ts, NULL);
-}
 
 static void *
 writer_main(void *arg)
@@ -424,8 +379,7 @@ END_TEST
 
 START_TEST(test_dst_hangs)
 {
-	struct timespec t0, t1;
-	double secs;
+	double t0, secs;
 
 	fx.rules.write_delay_ns = 1000000; /* 1 ms: still copying below */
 	ck_assert_int_eq(bm_fault_register(fx.dst, &fx.rules), 0);
@@ -435,68 +389,16 @@ START_TEST(test_dst_hangs)
 	sleep_ms(20);
 	atomic_store(&fx.rules.hang, true);
 	sleep_ms(300);
-	clock_gettime(CLOCK_MONOTONIC, &t0);
+	t0 = now_s();
 	ck_assert_int_eq(blockmirror_job_cancel(fx.job, true), 0);
-	clock_gettime(CLOCK_MONOTONIC, &t1);
-	secs = (double)(t1.tv_sec - t0.tv_sec) +
-	       (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	secs = now_s() - t0;
 	ck_assert_msg(secs < 5.0, "forced cancel took %.1f s", secs);
 	ck_assert_int_eq(fx.ev.cancelled, 1);
 	check_on_source();
 }
 END_TEST
 
-
 /* ---- late phases: mapping, the pre-pivot flush, the link ------------- */
-
-/* A blocking job call run on a thread, so that a hang shows as a time-out
- * of the test instead of a stuck test. */
-struct bg_call {
-	pthread_t thread;
-	int (*fn)(struct blockmirror_job *, bool);
-	bool arg;
-	atomic_bool done;
-	int result;
-};
-
-static void *
-bg_main(void *arg)
-{
-	struct bg_call *c = arg;
-
-	c->result = c->fn(fx.job, c->arg);
-	atomic_store(&c->done, true);
-	return NULL;
-}
-
-static int
-complete_call(struct blockmirror_job *j, bool unused)
-{
-	(void)unused;
-	return blockmirror_job_complete(j);
-}
-
-static void
-bg_start(struct bg_call *c, int (*fn)(struct blockmirror_job *, bool),
-	 bool arg)
-{
-	memset(c, 0, sizeof *c);
-	c->fn = fn;
-	c->arg = arg;
-	pthread_create(&c->thread, NULL, bg_main, c);
-}
-
-/* Wait up to `ms` for the call to return; false if it did not. */
-static bool
-bg_wait(struct bg_call *c, unsigned ms)
-{
-	for (unsigned t = 0; t < ms && !atomic_load(&c->done); t += 10)
-		sleep_ms(10);
-	if (!atomic_load(&c->done))
-		return false;
-	pthread_join(c->thread, NULL);
-	return true;
-}
 
 static void
 wait_ready(void)
@@ -545,7 +447,7 @@ START_TEST(test_map_error_cancel)
 	for (int i = 0; i < 100 && !fx.ev.src_errors; i++)
 		sleep_ms(10);
 	ck_assert_int_ge(fx.ev.src_errors, 1);
-	bg_start(&c, blockmirror_job_cancel, false);
+	bg_start(&c, fx.job, BG_CANCEL);
 	ck_assert_msg(bg_wait(&c, 5000), "cancel after a mapping error hangs");
 	ck_assert_int_eq(c.result, 0);
 	ck_assert_int_eq(fx.ev.cancelled, 1);
@@ -568,7 +470,7 @@ START_TEST(test_cancel_ready_flush_fails)
 	wait_ready();
 	fx.rules.flush_errno = EIO;
 	fx.rules.flush_err_count = -1;
-	bg_start(&c, blockmirror_job_cancel, false);
+	bg_start(&c, fx.job, BG_CANCEL);
 	ck_assert_msg(bg_wait(&c, 10000), "cancel with a failing flush hangs");
 	s = blockmirror_job_wait(fx.job, BLOCKMIRROR_JOB_FAILED, 1000);
 	ck_assert_msg(s == BLOCKMIRROR_JOB_FAILED, "state %s",
@@ -585,8 +487,7 @@ END_TEST
 START_TEST(test_flush_hangs_forced_cancel)
 {
 	struct bg_call c;
-	struct timespec t0, t1;
-	double secs;
+	double t0, secs;
 	int r;
 
 	ck_assert_int_eq(bm_fault_register(fx.dst, &fx.rules), 0);
@@ -595,17 +496,15 @@ START_TEST(test_flush_hangs_forced_cancel)
 	wait_ready();
 	atomic_store(&fx.rules.hang_flush, true);
 	if (_i)
-		bg_start(&c, complete_call, false);
+		bg_start(&c, fx.job, BG_COMPLETE);
 	else
-		bg_start(&c, blockmirror_job_cancel, false);
+		bg_start(&c, fx.job, BG_CANCEL);
 	sleep_ms(300);
 	ck_assert(!atomic_load(&c.done));
-	clock_gettime(CLOCK_MONOTONIC, &t0);
+	t0 = now_s();
 	r = blockmirror_job_cancel(fx.job, true);
-	clock_gettime(CLOCK_MONOTONIC, &t1);
+	secs = now_s() - t0;
 	ck_assert_msg(r == 0, "forced cancel: %s", blockmirror_last_error());
-	secs = (double)(t1.tv_sec - t0.tv_sec) +
-	       (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
 	ck_assert_msg(secs < 5.0, "forced cancel took %.1f s", secs);
 	ck_assert_msg(bg_wait(&c, 5000), "the first call still hangs");
 	if (_i)
@@ -630,8 +529,7 @@ START_TEST(test_end_timeout)
 		.event_data = &fx.ev,
 		.end_timeout_ms = 300,
 	};
-	struct timespec t0, t1;
-	double secs;
+	double t0, secs;
 	int r;
 
 	ck_assert_int_eq(bm_fault_register(fx.dst, &fx.rules), 0);
@@ -640,12 +538,10 @@ START_TEST(test_end_timeout)
 	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
 	wait_ready();
 	atomic_store(&fx.rules.hang_flush, true);
-	clock_gettime(CLOCK_MONOTONIC, &t0);
+	t0 = now_s();
 	r = _i ? blockmirror_job_complete(fx.job)
 	       : blockmirror_job_cancel(fx.job, false);
-	clock_gettime(CLOCK_MONOTONIC, &t1);
-	secs = (double)(t1.tv_sec - t0.tv_sec) +
-	       (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	secs = now_s() - t0;
 	ck_assert_msg(r == -ETIMEDOUT, "%d: %s", r, blockmirror_last_error());
 	ck_assert_msg(secs < 5.0, "the ending took %.1f s", secs);
 	ck_assert_int_eq(blockmirror_job_wait(fx.job, BLOCKMIRROR_JOB_CANCELLED,
@@ -957,7 +853,7 @@ START_TEST(test_forced_cancel_hung_clear)
 	atomic_store(&fx.rules.hang_flush, true);
 	/* The next clear (once a second) hangs in its flush. */
 	sleep_ms(2500);
-	bg_start(&c, blockmirror_job_cancel, true);
+	bg_start(&c, fx.job, BG_FORCE);
 	ck_assert_msg(bg_wait(&c, 5000), "forced cancel hangs on a clear");
 	ck_assert_int_eq(c.result, 0);
 	ck_assert_int_eq(blockmirror_job_wait(fx.job, BLOCKMIRROR_JOB_CANCELLED,
@@ -969,6 +865,40 @@ START_TEST(test_forced_cancel_hung_clear)
 }
 END_TEST
 
+/* BLOCKMIRROR_JOB_NOFOLLOW: a destination name with a symbolic link in its
+ * path (one swapped in after the caller checked the name) is refused
+ * with ELOOP, and nothing is created behind the link. */
+START_TEST(test_job_nofollow)
+{
+	struct blockmirror_job_options o = {
+		.size = sizeof o,
+		.flags = BLOCKMIRROR_JOB_CREATE | BLOCKMIRROR_JOB_NOFOLLOW,
+		.mode = BLOCKMIRROR_MODE_ACTIVE,
+	};
+	char sub[128], lnk[128], via[160], real[160];
+
+	snprintf(sub, sizeof sub, "%s/sub", fx.dir);
+	snprintf(lnk, sizeof lnk, "%s/lnk", fx.dir);
+	snprintf(via, sizeof via, "%s/x.raw", lnk);
+	snprintf(real, sizeof real, "%s/x.raw", sub);
+	ck_assert_int_eq(mkdir(sub, 0700), 0);
+	ck_assert_int_eq(symlink(sub, lnk), 0);
+	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
+	fx.job = blockmirror_job_start(fx.disk, via, &o);
+	ck_assert_ptr_null(fx.job);
+	ck_assert_int_eq(errno, ELOOP);
+	ck_assert_int_eq(access(real, F_OK), -1);
+	fx.job = blockmirror_job_start(fx.disk, real, &o);
+	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_job_cancel(fx.job, true), 0);
+	blockmirror_job_free(fx.job);
+	ck_assert_int_eq(blockmirror_disk_close(fx.disk), 0);
+	unlink(real);
+	unlink(lnk);
+	rmdir(sub);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -977,8 +907,6 @@ main(void)
 	TCase *dst = tcase_create("destination");
 	TCase *late = tcase_create("late");
 	TCase *order = tcase_create("order");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_checked_fixture(src, setup, teardown);
 	tcase_set_timeout(src, 60);
@@ -1015,11 +943,8 @@ main(void)
 	tcase_add_loop_test(order, test_active_discard_partial_cluster, 0, 2);
 	tcase_add_test(order, test_state_write_during_clear);
 	tcase_add_test(order, test_forced_cancel_hung_clear);
+	tcase_add_test(order, test_job_nofollow);
 	suite_add_tcase(s, order);
 
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -91,6 +91,7 @@
 
 #include "durable.h"
 #include "fault.h"
+#include "helpers.h"
 
 #define SIZE (8u << 20)
 #define MiB (1u << 20)
@@ -185,11 +186,6 @@ fault_name(enum fault f)
 
 /* ---- the fixture ------------------------------------------------------ */
 
-struct events {
-	atomic_int ready, completed, pivoted, cancelled, failed, errors,
-		   paused, src_errors, dst_errors;
-};
-
 static struct {
 	char dir[64], src[96], dst[96], link[96], sdir[96], sfile[128];
 	char name[64];
@@ -218,58 +214,6 @@ static struct {
 	atomic_int entered;
 	atomic_bool link_renamed;
 } hk;
-
-static void
-on_event(void *data, const struct blockmirror_event *ev)
-{
-	struct events *e = data;
-
-	switch (ev->type) {
-	case BLOCKMIRROR_EVENT_READY:
-		e->ready++;
-		break;
-	case BLOCKMIRROR_EVENT_COMPLETED:
-		e->completed++;
-		if (ev->pivoted)
-			e->pivoted++;
-		break;
-	case BLOCKMIRROR_EVENT_CANCELLED:
-		e->cancelled++;
-		break;
-	case BLOCKMIRROR_EVENT_FAILED:
-		e->failed++;
-		break;
-	case BLOCKMIRROR_EVENT_ERROR:
-		e->errors++;
-		if (ev->on_source)
-			e->src_errors++;
-		else
-			e->dst_errors++;
-		break;
-	case BLOCKMIRROR_EVENT_PAUSED:
-		e->paused++;
-		break;
-	default:
-		break;
-	}
-}
-
-static void
-sleep_ms(unsigned ms)
-{
-	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-
-	nanosleep(&ts, NULL);
-}
-
-static double
-now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 static uint64_t
 xorshift(uint64_t *s)
@@ -477,54 +421,6 @@ lift(void)
 
 /* ---- blocking calls on a helper thread -------------------------------- */
 
-enum call_kind { C_COMPLETE, C_CANCEL, C_FORCE };
-
-struct bg_call {
-	pthread_t thread;
-	enum call_kind kind;
-	atomic_bool done;
-	bool joined;
-	int result;
-	double t_start, t_end;
-};
-
-static void *
-bg_main(void *arg)
-{
-	struct bg_call *c = arg;
-
-	c->result = c->kind == C_COMPLETE ? blockmirror_job_complete(fx.job)
-		  : blockmirror_job_cancel(fx.job, c->kind == C_FORCE);
-	c->t_end = now_s();
-	atomic_store(&c->done, true);
-	return NULL;
-}
-
-static void
-bg_start(struct bg_call *c, enum call_kind kind)
-{
-	memset(c, 0, sizeof *c);
-	c->kind = kind;
-	c->t_start = now_s();
-	ck_assert_int_eq(pthread_create(&c->thread, NULL, bg_main, c), 0);
-}
-
-/* Wait up to ms for the call to return; false if it has not. */
-static bool
-bg_wait(struct bg_call *c, unsigned ms)
-{
-	double end = now_s() + ms / 1000.0;
-
-	while (!atomic_load(&c->done) && now_s() < end)
-		sleep_ms(2);
-	if (!atomic_load(&c->done))
-		return false;
-	if (!c->joined)
-		pthread_join(c->thread, NULL);
-	c->joined = true;
-	return true;
-}
-
 static const char *kind_names[] = { "complete", "cancel", "forced cancel" };
 
 /* The call must return within ms; if it does not, lift every fault so
@@ -689,7 +585,7 @@ arm_final_flush(struct bg_call *c)
 	unsigned ops;
 
 	atomic_store(&fx.dst_rules.hang_flush, true);
-	bg_start(c, C_COMPLETE);
+	bg_start(c, fx.job, BG_COMPLETE);
 	WAIT_FOR(job_state() == BLOCKMIRROR_JOB_PIVOTING, 2000);
 	ck_assert_int_eq(job_state(), BLOCKMIRROR_JOB_PIVOTING);
 	ops = atomic_load(&fx.ops);
@@ -848,7 +744,7 @@ end_pivot(void)
 		ck_assert_msg(s == BLOCKMIRROR_JOB_READY, "%s: %s, not READY, "
 			      "after the fault was lifted", fx.name,
 			      blockmirror_job_state_name(s));
-		bg_start(&c, C_COMPLETE);
+		bg_start(&c, fx.job, BG_COMPLETE);
 		bg_require(&c, 10000, "after the fault was lifted");
 		if (c.result == 0)
 			break;
@@ -874,7 +770,7 @@ check_cancel_result(const struct bg_call *c)
 		 * was already under way). */
 		return;
 	}
-	if (c->kind == C_FORCE) {
+	if (c->kind == BG_FORCE) {
 		ck_assert_msg(c->result == 0, "%s: forced cancel returned %d",
 			      fx.name, c->result);
 		ck_assert_msg(info.state == BLOCKMIRROR_JOB_CANCELLED,
@@ -899,7 +795,7 @@ end_force(void)
 {
 	struct bg_call c;
 
-	bg_start(&c, C_FORCE);
+	bg_start(&c, fx.job, BG_FORCE);
 	if (src_fault(fx.row)) {
 		sleep_ms(300);
 		lift();
@@ -925,7 +821,7 @@ end_cancel(void)
 {
 	struct bg_call c, f;
 
-	bg_start(&c, C_CANCEL);
+	bg_start(&c, fx.job, BG_CANCEL);
 	if (src_fault(fx.row)) {
 		sleep_ms(300);
 		lift();
@@ -934,7 +830,7 @@ end_cancel(void)
 		if (!bg_wait(&c, 300)) {
 			/* Documented: a forced cancel ends a clean cancel
 			 * still flushing; both calls return. */
-			bg_start(&f, C_FORCE);
+			bg_start(&f, fx.job, BG_FORCE);
 			bg_require(&f, 5000, "over a blocked cancel");
 			bg_require(&c, 5000, "after a forced cancel");
 			ck_assert_int_eq(f.result, 0);
@@ -1080,6 +976,32 @@ run_policy_phase(void)
 	run_ending();
 }
 
+/* A complete() `c` hangs in a flush while PIVOTING: end the case as the
+ * row says (lift the fault and pivot, or a forced cancel). */
+static void
+end_hung_pivot(struct bg_call *c)
+{
+	switch (fx.row->end) {
+	case E_PIVOT:
+		lift();
+		bg_require(c, 5000, "after the flush was released");
+		ck_assert_int_eq(c->result, 0);
+		ck_assert_int_eq(fx.ev.pivoted, 1);
+		return;
+	case E_CANCEL:
+		/* PIVOTING: only a forced cancel acts. */
+		ck_assert_int_eq(blockmirror_job_cancel(fx.job, false),
+				 -EBUSY);
+		/* fall through */
+	default:
+		end_force();
+		bg_require(c, 5000, "after a forced cancel");
+		ck_assert_int_eq(c->result, -ECANCELED);
+		ck_assert_int_eq(job_state(), BLOCKMIRROR_JOB_CANCELLED);
+		return;
+	}
+}
+
 static void
 run_preflush(void)
 {
@@ -1095,14 +1017,14 @@ run_preflush(void)
 		fl0 = atomic_load(&fx.dst_rules.flushes);
 		dst_flush_errors(1);
 		if (r->end == E_PIVOT) {
-			bg_start(&c, C_COMPLETE);
+			bg_start(&c, fx.job, BG_COMPLETE);
 			bg_require(&c, 10000, "after a failed preflush");
 			ck_assert_msg(c.result == 0, "%s: complete: %s",
 				      fx.name, blockmirror_last_error());
 			ck_assert_int_eq(fx.ev.pivoted, 1);
 		} else if (r->end == E_CANCEL) {
 			/* A clean cancel after READY preflushes too. */
-			bg_start(&c, C_CANCEL);
+			bg_start(&c, fx.job, BG_CANCEL);
 			bg_require(&c, 10000, "after a failed preflush");
 			ck_assert_int_eq(c.result, 0);
 			ck_assert_int_eq(job_state(),
@@ -1113,9 +1035,9 @@ run_preflush(void)
 			 * win, the link and the disk must agree. */
 			struct bg_call f;
 
-			bg_start(&c, C_COMPLETE);
+			bg_start(&c, fx.job, BG_COMPLETE);
 			sleep_ms(1);
-			bg_start(&f, C_FORCE);
+			bg_start(&f, fx.job, BG_FORCE);
 			bg_require(&f, 5000, "racing a pivot");
 			bg_require(&c, 5000, "racing a forced cancel");
 			check_cancel_result(&f);
@@ -1135,30 +1057,12 @@ run_preflush(void)
 	}
 	/* A hung preflush: complete blocks, the guest runs meanwhile. */
 	atomic_store(&fx.dst_rules.hang_flush, true);
-	bg_start(&c, C_COMPLETE);
+	bg_start(&c, fx.job, BG_COMPLETE);
 	WAIT_FOR(job_state() == BLOCKMIRROR_JOB_PIVOTING, 2000);
 	ck_assert_int_eq(job_state(), BLOCKMIRROR_JOB_PIVOTING);
 	check_guest_runs();
 	ck_assert(!atomic_load(&c.done));
-	switch (r->end) {
-	case E_PIVOT:
-		lift();
-		bg_require(&c, 5000, "after the flush was released");
-		ck_assert_int_eq(c.result, 0);
-		ck_assert_int_eq(fx.ev.pivoted, 1);
-		return;
-	case E_CANCEL:
-		/* PIVOTING: only a forced cancel acts. */
-		ck_assert_int_eq(blockmirror_job_cancel(fx.job, false),
-				 -EBUSY);
-		/* fall through */
-	default:
-		end_force();
-		bg_require(&c, 5000, "after a forced cancel");
-		ck_assert_int_eq(c.result, -ECANCELED);
-		ck_assert_int_eq(job_state(), BLOCKMIRROR_JOB_CANCELLED);
-		return;
-	}
+	end_hung_pivot(&c);
 }
 
 static void
@@ -1184,24 +1088,7 @@ run_final(void)
 	ck_assert(!atomic_load(&c.done));
 	ck_assert_int_eq(job_state(), BLOCKMIRROR_JOB_PIVOTING);
 	check_guest_stalled();
-	switch (r->end) {
-	case E_PIVOT:
-		lift();
-		bg_require(&c, 5000, "after the flush was released");
-		ck_assert_int_eq(c.result, 0);
-		ck_assert_int_eq(fx.ev.pivoted, 1);
-		return;
-	case E_CANCEL:
-		ck_assert_int_eq(blockmirror_job_cancel(fx.job, false),
-				 -EBUSY);
-		/* fall through */
-	default:
-		end_force();
-		bg_require(&c, 5000, "after a forced cancel");
-		ck_assert_int_eq(c.result, -ECANCELED);
-		ck_assert_int_eq(job_state(), BLOCKMIRROR_JOB_CANCELLED);
-		return;
-	}
+	end_hung_pivot(&c);
 }
 
 /* rename and dirsync: the durable steps of the link. */
@@ -1223,7 +1110,7 @@ run_durable(void)
 	if (r->f == F_HANG || r->end != E_PIVOT)
 		atomic_store(&hk.delay_ms, r->f == F_HANG ? 500 : 300);
 	bm_durable_hook = phase_hook;
-	bg_start(&c, C_COMPLETE);
+	bg_start(&c, fx.job, BG_COMPLETE);
 	if (r->end == E_PIVOT) {
 		bg_require(&c, 10000, "at the link");
 		ck_assert_int_ge(hk.entered, 1);
@@ -1253,7 +1140,7 @@ run_durable(void)
 	/* A cancel while the step is under way (the loop is in it). */
 	WAIT_FOR(atomic_load(&hk.entered) >= 1, 5000);
 	ck_assert_int_ge(hk.entered, 1);
-	bg_start(&k, r->end == E_FORCE ? C_FORCE : C_CANCEL);
+	bg_start(&k, fx.job, r->end == E_FORCE ? BG_FORCE : BG_CANCEL);
 	bg_require(&k, 5000, "during a slow step of the link");
 	bg_require(&c, 5000, "after a cancel");
 	lift();
@@ -1419,8 +1306,6 @@ main(void)
 	TCase *tc = tcase_create("phases");
 	const char *one = getenv("BM_PHASES_ROW");
 	int first = 0, last = NROWS;
-	SRunner *sr;
-	int failed;
 
 	/* BM_PHASES_ROW=N runs row N alone; BM_PHASES_VERBOSE=1 prints
 	 * each row's name and time. */
@@ -1434,9 +1319,5 @@ main(void)
 	tcase_set_timeout(tc, 30);
 	tcase_add_loop_test(tc, test_phase, first, last);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -41,6 +41,7 @@
 #include <blockmirror/blockmirror.h>
 
 #include "fault.h"
+#include "helpers.h"
 
 #define KiB (UINT64_C(1) << 10)
 #define MiB (UINT64_C(1) << 20)
@@ -48,39 +49,11 @@
 
 /* ---- small helpers ---------------------------------------------------- */
 
-static uint64_t
-rnd(uint64_t *s)
-{
-	/* splitmix64 */
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
 static void
 fill_random(unsigned char *p, uint64_t n, uint64_t *seed)
 {
 	for (uint64_t i = 0; i < n; i++)
 		p[i] = (unsigned char)rnd(seed);
-}
-
-static void
-sleep_ms(unsigned ms)
-{
-	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-
-	nanosleep(&ts, NULL);
-}
-
-static double
-now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 static const char *
@@ -228,61 +201,6 @@ disk_snapshot(struct blockmirror_disk *disk, uint64_t size)
 	r = blockmirror_disk_read(disk, buf, size, 0);
 	ck_assert_msg(r == 0, "reading the disk: %s", blockmirror_last_error());
 	return buf;
-}
-
-/* ---- events ----------------------------------------------------------- */
-
-struct events {
-	atomic_int ready;
-	atomic_int completed;
-	atomic_int cancelled;
-	atomic_int failed;
-	atomic_int errors;
-	atomic_int paused;
-	atomic_int resumed;
-	atomic_int mode_changed; /* MODE_CHANGED to active */
-	atomic_int pivoted;   /* COMPLETED events with pivoted = true */
-	atomic_int unpivoted; /* COMPLETED events with pivoted = false */
-};
-
-static void
-on_event(void *data, const struct blockmirror_event *ev)
-{
-	struct events *e = data;
-
-	switch (ev->type) {
-	case BLOCKMIRROR_EVENT_READY:
-		e->ready++;
-		break;
-	case BLOCKMIRROR_EVENT_COMPLETED:
-		e->completed++;
-		if (ev->pivoted)
-			e->pivoted++;
-		else
-			e->unpivoted++;
-		break;
-	case BLOCKMIRROR_EVENT_CANCELLED:
-		e->cancelled++;
-		break;
-	case BLOCKMIRROR_EVENT_FAILED:
-		e->failed++;
-		break;
-	case BLOCKMIRROR_EVENT_ERROR:
-		e->errors++;
-		break;
-	case BLOCKMIRROR_EVENT_PAUSED:
-		e->paused++;
-		break;
-	case BLOCKMIRROR_EVENT_RESUMED:
-		e->resumed++;
-		break;
-	case BLOCKMIRROR_EVENT_MODE_CHANGED:
-		if (ev->mode == BLOCKMIRROR_MODE_ACTIVE)
-			e->mode_changed++;
-		break;
-	default:
-		break;
-	}
 }
 
 /* ---- the fixture: a directory, a source image, its disk --------------- */
@@ -1770,8 +1688,6 @@ int
 main(void)
 {
 	Suite *s = suite_create("mirror-scenarios");
-	SRunner *sr;
-	int failed;
 
 	add(s, "01-basic-pivot", test_basic_pivot, 3);
 	add(s, "02-cancel-before-ready", test_cancel_before_ready, 2);
@@ -1799,9 +1715,5 @@ main(void)
 	add(s, "auto-mode", test_auto_mode, 1);
 	add(s, "max-stall", test_max_stall, 1);
 
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -35,29 +35,12 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "helpers.h"
+
 #define GUESTS 4
 #define MiB (1u << 20)
 
 static int iterations = 24;
-
-/* ---- a small deterministic PRNG per thread ---------------------------- */
-
-static uint64_t
-rnd(uint64_t *s)
-{
-	/* splitmix64 */
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
-static uint64_t
-rnd_range(uint64_t *s, uint64_t n)
-{
-	return n ? rnd(s) % n : 0;
-}
 
 /* ---- the shared model and the range lock ----------------------------- */
 
@@ -205,14 +188,6 @@ guest_main(void *arg)
 /* ---- helpers --------------------------------------------------------- */
 
 static void
-sleep_ms(unsigned ms)
-{
-	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-
-	nanosleep(&ts, NULL);
-}
-
-static void
 write_file(const char *path, const unsigned char *data, uint64_t size,
 	   uint64_t *seed)
 {
@@ -272,40 +247,6 @@ model_from_file(const char *path, unsigned char *model, uint64_t size)
 	ck_assert_int_ge(fd, 0);
 	ck_assert_int_eq(pread(fd, model, size, 0), (ssize_t)size);
 	close(fd);
-}
-
-struct events {
-	atomic_int ready;
-	atomic_int completed;
-	atomic_int cancelled;
-	atomic_int failed;
-	atomic_int errors;
-};
-
-static void
-on_event(void *data, const struct blockmirror_event *ev)
-{
-	struct events *e = data;
-
-	switch (ev->type) {
-	case BLOCKMIRROR_EVENT_READY:
-		e->ready++;
-		break;
-	case BLOCKMIRROR_EVENT_COMPLETED:
-		e->completed++;
-		break;
-	case BLOCKMIRROR_EVENT_CANCELLED:
-		e->cancelled++;
-		break;
-	case BLOCKMIRROR_EVENT_FAILED:
-		e->failed++;
-		break;
-	case BLOCKMIRROR_EVENT_ERROR:
-		e->errors++;
-		break;
-	default:
-		break;
-	}
 }
 
 /* ---- one iteration --------------------------------------------------- */
@@ -540,8 +481,6 @@ main(void)
 	Suite *s = suite_create("mirror");
 	TCase *tc = tcase_create("model");
 	const char *env = getenv("BM_MODEL_ITERATIONS");
-	SRunner *sr;
-	int failed;
 
 	if (env && atoi(env) > 0)
 		iterations = atoi(env);
@@ -552,9 +491,5 @@ main(void)
 	else
 		tcase_add_loop_test(tc, test_model, 0, iterations);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

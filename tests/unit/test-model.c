@@ -105,6 +105,8 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "helpers.h"
+
 #define KiB (UINT64_C(1) << 10)
 #define MiB (UINT64_C(1) << 20)
 #define GiB (UINT64_C(1) << 30)
@@ -116,24 +118,7 @@
 #define GARBAGE_ID 0xffffffu      /* tag of garbage on old destinations */
 #define DEFAULT_SEEDS 8
 
-/* ---- a deterministic PRNG -------------------------------------------- */
-
-static uint64_t
-rnd(uint64_t *s)
-{
-	/* splitmix64 */
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
-
-static uint64_t
-rnd_range(uint64_t *s, uint64_t n)
-{
-	return n ? rnd(s) % n : 0;
-}
+/* ---- arithmetic ---------------------------------------------------- */
 
 static uint64_t
 align_down(uint64_t x, uint64_t a)
@@ -151,23 +136,6 @@ static uint64_t
 u64max(uint64_t a, uint64_t b)
 {
 	return a > b ? a : b;
-}
-
-static void
-sleep_ms(unsigned ms)
-{
-	struct timespec ts = { ms / 1000, (long)(ms % 1000) * 1000000L };
-
-	nanosleep(&ts, NULL);
-}
-
-static uint64_t
-now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
 /* ---- tags ------------------------------------------------------------ */
@@ -1048,117 +1016,17 @@ reader_close(struct reader *rd)
 
 /* ---- nbdkit ---------------------------------------------------------- */
 
-static bool
-have_tool(const char *tool)
-{
-	const char *path = getenv("PATH");
-	char buf[512];
-
-	for (const char *p = path ? path : "/usr/bin:/bin"; *p;) {
-		const char *e = strchr(p, ':');
-		size_t n = e ? (size_t)(e - p) : strlen(p);
-
-		snprintf(buf, sizeof buf, "%.*s/%s", (int)n, p, tool);
-		if (access(buf, X_OK) == 0)
-			return true;
-		p += n + (e != NULL);
-	}
-	return false;
-}
-
-/* Is a socket listening on `path`?  (/proc/net/unix: flag 00010000 is
- * __SO_ACCEPTCON; probing with connect() would upset the server.) */
-static bool
-listening(const char *path)
-{
-	FILE *f = fopen("/proc/net/unix", "r");
-	char line[512];
-	size_t n = strlen(path);
-	bool found = false;
-
-	if (!f)
-		return access(path, F_OK) == 0;
-	while (!found && fgets(line, sizeof line, f)) {
-		size_t len = strcspn(line, "\n");
-
-		found = len > n && strncmp(line + len - n, path, n) == 0 &&
-			line[len - n - 1] == ' ' &&
-			strstr(line, " 00010000 ") != NULL;
-	}
-	fclose(f);
-	return found;
-}
-
 /* nbdkit -f --exit-with-parent -U SOCK memory SIZE */
 static pid_t
 start_nbdkit(const char *sock, uint64_t size)
 {
 	char sz[32];
-	char *argv[] = { "nbdkit", "-f", "--exit-with-parent", "-U",
-			 (char *)sock, "memory", sz, NULL };
-	pid_t pid;
 
 	snprintf(sz, sizeof sz, "%" PRIu64, size);
-	pid = fork();
-	ck_assert_int_ge(pid, 0);
-	if (pid == 0) {
-		int fd = open("/dev/null", O_RDWR);
-
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		dup2(fd, 0);
-		dup2(fd, 1);
-		execvp(argv[0], argv);
-		_exit(127);
-	}
-	for (int i = 0; i < 1000; i++) {
-		if (listening(sock))
-			return pid;
-		if (waitpid(pid, NULL, WNOHANG) == pid)
-			ck_abort_msg("nbdkit exited before listening");
-		usleep(10000);
-	}
-	ck_abort_msg("nbdkit did not listen on %s", sock);
-	return -1;
+	return nbdkit_start(sock, "memory", sz, NULL);
 }
 
-/* ---- events ---------------------------------------------------------- */
-
-struct events {
-	atomic_int ready, completed, cancelled, failed, errors;
-	atomic_bool pivoted;
-	char message[256];
-};
-
-static void
-on_event(void *data, const struct blockmirror_event *ev)
-{
-	struct events *e = data;
-
-	switch (ev->type) {
-	case BLOCKMIRROR_EVENT_READY:
-		e->ready++;
-		break;
-	case BLOCKMIRROR_EVENT_COMPLETED:
-		e->completed++;
-		e->pivoted = ev->pivoted;
-		break;
-	case BLOCKMIRROR_EVENT_CANCELLED:
-		e->cancelled++;
-		break;
-	case BLOCKMIRROR_EVENT_FAILED:
-	case BLOCKMIRROR_EVENT_ERROR:
-		if (ev->type == BLOCKMIRROR_EVENT_FAILED)
-			e->failed++;
-		else
-			e->errors++;
-		if (!e->message[0])
-			snprintf(e->message, sizeof e->message, "%s",
-				 ev->message ? ev->message : "?");
-		break;
-	default:
-		break;
-	}
-}
+/* ---- the library's log ----------------------------------------------- */
 
 static void
 on_log(void *data, enum blockmirror_log_level level, const char *message)
@@ -2110,22 +1978,14 @@ END_TEST
 int
 main(void)
 {
-	const char *ci = getenv("CI");
 	int first = 0, last = DEFAULT_SEEDS;
 	Suite *s = suite_create("model");
 	TCase *tc = tcase_create("model");
-	SRunner *sr;
+	int missing = missing_tool_status("nbdkit");
 	int failed;
 
-	if (!have_tool("nbdkit")) {
-		if (ci && !strcmp(ci, "true")) {
-			fprintf(stderr, "nbdkit not found, and CI=true does "
-				"not allow skipping\n");
-			return 1;
-		}
-		fprintf(stderr, "SKIP: nbdkit not found\n");
-		return 77;
-	}
+	if (missing)
+		return missing;
 	if (getenv("BM_MODEL_FIRST"))
 		first = atoi(getenv("BM_MODEL_FIRST"));
 	last = first + DEFAULT_SEEDS;
@@ -2143,10 +2003,7 @@ main(void)
 	tcase_set_timeout(tc, 900);
 	tcase_add_loop_test(tc, test_model, first, last);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
+	failed = run_suite(s);
 	if (getenv("BM_MODEL_KEEP") || failed)
 		fprintf(stderr, "images kept in %s (remove it when done)\n",
 			base_dir);

@@ -34,6 +34,7 @@
 #include <blockmirror/blockmirror.h>
 
 #include "extent.h"
+#include "helpers.h"
 #include "image.h"
 #include "nbd.h"
 #include "store.h"
@@ -49,15 +50,6 @@ static pid_t servers[MAX_SERVERS];
 static int nservers;
 
 /* ---- helpers --------------------------------------------------------- */
-
-static uint64_t
-now_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
 
 static void
 fill(unsigned char *b, size_t n, unsigned seed)
@@ -100,92 +92,35 @@ kill_servers(void)
 static void
 teardown(void)
 {
-	char cmd[128];
-
 	kill_servers();
 	bm_loop_free(loop);
 	loop = NULL;
-	snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-	ck_assert_int_eq(system(cmd), 0);
+	remove_tree(dir);
 }
 
 /* Start a server; it dies with the test process in any case. */
 static pid_t
 spawn(char *const argv[])
 {
-	pid_t pid = fork();
+	pid_t pid = spawn_quiet(argv);
 
-	ck_assert_int_ge(pid, 0);
-	if (pid == 0) {
-		int fd = open("/dev/null", O_RDWR);
-
-		prctl(PR_SET_PDEATHSIG, SIGKILL);
-		dup2(fd, 0);
-		dup2(fd, 1);
-		execvp(argv[0], argv);
-		_exit(127);
-	}
 	ck_assert_int_lt(nservers, MAX_SERVERS);
 	servers[nservers++] = pid;
 	return pid;
-}
-
-/* Is a socket listening on `path`?  (/proc/net/unix: flag 00010000 is
- * __SO_ACCEPTCON; probing with connect() would upset the servers.) */
-static bool
-listening(const char *path)
-{
-	FILE *f = fopen("/proc/net/unix", "r");
-	char line[512];
-	size_t n = strlen(path);
-	bool found = false;
-
-	if (!f)
-		return access(path, F_OK) == 0;
-	while (!found && fgets(line, sizeof line, f)) {
-		size_t len = strcspn(line, "\n");
-
-		found = len > n && strncmp(line + len - n, path, n) == 0 &&
-			line[len - n - 1] == ' ' &&
-			strstr(line, " 00010000 ") != NULL;
-	}
-	fclose(f);
-	return found;
-}
-
-/* Wait until the server listens on `path`. */
-static void
-wait_socket(const char *path, pid_t pid)
-{
-	for (int i = 0; i < 1000; i++) {
-		if (listening(path))
-			return;
-		if (waitpid(pid, NULL, WNOHANG) == pid)
-			ck_abort_msg("the server exited before listening on %s",
-				     path);
-		usleep(10000);
-	}
-	ck_abort_msg("the server did not listen on %s", path);
 }
 
 /* nbdkit -f --exit-with-parent -U sock ARGS... (NULL-terminated). */
 static pid_t
 start_nbdkit(const char *first, ...)
 {
-	char *argv[32] = { "nbdkit", "-f", "--exit-with-parent", "-U", sock };
-	int argc = 5;
 	va_list ap;
 	pid_t pid;
 
+	ck_assert_int_lt(nservers, MAX_SERVERS);
 	va_start(ap, first);
-	for (const char *a = first; a; a = va_arg(ap, const char *)) {
-		ck_assert_int_lt(argc, 31);
-		argv[argc++] = (char *)a;
-	}
+	pid = nbdkit_start_va(sock, first, ap);
 	va_end(ap);
-	argv[argc] = NULL;
-	pid = spawn(argv);
-	wait_socket(sock, pid);
+	servers[nservers++] = pid;
 	return pid;
 }
 
@@ -1189,33 +1124,6 @@ START_TEST(test_copy_verify_info)
 }
 END_TEST
 
-struct job_events {
-	int ready, completed, failed, errors;
-};
-
-static void
-on_event(void *data, const struct blockmirror_event *e)
-{
-	struct job_events *ev = data;
-
-	switch (e->type) {
-	case BLOCKMIRROR_EVENT_READY:
-		__atomic_add_fetch(&ev->ready, 1, __ATOMIC_SEQ_CST);
-		break;
-	case BLOCKMIRROR_EVENT_COMPLETED:
-		__atomic_add_fetch(&ev->completed, 1, __ATOMIC_SEQ_CST);
-		break;
-	case BLOCKMIRROR_EVENT_FAILED:
-		__atomic_add_fetch(&ev->failed, 1, __ATOMIC_SEQ_CST);
-		break;
-	case BLOCKMIRROR_EVENT_ERROR:
-		__atomic_add_fetch(&ev->errors, 1, __ATOMIC_SEQ_CST);
-		break;
-	default:
-		break;
-	}
-}
-
 static void
 guest_writes(struct blockmirror_disk *disk, unsigned char *model,
 	     uint64_t size, unsigned *seed, int n)
@@ -1237,7 +1145,7 @@ START_TEST(test_mirror_to_nbd)
 {
 	struct blockmirror_job_options o = { .size = sizeof o };
 	struct blockmirror_job_info info = { .size = sizeof info };
-	struct job_events ev = { 0 };
+	struct events ev = { 0 };
 	const uint64_t size = 16 * MiB;
 	unsigned char *model = malloc(size), *back = malloc(size);
 	struct blockmirror_disk *disk;
@@ -1344,24 +1252,6 @@ END_TEST
 
 /* ---- main -------------------------------------------------------------- */
 
-static bool
-have(const char *tool)
-{
-	const char *path = getenv("PATH");
-	char buf[512];
-
-	for (const char *p = path ? path : "/usr/bin:/bin"; *p;) {
-		const char *e = strchr(p, ':');
-		size_t n = e ? (size_t)(e - p) : strlen(p);
-
-		snprintf(buf, sizeof buf, "%.*s/%s", (int)n, p, tool);
-		if (access(buf, X_OK) == 0)
-			return true;
-		p += n + (e != NULL);
-	}
-	return false;
-}
-
 static Suite *
 nbd_suite(void)
 {
@@ -1406,24 +1296,12 @@ int
 main(void)
 {
 	static const char *const tools[] = { "nbdkit", "qemu-nbd", "qemu-img" };
-	const char *ci = getenv("CI");
-	SRunner *sr;
-	int failed;
 
 	for (size_t i = 0; i < sizeof tools / sizeof tools[0]; i++) {
-		if (have(tools[i]))
-			continue;
-		if (ci && strcmp(ci, "true") == 0) {
-			fprintf(stderr, "%s not found, and CI=true does not "
-				"allow skipping\n", tools[i]);
-			return 1;
-		}
-		fprintf(stderr, "SKIP: %s not found\n", tools[i]);
-		return 77;
+		int missing = missing_tool_status(tools[i]);
+
+		if (missing)
+			return missing;
 	}
-	sr = srunner_create(nbd_suite());
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return run_suite(nbd_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -26,6 +26,7 @@
 #include <blockmirror/blockmirror.h>
 
 #include "durable.h"
+#include "helpers.h"
 #include "mirror.h"
 
 #define SIZE (6u << 20)
@@ -68,16 +69,6 @@ durable_hook(const struct bm_durable_event *ev)
 	    ev->step == kill_at->durable)
 		raise(SIGKILL);
 	return 0;
-}
-
-static uint64_t
-rnd(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
 }
 
 /* The initial image, from a seed: data in even MiBs, zeroes in odd. */
@@ -166,7 +157,7 @@ START_TEST(test_kill_during_pivot)
 				     : BLOCKMIRROR_MODE_BACKGROUND;
 	uint64_t seed = 1000 + (uint64_t)_i;
 	char dir[] = "/tmp/test-pivot-crash.XXXXXX", link[PATH_MAX];
-	char target[PATH_MAX], path[PATH_MAX], cmd[PATH_MAX + 16];
+	char target[PATH_MAX], path[PATH_MAX];
 	unsigned char *model = malloc(SIZE), *got = malloc(SIZE);
 	static unsigned char buf[65536];
 	uint64_t stream = seed * 3 + 1, off;
@@ -213,8 +204,7 @@ START_TEST(test_kill_during_pivot)
 				     step, target, i);
 	free(model);
 	free(got);
-	snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-	ck_assert_int_eq(system(cmd), 0);
+	remove_tree(dir);
 }
 END_TEST
 
@@ -223,16 +213,10 @@ main(void)
 {
 	Suite *s = suite_create("pivot-crash");
 	TCase *tc = tcase_create("kill");
-	SRunner *sr;
-	int failed;
 
 	tcase_set_timeout(tc, 60);
 	/* Every step, in background and in active mode. */
 	tcase_add_loop_test(tc, test_kill_during_pivot, 0, 2 * POINTS);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -11,6 +11,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "helpers.h"
 #include "image.h"
 #include "loop.h"
 #include "probe.h"
@@ -124,16 +125,10 @@ main(void)
 {
 	Suite *s = suite_create("probe");
 	TCase *tc = tcase_create("probe");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_test(tc, test_signatures);
 	tcase_add_test(tc, test_guessed_image_not_raw);
 	tcase_add_test(tc, test_empty_and_tiny);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -17,6 +17,7 @@
 #include "extent.h"
 #include "fault.h"
 #include "format.h"
+#include "helpers.h"
 #include "image.h"
 #include "internal.h"
 #include "loop.h"
@@ -469,11 +470,5 @@ qcow2_suite(void)
 int
 main(void)
 {
-	SRunner *sr = srunner_create(qcow2_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(qcow2_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -42,6 +42,7 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "helpers.h"
 #include "internal.h"
 #include "server.h"
 
@@ -88,16 +89,6 @@ struct fixture {
 };
 
 static struct fixture fx;
-
-static uint64_t
-rnd(uint64_t *s)
-{
-	uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-
-	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-	z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-	return z ^ (z >> 31);
-}
 
 static void
 fill_random(unsigned char *p, size_t len, uint64_t seed)
@@ -209,14 +200,11 @@ setup_serving(void)
 static void
 teardown(void)
 {
-	char cmd[160];
-
 	blockmirror_server_stop(fx.srv);
 	fx.srv = NULL;
 	ck_assert_int_eq(blockmirror_disk_close(fx.disk), 0);
 	free(fx.model);
-	snprintf(cmd, sizeof cmd, "rm -rf '%s'", fx.dir);
-	ck_assert_int_eq(system(cmd), 0);
+	remove_tree(fx.dir);
 }
 
 /* ---- running tools ---------------------------------------------------- */
@@ -1898,15 +1886,6 @@ END_TEST
 
 /* ---- hostile clients: handshakes that never finish ----------------------- */
 
-static double
-now_s(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
-
 /* A TCP connection to 127.0.0.1:port from the loopback address `src`. */
 static int
 raw_connect_tcp_from(int port, const char *src)
@@ -2358,8 +2337,6 @@ main(void)
 	TCase *raw = tcase_create("raw");
 	TCase *srv = tcase_create("server");
 	TCase *hostile = tcase_create("hostile");
-	SRunner *sr;
-	int failed;
 
 	/* In CI a missing tool fails the tests that use it. */
 	if (!have_tools() && !(ci && !strcmp(ci, "true")))
@@ -2413,9 +2390,5 @@ main(void)
 	tcase_add_test(hostile, test_block_status_flood);
 	suite_add_tcase(s, hostile);
 
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? 1 : 0;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

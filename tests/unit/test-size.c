@@ -6,6 +6,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "helpers.h"
 #include "size.h"
 
 static void
@@ -103,17 +104,11 @@ main(void)
 {
 	Suite *s = suite_create("size");
 	TCase *tc = tcase_create("parse");
-	SRunner *sr;
-	int failed;
 
 	tcase_add_test(tc, test_forms);
 	tcase_add_test(tc, test_rejects);
 	tcase_add_test(tc, test_uint);
 	tcase_add_test(tc, test_human);
 	suite_add_tcase(s, tc);
-	sr = srunner_create(s);
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

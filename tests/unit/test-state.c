@@ -24,6 +24,7 @@
 #include <blockmirror/blockmirror.h>
 
 #include "fault.h"
+#include "helpers.h"
 #include "mirror.h"
 #include "state.h"
 
@@ -354,11 +355,5 @@ state_suite(void)
 int
 main(void)
 {
-	SRunner *sr = srunner_create(state_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(state_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

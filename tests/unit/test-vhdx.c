@@ -32,6 +32,7 @@
 #include "extent.h"
 #include "fault.h"
 #include "format.h"
+#include "helpers.h"
 #include "image.h"
 #include "internal.h"
 #include "vhdx.h"
@@ -55,11 +56,8 @@ setup(void)
 static void
 teardown(void)
 {
-	char cmd[128];
-
 	bm_loop_free(loop);
-	snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
-	ck_assert_int_eq(system(cmd), 0);
+	remove_tree(dir);
 }
 
 /* ---- helpers ---------------------------------------------------------- */
@@ -1739,11 +1737,5 @@ vhdx_suite(void)
 int
 main(void)
 {
-	SRunner *sr = srunner_create(vhdx_suite());
-	int failed;
-
-	srunner_run_all(sr, CK_NORMAL);
-	failed = srunner_ntests_failed(sr);
-	srunner_free(sr);
-	return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+	return run_suite(vhdx_suite()) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
