@@ -1094,7 +1094,8 @@ rec_materialize(uint64_t k, enum rec_variant variant, uint64_t *rng)
 		R.pend = grow(R.pend, &R.pend_cap, np + 1, sizeof *R.pend);
 		R.pend[np++] = i;
 	}
-	qsort_r(R.pend, np, sizeof *R.pend, cmp_order, &k);
+	if (np)
+		qsort_r(R.pend, np, sizeof *R.pend, cmp_order, &k);
 	for (size_t j = 0; j < np; j++) {
 		struct wr *w = &R.w[R.pend[j]];
 		struct inode *in = work_of(w->ino);
@@ -1166,7 +1167,8 @@ rec_materialize(uint64_t k, enum rec_variant variant, uint64_t *rng)
 	wipe_keep = &ns;
 	if (nftw(R.root, wipe_one, 16, FTW_DEPTH | FTW_PHYS) < 0)
 		r = -errno;
-	qsort(ns.v, ns.len, sizeof *ns.v, cmp_depth);
+	if (ns.len)
+		qsort(ns.v, ns.len, sizeof *ns.v, cmp_depth);
 	for (size_t i = 0; r == 0 && i < ns.len; i++) {
 		struct ent *e = &ns.v[i];
 

@@ -833,7 +833,7 @@ START_TEST(test_crash_points)
 	uint64_t rng = seed ^ (0x1234567ull * (uint64_t)(_i + 1));
 	uint64_t nev, *fps, nfp = 0, pivot_ev = 0, t0 = now_ms(), t1;
 	uint64_t w, f, nn, bytes, nofua;
-	struct crash *cs = calloc(points, sizeof *cs);
+	struct crash *cs;
 	struct tally t = { 0 };
 
 	if (sc->serve_order && !env_u64("BM_CRASH_SERVE_ORDER", 0))
@@ -841,6 +841,7 @@ START_TEST(test_crash_points)
 	if (getenv("BM_CRASH_SCENARIO") &&
 	    strcmp(getenv("BM_CRASH_SCENARIO"), sc->name) != 0)
 		return;
+	cs = calloc(points, sizeof *cs);
 	blockmirror_set_log(silent, NULL, BLOCKMIRROR_LOG_ERROR);
 	G.rng = rec_rand(&rng);
 	G.ops = calloc(MAX_OPS, sizeof *G.ops);
