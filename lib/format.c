@@ -65,6 +65,8 @@ struct fmt_req {
 	bool counted;                /* in f->mapped_io (see wait_data) */
 	uint64_t busy_start, busy_end;
 	bool flush_sent;
+	bool started;                /* start_later has run (try_flush
+					   waits for it) */
 	bool flush_needed;           /* something to make durable */
 	uint64_t seg_off;            /* STATUS: guest offset of seg_next */
 	unsigned seg_next;           /* STATUS: next segment to report */
@@ -1084,8 +1086,10 @@ try_flush(struct bm_fmt *f)
 {
 	struct fmt_req *req = f->oldest;
 
+	/* Not before the request's own start_later: until then the loop
+	 * reads its fields, and a backing change is checked there. */
 	if (!req || (req->kind != R_FLUSH && req->kind != R_BACKING) ||
-	    req->flush_sent)
+	    req->flush_sent || !req->started)
 		return;
 	req->flush_sent = true;
 	if (req->kind == R_FLUSH &&
@@ -1102,6 +1106,7 @@ start_later(struct bm_op *op, int res)
 	struct fmt_req *req = bm_container_of(op, struct fmt_req, defer);
 
 	(void)res;
+	req->started = true;
 	if (req->err < 0 && req->kind == R_BACKING)
 		fail(req, req->err);
 	else if (req->kind == R_FLUSH || req->kind == R_BACKING)
