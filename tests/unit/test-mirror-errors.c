@@ -120,9 +120,9 @@ open_disk(void)
 	pthread_create(&fx.writer, NULL, writer_main, NULL);
 }
 
-static void
-start_job_link(enum blockmirror_mode mode,
-	       enum blockmirror_error_policy policy, const char *link)
+/* The options every test starts from: a new destination, events counted. */
+static struct blockmirror_job_options
+job_options(enum blockmirror_mode mode, enum blockmirror_error_policy policy)
 {
 	struct blockmirror_job_options o = {
 		.size = sizeof o,
@@ -131,11 +131,26 @@ start_job_link(enum blockmirror_mode mode,
 		.on_error = policy,
 		.on_event = on_event,
 		.event_data = &fx.ev,
-		.link = link,
 	};
 
-	fx.job = blockmirror_job_start(fx.disk, fx.dst, &o);
+	return o;
+}
+
+static void
+start_job_with(const struct blockmirror_job_options *o)
+{
+	fx.job = blockmirror_job_start(fx.disk, fx.dst, o);
 	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
+}
+
+static void
+start_job_link(enum blockmirror_mode mode,
+	       enum blockmirror_error_policy policy, const char *link)
+{
+	struct blockmirror_job_options o = job_options(mode, policy);
+
+	o.link = link;
+	start_job_with(&o);
 }
 
 static void
@@ -521,21 +536,16 @@ END_TEST
  * would, and the blocked call says it timed out. */
 START_TEST(test_end_timeout)
 {
-	struct blockmirror_job_options o = {
-		.size = sizeof o,
-		.flags = BLOCKMIRROR_JOB_CREATE,
-		.mode = BLOCKMIRROR_MODE_ACTIVE,
-		.on_event = on_event,
-		.event_data = &fx.ev,
-		.end_timeout_ms = 300,
-	};
+	struct blockmirror_job_options o =
+		job_options(BLOCKMIRROR_MODE_ACTIVE,
+			    BLOCKMIRROR_ON_ERROR_REPORT);
 	double t0, secs;
 	int r;
 
+	o.end_timeout_ms = 300;
 	ck_assert_int_eq(bm_fault_register(fx.dst, &fx.rules), 0);
 	open_disk();
-	fx.job = blockmirror_job_start(fx.disk, fx.dst, &o);
-	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
+	start_job_with(&o);
 	wait_ready();
 	atomic_store(&fx.rules.hang_flush, true);
 	t0 = now_s();
@@ -771,13 +781,9 @@ START_TEST(test_state_write_during_clear)
 {
 	static struct bm_fault_rules st_rules;
 	static unsigned char buf[4096];
-	struct blockmirror_job_options o = {
-		.size = sizeof o,
-		.flags = BLOCKMIRROR_JOB_CREATE,
-		.mode = BLOCKMIRROR_MODE_BACKGROUND,
-		.on_event = on_event,
-		.event_data = &fx.ev,
-	};
+	struct blockmirror_job_options o =
+		job_options(BLOCKMIRROR_MODE_BACKGROUND,
+			    BLOCKMIRROR_ON_ERROR_REPORT);
 	struct blockmirror_state_info si = { .size = sizeof si };
 	struct aio_wait w = { .left = 1 };
 	char sdir[128], sfile[160];
@@ -789,8 +795,7 @@ START_TEST(test_state_write_during_clear)
 	ck_assert_int_eq(bm_fault_register(sfile, &st_rules), 0);
 	o.state_dir = sdir;
 	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
-	fx.job = blockmirror_job_start(fx.disk, fx.dst, &o);
-	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
+	start_job_with(&o);
 	wait_ready();
 	memset(buf, 0x77, sizeof buf);
 	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf, 0,
@@ -833,13 +838,9 @@ END_TEST
  * cancelled with the destination's others). */
 START_TEST(test_forced_cancel_hung_clear)
 {
-	struct blockmirror_job_options o = {
-		.size = sizeof o,
-		.flags = BLOCKMIRROR_JOB_CREATE,
-		.mode = BLOCKMIRROR_MODE_ACTIVE,
-		.on_event = on_event,
-		.event_data = &fx.ev,
-	};
+	struct blockmirror_job_options o =
+		job_options(BLOCKMIRROR_MODE_ACTIVE,
+			    BLOCKMIRROR_ON_ERROR_REPORT);
 	struct bg_call c;
 	char sdir[128];
 
@@ -847,8 +848,7 @@ START_TEST(test_forced_cancel_hung_clear)
 	o.state_dir = sdir;
 	ck_assert_int_eq(bm_fault_register(fx.dst, &fx.rules), 0);
 	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
-	fx.job = blockmirror_job_start(fx.disk, fx.dst, &o);
-	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
+	start_job_with(&o);
 	wait_ready();
 	atomic_store(&fx.rules.hang_flush, true);
 	/* The next clear (once a second) hangs in its flush. */
