@@ -51,7 +51,7 @@
 
 #define FUZZ_MODE_WRITE 'W'
 #define FUZZ_MODE_ENGINE 'E'
-#define FUZZ_ENGINE_ONE_IN 8
+#define FUZZ_ENGINE_ONE_IN 32
 
 /* The engine path: the guest range block-statused per input, in
  * requests of FUZZ_CHUNK, and the bytes read at the start of each (the
