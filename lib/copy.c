@@ -2,7 +2,13 @@
 /*
  * The copier's pipeline (see copy.h for the contract).
  *
- * Each slot (struct bm_copy_req) owns one aligned buffer and one bm_io.
+ * Each slot (struct bm_copy_req) owns one buffer and one bm_io.  The
+ * buffers are slices of one arena, 2 MiB-aligned and advised for
+ * transparent huge pages: a copy faults in a few huge pages instead of
+ * thousands of small ones.  Unless the caller sets them, the request size
+ * and count come from the stores: an NBD server that wants smaller
+ * requests (store->copy_size) gets more of them, so that about as many
+ * bytes stay in flight.
  * A data range goes: read -> scan -> one write or zero per run, issued one
  * after another within the slot; slots run in parallel.  Keeping the runs
  * of one slot serial keeps a slot to one request in flight, so the
@@ -15,6 +21,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "copy.h"
 #include "errors.h"
@@ -32,15 +39,34 @@ struct bm_copy_req {
 
 #define DEFAULT_REQUEST_SIZE (1u << 20)
 #define DEFAULT_REQUESTS 16
+#define MAX_SMALL_REQUESTS 32
 #define DEFAULT_SPARSE_BLOCK 4096
+#define ARENA_ALIGN (2u << 20)
+
+/* The request size the stores under the two images ask for, 0: none. */
+static uint32_t
+stores_copy_size(const struct bm_copier *c)
+{
+	uint32_t a = c->src->store ? c->src->store->copy_size : 0;
+	uint32_t b = c->dst->store ? c->dst->store->copy_size : 0;
+
+	return a && b ? BM_MIN(a, b) : a ? a : b;
+}
 
 int
 bm_copier_init(struct bm_copier *c)
 {
-	size_t align = 4096;
+	size_t align = 4096, total;
 
-	if (!c->request_size)
-		c->request_size = DEFAULT_REQUEST_SIZE;
+	if (!c->request_size) {
+		uint32_t hint = stores_copy_size(c);
+
+		c->request_size = hint ? hint : DEFAULT_REQUEST_SIZE;
+		if (!c->requests && hint && hint < DEFAULT_REQUEST_SIZE)
+			c->requests = BM_MIN(MAX_SMALL_REQUESTS,
+				DEFAULT_REQUESTS *
+				(DEFAULT_REQUEST_SIZE / hint));
+	}
 	if (!c->requests)
 		c->requests = DEFAULT_REQUESTS;
 	if (c->sparse_block && !bm_is_power_of_2(c->sparse_block))
@@ -52,15 +78,20 @@ bm_copier_init(struct bm_copier *c)
 	c->reqs = calloc(c->requests, sizeof *c->reqs);
 	if (!c->reqs)
 		return bm_error(-ENOMEM, "copy: out of memory");
+	total = (size_t)c->requests * c->request_size;
+	if (posix_memalign(&c->arena, BM_MAX(align, (size_t)ARENA_ALIGN),
+			   total)) {
+		bm_copier_fini(c);
+		return bm_error(-ENOMEM, "copy: out of memory for %u buffers "
+				"of %u bytes", c->requests, c->request_size);
+	}
+#ifdef MADV_HUGEPAGE
+	madvise(c->arena, total, MADV_HUGEPAGE);
+#endif
 	for (unsigned i = 0; i < c->requests; i++) {
 		struct bm_copy_req *q = &c->reqs[i];
 
-		if (posix_memalign(&q->buf, align, c->request_size)) {
-			bm_copier_fini(c);
-			return bm_error(-ENOMEM, "copy: out of memory for "
-					"%u buffers of %u bytes",
-					c->requests, c->request_size);
-		}
+		q->buf = (char *)c->arena + (size_t)i * c->request_size;
 		q->c = c;
 		q->io.opaque = q;
 		q->next_free = c->free_reqs;
@@ -72,9 +103,8 @@ bm_copier_init(struct bm_copier *c)
 void
 bm_copier_fini(struct bm_copier *c)
 {
-	if (c->reqs)
-		for (unsigned i = 0; i < c->requests; i++)
-			free(c->reqs[i].buf);
+	free(c->arena);
+	c->arena = NULL;
 	free(c->reqs);
 	c->reqs = NULL;
 	c->free_reqs = NULL;

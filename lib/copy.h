@@ -66,6 +66,7 @@ struct bm_copier {
 
 	/* private */
 	struct bm_copy_req *reqs;
+	void *arena;            /* every request's buffer */
 	struct bm_copy_req *free_reqs;
 	bool pumping;
 	bool repump;
@@ -74,7 +75,8 @@ struct bm_copier {
 
 /*
  * Allocate the buffers.  The caller has set src, dst, ops, opaque and the
- * tunables (0 picks defaults: 1 MiB, 16 requests, 4 KiB sparse block).
+ * tunables (0 picks defaults: 1 MiB, 16 requests, 4 KiB sparse block;
+ * for a store with a copy_size, that size and up to 32 requests).
  */
 int bm_copier_init(struct bm_copier *c);
 void bm_copier_fini(struct bm_copier *c);

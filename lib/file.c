@@ -15,9 +15,18 @@
  * - Only regular files and block devices are opened: the type is checked
  *   before the open (a FIFO would block it) and again on the descriptor,
  *   which is opened with O_NONBLOCK for that moment.
- * - O_DIRECT is used only when the size is a multiple of the alignment
- *   (4096, or the device's logical block size); otherwise the store falls
- *   back to buffered I/O and says so in the log.
+ * - O_DIRECT (BM_OPEN_DIRECT) is a second descriptor on the same file,
+ *   opened through /proc/self/fd: a read or write whose offset, length and
+ *   buffer are all multiples of the page size and the device's logical
+ *   block size goes through it, anything else (a qcow2 table entry, the
+ *   tail of a file whose size is not a multiple) through the page cache.
+ *   The store so takes any request (align stays 1), and a direct request
+ *   never shares a page with a cached one unless their byte ranges
+ *   overlap.  The kernel keeps the two coherent: a direct write drops the
+ *   cached pages of its range, a direct read writes dirty ones back first.
+ * - A bulk write through the page cache (BM_IO_WRITEBACK) is written
+ *   back and its pages dropped before it completes, so a copy keeps the
+ *   cache it uses to what is in flight.
  */
 #include <errno.h>
 #include <linux/openat2.h>
@@ -27,6 +36,7 @@
 #include <linux/falloc.h>
 #include <linux/fs.h>
 #include <limits.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -42,6 +52,8 @@
 struct file_store {
 	struct bm_store s;
 	int fd;
+	int dfd;         /* O_DIRECT descriptor, or -1 */
+	uint32_t dalign; /* what a request needs to go through dfd */
 	dev_t dev;
 	ino_t ino;
 	bool can_punch;
@@ -112,11 +124,24 @@ check_request(struct bm_store *s, struct bm_io *io, bool write)
 static void rw_done(struct bm_op *op, int res);
 
 static void
-writeback_done(struct bm_op *op, int res)
+evicted(struct bm_op *op, int res)
 {
 	struct bm_io *io = op_to_io(op);
 
 	io->done(io, 0);
+}
+
+/* The pages of a bulk write are on disk: drop them from the cache. */
+static void
+written_back(struct bm_op *op, int res)
+{
+	struct bm_io *io = op_to_io(op);
+	struct file_store *f = to_file(io->store);
+	struct io_uring_sqe *sqe;
+
+	sqe = bm_loop_sqe(f->s.loop, &io->op, evicted);
+	io_uring_prep_fadvise(sqe, f->fd, io->offset, (off_t)io->length,
+			      POSIX_FADV_DONTNEED);
 }
 
 /* The fdatasync of a flush, or of a FUA write, is done. */
@@ -131,21 +156,29 @@ flush_done(struct bm_op *op, int res)
 	io->done(io, res);
 }
 
+/* io->stage of a read or write: its direction, and whether its last
+ * submission went through the O_DIRECT descriptor. */
+#define RW_WRITE 1
+#define RW_DIRECT 2
+
 static void
 rw_submit(struct file_store *f, struct bm_io *io, bool write)
 {
 	struct io_uring_sqe *sqe;
+	char *buf = (char *)io->buf + io->progress;
+	uint64_t off = io->offset + io->progress;
 	size_t n = io->length - io->progress;
+	bool direct = f->dfd >= 0 && off % f->dalign == 0 &&
+		      n % f->dalign == 0 && (uintptr_t)buf % f->dalign == 0;
+	int fd = direct ? f->dfd : f->fd;
 
 	sqe = bm_loop_sqe(f->s.loop, &io->op, rw_done);
 	if (write)
-		io_uring_prep_write(sqe, f->fd, (char *)io->buf + io->progress,
-				    n, io->offset + io->progress);
+		io_uring_prep_write(sqe, fd, buf, n, off);
 	else
-		io_uring_prep_read(sqe, f->fd, (char *)io->buf + io->progress,
-				   n, io->offset + io->progress);
+		io_uring_prep_read(sqe, fd, buf, n, off);
 	/* stage remembers the direction across resubmissions */
-	io->stage = write;
+	io->stage = (write ? RW_WRITE : 0) | (direct ? RW_DIRECT : 0);
 }
 
 static void
@@ -153,7 +186,7 @@ rw_done(struct bm_op *op, int res)
 {
 	struct bm_io *io = op_to_io(op);
 	struct file_store *f = to_file(io->store);
-	bool write = io->stage;
+	bool write = io->stage & RW_WRITE;
 
 	if (res == -EAGAIN || res == -EINTR) {
 		rw_submit(f, io, write);
@@ -183,16 +216,24 @@ rw_done(struct bm_op *op, int res)
 		rw_submit(f, io, write);
 		return;
 	}
-	if (write && (io->flags & BM_IO_WRITEBACK) && !f->s.block_device) {
-		/* Start writeback of what a bulk copy just wrote, so the
-		 * disk works while we copy and the final flush finds little
-		 * left to do.  Only a hint: its result is ignored. */
+	if (write && (io->flags & BM_IO_WRITEBACK) && !f->s.block_device &&
+	    !(io->stage & RW_DIRECT)) {
+		/* What a bulk copy wrote through the page cache is written
+		 * back now and then dropped from the cache, as nbdcopy does:
+		 * the copy reuses a few MiB of pages instead of filling the
+		 * cache with the whole image, which a single kernel worker
+		 * would then write out serially, and the final flush finds
+		 * little left to do.  Only hints: their results are
+		 * ignored; the flush reports what failed.  (A direct write
+		 * has no cached pages.) */
 		struct io_uring_sqe *sqe;
 
-		sqe = bm_loop_sqe(f->s.loop, &io->op, writeback_done);
+		sqe = bm_loop_sqe(f->s.loop, &io->op, written_back);
 		io_uring_prep_sync_file_range(sqe, f->fd, (unsigned)io->length,
 					      io->offset,
-					      SYNC_FILE_RANGE_WRITE);
+					      SYNC_FILE_RANGE_WAIT_BEFORE |
+					      SYNC_FILE_RANGE_WRITE |
+					      SYNC_FILE_RANGE_WAIT_AFTER);
 		return;
 	}
 	if (write && (io->flags & BM_IO_FUA)) {
@@ -489,6 +530,10 @@ file_cancel(struct bm_store *s)
 		return;
 	sqe = bm_loop_sqe(s->loop, op, cancel_done);
 	io_uring_prep_cancel_fd(sqe, to_file(s)->fd, IORING_ASYNC_CANCEL_ALL);
+	if (to_file(s)->dfd < 0 || !(op = calloc(1, sizeof *op)))
+		return;
+	sqe = bm_loop_sqe(s->loop, op, cancel_done);
+	io_uring_prep_cancel_fd(sqe, to_file(s)->dfd, IORING_ASYNC_CANCEL_ALL);
 }
 
 static int
@@ -514,6 +559,8 @@ file_close(struct bm_store *s)
 	struct file_store *f = to_file(s);
 
 	close(f->fd);
+	if (f->dfd >= 0)
+		close(f->dfd);
 	free(f->zero_buf);
 	free(s->name);
 	free(f);
@@ -581,6 +628,33 @@ open_path(const char *path, int oflags, unsigned flags)
 	return open(path, oflags, 0644);
 }
 
+/*
+ * The O_DIRECT descriptor: the same open file, reopened through its
+ * /proc/self/fd link (the path could name another file by now).  Where
+ * the file system refuses O_DIRECT, or /proc is missing, the store stays
+ * cached and says so.
+ */
+static void
+open_direct(struct file_store *f, int oflags)
+{
+	char link[64];
+	struct stat st;
+	int fd;
+
+	oflags &= ~(O_CREAT | O_EXCL | O_NONBLOCK | O_TRUNC);
+	snprintf(link, sizeof link, "/proc/self/fd/%d", f->fd);
+	fd = open(link, oflags | O_DIRECT);
+	if (fd >= 0 && fstat(fd, &st) == 0 && st.st_dev == f->dev &&
+	    st.st_ino == f->ino) {
+		f->dfd = fd;
+		return;
+	}
+	bm_info("%s: O_DIRECT not available here (%s), using the page cache",
+		f->s.name, fd < 0 ? strerror(errno) : "reopened another file");
+	if (fd >= 0)
+		close(fd);
+}
+
 int
 bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 	     uint64_t size, struct bm_store **out)
@@ -597,8 +671,6 @@ bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 		oflags |= O_CREAT | O_EXCL;
 	if (flags & BM_OPEN_TRUNCATE)
 		oflags |= O_CREAT;
-	if (flags & BM_OPEN_DIRECT)
-		oflags |= O_DIRECT;
 
 	/* What is there decides before anything is opened: opening a FIFO
 	 * blocks until a writer comes, and opening some character devices
@@ -611,12 +683,6 @@ bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 	}
 	oflags |= O_NONBLOCK;
 	fd = open_path(path, oflags, flags);
-	if (fd < 0 && errno == EINVAL && (oflags & O_DIRECT)) {
-		bm_info("%s: O_DIRECT not supported here, using the page cache",
-			path);
-		oflags &= ~O_DIRECT;
-		fd = open_path(path, oflags, flags);
-	}
 	if (fd < 0) {
 		r = -errno;
 		if (r == -EISDIR)
@@ -646,6 +712,7 @@ bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 		goto out_close;
 	}
 	f->fd = fd;
+	f->dfd = -1;
 	f->dev = st.st_dev;
 	f->ino = st.st_ino;
 	f->can_punch = true;
@@ -668,8 +735,7 @@ bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 		f->s.size = bytes;
 		f->s.block_device = true;
 		f->s.allocated = UINT64_MAX;
-		if (oflags & O_DIRECT)
-			f->s.align = (uint32_t)ssz;
+		f->dalign = BM_MAX((uint32_t)ssz, 4096u);
 	} else {
 		if (flags & (BM_OPEN_CREATE | BM_OPEN_TRUNCATE)) {
 			/* Through zero length, so that a reused file holds
@@ -684,20 +750,11 @@ bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 		}
 		f->s.size = (uint64_t)st.st_size;
 		f->s.allocated = (uint64_t)st.st_blocks * 512;
-		if (oflags & O_DIRECT)
-			f->s.align = 4096;
+		f->dalign = 4096;
 	}
-	if (f->s.align > 1 && f->s.size % f->s.align) {
-		bm_info("%s: size is not a multiple of %u, using the page "
-			"cache", path, f->s.align);
-		if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) & ~O_DIRECT) < 0) {
-			r = open_error(path, -errno);
-			goto out_free;
-		}
-		f->s.align = 1;
-	}
-	if (!(oflags & O_DIRECT))
-		posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+	if (flags & BM_OPEN_DIRECT)
+		open_direct(f, oflags);
+	posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
 	*out = &f->s;
 	return 0;
 
@@ -725,4 +782,10 @@ uint64_t
 bm_file_datasyncs(struct bm_store *s)
 {
 	return s->ops == &file_ops ? to_file(s)->datasyncs : 0;
+}
+
+bool
+bm_file_direct(struct bm_store *s)
+{
+	return s->ops == &file_ops && to_file(s)->dfd >= 0;
 }

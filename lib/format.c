@@ -100,7 +100,8 @@ struct bm_fmt {
 	/* The driver's side. */
 	struct bm_loop *wloop;
 	struct bm_store *wstore;
-	uint64_t file_size;
+	uint64_t file_size;          /* the end the driver sees */
+	uint64_t phys_size;          /* the file's real size (see grow) */
 	pthread_t worker;
 	bool worker_started;
 	pthread_mutex_t qlock;
@@ -208,6 +209,8 @@ bm_fmt_pwrite(struct bm_fmt *f, const void *buf, size_t len, uint64_t off)
 	r = meta_io(f, f->wstore->ops->write, (void *)buf, len, off, 0);
 	if (r == 0 && off + len > f->file_size)
 		f->file_size = off + len;
+	if (r == 0 && off + len > f->phys_size)
+		f->phys_size = off + len;
 	return r;
 }
 
@@ -224,20 +227,43 @@ bm_fmt_zero_file(struct bm_fmt *f, uint64_t off, uint64_t len)
 	r = meta_io(f, f->wstore->ops->zero, NULL, len, off, BM_IO_MAY_TRIM);
 	if (r == 0 && off + len > f->file_size)
 		f->file_size = off + len;
+	if (r == 0 && off + len > f->phys_size)
+		f->phys_size = off + len;
 	return r;
 }
+
+/*
+ * A driver that allocates clusters one by one grows the file by one
+ * cluster each time; an ftruncate per cluster takes the inode lock the
+ * data writes need.  So the file grows in steps of GROW_STEP (sparse: it
+ * costs no space) while the driver sees the end it asked for, and a
+ * flush of the image (flush_trim) cuts the file back to that end, so that
+ * a flushed file ends where its metadata says.  (After a crash before
+ * that, the file ends up to a step later: unused, unallocated space past
+ * the last cluster, which the drivers allocate after.)
+ */
+#define GROW_STEP (UINT64_C(32) << 20)
 
 int
 bm_fmt_truncate(struct bm_fmt *f, uint64_t size)
 {
+	uint64_t phys = size;
 	int r;
 
 	if (!f->wstore->ops->truncate)
 		return bm_error(-ENOTSUP, "%s: the file cannot be resized",
 				f->path);
-	r = f->wstore->ops->truncate(f->wstore, size);
-	if (r == 0)
+	if (size > f->file_size && size <= f->phys_size) {
 		f->file_size = size;
+		return 0;
+	}
+	if (size > f->file_size && size <= INT64_MAX - GROW_STEP)
+		phys = bm_round_up(size, GROW_STEP);
+	r = f->wstore->ops->truncate(f->wstore, phys);
+	if (r == 0) {
+		f->file_size = size;
+		f->phys_size = phys;
+	}
 	return r;
 }
 
@@ -245,6 +271,31 @@ int
 bm_fmt_sync(struct bm_fmt *f)
 {
 	return meta_io(f, f->wstore->ops->flush, NULL, 0, 0, 0);
+}
+
+/* Cut the file back to the end the driver sees, and sync that, if it
+ * had grown past it. */
+static int
+trim(struct bm_fmt *f)
+{
+	int r;
+
+	if (f->phys_size <= f->file_size)
+		return 0;
+	r = f->wstore->ops->truncate(f->wstore, f->file_size);
+	if (r < 0)
+		return r;
+	f->phys_size = f->file_size;
+	return bm_fmt_sync(f);
+}
+
+/* The driver's flush, then the file trimmed. */
+static int
+flush_trim(struct bm_fmt *f)
+{
+	int r = f->drv->flush(f->state);
+
+	return r < 0 ? r : trim(f);
 }
 
 int
@@ -539,9 +590,9 @@ worker_main(void *arg)
 		pthread_mutex_unlock(&f->qlock);
 
 		if (req->kind == R_FLUSH)
-			r = f->drv->flush(f->state);
+			r = flush_trim(f);
 		else if (req->kind == R_BACKING) {
-			r = f->drv->flush(f->state);
+			r = flush_trim(f);
 			if (r == 0)
 				r = f->drv->set_backing(f->state, req->bc->name,
 						req->bc->backing->format);
@@ -1218,7 +1269,7 @@ fmt_free(struct bm_fmt *f)
 		pthread_join(f->worker, NULL);
 	}
 	if (f->state) {
-		int r = f->img.readonly ? 0 : f->drv->flush(f->state);
+		int r = f->img.readonly ? 0 : flush_trim(f);
 		const char *msg = blockmirror_last_error();
 
 		if (r < 0)
@@ -1338,6 +1389,7 @@ fmt_new(const struct bm_fmt_driver *drv, struct bm_store *store,
 		goto fail;
 	f->wstore->growable = true;
 	f->file_size = f->wstore->size;
+	f->phys_size = f->file_size;
 	*out = f;
 	return 0;
 fail:
@@ -1365,6 +1417,7 @@ bm_fmt_detached_new(struct bm_store *wstore, const char *name,
 	f->wstore = wstore;
 	wstore->growable = true;
 	f->file_size = wstore->size;
+	f->phys_size = f->file_size;
 	*out = f;
 	return 0;
 }
@@ -1439,6 +1492,8 @@ bm_fmt_create(const struct bm_fmt_driver *drv, struct bm_store *store,
 	if (r < 0)
 		return r;
 	r = drv->create(f, size, options);
+	if (r == 0)
+		r = trim(f);
 	fmt_free(f);
 	if (r < 0)
 		return r;

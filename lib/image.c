@@ -191,17 +191,6 @@ bm_image_open(struct bm_loop *loop, const char *name,
 			goto out_close;
 		}
 	}
-	if (mapped_driver(format) && (sflags & BM_OPEN_DIRECT)) {
-		/* Mapped formats go through the page cache: their
-		 * metadata I/O is small and unaligned. */
-		bm_store_close(s);
-		r = bm_file_open(loop, name, sflags & ~BM_OPEN_DIRECT, 0, &s);
-		if (r < 0)
-			return r;
-		r = bm_store_wrap(name, &s);
-		if (r < 0)
-			goto out_close;
-	}
 	r = open_driver(s, name, format, flags, out);
 	if (r < 0)
 		goto out_close;
@@ -299,7 +288,7 @@ bm_image_create(struct bm_loop *loop, const char *name,
 	if (size > INT64_MAX)
 		return bm_error(-EFBIG, "%s: size %" PRIu64 " is too large",
 				name, size);
-	if ((flags & BM_IMAGE_DIRECT) && format == BLOCKMIRROR_FORMAT_RAW)
+	if (flags & BM_IMAGE_DIRECT)
 		sflags |= BM_OPEN_DIRECT;
 	if (flags & BM_IMAGE_NOFOLLOW)
 		sflags |= BM_OPEN_NOFOLLOW;

@@ -66,6 +66,10 @@
 #define ZERO_CHUNK BM_MiB           /* zeroing by writing, per command */
 #define DEFAULT_TIMEOUT 30
 #define MSG_SIZE 256
+/* What a bulk copy asks of an NBD server per request, unless it prefers
+ * larger: servers map and unmap a buffer per request, which for 1 MiB
+ * (qemu-nbd) costs more in page faults than the copy itself. */
+#define COPY_SIZE (256 * BM_KiB)
 
 enum req_kind { K_READ, K_WRITE, K_ZERO, K_TRIM, K_FLUSH, K_EXTENTS };
 
@@ -1263,6 +1267,9 @@ bm_nbd_open(struct bm_loop *loop, const char *uri, unsigned flags,
 	n->s.align = (uint32_t)minimum;
 	n->s.preferred = preferred > 0 && preferred <= maximum
 			 ? (uint32_t)preferred : 0;
+	n->s.copy_size = (uint32_t)BM_MIN((uint64_t)maximum,
+		bm_round_up(BM_MAX((uint64_t)n->s.preferred, COPY_SIZE),
+			    (uint64_t)minimum));
 	n->s.readonly = !(flags & BM_OPEN_WRITE);
 	n->s.block_device = false;
 	n->s.allocated = UINT64_MAX;

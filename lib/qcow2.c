@@ -223,6 +223,42 @@ cache_find(struct cache *c, uint64_t off)
 	return NULL;
 }
 
+/*
+ * Write back every dirty L2 table.  A table may reference clusters whose
+ * refcounts are still only in memory, and (young) new clusters whose data
+ * may not be durable yet: those go first, one data sync and one refcount
+ * flush for all of them.  Writing them all at once, rather than the one
+ * table the cache evicts, shares that cost: a copy into a sparse image
+ * fills a new table per 512 MiB and evicts one as often.
+ */
+static int
+l2_writeback_all(struct qcow2 *q)
+{
+	struct cache *c = &q->l2c;
+	bool young = false;
+	int err = 0;
+
+	for (unsigned i = 0; i < c->n; i++)
+		young |= c->t[i]->dirty && c->t[i]->young;
+	if (young) {
+		bm_fmt_wait_data(q->f);
+		err = bm_fmt_sync(q->f);
+	}
+	if (!err)
+		err = flush_refcounts(q);
+	for (unsigned i = 0; !err && i < c->n; i++) {
+		struct table *t = c->t[i];
+
+		if (!t->dirty)
+			continue;
+		t->young = 0;
+		err = bm_fmt_pwrite(q->f, t->buf, q->cs, t->offset);
+		if (!err)
+			t->dirty = false;
+	}
+	return err;
+}
+
 static int
 table_writeback(struct qcow2 *q, struct cache *c, struct table *t)
 {
@@ -230,18 +266,8 @@ table_writeback(struct qcow2 *q, struct cache *c, struct table *t)
 
 	if (!t->dirty)
 		return 0;
-	/* An L2 table may reference clusters whose refcounts are still
-	 * only in memory (and a new table's blocks): those go first. */
-	if (c == &q->l2c) {
-		if (t->young)
-			bm_fmt_wait_data(q->f);
-		err = t->young ? bm_fmt_sync(q->f) : 0;
-		if (!err)
-			err = flush_refcounts(q);
-		if (err)
-			return err;
-		t->young = 0;
-	}
+	if (c == &q->l2c)
+		return l2_writeback_all(q);
 	err = bm_fmt_pwrite(q->f, t->buf, q->cs, t->offset);
 	if (!err)
 		t->dirty = false;

@@ -28,7 +28,8 @@ enum {
 	BM_IO_FUA = 1u << 0,     /* write: durable before done */
 	BM_IO_MAY_TRIM = 1u << 1, /* zero: may deallocate (punch a hole) */
 	BM_IO_FAST_ZERO = 1u << 2, /* zero: fail with -ENOTSUP rather than write zeroes */
-	BM_IO_WRITEBACK = 1u << 3, /* write: start writing it back now (bulk copies) */
+	BM_IO_WRITEBACK = 1u << 3, /* write: bulk copy: write it back now and
+				      keep it out of the page cache */
 };
 
 struct bm_io {
@@ -69,6 +70,8 @@ struct bm_store {
 	uint64_t size;
 	uint32_t align;        /* required offset/length/buffer alignment, >= 1 */
 	uint32_t preferred;    /* preferred request size, 0 unknown */
+	uint32_t copy_size;    /* bulk copy request size that suits the
+				  store best, 0: no preference */
 	bool readonly;
 	bool block_device;
 	/* A file under a mapped format: requests may reach past `size`
@@ -101,6 +104,8 @@ int bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 bool bm_file_same(struct bm_store *s, const char *path);
 /* For tests: how many fdatasyncs a file store has issued (0 for others). */
 uint64_t bm_file_datasyncs(struct bm_store *s);
+/* For tests: does the file store have its O_DIRECT descriptor? */
+bool bm_file_direct(struct bm_store *s);
 
 static inline void
 bm_store_close(struct bm_store *s)

@@ -2,8 +2,10 @@
 /*
  * The io_uring file store (lib/file.c): data round trips, bounds and
  * read-only checks, zeroing with and without deallocation, discard,
- * extents against what the file system says, and the rule that a
- * completion never runs inside the call that started it.
+ * extents against what the file system says, the rule that a
+ * completion never runs inside the call that started it, O_DIRECT beside
+ * the page cache (aligned requests direct, the rest cached, both seeing
+ * each other's data), and bulk writes that leave no pages cached.
  */
 #include <check.h>
 #include <errno.h>
@@ -11,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -80,6 +83,114 @@ START_TEST(test_roundtrip)
 	ck_assert_int_eq(do_io(s, s->ops->write, 0, 4096, w, BM_IO_FUA), 0);
 	ck_assert_int_eq(do_io(s, s->ops->flush, 0, 0, NULL, 0), 0);
 	bm_store_close(s);
+}
+END_TEST
+
+/* How many of the file's pages in [off, off + len) the page cache holds. */
+static size_t
+cached_pages(uint64_t off, uint64_t len)
+{
+	size_t n = len / 4096, count = 0;
+	unsigned char *vec = calloc(n, 1);
+	int fd = open(path, O_RDONLY);
+	void *m;
+
+	ck_assert_ptr_nonnull(vec);
+	ck_assert_int_ge(fd, 0);
+	m = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, (off_t)off);
+	ck_assert_ptr_ne(m, MAP_FAILED);
+	ck_assert_int_eq(mincore(m, len, vec), 0);
+	for (size_t i = 0; i < n; i++)
+		count += vec[i] & 1;
+	munmap(m, len);
+	close(fd);
+	free(vec);
+	return count;
+}
+
+START_TEST(test_direct_beside_cache)
+{
+	const size_t mib = 1 << 20;
+	unsigned char *w, *r;
+	struct bm_store *s;
+
+	ck_assert_int_eq(posix_memalign((void **)&w, 4096, 2 * mib), 0);
+	ck_assert_int_eq(posix_memalign((void **)&r, 4096, 2 * mib), 0);
+	ck_assert_int_eq(bm_file_open(loop, path,
+				      BM_OPEN_CREATE | BM_OPEN_DIRECT,
+				      8 * mib + 1000, &s), 0);
+	/* The store takes any request, whatever the file system does. */
+	ck_assert_uint_eq(s->align, 1);
+
+	/* Aligned (direct where the file system allows it), then an
+	 * unaligned write inside it (through the cache), then the tail of
+	 * a file whose size is no multiple of the page. */
+	fill(w, mib, 1);
+	ck_assert_int_eq(do_io(s, s->ops->write, mib, mib, w, 0), 0);
+	fill(w + mib + 1, 1000, 2);
+	ck_assert_int_eq(do_io(s, s->ops->write, mib + 8192 + 100, 1000,
+			       w + mib + 1, 0), 0);
+	memcpy(w + 8192 + 100, w + mib + 1, 1000);
+	fill(w + mib, 1000, 3);
+	ck_assert_int_eq(do_io(s, s->ops->write, 8 * mib, 1000, w + mib, 0),
+			 0);
+	/* An aligned read sees the cached write (the kernel writes dirty
+	 * pages back before a direct read), an unaligned one the direct
+	 * write. */
+	ck_assert_int_eq(do_io(s, s->ops->read, mib, mib, r, 0), 0);
+	ck_assert_mem_eq(r, w, mib);
+	ck_assert_int_eq(do_io(s, s->ops->read, mib + 7, 5000, r + 1, 0), 0);
+	ck_assert_mem_eq(r + 1, w + 7, 5000);
+	ck_assert_int_eq(do_io(s, s->ops->read, 8 * mib, 1000, r, 0), 0);
+	ck_assert_mem_eq(r, w + mib, 1000);
+	/* An aligned write over the cached page replaces it. */
+	fill(w, mib, 4);
+	ck_assert_int_eq(do_io(s, s->ops->write, mib, mib, w, 0), 0);
+	ck_assert_int_eq(do_io(s, s->ops->read, mib + 8192, 4096, r + 1, 0),
+			 0);
+	ck_assert_mem_eq(r + 1, w + 8192, 4096);
+
+	if (bm_file_direct(s)) {
+		/* A direct write leaves nothing in the page cache. */
+		fill(w, mib, 5);
+		ck_assert_int_eq(do_io(s, s->ops->write, 4 * mib, mib, w, 0),
+				 0);
+		ck_assert_uint_eq(cached_pages(4 * mib, mib), 0);
+	} else {
+		fprintf(stderr, "test-file: no O_DIRECT on this file system; "
+			"the cached path was tested\n");
+	}
+	ck_assert_int_eq(do_io(s, s->ops->flush, 0, 0, NULL, 0), 0);
+	bm_store_close(s);
+	free(w);
+	free(r);
+}
+END_TEST
+
+/* A bulk write (BM_IO_WRITEBACK) through the page cache is written back
+ * and dropped from the cache before it completes; another write stays. */
+START_TEST(test_bulk_write_leaves_no_cache)
+{
+	const size_t mib = 1 << 20;
+	unsigned char *w;
+	struct bm_store *s;
+
+	ck_assert_int_eq(posix_memalign((void **)&w, 4096, mib), 0);
+	fill(w, mib, 6);
+	ck_assert_int_eq(bm_file_open(loop, path, BM_OPEN_CREATE, 8 * mib,
+				      &s), 0);
+	ck_assert_int_eq(do_io(s, s->ops->write, 0, mib, w, 0), 0);
+	ck_assert_int_eq(do_io(s, s->ops->write, 2 * mib, mib, w,
+			       BM_IO_WRITEBACK), 0);
+	ck_assert_uint_gt(cached_pages(0, mib), 0);
+	ck_assert_uint_eq(cached_pages(2 * mib, mib), 0);
+	/* And the data is there. */
+	memset(w, 0, mib);
+	ck_assert_int_eq(do_io(s, s->ops->read, 2 * mib, mib, w, 0), 0);
+	for (size_t i = 0; i < mib; i++)
+		ck_assert_uint_eq(w[i], (unsigned char)(6 * 31 + i * 7 + 1));
+	bm_store_close(s);
+	free(w);
 }
 END_TEST
 
@@ -360,6 +471,8 @@ main(void)
 	tcase_add_test(tc, test_nofollow);
 	tcase_add_test(tc, test_never_inline);
 	tcase_add_test(tc, test_same_file);
+	tcase_add_test(tc, test_direct_beside_cache);
+	tcase_add_test(tc, test_bulk_write_leaves_no_cache);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -10,7 +10,9 @@
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <stdint.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "errors.h"
@@ -318,6 +320,58 @@ START_TEST(test_zero_fua)
 }
 END_TEST
 
+/* ---- growing the file, and writing back new tables ------------------- */
+
+/* The file grows in steps while the image is open and ends where the
+ * metadata says once flushed; new L2 tables evicted from the cache share
+ * data syncs instead of costing one each (a copy into a sparse image
+ * fills a table per 512 MiB). */
+START_TEST(test_grow_and_evict)
+{
+	static struct bm_fault_rules rules;
+	const uint64_t cs = 64 * BM_KiB, per_table = cs / 8 * cs;
+	const unsigned tables = 300;
+	struct bm_image *img;
+	struct stat st;
+	uint8_t *buf = malloc(cs);
+	uint64_t flushes;
+	char cmd[256];
+
+	memset(&rules, 0, sizeof rules);
+	ck_assert_int_eq(bm_fault_register(path, &rules), 0);
+	ck_assert_int_eq(bm_image_create(loop, path, BLOCKMIRROR_FORMAT_QCOW2,
+					 tables * per_table, "", true, 0,
+					 &img), 0);
+	memset(buf, 0x5e, cs);
+	flushes = rules.flushes;
+	for (unsigned i = 0; i < tables; i++)
+		ck_assert_int_eq(io(img, bm_image_write, i * per_table, cs,
+				    buf, 0), 0);
+	/* 300 new tables through a cache of 64: a sync per eviction would
+	 * be over 200. */
+	ck_assert_uint_lt(rules.flushes - flushes, 30);
+	ck_assert_int_eq(stat(path, &st), 0);
+	ck_assert_uint_eq((uint64_t)st.st_size % (32 * BM_MiB), 0);
+	ck_assert_int_eq(io(img, bm_image_flush, 0, 0, NULL, 0), 0);
+	ck_assert_int_eq(stat(path, &st), 0);
+	/* Header, L1, refcounts, 300 tables and 300 data clusters, not
+	 * the next step. */
+	ck_assert_uint_le((uint64_t)st.st_size, 2 * tables * cs + BM_MiB);
+	ck_assert_uint_eq((uint64_t)st.st_size % cs, 0);
+	bm_image_close(img);
+	bm_fault_unregister(path);
+
+	if (system("qemu-img --version >/dev/null 2>&1") == 0) {
+		snprintf(cmd, sizeof cmd, "qemu-img check -q '%s' && "
+			 "qemu-img check --output=json '%s' | "
+			 "grep -q '\"image-end-offset\": %jd,'", path, path,
+			 (intmax_t)st.st_size);
+		ck_assert_msg(system(cmd) == 0, "%s", cmd);
+	}
+	free(buf);
+}
+END_TEST
+
 /* ---- a freed cluster reused under a data write still in flight ------- */
 
 struct pending {
@@ -459,6 +513,7 @@ qcow2_suite(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, test_driver);
 	tcase_add_test(tc, test_zero_fua);
+	tcase_add_test(tc, test_grow_and_evict);
 	suite_add_tcase(s, tc);
 	tc = tcase_create("race");
 	tcase_add_checked_fixture(tc, setup, teardown);
