@@ -204,6 +204,14 @@ call_run(struct bm_work *w)
 	call->fn(call);
 }
 
+void
+bm_call_post(struct bm_loop *loop, struct bm_call *call)
+{
+	bm_waiter_init(&call->w);
+	call->work.fn = call_run;
+	bm_loop_post(loop, &call->work);
+}
+
 int
 bm_disk_call(struct blockmirror_disk *disk, struct bm_call *call)
 {
@@ -212,9 +220,7 @@ bm_disk_call(struct blockmirror_disk *disk, struct bm_call *call)
 	if (bm_disk_on_loop(disk))
 		return bm_error(-EDEADLK, "blocking call made from the disk's "
 				"own loop thread (a callback)");
-	bm_waiter_init(&call->w);
-	call->work.fn = call_run;
-	bm_loop_post(disk->loop, &call->work);
+	bm_call_post(disk->loop, call);
 	if (atomic_load(&disk->thread_running)) {
 		r = bm_waiter_wait(&call->w);
 	} else {

@@ -126,6 +126,14 @@ void bm_disk_quiesce(struct blockmirror_disk *disk,
 uint64_t bm_disk_unquiesce(struct blockmirror_disk *disk);
 
 /*
+ * Hand `call` to `loop` from another thread: call->fn runs on the loop
+ * thread and must end with bm_waiter_signal(&call->w, err).  The caller
+ * waits for that (bm_waiter_wait), then bm_waiter_destroy(&call->w).
+ * The call must stay valid, and someone must run the loop, until then.
+ */
+void bm_call_post(struct bm_loop *loop, struct bm_call *call);
+
+/*
  * Run `fn(arg)` on the loop thread and wait for it to call
  * bm_waiter_signal(w, err); returns err.  Called from any thread but the
  * loop's (-EDEADLK there).  If no thread runs the loop, this thread runs

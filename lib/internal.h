@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Small helpers every lib/ file may use: export marking, container_of,
- * overflow-checked offset arithmetic, big-endian accessors.
+ * names of enum values, the size check of public structures,
+ * overflow-checked offset
+ * arithmetic, big-endian accessors.
  * Every offset and length that comes from a file or the network goes
  * through the checked helpers before it is used.
  */
@@ -18,6 +20,15 @@
 	((type *)(void *)((char *)(ptr) - offsetof(type, member)))
 
 #define BM_ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* table[i] of a table of names indexed by an enum; NULL out of range. */
+#define BM_NAME_OF(table, i) \
+	((unsigned)(i) < BM_ARRAY_SIZE(table) ? (table)[i] : NULL)
+
+/* Does the caller's structure at p (size set by the caller) reach member?
+ * (The public option and result structures grow at the end.) */
+#define BM_SIZE_COVERS(p, type, member) \
+	((p) && (p)->size >= offsetof(type, member) + sizeof((p)->member))
 
 #define BM_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define BM_MAX(a, b) ((a) > (b) ? (a) : (b))

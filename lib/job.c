@@ -102,9 +102,7 @@ static const char *const state_names[] = {
 BM_EXPORT const char *
 blockmirror_job_state_name(enum blockmirror_job_state s)
 {
-	if ((unsigned)s >= BM_ARRAY_SIZE(state_names))
-		return NULL;
-	return state_names[s];
+	return BM_NAME_OF(state_names, s);
 }
 
 BM_EXPORT const char *
@@ -245,8 +243,11 @@ call_start(struct bm_call *call)
 			     job->dst_name, job->dst->size, disk->size);
 		goto out;
 	}
+	/* The destination's cluster, within 64 KiB..1 MiB: a VHDX block
+	 * of 32 MiB as the chunk would make every copy request 32 MiB. */
 	if (!job->granularity)
-		job->granularity = BM_MAX(64 * BM_KiB, job->dst->cluster_size);
+		job->granularity = BM_MAX(64 * BM_KiB,
+					  BM_MIN(job->dst->cluster_size, BM_MiB));
 	job->src = disk->image;
 	job->loop = disk->loop;
 	bm_image_set_loop(job->dst, disk->loop); /* opened on a private loop */
@@ -498,7 +499,7 @@ call_query(struct bm_call *call)
 						      info->bytes_remaining);
 	info->bytes_copied = job->bytes_copied;
 	info->bytes_mirrored = job->bytes_mirrored;
-	info->speed = job->speed;
+	info->speed = job->rate.speed;
 	info->pivot_stall_us = job->pivot_stall_us;
 	info->granularity = job->granularity;
 	info->error = job->error;
@@ -581,9 +582,7 @@ call_op(struct bm_call *call)
 		break;
 	}
 	case OP_SET_SPEED:
-		job->speed = call->u64;
-		job->speed_start_ns = bm_now_ns();
-		job->speed_bytes = 0;
+		bm_rate_set(&job->rate, call->u64, bm_now_ns());
 		bm_mirror_pump(job);
 		break;
 	case OP_SET_MODE:
@@ -676,15 +675,8 @@ blockmirror_job_wait(struct blockmirror_job *j, enum blockmirror_job_state state
 	bm_error_clear();
 	if (!job)
 		return bm_api_fail("blockmirror_job_wait", -EINVAL);
-	clock_gettime(CLOCK_REALTIME, &deadline);
-	if (timeout_ms >= 0) {
-		deadline.tv_sec += timeout_ms / 1000;
-		deadline.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-		if (deadline.tv_nsec >= 1000000000L) {
-			deadline.tv_sec++;
-			deadline.tv_nsec -= 1000000000L;
-		}
-	}
+	if (timeout_ms >= 0)
+		bm_deadline(&deadline, timeout_ms);
 	pthread_mutex_lock(&job->state_lock);
 	while (job->state != state && !bm_job_ended(job->state)) {
 		if (timeout_ms < 0) {

@@ -297,14 +297,8 @@ copy_allowed_now(struct bm_job *job)
 	now = bm_now_ns();
 	if (job->retry_after_ns && now < job->retry_after_ns)
 		return false;
-	if (job->speed) {
-		uint64_t allowed = (now - job->speed_start_ns) / 1000 *
-				   job->speed / 1000000u;
-
-		if (job->speed_bytes > allowed)
-			return false; /* the tick pumps again */
-	}
-	return true;
+	/* Over the limit: the tick pumps again. */
+	return bm_rate_allows(&job->rate, now);
 }
 
 static bool
@@ -319,8 +313,8 @@ mirror_next(struct bm_copier *c, struct bm_copy_range *r)
 		return false;
 	/* Under a low speed limit, smaller requests keep the rate smooth:
 	 * about a tenth of a second's worth, at least one chunk. */
-	if (job->speed && job->goal == BM_GOAL_NONE)
-		max = BM_MAX(job->granularity, BM_MIN(max, job->speed / 10));
+	if (job->goal == BM_GOAL_NONE)
+		max = bm_rate_request_max(&job->rate, max, job->granularity);
 	for (;;) {
 		if (!bm_bitmap_next_dirty(&job->dirty, job->cursor, max,
 					  &off, &len)) {
@@ -365,7 +359,7 @@ mirror_next(struct bm_copier *c, struct bm_copy_range *r)
 	r->kind = zero ? BM_COPY_HOLE : BM_COPY_DATA;
 	r->tag = NULL;
 	if (!zero)
-		job->speed_bytes += len;
+		bm_rate_account(&job->rate, len);
 	return true;
 }
 
@@ -952,22 +946,8 @@ tick(struct bm_op *op, int res)
 		auto_sample(job);
 	bm_state_tick(job); /* clear persisted regions both images hold */
 	bm_mirror_remap(job);
-	if (job->speed) {
-		/* Start a new accounting window every second, carrying over
-		 * what was sent beyond the allowance (a request larger than
-		 * a second's worth), but not unused allowance (a pause must
-		 * not turn into a burst). */
-		uint64_t now = bm_now_ns();
-		uint64_t elapsed = now - job->speed_start_ns;
-
-		if (elapsed > 1000000000u) {
-			uint64_t allowed = elapsed / 1000 * job->speed /
-					   1000000u;
-
-			job->speed_bytes -= BM_MIN(job->speed_bytes, allowed);
-			job->speed_start_ns = now;
-		}
-	}
+	/* A new accounting window every second (rate.h). */
+	bm_rate_roll(&job->rate, bm_now_ns());
 	bm_mirror_tick_start(job);
 	bm_mirror_pump(job);
 	bm_job_step(job);
@@ -1011,8 +991,7 @@ bm_mirror_init(struct bm_job *job)
 		return r;
 	job->waiting_tail = &job->waiting;
 	filter_init(job);
-	job->speed = job->opt.speed;
-	job->speed_start_ns = bm_now_ns();
+	bm_rate_set(&job->rate, job->opt.speed, bm_now_ns());
 	return 0;
 }
 

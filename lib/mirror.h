@@ -23,6 +23,7 @@
 #include "disk.h"
 #include "extent.h"
 #include "loop.h"
+#include "rate.h"
 #include "state.h"
 
 /*
@@ -149,9 +150,7 @@ struct bm_job {
 
 	/* The tick: speed limit, retry backoff, auto mode (mirror.c). */
 	struct bm_timer tick;
-	uint64_t speed;
-	uint64_t speed_start_ns;
-	uint64_t speed_bytes;
+	struct bm_rate rate;           /* the bulk copy's speed limit */
 	uint64_t retry_after_ns;       /* no copies before this */
 	uint64_t retry_backoff_ns;
 	unsigned consecutive_errors;   /* destination/source errors in a row */

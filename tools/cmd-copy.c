@@ -2,6 +2,7 @@
 /* bmirror copy: offline copy of an image (blockmirror_copy). */
 #include <getopt.h>
 #include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 
 #include "bmirror.h"
@@ -11,8 +12,10 @@ help(void)
 {
 	printf("Usage: bmirror copy [-f FMT] [-O FMT] [-o OPTIONS] [--overwrite] "
 	       "[--progress|--json]\n"
-	       "                    [--allocate] [--direct] "
-	       "[--request-size SIZE] [--requests N] SRC DST\n\n"
+	       "                    [--allocate] [-t CACHE] [-T CACHE] "
+	       "[--direct]\n"
+	       "                    [--request-size SIZE] [--requests N] "
+	       "SRC DST\n\n"
 	       "Copy the guest data of SRC into a new image DST.  Holes stay "
 	       "holes and runs of\nzeroes become holes; DST is flushed to "
 	       "stable storage before the command exits.\n\n"
@@ -21,12 +24,33 @@ help(void)
 	       "  -o OPTIONS          create options for DST (as for create)\n"
 	       "  --overwrite         replace DST if it exists\n"
 	       "  --allocate          write every byte (no holes)\n"
-	       "  --direct            use O_DIRECT (bypass the page cache)\n"
-	       "  --request-size SIZE bytes per request (default 1M)\n"
-	       "  --requests N        requests in flight (default 16)\n"
+	       "  -t CACHE            DST's cache mode: none (O_DIRECT, the "
+	       "default) or\n"
+	       "                      writeback (the page cache, written back "
+	       "and dropped\n"
+	       "                      behind the copy)\n"
+	       "  -T CACHE            SRC's cache mode: writeback (the "
+	       "default) or none\n"
+	       "  --direct            -t none -T none\n"
+	       "  --request-size SIZE bytes per request (default 1M; to or "
+	       "from an NBD server\n"
+	       "                      256K, or the larger size it prefers)\n"
+	       "  --requests N        requests in flight (default 16; 32 of "
+	       "256K)\n"
 	       "  --progress          draw a progress bar (default on a "
 	       "terminal)\n"
 	       "  --json              print a JSON summary\n");
+}
+
+/* A cache mode, as qemu-img names them: none is O_DIRECT. */
+static bool
+parse_cache(const char *s, bool *direct)
+{
+	if (strcmp(s, "none") == 0 || strcmp(s, "writeback") == 0) {
+		*direct = strcmp(s, "none") == 0;
+		return true;
+	}
+	return false;
 }
 
 int
@@ -50,11 +74,13 @@ cmd_copy(int argc, char **argv)
 	struct progress *bar;
 	bool json = false, want_bar = isatty(STDOUT_FILENO);
 	uint64_t v;
+	bool direct;
 	int c;
 
 	opterr = 0;
 
-	while ((c = getopt_long(argc, argv, ":f:O:o:h", longopts, NULL)) != -1) {
+	while ((c = getopt_long(argc, argv, ":f:O:o:t:T:h", longopts,
+				NULL)) != -1) {
 		switch (c) {
 		case 'f':
 			if (!parse_format(optarg, &o.src_format))
@@ -81,7 +107,22 @@ cmd_copy(int argc, char **argv)
 			o.flags |= BLOCKMIRROR_COPY_ALLOCATE;
 			break;
 		case OPT_DIRECT:
-			o.flags |= BLOCKMIRROR_COPY_DIRECT;
+			o.flags |= BLOCKMIRROR_COPY_SRC_DIRECT;
+			o.flags &= ~BLOCKMIRROR_COPY_DST_CACHED;
+			break;
+		case 't':
+		case 'T':
+			if (!parse_cache(optarg, &direct))
+				return tool_usage_error("bad cache mode '%s' "
+					"(none or writeback)", optarg);
+			if (c == 't' && direct)
+				o.flags &= ~BLOCKMIRROR_COPY_DST_CACHED;
+			else if (c == 't')
+				o.flags |= BLOCKMIRROR_COPY_DST_CACHED;
+			else if (direct)
+				o.flags |= BLOCKMIRROR_COPY_SRC_DIRECT;
+			else
+				o.flags &= ~BLOCKMIRROR_COPY_SRC_DIRECT;
 			break;
 		case OPT_REQSIZE:
 			if (parse_size(optarg, &v) < 0 || v < 4096 ||

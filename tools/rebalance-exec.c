@@ -5,13 +5,14 @@
  * One thread, one poll(2) loop.  A served disk moves live: the executor
  * is a client of its control socket (docs/control.md), sends "move" with
  * "pivot": true and follows the events; the server pivots at READY and
- * re-points its --link.  An unused image moves offline in a child
- * process that runs blockmirror_copy to a temporary name in the target
- * pool; the parent renames it into place, fsyncs the directory and
- * removes the source.  A child, not a thread, because a copy must be
- * cancellable (SIGINT) and blockmirror_copy has no cancel call: killing
- * the child and removing its temporary file is clean.  (The parent has
- * no other threads, so fork is safe.)
+ * re-points its --link.  An unused image moves offline in this process:
+ * a copy handle (blockmirror_copy_start) copies it to a temporary name in
+ * the target pool on a library thread; the loop polls the handle's event
+ * fd with the control sockets, asks blockmirror_copy_query for progress
+ * every QUERY_INTERVAL, and once the copy has ended well renames the
+ * copy into place (blockmirror_rename_durable: never over an existing
+ * file, both directories synced) and removes the source.  A copy that
+ * fails or is cancelled removes its temporary file itself.
  *
  * Space: a move reserves its size in the destination pool when it
  * starts, and the source pool's bytes are released only when the move
@@ -23,8 +24,13 @@
  * Speed: the --speed budget is split evenly among the moves still
  * copying (a live move at READY no longer takes a share) and every share
  * is updated when a move starts or stops copying: "set-speed" on a live
- * move's control socket, a number written to an offline copy's pipe,
- * which its progress callback uses to pace the copy.
+ * move's control socket, blockmirror_copy_set_speed on an offline copy,
+ * whose loop paces it with a timer.
+ *
+ * SIGINT and SIGTERM (read from a signalfd; the library's copy threads
+ * block every signal) cancel the running moves: "cancel" with "force"
+ * on a live move's socket, blockmirror_copy_cancel on an offline copy,
+ * which returns once the copy has ended and its temporary file is gone.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -38,7 +44,6 @@
 #include <string.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
-#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -46,7 +51,7 @@
 #include "control.h"
 #include "rebalance.h"
 
-#define QUERY_INTERVAL 0.25     /* s between progress queries of a live move */
+#define QUERY_INTERVAL 0.25     /* s between progress queries of a move */
 #define JSON_PROGRESS_INTERVAL 1.0
 #define DRAW_INTERVAL 0.2
 #define CANCEL_GRACE 30.0       /* s a cancelled live move may take to end */
@@ -84,12 +89,7 @@ struct run {
 	double t_query;
 
 	/* offline */
-	pid_t pid;
-	int prog_fd;
-	int speed_fd;
-	char line[512];
-	size_t line_len;
-	bool child_ok;
+	struct blockmirror_copy *copy;
 };
 
 struct exec {
@@ -314,10 +314,9 @@ share_speed(struct exec *x)
 			queue_request(x, r, json_pack("{s:s, s:I}", "cmd",
 					"set-speed", "speed", (json_int_t)share),
 				      REPLY_SPEED);
-		} else if (!r->live && r->speed_fd >= 0) {
-			if (write(r->speed_fd, &share, sizeof share) < 0) {
-				/* The child is gone; its end is read soon. */
-			}
+		} else if (!r->live && r->copy) {
+			/* -EINVAL if it has just ended: its end is read soon. */
+			blockmirror_copy_set_speed(r->copy, share);
 		}
 	}
 }
@@ -332,11 +331,8 @@ close_run(struct run *r)
 	r->fd = -1;
 	free(r->rd);
 	r->rd = NULL;
-	if (r->prog_fd >= 0)
-		close(r->prog_fd);
-	if (r->speed_fd >= 0)
-		close(r->speed_fd);
-	r->prog_fd = r->speed_fd = -1;
+	blockmirror_copy_free(r->copy);
+	r->copy = NULL;
 }
 
 static void
@@ -379,7 +375,8 @@ finish(struct exec *x, struct run *r, enum run_state st)
 			    human_size(m->bytes, a, sizeof a), secs);
 		}
 	} else {
-		/* The disk stays where it was; what this move made goes. */
+		/* The disk stays where it was; what this move made goes (a
+		 * copy that did not end well has removed its own file). */
 		if (!r->live && r->tmp[0])
 			unlink(r->tmp);
 		else if (r->live && r->dest_is_path)
@@ -571,103 +568,24 @@ live_input(struct exec *x, struct run *r)
 
 /* ---- offline moves ------------------------------------------------------ */
 
-struct child_pace {
-	int speed_fd;
-	int prog_fd;
-	uint64_t rate;
-	double t0;
-	uint64_t done0;
-};
-
+/* The library's last message, without the name of the call. */
 static void
-child_progress(void *data, uint64_t done, uint64_t total)
+lib_message(char *buf, size_t len, const char *fallback)
 {
-	struct child_pace *c = data;
-	char line[64];
-	uint64_t v;
-	double t = now_s();
-	int n;
+	const char *m = blockmirror_last_error();
+	const char *p;
 
-	/* The newest share of the budget, if the parent sent one. */
-	while (read(c->speed_fd, &v, sizeof v) == (ssize_t)sizeof v) {
-		c->rate = v;
-		c->t0 = t;
-		c->done0 = done;
-	}
-	n = snprintf(line, sizeof line, "P %llu %llu\n",
-		     (unsigned long long)done, (unsigned long long)total);
-	if (write(c->prog_fd, line, (size_t)n) < 0) {
-		/* A full pipe drops a progress line; that is fine. */
-	}
-	/* Pace the copy: sleeping here holds back the next requests.  It
-	 * blocks this process's copy loop, which does nothing else. */
-	if (c->rate && done > c->done0) {
-		double due = c->t0 + (double)(done - c->done0) / (double)c->rate;
-
-		if (due > t) {
-			struct timespec ts = {
-				.tv_sec = (time_t)(due - t),
-				.tv_nsec = (long)((due - t -
-					(double)(time_t)(due - t)) * 1e9),
-			};
-
-			nanosleep(&ts, NULL);
-		}
-	}
-}
-
-static void __attribute__((noreturn))
-child_copy(const char *src, const char *dst, int prog_fd, int speed_fd,
-	   uint64_t rate)
-{
-	struct blockmirror_copy_options o = { .size = sizeof o };
-	struct blockmirror_copy_stats st = { .size = sizeof st };
-	struct child_pace c = { .speed_fd = speed_fd, .prog_fd = prog_fd,
-				.rate = rate, .t0 = now_s() };
-	sigset_t mask;
-	char line[600];
-	int n;
-
-	/* The parent decides about SIGINT; SIGTERM is how it cancels us. */
-	sigemptyset(&mask);
-	sigaddset(&mask, SIGTERM);
-	sigprocmask(SIG_UNBLOCK, &mask, NULL);
-	signal(SIGTERM, SIG_DFL);
-	fcntl(speed_fd, F_SETFL, fcntl(speed_fd, F_GETFL) | O_NONBLOCK);
-
-	o.src_format = BLOCKMIRROR_FORMAT_AUTO; /* and the same format out */
-	o.progress = child_progress;
-	o.progress_data = &c;
-	/* Small requests keep a paced copy smooth. */
-	o.request_size = 256 * 1024;
-	o.requests = 8;
-	if (blockmirror_copy(src, dst, &o, &st) < 0) {
-		const char *m = blockmirror_last_error();
-		const char *p;
-
-		if (m && strncmp(m, "blockmirror_", 12) == 0 &&
-		    (p = strstr(m, ": ")))
-			m = p + 2;
-		n = snprintf(line, sizeof line, "E %s\n", m ? m : "copy failed");
-		if (write(prog_fd, line, (size_t)n) < 0)
-			_exit(1);
-		_exit(1);
-	}
-	n = snprintf(line, sizeof line, "S %llu %llu\n",
-		     (unsigned long long)st.bytes_written,
-		     (unsigned long long)st.virtual_size);
-	if (write(prog_fd, line, (size_t)n) < 0)
-		_exit(1);
-	_exit(0);
+	if (m && strncmp(m, "blockmirror_", 12) == 0 && (p = strstr(m, ": ")))
+		m = p + 2;
+	snprintf(buf, len, "%s", m ? m : fallback);
 }
 
 static int
 start_offline(struct exec *x, struct run *r)
 {
+	struct blockmirror_copy_options o = { .size = sizeof o };
 	const char *src = x->disks[r->mv->disk].location;
 	const char *dst;
-	int prog[2], spd[2];
-	pid_t pid;
 
 	if (r->dest_is_path) {
 		char dir[PATH_MAX + 256];
@@ -678,6 +596,7 @@ start_offline(struct exec *x, struct run *r)
 		if ((size_t)snprintf(r->tmp, sizeof r->tmp,
 				     "%s.%s.rebalance-%ld", dir, base,
 				     (long)getpid()) >= sizeof r->tmp) {
+			r->tmp[0] = '\0';
 			snprintf(r->msg, sizeof r->msg, "path too long");
 			return -1;
 		}
@@ -685,44 +604,17 @@ start_offline(struct exec *x, struct run *r)
 	} else {
 		dst = r->dest;
 	}
-	if (pipe2(prog, O_CLOEXEC) < 0) {
-		snprintf(r->msg, sizeof r->msg, "pipe: %s", strerror(errno));
+	o.src_format = BLOCKMIRROR_FORMAT_AUTO; /* and the same format out */
+	/* Several copies share this process: 2 MiB of buffers each. */
+	o.request_size = 256 * 1024;
+	o.requests = 8;
+	o.speed = r->speed;
+	if (blockmirror_copy_start(src, dst, &o, &r->copy) < 0) {
+		/* Nothing was created (a file of that name is not ours). */
+		lib_message(r->msg, sizeof r->msg, "the copy failed");
+		r->tmp[0] = '\0';
 		return -1;
 	}
-	if (pipe2(spd, O_CLOEXEC) < 0) {
-		snprintf(r->msg, sizeof r->msg, "pipe: %s", strerror(errno));
-		close(prog[0]);
-		close(prog[1]);
-		return -1;
-	}
-	fflush(stdout);
-	fflush(stderr);
-	pid = fork();
-	if (pid < 0) {
-		snprintf(r->msg, sizeof r->msg, "fork: %s", strerror(errno));
-		close(prog[0]);
-		close(prog[1]);
-		close(spd[0]);
-		close(spd[1]);
-		return -1;
-	}
-	if (pid == 0) {
-		int lo = prog[1] < spd[0] ? prog[1] : spd[0];
-		int hi = prog[1] < spd[0] ? spd[0] : prog[1];
-
-		/* Keep nothing of the parent's: a control socket held here
-		 * would hide its closing from the server. */
-		close_range(3, (unsigned)lo - 1, 0);
-		close_range((unsigned)lo + 1, (unsigned)hi - 1, 0);
-		close_range((unsigned)hi + 1, ~0u, 0);
-		child_copy(src, dst, prog[1], spd[0], r->speed);
-	}
-	close(prog[1]);
-	close(spd[0]);
-	fcntl(prog[0], F_SETFL, fcntl(prog[0], F_GETFL) | O_NONBLOCK);
-	r->pid = pid;
-	r->prog_fd = prog[0];
-	r->speed_fd = spd[1];
 	r->copying = true;
 	r->total = r->mv->bytes;
 	return 0;
@@ -744,62 +636,37 @@ offline_commit(struct exec *x, struct run *r)
 	finish(x, r, RUN_DONE);
 }
 
+/* Progress of a copy, for the bars and the JSON events; after its end,
+ * the final numbers (bytes_done is the whole size when it is done). */
 static void
-offline_input(struct exec *x, struct run *r)
+offline_query(struct run *r)
 {
-	char buf[4096];
-	ssize_t n;
+	struct blockmirror_copy_stats st = { .size = sizeof st };
 
-	for (;;) {
-		n = read(r->prog_fd, buf, sizeof buf);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0 && errno == EAGAIN)
-			return;
-		if (n <= 0)
-			break;
-		for (ssize_t i = 0; i < n; i++) {
-			unsigned long long a = 0, b = 0;
-
-			if (buf[i] != '\n') {
-				if (r->line_len < sizeof r->line - 1)
-					r->line[r->line_len++] = buf[i];
-				continue;
-			}
-			r->line[r->line_len] = '\0';
-			r->line_len = 0;
-			if (r->line[0] == 'P' &&
-			    sscanf(r->line, "P %llu %llu", &a, &b) == 2) {
-				r->done = a;
-				r->total = b;
-			} else if (r->line[0] == 'S' &&
-				   sscanf(r->line, "S %llu %llu", &a, &b) == 2) {
-				r->copied = a;
-				r->done = r->total = b;
-				r->child_ok = true;
-			} else if (r->line[0] == 'E') {
-				snprintf(r->msg, sizeof r->msg, "%s",
-					 r->line + 2);
-			}
-		}
+	if (blockmirror_copy_query(r->copy, &st) == 0) {
+		r->done = st.bytes_done;
+		r->total = st.virtual_size;
+		r->copied = st.bytes_written;
 	}
-	/* End of file: the child has ended. */
-	{
-		int status = 0;
+}
 
-		while (waitpid(r->pid, &status, 0) < 0 && errno == EINTR)
-			;
-		r->pid = 0;
-		if (r->child_ok && WIFEXITED(status) &&
-		    WEXITSTATUS(status) == 0)
-			offline_commit(x, r);
-		else if (r->msg[0])
-			fail_run(x, r, "%s", r->msg);
-		else if (WIFSIGNALED(status))
-			fail_run(x, r, "%s", x->interrupted ? "cancelled" :
-				 strsignal(WTERMSIG(status)));
-		else
-			fail_run(x, r, "the copy failed");
+/* The copy's event fd is readable: it has ended. */
+static void
+offline_ended(struct exec *x, struct run *r)
+{
+	char msg[sizeof r->msg];
+	int rc = blockmirror_copy_wait(r->copy, 0);
+
+	if (rc == -ETIMEDOUT)
+		return;
+	if (rc < 0)
+		lib_message(msg, sizeof msg, "the copy failed");
+	offline_query(r);
+	if (rc == 0) {
+		offline_commit(x, r);
+	} else {
+		r->tmp[0] = '\0'; /* the copy removed it */
+		fail_run(x, r, "%s", msg);
 	}
 }
 
@@ -883,8 +750,10 @@ interrupt(struct exec *x)
 			snprintf(r->msg, sizeof r->msg, "cancelled");
 			queue_request(x, r, json_pack("{s:s, s:b}", "cmd",
 					"cancel", "force", true), REPLY_CANCEL);
-		} else if (!r->live && r->pid > 0) {
-			kill(r->pid, SIGTERM);
+		} else if (!r->live && r->copy) {
+			/* Returns once it has ended (-EINVAL: it had, well);
+			 * the end is read from its event fd like any other. */
+			blockmirror_copy_cancel(r->copy);
 		}
 	}
 }
@@ -913,6 +782,9 @@ tick(struct exec *x)
 			r->t_query = t;
 			queue_request(x, r, json_pack("{s:s}", "cmd", "query"),
 				      REPLY_QUERY);
+		} else if (!r->live && t - r->t_query >= QUERY_INTERVAL) {
+			r->t_query = t;
+			offline_query(r);
 		}
 		if (x->o->json && t - r->t_json >= JSON_PROGRESS_INTERVAL) {
 			r->t_json = t;
@@ -1027,7 +899,7 @@ rb_execute(const struct bm_plan *plan, struct rb_disk *disks,
 		struct run *r = &x.runs[i];
 
 		r->mv = &moves[i];
-		r->fd = r->prog_fd = r->speed_fd = -1;
+		r->fd = -1;
 		r->live = disks[moves[i].disk].live;
 		r->dest_is_path = !plan->pools[moves[i].to].uri;
 		if (rb_destination(plan, disks, &moves[i], r->dest,
@@ -1062,7 +934,8 @@ rb_execute(const struct bm_plan *plan, struct rb_disk *disks,
 				continue;
 			owner[nfds] = i;
 			p[nfds++] = (struct pollfd){
-				.fd = r->live ? r->fd : r->prog_fd,
+				.fd = r->live ? r->fd
+					      : blockmirror_copy_event_fd(r->copy),
 				.events = POLLIN };
 		}
 		timeout = (int)(1000 * (o->bars ? DRAW_INTERVAL
@@ -1083,9 +956,16 @@ rb_execute(const struct bm_plan *plan, struct rb_disk *disks,
 			if (r->live)
 				live_input(&x, r);
 			else
-				offline_input(&x, r);
+				offline_ended(&x, r);
 		}
 		tick(&x);
+	}
+
+	/* Only a failed poll leaves copies running: stop them (which
+	 * removes their temporary files). */
+	for (size_t i = 0; i < x.n; i++) {
+		blockmirror_copy_free(x.runs[i].copy);
+		x.runs[i].copy = NULL;
 	}
 
 	/* What could not start: its pool never got the room (a move that

@@ -145,19 +145,36 @@ extern int blockmirror_image_create(const char *name,
 /* ---- Offline copy ---------------------------------------------------- */
 
 /*
- * Progress: called on the copying thread, at most about 20 times a second
- * and once at the end with done == total.  Must not block.
+ * Progress: called on the copying thread (the caller's for
+ * blockmirror_copy, the copy's own for blockmirror_copy_start), at most
+ * about 20 times a second and once at the end with done == total.  Must
+ * not block.
  */
 typedef void (*blockmirror_progress_fn)(void *user_data, uint64_t done,
 					uint64_t total);
 
+/*
+ * The page cache: by default a file destination is written with O_DIRECT
+ * (requests that are not page-aligned, such as qcow2 table entries or the
+ * tail of an odd-sized file, go through the cache) and the source is read
+ * through the page cache, as qemu-img's -t none -T writeback.  Where the
+ * file system refuses O_DIRECT the destination goes through the cache.
+ * Through the cache, each bulk write is written back and dropped from the
+ * cache before the next takes its buffer, so a copy never fills the cache
+ * with the image.
+ */
 enum {
 	/* Replace an existing destination file. */
 	BLOCKMIRROR_COPY_OVERWRITE = 1u << 0,
-	/* Open both sides with O_DIRECT where the file system allows it. */
+	/* O_DIRECT on both sides (BLOCKMIRROR_COPY_SRC_DIRECT too). */
 	BLOCKMIRROR_COPY_DIRECT = 1u << 1,
 	/* Write every byte: no holes, no zero detection. */
 	BLOCKMIRROR_COPY_ALLOCATE = 1u << 2,
+	/* Since 0.3: read the source with O_DIRECT. */
+	BLOCKMIRROR_COPY_SRC_DIRECT = 1u << 3,
+	/* Since 0.3: write the destination through the page cache rather
+	 * than with O_DIRECT.  Not with BLOCKMIRROR_COPY_DIRECT. */
+	BLOCKMIRROR_COPY_DST_CACHED = 1u << 4,
 };
 
 struct blockmirror_copy_options {
@@ -174,15 +191,33 @@ struct blockmirror_copy_options {
 	 * source keeps the source's Page 83 identity unless these name
 	 * one. */
 	const char *dst_options;
+	/* Since 0.2: data bytes/s the copy may read and write, 0: no limit
+	 * (see blockmirror_copy_set_speed). */
+	uint64_t speed;
+};
+
+enum blockmirror_copy_state {
+	BLOCKMIRROR_COPY_RUNNING = 1,   /* copying, or flushing at the end */
+	BLOCKMIRROR_COPY_PAUSED = 2,    /* blockmirror_copy_pause */
+	BLOCKMIRROR_COPY_DONE = 3,      /* the destination is complete and
+					   durable */
+	BLOCKMIRROR_COPY_FAILED = 4,    /* a destination file it created is
+					   gone again */
+	BLOCKMIRROR_COPY_CANCELLED = 5, /* likewise */
 };
 
 struct blockmirror_copy_stats {
 	size_t size;               /* sizeof (struct blockmirror_copy_stats) */
-	uint64_t virtual_size;     /* guest bytes covered */
+	uint64_t virtual_size;     /* guest bytes covered (the total) */
 	uint64_t bytes_read;       /* read from the source */
 	uint64_t bytes_written;    /* data written to the destination */
 	uint64_t bytes_zeroed;     /* left as holes or zeroed without data */
 	uint64_t elapsed_us;       /* wall time, the final flush included */
+	/* Since 0.2 (filled when `size` covers them): */
+	uint64_t bytes_done;       /* guest bytes on the destination so far */
+	enum blockmirror_copy_state state;
+	uint64_t speed;            /* the limit in force, bytes/s; 0: none */
+	int error;                 /* FAILED, CANCELLED: the errno (positive) */
 };
 
 /*
@@ -201,6 +236,98 @@ struct blockmirror_copy_stats {
 extern int blockmirror_copy(const char *src, const char *dst,
 			    const struct blockmirror_copy_options *options,
 			    struct blockmirror_copy_stats *stats);
+
+/*
+ * The same copy on a thread of its own, with a handle to watch and steer
+ * it from other threads: what a program copying several images at once
+ * (bmirror rebalance) uses.  The copy runs its own event loop on a
+ * library thread, which blocks every signal; the progress callback runs
+ * on that thread.
+ *
+ *   RUNNING <-> PAUSED;  RUNNING or PAUSED -> DONE, FAILED or CANCELLED
+ *
+ * Every call below may be made from any thread, except from the copy's
+ * own thread (the progress callback), where the blocking ones fail with
+ * -EDEADLK.  A call that steers the copy waits only until the copy's
+ * loop has carried it out (never for a request in flight), except
+ * cancel, which waits for the end.
+ */
+struct blockmirror_copy;
+
+/*
+ * Check and open what blockmirror_copy would (the source opened, the
+ * destination created), then start copying and return.  Every error
+ * found before the copy starts is returned here, as blockmirror_copy
+ * would return it (-EEXIST, -EINVAL, the source's open errors...), and
+ * leaves nothing behind.  On success *copy is a new handle, to be freed
+ * with blockmirror_copy_free.  `options` is only read during the call
+ * (its progress callback and data are kept).
+ */
+extern int blockmirror_copy_start(const char *src, const char *dst,
+				  const struct blockmirror_copy_options *options,
+				  struct blockmirror_copy **copy);
+
+/*
+ * Snapshot of the copy: the counters of blockmirror_copy_stats so far,
+ * the state, the speed limit, the error once it has failed.  After the
+ * end it gives the final numbers.  `stats->size` must cover elapsed_us.
+ */
+extern int blockmirror_copy_query(struct blockmirror_copy *copy,
+				  struct blockmirror_copy_stats *stats);
+
+/*
+ * Limit the copy's data to bytes_per_second (0: no limit), from now on.
+ * The copy holds requests back, paced by a timer on its loop; it never
+ * sleeps.  -EINVAL once the copy has ended.
+ */
+extern int blockmirror_copy_set_speed(struct blockmirror_copy *copy,
+				      uint64_t bytes_per_second);
+
+/*
+ * Pause: no new request is issued (those in flight finish).  -EINVAL if
+ * paused already or ended, -EBUSY while the copy flushes at its end.
+ * Resume: continue.  -EINVAL if not paused.
+ */
+extern int blockmirror_copy_pause(struct blockmirror_copy *copy);
+extern int blockmirror_copy_resume(struct blockmirror_copy *copy);
+
+/*
+ * Cancel the copy (also a paused one) and wait until it has ended:
+ * requests in flight finish, or are cancelled after a second on a
+ * destination that hangs (an NBD export), and a destination file the
+ * copy created is removed, even if the copy had nothing left to do but
+ * its final flush.  The copy's result is then -ECANCELED.  0 once it
+ * has ended; -EINVAL if it had ended before the cancel reached it.
+ */
+extern int blockmirror_copy_cancel(struct blockmirror_copy *copy);
+
+/*
+ * Wait at most timeout_ms (-1: no limit; 0: just look) for the copy to
+ * end.  The copy's result: 0 (DONE) or its negative errno (-ECANCELED
+ * when cancelled), with the copy's message in blockmirror_last_error();
+ * or -ETIMEDOUT if it still runs.
+ */
+extern int blockmirror_copy_wait(struct blockmirror_copy *copy,
+				 int timeout_ms);
+
+/*
+ * A file descriptor (an eventfd) that becomes readable (POLLIN) when the
+ * copy has ended, so that one poll(2) can wait for many copies.  It
+ * stays readable until the caller reads it.  Borrowed: the handle owns
+ * it and blockmirror_copy_free closes it.  Never fails.
+ */
+extern int blockmirror_copy_event_fd(struct blockmirror_copy *copy);
+
+/*
+ * Cancel the copy if it still runs (as blockmirror_copy_cancel), wait
+ * for its thread and free the handle.  Accepts NULL.  Not from the
+ * copy's own thread.
+ */
+extern void blockmirror_copy_free(struct blockmirror_copy *copy);
+
+/* "running", "paused", "done", "failed", "cancelled"; NULL if unknown. */
+extern const char *
+blockmirror_copy_state_name(enum blockmirror_copy_state state);
 
 /* ---- Verify ---------------------------------------------------------- */
 
@@ -436,7 +563,8 @@ struct blockmirror_job_options {
 	unsigned flags;                /* BLOCKMIRROR_JOB_* */
 	enum blockmirror_mode mode;
 	uint64_t granularity;          /* chunk size, power of 2, 4 KiB..64 MiB;
-					  0: max(64 KiB, destination cluster) */
+					  0: the destination's cluster size
+					  within 64 KiB..1 MiB */
 	uint32_t buf_size;             /* bytes per copy request, 0: 1 MiB */
 	uint32_t requests;             /* copy requests in flight, 0: 16 */
 	uint64_t speed;                /* bulk copy bytes/s, 0: unlimited */
