@@ -606,6 +606,22 @@ arm_final_flush(struct bg_call *c)
 		dst_flush_errors(-1);
 }
 
+/* blockmirror_state_read into *si, freeing what it returns: the result
+ * only. */
+static int
+read_state(struct blockmirror_state_info *si)
+{
+	int r;
+
+	memset(si, 0, sizeof *si);
+	si->size = sizeof *si;
+	r = blockmirror_state_read(fx.sdir, si);
+	free(si->source);
+	free(si->destination);
+	si->source = si->destination = NULL;
+	return r;
+}
+
 /* The state: wait for a clear of region 0 to be on disk, then set the
  * fault, then let the guest write into region 0 (a slot write). */
 static void
@@ -617,12 +633,8 @@ arm_state(void)
 	uint64_t sub;
 
 	while (!cleared && now_s() < end) {
-		memset(&si, 0, sizeof si);
-		si.size = sizeof si;
-		if (blockmirror_state_read(fx.sdir, &si) == 0)
+		if (read_state(&si) == 0)
 			cleared = si.regions_dirty < si.regions;
-		free(si.source);
-		free(si.destination);
 		if (!cleared)
 			sleep_ms(20);
 	}
@@ -653,12 +665,7 @@ arm_state(void)
 		WAIT_FOR(atomic_load(&fx.st_rules.failures) > 0, 3000);
 		ck_assert_uint_gt(atomic_load(&fx.st_rules.failures), 0);
 		/* The job gives its state up and goes on. */
-		memset(&si, 0, sizeof si);
-		si.size = sizeof si;
-		WAIT_FOR((r = blockmirror_state_read(fx.sdir, &si)) ==
-			 -ENOENT, 2000);
-		free(si.source);
-		free(si.destination);
+		WAIT_FOR((r = read_state(&si)) == -ENOENT, 2000);
 		ck_assert_msg(r == -ENOENT, "%s: the state is still there "
 			      "after it failed (%d)", fx.name, r);
 	}
