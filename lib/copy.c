@@ -165,7 +165,8 @@ data_next_run(struct bm_copy_req *q)
 		q->io.done = run_done;
 		if (!zero) {
 			q->io.buf = (char *)q->buf + q->pos;
-			q->io.flags = BM_IO_WRITEBACK;
+			q->io.flags = BM_IO_WRITEBACK |
+				      (c->evict ? BM_IO_EVICT : 0);
 			c->bytes_written += q->io.length;
 			bm_image_write(c->dst, &q->io);
 			return;

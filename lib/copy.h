@@ -57,6 +57,7 @@ struct bm_copier {
 	uint32_t sparse_block;  /* zero detection unit, 0: off */
 	bool dst_is_zero;       /* zero runs need no I/O */
 	bool allocate;          /* zeroes are written allocated (no punch) */
+	bool evict;             /* cached writes leave the page cache */
 
 	/* counters, read by the owner */
 	uint64_t bytes_read;

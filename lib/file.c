@@ -24,9 +24,10 @@
  *   never shares a page with a cached one unless their byte ranges
  *   overlap.  The kernel keeps the two coherent: a direct write drops the
  *   cached pages of its range, a direct read writes dirty ones back first.
- * - A bulk write through the page cache (BM_IO_WRITEBACK) is written
- *   back and its pages dropped before it completes, so a copy keeps the
- *   cache it uses to what is in flight.
+ * - A bulk write through the page cache (BM_IO_WRITEBACK) starts its
+ *   writeback; with BM_IO_EVICT it is written back and its pages dropped
+ *   before it completes, so a copy keeps the cache it uses to what is in
+ *   flight.
  */
 #include <errno.h>
 #include <linux/openat2.h>
@@ -124,7 +125,7 @@ check_request(struct bm_store *s, struct bm_io *io, bool write)
 static void rw_done(struct bm_op *op, int res);
 
 static void
-evicted(struct bm_op *op, int res)
+hints_done(struct bm_op *op, int res)
 {
 	struct bm_io *io = op_to_io(op);
 
@@ -139,7 +140,7 @@ written_back(struct bm_op *op, int res)
 	struct file_store *f = to_file(io->store);
 	struct io_uring_sqe *sqe;
 
-	sqe = bm_loop_sqe(f->s.loop, &io->op, evicted);
+	sqe = bm_loop_sqe(f->s.loop, &io->op, hints_done);
 	io_uring_prep_fadvise(sqe, f->fd, io->offset, (off_t)io->length,
 			      POSIX_FADV_DONTNEED);
 }
@@ -218,22 +219,29 @@ rw_done(struct bm_op *op, int res)
 	}
 	if (write && (io->flags & BM_IO_WRITEBACK) && !f->s.block_device &&
 	    !(io->stage & RW_DIRECT)) {
-		/* What a bulk copy wrote through the page cache is written
-		 * back now and then dropped from the cache, as nbdcopy does:
-		 * the copy reuses a few MiB of pages instead of filling the
-		 * cache with the whole image, which a single kernel worker
-		 * would then write out serially, and the final flush finds
-		 * little left to do.  Only hints: their results are
-		 * ignored; the flush reports what failed.  (A direct write
-		 * has no cached pages.) */
+		/* What a bulk copy wrote through the page cache starts its
+		 * writeback now, so the disk works while we copy and the
+		 * final flush finds little left to do.  With BM_IO_EVICT
+		 * (an offline copy) it is also waited for and dropped from
+		 * the cache, as nbdcopy does: the copy reuses a few MiB of
+		 * pages instead of filling the cache with the whole image,
+		 * which a single kernel worker would then write out
+		 * serially.  (A move does not wait: its guest shares the
+		 * disk.)  Only hints: their results are ignored; the flush
+		 * reports what failed.  (A direct write has no cached
+		 * pages.) */
 		struct io_uring_sqe *sqe;
 
-		sqe = bm_loop_sqe(f->s.loop, &io->op, written_back);
+		bool evict = io->flags & BM_IO_EVICT;
+
+		sqe = bm_loop_sqe(f->s.loop, &io->op,
+				  evict ? written_back : hints_done);
 		io_uring_prep_sync_file_range(sqe, f->fd, (unsigned)io->length,
-					      io->offset,
+					      io->offset, evict ?
 					      SYNC_FILE_RANGE_WAIT_BEFORE |
 					      SYNC_FILE_RANGE_WRITE |
-					      SYNC_FILE_RANGE_WAIT_AFTER);
+					      SYNC_FILE_RANGE_WAIT_AFTER :
+					      SYNC_FILE_RANGE_WRITE);
 		return;
 	}
 	if (write && (io->flags & BM_IO_FUA)) {

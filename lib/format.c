@@ -1045,7 +1045,8 @@ execute(struct fmt_req *req)
 		case R_WRITE:
 			if (sg->kind == BM_SEG_DATA) {
 				io = sub_io(req, i, sg->host, sg->length, buf);
-				io->flags = req->io->flags & BM_IO_WRITEBACK;
+				io->flags = req->io->flags &
+					    (BM_IO_WRITEBACK | BM_IO_EVICT);
 				s->ops->write(s, io);
 			} else if (sg->kind != BM_SEG_DONE) {
 				req->err = bm_error(-EIO, "%s: driver gave no "

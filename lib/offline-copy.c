@@ -346,6 +346,7 @@ bm_offline_copy_open(struct bm_offline_copy *oc, const char *src,
 	oc->c.request_size = options->request_size;
 	oc->c.requests = options->requests;
 	oc->c.allocate = flags & BLOCKMIRROR_COPY_ALLOCATE;
+	oc->c.evict = true;
 	oc->c.sparse_block = oc->c.allocate ? 0 : 4096;
 	oc->c.dst_is_zero = oc->out->zero_init && !oc->c.allocate;
 	oc->progress = options->progress;

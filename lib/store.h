@@ -28,8 +28,10 @@ enum {
 	BM_IO_FUA = 1u << 0,     /* write: durable before done */
 	BM_IO_MAY_TRIM = 1u << 1, /* zero: may deallocate (punch a hole) */
 	BM_IO_FAST_ZERO = 1u << 2, /* zero: fail with -ENOTSUP rather than write zeroes */
-	BM_IO_WRITEBACK = 1u << 3, /* write: bulk copy: write it back now and
-				      keep it out of the page cache */
+	BM_IO_WRITEBACK = 1u << 3, /* write: bulk copy: start writing it back */
+	BM_IO_EVICT = 1u << 4,     /* with WRITEBACK: wait for it to be
+				      written back and drop it from the
+				      page cache before done */
 };
 
 struct bm_io {

@@ -167,7 +167,7 @@ START_TEST(test_direct_beside_cache)
 }
 END_TEST
 
-/* A bulk write (BM_IO_WRITEBACK) through the page cache is written back
+/* A bulk write with BM_IO_EVICT through the page cache is written back
  * and dropped from the cache before it completes; another write stays. */
 START_TEST(test_bulk_write_leaves_no_cache)
 {
@@ -181,7 +181,7 @@ START_TEST(test_bulk_write_leaves_no_cache)
 				      &s), 0);
 	ck_assert_int_eq(do_io(s, s->ops->write, 0, mib, w, 0), 0);
 	ck_assert_int_eq(do_io(s, s->ops->write, 2 * mib, mib, w,
-			       BM_IO_WRITEBACK), 0);
+			       BM_IO_WRITEBACK | BM_IO_EVICT), 0);
 	ck_assert_uint_gt(cached_pages(0, mib), 0);
 	ck_assert_uint_eq(cached_pages(2 * mib, mib), 0);
 	/* And the data is there. */
