@@ -196,6 +196,14 @@ bm_fmt_pread_zero(struct bm_fmt *f, void *buf, size_t len, uint64_t off)
 	return meta_io(f, f->wstore->ops->read, buf, len, off, 0);
 }
 
+/* A write or zeroing that reached `end` may have grown the file. */
+static void
+wrote_to(struct bm_fmt *f, uint64_t end)
+{
+	f->file_size = BM_MAX(f->file_size, end);
+	f->phys_size = BM_MAX(f->phys_size, end);
+}
+
 int
 bm_fmt_pwrite(struct bm_fmt *f, const void *buf, size_t len, uint64_t off)
 {
@@ -207,10 +215,8 @@ bm_fmt_pwrite(struct bm_fmt *f, const void *buf, size_t len, uint64_t off)
 	if (len == 0)
 		return 0;
 	r = meta_io(f, f->wstore->ops->write, (void *)buf, len, off, 0);
-	if (r == 0 && off + len > f->file_size)
-		f->file_size = off + len;
-	if (r == 0 && off + len > f->phys_size)
-		f->phys_size = off + len;
+	if (r == 0)
+		wrote_to(f, off + len);
 	return r;
 }
 
@@ -225,10 +231,8 @@ bm_fmt_zero_file(struct bm_fmt *f, uint64_t off, uint64_t len)
 	if (len == 0)
 		return 0;
 	r = meta_io(f, f->wstore->ops->zero, NULL, len, off, BM_IO_MAY_TRIM);
-	if (r == 0 && off + len > f->file_size)
-		f->file_size = off + len;
-	if (r == 0 && off + len > f->phys_size)
-		f->phys_size = off + len;
+	if (r == 0)
+		wrote_to(f, off + len);
 	return r;
 }
 
