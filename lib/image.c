@@ -40,9 +40,7 @@ static const char *const format_names[] = {
 BM_EXPORT const char *
 blockmirror_format_name(enum blockmirror_format format)
 {
-	if ((unsigned)format >= BM_ARRAY_SIZE(format_names))
-		return NULL;
-	return format_names[format];
+	return BM_NAME_OF(format_names, format);
 }
 
 BM_EXPORT int

@@ -297,8 +297,7 @@ check_options(const struct blockmirror_job_options *o)
 	if (o->flags & ~(BLOCKMIRROR_JOB_CREATE | BLOCKMIRROR_JOB_RESUME |
 			 BLOCKMIRROR_JOB_NOFOLLOW))
 		return bm_error(-EINVAL, "unknown flags 0x%x", o->flags);
-	if (o->size >= offsetof(struct blockmirror_job_options, sync) +
-		       sizeof(o->sync) &&
+	if (BM_SIZE_COVERS(o, struct blockmirror_job_options, sync) &&
 	    (unsigned)o->sync > BLOCKMIRROR_SYNC_NONE)
 		return bm_error(-EINVAL, "unknown sync mode %d", (int)o->sync);
 	return 0;

@@ -1472,9 +1472,9 @@ server_start(struct blockmirror_disk *disk, const char *address,
 	if (!disk || !address)
 		return bm_error(-EINVAL, "no disk or no address");
 	if (options) {
-		if (options->size < offsetof(struct blockmirror_server_options,
-					     max_clients) +
-				    sizeof options->max_clients)
+		if (!BM_SIZE_COVERS(options,
+				    struct blockmirror_server_options,
+				    max_clients))
 			return bm_error(-EINVAL, "options: bad size");
 		memcpy(&o, options, BM_MIN(options->size, sizeof o));
 	}

@@ -147,9 +147,9 @@ blockmirror_verify(const char *a, enum blockmirror_format format_a,
 	int r;
 
 	bm_error_clear();
-	if (!a || !b || !result ||
-	    result->size < offsetof(struct blockmirror_verify_result,
-				    digest_b) + sizeof result->digest_b) {
+	if (!a || !b ||
+	    !BM_SIZE_COVERS(result, struct blockmirror_verify_result,
+			    digest_b)) {
 		r = bm_error(-EINVAL, "bad arguments");
 		goto out;
 	}
