@@ -34,23 +34,32 @@
  *    counts), then complete.  A job starts only once the writes already
  *    in flight have finished, so no write escapes it.
  *
- * 4. Guest write, active mode: wait while a copy or any earlier write,
- *    mirrored or not, touches the same chunks (so source and destination
- *    apply overlapping writes in the same order, a copy's old data never
- *    lands after a newer mirrored write, and a mirrored write never
+ * 4. Guest write, active mode: wait while any earlier write, mirrored or
+ *    not, touches the same chunks (so source and destination apply
+ *    overlapping writes in the same order, and a mirrored write never
  *    completes after an overlapping unmirrored one landed behind it on
- *    the source).  In background mode a write waits only for overlapping
- *    mirrored writes left from active mode.  must_wait() is this rule,
- *    the one range tracker for guest writes and copies.  If every touched
- *    chunk is
- *    DIRTY, write only the source: the chunks stay DIRTY for the copy.
- *    Otherwise write both; on success the chunks the write covers
- *    entirely become CLEAN and partly covered DIRTY ones stay DIRTY, so
- *    the remaining work never grows.  (DESIGN.md would write only the
- *    source when *any* chunk is dirty; that would have to dirty the clean
- *    chunks next to it and let the remaining work grow.)  A destination
- *    failure never fails the guest: the chunks become DIRTY, the job is no
- *    longer actively synced, and the error policy applies.
+ *    the source), or while a CONTENDED copy does (below).  In background
+ *    mode a write waits only for overlapping mirrored writes left from
+ *    active mode.  must_wait() is this rule, the one range tracker for
+ *    guest writes and copies.  If every touched chunk is DIRTY, or a copy
+ *    is in flight on one of them, write only the source: the chunks stay
+ *    (or become) DIRTY for the copy, so a copy's old data never lands
+ *    after a newer mirrored write.  Otherwise write both; on success the
+ *    chunks the write covers entirely become CLEAN and partly covered
+ *    DIRTY ones stay DIRTY.  (DESIGN.md would write only the source when
+ *    *any* chunk is dirty; that would have to dirty the clean chunks next
+ *    to it and let the remaining work grow.)  A destination failure never
+ *    fails the guest: the chunks become DIRTY, the job is no longer
+ *    actively synced, and the error policy applies.
+ *    Why a write does not wait for every copy: a copy request lives as
+ *    long as the destination's queue is deep (tens of milliseconds on a
+ *    busy disk), and a guest write waiting behind it would take as long.
+ *    The price is a second copy of the chunks such a write overtook; a
+ *    chunk whose copy was overtaken is CONTENDED (bit in `contended`),
+ *    and its next copy is one the guest waits for, so each dirtying
+ *    costs at most two copies and active mode still converges under any
+ *    write load.  A CONTENDED chunk copied without being overtaken again
+ *    is no longer CONTENDED.
  *
  * 5. Write-zeroes are writes (mirrored as write-zeroes, FUA kept).  A
  *    discard is a hint an image may ignore (inside an allocated qcow2
@@ -307,7 +316,7 @@ mirror_next(struct bm_copier *c, struct bm_copy_range *r)
 	struct bm_job *job = c->opaque;
 	uint64_t off, len, c0, c1, end, max = c->request_size;
 	bool wrapped = false;
-	bool zero;
+	bool zero, contended;
 
 	if (!copy_allowed_now(job))
 		return false;
@@ -338,11 +347,13 @@ mirror_next(struct bm_copier *c, struct bm_copy_range *r)
 			continue;
 		}
 		zero = bm_bitmap_test(&job->zero_hint, off);
+		contended = bm_bitmap_test(&job->contended, off);
 		for (c1 = c0 + 1; c1 < end; c1++) {
 			uint64_t o = chunk_offset(job, c1);
 
 			if (!chunk_copyable(job, c1) ||
-			    bm_bitmap_test(&job->zero_hint, o) != zero)
+			    bm_bitmap_test(&job->zero_hint, o) != zero ||
+			    bm_bitmap_test(&job->contended, o) != contended)
 				break;
 		}
 		break;
@@ -377,6 +388,16 @@ mirror_copied(struct bm_copier *c, const struct bm_copy_range *r, int err)
 		bm_mirror_error(job, r->read_failed, r->offset, r->length,
 				err);
 	} else {
+		/* Rule 4: a chunk a guest write overtook (DIRTY again) is
+		 * CONTENDED for its next copy; one that was not is not. */
+		for (uint64_t k = c0; k < c1; k++) {
+			uint64_t o = chunk_offset(job, k);
+
+			if (bm_bitmap_test(&job->dirty, o))
+				bm_bitmap_set_range(&job->contended, o, 1);
+			else
+				bm_bitmap_clear_range(&job->contended, o, 1);
+		}
 		if (r->kind == BM_COPY_DATA)
 			job->bytes_copied += r->length;
 		job->copy_busy_bytes += r->length;
@@ -437,13 +458,24 @@ writes_remove(struct bm_job *job, struct bm_mirror_write *req)
  * So two overlapping operations of which one reaches the destination never
  * run at once, and the destination sees them in the source's order.
  */
+/* Is a copy in flight on a CONTENDED chunk of [c0, c1)? */
+static bool
+contended_copy(const struct bm_job *job, uint64_t c0, uint64_t c1)
+{
+	for (uint64_t c = c0; c < c1; c++) {
+		uint64_t o = chunk_offset(job, c);
+
+		if (bm_bitmap_test(&job->copying, o) &&
+		    bm_bitmap_test(&job->contended, o))
+			return true;
+	}
+	return false;
+}
+
 static bool
 must_wait(struct bm_job *job, struct bm_mirror_write *req, bool active)
 {
-	uint64_t len = chunk_bytes(job, req->c0, req->c1);
-
-	if (active && bm_bitmap_test_range(&job->copying,
-					   chunk_offset(job, req->c0), len))
+	if (active && contended_copy(job, req->c0, req->c1))
 		return true;
 	for (struct bm_mirror_write *r = job->writes; r; r = r->next_active)
 		if ((active || r->mirrored) && r->c0 < req->c1 &&
@@ -534,7 +566,11 @@ write_start(struct bm_job *job, struct bm_mirror_write *req, bool active)
 	req->mirrored = active && !job_stopping(job) &&
 			req->offset % job->dst->align == 0 &&
 			req->length % job->dst->align == 0 &&
-			!all_dirty(job, req->c0, req->c1);
+			!all_dirty(job, req->c0, req->c1) &&
+			!bm_bitmap_test_range(&job->copying,
+					      chunk_offset(job, req->c0),
+					      chunk_bytes(job, req->c0,
+							  req->c1));
 	req->pending = req->mirrored ? 2 : 1;
 	req->err = req->dst_err = 0;
 	writes_add(job, req);
@@ -840,6 +876,14 @@ bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,
 		 strerror(-err));
 	ev.message = msg;
 	bm_job_event(job, &ev);
+	/* Under the retry policy, a copy or mirrored write that fails
+	 * before the final copy (it was in flight when the ending began)
+	 * has left its chunks DIRTY: the final copy takes them again, as
+	 * the job would have done had it not been ending. */
+	if (job->goal != BM_GOAL_NONE && length &&
+	    job->opt.on_error == BLOCKMIRROR_ON_ERROR_RETRY &&
+	    (job->phase == BM_PHASE_PREFLUSH || job->phase == BM_PHASE_DRAIN))
+		return;
 	if (job->goal != BM_GOAL_NONE) {
 		bm_job_ending_error(job, err);
 		return;
@@ -967,6 +1011,8 @@ bm_mirror_init(struct bm_job *job)
 		r = bm_bitmap_init(&job->copying, size, job->granularity);
 	if (r == 0)
 		r = bm_bitmap_init(&job->zero_hint, size, job->granularity);
+	if (r == 0)
+		r = bm_bitmap_init(&job->contended, size, job->granularity);
 	if (r < 0)
 		return bm_error(r, "out of memory for the dirty bitmap");
 	req = job->opt.buf_size ? job->opt.buf_size : (1u << 20);
@@ -1022,6 +1068,7 @@ bm_mirror_fini(struct bm_job *job)
 	bm_bitmap_free(&job->dirty);
 	bm_bitmap_free(&job->copying);
 	bm_bitmap_free(&job->zero_hint);
+	bm_bitmap_free(&job->contended);
 	bm_extent_list_free(&job->map);
 	while (job->free_writes) {
 		struct bm_mirror_write *w = job->free_writes;

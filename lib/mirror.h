@@ -128,6 +128,7 @@ struct bm_job {
 	struct bm_bitmap dirty;        /* DIRTY chunks */
 	struct bm_bitmap copying;      /* COPYING chunks */
 	struct bm_bitmap zero_hint;    /* read as zero at the start, unwritten since */
+	struct bm_bitmap contended;    /* a guest write overtook its last copy */
 	struct bm_copier copier;
 	uint64_t cursor;               /* where the bulk copy looks next */
 	struct bm_mirror_write *writes;  /* guest writes in flight */

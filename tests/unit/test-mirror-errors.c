@@ -673,16 +673,13 @@ open_disk_quiet(const char *name, enum blockmirror_format fmt)
 	ck_assert_int_eq(blockmirror_disk_start_thread(fx.disk), 0);
 }
 
-/* Complete the job and require the destination to equal the source. */
+/* The job has ended: close the disk and require the destination to
+ * equal the source. */
 static void
-pivot_and_compare(const char *src, enum blockmirror_format src_fmt)
+close_and_compare(const char *src, enum blockmirror_format src_fmt)
 {
 	struct blockmirror_verify_result v = { .size = sizeof v };
 
-	ck_assert_int_eq(blockmirror_job_resume(fx.job), 0);
-	wait_ready();
-	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "%s",
-		      blockmirror_last_error());
 	blockmirror_job_free(fx.job);
 	ck_assert_int_eq(blockmirror_disk_close(fx.disk), 0);
 	/* A destination the job created has the source's format. */
@@ -690,6 +687,43 @@ pivot_and_compare(const char *src, enum blockmirror_format src_fmt)
 					    NULL, NULL, &v), 0);
 	ck_assert_msg(v.identical, "the destination differs from the source "
 		      "at %llu", (unsigned long long)v.first_difference);
+}
+
+/* Complete the job and require the destination to equal the source. */
+static void
+pivot_and_compare(const char *src, enum blockmirror_format src_fmt)
+{
+	ck_assert_int_eq(blockmirror_job_resume(fx.job), 0);
+	wait_ready();
+	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "%s",
+		      blockmirror_last_error());
+	close_and_compare(src, src_fmt);
+}
+
+/*
+ * Fault rules on both images, an active job READY, then paused with one
+ * guest write of 4 KiB at `offset` left DIRTY (written in background
+ * mode); the job is back in active mode, still paused.
+ */
+static void
+active_ready_one_dirty(struct bm_fault_rules *dst_rules, uint64_t offset)
+{
+	static unsigned char one[4096];
+
+	memset(dst_rules, 0, sizeof *dst_rules);
+	ck_assert_int_eq(bm_fault_register(fx.src, &fx.rules), 0);
+	ck_assert_int_eq(bm_fault_register(fx.dst, dst_rules), 0);
+	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	ck_assert_int_eq(blockmirror_job_pause(fx.job), 0);
+	ck_assert_int_eq(blockmirror_job_set_mode(fx.job,
+		BLOCKMIRROR_MODE_BACKGROUND), 0);
+	memset(one, 0x11, sizeof one);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, one, sizeof one,
+						offset, 0), 0);
+	ck_assert_int_eq(blockmirror_job_set_mode(fx.job,
+		BLOCKMIRROR_MODE_ACTIVE), 0);
 }
 
 /*
@@ -703,24 +737,11 @@ pivot_and_compare(const char *src, enum blockmirror_format src_fmt)
 START_TEST(test_active_overlap_order)
 {
 	static struct bm_fault_rules dst_rules;
-	static unsigned char w1[4096], w2[128 << 10], one[4096];
+	static unsigned char w1[4096], w2[128 << 10];
 	struct aio_wait w = { .left = 2 };
 
-	memset(&dst_rules, 0, sizeof dst_rules);
-	ck_assert_int_eq(bm_fault_register(fx.src, &fx.rules), 0);
-	ck_assert_int_eq(bm_fault_register(fx.dst, &dst_rules), 0);
-	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
-	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
-	wait_ready();
 	/* Paused: no copy cleans what the test dirties. */
-	ck_assert_int_eq(blockmirror_job_pause(fx.job), 0);
-	ck_assert_int_eq(blockmirror_job_set_mode(fx.job,
-		BLOCKMIRROR_MODE_BACKGROUND), 0);
-	memset(one, 0x11, sizeof one);
-	ck_assert_int_eq(blockmirror_disk_write(fx.disk, one, sizeof one, 0,
-						0), 0);
-	ck_assert_int_eq(blockmirror_job_set_mode(fx.job,
-		BLOCKMIRROR_MODE_ACTIVE), 0);
+	active_ready_one_dirty(&dst_rules, 0);
 	memset(w1, 0x22, sizeof w1);
 	memset(w2, 0x33, sizeof w2);
 	fx.rules.next_write_delay_ns = 100 * 1000000ull;
@@ -733,6 +754,117 @@ START_TEST(test_active_overlap_order)
 		sleep_ms(5);
 	ck_assert_int_eq(w.err, 0);
 	pivot_and_compare(fx.src, BLOCKMIRROR_FORMAT_RAW);
+}
+END_TEST
+
+/* Wait up to 5 s for a counter of the fault rules to pass `than`. */
+static bool
+wait_counter(_Atomic uint64_t *c, uint64_t than)
+{
+	for (int i = 0; i < 1000 && atomic_load(c) <= than; i++)
+		sleep_ms(5);
+	return atomic_load(c) > than;
+}
+
+/*
+ * Rule 4 in active mode: a guest write to a chunk whose copy is in flight
+ * does not wait for the copy (the destination is hung here: waiting would
+ * be forever).  It goes to the source alone and leaves the chunk DIRTY.
+ * The chunk is then CONTENDED: the guest does wait for its next copy,
+ * which must not be overtaken again (a guest write reaches the source
+ * only after that copy is on the destination).  The destination ends up
+ * equal to the source.
+ */
+START_TEST(test_active_write_overtakes_copy)
+{
+	static struct bm_fault_rules dst_rules;
+	static unsigned char two[4096], three[4096];
+	struct aio_wait w2 = { .left = 1 }, w3 = { .left = 1 };
+	uint64_t sub;
+
+	/* Dirty one chunk, then copy it into a hung destination. */
+	active_ready_one_dirty(&dst_rules, MiB);
+	sub = atomic_load(&dst_rules.submitted);
+	atomic_store(&dst_rules.hang, true);
+	ck_assert_int_eq(blockmirror_job_resume(fx.job), 0);
+	ck_assert_msg(wait_counter(&dst_rules.submitted, sub),
+		      "the copy never reached the destination");
+	/* Overtake it. */
+	memset(two, 0x22, sizeof two);
+	ck_assert_int_eq(blockmirror_disk_aio_write(fx.disk, two, sizeof two,
+						    MiB + 8192, 0, aio_done,
+						    &w2), 0);
+	for (int i = 0; i < 1000 && atomic_load(&w2.left); i++)
+		sleep_ms(5);
+	if (atomic_load(&w2.left))
+		atomic_store(&dst_rules.hang, false); /* let it end */
+	ck_assert_msg(atomic_load(&w2.left) == 0, "a guest write waited for "
+		      "a copy into a hung destination");
+	ck_assert_int_eq(w2.err, 0);
+	/* The copy lands, the chunk is copied again, slowly: that copy is
+	 * the one the guest waits for. */
+	atomic_store(&dst_rules.write_delay_ns, 400 * 1000000ull);
+	sub = atomic_load(&dst_rules.submitted);
+	atomic_store(&dst_rules.hang, false);
+	ck_assert_msg(wait_counter(&dst_rules.submitted, sub),
+		      "the chunk was not copied again");
+	sub = atomic_load(&fx.rules.submitted);
+	memset(three, 0x33, sizeof three);
+	ck_assert_int_eq(blockmirror_disk_aio_write(fx.disk, three,
+						    sizeof three, MiB + 16384,
+						    0, aio_done, &w3), 0);
+	sleep_ms(100);
+	ck_assert_msg(atomic_load(&fx.rules.submitted) == sub &&
+		      atomic_load(&w3.left) == 1, "a guest write overtook "
+		      "the copy of a contended chunk");
+	for (int i = 0; i < 1000 && atomic_load(&w3.left); i++)
+		sleep_ms(5);
+	ck_assert_int_eq(atomic_load(&w3.left), 0);
+	ck_assert_int_eq(w3.err, 0);
+	atomic_store(&dst_rules.write_delay_ns, 0);
+	wait_ready();
+	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
+		      blockmirror_last_error());
+	close_and_compare(fx.src, BLOCKMIRROR_FORMAT_RAW);
+}
+END_TEST
+
+/*
+ * Under the retry policy, a mirrored write in flight when complete() is
+ * called fails on the destination while the pivot drains the guest.  Its
+ * chunk is dirty, so the final copy takes it again and the pivot goes
+ * through; it used to be abandoned with the stale error (complete()
+ * returned -EIO although the destination had recovered).
+ */
+START_TEST(test_retry_error_while_draining)
+{
+	static struct bm_fault_rules dst_rules;
+	static unsigned char buf[4096];
+	struct aio_wait w = { .left = 1 };
+
+	memset(&dst_rules, 0, sizeof dst_rules);
+	ck_assert_int_eq(bm_fault_register(fx.dst, &dst_rules), 0);
+	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_RETRY);
+	wait_ready();
+	/* The next destination write (the mirrored half of the guest's)
+	 * takes 300 ms and then fails once. */
+	dst_rules.next_write_delay_ns = 300 * 1000000ull;
+	dst_rules.write_err_after = 0;
+	dst_rules.write_err_count = 1;
+	dst_rules.write_errno = EIO;
+	memset(buf, 0x5a, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_aio_write(fx.disk, buf, sizeof buf,
+						    MiB, 0, aio_done, &w), 0);
+	sleep_ms(50);
+	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
+		      blockmirror_last_error());
+	while (atomic_load(&w.left))
+		sleep_ms(5);
+	ck_assert_int_eq(w.err, 0);
+	ck_assert_uint_eq(atomic_load(&dst_rules.failures), 1);
+	ck_assert_int_ge(fx.ev.errors, 1);
+	close_and_compare(fx.src, BLOCKMIRROR_FORMAT_RAW);
 }
 END_TEST
 
@@ -944,6 +1076,8 @@ main(void)
 	tcase_add_test(order, test_state_write_during_clear);
 	tcase_add_test(order, test_forced_cancel_hung_clear);
 	tcase_add_test(order, test_job_nofollow);
+	tcase_add_test(order, test_retry_error_while_draining);
+	tcase_add_test(order, test_active_write_overtakes_copy);
 	suite_add_tcase(s, order);
 
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
