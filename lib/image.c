@@ -13,7 +13,8 @@
  * An NBD URI names an export that is raw by definition (the server turns
  * whatever format it holds into guest data), so it is never probed, and
  * naming qcow2 or VHDX for one is an error.  "Creating" one means opening
- * the existing export, whose size must match.
+ * the existing export, whose size must match.  BM_IMAGE_MULTI_CONN (a
+ * bulk copy) lets its store open several connections.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -130,7 +131,8 @@ open_nbd_store(struct bm_loop *loop, const char *name, unsigned sflags,
 {
 	int r;
 
-	r = bm_nbd_open(loop, name, sflags & BM_OPEN_WRITE, out);
+	r = bm_nbd_open(loop, name,
+			sflags & (BM_OPEN_WRITE | BM_OPEN_MULTI_CONN), out);
 	if (r < 0)
 		return r;
 	r = bm_store_wrap(name, out);
@@ -160,7 +162,9 @@ bm_image_open(struct bm_loop *loop, const char *name,
 	if (bm_nbd_is_uri(name)) {
 		r = nbd_format_check(name, format);
 		if (r == 0)
-			r = open_nbd_store(loop, name, sflags, &s);
+			r = open_nbd_store(loop, name, sflags |
+					   ((flags & BM_IMAGE_MULTI_CONN) ?
+					    BM_OPEN_MULTI_CONN : 0), &s);
 		if (r < 0)
 			return r;
 		r = bm_raw_open(s, flags, out);
@@ -247,7 +251,9 @@ create_nbd(struct bm_loop *loop, const char *name,
 	if (options && *options)
 		return bm_error(-EINVAL, "%s: raw images take no options "
 				"(got '%s')", name, options);
-	r = open_nbd_store(loop, name, BM_OPEN_WRITE, &s);
+	r = open_nbd_store(loop, name, BM_OPEN_WRITE |
+			   ((flags & BM_IMAGE_MULTI_CONN) ?
+			    BM_OPEN_MULTI_CONN : 0), &s);
 	if (r < 0)
 		return r;
 	if (s->size != size) {

@@ -50,6 +50,8 @@ enum {
 	BM_IMAGE_WRITE = 1u << 0,
 	BM_IMAGE_DIRECT = 1u << 1,
 	BM_IMAGE_NOFOLLOW = 1u << 2,   /* no symbolic link in the path */
+	BM_IMAGE_MULTI_CONN = 1u << 3, /* a bulk copy: an NBD export may
+					  use several connections */
 };
 
 /*

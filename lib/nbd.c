@@ -2,17 +2,42 @@
 /*
  * The NBD client store: an NBD export reached through libnbd and driven
  * from the loop.  libnbd speaks the protocol and does the socket I/O; the
- * ring only tells it when the socket is ready: one one-shot POLL_ADD for
- * the direction libnbd asks for, then nbd_aio_notify_read/write.
+ * ring only tells it when a socket is ready: per connection, one one-shot
+ * POLL_ADD for the direction libnbd asks for, then
+ * nbd_aio_notify_read/write.
+ *
+ * Connections: one libnbd handle per connection (struct nbd_conn).  A
+ * store has one, or, opened for a bulk copy (BM_OPEN_MULTI_CONN) on a
+ * server that advertises multi-conn, up to MAX_CONNS, all made in
+ * bm_nbd_open (the extra ones in parallel, bounded in time; those the
+ * server refuses or leaves waiting are given up).  Multi-conn is the
+ * server's promise that every connection sees the same data and that a
+ * flush on any of them covers the writes answered on all of them.
  *
  * A request (the caller's bm_io, wrapped in a struct nbd_req) becomes one
  * or more libnbd commands (struct nbd_cmd): reads and writes are split at
  * the largest payload the server takes (at most 32 MiB), zeroing and
  * trimming at 1 GiB; block status is asked again from where the previous
  * reply ended until the range is covered; a FUA write to a server without
- * FUA is followed by a flush once all its parts are done.  At most
+ * FUA is followed by a flush once all its parts are done, and so is one
+ * in every WRITEBACK_BYTES of an offline copy's writes (BM_IO_WRITEBACK |
+ * BM_IO_EVICT): NBD has no writeback hint, and a server writing through
+ * its page cache would otherwise write the whole copy back at the final
+ * flush, after the copy instead of during it.  Each command goes to the
+ * connection with the fewest payload bytes (then commands) out, so the
+ * parts of one request may travel on different connections.  At most
  * MAX_CMDS commands and MAX_BYTES of payload are handed to libnbd at a
- * time; the rest waits in `queue`, oldest first.
+ * time, over all connections; the rest waits in `queue`, oldest first.
+ *
+ * Order: the store keeps none between requests in flight, on one
+ * connection or several (a server runs the commands it holds in any
+ * order).  Callers never have overlapping requests in flight: the
+ * copier's ranges are disjoint and the runs of one range go one after
+ * another; the mirror holds back a write that overlaps one in flight.
+ * A flush covers only writes the server has answered, so with several
+ * connections it goes out once every write, zero and trim command out,
+ * on any connection, is answered, and the requests behind it wait with
+ * it; a FUA write's own flush waits for its parts, wherever they went.
  *
  * Invariants:
  *  - libnbd runs its callbacks with the handle locked, so they only
@@ -24,24 +49,30 @@
  *    callbacks (poll, timer, kick), never inside a store call; results
  *    known at once go to `ready`, and a deferred kick delivers them.
  *  - When the caller has nothing outstanding, nothing of the store is
- *    armed on any loop (no poll, no timer, no kick): the completion that
- *    would leave the store idle is held back until the watchdog timer's
- *    cancellation has come back.  That is what lets the owner move the
- *    store to another loop between requests, free a loop right after the
- *    last completion, and close the store without callbacks left behind.
+ *    armed on any loop (no poll on any connection, no timer, no kick):
+ *    the completion that would leave the store idle is held back until
+ *    the watchdog timer's cancellation and every poll's removal have come
+ *    back.  That is what lets the owner move the store to another loop
+ *    between requests, free a loop right after the last completion, and
+ *    close the store without callbacks left behind.
  *  - A request is delivered only once none of its commands is left in
- *    libnbd, so libnbd never touches a buffer the caller has got back.
- *    A dead or hung server is dealt with by closing the handle (nbd_close
- *    drops every command), never by abandoning commands still in it.
+ *    any handle, so libnbd never touches a buffer the caller has got
+ *    back.  A dead or hung server is dealt with by closing every handle
+ *    (nbd_close drops every command), never by abandoning commands still
+ *    in one.
+ *  - The connections are all open or all closed: losing one is losing
+ *    the server.
  *
- * Failure: commands out and nothing heard from the server for `timeout`
- * seconds (bm_nbd_timeout) makes the server dead: the connection is
- * closed, outstanding requests fail with -ETIMEDOUT (-ECANCELED for the
- * cancel op), later ones with -EIO ("server is gone").  A server that
- * drops the connection fails the requests it held with -EIO.
+ * Failure: commands out on a connection and nothing heard on it for
+ * `timeout` seconds (bm_nbd_timeout) makes the server dead: every
+ * connection is closed, outstanding requests fail with -ETIMEDOUT
+ * (-ECANCELED for the cancel op), later ones with -EIO ("server is
+ * gone").  A server that drops a connection fails every request
+ * outstanding with -EIO, the message naming the connection when there
+ * are several, and the store is dead as above.
  *
- * Not done: multi-conn (one connection per store), extended headers (not
- * in libnbd 1.14), reconnecting.
+ * Not done: extended headers (not in libnbd 1.14), reconnecting, adding
+ * connections after open.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -59,17 +90,23 @@
 #include "internal.h"
 #include "nbd.h"
 
+#define MAX_CONNS 4                 /* connections, with multi-conn */
 #define MAX_CMDS 64                 /* commands handed to libnbd */
 #define MAX_BYTES (64 * BM_MiB)     /* payload bytes handed to libnbd */
 #define MAX_PAYLOAD (32 * BM_MiB)   /* qemu-nbd drops larger writes */
 #define MAX_ZERO BM_GiB             /* per zero or trim command */
 #define ZERO_CHUNK BM_MiB           /* zeroing by writing, per command */
 #define DEFAULT_TIMEOUT 30
+/* Extra connections: at least this long for their handshakes. */
+#define EXTRA_WAIT_NS (1000 * 1000000ull)
 #define MSG_SIZE 256
 /* What a bulk copy asks of an NBD server per request, unless it prefers
  * larger: servers map and unmap a buffer per request, which for 1 MiB
  * (qemu-nbd) costs more in page faults than the copy itself. */
 #define COPY_SIZE (256 * BM_KiB)
+/* An offline copy's writes (BM_IO_WRITEBACK | BM_IO_EVICT): after this
+ * many bytes of them, one also waits for a flush. */
+#define WRITEBACK_BYTES (64 * BM_MiB)
 
 enum req_kind { K_READ, K_WRITE, K_ZERO, K_TRIM, K_FLUSH, K_EXTENTS };
 
@@ -83,6 +120,21 @@ static const char *const kind_names[] = {
 };
 
 struct nbd_store;
+
+/* One connection to the server. */
+struct nbd_conn {
+	struct nbd_store *n;
+	struct nbd_handle *h;      /* NULL once the store has lost it */
+	unsigned index;            /* for messages */
+	unsigned cmds_out;
+	uint64_t bytes_out;
+	uint64_t last_activity;    /* ns: last sign of life while busy */
+	struct bm_op poll_op;
+	struct bm_op unpoll_op;
+	unsigned poll_mask;
+	bool poll_armed;
+	bool unpolling;
+};
 
 struct nbd_req {
 	struct nbd_store *n;
@@ -106,6 +158,7 @@ struct nbd_req {
 
 struct nbd_cmd {
 	struct nbd_req *q;
+	struct nbd_conn *c;        /* the connection it went out on */
 	enum req_kind type;
 	uint64_t offset;
 	uint64_t length;
@@ -128,7 +181,8 @@ struct cmd_spec {
 
 struct nbd_store {
 	struct bm_store s;
-	struct nbd_handle *h;      /* NULL once the connection is gone */
+	struct nbd_conn conn[MAX_CONNS]; /* all connected, or none */
+	unsigned nconns;
 	unsigned timeout;          /* seconds */
 	uint64_t max_payload;
 	uint64_t max_zero;
@@ -142,24 +196,21 @@ struct nbd_store {
 	struct nbd_req *ready, *ready_tail;
 	unsigned active;           /* accepted, not yet delivered */
 	unsigned nready;
-	unsigned cmds_out;
+	unsigned cmds_out;         /* on all connections */
 	uint64_t bytes_out;
+	unsigned writes_out;       /* write, zero and trim commands out */
+	uint64_t unflushed;        /* bulk bytes written since the last
+				      writeback flush */
 
 	/* A command whose .free runs inside the call that issues it is
 	 * accounted for by the issuer, after the call. */
 	struct nbd_cmd *issuing;
 	bool issue_freed;
 
-	struct bm_op poll_op;
-	struct bm_op unpoll_op;
-	unsigned poll_mask;
-	bool poll_armed;
-	bool unpolling;
-	struct bm_timer timer;     /* the watchdog */
+	struct bm_timer timer;     /* the watchdog, for every connection */
 	bool timer_cancelling;
 	struct bm_op kick_op;
 	bool kick_armed;
-	uint64_t last_activity;    /* ns: last sign of life while busy */
 
 	unsigned depth;            /* inside our loop callbacks */
 	bool closed;               /* freed when nothing is armed */
@@ -347,8 +398,14 @@ req_check(struct nbd_store *n, struct nbd_req *q)
 		queue_front(n, q);
 }
 
-/* The request's next command, if it may be issued now. */
-static bool
+enum next_step {
+	NEXT_NONE,   /* nothing to issue until a command of it comes back */
+	NEXT_ISSUE,  /* *c may be issued now */
+	NEXT_WAIT,   /* *c must wait for other requests' commands */
+};
+
+/* The request's next command, and whether it may be issued now. */
+static enum next_step
 req_next(struct nbd_store *n, struct nbd_req *q, struct cmd_spec *c)
 {
 	struct bm_io *io = q->io;
@@ -356,29 +413,36 @@ req_next(struct nbd_store *n, struct nbd_req *q, struct cmd_spec *c)
 
 	memset(c, 0, sizeof *c);
 	if (q->err)
-		return false;
+		return NEXT_NONE;
 	switch (q->kind) {
 	case K_FLUSH:
+		if (q->flush_sent)
+			return NEXT_NONE;
 		c->type = K_FLUSH;
-		return !q->flush_sent;
+		/* A flush covers the writes the server has answered, on
+		 * every connection (multi-conn): with several, let every
+		 * write out be answered first, wherever it went. */
+		return n->nconns > 1 && n->writes_out ? NEXT_WAIT
+						      : NEXT_ISSUE;
 	case K_EXTENTS:
 		/* One at a time: the next starts where the reply ended. */
 		if (q->cmds || q->mapped >= io->length)
-			return false;
+			return NEXT_NONE;
 		c->type = K_EXTENTS;
 		c->offset = io->offset + q->mapped;
 		c->length = BM_MIN(io->length - q->mapped, n->max_status);
-		return true;
+		return NEXT_ISSUE;
 	default:
 		break;
 	}
 	left = io->length - q->issued;
 	if (left == 0) {
-		/* The flush must cover every part: wait for them. */
+		/* The flush must cover every part, on whichever connection
+		 * it went: wait for them. */
 		if (!q->fua_flush || q->flush_sent || q->cmds)
-			return false;
+			return NEXT_NONE;
 		c->type = K_FLUSH;
-		return true;
+		return NEXT_ISSUE;
 	}
 	c->offset = io->offset + q->issued;
 	switch (q->kind) {
@@ -409,7 +473,7 @@ req_next(struct nbd_store *n, struct nbd_req *q, struct cmd_spec *c)
 		c->length = BM_MIN(left, n->max_zero);
 		break;
 	}
-	return true;
+	return NEXT_ISSUE;
 }
 
 /* ---- libnbd callbacks: record only ---------------------------------- */
@@ -421,7 +485,7 @@ cmd_done(void *opaque, int *error)
 
 	cmd->completed = true;
 	cmd->err = *error;
-	cmd->q->n->last_activity = now_ns();
+	cmd->c->last_activity = now_ns();
 	return 1; /* retire the command: we never ask for it again */
 }
 
@@ -479,6 +543,24 @@ extent_cb(void *opaque, const char *metacontext, uint64_t offset,
 	return 0;
 }
 
+static bool
+is_write_kind(enum req_kind kind)
+{
+	return kind == K_WRITE || kind == K_ZERO || kind == K_TRIM;
+}
+
+/* " (connection 2 of 4)" when the store has several, else "". */
+static const char *
+conn_name(const struct nbd_store *n, const struct nbd_conn *c, char *buf,
+	  size_t size)
+{
+	buf[0] = '\0';
+	if (n->nconns > 1)
+		snprintf(buf, size, " (connection %u of %u)", c->index + 1,
+			 n->nconns);
+	return buf;
+}
+
 /* Account for a command libnbd is done with. */
 static void
 retire(struct nbd_store *n, struct nbd_cmd *cmd)
@@ -486,16 +568,22 @@ retire(struct nbd_store *n, struct nbd_cmd *cmd)
 	struct nbd_req *q = cmd->q;
 	const char *what = kind_names[cmd->type];
 	int e = cmd->err;
+	char which[48];
 
+	cmd->c->cmds_out--;
+	cmd->c->bytes_out -= cmd->bytes;
 	n->cmds_out--;
 	n->bytes_out -= cmd->bytes;
+	if (is_write_kind(cmd->type))
+		n->writes_out--;
 	q->cmds--;
 	if (!cmd->completed) {
 		req_fail(q, -EIO, "%s at offset %" PRIu64 ": dropped by "
 			 "libnbd", what, cmd->offset);
 	} else if (e == ENOTCONN || e == ECONNRESET || e == EPIPE) {
 		req_fail(q, -EIO, "%s at offset %" PRIu64 ": the connection "
-			 "to the server was lost", what, cmd->offset);
+			 "to the server was lost%s", what, cmd->offset,
+			 conn_name(n, cmd->c, which, sizeof which));
 	} else if (e == ESHUTDOWN) {
 		req_fail(q, -EIO, "%s at offset %" PRIu64 ": the server is "
 			 "shutting down", what, cmd->offset);
@@ -535,9 +623,11 @@ cmd_free(void *opaque)
 /* ---- issuing ---------------------------------------------------------- */
 
 static void
-issue(struct nbd_store *n, struct nbd_req *q, const struct cmd_spec *c)
+issue(struct nbd_store *n, struct nbd_conn *conn, struct nbd_req *q,
+      const struct cmd_spec *c)
 {
 	struct nbd_cmd *cmd = calloc(1, sizeof *cmd);
+	struct nbd_handle *h = conn->h;
 	nbd_completion_callback done;
 	int64_t r = -1;
 
@@ -546,6 +636,7 @@ issue(struct nbd_store *n, struct nbd_req *q, const struct cmd_spec *c)
 		return;
 	}
 	cmd->q = q;
+	cmd->c = conn;
 	cmd->type = c->type;
 	cmd->offset = c->offset;
 	cmd->length = c->length;
@@ -555,11 +646,15 @@ issue(struct nbd_store *n, struct nbd_req *q, const struct cmd_spec *c)
 		q->flush_sent = true;
 	else if (c->type != K_EXTENTS)
 		q->issued += c->length;
-	if (n->cmds_out == 0)
-		n->last_activity = now_ns(); /* a busy period starts */
+	if (conn->cmds_out == 0)
+		conn->last_activity = now_ns(); /* a busy period starts */
 	q->cmds++;
+	conn->cmds_out++;
+	conn->bytes_out += c->bytes;
 	n->cmds_out++;
 	n->bytes_out += c->bytes;
+	if (is_write_kind(c->type))
+		n->writes_out++;
 
 	done = (nbd_completion_callback){ .callback = cmd_done,
 					  .user_data = cmd,
@@ -568,26 +663,26 @@ issue(struct nbd_store *n, struct nbd_req *q, const struct cmd_spec *c)
 	n->issue_freed = false;
 	switch (c->type) {
 	case K_READ:
-		r = nbd_aio_pread_structured(n->h, c->buf, c->length,
+		r = nbd_aio_pread_structured(h, c->buf, c->length,
 			c->offset, (nbd_chunk_callback){
 				.callback = read_chunk_cb, .user_data = cmd },
 			done, 0);
 		break;
 	case K_WRITE:
-		r = nbd_aio_pwrite(n->h, c->buf, c->length, c->offset, done,
+		r = nbd_aio_pwrite(h, c->buf, c->length, c->offset, done,
 				   c->flags);
 		break;
 	case K_ZERO:
-		r = nbd_aio_zero(n->h, c->length, c->offset, done, c->flags);
+		r = nbd_aio_zero(h, c->length, c->offset, done, c->flags);
 		break;
 	case K_TRIM:
-		r = nbd_aio_trim(n->h, c->length, c->offset, done, 0);
+		r = nbd_aio_trim(h, c->length, c->offset, done, 0);
 		break;
 	case K_FLUSH:
-		r = nbd_aio_flush(n->h, done, 0);
+		r = nbd_aio_flush(h, done, 0);
 		break;
 	case K_EXTENTS:
-		r = nbd_aio_block_status(n->h, c->length, c->offset,
+		r = nbd_aio_block_status(h, c->length, c->offset,
 			(nbd_extent_callback){ .callback = extent_cb,
 					       .user_data = cmd },
 			done, 0);
@@ -609,22 +704,51 @@ issue(struct nbd_store *n, struct nbd_req *q, const struct cmd_spec *c)
 }
 
 static bool
-handle_gone(struct nbd_store *n)
+connected(const struct nbd_store *n)
 {
-	return nbd_aio_is_dead(n->h) == 1 || nbd_aio_is_closed(n->h) == 1;
+	return n->conn[0].h != NULL;
 }
 
-static void connection_lost(struct nbd_store *n);
+static bool
+handle_gone(const struct nbd_conn *c)
+{
+	return nbd_aio_is_dead(c->h) == 1 || nbd_aio_is_closed(c->h) == 1;
+}
 
-/* Hand queued commands to libnbd while the budget allows. */
+/* The connection with the fewest bytes (then commands) out. */
+static struct nbd_conn *
+pick_conn(struct nbd_store *n)
+{
+	struct nbd_conn *best = &n->conn[0];
+
+	for (unsigned i = 1; i < n->nconns; i++) {
+		struct nbd_conn *c = &n->conn[i];
+
+		if (c->bytes_out < best->bytes_out ||
+		    (c->bytes_out == best->bytes_out &&
+		     c->cmds_out < best->cmds_out))
+			best = c;
+	}
+	return best;
+}
+
+static void connection_lost(struct nbd_store *n, struct nbd_conn *c);
+
+/* Hand queued commands to libnbd while the budget allows, oldest request
+ * first; a request that must wait holds back those behind it. */
 static void
 pump(struct nbd_store *n)
 {
+	struct nbd_conn *conn;
 	struct nbd_req *q;
 	struct cmd_spec c;
+	enum next_step step;
 
-	while (n->h && (q = n->queue)) {
-		if (!req_next(n, q, &c)) {
+	while (connected(n) && (q = n->queue)) {
+		step = req_next(n, q, &c);
+		if (step == NEXT_WAIT)
+			break;
+		if (step == NEXT_NONE) {
 			n->queue = q->qnext;
 			if (!n->queue)
 				n->queue_tail = NULL;
@@ -635,9 +759,10 @@ pump(struct nbd_store *n)
 		if (n->cmds_out && (n->cmds_out >= MAX_CMDS ||
 				    n->bytes_out + c.bytes > MAX_BYTES))
 			break;
-		issue(n, q, &c);
-		if (handle_gone(n)) {
-			connection_lost(n);
+		conn = pick_conn(n);
+		issue(n, conn, q, &c);
+		if (handle_gone(conn)) {
+			connection_lost(n, conn);
 			break;
 		}
 	}
@@ -645,24 +770,30 @@ pump(struct nbd_store *n)
 
 /* ---- killing the connection ----------------------------------------- */
 
-/* Close the handle: libnbd drops every command (calling .free for each)
- * and will touch no buffer of ours again.  A poll armed on its socket is
- * woken by the shutdown, so that it comes back. */
+/* Close every handle: libnbd drops every command (calling .free for
+ * each) and will touch no buffer of ours again.  A poll armed on a socket
+ * is woken by the shutdown, so that it comes back.  All handles are let go
+ * before the first close, whose .free callbacks may look. */
 static void
-drop_handle(struct nbd_store *n)
+drop_handles(struct nbd_store *n)
 {
-	struct nbd_handle *h = n->h;
+	struct nbd_handle *h[MAX_CONNS];
 
-	if (!h)
-		return;
-	if (n->poll_armed) {
-		int fd = nbd_aio_get_fd(h);
+	for (unsigned i = 0; i < n->nconns; i++) {
+		struct nbd_conn *c = &n->conn[i];
 
-		if (fd >= 0)
-			shutdown(fd, SHUT_RDWR);
+		h[i] = c->h;
+		c->h = NULL;
+		if (h[i] && c->poll_armed) {
+			int fd = nbd_aio_get_fd(h[i]);
+
+			if (fd >= 0)
+				shutdown(fd, SHUT_RDWR);
+		}
 	}
-	n->h = NULL;
-	nbd_close(h);
+	for (unsigned i = 0; i < n->nconns; i++)
+		if (h[i])
+			nbd_close(h[i]);
 }
 
 static void __attribute__((format(printf, 3, 4)))
@@ -682,20 +813,25 @@ kill_connection(struct nbd_store *n, int err, const char *fmt, ...)
 		q->queued = false;
 	}
 	n->queue = n->queue_tail = NULL;
-	drop_handle(n);
+	drop_handles(n);
 	for (struct nbd_req *q = n->live; q; q = q->next)
 		req_check(n, q);
 }
 
+/* One connection lost makes the store dead, as a lone connection lost
+ * always did: the others are closed and every request waiting fails. */
 static void
-connection_lost(struct nbd_store *n)
+connection_lost(struct nbd_store *n, struct nbd_conn *c)
 {
+	char which[48];
+
+	conn_name(n, c, which, sizeof which);
 	if (n->note[0])
 		kill_connection(n, -EIO, "the connection to the server was "
-				"lost (%s)", n->note);
+				"lost%s (%s)", which, n->note);
 	else
 		kill_connection(n, -EIO, "the connection to the server was "
-				"lost");
+				"lost%s", which);
 }
 
 /* ---- the loop side: poll, watchdog, kick, delivery ------------------- */
@@ -707,8 +843,10 @@ static void timer_done(struct bm_op *op, int res);
 static bool
 armed(const struct nbd_store *n)
 {
-	return n->poll_armed || n->unpolling || n->timer.armed ||
-	       n->kick_armed;
+	for (unsigned i = 0; i < n->nconns; i++)
+		if (n->conn[i].poll_armed || n->conn[i].unpolling)
+			return true;
+	return n->timer.armed || n->kick_armed;
 }
 
 static void
@@ -719,56 +857,69 @@ destroy(struct nbd_store *n)
 	free(n);
 }
 
-/* Wait for the socket as libnbd wants, and watch the server's answers. */
-static void
-arm(struct nbd_store *n)
+/* Wait for the connection's socket as libnbd wants.  False if the
+ * connection turned out to be gone (the store is dead then). */
+static bool
+arm_conn(struct nbd_store *n, struct nbd_conn *c)
 {
 	struct io_uring_sqe *sqe;
 	unsigned dir, mask = 0;
-	uint64_t now, deadline, timeout_ns;
 	int fd;
 
-	if (!n->h)
-		return;
-	dir = nbd_aio_get_direction(n->h);
-	if (n->cmds_out || (dir & LIBNBD_AIO_DIRECTION_WRITE)) {
-		if (dir & LIBNBD_AIO_DIRECTION_READ)
-			mask |= POLLIN;
-		if (dir & LIBNBD_AIO_DIRECTION_WRITE)
-			mask |= POLLOUT;
-		if (!mask)
-			mask = POLLIN;
-		fd = nbd_aio_get_fd(n->h);
-		if (fd < 0) {
-			snprintf(n->note, sizeof n->note, "%s",
-				 nbd_get_error());
-			connection_lost(n);
+	dir = nbd_aio_get_direction(c->h);
+	if (!c->cmds_out && !(dir & LIBNBD_AIO_DIRECTION_WRITE))
+		return true;
+	if (dir & LIBNBD_AIO_DIRECTION_READ)
+		mask |= POLLIN;
+	if (dir & LIBNBD_AIO_DIRECTION_WRITE)
+		mask |= POLLOUT;
+	if (!mask)
+		mask = POLLIN;
+	fd = nbd_aio_get_fd(c->h);
+	if (fd < 0) {
+		snprintf(n->note, sizeof n->note, "%s", nbd_get_error());
+		connection_lost(n, c);
+		return false;
+	}
+	if (!c->poll_armed) {
+		sqe = bm_loop_sqe(n->s.loop, &c->poll_op, poll_done);
+		io_uring_prep_poll_add(sqe, fd, mask);
+		c->poll_armed = true;
+		c->poll_mask = mask;
+	} else if ((mask & ~c->poll_mask) && !c->unpolling) {
+		/* libnbd now also wants to write: take the poll back; it
+		 * is armed again with the new mask. */
+		sqe = bm_loop_sqe(n->s.loop, &c->unpoll_op, unpoll_done);
+		io_uring_prep_poll_remove(sqe, (__u64)(uintptr_t)&c->poll_op);
+		c->unpolling = true;
+	}
+	return true;
+}
+
+/* Wait for the sockets as libnbd wants, and watch the server's answers:
+ * the watchdog goes off when the first busy connection could have been
+ * silent for `timeout`. */
+static void
+arm(struct nbd_store *n)
+{
+	uint64_t now, deadline = UINT64_MAX, timeout_ns;
+
+	for (unsigned i = 0; i < n->nconns && connected(n); i++)
+		if (!arm_conn(n, &n->conn[i]))
 			return;
-		}
-		if (!n->poll_armed) {
-			sqe = bm_loop_sqe(n->s.loop, &n->poll_op, poll_done);
-			io_uring_prep_poll_add(sqe, fd, mask);
-			n->poll_armed = true;
-			n->poll_mask = mask;
-		} else if ((mask & ~n->poll_mask) && !n->unpolling) {
-			/* libnbd now also wants to write: take the poll
-			 * back; it is armed again with the new mask. */
-			sqe = bm_loop_sqe(n->s.loop, &n->unpoll_op,
-					  unpoll_done);
-			io_uring_prep_poll_remove(sqe,
-				(__u64)(uintptr_t)&n->poll_op);
-			n->unpolling = true;
-		}
-	}
-	if (n->cmds_out && !n->timer.armed) {
-		now = now_ns();
-		timeout_ns = (uint64_t)n->timeout * 1000000000u;
-		deadline = n->last_activity + timeout_ns;
-		bm_loop_timer_start(n->s.loop, &n->timer,
-				    deadline > now + 1000000 ? deadline - now
-							     : 1000000,
-				    timer_done);
-	}
+	if (!connected(n) || !n->cmds_out || n->timer.armed)
+		return;
+	timeout_ns = (uint64_t)n->timeout * 1000000000u;
+	for (unsigned i = 0; i < n->nconns; i++)
+		if (n->conn[i].cmds_out)
+			deadline = BM_MIN(deadline,
+					  n->conn[i].last_activity +
+					  timeout_ns);
+	now = now_ns();
+	bm_loop_timer_start(n->s.loop, &n->timer,
+			    deadline > now + 1000000 ? deadline - now
+						     : 1000000,
+			    timer_done);
 }
 
 /* Take back what is armed, so that the store can go idle. */
@@ -779,12 +930,15 @@ disarm(struct nbd_store *n)
 		n->timer_cancelling = true;
 		bm_loop_timer_cancel(n->s.loop, &n->timer);
 	}
-	if (n->poll_armed && !n->unpolling && n->cmds_out == 0) {
+	for (unsigned i = 0; i < n->nconns; i++) {
+		struct nbd_conn *c = &n->conn[i];
 		struct io_uring_sqe *sqe;
 
-		sqe = bm_loop_sqe(n->s.loop, &n->unpoll_op, unpoll_done);
-		io_uring_prep_poll_remove(sqe, (__u64)(uintptr_t)&n->poll_op);
-		n->unpolling = true;
+		if (!c->poll_armed || c->unpolling || c->cmds_out)
+			continue;
+		sqe = bm_loop_sqe(n->s.loop, &c->unpoll_op, unpoll_done);
+		io_uring_prep_poll_remove(sqe, (__u64)(uintptr_t)&c->poll_op);
+		c->unpolling = true;
 	}
 }
 
@@ -839,8 +993,9 @@ kick(struct nbd_store *n)
 static void
 progress(struct nbd_store *n)
 {
-	if (n->h && handle_gone(n))
-		connection_lost(n);
+	for (unsigned i = 0; i < n->nconns && connected(n); i++)
+		if (handle_gone(&n->conn[i]))
+			connection_lost(n, &n->conn[i]);
 	pump(n);
 	arm(n);
 }
@@ -862,27 +1017,28 @@ leave(struct nbd_store *n)
 static void
 poll_done(struct bm_op *op, int res)
 {
-	struct nbd_store *n = bm_container_of(op, struct nbd_store, poll_op);
+	struct nbd_conn *c = bm_container_of(op, struct nbd_conn, poll_op);
+	struct nbd_store *n = c->n;
 	int r = 0;
 
 	n->depth++;
-	n->poll_armed = false;
-	if (n->h && !n->closed) {
+	c->poll_armed = false;
+	if (c->h && !n->closed) {
 		if (res > 0) {
-			n->last_activity = now_ns();
+			c->last_activity = now_ns();
 			if (res & (POLLIN | POLLERR | POLLHUP | POLLRDHUP))
-				r = nbd_aio_notify_read(n->h);
+				r = nbd_aio_notify_read(c->h);
 			else if (res & POLLOUT)
-				r = nbd_aio_notify_write(n->h);
+				r = nbd_aio_notify_write(c->h);
 			if (r == -1) {
 				snprintf(n->note, sizeof n->note, "%s",
 					 nbd_get_error());
-				connection_lost(n);
+				connection_lost(n, c);
 			}
 		} else if (res < 0 && res != -ECANCELED) {
 			snprintf(n->note, sizeof n->note, "poll: %s",
 				 strerror(-res));
-			connection_lost(n);
+			connection_lost(n, c);
 		}
 	}
 	leave(n);
@@ -891,11 +1047,11 @@ poll_done(struct bm_op *op, int res)
 static void
 unpoll_done(struct bm_op *op, int res)
 {
-	struct nbd_store *n = bm_container_of(op, struct nbd_store,
-					      unpoll_op);
+	struct nbd_conn *c = bm_container_of(op, struct nbd_conn, unpoll_op);
+	struct nbd_store *n = c->n;
 
 	n->depth++;
-	n->unpolling = false;
+	c->unpolling = false;
 	leave(n);
 }
 
@@ -904,16 +1060,24 @@ timer_done(struct bm_op *op, int res)
 {
 	struct nbd_store *n = bm_container_of(op, struct nbd_store, timer.op);
 	uint64_t timeout_ns = (uint64_t)n->timeout * 1000000000u;
+	uint64_t now = now_ns();
+	char which[48];
 
 	n->depth++;
 	n->timer.armed = false;
 	n->timer_cancelling = false;
-	if (n->h && !n->closed && n->cmds_out &&
-	    now_ns() - n->last_activity >= timeout_ns) {
-		bm_warn("%s: no reply from the server for %u seconds; giving "
-			"up on it", n->s.name, n->timeout);
+	for (unsigned i = 0; i < n->nconns; i++) {
+		struct nbd_conn *c = &n->conn[i];
+
+		if (!c->h || n->closed || !c->cmds_out ||
+		    now - c->last_activity < timeout_ns)
+			continue;
+		conn_name(n, c, which, sizeof which);
+		bm_warn("%s: no reply from the server for %u seconds%s; "
+			"giving up on it", n->s.name, n->timeout, which);
 		kill_connection(n, -ETIMEDOUT, "no reply from the server for "
-				"%u seconds", n->timeout);
+				"%u seconds%s", n->timeout, which);
+		break;
 	}
 	leave(n);
 }
@@ -937,12 +1101,6 @@ nomem_done(struct bm_op *op, int res)
 
 	bm_error(res, "%s: out of memory", io->store->name);
 	io->done(io, res);
-}
-
-static bool
-is_write_kind(enum req_kind kind)
-{
-	return kind == K_WRITE || kind == K_ZERO || kind == K_TRIM;
 }
 
 /* Set the request up; false if it is finished already (made ready). */
@@ -975,6 +1133,19 @@ prepare(struct nbd_store *n, struct nbd_req *q)
 			q->cmd_flags = LIBNBD_CMD_FLAG_FUA;
 		else
 			q->fua_flush = n->can_flush;
+	}
+	/* NBD has no "start writing back": a bulk write the caller waits
+	 * to see written back is followed by a flush now and then, so that
+	 * a server writing through its page cache writes back during the
+	 * copy rather than all at the last flush. */
+	if (q->kind == K_WRITE && n->can_flush && !(io->flags & BM_IO_FUA) &&
+	    (io->flags & (BM_IO_WRITEBACK | BM_IO_EVICT)) ==
+	    (BM_IO_WRITEBACK | BM_IO_EVICT)) {
+		n->unflushed += io->length;
+		if (n->unflushed >= WRITEBACK_BYTES) {
+			n->unflushed = 0;
+			q->fua_flush = true;
+		}
 	}
 	switch (q->kind) {
 	case K_WRITE:
@@ -1113,10 +1284,11 @@ store_close(struct bm_store *s)
 
 	if (n->active > n->nready) {
 		kill_connection(n, -ECANCELED, "store closed");
-	} else if (n->h) {
+	} else if (connected(n)) {
 		/* Polite: tell the server, without waiting for it. */
-		nbd_aio_disconnect(n->h, 0);
-		drop_handle(n);
+		for (unsigned i = 0; i < n->nconns; i++)
+			nbd_aio_disconnect(n->conn[i].h, 0);
+		drop_handles(n);
 	}
 	n->closed = true;
 	while ((q = n->live)) {
@@ -1157,6 +1329,29 @@ libnbd_error(const char *uri, int def)
 			m ? m : strerror(e ? e : -def));
 }
 
+/* A handle set up as every connection of a store is (the TLS settings
+ * come with the URI). */
+static int
+new_handle(const char *uri, struct nbd_handle **out)
+{
+	struct nbd_handle *h = nbd_create();
+	int r;
+
+	if (!h)
+		return libnbd_error(uri, -ENOMEM);
+	if (nbd_set_uri_allow_local_file(h, true) == -1 ||
+	    nbd_set_uri_allow_transports(h, LIBNBD_ALLOW_TRANSPORT_TCP |
+					 LIBNBD_ALLOW_TRANSPORT_UNIX) == -1 ||
+	    nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 ||
+	    nbd_set_request_structured_replies(h, true) == -1) {
+		r = libnbd_error(uri, -EINVAL);
+		nbd_close(h);
+		return r;
+	}
+	*out = h;
+	return 0;
+}
+
 /* nbd_connect_uri, but giving up after `timeout` seconds: a server that
  * accepts the connection and says nothing must not hang the caller. */
 static int
@@ -1183,27 +1378,162 @@ connect_bounded(struct nbd_handle *h, const char *uri, unsigned timeout)
 	return 0;
 }
 
+/* Connections a bulk copy opens to a multi-conn server. */
+static unsigned
+conns_wanted(void)
+{
+	const char *env = getenv("BLOCKMIRROR_NBD_CONNECTIONS");
+	unsigned long v;
+	char *end;
+
+	if (!env || !*env)
+		return MAX_CONNS;
+	errno = 0;
+	v = strtoul(env, &end, 10);
+	if (errno || *end || v == 0 || v > MAX_CONNS)
+		return MAX_CONNS;
+	return (unsigned)v;
+}
+
+/* What the connections of one store must agree on. */
+#define SIG_LEN 13
+
+static void
+export_sig(struct nbd_handle *h, int64_t sig[SIG_LEN])
+{
+	sig[0] = nbd_get_size(h);
+	sig[1] = nbd_is_read_only(h);
+	sig[2] = nbd_can_zero(h);
+	sig[3] = nbd_can_fast_zero(h);
+	sig[4] = nbd_can_trim(h);
+	sig[5] = nbd_can_flush(h);
+	sig[6] = nbd_can_fua(h);
+	sig[7] = nbd_can_multi_conn(h);
+	sig[8] = nbd_get_structured_replies_negotiated(h);
+	sig[9] = nbd_can_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION);
+	sig[10] = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM);
+	sig[11] = nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED);
+	sig[12] = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM);
+}
+
+/*
+ * Open `want` more connections to `uri` at once and keep those whose
+ * handshake is over by `deadline` and that see the export `first` sees.
+ * A server may close extra clients at once (nbdkit's limit filter) or
+ * leave them unaccepted (qemu-nbd past --shared): the store goes on with
+ * the connections it got.  Returns how many handles are in `out`.
+ */
+static unsigned
+connect_more(const char *uri, struct nbd_handle *first, unsigned want,
+	     uint64_t deadline, struct nbd_handle **out)
+{
+	struct nbd_handle *h[MAX_CONNS];
+	struct pollfd pfd[MAX_CONNS];
+	unsigned at[MAX_CONNS], nfds, got = 0;
+	int64_t sig[SIG_LEN], sig_first[SIG_LEN];
+
+	for (unsigned i = 0; i < want; i++) {
+		h[i] = NULL;
+		if (new_handle(uri, &h[i]) < 0) {
+			bm_error_clear();
+			continue;
+		}
+		if (nbd_aio_connect_uri(h[i], uri) == -1) {
+			nbd_close(h[i]);
+			h[i] = NULL;
+		}
+	}
+	for (;;) {
+		uint64_t now;
+
+		nfds = 0;
+		for (unsigned i = 0; i < want; i++) {
+			unsigned dir;
+			int fd;
+
+			if (!h[i] || nbd_aio_is_ready(h[i]) == 1)
+				continue;
+			fd = nbd_aio_get_fd(h[i]);
+			if (fd < 0 || nbd_aio_is_dead(h[i]) == 1 ||
+			    nbd_aio_is_closed(h[i]) == 1) {
+				bm_debug("%s: the server closed connection %u "
+					 "during the handshake", uri, i + 2);
+				nbd_close(h[i]);
+				h[i] = NULL;
+				continue;
+			}
+			dir = nbd_aio_get_direction(h[i]);
+			pfd[nfds].fd = fd;
+			pfd[nfds].events =
+				(dir & LIBNBD_AIO_DIRECTION_READ ? POLLIN : 0) |
+				(dir & LIBNBD_AIO_DIRECTION_WRITE ? POLLOUT
+								  : 0);
+			if (!pfd[nfds].events)
+				pfd[nfds].events = POLLIN;
+			pfd[nfds].revents = 0;
+			at[nfds++] = i;
+		}
+		now = now_ns();
+		if (nfds == 0 || now >= deadline)
+			break;
+		if (poll(pfd, nfds, (int)((deadline - now + 999999) /
+					  1000000)) < 0 && errno != EINTR)
+			break;
+		for (unsigned j = 0; j < nfds; j++) {
+			unsigned i = at[j];
+			int r = 0;
+
+			if (pfd[j].revents & (POLLIN | POLLERR | POLLHUP))
+				r = nbd_aio_notify_read(h[i]);
+			else if (pfd[j].revents & POLLOUT)
+				r = nbd_aio_notify_write(h[i]);
+			if (r == -1) {
+				bm_debug("%s: connection %u: %s", uri, i + 2,
+					 nbd_get_error());
+				nbd_close(h[i]);
+				h[i] = NULL;
+			}
+		}
+	}
+	export_sig(first, sig_first);
+	for (unsigned i = 0; i < want; i++) {
+		if (!h[i])
+			continue;
+		if (nbd_aio_is_ready(h[i]) != 1) {
+			bm_debug("%s: connection %u still in its handshake; "
+				 "going on without it", uri, i + 2);
+			nbd_close(h[i]);
+			continue;
+		}
+		export_sig(h[i], sig);
+		if (memcmp(sig, sig_first, sizeof sig) != 0) {
+			bm_debug("%s: connection %u sees another export; going "
+				 "on without it", uri, i + 2);
+			nbd_aio_disconnect(h[i], 0);
+			nbd_close(h[i]);
+			continue;
+		}
+		out[got++] = h[i];
+	}
+	return got;
+}
+
 int
 bm_nbd_open(struct bm_loop *loop, const char *uri, unsigned flags,
 	    struct bm_store **out)
 {
 	struct nbd_store *n = NULL;
-	struct nbd_handle *h;
+	struct nbd_handle *hs[MAX_CONNS], *h;
+	unsigned nh = 0, want;
 	int64_t size, minimum, preferred, maximum;
 	unsigned timeout = bm_nbd_timeout();
+	uint64_t t0 = now_ns(), wait_ns;
 	int r;
 
-	h = nbd_create();
-	if (!h)
-		return libnbd_error(uri, -ENOMEM);
-	if (nbd_set_uri_allow_local_file(h, true) == -1 ||
-	    nbd_set_uri_allow_transports(h, LIBNBD_ALLOW_TRANSPORT_TCP |
-					 LIBNBD_ALLOW_TRANSPORT_UNIX) == -1 ||
-	    nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 ||
-	    nbd_set_request_structured_replies(h, true) == -1) {
-		r = libnbd_error(uri, -EINVAL);
-		goto fail;
-	}
+	r = new_handle(uri, &h);
+	if (r < 0)
+		return r;
+	hs[nh++] = h;
 	r = connect_bounded(h, uri, timeout);
 	if (r < 0)
 		goto fail;
@@ -1241,6 +1571,19 @@ bm_nbd_open(struct bm_loop *loop, const char *uri, unsigned flags,
 	if (maximum == 0)
 		maximum = minimum;
 
+	/* Multi-conn: the server promises that every connection sees the
+	 * same data and that a flush on one covers what the others have
+	 * answered.  Extra connections get as long as the first took, a
+	 * few times over, but at least EXTRA_WAIT_NS. */
+	want = conns_wanted();
+	if ((flags & BM_OPEN_MULTI_CONN) && want > 1 &&
+	    nbd_can_multi_conn(h) == 1) {
+		wait_ns = BM_MAX(EXTRA_WAIT_NS, 4 * (now_ns() - t0));
+		wait_ns = BM_MIN(wait_ns, (uint64_t)timeout * 1000000000u);
+		nh += connect_more(uri, h, want - 1, now_ns() + wait_ns,
+				   hs + 1);
+	}
+
 	n = calloc(1, sizeof *n);
 	if (!n || !(n->s.name = strdup(uri))) {
 		free(n);
@@ -1248,7 +1591,12 @@ bm_nbd_open(struct bm_loop *loop, const char *uri, unsigned flags,
 		r = bm_error(-ENOMEM, "%s: out of memory", uri);
 		goto fail;
 	}
-	n->h = h;
+	for (unsigned i = 0; i < nh; i++) {
+		n->conn[i].n = n;
+		n->conn[i].h = hs[i];
+		n->conn[i].index = i;
+	}
+	n->nconns = nh;
 	n->timeout = timeout;
 	n->max_payload = (uint64_t)maximum;
 	n->max_zero = bm_round_down(MAX_ZERO, (uint64_t)minimum);
@@ -1275,14 +1623,22 @@ bm_nbd_open(struct bm_loop *loop, const char *uri, unsigned flags,
 	n->s.allocated = UINT64_MAX;
 	bm_debug("%s: %" PRIu64 " bytes, block sizes %" PRId64 "/%" PRId64
 		 "/%" PRId64 ", zero %d fast-zero %d trim %d flush %d fua %d "
-		 "base:allocation %d multi-conn %d", uri, n->s.size, minimum,
-		 preferred, maximum, n->can_zero, n->can_fast_zero,
-		 n->can_trim, n->can_flush, n->can_fua, n->can_meta,
-		 nbd_can_multi_conn(h) == 1);
+		 "base:allocation %d multi-conn %d, %u connection%s", uri,
+		 n->s.size, minimum, preferred, maximum, n->can_zero,
+		 n->can_fast_zero, n->can_trim, n->can_flush, n->can_fua,
+		 n->can_meta, nbd_can_multi_conn(h) == 1, nh,
+		 nh == 1 ? "" : "s");
 	*out = &n->s;
 	return 0;
 
 fail:
-	nbd_close(h);
+	for (unsigned i = 0; i < nh; i++)
+		nbd_close(hs[i]);
 	return r;
+}
+
+unsigned
+bm_nbd_connections(struct bm_store *s)
+{
+	return s->ops == &nbd_ops ? to_nbd(s)->nconns : 0;
 }

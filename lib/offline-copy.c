@@ -281,7 +281,10 @@ bm_offline_copy_open(struct bm_offline_copy *oc, const char *src,
 		     const struct blockmirror_copy_options *options)
 {
 	enum blockmirror_format dst_format;
-	unsigned flags, src_iflags = 0, dst_iflags = BM_IMAGE_DIRECT;
+	/* A bulk copy: NBD exports get several connections where the
+	 * server allows (store.h). */
+	unsigned flags, src_iflags = BM_IMAGE_MULTI_CONN,
+		 dst_iflags = BM_IMAGE_DIRECT | BM_IMAGE_MULTI_CONN;
 	const char *dst_options = NULL;
 	char *dst_options_full = NULL;
 	bool dst_uri;

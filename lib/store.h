@@ -91,6 +91,11 @@ enum {
 	BM_OPEN_NOFOLLOW = 1u << 4, /* no symbolic link anywhere in the
 				       path: -ELOOP (openat2 where the
 				       kernel has it, else the last part) */
+	/* NBD only: for a bulk copy, up to 4 connections to a server that
+	 * advertises multi-conn (nbd.h); BM_IMAGE_MULTI_CONN asks for it
+	 * through bm_image_open and bm_image_create.  File stores ignore
+	 * it. */
+	BM_OPEN_MULTI_CONN = 1u << 5,
 };
 
 /*

@@ -5,6 +5,10 @@
 #   - to an NBD server, requests of 256 KiB unless the server prefers
 #     larger ones (nbdkit's log filter records every request; the
 #     blocksize-policy filter advertises a preferred size);
+#   - to a server that advertises multi-conn, writes spread over several
+#     connections; to one that takes a single client (nbdkit's limit
+#     filter), the extra connections are refused and the copy goes over
+#     the one it got;
 #   - the destination file is not left in the page cache (fincore), with
 #     O_DIRECT (the default for a file destination) and through the page
 #     cache (-t writeback), while the source keeps its pages (-T
@@ -52,9 +56,31 @@ copy_to_nbdkit() { # LABEL [FILTER-OPTION] [PARAMETERS...]
 	largest_write "$log"
 }
 
+# writers LOG: how many connections sent writes, in an nbdkit log file.
+writers() { grep -oE 'connection=[0-9]+ Write ' "$1" | sort -u | wc -l; }
+
 n=$(copy_to_nbdkit plain)
 ((n == 256 * KiB)) || fail "copy to nbdkit: largest write $n, want 256 KiB"
 pass "copy to an NBD server: 256 KiB requests"
+
+c=$(writers "$T/plain.log")
+((c > 1)) || fail "copy to nbdkit (multi-conn): writes on $c connection(s)"
+pass "copy to a multi-conn NBD server: writes over $c connections"
+
+# One client at a time: nbdkit refuses the others.
+truncate -s $((24 * MiB)) "$T/lim.raw"
+nbdkit --exit-with-parent -f -U "$T/lim.sock" --filter=log --filter=limit \
+	file file="$T/lim.raw" logfile="$T/lim.log" limit=1 2>"$T/lim.err" &
+wait_for_socket "$T/lim.sock"
+run_ok "$BMIRROR" copy -O raw "$SRC" "nbd+unix:///?socket=$T/lim.sock"
+kill %% 2>/dev/null || true
+wait 2>/dev/null || true
+grep -q "too many clients" "$T/lim.err" ||
+	fail "copy to a server taking one client: no extra connection tried"
+c=$(writers "$T/lim.log")
+((c == 1)) || fail "copy to a server taking one client: writes on $c connections"
+run_ok qemu-img compare -f raw -F raw "$SRC" "$T/lim.raw"
+pass "copy to an NBD server that takes one client: over that one"
 
 n=$(copy_to_nbdkit pref --filter=blocksize-policy blocksize-preferred=1M)
 ((n == MiB)) || fail "copy to nbdkit preferring 1 MiB: largest write $n"

@@ -8,9 +8,13 @@
  * qemu-img map, the size check of create, read-only exports, connect
  * failures, a server that never answers (-ETIMEDOUT), cancel
  * (-ECANCELED), a server killed mid-request (-EIO), the rule that nothing
- * stays armed on the loop once the caller has nothing outstanding; and
- * through the public API: copy to and from an export, verify, info, and a
- * mirror job whose destination is an NBD export.
+ * stays armed on the loop once the caller has nothing outstanding;
+ * multi-conn (several connections for a bulk copy, counted in nbdkit's
+ * log, the flush after every write is answered, servers that take fewer
+ * connections, one connection lost); an offline copy's flushes every
+ * 64 MiB; and through the public API: copy to
+ * and from an export (with multi-conn, and a server killed mid-copy),
+ * verify, info, and a mirror job whose destination is an NBD export.
  *
  * A missing nbdkit, qemu-nbd or qemu-img skips the test (77), except with
  * CI=true, where it fails.
@@ -28,6 +32,7 @@
 #include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <dirent.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -124,6 +129,22 @@ start_nbdkit(const char *first, ...)
 	return pid;
 }
 
+/* qemu-nbd -f raw --socket=sock --persistent -x '' -e SHARED FILE */
+static pid_t
+start_qemu_nbd_shared(const char *file, unsigned shared)
+{
+	char sockopt[160], sharedopt[32];
+	char *argv[] = { "qemu-nbd", "-f", "raw", sockopt, "--persistent",
+			 "-x", "", sharedopt, (char *)file, NULL };
+	pid_t pid;
+
+	snprintf(sockopt, sizeof sockopt, "--socket=%s", sock);
+	snprintf(sharedopt, sizeof sharedopt, "--shared=%u", shared);
+	pid = spawn(argv);
+	wait_socket(sock, pid);
+	return pid;
+}
+
 /* qemu-nbd -f raw --socket=sock --persistent -x '' [-r] FILE */
 static pid_t
 start_qemu_nbd(const char *file, bool readonly)
@@ -183,6 +204,94 @@ do_io(struct bm_store *s, void (*op)(struct bm_store *, struct bm_io *),
 			    .flags = flags };
 
 	return bm_store_sync(s, op, &io);
+}
+
+/* ---- nbdkit's log filter --------------------------------------------- */
+
+/* Connections (ids below 64) that sent an `op` request ("Write", "Read",
+ * "Flush"...), as a bit mask, from nbdkit's log filter file. */
+static uint64_t
+log_conns(const char *path, const char *op)
+{
+	FILE *f = fopen(path, "r");
+	char line[1024], word[32];
+	uint64_t mask = 0;
+	unsigned id;
+
+	ck_assert_ptr_nonnull(f);
+	while (fgets(line, sizeof line, f)) {
+		const char *c = strstr(line, " connection=");
+
+		if (c && sscanf(c, " connection=%u %31s", &id, word) == 2 &&
+		    id < 64 && strcmp(word, op) == 0)
+			mask |= 1ull << id;
+	}
+	fclose(f);
+	return mask;
+}
+
+/* How many `op` requests the log holds. */
+static unsigned
+log_count(const char *path, const char *op)
+{
+	FILE *f = fopen(path, "r");
+	char line[1024], word[32];
+	unsigned id, n = 0;
+
+	ck_assert_ptr_nonnull(f);
+	while (fgets(line, sizeof line, f)) {
+		const char *c = strstr(line, " connection=");
+
+		if (c && sscanf(c, " connection=%u %31s", &id, word) == 2 &&
+		    strcmp(word, op) == 0)
+			n++;
+	}
+	fclose(f);
+	return n;
+}
+
+static unsigned
+popcount(uint64_t m)
+{
+	return (unsigned)__builtin_popcountll(m);
+}
+
+/* Line numbers in the log: the first `op` request, and the last reply to
+ * an `op` request (0: none). */
+static void
+log_lines(const char *path, const char *op, unsigned *first_request,
+	  unsigned *last_reply)
+{
+	FILE *f = fopen(path, "r");
+	char line[1024], word[32], reply[40];
+	unsigned id, no = 0;
+
+	ck_assert_ptr_nonnull(f);
+	snprintf(reply, sizeof reply, "...%s", op);
+	*first_request = *last_reply = 0;
+	while (fgets(line, sizeof line, f)) {
+		const char *c = strstr(line, " connection=");
+
+		no++;
+		if (!c || sscanf(c, " connection=%u %31s", &id, word) != 2)
+			continue;
+		if (strcmp(word, op) == 0 && !*first_request)
+			*first_request = no;
+		if (strcmp(word, reply) == 0)
+			*last_reply = no;
+	}
+	fclose(f);
+}
+
+/* Loop tests run with one connection (_i 0), then with a bulk copy's
+ * several (_i 1: nbdkit's plugins advertise multi-conn). */
+static struct bm_store *
+open_store_conns(unsigned flags, int i)
+{
+	struct bm_store *s = open_store(flags | (i ? BM_OPEN_MULTI_CONN : 0));
+
+	ck_assert_uint_eq(bm_nbd_connections(s), (i ? 4u : 1u));
+	return s;
 }
 
 /* Asynchronous requests, with when they finished. */
@@ -365,7 +474,8 @@ START_TEST(test_many_in_flight)
 }
 END_TEST
 
-/* The store may move to another loop between requests. */
+/* The store may move to another loop between requests (with every one
+ * of its connections). */
 START_TEST(test_move_loop)
 {
 	struct bm_loop *other;
@@ -373,7 +483,7 @@ START_TEST(test_move_loop)
 	struct bm_store *s;
 
 	start_nbdkit("memory", "1M", NULL);
-	s = open_store(BM_OPEN_WRITE);
+	s = open_store_conns(BM_OPEN_WRITE, _i);
 	fill(buf, sizeof buf, 3);
 	ck_assert_int_eq(do_io(s, s->ops->write, 100, sizeof buf, buf, 0), 0);
 	ck_assert_uint_eq(bm_loop_inflight(loop), 0);
@@ -865,7 +975,8 @@ START_TEST(test_connect_errors)
 }
 END_TEST
 
-/* Reads and writes never answered (60 s delay): -ETIMEDOUT at 2 s. */
+/* Reads and writes never answered (60 s delay): -ETIMEDOUT at 2 s, on
+ * one connection or spread over several. */
 START_TEST(test_hung_server)
 {
 	static unsigned char buf[3][65536];
@@ -876,7 +987,7 @@ START_TEST(test_hung_server)
 	setenv("BLOCKMIRROR_NBD_TIMEOUT", "2", 1);
 	start_nbdkit("--filter=delay", "memory", "16M", "rdelay=60",
 		     "wdelay=60", NULL);
-	s = open_store(BM_OPEN_WRITE);
+	s = open_store_conns(BM_OPEN_WRITE, _i);
 	t0 = now_ms();
 	submit(s, s->ops->read, &rq[0], 0, sizeof buf[0], buf[0], 0);
 	submit(s, s->ops->write, &rq[1], MiB, sizeof buf[1], buf[1], 0);
@@ -932,7 +1043,7 @@ START_TEST(test_cancel)
 
 	start_nbdkit("--filter=delay", "memory", "16M", "rdelay=60",
 		     "wdelay=60", NULL);
-	s = open_store(BM_OPEN_WRITE);
+	s = open_store_conns(BM_OPEN_WRITE, _i);
 	/* Nothing in flight: cancel does nothing. */
 	s->ops->cancel(s);
 	ck_assert_int_eq(do_io(s, s->ops->flush, 0, 0, NULL, 0), 0);
@@ -968,7 +1079,7 @@ START_TEST(test_server_killed)
 	setenv("BLOCKMIRROR_NBD_TIMEOUT", "30", 1);
 	pid = start_nbdkit("--filter=delay", "memory", "16M", "rdelay=5",
 			   NULL);
-	s = open_store(BM_OPEN_WRITE);
+	s = open_store_conns(BM_OPEN_WRITE, _i);
 	submit(s, s->ops->read, &rq[0], 0, sizeof buf[0], buf[0], 0);
 	submit(s, s->ops->read, &rq[1], MiB, sizeof buf[1], buf[1], 0);
 	run_for(300);
@@ -1024,13 +1135,239 @@ START_TEST(test_close_busy)
 	struct bm_store *s;
 
 	start_nbdkit("--filter=delay", "memory", "1M", "rdelay=60", NULL);
-	s = open_store(0);
+	s = open_store_conns(0, _i);
 	submit(s, s->ops->read, &rq, 0, sizeof buf, buf, 0);
 	run_for(100);
 	bm_store_close(s);
 	run_for(200);
 	ck_assert(!rq.done);
 	ck_assert_uint_eq(bm_loop_inflight(loop), 0);
+}
+END_TEST
+
+
+/* ---- multi-conn ------------------------------------------------------ */
+
+static void
+log_option(char *log, size_t log_size, char *opt, size_t opt_size,
+	   const char *name)
+{
+	snprintf(log, log_size, "%s/%s", dir, name);
+	snprintf(opt, opt_size, "logfile=%s", log);
+}
+
+/* The process's sockets: the NBD connections, in a test. */
+static int
+socket_fds(int *fds, int max)
+{
+	DIR *d = opendir("/proc/self/fd");
+	struct dirent *e;
+	char path[300], target[64];
+	int n = 0;
+
+	ck_assert_ptr_nonnull(d);
+	while ((e = readdir(d))) {
+		ssize_t len;
+
+		snprintf(path, sizeof path, "/proc/self/fd/%s", e->d_name);
+		len = readlink(path, target, sizeof target - 1);
+		if (len <= 0)
+			continue;
+		target[len] = '\0';
+		if (strncmp(target, "socket:", 7) == 0 && n < max)
+			fds[n++] = atoi(e->d_name);
+	}
+	closedir(d);
+	return n;
+}
+
+/* A store for a bulk copy (BM_OPEN_MULTI_CONN) on a multi-conn server
+ * opens 4 connections and spreads commands over them; its flush goes out
+ * once every write is answered, wherever it went.  Without the flag, one
+ * connection. */
+START_TEST(test_multi_conn)
+{
+	enum { NW = 32, LEN = 256 * 1024 };
+	static struct req wr[NW], fl;
+	unsigned char *w = malloc(NW * LEN), *r = malloc(NW * LEN);
+	char log[96], logopt[128];
+	unsigned flush_sent, last_write, unused;
+	uint64_t before, writers;
+	struct bm_store *s;
+
+	log_option(log, sizeof log, logopt, sizeof logopt, "log");
+	start_nbdkit("--filter=log", "--filter=delay", "memory", "64M",
+		     logopt, "wdelay=200ms", NULL);
+	fill(w, NW * LEN, 5);
+
+	s = open_store(BM_OPEN_WRITE);
+	ck_assert_uint_eq(bm_nbd_connections(s), 1);
+	ck_assert_int_eq(do_io(s, s->ops->write, 0, 4096, w, 0), 0);
+	bm_store_close(s);
+	before = log_conns(log, "Write");
+	ck_assert_uint_eq(popcount(before), 1);
+
+	s = open_store(BM_OPEN_WRITE | BM_OPEN_MULTI_CONN);
+	ck_assert_uint_eq(bm_nbd_connections(s), 4);
+	for (int i = 0; i < NW; i++)
+		submit(s, s->ops->write, &wr[i], (uint64_t)i * LEN, LEN,
+		       w + (size_t)i * LEN, 0);
+	/* With the writes still out (200 ms each). */
+	submit(s, s->ops->flush, &fl, 0, 0, NULL, 0);
+	ck_assert(run_all(wr, NW, 20000));
+	ck_assert(run_all(&fl, 1, 20000));
+	ck_assert_int_eq(fl.err, 0);
+	for (int i = 0; i < NW; i++) {
+		ck_assert_int_eq(wr[i].err, 0);
+		ck_assert_uint_ge(fl.done_ms, wr[i].done_ms);
+	}
+	ck_assert_int_eq(do_io(s, s->ops->read, 0, NW * LEN, r, 0), 0);
+	ck_assert(memcmp(w, r, NW * LEN) == 0);
+	ck_assert_uint_eq(bm_loop_inflight(loop), 0);
+	bm_store_close(s);
+
+	writers = log_conns(log, "Write") & ~before;
+	ck_assert_msg(popcount(writers) == 4, "writes on %u connections",
+		      popcount(writers));
+	/* In the log, the flush comes after the last write's reply. */
+	log_lines(log, "Write", &unused, &last_write);
+	log_lines(log, "Flush", &flush_sent, &unused);
+	ck_assert_uint_ne(flush_sent, 0);
+	ck_assert_msg(flush_sent > last_write, "the flush (line %u) went out "
+		      "before the last write was answered (line %u)",
+		      flush_sent, last_write);
+	free(w);
+	free(r);
+}
+END_TEST
+
+/* Servers that take fewer connections than asked, or do not advertise
+ * multi-conn: the store works with the connections it got, and does not
+ * wait long for the others. */
+START_TEST(test_multi_conn_fewer)
+{
+	unsigned char w[65536], r[65536];
+	struct bm_store *s;
+	char file[96];
+	uint64_t t0;
+
+	fill(w, sizeof w, 9);
+	/* nbdkit closes the extra clients at once. */
+	start_nbdkit("--filter=limit", "memory", "16M", "limit=1", NULL);
+	t0 = now_ms();
+	s = open_store(BM_OPEN_WRITE | BM_OPEN_MULTI_CONN);
+	ck_assert_uint_lt(now_ms() - t0, 3000);
+	ck_assert_uint_eq(bm_nbd_connections(s), 1);
+	ck_assert_int_eq(do_io(s, s->ops->write, MiB, sizeof w, w, 0), 0);
+	ck_assert_int_eq(do_io(s, s->ops->read, MiB, sizeof r, r, 0), 0);
+	ck_assert_mem_eq(w, r, sizeof w);
+	ck_assert_int_eq(do_io(s, s->ops->flush, 0, 0, NULL, 0), 0);
+	bm_store_close(s);
+	kill_servers();
+	unlink(sock);
+
+	/* No multi-conn: one connection. */
+	start_nbdkit("--filter=multi-conn", "memory", "16M",
+		     "multi-conn-mode=disable", NULL);
+	s = open_store(BM_OPEN_WRITE | BM_OPEN_MULTI_CONN);
+	ck_assert_uint_eq(bm_nbd_connections(s), 1);
+	bm_store_close(s);
+	kill_servers();
+	unlink(sock);
+
+	/* qemu-nbd --shared=2 advertises multi-conn, and leaves a third
+	 * client waiting unaccepted. */
+	snprintf(file, sizeof file, "%s/shared.raw", dir);
+	make_file(file, 16 * MiB);
+	start_qemu_nbd_shared(file, 2);
+	t0 = now_ms();
+	s = open_store(BM_OPEN_WRITE | BM_OPEN_MULTI_CONN);
+	ck_assert_uint_lt(now_ms() - t0, 5000);
+	ck_assert_uint_eq(bm_nbd_connections(s), 2);
+	ck_assert_int_eq(do_io(s, s->ops->write, 3 * MiB, sizeof w, w, 0), 0);
+	ck_assert_int_eq(do_io(s, s->ops->flush, 0, 0, NULL, 0), 0);
+	ck_assert_int_eq(do_io(s, s->ops->read, 3 * MiB, sizeof r, r, 0), 0);
+	ck_assert_mem_eq(w, r, sizeof w);
+	ck_assert_uint_eq(bm_loop_inflight(loop), 0);
+	bm_store_close(s);
+}
+END_TEST
+
+/* An offline copy's writes (BM_IO_WRITEBACK | BM_IO_EVICT) have the
+ * server flush after every 64 MiB of them, so that it writes back during
+ * the copy; other writes, and the mirror's bulk writes (WRITEBACK alone),
+ * do not. */
+START_TEST(test_writeback_flush)
+{
+	enum { LEN = 4 * MiB, N = 40 };
+	unsigned char *w = malloc(LEN);
+	char log[96], logopt[128];
+	struct bm_store *s;
+	uint64_t off;
+
+	log_option(log, sizeof log, logopt, sizeof logopt, "log");
+	start_nbdkit("--filter=log", "memory", "256M", logopt, NULL);
+	s = open_store(BM_OPEN_WRITE | BM_OPEN_MULTI_CONN);
+	fill(w, LEN, 3);
+	for (int i = 0; i < N; i++) {
+		off = (uint64_t)i * LEN;
+		ck_assert_int_eq(do_io(s, s->ops->write, off, LEN, w, 0), 0);
+		ck_assert_int_eq(do_io(s, s->ops->write, off, LEN, w,
+				       BM_IO_WRITEBACK), 0);
+	}
+	ck_assert_uint_eq(log_count(log, "Flush"), 0);
+	for (int i = 0; i < N; i++) {
+		off = (uint64_t)i * LEN;
+		ck_assert_int_eq(do_io(s, s->ops->write, off, LEN, w,
+				       BM_IO_WRITEBACK | BM_IO_EVICT), 0);
+	}
+	/* 160 MiB: two flushes. */
+	ck_assert_uint_eq(log_count(log, "Flush"), 2);
+	ck_assert_uint_eq(bm_loop_inflight(loop), 0);
+	bm_store_close(s);
+	free(w);
+}
+END_TEST
+
+/* One of the connections is lost while requests wait on the server:
+ * every request fails at once with -EIO naming the connection, the store
+ * is dead from then on, and nothing stays armed. */
+START_TEST(test_multi_conn_lost)
+{
+	enum { NR = 8 };
+	static unsigned char buf[NR][65536];
+	struct req rq[NR], late;
+	struct bm_store *s;
+	int fds[8];
+	uint64_t t0;
+
+	setenv("BLOCKMIRROR_NBD_TIMEOUT", "30", 1);
+	start_nbdkit("--filter=delay", "memory", "16M", "rdelay=10", NULL);
+	s = open_store(BM_OPEN_WRITE | BM_OPEN_MULTI_CONN);
+	ck_assert_uint_eq(bm_nbd_connections(s), 4);
+	ck_assert_int_eq(socket_fds(fds, 8), 4);
+	for (int i = 0; i < NR; i++)
+		submit(s, s->ops->read, &rq[i], (uint64_t)i * MiB,
+		       sizeof buf[i], buf[i], 0);
+	run_for(300);
+	for (int i = 0; i < NR; i++)
+		ck_assert(!rq[i].done);
+	t0 = now_ms();
+	/* As if the server dropped that one connection. */
+	ck_assert_int_eq(shutdown(fds[2], SHUT_RDWR), 0);
+	ck_assert(run_all(rq, NR, 5000));
+	for (int i = 0; i < NR; i++) {
+		ck_assert_int_eq(rq[i].err, -EIO);
+		ck_assert_uint_lt(rq[i].done_ms - t0, 2000);
+	}
+	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), "lost"));
+	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), " of 4)"));
+	submit(s, s->ops->read, &late, 0, 512, buf[0], 0);
+	ck_assert(run_all(&late, 1, 1000));
+	ck_assert_int_eq(late.err, -EIO);
+	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), "gone"));
+	ck_assert_uint_eq(bm_loop_inflight(loop), 0);
+	bm_store_close(s);
 }
 END_TEST
 
@@ -1250,6 +1587,94 @@ START_TEST(test_mirror_hung_destination)
 }
 END_TEST
 
+/* A copy to and from a multi-conn export goes over several connections
+ * and leaves the same bytes; a server that takes a single connection gets
+ * the copy over it. */
+START_TEST(test_copy_multi_conn)
+{
+	struct blockmirror_copy_options co = { .size = sizeof co };
+	char src[96], back[96], dst[96], log[96], logopt[128], cmd[512];
+	char fileopt[128];
+	uint64_t readers, writers;
+
+	snprintf(src, sizeof src, "%s/src.raw", dir);
+	snprintf(back, sizeof back, "%s/back.raw", dir);
+	snprintf(dst, sizeof dst, "%s/dst.raw", dir);
+	write_pattern_file(src, 24 * MiB, 7);
+	log_option(log, sizeof log, logopt, sizeof logopt, "log");
+	start_nbdkit("--filter=log", "memory", "24M", logopt, NULL);
+
+	ck_assert_msg(blockmirror_copy(src, uri, &co, NULL) == 0, "copy: %s",
+		      blockmirror_last_error());
+	writers = log_conns(log, "Write");
+	ck_assert_msg(popcount(writers) > 1, "writes on %u connections",
+		      popcount(writers));
+	snprintf(cmd, sizeof cmd, "qemu-img compare -q -f raw -F raw '%s' "
+		 "'%s'", src, uri);
+	ck_assert_int_eq(system(cmd), 0);
+	/* Back: the reads are spread too. */
+	readers = log_conns(log, "Read");
+	ck_assert_msg(blockmirror_copy(uri, back, &co, NULL) == 0, "copy: %s",
+		      blockmirror_last_error());
+	readers = log_conns(log, "Read") & ~readers;
+	ck_assert_msg(popcount(readers) > 1, "reads on %u connections",
+		      popcount(readers));
+	snprintf(cmd, sizeof cmd, "qemu-img compare -q -f raw -F raw '%s' "
+		 "'%s'", src, back);
+	ck_assert_int_eq(system(cmd), 0);
+	kill_servers();
+	unlink(sock);
+
+	/* One client at a time: the extra connections are refused. */
+	make_file(dst, 24 * MiB);
+	log_option(log, sizeof log, logopt, sizeof logopt, "log1");
+	snprintf(fileopt, sizeof fileopt, "file=%s", dst);
+	start_nbdkit("--filter=log", "--filter=limit", "file", fileopt,
+		     logopt, "limit=1", NULL);
+	ck_assert_msg(blockmirror_copy(src, uri, &co, NULL) == 0, "copy: %s",
+		      blockmirror_last_error());
+	ck_assert_uint_eq(popcount(log_conns(log, "Write")), 1);
+	snprintf(cmd, sizeof cmd, "qemu-img compare -q -f raw -F raw '%s' "
+		 "'%s'", src, dst);
+	ck_assert_int_eq(system(cmd), 0);
+}
+END_TEST
+
+/* The server dies in the middle of a copy over several connections: the
+ * copy fails soon with -EIO and says why; it does not wait out the
+ * timeout. */
+START_TEST(test_copy_server_killed)
+{
+	struct blockmirror_copy_options co = { .size = sizeof co };
+	const char *msg;
+	char src[96];
+	pid_t pid, killer;
+	uint64_t t0;
+	int r;
+
+	setenv("BLOCKMIRROR_NBD_TIMEOUT", "30", 1);
+	snprintf(src, sizeof src, "%s/src.raw", dir);
+	write_pattern_file(src, 24 * MiB, 9);
+	pid = start_nbdkit("--filter=delay", "memory", "24M", "wdelay=5",
+			   NULL);
+	killer = fork();
+	ck_assert_int_ge(killer, 0);
+	if (killer == 0) {
+		usleep(700 * 1000);
+		kill(pid, SIGKILL);
+		_exit(0);
+	}
+	t0 = now_ms();
+	r = blockmirror_copy(src, uri, &co, NULL);
+	msg = blockmirror_last_error();
+	ck_assert_int_eq(waitpid(killer, NULL, 0), killer);
+	ck_assert_msg(r == -EIO, "copy: %d %s", r, msg);
+	ck_assert_uint_lt(now_ms() - t0, 4000);
+	ck_assert_msg(strstr(msg, "lost") && strstr(msg, " of 4)"), "%s",
+		      msg);
+}
+END_TEST
+
 /* ---- main -------------------------------------------------------------- */
 
 static Suite *
@@ -1265,7 +1690,7 @@ nbd_suite(void)
 	tcase_add_test(t, test_timeout_env);
 	tcase_add_test(t, test_roundtrip);
 	tcase_add_test(t, test_many_in_flight);
-	tcase_add_test(t, test_move_loop);
+	tcase_add_loop_test(t, test_move_loop, 0, 2);
 	tcase_add_test(t, test_block_sizes);
 	tcase_add_test(t, test_zero_trim_qemu);
 	tcase_add_test(t, test_fallbacks);
@@ -1275,12 +1700,16 @@ nbd_suite(void)
 	tcase_add_test(t, test_image_create);
 	tcase_add_test(t, test_readonly_export);
 	tcase_add_test(t, test_connect_errors);
-	tcase_add_test(t, test_hung_server);
+	tcase_add_loop_test(t, test_hung_server, 0, 2);
 	tcase_add_test(t, test_slow_server);
-	tcase_add_test(t, test_cancel);
-	tcase_add_test(t, test_server_killed);
+	tcase_add_loop_test(t, test_cancel, 0, 2);
+	tcase_add_loop_test(t, test_server_killed, 0, 2);
 	tcase_add_test(t, test_server_errors);
-	tcase_add_test(t, test_close_busy);
+	tcase_add_loop_test(t, test_close_busy, 0, 2);
+	tcase_add_test(t, test_multi_conn);
+	tcase_add_test(t, test_multi_conn_fewer);
+	tcase_add_test(t, test_multi_conn_lost);
+	tcase_add_test(t, test_writeback_flush);
 	suite_add_tcase(s, t);
 
 	tcase_add_checked_fixture(e, setup, teardown);
@@ -1288,6 +1717,8 @@ nbd_suite(void)
 	tcase_add_test(e, test_copy_verify_info);
 	tcase_add_test(e, test_mirror_to_nbd);
 	tcase_add_test(e, test_mirror_hung_destination);
+	tcase_add_test(e, test_copy_multi_conn);
+	tcase_add_test(e, test_copy_server_killed);
 	suite_add_tcase(s, e);
 	return s;
 }
