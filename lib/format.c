@@ -1033,6 +1033,7 @@ execute(struct fmt_req *req)
 		case R_READ:
 			if (sg->kind == BM_SEG_DATA) {
 				io = sub_io(req, i, sg->host, sg->length, buf);
+				io->flags = req->io->flags & BM_IO_ASYNC;
 				s->ops->read(s, io);
 			} else if (sg->kind == BM_SEG_BACKING && f->backing &&
 				   off < f->backing->size) {
@@ -1050,7 +1051,8 @@ execute(struct fmt_req *req)
 			if (sg->kind == BM_SEG_DATA) {
 				io = sub_io(req, i, sg->host, sg->length, buf);
 				io->flags = req->io->flags &
-					    (BM_IO_WRITEBACK | BM_IO_EVICT);
+					    (BM_IO_WRITEBACK | BM_IO_EVICT |
+					     BM_IO_ASYNC);
 				s->ops->write(s, io);
 			} else if (sg->kind != BM_SEG_DONE) {
 				req->err = bm_error(-EIO, "%s: driver gave no "

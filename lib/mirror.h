@@ -138,6 +138,7 @@ struct bm_job {
 	unsigned mirrored_inflight;
 	bool mapping;                  /* a block-status request is in flight */
 	uint64_t mapped_end;
+	uint64_t map_window;           /* length of the next window */
 	struct bm_extent_list map;
 	struct bm_io map_io;
 	bool flushing;                 /* a destination flush is in flight (the
@@ -179,7 +180,11 @@ struct bm_job {
 };
 
 /* mirror.c: the rules */
-int bm_mirror_init(struct bm_job *job);
+/* Allocate the bitmaps and the copy buffers for a disk of `size` bytes
+ * (the caller's thread, before the job touches the disk), then attach to
+ * job->src on the disk's loop. */
+int bm_mirror_init(struct bm_job *job, uint64_t size);
+int bm_mirror_attach(struct bm_job *job);
 void bm_mirror_fini(struct bm_job *job);
 void bm_mirror_begin(struct bm_job *job);
 /* The filter's write path, after state-io.c's hold (it calls this again
