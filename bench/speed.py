@@ -16,7 +16,8 @@ Parts (--only copy,move,sparse,steady; all by default):
   steady  raw->raw with bmirror alone, N times (--steady N, default 10).
   sparse  a sparse raw disk (--sparse-size, default 1T) holding --size of data in
           1 MiB extents spread evenly over it, copied to raw and to qcow2, against a
-          disk of just --size holding the same extents.
+          disk of just --size holding the same extents; then each disk moved
+          (serve + move, no guest), with serve's peak RSS for the sparse one.
   move    a live move under a guest: fio writing 4 KiB blocks at random, queue
           depth 16, over NBD, for --warmup seconds and then during the move.
           `bmirror serve` + `bmirror move --mode active` (timed from its start to its
@@ -48,7 +49,8 @@ Goals (reported, never asserted):
   move time     bmirror / qemu-storage-daemon                       <= 0.7
   guest IOPS    during the move, bmirror / qemu-storage-daemon      >= 2
   guest latency max completion latency during bmirror's move        <= 10 ms
-  move bytes    bytes the move copied / `bmirror copy`'s bytes read within 5%
+  move bytes    data the move's bulk copy wrote / what `bmirror copy` of the
+                moved disk writes                                   within 5%
   memory        bmirror serve's peak RSS   <= 64 MiB + 2 MiB per TiB of disk
 
 Needs python3 (stdlib only) and qemu-utils; the peers come from libnbd-bin
@@ -348,6 +350,29 @@ def bench_sparse(args, d, out):
             out['sparse'][fmt] = {'ratio': spread(ratios), 'sparse_s': times[sparse], 'dense_s': times[dense]}
             goal(out, f'sparse {human(big)}->{fmt}: time / {human(data)} disk', statistics.median(ratios),
                  SPARSE_GOAL, '<=', f'min-max {min(ratios):.2f}-{max(ratios):.2f}')
+        print(f'sparse: move of the {human(big)} sparse disk vs the {human(data)} dense one (no guest)')
+        times, rss = {}, []
+        work, dst = os.path.join(d, 'sparse-move-src.raw'), os.path.join(d, 'sparse-move-dst.raw')
+        for run in range(args.runs):
+            for src in rotate([sparse, dense], run):
+                rm(work, dst)
+                check(['cp', '--sparse=always', src, work], 'copying the source')
+                fsync(work)
+                wall, peak = move_alone(args, d, work, dst)
+                check(['qemu-img', 'compare', '-f', 'raw', '-F', 'raw', src, dst], 'the moved disk differs')
+                times.setdefault(src, []).append(wall)
+                if src == sparse:
+                    rss.append(peak)
+                print(f'    run {run + 1}: {os.path.basename(src):10} {wall:8.3f} s  RSS {peak / MiB:6.1f} MiB',
+                      flush=True)
+        rm(work, dst)
+        ratios = [s / t for s, t in zip(times[sparse], times[dense])]
+        out['sparse']['move'] = {'ratio': spread(ratios), 'sparse_s': times[sparse], 'dense_s': times[dense],
+                                 'peak_rss': rss}
+        goal(out, f'sparse {human(big)} move: time / {human(data)} disk', statistics.median(ratios),
+             SPARSE_GOAL, '<=', f'min-max {min(ratios):.2f}-{max(ratios):.2f}')
+        goal(out, f'sparse {human(big)} move: serve peak RSS, MiB', max(rss) / MiB, 64 + 2 * big / TiB, '<=',
+             'worst run')
     except Failed as e:
         fail(out, 'sparse', e)
     finally:
@@ -420,6 +445,19 @@ def move_bmirror(args, d, work, dst, fmt):
     summary = json.loads(summary.strip().splitlines()[-1])
     return {'move_s': t1 - t0, 'bytes_copied': summary['bytes_copied'], 'peak_rss': rss,
             'whole_run_iops': whole['iops'], **guest.window(t0, t1), 'before_move': guest.window(t0 - args.warmup / 2, t0)}
+
+def move_alone(args, d, work, dst):
+    """`bmirror serve` of a raw disk and a move of it with no guest: (seconds, serve's peak RSS)."""
+    nbd, ctl = os.path.join(d, 'alone.nbd'), os.path.join(d, 'alone.ctl')
+    srv = Daemon([args.bmirror, 'serve', '-f', 'raw', '--nbd', 'unix:' + nbd, '--control', ctl, work],
+                 d, 'serve-alone', [nbd, ctl])
+    try:
+        t0 = time.perf_counter()
+        check([args.bmirror, 'move', '--control', ctl, '--to', dst, '-O', 'raw', '--json'], 'bmirror move failed')
+        wall = time.perf_counter() - t0
+        return wall, vm_hwm(srv.p.pid)
+    finally:
+        srv.stop()
 
 class Qmp:
     """Just enough of QMP: commands, and waiting for an event."""
@@ -515,7 +553,7 @@ def bench_move(args, d, srcs, have, out):
                         rm(scratch)
                         c = json.loads(check([args.bmirror, 'copy', '--json', '-f', fmt, '-O', fmt, work, scratch],
                                              'bmirror copy of the moved disk'))
-                        r['copy_bytes_read'] = c['bytes_read']
+                        r['copy_bytes'] = c['bytes_copied']   # data written, as the move's
                         rm(scratch)
                     runs[name].append(r)
                     lat = r['max_lat_ms']
@@ -540,10 +578,10 @@ def bench_move(args, d, srcs, have, out):
         qlat = [x['max_lat_ms'] for x in q or [] if x['max_lat_ms'] is not None]
         goal(out, f'move {fmt}: guest max latency, ms', max(lat) if lat else None, LAT_GOAL_MS, '<=',
              'worst run' + (f'; QSD {max(qlat):.1f} ms' if qlat else ''))
-        by = [b['bytes_copied'] / b['copy_bytes_read'] for b in bm]
-        goal(out, f'move {fmt}: bytes moved / copy read', med(by), BYTES_TOL, '~',
+        by = [b['bytes_copied'] / b['copy_bytes'] for b in bm]
+        goal(out, f'move {fmt}: bytes moved / copy wrote', med(by), BYTES_TOL, '~',
              f'min-max {min(by):.3f}-{max(by):.3f}; {bm[0]["bytes_copied"] / MiB:.0f} MiB / '
-             f'{bm[0]["copy_bytes_read"] / MiB:.0f} MiB')
+             f'{bm[0]["copy_bytes"] / MiB:.0f} MiB')
         goal(out, f'move {fmt}: serve peak RSS, MiB', max(b['peak_rss'] for b in bm) / MiB, 64 + 2 * args.size / TiB,
              '<=', 'worst run' + (f'; QSD {max(x["peak_rss"] for x in q) / MiB:.0f} MiB' if q else ''))
 

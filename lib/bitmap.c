@@ -331,3 +331,18 @@ bm_bitmap_dirty_bytes(const struct bm_bitmap *b)
 		return ((b->count - 1) << b->shift) + tail;
 	return b->count << b->shift;
 }
+
+uint64_t
+bm_bitmap_both_bytes(const struct bm_bitmap *a, const struct bm_bitmap *b)
+{
+	uint64_t tail = a->size & (bm_bitmap_granularity(a) - 1);
+	uint64_t n = 0, words = nwords(a->nbits);
+
+	if (a->count == 0 || b->count == 0)
+		return 0;
+	for (uint64_t i = 0; i < words; i++)
+		n += (uint64_t)__builtin_popcountll(a->words[i] & b->words[i]);
+	if (n && tail && test_bit(a, a->nbits - 1) && test_bit(b, b->nbits - 1))
+		return ((n - 1) << a->shift) + tail;
+	return n << a->shift;
+}

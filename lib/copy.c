@@ -47,7 +47,7 @@ struct bm_copy_req {
 static uint32_t
 stores_copy_size(const struct bm_copier *c)
 {
-	uint32_t a = c->src->store ? c->src->store->copy_size : 0;
+	uint32_t a = c->src && c->src->store ? c->src->store->copy_size : 0;
 	uint32_t b = c->dst->store ? c->dst->store->copy_size : 0;
 
 	return a && b ? BM_MIN(a, b) : a ? a : b;
@@ -72,8 +72,9 @@ bm_copier_init(struct bm_copier *c)
 	if (c->sparse_block && !bm_is_power_of_2(c->sparse_block))
 		return bm_error(-EINVAL, "sparse block size must be a power "
 				"of two");
-	if (c->dst->align > 1 || c->src->align > 1)
-		align = BM_MAX(align, BM_MAX(c->dst->align, c->src->align));
+	align = BM_MAX(align, c->dst->align);
+	if (c->src)
+		align = BM_MAX(align, c->src->align);
 	c->request_size = (uint32_t)bm_round_up(c->request_size, align);
 	c->reqs = calloc(c->requests, sizeof *c->reqs);
 	if (!c->reqs)
@@ -87,6 +88,11 @@ bm_copier_init(struct bm_copier *c)
 	}
 #ifdef MADV_HUGEPAGE
 	madvise(c->arena, total, MADV_HUGEPAGE);
+#endif
+#ifdef MADV_POPULATE_WRITE
+	/* Fault it all in now, not in the first requests: getting huge
+	 * pages may mean compacting memory, tens of milliseconds. */
+	madvise(c->arena, total, MADV_POPULATE_WRITE);
 #endif
 	for (unsigned i = 0; i < c->requests; i++) {
 		struct bm_copy_req *q = &c->reqs[i];
@@ -140,6 +146,8 @@ run_done(struct bm_io *io, int err)
 		req_finish(q, err);
 		return;
 	}
+	if (io->buf)
+		q->range.written += io->length;
 	q->pos += io->length;
 	data_next_run(q);
 }
@@ -166,7 +174,8 @@ data_next_run(struct bm_copy_req *q)
 		if (!zero) {
 			q->io.buf = (char *)q->buf + q->pos;
 			q->io.flags = BM_IO_WRITEBACK |
-				      (c->evict ? BM_IO_EVICT : 0);
+				      (c->evict ? BM_IO_EVICT : 0) |
+				      (c->async ? BM_IO_ASYNC : 0);
 			c->bytes_written += q->io.length;
 			bm_image_write(c->dst, &q->io);
 			return;
@@ -176,6 +185,7 @@ data_next_run(struct bm_copy_req *q)
 			q->pos = end;
 			continue;
 		}
+		q->io.buf = NULL; /* run_done: not data */
 		q->io.flags = c->allocate ? 0 : BM_IO_MAY_TRIM;
 		bm_image_zero(c->dst, &q->io);
 		return;
@@ -212,7 +222,7 @@ req_start(struct bm_copier *c, struct bm_copy_req *q)
 		q->io.offset = q->range.offset;
 		q->io.length = q->range.length;
 		q->io.buf = q->buf;
-		q->io.flags = 0;
+		q->io.flags = c->async ? BM_IO_ASYNC : 0;
 		q->io.done = read_done;
 		bm_image_read(c->src, &q->io);
 		return;
@@ -254,6 +264,7 @@ bm_copier_pump(struct bm_copier *c)
 			c->free_reqs = q->next_free;
 			c->inflight++;
 			r.read_failed = false;
+			r.written = 0;
 			q->range = r;
 			req_start(c, q);
 		}

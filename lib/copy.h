@@ -33,6 +33,8 @@ struct bm_copy_range {
 	enum bm_copy_kind kind;
 	void *tag;       /* the producer's */
 	bool read_failed; /* set by the copier: the source read failed */
+	uint64_t written; /* set by the copier: data bytes written (runs
+			     of zeroes found in a data range are not) */
 };
 
 struct bm_copier;
@@ -58,6 +60,8 @@ struct bm_copier {
 	bool dst_is_zero;       /* zero runs need no I/O */
 	bool allocate;          /* zeroes are written allocated (no punch) */
 	bool evict;             /* cached writes leave the page cache */
+	bool async;             /* reads and writes off the loop thread
+				   (BM_IO_ASYNC) */
 
 	/* counters, read by the owner */
 	uint64_t bytes_read;
@@ -75,9 +79,12 @@ struct bm_copier {
 };
 
 /*
- * Allocate the buffers.  The caller has set src, dst, ops, opaque and the
- * tunables (0 picks defaults: 1 MiB, 16 requests, 4 KiB sparse block;
- * for a store with a copy_size, that size and up to 32 requests).
+ * Allocate the buffers (and fault them in).  The caller has set dst, ops,
+ * opaque and the tunables (0 picks defaults: 1 MiB, 16 requests, 4 KiB
+ * sparse block; for a store with a copy_size, that size and up to 32
+ * requests), and src unless it sets it later with a request_size that is
+ * a multiple of the source's alignment (the mirror job allocates before
+ * it may touch the disk's image).
  */
 int bm_copier_init(struct bm_copier *c);
 void bm_copier_fini(struct bm_copier *c);

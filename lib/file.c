@@ -24,6 +24,10 @@
  *   never shares a page with a cached one unless their byte ranges
  *   overlap.  The kernel keeps the two coherent: a direct write drops the
  *   cached pages of its range, a direct read writes dirty ones back first.
+ * - BM_IO_ASYNC sends a read or write straight to io_uring's workers:
+ *   otherwise the kernel copies cached data inline, on the loop thread,
+ *   in the submit call, and a burst of bulk copies holds up every other
+ *   request of the loop meanwhile.
  * - A bulk write through the page cache (BM_IO_WRITEBACK) starts its
  *   writeback; with BM_IO_EVICT it is written back and its pages dropped
  *   before it completes, so a copy keeps the cache it uses to what is in
@@ -178,6 +182,8 @@ rw_submit(struct file_store *f, struct bm_io *io, bool write)
 		io_uring_prep_write(sqe, fd, buf, n, off);
 	else
 		io_uring_prep_read(sqe, fd, buf, n, off);
+	if (io->flags & BM_IO_ASYNC)
+		io_uring_sqe_set_flags(sqe, IOSQE_ASYNC);
 	/* stage remembers the direction across resubmissions */
 	io->stage = (write ? RW_WRITE : 0) | (direct ? RW_DIRECT : 0);
 }

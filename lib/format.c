@@ -80,6 +80,7 @@ struct fmt_req {
 	struct fmt_req *job_next;    /* the worker's queue */
 	struct bm_work work;         /* worker -> loop */
 	struct bm_op defer;
+	struct bm_io presync;        /* FLUSH: the data sync before it */
 	struct bm_extent_list tmp;   /* STATUS: the backing image's extents */
 	bool top;                    /* STATUS: this layer only (BACKING) */
 	struct bm_backing_change *bc; /* R_BACKING */
@@ -1033,6 +1034,7 @@ execute(struct fmt_req *req)
 		case R_READ:
 			if (sg->kind == BM_SEG_DATA) {
 				io = sub_io(req, i, sg->host, sg->length, buf);
+				io->flags = req->io->flags & BM_IO_ASYNC;
 				s->ops->read(s, io);
 			} else if (sg->kind == BM_SEG_BACKING && f->backing &&
 				   off < f->backing->size) {
@@ -1050,7 +1052,8 @@ execute(struct fmt_req *req)
 			if (sg->kind == BM_SEG_DATA) {
 				io = sub_io(req, i, sg->host, sg->length, buf);
 				io->flags = req->io->flags &
-					    (BM_IO_WRITEBACK | BM_IO_EVICT);
+					    (BM_IO_WRITEBACK | BM_IO_EVICT |
+					     BM_IO_ASYNC);
 				s->ops->write(s, io);
 			} else if (sg->kind != BM_SEG_DONE) {
 				req->err = bm_error(-EIO, "%s: driver gave no "
@@ -1136,6 +1139,18 @@ flush_skipped(struct bm_op *op, int res)
 	finish(bm_container_of(op, struct fmt_req, defer));
 }
 
+static void
+presynced(struct bm_io *io, int err)
+{
+	struct fmt_req *req = bm_container_of(io, struct fmt_req, presync);
+
+	if (err < 0) {
+		fail(req, err);
+		return;
+	}
+	worker_send(req->f, req);
+}
+
 /* Send the oldest request to the driver if it is a flush. */
 static void
 try_flush(struct bm_fmt *f)
@@ -1151,6 +1166,18 @@ try_flush(struct bm_fmt *f)
 	if (req->kind == R_FLUSH &&
 	    (!req->flush_needed || f->img.readonly)) {
 		bm_loop_defer(f->loop, &req->defer, flush_skipped, 0);
+		return;
+	}
+	if (req->kind == R_FLUSH) {
+		/* Sync the data first, asynchronously: the driver's flush
+		 * starts with a data sync too and holds the driver's lock
+		 * (and the worker) through it, so every request that needs
+		 * the worker would wait for what may be hundreds of MiB of
+		 * writeback.  Left for the driver is what was written
+		 * meanwhile. */
+		memset(&req->presync, 0, sizeof req->presync);
+		req->presync.done = presynced;
+		f->img.store->ops->flush(f->img.store, &req->presync);
 		return;
 	}
 	worker_send(f, req);

@@ -243,18 +243,13 @@ call_start(struct bm_call *call)
 			     job->dst_name, job->dst->size, disk->size);
 		goto out;
 	}
-	/* The destination's cluster, within 64 KiB..1 MiB: a VHDX block
-	 * of 32 MiB as the chunk would make every copy request 32 MiB. */
-	if (!job->granularity)
-		job->granularity = BM_MAX(64 * BM_KiB,
-					  BM_MIN(job->dst->cluster_size, BM_MiB));
 	job->src = disk->image;
 	job->loop = disk->loop;
 	bm_image_set_loop(job->dst, disk->loop); /* opened on a private loop */
 	job->mode = job->opt.mode == BLOCKMIRROR_MODE_ACTIVE
 		    ? BLOCKMIRROR_MODE_ACTIVE : BLOCKMIRROR_MODE_BACKGROUND;
 	job->auto_mode = job->opt.mode == BLOCKMIRROR_MODE_AUTO;
-	r = bm_mirror_init(job);
+	r = bm_mirror_attach(job);
 	if (r == 0)
 		r = bm_state_job_start(job); /* with a state_dir */
 	if (r < 0)
@@ -436,6 +431,16 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 		r = bm_image_open(tmp, destination, fmt,
 				  dflags | BM_IMAGE_WRITE, &job->dst);
 	}
+	if (r < 0)
+		goto fail_job;
+	/* The destination's cluster, within 64 KiB..1 MiB: a VHDX block
+	 * of 32 MiB as the chunk would make every copy request 32 MiB. */
+	if (!job->granularity)
+		job->granularity = BM_MAX(64 * BM_KiB,
+					  BM_MIN(job->dst->cluster_size, BM_MiB));
+	/* Allocated here, not on the disk's loop: faulting in the copy
+	 * buffers can take tens of milliseconds the guest would wait. */
+	r = bm_mirror_init(job, disk->size);
 	if (r < 0)
 		goto fail_job;
 	call.arg = job;

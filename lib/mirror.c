@@ -38,28 +38,32 @@
  *    not, touches the same chunks (so source and destination apply
  *    overlapping writes in the same order, and a mirrored write never
  *    completes after an overlapping unmirrored one landed behind it on
- *    the source), or while a CONTENDED copy does (below).  In background
- *    mode a write waits only for overlapping mirrored writes left from
- *    active mode.  must_wait() is this rule, the one range tracker for
- *    guest writes and copies.  If every touched chunk is DIRTY, or a copy
- *    is in flight on one of them, write only the source: the chunks stay
- *    (or become) DIRTY for the copy, so a copy's old data never lands
- *    after a newer mirrored write.  Otherwise write both; on success the
- *    chunks the write covers entirely become CLEAN and partly covered
- *    DIRTY ones stay DIRTY.  (DESIGN.md would write only the source when
- *    *any* chunk is dirty; that would have to dirty the clean chunks next
- *    to it and let the remaining work grow.)  A destination failure never
- *    fails the guest: the chunks become DIRTY, the job is no longer
- *    actively synced, and the error policy applies.
- *    Why a write does not wait for every copy: a copy request lives as
- *    long as the destination's queue is deep (tens of milliseconds on a
- *    busy disk), and a guest write waiting behind it would take as long.
- *    The price is a second copy of the chunks such a write overtook; a
- *    chunk whose copy was overtaken is CONTENDED (bit in `contended`),
- *    and its next copy is one the guest waits for, so each dirtying
- *    costs at most two copies and active mode still converges under any
- *    write load.  A CONTENDED chunk copied without being overtaken again
- *    is no longer CONTENDED.
+ *    the source).  If every touched chunk is DIRTY, write only the
+ *    source: the chunks stay DIRTY for the copy.  If a copy is in flight
+ *    on a touched chunk, write only the source too and leave the chunks
+ *    DIRTY (they are copied again), so a copy's old data never lands
+ *    after a newer mirrored write; but wait for the copy instead if the
+ *    write also touches a CLEAN chunk (going to the source alone would
+ *    dirty it) or if the copy's chunk is CONTENDED (below).  Otherwise
+ *    write both; on success the chunks the write covers entirely become
+ *    CLEAN and partly covered DIRTY ones stay DIRTY.  So the remaining
+ *    work (DIRTY or COPYING chunks) never grows.  (DESIGN.md would write
+ *    only the source when *any* chunk is dirty; that would have to dirty
+ *    the clean chunks next to it and let the remaining work grow.)  A
+ *    destination failure never fails the guest: the chunks become DIRTY,
+ *    the job is no longer actively synced, and the error policy applies.
+ *    In background mode a write waits only for overlapping mirrored
+ *    writes left from active mode.  must_wait() is this rule, the one
+ *    range tracker for guest writes and copies.
+ *    Why a write does not simply wait for every copy: a copy request
+ *    lives as long as the destination's queue is deep (tens of
+ *    milliseconds on a busy disk), and a guest write waiting behind it
+ *    would take as long.  The price is a second copy of the chunks such
+ *    a write overtook.  A chunk whose copy was overtaken is CONTENDED (bit
+ *    in `contended`), and the guest waits for its next copy, so each
+ *    dirtying costs at most two copies and active mode converges under
+ *    any write load.  A CONTENDED chunk copied without being overtaken is
+ *    no longer CONTENDED.
  *
  * 5. Write-zeroes are writes (mirrored as write-zeroes, FUA kept).  A
  *    discard is a hint an image may ignore (inside an allocated qcow2
@@ -107,7 +111,13 @@
 #include "internal.h"
 #include "mirror.h"
 
-#define MAP_WINDOW (UINT64_C(1) << 30)
+/* A window's block status may run on the loop (a file's SEEK_DATA walk
+ * is synchronous), holding up the guest meanwhile: the window length
+ * adapts so that the call takes about MAP_CALL_NS. */
+#define MAP_WINDOW_MIN (UINT64_C(16) << 20)
+#define MAP_WINDOW_FIRST (UINT64_C(64) << 20)
+#define MAP_WINDOW_MAX (UINT64_C(1) << 30)
+#define MAP_CALL_NS (1000 * 1000ull)
 #define TICK_NS (100 * 1000000ull)
 #define RETRY_MIN_NS (100 * 1000000ull)
 #define RETRY_MAX_NS (5000 * 1000000ull)
@@ -236,19 +246,29 @@ bm_mirror_remap(struct bm_job *job)
 static void
 map_window(struct bm_job *job)
 {
+	uint64_t t;
+
 	bm_extent_list_reset(&job->map);
 	memset(&job->map_io, 0, sizeof job->map_io);
 	job->map_io.offset = job->mapped_end;
-	job->map_io.length = BM_MIN(MAP_WINDOW,
+	if (!job->map_window)
+		job->map_window = MAP_WINDOW_FIRST;
+	job->map_io.length = BM_MIN(job->map_window,
 				    job->src->size - job->mapped_end);
 	job->map_io.extents = &job->map;
 	job->map_io.done = map_done;
 	job->map_io.opaque = job;
 	job->mapping = true;
+	t = bm_now_ns();
 	if (job->opt.sync == BLOCKMIRROR_SYNC_TOP)
 		bm_image_block_status_top(job->src, &job->map_io);
 	else
 		bm_image_block_status(job->src, &job->map_io);
+	t = bm_now_ns() - t;
+	if (t > MAP_CALL_NS && job->map_window > MAP_WINDOW_MIN)
+		job->map_window /= 2;
+	else if (t < MAP_CALL_NS / 4 && job->map_window < MAP_WINDOW_MAX)
+		job->map_window *= 2;
 }
 
 static void kick_waiting(struct bm_job *job);
@@ -398,8 +418,7 @@ mirror_copied(struct bm_copier *c, const struct bm_copy_range *r, int err)
 			else
 				bm_bitmap_clear_range(&job->contended, o, 1);
 		}
-		if (r->kind == BM_COPY_DATA)
-			job->bytes_copied += r->length;
+		job->bytes_copied += r->written;
 		job->copy_busy_bytes += r->length;
 		job->retry_backoff_ns = 0;
 		job->consecutive_errors = 0;
@@ -458,24 +477,32 @@ writes_remove(struct bm_job *job, struct bm_mirror_write *req)
  * So two overlapping operations of which one reaches the destination never
  * run at once, and the destination sees them in the source's order.
  */
-/* Is a copy in flight on a CONTENDED chunk of [c0, c1)? */
+/* Must a write to [c0, c1) wait for a copy in flight (rule 4)?  If the
+ * copy is of a CONTENDED chunk, or if the write also touches a CLEAN
+ * chunk, which going to the source alone would dirty. */
 static bool
-contended_copy(const struct bm_job *job, uint64_t c0, uint64_t c1)
+waits_for_copy(const struct bm_job *job, uint64_t c0, uint64_t c1)
 {
+	bool copy = false, clean = false;
+
 	for (uint64_t c = c0; c < c1; c++) {
 		uint64_t o = chunk_offset(job, c);
 
-		if (bm_bitmap_test(&job->copying, o) &&
-		    bm_bitmap_test(&job->contended, o))
-			return true;
+		if (bm_bitmap_test(&job->copying, o)) {
+			if (bm_bitmap_test(&job->contended, o))
+				return true;
+			copy = true;
+		} else if (!bm_bitmap_test(&job->dirty, o)) {
+			clean = true;
+		}
 	}
-	return false;
+	return copy && clean;
 }
 
 static bool
 must_wait(struct bm_job *job, struct bm_mirror_write *req, bool active)
 {
-	if (active && contended_copy(job, req->c0, req->c1))
+	if (active && waits_for_copy(job, req->c0, req->c1))
 		return true;
 	for (struct bm_mirror_write *r = job->writes; r; r = r->next_active)
 		if ((active || r->mirrored) && r->c0 < req->c1 &&
@@ -819,14 +846,18 @@ filter_init(struct bm_job *job)
 uint64_t
 bm_mirror_remaining(struct bm_job *job)
 {
+	/* A chunk DIRTY while COPYING (a write overtook its copy) is one
+	 * chunk still to copy. */
 	return bm_bitmap_dirty_bytes(&job->dirty) +
-	       bm_bitmap_dirty_bytes(&job->copying);
+	       bm_bitmap_dirty_bytes(&job->copying) -
+	       bm_bitmap_both_bytes(&job->dirty, &job->copying);
 }
 
 bool
 bm_mirror_busy(const struct bm_job *job)
 {
-	return job->copier.inflight || job->mapping || job->flushing;
+	return job->copier.inflight || job->mapping || job->flushing ||
+	       job->src_flushing;
 }
 
 /* The READY flush is done (pivot.c's dst_flushed() steps next). */
@@ -876,12 +907,11 @@ bm_mirror_error(struct bm_job *job, bool on_source, uint64_t offset,
 		 strerror(-err));
 	ev.message = msg;
 	bm_job_event(job, &ev);
-	/* Under the retry policy, a copy or mirrored write that fails
-	 * before the final copy (it was in flight when the ending began)
-	 * has left its chunks DIRTY: the final copy takes them again, as
-	 * the job would have done had it not been ending. */
+	/* A copy or mirrored write that fails before the final copy (it
+	 * was in flight when the ending began) has left its chunks DIRTY:
+	 * the final copy takes them again, with the guest stopped, and its
+	 * result decides, whatever the policy. */
 	if (job->goal != BM_GOAL_NONE && length &&
-	    job->opt.on_error == BLOCKMIRROR_ON_ERROR_RETRY &&
 	    (job->phase == BM_PHASE_PREFLUSH || job->phase == BM_PHASE_DRAIN))
 		return;
 	if (job->goal != BM_GOAL_NONE) {
@@ -1000,9 +1030,8 @@ tick(struct bm_op *op, int res)
 /* ---- setup ----------------------------------------------------------- */
 
 int
-bm_mirror_init(struct bm_job *job)
+bm_mirror_init(struct bm_job *job, uint64_t size)
 {
-	uint64_t size = job->src->size;
 	uint32_t req;
 	int r;
 
@@ -1018,7 +1047,6 @@ bm_mirror_init(struct bm_job *job)
 	req = job->opt.buf_size ? job->opt.buf_size : (1u << 20);
 	if (req < job->granularity)
 		req = (uint32_t)job->granularity;
-	job->copier.src = job->src;
 	job->copier.dst = job->dst;
 	job->copier.ops = &mirror_copier_ops;
 	job->copier.opaque = job;
@@ -1029,12 +1057,23 @@ bm_mirror_init(struct bm_job *job)
 	       (uint64_t)job->copier.requests * req > (64u << 20))
 		job->copier.requests /= 2;
 	job->copier.sparse_block = 4096;
+	/* The guest's requests share the loop: the bulk copy's data is
+	 * copied by the kernel's workers, not in the loop's submit. */
+	job->copier.async = true;
 	/* A destination chunk may be copied twice, so zero runs must be
 	 * written even on a destination that started out zeroed. */
 	job->copier.dst_is_zero = false;
-	r = bm_copier_init(&job->copier);
-	if (r < 0)
-		return r;
+	return bm_copier_init(&job->copier);
+}
+
+int
+bm_mirror_attach(struct bm_job *job)
+{
+	if (job->src->align > 1 && job->copier.request_size % job->src->align)
+		return bm_error(-EINVAL, "%s: requests of %u bytes do not suit "
+				"its alignment of %u bytes", job->src->name,
+				job->copier.request_size, job->src->align);
+	job->copier.src = job->src;
 	job->waiting_tail = &job->waiting;
 	filter_init(job);
 	bm_rate_set(&job->rate, job->opt.speed, bm_now_ns());

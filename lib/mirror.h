@@ -138,12 +138,15 @@ struct bm_job {
 	unsigned mirrored_inflight;
 	bool mapping;                  /* a block-status request is in flight */
 	uint64_t mapped_end;
+	uint64_t map_window;           /* length of the next window */
 	struct bm_extent_list map;
 	struct bm_io map_io;
 	bool flushing;                 /* a destination flush is in flight (the
 					  READY flush, the preflush or the
 					  final flush: the phase says which) */
 	struct bm_io flush_io;
+	bool src_flushing;             /* the preflush of the source */
+	struct bm_io src_flush_io;
 	uint64_t bytes_copied;
 	uint64_t bytes_mirrored;
 	uint64_t copy_start_ns;
@@ -179,7 +182,11 @@ struct bm_job {
 };
 
 /* mirror.c: the rules */
-int bm_mirror_init(struct bm_job *job);
+/* Allocate the bitmaps and the copy buffers for a disk of `size` bytes
+ * (the caller's thread, before the job touches the disk), then attach to
+ * job->src on the disk's loop. */
+int bm_mirror_init(struct bm_job *job, uint64_t size);
+int bm_mirror_attach(struct bm_job *job);
 void bm_mirror_fini(struct bm_job *job);
 void bm_mirror_begin(struct bm_job *job);
 /* The filter's write path, after state-io.c's hold (it calls this again

@@ -32,6 +32,11 @@ enum {
 	BM_IO_EVICT = 1u << 4,     /* with WRITEBACK: wait for it to be
 				      written back and drop it from the
 				      page cache before done */
+	BM_IO_ASYNC = 1u << 5,     /* read/write: a file store hands it to
+				      the kernel's workers instead of
+				      copying cached data on the loop
+				      thread (a move's bulk copy: the
+				      guest's requests share that thread) */
 };
 
 struct bm_io {

@@ -15,7 +15,7 @@ help(void)
 	       "                    [--allocate] [-t CACHE] [-T CACHE] "
 	       "[--direct]\n"
 	       "                    [--request-size SIZE] [--requests N] "
-	       "SRC DST\n\n"
+	       "[--speed RATE] SRC DST\n\n"
 	       "Copy the guest data of SRC into a new image DST.  Holes stay "
 	       "holes and runs of\nzeroes become holes; DST is flushed to "
 	       "stable storage before the command exits.\n\n"
@@ -37,6 +37,8 @@ help(void)
 	       "                      256K, or the larger size it prefers)\n"
 	       "  --requests N        requests in flight (default 16; 32 of "
 	       "256K)\n"
+	       "  --speed RATE        copy at most RATE bytes of data per "
+	       "second (64M)\n"
 	       "  --progress          draw a progress bar (default on a "
 	       "terminal)\n"
 	       "  --json              print a JSON summary\n");
@@ -57,7 +59,7 @@ int
 cmd_copy(int argc, char **argv)
 {
 	enum { OPT_OVERWRITE = 256, OPT_PROGRESS, OPT_JSON, OPT_ALLOCATE,
-	       OPT_DIRECT, OPT_REQSIZE, OPT_REQUESTS, OPT_HELP };
+	       OPT_DIRECT, OPT_REQSIZE, OPT_REQUESTS, OPT_SPEED, OPT_HELP };
 	static const struct option longopts[] = {
 		{ "overwrite", no_argument, NULL, OPT_OVERWRITE },
 		{ "progress", no_argument, NULL, OPT_PROGRESS },
@@ -66,6 +68,7 @@ cmd_copy(int argc, char **argv)
 		{ "direct", no_argument, NULL, OPT_DIRECT },
 		{ "request-size", required_argument, NULL, OPT_REQSIZE },
 		{ "requests", required_argument, NULL, OPT_REQUESTS },
+		{ "speed", required_argument, NULL, OPT_SPEED },
 		{ "help", no_argument, NULL, OPT_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -136,6 +139,11 @@ cmd_copy(int argc, char **argv)
 				return tool_usage_error("bad request count "
 					"'%s' (1 to 1024)", optarg);
 			o.requests = (uint32_t)v;
+			break;
+		case OPT_SPEED:
+			if (parse_size(optarg, &o.speed) < 0 || o.speed == 0)
+				return tool_usage_error("bad speed '%s' (bytes "
+					"per second, such as 64M)", optarg);
 			break;
 		case 'h':
 		case OPT_HELP:

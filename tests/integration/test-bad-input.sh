@@ -182,6 +182,12 @@ for bad in abc -1 '' 3x 99999999999999999999; do
 	expect_fail_with "${names[@]}" 2 '.' "$BMIRROR" copy --requests "$bad" "$W/src.img" "$W/out/dst.img"
 done
 pass "copy --requests with bad numbers (abc -1 '' 3x 99999999999999999999): exit 2, one line"
+for bad in abc 0 -1 '' 5Q; do
+	names=(--names "$bad")
+	[[ -n $bad ]] || names=(--names speed)
+	expect_fail_with "${names[@]}" 2 '.' "$BMIRROR" copy --speed "$bad" "$W/src.img" "$W/out/dst.img"
+done
+pass "copy --speed with bad rates (abc 0 -1 '' 5Q): exit 2, one line"
 expect_fail_with --names "$W/out/new.img" --names 12Q 2 '.' "$BMIRROR" create -f raw "$W/out/new.img" 12Q
 unchanged "$W" "$before" "bad sizes"
 pass "create with size 12Q: exit 2, one line, nothing created"

@@ -111,6 +111,13 @@ check_copy mixed-tail-rs4M-q8 "$T/mixed-tail.img" --request-size 4M --requests 8
 ZR=()
 check_copy dense1M+1-rs4096 "$T/dense1M+1.img" --request-size 4096 --requests 2
 
+# --speed: 8 MiB of data at 4 MiB/s takes about 2 s (the limiter allows
+# no burst at the start), and the copy is still exact.
+ZR=()
+check_copy dense8M-speed "$T/dense8M.img" --speed 4M
+json_assert "$T/dense8M-speed.json" "d['elapsed_s'] >= 1.5"
+pass "copy --speed 4M of 8 MiB took at least 1.5 s"
+
 # Explicit formats
 ZR=("${MIXED_RUNS[@]}")
 check_copy mixed-fO "$T/mixed.img" -f raw -O raw

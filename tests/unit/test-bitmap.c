@@ -505,6 +505,33 @@ START_TEST(test_dirty_bytes)
 }
 END_TEST
 
+/* Chunks set in both of two bitmaps, across words, with a short last
+ * chunk. */
+START_TEST(test_both_bytes)
+{
+	struct bm_bitmap a, b;
+	const uint64_t size = 200 * 512 + 7;
+
+	ck_assert_int_eq(bm_bitmap_init(&a, size, 512), 0);
+	ck_assert_int_eq(bm_bitmap_init(&b, size, 512), 0);
+	ck_assert_uint_eq(bm_bitmap_both_bytes(&a, &b), 0);
+	bm_bitmap_set_range(&a, 0, 100 * 512);
+	ck_assert_uint_eq(bm_bitmap_both_bytes(&a, &b), 0);
+	bm_bitmap_set_range(&b, 60 * 512, 70 * 512);   /* chunks 60..129 */
+	ck_assert_uint_eq(bm_bitmap_both_bytes(&a, &b), 40 * 512);
+	ck_assert_uint_eq(bm_bitmap_both_bytes(&b, &a), 40 * 512);
+	bm_bitmap_set_range(&a, size - 1, 1);          /* the short chunk */
+	ck_assert_uint_eq(bm_bitmap_both_bytes(&a, &b), 40 * 512);
+	bm_bitmap_set_range(&b, size - 1, 1);
+	ck_assert_uint_eq(bm_bitmap_both_bytes(&a, &b), 40 * 512 + 7);
+	bm_bitmap_set_all(&a);
+	bm_bitmap_set_all(&b);
+	ck_assert_uint_eq(bm_bitmap_both_bytes(&a, &b), size);
+	bm_bitmap_free(&a);
+	bm_bitmap_free(&b);
+}
+END_TEST
+
 /* 2^24 chunks of 1 TiB, the last one a byte short: nothing may overflow. */
 START_TEST(test_huge)
 {
@@ -933,6 +960,7 @@ bitmap_suite(void)
 	tc = tcase_create("next_dirty");
 	tcase_add_test(tc, test_next_dirty);
 	tcase_add_test(tc, test_huge);
+	tcase_add_test(tc, test_both_bytes);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("random");

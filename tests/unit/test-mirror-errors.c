@@ -830,14 +830,45 @@ START_TEST(test_active_write_overtakes_copy)
 END_TEST
 
 /*
- * Under the retry policy, a mirrored write in flight when complete() is
- * called fails on the destination while the pivot drains the guest.  Its
- * chunk is dirty, so the final copy takes it again and the pivot goes
- * through; it used to be abandoned with the stale error (complete()
- * returned -EIO although the destination had recovered).
+ * A pivot flushes the source while the guest still runs (PREFLUSH), so
+ * that closing it after the switch, on the disk's loop with the guest
+ * already on the destination, finds nothing much left to sync.
  */
-START_TEST(test_retry_error_while_draining)
+START_TEST(test_pivot_flushes_source_first)
 {
+	static unsigned char buf[4096];
+	uint64_t flushes;
+
+	memset(&fx.rules, 0, sizeof fx.rules);
+	ck_assert_int_eq(bm_fault_register(fx.src, &fx.rules), 0);
+	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	memset(buf, 0x3c, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf, MiB,
+						0), 0);
+	flushes = atomic_load(&fx.rules.flushes);
+	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
+		      blockmirror_last_error());
+	ck_assert_uint_gt(atomic_load(&fx.rules.flushes), flushes);
+	close_and_compare(fx.src, BLOCKMIRROR_FORMAT_RAW);
+}
+END_TEST
+
+/*
+ * A mirrored write in flight when complete() is called fails on the
+ * destination while the pivot drains the guest.  Its chunk is dirty, so
+ * the final copy takes it again and the pivot goes through, under every
+ * policy (_i: report, stop, retry); it used to be abandoned with the
+ * stale error (complete() returned -EIO although the destination had
+ * recovered).
+ */
+START_TEST(test_error_while_draining)
+{
+	static const enum blockmirror_error_policy policy[] = {
+		BLOCKMIRROR_ON_ERROR_REPORT, BLOCKMIRROR_ON_ERROR_STOP,
+		BLOCKMIRROR_ON_ERROR_RETRY,
+	};
 	static struct bm_fault_rules dst_rules;
 	static unsigned char buf[4096];
 	struct aio_wait w = { .left = 1 };
@@ -845,7 +876,7 @@ START_TEST(test_retry_error_while_draining)
 	memset(&dst_rules, 0, sizeof dst_rules);
 	ck_assert_int_eq(bm_fault_register(fx.dst, &dst_rules), 0);
 	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
-	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_RETRY);
+	start_job(BLOCKMIRROR_MODE_ACTIVE, policy[_i]);
 	wait_ready();
 	/* The next destination write (the mirrored half of the guest's)
 	 * takes 300 ms and then fails once. */
@@ -1076,8 +1107,9 @@ main(void)
 	tcase_add_test(order, test_state_write_during_clear);
 	tcase_add_test(order, test_forced_cancel_hung_clear);
 	tcase_add_test(order, test_job_nofollow);
-	tcase_add_test(order, test_retry_error_while_draining);
+	tcase_add_loop_test(order, test_error_while_draining, 0, 3);
 	tcase_add_test(order, test_active_write_overtakes_copy);
+	tcase_add_test(order, test_pivot_flushes_source_first);
 	suite_add_tcase(s, order);
 
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;

@@ -45,12 +45,12 @@
  *    READY) is not ready; lifted, it reaches READY and pivots (within
  *    the 5 s backoff ceiling: every failed request in flight grows the
  *    backoff, so one failed burst of copies can take it there at once).
- *  - The policy does not apply to the endings, but for one case: under
- *    retry, a copy or mirrored write that was in flight when the pivot
- *    began and fails before the final copy leaves its chunks dirty for
- *    the final copy (test-mirror-errors.c test_retry_error_while_draining;
- *    the mirror/retry/error/pivot row used to fail now and then on it).
- *    A failed pivot flush, a
+ *  - The policy does not apply to the endings.  A copy or mirrored write
+ *    that was in flight when the pivot began and fails before the final
+ *    copy leaves its chunks dirty for the final copy, which decides
+ *    (test-mirror-errors.c test_error_while_draining; the
+ *    mirror/{stop,retry}/error/pivot rows used to fail now and then on
+ *    a write failed before the lift).  A failed pivot flush, a
  *    failed link rename: complete() returns the error, the job stays READY
  *    on the source, the link still names the source, and a later
  *    complete() succeeds.  A failed preflush is absorbed (the final flush
