@@ -564,7 +564,7 @@ struct blockmirror_job_options {
 	enum blockmirror_mode mode;
 	uint64_t granularity;          /* chunk size, power of 2, 4 KiB..64 MiB;
 					  0: the destination's cluster size
-					  within 64 KiB..1 MiB */
+					  within 64 KiB..256 KiB */
 	uint32_t buf_size;             /* bytes per copy request, 0: 1 MiB */
 	uint32_t requests;             /* copy requests in flight, 0: 16 */
 	uint64_t speed;                /* bulk copy bytes/s, 0: unlimited */
