@@ -234,20 +234,29 @@ now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-unsigned
-bm_nbd_timeout(void)
+/* A whole number from 1 to max in the environment variable `name`, or
+ * `dflt` when it is unset or anything else. */
+static unsigned
+env_uint(const char *name, unsigned long max, unsigned dflt)
 {
-	const char *env = getenv("BLOCKMIRROR_NBD_TIMEOUT");
+	const char *env = getenv(name);
 	unsigned long v;
 	char *end;
 
 	if (!env || !*env)
-		return DEFAULT_TIMEOUT;
+		return dflt;
 	errno = 0;
 	v = strtoul(env, &end, 10);
-	if (errno || *end || v == 0 || v > 7 * 24 * 3600)
-		return DEFAULT_TIMEOUT;
+	if (errno || *end || v == 0 || v > max)
+		return dflt;
 	return (unsigned)v;
+}
+
+unsigned
+bm_nbd_timeout(void)
+{
+	return env_uint("BLOCKMIRROR_NBD_TIMEOUT", 7 * 24 * 3600,
+			DEFAULT_TIMEOUT);
 }
 
 bool
@@ -1382,17 +1391,7 @@ connect_bounded(struct nbd_handle *h, const char *uri, unsigned timeout)
 static unsigned
 conns_wanted(void)
 {
-	const char *env = getenv("BLOCKMIRROR_NBD_CONNECTIONS");
-	unsigned long v;
-	char *end;
-
-	if (!env || !*env)
-		return MAX_CONNS;
-	errno = 0;
-	v = strtoul(env, &end, 10);
-	if (errno || *end || v == 0 || v > MAX_CONNS)
-		return MAX_CONNS;
-	return (unsigned)v;
+	return env_uint("BLOCKMIRROR_NBD_CONNECTIONS", MAX_CONNS, MAX_CONNS);
 }
 
 /* What the connections of one store must agree on. */
