@@ -64,9 +64,9 @@ call_set_backing(struct bm_call *call)
 
 	if (disk->job)
 		r = bm_error(-EBUSY, "the disk has a running job");
-	else if (!bm_image_backing(disk->image))
+	else if (!bm_image_backing(bm_disk_base(disk)))
 		r = bm_error(-EINVAL, "%s: has no backing file",
-			     disk->image->name);
+			     bm_disk_base(disk)->name);
 	if (r < 0) {
 		bm_waiter_signal(&call->w, r);
 		return;
@@ -74,7 +74,7 @@ call_set_backing(struct bm_call *call)
 	bm_image_set_loop(s->bc.backing, disk->loop);
 	s->call = call;
 	s->bc.io.done = set_backing_done;
-	bm_image_set_backing(disk->image, &s->bc);
+	bm_image_set_backing(bm_disk_base(disk), &s->bc);
 }
 
 /*

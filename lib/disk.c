@@ -27,6 +27,7 @@
 #include "errors.h"
 #include "internal.h"
 #include "mirror.h"
+#include "snapshot.h"
 
 uint64_t
 bm_now_ns(void)
@@ -174,7 +175,7 @@ call_get_image(struct bm_call *call)
 {
 	struct blockmirror_disk *disk = call->arg;
 
-	call->arg2 = strdup(disk->image->name);
+	call->arg2 = strdup(bm_disk_base(disk)->name);
 	bm_waiter_signal(&call->w, call->arg2 ? 0 : -ENOMEM);
 }
 
@@ -253,7 +254,7 @@ req_io_done(struct bm_io *io, int err)
 static void
 submit_to_image(struct bm_req *req)
 {
-	struct bm_image *img = req->disk->image;
+	struct bm_image *img = req->target ? req->target : req->disk->image;
 	struct bm_io *io = &req->io;
 
 	memset(io, 0, sizeof *io);
@@ -306,17 +307,38 @@ bm_disk_submit(struct bm_req *req)
 	submit_to_image(req);
 }
 
-struct bm_image *
-bm_disk_swap_image(struct blockmirror_disk *disk, struct bm_image *img)
+void
+bm_disk_swap_image(struct blockmirror_disk *disk, struct bm_image *old,
+		   struct bm_image *img)
 {
-	struct bm_image *old = disk->image;
+	struct bm_image **slot = &disk->image;
 
 	if (disk->inflight || !disk->quiesce_depth)
 		bm_warn("disk: image swapped with %u requests in flight%s",
 			disk->inflight, disk->quiesce_depth ? "" :
 			" and the disk not quiesced");
-	disk->image = img;
-	return old;
+	while (*slot != old && (*slot)->below)
+		slot = &(*slot)->below;
+	if (*slot != old) {
+		/* A broken caller: say so loudly rather than lose an image. */
+		bm_warn("disk: %s is not in the disk's stack", old->name);
+		return;
+	}
+	*slot = img;
+}
+
+/* Nothing in flight: tell every quiescer waiting for that, oldest
+ * first.  Each may unquiesce, or quiesce again (and so wait anew). */
+static void
+call_drained(struct blockmirror_disk *disk)
+{
+	while (disk->ndrained && disk->inflight == 0) {
+		void (*fn)(struct blockmirror_disk *) = disk->drained[0];
+
+		memmove(disk->drained, disk->drained + 1,
+			--disk->ndrained * sizeof disk->drained[0]);
+		fn(disk);
+	}
 }
 
 void
@@ -326,12 +348,8 @@ bm_disk_req_complete(struct bm_req *req)
 
 	req->done(req->user_data, req->err);
 	free(req);
-	if (--disk->inflight == 0 && disk->quiesce_depth && disk->drained) {
-		void (*fn)(struct blockmirror_disk *) = disk->drained;
-
-		disk->drained = NULL;
-		fn(disk);
-	}
+	if (--disk->inflight == 0 && disk->quiesce_depth)
+		call_drained(disk);
 }
 
 static void
@@ -339,13 +357,10 @@ drained_soon(struct bm_op *op, int res)
 {
 	struct blockmirror_disk *disk =
 		bm_container_of(op, struct blockmirror_disk, drain_op);
-	void (*fn)(struct blockmirror_disk *) = disk->drained;
 
 	disk->drain_op_pending = false;
-	if (fn && disk->inflight == 0) {
-		disk->drained = NULL;
-		fn(disk);
-	}
+	if (disk->inflight == 0)
+		call_drained(disk);
 }
 
 void
@@ -356,8 +371,16 @@ bm_disk_quiesce(struct blockmirror_disk *disk,
 		disk->quiesce_start_ns = bm_now_ns();
 		disk->first_queued_ns = 0;
 	}
-	disk->drained = drained;
-	if (drained && disk->inflight == 0 && !disk->drain_op_pending) {
+	if (!drained)
+		return;
+	if (disk->ndrained == BM_DISK_MAX_DRAINED) {
+		/* More quiescers than the disk has (a job, a snapshot, the
+		 * close): a bug, never the guest's doing. */
+		bm_warn("disk: too many quiescers; ignoring one");
+		return;
+	}
+	disk->drained[disk->ndrained++] = drained;
+	if (disk->inflight == 0 && !disk->drain_op_pending) {
 		/* Already drained: report on the next turn, never inline. */
 		disk->drain_op_pending = true;
 		bm_loop_defer(disk->loop, &disk->drain_op, drained_soon, 0);
@@ -372,7 +395,7 @@ bm_disk_unquiesce(struct blockmirror_disk *disk)
 
 	if (--disk->quiesce_depth)
 		return 0;
-	disk->drained = NULL;
+	disk->ndrained = 0;
 	if (disk->first_queued_ns)
 		waited = bm_now_ns() - disk->first_queued_ns;
 	list = disk->queue_head;
@@ -396,9 +419,9 @@ req_posted(struct bm_work *w)
 }
 
 static int
-disk_aio(struct blockmirror_disk *disk, enum bm_req_type type, void *buf,
-	 uint64_t len, uint64_t offset, unsigned flags,
-	 blockmirror_done_fn done, void *user_data)
+disk_aio_to(struct blockmirror_disk *disk, struct bm_image *target,
+	    enum bm_req_type type, void *buf, uint64_t len, uint64_t offset,
+	    unsigned flags, blockmirror_done_fn done, void *user_data)
 {
 	struct bm_req *req;
 
@@ -411,7 +434,7 @@ disk_aio(struct blockmirror_disk *disk, enum bm_req_type type, void *buf,
 				" beyond the end of the disk (%" PRIu64 ")",
 				offset, len, disk->size);
 	if ((type == BM_REQ_WRITE || type == BM_REQ_ZERO ||
-	     type == BM_REQ_DISCARD) && disk->readonly)
+	     type == BM_REQ_DISCARD) && (disk->readonly || target))
 		return bm_error(-EROFS, "the disk is read-only");
 	if (flags & ~(BLOCKMIRROR_REQ_FUA | BLOCKMIRROR_REQ_MAY_TRIM))
 		return bm_error(-EINVAL, "unknown request flags 0x%x", flags);
@@ -422,6 +445,7 @@ disk_aio(struct blockmirror_disk *disk, enum bm_req_type type, void *buf,
 	if (!req)
 		return bm_error(-ENOMEM, "out of memory");
 	req->disk = disk;
+	req->target = target;
 	req->type = type;
 	req->buf = buf;
 	req->length = len;
@@ -436,6 +460,24 @@ disk_aio(struct blockmirror_disk *disk, enum bm_req_type type, void *buf,
 		bm_loop_post(disk->loop, &req->work);
 	}
 	return 0;
+}
+
+static int
+disk_aio(struct blockmirror_disk *disk, enum bm_req_type type, void *buf,
+	 uint64_t len, uint64_t offset, unsigned flags,
+	 blockmirror_done_fn done, void *user_data)
+{
+	return disk_aio_to(disk, NULL, type, buf, len, offset, flags, done,
+			   user_data);
+}
+
+int
+bm_disk_aio_to(struct blockmirror_disk *disk, struct bm_image *target,
+	       enum bm_req_type type, void *buf, uint64_t len,
+	       uint64_t offset, blockmirror_done_fn done, void *user_data)
+{
+	return disk_aio_to(disk, target, type, buf, len, offset, 0, done,
+			   user_data);
 }
 
 #define AIO_RETURN(name, r) \
@@ -515,6 +557,18 @@ sync_done(void *user_data, int err)
 	bm_waiter_signal(user_data, err);
 }
 
+int
+bm_disk_wait(struct blockmirror_disk *disk, struct bm_waiter *w)
+{
+	if (atomic_load(&disk->thread_running))
+		return bm_waiter_wait(w);
+	pthread_mutex_lock(&disk->run_lock);
+	while (!bm_waiter_done(w) && disk_run_once(disk, 100) >= 0)
+		;
+	pthread_mutex_unlock(&disk->run_lock);
+	return bm_waiter_wait(w);
+}
+
 static int
 disk_sync(struct blockmirror_disk *disk, const char *name,
 	  enum bm_req_type type, void *buf, uint64_t len, uint64_t offset,
@@ -532,16 +586,7 @@ disk_sync(struct blockmirror_disk *disk, const char *name,
 	bm_waiter_init(&w);
 	r = disk_aio(disk, type, buf, len, offset, flags, sync_done, &w);
 	if (r == 0) {
-		if (atomic_load(&disk->thread_running)) {
-			r = bm_waiter_wait(&w);
-		} else {
-			pthread_mutex_lock(&disk->run_lock);
-			while (!bm_waiter_done(&w) &&
-			       disk_run_once(disk, 100) >= 0)
-				;
-			pthread_mutex_unlock(&disk->run_lock);
-			r = bm_waiter_wait(&w);
-		}
+		r = bm_disk_wait(disk, &w);
 		if (r < 0)
 			bm_error(r, "%s at %" PRIu64 "+%" PRIu64 ": %s",
 				 type == BM_REQ_READ ? "read" : "write",
@@ -608,6 +653,8 @@ close_drained(struct blockmirror_disk *disk)
 	struct bm_call *call = disk->drain_call;
 	struct bm_io *io = &disk->close_io;
 
+	/* Snapshots go first: their handles stay valid, detached. */
+	bm_snapshot_detach_all(disk);
 	memset(io, 0, sizeof *io);
 	io->done = close_flushed;
 	io->opaque = call;
@@ -666,6 +713,7 @@ blockmirror_disk_close(struct blockmirror_disk *disk)
 	/* Let the ring finish anything still outstanding (the flush). */
 	while (bm_loop_inflight(disk->loop))
 		bm_loop_run_once(disk->loop, 100);
+	bm_snapshot_disk_closed(disk);
 	bm_image_close(disk->image);
 	bm_loop_free(disk->loop);
 	pthread_mutex_destroy(&disk->run_lock);

@@ -30,6 +30,10 @@ enum bm_req_type {
 	BM_REQ_BLOCK_STATUS,          /* buf is a struct bm_extent_list */
 };
 
+#define BM_DISK_MAX_DRAINED 4
+
+struct blockmirror_snapshot;
+
 /* One guest request, from acceptance to completion. */
 struct bm_req {
 	struct bm_work work;          /* handed over from another thread */
@@ -44,6 +48,11 @@ struct bm_req {
 
 	/* the disk's */
 	struct bm_req *next;          /* in the queue while quiesced */
+	struct bm_image *target;      /* NULL: the active image; else an
+					 image on the disk's loop (a
+					 snapshot's view) that the request
+					 reads while counted and queued like
+					 the guest's */
 	struct bm_io io;              /* to the active image */
 	int err;                      /* the active image's result */
 };
@@ -80,7 +89,10 @@ struct blockmirror_disk {
 	struct bm_req **queue_tail;
 	uint64_t quiesce_start_ns;
 	uint64_t first_queued_ns;     /* 0: nothing queued yet */
-	void (*drained)(struct blockmirror_disk *disk); /* when inflight hits 0 */
+	/* called once inflight hits 0 (one per quiescer: a job's start or
+	 * pivot, a snapshot being taken or released, the close) */
+	void (*drained[BM_DISK_MAX_DRAINED])(struct blockmirror_disk *disk);
+	unsigned ndrained;
 	struct bm_op drain_op;        /* reports an immediate drain */
 	bool drain_op_pending;
 	struct bm_job *job;           /* the running job, for the control
@@ -90,18 +102,32 @@ struct blockmirror_disk {
 	struct bm_work wake_work;     /* wakes the thread to stop it */
 	struct bm_call *drain_call;   /* close: waiting for the drain */
 	struct bm_call *start_call;   /* job start: waiting for the drain */
+	struct blockmirror_snapshot *snapshots; /* live snapshots, newest first */
+	struct bm_call *snap_call;    /* a snapshot taken or released:
+					 waiting for the drain */
 	struct bm_io close_io;
 };
 
 /*
- * Make `img` the disk's active image and return the one it replaces.  The
- * one mechanism that starts a move (push the mirror filter), pivots (swap
- * in the destination) and ends one without a pivot (swap the source
- * back).  Only with the disk quiesced and nothing in flight, so that no
- * request is split between the two images.
+ * Put `img` where `old` is in the disk's stack of images: the active
+ * image, or the image some filter stands over (bm_image.below).  The one
+ * mechanism that starts a move (the mirror filter replaces the base
+ * image, with the base under it), pivots (the destination replaces the
+ * filter), ends one without a pivot (the source replaces the filter
+ * again), takes a snapshot (its filter replaces the active image) and
+ * releases one.  Filters above the one replaced keep standing, so a
+ * snapshot survives a move's pivot.  Only with the disk quiesced and
+ * nothing in flight, so that no request is split between two stacks.
  */
-struct bm_image *bm_disk_swap_image(struct blockmirror_disk *disk,
-				    struct bm_image *img);
+void bm_disk_swap_image(struct blockmirror_disk *disk, struct bm_image *old,
+			struct bm_image *img);
+
+/* The image under every filter: the one a move moves. */
+static inline struct bm_image *
+bm_disk_base(struct blockmirror_disk *disk)
+{
+	return bm_image_base(disk->image);
+}
 
 /* Monotonic clock in nanoseconds. */
 uint64_t bm_now_ns(void);
@@ -115,6 +141,8 @@ void bm_disk_req_complete(struct bm_req *req);
 /*
  * Stop admitting guest requests (they queue), and call `drained` once
  * none is in flight (possibly from within this call's next loop turn).
+ * Quiescers nest: each passes its own `drained` (NULL: none), and
+ * requests flow again after the last bm_disk_unquiesce.
  */
 void bm_disk_quiesce(struct blockmirror_disk *disk,
 		     void (*drained)(struct blockmirror_disk *disk));
@@ -149,6 +177,23 @@ int bm_disk_call(struct blockmirror_disk *disk, struct bm_call *call);
 int bm_disk_aio_block_status(struct blockmirror_disk *disk, uint64_t len,
 			     uint64_t offset, struct bm_extent_list *l,
 			     blockmirror_done_fn done, void *user_data);
+
+/*
+ * A read or block status of `target`, an image on the disk's loop that
+ * is not the active one (a snapshot's view), through the disk: counted
+ * in `inflight` and queued while the disk is quiesced like a guest
+ * request, so that no swap happens under it.  Writes: -EROFS.
+ */
+int bm_disk_aio_to(struct blockmirror_disk *disk, struct bm_image *target,
+		   enum bm_req_type type, void *buf, uint64_t len,
+		   uint64_t offset, blockmirror_done_fn done, void *user_data);
+
+/*
+ * Wait for `w`, signalled by a request's completion on the disk's loop:
+ * on the disk's thread if it runs, else running the loop here.  Not from
+ * the loop thread.  Returns what the waiter was signalled with.
+ */
+int bm_disk_wait(struct blockmirror_disk *disk, struct bm_waiter *w);
 
 /* Is the current thread running this disk's loop? */
 bool bm_disk_on_loop(struct blockmirror_disk *disk);

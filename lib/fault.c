@@ -259,6 +259,8 @@ submit(struct bm_store *s, struct bm_io *io, enum fault_kind kind)
 	      : is_write(kind) ? f->rules->write_delay_ns : 0;
 	if (is_write(kind) && f->rules->next_write_delay_ns)
 		delay += atomic_exchange(&f->rules->next_write_delay_ns, 0);
+	if (kind == F_READ && f->rules->next_read_delay_ns)
+		delay += atomic_exchange(&f->rules->next_read_delay_ns, 0);
 	/* Always through a timer, so completions are never inline. */
 	bm_loop_timer_start(s->loop, &q->timer, delay ? delay : 1,
 			    timer_done);

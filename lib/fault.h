@@ -23,8 +23,10 @@ struct bm_fault_rules {
 	/* Every read / write (and zero, discard) waits this long first. */
 	_Atomic uint64_t read_delay_ns;
 	_Atomic uint64_t write_delay_ns;
-	/* The next write (or zero, discard) alone waits this long. */
+	/* The next write (or zero, discard) alone waits this long; the
+	 * next read likewise. */
 	_Atomic uint64_t next_write_delay_ns;
+	_Atomic uint64_t next_read_delay_ns;
 	/* Reads overlapping [read_err_offset, +read_err_length) fail with
 	 * read_errno, read_err_count times (-1: always). */
 	_Atomic int read_errno;

@@ -44,7 +44,18 @@ struct bm_image {
 	uint32_t align;                /* request alignment, >= 1 */
 	bool readonly;
 	bool zero_init;                /* created by us: reads as zeroes */
+	struct bm_image *below;        /* a filter's: the image it stands
+					  over (NULL: not a filter) */
 };
+
+/* The image under every filter of `img` (img itself if not a filter). */
+static inline struct bm_image *
+bm_image_base(struct bm_image *img)
+{
+	while (img->below)
+		img = img->below;
+	return img;
+}
 
 enum {
 	BM_IMAGE_WRITE = 1u << 0,

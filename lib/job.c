@@ -206,7 +206,9 @@ start_drained(struct blockmirror_disk *disk)
 
 	disk->start_call = NULL;
 	disk->job = job;
-	bm_disk_swap_image(disk, &job->filter); /* job->src is under it */
+	/* Right over the base image, under any snapshot's filter, so the
+	 * pivot leaves the snapshots standing. */
+	bm_disk_swap_image(disk, job->src, &job->filter);
 	bm_mirror_begin(job);
 	bm_disk_unquiesce(disk);
 	bm_waiter_signal(&call->w, 0);
@@ -225,16 +227,16 @@ call_start(struct bm_call *call)
 	}
 	/* Any image of the served chain: writing a backing file would
 	 * change what every overlay on it reads. */
-	for (struct bm_image *img = disk->image; img;
+	for (struct bm_image *img = bm_disk_base(disk); img;
 	     img = bm_image_backing(img)) {
 		if (!bm_file_same(img->store, job->dst_name))
 			continue;
-		r = img == disk->image
+		r = img == bm_disk_base(disk)
 		    ? bm_error(-EINVAL, "%s: is the disk's own image",
 			       job->dst_name)
 		    : bm_error(-EINVAL, "%s: is a backing file of the disk "
 			       "(%s); a move would overwrite what its overlays "
-			       "read", job->dst_name, disk->image->name);
+			       "read", job->dst_name, bm_disk_base(disk)->name);
 		goto out;
 	}
 	if (job->dst->size != disk->size) {
@@ -243,7 +245,7 @@ call_start(struct bm_call *call)
 			     job->dst_name, job->dst->size, disk->size);
 		goto out;
 	}
-	job->src = disk->image;
+	job->src = bm_disk_base(disk);
 	job->loop = disk->loop;
 	bm_image_set_loop(job->dst, disk->loop); /* opened on a private loop */
 	job->mode = job->opt.mode == BLOCKMIRROR_MODE_ACTIVE
@@ -414,8 +416,8 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 		  BM_IMAGE_NOFOLLOW : 0);
 	if (options->flags & BLOCKMIRROR_JOB_CREATE) {
 		if (fmt == BLOCKMIRROR_FORMAT_AUTO)
-			fmt = disk->image->format;
-		r = dest_create_options(disk->image, fmt, job->opt.sync,
+			fmt = bm_disk_base(disk)->format;
+		r = dest_create_options(bm_disk_base(disk), fmt, job->opt.sync,
 					&create_options);
 		if (r == 0)
 			r = bm_image_create(tmp, destination, fmt, disk->size,

@@ -839,6 +839,7 @@ filter_init(struct bm_job *job)
 	f->align = job->src->align;
 	f->readonly = job->src->readonly;
 	f->zero_init = job->src->zero_init;
+	f->below = job->src;
 }
 
 /* ---- rule 6: ready, and progress ------------------------------------- */

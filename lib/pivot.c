@@ -141,7 +141,8 @@ finish(struct bm_job *job, enum bm_job_phase phase, bool pivoted)
 		 * reach the source unseen by the job, so a state left on
 		 * disk would resume a move that misses them. */
 		bm_state_job_end(job);
-		bm_disk_swap_image(job->disk, job->src); /* the filter goes */
+		/* the filter goes */
+		bm_disk_swap_image(job->disk, &job->filter, job->src);
 		job->disk->job = NULL;
 		bm_image_close(job->dst);
 		job->dst = NULL;
@@ -239,7 +240,7 @@ pivot(struct bm_job *job)
 	pivot_hook(BM_PIVOT_DURABLE);
 
 	/* 2. the swap: the destination replaces the filter */
-	bm_disk_swap_image(disk, job->dst);
+	bm_disk_swap_image(disk, &job->filter, job->dst);
 	disk->job = NULL;
 	old = job->src;
 	job->dst = NULL;
@@ -251,7 +252,7 @@ pivot(struct bm_job *job)
 	bm_image_close(old);
 	pivot_hook(BM_PIVOT_SWAPPED);
 	bm_info("pivot: now on %s, guest stalled %" PRIu64 " us",
-		disk->image->name, job->pivot_stall_us);
+		bm_disk_base(disk)->name, job->pivot_stall_us);
 	finish(job, BM_PHASE_COMPLETED, true);
 }
 

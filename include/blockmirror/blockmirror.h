@@ -677,6 +677,96 @@ extern void blockmirror_job_free(struct blockmirror_job *job);
 extern const char *blockmirror_job_state_name(enum blockmirror_job_state s);
 extern const char *blockmirror_mode_name(enum blockmirror_mode mode);
 
+/* ---- Snapshots: a point-in-time view of a running disk (docs/snapshot.md) */
+
+/*
+ * A snapshot freezes what the disk holds at one instant while the guest
+ * keeps writing: before a guest write, write-zeroes or discard changes a
+ * block the snapshot still needs, the old data goes to a scratch image
+ * (copy-before-write).  The snapshot reads the frozen view.  It survives
+ * a move of the disk (it stands above the move) and its pivot.
+ *
+ * A snapshot never fails the guest: if the scratch image fails, fills up
+ * (max_scratch), or a guest write would wait longer than timeout_ms for
+ * its old data to be saved, the snapshot breaks (BLOCKMIRROR_SNAPSHOT_BROKEN,
+ * its reads fail with -EIO naming why) and the guest goes on.
+ */
+struct blockmirror_snapshot;
+
+enum {
+	/* Create `scratch` (a new raw file or qcow2 by its format; it must
+	 * not exist) and remove it when the snapshot is released. */
+	BLOCKMIRROR_SNAPSHOT_CREATE = 1u << 0,
+};
+
+struct blockmirror_snapshot_options {
+	size_t size;                  /* sizeof (struct ...), for growth */
+	/* Where overwritten data goes: a path or an NBD URI, at least the
+	 * disk's size.  NULL: a new unnamed file in scratch_dir, gone when
+	 * the snapshot is released or the process dies. */
+	const char *scratch;
+	const char *scratch_dir;      /* NULL: $TMPDIR, else /var/tmp */
+	enum blockmirror_format scratch_format; /* AUTO: probe (or raw) */
+	unsigned flags;               /* BLOCKMIRROR_SNAPSHOT_* */
+	uint64_t granularity;         /* copy-before-write unit, a power of
+					 two, 4 KiB..1 MiB; 0: 64 KiB */
+	uint32_t timeout_ms;          /* 0: 1000 */
+	uint64_t max_scratch;         /* bytes of old data; 0: no limit */
+};
+
+enum blockmirror_snapshot_state {
+	BLOCKMIRROR_SNAPSHOT_ACTIVE = 1,
+	BLOCKMIRROR_SNAPSHOT_BROKEN,
+	BLOCKMIRROR_SNAPSHOT_DETACHED, /* the disk was closed under it */
+};
+
+struct blockmirror_snapshot_info {
+	enum blockmirror_snapshot_state state;
+	uint64_t size;                /* the disk's */
+	uint64_t granularity;
+	int64_t taken_unix_ns;        /* the instant, CLOCK_REALTIME */
+	uint64_t bytes_saved;         /* old data held in the scratch */
+	uint64_t cbw_count;           /* copy-before-writes done */
+	uint64_t cbw_max_us;          /* the longest a guest write waited */
+	int error;                    /* BROKEN: the errno (positive) */
+	char reason[256];             /* BROKEN: why, for people */
+};
+
+/*
+ * Take a snapshot of each of `n` disks at one instant (a consistency
+ * group: one VM's disks, so that a database and its log on two disks are
+ * seen at the same point): every disk stops admitting guest requests,
+ * waits for those in flight, and only when all are still does any of
+ * them go on.  A write acknowledged before the call is in every
+ * snapshot; a write started after it returns is in none.  out[i] is the
+ * snapshot of disks[i].  0 or -errno (then none is taken).
+ */
+extern int blockmirror_snapshot_take(struct blockmirror_disk **disks,
+				     size_t n,
+				     const struct blockmirror_snapshot_options *options,
+				     struct blockmirror_snapshot **out);
+
+/* Read the frozen view (aio: done runs on the disk's loop thread). */
+extern int blockmirror_snapshot_aio_read(struct blockmirror_snapshot *snap,
+					 void *buf, size_t count,
+					 uint64_t offset,
+					 blockmirror_done_fn done,
+					 void *user_data);
+extern int blockmirror_snapshot_read(struct blockmirror_snapshot *snap,
+				     void *buf, size_t count,
+				     uint64_t offset);
+
+/* State and counters.  Blocking; 0 or -errno. */
+extern int blockmirror_snapshot_query(struct blockmirror_snapshot *snap,
+				      struct blockmirror_snapshot_info *info);
+
+/*
+ * Let the snapshot go: guest writes stop saving old data, the scratch
+ * space is freed (a scratch the library created is removed), and the
+ * handle is freed.  Accepts NULL.  Blocking; not from the loop thread.
+ */
+extern int blockmirror_snapshot_release(struct blockmirror_snapshot *snap);
+
 /* ---- Crash-resumable state (docs/state.md) --------------------------- */
 
 struct blockmirror_state_info {

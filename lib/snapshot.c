@@ -1,0 +1,1231 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Snapshots: a point-in-time view of a running disk, by copy-before-write
+ * (docs/snapshot.md).
+ *
+ * A snapshot is two images.  Its filter stands on the disk's stack, on
+ * top when it is taken (bm_disk_swap_image), over whatever was there: the
+ * base image, or a move's mirror filter; a move started later goes under
+ * it, so its pivot changes what the filter stands over and nothing else.
+ * Its view is the frozen disk, read through bm_disk_aio_to so it counts
+ * and queues like the guest's requests.
+ *
+ * The rules, each per chunk of `granularity` bytes:
+ *
+ *  1. The instant: the disk is quiesced with nothing in flight when the
+ *     filter goes on, so every guest write either completed before (and
+ *     is in the view) or passes through the filter (and is not).
+ *  2. A chunk is NEEDED until its old data is in the scratch image (at
+ *     the same offset).  A guest write, write-zeroes or discard that
+ *     touches a NEEDED chunk waits; the filter copies the chunk from the
+ *     image below to the scratch (a CBW, BUSY while it runs) and clears
+ *     NEEDED, then lets the write on.  So what is below a NEEDED chunk is
+ *     what it held at the instant.
+ *  3. The view reads a chunk from the scratch once it is not NEEDED, and
+ *     from below while it is.  A read of below PINS its range: a guest
+ *     write into a pinned range waits for the pin to go even when its
+ *     chunks are saved, so no read of below ever runs beside a write that
+ *     would change what it returns.
+ *  4. The guest before the snapshot: a CBW that fails, a scratch that is
+ *     full (max_scratch) or a guest write that has waited timeout_ms
+ *     BREAKS the snapshot: every waiting write goes on at once, later ones
+ *     pass straight through, and the view fails every read with -EIO and
+ *     the reason.  A view read that completes after the break fails too,
+ *     even if it may have read the right bytes.
+ *
+ * Everything runs on the disk's loop; only the public calls cross
+ * threads, through bm_disk_call.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bitmap.h"
+#include "disk.h"
+#include "errors.h"
+#include "image.h"
+#include "internal.h"
+#include "nbd.h"
+#include "snapshot.h"
+
+#define CBW_MAX_BYTES (1024 * BM_KiB)
+#define CBW_MAX_INFLIGHT 16
+#define DEFAULT_GRANULARITY (64 * BM_KiB)
+#define DEFAULT_TIMEOUT_MS 1000
+
+/* A guest write waiting for rule 2 or 3. */
+struct snap_write {
+	struct bm_io *io;
+	enum bm_req_type type;
+	uint64_t since_ns;
+	struct snap_write *next;
+};
+
+/* A read of the image below for the view (rule 3). */
+struct pin {
+	uint64_t offset;
+	uint64_t length;
+	struct pin *next;
+};
+
+/* A copy-before-write in flight. */
+struct cbw {
+	struct bm_io io;
+	struct blockmirror_snapshot *snap;
+	void *buf;
+};
+
+struct blockmirror_snapshot {
+	struct bm_image filter;        /* on the disk's stack */
+	struct bm_image view;          /* the frozen disk */
+	struct blockmirror_disk *disk; /* NULL once detached */
+	struct blockmirror_snapshot *next; /* disk->snapshots */
+	struct bm_image *scratch;
+	char *scratch_path;            /* ours to remove at release */
+	bool scratch_ours;             /* created here: reads as zeroes */
+	char *name;                    /* "snapshot of IMAGE" */
+	uint64_t granularity;
+	uint64_t timeout_ns;
+	uint64_t max_scratch;
+	uint32_t align;
+
+	/* loop thread only */
+	struct bm_bitmap needed;       /* rule 2 */
+	struct bm_bitmap busy;
+	unsigned cbw_inflight;
+	struct snap_write *wait_head, **wait_tail;
+	struct pin *pins;
+	unsigned ops;                  /* CBWs, the timer: call back into us */
+	struct bm_timer timer;
+	bool timer_armed;
+	bool on_stack;
+	enum blockmirror_snapshot_state state;
+	int error;
+	char reason[256];
+	int64_t taken_unix_ns;
+	uint64_t bytes_saved;
+	uint64_t cbw_count;
+	uint64_t cbw_max_ns;
+	struct bm_call *release_call;  /* waiting for ops to reach 0 */
+	struct bm_io release_io;
+};
+
+static void retry_waiting(struct blockmirror_snapshot *snap);
+
+static inline struct blockmirror_snapshot *
+filter_snap(struct bm_image *img)
+{
+	return bm_container_of(img, struct blockmirror_snapshot, filter);
+}
+
+static inline struct blockmirror_snapshot *
+view_snap(struct bm_image *img)
+{
+	return bm_container_of(img, struct blockmirror_snapshot, view);
+}
+
+/* ---- rule 4: breaking ------------------------------------------------ */
+
+static void __attribute__((format(printf, 3, 4)))
+snap_break(struct blockmirror_snapshot *snap, int err, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (snap->state != BLOCKMIRROR_SNAPSHOT_ACTIVE)
+		return;
+	snap->state = BLOCKMIRROR_SNAPSHOT_BROKEN;
+	snap->error = err < 0 ? -err : EIO;
+	va_start(ap, fmt);
+	vsnprintf(snap->reason, sizeof snap->reason, fmt, ap);
+	va_end(ap);
+	bm_warn("%s: broken, the guest goes on: %s", snap->name,
+		snap->reason);
+	retry_waiting(snap);
+}
+
+static bool
+snap_ok(const struct blockmirror_snapshot *snap)
+{
+	return snap->state == BLOCKMIRROR_SNAPSHOT_ACTIVE;
+}
+
+static void release_idle(struct bm_call *call);
+
+/* The release waits for the last op that calls back into us. */
+static void
+op_done(struct blockmirror_snapshot *snap)
+{
+	struct bm_call *call = snap->release_call;
+
+	if (--snap->ops == 0 && call) {
+		snap->release_call = NULL;
+		release_idle(call);
+	}
+}
+
+/* ---- rule 2: copy before write --------------------------------------- */
+
+static void
+cbw_end(struct cbw *c, int err)
+{
+	struct blockmirror_snapshot *snap = c->snap;
+
+	bm_bitmap_clear_range(&snap->busy, c->io.offset, c->io.length);
+	if (!err) {
+		bm_bitmap_clear_range(&snap->needed, c->io.offset,
+				      c->io.length);
+		snap->cbw_count++;
+	}
+	snap->cbw_inflight--;
+	free(c->buf);
+	free(c);
+	retry_waiting(snap);
+	op_done(snap);
+}
+
+static void
+cbw_written(struct bm_io *io, int err)
+{
+	struct cbw *c = bm_container_of(io, struct cbw, io);
+	struct blockmirror_snapshot *snap = c->snap;
+
+	if (err < 0)
+		snap_break(snap, err, "writing old data at %" PRIu64 " to the "
+			   "scratch image %s: %s", io->offset,
+			   snap->scratch->name, strerror(-err));
+	else
+		snap->bytes_saved += io->length;
+	cbw_end(c, err);
+}
+
+static void
+cbw_read(struct bm_io *io, int err)
+{
+	struct cbw *c = bm_container_of(io, struct cbw, io);
+	struct blockmirror_snapshot *snap = c->snap;
+
+	if (err < 0) {
+		snap_break(snap, err, "reading old data at %" PRIu64 ": %s",
+			   io->offset, strerror(-err));
+		cbw_end(c, err);
+		return;
+	}
+	if (!snap_ok(snap)) {
+		cbw_end(c, -ECANCELED);
+		return;
+	}
+	/* A scratch of ours reads as zeroes where it was never written,
+	 * and a chunk is written there at most once. */
+	if (snap->scratch_ours && bm_is_zero(c->buf, io->length)) {
+		cbw_end(c, 0);
+		return;
+	}
+	if (snap->max_scratch &&
+	    snap->bytes_saved + io->length > snap->max_scratch) {
+		snap_break(snap, -ENOSPC, "the scratch image is full "
+			   "(max_scratch %" PRIu64 " bytes)", snap->max_scratch);
+		cbw_end(c, -ENOSPC);
+		return;
+	}
+	io->done = cbw_written;
+	io->flags = 0;
+	bm_image_write(snap->scratch, io);
+}
+
+static int
+cbw_start(struct blockmirror_snapshot *snap, uint64_t offset,
+	  uint64_t length)
+{
+	struct cbw *c = calloc(1, sizeof *c);
+
+	if (!c || posix_memalign(&c->buf, snap->align, length)) {
+		free(c);
+		snap_break(snap, -ENOMEM, "out of memory for copy-before-"
+			   "write");
+		return -ENOMEM;
+	}
+	c->snap = snap;
+	c->io.offset = offset;
+	c->io.length = length;
+	c->io.buf = c->buf;
+	c->io.done = cbw_read;
+	bm_bitmap_set_range(&snap->busy, offset, length);
+	snap->cbw_inflight++;
+	snap->ops++;
+	bm_image_read(snap->filter.below, &c->io);
+	return 0;
+}
+
+static bool
+pinned(const struct blockmirror_snapshot *snap, uint64_t offset,
+       uint64_t length)
+{
+	for (const struct pin *p = snap->pins; p; p = p->next)
+		if (offset < p->offset + p->length &&
+		    p->offset < offset + length)
+			return true;
+	return false;
+}
+
+/*
+ * May a guest write to [offset, offset + length) go on now?  If not,
+ * start the copies it waits for (as many as the limit allows; the rest
+ * start when those end).
+ */
+static bool
+write_may_go(struct blockmirror_snapshot *snap, uint64_t offset,
+	     uint64_t length)
+{
+	uint64_t g = snap->granularity, end = offset + length;
+	uint64_t pos = bm_round_down(offset, g), run_off, run_len;
+	bool ready = true;
+
+	if (!snap_ok(snap))
+		return true;
+	while (pos < end && bm_bitmap_next_dirty(&snap->needed, pos, 0,
+						 &run_off, &run_len) &&
+	       run_off < end) {
+		uint64_t run_end = BM_MIN(run_off + run_len,
+					  bm_round_up(end, g));
+
+		ready = false;
+		pos = run_off;
+		while (pos < run_end &&
+		       snap->cbw_inflight < CBW_MAX_INFLIGHT) {
+			uint64_t n = 0;
+
+			while (pos < run_end && bm_bitmap_test(&snap->busy, pos))
+				pos += g;
+			while (pos + n < run_end && n < CBW_MAX_BYTES &&
+			       !bm_bitmap_test(&snap->busy, pos + n))
+				n += g;
+			n = BM_MIN(n, snap->filter.size - pos);
+			if (!n)
+				break;
+			if (cbw_start(snap, pos, n) < 0)
+				return true; /* broken: go on */
+			pos += n;
+		}
+		if (snap->cbw_inflight >= CBW_MAX_INFLIGHT)
+			break;
+		pos = run_end;
+	}
+	return ready && !pinned(snap, offset, length);
+}
+
+static void
+forward(struct blockmirror_snapshot *snap, struct bm_io *io,
+	enum bm_req_type type)
+{
+	struct bm_image *below = snap->filter.below;
+
+	if (type == BM_REQ_WRITE)
+		bm_image_write(below, io);
+	else if (type == BM_REQ_ZERO)
+		bm_image_zero(below, io);
+	else
+		bm_image_discard(below, io);
+}
+
+static void timer_fired(struct bm_op *op, int res);
+
+static void
+arm_timer(struct blockmirror_snapshot *snap)
+{
+	if (snap->timer_armed || !snap->wait_head || !snap_ok(snap))
+		return;
+	snap->timer_armed = true;
+	snap->ops++;
+	bm_loop_timer_start(snap->filter.store ? snap->filter.store->loop :
+			    snap->disk->loop, &snap->timer,
+			    BM_MAX(snap->timeout_ns / 4, 1000000u), timer_fired);
+}
+
+static void
+timer_fired(struct bm_op *op, int res)
+{
+	struct blockmirror_snapshot *snap =
+		bm_container_of(op, struct blockmirror_snapshot, timer.op);
+	struct snap_write *w = snap->wait_head;
+
+	snap->timer_armed = false;
+	if (res != -ECANCELED && w &&
+	    bm_now_ns() - w->since_ns >= snap->timeout_ns)
+		snap_break(snap, -ETIMEDOUT, "a guest write waited more than "
+			   "%" PRIu64 " ms for its old data to be saved",
+			   snap->timeout_ns / 1000000);
+	if (res != -ECANCELED)
+		arm_timer(snap);
+	op_done(snap);
+}
+
+/* Let every waiting write go that may, in order. */
+static void
+retry_waiting(struct blockmirror_snapshot *snap)
+{
+	struct snap_write **pp = &snap->wait_head;
+	uint64_t now = bm_now_ns();
+
+	while (*pp) {
+		struct snap_write *w = *pp;
+
+		if (!write_may_go(snap, w->io->offset, w->io->length)) {
+			pp = &w->next;
+			continue;
+		}
+		*pp = w->next;
+		if (!*pp)
+			snap->wait_tail = pp;
+		snap->cbw_max_ns = BM_MAX(snap->cbw_max_ns, now - w->since_ns);
+		forward(snap, w->io, w->type);
+		free(w);
+	}
+	snap->wait_tail = pp;
+}
+
+static void
+filter_write_type(struct bm_image *img, struct bm_io *io,
+		  enum bm_req_type type)
+{
+	struct blockmirror_snapshot *snap = filter_snap(img);
+	struct snap_write *w;
+
+	/* Behind a waiting write: overlapping writes keep their order. */
+	if (!snap->wait_head && write_may_go(snap, io->offset, io->length)) {
+		forward(snap, io, type);
+		return;
+	}
+	w = malloc(sizeof *w);
+	if (!w) {
+		snap_break(snap, -ENOMEM, "out of memory");
+		forward(snap, io, type);
+		return;
+	}
+	w->io = io;
+	w->type = type;
+	w->since_ns = bm_now_ns();
+	w->next = NULL;
+	*snap->wait_tail = w;
+	snap->wait_tail = &w->next;
+	retry_waiting(snap);
+	arm_timer(snap);
+}
+
+static void
+filter_write(struct bm_image *img, struct bm_io *io)
+{
+	filter_write_type(img, io, BM_REQ_WRITE);
+}
+
+static void
+filter_zero(struct bm_image *img, struct bm_io *io)
+{
+	filter_write_type(img, io, BM_REQ_ZERO);
+}
+
+static void
+filter_discard(struct bm_image *img, struct bm_io *io)
+{
+	filter_write_type(img, io, BM_REQ_DISCARD);
+}
+
+static void
+filter_read(struct bm_image *img, struct bm_io *io)
+{
+	bm_image_read(img->below, io);
+}
+
+static void
+filter_flush(struct bm_image *img, struct bm_io *io)
+{
+	bm_image_flush(img->below, io);
+}
+
+static void
+filter_block_status(struct bm_image *img, struct bm_io *io)
+{
+	bm_image_block_status(img->below, io);
+}
+
+static void
+nothing_to_close(struct bm_image *img)
+{
+	/* The snapshot owns its images. */
+}
+
+static const struct bm_image_ops filter_ops = {
+	.read = filter_read,
+	.write = filter_write,
+	.zero = filter_zero,
+	.discard = filter_discard,
+	.flush = filter_flush,
+	.block_status = filter_block_status,
+	.close = nothing_to_close,
+};
+
+/* ---- rule 3: the view ------------------------------------------------ */
+
+struct view_sub {
+	struct bm_io io;
+	struct view_op *op;
+	struct pin pin;
+	bool pinned;
+};
+
+struct view_op {
+	struct blockmirror_snapshot *snap;
+	struct bm_io *parent;
+	unsigned pending;
+	int err;
+	/* block status: one step at a time */
+	uint64_t pos;
+	struct view_sub sub[];
+};
+
+static void
+view_fail_soon(struct bm_op *op, int res)
+{
+	struct bm_io *io = bm_container_of(op, struct bm_io, op);
+
+	io->done(io, res);
+}
+
+static bool
+view_refuse(struct blockmirror_snapshot *snap, struct bm_io *io)
+{
+	if (snap_ok(snap))
+		return false;
+	bm_error(-EIO, "%s: broken: %s", snap->name, snap->reason);
+	bm_loop_defer(snap->disk->loop, &io->op, view_fail_soon, -EIO);
+	return true;
+}
+
+static void
+unpin(struct blockmirror_snapshot *snap, struct view_sub *s)
+{
+	struct pin **pp = &snap->pins;
+
+	if (!s->pinned)
+		return;
+	while (*pp != &s->pin)
+		pp = &(*pp)->next;
+	*pp = s->pin.next;
+	s->pinned = false;
+	retry_waiting(snap);
+}
+
+static void
+pin(struct blockmirror_snapshot *snap, struct view_sub *s, uint64_t offset,
+    uint64_t length)
+{
+	s->pin.offset = offset;
+	s->pin.length = length;
+	s->pin.next = snap->pins;
+	snap->pins = &s->pin;
+	s->pinned = true;
+}
+
+/* The end of the run of chunks at `pos` that are all NEEDED (or all not),
+ * clipped at `end`. */
+static uint64_t
+run_end(const struct blockmirror_snapshot *snap, uint64_t pos, uint64_t end)
+{
+	bool needed = bm_bitmap_test(&snap->needed, pos);
+	uint64_t g = snap->granularity;
+
+	pos = bm_round_down(pos, g) + g;
+	while (pos < end && bm_bitmap_test(&snap->needed, pos) == needed)
+		pos += g;
+	return BM_MIN(pos, end);
+}
+
+static void
+view_read_done(struct bm_io *io, int err)
+{
+	struct view_sub *s = bm_container_of(io, struct view_sub, io);
+	struct view_op *op = s->op;
+	struct blockmirror_snapshot *snap = op->snap;
+
+	unpin(snap, s);
+	if (err < 0 && !op->err)
+		op->err = err;
+	if (--op->pending)
+		return;
+	if (!op->err && !snap_ok(snap)) {
+		bm_error(-EIO, "%s: broken while reading: %s", snap->name,
+			 snap->reason);
+		op->err = -EIO;
+	}
+	op->parent->done(op->parent, op->err);
+	free(op);
+}
+
+static void
+view_read(struct bm_image *img, struct bm_io *io)
+{
+	struct blockmirror_snapshot *snap = view_snap(img);
+	uint64_t end = io->offset + io->length, pos;
+	unsigned n = 0, i = 0;
+	struct view_op *op;
+
+	if (view_refuse(snap, io))
+		return;
+	for (pos = io->offset; pos < end; pos = run_end(snap, pos, end))
+		n++;
+	op = calloc(1, sizeof *op + (n ? n : 1) * sizeof op->sub[0]);
+	if (!op) {
+		bm_loop_defer(snap->disk->loop, &io->op, view_fail_soon,
+			      -ENOMEM);
+		return;
+	}
+	op->snap = snap;
+	op->parent = io;
+	op->pending = n;
+	for (pos = io->offset; pos < end; i++) {
+		uint64_t e = run_end(snap, pos, end);
+		struct view_sub *s = &op->sub[i];
+		bool needed = bm_bitmap_test(&snap->needed, pos);
+
+		s->op = op;
+		s->io.offset = pos;
+		s->io.length = e - pos;
+		s->io.buf = (char *)io->buf + (pos - io->offset);
+		s->io.done = view_read_done;
+		if (needed) {
+			pin(snap, s, pos, e - pos);
+			bm_image_read(snap->filter.below, &s->io);
+		} else {
+			bm_image_read(snap->scratch, &s->io);
+		}
+		pos = e;
+	}
+	if (!n) {
+		free(op);
+		bm_loop_defer(snap->disk->loop, &io->op, view_fail_soon, 0);
+	}
+}
+
+static void view_status_step(struct view_op *op);
+
+static void
+view_status_done(struct bm_io *io, int err)
+{
+	struct view_sub *s = bm_container_of(io, struct view_sub, io);
+	struct view_op *op = s->op;
+	struct bm_extent_list *l = op->parent->extents;
+	uint64_t got = bm_extent_list_end(l);
+
+	unpin(op->snap, s);
+	if (err < 0) {
+		op->err = err;
+		op->pos = op->parent->offset + op->parent->length;
+	} else {
+		op->pos = got > s->io.offset ? got : s->io.offset + s->io.length;
+	}
+	view_status_step(op);
+}
+
+/* Saved runs read as data (the scratch holds them); the rest is what
+ * below says, asked one run at a time with the run pinned. */
+static void
+view_status_step(struct view_op *op)
+{
+	struct blockmirror_snapshot *snap = op->snap;
+	struct bm_io *parent = op->parent;
+	uint64_t end = parent->offset + parent->length;
+	struct view_sub *s = &op->sub[0];
+
+	while (op->pos < end && !op->err) {
+		uint64_t e = run_end(snap, op->pos, end);
+
+		if (!bm_bitmap_test(&snap->needed, op->pos)) {
+			op->err = bm_extent_list_append(parent->extents,
+							op->pos, e - op->pos,
+							0);
+			op->pos = e;
+			continue;
+		}
+		memset(s, 0, sizeof *s);
+		s->op = op;
+		s->io.offset = op->pos;
+		s->io.length = e - op->pos;
+		s->io.extents = parent->extents;
+		s->io.done = view_status_done;
+		pin(snap, s, op->pos, e - op->pos);
+		bm_image_block_status(snap->filter.below, &s->io);
+		return;
+	}
+	if (!op->err && !snap_ok(snap))
+		op->err = -EIO;
+	/* Never inline with the request (a saved range asks nobody). */
+	parent->op.res = op->err;
+	bm_loop_defer(snap->disk->loop, &parent->op, view_fail_soon, op->err);
+	free(op);
+}
+
+static void
+view_block_status(struct bm_image *img, struct bm_io *io)
+{
+	struct blockmirror_snapshot *snap = view_snap(img);
+	struct view_op *op;
+
+	if (view_refuse(snap, io))
+		return;
+	op = calloc(1, sizeof *op + sizeof op->sub[0]);
+	if (!op) {
+		bm_loop_defer(snap->disk->loop, &io->op, view_fail_soon,
+			      -ENOMEM);
+		return;
+	}
+	op->snap = snap;
+	op->parent = io;
+	op->pos = io->offset;
+	view_status_step(op);
+}
+
+static void
+view_no_write(struct bm_image *img, struct bm_io *io)
+{
+	bm_loop_defer(view_snap(img)->disk->loop, &io->op, view_fail_soon,
+		      -EROFS);
+}
+
+static void
+view_flush(struct bm_image *img, struct bm_io *io)
+{
+	bm_loop_defer(view_snap(img)->disk->loop, &io->op, view_fail_soon, 0);
+}
+
+static const struct bm_image_ops view_ops = {
+	.read = view_read,
+	.write = view_no_write,
+	.zero = view_no_write,
+	.discard = view_no_write,
+	.flush = view_flush,
+	.block_status = view_block_status,
+	.close = nothing_to_close,
+};
+
+struct bm_image *
+bm_snapshot_view(struct blockmirror_snapshot *snap)
+{
+	return &snap->view;
+}
+
+struct blockmirror_disk *
+bm_snapshot_disk(struct blockmirror_snapshot *snap)
+{
+	return snap->disk;
+}
+
+/* ---- taking ---------------------------------------------------------- */
+
+static void
+snap_free(struct blockmirror_snapshot *snap)
+{
+	if (!snap)
+		return;
+	if (snap->scratch)
+		bm_image_close(snap->scratch);
+	if (snap->scratch_path && unlink(snap->scratch_path) < 0)
+		bm_warn("%s: could not remove the scratch image: %s",
+			snap->scratch_path, strerror(errno));
+	bm_bitmap_free(&snap->needed);
+	bm_bitmap_free(&snap->busy);
+	free(snap->scratch_path);
+	free(snap->name);
+	free(snap);
+}
+
+/* Open or create the scratch image on `loop` (a private one). */
+static int
+open_scratch(struct blockmirror_snapshot *snap, struct bm_loop *loop,
+	     const struct blockmirror_snapshot_options *o, uint64_t size,
+	     unsigned iflags)
+{
+	enum blockmirror_format fmt = o->scratch_format;
+	int r;
+
+	iflags = (iflags & BM_IMAGE_DIRECT) | BM_IMAGE_WRITE;
+	if (!o->scratch) {
+		const char *dir = o->scratch_dir ? o->scratch_dir
+			: getenv("TMPDIR") ? getenv("TMPDIR") : "/var/tmp";
+		char *path;
+		int fd;
+
+		if (asprintf(&path, "%s/bmirror-scratch-XXXXXX", dir) < 0)
+			return bm_error(-ENOMEM, "out of memory");
+		fd = mkstemp(path);
+		if (fd < 0) {
+			r = bm_error(-errno, "%s: cannot make a scratch file: %s",
+				     dir, strerror(errno));
+			free(path);
+			return r;
+		}
+		close(fd);
+		r = bm_image_create(loop, path, BLOCKMIRROR_FORMAT_RAW, size,
+				    NULL, true, iflags, &snap->scratch);
+		/* Unnamed from here on: gone with the last descriptor. */
+		unlink(path);
+		free(path);
+		snap->scratch_ours = r == 0;
+		return r;
+	}
+	if (o->flags & BLOCKMIRROR_SNAPSHOT_CREATE) {
+		if (fmt == BLOCKMIRROR_FORMAT_AUTO)
+			fmt = BLOCKMIRROR_FORMAT_RAW;
+		r = bm_image_create(loop, o->scratch, fmt, size, NULL, false,
+				    iflags, &snap->scratch);
+		if (r < 0)
+			return r;
+		snap->scratch_ours = true;
+		if (!bm_nbd_is_uri(o->scratch) &&
+		    !(snap->scratch_path = strdup(o->scratch)))
+			return bm_error(-ENOMEM, "out of memory");
+		return 0;
+	}
+	r = bm_image_open(loop, o->scratch, fmt, iflags, &snap->scratch);
+	if (r < 0)
+		return r;
+	if (snap->scratch->size < size)
+		return bm_error(-EINVAL, "%s: the scratch image holds %" PRIu64
+				" bytes, less than the disk's %" PRIu64,
+				o->scratch, snap->scratch->size, size);
+	return 0;
+}
+
+static int
+snap_new(struct blockmirror_disk *disk, struct bm_loop *loop,
+	 const struct blockmirror_snapshot_options *o,
+	 struct blockmirror_snapshot **out)
+{
+	struct blockmirror_snapshot *snap = calloc(1, sizeof *snap);
+	char *image = blockmirror_disk_get_image(disk);
+	int r;
+
+	if (!snap || !image ||
+	    asprintf(&snap->name, "snapshot of %s", image) < 0) {
+		snap->name = NULL;
+		free(image);
+		snap_free(snap);
+		return bm_error(-ENOMEM, "out of memory");
+	}
+	free(image);
+	snap->disk = disk;
+	snap->granularity = o->granularity ? o->granularity
+					   : DEFAULT_GRANULARITY;
+	snap->timeout_ns = (uint64_t)(o->timeout_ms ? o->timeout_ms
+					: DEFAULT_TIMEOUT_MS) * 1000000u;
+	snap->max_scratch = o->max_scratch;
+	snap->wait_tail = &snap->wait_head;
+	snap->state = BLOCKMIRROR_SNAPSHOT_ACTIVE;
+	r = bm_bitmap_init(&snap->needed, disk->size, snap->granularity);
+	if (r == 0)
+		r = bm_bitmap_init(&snap->busy, disk->size, snap->granularity);
+	if (r < 0) {
+		snap_free(snap);
+		return bm_error(r, "out of memory for the snapshot's bitmaps");
+	}
+	bm_bitmap_set_all(&snap->needed);
+	r = open_scratch(snap, loop, o, disk->size, disk->open_flags);
+	if (r < 0) {
+		snap_free(snap);
+		return r;
+	}
+	snap->align = BM_MAX(4096u, snap->scratch->align);
+	*out = snap;
+	return 0;
+}
+
+static int
+check_options(const struct blockmirror_snapshot_options *o)
+{
+	uint64_t g;
+
+	if (!o || o->size < sizeof *o)
+		return bm_error(-EINVAL, "no options, or options of an older "
+				"size");
+	if (o->flags & ~BLOCKMIRROR_SNAPSHOT_CREATE)
+		return bm_error(-EINVAL, "unknown snapshot flags 0x%x",
+				o->flags);
+	if ((o->flags & BLOCKMIRROR_SNAPSHOT_CREATE) && !o->scratch)
+		return bm_error(-EINVAL, "CREATE needs a scratch image name");
+	g = o->granularity;
+	if (g && (g & (g - 1) || g < 4 * BM_KiB || g > 1024 * BM_KiB))
+		return bm_error(-EINVAL, "granularity %" PRIu64 ": not a power "
+				"of two from 4 KiB to 1 MiB", g);
+	if (o->scratch_format != BLOCKMIRROR_FORMAT_AUTO &&
+	    o->scratch_format != BLOCKMIRROR_FORMAT_RAW &&
+	    o->scratch_format != BLOCKMIRROR_FORMAT_QCOW2)
+		return bm_error(-EINVAL, "a scratch image is raw or qcow2");
+	return 0;
+}
+
+static void
+group_drained(struct blockmirror_disk *disk)
+{
+	struct bm_call *call = disk->snap_call;
+
+	disk->snap_call = NULL;
+	bm_waiter_signal(&call->w, 0);
+}
+
+/* Phase 1: the disk stops and drains, and stays stopped. */
+static void
+call_quiesce(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+
+	if (disk->snap_call || atomic_load(&disk->closing)) {
+		bm_waiter_signal(&call->w, bm_error(-EBUSY, "the disk is "
+				 "closing or busy with another snapshot"));
+		return;
+	}
+	disk->snap_call = call;
+	bm_disk_quiesce(disk, group_drained);
+}
+
+/* Phase 2: the filter goes on top (or, with no snapshot, nothing), and
+ * the disk goes on. */
+static void
+call_push(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+	struct blockmirror_snapshot *snap = call->arg2;
+
+	if (snap) {
+		struct bm_image *top = disk->image, *f = &snap->filter;
+		struct timespec ts;
+
+		bm_image_set_loop(snap->scratch, disk->loop);
+		f->ops = &filter_ops;
+		f->format = top->format;
+		f->name = snap->name;
+		f->size = top->size;
+		f->cluster_size = top->cluster_size;
+		f->align = top->align;
+		f->readonly = top->readonly;
+		f->zero_init = top->zero_init;
+		f->below = top;
+		snap->view = *f;
+		snap->view.ops = &view_ops;
+		snap->view.readonly = true;
+		snap->view.below = NULL;
+		bm_disk_swap_image(disk, top, f);
+		snap->on_stack = true;
+		snap->next = disk->snapshots;
+		disk->snapshots = snap;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		snap->taken_unix_ns = (int64_t)ts.tv_sec * 1000000000 +
+				      ts.tv_nsec;
+	}
+	bm_disk_unquiesce(disk);
+	bm_waiter_signal(&call->w, 0);
+}
+
+BM_EXPORT int
+blockmirror_snapshot_take(struct blockmirror_disk **disks, size_t n,
+			  const struct blockmirror_snapshot_options *options,
+			  struct blockmirror_snapshot **out)
+{
+	struct bm_loop *tmp = NULL;
+	size_t i, stopped = 0;
+	int r;
+
+	bm_error_clear();
+	if (!disks || !n || !out)
+		return bm_api_fail("blockmirror_snapshot_take",
+				   bm_error(-EINVAL, "bad arguments"));
+	r = check_options(options);
+	if (r < 0)
+		return bm_api_fail("blockmirror_snapshot_take", r);
+	if (n > 1 && options->scratch)
+		return bm_api_fail("blockmirror_snapshot_take",
+				   bm_error(-EINVAL, "one scratch image named "
+					    "for %zu disks", n));
+	memset(out, 0, n * sizeof *out);
+	for (i = 0; i < n; i++)
+		for (size_t j = 0; j < i; j++)
+			if (disks[i] == disks[j])
+				return bm_api_fail("blockmirror_snapshot_take",
+					bm_error(-EINVAL, "a disk named twice "
+						 "in one group"));
+	r = bm_loop_new(8, &tmp);
+	for (i = 0; r == 0 && i < n; i++) {
+		if (!disks[i])
+			r = bm_error(-EINVAL, "no disk");
+		else if (bm_disk_on_loop(disks[i]))
+			r = bm_error(-EDEADLK, "called from a disk's loop "
+				     "thread");
+		else
+			r = snap_new(disks[i], tmp, options, &out[i]);
+	}
+	/* 1. every disk still, nothing in flight */
+	for (i = 0; r == 0 && i < n; i++) {
+		struct bm_call call = { .fn = call_quiesce, .arg = disks[i] };
+
+		r = bm_disk_call(disks[i], &call);
+		if (r == 0)
+			stopped++;
+	}
+	/* 2. the instant: every filter on, then every disk goes on */
+	for (i = 0; i < stopped; i++) {
+		struct bm_call call = { .fn = call_push, .arg = disks[i],
+					.arg2 = r == 0 ? out[i] : NULL };
+
+		bm_disk_call(disks[i], &call);
+	}
+	if (r < 0) {
+		for (i = 0; i < n; i++) {
+			snap_free(out[i]);
+			out[i] = NULL;
+		}
+	}
+	bm_loop_free(tmp);
+	return r < 0 ? bm_api_fail("blockmirror_snapshot_take", r) : 0;
+}
+
+/* ---- reading, asking ------------------------------------------------- */
+
+BM_EXPORT int
+blockmirror_snapshot_aio_read(struct blockmirror_snapshot *snap, void *buf,
+			      size_t count, uint64_t offset,
+			      blockmirror_done_fn done, void *user_data)
+{
+	int r;
+
+	bm_error_clear();
+	if (!snap || !buf || !done)
+		r = bm_error(-EINVAL, "bad arguments");
+	else if (!snap->disk)
+		r = bm_error(-ESHUTDOWN, "%s: the disk was closed", snap->name);
+	else if (count > (1u << 30))
+		r = bm_error(-EINVAL, "request of %zu bytes is too large",
+			     count);
+	else
+		r = bm_disk_aio_to(snap->disk, &snap->view, BM_REQ_READ, buf,
+				   count, offset, done, user_data);
+	return r < 0 ? bm_api_fail("blockmirror_snapshot_aio_read", r) : 0;
+}
+
+static void
+read_done(void *user_data, int err)
+{
+	bm_waiter_signal(user_data, err);
+}
+
+BM_EXPORT int
+blockmirror_snapshot_read(struct blockmirror_snapshot *snap, void *buf,
+			  size_t count, uint64_t offset)
+{
+	struct bm_waiter w;
+	int r;
+
+	if (snap && snap->disk && bm_disk_on_loop(snap->disk))
+		return bm_api_fail("blockmirror_snapshot_read",
+				   bm_error(-EDEADLK, "blocking call from the "
+					    "disk's loop thread"));
+	bm_waiter_init(&w);
+	r = blockmirror_snapshot_aio_read(snap, buf, count, offset, read_done,
+					  &w);
+	if (r == 0)
+		r = bm_disk_wait(snap->disk, &w);
+	bm_waiter_destroy(&w);
+	return r < 0 ? bm_api_fail("blockmirror_snapshot_read", r) : 0;
+}
+
+static void
+fill_info(struct blockmirror_snapshot *snap,
+	  struct blockmirror_snapshot_info *info)
+{
+	memset(info, 0, sizeof *info);
+	info->state = snap->state;
+	info->size = snap->filter.size;
+	info->granularity = snap->granularity;
+	info->taken_unix_ns = snap->taken_unix_ns;
+	info->bytes_saved = snap->bytes_saved;
+	info->cbw_count = snap->cbw_count;
+	info->cbw_max_us = snap->cbw_max_ns / 1000;
+	info->error = snap->error;
+	snprintf(info->reason, sizeof info->reason, "%s", snap->reason);
+}
+
+static void
+call_query(struct bm_call *call)
+{
+	fill_info(call->arg2, call->arg);
+	bm_waiter_signal(&call->w, 0);
+}
+
+BM_EXPORT int
+blockmirror_snapshot_query(struct blockmirror_snapshot *snap,
+			   struct blockmirror_snapshot_info *info)
+{
+	struct bm_call call = { .fn = call_query, .arg = info, .arg2 = snap };
+	int r = 0;
+
+	bm_error_clear();
+	if (!snap || !info)
+		r = bm_error(-EINVAL, "bad arguments");
+	else if (!snap->disk)
+		fill_info(snap, info);
+	else
+		r = bm_disk_call(snap->disk, &call);
+	return r < 0 ? bm_api_fail("blockmirror_snapshot_query", r) : 0;
+}
+
+/* ---- letting go ------------------------------------------------------ */
+
+/* Off the stack and the disk's list, the disk quiesced and drained: no
+ * guest write waits in the filter (it would be in flight). */
+static void
+take_off(struct blockmirror_disk *disk, struct blockmirror_snapshot *snap)
+{
+	struct blockmirror_snapshot **pp = &disk->snapshots;
+
+	bm_disk_swap_image(disk, &snap->filter, snap->filter.below);
+	snap->on_stack = false;
+	while (*pp != snap)
+		pp = &(*pp)->next;
+	*pp = snap->next;
+	snap->next = NULL;
+	if (snap->timer_armed)
+		bm_loop_timer_cancel(disk->loop, &snap->timer);
+}
+
+/* The last step: the scratch closes (a file of ours goes with its
+ * name when the handle is freed). */
+static void
+release_finish(struct bm_call *call)
+{
+	struct blockmirror_snapshot *snap = call->arg2;
+
+	bm_image_close(snap->scratch);
+	snap->scratch = NULL;
+	bm_waiter_signal(&call->w, 0);
+}
+
+static void
+release_discarded(struct bm_io *io, int err)
+{
+	struct bm_call *call = io->opaque;
+	struct blockmirror_snapshot *snap = call->arg2;
+
+	if (err < 0)
+		bm_warn("%s: the scratch image could not be emptied: %s",
+			snap->scratch->name, strerror(-err));
+	release_finish(call);
+}
+
+/* Nothing calls back into the snapshot any more: a scratch we were
+ * given is handed back empty. */
+static void
+release_idle(struct bm_call *call)
+{
+	struct blockmirror_snapshot *snap = call->arg2;
+	struct bm_io *io = &snap->release_io;
+
+	if (snap->scratch_ours) {
+		release_finish(call);
+		return;
+	}
+	memset(io, 0, sizeof *io);
+	io->length = snap->scratch->size;
+	io->done = release_discarded;
+	io->opaque = call;
+	bm_image_discard(snap->scratch, io);
+}
+
+static void
+release_drained(struct blockmirror_disk *disk)
+{
+	struct bm_call *call = disk->snap_call;
+	struct blockmirror_snapshot *snap = call->arg2;
+	struct bm_store *st = snap->scratch->store;
+
+	disk->snap_call = NULL;
+	take_off(disk, snap);
+	bm_disk_unquiesce(disk);
+	/* Copies still in flight belong to a broken snapshot (a guest write
+	 * in flight would have kept the disk from draining): a hung
+	 * scratch must not hold the release. */
+	if (snap->cbw_inflight && st->ops->cancel)
+		st->ops->cancel(st);
+	if (snap->ops)
+		snap->release_call = call; /* op_done goes on */
+	else
+		release_idle(call);
+}
+
+static void
+call_release(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+
+	if (disk->snap_call) {
+		bm_waiter_signal(&call->w, bm_error(-EBUSY, "the disk is busy "
+				 "with another snapshot; try again"));
+		return;
+	}
+	disk->snap_call = call;
+	bm_disk_quiesce(disk, release_drained);
+}
+
+BM_EXPORT int
+blockmirror_snapshot_release(struct blockmirror_snapshot *snap)
+{
+	struct bm_call call = { .fn = call_release, .arg2 = snap };
+	int r = 0;
+
+	bm_error_clear();
+	if (!snap)
+		return 0;
+	if (snap->disk) {
+		call.arg = snap->disk;
+		r = bm_disk_call(snap->disk, &call);
+		if (r < 0)
+			return bm_api_fail("blockmirror_snapshot_release", r);
+	}
+	snap_free(snap);
+	return 0;
+}
+
+void
+bm_snapshot_detach_all(struct blockmirror_disk *disk)
+{
+	struct blockmirror_snapshot *list = NULL;
+
+	while (disk->snapshots) {
+		struct blockmirror_snapshot *snap = disk->snapshots;
+
+		take_off(disk, snap);
+		snap->state = BLOCKMIRROR_SNAPSHOT_DETACHED;
+		snprintf(snap->reason, sizeof snap->reason, "the disk was "
+			 "closed");
+		snap->next = list;
+		list = snap;
+	}
+	/* Kept for bm_snapshot_disk_closed, off the stack. */
+	disk->snapshots = list;
+}
+
+void
+bm_snapshot_disk_closed(struct blockmirror_disk *disk)
+{
+	while (disk->snapshots) {
+		struct blockmirror_snapshot *snap = disk->snapshots;
+
+		disk->snapshots = snap->next;
+		snap->next = NULL;
+		bm_image_close(snap->scratch);
+		snap->scratch = NULL;
+		snap->disk = NULL;
+	}
+}

@@ -1,0 +1,667 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Snapshots of a running disk (lib/snapshot.c): the view holds what the
+ * disk held at the instant while guest writers keep writing, through a
+ * move and its pivot, and a snapshot in trouble breaks rather than fail
+ * or stall the guest.
+ *
+ * The model: every 4 KiB block carries a stamp (its block number and a
+ * version) in every word.  Writer w owns the blocks of every w-th group
+ * of four, so a block's versions only grow, and a 64 KiB chunk is shared
+ * by four writers (copy-before-write races between them).  Each writer
+ * writes 1 to 4 blocks of one group at a time.  Before the snapshot is
+ * taken the test notes, per block, the newest version acknowledged (lo);
+ * after it returns, the newest version started (hi).  The view must hold
+ * a whole stamp with lo <= version <= hi in every block, and every later
+ * read of the view must return the same bytes.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <sys/stat.h>
+
+#include "fault.h"
+#include "helpers.h"
+
+#define BLOCK 4096u
+#define NBLOCKS 2048u                 /* 8 MiB */
+#define DISK_SIZE ((uint64_t)BLOCK * NBLOCKS)
+#define NWRITERS 4
+
+static char dir[64];
+static char image[128];
+
+struct model {
+	struct blockmirror_disk *disk;
+	_Atomic uint64_t acked[NBLOCKS];
+	_Atomic uint64_t started[NBLOCKS];
+	atomic_bool stop;
+	atomic_uint writes;
+	uint64_t seed;
+	bool zeroes;                  /* writers also write-zeroes */
+};
+
+struct writer {
+	struct model *m;
+	unsigned id;
+	uint64_t rng;
+	int err;
+};
+
+static void
+stamp(uint8_t *buf, uint64_t block, uint64_t version)
+{
+	uint64_t v = (block << 32) | version;
+
+	for (unsigned i = 0; i < BLOCK / 8; i++)
+		memcpy(buf + i * 8, &v, 8);
+}
+
+/* The version a block holds, or -1 if it is not one whole stamp (zeroes
+ * read as version 0 of any block: write-zeroes). */
+static int64_t
+version_of(const uint8_t *buf, uint64_t block)
+{
+	uint64_t v;
+
+	memcpy(&v, buf, 8);
+	for (unsigned i = 1; i < BLOCK / 8; i++)
+		if (memcmp(buf + i * 8, &v, 8))
+			return -1;
+	if (v == 0)
+		return 0;
+	if (v >> 32 != block)
+		return -1;
+	return (int64_t)(v & 0xffffffffu);
+}
+
+static void
+setup(void)
+{
+	uint8_t *buf = malloc(DISK_SIZE);
+	int fd;
+
+	snprintf(dir, sizeof dir, "/var/tmp/bm-snap-XXXXXX");
+	ck_assert(mkdtemp(dir));
+	snprintf(image, sizeof image, "%s/disk.raw", dir);
+	for (uint64_t b = 0; b < NBLOCKS; b++)
+		stamp(buf + b * BLOCK, b, 1);
+	fd = open(image, O_CREAT | O_WRONLY | O_TRUNC, 0600);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pwrite(fd, buf, DISK_SIZE, 0), (ssize_t)DISK_SIZE);
+	close(fd);
+	free(buf);
+}
+
+static void
+teardown(void)
+{
+	remove_tree(dir);
+}
+
+static void
+model_init(struct model *m, struct blockmirror_disk *disk, bool zeroes)
+{
+	memset(m, 0, sizeof *m);
+	m->disk = disk;
+	m->zeroes = zeroes;
+	for (unsigned b = 0; b < NBLOCKS; b++) {
+		atomic_store(&m->acked[b], 1);
+		atomic_store(&m->started[b], 1);
+	}
+}
+
+static void *
+writer_main(void *arg)
+{
+	struct writer *w = arg;
+	struct model *m = w->m;
+	uint8_t *buf = aligned_alloc(BLOCK, 4 * BLOCK);
+	unsigned groups = NBLOCKS / 4 / NWRITERS;
+
+	while (!atomic_load(&m->stop)) {
+		uint64_t g = rnd_range(&w->rng, groups) * NWRITERS + w->id;
+		uint64_t first = g * 4 + rnd_range(&w->rng, 4);
+		uint64_t n = 1 + rnd_range(&w->rng, 4 - first % 4);
+		bool zero = m->zeroes && rnd_range(&w->rng, 8) == 0;
+		uint64_t v[4];
+		int r;
+
+		for (uint64_t i = 0; i < n; i++) {
+			v[i] = atomic_load(&m->started[first + i]) + 1;
+			stamp(buf + i * BLOCK, first + i, v[i]);
+			atomic_store(&m->started[first + i], v[i]);
+		}
+		if (zero)
+			r = blockmirror_disk_write_zeroes(m->disk, n * BLOCK,
+							  first * BLOCK, 0);
+		else
+			r = blockmirror_disk_write(m->disk, buf, n * BLOCK,
+						   first * BLOCK, 0);
+		if (r < 0) {
+			w->err = r;
+			break;
+		}
+		/* A zeroed block holds "version 0": the model knows it as
+		 * its version, since any later write is newer. */
+		for (uint64_t i = 0; i < n; i++)
+			atomic_store(&m->acked[first + i], v[i]);
+		atomic_fetch_add(&m->writes, 1);
+	}
+	free(buf);
+	return NULL;
+}
+
+static void
+start_writers(struct model *m, struct writer *w, pthread_t *t)
+{
+	for (unsigned i = 0; i < NWRITERS; i++) {
+		w[i] = (struct writer){ .m = m, .id = i,
+					.rng = m->seed * 131 + i };
+		ck_assert_int_eq(pthread_create(&t[i], NULL, writer_main,
+						&w[i]), 0);
+	}
+}
+
+static void
+stop_writers(struct model *m, struct writer *w, pthread_t *t)
+{
+	atomic_store(&m->stop, true);
+	for (unsigned i = 0; i < NWRITERS; i++) {
+		pthread_join(t[i], NULL);
+		ck_assert_msg(w[i].err == 0, "writer %u: %s", i,
+			      strerror(-w[i].err));
+	}
+}
+
+/* Take a snapshot with the writers running; lo/hi as at the top. */
+static struct blockmirror_snapshot *
+take(struct model *m, const struct blockmirror_snapshot_options *o,
+     uint64_t *lo, uint64_t *hi)
+{
+	struct blockmirror_snapshot *snap;
+
+	for (unsigned b = 0; b < NBLOCKS; b++)
+		lo[b] = atomic_load(&m->acked[b]);
+	ck_assert_msg(blockmirror_snapshot_take(&m->disk, 1, o, &snap) == 0,
+		      "take: %s", blockmirror_last_error());
+	for (unsigned b = 0; b < NBLOCKS; b++)
+		hi[b] = atomic_load(&m->started[b]);
+	return snap;
+}
+
+/* Read the whole view and check every block against [lo, hi]. */
+static uint8_t *
+read_view(struct blockmirror_snapshot *snap, const uint64_t *lo,
+	  const uint64_t *hi)
+{
+	uint8_t *buf = aligned_alloc(BLOCK, DISK_SIZE);
+
+	/* In pieces that cross chunks, as a backup would read. */
+	for (uint64_t off = 0; off < DISK_SIZE; off += 192 * 1024) {
+		uint64_t n = (DISK_SIZE - off < 192 * 1024 ? DISK_SIZE - off : 192 * 1024);
+
+		ck_assert_msg(blockmirror_snapshot_read(snap, buf + off, n,
+							off) == 0,
+			      "view read at %" PRIu64 ": %s", off,
+			      blockmirror_last_error());
+	}
+	for (uint64_t b = 0; b < NBLOCKS; b++) {
+		int64_t v = version_of(buf + b * BLOCK, b);
+
+		ck_assert_msg(v >= 0, "block %" PRIu64 ": not a whole stamp",
+			      b);
+		/* Zeroes stand for any version the writer zeroed. */
+		if (v == 0)
+			continue;
+		ck_assert_msg((uint64_t)v >= lo[b] && (uint64_t)v <= hi[b],
+			      "block %" PRIu64 ": version %" PRId64 " outside "
+			      "[%" PRIu64 ", %" PRIu64 "]", b, v, lo[b],
+			      hi[b]);
+	}
+	return buf;
+}
+
+static void
+check_view_same(struct blockmirror_snapshot *snap, const uint8_t *first,
+		uint64_t *rng)
+{
+	uint8_t *buf = aligned_alloc(BLOCK, 1024 * 1024);
+
+	for (int i = 0; i < 64; i++) {
+		uint64_t off = rnd_range(rng, NBLOCKS) * BLOCK;
+		uint64_t n = (1 + rnd_range(rng, 64)) * BLOCK;
+
+		if (off + n > DISK_SIZE)
+			n = DISK_SIZE - off;
+		ck_assert_msg(blockmirror_snapshot_read(snap, buf, n, off) == 0,
+			      "%s", blockmirror_last_error());
+		ck_assert_msg(!memcmp(buf, first + off, n),
+			      "the view changed at %" PRIu64 "+%" PRIu64,
+			      off, n);
+	}
+	free(buf);
+}
+
+/* The disk itself holds the newest acknowledged version everywhere. */
+static void
+check_disk(struct model *m)
+{
+	uint8_t *buf = aligned_alloc(BLOCK, DISK_SIZE);
+
+	ck_assert_int_eq(blockmirror_disk_read(m->disk, buf, DISK_SIZE, 0), 0);
+	for (uint64_t b = 0; b < NBLOCKS; b++) {
+		int64_t v = version_of(buf + b * BLOCK, b);
+
+		ck_assert_msg(v == 0 || (uint64_t)v == atomic_load(&m->acked[b]),
+			      "disk block %" PRIu64 ": version %" PRId64
+			      ", acknowledged %" PRIu64, b, v,
+			      (uint64_t)atomic_load(&m->acked[b]));
+	}
+	free(buf);
+}
+
+static struct blockmirror_disk *
+open_disk(const char *name)
+{
+	struct blockmirror_disk *disk =
+		blockmirror_disk_open(name, BLOCKMIRROR_FORMAT_RAW, 0);
+
+	ck_assert_msg(disk, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_start_thread(disk), 0);
+	return disk;
+}
+
+static void
+wait_writes(struct model *m, unsigned n)
+{
+	unsigned start = atomic_load(&m->writes);
+	uint64_t deadline = now_ms() + 20000;
+
+	while (atomic_load(&m->writes) - start < n && now_ms() < deadline)
+		sleep_ms(5);
+	ck_assert_msg(atomic_load(&m->writes) - start >= n,
+		      "the writers stalled");
+}
+
+/*
+ * Writers run; a snapshot is taken among them; while they go on, the
+ * view reads the instant, again and again; released, its scratch is
+ * gone; the disk holds every acknowledged write.
+ */
+static void
+snapshot_under_writers(uint64_t seed, bool zeroes, bool move,
+		       bool move_first)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct blockmirror_snapshot_info info;
+	struct blockmirror_job_options jo = { .size = sizeof jo };
+	struct blockmirror_job *job = NULL;
+	static struct model m;
+	static uint64_t lo[NBLOCKS], hi[NBLOCKS];
+	struct writer w[NWRITERS];
+	pthread_t t[NWRITERS];
+	uint64_t rng = seed;
+	char dest[160], scratch[160];
+	struct stat st;
+	uint8_t *first;
+
+	snprintf(dest, sizeof dest, "%s/dest.raw", dir);
+	snprintf(scratch, sizeof scratch, "%s/scratch.raw", dir);
+	model_init(&m, open_disk(image), zeroes);
+	m.seed = seed;
+	o.scratch = scratch;
+	o.flags = BLOCKMIRROR_SNAPSHOT_CREATE;
+	o.timeout_ms = 30000; /* a loaded test machine must not break it */
+	jo.mode = BLOCKMIRROR_MODE_ACTIVE;
+	jo.flags = BLOCKMIRROR_JOB_CREATE;
+	jo.format = BLOCKMIRROR_FORMAT_RAW;
+	jo.speed = 16 << 20; /* the move spans the writers' time */
+
+	start_writers(&m, w, t);
+	wait_writes(&m, 200);
+	if (move && move_first) {
+		job = blockmirror_job_start(m.disk, dest, &jo);
+		ck_assert_msg(job, "%s", blockmirror_last_error());
+	}
+	struct blockmirror_snapshot *snap = take(&m, &o, lo, hi);
+
+	if (move && !move_first) {
+		job = blockmirror_job_start(m.disk, dest, &jo);
+		ck_assert_msg(job, "%s", blockmirror_last_error());
+	}
+	wait_writes(&m, 300);
+	first = read_view(snap, lo, hi);
+	wait_writes(&m, 300);
+	check_view_same(snap, first, &rng);
+	if (job) {
+		/* The pivot happens under the snapshot's filter. */
+		ck_assert_int_eq(blockmirror_job_wait(job,
+			BLOCKMIRROR_JOB_READY, 60000), BLOCKMIRROR_JOB_READY);
+		ck_assert_msg(blockmirror_job_complete(job) == 0, "%s",
+			      blockmirror_last_error());
+		blockmirror_job_free(job);
+		wait_writes(&m, 300);
+		check_view_same(snap, first, &rng);
+		free(blockmirror_disk_get_image(m.disk));
+	}
+	ck_assert_int_eq(blockmirror_snapshot_query(snap, &info), 0);
+	ck_assert_int_eq(info.state, BLOCKMIRROR_SNAPSHOT_ACTIVE);
+	ck_assert_uint_gt(info.cbw_count, 0);
+	ck_assert_uint_gt(info.bytes_saved, 0);
+	stop_writers(&m, w, t);
+	check_view_same(snap, first, &rng);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	ck_assert_msg(stat(scratch, &st) < 0 && errno == ENOENT,
+		      "the scratch image is still there");
+	check_disk(&m);
+	if (move) {
+		char *now = blockmirror_disk_get_image(m.disk);
+
+		ck_assert_str_eq(now, dest);
+		free(now);
+	}
+	ck_assert_int_eq(blockmirror_disk_close(m.disk), 0);
+	free(first);
+}
+
+START_TEST(test_view_is_the_instant)
+{
+	snapshot_under_writers(1 + (uint64_t)_i, _i % 2, false, false);
+}
+END_TEST
+
+START_TEST(test_move_under_snapshot)
+{
+	snapshot_under_writers(11 + (uint64_t)_i, true, true, false);
+}
+END_TEST
+
+START_TEST(test_snapshot_during_move)
+{
+	snapshot_under_writers(21 + (uint64_t)_i, true, true, true);
+}
+END_TEST
+
+struct pending_read {
+	atomic_bool done;
+	int err;
+};
+
+static void
+pending_read_done(void *user_data, int err)
+{
+	struct pending_read *p = user_data;
+
+	p->err = err;
+	atomic_store(&p->done, true);
+}
+
+/*
+ * Rule 3: a view read of the disk's own image (a chunk not yet saved)
+ * that is slow holds back a guest write to its range, even once the
+ * chunk's old data is saved; the read returns the old data.
+ */
+START_TEST(test_slow_view_read_holds_write)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	static struct bm_fault_rules rules;
+	struct blockmirror_snapshot *snap;
+	struct blockmirror_disk *disk;
+	struct pending_read p = { 0 };
+	uint8_t *old = aligned_alloc(BLOCK, BLOCK);
+	uint8_t *view = aligned_alloc(BLOCK, BLOCK);
+	uint8_t *buf = aligned_alloc(BLOCK, BLOCK);
+
+	memset(&rules, 0, sizeof rules);
+	ck_assert_int_eq(bm_fault_register(image, &rules), 0);
+	disk = open_disk(image);
+	ck_assert_int_eq(blockmirror_disk_read(disk, old, BLOCK, 0), 0);
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap), 0);
+	atomic_store(&rules.next_read_delay_ns, 400 * 1000000ull);
+	ck_assert_int_eq(blockmirror_snapshot_aio_read(snap, view, BLOCK, 0,
+						       pending_read_done, &p),
+			 0);
+	sleep_ms(50);
+	memset(buf, 0x77, BLOCK);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, BLOCK, 0, 0), 0);
+	ck_assert_msg(atomic_load(&p.done), "a guest write completed while "
+		      "a view read of its range was reading the disk");
+	ck_assert_int_eq(p.err, 0);
+	ck_assert_msg(!memcmp(view, old, BLOCK), "the view read new data");
+	ck_assert_int_eq(blockmirror_snapshot_read(snap, view, BLOCK, 0), 0);
+	ck_assert_msg(!memcmp(view, old, BLOCK), "the view changed");
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	bm_fault_unregister(image);
+	free(old);
+	free(view);
+	free(buf);
+}
+END_TEST
+
+/* A scratch that fills up breaks the snapshot; the guest never sees it. */
+START_TEST(test_full_scratch_breaks_not_guest)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct blockmirror_snapshot_info info;
+	struct blockmirror_snapshot *snap;
+	struct blockmirror_disk *disk = open_disk(image);
+	uint8_t *buf = aligned_alloc(BLOCK, 1 << 20);
+	uint8_t *view = aligned_alloc(BLOCK, BLOCK);
+
+	o.max_scratch = 256 * 1024;
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap), 0);
+	memset(buf, 0xab, 1 << 20);
+	/* 4 MiB of guest writes: more than the scratch may hold. */
+	for (uint64_t off = 0; off < 4 << 20; off += 1 << 20)
+		ck_assert_msg(blockmirror_disk_write(disk, buf, 1 << 20, off,
+						     0) == 0,
+			      "the guest saw the snapshot's trouble: %s",
+			      blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_snapshot_query(snap, &info), 0);
+	ck_assert_int_eq(info.state, BLOCKMIRROR_SNAPSHOT_BROKEN);
+	ck_assert_int_eq(info.error, ENOSPC);
+	ck_assert_msg(strstr(info.reason, "full"), "reason: %s", info.reason);
+	ck_assert_int_eq(blockmirror_snapshot_read(snap, view, BLOCK, 0),
+			 -EIO);
+	ck_assert_msg(strstr(blockmirror_last_error(), "full"), "%s",
+		      blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_read(disk, view, BLOCK, 0), 0);
+	ck_assert_int_eq(view[0], 0xab);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	free(buf);
+	free(view);
+}
+END_TEST
+
+/*
+ * A scratch that hangs (an NBD server that stops answering) holds a
+ * guest write at most timeout_ms; then the snapshot breaks and the write
+ * completes.
+ */
+START_TEST(test_hung_scratch_times_out)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct blockmirror_snapshot_info info;
+	struct blockmirror_snapshot *snap;
+	struct blockmirror_disk *disk;
+	char sock[160], uri[200], pidfile[160];
+	uint8_t *buf = aligned_alloc(BLOCK, BLOCK);
+	uint64_t t0;
+	pid_t pid;
+
+	snprintf(sock, sizeof sock, "%s/scratch.sock", dir);
+	snprintf(pidfile, sizeof pidfile, "%s/nbdkit.pid", dir);
+	snprintf(uri, sizeof uri, "nbd+unix:///?socket=%s", sock);
+	/* Writes to the scratch take 60 s: a hung destination. */
+	char *argv[] = { "nbdkit", "-f", "-U", sock, "-P", pidfile,
+			 "--filter=delay", "memory", "16M", "wdelay=60",
+			 NULL };
+	pid = spawn_quiet(argv);
+	wait_socket(sock, pid);
+	disk = open_disk(image);
+	o.scratch = uri;
+	o.timeout_ms = 300;
+	ck_assert_msg(blockmirror_snapshot_take(&disk, 1, &o, &snap) == 0,
+		      "%s", blockmirror_last_error());
+	memset(buf, 0x5a, BLOCK);
+	t0 = now_ms();
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, BLOCK, 0, 0), 0);
+	ck_assert_msg(now_ms() - t0 < 5000, "the guest waited %" PRIu64
+		      " ms", now_ms() - t0);
+	ck_assert_int_eq(blockmirror_snapshot_query(snap, &info), 0);
+	ck_assert_int_eq(info.state, BLOCKMIRROR_SNAPSHOT_BROKEN);
+	ck_assert_int_eq(info.error, ETIMEDOUT);
+	ck_assert_msg(strstr(info.reason, "300 ms"), "%s", info.reason);
+	/* The copy still hangs there: the release cancels it. */
+	t0 = now_ms();
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	ck_assert_msg(now_ms() - t0 < 5000, "the release waited %" PRIu64
+		      " ms for a hung scratch", now_ms() - t0);
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	free(buf);
+}
+END_TEST
+
+/* A "log, then data" writer: version v to disk A's block 0, and once
+ * that is acknowledged, version v to disk B's block 0. */
+struct log_writer {
+	struct blockmirror_disk **disks;
+	atomic_bool stop;
+	_Atomic uint64_t n;
+};
+
+static void *
+log_writer_main(void *arg)
+{
+	struct log_writer *q = arg;
+	uint8_t *b = aligned_alloc(BLOCK, BLOCK);
+
+	for (uint64_t v = 2; !atomic_load(&q->stop); v++) {
+		stamp(b, 0, v);
+		if (blockmirror_disk_write(q->disks[0], b, BLOCK, 0, 0) ||
+		    blockmirror_disk_write(q->disks[1], b, BLOCK, 0, 0))
+			break;
+		atomic_store(&q->n, v);
+	}
+	free(b);
+	return NULL;
+}
+
+/* Two disks, one instant: a write to disk B that follows an acknowledged
+ * write to disk A is never in B's snapshot unless A's is in A's. */
+START_TEST(test_group_one_instant)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct blockmirror_snapshot *snaps[2];
+	struct blockmirror_disk *disks[2];
+	char second[160];
+	uint8_t *buf = aligned_alloc(BLOCK, BLOCK), *a = aligned_alloc(BLOCK,
+								      BLOCK);
+	struct log_writer s = { .disks = disks };
+	char cmd[400];
+	pthread_t t;
+
+	snprintf(second, sizeof second, "%s/disk2.raw", dir);
+	snprintf(cmd, sizeof cmd, "cp %s %s", image, second);
+	ck_assert_int_eq(system(cmd), 0);
+	disks[0] = open_disk(image);
+	disks[1] = open_disk(second);
+	ck_assert_int_eq(pthread_create(&t, NULL, log_writer_main, &s), 0);
+	for (int round = 0; round < 20; round++) {
+		int64_t va, vb;
+
+		while (atomic_load(&s.n) < (uint64_t)(round + 1) * 20)
+			sleep_ms(1);
+		ck_assert_msg(blockmirror_snapshot_take(disks, 2, &o, snaps) ==
+			      0, "%s", blockmirror_last_error());
+		ck_assert_int_eq(blockmirror_snapshot_read(snaps[0], a, BLOCK,
+							   0), 0);
+		ck_assert_int_eq(blockmirror_snapshot_read(snaps[1], buf, BLOCK,
+							   0), 0);
+		va = version_of(a, 0);
+		vb = version_of(buf, 0);
+		/* B never ahead of A; A at most one ahead of B. */
+		ck_assert_msg(vb <= va && va <= vb + 1,
+			      "round %d: A at %" PRId64 ", B at %" PRId64,
+			      round, va, vb);
+		ck_assert_int_eq(blockmirror_snapshot_release(snaps[0]), 0);
+		ck_assert_int_eq(blockmirror_snapshot_release(snaps[1]), 0);
+	}
+	atomic_store(&s.stop, true);
+	pthread_join(t, NULL);
+	ck_assert_int_eq(blockmirror_disk_close(disks[0]), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disks[1]), 0);
+	free(buf);
+	free(a);
+}
+END_TEST
+
+/* Bad options, and a disk closed under a snapshot. */
+START_TEST(test_bad_options_and_close)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct blockmirror_snapshot_info info;
+	struct blockmirror_snapshot *snap;
+	struct blockmirror_disk *disk = open_disk(image);
+	uint8_t *buf = aligned_alloc(BLOCK, BLOCK);
+	char small[160];
+
+	o.granularity = 3000;
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap),
+			 -EINVAL);
+	ck_assert_msg(strstr(blockmirror_last_error(), "granularity"), "%s",
+		      blockmirror_last_error());
+	o.granularity = 0;
+	o.flags = BLOCKMIRROR_SNAPSHOT_CREATE;
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap),
+			 -EINVAL);
+	/* A scratch smaller than the disk. */
+	snprintf(small, sizeof small, "%s/small.raw", dir);
+	close(open(small, O_CREAT | O_WRONLY, 0600));
+	ck_assert_int_eq(truncate(small, 1 << 20), 0);
+	o.flags = 0;
+	o.scratch = small;
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap),
+			 -EINVAL);
+	ck_assert_msg(strstr(blockmirror_last_error(), "less than"), "%s",
+		      blockmirror_last_error());
+	/* The disk closes under a live snapshot: detached, still freeable. */
+	o.scratch = NULL;
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	ck_assert_int_eq(blockmirror_snapshot_query(snap, &info), 0);
+	ck_assert_int_eq(info.state, BLOCKMIRROR_SNAPSHOT_DETACHED);
+	ck_assert_int_eq(blockmirror_snapshot_read(snap, buf, BLOCK, 0),
+			 -ESHUTDOWN);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	free(buf);
+}
+END_TEST
+
+int
+main(void)
+{
+	int missing = missing_tool_status("nbdkit");
+	Suite *s = suite_create("snapshot");
+	TCase *tc = tcase_create("snapshot");
+
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 300);
+	tcase_add_loop_test(tc, test_view_is_the_instant, 0, 4);
+	tcase_add_loop_test(tc, test_move_under_snapshot, 0, 2);
+	tcase_add_loop_test(tc, test_snapshot_during_move, 0, 2);
+	tcase_add_test(tc, test_slow_view_read_holds_write);
+	tcase_add_test(tc, test_full_scratch_breaks_not_guest);
+	if (!missing)
+		tcase_add_test(tc, test_hung_scratch_times_out);
+	else if (missing != 77)
+		return missing;
+	tcase_add_test(tc, test_group_one_instant);
+	tcase_add_test(tc, test_bad_options_and_close);
+	suite_add_tcase(s, tc);
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
+}
