@@ -28,8 +28,8 @@
  * shares one sync.
  *
  * Writing pages in place is safe because between two rewrites of the
- * whole file the bits of Bn only go from 0 to 1: a torn page can only
- * lose bits whose writers are still waiting.  Everything else (the
+ * whole file the bits of Bn only go from 0 to 1: a torn page (each
+ * sector old or new) can only lose bits whose writers are still waiting.  Everything else (the
  * checkpoint list, frozen bitmaps, the in-use flag) changes only by a
  * structural rewrite: the whole file from memory to a temporary file,
  * fsynced and renamed over (bm_durable_write_file), so a crash leaves
