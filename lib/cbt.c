@@ -381,6 +381,7 @@ bm_cbt_rewritten(struct bm_cbt *cbt)
 	if (r == 0)
 		r = bm_store_wrap(cbt->path, &s);
 	if (r < 0) {
+		bm_store_close(s); /* NULL, or not consumed by the wrap */
 		fail(cbt, r);
 		return;
 	}
