@@ -1,0 +1,194 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * A tracker's checkpoints (cbt.h): creating, removing, listing, and the
+ * blocks changed since one.  See cbt.c for the design.
+ *
+ * The invariant of the structural changes: the new list and bitmaps are
+ * built aside, written as a whole new file (bm_cbt_write_file), and only
+ * applied in memory once that file is durable.  So a failure changes
+ * nothing, in memory or on disk, and a crash leaves the old file or the
+ * new one.  Removing Ck merges Bk into B(k-1) before the write, so
+ * "changed since C(k-1)" is the same in both.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cbt-int.h"
+#include "errors.h"
+
+static int
+copy_bitmap(struct bm_bitmap *dst, const struct bm_bitmap *src)
+{
+	if (bm_bitmap_init(dst, src->size, bm_bitmap_granularity(src)) < 0)
+		return bm_error(-ENOMEM, "out of memory");
+	bm_cbt_or_into(dst, src);
+	return 0;
+}
+
+/* ---- checkpoints ----------------------------------------------------- */
+
+static long
+find(const struct bm_cbt *cbt, const char *name)
+{
+	for (size_t i = 0; i < cbt->count; i++)
+		if (strcmp(cbt->cp[i].e.name, name) == 0)
+			return (long)i;
+	return -1;
+}
+
+static int
+bad_name(const struct bm_cbt *cbt, const char *name)
+{
+	return bm_error(-EINVAL, "%s: bad checkpoint name \"%.80s\": names "
+			"are 1 to %u bytes of [A-Za-z0-9._-]", cbt->path,
+			name ? name : "", BM_CBT_NAME_MAX);
+}
+
+int
+bm_cbt_create(struct bm_cbt *cbt, const char *name)
+{
+	struct bm_cbt_entry ents[BM_CBT_MAX_CHECKPOINTS];
+	struct bm_bitmap *bits[BM_CBT_MAX_CHECKPOINTS];
+	struct checkpoint c = { 0 };
+	size_t n = cbt->count;
+	int r;
+
+	if (!bm_cbt_name_ok(name))
+		return bad_name(cbt, name);
+	if (find(cbt, name) >= 0)
+		return bm_error(-EEXIST, "%s: checkpoint %s exists already",
+				cbt->path, name);
+	if (n == BM_CBT_MAX_CHECKPOINTS)
+		return bm_error(-ENOSPC, "%s: %u checkpoints already",
+				cbt->path, BM_CBT_MAX_CHECKPOINTS);
+	bm_cbt_flush(cbt); /* a failure is flagged on the checkpoints */
+	if (bm_bitmap_init(&c.bits, cbt->disk_size, cbt->granularity) < 0)
+		return bm_error(-ENOMEM, "%s: out of memory", cbt->path);
+	snprintf(c.e.name, sizeof c.e.name, "%s", name);
+	c.e.id = cbt->next_id++;
+	c.e.created = (uint64_t)time(NULL);
+	for (size_t i = 0; i < n; i++) {
+		ents[i] = cbt->cp[i].e;
+		bits[i] = &cbt->cp[i].bits;
+	}
+	ents[n] = c.e;
+	bits[n] = &c.bits;
+	r = bm_cbt_write_file(cbt, ents, bits, n + 1, true);
+	if (r < 0) {
+		cbt->next_id--;
+		bm_bitmap_free(&c.bits);
+		return r;
+	}
+	cbt->cp[cbt->count++] = c;
+	bm_cbt_rewritten(cbt);
+	return 0;
+}
+
+int
+bm_cbt_remove(struct bm_cbt *cbt, const char *name)
+{
+	struct bm_cbt_entry ents[BM_CBT_MAX_CHECKPOINTS];
+	struct bm_bitmap *bits[BM_CBT_MAX_CHECKPOINTS];
+	struct bm_bitmap merged = { 0 };
+	long k = name ? find(cbt, name) : -1;
+	size_t j = 0;
+	int r;
+
+	if (k < 0)
+		return bm_error(-ENOENT, "%s: no checkpoint named %.80s",
+				cbt->path, name ? name : "(null)");
+	bm_cbt_flush(cbt);
+	/* B(k-1) | Bk keeps "changed since C(k-1)" as it was. */
+	if (k > 0) {
+		r = copy_bitmap(&merged, &cbt->cp[k - 1].bits);
+		if (r < 0)
+			return r;
+		bm_cbt_or_into(&merged, &cbt->cp[k].bits);
+	}
+	for (size_t i = 0; i < cbt->count; i++) {
+		if (i == (size_t)k)
+			continue;
+		ents[j] = cbt->cp[i].e;
+		bits[j] = &cbt->cp[i].bits;
+		if (i + 1 == (size_t)k) {
+			ents[j].flags |= cbt->cp[k].e.flags;
+			bits[j] = &merged;
+		}
+		j++;
+	}
+	r = bm_cbt_write_file(cbt, ents, bits, j, true);
+	if (r < 0) {
+		bm_bitmap_free(&merged);
+		return r;
+	}
+	bm_bitmap_free(&cbt->cp[k].bits);
+	if (k > 0) {
+		bm_bitmap_free(&cbt->cp[k - 1].bits);
+		cbt->cp[k - 1].bits = merged;
+		cbt->cp[k - 1].e.flags = ents[k - 1].flags;
+	}
+	memmove(&cbt->cp[k], &cbt->cp[k + 1],
+		(cbt->count - (size_t)k - 1) * sizeof cbt->cp[0]);
+	cbt->count--;
+	bm_cbt_rewritten(cbt);
+	return 0;
+}
+
+size_t
+bm_cbt_count(const struct bm_cbt *cbt)
+{
+	return cbt->count;
+}
+
+/* Why changed-since checkpoint i cannot be trusted, or NULL. */
+static const char *
+untrusted(const struct bm_cbt *cbt, size_t i)
+{
+	for (; i < cbt->count; i++) {
+		if (cbt->cp[i].e.flags & BM_CBT_LOST)
+			return "a write-back of the tracker failed since it "
+			       "was created: writes may be missing";
+		if (cbt->cp[i].e.flags & BM_CBT_DAMAGED)
+			return "a bitmap since it was created is damaged";
+	}
+	return NULL;
+}
+
+int
+bm_cbt_get(const struct bm_cbt *cbt, size_t i, struct bm_cbt_info *info)
+{
+	if (i >= cbt->count)
+		return bm_error(-ENOENT, "%s: no checkpoint %zu", cbt->path, i);
+	info->name = cbt->cp[i].e.name;
+	info->id = cbt->cp[i].e.id;
+	info->created = cbt->cp[i].e.created;
+	info->blocks = bm_bitmap_count(&cbt->cp[i].bits);
+	info->untrusted = untrusted(cbt, i);
+	return 0;
+}
+
+int
+bm_cbt_changed_since(const struct bm_cbt *cbt, const char *name,
+		     struct bm_bitmap *out, uint64_t *bytes)
+{
+	long k = name ? find(cbt, name) : -1;
+	const char *why;
+
+	memset(out, 0, sizeof *out);
+	if (k < 0)
+		return bm_error(-ENOENT, "%s: no checkpoint named %.80s",
+				cbt->path, name ? name : "(null)");
+	why = untrusted(cbt, (size_t)k);
+	if (why)
+		return bm_error(-ESTALE, "%s: checkpoint %s is not trusted: %s",
+				cbt->path, name, why);
+	if (bm_bitmap_init(out, cbt->disk_size, cbt->granularity) < 0)
+		return bm_error(-ENOMEM, "%s: out of memory", cbt->path);
+	for (size_t i = (size_t)k; i < cbt->count; i++)
+		bm_cbt_or_into(out, &cbt->cp[i].bits);
+	*bytes = bm_bitmap_dirty_bytes(out);
+	return 0;
+}

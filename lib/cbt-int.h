@@ -1,0 +1,70 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * The changed-block tracker's private parts, shared by cbt.c (open,
+ * close, marking and write-back, whole-file rewrites) and
+ * cbt-checkpoint.c (creating, removing and reading checkpoints).  See
+ * cbt.c for the design.
+ */
+#ifndef BM_CBT_INT_H
+#define BM_CBT_INT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "bitmap.h"
+#include "cbt.h"
+#include "store.h"
+
+struct checkpoint {
+	struct bm_cbt_entry e;
+	struct bm_bitmap bits;       /* Bk; for the newest, `want` */
+};
+
+struct bm_cbt {
+	struct bm_loop *loop;
+	char *path;
+	struct bm_store *store;
+	uint64_t disk_size;
+	uint32_t granularity;
+	uint64_t blocks;
+	uint64_t bitmap_size;        /* bytes of one bitmap in the file */
+	uint64_t npages;             /* pages of one bitmap */
+	uint64_t next_id;
+	bool crashed;
+
+	size_t count;
+	struct checkpoint cp[BM_CBT_MAX_CHECKPOINTS];
+
+	struct bm_bitmap durable;    /* of Bn */
+	struct bm_bitmap pending;    /* pages of Bn to write; one bit a page */
+	struct bm_bitmap inflight;   /* pages the write-back in flight holds */
+	uint8_t *wbuf;               /* those pages' snapshot, at their place */
+
+	bool writing;                /* a write-back (writes, flush) running */
+	bool flushing;               /* its flush */
+	uint64_t cursor;             /* next page of inflight to write */
+	struct bm_io io;
+
+	int err;                     /* broken: the write-back's error */
+	char *errmsg;
+	struct bm_cbt_waiter *waiters, **wtail;
+};
+
+/* dst |= src (same geometry), count kept exact. */
+void bm_cbt_or_into(struct bm_bitmap *dst, const struct bm_bitmap *src);
+
+/*
+ * Write a whole new file durably: the header with `count` entries and
+ * their bitmaps (bits[i] for ents[i]).  The store still holds the old
+ * file; on failure the old file is still in place.
+ */
+int bm_cbt_write_file(struct bm_cbt *cbt, const struct bm_cbt_entry *ents,
+		      struct bm_bitmap *const *bits, size_t count,
+		      bool in_use);
+
+/* After a rewrite that matches memory: Bn is durable as it is, the
+ * tracker is mended, and the store moves to the new file. */
+void bm_cbt_rewritten(struct bm_cbt *cbt);
+
+#endif /* BM_CBT_INT_H */
