@@ -644,3 +644,11 @@ bm_cbt_granularity(const struct bm_cbt *cbt)
 {
 	return cbt->granularity;
 }
+
+void
+bm_cbt_set_loop(struct bm_cbt *cbt, struct bm_loop *loop)
+{
+	cbt->loop = loop;
+	if (cbt->store)
+		cbt->store->loop = loop;
+}

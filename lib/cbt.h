@@ -209,4 +209,8 @@ bool bm_cbt_trusted(const struct bm_cbt *cbt);
 
 uint32_t bm_cbt_granularity(const struct bm_cbt *cbt);
 
+/* Hand an idle tracker (no write-back in flight) to another loop: it
+ * was opened on a private one. */
+void bm_cbt_set_loop(struct bm_cbt *cbt, struct bm_loop *loop);
+
 #endif /* BM_CBT_H */

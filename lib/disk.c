@@ -291,6 +291,26 @@ submit_to_image(struct bm_req *req)
 }
 
 void
+bm_disk_tracking_failed(struct blockmirror_disk *disk, int err)
+{
+	if (disk->cbt_failed)
+		return;
+	disk->cbt_failed = true;
+	bm_warn("change tracking failed (%s); the checkpoints are flagged "
+		"lost and the guest goes on", strerror(-err));
+}
+
+static void
+req_marked(struct bm_cbt_waiter *w, int err)
+{
+	struct bm_req *req = bm_container_of(w, struct bm_req, mark);
+
+	if (err < 0)
+		bm_disk_tracking_failed(req->disk, err);
+	submit_to_image(req);
+}
+
+void
 bm_disk_submit(struct bm_req *req)
 {
 	struct blockmirror_disk *disk = req->disk;
@@ -304,6 +324,20 @@ bm_disk_submit(struct bm_req *req)
 		return;
 	}
 	disk->inflight++;
+	if (disk->cbt && !req->target &&
+	    (req->type == BM_REQ_WRITE || req->type == BM_REQ_ZERO ||
+	     req->type == BM_REQ_DISCARD)) {
+		/* Write-ahead: the change is on record before it happens. */
+		int r;
+
+		req->mark.fn = req_marked;
+		r = bm_cbt_mark(disk->cbt, req->offset, req->length,
+				&req->mark);
+		if (r == 1)
+			return;
+		if (r < 0)
+			bm_disk_tracking_failed(disk, r);
+	}
 	submit_to_image(req);
 }
 
@@ -714,6 +748,13 @@ blockmirror_disk_close(struct blockmirror_disk *disk)
 	while (bm_loop_inflight(disk->loop))
 		bm_loop_run_once(disk->loop, 100);
 	bm_snapshot_disk_closed(disk);
+	if (disk->cbt) {
+		int cr = bm_cbt_close(disk->cbt);
+
+		if (cr < 0 && r == 0)
+			r = cr;
+		disk->cbt = NULL;
+	}
 	bm_image_close(disk->image);
 	bm_loop_free(disk->loop);
 	pthread_mutex_destroy(&disk->run_lock);

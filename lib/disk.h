@@ -14,6 +14,7 @@
 
 #include <blockmirror/blockmirror.h>
 
+#include "cbt.h"
 #include "extent.h"
 #include "image.h"
 #include "loop.h"
@@ -53,6 +54,7 @@ struct bm_req {
 					 snapshot's view) that the request
 					 reads while counted and queued like
 					 the guest's */
+	struct bm_cbt_waiter mark;    /* change tracking: marked first */
 	struct bm_io io;              /* to the active image */
 	int err;                      /* the active image's result */
 };
@@ -103,6 +105,8 @@ struct blockmirror_disk {
 	struct bm_call *drain_call;   /* close: waiting for the drain */
 	struct bm_call *start_call;   /* job start: waiting for the drain */
 	struct blockmirror_snapshot *snapshots; /* live snapshots, newest first */
+	struct bm_cbt *cbt;           /* change tracking, or NULL */
+	bool cbt_failed;              /* warned that marks fail */
 	struct bm_call *snap_call;    /* a snapshot taken or released:
 					 waiting for the drain */
 	struct bm_io close_io;
@@ -194,6 +198,10 @@ int bm_disk_aio_to(struct blockmirror_disk *disk, struct bm_image *target,
  * the loop thread.  Returns what the waiter was signalled with.
  */
 int bm_disk_wait(struct blockmirror_disk *disk, struct bm_waiter *w);
+
+/* Marks failed: the record is incomplete (the tracker flags its
+ * checkpoints), and the guest goes on. */
+void bm_disk_tracking_failed(struct blockmirror_disk *disk, int err);
 
 /* Is the current thread running this disk's loop? */
 bool bm_disk_on_loop(struct blockmirror_disk *disk);

@@ -114,6 +114,10 @@ struct blockmirror_snapshot {
 	uint64_t cbw_count;
 	uint64_t cbw_max_ns;
 	struct bm_call *release_call;  /* waiting for ops to reach 0 */
+	const char *since, *checkpoint; /* the options', during take */
+	struct bm_bitmap changed;      /* since `since`, at the instant */
+	uint64_t changed_bytes;
+	bool has_changed;
 	struct bm_io release_io;
 };
 
@@ -739,6 +743,7 @@ snap_free(struct blockmirror_snapshot *snap)
 			snap->scratch_path, strerror(errno));
 	bm_bitmap_free(&snap->needed);
 	bm_bitmap_free(&snap->busy);
+	bm_bitmap_free(&snap->changed);
 	free(snap->scratch_path);
 	free(snap->name);
 	free(snap);
@@ -826,6 +831,8 @@ snap_new(struct blockmirror_disk *disk, struct bm_loop *loop,
 	snap->max_scratch = o->max_scratch;
 	snap->wait_tail = &snap->wait_head;
 	snap->state = BLOCKMIRROR_SNAPSHOT_ACTIVE;
+	snap->since = o->since;
+	snap->checkpoint = o->checkpoint;
 	r = bm_bitmap_init(&snap->needed, disk->size, snap->granularity);
 	if (r == 0)
 		r = bm_bitmap_init(&snap->busy, disk->size, snap->granularity);
@@ -900,6 +907,19 @@ call_push(struct bm_call *call)
 	struct blockmirror_disk *disk = call->arg;
 	struct blockmirror_snapshot *snap = call->arg2;
 
+	if (snap && (snap->since || snap->checkpoint)) {
+		int r = bm_checkpoint_at_instant(disk, snap->since,
+						 snap->checkpoint,
+						 &snap->changed,
+						 &snap->changed_bytes);
+
+		if (r < 0) {
+			bm_disk_unquiesce(disk);
+			bm_waiter_signal(&call->w, r);
+			return;
+		}
+		snap->has_changed = snap->since != NULL;
+	}
 	if (snap) {
 		struct bm_image *top = disk->image, *f = &snap->filter;
 		struct timespec ts;
@@ -946,10 +966,12 @@ blockmirror_snapshot_take(struct blockmirror_disk **disks, size_t n,
 	r = check_options(options);
 	if (r < 0)
 		return bm_api_fail("blockmirror_snapshot_take", r);
-	if (n > 1 && options->scratch)
+	if (n > 1 && (options->scratch || options->since ||
+		      options->checkpoint))
 		return bm_api_fail("blockmirror_snapshot_take",
-				   bm_error(-EINVAL, "one scratch image named "
-					    "for %zu disks", n));
+				   bm_error(-EINVAL, "a scratch image or a "
+					    "checkpoint named for %zu disks",
+					    n));
 	memset(out, 0, n * sizeof *out);
 	for (i = 0; i < n; i++)
 		for (size_t j = 0; j < i; j++)
@@ -975,12 +997,15 @@ blockmirror_snapshot_take(struct blockmirror_disk **disks, size_t n,
 		if (r == 0)
 			stopped++;
 	}
-	/* 2. the instant: every filter on, then every disk goes on */
+	/* 2. the instant: every filter on, then every disk goes on (a
+	 * checkpoint, which may fail, only with one disk) */
 	for (i = 0; i < stopped; i++) {
 		struct bm_call call = { .fn = call_push, .arg = disks[i],
 					.arg2 = r == 0 ? out[i] : NULL };
+		int pr = bm_disk_call(disks[i], &call);
 
-		bm_disk_call(disks[i], &call);
+		if (r == 0)
+			r = pr;
 	}
 	if (r < 0) {
 		for (i = 0; i < n; i++) {
@@ -993,6 +1018,34 @@ blockmirror_snapshot_take(struct blockmirror_disk **disks, size_t n,
 }
 
 /* ---- reading, asking ------------------------------------------------- */
+
+BM_EXPORT int
+blockmirror_snapshot_changed(struct blockmirror_snapshot *snap,
+			     uint64_t *granularity, uint64_t **words,
+			     uint64_t *nbits, uint64_t *bytes)
+{
+	size_t len;
+
+	bm_error_clear();
+	if (!snap || !granularity || !words || !nbits || !bytes)
+		return bm_api_fail("blockmirror_snapshot_changed",
+				   bm_error(-EINVAL, "bad arguments"));
+	if (!snap->has_changed)
+		return bm_api_fail("blockmirror_snapshot_changed",
+				   bm_error(-ENOENT, "%s: taken without a "
+					    "checkpoint to compare with",
+					    snap->name));
+	len = (snap->changed.nbits + 63) / 64 * sizeof (uint64_t);
+	*words = malloc(len ? len : 1);
+	if (!*words)
+		return bm_api_fail("blockmirror_snapshot_changed",
+				   bm_error(-ENOMEM, "out of memory"));
+	memcpy(*words, snap->changed.words, len);
+	*granularity = bm_bitmap_granularity(&snap->changed);
+	*nbits = snap->changed.nbits;
+	*bytes = snap->changed_bytes;
+	return 0;
+}
 
 BM_EXPORT int
 blockmirror_snapshot_aio_read(struct blockmirror_snapshot *snap, void *buf,

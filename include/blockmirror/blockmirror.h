@@ -712,6 +712,12 @@ struct blockmirror_snapshot_options {
 					 two, 4 KiB..1 MiB; 0: 64 KiB */
 	uint32_t timeout_ms;          /* 0: 1000 */
 	uint64_t max_scratch;         /* bytes of old data; 0: no limit */
+	/* With change tracking on (blockmirror_disk_track), at the instant:
+	 * note what changed since checkpoint `since` (for an incremental
+	 * backup: blockmirror_snapshot_changed), then create checkpoint
+	 * `checkpoint`.  Either may be NULL.  One disk only. */
+	const char *since;
+	const char *checkpoint;
 };
 
 enum blockmirror_snapshot_state {
@@ -766,6 +772,49 @@ extern int blockmirror_snapshot_query(struct blockmirror_snapshot *snap,
  * handle is freed.  Accepts NULL.  Blocking; not from the loop thread.
  */
 extern int blockmirror_snapshot_release(struct blockmirror_snapshot *snap);
+
+/*
+ * What changed between checkpoint `since` and the snapshot's instant
+ * (options.since): a bitmap of `granularity`-byte blocks (bit b of
+ * words[b / 64]: block b changed), malloc'd, and the bytes it covers.
+ * -ENOENT if the snapshot was taken without `since`.
+ */
+extern int blockmirror_snapshot_changed(struct blockmirror_snapshot *snap,
+					uint64_t *granularity, uint64_t **words,
+					uint64_t *nbits, uint64_t *bytes);
+
+/* ---- Changed-block tracking: checkpoints (docs/cbt.md) ---------------- */
+
+/*
+ * Record every guest write of the disk from now on, in the sidecar file
+ * `sidecar` (NULL: the disk's image path plus ".bmirror-cbt"; created if
+ * missing) at `granularity` (0: the file's, or 64 KiB).  Each write is
+ * marked on disk before it reaches the image, so the record survives a
+ * crash or a power loss.  Blocking; -EBUSY if already tracking.
+ * *crashed (may be NULL) says the previous tracker did not close.
+ */
+extern int blockmirror_disk_track(struct blockmirror_disk *disk,
+				  const char *sidecar, uint32_t granularity,
+				  bool *crashed);
+
+struct blockmirror_checkpoint {
+	char name[65];
+	uint64_t id;
+	int64_t created;              /* unix seconds */
+	uint64_t changed_bytes;       /* written since, up to the next one */
+	bool trusted;
+	char reason[160];             /* !trusted: why */
+};
+
+/* Create, remove (merging its record into the previous one's) and list
+ * checkpoints.  Blocking.  The list is malloc'd, oldest first. */
+extern int blockmirror_checkpoint_create(struct blockmirror_disk *disk,
+					 const char *name);
+extern int blockmirror_checkpoint_remove(struct blockmirror_disk *disk,
+					 const char *name);
+extern int blockmirror_checkpoint_list(struct blockmirror_disk *disk,
+				       struct blockmirror_checkpoint **list,
+				       size_t *n);
 
 /* ---- Crash-resumable state (docs/state.md) --------------------------- */
 

@@ -1,0 +1,258 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Change tracking of a disk (the public half; the record itself is
+ * cbt.c, its file docs/cbt.md).
+ *
+ * blockmirror_disk_track opens the sidecar on a private loop and hands it
+ * to the disk's loop; from then on bm_disk_submit marks every guest
+ * write, write-zeroes and discard before it reaches the top of the
+ * disk's stack, whatever filters stand there (a move's, a snapshot's), so
+ * the record holds what any writer changed.
+ *
+ * Creating or removing a checkpoint changes which bitmap takes marks: it
+ * happens with the disk quiesced and nothing in flight, so no write is
+ * counted on the wrong side of it, and so no write-back is in flight and
+ * the tracker's synchronous rewrite never has to turn the loop.  A
+ * snapshot that creates a checkpoint does it in the same quiesced moment
+ * as its own instant (snapshot.c calls bm_checkpoint_at_instant).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cbt.h"
+#include "disk.h"
+#include "errors.h"
+#include "internal.h"
+#include "nbd.h"
+#include "snapshot.h"
+
+/* ---- turning tracking on -------------------------------------------- */
+
+static void
+call_track(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+	struct bm_cbt *cbt = call->arg2;
+
+	if (disk->cbt) {
+		bm_waiter_signal(&call->w, bm_error(-EBUSY, "the disk is "
+				 "tracking changes already"));
+		return;
+	}
+	/* A write in flight now was not marked: it must complete before a
+	 * checkpoint can follow, and the first checkpoint waits for the
+	 * disk to drain anyway. */
+	bm_cbt_set_loop(cbt, disk->loop);
+	disk->cbt = cbt;
+	disk->cbt_failed = false;
+	bm_waiter_signal(&call->w, 0);
+}
+
+BM_EXPORT int
+blockmirror_disk_track(struct blockmirror_disk *disk, const char *sidecar,
+		       uint32_t granularity, bool *crashed)
+{
+	struct bm_call call = { .fn = call_track, .arg = disk };
+	struct bm_loop *tmp = NULL;
+	struct bm_cbt *cbt = NULL;
+	char *image = NULL, *path = NULL;
+	int r;
+
+	bm_error_clear();
+	if (!disk)
+		return bm_api_fail("blockmirror_disk_track",
+				   bm_error(-EINVAL, "no disk"));
+	if (!sidecar) {
+		image = blockmirror_disk_get_image(disk);
+		if (!image)
+			return bm_api_fail("blockmirror_disk_track", -errno);
+		if (bm_nbd_is_uri(image)) {
+			r = bm_error(-EINVAL, "%s: an NBD image needs a sidecar "
+				     "path for its change tracking", image);
+			goto out;
+		}
+		if (asprintf(&path, "%s.bmirror-cbt", image) < 0) {
+			path = NULL;
+			r = bm_error(-ENOMEM, "out of memory");
+			goto out;
+		}
+		sidecar = path;
+	}
+	r = bm_loop_new(8, &tmp);
+	if (r == 0)
+		r = bm_cbt_open(tmp, sidecar, blockmirror_disk_get_size(disk),
+				granularity, true, &cbt);
+	if (r < 0)
+		goto out;
+	if (crashed)
+		*crashed = bm_cbt_crashed(cbt);
+	call.arg2 = cbt;
+	r = bm_disk_call(disk, &call);
+	if (r < 0) {
+		bm_cbt_set_loop(cbt, tmp);
+		bm_cbt_close(cbt);
+	}
+out:
+	bm_loop_free(tmp);
+	free(image);
+	free(path);
+	return r < 0 ? bm_api_fail("blockmirror_disk_track", r) : 0;
+}
+
+/* ---- checkpoints ----------------------------------------------------- */
+
+struct cp_call {
+	const char *name;
+	bool remove;
+	int result;
+};
+
+static void
+cp_drained(struct blockmirror_disk *disk)
+{
+	struct bm_call *call = disk->snap_call;
+	struct cp_call *c = call->arg2;
+
+	disk->snap_call = NULL;
+	c->result = c->remove ? bm_cbt_remove(disk->cbt, c->name)
+			      : bm_cbt_create(disk->cbt, c->name);
+	if (c->result == 0)
+		disk->cbt_failed = false; /* a rewrite mends the tracker */
+	bm_disk_unquiesce(disk);
+	bm_waiter_signal(&call->w, c->result);
+}
+
+static void
+call_checkpoint(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+
+	if (!disk->cbt) {
+		bm_waiter_signal(&call->w, bm_error(-EINVAL, "the disk does "
+				 "not track changes (blockmirror_disk_track)"));
+		return;
+	}
+	if (disk->snap_call) {
+		bm_waiter_signal(&call->w, bm_error(-EBUSY, "the disk is busy "
+				 "with a snapshot or checkpoint; try again"));
+		return;
+	}
+	disk->snap_call = call;
+	bm_disk_quiesce(disk, cp_drained);
+}
+
+static int
+checkpoint_op(struct blockmirror_disk *disk, const char *name, bool remove,
+	      const char *fn)
+{
+	struct cp_call c = { .name = name, .remove = remove };
+	struct bm_call call = { .fn = call_checkpoint, .arg = disk,
+				.arg2 = &c };
+	int r;
+
+	bm_error_clear();
+	if (!disk || !name)
+		return bm_api_fail(fn, bm_error(-EINVAL, "bad arguments"));
+	r = bm_disk_call(disk, &call);
+	return r < 0 ? bm_api_fail(fn, r) : 0;
+}
+
+BM_EXPORT int
+blockmirror_checkpoint_create(struct blockmirror_disk *disk, const char *name)
+{
+	return checkpoint_op(disk, name, false,
+			     "blockmirror_checkpoint_create");
+}
+
+BM_EXPORT int
+blockmirror_checkpoint_remove(struct blockmirror_disk *disk, const char *name)
+{
+	return checkpoint_op(disk, name, true,
+			     "blockmirror_checkpoint_remove");
+}
+
+static void
+call_list(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+	struct blockmirror_checkpoint *v;
+	size_t n;
+
+	if (!disk->cbt) {
+		bm_waiter_signal(&call->w, bm_error(-EINVAL, "the disk does "
+				 "not track changes (blockmirror_disk_track)"));
+		return;
+	}
+	n = bm_cbt_count(disk->cbt);
+	v = calloc(n ? n : 1, sizeof *v);
+	if (!v) {
+		bm_waiter_signal(&call->w, bm_error(-ENOMEM, "out of memory"));
+		return;
+	}
+	for (size_t i = 0; i < n; i++) {
+		struct bm_cbt_info info;
+
+		bm_cbt_get(disk->cbt, i, &info);
+		snprintf(v[i].name, sizeof v[i].name, "%s", info.name);
+		v[i].id = info.id;
+		v[i].created = (int64_t)info.created;
+		v[i].changed_bytes = info.blocks *
+				     bm_cbt_granularity(disk->cbt);
+		v[i].trusted = !info.untrusted && bm_cbt_trusted(disk->cbt);
+		snprintf(v[i].reason, sizeof v[i].reason, "%s",
+			 info.untrusted ? info.untrusted
+			 : v[i].trusted ? "" : "change tracking failed");
+	}
+	call->arg2 = v;
+	call->u64 = n;
+	bm_waiter_signal(&call->w, 0);
+}
+
+BM_EXPORT int
+blockmirror_checkpoint_list(struct blockmirror_disk *disk,
+			    struct blockmirror_checkpoint **list, size_t *n)
+{
+	struct bm_call call = { .fn = call_list, .arg = disk };
+	int r;
+
+	bm_error_clear();
+	if (!disk || !list || !n)
+		return bm_api_fail("blockmirror_checkpoint_list",
+				   bm_error(-EINVAL, "bad arguments"));
+	r = bm_disk_call(disk, &call);
+	if (r < 0)
+		return bm_api_fail("blockmirror_checkpoint_list", r);
+	*list = call.arg2;
+	*n = call.u64;
+	return 0;
+}
+
+/* ---- at a snapshot's instant ----------------------------------------- */
+
+int
+bm_checkpoint_at_instant(struct blockmirror_disk *disk, const char *since,
+			 const char *create, struct bm_bitmap *changed,
+			 uint64_t *bytes)
+{
+	int r;
+
+	if (!disk->cbt)
+		return bm_error(-EINVAL, "the disk does not track changes "
+				"(blockmirror_disk_track)");
+	if (since) {
+		r = bm_cbt_changed_since(disk->cbt, since, changed, bytes);
+		if (r < 0)
+			return r;
+	}
+	if (create) {
+		r = bm_cbt_create(disk->cbt, create);
+		if (r < 0) {
+			bm_bitmap_free(changed);
+			return r;
+		}
+		disk->cbt_failed = false;
+	}
+	return 0;
+}
