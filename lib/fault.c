@@ -205,6 +205,18 @@ forward(struct fault_req *q)
 	}
 }
 
+/* Take one of the flushes allowed through a hang_flush, if any is left. */
+static bool
+pass_flush(struct bm_fault_rules *r)
+{
+	int n = atomic_load(&r->pass_flushes);
+
+	while (n > 0)
+		if (atomic_compare_exchange_weak(&r->pass_flushes, &n, n - 1))
+			return true;
+	return false;
+}
+
 static void
 timer_done(struct bm_op *op, int res)
 {
@@ -217,7 +229,8 @@ timer_done(struct bm_op *op, int res)
 		return;
 	}
 	if (q->f->rules->hang ||
-	    (q->kind == F_FLUSH && q->f->rules->hang_flush)) {
+	    (q->kind == F_FLUSH && q->f->rules->hang_flush &&
+	     (q->in_held || !pass_flush(q->f->rules)))) {
 		if (!q->in_held) {
 			q->next_held = q->f->held;
 			q->f->held = q;

@@ -47,9 +47,11 @@ struct bm_fault_rules {
 	_Atomic int extents_errno;
 	_Atomic int extents_err_count;
 	/* Hold every request until cleared (a hung server or disk); with
-	 * hang_flush only flushes. */
+	 * hang_flush only flushes, except that the next pass_flushes
+	 * flushes still go through (each one that does counts it down). */
 	_Atomic bool hang;
 	_Atomic bool hang_flush;
+	_Atomic int pass_flushes;
 	/* Counters. */
 	_Atomic uint64_t reads;
 	_Atomic uint64_t writes;

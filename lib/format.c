@@ -26,7 +26,14 @@
  * - The worker owns the metadata store: a second handle on the same file
  *   with a private loop, so driver I/O never waits for the image's loop
  *   and the image's loop never waits for the worker (close joins the
- *   worker, which by then has nothing to wait for).
+ *   worker, which by then has nothing to wait for).  A driver with
+ *   flush_apart has its flushes (and backing changes) run on a flusher
+ *   thread with a third handle and loop of its own, so that maps go on
+ *   during a flush; the driver orders the two itself.
+ * - Data marks.  A chunk is counted (mapped_io) from before its map until
+ *   its data I/O is done, in one of two epochs; bm_fmt_data_mark switches
+ *   epochs, so a flusher can wait for the chunks mapped before its mark
+ *   without holding the driver's lock.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -63,6 +70,7 @@ struct fmt_req {
 	bool fua;                    /* a write that becomes a flush */
 	bool holds_busy;
 	bool counted;                /* in f->mapped_io (see wait_data) */
+	unsigned epoch;              /* which f->mapped_io it counts in */
 	uint64_t busy_start, busy_end;
 	bool flush_sent;
 	bool started;                /* start_later has run (try_flush
@@ -101,6 +109,9 @@ struct bm_fmt {
 	/* The driver's side. */
 	struct bm_loop *wloop;
 	struct bm_store *wstore;
+	/* The file's ends, under size_lock: the worker and the flusher may
+	 * both write and resize. */
+	pthread_mutex_t size_lock;
 	uint64_t file_size;          /* the end the driver sees */
 	uint64_t phys_size;          /* the file's real size (see grow) */
 	pthread_t worker;
@@ -109,10 +120,25 @@ struct bm_fmt {
 	pthread_cond_t qcond;
 	struct fmt_req *qhead, *qtail;
 	bool stopping;
+	/* Drivers with flush_apart: flushes and backing changes run on
+	 * their own thread, with their own loop and handle on the file, so
+	 * that maps go on during a flush.  One job at a time (try_flush
+	 * sends only the oldest request). */
+	struct bm_loop *floop;
+	struct bm_store *fstore;
+	pthread_t flusher;
+	bool flusher_started;
+	struct fmt_req *fjob;
+	pthread_cond_t fcond;
 	/* Chunks mapped (by the worker or on the loop) whose data I/O has
-	 * not finished: bm_fmt_wait_data waits for them (under qlock,
-	 * qcond). */
-	unsigned mapped_io;
+	 * not finished, counted from before their map, in two epochs (see
+	 * bm_fmt_data_mark): bm_fmt_wait_data and bm_fmt_wait_mark wait
+	 * for them (under qlock, dcond). */
+	pthread_cond_t dcond;
+	unsigned mapped_io[2];
+	unsigned epoch;
+	unsigned data_waiters;
+	struct fmt_req *worker_req;  /* the chunk the worker is mapping */
 
 	/* The loop's side. */
 	struct fmt_req *oldest, *newest;
@@ -151,13 +177,29 @@ bm_fmt_writable(const struct bm_fmt *f)
 uint64_t
 bm_fmt_file_size(const struct bm_fmt *f)
 {
-	return f->file_size;
+	struct bm_fmt *mf = (struct bm_fmt *)f;
+	uint64_t size;
+
+	pthread_mutex_lock(&mf->size_lock);
+	size = f->file_size;
+	pthread_mutex_unlock(&mf->size_lock);
+	return size;
 }
 
 bool
 bm_fmt_has_backing(const struct bm_fmt *f)
 {
 	return f->backing != NULL;
+}
+
+/* The handle on the file for the calling thread: each loop is run by
+ * one thread only. */
+static struct bm_store *
+meta_store(struct bm_fmt *f)
+{
+	if (f->flusher_started && pthread_equal(pthread_self(), f->flusher))
+		return f->fstore;
+	return f->wstore;
 }
 
 static int
@@ -170,20 +212,21 @@ meta_io(struct bm_fmt *f, void (*op)(struct bm_store *, struct bm_io *),
 	io.offset = off;
 	io.length = len;
 	io.flags = flags;
-	return bm_store_sync(f->wstore, op, &io);
+	return bm_store_sync(meta_store(f), op, &io);
 }
 
 int
 bm_fmt_pread(struct bm_fmt *f, void *buf, size_t len, uint64_t off)
 {
-	if (!bm_range_ok(off, len, f->file_size))
+	uint64_t size = bm_fmt_file_size(f);
+
+	if (!bm_range_ok(off, len, size))
 		return bm_error(-EINVAL, "%s: read of %zu bytes at offset %"
 				PRIu64 " is beyond the end of the file (%"
-				PRIu64 " bytes)", f->path, len, off,
-				f->file_size);
+				PRIu64 " bytes)", f->path, len, off, size);
 	if (len == 0)
 		return 0;
-	return meta_io(f, f->wstore->ops->read, buf, len, off, 0);
+	return meta_io(f, meta_store(f)->ops->read, buf, len, off, 0);
 }
 
 int
@@ -194,15 +237,17 @@ bm_fmt_pread_zero(struct bm_fmt *f, void *buf, size_t len, uint64_t off)
 				" is out of range", f->path, off);
 	if (len == 0)
 		return 0;
-	return meta_io(f, f->wstore->ops->read, buf, len, off, 0);
+	return meta_io(f, meta_store(f)->ops->read, buf, len, off, 0);
 }
 
 /* A write or zeroing that reached `end` may have grown the file. */
 static void
 wrote_to(struct bm_fmt *f, uint64_t end)
 {
+	pthread_mutex_lock(&f->size_lock);
 	f->file_size = BM_MAX(f->file_size, end);
 	f->phys_size = BM_MAX(f->phys_size, end);
+	pthread_mutex_unlock(&f->size_lock);
 }
 
 int
@@ -215,7 +260,7 @@ bm_fmt_pwrite(struct bm_fmt *f, const void *buf, size_t len, uint64_t off)
 				" is out of range", f->path, off);
 	if (len == 0)
 		return 0;
-	r = meta_io(f, f->wstore->ops->write, (void *)buf, len, off, 0);
+	r = meta_io(f, meta_store(f)->ops->write, (void *)buf, len, off, 0);
 	if (r == 0)
 		wrote_to(f, off + len);
 	return r;
@@ -231,7 +276,8 @@ bm_fmt_zero_file(struct bm_fmt *f, uint64_t off, uint64_t len)
 				" is out of range", f->path, off);
 	if (len == 0)
 		return 0;
-	r = meta_io(f, f->wstore->ops->zero, NULL, len, off, BM_IO_MAY_TRIM);
+	r = meta_io(f, meta_store(f)->ops->zero, NULL, len, off,
+		    BM_IO_MAY_TRIM);
 	if (r == 0)
 		wrote_to(f, off + len);
 	return r;
@@ -252,46 +298,58 @@ bm_fmt_zero_file(struct bm_fmt *f, uint64_t off, uint64_t len)
 int
 bm_fmt_truncate(struct bm_fmt *f, uint64_t size)
 {
+	struct bm_store *s = meta_store(f);
 	uint64_t phys = size;
-	int r;
+	int r = 0;
 
-	if (!f->wstore->ops->truncate)
+	if (!s->ops->truncate)
 		return bm_error(-ENOTSUP, "%s: the file cannot be resized",
 				f->path);
+	pthread_mutex_lock(&f->size_lock);
 	if (size > f->file_size && size <= f->phys_size) {
 		f->file_size = size;
-		return 0;
+		goto out;
 	}
 	if (size > f->file_size && size <= INT64_MAX - GROW_STEP)
 		phys = bm_round_up(size, GROW_STEP);
-	r = f->wstore->ops->truncate(f->wstore, phys);
+	r = s->ops->truncate(s, phys);
 	if (r == 0) {
 		f->file_size = size;
 		f->phys_size = phys;
 	}
+out:
+	pthread_mutex_unlock(&f->size_lock);
 	return r;
 }
 
 int
 bm_fmt_sync(struct bm_fmt *f)
 {
-	return meta_io(f, f->wstore->ops->flush, NULL, 0, 0, 0);
+	return meta_io(f, meta_store(f)->ops->flush, NULL, 0, 0, 0);
 }
 
 /* Cut the file back to the end the driver sees, and sync that, if it
- * had grown past it. */
+ * had grown past it.  The driver may be growing it meanwhile (a flush
+ * apart): the cut and the size change happen together under
+ * size_lock. */
 static int
 trim(struct bm_fmt *f)
 {
-	int r;
+	struct bm_store *s = meta_store(f);
+	bool cut = false;
+	int r = 0;
 
-	if (f->phys_size <= f->file_size)
-		return 0;
-	r = f->wstore->ops->truncate(f->wstore, f->file_size);
+	pthread_mutex_lock(&f->size_lock);
+	if (f->phys_size > f->file_size) {
+		r = s->ops->truncate(s, f->file_size);
+		if (r == 0)
+			f->phys_size = f->file_size;
+		cut = r == 0;
+	}
+	pthread_mutex_unlock(&f->size_lock);
 	if (r < 0)
 		return r;
-	f->phys_size = f->file_size;
-	return bm_fmt_sync(f);
+	return cut ? bm_fmt_sync(f) : 0;
 }
 
 /* The driver's flush, then the file trimmed. */
@@ -303,14 +361,52 @@ flush_trim(struct bm_fmt *f)
 	return r < 0 ? r : trim(f);
 }
 
+/* Chunks counted, less the one the calling worker is mapping itself. */
+static unsigned
+others_mapped(struct bm_fmt *f)
+{
+	unsigned n = f->mapped_io[0] + f->mapped_io[1];
+
+	if (f->worker_req && f->worker_req->counted &&
+	    pthread_equal(pthread_self(), f->worker))
+		n--;
+	return n;
+}
+
 int
 bm_fmt_wait_data(struct bm_fmt *f)
 {
 	pthread_mutex_lock(&f->qlock);
-	while (f->mapped_io > 0)
-		pthread_cond_wait(&f->qcond, &f->qlock);
+	f->data_waiters++;
+	while (others_mapped(f) > 0)
+		pthread_cond_wait(&f->dcond, &f->qlock);
+	f->data_waiters--;
 	pthread_mutex_unlock(&f->qlock);
 	return 0;
+}
+
+unsigned
+bm_fmt_data_mark(struct bm_fmt *f)
+{
+	unsigned mark;
+
+	pthread_mutex_lock(&f->qlock);
+	/* The previous mark was waited for: its epoch is empty. */
+	mark = f->epoch;
+	f->epoch ^= 1;
+	pthread_mutex_unlock(&f->qlock);
+	return mark;
+}
+
+void
+bm_fmt_wait_mark(struct bm_fmt *f, unsigned mark)
+{
+	pthread_mutex_lock(&f->qlock);
+	f->data_waiters++;
+	while (f->mapped_io[mark & 1] > 0)
+		pthread_cond_wait(&f->dcond, &f->qlock);
+	f->data_waiters--;
+	pthread_mutex_unlock(&f->qlock);
 }
 
 /* A read of the backing image, run on the image's loop for the worker. */
@@ -572,6 +668,41 @@ swap_on_loop(struct bm_fmt *f, struct bm_backing_change *bc)
 
 static void chunk_mapped(struct bm_work *w);
 
+/* A flush or a backing change, on the worker or the flusher. */
+static int
+run_flush(struct fmt_req *req)
+{
+	struct bm_fmt *f = req->f;
+	int r = flush_trim(f);
+
+	if (r == 0 && req->kind == R_BACKING)
+		r = f->drv->set_backing(f->state, req->bc->name,
+					req->bc->backing->format);
+	if (r == 0 && req->kind == R_BACKING)
+		r = swap_on_loop(f, req->bc);
+	return r;
+}
+
+static void
+job_done(struct fmt_req *req, int r)
+{
+	req->err = r;
+	if (r < 0)
+		note_error(req, r);
+	req->work.fn = chunk_mapped;
+	bm_loop_post(req->f->loop, &req->work);
+}
+
+static void
+count_locked(struct fmt_req *req)
+{
+	struct bm_fmt *f = req->f;
+
+	req->epoch = f->epoch;
+	f->mapped_io[req->epoch]++;
+	req->counted = true;
+}
+
 static void *
 worker_main(void *arg)
 {
@@ -579,6 +710,7 @@ worker_main(void *arg)
 
 	for (;;) {
 		struct fmt_req *req;
+		bool map;
 		int r;
 
 		pthread_mutex_lock(&f->qlock);
@@ -592,30 +724,48 @@ worker_main(void *arg)
 		f->qhead = req->job_next;
 		if (!f->qhead)
 			f->qtail = NULL;
+		/*
+		 * Counted before the map, not after: a flusher that takes
+		 * a mark under the driver's lock right after this map must
+		 * wait for its data (bm_fmt_data_mark).  bm_fmt_wait_data
+		 * on this thread leaves it out.
+		 */
+		map = req->kind != R_FLUSH && req->kind != R_BACKING;
+		if (map) {
+			count_locked(req);
+			f->worker_req = req;
+		}
 		pthread_mutex_unlock(&f->qlock);
 
-		if (req->kind == R_FLUSH)
-			r = flush_trim(f);
-		else if (req->kind == R_BACKING) {
-			r = flush_trim(f);
-			if (r == 0)
-				r = f->drv->set_backing(f->state, req->bc->name,
-						req->bc->backing->format);
-			if (r == 0)
-				r = swap_on_loop(f, req->bc);
-		} else
-			r = f->drv->map(f->state, &req->map);
-		req->err = r;
-		if (r < 0)
-			note_error(req, r);
-		if (r == 0 && req->kind != R_FLUSH && req->kind != R_BACKING) {
+		r = map ? f->drv->map(f->state, &req->map) : run_flush(req);
+		if (map) {
 			pthread_mutex_lock(&f->qlock);
-			f->mapped_io++;
-			req->counted = true;
+			f->worker_req = NULL;
 			pthread_mutex_unlock(&f->qlock);
 		}
-		req->work.fn = chunk_mapped;
-		bm_loop_post(f->loop, &req->work);
+		/* A failed chunk stays counted until the loop fails it. */
+		job_done(req, r);
+	}
+	return NULL;
+}
+
+static void *
+flusher_main(void *arg)
+{
+	struct bm_fmt *f = arg;
+
+	for (;;) {
+		struct fmt_req *req;
+
+		pthread_mutex_lock(&f->qlock);
+		while (!f->fjob && !f->stopping)
+			pthread_cond_wait(&f->fcond, &f->qlock);
+		req = f->fjob;
+		f->fjob = NULL;
+		pthread_mutex_unlock(&f->qlock);
+		if (!req)
+			break;
+		job_done(req, run_flush(req));
 	}
 	return NULL;
 }
@@ -626,6 +776,13 @@ worker_send(struct bm_fmt *f, struct fmt_req *req)
 	bm_loop_hold(f->loop);
 	req->job_next = NULL;
 	pthread_mutex_lock(&f->qlock);
+	if (f->flusher_started &&
+	    (req->kind == R_FLUSH || req->kind == R_BACKING)) {
+		f->fjob = req;
+		pthread_cond_signal(&f->fcond);
+		pthread_mutex_unlock(&f->qlock);
+		return;
+	}
 	if (f->qtail)
 		f->qtail->job_next = req;
 	else
@@ -678,8 +835,7 @@ count_io(struct fmt_req *req)
 	struct bm_fmt *f = req->f;
 
 	pthread_mutex_lock(&f->qlock);
-	f->mapped_io++;
-	req->counted = true;
+	count_locked(req);
 	pthread_mutex_unlock(&f->qlock);
 }
 
@@ -691,10 +847,11 @@ uncount_io(struct fmt_req *req)
 	if (!req->counted)
 		return;
 	pthread_mutex_lock(&f->qlock);
-	if (--f->mapped_io == 0)
-		pthread_cond_broadcast(&f->qcond);
-	pthread_mutex_unlock(&f->qlock);
+	f->mapped_io[req->epoch]--;
 	req->counted = false;
+	if (f->data_waiters)
+		pthread_cond_broadcast(&f->dcond);
+	pthread_mutex_unlock(&f->qlock);
 }
 
 /* A chunk of another request touches [start, end) while it is busy? */
@@ -1169,12 +1326,12 @@ try_flush(struct bm_fmt *f)
 		return;
 	}
 	if (req->kind == R_FLUSH) {
-		/* Sync the data first, asynchronously: the driver's flush
-		 * starts with a data sync too and holds the driver's lock
-		 * (and the worker) through it, so every request that needs
-		 * the worker would wait for what may be hundreds of MiB of
-		 * writeback.  Left for the driver is what was written
-		 * meanwhile. */
+		/* Sync the data first, asynchronously: a driver's flush
+		 * starts with a data sync too, and one that flushes on the
+		 * worker holds the worker (and its lock) through it, so
+		 * every request that needs the worker would wait for what
+		 * may be hundreds of MiB of writeback.  Left for the driver
+		 * is what was written meanwhile. */
 		memset(&req->presync, 0, sizeof req->presync);
 		req->presync.done = presynced;
 		f->img.store->ops->flush(f->img.store, &req->presync);
@@ -1293,12 +1450,19 @@ fmt_set_loop(struct bm_image *img, struct bm_loop *loop)
 static void
 fmt_free(struct bm_fmt *f)
 {
-	if (f->worker_started) {
+	if (f->worker_started || f->flusher_started) {
 		pthread_mutex_lock(&f->qlock);
 		f->stopping = true;
 		pthread_cond_signal(&f->qcond);
+		pthread_cond_signal(&f->fcond);
 		pthread_mutex_unlock(&f->qlock);
+	}
+	if (f->worker_started)
 		pthread_join(f->worker, NULL);
+	if (f->flusher_started) {
+		pthread_join(f->flusher, NULL);
+		/* The final flush below runs on this thread, on wstore. */
+		f->flusher_started = false;
 	}
 	if (f->state) {
 		int r = f->img.readonly ? 0 : flush_trim(f);
@@ -1319,8 +1483,13 @@ fmt_free(struct bm_fmt *f)
 	free(f->retired_names);
 	bm_store_close(f->wstore);
 	bm_loop_free(f->wloop);
+	bm_store_close(f->fstore);
+	bm_loop_free(f->floop);
 	pthread_cond_destroy(&f->qcond);
+	pthread_cond_destroy(&f->fcond);
+	pthread_cond_destroy(&f->dcond);
 	pthread_mutex_destroy(&f->qlock);
+	pthread_mutex_destroy(&f->size_lock);
 	free(f->info.backing_name);
 	free(f->backing_path);
 	free(f->img.name);
@@ -1397,7 +1566,10 @@ fmt_new(const struct bm_fmt_driver *drv, struct bm_store *store,
 		return bm_error(-ENOMEM, "%s: out of memory", path);
 	}
 	pthread_mutex_init(&f->qlock, NULL);
+	pthread_mutex_init(&f->size_lock, NULL);
 	pthread_cond_init(&f->qcond, NULL);
+	pthread_cond_init(&f->fcond, NULL);
+	pthread_cond_init(&f->dcond, NULL);
 	f->drv = drv;
 	f->flags = flags;
 	f->loop = store->loop;
@@ -1443,7 +1615,10 @@ bm_fmt_detached_new(struct bm_store *wstore, const char *name,
 		return bm_error(-ENOMEM, "%s: out of memory", name);
 	}
 	pthread_mutex_init(&f->qlock, NULL);
+	pthread_mutex_init(&f->size_lock, NULL);
 	pthread_cond_init(&f->qcond, NULL);
+	pthread_cond_init(&f->fcond, NULL);
+	pthread_cond_init(&f->dcond, NULL);
 	f->flags = flags;
 	f->img.readonly = !(flags & BM_IMAGE_WRITE);
 	f->wstore = wstore;
@@ -1459,6 +1634,31 @@ bm_fmt_detached_free(struct bm_fmt *f)
 {
 	if (f)
 		fmt_free(f);
+}
+
+/* The flusher's own loop and handle on the file, and the thread. */
+static int
+start_flusher(struct bm_fmt *f)
+{
+	int r = bm_loop_new(16, &f->floop);
+
+	if (r < 0)
+		return bm_error(r, "%s: cannot create a loop: %s", f->path,
+				strerror(-r));
+	r = bm_file_open(f->floop, f->path, BM_OPEN_WRITE |
+			 ((f->flags & BM_IMAGE_NOFOLLOW) ? BM_OPEN_NOFOLLOW :
+			  0), 0, &f->fstore);
+	if (r == 0)
+		r = bm_store_wrap(f->path, &f->fstore);
+	if (r < 0)
+		return r;
+	f->fstore->growable = true;
+	r = pthread_create(&f->flusher, NULL, flusher_main, f);
+	if (r)
+		return bm_error(-r, "%s: cannot start a thread: %s", f->path,
+				strerror(r));
+	f->flusher_started = true;
+	return 0;
 }
 
 int
@@ -1500,6 +1700,11 @@ bm_fmt_open(const struct bm_fmt_driver *drv, struct bm_store *store,
 		goto fail;
 	}
 	f->worker_started = true;
+	if (drv->flush_apart && (flags & BM_IMAGE_WRITE)) {
+		r = start_flusher(f);
+		if (r < 0)
+			goto fail;
+	}
 	*out = &f->img;
 	return 0;
 fail:

@@ -20,6 +20,15 @@
  * its private loop (and, for bm_fmt_backing_read, for the image's loop,
  * which never waits for it).
  *
+ * A driver that sets flush_apart gets a third thread, the flusher, with
+ * its own loop and handle on the file: flush and set_backing of a
+ * writable image run there, one at a time, while map goes on on the
+ * worker.  The bm_fmt_* helpers work on either thread (each uses its
+ * own handle; a sync on one makes the other's completed writes durable
+ * too, being an fdatasync of the same file).  Such a driver serializes
+ * flush against map itself, and must not make the worker wait for a
+ * flush while the flush waits for data (bm_fmt_wait_mark).
+ *
  * The fast path.  The engine first calls map with `nowait` true on the
  * loop thread, holding the driver's lock with trylock: if the answer is
  * in the driver's caches and needs no allocation or I/O, the request never
@@ -158,6 +167,9 @@ struct bm_fmt_driver {
 	int (*map)(void *drv, struct bm_map_req *r);
 	/* Make every metadata change so far durable, in crash-safe order. */
 	int (*flush)(void *drv);
+	/* flush and set_backing run on the flusher thread, concurrently
+	 * with map (see Threads above). */
+	bool flush_apart;
 	/* Bytes of guest data currently allocated (for info), may be 0. */
 	uint64_t (*allocated)(void *drv);
 	/* Free the driver.  The engine has flushed first (if writable). */
@@ -205,11 +217,22 @@ int bm_fmt_truncate(struct bm_fmt *f, uint64_t size);
  * chunks the worker mapped (the engine's writes into clusters the driver
  * handed out) and those mapped on the loop in nowait mode (which hold no
  * busy range, so a discard may free their cluster meanwhile).  Worker
- * thread only.  The wait is short as long as the driver calls this under
- * the lock its nowait map takes with trylock: no new chunk is mapped on
- * either side while it waits.  Always 0.
+ * thread only (the chunk the worker is mapping is left out).  The wait
+ * is short as long as the driver calls this under the lock its nowait
+ * map takes with trylock: no new chunk is mapped on either side while it
+ * waits.  Always 0.
  */
 int bm_fmt_wait_data(struct bm_fmt *f);
+
+/*
+ * The same in two halves, for a flush apart (flusher thread): take a
+ * mark under the lock that map takes (every chunk mapped so far, and any
+ * the worker is about to map, is behind it), drop the lock, then wait
+ * for the mark without it.  Chunks mapped after the mark are not waited
+ * for.  Every mark must be waited for before the next one is taken.
+ */
+unsigned bm_fmt_data_mark(struct bm_fmt *f);
+void bm_fmt_wait_mark(struct bm_fmt *f, unsigned mark);
 
 /* fdatasync: every completed write to the file, data and metadata
  * store alike, is durable afterwards. */

@@ -9,21 +9,41 @@
  * reuses a cluster freed by an earlier flush) and only changes memory;
  * flush makes it durable in this order, each step followed by a sync:
  *
- *   1. the data (the engine has completed every earlier request, and
- *      bm_fmt_wait_data waits for later ones already mapped);
+ *   1. the data (the engine has completed every earlier request and
+ *      synced it; bm_fmt_wait_mark waits for later ones already mapped);
  *   2. dirty refcount blocks, then the refcount table entries that
  *      point at new blocks: refcount before reference;
  *   3. dirty L2 tables: data before L2, refcount before reference;
  *   4. the changed part of the L1 table: L2 before L1;
  *   5. pending frees: the decrements of clusters whose last reference
  *      was removed in steps 3-4, so "reference removed before the
- *      cluster is freed"; only then may the allocator reuse them.
+ *      cluster is freed".
+ *
+ * The flush runs on the engine's flusher thread (flush_apart) and holds
+ * the lock only to copy and to mark, never across a sync, so guest
+ * writes, allocating ones included, go on meanwhile.  Under the lock, at
+ * one instant, it copies every dirty refcount block and L2 table and the
+ * dirty ranges of the refcount and L1 tables, and counts the pending
+ * frees; those copies agree with each other, so writing them in the
+ * order above is crash-safe whatever map changes in memory meanwhile.
+ * Tables carry generations (gen: changes, wgen: what is in the file): a
+ * table changed after the copy stays dirty for the next flush, and a
+ * copy is never written over newer content an eviction wrote.  While the
+ * flush writes (`flushing`), nobody else writes metadata: an eviction
+ * that would write a dirty table takes a clean one or waits, and so does
+ * a refcount table growth.  Only the frees counted in the copy are
+ * applied at step 5 (in memory, under the lock, then their blocks are
+ * copied, written and synced like step 2); a freed cluster may be
+ * reused as soon as its decrement is in memory, since its reference is
+ * durably gone and its new increment is flushed before any new
+ * reference.
  *
  * A crash between any two steps leaves refcounts at or above the true
  * number of references: at worst leaked clusters (qemu-img check exit
  * 3), never a referenced cluster with refcount 0.  Refcount blocks may
- * be written early (cache eviction): between flushes they only hold
- * increments, which can only leak.  A write that needs a new cluster
+ * be written early (cache eviction): relative to the file they only hold
+ * increments, which can only leak, and the decrements of step 5, whose
+ * references are durably gone.  A write that needs a new cluster
  * (or copy-on-write) for part of a cluster is done by the driver
  * itself: it writes the whole cluster (the guest's bytes plus the fill
  * from the backing image, the old cluster or zeroes).  A whole new
@@ -41,8 +61,11 @@
  * host range overlaps metadata marks the image corrupt (as QEMU does)
  * and fails.
  *
- * One mutex guards everything; map with nowait uses trylock and only
- * answers from memory.
+ * One mutex (lock) guards the state; map with nowait uses trylock and
+ * only answers from memory.  flush_lock serializes flushes (and backing
+ * changes), and is taken before lock.  Evictions still write, and sync,
+ * under lock; with the cache bounds below they are rare (an image of
+ * more than 32 GiB at 64 KiB clusters written all over).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -63,7 +86,10 @@ struct table {
 	uint8_t *buf;          /* one cluster, big-endian entries */
 	uint64_t used;         /* LRU stamp */
 	uint32_t young;        /* L2: entries allocated since last flush */
-	bool dirty;
+	/* Generations, never reset for the life of the slot: gen counts
+	 * changes in memory, wgen is the gen that was last written to the
+	 * file (or read from it).  Dirty: gen != wgen. */
+	uint64_t gen, wgen;
 };
 
 struct cache {
@@ -93,10 +119,20 @@ struct qcow2 {
 	uint8_t *l1;           /* l1_size entries, buffer rounded to 512 */
 	uint64_t l1_buf_len;
 	uint64_t l1_lo, l1_hi; /* dirty entries [lo, hi) */
+	uint64_t l1_gen;       /* changes to the L1 table */
 
 	uint8_t *rt;           /* refcount table, rt_entries entries */
 	uint64_t rt_entries;
 	uint64_t rt_lo, rt_hi;
+	uint64_t rt_gen, rt_wgen; /* as struct table's */
+
+	/* Flushes, one at a time (flush_lock, taken before lock).  While
+	 * `flushing`, the flusher writes its copies without the lock and
+	 * nobody else writes metadata: an eviction or a refcount table
+	 * growth that must write waits for `flushed`. */
+	pthread_mutex_t flush_lock;
+	pthread_cond_t flushed;
+	bool flushing;
 
 	struct cache l2c, rbc;
 	struct pending_free *pend;
@@ -137,6 +173,7 @@ static void
 l1_set(struct qcow2 *q, uint64_t i, uint64_t v)
 {
 	bm_put_be64(q->l1 + i * 8, v);
+	q->l1_gen++;
 	if (q->l1_lo == q->l1_hi) {
 		q->l1_lo = i;
 		q->l1_hi = i + 1;
@@ -156,6 +193,7 @@ static void
 rt_set(struct qcow2 *q, uint64_t i, uint64_t v)
 {
 	bm_put_be64(q->rt + i * 8, v);
+	q->rt_gen++;
 	if (q->rt_lo == q->rt_hi) {
 		q->rt_lo = i;
 		q->rt_hi = i + 1;
@@ -212,6 +250,27 @@ add_pending(struct qcow2 *q, uint64_t cluster, uint64_t count)
 
 static int flush_refcounts(struct qcow2 *q);
 
+static bool
+dirty(const struct table *t)
+{
+	return t->gen != t->wgen;
+}
+
+static void
+touch(struct table *t)
+{
+	t->gen++;
+}
+
+/* Wait (the worker, about to write metadata) until a flush has written
+ * and synced its copies.  Drops the lock meanwhile. */
+static void
+wait_flushing(struct qcow2 *q)
+{
+	while (q->flushing)
+		pthread_cond_wait(&q->flushed, &q->lock);
+}
+
 static struct table *
 cache_find(struct cache *c, uint64_t off)
 {
@@ -239,7 +298,7 @@ l2_writeback_all(struct qcow2 *q)
 	int err = 0;
 
 	for (unsigned i = 0; i < c->n; i++)
-		young |= c->t[i]->dirty && c->t[i]->young;
+		young |= dirty(c->t[i]) && c->t[i]->young;
 	if (young) {
 		bm_fmt_wait_data(q->f);
 		err = bm_fmt_sync(q->f);
@@ -249,12 +308,12 @@ l2_writeback_all(struct qcow2 *q)
 	for (unsigned i = 0; !err && i < c->n; i++) {
 		struct table *t = c->t[i];
 
-		if (!t->dirty)
+		if (!dirty(t))
 			continue;
 		t->young = 0;
 		err = bm_fmt_pwrite(q->f, t->buf, q->cs, t->offset);
 		if (!err)
-			t->dirty = false;
+			t->wgen = t->gen;
 	}
 	return err;
 }
@@ -264,23 +323,25 @@ table_writeback(struct qcow2 *q, struct cache *c, struct table *t)
 {
 	int err;
 
-	if (!t->dirty)
+	if (!dirty(t))
 		return 0;
 	if (c == &q->l2c)
 		return l2_writeback_all(q);
 	err = bm_fmt_pwrite(q->f, t->buf, q->cs, t->offset);
 	if (!err)
-		t->dirty = false;
+		t->wgen = t->gen;
 	return err;
 }
 
 /* A slot for a table not in the cache: a new one under the bound, else
  * the least recently used one, preferring tables without young entries
- * (writing those needs no data sync). */
+ * (writing those needs no data sync).  During a flush, a clean one if
+ * there is any; else it waits for the flush and returns -EAGAIN: the
+ * caller looks again (the flusher may have loaded tables meanwhile). */
 static int
 cache_slot(struct qcow2 *q, struct cache *c, struct table **out)
 {
-	struct table *victim = NULL, **nt;
+	struct table *victim = NULL, *clean = NULL, **nt;
 	int err;
 
 	for (unsigned i = 0; c->n >= c->bound && i < c->n; i++) {
@@ -289,6 +350,15 @@ cache_slot(struct qcow2 *q, struct cache *c, struct table **out)
 		if (!victim || (victim->young && !t->young) ||
 		    (!victim->young == !t->young && t->used < victim->used))
 			victim = t;
+		if (!dirty(t) && (!clean || t->used < clean->used))
+			clean = t;
+	}
+	if (victim && dirty(victim) && q->flushing) {
+		if (!clean) {
+			wait_flushing(q);
+			return -EAGAIN;
+		}
+		victim = clean;
 	}
 	if (victim) {
 		err = table_writeback(q, c, victim);
@@ -317,25 +387,29 @@ static int
 cache_get(struct qcow2 *q, struct cache *c, uint64_t off, bool fresh,
 	  struct table **out)
 {
-	struct table *t = cache_find(c, off);
+	struct table *t;
 	int err;
 
-	if (t && !fresh) {
-		*out = t;
-		return 0;
-	}
-	if (!t) {
-		err = cache_slot(q, c, &t);
-		if (err)
-			return err;
-	}
+	do {
+		t = cache_find(c, off);
+		if (t && !fresh) {
+			*out = t;
+			return 0;
+		}
+		err = t ? 0 : cache_slot(q, c, &t);
+	} while (err == -EAGAIN);
+	if (err)
+		return err;
 	t->offset = 0;
 	t->young = 0;
-	t->dirty = false;
+	/* A new gen either way, for copies of what the slot held before
+	 * (see decide); fresh: dirty. */
+	touch(t);
 	if (fresh) {
 		memset(t->buf, 0, q->cs);
-		t->dirty = true;
 	} else {
+		/* Clean, also as a free slot if the read fails. */
+		t->wgen = t->gen;
 		err = bm_fmt_pread_zero(q->f, t->buf, q->cs, off);
 		if (err)
 			return err;
@@ -416,7 +490,7 @@ rc_set(struct qcow2 *q, uint64_t cluster, uint64_t v)
 		return err;
 	bm_qcow2_refcount_set(t->buf, q->h.refcount_order, cluster % q->rpb,
 			      v);
-	t->dirty = true;
+	touch(t);
 	return 0;
 }
 
@@ -427,7 +501,7 @@ rc_set(struct qcow2 *q, uint64_t cluster, uint64_t v)
  * counting themselves; write and sync them, then switch the header.
  */
 static int
-grow_reftable(struct qcow2 *q, uint64_t need_index, uint64_t avoid)
+grow_reftable_now(struct qcow2 *q, uint64_t need_index, uint64_t avoid)
 {
 	uint64_t cover = q->rt_entries * q->rpb;
 	uint64_t start = BM_MAX(cover, avoid + 1), entries, tc, nb = 0;
@@ -497,6 +571,7 @@ grow_reftable(struct qcow2 *q, uint64_t need_index, uint64_t avoid)
 	nt = NULL;
 	q->rt_entries = (tc << q->cb) / 8;
 	q->rt_lo = q->rt_hi = 0;
+	q->rt_wgen = ++q->rt_gen;
 	q->h.refcount_table_offset = start << q->cb;
 	q->h.refcount_table_clusters = (uint32_t)tc;
 	err = add_pending(q, old_off >> q->cb, old_clusters);
@@ -506,8 +581,23 @@ out:
 	return err;
 }
 
-/* Write dirty refcount blocks, sync, then the table entries that point
- * at new blocks, sync. */
+/* The worker's way to a larger refcount table: not while a flush
+ * writes (the new table is written from memory, and points at blocks
+ * the flush may not have made durable yet). */
+static int
+grow_reftable(struct qcow2 *q, uint64_t need_index, uint64_t avoid)
+{
+	wait_flushing(q);
+	return grow_reftable_now(q, need_index, avoid);
+}
+
+/*
+ * Write dirty refcount blocks, sync, then the table entries that point
+ * at new blocks, sync (the eviction's and the table growth's way, under
+ * the lock, never during a flush's writes).  A new block may have been
+ * written by an eviction and not synced: a sync always comes before the
+ * entries.
+ */
 static int
 flush_refcounts(struct qcow2 *q)
 {
@@ -517,26 +607,25 @@ flush_refcounts(struct qcow2 *q)
 	for (unsigned i = 0; i < q->rbc.n; i++) {
 		struct table *t = q->rbc.t[i];
 
-		if (!t->dirty)
+		if (!dirty(t))
 			continue;
 		err = bm_fmt_pwrite(q->f, t->buf, q->cs, t->offset);
 		if (err)
 			return err;
-		t->dirty = false;
+		t->wgen = t->gen;
 		wrote = true;
 	}
 	if (q->rt_lo != q->rt_hi) {
-		if (wrote) {
-			err = bm_fmt_sync(q->f);
-			if (err)
-				return err;
-		}
+		err = bm_fmt_sync(q->f);
+		if (err)
+			return err;
 		err = write_entries(q, q->rt, q->rt_entries * 8,
 				    q->h.refcount_table_offset, q->rt_lo,
 				    q->rt_hi);
 		if (err)
 			return err;
 		q->rt_lo = q->rt_hi = 0;
+		q->rt_wgen = q->rt_gen;
 		wrote = true;
 	}
 	return wrote ? bm_fmt_sync(q->f) : 0;
@@ -573,7 +662,7 @@ find_free(struct qcow2 *q, uint64_t *out)
 static int
 alloc_cluster(struct qcow2 *q, uint64_t *host)
 {
-	uint64_t c;
+	uint64_t c, before = q->cursor;
 	int err = find_free(q, &c);
 
 	if (err)
@@ -583,15 +672,19 @@ alloc_cluster(struct qcow2 *q, uint64_t *host)
 	err = rc_set(q, c, 1);
 	if (err)
 		return err;
-	q->cursor = c + 1;
+	/* Unless a flush freed clusters below c while rc_set waited. */
+	if (q->cursor == before)
+		q->cursor = c + 1;
 	*host = c << q->cb;
 	return 0;
 }
 
+/* Apply the first n pending frees (the later ones wait for a later
+ * flush: their references may not be durably gone yet). */
 static int
-apply_frees(struct qcow2 *q)
+apply_frees(struct qcow2 *q, size_t n)
 {
-	for (size_t i = 0; i < q->npend; i++) {
+	for (size_t i = 0; i < n; i++) {
 		for (uint64_t c = q->pend[i].cluster;
 		     c < q->pend[i].cluster + q->pend[i].count; c++) {
 			struct table *t;
@@ -611,12 +704,13 @@ apply_frees(struct qcow2 *q)
 			}
 			bm_qcow2_refcount_set(t->buf, q->h.refcount_order,
 					      c % q->rpb, v - 1);
-			t->dirty = true;
+			touch(t);
 			if (v == 1 && c < q->cursor)
 				q->cursor = c;
 		}
 	}
-	q->npend = 0;
+	memmove(q->pend, q->pend + n, (q->npend - n) * sizeof *q->pend);
+	q->npend -= n;
 	return 0;
 }
 
@@ -676,7 +770,7 @@ static void
 l2_set(struct table *t, uint64_t i, uint64_t v)
 {
 	bm_put_be64(t->buf + i * 8, v);
-	t->dirty = true;
+	touch(t);
 }
 
 /* Does [host, host+len) overlap metadata we know of?  Like QEMU's
@@ -1106,55 +1200,278 @@ qcow2_map(void *drv, struct bm_map_req *r)
 
 /* ---- flush ---------------------------------------------------------- */
 
-static int
-flush_locked(struct qcow2 *q)
+/*
+ * A flush copies, under the lock and at one instant, everything dirty:
+ * refcount blocks, the dirty range of the refcount table, L2 tables, the
+ * dirty range of the L1 table, and how many frees are pending.  The
+ * copies are consistent with each other (every reference in them has its
+ * refcount in them or on disk already), so it can write them in the
+ * crash-safe order, with a sync after each step, without the lock, while
+ * map goes on changing memory.  What changed after the copy stays dirty
+ * (gen != wgen) for the next flush.
+ */
+struct copy {
+	struct table *t;
+	uint64_t offset, gen;
+	uint8_t *buf;
+	bool write;           /* nobody wrote gen or later meanwhile */
+};
+
+/* A copy of the 512-byte sectors of an entry table's dirty range. */
+struct range_copy {
+	uint8_t *buf;
+	uint64_t off;         /* where buf goes in the file */
+	uint64_t len;         /* 0: nothing dirty */
+	uint64_t gen;
+	bool write;
+};
+
+struct snapshot {
+	struct copy *rc, *l2;
+	unsigned nrc, nl2;
+	struct range_copy rt, l1;
+	size_t npend;         /* frees whose references this flush removes */
+	bool young;           /* an L2 copy points at data mapped lately */
+};
+
+static void
+snap_free(struct snapshot *s)
 {
-	bool wrote = false;
+	for (unsigned i = 0; i < s->nrc; i++)
+		free(s->rc[i].buf);
+	for (unsigned i = 0; i < s->nl2; i++)
+		free(s->l2[i].buf);
+	free(s->rc);
+	free(s->l2);
+	free(s->rt.buf);
+	free(s->l1.buf);
+	memset(s, 0, sizeof *s);
+}
+
+static int
+copy_tables(struct qcow2 *q, struct cache *c, struct copy **out,
+	    unsigned *n, bool *young)
+{
+	*out = calloc(c->n ? c->n : 1, sizeof **out);
+	if (!*out)
+		return -ENOMEM;
+	for (unsigned i = 0; i < c->n; i++) {
+		struct table *t = c->t[i];
+		struct copy *k = &(*out)[*n];
+
+		if (!dirty(t))
+			continue;
+		k->buf = malloc(q->cs);
+		if (!k->buf)
+			return -ENOMEM;
+		memcpy(k->buf, t->buf, q->cs);
+		k->t = t;
+		k->offset = t->offset;
+		k->gen = t->gen;
+		if (young)
+			*young |= t->young != 0;
+		(*n)++;
+	}
+	return 0;
+}
+
+static int
+copy_range(struct qcow2 *q, const uint8_t *buf, uint64_t buf_len,
+	   uint64_t off, uint64_t lo, uint64_t hi, uint64_t gen,
+	   struct range_copy *r)
+{
+	uint64_t a = bm_round_down(lo * 8, 512);
+	uint64_t b = BM_MIN(bm_round_up(hi * 8, 512), buf_len);
+
+	(void)q;
+	if (lo == hi)
+		return 0;
+	r->buf = malloc(b - a);
+	if (!r->buf)
+		return -ENOMEM;
+	memcpy(r->buf, buf + a, b - a);
+	r->off = off + a;
+	r->len = b - a;
+	r->gen = gen;
+	return 0;
+}
+
+/* Under the lock: copy what is dirty (with `l2`, the L2 and L1 tables
+ * and the pending frees too, else only refcounts). */
+static int
+snap_take(struct qcow2 *q, struct snapshot *s, bool l2)
+{
 	int err;
 
-	bm_fmt_wait_data(q->f);
-	err = bm_fmt_sync(q->f);
+	memset(s, 0, sizeof *s);
+	err = copy_tables(q, &q->rbc, &s->rc, &s->nrc, NULL);
 	if (!err)
-		err = flush_refcounts(q);
-	for (unsigned i = 0; !err && i < q->l2c.n; i++) {
-		struct table *t = q->l2c.t[i];
-
-		if (t->dirty) {
-			err = bm_fmt_pwrite(q->f, t->buf, q->cs, t->offset);
-			t->dirty = err != 0;
-			wrote = true;
-		}
-		t->young = 0;
+		err = copy_range(q, q->rt, q->rt_entries * 8,
+				 q->h.refcount_table_offset, q->rt_lo,
+				 q->rt_hi, q->rt_gen, &s->rt);
+	if (!err && l2)
+		err = copy_tables(q, &q->l2c, &s->l2, &s->nl2, &s->young);
+	if (!err && l2)
+		err = copy_range(q, q->l1, q->l1_buf_len, q->h.l1_table_offset,
+				 q->l1_lo, q->l1_hi, q->l1_gen, &s->l1);
+	if (!err && l2)
+		s->npend = q->npend;
+	if (err) {
+		snap_free(s);
+		return bm_error(err, "%s: out of memory", q->name);
 	}
-	if (!err && wrote)
+	return 0;
+}
+
+static int
+write_copies(struct qcow2 *q, struct copy *k, unsigned n)
+{
+	for (unsigned i = 0; i < n; i++) {
+		int err = k[i].write ? bm_fmt_pwrite(q->f, k[i].buf, q->cs,
+						     k[i].offset) : 0;
+
+		if (err)
+			return err;
+	}
+	return 0;
+}
+
+static int
+write_range(struct qcow2 *q, const struct range_copy *r)
+{
+	return r->write ? bm_fmt_pwrite(q->f, r->buf, r->len, r->off) : 0;
+}
+
+/* A copy is written unless somebody (an eviction, before the flush
+ * started writing) wrote the same or newer content: never older content
+ * over newer. */
+static void
+decide(struct copy *k, unsigned n)
+{
+	for (unsigned i = 0; i < n; i++)
+		k[i].write = k[i].t->offset == k[i].offset &&
+			     k[i].t->wgen < k[i].gen;
+}
+
+static void
+mark_written(struct copy *k, unsigned n, bool l2)
+{
+	for (unsigned i = 0; i < n; i++) {
+		struct table *t = k[i].t;
+
+		if (t->offset != k[i].offset)
+			continue;
+		if (t->wgen < k[i].gen)
+			t->wgen = k[i].gen;
+		/* The young entries of the copy are durable; newer ones
+		 * (the table changed since) keep the count. */
+		if (l2 && t->gen == k[i].gen)
+			t->young = 0;
+	}
+}
+
+/*
+ * Write a snapshot in the crash-safe order, each step followed by a sync
+ * (a step with nothing in it is skipped): refcount blocks; the refcount
+ * table's entries; L2 tables; L1 entries.  A step some of whose copies
+ * an eviction wrote instead still syncs: the eviction may not have.
+ * The lock is taken only to decide and to mark; `flushing` keeps every
+ * other writer of metadata out meanwhile.
+ */
+static int
+snap_write(struct qcow2 *q, struct snapshot *s)
+{
+	int err = 0;
+
+	pthread_mutex_lock(&q->lock);
+	q->flushing = true;
+	decide(s->rc, s->nrc);
+	decide(s->l2, s->nl2);
+	s->rt.write = s->rt.len && q->rt_wgen < s->rt.gen;
+	s->l1.write = s->l1.len != 0;
+	pthread_mutex_unlock(&q->lock);
+
+	err = write_copies(q, s->rc, s->nrc);
+	/* Also when only the entries changed: a new block may have been
+	 * written by an eviction, not synced. */
+	if (!err && (s->nrc || s->rt.len))
 		err = bm_fmt_sync(q->f);
-	if (!err && q->l1_lo != q->l1_hi) {
-		err = write_entries(q, q->l1, q->l1_buf_len,
-				    q->h.l1_table_offset, q->l1_lo, q->l1_hi);
+	if (!err && s->rt.len) {
+		err = write_range(q, &s->rt);
 		if (!err)
 			err = bm_fmt_sync(q->f);
+	}
+	if (!err)
+		err = write_copies(q, s->l2, s->nl2);
+	if (!err && s->nl2)
+		err = bm_fmt_sync(q->f);
+	if (!err && s->l1.len) {
+		err = write_range(q, &s->l1);
 		if (!err)
+			err = bm_fmt_sync(q->f);
+	}
+
+	pthread_mutex_lock(&q->lock);
+	if (!err) {
+		mark_written(s->rc, s->nrc, false);
+		mark_written(s->l2, s->nl2, true);
+		if (s->rt.len && q->rt_wgen < s->rt.gen)
+			q->rt_wgen = s->rt.gen;
+		if (s->rt.len && q->rt_gen == s->rt.gen)
+			q->rt_lo = q->rt_hi = 0;
+		if (s->l1.len && q->l1_gen == s->l1.gen)
 			q->l1_lo = q->l1_hi = 0;
 	}
-	if (!err && q->npend) {
-		err = apply_frees(q);
-		if (!err)
-			err = flush_refcounts(q);
-	}
+	q->flushing = false;
+	pthread_cond_broadcast(&q->flushed);
+	pthread_mutex_unlock(&q->lock);
 	return err;
 }
 
+/*
+ * 1. Under the lock: a data mark and the snapshot.  2. Without it: wait
+ * for the data of every chunk mapped before (their young L2 entries are
+ * in the copies), and sync it.  3. snap_write.  4. Under the lock again:
+ * apply the frees counted in the snapshot (their references are durably
+ * gone now) and copy the refcount blocks that changed; write and sync
+ * them.  Nothing is synced with the lock held.
+ */
 static int
 qcow2_flush(void *drv)
 {
 	struct qcow2 *q = drv;
-	int err = 0;
+	struct snapshot s;
+	unsigned mark;
+	int err;
 
 	if (!q->writable)
 		return 0;
+	pthread_mutex_lock(&q->flush_lock);
 	pthread_mutex_lock(&q->lock);
-	err = flush_locked(q);
+	mark = bm_fmt_data_mark(q->f);
+	err = snap_take(q, &s, true);
 	pthread_mutex_unlock(&q->lock);
+	/* Always: a mark must be waited for before the next one, and a
+	 * free must not be reused under a write still in flight. */
+	bm_fmt_wait_mark(q->f, mark);
+	if (!err && s.young)
+		err = bm_fmt_sync(q->f);
+	if (!err)
+		err = snap_write(q, &s);
+	if (!err && s.npend) {
+		size_t n = s.npend;
+
+		snap_free(&s);
+		pthread_mutex_lock(&q->lock);
+		err = apply_frees(q, n);
+		if (!err)
+			err = snap_take(q, &s, false);
+		pthread_mutex_unlock(&q->lock);
+		if (!err)
+			err = snap_write(q, &s);
+	}
+	snap_free(&s);
+	pthread_mutex_unlock(&q->flush_lock);
 	return err;
 }
 
@@ -1217,6 +1534,8 @@ qcow2_free(struct qcow2 *q)
 	free(q->cout);
 	ZSTD_freeDCtx(q->zstd);
 	pthread_mutex_destroy(&q->lock);
+	pthread_mutex_destroy(&q->flush_lock);
+	pthread_cond_destroy(&q->flushed);
 	free(q);
 }
 
@@ -1381,6 +1700,8 @@ qcow2_open(struct bm_fmt *f, unsigned flags, struct bm_fmt_info *info,
 	q->f = f;
 	q->name = bm_fmt_name(f);
 	pthread_mutex_init(&q->lock, NULL);
+	pthread_mutex_init(&q->flush_lock, NULL);
+	pthread_cond_init(&q->flushed, NULL);
 	err = setup(q, flags);
 	if (!err && q->writable)
 		err = clear_autoclear(q);
@@ -1427,6 +1748,7 @@ qcow2_set_backing(void *drv, const char *name, enum blockmirror_format format)
 		free(buf);
 		return bm_error(-ENOMEM, "%s: out of memory", q->name);
 	}
+	pthread_mutex_lock(&q->flush_lock);
 	pthread_mutex_lock(&q->lock);
 	err = q->writable ? 0 : bm_error(-EROFS, "%s: read-only", q->name);
 	if (!err)
@@ -1452,6 +1774,7 @@ qcow2_set_backing(void *drv, const char *name, enum blockmirror_format format)
 				 sizeof q->h.backing_format, "%s", fmt);
 	}
 	pthread_mutex_unlock(&q->lock);
+	pthread_mutex_unlock(&q->flush_lock);
 	free(copy);
 	free(buf);
 	return err;
@@ -1464,6 +1787,7 @@ const struct bm_fmt_driver bm_qcow2_driver = {
 	.create = bm_qcow2_create,
 	.map = qcow2_map,
 	.flush = qcow2_flush,
+	.flush_apart = true,
 	.allocated = qcow2_allocated,
 	.close = qcow2_close,
 	.set_backing = qcow2_set_backing,

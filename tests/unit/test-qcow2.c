@@ -3,8 +3,10 @@
  * The qcow2 driver: the pure parsers of qcow2-parse.c (header round
  * trip with kept extensions, each refusal, L2 entry decoding, refcount
  * widths, compression) and the driver through the engine (create,
- * partial writes, zeroes, discard, block status, reopen), and a freed
- * cluster that must not be reused under a write still in flight.
+ * partial writes, zeroes, discard, block status, reopen), a freed
+ * cluster that must not be reused under a write still in flight, writes
+ * that go on while a flush waits for a sync, and flushes under a load of
+ * writes, discards and evictions.
  */
 #include <check.h>
 #include <errno.h>
@@ -337,44 +339,207 @@ turn_until(const int *flag, unsigned ms)
 }
 
 /*
- * While a flush waits for the file's data sync (hung here), a write that
- * needs a new cluster completes: the engine syncs the data before handing
- * the flush to the driver, whose flush holds the driver's lock and its
- * worker.  (It used to be the driver's own first step: a flush after a
- * large copy held every allocating write for the whole writeback, over
- * half a second at the end of a qcow2 move.)
+ * Hold the image's flushes but the first `pass` (hang_flush), start a
+ * flush, then a write that needs a new cluster at 4 MiB, which must
+ * complete while the flush is held; then let the flush finish.  The
+ * image is consistent and holds both writes afterwards.
  */
-START_TEST(test_flush_lets_writes_by)
+static void
+write_past_held_flush(int pass, const char *what)
 {
 	static struct bm_fault_rules rules;
-	static uint8_t buf[4096];
+	static uint8_t buf[4096], rd[4096];
 	struct bm_io flush = { .done = async_done };
 	struct bm_io write = { .offset = 4 * BM_MiB, .length = sizeof buf,
 			       .buf = buf, .done = async_done };
 	struct bm_image *img;
 	int flushed = 0, written = 0;
+	char cmd[256];
 
 	memset(&rules, 0, sizeof rules);
 	ck_assert_int_eq(bm_fault_register(path, &rules), 0);
 	ck_assert_int_eq(bm_image_create(loop, path, BLOCKMIRROR_FORMAT_QCOW2,
 					 8 * BM_MiB, "", true, 0, &img), 0);
-	memset(buf, 0x77, sizeof buf);
+	memset(buf, 0x66, sizeof buf);
 	ck_assert_int_eq(io(img, bm_image_write, 0, sizeof buf, buf, 0), 0);
+	atomic_store(&rules.pass_flushes, pass);
 	atomic_store(&rules.hang_flush, true);
 	flush.opaque = &flushed;
 	bm_image_flush(img, &flush);
-	turn_until(&flushed, 100);
+	turn_until(&flushed, 300);
 	ck_assert_int_eq(flushed, 0);
+	ck_assert_int_eq(atomic_load(&rules.pass_flushes), 0);
+	memset(buf, 0x99, sizeof buf);
 	write.opaque = &written;
 	bm_image_write(img, &write);
 	turn_until(&written, 3000);
 	atomic_store(&rules.hang_flush, false);
-	ck_assert_msg(written == 1, "a write waited for a flush's data sync "
-		      "(%d)", written);
+	ck_assert_msg(written == 1, "a write waited for %s (%d)", what,
+		      written);
 	turn_until(&flushed, 5000);
 	ck_assert_int_eq(flushed, 1);
+	ck_assert_int_eq(io(img, bm_image_flush, 0, 0, NULL, 0), 0);
 	bm_image_close(img);
 	bm_fault_unregister(path);
+
+	ck_assert_int_eq(bm_image_open(loop, path, BLOCKMIRROR_FORMAT_QCOW2,
+				       0, &img), 0);
+	ck_assert_int_eq(io(img, bm_image_read, 0, sizeof rd, rd, 0), 0);
+	for (size_t i = 0; i < sizeof rd; i++)
+		ck_assert_uint_eq(rd[i], 0x66);
+	ck_assert_int_eq(io(img, bm_image_read, 4 * BM_MiB, sizeof rd, rd, 0),
+			 0);
+	for (size_t i = 0; i < sizeof rd; i++)
+		ck_assert_uint_eq(rd[i], 0x99);
+	bm_image_close(img);
+	if (system("qemu-img --version >/dev/null 2>&1") == 0) {
+		snprintf(cmd, sizeof cmd, "qemu-img check -q '%s'", path);
+		ck_assert_msg(system(cmd) == 0, "%s", cmd);
+	}
+}
+
+/*
+ * While a flush waits for the file's data sync (hung here), a write that
+ * needs a new cluster completes: the engine syncs the data before handing
+ * the flush to the driver.  (It used to be the driver's own first step: a
+ * flush after a large copy held every allocating write for the whole
+ * writeback, over half a second at the end of a qcow2 move.)
+ */
+START_TEST(test_flush_lets_writes_by)
+{
+	write_past_held_flush(0, "a flush's data sync");
+}
+END_TEST
+
+/*
+ * While the driver's flush waits for a metadata sync (by _i the
+ * refcount, L2 or L1 step; the first two flushes, the engine's data sync
+ * and the driver's own, go through), a write that needs a new cluster
+ * completes: the driver flushes on its own thread and holds its lock
+ * only to copy what it writes, never across a sync.  (It used to hold it
+ * through the whole flush: about 100 ms of stalled guest writes at the
+ * end of a qcow2 move.)
+ */
+START_TEST(test_metadata_sync_lets_writes_by)
+{
+	const char *step[] = { "the refcount sync", "the L2 sync",
+			       "the L1 sync" };
+
+	write_past_held_flush(2 + _i, step[_i]);
+}
+END_TEST
+
+/*
+ * Writes and discards all over an image with small clusters, 16 at a
+ * time, while flushes run back to back: maps allocate, evict L2 tables
+ * (256 of them cover 512 MiB here) and free clusters during flushes.
+ * Afterwards the image reads as the model says and qemu-img check finds
+ * no error.
+ */
+struct load_slot {
+	struct bm_io io;
+	int done;
+	uint64_t cluster;
+	uint8_t fill;
+	uint8_t buf[4096];
+};
+
+START_TEST(test_flush_under_load)
+{
+	enum { SLOTS = 16, OPS = 6000, CL = 4096 };
+	const uint64_t size = BM_GiB, clusters = size / CL;
+	static struct load_slot slot[SLOTS];
+	static uint8_t rd[CL];
+	struct bm_io flush = { .done = async_done };
+	uint8_t *model = calloc(clusters, 1);
+	uint64_t rng = 0x9e3779b97f4a7c15u;
+	unsigned issued = 0, flushes = 0;
+	int flushed = 1;
+	struct bm_image *img;
+	char cmd[256];
+
+	ck_assert_ptr_nonnull(model);
+	ck_assert_int_eq(bm_image_create(loop, path, BLOCKMIRROR_FORMAT_QCOW2,
+					 size, "cluster_size=4K", true, 0,
+					 &img), 0);
+	for (unsigned k = 0; k < SLOTS; k++)
+		slot[k].done = 1;
+	while (issued < OPS || !flushed) {
+		bool busy = false;
+
+		for (unsigned k = 0; k < SLOTS; k++) {
+			struct load_slot *l = &slot[k];
+
+			if (!l->done) {
+				busy = true;
+				continue;
+			}
+			if (l->done == 1 && l->io.done) {
+				model[l->cluster] = l->fill;
+				l->io.done = NULL;
+			}
+			ck_assert_int_eq(l->done, 1);
+			if (issued >= OPS)
+				continue;
+			rng = rng * 6364136223846793005u + 1442695040888963407u;
+			/* Slot k owns the clusters == k mod SLOTS: no two
+			 * requests in flight overlap. */
+			l->cluster = (rng >> 20) % (clusters / SLOTS) * SLOTS + k;
+			l->fill = (rng >> 8) % 8 ? (uint8_t)(issued | 1) : 0;
+			memset(&l->io, 0, sizeof l->io);
+			l->io.offset = l->cluster * CL;
+			l->io.length = CL;
+			l->io.done = async_done;
+			l->io.opaque = &l->done;
+			l->done = 0;
+			busy = true;
+			issued++;
+			if (l->fill) {
+				memset(l->buf, l->fill, CL);
+				l->io.buf = l->buf;
+				bm_image_write(img, &l->io);
+			} else {
+				bm_image_discard(img, &l->io);
+			}
+		}
+		if (flushed) {
+			ck_assert_int_eq(flushed, 1);
+			if (issued < OPS) {
+				flushed = 0;
+				flush.opaque = &flushed;
+				bm_image_flush(img, &flush);
+				flushes++;
+			}
+		}
+		if (busy || !flushed)
+			bm_loop_run_once(loop, 10);
+	}
+	for (unsigned k = 0; k < SLOTS; k++) {
+		turn_until(&slot[k].done, 5000);
+		ck_assert_int_eq(slot[k].done, 1);
+		if (slot[k].io.done)
+			model[slot[k].cluster] = slot[k].fill;
+	}
+	ck_assert_uint_gt(flushes, 10);
+	ck_assert_int_eq(io(img, bm_image_flush, 0, 0, NULL, 0), 0);
+	bm_image_close(img);
+
+	ck_assert_int_eq(bm_image_open(loop, path, BLOCKMIRROR_FORMAT_QCOW2,
+				       0, &img), 0);
+	for (uint64_t c = 0; c < clusters; c++) {
+		if (!model[c])
+			continue;
+		ck_assert_int_eq(io(img, bm_image_read, c * CL, CL, rd, 0), 0);
+		ck_assert_msg(rd[0] == model[c] && rd[CL - 1] == model[c],
+			      "cluster %llu reads %u, not %u",
+			      (unsigned long long)c, rd[0], model[c]);
+	}
+	bm_image_close(img);
+	if (system("qemu-img --version >/dev/null 2>&1") == 0) {
+		snprintf(cmd, sizeof cmd, "qemu-img check -q '%s'", path);
+		ck_assert_msg(system(cmd) == 0, "%s", cmd);
+	}
+	free(model);
 }
 END_TEST
 
@@ -573,6 +738,8 @@ qcow2_suite(void)
 	tcase_add_test(tc, test_zero_fua);
 	tcase_add_test(tc, test_grow_and_evict);
 	tcase_add_test(tc, test_flush_lets_writes_by);
+	tcase_add_loop_test(tc, test_metadata_sync_lets_writes_by, 0, 3);
+	tcase_add_test(tc, test_flush_under_load);
 	suite_add_tcase(s, tc);
 	tc = tcase_create("race");
 	tcase_add_checked_fixture(tc, setup, teardown);
