@@ -552,6 +552,10 @@ ctl_snapshot(const struct control_request *cr)
 		o.scratch = scratch;
 		if (cr->create)
 			o.flags |= BLOCKMIRROR_SNAPSHOT_CREATE;
+		/* As a move's destination: no link may appear in the
+		 * checked name before the open. */
+		if (S.n_allow && !blockmirror_nbd_is_uri(scratch))
+			o.flags |= BLOCKMIRROR_SNAPSHOT_NOFOLLOW;
 	}
 	if (cr->scratch_dir) {
 		r = control_check_dir(cr->scratch_dir, &allow, dir, sizeof dir,

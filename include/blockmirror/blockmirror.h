@@ -697,6 +697,10 @@ enum {
 	/* Create `scratch` (a new raw file or qcow2 by its format; it must
 	 * not exist) and remove it when the snapshot is released. */
 	BLOCKMIRROR_SNAPSHOT_CREATE = 1u << 0,
+	/* Open or create `scratch` with no symbolic link followed anywhere
+	 * in its path (-ELOOP otherwise), as BLOCKMIRROR_JOB_NOFOLLOW: for a
+	 * name the caller checked inside an allowed directory. */
+	BLOCKMIRROR_SNAPSHOT_NOFOLLOW = 1u << 1,
 };
 
 struct blockmirror_snapshot_options {

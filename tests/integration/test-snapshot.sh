@@ -100,3 +100,28 @@ pass "the snapshot survives a move with a pivot"
 # quit releases what is left.
 stop_serve
 pass "the server stops with a snapshot exported"
+
+# ---- a confined server: scratch images only inside --allow-dir ------------
+mkdir -p "$T/ok" "$T/other"
+rm -f "$T/nbd.sock" "$T/ctl.sock"
+"$BMIRROR" serve --nbd "unix:$T/nbd.sock" --control "$T/ctl.sock" \
+	--allow-dir "$T/ok" "$T/disk.raw" 2>"$T/serve.err" &
+SERVE_PID=$!
+wait_for_socket "$T/nbd.sock"
+wait_for_socket "$T/ctl.sock"
+expect_fail_with --names "$T/other/s.raw" 1 'allow-dir' \
+	"$BMIRROR" snapshot --control "$T/ctl.sock" --scratch "$T/other/s.raw"
+[[ ! -e $T/other/s.raw ]] || fail "a refused scratch was created"
+expect_fail_with --names "$T/other" 1 'allow-dir' \
+	"$BMIRROR" snapshot --control "$T/ctl.sock" --scratch-dir "$T/other"
+ln -s "$T/other" "$T/ok/link"
+expect_fail_with 1 'allow-dir' \
+	"$BMIRROR" snapshot --control "$T/ctl.sock" --scratch "$T/ok/link/s.raw"
+[[ ! -e $T/other/s.raw ]] || fail "a scratch was created through a link"
+run_ok "$BMIRROR" snapshot --control "$T/ctl.sock" --scratch "$T/ok/s.raw" \
+	--export inside
+[[ -f $T/ok/s.raw ]] || fail "the allowed scratch was not created"
+run_ok "$BMIRROR" snapshot --control "$T/ctl.sock" --release inside
+[[ ! -e $T/ok/s.raw ]] || fail "the created scratch was not removed at release"
+pass "a confined server makes scratch images only inside --allow-dir"
+stop_serve
