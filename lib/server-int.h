@@ -100,6 +100,7 @@ enum {
 #define MAX_INFLIGHT 64                       /* requests per connection */
 #define MAX_INFLIGHT_BYTES (64u << 20)        /* buffers per connection */
 #define MAX_NAME 4096                         /* NBD strings */
+#define MAX_EXPORTS 64                        /* snapshot exports */
 #define MAX_OPT_QUEUED (64u << 10)            /* unsent option replies
 						 before reading stops */
 #define SEND_IOV 64                           /* iovecs per sendmsg */
@@ -141,6 +142,22 @@ struct srv_queue {
 
 struct srv_conn;
 
+/*
+ * A snapshot's export, beside the disk's own (blockmirror_server_
+ * export_snapshot): read-only, served from the snapshot's view.  On the
+ * loop thread only.  Once `removing`, it is off the server's list (no new
+ * client finds it) and freed when its last connection is.
+ */
+struct srv_export {
+	struct srv_export *next;
+	char *name;
+	struct blockmirror_snapshot *snap;
+	unsigned nconns;                    /* connections that chose it */
+	bool removing;
+	struct bm_call *unexport_call;      /* waiting for nconns to reach 0 */
+	struct bm_timer grace;              /* then close the rest hard */
+};
+
 /* One transmission request, from its header to its reply being sent. */
 struct srv_req {
 	struct srv_msg msg;                 /* the reply */
@@ -177,6 +194,9 @@ struct srv_conn {
 	uint8_t peer_len;                   /* 0: not TCP */
 
 	/* negotiation */
+	struct srv_export *export;          /* NULL: the disk; set at GO or
+					       EXPORT_NAME, counted in
+					       export->nconns */
 	bool transmission;
 	bool no_zeroes;
 	bool structured;
@@ -248,6 +268,7 @@ struct blockmirror_server {
 	gnutls_priority_t prio;
 
 	/* loop thread only */
+	struct srv_export *exports;         /* snapshots, newest first */
 	struct srv_conn *conns;
 	unsigned nclients;                  /* every connection */
 	unsigned nhandshaking;              /* of them, before transmission */
@@ -276,6 +297,15 @@ struct blockmirror_server {
 /* server-self.c: the list of running servers, for bm_server_is_own_export */
 void bm_server_register(struct blockmirror_server *s);
 void bm_server_unregister(struct blockmirror_server *s);
+/* server.c: the export a client asked for by name.  true and *out (NULL:
+ * the disk's own), or false: no such export. */
+bool bm_srv_find_export(struct blockmirror_server *s, const uint8_t *name,
+			uint32_t len, struct srv_export **out);
+/* Its size and whether it takes writes. */
+uint64_t bm_srv_export_size(const struct blockmirror_server *s,
+			    const struct srv_export *e);
+bool bm_srv_export_readonly(const struct blockmirror_server *s,
+			    const struct srv_export *e);
 void bm_srv_conn_drop(struct srv_conn *c, uint64_t len, void (*then)(struct srv_conn *c));
 void bm_srv_conn_kill(struct srv_conn *c);
 void bm_srv_conn_read(struct srv_conn *c, void *buf, size_t len, void (*then)(struct srv_conn *c));

@@ -45,15 +45,6 @@ opt_error(struct srv_conn *c, uint32_t type, const char *message)
 		 c->opt, message);
 }
 
-static bool
-name_matches(const struct blockmirror_server *s, const uint8_t *name,
-	     uint32_t len)
-{
-	/* "" is the default export, whatever ours is called. */
-	return len == 0 || (len == strlen(s->export_name) &&
-			    !memcmp(name, s->export_name, len));
-}
-
 static void
 info_string(struct srv_conn *c, uint16_t info, const char *str)
 {
@@ -71,6 +62,7 @@ opt_info(struct srv_conn *c, bool go)
 {
 	struct blockmirror_server *s = c->server;
 	struct bm_server_info_request ir;
+	struct srv_export *e;
 	bool want_name = false, want_desc = false;
 	uint8_t *p;
 
@@ -78,7 +70,7 @@ opt_info(struct srv_conn *c, bool go)
 		opt_error(c, NBD_REP_ERR_INVALID, "malformed request");
 		return;
 	}
-	if (!name_matches(s, ir.name, ir.name_len)) {
+	if (!bm_srv_find_export(s, ir.name, ir.name_len, &e)) {
 		opt_error(c, NBD_REP_ERR_UNKNOWN, "no such export");
 		return;
 	}
@@ -98,12 +90,13 @@ opt_info(struct srv_conn *c, bool go)
 	p = opt_reply(c, NBD_REP_INFO, 12);
 	if (p) {
 		bm_put_be16(p, NBD_INFO_EXPORT);
-		bm_put_be64(p + 2, s->disk->size);
-		bm_put_be16(p + 10, bm_server_tx_flags(s->readonly, c->structured));
+		bm_put_be64(p + 2, bm_srv_export_size(s, e));
+		bm_put_be16(p + 10, bm_server_tx_flags(
+			bm_srv_export_readonly(s, e), c->structured));
 	}
 	if (want_name)
-		info_string(c, NBD_INFO_NAME, s->export_name);
-	if (want_desc && s->description)
+		info_string(c, NBD_INFO_NAME, e ? e->name : s->export_name);
+	if (want_desc && !e && s->description)
 		info_string(c, NBD_INFO_DESCRIPTION, s->description);
 	/* Sent whether asked or not: with a minimum of 1 it constrains
 	 * nothing, and it tells clients the preferred and largest sizes. */
@@ -115,8 +108,12 @@ opt_info(struct srv_conn *c, bool go)
 		bm_put_be32(p + 10, BM_SERVER_MAX_PAYLOAD);
 	}
 	opt_ack(c);
-	if (go && !c->oom)
+	if (go && !c->oom) {
+		c->export = e;
+		if (e)
+			e->nconns++;
 		bm_srv_start_transmission(c);
+	}
 }
 
 static void
@@ -124,6 +121,7 @@ opt_meta(struct srv_conn *c, bool set)
 {
 	static const char ba[] = BASE_ALLOCATION;
 	struct bm_server_meta_request m;
+	struct srv_export *e;
 	bool reply;
 	uint8_t *p;
 
@@ -139,7 +137,7 @@ opt_meta(struct srv_conn *c, bool set)
 		opt_error(c, NBD_REP_ERR_INVALID, "malformed request");
 		return;
 	}
-	if (!name_matches(c->server, m.name, m.name_len)) {
+	if (!bm_srv_find_export(c->server, m.name, m.name_len, &e)) {
 		opt_error(c, NBD_REP_ERR_UNKNOWN, "no such export");
 		return;
 	}
@@ -164,9 +162,10 @@ opt_export_name(struct srv_conn *c)
 {
 	struct blockmirror_server *s = c->server;
 	size_t len = c->no_zeroes ? 10 : 134;
+	struct srv_export *e;
 	uint8_t *p;
 
-	if (!name_matches(s, c->opt_data, c->opt_len)) {
+	if (!bm_srv_find_export(s, c->opt_data, c->opt_len, &e)) {
 		/* No way to say no to EXPORT_NAME but hanging up. */
 		bm_debug("nbd server %s: unknown export: disconnecting",
 			 s->address);
@@ -177,9 +176,42 @@ opt_export_name(struct srv_conn *c)
 	if (!p)
 		return;
 	memset(p, 0, len);
-	bm_put_be64(p, s->disk->size);
-	bm_put_be16(p + 8, bm_server_tx_flags(s->readonly, c->structured));
+	bm_put_be64(p, bm_srv_export_size(s, e));
+	bm_put_be16(p + 8, bm_server_tx_flags(bm_srv_export_readonly(s, e),
+					      c->structured));
+	c->export = e;
+	if (e)
+		e->nconns++;
 	bm_srv_start_transmission(c);
+}
+
+/* One NBD_REP_SERVER: the name, and a description if there is one. */
+static void
+list_one(struct srv_conn *c, const char *name, const char *desc)
+{
+	size_t len = strlen(name), dlen = desc ? strlen(desc) : 0;
+	uint8_t *p = opt_reply(c, NBD_REP_SERVER, 4 + (uint32_t)(len + dlen));
+
+	if (p) {
+		bm_put_be32(p, (uint32_t)len);
+		memcpy(p + 4, name, len);
+		if (dlen)
+			memcpy(p + 4 + len, desc, dlen);
+	}
+}
+
+/* LIST: the disk's export, then every snapshot's.  Names are at most
+ * MAX_NAME bytes and the server holds few exports, so the replies stay
+ * far below what next_option bounds. */
+static void
+opt_list(struct srv_conn *c)
+{
+	struct blockmirror_server *s = c->server;
+
+	list_one(c, s->export_name, s->description);
+	for (struct srv_export *e = s->exports; e; e = e->next)
+		list_one(c, e->name, NULL);
+	opt_ack(c);
 }
 
 static void
@@ -235,20 +267,7 @@ process_option(struct srv_conn *c)
 		if (c->opt_len) {
 			opt_error(c, NBD_REP_ERR_INVALID, "LIST takes no data");
 		} else {
-			size_t len = strlen(s->export_name);
-			size_t dlen = s->description ? strlen(s->description)
-						     : 0;
-			uint8_t *p = opt_reply(c, NBD_REP_SERVER,
-					       4 + (uint32_t)(len + dlen));
-
-			if (p) {
-				bm_put_be32(p, (uint32_t)len);
-				memcpy(p + 4, s->export_name, len);
-				if (dlen)
-					memcpy(p + 4 + len, s->description,
-					       dlen);
-			}
-			opt_ack(c);
+			opt_list(c);
 		}
 		break;
 	case NBD_OPT_STARTTLS:

@@ -1,6 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * The NBD server: exports a blockmirror_disk over a Unix or TCP socket.
+ * The NBD server: exports a blockmirror_disk over a Unix or TCP socket,
+ * and snapshots of it as further read-only exports.
  * This file holds sockets, connections, the send queue, transmission, and
  * start/stop; option haggling is in server-options.c, TLS in
  * server-tls.c, the pure protocol helpers in server-proto.c, and what they
@@ -49,8 +50,14 @@
  *  - BLOCK_STATUS never asks the disk about a whole range: steps of all
  *    requests take turns, one with the disk at a time (see "block
  *    status" below), so an extent walk on the loop thread is short.
+ *  - A snapshot's export (see "snapshot exports") is read-only, and
+ *    reaches its snapshot only through bm_disk_aio_to on the view, as a
+ *    disk request of a connection that chose it: so once its last
+ *    connection is freed, which blockmirror_server_unexport waits for,
+ *    nothing of the server touches the snapshot again.
  */
 #include "server-int.h"
+#include "snapshot.h"
 
 static void conn_check(struct srv_conn *c);
 static void read_request(struct srv_conn *c);
@@ -221,10 +228,14 @@ bm_srv_conn_kill(struct srv_conn *c)
 
 static void req_release(struct srv_req *req);
 
+static void export_check(struct blockmirror_server *s,
+			 struct srv_export *e);
+
 static void
 conn_free(struct srv_conn *c)
 {
 	struct blockmirror_server *s = c->server;
+	struct srv_export *e;
 
 	queue_clear(&c->out);
 	queue_clear(&c->wire);
@@ -247,7 +258,12 @@ conn_free(struct srv_conn *c)
 		s->nhandshaking--;
 	bm_debug("nbd server %s: connection closed (%u left)", s->address,
 		 s->nclients);
+	e = c->export;
 	free(c);
+	if (e) {
+		e->nconns--;
+		export_check(s, e);
+	}
 	if (s->stopping && !s->nclients && s->stop_timer.armed)
 		bm_loop_timer_cancel(s->loop, &s->stop_timer);
 	server_check(s);
@@ -773,6 +789,8 @@ bs_kick(struct blockmirror_server *s)
 {
 	while (!s->bs_busy && s->bs_head) {
 		struct srv_req *req = s->bs_head;
+		struct blockmirror_disk *disk;
+		uint64_t len;
 		int err;
 
 		s->bs_head = req->bs_next;
@@ -784,9 +802,19 @@ bs_kick(struct blockmirror_server *s)
 		}
 		bm_extent_list_reset(&s->bs_ext);
 		s->bs_busy = true;
-		err = bm_disk_aio_block_status(s->disk,
-				BM_MIN(req->bs_step, req->bs_end - req->bs_pos),
-				req->bs_pos, &s->bs_ext, bs_step_done, req);
+		len = BM_MIN(req->bs_step, req->bs_end - req->bs_pos);
+		if (!req->conn->export)
+			err = bm_disk_aio_block_status(s->disk, len,
+						       req->bs_pos, &s->bs_ext,
+						       bs_step_done, req);
+		else if ((disk = bm_snapshot_disk(req->conn->export->snap)))
+			err = bm_disk_aio_to(disk, bm_snapshot_view(
+						     req->conn->export->snap),
+					     BM_REQ_BLOCK_STATUS, &s->bs_ext,
+					     len, req->bs_pos, bs_step_done,
+					     req);
+		else
+			err = -ESHUTDOWN;
 		if (err < 0) {
 			s->bs_busy = false;
 			bs_finish(req, err);
@@ -837,6 +865,41 @@ bs_start(struct srv_req *req)
 	}
 }
 
+/* A request to a snapshot's export (checked read-only): the view, read
+ * through the disk (bm_disk_aio_to) so that it counts and queues like
+ * the guest's requests and no swap happens under it. */
+static void
+snapshot_submit(struct srv_req *req)
+{
+	struct srv_conn *c = req->conn;
+	struct blockmirror_snapshot *snap = c->export->snap;
+	struct blockmirror_disk *disk = bm_snapshot_disk(snap);
+	const struct bm_server_request *r = &req->r;
+	int err;
+
+	switch (r->type) {
+	case BM_NBD_CMD_READ:
+		err = disk ? bm_disk_aio_to(disk, bm_snapshot_view(snap),
+					    BM_REQ_READ, req->buf, r->length,
+					    r->offset, req_disk_done, req)
+			   : -ESHUTDOWN;
+		break;
+	case BM_NBD_CMD_BLOCK_STATUS:
+		bs_start(req);
+		return;
+	default:
+		/* FLUSH, CACHE: nothing was written, nothing to do. */
+		req_reply(req, 0);
+		return;
+	}
+	if (err < 0) {
+		req_reply(req, bm_server_nbd_error(err));
+		return;
+	}
+	c->disk_ops++;
+	c->ops++;
+}
+
 static void
 req_submit(struct srv_req *req)
 {
@@ -846,6 +909,10 @@ req_submit(struct srv_req *req)
 	unsigned flags = 0;
 	int err;
 
+	if (c->export) {
+		snapshot_submit(req);
+		return;
+	}
 	if (r->flags & BM_NBD_CMD_FLAG_FUA)
 		flags |= BLOCKMIRROR_REQ_FUA;
 	switch (r->type) {
@@ -917,8 +984,8 @@ handle_request(struct srv_conn *c)
 	struct blockmirror_server *s = c->server;
 	const struct bm_server_request *r = &c->req;
 	struct bm_server_export_state e = {
-		.size = s->disk->size,
-		.readonly = s->readonly,
+		.size = bm_srv_export_size(s, c->export),
+		.readonly = bm_srv_export_readonly(s, c->export),
 		.structured = c->structured,
 		.base_allocation = c->base_allocation,
 	};
@@ -1302,6 +1369,158 @@ call_stop(struct bm_call *call)
 	server_check(s);
 }
 
+/* ---- snapshot exports, on the loop -------------------------------------- */
+
+/*
+ * A snapshot's export lives on s->exports until unexported; then it is
+ * off the list, its connections close the graceful way (their requests
+ * finish and are answered), and once the last one is freed, the export
+ * is, and the waiting caller is told: no request of it can reach the
+ * snapshot after that, so the caller may release it.  Clients that do
+ * not read their replies are closed hard after STOP_GRACE_NS.
+ */
+
+bool
+bm_srv_find_export(struct blockmirror_server *s, const uint8_t *name,
+		   uint32_t len, struct srv_export **out)
+{
+	*out = NULL;
+	/* "" is the default export, whatever ours is called. */
+	if (len == 0 || (len == strlen(s->export_name) &&
+			 !memcmp(name, s->export_name, len)))
+		return true;
+	for (struct srv_export *e = s->exports; e; e = e->next) {
+		if (len == strlen(e->name) && !memcmp(name, e->name, len)) {
+			*out = e;
+			return true;
+		}
+	}
+	return false;
+}
+
+uint64_t
+bm_srv_export_size(const struct blockmirror_server *s,
+		   const struct srv_export *e)
+{
+	(void)e; /* a snapshot is of the whole disk */
+	return s->disk->size;
+}
+
+bool
+bm_srv_export_readonly(const struct blockmirror_server *s,
+		       const struct srv_export *e)
+{
+	return e || s->readonly;
+}
+
+/* Free a removed export once nothing refers to it, and tell the caller. */
+static void
+export_check(struct blockmirror_server *s, struct srv_export *e)
+{
+	struct bm_call *call = e->unexport_call;
+
+	if (!e->removing || e->nconns)
+		return;
+	if (e->grace.armed) {
+		bm_loop_timer_cancel(s->loop, &e->grace);
+		return; /* grace_done comes back here */
+	}
+	free(e->name);
+	free(e);
+	bm_waiter_signal(&call->w, 0);
+}
+
+static void
+grace_done(struct bm_op *op, int res)
+{
+	struct srv_export *e = bm_container_of(op, struct srv_export,
+					       grace.op);
+	struct blockmirror_server *s = e->unexport_call->arg;
+	struct srv_conn *c, *next;
+
+	e->grace.armed = false;
+	e->nconns++; /* e outlives the loop */
+	if (res == -ETIME) {
+		for (c = s->conns; c; c = next) {
+			next = c->next;
+			if (c->export != e)
+				continue;
+			bm_srv_conn_kill(c);
+			conn_check(c);
+		}
+	}
+	e->nconns--;
+	s->ops--;
+	export_check(s, e);
+	server_check(s);
+}
+
+static void
+call_export(struct bm_call *call)
+{
+	struct blockmirror_server *s = call->arg;
+	struct srv_export *e = call->arg2, *x;
+	unsigned n = 0;
+
+	if (s->stopping) {
+		bm_waiter_signal(&call->w, -ESHUTDOWN);
+		return;
+	}
+	if (bm_snapshot_disk(e->snap) != s->disk) {
+		bm_waiter_signal(&call->w, -EXDEV);
+		return;
+	}
+	for (x = s->exports; x; x = x->next, n++) {
+		if (strcmp(x->name, e->name) == 0) {
+			bm_waiter_signal(&call->w, -EEXIST);
+			return;
+		}
+	}
+	if (n >= MAX_EXPORTS) {
+		bm_waiter_signal(&call->w, -EMFILE);
+		return;
+	}
+	e->next = s->exports;
+	s->exports = e;
+	bm_waiter_signal(&call->w, 0);
+}
+
+static void
+call_unexport(struct bm_call *call)
+{
+	struct blockmirror_server *s = call->arg;
+	const char *name = call->arg2;
+	struct srv_export *e, **pp;
+	struct srv_conn *c, *next;
+
+	for (pp = &s->exports; *pp; pp = &(*pp)->next)
+		if (strcmp((*pp)->name, name) == 0)
+			break;
+	if (!(e = *pp)) {
+		bm_waiter_signal(&call->w, -ENOENT);
+		return;
+	}
+	*pp = e->next;
+	e->next = NULL;
+	e->removing = true;
+	e->unexport_call = call;
+	e->nconns++; /* e outlives the loop */
+	for (c = s->conns; c; c = next) {
+		next = c->next;
+		if (c->export != e)
+			continue;
+		c->closing = true;
+		conn_check(c);
+	}
+	e->nconns--;
+	if (e->nconns) {
+		s->ops++;
+		bm_loop_timer_start(s->loop, &e->grace, STOP_GRACE_NS,
+				    grace_done);
+	}
+	export_check(s, e);
+}
+
 /* ---- listening --------------------------------------------------------- */
 
 static int
@@ -1450,6 +1669,13 @@ server_free(struct blockmirror_server *s)
 		gnutls_priority_deinit(s->prio);
 	if (s->psk)
 		gnutls_psk_free_server_credentials(s->psk);
+	while (s->exports) {
+		struct srv_export *e = s->exports;
+
+		s->exports = e->next;
+		free(e->name);
+		free(e);
+	}
 	bm_extent_list_free(&s->bs_ext);
 	free(s->unix_path);
 	free(s->address);
@@ -1574,6 +1800,81 @@ blockmirror_server_stop(struct blockmirror_server *s)
 	}
 	bm_debug("nbd server %s: stopped", s->address);
 	server_free(s);
+}
+
+BM_EXPORT int
+blockmirror_server_export_snapshot(struct blockmirror_server *s,
+				   const char *export_name,
+				   struct blockmirror_snapshot *snap)
+{
+	struct bm_call call = { .fn = call_export };
+	struct srv_export *e;
+	int r;
+
+	bm_error_clear();
+	if (!s || !export_name || !snap)
+		r = bm_error(-EINVAL, "bad arguments");
+	else if (!*export_name)
+		r = bm_error(-EINVAL, "an empty export name is the disk's own");
+	else if (strlen(export_name) > MAX_NAME)
+		r = bm_error(-EINVAL, "export name longer than %d bytes",
+			     MAX_NAME);
+	else if (strcmp(export_name, s->export_name) == 0)
+		r = bm_error(-EEXIST, "%s: the disk's own export is called "
+			     "that", export_name);
+	else
+		r = 0;
+	if (r < 0)
+		return bm_api_fail("blockmirror_server_export_snapshot", r);
+	e = calloc(1, sizeof *e);
+	if (!e || !(e->name = strdup(export_name))) {
+		free(e);
+		return bm_api_fail("blockmirror_server_export_snapshot",
+				   bm_error(-ENOMEM, "out of memory"));
+	}
+	e->snap = snap;
+	call.arg = s;
+	call.arg2 = e;
+	r = bm_disk_call(s->disk, &call);
+	if (r < 0) {
+		free(e->name);
+		free(e);
+		if (r == -EEXIST)
+			bm_error(r, "%s: an export of that name exists",
+				 export_name);
+		else if (r == -EXDEV)
+			bm_error(r, "the snapshot is not of the served disk");
+		else if (r == -EMFILE)
+			bm_error(r, "%d snapshot exports already",
+				 MAX_EXPORTS);
+		else if (r == -ESHUTDOWN)
+			bm_error(r, "the server is stopping");
+		return bm_api_fail("blockmirror_server_export_snapshot", r);
+	}
+	bm_debug("nbd server %s: exporting %s", s->address, export_name);
+	return 0;
+}
+
+BM_EXPORT int
+blockmirror_server_unexport(struct blockmirror_server *s,
+			    const char *export_name)
+{
+	struct bm_call call = { .fn = call_unexport };
+	int r;
+
+	bm_error_clear();
+	if (!s || !export_name)
+		return bm_api_fail("blockmirror_server_unexport",
+				   bm_error(-EINVAL, "bad arguments"));
+	call.arg = s;
+	call.arg2 = (void *)export_name;
+	r = bm_disk_call(s->disk, &call);
+	if (r == -ENOENT)
+		bm_error(r, "%s: no such export", export_name);
+	if (r < 0)
+		return bm_api_fail("blockmirror_server_unexport", r);
+	bm_debug("nbd server %s: %s unexported", s->address, export_name);
+	return 0;
 }
 
 BM_EXPORT const char *

@@ -758,7 +758,9 @@ open_scratch(struct blockmirror_snapshot *snap, struct bm_loop *loop,
 	enum blockmirror_format fmt = o->scratch_format;
 	int r;
 
-	iflags = (iflags & BM_IMAGE_DIRECT) | BM_IMAGE_WRITE;
+	iflags = (iflags & BM_IMAGE_DIRECT) | BM_IMAGE_WRITE |
+		 ((o->flags & BLOCKMIRROR_SNAPSHOT_NOFOLLOW) ?
+		  BM_IMAGE_NOFOLLOW : 0);
 	if (!o->scratch) {
 		const char *dir = o->scratch_dir ? o->scratch_dir
 			: getenv("TMPDIR") ? getenv("TMPDIR") : "/var/tmp";
@@ -859,7 +861,8 @@ check_options(const struct blockmirror_snapshot_options *o)
 	if (!o || o->size < sizeof *o)
 		return bm_error(-EINVAL, "no options, or options of an older "
 				"size");
-	if (o->flags & ~BLOCKMIRROR_SNAPSHOT_CREATE)
+	if (o->flags & ~(BLOCKMIRROR_SNAPSHOT_CREATE |
+			 BLOCKMIRROR_SNAPSHOT_NOFOLLOW))
 		return bm_error(-EINVAL, "unknown snapshot flags 0x%x",
 				o->flags);
 	if ((o->flags & BLOCKMIRROR_SNAPSHOT_CREATE) && !o->scratch)

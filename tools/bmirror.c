@@ -26,6 +26,7 @@ static const struct {
 	{ "pause", cmd_client, "pause a move's bulk copy" },
 	{ "resume", cmd_client, "resume a paused move" },
 	{ "complete", cmd_client, "pivot a move started with --no-pivot" },
+	{ "snapshot", cmd_snapshot, "snapshot a served disk, export it over NBD" },
 	{ "rebalance", cmd_rebalance, "move many disks between pools (a plan)" },
 };
 

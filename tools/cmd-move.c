@@ -23,8 +23,10 @@
 #include "bmirror.h"
 #include "control.h"
 
-static int
-connect_or_fail(const char *path)
+/* ---- the client side of the control protocol (control.h) -------------- */
+
+int
+client_connect(const char *path)
 {
 	int fd = control_connect(path);
 
@@ -34,9 +36,8 @@ connect_or_fail(const char *path)
 	return fd;
 }
 
-/* Send a command and wait for its reply, passing events to `ev_fn`. */
-static json_t *
-request(int fd, struct line_reader *rd, json_t *cmd,
+json_t *
+client_request(int fd, struct line_reader *rd, json_t *cmd,
 	void (*ev_fn)(json_t *ev, void *data), void *data)
 {
 	json_t *msg;
@@ -64,8 +65,8 @@ request(int fd, struct line_reader *rd, json_t *cmd,
 	}
 }
 
-static int
-reply_error(json_t *reply)
+int
+client_reply_error(json_t *reply)
 {
 	json_t *e = json_object_get(reply, "error");
 
@@ -73,6 +74,32 @@ reply_error(json_t *reply)
 		return 0;
 	tool_error("%s", json_string_value(json_object_get(e, "message")));
 	return -1;
+}
+
+json_t *
+client_call(const char *control, json_t *cmd)
+{
+	struct line_reader rd = { 0 };
+	json_t *reply;
+	int fd;
+
+	fd = client_connect(control);
+	if (fd < 0) {
+		json_decref(cmd);
+		return NULL;
+	}
+	rd.fd = fd;
+	reply = client_request(fd, &rd, cmd, NULL, NULL);
+	close(fd);
+	if (!reply) {
+		tool_error("%s: the server closed the connection", control);
+		return NULL;
+	}
+	if (client_reply_error(reply) < 0) {
+		json_decref(reply);
+		return NULL;
+	}
+	return reply;
 }
 
 /* ---- move ------------------------------------------------------------- */
@@ -286,7 +313,7 @@ cmd_move(int argc, char **argv)
 		snprintf(dest, sizeof dest, "%s", to);
 	}
 
-	fd = connect_or_fail(control);
+	fd = client_connect(control);
 	if (fd < 0)
 		return EXIT_FAILED;
 	rd.fd = fd;
@@ -302,13 +329,13 @@ cmd_move(int argc, char **argv)
 		json_object_set_new(cmd, "format",
 				    json_string(blockmirror_format_name(ofmt)));
 	clock_gettime(CLOCK_MONOTONIC, &t0);
-	reply = request(fd, &rd, cmd, move_event, &m);
+	reply = client_request(fd, &rd, cmd, move_event, &m);
 	if (!reply) {
 		tool_error("%s: the server closed the connection", control);
 		close(fd);
 		return EXIT_FAILED;
 	}
-	if (reply_error(reply) < 0) {
+	if (client_reply_error(reply) < 0) {
 		json_decref(reply);
 		close(fd);
 		return EXIT_FAILED;
@@ -319,7 +346,7 @@ cmd_move(int argc, char **argv)
 	while (!m.done) {
 		json_t *info;
 
-		reply = request(fd, &rd, json_pack("{s:s}", "cmd", "query"),
+		reply = client_request(fd, &rd, json_pack("{s:s}", "cmd", "query"),
 				move_event, &m);
 		if (!reply) {
 			tool_error("%s: the server went away during the move",
@@ -463,10 +490,9 @@ cmd_client(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *what = argv[0], *control = NULL;
-	struct line_reader rd = { 0 };
 	bool json = false, force = false;
 	json_t *cmd, *reply;
-	int c, fd;
+	int c;
 
 	opterr = 0;
 	while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
@@ -492,24 +518,13 @@ cmd_client(int argc, char **argv)
 	}
 	if (!control || argc != optind)
 		return tool_usage_error("%s needs --control PATH", what);
-	fd = connect_or_fail(control);
-	if (fd < 0)
-		return EXIT_FAILED;
-	rd.fd = fd;
 	cmd = json_pack("{s:s}", "cmd", strcmp(what, "status") == 0
 					? "query" : what);
 	if (force)
 		json_object_set_new(cmd, "force", json_true());
-	reply = request(fd, &rd, cmd, NULL, NULL);
-	close(fd);
-	if (!reply) {
-		tool_error("%s: the server closed the connection", control);
+	reply = client_call(control, cmd);
+	if (!reply)
 		return EXIT_FAILED;
-	}
-	if (reply_error(reply) < 0) {
-		json_decref(reply);
-		return EXIT_FAILED;
-	}
 	if (json)
 		json_print(json_incref(json_object_get(reply, "return")));
 	else if (strcmp(what, "status") == 0)

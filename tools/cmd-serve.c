@@ -20,6 +20,7 @@
  * read) is disconnected.  Each poll round reads at most LINES_PER_ROUND
  * commands from each client, so a flooding client cannot starve others.
  */
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -45,6 +46,7 @@
 #define LINES_PER_ROUND 16          /* commands per client per poll round */
 #define OUT_PAUSE (64 * 1024)       /* queued output that pauses reading */
 #define OUT_MAX (1024 * 1024)       /* queued output that disconnects */
+#define MAX_SNAPSHOTS 64            /* the server's limit of exports */
 #define BM_MIN_U64(a, b) ((uint64_t)(a) < (uint64_t)(b) ? (uint64_t)(a) : (uint64_t)(b))
 
 struct client {
@@ -77,6 +79,15 @@ struct serve {
 	size_t n_allow;
 	char **allow_nbd;             /* --allow-nbd, "unix:" paths canonical */
 	size_t n_allow_nbd;
+
+	/* Snapshots, each exported read-only by the server (docs/control.md):
+	 * released at quit, after the server stopped serving them. */
+	struct {
+		char *export_name;
+		struct blockmirror_snapshot *snap;
+	} snaps[MAX_SNAPSHOTS];
+	size_t n_snaps;
+	unsigned snap_counter;        /* the default names: snap-N */
 
 	/* Crash-resumable state (docs/state.md). */
 	const char *state_dir;        /* NULL: moves keep none */
@@ -270,6 +281,105 @@ job_info_json(void)
 		"elapsed_s", now_s() - S.job_start);
 }
 
+static const char *
+snapshot_state_name(enum blockmirror_snapshot_state st)
+{
+	switch (st) {
+	case BLOCKMIRROR_SNAPSHOT_ACTIVE:
+		return "active";
+	case BLOCKMIRROR_SNAPSHOT_BROKEN:
+		return "broken";
+	case BLOCKMIRROR_SNAPSHOT_DETACHED:
+		return "detached";
+	}
+	return "unknown";
+}
+
+/* Append `name` to `uri`, percent-encoding all but unreserved bytes: an
+ * export name may hold anything. */
+static void
+uri_append_name(char *uri, size_t size, const char *name)
+{
+	size_t n = strlen(uri);
+
+	for (const unsigned char *p = (const unsigned char *)name;
+	     *p && n + 4 < size; p++) {
+		if (isalnum(*p) || strchr("-._~", *p))
+			uri[n++] = (char)*p;
+		else
+			n += (size_t)snprintf(uri + n, size - n, "%%%02X", *p);
+	}
+	uri[n] = '\0';
+}
+
+/* The NBD URI of export `name` on our server: nbd+unix:///NAME?socket=
+ * PATH or nbd://HOST:PORT/NAME.  false if it does not fit. */
+static bool
+export_uri(const char *name, char *uri, size_t size)
+{
+	const char *a = blockmirror_server_address(S.server);
+	const char *colon;
+	int n;
+
+	if (strncmp(a, "unix:", 5) == 0) {
+		snprintf(uri, size, "nbd+unix:///");
+		uri_append_name(uri, size, name);
+		n = (int)strlen(uri);
+		n += snprintf(uri + n, size - (size_t)n, "?socket=%s", a + 5);
+		return (size_t)n < size;
+	}
+	if (strncmp(a, "tcp:", 4) != 0 || !(colon = strrchr(a + 4, ':')))
+		return false;
+	/* An IPv6 address goes in brackets (it may have them already). */
+	if (memchr(a + 4, ':', (size_t)(colon - (a + 4))) && a[4] != '[')
+		n = snprintf(uri, size, "nbd://[%.*s]%s/",
+			     (int)(colon - (a + 4)), a + 4, colon);
+	else
+		n = snprintf(uri, size, "nbd://%s/", a + 4);
+	if (n < 0 || (size_t)n >= size)
+		return false;
+	uri_append_name(uri, size, name);
+	return strlen(uri) + 4 < size;
+}
+
+static json_t *
+snapshot_json(size_t i)
+{
+	struct blockmirror_snapshot_info si;
+	char uri[PATH_MAX + 4200];
+	json_t *j;
+
+	if (blockmirror_snapshot_query(S.snaps[i].snap, &si) < 0)
+		return json_pack("{s:s, s:s}", "export", S.snaps[i].export_name,
+				 "state", "unknown");
+	j = json_pack("{s:s, s:s?, s:s, s:I, s:I, s:f, s:I, s:I, s:I}",
+		      "export", S.snaps[i].export_name,
+		      "uri", export_uri(S.snaps[i].export_name, uri,
+					sizeof uri) ? uri : NULL,
+		      "state", snapshot_state_name(si.state),
+		      "size", (json_int_t)si.size,
+		      "granularity", (json_int_t)si.granularity,
+		      "instant", (double)si.taken_unix_ns / 1e9,
+		      "bytes_saved", (json_int_t)si.bytes_saved,
+		      "cbw_count", (json_int_t)si.cbw_count,
+		      "cbw_max_us", (json_int_t)si.cbw_max_us);
+	if (j && si.state == BLOCKMIRROR_SNAPSHOT_BROKEN) {
+		json_object_set_new(j, "error", json_integer(si.error));
+		json_object_set_new(j, "reason", json_string(si.reason));
+	}
+	return j;
+}
+
+static json_t *
+snapshots_json(void)
+{
+	json_t *a = json_array();
+
+	for (size_t i = 0; a && i < S.n_snaps; i++)
+		json_array_append_new(a, snapshot_json(i));
+	return a;
+}
+
 static json_t *
 ctl_query(void)
 {
@@ -279,6 +389,10 @@ ctl_query(void)
 			      "size", (json_int_t)blockmirror_disk_get_size(S.disk),
 			      "nbd", blockmirror_server_address(S.server),
 			      "job", job_info_json());
+
+	if (r)
+		json_object_set_new(json_object_get(r, "return"),
+				    "snapshots", snapshots_json());
 
 	if (S.resume && r)
 		json_object_set(json_object_get(r, "return"), "resume",
@@ -406,6 +520,137 @@ ctl_move(json_t *req, int ci)
 	return json_pack("{s:{s:s}}", "return", "state", "started");
 }
 
+/*
+ * "snapshot": take a snapshot of the disk and export it read-only under
+ * "export" (default snap-N).  A scratch the client names is a
+ * destination like a move's: inside --allow-dir (or --allow-nbd) when
+ * the server is confined, and so is a scratch_dir.
+ */
+static json_t *
+ctl_snapshot(const struct control_request *cr)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	const struct control_allow allow = {
+		.dirs = S.allow_dirs, .n_dirs = S.n_allow,
+		.nbd = S.allow_nbd, .n_nbd = S.n_allow_nbd,
+	};
+	char why[PATH_MAX + 128], scratch[PATH_MAX], dir[PATH_MAX];
+	char name[32], *export_name;
+	struct blockmirror_snapshot *snap = NULL;
+	struct blockmirror_disk *disk = S.disk;
+	size_t i = S.n_snaps;
+	json_t *ret;
+	int r;
+
+	if (S.n_snaps == MAX_SNAPSHOTS)
+		return error_reply(-EMFILE, "too many snapshots");
+	if (cr->scratch) {
+		r = check_destination(cr->scratch, cr->create, scratch,
+				      sizeof scratch, why, sizeof why);
+		if (r < 0)
+			return error_reply(r, why);
+		o.scratch = scratch;
+		if (cr->create)
+			o.flags |= BLOCKMIRROR_SNAPSHOT_CREATE;
+		/* As a move's destination: no link may appear in the
+		 * checked name before the open. */
+		if (S.n_allow && !blockmirror_nbd_is_uri(scratch))
+			o.flags |= BLOCKMIRROR_SNAPSHOT_NOFOLLOW;
+	}
+	if (cr->scratch_dir) {
+		r = control_check_dir(cr->scratch_dir, &allow, dir, sizeof dir,
+				      why, sizeof why);
+		if (r < 0)
+			return error_reply(r, why);
+		o.scratch_dir = dir;
+	}
+	if (cr->format) {
+		int f = blockmirror_format_from_name(cr->format);
+
+		if (f < 0)
+			return lib_error_reply(f);
+		o.scratch_format = (enum blockmirror_format)f;
+	}
+	o.granularity = cr->granularity;
+	o.timeout_ms = (uint32_t)cr->timeout_ms;
+	o.max_scratch = cr->max_scratch;
+	if (cr->export_name) {
+		export_name = strdup(cr->export_name);
+	} else {
+		snprintf(name, sizeof name, "snap-%u", ++S.snap_counter);
+		export_name = strdup(name);
+	}
+	if (!export_name)
+		return error_reply(-ENOMEM, NULL);
+	for (size_t k = 0; k < S.n_snaps; k++) {
+		if (strcmp(S.snaps[k].export_name, export_name) == 0) {
+			snprintf(why, sizeof why, "%s: a snapshot is exported "
+				 "under that name", export_name);
+			free(export_name);
+			return error_reply(-EEXIST, why);
+		}
+	}
+	r = blockmirror_snapshot_take(&disk, 1, &o, &snap);
+	if (r == 0) {
+		r = blockmirror_server_export_snapshot(S.server, export_name,
+						       snap);
+		if (r < 0) {
+			ret = lib_error_reply(r);
+			blockmirror_snapshot_release(snap);
+			free(export_name);
+			return ret;
+		}
+	}
+	if (r < 0) {
+		free(export_name);
+		return lib_error_reply(r);
+	}
+	S.snaps[i].export_name = export_name;
+	S.snaps[i].snap = snap;
+	S.n_snaps++;
+	ret = snapshot_json(i);
+	return json_pack("{s:o}", "return", ret ? ret : json_null());
+}
+
+/* "snapshot-release": unexport (its clients are closed), then release. */
+static json_t *
+ctl_snapshot_release(const struct control_request *cr)
+{
+	char why[4200];
+	size_t i;
+	int r;
+
+	if (!cr->export_name)
+		return error_reply(-EINVAL, "snapshot-release needs "
+				   "\"export\"");
+	for (i = 0; i < S.n_snaps; i++)
+		if (strcmp(S.snaps[i].export_name, cr->export_name) == 0)
+			break;
+	if (i == S.n_snaps) {
+		snprintf(why, sizeof why, "%s: no such snapshot export",
+			 cr->export_name);
+		return error_reply(-ENOENT, why);
+	}
+	r = blockmirror_server_unexport(S.server, S.snaps[i].export_name);
+	if (r < 0)
+		return lib_error_reply(r);
+	blockmirror_snapshot_release(S.snaps[i].snap);
+	free(S.snaps[i].export_name);
+	S.snaps[i] = S.snaps[--S.n_snaps];
+	return json_pack("{s:{s:s}}", "return", "export", cr->export_name);
+}
+
+/* At the end, once the server no longer serves them. */
+static void
+release_snapshots(void)
+{
+	while (S.n_snaps) {
+		S.n_snaps--;
+		blockmirror_snapshot_release(S.snaps[S.n_snaps].snap);
+		free(S.snaps[S.n_snaps].export_name);
+	}
+}
+
 typedef int (*job_fn)(struct blockmirror_job *);
 
 static json_t *
@@ -518,6 +763,10 @@ handle(json_t *req, int ci)
 		return ctl_move_base(req, ci);
 	if (strcmp(cmd, "move") == 0)
 		return ctl_move(req, ci);
+	if (strcmp(cmd, "snapshot") == 0)
+		return ctl_snapshot(&cr);
+	if (strcmp(cmd, "snapshot-release") == 0)
+		return ctl_snapshot_release(&cr);
 	if (strcmp(cmd, "cancel") == 0 || strcmp(cmd, "pause") == 0 ||
 	    strcmp(cmd, "resume") == 0 || strcmp(cmd, "complete") == 0 ||
 	    strcmp(cmd, "set-speed") == 0 || strcmp(cmd, "set-mode") == 0)
@@ -1253,6 +1502,7 @@ out:
 		unlink(S.control_path);
 	}
 	blockmirror_server_stop(S.server);
+	release_snapshots();
 	if (blockmirror_disk_close(S.disk) < 0) {
 		tool_lib_error();
 		status = EXIT_FAILED;

@@ -279,6 +279,16 @@ control_parse_request(json_t *req, struct control_request *out,
 		       "\"mode\" must be a string") < 0 ||
 	    get_string(req, "on_error", &out->on_error, err,
 		       "\"on_error\" must be a string") < 0 ||
+	    get_string(req, "export", &out->export_name, err,
+		       "\"export\" must be a string") < 0 ||
+	    get_string(req, "scratch", &out->scratch, err,
+		       "\"scratch\" must be a string") < 0 ||
+	    get_string(req, "scratch_dir", &out->scratch_dir, err,
+		       "\"scratch_dir\" must be a string") < 0 ||
+	    get_u64(req, "timeout_ms", &out->timeout_ms, err,
+		    "\"timeout_ms\" must be an integer of at least 0") < 0 ||
+	    get_u64(req, "max_scratch", &out->max_scratch, err,
+		    "\"max_scratch\" must be an integer of at least 0") < 0 ||
 	    get_u64(req, "speed", &out->speed, err, "\"speed\" must be "
 		    "an integer of at least 0") < 0 ||
 	    get_u64(req, "granularity", &out->granularity, err,
@@ -292,6 +302,17 @@ control_parse_request(json_t *req, struct control_request *out,
 		return -EINVAL;
 	if (out->to && !*out->to) {
 		*err = "\"to\" is empty";
+		return -EINVAL;
+	}
+	if (out->timeout_ms > UINT32_MAX) {
+		*err = "\"timeout_ms\" is too large";
+		return -EINVAL;
+	}
+	if ((out->export_name && !*out->export_name) ||
+	    (out->scratch && !*out->scratch) ||
+	    (out->scratch_dir && !*out->scratch_dir)) {
+		*err = "\"export\", \"scratch\" and \"scratch_dir\" must "
+		       "not be empty";
 		return -EINVAL;
 	}
 	return 0;
@@ -553,4 +574,38 @@ control_check_destination(const char *to, bool is_uri, bool create,
 		return dest_error(err, errlen, -EPERM, "%s: with --allow-dir, "
 				  "NBD destinations need --allow-nbd", to);
 	return check_uri(to, allow, out, outlen, err, errlen);
+}
+
+int
+control_check_dir(const char *dir, const struct control_allow *allow,
+		  char *out, size_t outlen, char *err, size_t errlen)
+{
+	char real[PATH_MAX];
+	size_t i;
+
+	if (dir[0] != '/')
+		return dest_error(err, errlen, -EINVAL, "%s: not an absolute "
+				  "path", dir);
+	if (!allow || (!allow->n_dirs && !allow->n_nbd)) {
+		if (strlen(dir) >= outlen)
+			return dest_error(err, errlen, -ENAMETOOLONG, "%s: "
+					  "path too long", dir);
+		strcpy(out, dir);
+		return 0;
+	}
+	if (!realpath(dir, real))
+		return dest_error(err, errlen, -errno, "%s: %s", dir,
+				  strerror(errno));
+	for (i = 0; i < allow->n_dirs; i++)
+		if (path_within(real, allow->dirs[i]))
+			break;
+	if (i == allow->n_dirs)
+		return dest_error(err, errlen, -EPERM, "%s: not inside the "
+				  "directories the server allows "
+				  "(--allow-dir)", dir);
+	if (strlen(real) >= outlen)
+		return dest_error(err, errlen, -ENAMETOOLONG, "%s: path too "
+				  "long", dir);
+	strcpy(out, real);
+	return 0;
 }

@@ -57,6 +57,20 @@ void line_out_free(struct line_out *o);
 /* Connect to a control socket; returns the fd or -errno. */
 int control_connect(const char *path);
 
+/* The command line's client (cmd-move.c).  client_connect: the fd, or -1
+ * with the error printed.  client_request: send `cmd` (stolen) and wait
+ * for its reply (a new reference, NULL if the server is gone), passing
+ * events to ev_fn.  client_reply_error: -1 with the server's message
+ * printed if the reply is an error, else 0. */
+int client_connect(const char *path);
+json_t *client_request(int fd, struct line_reader *rd, json_t *cmd,
+		       void (*ev_fn)(json_t *ev, void *data), void *data);
+int client_reply_error(json_t *reply);
+
+/* One command, `cmd` (stolen), on a new connection to `control`: its
+ * successful reply, or NULL with the error printed. */
+json_t *client_call(const char *control, json_t *cmd);
+
 /*
  * The members of a command that the server reads, type-checked
  * (docs/control.md).  Strings are borrowed from the JSON object; absent
@@ -69,6 +83,11 @@ struct control_request {
 	const char *format;
 	const char *mode;
 	const char *on_error;
+	const char *export_name;      /* "export" (snapshot) */
+	const char *scratch;          /* snapshot */
+	const char *scratch_dir;
+	uint64_t timeout_ms;          /* snapshot: at most UINT32_MAX */
+	uint64_t max_scratch;
 	uint64_t speed;
 	uint64_t granularity;
 	bool pivot;
@@ -77,8 +96,9 @@ struct control_request {
 };
 
 /*
- * Check a command's members: "cmd" a string, the strings strings, speed
- * and granularity integers from 0 to INT64_MAX, the flags booleans.
+ * Check a command's members: "cmd" a string, the strings strings, speed,
+ * granularity and max_scratch integers from 0 to INT64_MAX, timeout_ms
+ * from 0 to UINT32_MAX, the flags booleans.
  * Pure.  0, or -EINVAL with *err set to a static message.
  */
 int control_parse_request(json_t *req, struct control_request *out,
@@ -132,5 +152,15 @@ int control_canonical_path(const char *path, char *out, size_t outlen,
 int control_check_destination(const char *to, bool is_uri, bool create,
 			      const struct control_allow *allow, char *out,
 			      size_t outlen, char *err, size_t errlen);
+
+/*
+ * May the server make files in the directory `dir` (a snapshot's
+ * scratch_dir)?  It must be absolute and, when the server is confined,
+ * resolve (realpath) into one of allow->dirs; `out` is then the resolved
+ * name, else `dir` as it is.  0, or a negative errno with a message in
+ * err.
+ */
+int control_check_dir(const char *dir, const struct control_allow *allow,
+		      char *out, size_t outlen, char *err, size_t errlen);
 
 #endif /* BMIRROR_CONTROL_H */

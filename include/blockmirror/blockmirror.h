@@ -697,6 +697,10 @@ enum {
 	/* Create `scratch` (a new raw file or qcow2 by its format; it must
 	 * not exist) and remove it when the snapshot is released. */
 	BLOCKMIRROR_SNAPSHOT_CREATE = 1u << 0,
+	/* Open or create `scratch` with no symbolic link followed anywhere
+	 * in its path (-ELOOP otherwise), as BLOCKMIRROR_JOB_NOFOLLOW: for a
+	 * name the caller checked inside an allowed directory. */
+	BLOCKMIRROR_SNAPSHOT_NOFOLLOW = 1u << 1,
 };
 
 struct blockmirror_snapshot_options {
@@ -975,6 +979,32 @@ extern void blockmirror_server_stop(struct blockmirror_server *server);
 
 /* The address actually bound ("tcp:127.0.0.1:10809"); borrowed. */
 extern const char *blockmirror_server_address(struct blockmirror_server *s);
+
+/*
+ * Export `snap`, a snapshot of the served disk, read-only as a second
+ * export called `export_name` (not empty, at most 4096 bytes, neither
+ * the disk's export name nor one already exported; at most 64 of them).
+ * Clients that ask for that name read the frozen view and its block
+ * status; writes fail with EPERM.  NBD_OPT_LIST lists every export.  The
+ * snapshot stays the caller's: it must outlive the export
+ * (blockmirror_server_unexport, or blockmirror_server_stop).  0 or
+ * -errno (-EEXIST: the name is taken; -EXDEV: not a snapshot of this
+ * server's disk).  Blocking; any thread but the loop's.
+ */
+extern int blockmirror_server_export_snapshot(struct blockmirror_server *s,
+					      const char *export_name,
+					      struct blockmirror_snapshot *snap);
+
+/*
+ * Remove a snapshot's export: no new client finds it, and its clients
+ * are closed gracefully (requests in flight finish and are answered;
+ * those that do not read their replies are closed after 2 s).  Returns
+ * once no request of the export can reach the snapshot any more, so the
+ * caller may then release it.  0 or -errno (-ENOENT: no such export).
+ * Blocking; any thread but the loop's.
+ */
+extern int blockmirror_server_unexport(struct blockmirror_server *s,
+				       const char *export_name);
 
 /* ---- Backing chains (docs/chains.md) ----------------------------------- */
 

@@ -452,16 +452,16 @@ info_data(uint8_t *d, const char *name, const uint16_t *infos, uint16_t n)
 	return 6 + nl + 2u * n;
 }
 
-/* GO on the default export; the transmission flags. */
+/* GO on export `name` (NULL: the default); the transmission flags. */
 static uint16_t
-raw_go(int fd)
+raw_go_name(int fd, const char *name)
 {
 	uint8_t d[64];
 	uint32_t type, len;
 	uint16_t flags = 0;
 	bool got_export = false;
 
-	send_opt(fd, OPT_GO, d, info_data(d, NULL, NULL, 0));
+	send_opt(fd, OPT_GO, d, info_data(d, name, NULL, 0));
 	while ((type = read_opt_reply(fd, OPT_GO, d, sizeof d, &len)) ==
 	       REP_INFO) {
 		if (bm_get_be16(d) == 0) {
@@ -474,6 +474,12 @@ raw_go(int fd)
 	ck_assert_uint_eq(type, REP_ACK);
 	ck_assert(got_export);
 	return flags;
+}
+
+static uint16_t
+raw_go(int fd)
+{
+	return raw_go_name(fd, NULL);
 }
 
 static void
@@ -1509,6 +1515,164 @@ START_TEST(test_stop_with_clients)
 }
 END_TEST
 
+/* ---- snapshot exports ------------------------------------------------ */
+
+static struct blockmirror_snapshot *
+take_snapshot(void)
+{
+	struct blockmirror_snapshot_options o = {
+		.size = sizeof o,
+		.scratch_dir = fx.dir,
+	};
+	struct blockmirror_snapshot *snap = NULL;
+
+	ck_assert_msg(blockmirror_snapshot_take(&fx.disk, 1, &o, &snap) == 0,
+		      "snapshot_take: %s", blockmirror_last_error());
+	return snap;
+}
+
+/*
+ * A snapshot's export, read by qemu-img, qemu-io, nbdinfo and the raw
+ * client while the disk is written, holds the frozen data, reports
+ * block status and refuses writes; LIST shows both exports.
+ */
+START_TEST(test_snapshot_export)
+{
+	struct blockmirror_snapshot *snap = take_snapshot();
+	unsigned char *buf = malloc(MiB);
+	char uri[256], *out;
+	uint16_t flags;
+	int fd;
+
+	ck_assert_ptr_nonnull(buf);
+	ck_assert_int_eq(blockmirror_server_export_snapshot(fx.srv, "snap",
+							    snap), 0);
+	snprintf(uri, sizeof uri, "nbd+unix:///snap?socket=%s", fx.sock);
+	/* The guest writes data over data, over a hole, and zeroes. */
+	memset(buf, 0x77, MiB);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, MiB, 512 * KiB,
+						0), 0);
+	ck_assert_int_eq(blockmirror_disk_write_zeroes(fx.disk, MiB,
+						       2 * MiB, 0), 0);
+	ck_assert_int_eq(sh("qemu-img convert -f raw -O raw '%s' '%s/snap.img'",
+			    uri, fx.dir), 0);
+	snprintf((char *)buf, MiB, "%s/snap.img", fx.dir);
+	ck_assert_msg(file_equals((char *)buf, fx.model, SIZE),
+		      "the snapshot export is not the frozen disk");
+	ck_assert_int_ne(sh("qemu-io -f raw -r -c 'read -P 0x77 512k 1M' "
+			    "'%s'", uri), 0);
+	ck_assert_int_eq(sh("qemu-io -f raw -r -c 'read -P 0x77 512k 1M' "
+			    "'%s'", fx.uri), 0);
+
+	/* Read-only, with block status; a write is refused. */
+	ck_assert_int_eq(sh("nbdinfo --is read-only '%s'", uri), 0);
+	ck_assert_int_eq(sh("nbdinfo --can write '%s'", uri), 2);
+	out = sh_out("nbdinfo --map '%s'", uri);
+	ck_assert_msg(strstr(out, "data"), "nbdinfo --map: %s", out);
+	free(out);
+	ck_assert_int_ne(sh("qemu-io -f raw -c 'write -P 0x11 0 4096' '%s'",
+			    uri), 0);
+	fd = raw_connect();
+	raw_greet(fd, 3);
+	flags = raw_go_name(fd, "snap");
+	ck_assert(flags & BM_NBD_FLAG_READ_ONLY);
+	ck_assert(!(flags & BM_NBD_FLAG_SEND_TRIM));
+	ck_assert_uint_eq(raw_write(fd, 1, 0, 4096, 0x11), BM_NBD_EPERM);
+	send_req(fd, 0, BM_NBD_CMD_WRITE_ZEROES, 2, 0, 4096);
+	ck_assert_uint_eq(read_simple(fd, 2), BM_NBD_EPERM);
+	raw_read_model(fd, 3, 512 * KiB, 64 * KiB);
+	close(fd);
+
+	out = sh_out("nbdinfo --list --json '%s'", fx.uri);
+	ck_assert_msg(strstr(out, "\"snap\"") && strstr(out, "\"\""),
+		      "nbdinfo --list: %s", out);
+	free(out);
+
+	ck_assert_int_eq(blockmirror_server_unexport(fx.srv, "snap"), 0);
+	ck_assert_int_ne(sh("nbdinfo '%s'", uri), 0);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	assert_still_serving();
+	free(buf);
+}
+END_TEST
+
+/* Unexport with clients connected, one with reads in flight: they see
+ * the connection end, the call returns, the snapshot can go. */
+START_TEST(test_snapshot_unexport_with_clients)
+{
+	struct blockmirror_snapshot *snap = take_snapshot();
+	struct timespec t0, t1;
+	int fds[3];
+	double secs;
+
+	ck_assert_int_eq(blockmirror_server_export_snapshot(fx.srv, "s1",
+							    snap), 0);
+	for (int i = 0; i < 3; i++) {
+		fds[i] = raw_connect();
+		raw_greet(fds[i], 3);
+		raw_go_name(fds[i], "s1");
+	}
+	for (int i = 0; i < 16; i++)
+		send_req(fds[1], 0, BM_NBD_CMD_READ, (uint64_t)i, 0, SIZE);
+	/* fds[2] sends nothing and reads nothing: it must not hold us. */
+	usleep(100000);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	ck_assert_int_eq(blockmirror_server_unexport(fx.srv, "s1"), 0);
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	secs = (double)(t1.tv_sec - t0.tv_sec) +
+	       (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+	ck_assert_msg(secs < 5, "unexport took %.1f s", secs);
+	ck_assert(at_eof(fds[0]));
+	ck_assert(at_eof(fds[2]));
+	for (int i = 0; i < 3; i++)
+		close(fds[i]);
+	/* The name is free again, and the main export never noticed. */
+	ck_assert_int_eq(blockmirror_server_unexport(fx.srv, "s1"), -ENOENT);
+	assert_still_serving();
+}
+END_TEST
+
+START_TEST(test_snapshot_export_names)
+{
+	struct blockmirror_server_options o = {
+		.size = sizeof o,
+		.export_name = "vda",
+	};
+	struct blockmirror_snapshot *snap;
+	char *longname = malloc(4098);
+
+	ck_assert_ptr_nonnull(longname);
+	restart_server(&o);
+	snap = take_snapshot();
+	memset(longname, 'x', 4097);
+	longname[4097] = '\0';
+	ck_assert_int_eq(blockmirror_server_export_snapshot(fx.srv, "", snap),
+			 -EINVAL);
+	ck_assert_int_eq(blockmirror_server_export_snapshot(fx.srv, longname,
+							    snap), -EINVAL);
+	ck_assert_int_eq(blockmirror_server_export_snapshot(fx.srv, "vda",
+							    snap), -EEXIST);
+	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), "vda"));
+	ck_assert_int_eq(blockmirror_server_export_snapshot(fx.srv, NULL,
+							    snap), -EINVAL);
+	longname[4096] = '\0'; /* 4096 bytes: allowed */
+	ck_assert_int_eq(blockmirror_server_export_snapshot(fx.srv, longname,
+							    snap), 0);
+	ck_assert_int_eq(blockmirror_server_export_snapshot(fx.srv, longname,
+							    snap), -EEXIST);
+	ck_assert_int_eq(blockmirror_server_unexport(fx.srv, "nope"),
+			 -ENOENT);
+	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), "nope"));
+	/* Stopping the server with an export left is fine, and the
+	 * snapshot is released after it. */
+	blockmirror_server_stop(fx.srv);
+	fx.srv = NULL;
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	free(longname);
+}
+END_TEST
+
 /* ---- addresses, sockets and options --------------------------------- */
 
 START_TEST(test_addresses)
@@ -2381,6 +2545,9 @@ main(void)
 	tcase_add_test(srv, test_max_clients);
 	tcase_add_test(srv, test_stop_with_clients);
 	tcase_add_test(srv, test_addresses);
+	tcase_add_test(srv, test_snapshot_export);
+	tcase_add_test(srv, test_snapshot_unexport_with_clients);
+	tcase_add_test(srv, test_snapshot_export_names);
 	suite_add_tcase(s, srv);
 
 	tcase_add_checked_fixture(hostile, setup_serving, teardown);

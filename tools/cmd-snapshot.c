@@ -1,0 +1,204 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * bmirror snapshot: take, list and release snapshots of a served disk
+ * through the control socket of `bmirror serve` (docs/control.md).  The
+ * server exports each snapshot read-only over NBD; this prints the
+ * export's name and URI for NBD clients (qemu-img, nbdcopy, a backup).
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "bmirror.h"
+#include "control.h"
+#include "size.h"
+
+static void
+help_snapshot(void)
+{
+	printf("Usage: bmirror snapshot --control PATH [--export NAME] "
+	       "[--scratch PATH|URI]\n"
+	       "         [--scratch-dir DIR] [--timeout-ms N] "
+	       "[--max-scratch SIZE]\n"
+	       "         [--granularity SIZE] [--json]\n"
+	       "       bmirror snapshot --control PATH --release NAME\n"
+	       "       bmirror snapshot --control PATH --list [--json]\n\n"
+	       "Take a snapshot of the served disk and export it read-only "
+	       "over NBD\n(default name snap-N); print the export's name and "
+	       "URI.  --release\nends a snapshot (its NBD clients are "
+	       "disconnected); --list shows them.\n");
+}
+
+static void
+print_snapshot(json_t *s)
+{
+	const char *reason = json_string_value(json_object_get(s, "reason"));
+
+	printf("%s %s %s saved=%" JSON_INTEGER_FORMAT " cbw=%"
+	       JSON_INTEGER_FORMAT " cbw_max_us=%" JSON_INTEGER_FORMAT "%s%s\n",
+	       json_string_value(json_object_get(s, "export")),
+	       json_string_value(json_object_get(s, "uri")) ?
+	       json_string_value(json_object_get(s, "uri")) : "-",
+	       json_string_value(json_object_get(s, "state")),
+	       json_integer_value(json_object_get(s, "bytes_saved")),
+	       json_integer_value(json_object_get(s, "cbw_count")),
+	       json_integer_value(json_object_get(s, "cbw_max_us")),
+	       reason ? " " : "", reason ? reason : "");
+}
+
+int
+cmd_snapshot(int argc, char **argv)
+{
+	enum {
+		OPT_CONTROL = 256, OPT_EXPORT, OPT_SCRATCH, OPT_SCRATCH_DIR,
+		OPT_TIMEOUT, OPT_MAX_SCRATCH, OPT_GRANULARITY, OPT_RELEASE,
+		OPT_LIST, OPT_JSON, OPT_HELP,
+	};
+	static const struct option longopts[] = {
+		{ "control", required_argument, NULL, OPT_CONTROL },
+		{ "export", required_argument, NULL, OPT_EXPORT },
+		{ "scratch", required_argument, NULL, OPT_SCRATCH },
+		{ "scratch-dir", required_argument, NULL, OPT_SCRATCH_DIR },
+		{ "timeout-ms", required_argument, NULL, OPT_TIMEOUT },
+		{ "max-scratch", required_argument, NULL, OPT_MAX_SCRATCH },
+		{ "granularity", required_argument, NULL, OPT_GRANULARITY },
+		{ "release", required_argument, NULL, OPT_RELEASE },
+		{ "list", no_argument, NULL, OPT_LIST },
+		{ "json", no_argument, NULL, OPT_JSON },
+		{ "help", no_argument, NULL, OPT_HELP },
+		{ NULL, 0, NULL, 0 },
+	};
+	const char *control = NULL, *release = NULL;
+	bool json = false, list = false, take_opts = false;
+	json_t *cmd, *reply, *ret;
+	uint64_t v;
+	int c;
+
+	cmd = json_object();
+	if (!cmd) {
+		tool_error("out of memory");
+		return EXIT_FAILED;
+	}
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, ":h", longopts, NULL)) != -1) {
+		switch (c) {
+		case OPT_CONTROL:
+			control = optarg;
+			break;
+		case OPT_EXPORT:
+			if (!*optarg)
+				goto empty;
+			json_object_set_new(cmd, "export", json_string(optarg));
+			take_opts = true;
+			break;
+		case OPT_SCRATCH:
+		case OPT_SCRATCH_DIR:
+			if (!*optarg)
+				goto empty;
+			json_object_set_new(cmd, c == OPT_SCRATCH ? "scratch"
+							       : "scratch_dir",
+					    json_string(optarg));
+			/* A path that is not there yet: the server makes it
+			 * (and removes it at release). */
+			if (c == OPT_SCRATCH && !strstr(optarg, "://") &&
+			    access(optarg, F_OK) < 0 && errno == ENOENT)
+				json_object_set_new(cmd, "create", json_true());
+			take_opts = true;
+			break;
+		case OPT_TIMEOUT:
+			if (!parse_uint(optarg, UINT32_MAX, &v)) {
+				json_decref(cmd);
+				return tool_usage_error("--timeout-ms: '%s' is "
+							"not a number of "
+							"milliseconds from 1",
+							optarg);
+			}
+			json_object_set_new(cmd, "timeout_ms",
+					    json_integer((json_int_t)v));
+			take_opts = true;
+			break;
+		case OPT_MAX_SCRATCH:
+		case OPT_GRANULARITY:
+			if (parse_size(optarg, &v) < 0) {
+				json_decref(cmd);
+				return tool_usage_error("--%s: '%s' is not a "
+							"size",
+							c == OPT_MAX_SCRATCH ?
+							"max-scratch" :
+							"granularity", optarg);
+			}
+			json_object_set_new(cmd, c == OPT_MAX_SCRATCH ?
+					    "max_scratch" : "granularity",
+					    json_integer((json_int_t)v));
+			take_opts = true;
+			break;
+		case OPT_RELEASE:
+			if (!*optarg)
+				goto empty;
+			release = optarg;
+			break;
+		case OPT_LIST:
+			list = true;
+			break;
+		case OPT_JSON:
+			json = true;
+			break;
+		case 'h':
+		case OPT_HELP:
+			json_decref(cmd);
+			help_snapshot();
+			return EXIT_OK;
+		default:
+			json_decref(cmd);
+			return tool_bad_option(c, argc, argv);
+		}
+	}
+	if (!control || argc != optind) {
+		json_decref(cmd);
+		return tool_usage_error("snapshot needs --control PATH");
+	}
+	if ((release && list) || ((release || list) && take_opts)) {
+		json_decref(cmd);
+		return tool_usage_error("--release and --list take no other "
+					"snapshot options");
+	}
+	if (release) {
+		json_object_set_new(cmd, "cmd", json_string("snapshot-release"));
+		json_object_set_new(cmd, "export", json_string(release));
+	} else {
+		json_object_set_new(cmd, "cmd", json_string(list ? "query"
+								 : "snapshot"));
+	}
+	reply = client_call(control, cmd);
+	if (!reply)
+		return EXIT_FAILED;
+	ret = json_object_get(reply, "return");
+	if (list && json) {
+		json_print(json_pack("{s:O}", "snapshots",
+				     json_object_get(ret, "snapshots")));
+	} else if (json) {
+		json_print(json_incref(ret));
+	} else if (list) {
+		ret = json_object_get(ret, "snapshots");
+		size_t i;
+		json_t *s;
+
+		json_array_foreach(ret, i, s)
+			print_snapshot(s);
+	} else if (!release) {
+		printf("%s %s\n",
+		       json_string_value(json_object_get(ret, "export")),
+		       json_string_value(json_object_get(ret, "uri")));
+	}
+	json_decref(reply);
+	return EXIT_OK;
+
+empty:
+	json_decref(cmd);
+	return tool_usage_error("--%s needs a non-empty value",
+				longopts[c - OPT_CONTROL].name);
+}
