@@ -64,6 +64,20 @@ blockmirror_disk_track(struct blockmirror_disk *disk, const char *sidecar,
 	if (!disk)
 		return bm_api_fail("blockmirror_disk_track",
 				   bm_error(-EINVAL, "no disk"));
+	{
+		/* Before opening: opening rewrites the file, which would
+		 * cut a running tracker off from it. */
+		struct blockmirror_checkpoint *l;
+		size_t n;
+
+		if (blockmirror_checkpoint_list(disk, &l, &n) == 0) {
+			free(l);
+			return bm_api_fail("blockmirror_disk_track",
+					   bm_error(-EBUSY, "the disk is "
+						    "tracking changes already"));
+		}
+		bm_error_clear();
+	}
 	if (!sidecar) {
 		image = blockmirror_disk_get_image(disk);
 		if (!image)

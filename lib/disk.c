@@ -361,6 +361,21 @@ bm_disk_swap_image(struct blockmirror_disk *disk, struct bm_image *old,
 	*slot = img;
 }
 
+static void call_drained(struct blockmirror_disk *disk);
+
+void
+bm_disk_hold(struct blockmirror_disk *disk)
+{
+	disk->inflight++;
+}
+
+void
+bm_disk_unhold(struct blockmirror_disk *disk)
+{
+	if (--disk->inflight == 0 && disk->quiesce_depth)
+		call_drained(disk);
+}
+
 /* Nothing in flight: tell every quiescer waiting for that, oldest
  * first.  Each may unquiesce, or quiesce again (and so wait anew). */
 static void

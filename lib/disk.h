@@ -31,7 +31,7 @@ enum bm_req_type {
 	BM_REQ_BLOCK_STATUS,          /* buf is a struct bm_extent_list */
 };
 
-#define BM_DISK_MAX_DRAINED 4
+#define BM_DISK_MAX_DRAINED 8
 
 struct blockmirror_snapshot;
 
@@ -198,6 +198,11 @@ int bm_disk_aio_to(struct blockmirror_disk *disk, struct bm_image *target,
  * the loop thread.  Returns what the waiter was signalled with.
  */
 int bm_disk_wait(struct blockmirror_disk *disk, struct bm_waiter *w);
+
+/* Work of the disk's own that a drain must wait for like a guest request
+ * (a snapshot's copy-before-write). */
+void bm_disk_hold(struct blockmirror_disk *disk);
+void bm_disk_unhold(struct blockmirror_disk *disk);
 
 /* Marks failed: the record is incomplete (the tracker flags its
  * checkpoints), and the guest goes on. */

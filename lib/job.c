@@ -221,7 +221,7 @@ call_start(struct bm_call *call)
 	struct blockmirror_disk *disk = job->disk;
 	int r;
 
-	if (disk->job) {
+	if (disk->job || disk->start_call) {
 		r = bm_error(-EBUSY, "the disk already has a running job");
 		goto out;
 	}

@@ -105,6 +105,7 @@ struct blockmirror_snapshot {
 	unsigned ops;                  /* CBWs, the timer: call back into us */
 	struct bm_timer timer;
 	bool timer_armed;
+	struct bm_op retry_op;         /* after a break */
 	bool on_stack;
 	enum blockmirror_snapshot_state state;
 	int error;
@@ -137,6 +138,18 @@ view_snap(struct bm_image *img)
 
 /* ---- rule 4: breaking ------------------------------------------------ */
 
+static void op_done(struct blockmirror_snapshot *snap);
+
+static void
+retry_soon(struct bm_op *op, int res)
+{
+	struct blockmirror_snapshot *snap =
+		bm_container_of(op, struct blockmirror_snapshot, retry_op);
+
+	retry_waiting(snap);
+	op_done(snap);
+}
+
 static void __attribute__((format(printf, 3, 4)))
 snap_break(struct blockmirror_snapshot *snap, int err, const char *fmt, ...)
 {
@@ -151,7 +164,15 @@ snap_break(struct blockmirror_snapshot *snap, int err, const char *fmt, ...)
 	va_end(ap);
 	bm_warn("%s: broken, the guest goes on: %s", snap->name,
 		snap->reason);
-	retry_waiting(snap);
+	/* Copies still running are of no use now; a hung scratch must not
+	 * keep them (they hold the disk's drain) for its own timeout. */
+	if (snap->cbw_inflight && snap->scratch &&
+	    snap->scratch->store->ops->cancel)
+		snap->scratch->store->ops->cancel(snap->scratch->store);
+	/* The waiting writes go on from the loop, never from inside a
+	 * caller that may be walking the list. */
+	snap->ops++;
+	bm_loop_defer(snap->disk->loop, &snap->retry_op, retry_soon, 0);
 }
 
 static bool
@@ -192,6 +213,7 @@ cbw_end(struct cbw *c, int err)
 	free(c);
 	retry_waiting(snap);
 	op_done(snap);
+	bm_disk_unhold(snap->disk);
 }
 
 static void
@@ -263,6 +285,9 @@ cbw_start(struct blockmirror_snapshot *snap, uint64_t offset,
 	bm_bitmap_set_range(&snap->busy, offset, length);
 	snap->cbw_inflight++;
 	snap->ops++;
+	/* A copy outlives its guest write once the snapshot breaks: the
+	 * disk's drain (a pivot, a close) waits for it all the same. */
+	bm_disk_hold(snap->disk);
 	bm_image_read(snap->filter.below, &c->io);
 	return 0;
 }
@@ -819,7 +844,8 @@ snap_new(struct blockmirror_disk *disk, struct bm_loop *loop,
 
 	if (!snap || !image ||
 	    asprintf(&snap->name, "snapshot of %s", image) < 0) {
-		snap->name = NULL;
+		if (snap)
+			snap->name = NULL;
 		free(image);
 		snap_free(snap);
 		return bm_error(-ENOMEM, "out of memory");
@@ -922,6 +948,17 @@ call_push(struct bm_call *call)
 			return;
 		}
 		snap->has_changed = snap->since != NULL;
+	}
+	for (struct bm_image *img = bm_disk_base(disk); snap && img;
+	     img = bm_image_backing(img)) {
+		if (snap->scratch->store == img->store ||
+		    !bm_file_same(img->store, snap->scratch->name))
+			continue;
+		bm_disk_unquiesce(disk);
+		bm_waiter_signal(&call->w, bm_error(-EINVAL, "%s: is an image "
+				 "of the disk (%s); a snapshot would overwrite "
+				 "it", snap->scratch->name, img->name));
+		return;
 	}
 	if (snap) {
 		struct bm_image *top = disk->image, *f = &snap->filter;
