@@ -22,6 +22,7 @@
 #include <string.h>
 
 #include "cbt.h"
+#include "checkpoint.h"
 #include "disk.h"
 #include "errors.h"
 #include "internal.h"
@@ -269,4 +270,21 @@ bm_checkpoint_at_instant(struct blockmirror_disk *disk, const char *since,
 		disk->cbt_failed = false;
 	}
 	return 0;
+}
+
+static void
+call_granularity(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+
+	call->u64 = disk->cbt ? bm_cbt_granularity(disk->cbt) : 0;
+	bm_waiter_signal(&call->w, 0);
+}
+
+uint64_t
+bm_checkpoint_granularity(struct blockmirror_disk *disk)
+{
+	struct bm_call call = { .fn = call_granularity, .arg = disk };
+
+	return bm_disk_call(disk, &call) == 0 ? call.u64 : 0;
 }

@@ -820,6 +820,62 @@ extern int blockmirror_checkpoint_list(struct blockmirror_disk *disk,
 				       struct blockmirror_checkpoint **list,
 				       size_t *n);
 
+/* ---- Backups of a running disk (docs/backup.md) ------------------------ */
+
+struct blockmirror_backup_options {
+	size_t size;                  /* sizeof (struct ...), for growth */
+	const char *dir;              /* the backup's directory of points */
+	/* Only what changed since the newest point (needs change tracking,
+	 * blockmirror_disk_track, from before that point was taken). */
+	bool incremental;
+	blockmirror_progress_fn progress; /* may be NULL */
+	void *user_data;
+};
+
+struct blockmirror_backup_point {
+	unsigned number;              /* 1 for the first (full) point */
+	bool incremental;
+	int64_t instant;              /* unix seconds of the snapshot */
+	uint64_t bytes_changed;       /* incremental: what the record said */
+	uint64_t bytes_read;          /* from the snapshot */
+	uint64_t bytes_written;       /* data (not zeroes) into the point */
+	char file[4096];              /* DIR/NNNN.qcow2 */
+	char checkpoint[80];          /* created at the instant, or "" */
+};
+
+/*
+ * Take a point: a snapshot of the disk (one instant), read into
+ * DIR/NNNN.qcow2 (an incremental point's backing file is the previous
+ * point), with XXH128 digests of every granule and a manifest, written
+ * durably last.  The guest keeps running.  Blocking (the caller's
+ * thread; not the disk's loop).  0, or -errno with nothing left behind
+ * that a restore could take for a point.
+ */
+extern int blockmirror_backup(struct blockmirror_disk *disk,
+			      const struct blockmirror_backup_options *options,
+			      struct blockmirror_backup_point *point);
+
+struct blockmirror_backup_check {
+	unsigned points;              /* points that read as their digests */
+	unsigned bad_point;           /* the first damaged one, 0 if none */
+	uint64_t bytes_read;
+	uint64_t live_bytes_read;     /* with `live` */
+	uint64_t live_mismatches;     /* granules */
+	uint64_t live_first_mismatch; /* byte offset */
+	bool live_first_mismatch_set;
+};
+
+/*
+ * Reread every point of DIR through its chain and compare it with its
+ * digests (-EBADMSG naming the first damaged point and offset).  With
+ * `live`, also compare the live disk with the newest point where the
+ * change record says nothing changed since: a difference there means the
+ * record missed a write (-EBADMSG).  Blocking.
+ */
+extern int blockmirror_backup_verify(const char *dir,
+				     struct blockmirror_disk *live,
+				     struct blockmirror_backup_check *check);
+
 /* ---- Crash-resumable state (docs/state.md) --------------------------- */
 
 struct blockmirror_state_info {

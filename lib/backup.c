@@ -1,0 +1,715 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Backups of a running disk into a directory of points (docs/backup.md).
+ *
+ * A point is three files: NNNN.qcow2 (the data: the whole disk for a full
+ * point, only what changed for an incremental one, whose backing file is
+ * the previous point), NNNN.digests (XXH128 of every granule of the disk
+ * as the point holds it, 16 bytes each) and NNNN.json (the manifest: what
+ * the point is, and the digest of NNNN.digests).  The manifest is written
+ * last, durably: a point without one does not exist, so a backup that
+ * dies half way leaves nothing a restore could take for a point.
+ *
+ * A backup takes a snapshot (snapshot.c) and reads its view, never the
+ * moving disk: the point is the disk at the snapshot's instant.  With
+ * change tracking on (checkpoint.c), the snapshot creates checkpoint
+ * "bm-backup-NNNN" at that instant, and an incremental point copies
+ * exactly the granules the record says changed since the previous
+ * point's checkpoint.  After a successful point the previous checkpoint
+ * is removed (its record merges into the one before); after a failed one
+ * the new checkpoint is, so that the next incremental still covers
+ * everything since the last point that exists.
+ *
+ * Everything here runs on the caller's thread and uses the disk only
+ * through the public calls, which post to its loop.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "durable.h"
+#include "extent.h"
+#include "errors.h"
+#include "hash.h"
+#include "checkpoint.h"
+#include "disk.h"
+#include "internal.h"
+#include "snapshot.h"
+
+#define COPY_BYTES (1024 * BM_KiB)
+#define FULL_GRANULARITY (64 * BM_KiB)
+#define MAX_POINTS 9999
+
+/* What a manifest says. */
+struct point {
+	unsigned number;
+	bool incremental;
+	int64_t instant;
+	uint64_t disk_size;
+	uint64_t granularity;
+	char checkpoint[80];
+	struct bm_digest digests_digest;
+};
+
+static void
+point_file(char *out, size_t len, const char *dir, unsigned n,
+	   const char *ext)
+{
+	snprintf(out, len, "%s/%04u.%s", dir, n, ext);
+}
+
+/* ---- manifests ------------------------------------------------------- */
+
+static int
+manifest_read(const char *dir, unsigned n, struct point *p)
+{
+	char path[PATH_MAX], hex[33];
+	json_error_t jerr;
+	json_t *m, *v;
+	const char *s;
+	int r = 0;
+
+	point_file(path, sizeof path, dir, n, "json");
+	m = json_load_file(path, 0, &jerr);
+	if (!m)
+		return bm_error(-EBADMSG, "%s: not a backup manifest: %s", path,
+				jerr.text);
+	memset(p, 0, sizeof *p);
+	p->number = n;
+	p->incremental = json_is_true(json_object_get(m, "incremental"));
+	p->instant = json_integer_value(json_object_get(m, "instant"));
+	p->disk_size = json_integer_value(json_object_get(m, "disk_size"));
+	p->granularity = json_integer_value(json_object_get(m, "granularity"));
+	v = json_object_get(m, "checkpoint");
+	if (json_is_string(v))
+		snprintf(p->checkpoint, sizeof p->checkpoint, "%s",
+			 json_string_value(v));
+	s = json_string_value(json_object_get(m, "digests_xxh128"));
+	if (json_integer_value(json_object_get(m, "version")) != 1 ||
+	    !p->disk_size || !p->granularity ||
+	    p->granularity & (p->granularity - 1) || !s || strlen(s) != 32)
+		r = bm_error(-EBADMSG, "%s: a field is missing or wrong", path);
+	for (int i = 0; r == 0 && i < 16; i++) {
+		unsigned b;
+
+		if (sscanf(s + 2 * i, "%2x", &b) != 1)
+			r = bm_error(-EBADMSG, "%s: digests_xxh128 is not hex",
+				     path);
+		p->digests_digest.bytes[i] = (uint8_t)b;
+	}
+	(void)hex;
+	json_decref(m);
+	return r;
+}
+
+static int
+manifest_write(const char *dir, const struct point *p, const char *backing)
+{
+	char path[PATH_MAX], hex[33], *text;
+	json_t *m;
+	int r;
+
+	bm_digest_hex(&p->digests_digest, hex);
+	m = json_pack("{s:i, s:i, s:b, s:I, s:I, s:I, s:s?, s:s?, s:s, s:s}",
+		      "version", 1, "point", (int)p->number,
+		      "incremental", p->incremental,
+		      "instant", (json_int_t)p->instant,
+		      "disk_size", (json_int_t)p->disk_size,
+		      "granularity", (json_int_t)p->granularity,
+		      "checkpoint", p->checkpoint[0] ? p->checkpoint : NULL,
+		      "backing", backing, "consistency", "crash",
+		      "digests_xxh128", hex);
+	text = m ? json_dumps(m, JSON_INDENT(2)) : NULL;
+	json_decref(m);
+	if (!text)
+		return bm_error(-ENOMEM, "out of memory");
+	point_file(path, sizeof path, dir, p->number, "json");
+	r = bm_durable_write_file(path, text, strlen(text), 0644);
+	free(text);
+	return r;
+}
+
+/* The digests of a point, checked against its manifest. */
+static int
+digests_read(const char *dir, const struct point *p, struct bm_digest **out,
+	     uint64_t *count)
+{
+	uint64_t n = (p->disk_size + p->granularity - 1) / p->granularity;
+	char path[PATH_MAX];
+	struct bm_digest d, *v;
+	ssize_t got;
+	int fd, r = 0;
+
+	point_file(path, sizeof path, dir, p->number, "digests");
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		return bm_error(-errno, "%s: %s", path, strerror(errno));
+	v = malloc(n * sizeof *v);
+	if (!v) {
+		close(fd);
+		return bm_error(-ENOMEM, "out of memory");
+	}
+	got = pread(fd, v, n * sizeof *v, 0);
+	close(fd);
+	if (got != (ssize_t)(n * sizeof *v)) {
+		r = bm_error(-EBADMSG, "%s: holds %zd bytes, not %" PRIu64,
+			     path, got, n * sizeof *v);
+	} else {
+		bm_hash_buffer(v, n * sizeof *v, &d);
+		if (memcmp(&d, &p->digests_digest, sizeof d))
+			r = bm_error(-EBADMSG, "%s: does not match the digest "
+				     "in its manifest (damaged)", path);
+	}
+	if (r < 0) {
+		free(v);
+		return r;
+	}
+	*out = v;
+	*count = n;
+	return 0;
+}
+
+/* The newest point in `dir` (0: none), refusing a gap in the chain. */
+static int
+newest_point(const char *dir, unsigned *out)
+{
+	char path[PATH_MAX];
+	struct stat st;
+	unsigned n = 0;
+
+	while (n < MAX_POINTS) {
+		point_file(path, sizeof path, dir, n + 1, "json");
+		if (stat(path, &st) < 0)
+			break;
+		n++;
+	}
+	/* A later point beyond a missing one: the chain has a hole. */
+	for (unsigned k = n + 2; k < n + 4; k++) {
+		point_file(path, sizeof path, dir, k, "json");
+		if (stat(path, &st) == 0)
+			return bm_error(-EBADMSG, "%s: point %04u is missing "
+					"but %04u exists; the chain is broken",
+					dir, n + 1, k);
+	}
+	*out = n;
+	return 0;
+}
+
+/* ---- taking a point -------------------------------------------------- */
+
+static void
+extents_done(void *user_data, int err)
+{
+	bm_waiter_signal(user_data, err);
+}
+
+/* What the view holds in [off, off + len): appended to `l`. */
+static int
+view_extents(struct blockmirror_disk *disk, struct blockmirror_snapshot *snap,
+	     uint64_t off, uint64_t len, struct bm_extent_list *l)
+{
+	struct bm_waiter w;
+	int r;
+
+	bm_waiter_init(&w);
+	r = bm_disk_aio_to(disk, bm_snapshot_view(snap), BM_REQ_BLOCK_STATUS,
+			   l, len, off, extents_done, &w);
+	if (r == 0)
+		r = bm_disk_wait(disk, &w);
+	bm_waiter_destroy(&w);
+	return r;
+}
+
+struct run {
+	struct blockmirror_disk *disk;     /* the served one */
+	struct blockmirror_disk *target;   /* the new point's image */
+	struct blockmirror_snapshot *snap;
+	const struct blockmirror_backup_options *o;
+	struct bm_digest *digests;
+	struct bm_digest zero_digest;
+	uint64_t g, size, done, total;
+	uint8_t *buf;
+	bool incremental;
+	struct blockmirror_backup_point *res;
+};
+
+/* Copy [off, off + len) (granule-aligned, at most COPY_BYTES) from the
+ * view to the point, digesting every granule. */
+static int
+copy_range(struct run *run, uint64_t off, uint64_t len)
+{
+	int r = blockmirror_snapshot_read(run->snap, run->buf, len, off);
+
+	if (r < 0)
+		return r;
+	run->res->bytes_read += len;
+	for (uint64_t p = 0; p < len; p += run->g) {
+		uint64_t n = BM_MIN(run->g, len - p);
+		uint64_t k = (off + p) / run->g;
+
+		if (bm_is_zero(run->buf + p, n)) {
+			run->digests[k] = run->zero_digest;
+			/* Over a backing point, zeroes must be said. */
+			if (run->incremental)
+				r = blockmirror_disk_write_zeroes(run->target,
+								  n, off + p,
+								  0);
+		} else {
+			bm_hash_buffer(run->buf + p, n, &run->digests[k]);
+			r = blockmirror_disk_write(run->target, run->buf + p,
+						   n, off + p, 0);
+			run->res->bytes_written += n;
+		}
+		if (r < 0)
+			return r;
+	}
+	run->done += len;
+	if (run->o->progress)
+		run->o->progress(run->o->user_data, run->done, run->total);
+	return 0;
+}
+
+/* A full point: every granule the view holds data in. */
+static int
+copy_full(struct run *run)
+{
+	struct bm_extent_list l = { 0 };
+	uint64_t copied = 0;
+	int r = 0;
+
+	run->total = run->size;
+	for (uint64_t k = 0; k * run->g < run->size; k++)
+		run->digests[k] = run->zero_digest;
+	for (uint64_t pos = 0; r == 0 && pos < run->size;) {
+		uint64_t step = BM_MIN(run->size - pos, 1024 * COPY_BYTES);
+
+		bm_extent_list_reset(&l);
+		r = view_extents(run->disk, run->snap, pos, step, &l);
+		for (size_t i = 0; r == 0 && i < l.len; i++) {
+			/* Granules already copied for an earlier extent
+			 * that ended inside them are not read again. */
+			uint64_t s = BM_MAX(bm_round_down(l.v[i].offset,
+							  run->g), copied);
+			uint64_t e = BM_MIN(bm_round_up(l.v[i].offset +
+							l.v[i].length, run->g),
+					    run->size);
+
+			if (l.v[i].flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO)) {
+				run->done += l.v[i].length;
+				continue;
+			}
+			for (; r == 0 && s < e; s += COPY_BYTES)
+				r = copy_range(run, s, BM_MIN(COPY_BYTES,
+							      e - s));
+			copied = BM_MAX(copied, e);
+		}
+		if (r == 0 && !l.len)
+			r = bm_error(-EIO, "the snapshot reported nothing at "
+				     "%" PRIu64, pos);
+		if (r == 0)
+			pos = BM_MAX(bm_extent_list_end(&l), pos + 1);
+	}
+	bm_extent_list_free(&l);
+	return r;
+}
+
+/* An incremental point: the granules changed since the previous one. */
+static int
+copy_changed(struct run *run, const uint64_t *words, uint64_t nbits,
+	     uint64_t changed_bytes)
+{
+	uint64_t per = COPY_BYTES / run->g;
+	int r = 0;
+
+	run->total = changed_bytes;
+	for (uint64_t b = 0; r == 0 && b < nbits;) {
+		uint64_t e;
+
+		if (!(words[b / 64] >> (b % 64) & 1)) {
+			b++;
+			continue;
+		}
+		for (e = b; e < nbits && e - b < per &&
+			    words[e / 64] >> (e % 64) & 1; e++)
+			;
+		r = copy_range(run, b * run->g,
+			       BM_MIN(e * run->g, run->size) - b * run->g);
+		b = e;
+	}
+	return r;
+}
+
+static int
+check_options(const struct blockmirror_backup_options *o)
+{
+	if (!o || o->size < sizeof *o)
+		return bm_error(-EINVAL, "no options, or options of an older "
+				"size");
+	if (!o->dir || !*o->dir)
+		return bm_error(-EINVAL, "no backup directory");
+	return 0;
+}
+
+BM_EXPORT int
+blockmirror_backup(struct blockmirror_disk *disk,
+		   const struct blockmirror_backup_options *o,
+		   struct blockmirror_backup_point *res)
+{
+	struct blockmirror_snapshot_options so = { .size = sizeof so };
+	struct blockmirror_snapshot_info info;
+	struct blockmirror_checkpoint *list = NULL;
+	struct point prev = { 0 }, p = { 0 };
+	struct run run = { .disk = disk, .o = o, .res = res };
+	char cp[80], data[PATH_MAX] = "", dig[PATH_MAX] = "", backing[32];
+	uint64_t *words = NULL, nbits = 0, changed = 0, g = 0, ndig;
+	bool tracking, created = false;
+	unsigned newest;
+	size_t ncp = 0;
+	int r;
+
+	bm_error_clear();
+	if (!disk || !res)
+		return bm_api_fail("blockmirror_backup",
+				   bm_error(-EINVAL, "bad arguments"));
+	memset(res, 0, sizeof *res);
+	r = check_options(o);
+	if (r == 0 && mkdir(o->dir, 0755) < 0 && errno != EEXIST)
+		r = bm_error(-errno, "%s: %s", o->dir, strerror(errno));
+	if (r == 0)
+		r = newest_point(o->dir, &newest);
+	if (r == 0 && newest == MAX_POINTS)
+		r = bm_error(-ENOSPC, "%s: %u points already; prune it",
+			     o->dir, MAX_POINTS);
+	if (r < 0)
+		return bm_api_fail("blockmirror_backup", r);
+	tracking = blockmirror_checkpoint_list(disk, &list, &ncp) == 0;
+	bm_error_clear();
+	if (o->incremental) {
+		if (!newest)
+			r = bm_error(-ENOENT, "%s: no point to build an "
+				     "incremental backup on; take a full one",
+				     o->dir);
+		else if (!tracking)
+			r = bm_error(-EINVAL, "the disk does not track changes; "
+				     "an incremental backup needs "
+				     "blockmirror_disk_track");
+		if (r == 0)
+			r = manifest_read(o->dir, newest, &prev);
+		if (r == 0 && !prev.checkpoint[0])
+			r = bm_error(-ESTALE, "%s: point %04u has no checkpoint "
+				     "(taken without change tracking); take a "
+				     "full one", o->dir, newest);
+		if (r == 0 && prev.disk_size != blockmirror_disk_get_size(disk))
+			r = bm_error(-ESTALE, "%s: point %04u is of a disk of "
+				     "%" PRIu64 " bytes, this one has %" PRIu64,
+				     o->dir, newest, prev.disk_size,
+				     blockmirror_disk_get_size(disk));
+		if (r == 0)
+			r = digests_read(o->dir, &prev, &run.digests, &ndig);
+	}
+	free(list);
+	if (r < 0)
+		return bm_api_fail("blockmirror_backup", r);
+
+	p.number = newest + 1;
+	p.incremental = o->incremental;
+	p.disk_size = run.size = blockmirror_disk_get_size(disk);
+	snprintf(cp, sizeof cp, "bm-backup-%04u", p.number);
+	if (tracking) {
+		so.checkpoint = cp;
+		so.since = o->incremental ? prev.checkpoint : NULL;
+	}
+	r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
+	if (r < 0)
+		goto fail;
+	created = tracking;
+	if (tracking)
+		snprintf(p.checkpoint, sizeof p.checkpoint, "%s", cp);
+	if (o->incremental) {
+		r = blockmirror_snapshot_changed(run.snap, &g, &words, &nbits,
+						 &changed);
+		if (r == 0 && g != prev.granularity)
+			r = bm_error(-ESTALE, "the change record's granularity "
+				     "(%" PRIu64 ") is not point %04u's (%"
+				     PRIu64 ")", g, newest, prev.granularity);
+	} else {
+		/* Digests per granule of the change record, so that an
+		 * increment replaces them one for one. */
+		g = tracking ? bm_checkpoint_granularity(disk)
+			     : FULL_GRANULARITY;
+		run.digests = calloc((run.size + g - 1) / g,
+				     sizeof *run.digests);
+		if (!run.digests)
+			r = bm_error(-ENOMEM, "out of memory");
+	}
+	if (r < 0)
+		goto fail;
+	p.granularity = run.g = g;
+	run.incremental = o->incremental;
+	run.buf = aligned_alloc(4096, COPY_BYTES);
+	run.zero_digest = (struct bm_digest){ { 0 } };
+	if (!run.buf) {
+		r = bm_error(-ENOMEM, "out of memory");
+		goto fail;
+	}
+	memset(run.buf, 0, g);
+	bm_hash_buffer(run.buf, g, &run.zero_digest);
+
+	/* The point's image, then its data. */
+	point_file(data, sizeof data, o->dir, p.number, "qcow2");
+	point_file(dig, sizeof dig, o->dir, p.number, "digests");
+	snprintf(backing, sizeof backing, "%04u.qcow2", newest);
+	{
+		char opts[128];
+
+		snprintf(opts, sizeof opts, "cluster_size=%" PRIu64 "%s%s%s",
+			 BM_MIN(BM_MAX(g, 64 * BM_KiB), 2048 * BM_KiB),
+			 o->incremental ? ",backing_file=" : "",
+			 o->incremental ? backing : "",
+			 o->incremental ? ",backing_fmt=qcow2" : "");
+		r = blockmirror_image_create(data, BLOCKMIRROR_FORMAT_QCOW2,
+					     run.size, opts, false);
+	}
+	if (r == 0) {
+		run.target = blockmirror_disk_open(data,
+						   BLOCKMIRROR_FORMAT_QCOW2, 0);
+		if (!run.target)
+			r = -errno;
+	}
+	if (r == 0)
+		r = o->incremental ? copy_changed(&run, words, nbits, changed)
+				   : copy_full(&run);
+	if (r == 0)
+		r = blockmirror_snapshot_query(run.snap, &info);
+	if (r == 0 && info.state != BLOCKMIRROR_SNAPSHOT_ACTIVE)
+		r = bm_error(-EIO, "the snapshot broke during the backup: %s",
+			     info.reason);
+	if (r == 0)
+		r = blockmirror_disk_flush(run.target);
+	if (run.target) {
+		int cr = blockmirror_disk_close(run.target);
+
+		run.target = NULL;
+		if (r == 0)
+			r = cr;
+	}
+	if (r == 0)
+		r = bm_durable_sync_parent(data);
+	if (r == 0) {
+		uint64_t n = (run.size + g - 1) / g;
+
+		bm_hash_buffer(run.digests, n * sizeof *run.digests,
+			       &p.digests_digest);
+		r = bm_durable_write_file(dig, run.digests,
+					  n * sizeof *run.digests, 0644);
+	}
+	p.instant = info.taken_unix_ns / 1000000000;
+	if (r == 0)
+		r = manifest_write(o->dir, &p, o->incremental ? backing : NULL);
+	if (r < 0)
+		goto fail;
+
+	/* The point exists: the record before it is no longer needed. */
+	blockmirror_snapshot_release(run.snap);
+	if (o->incremental &&
+	    blockmirror_checkpoint_remove(disk, prev.checkpoint) < 0)
+		bm_warn("%s: checkpoint %s could not be removed: %s", o->dir,
+			prev.checkpoint, blockmirror_last_error());
+	res->number = p.number;
+	res->incremental = p.incremental;
+	res->instant = p.instant;
+	res->bytes_changed = o->incremental ? changed : res->bytes_written;
+	snprintf(res->file, sizeof res->file, "%s", data);
+	snprintf(res->checkpoint, sizeof res->checkpoint, "%s", p.checkpoint);
+	free(words);
+	free(run.digests);
+	free(run.buf);
+	return 0;
+
+fail:
+	{
+		char first[512];
+
+		snprintf(first, sizeof first, "%s", blockmirror_last_error());
+		if (run.target)
+			blockmirror_disk_close(run.target);
+		if (run.snap) {
+			blockmirror_snapshot_release(run.snap);
+			/* The record since the last point must stay whole. */
+			if (created && blockmirror_checkpoint_remove(disk, cp) < 0)
+				bm_warn("checkpoint %s could not be removed: "
+					"%s", cp, blockmirror_last_error());
+			if (data[0])
+				unlink(data);
+			if (dig[0])
+				unlink(dig);
+		}
+		bm_error(r, "%s", first);
+	}
+	free(words);
+	free(run.digests);
+	free(run.buf);
+	return bm_api_fail("blockmirror_backup", r);
+}
+
+/* ---- verifying a chain ----------------------------------------------- */
+
+/* Read the point's image through its chain and compare every granule
+ * with the point's digests. */
+static int
+verify_point(const char *dir, const struct point *p,
+	     const struct bm_digest *dg, uint8_t *buf,
+	     struct blockmirror_backup_check *res)
+{
+	char path[PATH_MAX];
+	struct blockmirror_disk *img;
+	int r = 0;
+
+	point_file(path, sizeof path, dir, p->number, "qcow2");
+	img = blockmirror_disk_open(path, BLOCKMIRROR_FORMAT_QCOW2,
+				    BLOCKMIRROR_DISK_READONLY);
+	if (!img)
+		return bm_error(-errno, "point %04u: %s", p->number,
+				blockmirror_last_error());
+	if (blockmirror_disk_get_size(img) != p->disk_size)
+		r = bm_error(-EBADMSG, "point %04u: %s holds %" PRIu64 " bytes,"
+			     " its manifest says %" PRIu64, p->number, path,
+			     blockmirror_disk_get_size(img), p->disk_size);
+	for (uint64_t off = 0; r == 0 && off < p->disk_size;
+	     off += COPY_BYTES) {
+		uint64_t len = BM_MIN(COPY_BYTES, p->disk_size - off);
+
+		r = blockmirror_disk_read(img, buf, len, off);
+		res->bytes_read += r == 0 ? len : 0;
+		for (uint64_t q = 0; r == 0 && q < len; q += p->granularity) {
+			struct bm_digest d;
+			uint64_t k = (off + q) / p->granularity;
+
+			bm_hash_buffer(buf + q, BM_MIN(p->granularity, len - q),
+				       &d);
+			if (memcmp(&d, &dg[k], sizeof d))
+				r = bm_error(-EBADMSG, "point %04u is damaged: "
+					     "%" PRIu64 " bytes at %" PRIu64
+					     " do not match its manifest",
+					     p->number, p->granularity, off + q);
+		}
+	}
+	if (r < 0 && !res->bad_point)
+		res->bad_point = p->number;
+	if (r < 0) {
+		/* The close is a public call: it clears the message. */
+		char msg[512];
+
+		snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
+		blockmirror_disk_close(img);
+		return bm_error(r, "%s", msg);
+	}
+	return blockmirror_disk_close(img);
+}
+
+/* The live disk against the newest point: every granule the change
+ * record says is unchanged since the point must read the same now. */
+static int
+verify_live(struct blockmirror_disk *live, const struct point *p,
+	    const struct bm_digest *dg, uint8_t *buf,
+	    struct blockmirror_backup_check *res)
+{
+	struct blockmirror_snapshot_options so = { .size = sizeof so };
+	struct blockmirror_snapshot *snap;
+	uint64_t g, *words = NULL, nbits, bytes;
+	int r;
+
+	if (!p->checkpoint[0])
+		return bm_error(-ESTALE, "point %04u has no checkpoint to "
+				"compare the live disk with", p->number);
+	so.since = p->checkpoint;
+	r = blockmirror_snapshot_take(&live, 1, &so, &snap);
+	if (r < 0)
+		return r;
+	r = blockmirror_snapshot_changed(snap, &g, &words, &nbits, &bytes);
+	if (r == 0 && g != p->granularity)
+		r = bm_error(-ESTALE, "the change record's granularity is not "
+			     "point %04u's", p->number);
+	for (uint64_t b = 0; r == 0 && b < nbits; b++) {
+		uint64_t off = b * g, len = BM_MIN(g, p->disk_size - off);
+		struct bm_digest d;
+
+		if (words[b / 64] >> (b % 64) & 1)
+			continue;
+		r = blockmirror_snapshot_read(snap, buf, len, off);
+		if (r < 0)
+			break;
+		res->live_bytes_read += len;
+		bm_hash_buffer(buf, len, &d);
+		if (memcmp(&d, &dg[b], sizeof d)) {
+			res->live_mismatches++;
+			if (!res->live_first_mismatch_set) {
+				res->live_first_mismatch = off;
+				res->live_first_mismatch_set = true;
+			}
+		}
+	}
+	free(words);
+	blockmirror_snapshot_release(snap);
+	if (r == 0 && res->live_mismatches)
+		r = bm_error(-EBADMSG, "the live disk differs from point %04u "
+			     "in %" PRIu64 " granules the change record says "
+			     "did not change (first at %" PRIu64 "): the record "
+			     "missed writes", p->number, res->live_mismatches,
+			     res->live_first_mismatch);
+	return r;
+}
+
+BM_EXPORT int
+blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
+			  struct blockmirror_backup_check *res)
+{
+	struct bm_digest *dg = NULL;
+	struct point p = { 0 };
+	uint8_t *buf = NULL;
+	unsigned newest;
+	uint64_t n;
+	int r;
+
+	bm_error_clear();
+	if (!dir || !res)
+		return bm_api_fail("blockmirror_backup_verify",
+				   bm_error(-EINVAL, "bad arguments"));
+	memset(res, 0, sizeof *res);
+	r = newest_point(dir, &newest);
+	if (r == 0 && !newest)
+		r = bm_error(-ENOENT, "%s: holds no backup point", dir);
+	if (r == 0 && !(buf = aligned_alloc(4096, COPY_BYTES)))
+		r = bm_error(-ENOMEM, "out of memory");
+	for (unsigned k = 1; r == 0 && k <= newest; k++) {
+		free(dg);
+		dg = NULL;
+		r = manifest_read(dir, k, &p);
+		if (r == 0 && (k == 1) == p.incremental)
+			r = bm_error(-EBADMSG, "%s: point %04u is %s, the chain "
+				     "must start with one full point", dir, k,
+				     p.incremental ? "incremental" : "full");
+		if (r == 0)
+			r = digests_read(dir, &p, &dg, &n);
+		if (r == 0)
+			r = verify_point(dir, &p, dg, buf, res);
+		if (r < 0 && !res->bad_point)
+			res->bad_point = k;
+		if (r == 0)
+			res->points++;
+	}
+	if (r == 0 && live)
+		r = verify_live(live, &p, dg, buf, res);
+	free(dg);
+	free(buf);
+	return r < 0 ? bm_api_fail("blockmirror_backup_verify", r) : 0;
+}

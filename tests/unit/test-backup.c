@@ -1,0 +1,409 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Backups of a running disk (lib/backup.c): every point reads back as the
+ * disk was at its instant while writers keep writing, increments copy only
+ * what changed, the chain survives kill -9 of the writer between points,
+ * and verification names damage and a change record that missed writes.
+ *
+ * The model: writers pause, the test reads the disk (the instant's
+ * content), and the backup's first progress report (made after its
+ * snapshot is taken) lets the writers go on while the point is copied.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include "helpers.h"
+
+#define BLOCK 4096u
+#define DISK_SIZE (UINT64_C(16) << 20)
+#define NBLOCKS (DISK_SIZE / BLOCK)
+#define NWRITERS 3
+
+static char dir[64], image[128], bdir[128];
+
+static void
+setup(void)
+{
+	char cmd[512];
+
+	snprintf(dir, sizeof dir, "/var/tmp/bm-backup-XXXXXX");
+	ck_assert(mkdtemp(dir));
+	snprintf(image, sizeof image, "%s/disk.raw", dir);
+	snprintf(bdir, sizeof bdir, "%s/backups", dir);
+	/* Half data, half hole. */
+	snprintf(cmd, sizeof cmd, "head -c %" PRIu64 " /dev/urandom > %s && "
+		 "truncate -s %" PRIu64 " %s", DISK_SIZE / 2, image, DISK_SIZE,
+		 image);
+	ck_assert_int_eq(system(cmd), 0);
+}
+
+static void
+teardown(void)
+{
+	remove_tree(dir);
+}
+
+struct writers {
+	struct blockmirror_disk *disk;
+	pthread_t t[NWRITERS];
+	atomic_bool stop;
+	atomic_bool paused;
+	atomic_uint busy;              /* writers inside a write */
+	atomic_bool touched[NBLOCKS];  /* written since cleared */
+	uint64_t blocks;               /* write below this block (0: all) */
+};
+
+static struct writers W;
+
+static void *
+writer_main(void *arg)
+{
+	uint64_t rng = (uint64_t)(uintptr_t)arg;
+	uint8_t *buf = aligned_alloc(BLOCK, 4 * BLOCK);
+
+	while (!atomic_load(&W.stop)) {
+		uint64_t b = rnd_range(&rng, (W.blocks ? W.blocks : NBLOCKS) - 4);
+		uint64_t n = 1 + rnd_range(&rng, 4);
+
+		if (atomic_load(&W.paused)) {
+			sleep_ms(1);
+			continue;
+		}
+		atomic_fetch_add(&W.busy, 1);
+		if (atomic_load(&W.paused)) {
+			atomic_fetch_sub(&W.busy, 1);
+			continue;
+		}
+		memset(buf, (int)rnd(&rng), 4 * BLOCK);
+		for (uint64_t i = 0; i < n; i++)
+			atomic_store(&W.touched[b + i], true);
+		if (rnd_range(&rng, 10) == 0)
+			blockmirror_disk_write_zeroes(W.disk, n * BLOCK,
+						      b * BLOCK, 0);
+		else
+			blockmirror_disk_write(W.disk, buf, n * BLOCK,
+					       b * BLOCK, 0);
+		atomic_fetch_sub(&W.busy, 1);
+	}
+	free(buf);
+	return NULL;
+}
+
+/* Writers over the first `blocks` blocks (0: the whole disk). */
+static void
+writers_start(struct blockmirror_disk *disk, uint64_t blocks)
+{
+	memset(&W, 0, sizeof W);
+	W.disk = disk;
+	W.blocks = blocks;
+	for (uintptr_t i = 0; i < NWRITERS; i++)
+		ck_assert_int_eq(pthread_create(&W.t[i], NULL, writer_main,
+						(void *)(i + 1)), 0);
+}
+
+static void
+writers_pause(void)
+{
+	atomic_store(&W.paused, true);
+	while (atomic_load(&W.busy))
+		sleep_ms(1);
+}
+
+static void
+writers_stop(void)
+{
+	atomic_store(&W.stop, true);
+	for (int i = 0; i < NWRITERS; i++)
+		pthread_join(W.t[i], NULL);
+}
+
+static void
+resume_on_progress(void *user_data, uint64_t done, uint64_t total)
+{
+	atomic_store(&W.paused, false);
+}
+
+static struct blockmirror_disk *
+open_disk(void)
+{
+	struct blockmirror_disk *disk =
+		blockmirror_disk_open(image, BLOCKMIRROR_FORMAT_RAW, 0);
+
+	ck_assert_msg(disk, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_start_thread(disk), 0);
+	return disk;
+}
+
+/* A point read back through its chain equals `want`. */
+static void
+check_point(unsigned n, const uint8_t *want)
+{
+	char path[256], raw[256], cmd[1024];
+	struct blockmirror_disk *img;
+	uint8_t *buf = aligned_alloc(BLOCK, DISK_SIZE);
+	int fd;
+
+	snprintf(path, sizeof path, "%s/%04u.qcow2", bdir, n);
+	img = blockmirror_disk_open(path, BLOCKMIRROR_FORMAT_QCOW2,
+				    BLOCKMIRROR_DISK_READONLY);
+	ck_assert_msg(img, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_read(img, buf, DISK_SIZE, 0), 0);
+	for (uint64_t off = 0; off < DISK_SIZE; off += BLOCK)
+		ck_assert_msg(!memcmp(buf + off, want + off, BLOCK),
+			      "point %u differs from the instant at %" PRIu64,
+			      n, off);
+	blockmirror_disk_close(img);
+	/* And to qemu-img: a sound qcow2 chain with the same content. */
+	snprintf(raw, sizeof raw, "%s/instant.raw", dir);
+	fd = open(raw, O_CREAT | O_TRUNC | O_WRONLY, 0600);
+	ck_assert_int_eq(pwrite(fd, want, DISK_SIZE, 0), (ssize_t)DISK_SIZE);
+	close(fd);
+	snprintf(cmd, sizeof cmd, "qemu-img check -q %s && qemu-img compare "
+		 "-q -f qcow2 -F raw %s %s", path, path, raw);
+	ck_assert_msg(system(cmd) == 0, "qemu-img: %s", cmd);
+	free(buf);
+}
+
+static uint64_t
+touched_bytes(uint64_t gran)
+{
+	uint64_t n = 0;
+
+	for (uint64_t g = 0; g < DISK_SIZE / gran; g++) {
+		bool t = false;
+
+		for (uint64_t b = g * gran / BLOCK;
+		     b < (g + 1) * gran / BLOCK; b++)
+			t |= atomic_exchange(&W.touched[b], false);
+		n += t ? gran : 0;
+	}
+	return n;
+}
+
+/* Pause, note the instant, back up with the writers let go at once. */
+static void
+point(struct blockmirror_disk *disk, bool incremental, uint8_t *instant,
+      struct blockmirror_backup_point *res)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+
+	writers_pause();
+	ck_assert_int_eq(blockmirror_disk_read(disk, instant, DISK_SIZE, 0), 0);
+	o.dir = bdir;
+	o.incremental = incremental;
+	o.progress = resume_on_progress;
+	ck_assert_msg(blockmirror_backup(disk, &o, res) == 0, "%s",
+		      blockmirror_last_error());
+	atomic_store(&W.paused, false);
+}
+
+START_TEST(test_points_are_instants)
+{
+	struct blockmirror_disk *disk = open_disk();
+	struct blockmirror_backup_point res;
+	struct blockmirror_backup_check chk;
+	uint8_t *inst[4];
+
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
+	for (int i = 0; i < 4; i++)
+		inst[i] = aligned_alloc(BLOCK, DISK_SIZE);
+	point(disk, false, inst[0], &res);
+	writers_start(disk, 0);
+	ck_assert_uint_eq(res.number, 1);
+	ck_assert(!res.incremental);
+	/* Sparse: the hole half is not read. */
+	ck_assert_uint_le(res.bytes_read, DISK_SIZE / 2 + (4 << 20));
+	touched_bytes(65536);
+	for (unsigned k = 2; k <= 4; k++) {
+		uint64_t touched;
+
+		sleep_ms(150);
+		writers_pause();
+		touched = touched_bytes(65536);
+		point(disk, true, inst[k - 1], &res);
+		ck_assert_uint_eq(res.number, k);
+		ck_assert(res.incremental);
+		/* Only what changed: the record's granules, all of them
+		 * touched by a writer since the last point. */
+		ck_assert_uint_eq(res.bytes_read, res.bytes_changed);
+		ck_assert_msg(res.bytes_changed <= touched,
+			      "point %u read %" PRIu64 " bytes, writers touched "
+			      "%" PRIu64, k, res.bytes_changed, touched);
+		ck_assert_uint_gt(res.bytes_changed, 0);
+	}
+	writers_stop();
+	for (unsigned k = 1; k <= 4; k++)
+		check_point(k, inst[k - 1]);
+	ck_assert_msg(blockmirror_backup_verify(bdir, disk, &chk) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert_uint_eq(chk.points, 4);
+	ck_assert_uint_gt(chk.live_bytes_read, 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	for (int i = 0; i < 4; i++)
+		free(inst[i]);
+}
+END_TEST
+
+/*
+ * The writer is killed between two points; the next process finds the
+ * record and takes an incremental point that holds every write.
+ */
+START_TEST(test_incremental_after_kill)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point res;
+	struct blockmirror_disk *disk = open_disk();
+	uint8_t *want = aligned_alloc(BLOCK, DISK_SIZE);
+	bool crashed = false;
+	pid_t pid;
+
+	o.dir = bdir;
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	pid = fork();
+	ck_assert_int_ge(pid, 0);
+	if (pid == 0) {
+		disk = open_disk();
+		if (blockmirror_disk_track(disk, NULL, 0, NULL) < 0)
+			_exit(3);
+		writers_start(disk, NBLOCKS / 4);
+		for (;;)
+			pause();
+	}
+	sleep_ms(400);
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	disk = open_disk();
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, &crashed), 0);
+	ck_assert(crashed);
+	ck_assert_int_eq(blockmirror_disk_read(disk, want, DISK_SIZE, 0), 0);
+	o.incremental = true;
+	ck_assert_msg(blockmirror_backup(disk, &o, &res) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert(res.incremental);
+	ck_assert_uint_gt(res.bytes_changed, 0);
+	ck_assert_uint_le(res.bytes_changed, DISK_SIZE / 4);
+	check_point(2, want);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	free(want);
+}
+END_TEST
+
+static void
+flip_byte(const char *path, off_t off)
+{
+	int fd = open(path, O_RDWR);
+	uint8_t b;
+
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pread(fd, &b, 1, off), 1);
+	b ^= 0x55;
+	ck_assert_int_eq(pwrite(fd, &b, 1, off), 1);
+	close(fd);
+}
+
+/* Damage, a missing middle, a record that missed a write, bad input. */
+START_TEST(test_verify_names_damage)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point res;
+	struct blockmirror_backup_check chk;
+	struct blockmirror_disk *disk = open_disk();
+	uint8_t *buf = aligned_alloc(BLOCK, 65536);
+	char path[256], moved[256];
+	int fd;
+
+	o.dir = bdir;
+	o.incremental = true;
+	/* Incremental with nothing to build on; without tracking. */
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), -ENOENT);
+	o.incremental = false;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	o.incremental = true;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), -EINVAL);
+	ck_assert_msg(strstr(blockmirror_last_error(), "track"), "%s",
+		      blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
+	/* Point 1 has no checkpoint: a new full one is needed. */
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), -ESTALE);
+	remove_tree(bdir);
+	o.incremental = false;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	memset(buf, 0x42, 65536);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 65536, 1 << 20, 0),
+			 0);
+	o.incremental = true;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert_uint_eq(res.bytes_changed, 65536);
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert_uint_eq(res.bytes_changed, 0);
+	ck_assert_msg(blockmirror_backup_verify(bdir, disk, &chk) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert_uint_eq(chk.points, 3);
+
+	/* A write that bypasses the disk (and so the record). */
+	snprintf(path, sizeof path, "%s", image);
+	fd = open(path, O_WRONLY);
+	ck_assert_int_eq(pwrite(fd, "oops", 4, 3 << 20), 4);
+	close(fd);
+	ck_assert_int_eq(blockmirror_backup_verify(bdir, disk, &chk), -EBADMSG);
+	ck_assert_uint_eq(chk.live_mismatches, 1);
+	ck_assert_uint_eq(chk.live_first_mismatch, 3 << 20);
+	ck_assert_msg(strstr(blockmirror_last_error(), "missed"), "%s",
+		      blockmirror_last_error());
+
+	/* The data of point 2 damaged: the last cluster of its file. */
+	snprintf(path, sizeof path, "%s/0002.qcow2", bdir);
+	{
+		struct stat st;
+
+		ck_assert_int_eq(stat(path, &st), 0);
+		flip_byte(path, st.st_size - 100);
+	}
+	ck_assert_int_eq(blockmirror_backup_verify(bdir, NULL, &chk), -EBADMSG);
+	ck_assert_uint_eq(chk.bad_point, 2);
+	ck_assert_msg(strstr(blockmirror_last_error(), "point 0002"), "%s",
+		      blockmirror_last_error());
+
+	/* A digests file damaged. */
+	snprintf(path, sizeof path, "%s/0001.digests", bdir);
+	flip_byte(path, 10);
+	ck_assert_int_eq(blockmirror_backup_verify(bdir, NULL, &chk), -EBADMSG);
+	ck_assert_uint_eq(chk.bad_point, 1);
+	ck_assert_msg(strstr(blockmirror_last_error(), "damaged"), "%s",
+		      blockmirror_last_error());
+	flip_byte(path, 10);
+
+	/* The middle point missing. */
+	snprintf(path, sizeof path, "%s/0002.json", bdir);
+	snprintf(moved, sizeof moved, "%s/moved.json", dir);
+	ck_assert_int_eq(rename(path, moved), 0);
+	ck_assert_int_eq(blockmirror_backup_verify(bdir, NULL, &chk), -EBADMSG);
+	ck_assert_msg(strstr(blockmirror_last_error(), "missing"), "%s",
+		      blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), -EBADMSG);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	free(buf);
+}
+END_TEST
+
+int
+main(void)
+{
+	int missing = missing_tool_status("qemu-img");
+	Suite *s = suite_create("backup");
+	TCase *tc = tcase_create("backup");
+
+	if (missing)
+		return missing;
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 300);
+	tcase_add_test(tc, test_points_are_instants);
+	tcase_add_test(tc, test_incremental_after_kill);
+	tcase_add_test(tc, test_verify_names_damage);
+	suite_add_tcase(s, tc);
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
+}
