@@ -178,30 +178,56 @@ digests_read(const char *dir, const struct point *p, struct bm_digest **out,
 	return 0;
 }
 
-/* The newest point in `dir` (0: none), refusing a gap in the chain. */
+/*
+ * The points of `dir`: first..last (0..0: none), refusing a gap.  Pruning
+ * removes the oldest points, so a chain may start above 1.
+ */
+static int
+chain_range(const char *dir, unsigned *first, unsigned *last)
+{
+	unsigned lo = MAX_POINTS + 1, hi = 0, count = 0;
+	struct dirent *e;
+	DIR *d = opendir(dir);
+
+	if (!d) {
+		if (errno == ENOENT) {
+			*first = *last = 0;
+			return 0;
+		}
+		return bm_error(-errno, "%s: %s", dir, strerror(errno));
+	}
+	while ((e = readdir(d))) {
+		unsigned n;
+		char tail[8];
+
+		if (strlen(e->d_name) != 9 ||
+		    sscanf(e->d_name, "%4u.%4s", &n, tail) != 2 ||
+		    strcmp(tail, "json") || !n || n > MAX_POINTS)
+			continue;
+		lo = BM_MIN(lo, n);
+		hi = BM_MAX(hi, n);
+		count++;
+	}
+	closedir(d);
+	if (!count) {
+		*first = *last = 0;
+		return 0;
+	}
+	if (hi - lo + 1 != count)
+		return bm_error(-EBADMSG, "%s: points %04u to %04u, but %u of "
+				"them are missing; the chain is broken", dir,
+				lo, hi, hi - lo + 1 - count);
+	*first = lo;
+	*last = hi;
+	return 0;
+}
+
 static int
 newest_point(const char *dir, unsigned *out)
 {
-	char path[PATH_MAX];
-	struct stat st;
-	unsigned n = 0;
+	unsigned first;
 
-	while (n < MAX_POINTS) {
-		point_file(path, sizeof path, dir, n + 1, "json");
-		if (stat(path, &st) < 0)
-			break;
-		n++;
-	}
-	/* A later point beyond a missing one: the chain has a hole. */
-	for (unsigned k = n + 2; k < n + 4; k++) {
-		point_file(path, sizeof path, dir, k, "json");
-		if (stat(path, &st) == 0)
-			return bm_error(-EBADMSG, "%s: point %04u is missing "
-					"but %04u exists; the chain is broken",
-					dir, n + 1, k);
-	}
-	*out = n;
-	return 0;
+	return chain_range(dir, &first, out);
 }
 
 /* ---- taking a point -------------------------------------------------- */
@@ -239,6 +265,8 @@ struct run {
 	uint64_t g, size, done, total;
 	uint8_t *buf;
 	bool incremental;
+	bool heal;                         /* write only what differs from
+					      the previous point's digests */
 	struct blockmirror_backup_point *res;
 };
 
@@ -256,6 +284,14 @@ copy_range(struct run *run, uint64_t off, uint64_t len)
 		uint64_t n = BM_MIN(run->g, len - p);
 		uint64_t k = (off + p) / run->g;
 
+		if (run->heal) {
+			struct bm_digest d;
+
+			bm_hash_buffer(run->buf + p, n, &d);
+			if (!memcmp(&d, &run->digests[k], sizeof d))
+				continue; /* the previous point has it */
+			run->res->bytes_changed += n;
+		}
 		if (bm_is_zero(run->buf + p, n)) {
 			run->digests[k] = run->zero_digest;
 			/* Over a backing point, zeroes must be said. */
@@ -278,7 +314,33 @@ copy_range(struct run *run, uint64_t off, uint64_t len)
 	return 0;
 }
 
-/* A full point: every granule the view holds data in. */
+/* Healing: a granule that is a hole now but not in the previous point
+ * is written as zeroes. */
+static int
+heal_hole(struct run *run, uint64_t off, uint64_t end)
+{
+	int r = 0;
+
+	for (off = bm_round_up(off, run->g); r == 0 && off + run->g <= end;
+	     off += run->g) {
+		uint64_t k = off / run->g;
+
+		if (!memcmp(&run->digests[k], &run->zero_digest,
+			    sizeof run->zero_digest))
+			continue;
+		run->digests[k] = run->zero_digest;
+		run->res->bytes_changed += run->g;
+		r = blockmirror_disk_write_zeroes(run->target, run->g, off, 0);
+	}
+	return r;
+}
+
+/*
+ * A full point: every granule the view holds data in.  Healing (an
+ * incremental point without a change record to trust): the same reads,
+ * but only granules whose digest differs from the previous point's are
+ * written.
+ */
 static int
 copy_full(struct run *run)
 {
@@ -287,7 +349,7 @@ copy_full(struct run *run)
 	int r = 0;
 
 	run->total = run->size;
-	for (uint64_t k = 0; k * run->g < run->size; k++)
+	for (uint64_t k = 0; !run->heal && k * run->g < run->size; k++)
 		run->digests[k] = run->zero_digest;
 	for (uint64_t pos = 0; r == 0 && pos < run->size;) {
 		uint64_t step = BM_MIN(run->size - pos, 1024 * COPY_BYTES);
@@ -305,6 +367,11 @@ copy_full(struct run *run)
 
 			if (l.v[i].flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO)) {
 				run->done += l.v[i].length;
+				if (run->heal)
+					r = heal_hole(run, BM_MAX(l.v[i].offset,
+								  copied),
+						      l.v[i].offset +
+						      l.v[i].length);
 				continue;
 			}
 			for (; r == 0 && s < e; s += COPY_BYTES)
@@ -371,7 +438,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	struct run run = { .disk = disk, .o = o, .res = res };
 	char cp[80], data[PATH_MAX] = "", dig[PATH_MAX] = "", backing[32];
 	uint64_t *words = NULL, nbits = 0, changed = 0, g = 0, ndig;
-	bool tracking, created = false;
+	bool tracking, created = false, heal = false;
 	unsigned newest;
 	size_t ncp = 0;
 	int r;
@@ -398,16 +465,10 @@ blockmirror_backup(struct blockmirror_disk *disk,
 			r = bm_error(-ENOENT, "%s: no point to build an "
 				     "incremental backup on; take a full one",
 				     o->dir);
-		else if (!tracking)
-			r = bm_error(-EINVAL, "the disk does not track changes; "
-				     "an incremental backup needs "
-				     "blockmirror_disk_track");
 		if (r == 0)
 			r = manifest_read(o->dir, newest, &prev);
-		if (r == 0 && !prev.checkpoint[0])
-			r = bm_error(-ESTALE, "%s: point %04u has no checkpoint "
-				     "(taken without change tracking); take a "
-				     "full one", o->dir, newest);
+		/* No record to go by: heal by digests instead. */
+		heal = r == 0 && (!tracking || !prev.checkpoint[0]);
 		if (r == 0 && prev.disk_size != blockmirror_disk_get_size(disk))
 			r = bm_error(-ESTALE, "%s: point %04u is of a disk of "
 				     "%" PRIu64 " bytes, this one has %" PRIu64,
@@ -426,22 +487,37 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	snprintf(cp, sizeof cp, "bm-backup-%04u", p.number);
 	if (tracking) {
 		so.checkpoint = cp;
-		so.since = o->incremental ? prev.checkpoint : NULL;
+		so.since = o->incremental && !heal ? prev.checkpoint : NULL;
 	}
 	r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
+	if ((r == -ENOENT || r == -ESTALE) && so.since) {
+		/* The record since the point is gone or not trusted (a
+		 * failing sidecar, a removed checkpoint): heal. */
+		bm_warn("%s: %s; comparing digests instead", o->dir,
+			blockmirror_last_error());
+		heal = true;
+		so.since = NULL;
+		r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
+	}
 	if (r < 0)
 		goto fail;
 	created = tracking;
 	if (tracking)
 		snprintf(p.checkpoint, sizeof p.checkpoint, "%s", cp);
-	if (o->incremental) {
+	if (o->incremental && !heal) {
 		r = blockmirror_snapshot_changed(run.snap, &g, &words, &nbits,
 						 &changed);
-		if (r == 0 && g != prev.granularity)
-			r = bm_error(-ESTALE, "the change record's granularity "
-				     "(%" PRIu64 ") is not point %04u's (%"
-				     PRIu64 ")", g, newest, prev.granularity);
-	} else {
+		if (r == 0 && g != prev.granularity) {
+			bm_warn("%s: the change record's granularity (%" PRIu64
+				") is not point %04u's (%" PRIu64 "); comparing "
+				"digests instead", o->dir, g, newest,
+				prev.granularity);
+			heal = true;
+		}
+	}
+	if (heal) {
+		g = prev.granularity;
+	} else if (!o->incremental) {
 		/* Digests per granule of the change record, so that an
 		 * increment replaces them one for one. */
 		g = tracking ? bm_checkpoint_granularity(disk)
@@ -455,6 +531,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		goto fail;
 	p.granularity = run.g = g;
 	run.incremental = o->incremental;
+	run.heal = heal;
 	run.buf = aligned_alloc(4096, COPY_BYTES);
 	run.zero_digest = (struct bm_digest){ { 0 } };
 	if (!run.buf) {
@@ -486,8 +563,9 @@ blockmirror_backup(struct blockmirror_disk *disk,
 			r = -errno;
 	}
 	if (r == 0)
-		r = o->incremental ? copy_changed(&run, words, nbits, changed)
-				   : copy_full(&run);
+		r = o->incremental && !heal
+		    ? copy_changed(&run, words, nbits, changed)
+		    : copy_full(&run);
 	if (r == 0)
 		r = blockmirror_snapshot_query(run.snap, &info);
 	if (r == 0 && info.state != BLOCKMIRROR_SNAPSHOT_ACTIVE)
@@ -527,7 +605,11 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	res->number = p.number;
 	res->incremental = p.incremental;
 	res->instant = p.instant;
-	res->bytes_changed = o->incremental ? changed : res->bytes_written;
+	res->healed = heal;
+	if (o->incremental && !heal)
+		res->bytes_changed = changed;
+	else if (!heal)
+		res->bytes_changed = res->bytes_written;
 	snprintf(res->file, sizeof res->file, "%s", data);
 	snprintf(res->checkpoint, sizeof res->checkpoint, "%s", p.checkpoint);
 	free(words);
@@ -676,7 +758,7 @@ blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
 	struct bm_digest *dg = NULL;
 	struct point p = { 0 };
 	uint8_t *buf = NULL;
-	unsigned newest;
+	unsigned first, newest;
 	uint64_t n;
 	int r;
 
@@ -685,19 +767,19 @@ blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
 		return bm_api_fail("blockmirror_backup_verify",
 				   bm_error(-EINVAL, "bad arguments"));
 	memset(res, 0, sizeof *res);
-	r = newest_point(dir, &newest);
+	r = chain_range(dir, &first, &newest);
 	if (r == 0 && !newest)
 		r = bm_error(-ENOENT, "%s: holds no backup point", dir);
 	if (r == 0 && !(buf = aligned_alloc(4096, COPY_BYTES)))
 		r = bm_error(-ENOMEM, "out of memory");
-	for (unsigned k = 1; r == 0 && k <= newest; k++) {
+	for (unsigned k = first; r == 0 && k <= newest; k++) {
 		free(dg);
 		dg = NULL;
 		r = manifest_read(dir, k, &p);
-		if (r == 0 && (k == 1) == p.incremental)
-			r = bm_error(-EBADMSG, "%s: point %04u is %s, the chain "
-				     "must start with one full point", dir, k,
-				     p.incremental ? "incremental" : "full");
+		if (r == 0 && k == first && p.incremental)
+			r = bm_error(-EBADMSG, "%s: point %04u is incremental, "
+				     "but the chain must start with a full "
+				     "point", dir, k);
 		if (r == 0)
 			r = digests_read(dir, &p, &dg, &n);
 		if (r == 0)
@@ -712,4 +794,147 @@ blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
 	free(dg);
 	free(buf);
 	return r < 0 ? bm_api_fail("blockmirror_backup_verify", r) : 0;
+}
+
+/* ---- pruning: a synthetic full point --------------------------------- */
+
+/* Write point `p` (read through its chain) as a standalone image at
+ * `tmp`, checking every granule against its digests on the way. */
+static int
+flatten(const char *dir, const struct point *p, const struct bm_digest *dg,
+	const char *tmp, struct blockmirror_backup_prune_result *res)
+{
+	char path[PATH_MAX], opts[64];
+	struct blockmirror_disk *src, *dst = NULL;
+	struct bm_digest zero;
+	uint8_t *buf = aligned_alloc(4096, COPY_BYTES);
+	int r;
+
+	if (!buf)
+		return bm_error(-ENOMEM, "out of memory");
+	memset(buf, 0, p->granularity);
+	bm_hash_buffer(buf, p->granularity, &zero);
+	point_file(path, sizeof path, dir, p->number, "qcow2");
+	src = blockmirror_disk_open(path, BLOCKMIRROR_FORMAT_QCOW2,
+				    BLOCKMIRROR_DISK_READONLY);
+	if (!src) {
+		free(buf);
+		return -errno;
+	}
+	snprintf(opts, sizeof opts, "cluster_size=%" PRIu64,
+		 BM_MIN(BM_MAX(p->granularity, 64 * BM_KiB), 2048 * BM_KiB));
+	r = blockmirror_image_create(tmp, BLOCKMIRROR_FORMAT_QCOW2,
+				     p->disk_size, opts, true);
+	if (r == 0 && !(dst = blockmirror_disk_open(tmp,
+						    BLOCKMIRROR_FORMAT_QCOW2,
+						    0)))
+		r = -errno;
+	for (uint64_t off = 0; r == 0 && off < p->disk_size;
+	     off += p->granularity) {
+		uint64_t k = off / p->granularity;
+		uint64_t len = BM_MIN(p->granularity, p->disk_size - off);
+		struct bm_digest d;
+
+		/* Zero granules stay holes and need no reading. */
+		if (!memcmp(&dg[k], &zero, sizeof zero) &&
+		    len == p->granularity)
+			continue;
+		r = blockmirror_disk_read(src, buf, len, off);
+		if (r < 0)
+			break;
+		res->bytes_read += len;
+		bm_hash_buffer(buf, len, &d);
+		if (memcmp(&d, &dg[k], sizeof d))
+			r = bm_error(-EBADMSG, "point %04u is damaged at %"
+				     PRIu64 "; not pruning", p->number, off);
+		else if (!bm_is_zero(buf, len))
+			r = blockmirror_disk_write(dst, buf, len, off, 0);
+	}
+	if (r == 0)
+		r = blockmirror_disk_flush(dst);
+	if (dst) {
+		char msg[512];
+		int cr;
+
+		snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
+		cr = blockmirror_disk_close(dst);
+		if (r == 0)
+			r = cr;
+		else
+			bm_error(r, "%s", msg);
+	}
+	{
+		char msg[512];
+
+		snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
+		blockmirror_disk_close(src);
+		if (r < 0)
+			bm_error(r, "%s", msg);
+	}
+	free(buf);
+	return r;
+}
+
+static void
+remove_point(const char *dir, unsigned n)
+{
+	char path[PATH_MAX];
+
+	/* The manifest first: without it the rest is no point. */
+	point_file(path, sizeof path, dir, n, "json");
+	bm_durable_unlink(path);
+	point_file(path, sizeof path, dir, n, "qcow2");
+	unlink(path);
+	point_file(path, sizeof path, dir, n, "digests");
+	unlink(path);
+}
+
+BM_EXPORT int
+blockmirror_backup_prune(const char *dir, unsigned keep,
+			 struct blockmirror_backup_prune_result *res)
+{
+	struct bm_digest *dg = NULL;
+	char tmp[PATH_MAX], path[PATH_MAX];
+	struct point p;
+	unsigned first, last, k;
+	uint64_t n;
+	int r;
+
+	bm_error_clear();
+	if (!dir || !keep || !res)
+		return bm_api_fail("blockmirror_backup_prune",
+				   bm_error(-EINVAL, "bad arguments (keep at "
+					    "least one point)"));
+	memset(res, 0, sizeof *res);
+	r = chain_range(dir, &first, &last);
+	if (r < 0 || last - first + 1 <= keep || !last) {
+		res->first = first;
+		return r < 0 ? bm_api_fail("blockmirror_backup_prune", r) : 0;
+	}
+	k = last - keep + 1;
+	r = manifest_read(dir, k, &p);
+	if (r == 0 && p.incremental) {
+		r = digests_read(dir, &p, &dg, &n);
+		point_file(tmp, sizeof tmp, dir, k, "qcow2.new");
+		point_file(path, sizeof path, dir, k, "qcow2");
+		if (r == 0)
+			r = flatten(dir, &p, dg, tmp, res);
+		if (r == 0)
+			r = bm_durable_rename(tmp, path, NULL);
+		/* The image reads the same with or without its backing
+		 * file, so a crash here leaves a valid chain. */
+		p.incremental = false;
+		if (r == 0)
+			r = manifest_write(dir, &p, NULL);
+		if (r < 0)
+			unlink(tmp);
+		res->merged = r == 0;
+	}
+	for (unsigned j = first; r == 0 && j < k; j++) {
+		remove_point(dir, j);
+		res->removed++;
+	}
+	res->first = r == 0 ? k : first;
+	free(dg);
+	return r < 0 ? bm_api_fail("blockmirror_backup_prune", r) : 0;
 }

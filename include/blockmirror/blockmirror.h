@@ -836,7 +836,13 @@ struct blockmirror_backup_point {
 	unsigned number;              /* 1 for the first (full) point */
 	bool incremental;
 	int64_t instant;              /* unix seconds of the snapshot */
-	uint64_t bytes_changed;       /* incremental: what the record said */
+	/* incremental: what the record said changed (healed: what differed
+	 * from the previous point's digests) */
+	uint64_t bytes_changed;
+	/* incremental without a record to trust (no tracking, a lost or
+	 * removed checkpoint): the whole disk was read and compared with
+	 * the previous point's digests, and only what differs written */
+	bool healed;
 	uint64_t bytes_read;          /* from the snapshot */
 	uint64_t bytes_written;       /* data (not zeroes) into the point */
 	char file[4096];              /* DIR/NNNN.qcow2 */
@@ -875,6 +881,22 @@ struct blockmirror_backup_check {
 extern int blockmirror_backup_verify(const char *dir,
 				     struct blockmirror_disk *live,
 				     struct blockmirror_backup_check *check);
+
+struct blockmirror_backup_prune_result {
+	unsigned first;               /* the oldest point left */
+	unsigned removed;             /* points removed */
+	bool merged;                  /* the oldest kept was made full */
+	uint64_t bytes_read;          /* from the backup, never the disk */
+};
+
+/*
+ * Keep the newest `keep` points of DIR: the oldest of them becomes a full
+ * point (a synthetic full: read through its chain, checked against its
+ * digests, written standalone and renamed over it), then the older
+ * points go.  Reads only the backup.  Crash-safe at every step.
+ */
+extern int blockmirror_backup_prune(const char *dir, unsigned keep,
+				    struct blockmirror_backup_prune_result *r);
 
 /* ---- Crash-resumable state (docs/state.md) --------------------------- */
 

@@ -241,6 +241,24 @@ START_TEST(test_points_are_instants)
 	ck_assert_uint_eq(chk.points, 4);
 	ck_assert_uint_gt(chk.live_bytes_read, 0);
 	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+
+	/* Keep two: point 3 becomes full, from the backup alone (the disk
+	 * is closed), and every kept point still reads as its instant. */
+	{
+		struct blockmirror_backup_prune_result pr;
+
+		ck_assert_msg(blockmirror_backup_prune(bdir, 2, &pr) == 0,
+			      "%s", blockmirror_last_error());
+		ck_assert_uint_eq(pr.first, 3);
+		ck_assert_uint_eq(pr.removed, 2);
+		ck_assert(pr.merged);
+		check_point(3, inst[2]);
+		check_point(4, inst[3]);
+		ck_assert_int_eq(blockmirror_backup_verify(bdir, NULL, &chk), 0);
+		ck_assert_uint_eq(chk.points, 2);
+		ck_assert_int_eq(blockmirror_backup_prune(bdir, 2, &pr), 0);
+		ck_assert_uint_eq(pr.removed, 0);
+	}
 	for (int i = 0; i < 4; i++)
 		free(inst[i]);
 }
@@ -292,6 +310,69 @@ START_TEST(test_incremental_after_kill)
 }
 END_TEST
 
+/*
+ * Incremental points without a record to trust heal by digests: without
+ * tracking, and after the point's checkpoint is gone.  They read the
+ * disk's data but write only the granules that differ.
+ */
+START_TEST(test_heal_by_digests)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point res;
+	struct blockmirror_backup_check chk;
+	struct blockmirror_disk *disk = open_disk();
+	uint8_t *want = aligned_alloc(BLOCK, DISK_SIZE);
+	uint8_t *buf = aligned_alloc(BLOCK, 3 * 65536);
+
+	o.dir = bdir;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	/* Three granules of data, and one of the data half zeroed. */
+	memset(buf, 0x17, 3 * 65536);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 3 * 65536,
+						12 << 20, 0), 0);
+	ck_assert_int_eq(blockmirror_disk_write_zeroes(disk, 65536, 1 << 20,
+						       0), 0);
+	o.incremental = true;
+	ck_assert_msg(blockmirror_backup(disk, &o, &res) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert(res.healed);
+	ck_assert_uint_eq(res.bytes_changed, 4 * 65536);
+	ck_assert_uint_eq(res.bytes_written, 3 * 65536);
+	ck_assert_int_eq(blockmirror_disk_read(disk, want, DISK_SIZE, 0), 0);
+	check_point(2, want);
+
+	/* Tracking from now on; the next point is still healed (point 2
+	 * has no checkpoint), the one after goes by the record. */
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 65536, 5 << 20, 0),
+			 0);
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert(res.healed);
+	ck_assert_uint_eq(res.bytes_changed, 65536);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 65536, 6 << 20, 0),
+			 0);
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert(!res.healed);
+	ck_assert_uint_eq(res.bytes_changed, 65536);
+	/* The record since point 4 is lost (the checkpoint removed). */
+	ck_assert_int_eq(blockmirror_checkpoint_remove(disk, "bm-backup-0004"),
+			 0);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 65536, 7 << 20, 0),
+			 0);
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert(res.healed);
+	ck_assert_uint_eq(res.bytes_changed, 65536);
+	ck_assert_int_eq(blockmirror_disk_read(disk, want, DISK_SIZE, 0), 0);
+	check_point(5, want);
+	ck_assert_msg(blockmirror_backup_verify(bdir, disk, &chk) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert_uint_eq(chk.points, 5);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	free(want);
+	free(buf);
+}
+END_TEST
+
 static void
 flip_byte(const char *path, off_t off)
 {
@@ -320,16 +401,8 @@ START_TEST(test_verify_names_damage)
 	o.incremental = true;
 	/* Incremental with nothing to build on; without tracking. */
 	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), -ENOENT);
-	o.incremental = false;
-	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
-	o.incremental = true;
-	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), -EINVAL);
-	ck_assert_msg(strstr(blockmirror_last_error(), "track"), "%s",
-		      blockmirror_last_error());
-	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
-	/* Point 1 has no checkpoint: a new full one is needed. */
-	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), -ESTALE);
 	remove_tree(bdir);
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
 	o.incremental = false;
 	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
 	memset(buf, 0x42, 65536);
@@ -404,6 +477,7 @@ main(void)
 	tcase_add_test(tc, test_points_are_instants);
 	tcase_add_test(tc, test_incremental_after_kill);
 	tcase_add_test(tc, test_verify_names_damage);
+	tcase_add_test(tc, test_heal_by_digests);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
