@@ -710,22 +710,28 @@ verify_live(struct blockmirror_disk *live, const struct point *p,
 	uint64_t g, *words = NULL, nbits, bytes;
 	int r;
 
-	if (!p->checkpoint[0])
-		return bm_error(-ESTALE, "point %04u has no checkpoint to "
-				"compare the live disk with", p->number);
-	so.since = p->checkpoint;
+	bool record = p->checkpoint[0] && bm_checkpoint_granularity(live);
+
+	/* Without a change record every granule must match: the disk is
+	 * expected not to have changed since (an image nobody runs). */
+	so.since = record ? p->checkpoint : NULL;
 	r = blockmirror_snapshot_take(&live, 1, &so, &snap);
 	if (r < 0)
 		return r;
-	r = blockmirror_snapshot_changed(snap, &g, &words, &nbits, &bytes);
-	if (r == 0 && g != p->granularity)
-		r = bm_error(-ESTALE, "the change record's granularity is not "
-			     "point %04u's", p->number);
+	g = p->granularity;
+	nbits = (p->disk_size + g - 1) / g;
+	if (record) {
+		r = blockmirror_snapshot_changed(snap, &g, &words, &nbits,
+						 &bytes);
+		if (r == 0 && g != p->granularity)
+			r = bm_error(-ESTALE, "the change record's granularity "
+				     "is not point %04u's", p->number);
+	}
 	for (uint64_t b = 0; r == 0 && b < nbits; b++) {
 		uint64_t off = b * g, len = BM_MIN(g, p->disk_size - off);
 		struct bm_digest d;
 
-		if (words[b / 64] >> (b % 64) & 1)
+		if (words && words[b / 64] >> (b % 64) & 1)
 			continue;
 		r = blockmirror_snapshot_read(snap, buf, len, off);
 		if (r < 0)
@@ -742,12 +748,17 @@ verify_live(struct blockmirror_disk *live, const struct point *p,
 	}
 	free(words);
 	blockmirror_snapshot_release(snap);
-	if (r == 0 && res->live_mismatches)
+	if (r == 0 && res->live_mismatches && record)
 		r = bm_error(-EBADMSG, "the live disk differs from point %04u "
 			     "in %" PRIu64 " granules the change record says "
 			     "did not change (first at %" PRIu64 "): the record "
 			     "missed writes", p->number, res->live_mismatches,
 			     res->live_first_mismatch);
+	else if (r == 0 && res->live_mismatches)
+		r = bm_error(-EBADMSG, "the disk differs from point %04u in %"
+			     PRIu64 " granules (first at %" PRIu64 "), and no "
+			     "change record says why", p->number,
+			     res->live_mismatches, res->live_first_mismatch);
 	return r;
 }
 
@@ -937,4 +948,47 @@ blockmirror_backup_prune(const char *dir, unsigned keep,
 	res->first = r == 0 ? k : first;
 	free(dg);
 	return r < 0 ? bm_api_fail("blockmirror_backup_prune", r) : 0;
+}
+
+/* ---- listing --------------------------------------------------------- */
+
+BM_EXPORT int
+blockmirror_backup_list(const char *dir, struct blockmirror_backup_point **out,
+			size_t *count)
+{
+	struct blockmirror_backup_point *v = NULL;
+	unsigned first, last;
+	int r;
+
+	bm_error_clear();
+	if (!dir || !out || !count)
+		return bm_api_fail("blockmirror_backup_list",
+				   bm_error(-EINVAL, "bad arguments"));
+	r = chain_range(dir, &first, &last);
+	if (r == 0 && last && !(v = calloc(last - first + 1, sizeof *v)))
+		r = bm_error(-ENOMEM, "out of memory");
+	for (unsigned k = first; r == 0 && last && k <= last; k++) {
+		struct blockmirror_backup_point *e = &v[k - first];
+		struct point p;
+		struct stat st;
+
+		r = manifest_read(dir, k, &p);
+		if (r < 0)
+			break;
+		e->number = k;
+		e->incremental = p.incremental;
+		e->instant = p.instant;
+		point_file(e->file, sizeof e->file, dir, k, "qcow2");
+		if (stat(e->file, &st) == 0)
+			e->bytes_written = (uint64_t)st.st_blocks * 512;
+		snprintf(e->checkpoint, sizeof e->checkpoint, "%s",
+			 p.checkpoint);
+	}
+	if (r < 0) {
+		free(v);
+		return bm_api_fail("blockmirror_backup_list", r);
+	}
+	*out = v;
+	*count = last ? last - first + 1 : 0;
+	return 0;
 }

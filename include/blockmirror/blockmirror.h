@@ -882,6 +882,12 @@ extern int blockmirror_backup_verify(const char *dir,
 				     struct blockmirror_disk *live,
 				     struct blockmirror_backup_check *check);
 
+/* The points of DIR, oldest first (malloc'd; bytes_written: the space
+ * each point's image takes).  0 points is not an error. */
+extern int blockmirror_backup_list(const char *dir,
+				   struct blockmirror_backup_point **points,
+				   size_t *count);
+
 struct blockmirror_backup_prune_result {
 	unsigned first;               /* the oldest point left */
 	unsigned removed;             /* points removed */

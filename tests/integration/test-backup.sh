@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+#
+# Integration test for `bmirror backup` of an image (docs/backup.md):
+#   - a full point, then incremental ones (healed by digests: the image
+#     has no change record) restore with qemu-img to exactly the image at
+#     each point, and pass qemu-img check;
+#   - an incremental point writes only the granules that changed;
+#   - list, verify (and --against the image), prune --keep, restore;
+#   - damage in a point, a missing middle point, bad arguments: clear
+#     errors, exit status not 0.
+set -euo pipefail
+source "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
+
+requires qemu-img qemu-io python3 truncate head dd
+
+IMG=$T/disk.raw
+DIR=$T/backups
+make_mixed_image "$IMG"
+SIZE=$MIXED_SIZE
+
+# --- a full point, then incremental ones -------------------------------
+run_ok "$BMIRROR" backup "$IMG" --to "$DIR" --json
+cp -- "$RUN_OUT" "$T/p1.json"
+json_assert "$T/p1.json" "d['point'] == 1" "d['incremental'] is False" \
+	"d['bytes_read'] < $SIZE"
+cp -- "$IMG" "$T/at1.raw"
+run_ok qemu-img check -q "$DIR/0001.qcow2"
+run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0001.qcow2" "$T/at1.raw"
+pass "full point equals the image"
+
+# Two granules of new data and one zeroed: only those are written.
+run_ok qemu-io -f raw -c "write -P 0x5a 5M 128K" -c "write -z 1M 64K" "$IMG"
+run_ok "$BMIRROR" backup "$IMG" --to "$DIR" --incremental --json
+cp -- "$RUN_OUT" "$T/p2.json"
+json_assert "$T/p2.json" "d['point'] == 2" "d['incremental'] is True" \
+	"d['healed'] is True" "d['bytes_written'] == 128 * 1024" \
+	"d['bytes_changed'] == 192 * 1024"
+cp -- "$IMG" "$T/at2.raw"
+run_ok qemu-img check -q "$DIR/0002.qcow2"
+run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0002.qcow2" "$T/at2.raw"
+run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0001.qcow2" "$T/at1.raw"
+pass "incremental point: only the changed granules, restores with qemu-img"
+
+run_ok qemu-io -f raw -c "write -P 0x33 9M 64K" "$IMG"
+run_ok "$BMIRROR" backup "$IMG" --to "$DIR" --incremental
+cp -- "$IMG" "$T/at3.raw"
+
+# --- list, verify ------------------------------------------------------
+run_ok "$BMIRROR" backup list "$DIR" --json
+cp -- "$RUN_OUT" "$T/list.json"
+json_assert "$T/list.json" "[p['point'] for p in d['points']] == [1, 2, 3]" \
+	"d['points'][0]['incremental'] is False"
+run_ok "$BMIRROR" backup verify "$DIR" --against "$IMG" --json
+cp -- "$RUN_OUT" "$T/v.json"
+json_assert "$T/v.json" "d['ok'] is True" "d['points'] == 3"
+pass "list and verify"
+
+# --- restore -----------------------------------------------------------
+run_ok "$BMIRROR" backup restore "$DIR" --point 2 --to "$T/r2.raw"
+run_ok cmp -- "$T/r2.raw" "$T/at2.raw"
+run_ok "$BMIRROR" backup restore "$DIR" --to "$T/r3.qcow2" -O qcow2
+run_ok qemu-img compare -q -f qcow2 -F raw "$T/r3.qcow2" "$T/at3.raw"
+expect_fail_with --names "$DIR" nonzero 'no point 0009' \
+	"$BMIRROR" backup restore "$DIR" --point 9 --to "$T/r9.raw"
+pass "restore any point, to any format"
+
+# --- prune -------------------------------------------------------------
+run_ok "$BMIRROR" backup prune "$DIR" --keep 2 --json
+cp -- "$RUN_OUT" "$T/prune.json"
+json_assert "$T/prune.json" "d['first'] == 2" "d['removed'] == 1" \
+	"d['merged'] is True"
+[[ ! -e $DIR/0001.qcow2 ]] || fail "prune left point 1"
+run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0002.qcow2" "$T/at2.raw"
+run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0003.qcow2" "$T/at3.raw"
+run_ok "$BMIRROR" backup verify "$DIR"
+pass "prune into a synthetic full point"
+
+# --- damage ------------------------------------------------------------
+cp -a -- "$DIR" "$T/damaged"
+flip_byte "$T/damaged/0003.qcow2" $(($(file_size "$T/damaged/0003.qcow2") - 100))
+expect_fail_with nonzero 'point 0003 is damaged' \
+	"$BMIRROR" backup verify "$T/damaged"
+rm -- "$T/damaged/0003.json"
+cp -- "$DIR/0003.json" "$T/damaged/0004.json"
+expect_fail_with --names "$T/damaged" nonzero 'missing.*chain is broken' \
+	"$BMIRROR" backup verify "$T/damaged"
+expect_fail_with nonzero 'chain is broken' \
+	"$BMIRROR" backup "$IMG" --to "$T/damaged" --incremental
+echo '{"version": 1' > "$T/damaged/0003.json"
+expect_fail_with --names "$T/damaged" nonzero 'not a backup manifest' \
+	"$BMIRROR" backup verify "$T/damaged"
+pass "damage and a broken chain are named"
+
+# --- bad arguments -----------------------------------------------------
+expect_fail_with 2 'needs --to' "$BMIRROR" backup "$IMG"
+expect_fail_with 2 'keep' "$BMIRROR" backup prune "$DIR"
+expect_fail_with 2 'keep' "$BMIRROR" backup prune "$DIR" --keep 0
+expect_fail_with nonzero 'no point to build' \
+	"$BMIRROR" backup "$IMG" --to "$T/empty" --incremental
+expect_fail_with nonzero 'holds no backup point' \
+	"$BMIRROR" backup verify "$T/empty"
+pass "bad arguments"

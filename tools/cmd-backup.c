@@ -1,0 +1,420 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * bmirror backup: points of a disk in a backup directory (docs/backup.md).
+ *
+ *   bmirror backup [-f FMT] IMAGE --to DIR [--incremental]
+ *   bmirror backup --control SOCK --to DIR [--incremental]
+ *   bmirror backup list DIR
+ *   bmirror backup verify DIR [--against IMAGE | --control SOCK]
+ *   bmirror backup prune DIR --keep N
+ *   bmirror backup restore DIR [--point N] --to TARGET [-O FMT]
+ *
+ * An image that no program runs is backed up here, in this process; a
+ * disk that `bmirror serve` runs is backed up by the server (the
+ * `backup` control command), which holds the disk and its change record.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <inttypes.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "bmirror.h"
+#include "control.h"
+
+static void
+help_backup(void)
+{
+	printf("Usage: bmirror backup [-f FMT] IMAGE --to DIR [--incremental]\n"
+	       "       bmirror backup --control PATH --to DIR [--incremental]\n"
+	       "       bmirror backup list DIR\n"
+	       "       bmirror backup verify DIR [--against IMAGE | --control "
+	       "PATH]\n"
+	       "       bmirror backup prune DIR --keep N\n"
+	       "       bmirror backup restore DIR [--point N] --to TARGET "
+	       "[-O FMT]\n"
+	       "  (each takes --json; taking a point and restore take "
+	       "--progress)\n\n"
+	       "Take a point of a disk into DIR: full, or --incremental (only "
+	       "what\nchanged since the newest point, by the disk's change "
+	       "record, or by\ncomparing digests when there is none).  "
+	       "verify rereads every point\n(and with --against or --control "
+	       "checks the live disk where the record\nsays nothing changed); "
+	       "prune keeps the newest N points; restore\nwrites a point to "
+	       "an image (raw by default).\n");
+}
+
+static void
+print_point(const struct blockmirror_backup_point *p, bool json)
+{
+	if (json) {
+		json_print(json_pack("{s:i, s:s, s:b, s:I, s:I, s:I, s:I, s:s, "
+				     "s:b}",
+			"point", (int)p->number, "file", p->file,
+			"incremental", p->incremental,
+			"instant", (json_int_t)p->instant,
+			"bytes_changed", (json_int_t)p->bytes_changed,
+			"bytes_read", (json_int_t)p->bytes_read,
+			"bytes_written", (json_int_t)p->bytes_written,
+			"checkpoint", p->checkpoint,
+			"healed", p->healed));
+		return;
+	}
+	printf("point %04u %s %s%s read=%" PRIu64 " written=%" PRIu64 "\n",
+	       p->number, p->incremental ? "incremental" : "full", p->file,
+	       p->healed ? " (healed by digests)" : "", p->bytes_read,
+	       p->bytes_written);
+}
+
+/* Open an image for a backup or a check, with its change record when it
+ * has one (IMAGE.bmirror-cbt, written by `bmirror serve --track`). */
+static struct blockmirror_disk *
+open_tracked(const char *image, enum blockmirror_format fmt, bool readonly)
+{
+	struct blockmirror_disk *disk;
+	char side[PATH_MAX];
+
+	disk = blockmirror_disk_open(image, fmt, readonly ?
+				     BLOCKMIRROR_DISK_READONLY : 0);
+	if (!disk) {
+		tool_lib_error();
+		return NULL;
+	}
+	snprintf(side, sizeof side, "%s.bmirror-cbt", image);
+	if (access(side, F_OK) == 0 &&
+	    blockmirror_disk_track(disk, side, 0, NULL) < 0) {
+		tool_lib_error();
+		blockmirror_disk_close(disk);
+		return NULL;
+	}
+	return disk;
+}
+
+static int
+take_local(const char *image, enum blockmirror_format fmt, const char *dir,
+	   bool incremental, bool json, bool want_bar)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point p;
+	struct blockmirror_disk *disk = open_tracked(image, fmt, false);
+	struct progress *bar;
+	int r;
+
+	if (!disk)
+		return EXIT_FAILED;
+	bar = progress_new("backing up", want_bar);
+	o.dir = dir;
+	o.incremental = incremental;
+	o.progress = bar ? progress_update : NULL;
+	o.user_data = bar;
+	r = blockmirror_backup(disk, &o, &p);
+	progress_end(bar);
+	if (r < 0)
+		tool_lib_error();
+	if (blockmirror_disk_close(disk) < 0 && r == 0) {
+		tool_lib_error();
+		r = -1;
+	}
+	if (r < 0)
+		return EXIT_FAILED;
+	print_point(&p, json);
+	return EXIT_OK;
+}
+
+static int
+take_served(const char *control, const char *dir, bool incremental,
+	    bool json)
+{
+	char real[PATH_MAX];
+	json_t *reply;
+
+	/* The server opens DIR: name it absolutely. */
+	if (!realpath(dir, real)) {
+		if (errno != ENOENT || strlen(dir) >= sizeof real - 256)
+			return tool_usage_error("%s: %s", dir,
+						strerror(errno));
+		if (dir[0] == '/')
+			snprintf(real, sizeof real, "%s", dir);
+		else if (!getcwd(real, sizeof real - strlen(dir) - 2))
+			return tool_usage_error("getcwd: %s", strerror(errno));
+		else
+			snprintf(real + strlen(real), sizeof real - strlen(real),
+				 "/%s", dir);
+	}
+	reply = client_call(control, json_pack("{s:s, s:s, s:b}",
+					       "cmd", "backup", "dir", real,
+					       "incremental", incremental));
+	if (!reply)
+		return EXIT_FAILED;
+	if (json) {
+		json_print(json_incref(json_object_get(reply, "return")));
+	} else {
+		json_t *r = json_object_get(reply, "return");
+
+		printf("point %04" JSON_INTEGER_FORMAT " %s %s%s\n",
+		       json_integer_value(json_object_get(r, "point")),
+		       json_is_true(json_object_get(r, "incremental")) ?
+		       "incremental" : "full",
+		       json_string_value(json_object_get(r, "file")),
+		       json_is_true(json_object_get(r, "healed")) ?
+		       " (healed by digests)" : "");
+	}
+	json_decref(reply);
+	return EXIT_OK;
+}
+
+static int
+do_list(const char *dir, bool json)
+{
+	struct blockmirror_backup_point *v;
+	size_t n;
+
+	if (blockmirror_backup_list(dir, &v, &n) < 0) {
+		tool_lib_error();
+		return EXIT_FAILED;
+	}
+	if (json) {
+		json_t *a = json_array();
+
+		for (size_t i = 0; i < n; i++)
+			json_array_append_new(a, json_pack(
+				"{s:i, s:s, s:b, s:I, s:I, s:s}",
+				"point", (int)v[i].number, "file", v[i].file,
+				"incremental", v[i].incremental,
+				"instant", (json_int_t)v[i].instant,
+				"bytes", (json_int_t)v[i].bytes_written,
+				"checkpoint", v[i].checkpoint));
+		json_print(json_pack("{s:o}", "points", a));
+	} else {
+		for (size_t i = 0; i < n; i++)
+			printf("%04u %-11s %" PRId64 " %" PRIu64 " %s\n",
+			       v[i].number, v[i].incremental ? "incremental"
+			       : "full", v[i].instant, v[i].bytes_written,
+			       v[i].file);
+	}
+	free(v);
+	return EXIT_OK;
+}
+
+static int
+do_verify(const char *dir, const char *against, enum blockmirror_format fmt,
+	  const char *control, bool json)
+{
+	struct blockmirror_backup_check c;
+	struct blockmirror_disk *disk = NULL;
+	int r;
+
+	if (control) {
+		char real[PATH_MAX];
+		json_t *reply;
+
+		if (!realpath(dir, real))
+			return tool_usage_error("%s: %s", dir, strerror(errno));
+		reply = client_call(control, json_pack("{s:s, s:s}", "cmd",
+						       "backup-verify", "dir",
+						       real));
+		if (!reply)
+			return EXIT_FAILED;
+		if (json)
+			json_print(json_incref(json_object_get(reply,
+							       "return")));
+		else
+			printf("%s: every point reads as its digests, and the "
+			       "live disk agrees\n", dir);
+		json_decref(reply);
+		return EXIT_OK;
+	}
+	if (against && !(disk = open_tracked(against, fmt, true)))
+		return EXIT_FAILED;
+	r = blockmirror_backup_verify(dir, disk, &c);
+	if (r < 0)
+		tool_lib_error();
+	if (disk)
+		blockmirror_disk_close(disk);
+	if (json)
+		json_print(json_pack("{s:b, s:i, s:i, s:I, s:I, s:I}",
+			"ok", r == 0, "points", (int)c.points,
+			"bad_point", (int)c.bad_point,
+			"bytes_read", (json_int_t)c.bytes_read,
+			"live_bytes_read", (json_int_t)c.live_bytes_read,
+			"live_mismatches", (json_int_t)c.live_mismatches));
+	else if (r == 0)
+		printf("%s: %u points read as their digests%s\n", dir,
+		       c.points, disk ? ", and the live disk agrees" : "");
+	return r < 0 ? EXIT_FAILED : EXIT_OK;
+}
+
+static int
+do_prune(const char *dir, uint64_t keep, bool json)
+{
+	struct blockmirror_backup_prune_result p;
+
+	if (blockmirror_backup_prune(dir, (unsigned)keep, &p) < 0) {
+		tool_lib_error();
+		return EXIT_FAILED;
+	}
+	if (json)
+		json_print(json_pack("{s:i, s:i, s:b, s:I}", "first",
+				     (int)p.first, "removed", (int)p.removed,
+				     "merged", p.merged, "bytes_read",
+				     (json_int_t)p.bytes_read));
+	else
+		printf("%s: removed %u points; the chain starts at %04u%s\n",
+		       dir, p.removed, p.first,
+		       p.merged ? " (made full)" : "");
+	return EXIT_OK;
+}
+
+static int
+do_restore(const char *dir, uint64_t point, const char *to,
+	   enum blockmirror_format fmt, bool json, bool want_bar)
+{
+	struct blockmirror_copy_options o = { .size = sizeof o };
+	struct blockmirror_copy_stats st = { .size = sizeof st };
+	struct blockmirror_backup_point *v;
+	struct progress *bar;
+	char file[PATH_MAX];
+	size_t n;
+
+	if (blockmirror_backup_list(dir, &v, &n) < 0) {
+		tool_lib_error();
+		return EXIT_FAILED;
+	}
+	if (!n || (point && (point < v[0].number ||
+			     point > v[n - 1].number))) {
+		tool_error("%s: no point %04" PRIu64 " (it holds %zu points%s)",
+			   dir, point, n, n ? ", see bmirror backup list" : "");
+		free(v);
+		return EXIT_FAILED;
+	}
+	snprintf(file, sizeof file, "%s",
+		 v[point ? point - v[0].number : n - 1].file);
+	free(v);
+	o.src_format = BLOCKMIRROR_FORMAT_QCOW2;
+	o.dst_format = fmt == BLOCKMIRROR_FORMAT_AUTO ? BLOCKMIRROR_FORMAT_RAW
+						      : fmt;
+	bar = progress_new("restoring", want_bar);
+	o.progress = bar ? progress_update : NULL;
+	o.progress_data = bar;
+	if (blockmirror_copy(file, to, &o, &st) < 0) {
+		progress_end(bar);
+		tool_lib_error();
+		return EXIT_FAILED;
+	}
+	progress_end(bar);
+	if (json)
+		json_print(json_pack("{s:s, s:s, s:I, s:I}", "point", file,
+				     "to", to, "bytes_read",
+				     (json_int_t)st.bytes_read,
+				     "bytes_written",
+				     (json_int_t)st.bytes_written));
+	return EXIT_OK;
+}
+
+int
+cmd_backup(int argc, char **argv)
+{
+	enum { OPT_TO = 256, OPT_INCREMENTAL, OPT_CONTROL, OPT_AGAINST,
+	       OPT_KEEP, OPT_POINT, OPT_JSON, OPT_PROGRESS, OPT_HELP };
+	static const struct option longopts[] = {
+		{ "to", required_argument, NULL, OPT_TO },
+		{ "incremental", no_argument, NULL, OPT_INCREMENTAL },
+		{ "control", required_argument, NULL, OPT_CONTROL },
+		{ "against", required_argument, NULL, OPT_AGAINST },
+		{ "keep", required_argument, NULL, OPT_KEEP },
+		{ "point", required_argument, NULL, OPT_POINT },
+		{ "json", no_argument, NULL, OPT_JSON },
+		{ "progress", no_argument, NULL, OPT_PROGRESS },
+		{ "help", no_argument, NULL, OPT_HELP },
+		{ NULL, 0, NULL, 0 },
+	};
+	enum blockmirror_format fmt = BLOCKMIRROR_FORMAT_AUTO;
+	const char *to = NULL, *control = NULL, *against = NULL, *action;
+	bool incremental = false, json = false;
+	bool want_bar = isatty(STDOUT_FILENO);
+	uint64_t keep = 0, point = 0;
+	int c;
+
+	opterr = 0;
+	while ((c = getopt_long(argc, argv, ":f:O:h", longopts, NULL)) != -1) {
+		switch (c) {
+		case 'f':
+		case 'O':
+			if (!parse_format(optarg, &fmt))
+				return EXIT_USAGE;
+			break;
+		case OPT_TO:
+			to = optarg;
+			break;
+		case OPT_INCREMENTAL:
+			incremental = true;
+			break;
+		case OPT_CONTROL:
+			control = optarg;
+			break;
+		case OPT_AGAINST:
+			against = optarg;
+			break;
+		case OPT_KEEP:
+		case OPT_POINT:
+			if (!parse_uint(optarg, 9999, c == OPT_KEEP ? &keep
+								  : &point))
+				return tool_usage_error("--%s: '%s' is not a "
+					"number from 1 to 9999", c == OPT_KEEP ?
+					"keep" : "point", optarg);
+			break;
+		case OPT_JSON:
+			json = true;
+			want_bar = false;
+			break;
+		case OPT_PROGRESS:
+			want_bar = true;
+			break;
+		case 'h':
+		case OPT_HELP:
+			help_backup();
+			return EXIT_OK;
+		default:
+			return tool_bad_option(c, argc, argv);
+		}
+	}
+	action = optind < argc ? argv[optind] : NULL;
+	if (action && (!strcmp(action, "list") || !strcmp(action, "verify") ||
+		       !strcmp(action, "prune") ||
+		       !strcmp(action, "restore"))) {
+		const char *dir = argc - optind == 2 ? argv[optind + 1] : NULL;
+
+		if (!dir)
+			return tool_usage_error("backup %s needs DIR", action);
+		if (!strcmp(action, "list"))
+			return do_list(dir, json);
+		if (!strcmp(action, "verify")) {
+			if (against && control)
+				return tool_usage_error("--against and "
+							"--control exclude "
+							"each other");
+			return do_verify(dir, against, fmt, control, json);
+		}
+		if (!strcmp(action, "prune")) {
+			if (!keep)
+				return tool_usage_error("prune needs --keep N");
+			return do_prune(dir, keep, json);
+		}
+		if (!to)
+			return tool_usage_error("restore needs --to TARGET");
+		return do_restore(dir, point, to, fmt, json, want_bar);
+	}
+	if (!to)
+		return tool_usage_error("backup needs --to DIR");
+	if (control) {
+		if (argc != optind)
+			return tool_usage_error("--control takes no IMAGE");
+		return take_served(control, to, incremental, json);
+	}
+	if (argc - optind != 1)
+		return tool_usage_error("expected IMAGE (or --control PATH)");
+	return take_local(argv[optind], fmt, to, incremental, json, want_bar);
+}
