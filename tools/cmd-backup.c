@@ -36,6 +36,7 @@ help_backup(void)
 	       "       bmirror backup prune DIR --keep N\n"
 	       "       bmirror backup restore DIR [--point N] --to TARGET "
 	       "[-O FMT]\n"
+	       "       bmirror backup restore DIR [--point N] --overlay FILE\n"
 	       "  (each takes --json; taking a point and restore take "
 	       "--progress)\n\n"
 	       "Take a point of a disk into DIR: full, or --incremental (only "
@@ -44,7 +45,8 @@ help_backup(void)
 	       "verify rereads every point\n(and with --against or --control "
 	       "checks the live disk where the record\nsays nothing changed); "
 	       "prune keeps the newest N points; restore\nwrites a point to "
-	       "an image (raw by default).\n");
+	       "an image (raw by default), or with --overlay makes a\nqcow2 "
+	       "overlay of it to serve at once (instant restore).\n");
 }
 
 static void
@@ -268,9 +270,43 @@ do_prune(const char *dir, uint64_t keep, bool json)
 	return EXIT_OK;
 }
 
+/* Instant restore: a new qcow2 overlay over the point, to serve at once
+ * and move to production storage while the guest runs on it. */
+static int
+make_overlay(const char *file, const char *overlay, bool json)
+{
+	struct blockmirror_image_info info = { .size = sizeof info };
+	char real[PATH_MAX], opts[PATH_MAX + 64];
+
+	if (!realpath(file, real) ||
+	    blockmirror_image_info(real, BLOCKMIRROR_FORMAT_QCOW2, &info) < 0) {
+		tool_lib_error();
+		return EXIT_FAILED;
+	}
+	if (strchr(real, ','))
+		return tool_usage_error("%s: a backup directory whose path "
+					"holds a comma cannot be an overlay's "
+					"backing file", real);
+	snprintf(opts, sizeof opts, "backing_file=%s,backing_fmt=qcow2", real);
+	if (blockmirror_image_create(overlay, BLOCKMIRROR_FORMAT_QCOW2,
+				     info.virtual_size, opts, false) < 0) {
+		tool_lib_error();
+		return EXIT_FAILED;
+	}
+	if (json)
+		json_print(json_pack("{s:s, s:s}", "point", real, "overlay",
+				     overlay));
+	else
+		printf("%s: an overlay of %s; serve it with "
+		       "--allow-backing-dir %.*s\n", overlay, real,
+		       (int)(strrchr(real, '/') - real), real);
+	return EXIT_OK;
+}
+
 static int
 do_restore(const char *dir, uint64_t point, const char *to,
-	   enum blockmirror_format fmt, bool json, bool want_bar)
+	   const char *overlay, enum blockmirror_format fmt, bool json,
+	   bool want_bar)
 {
 	struct blockmirror_copy_options o = { .size = sizeof o };
 	struct blockmirror_copy_stats st = { .size = sizeof st };
@@ -293,6 +329,8 @@ do_restore(const char *dir, uint64_t point, const char *to,
 	snprintf(file, sizeof file, "%s",
 		 v[point ? point - v[0].number : n - 1].file);
 	free(v);
+	if (overlay)
+		return make_overlay(file, overlay, json);
 	o.src_format = BLOCKMIRROR_FORMAT_QCOW2;
 	o.dst_format = fmt == BLOCKMIRROR_FORMAT_AUTO ? BLOCKMIRROR_FORMAT_RAW
 						      : fmt;
@@ -318,7 +356,8 @@ int
 cmd_backup(int argc, char **argv)
 {
 	enum { OPT_TO = 256, OPT_INCREMENTAL, OPT_CONTROL, OPT_AGAINST,
-	       OPT_KEEP, OPT_POINT, OPT_JSON, OPT_PROGRESS, OPT_HELP };
+	       OPT_KEEP, OPT_POINT, OPT_JSON, OPT_PROGRESS, OPT_OVERLAY,
+	       OPT_HELP };
 	static const struct option longopts[] = {
 		{ "to", required_argument, NULL, OPT_TO },
 		{ "incremental", no_argument, NULL, OPT_INCREMENTAL },
@@ -328,11 +367,13 @@ cmd_backup(int argc, char **argv)
 		{ "point", required_argument, NULL, OPT_POINT },
 		{ "json", no_argument, NULL, OPT_JSON },
 		{ "progress", no_argument, NULL, OPT_PROGRESS },
+		{ "overlay", required_argument, NULL, OPT_OVERLAY },
 		{ "help", no_argument, NULL, OPT_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
 	enum blockmirror_format fmt = BLOCKMIRROR_FORMAT_AUTO;
 	const char *to = NULL, *control = NULL, *against = NULL, *action;
+	const char *overlay = NULL;
 	bool incremental = false, json = false;
 	bool want_bar = isatty(STDOUT_FILENO);
 	uint64_t keep = 0, point = 0;
@@ -357,6 +398,9 @@ cmd_backup(int argc, char **argv)
 			break;
 		case OPT_AGAINST:
 			against = optarg;
+			break;
+		case OPT_OVERLAY:
+			overlay = optarg;
 			break;
 		case OPT_KEEP:
 		case OPT_POINT:
@@ -403,9 +447,11 @@ cmd_backup(int argc, char **argv)
 				return tool_usage_error("prune needs --keep N");
 			return do_prune(dir, keep, json);
 		}
-		if (!to)
-			return tool_usage_error("restore needs --to TARGET");
-		return do_restore(dir, point, to, fmt, json, want_bar);
+		if (!to == !overlay)
+			return tool_usage_error("restore needs --to TARGET or "
+						"--overlay FILE");
+		return do_restore(dir, point, to, overlay, fmt, json,
+				  want_bar);
 	}
 	if (!to)
 		return tool_usage_error("backup needs --to DIR");

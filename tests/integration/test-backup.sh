@@ -7,12 +7,14 @@
 #     each point, and pass qemu-img check;
 #   - an incremental point writes only the granules that changed;
 #   - list, verify (and --against the image), prune --keep, restore;
+#   - instant restore: an overlay of a point is served at once, written,
+#     and moved to production storage with a pivot, the point untouched;
 #   - damage in a point, a missing middle point, bad arguments: clear
 #     errors, exit status not 0.
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
 
-requires qemu-img qemu-io python3 truncate head dd
+requires qemu-img qemu-io python3 truncate head dd cmp
 
 IMG=$T/disk.raw
 DIR=$T/backups
@@ -64,6 +66,21 @@ run_ok qemu-img compare -q -f qcow2 -F raw "$T/r3.qcow2" "$T/at3.raw"
 expect_fail_with --names "$DIR" nonzero 'no point 0009' \
 	"$BMIRROR" backup restore "$DIR" --point 9 --to "$T/r9.raw"
 pass "restore any point, to any format"
+
+# --- instant restore: serve an overlay, move it to production -----------
+run_ok "$BMIRROR" backup restore "$DIR" --point 2 --overlay "$T/overlay.qcow2"
+export BLOCKMIRROR_ALLOW_BACKING_DIRS=$DIR
+start_serve "$T/overlay.qcow2"
+run_ok qemu-io -f raw -c "write -P 0x66 2M 64K" "nbd+unix:///?socket=$T/nbd.sock"
+run_ok "$BMIRROR" move --control "$T/ctl.sock" --to "$T/prod.raw" -O raw
+run_ok qemu-io -f raw -c "write -P 0x67 3M 4K" "nbd+unix:///?socket=$T/nbd.sock"
+stop_serve
+unset BLOCKMIRROR_ALLOW_BACKING_DIRS
+cp -- "$T/at2.raw" "$T/want.raw"
+run_ok qemu-io -f raw -c "write -P 0x66 2M 64K" -c "write -P 0x67 3M 4K" "$T/want.raw"
+run_ok cmp -- "$T/prod.raw" "$T/want.raw"
+run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0002.qcow2" "$T/at2.raw"
+pass "instant restore: the guest runs on an overlay of point 2 while it moves to production"
 
 # --- prune -------------------------------------------------------------
 run_ok "$BMIRROR" backup prune "$DIR" --keep 2 --json
