@@ -57,6 +57,7 @@ struct point {
 	uint64_t disk_size;
 	uint64_t granularity;
 	char checkpoint[80];
+	bool application;          /* freeze succeeded at the instant */
 	struct bm_digest digests_digest;
 };
 
@@ -86,6 +87,8 @@ manifest_read(const char *dir, unsigned n, struct point *p)
 	memset(p, 0, sizeof *p);
 	p->number = n;
 	p->incremental = json_is_true(json_object_get(m, "incremental"));
+	s = json_string_value(json_object_get(m, "consistency"));
+	p->application = s && !strcmp(s, "application");
 	p->instant = json_integer_value(json_object_get(m, "instant"));
 	p->disk_size = json_integer_value(json_object_get(m, "disk_size"));
 	p->granularity = json_integer_value(json_object_get(m, "granularity"));
@@ -126,7 +129,8 @@ manifest_write(const char *dir, const struct point *p, const char *backing)
 		      "disk_size", (json_int_t)p->disk_size,
 		      "granularity", (json_int_t)p->granularity,
 		      "checkpoint", p->checkpoint[0] ? p->checkpoint : NULL,
-		      "backing", backing, "consistency", "crash",
+		      "backing", backing,
+		      "consistency", p->application ? "application" : "crash",
 		      "digests_xxh128", hex);
 	text = m ? json_dumps(m, JSON_INDENT(2)) : NULL;
 	json_decref(m);
@@ -438,7 +442,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	struct run run = { .disk = disk, .o = o, .res = res };
 	char cp[80], data[PATH_MAX] = "", dig[PATH_MAX] = "", backing[32];
 	uint64_t *words = NULL, nbits = 0, changed = 0, g = 0, ndig;
-	bool tracking, created = false, heal = false;
+	bool tracking, created = false, heal = false, frozen;
 	unsigned newest;
 	size_t ncp = 0;
 	int r;
@@ -489,6 +493,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		so.checkpoint = cp;
 		so.since = o->incremental && !heal ? prev.checkpoint : NULL;
 	}
+	frozen = o->freeze && o->freeze(o->user_data) == 0;
 	r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
 	if ((r == -ENOENT || r == -ESTALE) && so.since) {
 		/* The record since the point is gone or not trusted (a
@@ -499,6 +504,15 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		so.since = NULL;
 		r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
 	}
+	if (o->thaw) {
+		char msg[512];
+
+		snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
+		o->thaw(o->user_data);
+		if (r < 0)
+			bm_error(r, "%s", msg);
+	}
+	p.application = frozen;
 	if (r < 0)
 		goto fail;
 	created = tracking;
@@ -606,6 +620,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	res->incremental = p.incremental;
 	res->instant = p.instant;
 	res->healed = heal;
+	res->application_consistent = frozen;
 	if (o->incremental && !heal)
 		res->bytes_changed = changed;
 	else if (!heal)
@@ -977,6 +992,7 @@ blockmirror_backup_list(const char *dir, struct blockmirror_backup_point **out,
 			break;
 		e->number = k;
 		e->incremental = p.incremental;
+		e->application_consistent = p.application;
 		e->instant = p.instant;
 		point_file(e->file, sizeof e->file, dir, k, "qcow2");
 		if (stat(e->file, &st) == 0)

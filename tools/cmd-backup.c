@@ -15,6 +15,9 @@
  */
 #include <errno.h>
 #include <getopt.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -29,6 +32,8 @@ static void
 help_backup(void)
 {
 	printf("Usage: bmirror backup [-f FMT] IMAGE --to DIR [--incremental]\n"
+	       "         [--freeze-cmd CMD] [--thaw-cmd CMD] "
+	       "[--freeze-timeout SECS]\n"
 	       "       bmirror backup --control PATH --to DIR [--incremental]\n"
 	       "       bmirror backup list DIR\n"
 	       "       bmirror backup verify DIR [--against IMAGE | --control "
@@ -44,7 +49,10 @@ help_backup(void)
 	       "record, or by\ncomparing digests when there is none).  "
 	       "verify rereads every point\n(and with --against or --control "
 	       "checks the live disk where the record\nsays nothing changed); "
-	       "prune keeps the newest N points; restore\nwrites a point to "
+	       "--freeze-cmd runs right before the instant (for example\n"
+	       "virsh domfsfreeze); if it fails or times out (10 s) the point "
+	       "is\ncrash-consistent, else application-consistent; "
+	       "--thaw-cmd runs\nright after.  prune keeps the newest N points; restore\nwrites a point to "
 	       "an image (raw by default), or with --overlay makes a\nqcow2 "
 	       "overlay of it to serve at once (instant restore).\n");
 }
@@ -54,7 +62,7 @@ print_point(const struct blockmirror_backup_point *p, bool json)
 {
 	if (json) {
 		json_print(json_pack("{s:i, s:s, s:b, s:I, s:I, s:I, s:I, s:s, "
-				     "s:b}",
+				     "s:b, s:s}",
 			"point", (int)p->number, "file", p->file,
 			"incremental", p->incremental,
 			"instant", (json_int_t)p->instant,
@@ -62,13 +70,92 @@ print_point(const struct blockmirror_backup_point *p, bool json)
 			"bytes_read", (json_int_t)p->bytes_read,
 			"bytes_written", (json_int_t)p->bytes_written,
 			"checkpoint", p->checkpoint,
-			"healed", p->healed));
+			"healed", p->healed,
+			"consistency", p->application_consistent ?
+				       "application" : "crash"));
 		return;
 	}
-	printf("point %04u %s %s%s read=%" PRIu64 " written=%" PRIu64 "\n",
-	       p->number, p->incremental ? "incremental" : "full", p->file,
-	       p->healed ? " (healed by digests)" : "", p->bytes_read,
-	       p->bytes_written);
+	printf("point %04u %s %s %s%s read=%" PRIu64 " written=%" PRIu64 "\n",
+	       p->number, p->incremental ? "incremental" : "full",
+	       p->application_consistent ? "application-consistent"
+					 : "crash-consistent",
+	       p->file, p->healed ? " (healed by digests)" : "",
+	       p->bytes_read, p->bytes_written);
+}
+
+/* The freeze and thaw commands (--freeze-cmd, --thaw-cmd). */
+struct hooks {
+	const char *freeze, *thaw;
+	unsigned timeout_s;
+};
+
+/* Run `cmd` with sh -c, at most timeout_s seconds (then it is killed,
+ * with its process group): 0 if it exited 0. */
+static int
+run_hook(const char *what, const char *cmd, unsigned timeout_s)
+{
+	struct timespec t0, now, nap = { 0, 10 * 1000 * 1000 };
+	int status;
+	pid_t pid;
+
+	fflush(NULL);
+	pid = fork();
+	if (pid < 0) {
+		tool_error("%s command: fork: %s", what, strerror(errno));
+		return -1;
+	}
+	if (pid == 0) {
+		setpgid(0, 0);
+		execl("/bin/sh", "sh", "-c", cmd, (char *)NULL);
+		_exit(127);
+	}
+	setpgid(pid, pid);
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	for (;;) {
+		pid_t r = waitpid(pid, &status, WNOHANG);
+
+		if (r == pid)
+			break;
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		if (now.tv_sec - t0.tv_sec >= (time_t)timeout_s) {
+			kill(-pid, SIGKILL);
+			waitpid(pid, &status, 0);
+			tool_error("%s command did not finish in %u s; killed",
+				   what, timeout_s);
+			return -1;
+		}
+		nanosleep(&nap, NULL);
+	}
+	if (!WIFEXITED(status) || WEXITSTATUS(status)) {
+		tool_error("%s command failed (%s %d)", what,
+			   WIFEXITED(status) ? "exit status" : "signal",
+			   WIFEXITED(status) ? WEXITSTATUS(status)
+					     : WTERMSIG(status));
+		return -1;
+	}
+	return 0;
+}
+
+static int
+freeze_hook(void *user_data)
+{
+	struct hooks *h = user_data;
+
+	if (!h->freeze)
+		return -1;
+	if (run_hook("freeze", h->freeze, h->timeout_s) == 0)
+		return 0;
+	fprintf(stderr, "bmirror backup: the point will be crash-consistent\n");
+	return -1;
+}
+
+static void
+thaw_hook(void *user_data)
+{
+	struct hooks *h = user_data;
+
+	if (h->thaw)
+		run_hook("thaw", h->thaw, h->timeout_s);
 }
 
 /* Open an image for a backup or a check, with its change record when it
@@ -95,9 +182,17 @@ open_tracked(const char *image, enum blockmirror_format fmt, bool readonly)
 	return disk;
 }
 
+static struct progress *hooks_bar;
+
+static void
+hooked_progress(void *user_data, uint64_t done, uint64_t total)
+{
+	progress_update(hooks_bar, done, total);
+}
+
 static int
 take_local(const char *image, enum blockmirror_format fmt, const char *dir,
-	   bool incremental, bool json, bool want_bar)
+	   bool incremental, struct hooks *hooks, bool json, bool want_bar)
 {
 	struct blockmirror_backup_options o = { .size = sizeof o };
 	struct blockmirror_backup_point p;
@@ -110,8 +205,14 @@ take_local(const char *image, enum blockmirror_format fmt, const char *dir,
 	bar = progress_new("backing up", want_bar);
 	o.dir = dir;
 	o.incremental = incremental;
-	o.progress = bar ? progress_update : NULL;
-	o.user_data = bar;
+	/* The hooks get user_data too: the bar goes through them. */
+	hooks_bar = bar;
+	o.progress = bar ? hooked_progress : NULL;
+	o.user_data = hooks;
+	if (hooks->freeze || hooks->thaw) {
+		o.freeze = freeze_hook;
+		o.thaw = thaw_hook;
+	}
 	r = blockmirror_backup(disk, &o, &p);
 	progress_end(bar);
 	if (r < 0)
@@ -357,7 +458,7 @@ cmd_backup(int argc, char **argv)
 {
 	enum { OPT_TO = 256, OPT_INCREMENTAL, OPT_CONTROL, OPT_AGAINST,
 	       OPT_KEEP, OPT_POINT, OPT_JSON, OPT_PROGRESS, OPT_OVERLAY,
-	       OPT_HELP };
+	       OPT_FREEZE, OPT_THAW, OPT_FREEZE_TIMEOUT, OPT_HELP };
 	static const struct option longopts[] = {
 		{ "to", required_argument, NULL, OPT_TO },
 		{ "incremental", no_argument, NULL, OPT_INCREMENTAL },
@@ -368,12 +469,16 @@ cmd_backup(int argc, char **argv)
 		{ "json", no_argument, NULL, OPT_JSON },
 		{ "progress", no_argument, NULL, OPT_PROGRESS },
 		{ "overlay", required_argument, NULL, OPT_OVERLAY },
+		{ "freeze-cmd", required_argument, NULL, OPT_FREEZE },
+		{ "thaw-cmd", required_argument, NULL, OPT_THAW },
+		{ "freeze-timeout", required_argument, NULL, OPT_FREEZE_TIMEOUT },
 		{ "help", no_argument, NULL, OPT_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
 	enum blockmirror_format fmt = BLOCKMIRROR_FORMAT_AUTO;
 	const char *to = NULL, *control = NULL, *against = NULL, *action;
 	const char *overlay = NULL;
+	struct hooks hooks = { .timeout_s = 10 };
 	bool incremental = false, json = false;
 	bool want_bar = isatty(STDOUT_FILENO);
 	uint64_t keep = 0, point = 0;
@@ -401,6 +506,20 @@ cmd_backup(int argc, char **argv)
 			break;
 		case OPT_OVERLAY:
 			overlay = optarg;
+			break;
+		case OPT_FREEZE:
+			hooks.freeze = optarg;
+			break;
+		case OPT_THAW:
+			hooks.thaw = optarg;
+			break;
+		case OPT_FREEZE_TIMEOUT:
+			if (!parse_uint(optarg, 3600, &keep) || !keep)
+				return tool_usage_error("--freeze-timeout: '%s' "
+					"is not a number of seconds from 1 to "
+					"3600", optarg);
+			hooks.timeout_s = (unsigned)keep;
+			keep = 0;
 			break;
 		case OPT_KEEP:
 		case OPT_POINT:
@@ -462,5 +581,6 @@ cmd_backup(int argc, char **argv)
 	}
 	if (argc - optind != 1)
 		return tool_usage_error("expected IMAGE (or --control PATH)");
-	return take_local(argv[optind], fmt, to, incremental, json, want_bar);
+	return take_local(argv[optind], fmt, to, incremental, &hooks, json,
+			  want_bar);
 }

@@ -830,6 +830,14 @@ struct blockmirror_backup_options {
 	bool incremental;
 	blockmirror_progress_fn progress; /* may be NULL */
 	void *user_data;
+	/* Application consistency (our VSS writers): freeze runs right
+	 * before the snapshot's instant, thaw right after it (also when the
+	 * snapshot fails).  freeze returns 0 when the guest's applications
+	 * are quiesced, making the point application-consistent; any other
+	 * value (a refusal, a timeout) makes it crash-consistent, and the
+	 * backup goes on.  Both may be NULL; they get user_data. */
+	int (*freeze)(void *user_data);
+	void (*thaw)(void *user_data);
 };
 
 struct blockmirror_backup_point {
@@ -847,6 +855,7 @@ struct blockmirror_backup_point {
 	uint64_t bytes_written;       /* data (not zeroes) into the point */
 	char file[4096];              /* DIR/NNNN.qcow2 */
 	char checkpoint[80];          /* created at the instant, or "" */
+	bool application_consistent;  /* freeze succeeded */
 };
 
 /*

@@ -44,9 +44,37 @@ run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0002.qcow2" "$T/at2.raw"
 run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0001.qcow2" "$T/at1.raw"
 pass "incremental point: only the changed granules, restores with qemu-img"
 
+# Freeze and thaw hooks: application-consistent when the freeze holds.
 run_ok qemu-io -f raw -c "write -P 0x33 9M 64K" "$IMG"
-run_ok "$BMIRROR" backup "$IMG" --to "$DIR" --incremental
+run_ok "$BMIRROR" backup "$IMG" --to "$DIR" --incremental --json \
+	--freeze-cmd "echo frozen > $T/hook" --thaw-cmd "echo thawed >> $T/hook"
+cp -- "$RUN_OUT" "$T/p3.json"
+json_assert "$T/p3.json" "d['consistency'] == 'application'"
+[[ $(cat "$T/hook") == $'frozen\nthawed' ]] || fail "hooks ran as: $(cat "$T/hook")"
 cp -- "$IMG" "$T/at3.raw"
+python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["consistency"] == "application"' "$DIR/0003.json" ||
+	fail "the manifest of point 3 does not say application"
+pass "freeze and thaw around the instant: application-consistent"
+
+# A freeze that hangs is killed after --freeze-timeout, one that fails is
+# reported; either way the point is taken, crash-consistent, and thawed.
+mkdir -p "$T/hooked"
+rm -f -- "$T/hook"
+SECONDS=0
+run_ok "$BMIRROR" backup "$IMG" --to "$T/hooked" --json --freeze-timeout 1 \
+	--freeze-cmd "sleep 60" --thaw-cmd "echo thawed > $T/hook"
+((SECONDS < 20)) || fail "a hung freeze held the backup ${SECONDS}s"
+cp -- "$RUN_OUT" "$T/h1.json"
+json_assert "$T/h1.json" "d['consistency'] == 'crash'"
+grep -q 'freeze command did not finish in 1 s' "$RUN_ERR" || fail "no word of the freeze timeout"
+[[ $(cat "$T/hook") == thawed ]] || fail "the thaw did not run after a timed-out freeze"
+run_ok "$BMIRROR" backup "$IMG" --to "$T/hooked" --incremental --json \
+	--freeze-cmd "exit 3"
+cp -- "$RUN_OUT" "$T/h2.json"
+json_assert "$T/h2.json" "d['consistency'] == 'crash'"
+grep -q 'freeze command failed (exit status 3)' "$RUN_ERR" || fail "no word of the failed freeze"
+expect_fail_with 2 'freeze-timeout' "$BMIRROR" backup "$IMG" --to "$T/hooked" --freeze-timeout 0
+pass "a hung or failing freeze: crash-consistent point, thawed, said"
 
 # --- list, verify ------------------------------------------------------
 run_ok "$BMIRROR" backup list "$DIR" --json

@@ -373,6 +373,94 @@ START_TEST(test_heal_by_digests)
 }
 END_TEST
 
+/* What the freeze and thaw hooks of the next test do. */
+struct hooks {
+	struct blockmirror_disk *disk;
+	int freeze_result;
+	int calls;                     /* freeze 1, thaw 2: in order */
+};
+
+static int
+hook_freeze(void *user_data)
+{
+	struct hooks *h = user_data;
+	uint8_t *b = aligned_alloc(BLOCK, BLOCK);
+
+	/* The last write before the instant: in the point. */
+	memset(b, 0xf1, BLOCK);
+	ck_assert_int_eq(blockmirror_disk_write(h->disk, b, BLOCK, 0, 0), 0);
+	free(b);
+	h->calls = h->calls * 10 + 1;
+	return h->freeze_result;
+}
+
+static void
+hook_thaw(void *user_data)
+{
+	struct hooks *h = user_data;
+	uint8_t *b = aligned_alloc(BLOCK, BLOCK);
+
+	/* The first write after it: not in the point. */
+	memset(b, 0xf2, BLOCK);
+	ck_assert_int_eq(blockmirror_disk_write(h->disk, b, BLOCK, BLOCK, 0),
+			 0);
+	free(b);
+	h->calls = h->calls * 10 + 2;
+}
+
+/* The instant lies between freeze and thaw; the point says whether the
+ * freeze held. */
+START_TEST(test_freeze_hooks)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point res, *list;
+	struct blockmirror_disk *disk = open_disk();
+	struct hooks h = { .disk = disk };
+	size_t n;
+
+	o.dir = bdir;
+	o.freeze = hook_freeze;
+	o.thaw = hook_thaw;
+	o.user_data = &h;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert_int_eq(h.calls, 12);
+	ck_assert(res.application_consistent);
+	/* A refused freeze: crash-consistent, and the backup goes on. */
+	h.freeze_result = -1;
+	h.calls = 0;
+	o.incremental = true;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert_int_eq(h.calls, 12);
+	ck_assert(!res.application_consistent);
+	ck_assert_int_eq(blockmirror_backup_list(bdir, &list, &n), 0);
+	ck_assert_uint_eq(n, 2);
+	ck_assert(list[0].application_consistent);
+	ck_assert(!list[1].application_consistent);
+	free(list);
+	{
+		/* Point 1 holds the freeze's write, not the thaw's. */
+		char path[256];
+		struct blockmirror_disk *img;
+		uint8_t *b = aligned_alloc(BLOCK, 2 * BLOCK);
+
+		snprintf(path, sizeof path, "%s/0001.qcow2", bdir);
+		img = blockmirror_disk_open(path, BLOCKMIRROR_FORMAT_QCOW2,
+					    BLOCKMIRROR_DISK_READONLY);
+		ck_assert_ptr_nonnull(img);
+		ck_assert_int_eq(blockmirror_disk_read(img, b, 2 * BLOCK, 0), 0);
+		uint8_t f2[BLOCK];
+
+		memset(f2, 0xf2, BLOCK);
+		ck_assert_int_eq(b[0], 0xf1);
+		ck_assert_msg(memcmp(b + BLOCK, f2, BLOCK) != 0,
+			      "the thaw's write is in the point");
+		blockmirror_disk_close(img);
+		free(b);
+	}
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+}
+END_TEST
+
 static void
 flip_byte(const char *path, off_t off)
 {
@@ -478,6 +566,7 @@ main(void)
 	tcase_add_test(tc, test_incremental_after_kill);
 	tcase_add_test(tc, test_verify_names_damage);
 	tcase_add_test(tc, test_heal_by_digests);
+	tcase_add_test(tc, test_freeze_hooks);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
