@@ -57,6 +57,7 @@ struct point {
 	uint64_t disk_size;
 	uint64_t granularity;
 	char checkpoint[80];
+	char chain[17];            /* the chain's id, in its checkpoints' names */
 	bool application;          /* freeze succeeded at the instant */
 	struct bm_digest digests_digest;
 };
@@ -96,6 +97,9 @@ manifest_read(const char *dir, unsigned n, struct point *p)
 	if (json_is_string(v))
 		snprintf(p->checkpoint, sizeof p->checkpoint, "%s",
 			 json_string_value(v));
+	v = json_object_get(m, "chain");
+	if (json_is_string(v))
+		snprintf(p->chain, sizeof p->chain, "%s", json_string_value(v));
 	s = json_string_value(json_object_get(m, "digests_xxh128"));
 	if (json_integer_value(json_object_get(m, "version")) != 1 ||
 	    !p->disk_size || !p->granularity ||
@@ -122,8 +126,9 @@ manifest_write(const char *dir, const struct point *p, const char *backing)
 	int r;
 
 	bm_digest_hex(&p->digests_digest, hex);
-	m = json_pack("{s:i, s:i, s:b, s:I, s:I, s:I, s:s?, s:s?, s:s, s:s}",
-		      "version", 1, "point", (int)p->number,
+	m = json_pack("{s:i, s:i, s:s, s:b, s:I, s:I, s:I, s:s?, s:s?, s:s, "
+		      "s:s}",
+		      "version", 1, "point", (int)p->number, "chain", p->chain,
 		      "incremental", p->incremental,
 		      "instant", (json_int_t)p->instant,
 		      "disk_size", (json_int_t)p->disk_size,
@@ -464,13 +469,13 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		return bm_api_fail("blockmirror_backup", r);
 	tracking = blockmirror_checkpoint_list(disk, &list, &ncp) == 0;
 	bm_error_clear();
+	if (o->incremental && !newest)
+		r = bm_error(-ENOENT, "%s: no point to build an incremental "
+			     "backup on; take a full one", o->dir);
+	/* A full point too: the previous point's checkpoint goes after it. */
+	if (r == 0 && newest)
+		r = manifest_read(o->dir, newest, &prev);
 	if (o->incremental) {
-		if (!newest)
-			r = bm_error(-ENOENT, "%s: no point to build an "
-				     "incremental backup on; take a full one",
-				     o->dir);
-		if (r == 0)
-			r = manifest_read(o->dir, newest, &prev);
 		/* No record to go by: heal by digests instead. */
 		heal = r == 0 && (!tracking || !prev.checkpoint[0]);
 		if (r == 0 && prev.disk_size != blockmirror_disk_get_size(disk))
@@ -488,7 +493,23 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	p.number = newest + 1;
 	p.incremental = o->incremental;
 	p.disk_size = run.size = blockmirror_disk_get_size(disk);
-	snprintf(cp, sizeof cp, "bm-backup-%04u", p.number);
+	/* Checkpoint names hold the chain's id, so that chains in other
+	 * directories (or an earlier chain here) never share one. */
+	if (o->incremental && prev.chain[0]) {
+		snprintf(p.chain, sizeof p.chain, "%s", prev.chain);
+	} else {
+		struct timespec ts;
+		struct bm_digest d;
+		char seed[PATH_MAX + 64], hex[33];
+
+		clock_gettime(CLOCK_REALTIME, &ts);
+		snprintf(seed, sizeof seed, "%s %lld.%09ld %d", o->dir,
+			 (long long)ts.tv_sec, ts.tv_nsec, (int)getpid());
+		bm_hash_buffer(seed, strlen(seed), &d);
+		bm_digest_hex(&d, hex);
+		snprintf(p.chain, sizeof p.chain, "%.12s", hex);
+	}
+	snprintf(cp, sizeof cp, "bm-%s-%04u", p.chain, p.number);
 	if (tracking) {
 		so.checkpoint = cp;
 		so.since = o->incremental && !heal ? prev.checkpoint : NULL;
@@ -612,8 +633,9 @@ blockmirror_backup(struct blockmirror_disk *disk,
 
 	/* The point exists: the record before it is no longer needed. */
 	blockmirror_snapshot_release(run.snap);
-	if (o->incremental &&
-	    blockmirror_checkpoint_remove(disk, prev.checkpoint) < 0)
+	if (tracking && prev.checkpoint[0] &&
+	    blockmirror_checkpoint_remove(disk, prev.checkpoint) < 0 &&
+	    blockmirror_last_errno() != ENOENT)
 		bm_warn("%s: checkpoint %s could not be removed: %s", o->dir,
 			prev.checkpoint, blockmirror_last_error());
 	res->number = p.number;

@@ -21,7 +21,7 @@
 #define NBLOCKS (DISK_SIZE / BLOCK)
 #define NWRITERS 3
 
-static char dir[64], image[128], bdir[128];
+static char dir[64], image[128], bdir[160];
 
 static void
 setup(void)
@@ -355,7 +355,7 @@ START_TEST(test_heal_by_digests)
 	ck_assert(!res.healed);
 	ck_assert_uint_eq(res.bytes_changed, 65536);
 	/* The record since point 4 is lost (the checkpoint removed). */
-	ck_assert_int_eq(blockmirror_checkpoint_remove(disk, "bm-backup-0004"),
+	ck_assert_int_eq(blockmirror_checkpoint_remove(disk, res.checkpoint),
 			 0);
 	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 65536, 7 << 20, 0),
 			 0);
@@ -367,6 +367,51 @@ START_TEST(test_heal_by_digests)
 	ck_assert_msg(blockmirror_backup_verify(bdir, disk, &chk) == 0, "%s",
 		      blockmirror_last_error());
 	ck_assert_uint_eq(chk.points, 5);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	free(want);
+	free(buf);
+}
+END_TEST
+
+/* Two chains of one disk in two directories keep apart: each
+ * incremental point holds what changed since its own chain's point. */
+START_TEST(test_two_chains)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point res;
+	struct blockmirror_disk *disk = open_disk();
+	uint8_t *want = aligned_alloc(BLOCK, DISK_SIZE);
+	uint8_t *buf = aligned_alloc(BLOCK, 65536);
+	char other[160], saved[160];
+
+	snprintf(other, sizeof other, "%s/other", dir);
+	snprintf(saved, sizeof saved, "%s", bdir);
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
+	o.dir = bdir;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	memset(buf, 0x21, 65536);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 65536, 2 << 20, 0),
+			 0);
+	o.dir = other;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	memset(buf, 0x22, 65536);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 65536, 4 << 20, 0),
+			 0);
+	o.incremental = true;
+	o.dir = bdir;
+	ck_assert_msg(blockmirror_backup(disk, &o, &res) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert(!res.healed);
+	ck_assert_uint_eq(res.bytes_changed, 2 * 65536);
+	o.dir = other;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert(!res.healed);
+	ck_assert_uint_eq(res.bytes_changed, 65536);
+	ck_assert_int_eq(blockmirror_disk_read(disk, want, DISK_SIZE, 0), 0);
+	check_point(2, want);
+	snprintf(bdir, sizeof bdir, "%s", other);
+	check_point(2, want);
+	snprintf(bdir, sizeof bdir, "%s", saved);
 	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
 	free(want);
 	free(buf);
@@ -567,6 +612,7 @@ main(void)
 	tcase_add_test(tc, test_verify_names_damage);
 	tcase_add_test(tc, test_heal_by_digests);
 	tcase_add_test(tc, test_freeze_hooks);
+	tcase_add_test(tc, test_two_chains);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
