@@ -27,6 +27,7 @@ static const struct {
 	{ "resume", cmd_client, "resume a paused move" },
 	{ "complete", cmd_client, "pivot a move started with --no-pivot" },
 	{ "snapshot", cmd_snapshot, "snapshot a served disk, export it over NBD" },
+	{ "checkpoint", cmd_checkpoint, "list, create, remove a served disk's checkpoints" },
 	{ "rebalance", cmd_rebalance, "move many disks between pools (a plan)" },
 };
 
