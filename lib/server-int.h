@@ -89,6 +89,9 @@ enum {
 
 #define BASE_ALLOCATION "base:allocation"
 #define BASE_ALLOCATION_ID 1u   /* our context id for it */
+#define DIRTY_BITMAP_PREFIX "qemu:dirty-bitmap:"
+#define DIRTY_BITMAP_ID 2u      /* a snapshot export's dirty bitmap */
+#define DIRTY_BITMAP_DIRTY 1u   /* its flag: the granule changed */
 
 /* ---- limits ----------------------------------------------------------- */
 
@@ -118,17 +121,18 @@ enum {
 #define BS_MAX_DESCRIPTORS 4096u
 #define BS_STEP_MIN (1u << 20)
 #define BS_STEP_MAX (16u << 20)
-#define BS_CHARGE (8u * BS_MAX_DESCRIPTORS + 1024u)
+#define BS_CHARGE (8u * BS_MAX_DESCRIPTORS + 1024u) /* per context */
 #define TLS_PRIORITY "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"
 
 
 /* ---- the server's state ---------------------------------------------- */
 
-/* A whole message for the socket: one to three buffers sent back to back. */
+/* A whole message for the socket: one to four buffers sent back to back
+ * (BLOCK_STATUS: a header and descriptors per context). */
 struct srv_msg {
 	struct srv_msg *next;
 	void (*release)(struct srv_msg *m); /* after it is sent or dropped */
-	struct iovec iov[2];
+	struct iovec iov[4];
 	unsigned niov;
 	size_t len;                         /* sum of the iov lengths */
 };
@@ -156,6 +160,14 @@ struct srv_export {
 	bool removing;
 	struct bm_call *unexport_call;      /* waiting for nconns to reach 0 */
 	struct bm_timer grace;              /* then close the rest hard */
+	/* A snapshot taken `since` a checkpoint: what changed, copied at
+	 * export time and served as the context dirty_ctx
+	 * ("qemu:dirty-bitmap:SINCE"); NULL: none.  dirty_nbits granules of
+	 * 2^dirty_shift bytes cover the disk exactly. */
+	char *dirty_ctx;
+	uint64_t *dirty_words;
+	uint64_t dirty_nbits;
+	unsigned dirty_shift;
 };
 
 /* One transmission request, from its header to its reply being sent. */
@@ -174,7 +186,12 @@ struct srv_req {
 	uint64_t bs_step;                   /* bytes asked in the next step */
 	size_t bs_n;                        /* descriptors so far */
 	size_t bs_max;
+	bool bs_base;                       /* base:allocation asked */
+	uint8_t *bs_dirty;                  /* dirty bitmap descriptors, or
+					       NULL: not asked */
+	size_t bs_dirty_n;
 	uint8_t hdr[32];
+	uint8_t hdr2[24];                   /* the second context's chunk */
 };
 
 struct srv_conn {
@@ -201,6 +218,9 @@ struct srv_conn {
 	bool no_zeroes;
 	bool structured;
 	bool base_allocation;
+	bool dirty_bitmap;                  /* export->dirty_ctx selected */
+	char *dirty_sel;                    /* the dirty bitmap context SET
+					       selected (GO checks it) */
 	uint8_t flags_buf[4];
 	uint8_t opt_hdr[16];
 	uint32_t opt;
@@ -318,6 +338,10 @@ void bm_srv_start_transmission(struct srv_conn *c);
 bool bm_srv_can_serve(const struct srv_conn *c);
 void bm_srv_got_client_flags(struct srv_conn *c);
 void bm_srv_read_option(struct srv_conn *c);
+/* server-options.c: forget the meta contexts selected; at GO, drop a
+ * selection the chosen export does not have. */
+void bm_srv_meta_reset(struct srv_conn *c);
+void bm_srv_meta_check(struct srv_conn *c);
 void bm_srv_tls_start(struct srv_conn *c);
 void bm_srv_tls_handshake_step(struct srv_conn *c);
 void bm_srv_tls_read_step(struct srv_conn *c);

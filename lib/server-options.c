@@ -45,16 +45,27 @@ opt_error(struct srv_conn *c, uint32_t type, const char *message)
 		 c->opt, message);
 }
 
+/* A reply of a big-endian tag of tlen bytes (2 or 4), then a string. */
+static void
+tagged_string(struct srv_conn *c, uint32_t type, uint32_t tag, size_t tlen,
+	      const char *str)
+{
+	size_t len = strlen(str);
+	uint8_t *p = opt_reply(c, type, (uint32_t)(tlen + len));
+
+	if (!p)
+		return;
+	if (tlen == 2)
+		bm_put_be16(p, (uint16_t)tag);
+	else
+		bm_put_be32(p, tag);
+	memcpy(p + tlen, str, len);
+}
+
 static void
 info_string(struct srv_conn *c, uint16_t info, const char *str)
 {
-	size_t len = strlen(str);
-	uint8_t *p = opt_reply(c, NBD_REP_INFO, 2 + (uint32_t)len);
-
-	if (p) {
-		bm_put_be16(p, info);
-		memcpy(p + 2, str, len);
-	}
+	tagged_string(c, NBD_REP_INFO, info, 2, str);
 }
 
 static void
@@ -112,28 +123,51 @@ opt_info(struct srv_conn *c, bool go)
 		c->export = e;
 		if (e)
 			e->nconns++;
+		bm_srv_meta_check(c);
 		bm_srv_start_transmission(c);
 	}
 }
 
+/* One NBD_REP_META_CONTEXT: id (0 in a LIST) and name. */
+static void
+meta_reply(struct srv_conn *c, uint32_t id, const char *name)
+{
+	tagged_string(c, NBD_REP_META_CONTEXT, id, 4, name);
+}
+
+/* Forget the meta contexts selected. */
+void
+bm_srv_meta_reset(struct srv_conn *c)
+{
+	c->base_allocation = false;
+	c->dirty_bitmap = false;
+	free(c->dirty_sel);
+	c->dirty_sel = NULL;
+}
+
+/*
+ * LIST and SET: base:allocation on every export, and on a snapshot's
+ * taken `since` a checkpoint, its dirty bitmap (e->dirty_ctx).  LIST
+ * names a context for no query, its name or a namespace of it; SET
+ * selects by exact name only.
+ */
 static void
 opt_meta(struct srv_conn *c, bool set)
 {
-	static const char ba[] = BASE_ALLOCATION;
 	struct bm_server_meta_request m;
 	struct srv_export *e;
-	bool reply;
-	uint8_t *p;
+	bool base, dirty;
 
 	/* SET replaces the selection even when it fails. */
 	if (set)
-		c->base_allocation = false;
+		bm_srv_meta_reset(c);
 	if (!c->structured) {
 		opt_error(c, NBD_REP_ERR_INVALID, "structured replies were "
 			  "not negotiated");
 		return;
 	}
-	if (bm_server_parse_meta_request(c->opt_data, c->opt_len, &m) < 0) {
+	if (bm_server_parse_meta_request(c->opt_data, c->opt_len, NULL,
+					 &m) < 0) {
 		opt_error(c, NBD_REP_ERR_INVALID, "malformed request");
 		return;
 	}
@@ -141,20 +175,42 @@ opt_meta(struct srv_conn *c, bool set)
 		opt_error(c, NBD_REP_ERR_UNKNOWN, "no such export");
 		return;
 	}
+	/* Again, now that the export's own context is known (the data was
+	 * checked: it parses the same). */
+	if (e && e->dirty_ctx)
+		bm_server_parse_meta_request(c->opt_data, c->opt_len,
+					     e->dirty_ctx, &m);
 	if (set) {
-		c->base_allocation = m.base_allocation;
-		reply = m.base_allocation;
+		base = m.base_allocation;
+		dirty = m.extra;
 	} else {
-		reply = !m.queries || m.base_allocation || m.base_namespace;
+		base = !m.queries || m.base_allocation || m.base_namespace;
+		dirty = !m.queries || m.extra || m.extra_listed;
 	}
-	if (reply) {
-		p = opt_reply(c, NBD_REP_META_CONTEXT, 4 + sizeof ba - 1);
-		if (p) {
-			bm_put_be32(p, set ? BASE_ALLOCATION_ID : 0);
-			memcpy(p + 4, ba, sizeof ba - 1);
-		}
+	dirty = dirty && e && e->dirty_ctx;
+	if (set && dirty && !(c->dirty_sel = strdup(e->dirty_ctx))) {
+		c->oom = true;
+		return;
 	}
+	c->base_allocation = set && base;
+	c->dirty_bitmap = set && dirty;
+	if (base)
+		meta_reply(c, set ? BASE_ALLOCATION_ID : 0, BASE_ALLOCATION);
+	if (dirty)
+		meta_reply(c, set ? DIRTY_BITMAP_ID : 0, e->dirty_ctx);
 	opt_ack(c);
+}
+
+/* At GO or EXPORT_NAME: a dirty bitmap selected for another export is
+ * one this export does not have. */
+void
+bm_srv_meta_check(struct srv_conn *c)
+{
+	const struct srv_export *e = c->export;
+
+	if (c->dirty_bitmap && !(e && e->dirty_ctx && c->dirty_sel &&
+				 strcmp(e->dirty_ctx, c->dirty_sel) == 0))
+		c->dirty_bitmap = false;
 }
 
 static void
@@ -182,6 +238,7 @@ opt_export_name(struct srv_conn *c)
 	c->export = e;
 	if (e)
 		e->nconns++;
+	bm_srv_meta_check(c);
 	bm_srv_start_transmission(c);
 }
 
@@ -283,7 +340,7 @@ process_option(struct srv_conn *c)
 			opt_ack(c);
 			/* Whatever was negotiated in clear is forgotten. */
 			c->structured = false;
-			c->base_allocation = false;
+			bm_srv_meta_reset(c);
 			c->drained = bm_srv_tls_start;
 			next = false;
 		}

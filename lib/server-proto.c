@@ -126,7 +126,8 @@ bm_server_check_request(const struct bm_server_export_state *e,
 		return req->type == BM_NBD_CMD_WRITE ||
 		       req->type == BM_NBD_CMD_WRITE_ZEROES ?
 		       BM_NBD_ENOSPC : BM_NBD_EINVAL;
-	if (req->type == BM_NBD_CMD_BLOCK_STATUS && !e->base_allocation)
+	if (req->type == BM_NBD_CMD_BLOCK_STATUS && !e->base_allocation &&
+	    !e->dirty_bitmap)
 		return BM_NBD_EINVAL;
 	/* Zeroing is no faster than writing as far as we can promise. */
 	if (req->type == BM_NBD_CMD_WRITE_ZEROES &&
@@ -204,8 +205,27 @@ bm_server_parse_info_request(const uint8_t *data, uint32_t len,
 	return 0;
 }
 
+/* Is the query q (qlen bytes) `extra` itself (2), or a namespace
+ * prefix of it that lists it (1), or neither (0)? */
+static int
+meta_match(const uint8_t *q, uint32_t qlen, const char *extra)
+{
+	size_t elen;
+
+	if (!extra)
+		return 0;
+	elen = strlen(extra);
+	if (qlen == elen && !memcmp(q, extra, qlen))
+		return 2;
+	if (qlen && qlen < elen && q[qlen - 1] == ':' &&
+	    !memcmp(q, extra, qlen))
+		return 1;
+	return 0;
+}
+
 int
 bm_server_parse_meta_request(const uint8_t *data, uint32_t len,
+			     const char *extra,
 			     struct bm_server_meta_request *out)
 {
 	static const char ba[] = BASE_ALLOCATION;
@@ -235,6 +255,14 @@ bm_server_parse_meta_request(const uint8_t *data, uint32_t len,
 			out->base_allocation = true;
 		if (qlen == 5 && !memcmp(data + pos, "base:", 5))
 			out->base_namespace = true;
+		switch (meta_match(data + pos, qlen, extra)) {
+		case 2:
+			out->extra = true;
+			break;
+		case 1:
+			out->extra_listed = true;
+			break;
+		}
 		pos += qlen;
 	}
 	return pos == len ? 0 : -EINVAL;

@@ -1,7 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * The NBD server: exports a blockmirror_disk over a Unix or TCP socket,
- * and snapshots of it as further read-only exports.
+ * and snapshots of it as further read-only exports; a snapshot taken
+ * `since` a checkpoint also serves what changed since then as the meta
+ * context qemu:dirty-bitmap:SINCE (pull-mode incremental backups).
  * This file holds sockets, connections, the send queue, transmission, and
  * start/stop; option haggling is in server-options.c, TLS in
  * server-tls.c, the pure protocol helpers in server-proto.c, and what they
@@ -55,6 +57,12 @@
  *    disk request of a connection that chose it: so once its last
  *    connection is freed, which blockmirror_server_unexport waits for,
  *    nothing of the server touches the snapshot again.
+ *  - A snapshot export's dirty bitmap is the export's own copy, taken
+ *    and checked (its bits cover the disk exactly) before the export is
+ *    listed, freed with the export, and never asked of the disk: a
+ *    BLOCK_STATUS builds its descriptors at once from at most
+ *    BS_MAX_LENGTH of it (see "dirty bitmap" below).  A reply carries one
+ *    chunk per selected context, the last one DONE.
  */
 #include "server-int.h"
 #include "snapshot.h"
@@ -246,6 +254,7 @@ conn_free(struct srv_conn *c)
 	free(c->tls_in);
 	free(c->opt_data);
 	free(c->scratch);
+	free(c->dirty_sel);
 	close(c->fd);
 	if (c->prev)
 		c->prev->next = c->next;
@@ -475,6 +484,13 @@ bm_srv_conn_drop(struct srv_conn *c, uint64_t len, void (*then)(struct srv_conn 
 
 /* ---- checking a connection after every event ---------------------------- */
 
+/* What a BLOCK_STATUS request is charged: its descriptors, per context. */
+static uint64_t
+bs_charge(const struct srv_conn *c)
+{
+	return BS_CHARGE * (c->dirty_bitmap ? 2u : 1u);
+}
+
 static bool
 can_admit(const struct srv_conn *c)
 {
@@ -486,7 +502,7 @@ can_admit(const struct srv_conn *c)
 			       c->req.type == BM_NBD_CMD_WRITE))
 		need = c->req.length;
 	else if (c->hdr_pending && c->req.type == BM_NBD_CMD_BLOCK_STATUS)
-		need = BS_CHARGE;
+		need = bs_charge(c);
 	return !c->inflight || c->inflight_bytes + need <= MAX_INFLIGHT_BYTES;
 }
 
@@ -534,6 +550,7 @@ req_release(struct srv_req *req)
 	c->inflight--;
 	c->inflight_bytes -= req->charged;
 	free(req->buf);
+	free(req->bs_dirty);
 	free(req);
 }
 
@@ -560,11 +577,53 @@ req_new(struct srv_conn *c, bool with_buf)
 		}
 		req->charged = c->req.length;
 	} else if (c->req.type == BM_NBD_CMD_BLOCK_STATUS) {
-		req->charged = BS_CHARGE; /* its descriptors */
+		req->charged = bs_charge(c); /* its descriptors */
 	}
 	c->inflight++;
 	c->inflight_bytes += req->charged;
 	return req;
+}
+
+/* Add a BLOCK_STATUS chunk of context `id` with n descriptors at d. */
+static void
+bs_chunk(struct srv_req *req, uint8_t *h, uint32_t id, uint8_t *d, size_t n,
+	 bool last)
+{
+	struct srv_msg *m = &req->msg;
+
+	bm_put_be32(h, NBD_STRUCTURED_REPLY_MAGIC);
+	bm_put_be16(h + 4, last ? NBD_REPLY_FLAG_DONE : 0);
+	bm_put_be16(h + 6, NBD_REPLY_TYPE_BLOCK_STATUS);
+	bm_put_be64(h + 8, req->r.cookie);
+	bm_put_be32(h + 16, (uint32_t)(4 + 8 * n));
+	bm_put_be32(h + 20, id);
+	m->iov[m->niov].iov_base = h;
+	m->iov[m->niov++].iov_len = 24;
+	m->iov[m->niov].iov_base = d;
+	m->iov[m->niov++].iov_len = 8 * n;
+	m->len += 24 + 8 * n;
+}
+
+/* A BLOCK_STATUS reply: one chunk per context selected, the last one
+ * DONE; false (nothing queued) if a context has no descriptor. */
+static bool
+bs_reply(struct srv_req *req)
+{
+	struct srv_msg *m = &req->msg;
+
+	if ((req->bs_base && !req->bs_n) ||
+	    (req->bs_dirty && !req->bs_dirty_n))
+		return false;
+	m->niov = 0;
+	m->len = 0;
+	if (req->bs_base)
+		bs_chunk(req, req->hdr, BASE_ALLOCATION_ID, req->buf,
+			 req->bs_n, !req->bs_dirty);
+	if (req->bs_dirty)
+		bs_chunk(req, req->bs_base ? req->hdr2 : req->hdr,
+			 DIRTY_BITMAP_ID, req->bs_dirty, req->bs_dirty_n, true);
+	bm_srv_queue_push(&req->conn->out, m);
+	return true;
 }
 
 /* Queue the reply for req: its error, or its result. */
@@ -600,22 +659,13 @@ req_reply(struct srv_req *req, uint32_t err)
 			bm_put_be64(h + 20, req->r.offset);
 			hlen = 28;
 		} else if (req->r.type == BM_NBD_CMD_BLOCK_STATUS) {
-			size_t n = req->bs_n;
-
-			if (!n) {
-				bm_put_be16(h + 6, NBD_REPLY_TYPE_ERROR);
-				bm_put_be32(h + 16, 6);
-				bm_put_be32(h + 20, BM_NBD_ENOMEM);
-				bm_put_be16(h + 24, 0);
-				hlen = 26;
-			} else {
-				bm_put_be16(h + 6, NBD_REPLY_TYPE_BLOCK_STATUS);
-				bm_put_be32(h + 16, (uint32_t)(4 + 8 * n));
-				bm_put_be32(h + 20, BASE_ALLOCATION_ID);
-				hlen = 24;
-				m->iov[1].iov_base = req->buf;
-				m->iov[1].iov_len = 8 * n;
-			}
+			if (bs_reply(req))
+				return;
+			bm_put_be16(h + 6, NBD_REPLY_TYPE_ERROR);
+			bm_put_be32(h + 16, 6);
+			bm_put_be32(h + 20, BM_NBD_ENOMEM);
+			bm_put_be16(h + 24, 0);
+			hlen = 26;
 		} else {
 			bm_put_be16(h + 6, NBD_REPLY_TYPE_NONE);
 			bm_put_be32(h + 16, 0);
@@ -626,10 +676,6 @@ req_reply(struct srv_req *req, uint32_t err)
 	m->iov[0].iov_len = hlen;
 	m->niov = 1;
 	m->len = hlen;
-	if (m->iov[1].iov_base && !data) { /* block status descriptors */
-		m->niov = 2;
-		m->len += m->iov[1].iov_len;
-	}
 	if (data) {
 		m->iov[1].iov_base = req->buf;
 		m->iov[1].iov_len = req->r.length;
@@ -836,7 +882,65 @@ bs_kick_done(struct bm_op *op, int res)
 	server_check(s);
 }
 
-/* Queue a checked BLOCK_STATUS request for its first step. */
+/*
+ * The dirty bitmap of a snapshot's export needs no disk: it is in memory
+ * (e->dirty_words), and a request's range is at most BS_MAX_LENGTH, so
+ * its descriptors are made at once, a word of granules at a time, in
+ * bounded work.  Runs of granules with the same bit merge; boundaries
+ * fall on granules, the first descriptor starts at the offset and the
+ * last ends at the (clamped) end of the request.
+ */
+
+static bool
+dirty_test(const struct srv_export *e, uint64_t g)
+{
+	return g < e->dirty_nbits && ((e->dirty_words[g >> 6] >> (g & 63)) & 1);
+}
+
+/* The first granule from g on, before lim, whose bit is not `set`; lim
+ * if there is none. */
+static uint64_t
+dirty_run_end(const struct srv_export *e, uint64_t g, uint64_t lim, bool set)
+{
+	while (g < lim) {
+		uint64_t w = e->dirty_words[g >> 6];
+
+		if (set)
+			w = ~w;
+		w >>= g & 63;
+		if (w)
+			return BM_MIN(g + (uint64_t)__builtin_ctzll(w), lim);
+		g = (g | 63) + 1;
+	}
+	return lim;
+}
+
+/* Descriptors of [pos, end) into d, at most max; how many. */
+static size_t
+dirty_extents(const struct srv_export *e, uint64_t pos, uint64_t end,
+	      uint8_t *d, size_t max)
+{
+	unsigned shift = e->dirty_shift;
+	uint64_t lim = ((end - 1) >> shift) + 1; /* <= dirty_nbits */
+	size_t n = 0;
+
+	while (pos < end && n < max) {
+		uint64_t g = pos >> shift;
+		bool set = dirty_test(e, g);
+		uint64_t stop = dirty_run_end(e, g + 1, lim, set);
+		/* stop < lim: its offset is below end, no overflow. */
+		uint64_t run_end = stop < lim ? stop << shift : end;
+
+		bm_put_be32(d + 8 * n, (uint32_t)(run_end - pos));
+		bm_put_be32(d + 8 * n + 4, set ? DIRTY_BITMAP_DIRTY : 0);
+		n++;
+		pos = run_end;
+	}
+	return n;
+}
+
+/* Queue a checked BLOCK_STATUS request for its first step; a request
+ * for the dirty bitmap alone is answered at once. */
 static void
 bs_start(struct srv_req *req)
 {
@@ -846,13 +950,28 @@ bs_start(struct srv_req *req)
 
 	req->bs_max = (r->flags & BM_NBD_CMD_FLAG_REQ_ONE) ? 1
 							    : BS_MAX_DESCRIPTORS;
+	req->bs_pos = r->offset;
+	req->bs_end = r->offset + BM_MIN(r->length, BS_MAX_LENGTH);
+	req->bs_base = c->base_allocation;
+	if (c->dirty_bitmap && c->export && c->export->dirty_ctx) {
+		req->bs_dirty = malloc(8 * req->bs_max);
+		if (!req->bs_dirty) {
+			req_reply(req, BM_NBD_ENOMEM);
+			return;
+		}
+		req->bs_dirty_n = dirty_extents(c->export, req->bs_pos,
+						req->bs_end, req->bs_dirty,
+						req->bs_max);
+	}
+	if (!req->bs_base) {
+		req_reply(req, 0);
+		return;
+	}
 	req->buf = malloc(8 * req->bs_max);
 	if (!req->buf) {
 		req_reply(req, BM_NBD_ENOMEM);
 		return;
 	}
-	req->bs_pos = r->offset;
-	req->bs_end = r->offset + BM_MIN(r->length, BS_MAX_LENGTH);
 	req->bs_step = BS_STEP_MIN;
 	c->disk_ops++;
 	c->ops++;
@@ -988,6 +1107,8 @@ handle_request(struct srv_conn *c)
 		.readonly = bm_srv_export_readonly(s, c->export),
 		.structured = c->structured,
 		.base_allocation = c->base_allocation,
+		.dirty_bitmap = c->dirty_bitmap && c->export &&
+				c->export->dirty_ctx,
 	};
 	struct srv_req *req;
 	uint32_t err;
@@ -1413,6 +1534,15 @@ bm_srv_export_readonly(const struct blockmirror_server *s,
 	return e || s->readonly;
 }
 
+static void
+export_free(struct srv_export *e)
+{
+	free(e->name);
+	free(e->dirty_ctx);
+	free(e->dirty_words);
+	free(e);
+}
+
 /* Free a removed export once nothing refers to it, and tell the caller. */
 static void
 export_check(struct blockmirror_server *s, struct srv_export *e)
@@ -1425,8 +1555,7 @@ export_check(struct blockmirror_server *s, struct srv_export *e)
 		bm_loop_timer_cancel(s->loop, &e->grace);
 		return; /* grace_done comes back here */
 	}
-	free(e->name);
-	free(e);
+	export_free(e);
 	bm_waiter_signal(&call->w, 0);
 }
 
@@ -1673,8 +1802,7 @@ server_free(struct blockmirror_server *s)
 		struct srv_export *e = s->exports;
 
 		s->exports = e->next;
-		free(e->name);
-		free(e);
+		export_free(e);
 	}
 	bm_extent_list_free(&s->bs_ext);
 	free(s->unix_path);
@@ -1802,6 +1930,42 @@ blockmirror_server_stop(struct blockmirror_server *s)
 	server_free(s);
 }
 
+/*
+ * A snapshot taken `since` a checkpoint: its changed blocks, once, as
+ * the export's qemu:dirty-bitmap:SINCE context.  The bitmap is the
+ * library's own, but checked as if it were not: a power-of-two
+ * granularity and exactly the bits that cover the disk, so that
+ * dirty_extents never reads past it.
+ */
+static int
+export_dirty_bitmap(struct blockmirror_server *s, struct srv_export *e)
+{
+	const char *since = bm_snapshot_since(e->snap);
+	uint64_t gran, nbits, bytes, size = s->disk->size;
+	size_t len;
+	int r;
+
+	if (!since)
+		return 0;
+	r = blockmirror_snapshot_changed(e->snap, &gran, &e->dirty_words,
+					 &nbits, &bytes);
+	if (r < 0)
+		return r;
+	if (gran < 512 || gran > (UINT64_C(1) << 40) || (gran & (gran - 1)) ||
+	    nbits != size / gran + (size % gran != 0))
+		return bm_error(-EINVAL, "the snapshot's changed blocks do "
+				"not cover the disk (%" PRIu64 " bits of %"
+				PRIu64 " bytes)", nbits, gran);
+	e->dirty_nbits = nbits;
+	e->dirty_shift = (unsigned)__builtin_ctzll(gran);
+	len = strlen(DIRTY_BITMAP_PREFIX) + strlen(since) + 1;
+	e->dirty_ctx = malloc(len);
+	if (!e->dirty_ctx)
+		return bm_error(-ENOMEM, "out of memory");
+	snprintf(e->dirty_ctx, len, "%s%s", DIRTY_BITMAP_PREFIX, since);
+	return 0;
+}
+
 BM_EXPORT int
 blockmirror_server_export_snapshot(struct blockmirror_server *s,
 				   const char *export_name,
@@ -1833,12 +1997,16 @@ blockmirror_server_export_snapshot(struct blockmirror_server *s,
 				   bm_error(-ENOMEM, "out of memory"));
 	}
 	e->snap = snap;
+	r = export_dirty_bitmap(s, e);
+	if (r < 0) {
+		export_free(e);
+		return bm_api_fail("blockmirror_server_export_snapshot", r);
+	}
 	call.arg = s;
 	call.arg2 = e;
 	r = bm_disk_call(s->disk, &call);
 	if (r < 0) {
-		free(e->name);
-		free(e);
+		export_free(e);
 		if (r == -EEXIST)
 			bm_error(r, "%s: an export of that name exists",
 				 export_name);

@@ -111,6 +111,7 @@ struct bm_server_export_state {
 	bool readonly;
 	bool structured;      /* structured replies negotiated */
 	bool base_allocation; /* base:allocation selected */
+	bool dirty_bitmap;    /* a snapshot's qemu:dirty-bitmap: selected */
 };
 
 /*
@@ -145,10 +146,18 @@ struct bm_server_meta_request {
 	uint32_t queries;
 	bool base_allocation; /* "base:allocation" was asked for */
 	bool base_namespace;  /* "base:" (LIST: every base context) */
+	bool extra;           /* the context `extra` was asked for by name */
+	bool extra_listed;    /* a query that lists it: one of its prefixes
+				 ending in ':' ("qemu:", "qemu:dirty-bitmap:") */
 };
 
-/* 0, or -EINVAL if the lengths do not add up. */
+/*
+ * 0, or -EINVAL if the lengths do not add up.  `extra` (may be NULL) is
+ * one more context the export has, such as "qemu:dirty-bitmap:NAME": the
+ * queries are matched against it too.
+ */
 int bm_server_parse_meta_request(const uint8_t *data, uint32_t len,
+				 const char *extra,
 				 struct bm_server_meta_request *out);
 
 #endif /* BM_SERVER_H */

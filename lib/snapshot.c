@@ -119,6 +119,7 @@ struct blockmirror_snapshot {
 	struct bm_bitmap changed;      /* since `since`, at the instant */
 	uint64_t changed_bytes;
 	bool has_changed;
+	char since_name[65];           /* has_changed: the checkpoint's */
 	struct bm_io release_io;
 };
 
@@ -754,6 +755,12 @@ bm_snapshot_disk(struct blockmirror_snapshot *snap)
 	return snap->disk;
 }
 
+const char *
+bm_snapshot_since(const struct blockmirror_snapshot *snap)
+{
+	return snap->has_changed ? snap->since_name : NULL;
+}
+
 /* ---- taking ---------------------------------------------------------- */
 
 static void
@@ -948,6 +955,9 @@ call_push(struct bm_call *call)
 			return;
 		}
 		snap->has_changed = snap->since != NULL;
+		if (snap->since)
+			snprintf(snap->since_name, sizeof snap->since_name,
+				 "%s", snap->since);
 	}
 	for (struct bm_image *img = bm_disk_base(disk); snap && img;
 	     img = bm_image_backing(img)) {

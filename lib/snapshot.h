@@ -18,6 +18,10 @@ struct bm_image *bm_snapshot_view(struct blockmirror_snapshot *snap);
 /* The disk the snapshot is of (NULL once the disk was closed). */
 struct blockmirror_disk *bm_snapshot_disk(struct blockmirror_snapshot *snap);
 
+/* The checkpoint the snapshot was taken `since` (borrowed, as long as the
+ * snapshot), or NULL: blockmirror_snapshot_changed has nothing. */
+const char *bm_snapshot_since(const struct blockmirror_snapshot *snap);
+
 /*
  * The disk is closing, quiesced with nothing in flight (on its loop):
  * take every snapshot's filter off the stack; their handles stay valid

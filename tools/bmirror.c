@@ -28,6 +28,7 @@ static const struct {
 	{ "complete", cmd_client, "pivot a move started with --no-pivot" },
 	{ "snapshot", cmd_snapshot, "snapshot a served disk, export it over NBD" },
 	{ "backup", cmd_backup, "back up a disk: full and incremental points" },
+	{ "checkpoint", cmd_checkpoint, "list, create, remove a served disk's checkpoints" },
 	{ "rebalance", cmd_rebalance, "move many disks between pools (a plan)" },
 };
 

@@ -59,5 +59,6 @@ int cmd_move(int argc, char **argv);
 int cmd_client(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
 int cmd_backup(int argc, char **argv);
+int cmd_checkpoint(int argc, char **argv);
 
 #endif /* BMIRROR_H */

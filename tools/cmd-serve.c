@@ -85,6 +85,9 @@ struct serve {
 	struct {
 		char *export_name;
 		struct blockmirror_snapshot *snap;
+		char *since;          /* taken since this checkpoint, or NULL */
+		char *checkpoint;     /* and created this one, or NULL */
+		uint64_t changed_bytes; /* since `since` */
 	} snaps[MAX_SNAPSHOTS];
 	size_t n_snaps;
 	unsigned snap_counter;        /* the default names: snap-N */
@@ -93,6 +96,11 @@ struct serve {
 	const char *state_dir;        /* NULL: moves keep none */
 	char *state_dir_buf;
 	json_t *resume;               /* what start-up found, or NULL */
+
+	/* Change tracking (--track, docs/cbt.md): on from before the first
+	 * guest request, until the disk closes. */
+	char *track_sidecar;          /* NULL: not tracking */
+	bool track_crashed;           /* the previous tracker did not close */
 };
 
 static struct serve S;
@@ -367,6 +375,14 @@ snapshot_json(size_t i)
 		json_object_set_new(j, "error", json_integer(si.error));
 		json_object_set_new(j, "reason", json_string(si.reason));
 	}
+	if (j && S.snaps[i].checkpoint)
+		json_object_set_new(j, "checkpoint",
+				    json_string(S.snaps[i].checkpoint));
+	if (j && S.snaps[i].since) {
+		json_object_set_new(j, "since", json_string(S.snaps[i].since));
+		json_object_set_new(j, "changed_bytes", json_integer(
+			(json_int_t)S.snaps[i].changed_bytes));
+	}
 	return j;
 }
 
@@ -393,6 +409,11 @@ ctl_query(void)
 	if (r)
 		json_object_set_new(json_object_get(r, "return"),
 				    "snapshots", snapshots_json());
+	if (r && S.track_sidecar)
+		json_object_set_new(json_object_get(r, "return"), "tracking",
+				    json_pack("{s:s, s:b}", "sidecar",
+					      S.track_sidecar, "crashed",
+					      S.track_crashed));
 
 	if (S.resume && r)
 		json_object_set(json_object_get(r, "return"), "resume",
@@ -520,6 +541,43 @@ ctl_move(json_t *req, int ci)
 	return json_pack("{s:{s:s}}", "return", "state", "started");
 }
 
+#define NOT_TRACKING "the disk does not track changes: start bmirror " \
+		     "serve with --track"
+
+/* Slot i's notes go (not the snapshot or its name). */
+static void
+snapshot_forget(size_t i)
+{
+	free(S.snaps[i].since);
+	free(S.snaps[i].checkpoint);
+	S.snaps[i].since = S.snaps[i].checkpoint = NULL;
+	S.snaps[i].changed_bytes = 0;
+}
+
+/* Keep what a snapshot taken `since` was asked for, in slot i. */
+static int
+snapshot_note(size_t i, struct blockmirror_snapshot *snap,
+	      const struct control_request *cr)
+{
+	uint64_t gran, nbits, *words = NULL;
+	int r;
+
+	if (cr->since) {
+		r = blockmirror_snapshot_changed(snap, &gran, &words, &nbits,
+						 &S.snaps[i].changed_bytes);
+		free(words);
+		if (r < 0)
+			return r;
+	}
+	if ((cr->since && !(S.snaps[i].since = strdup(cr->since))) ||
+	    (cr->checkpoint &&
+	     !(S.snaps[i].checkpoint = strdup(cr->checkpoint)))) {
+		snapshot_forget(i);
+		return -ENOMEM;
+	}
+	return 0;
+}
+
 /*
  * "snapshot": take a snapshot of the disk and export it read-only under
  * "export" (default snap-N).  A scratch the client names is a
@@ -544,6 +602,10 @@ ctl_snapshot(const struct control_request *cr)
 
 	if (S.n_snaps == MAX_SNAPSHOTS)
 		return error_reply(-EMFILE, "too many snapshots");
+	if ((cr->since || cr->checkpoint) && !S.track_sidecar)
+		return error_reply(-EINVAL, NOT_TRACKING);
+	o.since = cr->since;
+	o.checkpoint = cr->checkpoint;
 	if (cr->scratch) {
 		r = check_destination(cr->scratch, cr->create, scratch,
 				      sizeof scratch, why, sizeof why);
@@ -592,11 +654,20 @@ ctl_snapshot(const struct control_request *cr)
 	}
 	r = blockmirror_snapshot_take(&disk, 1, &o, &snap);
 	if (r == 0) {
-		r = blockmirror_server_export_snapshot(S.server, export_name,
-						       snap);
+		r = snapshot_note(i, snap, cr);
+		if (r == 0)
+			r = blockmirror_server_export_snapshot(S.server,
+							       export_name,
+							       snap);
 		if (r < 0) {
 			ret = lib_error_reply(r);
+			snapshot_forget(i);
 			blockmirror_snapshot_release(snap);
+			/* No backup was started from it: the checkpoint
+			 * goes, its record merged into the one before. */
+			if (cr->checkpoint)
+				blockmirror_checkpoint_remove(disk,
+							      cr->checkpoint);
 			free(export_name);
 			return ret;
 		}
@@ -636,7 +707,9 @@ ctl_snapshot_release(const struct control_request *cr)
 		return lib_error_reply(r);
 	blockmirror_snapshot_release(S.snaps[i].snap);
 	free(S.snaps[i].export_name);
+	snapshot_forget(i);
 	S.snaps[i] = S.snaps[--S.n_snaps];
+	memset(&S.snaps[S.n_snaps], 0, sizeof S.snaps[S.n_snaps]);
 	return json_pack("{s:{s:s}}", "return", "export", cr->export_name);
 }
 
@@ -648,7 +721,58 @@ release_snapshots(void)
 		S.n_snaps--;
 		blockmirror_snapshot_release(S.snaps[S.n_snaps].snap);
 		free(S.snaps[S.n_snaps].export_name);
+		snapshot_forget(S.n_snaps);
 	}
+}
+
+/* ---- checkpoints (docs/cbt.md) ------------------------------------- */
+
+static json_t *
+checkpoint_json(const struct blockmirror_checkpoint *cp)
+{
+	json_t *j = json_pack("{s:s, s:I, s:I, s:I, s:b}", "name", cp->name,
+			      "id", (json_int_t)cp->id,
+			      "created", (json_int_t)cp->created,
+			      "changed_bytes", (json_int_t)cp->changed_bytes,
+			      "trusted", cp->trusted);
+
+	if (j && !cp->trusted)
+		json_object_set_new(j, "reason", json_string(cp->reason));
+	return j;
+}
+
+/* "checkpoints": the list, oldest first; "checkpoint-create" and
+ * "checkpoint-remove": by "name".  Blocking: the disk is quiesced for a
+ * moment, the control socket waits, NBD clients' requests too. */
+static json_t *
+ctl_checkpoint(const char *cmd, const struct control_request *cr)
+{
+	struct blockmirror_checkpoint *l = NULL;
+	json_t *a = NULL;
+	size_t n = 0;
+	int r;
+
+	if (!S.track_sidecar)
+		return error_reply(-EINVAL, NOT_TRACKING);
+	if (strcmp(cmd, "checkpoints") != 0) {
+		if (!cr->name)
+			return error_reply(-EINVAL, "checkpoint-create and "
+					   "checkpoint-remove need \"name\"");
+		r = strcmp(cmd, "checkpoint-create") == 0 ?
+		    blockmirror_checkpoint_create(S.disk, cr->name) :
+		    blockmirror_checkpoint_remove(S.disk, cr->name);
+		if (r < 0)
+			return lib_error_reply(r);
+	}
+	r = blockmirror_checkpoint_list(S.disk, &l, &n);
+	if (r < 0)
+		return lib_error_reply(r);
+	a = json_array();
+	for (size_t i = 0; a && i < n; i++)
+		json_array_append_new(a, checkpoint_json(&l[i]));
+	free(l);
+	return json_pack("{s:{s:o}}", "return", "checkpoints",
+			 a ? a : json_null());
 }
 
 typedef int (*job_fn)(struct blockmirror_job *);
@@ -767,6 +891,10 @@ handle(json_t *req, int ci)
 		return ctl_snapshot(&cr);
 	if (strcmp(cmd, "snapshot-release") == 0)
 		return ctl_snapshot_release(&cr);
+	if (strcmp(cmd, "checkpoints") == 0 ||
+	    strcmp(cmd, "checkpoint-create") == 0 ||
+	    strcmp(cmd, "checkpoint-remove") == 0)
+		return ctl_checkpoint(cmd, &cr);
 	if (strcmp(cmd, "cancel") == 0 || strcmp(cmd, "pause") == 0 ||
 	    strcmp(cmd, "resume") == 0 || strcmp(cmd, "complete") == 0 ||
 	    strcmp(cmd, "set-speed") == 0 || strcmp(cmd, "set-mode") == 0)
@@ -1283,6 +1411,45 @@ out:
 	return 0;
 }
 
+/*
+ * --track: record the disk's changes in `sidecar` (NULL: the image's
+ * name plus .bmirror-cbt), and say so if the previous tracker did not
+ * close it (a crash: its checkpoints stay trusted, docs/cbt.md).
+ */
+static int
+track_setup(const char *sidecar)
+{
+	char *img = NULL;
+	int r;
+
+	if (!sidecar) {
+		img = blockmirror_disk_get_image(S.disk);
+		if (!img || asprintf(&S.track_sidecar, "%s.bmirror-cbt",
+				     img) < 0)
+			S.track_sidecar = NULL;
+		free(img);
+	} else {
+		S.track_sidecar = strdup(sidecar);
+	}
+	if (!S.track_sidecar) {
+		tool_error("out of memory");
+		return -ENOMEM;
+	}
+	r = blockmirror_disk_track(S.disk, S.track_sidecar, 0,
+				   &S.track_crashed);
+	if (r < 0) {
+		tool_lib_error();
+		free(S.track_sidecar);
+		S.track_sidecar = NULL;
+		return r;
+	}
+	if (S.track_crashed)
+		fprintf(stderr, "bmirror serve: %s: the previous tracker did "
+			"not close it (crashed); its checkpoints are still "
+			"trusted\n", S.track_sidecar);
+	return 0;
+}
+
 static void
 help(void)
 {
@@ -1293,7 +1460,8 @@ help(void)
 	       "                     [--allow-dir DIR]... "
 	       "[--allow-nbd HOST|unix:SOCKET]...\n"
 	       "                     [--handshake-timeout SECONDS] "
-	       "(IMAGE | --link LINK)\n\n"
+	       "[--track[=SIDECAR]]\n"
+	       "                     (IMAGE | --link LINK)\n\n"
 	       "Export IMAGE (or the image LINK points to) over NBD and take "
 	       "commands on the\ncontrol socket (bmirror move, status, "
 	       "cancel, pause, resume).  With --link, a\nmove's pivot "
@@ -1304,6 +1472,10 @@ help(void)
 	       "An NBD client that has not finished its handshake "
 	       "(TLS included) after\n--handshake-timeout seconds "
 	       "(default 10) is disconnected.\n");
+	printf("\n--track[=SIDECAR] records which blocks the guest writes, "
+	       "for incremental\nbackups (bmirror checkpoint, bmirror snapshot "
+	       "--since); the record is kept in\nSIDECAR (default "
+	       "IMAGE.bmirror-cbt) and survives crashes (docs/cbt.md).\n");
 	printf("\nA move keeps crash-resumable state in --state-dir DIR "
 	       "(with --link, by\ndefault LINK.bmirror-state; --no-state: "
 	       "none).  Started again after a\ncrash, serve resumes the move "
@@ -1315,7 +1487,7 @@ cmd_serve(int argc, char **argv)
 {
 	enum { OPT_NBD = 256, OPT_CONTROL, OPT_LINK, OPT_EXPORT, OPT_READONLY,
 	       OPT_PSK, OPT_ALLOW_DIR, OPT_HELP, OPT_STATE_DIR, OPT_NO_STATE,
-	       OPT_ALLOW_NBD, OPT_HANDSHAKE };
+	       OPT_ALLOW_NBD, OPT_HANDSHAKE, OPT_TRACK };
 	static const struct option longopts[] = {
 		{ "nbd", required_argument, NULL, OPT_NBD },
 		{ "control", required_argument, NULL, OPT_CONTROL },
@@ -1328,6 +1500,7 @@ cmd_serve(int argc, char **argv)
 		{ "state-dir", required_argument, NULL, OPT_STATE_DIR },
 		{ "no-state", no_argument, NULL, OPT_NO_STATE },
 		{ "handshake-timeout", required_argument, NULL, OPT_HANDSHAKE },
+		{ "track", optional_argument, NULL, OPT_TRACK },
 		{ "help", no_argument, NULL, OPT_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -1337,7 +1510,8 @@ cmd_serve(int argc, char **argv)
 	unsigned dflags = 0;
 	sigset_t mask;
 	int c, status = EXIT_OK;
-	bool no_state = false;
+	bool no_state = false, track = false;
+	const char *sidecar = NULL;
 	char *link_target = NULL;
 
 	opterr = 0;
@@ -1396,6 +1570,13 @@ cmd_serve(int argc, char **argv)
 			so.handshake_timeout = (unsigned)v;
 			break;
 		}
+		case OPT_TRACK:
+			if (optarg && !*optarg)
+				return tool_usage_error("--track=SIDECAR needs "
+							"a file name");
+			track = true;
+			sidecar = optarg;
+			break;
 		case 'h':
 		case OPT_HELP:
 			help();
@@ -1455,6 +1636,11 @@ cmd_serve(int argc, char **argv)
 	}
 	if (blockmirror_disk_start_thread(S.disk) < 0)
 		goto fail_disk;
+	/* Before any guest request: none may go unrecorded. */
+	if (track && track_setup(sidecar) < 0) {
+		status = EXIT_FAILED;
+		goto out;
+	}
 	/* A move a crash left is taken up before the guest can write: a
 	 * write that reached the source before the resumed job watches
 	 * would be missing on the destination. */
@@ -1510,6 +1696,7 @@ out:
 	free_allow_dirs();
 	json_decref(S.resume);
 	free(S.state_dir_buf);
+	free(S.track_sidecar);
 	free(link_target);
 	return status;
 

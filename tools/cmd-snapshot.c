@@ -24,13 +24,18 @@ help_snapshot(void)
 	       "[--scratch PATH|URI]\n"
 	       "         [--scratch-dir DIR] [--timeout-ms N] "
 	       "[--max-scratch SIZE]\n"
-	       "         [--granularity SIZE] [--json]\n"
+	       "         [--granularity SIZE] [--since CHECKPOINT] "
+	       "[--checkpoint NAME] [--json]\n"
 	       "       bmirror snapshot --control PATH --release NAME\n"
 	       "       bmirror snapshot --control PATH --list [--json]\n\n"
 	       "Take a snapshot of the served disk and export it read-only "
 	       "over NBD\n(default name snap-N); print the export's name and "
 	       "URI.  --release\nends a snapshot (its NBD clients are "
-	       "disconnected); --list shows them.\n");
+	       "disconnected); --list shows them.\n"
+	       "With bmirror serve --track: --since also exports what changed "
+	       "since that\ncheckpoint as the NBD meta context "
+	       "qemu:dirty-bitmap:CHECKPOINT, and\n--checkpoint creates a "
+	       "checkpoint at the snapshot's instant (docs/cbt.md).\n");
 }
 
 static void
@@ -56,7 +61,7 @@ cmd_snapshot(int argc, char **argv)
 	enum {
 		OPT_CONTROL = 256, OPT_EXPORT, OPT_SCRATCH, OPT_SCRATCH_DIR,
 		OPT_TIMEOUT, OPT_MAX_SCRATCH, OPT_GRANULARITY, OPT_RELEASE,
-		OPT_LIST, OPT_JSON, OPT_HELP,
+		OPT_LIST, OPT_JSON, OPT_HELP, OPT_SINCE, OPT_CHECKPOINT,
 	};
 	static const struct option longopts[] = {
 		{ "control", required_argument, NULL, OPT_CONTROL },
@@ -70,6 +75,8 @@ cmd_snapshot(int argc, char **argv)
 		{ "list", no_argument, NULL, OPT_LIST },
 		{ "json", no_argument, NULL, OPT_JSON },
 		{ "help", no_argument, NULL, OPT_HELP },
+		{ "since", required_argument, NULL, OPT_SINCE },
+		{ "checkpoint", required_argument, NULL, OPT_CHECKPOINT },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *control = NULL, *release = NULL;
@@ -140,6 +147,15 @@ cmd_snapshot(int argc, char **argv)
 			if (!*optarg)
 				goto empty;
 			release = optarg;
+			break;
+		case OPT_SINCE:
+		case OPT_CHECKPOINT:
+			if (!*optarg)
+				goto empty;
+			json_object_set_new(cmd, c == OPT_SINCE ? "since"
+							     : "checkpoint",
+					    json_string(optarg));
+			take_opts = true;
 			break;
 		case OPT_LIST:
 			list = true;

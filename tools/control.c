@@ -285,6 +285,12 @@ control_parse_request(json_t *req, struct control_request *out,
 		       "\"scratch\" must be a string") < 0 ||
 	    get_string(req, "scratch_dir", &out->scratch_dir, err,
 		       "\"scratch_dir\" must be a string") < 0 ||
+	    get_string(req, "since", &out->since, err,
+		       "\"since\" must be a string") < 0 ||
+	    get_string(req, "checkpoint", &out->checkpoint, err,
+		       "\"checkpoint\" must be a string") < 0 ||
+	    get_string(req, "name", &out->name, err,
+		       "\"name\" must be a string") < 0 ||
 	    get_u64(req, "timeout_ms", &out->timeout_ms, err,
 		    "\"timeout_ms\" must be an integer of at least 0") < 0 ||
 	    get_u64(req, "max_scratch", &out->max_scratch, err,
@@ -313,6 +319,15 @@ control_parse_request(json_t *req, struct control_request *out,
 	    (out->scratch_dir && !*out->scratch_dir)) {
 		*err = "\"export\", \"scratch\" and \"scratch_dir\" must "
 		       "not be empty";
+		return -EINVAL;
+	}
+	/* Checkpoint names are checked by the library; empty ones here,
+	 * so that none reads as absent. */
+	if ((out->since && !*out->since) ||
+	    (out->checkpoint && !*out->checkpoint) ||
+	    (out->name && !*out->name)) {
+		*err = "\"since\", \"checkpoint\" and \"name\" must not be "
+		       "empty";
 		return -EINVAL;
 	}
 	return 0;

@@ -86,6 +86,10 @@ struct control_request {
 	const char *export_name;      /* "export" (snapshot) */
 	const char *scratch;          /* snapshot */
 	const char *scratch_dir;
+	const char *since;            /* snapshot: changed since this
+				       * checkpoint */
+	const char *checkpoint;       /* snapshot: create this checkpoint */
+	const char *name;             /* checkpoint-create, -remove */
 	uint64_t timeout_ms;          /* snapshot: at most UINT32_MAX */
 	uint64_t max_scratch;
 	uint64_t speed;

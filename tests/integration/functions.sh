@@ -514,6 +514,7 @@ same_content() {
 # fio_write OUT [RATE]: fio (nbd engine) writes every 4 KiB block of the
 #   served disk once with a crc32c header; fio_verify WHAT checks them all.
 SERVE_PID=
+SERVE_EXTRA=() # more options for start_serve (--track, ...)
 wait_for_socket() {
 	local i
 	for ((i = 0; i < 200; i++)); do
@@ -527,10 +528,10 @@ start_serve() { # start_serve IMAGE_OR_LINK [--link]
 	rm -f "$T/nbd.sock" "$T/ctl.sock"
 	if [[ ${2:-} == --link ]]; then
 		"$BMIRROR" serve --nbd "unix:$T/nbd.sock" --control "$T/ctl.sock" \
-			--link "$1" 2>"$T/serve.err" &
+			"${SERVE_EXTRA[@]}" --link "$1" 2>"$T/serve.err" &
 	else
 		"$BMIRROR" serve --nbd "unix:$T/nbd.sock" --control "$T/ctl.sock" \
-			"$1" 2>"$T/serve.err" &
+			"${SERVE_EXTRA[@]}" "$1" 2>"$T/serve.err" &
 	fi
 	SERVE_PID=$!
 	wait_for_socket "$T/nbd.sock"

@@ -23,6 +23,7 @@
 #include <check.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <inttypes.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -1517,18 +1518,28 @@ END_TEST
 
 /* ---- snapshot exports ------------------------------------------------ */
 
+/* A snapshot, its scratch in the test's directory; since and checkpoint
+ * may be NULL. */
 static struct blockmirror_snapshot *
-take_snapshot(void)
+take_snapshot_since(const char *since, const char *checkpoint)
 {
 	struct blockmirror_snapshot_options o = {
 		.size = sizeof o,
 		.scratch_dir = fx.dir,
+		.since = since,
+		.checkpoint = checkpoint,
 	};
 	struct blockmirror_snapshot *snap = NULL;
 
 	ck_assert_msg(blockmirror_snapshot_take(&fx.disk, 1, &o, &snap) == 0,
 		      "snapshot_take: %s", blockmirror_last_error());
 	return snap;
+}
+
+static struct blockmirror_snapshot *
+take_snapshot(void)
+{
+	return take_snapshot_since(NULL, NULL);
 }
 
 /*
@@ -2032,17 +2043,322 @@ START_TEST(test_parse_options)
 	memcpy(d + 13, "base:allocation", 15);
 	bm_put_be32(d + 28, 5);
 	memcpy(d + 32, "base:", 5);
-	ck_assert_int_eq(bm_server_parse_meta_request(d, 37, &m), 0);
+	ck_assert_int_eq(bm_server_parse_meta_request(d, 37, NULL, &m), 0);
 	ck_assert(m.name_len == 1 && m.queries == 2 && m.base_allocation &&
 		  m.base_namespace);
-	ck_assert_int_eq(bm_server_parse_meta_request(d, 36, &m), -EINVAL);
-	ck_assert_int_eq(bm_server_parse_meta_request(d, 38, &m), -EINVAL);
+	ck_assert_int_eq(bm_server_parse_meta_request(d, 36, NULL, &m), -EINVAL);
+	ck_assert_int_eq(bm_server_parse_meta_request(d, 38, NULL, &m), -EINVAL);
 	bm_put_be32(d + 5, 0xffffffffu); /* a huge count runs out of data */
-	ck_assert_int_eq(bm_server_parse_meta_request(d, 37, &m), -EINVAL);
+	ck_assert_int_eq(bm_server_parse_meta_request(d, 37, NULL, &m), -EINVAL);
 	bm_put_be32(d + 5, 1);
 	bm_put_be32(d + 9, 0xfffffff0u);
-	ck_assert_int_eq(bm_server_parse_meta_request(d, 37, &m), -EINVAL);
-	ck_assert_int_eq(bm_server_parse_meta_request(d, 7, &m), -EINVAL);
+	ck_assert_int_eq(bm_server_parse_meta_request(d, 37, NULL, &m), -EINVAL);
+	ck_assert_int_eq(bm_server_parse_meta_request(d, 7, NULL, &m), -EINVAL);
+
+	/* An export's own context: by name, or listed by its namespaces. */
+	bm_put_be32(d + 5, 2);
+	bm_put_be32(d + 9, 5);
+	memcpy(d + 13, "qemu:", 5);
+	bm_put_be32(d + 18, 20);
+	memcpy(d + 22, "qemu:dirty-bitmap:c1", 20);
+	ck_assert_int_eq(bm_server_parse_meta_request(d, 42, NULL, &m), 0);
+	ck_assert(!m.extra && !m.extra_listed && !m.base_allocation);
+	ck_assert_int_eq(bm_server_parse_meta_request(d, 42,
+		"qemu:dirty-bitmap:c1", &m), 0);
+	ck_assert(m.extra && m.extra_listed);
+	ck_assert_int_eq(bm_server_parse_meta_request(d, 42,
+		"qemu:dirty-bitmap:c11", &m), 0);
+	ck_assert(!m.extra && m.extra_listed); /* not a prefix ending ':' */
+	ck_assert_int_eq(bm_server_parse_meta_request(d, 42,
+		"qemu:dirty-bitmap:c", &m), 0);
+	ck_assert(!m.extra);
+}
+END_TEST
+
+/* ---- incremental backups: the dirty bitmap of a snapshot's export ------ */
+
+/*
+ * Tracking on, checkpoint c1, known writes (granules of 64 KiB: 2 by a
+ * small write, 16 to 19 by one across four, 48 by write-zeroes), then a
+ * snapshot since c1 that creates c2, exported as "bk".
+ */
+static struct blockmirror_snapshot *
+take_backup_snapshot(void)
+{
+	struct blockmirror_snapshot *snap;
+	char sidecar[160];
+	unsigned char buf[200 * KiB];
+	bool crashed = true;
+
+	snprintf(sidecar, sizeof sidecar, "%s/disk.cbt", fx.dir);
+	ck_assert_msg(blockmirror_disk_track(fx.disk, sidecar, 0, &crashed) == 0,
+		      "track: %s", blockmirror_last_error());
+	ck_assert(!crashed);
+	ck_assert_int_eq(blockmirror_checkpoint_create(fx.disk, "c1"), 0);
+	memset(buf, 0x5a, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, 4096, 130 * KiB,
+						0), 0);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, 200 * KiB,
+						MiB + 10 * KiB, 0), 0);
+	ck_assert_int_eq(blockmirror_disk_write_zeroes(fx.disk, 64 * KiB,
+						       3 * MiB, 0), 0);
+	snap = take_snapshot_since("c1", "c2");
+	ck_assert_int_eq(blockmirror_server_export_snapshot(fx.srv, "bk",
+							    snap), 0);
+	return snap;
+}
+
+/* The runs of the dirty map over the whole disk: (length, flags). */
+static const uint32_t dirty_map[][2] = {
+	{ 128 * KiB, 0 }, { 64 * KiB, 1 }, { 832 * KiB, 0 },
+	{ 256 * KiB, 1 }, { 1792 * KiB, 0 }, { 64 * KiB, 1 },
+	{ 960 * KiB, 0 },
+};
+
+/* A connection in option haggling, structured replies negotiated. */
+static int
+raw_connect_sr(void)
+{
+	int fd = raw_connect();
+
+	raw_greet(fd, 3);
+	raw_structured(fd, false);
+	return fd;
+}
+
+/* LIST or SET_META_CONTEXT on `name` with the queries (NULL-ended);
+ * the contexts replied, "id=name;" each, into out. */
+static void
+raw_meta(int fd, uint32_t opt, const char *name, const char *const *q,
+	 char *out, size_t cap)
+{
+	uint8_t d[512], r[256];
+	uint32_t pos, n = 0, type, len, nl = (uint32_t)strlen(name);
+
+	bm_put_be32(d, nl);
+	memcpy(d + 4, name, nl);
+	pos = 8 + nl;
+	for (; q && q[n]; n++) {
+		uint32_t ql = (uint32_t)strlen(q[n]);
+
+		bm_put_be32(d + pos, ql);
+		memcpy(d + pos + 4, q[n], ql);
+		pos += 4 + ql;
+	}
+	bm_put_be32(d + 4 + nl, n);
+	send_opt(fd, opt, d, pos);
+	out[0] = '\0';
+	while ((type = read_opt_reply(fd, opt, r, sizeof r - 1, &len)) ==
+	       REP_META) {
+		size_t o = strlen(out);
+
+		r[len] = '\0';
+		snprintf(out + o, cap - o, "%u=%s;", bm_get_be32(r),
+			 (char *)r + 4);
+	}
+	ck_assert_uint_eq(type, REP_ACK);
+}
+
+/* A BLOCK_STATUS chunk of context `id`, last or not: its descriptors
+ * checked against want (n of them). */
+static void
+expect_status(int fd, uint64_t cookie, uint32_t id, bool last,
+	      const uint32_t (*want)[2], size_t n)
+{
+	struct chunk c;
+
+	read_chunk(fd, &c);
+	ck_assert(c.cookie == cookie && c.type == 5);
+	ck_assert_uint_eq(c.flags, last ? 1 : 0);
+	ck_assert_uint_eq(bm_get_be32(c.payload), id);
+	if (want) {
+		ck_assert_uint_eq(c.length, 4 + 8 * n);
+		for (size_t i = 0; i < n; i++) {
+			ck_assert_uint_eq(bm_get_be32(c.payload + 4 + 8 * i),
+					  want[i][0]);
+			ck_assert_uint_eq(bm_get_be32(c.payload + 8 + 8 * i),
+					  want[i][1]);
+		}
+	}
+	free(c.payload);
+}
+
+/*
+ * The raw client: LIST shows the dirty bitmap for no query, "qemu:",
+ * "qemu:dirty-bitmap:" and its name, on the snapshot's export only;
+ * SET selects it beside base:allocation; BLOCK_STATUS answers a chunk
+ * per context, the dirty one in runs aligned to 64 KiB, clipped at the
+ * request; a selection made for another export is dropped at GO.
+ */
+START_TEST(test_dirty_bitmap_raw)
+{
+	static const char *const none[] = { NULL };
+	static const char *const qemu[] = { "qemu:", NULL };
+	static const char *const ns[] = { "qemu:dirty-bitmap:", NULL };
+	static const char *const both[] = { "base:allocation",
+					    "qemu:dirty-bitmap:c1", NULL };
+	static const char *const dirty[] = { "qemu:dirty-bitmap:c1", NULL };
+	static const char *const wrong[] = { "qemu:dirty-bitmap:c2",
+					     "qemu:dirty-bitmap:", NULL };
+	static const uint32_t part[][2] = {
+		{ 28 * KiB, 0 }, { 64 * KiB, 1 }, { 8 * KiB, 0 },
+	};
+	static const uint32_t one[][2] = { { 62 * KiB, 1 } };
+	struct blockmirror_snapshot *snap = take_backup_snapshot();
+	char got[512];
+	int fd;
+
+	static const struct {
+		uint32_t opt;
+		const char *export_name;
+		const char *const *queries;
+		const char *want;
+	} meta[] = {
+		{ OPT_LIST_META, "bk", none,
+		  "0=base:allocation;0=qemu:dirty-bitmap:c1;" },
+		{ OPT_LIST_META, "bk", qemu, "0=qemu:dirty-bitmap:c1;" },
+		{ OPT_LIST_META, "bk", ns, "0=qemu:dirty-bitmap:c1;" },
+		{ OPT_LIST_META, "bk", dirty, "0=qemu:dirty-bitmap:c1;" },
+		{ OPT_LIST_META, "bk", wrong, "0=qemu:dirty-bitmap:c1;" },
+		/* The disk's own export has no dirty bitmap. */
+		{ OPT_LIST_META, "", none, "0=base:allocation;" },
+		{ OPT_LIST_META, "", qemu, "" },
+		{ OPT_SET_META, "", dirty, "" },
+		/* SET: exact names only. */
+		{ OPT_SET_META, "bk", wrong, "" },
+		{ OPT_SET_META, "bk", both,
+		  "1=base:allocation;2=qemu:dirty-bitmap:c1;" },
+	};
+
+	fd = raw_connect_sr();
+	for (size_t i = 0; i < sizeof meta / sizeof meta[0]; i++) {
+		raw_meta(fd, meta[i].opt, meta[i].export_name,
+			 meta[i].queries, got, sizeof got);
+		ck_assert_msg(!strcmp(got, meta[i].want), "meta %zu: %s", i,
+			      got);
+	}
+	raw_go_name(fd, "bk");
+
+	send_req(fd, 0, BM_NBD_CMD_BLOCK_STATUS, 1, 0, SIZE);
+	expect_status(fd, 1, 1, false, NULL, 0);
+	expect_status(fd, 1, 2, true, dirty_map,
+		      sizeof dirty_map / sizeof dirty_map[0]);
+	send_req(fd, 0, BM_NBD_CMD_BLOCK_STATUS, 2, 100 * KiB, 100 * KiB);
+	expect_status(fd, 2, 1, false, NULL, 0);
+	expect_status(fd, 2, 2, true, part, 3);
+	send_req(fd, BM_NBD_CMD_FLAG_REQ_ONE, BM_NBD_CMD_BLOCK_STATUS, 3,
+		 130 * KiB, MiB);
+	expect_status(fd, 3, 1, false, NULL, 0);
+	expect_status(fd, 3, 2, true, one, 1);
+	close(fd);
+
+	/* The dirty bitmap alone: one chunk, no disk. */
+	fd = raw_connect_sr();
+	raw_meta(fd, OPT_SET_META, "bk", dirty, got, sizeof got);
+	ck_assert_str_eq(got, "2=qemu:dirty-bitmap:c1;");
+	raw_go_name(fd, "bk");
+	send_req(fd, 0, BM_NBD_CMD_BLOCK_STATUS, 4, 0, SIZE);
+	expect_status(fd, 4, 2, true, dirty_map,
+		      sizeof dirty_map / sizeof dirty_map[0]);
+	close(fd);
+
+	/* Selected for "bk", then GO to the disk's export: not selected. */
+	fd = raw_connect_sr();
+	raw_meta(fd, OPT_SET_META, "bk", dirty, got, sizeof got);
+	raw_go_name(fd, NULL);
+	send_req(fd, 0, BM_NBD_CMD_BLOCK_STATUS, 5, 0, SIZE);
+	{
+		struct chunk c;
+
+		read_chunk(fd, &c);
+		ck_assert(c.cookie == 5 && c.type == 32769);
+		ck_assert_uint_eq(bm_get_be32(c.payload), BM_NBD_EINVAL);
+		free(c.payload);
+	}
+	close(fd);
+
+	ck_assert_int_eq(blockmirror_server_unexport(fx.srv, "bk"), 0);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	assert_still_serving();
+}
+END_TEST
+
+/* nbdinfo --map and qemu-img map with x-dirty-bitmap see exactly the
+ * written granules; the disk's export has no such context. */
+START_TEST(test_dirty_bitmap_tools)
+{
+	struct blockmirror_snapshot *snap = take_backup_snapshot();
+	char uri[256], want[1024], *out;
+	uint64_t off = 0;
+	size_t n = 0;
+
+	snprintf(uri, sizeof uri, "nbd+unix:///bk?socket=%s", fx.sock);
+	/* nbdinfo: "offset length flags description", one line a run. */
+	for (size_t i = 0; i < sizeof dirty_map / sizeof dirty_map[0]; i++) {
+		n += (size_t)snprintf(want + n, sizeof want - n,
+				      "%" PRIu64 " %u %u\n", off,
+				      dirty_map[i][0], dirty_map[i][1]);
+		off += dirty_map[i][0];
+	}
+	out = sh_out("nbdinfo --map=qemu:dirty-bitmap:c1 '%s' | "
+		     "awk '{print $1, $2, $3}'", uri);
+	ck_assert_msg(!strcmp(out, want), "nbdinfo --map:\n%s\nwanted:\n%s",
+		      out, want);
+	free(out);
+	ck_assert_int_ne(sh("nbdinfo --map=qemu:dirty-bitmap:c1 '%s'",
+			    fx.uri), 0);
+	out = sh_out("nbdinfo --map '%s' | wc -l", uri);
+	ck_assert_msg(atoi(out) >= 1, "nbdinfo --map base:allocation: %s",
+		      out);
+	free(out);
+
+	/* qemu reads the bitmap in place of base:allocation: a dirty
+	 * granule looks like a hole ("data": false). */
+	out = sh_out("qemu-img map --output=json --image-opts "
+		     "driver=nbd,export=bk,server.type=unix,server.path=%s,"
+		     "x-dirty-bitmap=qemu:dirty-bitmap:c1 | "
+		     "grep -o '\"start\": [0-9]*, \"length\": [0-9]*, "
+		     "\"depth\": [0-9]*, \"present\": [a-z]*, \"zero\": [a-z]*, "
+		     "\"data\": false' | awk '{print $2, $4}'", fx.sock);
+	ck_assert_msg(!strcmp(out, "131072, 65536,\n1048576, 262144,\n"
+			      "3145728, 65536,\n"),
+		      "qemu-img map x-dirty-bitmap:\n%s", out);
+	free(out);
+
+	ck_assert_int_eq(blockmirror_server_unexport(fx.srv, "bk"), 0);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+}
+END_TEST
+
+/* A snapshot without `since` has no dirty bitmap; a bad name is
+ * refused and nothing is exported. */
+START_TEST(test_dirty_bitmap_absent)
+{
+	struct blockmirror_snapshot_options o = {
+		.size = sizeof o,
+		.scratch_dir = fx.dir,
+		.since = "nope",
+	};
+	struct blockmirror_snapshot *snap = NULL, *plain;
+	char sidecar[160], uri[256], *out;
+
+	plain = take_snapshot();
+	ck_assert_int_eq(blockmirror_server_export_snapshot(fx.srv, "p",
+							    plain), 0);
+	snprintf(uri, sizeof uri, "nbd+unix:///p?socket=%s", fx.sock);
+	out = sh_out("nbdinfo --json '%s'", uri);
+	ck_assert_msg(strstr(out, "base:allocation") &&
+		      !strstr(out, "qemu:dirty-bitmap"), "nbdinfo: %s", out);
+	free(out);
+	ck_assert_int_eq(blockmirror_server_unexport(fx.srv, "p"), 0);
+	ck_assert_int_eq(blockmirror_snapshot_release(plain), 0);
+
+	/* since without tracking, since an unknown checkpoint. */
+	ck_assert_int_lt(blockmirror_snapshot_take(&fx.disk, 1, &o, &snap), 0);
+	snprintf(sidecar, sizeof sidecar, "%s/disk.cbt", fx.dir);
+	ck_assert_int_eq(blockmirror_disk_track(fx.disk, sidecar, 0, NULL), 0);
+	ck_assert_int_lt(blockmirror_snapshot_take(&fx.disk, 1, &o, &snap), 0);
+	ck_assert_ptr_null(snap);
 }
 END_TEST
 
@@ -2501,6 +2817,7 @@ main(void)
 	TCase *raw = tcase_create("raw");
 	TCase *srv = tcase_create("server");
 	TCase *hostile = tcase_create("hostile");
+	TCase *cbt = tcase_create("cbt");
 
 	/* In CI a missing tool fails the tests that use it. */
 	if (!have_tools() && !(ci && !strcmp(ci, "true")))
@@ -2556,6 +2873,13 @@ main(void)
 	tcase_add_test(hostile, test_handshake_slowloris);
 	tcase_add_test(hostile, test_block_status_flood);
 	suite_add_tcase(s, hostile);
+
+	tcase_add_checked_fixture(cbt, setup_serving, teardown);
+	tcase_set_timeout(cbt, 60);
+	tcase_add_test(cbt, test_dirty_bitmap_raw);
+	tcase_add_test(cbt, test_dirty_bitmap_tools);
+	tcase_add_test(cbt, test_dirty_bitmap_absent);
+	suite_add_tcase(s, cbt);
 
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
