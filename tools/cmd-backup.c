@@ -23,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "bmirror.h"
@@ -227,36 +228,57 @@ take_local(const char *image, enum blockmirror_format fmt, const char *dir,
 	return EXIT_OK;
 }
 
+static void
+served_progress(json_t *ev, void *data)
+{
+	const char *name = json_string_value(json_object_get(ev, "event"));
+
+	if (data && name && !strcmp(name, "BACKUP_PROGRESS"))
+		progress_update(data, (uint64_t)json_integer_value(
+					json_object_get(ev, "bytes_done")),
+				(uint64_t)json_integer_value(
+					json_object_get(ev, "bytes_total")));
+}
+
 static int
 take_served(const char *control, const char *dir, bool incremental,
-	    bool json)
+	    bool json, bool want_bar)
 {
+	struct line_reader rd = { 0 };
 	char real[PATH_MAX];
-	json_t *reply;
+	struct progress *bar;
+	json_t *reply, *r;
+	int fd;
 
-	/* The server opens DIR: name it absolutely. */
-	if (!realpath(dir, real)) {
-		if (errno != ENOENT || strlen(dir) >= sizeof real - 256)
-			return tool_usage_error("%s: %s", dir,
-						strerror(errno));
-		if (dir[0] == '/')
-			snprintf(real, sizeof real, "%s", dir);
-		else if (!getcwd(real, sizeof real - strlen(dir) - 2))
-			return tool_usage_error("getcwd: %s", strerror(errno));
-		else
-			snprintf(real + strlen(real), sizeof real - strlen(real),
-				 "/%s", dir);
-	}
-	reply = client_call(control, json_pack("{s:s, s:s, s:b}",
-					       "cmd", "backup", "dir", real,
-					       "incremental", incremental));
-	if (!reply)
+	/* The server opens DIR, by its absolute name; made here if new
+	 * (the server only checks where it is). */
+	if (mkdir(dir, 0755) < 0 && errno != EEXIST)
+		return tool_usage_error("%s: %s", dir, strerror(errno));
+	if (!realpath(dir, real))
+		return tool_usage_error("%s: %s", dir, strerror(errno));
+	fd = client_connect(control);
+	if (fd < 0)
 		return EXIT_FAILED;
-	if (json) {
-		json_print(json_incref(json_object_get(reply, "return")));
-	} else {
-		json_t *r = json_object_get(reply, "return");
-
+	rd.fd = fd;
+	bar = progress_new("backing up", want_bar);
+	reply = client_request(fd, &rd, json_pack("{s:s, s:s, s:b}", "cmd",
+						  "backup", "dir", real,
+						  "incremental", incremental),
+			       served_progress, bar);
+	progress_end(bar);
+	close(fd);
+	if (!reply) {
+		tool_error("%s: the server closed the connection", control);
+		return EXIT_FAILED;
+	}
+	if (client_reply_error(reply) < 0) {
+		json_decref(reply);
+		return EXIT_FAILED;
+	}
+	r = json_object_get(reply, "return");
+	if (json)
+		json_print(json_incref(r));
+	else
 		printf("point %04" JSON_INTEGER_FORMAT " %s %s%s\n",
 		       json_integer_value(json_object_get(r, "point")),
 		       json_is_true(json_object_get(r, "incremental")) ?
@@ -264,7 +286,6 @@ take_served(const char *control, const char *dir, bool incremental,
 		       json_string_value(json_object_get(r, "file")),
 		       json_is_true(json_object_get(r, "healed")) ?
 		       " (healed by digests)" : "");
-	}
 	json_decref(reply);
 	return EXIT_OK;
 }
@@ -493,7 +514,7 @@ cmd_backup(int argc, char **argv)
 				return EXIT_USAGE;
 			break;
 		case OPT_TO:
-			to = optarg;
+			to = *optarg ? optarg : NULL;
 			break;
 		case OPT_INCREMENTAL:
 			incremental = true;
@@ -577,7 +598,7 @@ cmd_backup(int argc, char **argv)
 	if (control) {
 		if (argc != optind)
 			return tool_usage_error("--control takes no IMAGE");
-		return take_served(control, to, incremental, json);
+		return take_served(control, to, incremental, json, want_bar);
 	}
 	if (argc - optind != 1)
 		return tool_usage_error("expected IMAGE (or --control PATH)");

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+#
+# Backups of a served disk while fio writes to it (docs/backup.md):
+#   - fio (crc32c-verified 4 KiB random writes over NBD) is stopped, the
+#     disk is copied with qemu-img (the instant), and a backup is started;
+#     fio goes on as soon as the backup reports progress, i.e. after its
+#     snapshot was taken, and writes while the point is copied;
+#   - every point (full, then incremental by the change record that
+#     `bmirror serve --track` keeps) restores to exactly its instant copy
+#     (qemu-img compare), and an incremental point reads about what
+#     changed, not the disk;
+#   - `bmirror backup verify --control` rereads the chain and checks the
+#     live disk where the record says nothing changed;
+#   - fio's own verify of the disk passes at the end: no write was lost.
+set -euo pipefail
+. "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
+
+requires qemu-img fio python3
+
+SIZE=$((64 * MiB))
+CTL=$T/ctl.sock
+MAIN="nbd+unix:///?socket=$T/nbd.sock"
+DIR=$T/backups
+
+head -c "$SIZE" /dev/urandom >"$T/disk.raw"
+SERVE_EXTRA=(--track)
+start_serve "$T/disk.raw"
+
+# --thread: one process, so that SIGSTOP stops its writes.
+fio "${FIO_COMMON[@]}" --thread --uri="$MAIN" --do_verify=0 --rate_iops=1500 \
+	--output="$T/fio.out" >/dev/null 2>&1 &
+FIO=$!
+sleep 1
+
+# point N [--incremental]: the instant copied with fio stopped, then the
+# backup, fio let go once the backup reports progress.
+point() {
+	local n=$1
+	shift
+	kill -STOP "$FIO"
+	sleep 0.3   # what fio had in flight completes at the server
+	run_ok qemu-img convert -f raw -O raw "$MAIN" "$T/at$n.raw"
+	"$BMIRROR" backup --control "$CTL" --to "$DIR" --progress "$@" \
+		>"$T/b$n.out" 2>"$T/b$n.err" &
+	local b=$! i
+	for ((i = 0; i < 600; i++)); do
+		[[ -s $T/b$n.out ]] && break
+		kill -0 "$b" 2>/dev/null || break
+		sleep 0.05
+	done
+	kill -CONT "$FIO"
+	wait "$b" || { cat "$T/b$n.err" >&2; fail "backup $n failed"; }
+}
+
+point 1
+run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0001.qcow2" "$T/at1.raw"
+pass "full point of a disk being written equals its instant"
+
+sleep 1
+point 2 --incremental
+run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0002.qcow2" "$T/at2.raw"
+sleep 1
+point 3 --incremental
+run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0003.qcow2" "$T/at3.raw"
+run_ok qemu-img check -q "$DIR/0003.qcow2"
+pass "incremental points by the change record equal their instants"
+
+# The record, not digests: about what fio wrote between the points, far
+# less than the disk.
+run_ok "$BMIRROR" backup list "$DIR" --json
+json_assert "$RUN_OUT" "len(d['points']) == 3" \
+	"all(p['checkpoint'] for p in d['points'])"
+run_ok python3 - "$T/at2.raw" "$T/at3.raw" "$DIR/0003.json" <<'EOF'
+import json, sys
+a, b = open(sys.argv[1], 'rb').read(), open(sys.argv[2], 'rb').read()
+g = json.load(open(sys.argv[3]))['granularity']
+differ = sum(a[i:i + g] != b[i:i + g] for i in range(0, len(a), g))
+print(f'{differ} granules differ between instants 2 and 3')
+assert differ > 0
+EOF
+pass "points carry their checkpoints"
+
+# fio writes every block once: let it finish, so that it can verify.
+kill -CONT "$FIO" 2>/dev/null || true
+wait "$FIO" || { cat "$T/fio.out" >&2; fail "fio failed while writing"; }
+run_ok "$BMIRROR" backup verify "$DIR" --control "$CTL" --json
+json_assert "$RUN_OUT" "d['points'] == 3" "d['live_bytes_read'] > 0" \
+	"d['live_mismatches'] == 0"
+pass "verify over the control socket: the chain and the live disk"
+
+expect_fail_with 2 'needs --to' "$BMIRROR" backup --control "$CTL" --to ""
+run_ok python3 - "$CTL" <<'EOF'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile('rw')
+for cmd, want in (({'cmd': 'backup'}, 'backup needs "dir"'),
+                  ({'cmd': 'backup', 'dir': '/nonexistent/x'}, '/nonexistent'),
+                  ({'cmd': 'backup', 'dir': '/tmp', 'incremental': 'yes'},
+                   '"incremental" must be')):
+    f.write(json.dumps(cmd) + '\n')
+    f.flush()
+    r = json.loads(f.readline())
+    assert 'error' in r and want in r['error']['message'], r
+EOF
+stop_serve
+fio_serve_verify() {
+	start_serve "$T/disk.raw"
+	fio_verify "after three backups"
+	stop_serve
+}
+fio_serve_verify
+pass "fio verifies every write it made"
