@@ -270,7 +270,8 @@ struct run {
 	struct blockmirror_snapshot *snap;
 	const struct blockmirror_backup_options *o;
 	struct bm_digest *digests;
-	struct bm_digest zero_digest;
+	struct bm_digest zero_digest;      /* of a granule of zeroes */
+	struct bm_digest zero_tail;        /* of the last one, if shorter */
 	uint64_t g, size, done, total;
 	uint8_t *buf;
 	bool incremental;
@@ -278,6 +279,14 @@ struct run {
 					      the previous point's digests */
 	struct blockmirror_backup_point *res;
 };
+
+/* The digest of granule k all zeroes (the last one may be short). */
+static const struct bm_digest *
+zero_of(const struct run *run, uint64_t k)
+{
+	return (k + 1) * run->g > run->size ? &run->zero_tail
+					    : &run->zero_digest;
+}
 
 /* Copy [off, off + len) (granule-aligned, at most COPY_BYTES) from the
  * view to the point, digesting every granule. */
@@ -302,7 +311,7 @@ copy_range(struct run *run, uint64_t off, uint64_t len)
 			run->res->bytes_changed += n;
 		}
 		if (bm_is_zero(run->buf + p, n)) {
-			run->digests[k] = run->zero_digest;
+			run->digests[k] = *zero_of(run, k);
 			/* Over a backing point, zeroes must be said. */
 			if (run->incremental)
 				r = blockmirror_disk_write_zeroes(run->target,
@@ -330,16 +339,18 @@ heal_hole(struct run *run, uint64_t off, uint64_t end)
 {
 	int r = 0;
 
-	for (off = bm_round_up(off, run->g); r == 0 && off + run->g <= end;
+	/* Whole granules of the hole, and the disk's short last one. */
+	for (off = bm_round_up(off, run->g);
+	     r == 0 && off < end && (off + run->g <= end || end == run->size);
 	     off += run->g) {
-		uint64_t k = off / run->g;
+		uint64_t k = off / run->g, n = BM_MIN(run->g, run->size - off);
 
-		if (!memcmp(&run->digests[k], &run->zero_digest,
+		if (!memcmp(&run->digests[k], zero_of(run, k),
 			    sizeof run->zero_digest))
 			continue;
-		run->digests[k] = run->zero_digest;
-		run->res->bytes_changed += run->g;
-		r = blockmirror_disk_write_zeroes(run->target, run->g, off, 0);
+		run->digests[k] = *zero_of(run, k);
+		run->res->bytes_changed += n;
+		r = blockmirror_disk_write_zeroes(run->target, n, off, 0);
 	}
 	return r;
 }
@@ -359,7 +370,7 @@ copy_full(struct run *run)
 
 	run->total = run->size;
 	for (uint64_t k = 0; !run->heal && k * run->g < run->size; k++)
-		run->digests[k] = run->zero_digest;
+		run->digests[k] = *zero_of(run, k);
 	for (uint64_t pos = 0; r == 0 && pos < run->size;) {
 		uint64_t step = BM_MIN(run->size - pos, 1024 * COPY_BYTES);
 
@@ -575,6 +586,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	}
 	memset(run.buf, 0, g);
 	bm_hash_buffer(run.buf, g, &run.zero_digest);
+	bm_hash_buffer(run.buf, run.size % g ? run.size % g : g, &run.zero_tail);
 
 	/* The point's image, then its data. */
 	point_file(data, sizeof data, o->dir, p.number, "qcow2");

@@ -418,6 +418,55 @@ START_TEST(test_two_chains)
 }
 END_TEST
 
+/* A disk whose size is not a whole number of granules: its short last
+ * granule is backed up, healed and verified like the others. */
+START_TEST(test_odd_size)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point res;
+	struct blockmirror_backup_check chk;
+	struct blockmirror_disk *disk;
+	uint64_t size = DISK_SIZE + 12288;
+	uint8_t *buf = aligned_alloc(BLOCK, BLOCK);
+	char side[200];
+
+	ck_assert_int_eq(truncate(image, (off_t)size), 0);
+	disk = open_disk();
+	o.dir = bdir;
+	memset(buf, 0x9a, BLOCK);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, BLOCK, size - BLOCK,
+						0), 0);
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert_int_eq(blockmirror_backup_verify(bdir, disk, &chk), 0);
+	/* No record: heal.  The tail becomes zeroes. */
+	ck_assert_int_eq(blockmirror_disk_write_zeroes(disk, 12288,
+						       size - 12288, 0), 0);
+	o.incremental = true;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert(res.healed);
+	ck_assert_uint_eq(res.bytes_changed, 12288);
+	ck_assert_msg(blockmirror_backup_verify(bdir, disk, &chk) == 0, "%s",
+		      blockmirror_last_error());
+	/* With a record: the tail written again. */
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
+	o.incremental = false;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, BLOCK, size - BLOCK,
+						0), 0);
+	o.incremental = true;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert(!res.healed);
+	ck_assert_uint_eq(res.bytes_changed, 12288);
+	ck_assert_msg(blockmirror_backup_verify(bdir, disk, &chk) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert_uint_eq(chk.points, 4);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	snprintf(side, sizeof side, "%s.bmirror-cbt", image);
+	unlink(side);
+	free(buf);
+}
+END_TEST
+
 /* What the freeze and thaw hooks of the next test do. */
 struct hooks {
 	struct blockmirror_disk *disk;
@@ -613,6 +662,7 @@ main(void)
 	tcase_add_test(tc, test_heal_by_digests);
 	tcase_add_test(tc, test_freeze_hooks);
 	tcase_add_test(tc, test_two_chains);
+	tcase_add_test(tc, test_odd_size);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
