@@ -1,0 +1,24 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Checkpoints of a tracked disk (checkpoint.c, docs/cbt.md): what the
+ * rest of the library calls.
+ */
+#ifndef BM_CHECKPOINT_H
+#define BM_CHECKPOINT_H
+
+#include <stdint.h>
+
+struct blockmirror_disk;
+struct bm_bitmap;
+
+/*
+ * For a snapshot's instant (the disk quiesced, nothing in flight, on its
+ * loop): `changed` (when `since`) gets what changed since checkpoint
+ * `since`, then checkpoint `create` (when not NULL) is made.  0, or
+ * -errno with nothing changed.
+ */
+int bm_checkpoint_at_instant(struct blockmirror_disk *disk, const char *since,
+			     const char *create, struct bm_bitmap *changed,
+			     uint64_t *bytes);
+
+#endif /* BM_CHECKPOINT_H */
