@@ -778,6 +778,9 @@ extern int blockmirror_snapshot_query(struct blockmirror_snapshot *snap,
  * Let the snapshot go: guest writes stop saving old data, the scratch
  * space is freed (a scratch the library created is removed), and the
  * handle is freed.  Accepts NULL.  Blocking; not from the loop thread.
+ * Waits for another snapshot or checkpoint operation on the disk to end
+ * first.  -ESHUTDOWN (the handle kept) while the disk is closing: the
+ * close detaches the snapshot; release it once the close returned.
  */
 extern int blockmirror_snapshot_release(struct blockmirror_snapshot *snap);
 
