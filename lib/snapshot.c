@@ -793,6 +793,13 @@ call_push(struct bm_call *call)
 	struct blockmirror_disk *disk = call->arg;
 	struct blockmirror_snapshot *snap = call->arg2;
 
+	/* A close that came between the phases has detached the disk's
+	 * snapshots already: this one must not go on after them. */
+	if (snap && atomic_load(&disk->closing)) {
+		push_end(disk, call, bm_error(-ESHUTDOWN, "the disk is "
+					      "closing"));
+		return;
+	}
 	if (snap && (snap->since || snap->checkpoint)) {
 		int r = bm_checkpoint_at_instant(disk, snap->since,
 						 snap->checkpoint,
