@@ -37,11 +37,10 @@
  * the new file.
  *
  * A failed write-back breaks the tracker: its waiters and every later
- * mark fail with that error, so the caller fails those guest writes
- * instead of letting unrecorded ones through.  Every checkpoint existing
- * then is flagged BM_CBT_LOST (in memory at once, on disk at the next
- * rewrite, close included): the caller may since have gone on without
- * tracking.  The next structural rewrite mends the tracker.
+ * mark fail with that error.  The disk lets those guest writes through
+ * unrecorded (bm_disk_tracking_failed: the guest comes first), so every
+ * checkpoint existing then is flagged BM_CBT_LOST (in memory at once, on
+ * disk at the next rewrite, close included).  The next structural rewrite mends the tracker.
  */
 #include <errno.h>
 #include <fcntl.h>

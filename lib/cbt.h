@@ -114,7 +114,8 @@ struct bm_cbt;
  * and keeps the struct alive until fn runs; the other fields are the
  * tracker's.  fn runs on the loop thread, never inside bm_cbt_mark, with
  * 0 (the range is marked durably: submit the guest write) or a negative
- * errno (it is not: fail the guest write).  fn may call bm_cbt_mark, not
+ * errno (it is not: the disk submits the guest write all the same and
+ * warns once, bm_disk_tracking_failed, the checkpoints being LOST).  fn may call bm_cbt_mark, not
  * the synchronous calls below.
  */
 struct bm_cbt_waiter {

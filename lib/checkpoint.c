@@ -4,10 +4,18 @@
  * cbt.c, its file docs/cbt.md).
  *
  * blockmirror_disk_track opens the sidecar on a private loop and hands it
- * to the disk's loop; from then on bm_disk_submit marks every guest
- * write, write-zeroes and discard before it reaches the top of the
- * disk's stack, whatever filters stand there (a move's, a snapshot's), so
- * the record holds what any writer changed.
+ * to the disk's loop with the disk quiesced and drained, so every write
+ * either completed before or is marked; from then on bm_disk_submit
+ * marks every guest write, write-zeroes and discard before it reaches
+ * the top of the disk's stack, whatever filters stand there (a move's, a
+ * snapshot's), so the record holds what any writer changed.  Writes the
+ * disk served before tracking are in no bitmap: if there were any
+ * (disk->writes_seen), a sidecar that holds checkpoints already is
+ * refused, since they would miss them.
+ *
+ * Tracking on, checkpoints created or removed and snapshots taken or
+ * released are the disk's control call, one at a time: the others wait
+ * in its FIFO (bm_disk_control_begin) rather than fail.
  *
  * Creating or removing a checkpoint changes which bitmap takes marks: it
  * happens with the disk quiesced and nothing in flight, so no write is
@@ -17,6 +25,7 @@
  * as its own instant (snapshot.c calls bm_checkpoint_at_instant).
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,28 +36,59 @@
 #include "errors.h"
 #include "internal.h"
 #include "nbd.h"
-#include "snapshot.h"
+#include "checkpoint.h"
 
 /* ---- turning tracking on -------------------------------------------- */
+
+/* The control call ends: the next one may start. */
+static void
+control_done(struct blockmirror_disk *disk, struct bm_call *call, int r)
+{
+	bm_disk_control_end(disk);
+	bm_waiter_signal(&call->w, r);
+}
+
+/*
+ * Nothing in flight: every write so far completed unmarked, every later
+ * one is marked.  Checkpoints already in the sidecar would miss the
+ * unmarked ones, if the disk served any since it was opened.
+ */
+static void
+track_drained(struct blockmirror_disk *disk)
+{
+	struct bm_call *call = disk->control_call;
+	struct bm_cbt *cbt = call->arg2;
+	int r = 0;
+
+	if (disk->writes_seen && bm_cbt_count(cbt))
+		r = bm_error(-ESTALE, "%s: the disk has served %" PRIu64
+			     " writes since it was opened, which the sidecar's "
+			     "%zu checkpoints miss; start tracking before the "
+			     "first write (or remove the sidecar, and with it "
+			     "the checkpoints)", bm_disk_base(disk)->name,
+			     disk->writes_seen, bm_cbt_count(cbt));
+	else if (disk->cbt)
+		r = bm_error(-EBUSY, "the disk is tracking changes already");
+	if (r == 0) {
+		bm_cbt_set_loop(cbt, disk->loop);
+		disk->cbt = cbt;
+		disk->cbt_failed = false;
+	}
+	bm_disk_unquiesce(disk);
+	control_done(disk, call, r);
+}
 
 static void
 call_track(struct bm_call *call)
 {
 	struct blockmirror_disk *disk = call->arg;
-	struct bm_cbt *cbt = call->arg2;
+	int r;
 
-	if (disk->cbt) {
-		bm_waiter_signal(&call->w, bm_error(-EBUSY, "the disk is "
-				 "tracking changes already"));
-		return;
-	}
-	/* A write in flight now was not marked: it must complete before a
-	 * checkpoint can follow, and the first checkpoint waits for the
-	 * disk to drain anyway. */
-	bm_cbt_set_loop(cbt, disk->loop);
-	disk->cbt = cbt;
-	disk->cbt_failed = false;
-	bm_waiter_signal(&call->w, 0);
+	if (!bm_disk_control_begin(disk, call))
+		return; /* its turn comes, or the disk closes */
+	r = bm_disk_quiesce(disk, track_drained);
+	if (r < 0)
+		control_done(disk, call, r);
 }
 
 BM_EXPORT int
@@ -127,35 +167,33 @@ struct cp_call {
 static void
 cp_drained(struct blockmirror_disk *disk)
 {
-	struct bm_call *call = disk->snap_call;
+	struct bm_call *call = disk->control_call;
 	struct cp_call *c = call->arg2;
 
-	disk->snap_call = NULL;
 	c->result = c->remove ? bm_cbt_remove(disk->cbt, c->name)
 			      : bm_cbt_create(disk->cbt, c->name);
 	if (c->result == 0)
 		disk->cbt_failed = false; /* a rewrite mends the tracker */
 	bm_disk_unquiesce(disk);
-	bm_waiter_signal(&call->w, c->result);
+	control_done(disk, call, c->result);
 }
 
 static void
 call_checkpoint(struct bm_call *call)
 {
 	struct blockmirror_disk *disk = call->arg;
+	int r;
 
+	if (!bm_disk_control_begin(disk, call))
+		return; /* its turn comes, or the disk closes */
 	if (!disk->cbt) {
-		bm_waiter_signal(&call->w, bm_error(-EINVAL, "the disk does "
-				 "not track changes (blockmirror_disk_track)"));
+		control_done(disk, call, bm_error(-EINVAL, "the disk does not "
+				 "track changes (blockmirror_disk_track)"));
 		return;
 	}
-	if (disk->snap_call) {
-		bm_waiter_signal(&call->w, bm_error(-EBUSY, "the disk is busy "
-				 "with a snapshot or checkpoint; try again"));
-		return;
-	}
-	disk->snap_call = call;
-	bm_disk_quiesce(disk, cp_drained);
+	r = bm_disk_quiesce(disk, cp_drained);
+	if (r < 0)
+		control_done(disk, call, r);
 }
 
 static int
@@ -170,6 +208,10 @@ checkpoint_op(struct blockmirror_disk *disk, const char *name, bool remove,
 	bm_error_clear();
 	if (!disk || !name)
 		return bm_api_fail(fn, bm_error(-EINVAL, "bad arguments"));
+	if (!bm_cbt_name_ok(name))
+		return bm_api_fail(fn, bm_error(-EINVAL, "bad checkpoint name "
+				   "\"%.80s\": a name is 1 to 64 of A-Z a-z "
+				   "0-9 . _ -", name));
 	r = bm_disk_call(disk, &call);
 	return r < 0 ? bm_api_fail(fn, r) : 0;
 }

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Change tracking of a disk: what the rest of the library asks of it
- * (checkpoint.c).
+ * Checkpoints of a tracked disk (checkpoint.c, docs/cbt.md): what the
+ * rest of the library calls.
  */
 #ifndef BM_CHECKPOINT_H
 #define BM_CHECKPOINT_H
@@ -9,8 +9,20 @@
 #include <stdint.h>
 
 struct blockmirror_disk;
+struct bm_bitmap;
 
-/* The record's granularity, 0 if the disk does not track changes. */
+/* The record's granularity, 0 if the disk does not track changes.
+ * Blocking (from any thread but the disk's loop). */
 uint64_t bm_checkpoint_granularity(struct blockmirror_disk *disk);
+
+/*
+ * For a snapshot's instant (the disk quiesced, nothing in flight, on its
+ * loop): `changed` (when `since`) gets what changed since checkpoint
+ * `since`, then checkpoint `create` (when not NULL) is made.  0, or
+ * -errno with nothing changed.
+ */
+int bm_checkpoint_at_instant(struct blockmirror_disk *disk, const char *since,
+			     const char *create, struct bm_bitmap *changed,
+			     uint64_t *bytes);
 
 #endif /* BM_CHECKPOINT_H */

@@ -94,6 +94,7 @@ blockmirror_disk_open(const char *name, enum blockmirror_format format,
 	disk->readonly = flags & BLOCKMIRROR_DISK_READONLY;
 	disk->open_flags = iflags;
 	disk->queue_tail = &disk->queue_head;
+	disk->control_tail = &disk->control_head;
 	pthread_mutex_init(&disk->run_lock, NULL);
 	return disk;
 
@@ -213,31 +214,111 @@ bm_call_post(struct bm_loop *loop, struct bm_call *call)
 	bm_loop_post(loop, &call->work);
 }
 
-int
-bm_disk_call(struct blockmirror_disk *disk, struct bm_call *call)
+/* Wait at most timeout_ms (-1: no limit) for the call's signal; if
+ * nobody runs the loop, run it here meanwhile. */
+static int
+call_wait(struct blockmirror_disk *disk, struct bm_call *call,
+	  int timeout_ms)
 {
+	uint64_t deadline = bm_now_ns() + (uint64_t)timeout_ms * 1000000u;
 	int r = 0;
+
+	if (atomic_load(&disk->thread_running))
+		return bm_waiter_wait_ms(&call->w, timeout_ms);
+	pthread_mutex_lock(&disk->run_lock);
+	while (!bm_waiter_done(&call->w) &&
+	       (timeout_ms < 0 || bm_now_ns() < deadline)) {
+		r = disk_run_once(disk, 100);
+		if (r < 0)
+			break;
+	}
+	pthread_mutex_unlock(&disk->run_lock);
+	if (bm_waiter_done(&call->w))
+		return bm_waiter_wait(&call->w);
+	return r < 0 ? r : -ETIMEDOUT;
+}
+
+int
+bm_disk_call_ms(struct blockmirror_disk *disk, struct bm_call *call,
+		int timeout_ms)
+{
+	int r;
 
 	if (bm_disk_on_loop(disk))
 		return bm_error(-EDEADLK, "blocking call made from the disk's "
 				"own loop thread (a callback)");
 	bm_call_post(disk->loop, call);
-	if (atomic_load(&disk->thread_running)) {
-		r = bm_waiter_wait(&call->w);
-	} else {
-		/* Nobody runs the loop: run it here until the call is done. */
-		pthread_mutex_lock(&disk->run_lock);
-		while (!bm_waiter_done(&call->w)) {
-			r = disk_run_once(disk, 100);
-			if (r < 0)
-				break;
-		}
-		pthread_mutex_unlock(&disk->run_lock);
-		if (bm_waiter_done(&call->w))
-			r = bm_waiter_wait(&call->w);
-	}
+	r = call_wait(disk, call, timeout_ms);
+	if (r == -ETIMEDOUT && !bm_waiter_done(&call->w))
+		return r; /* still the caller's to finish */
 	bm_waiter_destroy(&call->w);
 	return r;
+}
+
+int
+bm_disk_call_finish(struct blockmirror_disk *disk, struct bm_call *call)
+{
+	int r = call_wait(disk, call, -1);
+
+	bm_waiter_destroy(&call->w);
+	return r;
+}
+
+int
+bm_disk_call(struct blockmirror_disk *disk, struct bm_call *call)
+{
+	return bm_disk_call_ms(disk, call, -1);
+}
+
+/* ---- the control call ------------------------------------------------ */
+
+bool
+bm_disk_control_begin(struct blockmirror_disk *disk, struct bm_call *call)
+{
+	if (disk->control_call && disk->control_call != call) {
+		call->next_control = NULL;
+		*disk->control_tail = call;
+		disk->control_tail = &call->next_control;
+		return false;
+	}
+	/* Free, or its turn: bm_disk_control_end chose it. */
+	disk->control_call = call;
+	if (atomic_load(&disk->closing)) {
+		bm_disk_control_end(disk);
+		bm_waiter_signal(&call->w, bm_error(-ESHUTDOWN, "the disk is "
+				 "closing"));
+		return false;
+	}
+	return true;
+}
+
+void
+bm_disk_control_end(struct blockmirror_disk *disk)
+{
+	struct bm_call *next = disk->control_head;
+
+	disk->control_call = next;
+	if (!next)
+		return;
+	disk->control_head = next->next_control;
+	if (!disk->control_head)
+		disk->control_tail = &disk->control_head;
+	/* From the loop, never inside the call that ends. */
+	bm_loop_post(disk->loop, &next->work);
+}
+
+/* The disk closes: whoever waits for a turn is told so. */
+static void
+control_fail_queued(struct blockmirror_disk *disk)
+{
+	while (disk->control_head) {
+		struct bm_call *call = disk->control_head;
+
+		disk->control_head = call->next_control;
+		bm_waiter_signal(&call->w, bm_error(-ESHUTDOWN, "the disk is "
+				 "closing"));
+	}
+	disk->control_tail = &disk->control_head;
 }
 
 /* ---- guest requests -------------------------------------------------- */
@@ -296,8 +377,9 @@ bm_disk_tracking_failed(struct blockmirror_disk *disk, int err)
 	if (disk->cbt_failed)
 		return;
 	disk->cbt_failed = true;
-	bm_warn("change tracking failed (%s); the checkpoints are flagged "
-		"lost and the guest goes on", strerror(-err));
+	bm_warn("%s: change tracking failed (%s); the checkpoints are "
+		"flagged lost and the guest goes on", bm_disk_base(disk)->name,
+		strerror(-err));
 }
 
 static void
@@ -324,6 +406,10 @@ bm_disk_submit(struct bm_req *req)
 		return;
 	}
 	disk->inflight++;
+	if (!req->target && (req->type == BM_REQ_WRITE ||
+			     req->type == BM_REQ_ZERO ||
+			     req->type == BM_REQ_DISCARD))
+		disk->writes_seen++;
 	if (disk->cbt && !req->target &&
 	    (req->type == BM_REQ_WRITE || req->type == BM_REQ_ZERO ||
 	     req->type == BM_REQ_DISCARD)) {
@@ -412,28 +498,44 @@ drained_soon(struct bm_op *op, int res)
 		call_drained(disk);
 }
 
-void
+int
 bm_disk_quiesce(struct blockmirror_disk *disk,
 		void (*drained)(struct blockmirror_disk *disk))
 {
+	if (drained && disk->ndrained == BM_DISK_MAX_DRAINED) {
+		/* More quiescers than the disk has (a job, the control
+		 * call, the close): a bug, never the guest's doing. */
+		bm_warn("disk: %u quiescers wait already; refusing one",
+			disk->ndrained);
+		return bm_error(-EBUSY, "the disk has too many quiescers");
+	}
 	if (disk->quiesce_depth++ == 0) {
 		disk->quiesce_start_ns = bm_now_ns();
 		disk->first_queued_ns = 0;
 	}
 	if (!drained)
-		return;
-	if (disk->ndrained == BM_DISK_MAX_DRAINED) {
-		/* More quiescers than the disk has (a job, a snapshot, the
-		 * close): a bug, never the guest's doing. */
-		bm_warn("disk: too many quiescers; ignoring one");
-		return;
-	}
+		return 0;
 	disk->drained[disk->ndrained++] = drained;
 	if (disk->inflight == 0 && !disk->drain_op_pending) {
 		/* Already drained: report on the next turn, never inline. */
 		disk->drain_op_pending = true;
 		bm_loop_defer(disk->loop, &disk->drain_op, drained_soon, 0);
 	}
+	return 0;
+}
+
+void
+bm_disk_quiesce_cancel(struct blockmirror_disk *disk,
+		       void (*drained)(struct blockmirror_disk *disk))
+{
+	for (unsigned i = 0; i < disk->ndrained; i++) {
+		if (disk->drained[i] != drained)
+			continue;
+		memmove(disk->drained + i, disk->drained + i + 1,
+			(--disk->ndrained - i) * sizeof disk->drained[0]);
+		break;
+	}
+	bm_disk_unquiesce(disk);
 }
 
 uint64_t
@@ -704,6 +806,7 @@ close_drained(struct blockmirror_disk *disk)
 
 	/* Snapshots go first: their handles stay valid, detached. */
 	bm_snapshot_detach_all(disk);
+	control_fail_queued(disk);
 	memset(io, 0, sizeof *io);
 	io->done = close_flushed;
 	io->opaque = call;
@@ -715,8 +818,12 @@ call_close(struct bm_call *call)
 {
 	struct blockmirror_disk *disk = call->arg;
 
-	disk->drain_call = call;
-	bm_disk_quiesce(disk, close_drained);
+	int r = bm_disk_quiesce(disk, close_drained);
+
+	if (r < 0)
+		bm_waiter_signal(&call->w, r);
+	else
+		disk->drain_call = call;
 }
 
 static void

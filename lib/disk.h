@@ -55,7 +55,7 @@ struct bm_req {
 					 reads while counted and queued like
 					 the guest's */
 	struct bm_cbt_waiter mark;    /* change tracking: marked first */
-	struct bm_io io;              /* to the active image */
+	struct bm_io io;              /* to `target`, or the active image */
 	int err;                      /* the active image's result */
 };
 
@@ -68,6 +68,7 @@ struct bm_call {
 	uint64_t u64;
 	int i;
 	struct bm_call *next_waiter;  /* a job's end_waiters */
+	struct bm_call *next_control; /* the disk's control_head */
 };
 struct blockmirror_disk {
 	struct bm_loop *loop;
@@ -92,7 +93,7 @@ struct blockmirror_disk {
 	uint64_t quiesce_start_ns;
 	uint64_t first_queued_ns;     /* 0: nothing queued yet */
 	/* called once inflight hits 0 (one per quiescer: a job's start or
-	 * pivot, a snapshot being taken or released, the close) */
+	 * pivot, the control call, the close: three at most) */
 	void (*drained[BM_DISK_MAX_DRAINED])(struct blockmirror_disk *disk);
 	unsigned ndrained;
 	struct bm_op drain_op;        /* reports an immediate drain */
@@ -107,8 +108,15 @@ struct blockmirror_disk {
 	struct blockmirror_snapshot *snapshots; /* live snapshots, newest first */
 	struct bm_cbt *cbt;           /* change tracking, or NULL */
 	bool cbt_failed;              /* warned that marks fail */
-	struct bm_call *snap_call;    /* a snapshot taken or released:
-					 waiting for the drain */
+	uint64_t writes_seen;         /* guest writes, write-zeroes and
+					 discards started since the open */
+	/* The control call: the one snapshot or checkpoint operation under
+	 * way (a snapshot taken or released, a checkpoint created or
+	 * removed, tracking turned on), which quiesces the disk and finds
+	 * its call here when drained.  Others wait in the FIFO behind it
+	 * (bm_disk_control_begin). */
+	struct bm_call *control_call;
+	struct bm_call *control_head, **control_tail;
 	struct bm_io close_io;
 };
 
@@ -144,12 +152,20 @@ void bm_disk_req_complete(struct bm_req *req);
 
 /*
  * Stop admitting guest requests (they queue), and call `drained` once
- * none is in flight (possibly from within this call's next loop turn).
+ * none is in flight (on a later loop turn, never inside this call).
  * Quiescers nest: each passes its own `drained` (NULL: none), and
- * requests flow again after the last bm_disk_unquiesce.
+ * requests flow again after the last bm_disk_unquiesce.  -EBUSY, with
+ * nothing changed, if BM_DISK_MAX_DRAINED quiescers wait already: never,
+ * since a disk has three at most (a job, the control call, the close),
+ * but the caller fails its operation rather than wait forever.
  */
-void bm_disk_quiesce(struct blockmirror_disk *disk,
-		     void (*drained)(struct blockmirror_disk *disk));
+int bm_disk_quiesce(struct blockmirror_disk *disk,
+		    void (*drained)(struct blockmirror_disk *disk));
+
+/* Undo a bm_disk_quiesce whose `drained` has not been called yet: it
+ * never will be, and the disk goes on if nobody else holds it. */
+void bm_disk_quiesce_cancel(struct blockmirror_disk *disk,
+			    void (*drained)(struct blockmirror_disk *disk));
 
 /*
  * Admit requests again and start the queued ones, in order.  Returns how
@@ -207,6 +223,30 @@ void bm_disk_unhold(struct blockmirror_disk *disk);
 /* Marks failed: the record is incomplete (the tracker flags its
  * checkpoints), and the guest goes on. */
 void bm_disk_tracking_failed(struct blockmirror_disk *disk, int err);
+
+/*
+ * Snapshot and checkpoint operations, one at a time (from call->fn, on
+ * the loop): true if `call` is the disk's control call now and goes on;
+ * false if another is under way and `call` waits in a FIFO, to have
+ * call->fn run again (and get true) once those before it have ended, or
+ * if the disk is closing (`call` is signalled -ESHUTDOWN then).  The
+ * control call ends with bm_disk_control_end, before it signals its
+ * waiter.
+ */
+bool bm_disk_control_begin(struct blockmirror_disk *disk,
+			   struct bm_call *call);
+void bm_disk_control_end(struct blockmirror_disk *disk);
+
+/*
+ * bm_disk_call with a time limit: -ETIMEDOUT (no message) if call->fn
+ * has not signalled within timeout_ms.  Then the call is still posted or
+ * under way: the caller must make it signal (another call that ends it)
+ * and wait for it with bm_disk_call_finish.  Otherwise returns what
+ * bm_disk_call would.
+ */
+int bm_disk_call_ms(struct blockmirror_disk *disk, struct bm_call *call,
+		    int timeout_ms);
+int bm_disk_call_finish(struct blockmirror_disk *disk, struct bm_call *call);
 
 /* Is the current thread running this disk's loop? */
 bool bm_disk_on_loop(struct blockmirror_disk *disk);

@@ -258,8 +258,10 @@ call_start(struct bm_call *call)
 		goto out;
 	/* Writes already in flight would land unseen by the job: let them
 	 * finish before it starts watching. */
+	r = bm_disk_quiesce(disk, start_drained);
+	if (r < 0)
+		goto out;
 	disk->start_call = call;
-	bm_disk_quiesce(disk, start_drained);
 	return;
 out:
 	bm_waiter_signal(&call->w, r);

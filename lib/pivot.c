@@ -329,9 +329,14 @@ enter_preflush(struct bm_job *job)
 static void
 enter_drain(struct bm_job *job)
 {
+	int r = bm_disk_quiesce(job->disk, job_drained);
+
+	if (r < 0) {
+		enter_abandon(job, r); /* back to READY; a later try */
+		return;
+	}
 	bm_job_set_phase(job, BM_PHASE_DRAIN);
 	job->quiesced = true;
-	bm_disk_quiesce(job->disk, job_drained);
 	bm_job_step(job);
 }
 
@@ -434,7 +439,10 @@ enter_stopping(struct bm_job *job, enum bm_job_goal goal)
 	bm_job_set_phase(job, BM_PHASE_STOPPING);
 	if (!job->quiesced) {
 		job->quiesced = true;
-		bm_disk_quiesce(job->disk, job_drained);
+		/* Without a drained callback (never, see bm_disk_quiesce)
+		 * the disk still stops, and the tick below steps the job. */
+		if (bm_disk_quiesce(job->disk, job_drained) < 0)
+			bm_disk_quiesce(job->disk, NULL);
 	}
 	bm_mirror_tick_start(job); /* cancels a hung destination's requests */
 	bm_job_step(job);

@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Snapshots: a point-in-time view of a running disk, by copy-before-write
- * (docs/snapshot.md).
+ * (docs/snapshot.md).  This file is the filter and the calls that take,
+ * query and release a snapshot; the view is snapshot-view.c.
  *
  * A snapshot is two images.  Its filter stands on the disk's stack, on
  * top when it is taken (bm_disk_swap_image), over whatever was there: the
@@ -16,16 +17,19 @@
  *     filter goes on, so every guest write either completed before (and
  *     is in the view) or passes through the filter (and is not).
  *  2. A chunk is NEEDED until its old data is in the scratch image (at
- *     the same offset).  A guest write, write-zeroes or discard that
- *     touches a NEEDED chunk waits; the filter copies the chunk from the
- *     image below to the scratch (a CBW, BUSY while it runs) and clears
- *     NEEDED, then lets the write on.  So what is below a NEEDED chunk is
- *     what it held at the instant.
+ *     the same offset).  A guest write or write-zeroes that touches a
+ *     NEEDED chunk waits; the filter copies the chunk from the image
+ *     below to the scratch (a CBW, BUSY while it runs) and clears NEEDED,
+ *     then lets the write on.  So what is below a NEEDED chunk is what it
+ *     held at the instant.  A discard is not forwarded over NEEDED chunks
+ *     at all: it completes for them without touching them (what a discard
+ *     leaves is unspecified, and the old data is a valid outcome), and
+ *     goes on over the rest, so a guest's fstrim copies nothing.
  *  3. The view reads a chunk from the scratch once it is not NEEDED, and
  *     from below while it is.  A read of below PINS its range: a guest
  *     write into a pinned range waits for the pin to go even when its
  *     chunks are saved, so no read of below ever runs beside a write that
- *     would change what it returns.
+ *     would change what it returns (snapshot-view.c).
  *  4. The guest before the snapshot: a CBW that fails, a scratch that is
  *     full (max_scratch) or a guest write that has waited timeout_ms
  *     BREAKS the snapshot: every waiting write goes on at once, later ones
@@ -33,8 +37,18 @@
  *     the reason.  A view read that completes after the break fails too,
  *     even if it may have read the right bytes.
  *
- * Everything runs on the disk's loop; only the public calls cross
- * threads, through bm_disk_call.
+ * A write that cannot go yet waits in a FIFO; new writes queue behind it
+ * whatever their range, and each retry lets go, in FIFO order, every
+ * waiting write that may go then: a write may pass an earlier one that
+ * still waits for other chunks (the guest orders overlapping writes by
+ * waiting for their completion, never by submission).
+ *
+ * Threads: a snapshot is made (snap_new: its bitmaps, its scratch image
+ * on a private loop) on the caller's thread, before it is on any stack;
+ * from the moment call_push puts its filter on, everything runs on the
+ * disk's loop, and the public calls cross over through bm_disk_call.
+ * Taking, releasing and checkpoints are the disk's control call, one at
+ * a time (bm_disk_control_begin): the others queue.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -48,32 +62,21 @@
 #include <unistd.h>
 
 #include "bitmap.h"
+#include "cbt.h"
+#include "checkpoint.h"
 #include "disk.h"
 #include "errors.h"
 #include "image.h"
 #include "internal.h"
 #include "nbd.h"
+#include "snapshot-int.h"
 #include "snapshot.h"
 
 #define CBW_MAX_BYTES (1024 * BM_KiB)
 #define CBW_MAX_INFLIGHT 16
 #define DEFAULT_GRANULARITY (64 * BM_KiB)
 #define DEFAULT_TIMEOUT_MS 1000
-
-/* A guest write waiting for rule 2 or 3. */
-struct snap_write {
-	struct bm_io *io;
-	enum bm_req_type type;
-	uint64_t since_ns;
-	struct snap_write *next;
-};
-
-/* A read of the image below for the view (rule 3). */
-struct pin {
-	uint64_t offset;
-	uint64_t length;
-	struct pin *next;
-};
+#define GROUP_DRAIN_MS 10000   /* a group take waits this long for a disk */
 
 /* A copy-before-write in flight. */
 struct cbw {
@@ -82,64 +85,15 @@ struct cbw {
 	void *buf;
 };
 
-struct blockmirror_snapshot {
-	struct bm_image filter;        /* on the disk's stack */
-	struct bm_image view;          /* the frozen disk */
-	struct blockmirror_disk *disk; /* NULL once detached */
-	struct blockmirror_snapshot *next; /* disk->snapshots */
-	struct bm_image *scratch;
-	char *scratch_path;            /* ours to remove at release */
-	bool scratch_ours;             /* created here: reads as zeroes */
-	char *name;                    /* "snapshot of IMAGE" */
-	uint64_t granularity;
-	uint64_t timeout_ns;
-	uint64_t max_scratch;
-	uint32_t align;
-
-	/* loop thread only */
-	struct bm_bitmap needed;       /* rule 2 */
-	struct bm_bitmap busy;
-	unsigned cbw_inflight;
-	struct snap_write *wait_head, **wait_tail;
-	struct pin *pins;
-	unsigned ops;                  /* CBWs, the timer: call back into us */
-	struct bm_timer timer;
-	bool timer_armed;
-	struct bm_op retry_op;         /* after a break */
-	bool on_stack;
-	enum blockmirror_snapshot_state state;
-	int error;
-	char reason[256];
-	int64_t taken_unix_ns;
-	uint64_t bytes_saved;
-	uint64_t cbw_count;
-	uint64_t cbw_max_ns;
-	struct bm_call *release_call;  /* waiting for ops to reach 0 */
-	const char *since, *checkpoint; /* the options', during take */
-	struct bm_bitmap changed;      /* since `since`, at the instant */
-	uint64_t changed_bytes;
-	bool has_changed;
-	char since_name[65];           /* has_changed: the checkpoint's */
-	struct bm_io release_io;
-};
-
-static void retry_waiting(struct blockmirror_snapshot *snap);
-
 static inline struct blockmirror_snapshot *
 filter_snap(struct bm_image *img)
 {
 	return bm_container_of(img, struct blockmirror_snapshot, filter);
 }
 
-static inline struct blockmirror_snapshot *
-view_snap(struct bm_image *img)
-{
-	return bm_container_of(img, struct blockmirror_snapshot, view);
-}
-
 /* ---- rule 4: breaking ------------------------------------------------ */
 
-static void op_done(struct blockmirror_snapshot *snap);
+static void callback_done(struct blockmirror_snapshot *snap);
 
 static void
 retry_soon(struct bm_op *op, int res)
@@ -147,8 +101,8 @@ retry_soon(struct bm_op *op, int res)
 	struct blockmirror_snapshot *snap =
 		bm_container_of(op, struct blockmirror_snapshot, retry_op);
 
-	retry_waiting(snap);
-	op_done(snap);
+	bm_snapshot_retry_waiting(snap);
+	callback_done(snap);
 }
 
 static void __attribute__((format(printf, 3, 4)))
@@ -172,25 +126,19 @@ snap_break(struct blockmirror_snapshot *snap, int err, const char *fmt, ...)
 		snap->scratch->store->ops->cancel(snap->scratch->store);
 	/* The waiting writes go on from the loop, never from inside a
 	 * caller that may be walking the list. */
-	snap->ops++;
+	snap->callbacks_pending++;
 	bm_loop_defer(snap->disk->loop, &snap->retry_op, retry_soon, 0);
-}
-
-static bool
-snap_ok(const struct blockmirror_snapshot *snap)
-{
-	return snap->state == BLOCKMIRROR_SNAPSHOT_ACTIVE;
 }
 
 static void release_idle(struct bm_call *call);
 
-/* The release waits for the last op that calls back into us. */
+/* The release waits for the last callback into us. */
 static void
-op_done(struct blockmirror_snapshot *snap)
+callback_done(struct blockmirror_snapshot *snap)
 {
 	struct bm_call *call = snap->release_call;
 
-	if (--snap->ops == 0 && call) {
+	if (--snap->callbacks_pending == 0 && call) {
 		snap->release_call = NULL;
 		release_idle(call);
 	}
@@ -212,8 +160,8 @@ cbw_end(struct cbw *c, int err)
 	snap->cbw_inflight--;
 	free(c->buf);
 	free(c);
-	retry_waiting(snap);
-	op_done(snap);
+	bm_snapshot_retry_waiting(snap);
+	callback_done(snap);
 	bm_disk_unhold(snap->disk);
 }
 
@@ -244,7 +192,7 @@ cbw_read(struct bm_io *io, int err)
 		cbw_end(c, err);
 		return;
 	}
-	if (!snap_ok(snap)) {
+	if (!bm_snapshot_ok(snap)) {
 		cbw_end(c, -ECANCELED);
 		return;
 	}
@@ -271,8 +219,10 @@ cbw_start(struct blockmirror_snapshot *snap, uint64_t offset,
 	  uint64_t length)
 {
 	struct cbw *c = calloc(1, sizeof *c);
+	/* Read from below, written to the scratch: O_DIRECT either side. */
+	uint32_t align = BM_MAX(snap->align, snap->filter.below->align);
 
-	if (!c || posix_memalign(&c->buf, snap->align, length)) {
+	if (!c || posix_memalign(&c->buf, align, length)) {
 		free(c);
 		snap_break(snap, -ENOMEM, "out of memory for copy-before-"
 			   "write");
@@ -285,23 +235,12 @@ cbw_start(struct blockmirror_snapshot *snap, uint64_t offset,
 	c->io.done = cbw_read;
 	bm_bitmap_set_range(&snap->busy, offset, length);
 	snap->cbw_inflight++;
-	snap->ops++;
+	snap->callbacks_pending++;
 	/* A copy outlives its guest write once the snapshot breaks: the
 	 * disk's drain (a pivot, a close) waits for it all the same. */
 	bm_disk_hold(snap->disk);
 	bm_image_read(snap->filter.below, &c->io);
 	return 0;
-}
-
-static bool
-pinned(const struct blockmirror_snapshot *snap, uint64_t offset,
-       uint64_t length)
-{
-	for (const struct pin *p = snap->pins; p; p = p->next)
-		if (offset < p->offset + p->length &&
-		    p->offset < offset + length)
-			return true;
-	return false;
 }
 
 /*
@@ -317,23 +256,21 @@ write_may_go(struct blockmirror_snapshot *snap, uint64_t offset,
 	uint64_t pos = bm_round_down(offset, g), run_off, run_len;
 	bool ready = true;
 
-	if (!snap_ok(snap))
+	if (!bm_snapshot_ok(snap))
 		return true;
 	while (pos < end && bm_bitmap_next_dirty(&snap->needed, pos, 0,
 						 &run_off, &run_len) &&
 	       run_off < end) {
-		uint64_t run_end = BM_MIN(run_off + run_len,
-					  bm_round_up(end, g));
+		uint64_t stop = BM_MIN(run_off + run_len, bm_round_up(end, g));
 
 		ready = false;
 		pos = run_off;
-		while (pos < run_end &&
-		       snap->cbw_inflight < CBW_MAX_INFLIGHT) {
+		while (pos < stop && snap->cbw_inflight < CBW_MAX_INFLIGHT) {
 			uint64_t n = 0;
 
-			while (pos < run_end && bm_bitmap_test(&snap->busy, pos))
+			while (pos < stop && bm_bitmap_test(&snap->busy, pos))
 				pos += g;
-			while (pos + n < run_end && n < CBW_MAX_BYTES &&
+			while (pos + n < stop && n < CBW_MAX_BYTES &&
 			       !bm_bitmap_test(&snap->busy, pos + n))
 				n += g;
 			n = BM_MIN(n, snap->filter.size - pos);
@@ -345,9 +282,9 @@ write_may_go(struct blockmirror_snapshot *snap, uint64_t offset,
 		}
 		if (snap->cbw_inflight >= CBW_MAX_INFLIGHT)
 			break;
-		pos = run_end;
+		pos = stop;
 	}
-	return ready && !pinned(snap, offset, length);
+	return ready && !bm_snapshot_pinned(snap, offset, length);
 }
 
 static void
@@ -369,12 +306,11 @@ static void timer_fired(struct bm_op *op, int res);
 static void
 arm_timer(struct blockmirror_snapshot *snap)
 {
-	if (snap->timer_armed || !snap->wait_head || !snap_ok(snap))
+	if (snap->timer_armed || !snap->wait_head || !bm_snapshot_ok(snap))
 		return;
 	snap->timer_armed = true;
-	snap->ops++;
-	bm_loop_timer_start(snap->filter.store ? snap->filter.store->loop :
-			    snap->disk->loop, &snap->timer,
+	snap->callbacks_pending++;
+	bm_loop_timer_start(snap->disk->loop, &snap->timer,
 			    BM_MAX(snap->timeout_ns / 4, 1000000u), timer_fired);
 }
 
@@ -393,12 +329,12 @@ timer_fired(struct bm_op *op, int res)
 			   snap->timeout_ns / 1000000);
 	if (res != -ECANCELED)
 		arm_timer(snap);
-	op_done(snap);
+	callback_done(snap);
 }
 
-/* Let every waiting write go that may, in order. */
-static void
-retry_waiting(struct blockmirror_snapshot *snap)
+/* Let every waiting write go that may now, in FIFO order. */
+void
+bm_snapshot_retry_waiting(struct blockmirror_snapshot *snap)
 {
 	struct snap_write **pp = &snap->wait_head;
 	uint64_t now = bm_now_ns();
@@ -427,7 +363,8 @@ filter_write_type(struct bm_image *img, struct bm_io *io,
 	struct blockmirror_snapshot *snap = filter_snap(img);
 	struct snap_write *w;
 
-	/* Behind a waiting write: overlapping writes keep their order. */
+	/* Behind any waiting write, so a stream of new writes cannot
+	 * starve it (see the top for the order they go in). */
 	if (!snap->wait_head && write_may_go(snap, io->offset, io->length)) {
 		forward(snap, io, type);
 		return;
@@ -444,7 +381,7 @@ filter_write_type(struct bm_image *img, struct bm_io *io,
 	w->next = NULL;
 	*snap->wait_tail = w;
 	snap->wait_tail = &w->next;
-	retry_waiting(snap);
+	bm_snapshot_retry_waiting(snap);
 	arm_timer(snap);
 }
 
@@ -460,10 +397,80 @@ filter_zero(struct bm_image *img, struct bm_io *io)
 	filter_write_type(img, io, BM_REQ_ZERO);
 }
 
+/* A discard, split: one part for each run of chunks saved already. */
+struct discard_op {
+	struct blockmirror_snapshot *snap;
+	struct bm_io *parent;
+	unsigned pending;
+	int err;
+	struct bm_io part[];
+};
+
+static void
+discard_part_done(struct bm_io *io, int err)
+{
+	struct discard_op *op = io->opaque;
+	struct bm_io *parent = op->parent;
+
+	if (err < 0 && !op->err)
+		op->err = err;
+	if (--op->pending)
+		return;
+	err = op->err;
+	free(op);
+	parent->done(parent, err);
+}
+
+/*
+ * Rule 2 for a discard: the NEEDED chunks keep their data (a valid
+ * outcome of a discard), so nothing is copied and nothing waits for a
+ * copy; the saved runs are discarded (after any pin on them, rule 3).
+ * NEEDED chunks only ever become saved, never the reverse, so the split
+ * holds while the parts wait.
+ */
 static void
 filter_discard(struct bm_image *img, struct bm_io *io)
 {
-	filter_write_type(img, io, BM_REQ_DISCARD);
+	struct blockmirror_snapshot *snap = filter_snap(img);
+	uint64_t end = io->offset + io->length, pos, e;
+	struct discard_op *op;
+	unsigned n = 0, i = 0;
+
+	if (!bm_snapshot_ok(snap)) {
+		forward(snap, io, BM_REQ_DISCARD);
+		return;
+	}
+	for (pos = io->offset; pos < end; pos = e) {
+		e = bm_snapshot_run_end(snap, pos, end);
+		n += !bm_bitmap_test(&snap->needed, pos);
+	}
+	if (!n) {
+		bm_snapshot_complete_soon(snap, io, 0);
+		return;
+	}
+	op = calloc(1, sizeof *op + n * sizeof op->part[0]);
+	if (!op) {
+		/* Copy before the discard instead, as for a write. */
+		filter_write_type(img, io, BM_REQ_DISCARD);
+		return;
+	}
+	op->snap = snap;
+	op->parent = io;
+	op->pending = n;
+	for (pos = io->offset; pos < end; pos = e) {
+		struct bm_io *part;
+
+		e = bm_snapshot_run_end(snap, pos, end);
+		if (bm_bitmap_test(&snap->needed, pos))
+			continue;
+		part = &op->part[i++];
+		part->offset = pos;
+		part->length = e - pos;
+		part->flags = io->flags;
+		part->done = discard_part_done;
+		part->opaque = op;
+		filter_write_type(img, part, BM_REQ_DISCARD);
+	}
 }
 
 static void
@@ -485,7 +492,7 @@ filter_block_status(struct bm_image *img, struct bm_io *io)
 }
 
 static void
-nothing_to_close(struct bm_image *img)
+filter_close(struct bm_image *img)
 {
 	/* The snapshot owns its images. */
 }
@@ -497,257 +504,8 @@ static const struct bm_image_ops filter_ops = {
 	.discard = filter_discard,
 	.flush = filter_flush,
 	.block_status = filter_block_status,
-	.close = nothing_to_close,
+	.close = filter_close,
 };
-
-/* ---- rule 3: the view ------------------------------------------------ */
-
-struct view_sub {
-	struct bm_io io;
-	struct view_op *op;
-	struct pin pin;
-	bool pinned;
-};
-
-struct view_op {
-	struct blockmirror_snapshot *snap;
-	struct bm_io *parent;
-	unsigned pending;
-	int err;
-	/* block status: one step at a time */
-	uint64_t pos;
-	struct view_sub sub[];
-};
-
-static void
-view_fail_soon(struct bm_op *op, int res)
-{
-	struct bm_io *io = bm_container_of(op, struct bm_io, op);
-
-	io->done(io, res);
-}
-
-static bool
-view_refuse(struct blockmirror_snapshot *snap, struct bm_io *io)
-{
-	if (snap_ok(snap))
-		return false;
-	bm_error(-EIO, "%s: broken: %s", snap->name, snap->reason);
-	bm_loop_defer(snap->disk->loop, &io->op, view_fail_soon, -EIO);
-	return true;
-}
-
-static void
-unpin(struct blockmirror_snapshot *snap, struct view_sub *s)
-{
-	struct pin **pp = &snap->pins;
-
-	if (!s->pinned)
-		return;
-	while (*pp != &s->pin)
-		pp = &(*pp)->next;
-	*pp = s->pin.next;
-	s->pinned = false;
-	retry_waiting(snap);
-}
-
-static void
-pin(struct blockmirror_snapshot *snap, struct view_sub *s, uint64_t offset,
-    uint64_t length)
-{
-	s->pin.offset = offset;
-	s->pin.length = length;
-	s->pin.next = snap->pins;
-	snap->pins = &s->pin;
-	s->pinned = true;
-}
-
-/* The end of the run of chunks at `pos` that are all NEEDED (or all not),
- * clipped at `end`. */
-static uint64_t
-run_end(const struct blockmirror_snapshot *snap, uint64_t pos, uint64_t end)
-{
-	bool needed = bm_bitmap_test(&snap->needed, pos);
-	uint64_t g = snap->granularity;
-
-	pos = bm_round_down(pos, g) + g;
-	while (pos < end && bm_bitmap_test(&snap->needed, pos) == needed)
-		pos += g;
-	return BM_MIN(pos, end);
-}
-
-static void
-view_read_done(struct bm_io *io, int err)
-{
-	struct view_sub *s = bm_container_of(io, struct view_sub, io);
-	struct view_op *op = s->op;
-	struct blockmirror_snapshot *snap = op->snap;
-
-	unpin(snap, s);
-	if (err < 0 && !op->err)
-		op->err = err;
-	if (--op->pending)
-		return;
-	if (!op->err && !snap_ok(snap)) {
-		bm_error(-EIO, "%s: broken while reading: %s", snap->name,
-			 snap->reason);
-		op->err = -EIO;
-	}
-	op->parent->done(op->parent, op->err);
-	free(op);
-}
-
-static void
-view_read(struct bm_image *img, struct bm_io *io)
-{
-	struct blockmirror_snapshot *snap = view_snap(img);
-	uint64_t end = io->offset + io->length, pos;
-	unsigned n = 0, i = 0;
-	struct view_op *op;
-
-	if (view_refuse(snap, io))
-		return;
-	for (pos = io->offset; pos < end; pos = run_end(snap, pos, end))
-		n++;
-	op = calloc(1, sizeof *op + (n ? n : 1) * sizeof op->sub[0]);
-	if (!op) {
-		bm_loop_defer(snap->disk->loop, &io->op, view_fail_soon,
-			      -ENOMEM);
-		return;
-	}
-	op->snap = snap;
-	op->parent = io;
-	op->pending = n;
-	for (pos = io->offset; pos < end; i++) {
-		uint64_t e = run_end(snap, pos, end);
-		struct view_sub *s = &op->sub[i];
-		bool needed = bm_bitmap_test(&snap->needed, pos);
-
-		s->op = op;
-		s->io.offset = pos;
-		s->io.length = e - pos;
-		s->io.buf = (char *)io->buf + (pos - io->offset);
-		s->io.done = view_read_done;
-		if (needed) {
-			pin(snap, s, pos, e - pos);
-			bm_image_read(snap->filter.below, &s->io);
-		} else {
-			bm_image_read(snap->scratch, &s->io);
-		}
-		pos = e;
-	}
-	if (!n) {
-		free(op);
-		bm_loop_defer(snap->disk->loop, &io->op, view_fail_soon, 0);
-	}
-}
-
-static void view_status_step(struct view_op *op);
-
-static void
-view_status_done(struct bm_io *io, int err)
-{
-	struct view_sub *s = bm_container_of(io, struct view_sub, io);
-	struct view_op *op = s->op;
-	struct bm_extent_list *l = op->parent->extents;
-	uint64_t got = bm_extent_list_end(l);
-
-	unpin(op->snap, s);
-	if (err < 0) {
-		op->err = err;
-		op->pos = op->parent->offset + op->parent->length;
-	} else {
-		op->pos = got > s->io.offset ? got : s->io.offset + s->io.length;
-	}
-	view_status_step(op);
-}
-
-/* Saved runs read as data (the scratch holds them); the rest is what
- * below says, asked one run at a time with the run pinned. */
-static void
-view_status_step(struct view_op *op)
-{
-	struct blockmirror_snapshot *snap = op->snap;
-	struct bm_io *parent = op->parent;
-	uint64_t end = parent->offset + parent->length;
-	struct view_sub *s = &op->sub[0];
-
-	while (op->pos < end && !op->err) {
-		uint64_t e = run_end(snap, op->pos, end);
-
-		if (!bm_bitmap_test(&snap->needed, op->pos)) {
-			op->err = bm_extent_list_append(parent->extents,
-							op->pos, e - op->pos,
-							0);
-			op->pos = e;
-			continue;
-		}
-		memset(s, 0, sizeof *s);
-		s->op = op;
-		s->io.offset = op->pos;
-		s->io.length = e - op->pos;
-		s->io.extents = parent->extents;
-		s->io.done = view_status_done;
-		pin(snap, s, op->pos, e - op->pos);
-		bm_image_block_status(snap->filter.below, &s->io);
-		return;
-	}
-	if (!op->err && !snap_ok(snap))
-		op->err = -EIO;
-	/* Never inline with the request (a saved range asks nobody). */
-	parent->op.res = op->err;
-	bm_loop_defer(snap->disk->loop, &parent->op, view_fail_soon, op->err);
-	free(op);
-}
-
-static void
-view_block_status(struct bm_image *img, struct bm_io *io)
-{
-	struct blockmirror_snapshot *snap = view_snap(img);
-	struct view_op *op;
-
-	if (view_refuse(snap, io))
-		return;
-	op = calloc(1, sizeof *op + sizeof op->sub[0]);
-	if (!op) {
-		bm_loop_defer(snap->disk->loop, &io->op, view_fail_soon,
-			      -ENOMEM);
-		return;
-	}
-	op->snap = snap;
-	op->parent = io;
-	op->pos = io->offset;
-	view_status_step(op);
-}
-
-static void
-view_no_write(struct bm_image *img, struct bm_io *io)
-{
-	bm_loop_defer(view_snap(img)->disk->loop, &io->op, view_fail_soon,
-		      -EROFS);
-}
-
-static void
-view_flush(struct bm_image *img, struct bm_io *io)
-{
-	bm_loop_defer(view_snap(img)->disk->loop, &io->op, view_fail_soon, 0);
-}
-
-static const struct bm_image_ops view_ops = {
-	.read = view_read,
-	.write = view_no_write,
-	.zero = view_no_write,
-	.discard = view_no_write,
-	.flush = view_flush,
-	.block_status = view_block_status,
-	.close = nothing_to_close,
-};
-
-struct bm_image *
-bm_snapshot_view(struct blockmirror_snapshot *snap)
-{
-	return &snap->view;
-}
 
 struct blockmirror_disk *
 bm_snapshot_disk(struct blockmirror_snapshot *snap)
@@ -908,16 +666,38 @@ check_options(const struct blockmirror_snapshot_options *o)
 	    o->scratch_format != BLOCKMIRROR_FORMAT_RAW &&
 	    o->scratch_format != BLOCKMIRROR_FORMAT_QCOW2)
 		return bm_error(-EINVAL, "a scratch image is raw or qcow2");
+	/* Before any disk stops for them. */
+	for (int i = 0; i < 2; i++) {
+		const char *name = i ? o->checkpoint : o->since;
+
+		if (name && !bm_cbt_name_ok(name))
+			return bm_error(-EINVAL, "bad checkpoint name "
+					"\"%.80s\": a name is 1 to 64 of A-Z "
+					"a-z 0-9 . _ -", name);
+	}
 	return 0;
 }
 
+/* Where phase 1 of a take is on its disk (call->i; the loop's). */
+enum {
+	QUIESCE_QUEUED,               /* call_quiesce has not run yet */
+	QUIESCE_DRAINING,             /* the disk drains */
+	QUIESCE_ABANDONED,            /* the take gave up before its turn */
+};
+
+/* Phase 1 ends: the disk stays stopped, and the control call stays the
+ * take's, until phase 2. */
 static void
 group_drained(struct blockmirror_disk *disk)
 {
-	struct bm_call *call = disk->snap_call;
+	bm_waiter_signal(&disk->control_call->w, 0);
+}
 
-	disk->snap_call = NULL;
-	bm_waiter_signal(&call->w, 0);
+static void
+quiesce_fail(struct blockmirror_disk *disk, struct bm_call *call, int err)
+{
+	bm_disk_control_end(disk);
+	bm_waiter_signal(&call->w, err);
 }
 
 /* Phase 1: the disk stops and drains, and stays stopped. */
@@ -925,14 +705,91 @@ static void
 call_quiesce(struct bm_call *call)
 {
 	struct blockmirror_disk *disk = call->arg;
+	int r;
 
-	if (disk->snap_call || atomic_load(&disk->closing)) {
-		bm_waiter_signal(&call->w, bm_error(-EBUSY, "the disk is "
-				 "closing or busy with another snapshot"));
+	if (!bm_disk_control_begin(disk, call))
+		return; /* another call first, or the disk closes */
+	if (call->i == QUIESCE_ABANDONED) {
+		quiesce_fail(disk, call, bm_error(-ETIMEDOUT, "gave up "
+						  "waiting"));
 		return;
 	}
-	disk->snap_call = call;
-	bm_disk_quiesce(disk, group_drained);
+	r = bm_disk_quiesce(disk, group_drained);
+	if (r < 0) {
+		quiesce_fail(disk, call, r);
+		return;
+	}
+	call->i = QUIESCE_DRAINING;
+}
+
+/*
+ * A group take stops waiting for phase 1 (call->arg2) on this disk: if
+ * it has not signalled, it ends now, the disk going on, so the take can
+ * wait for its signal at once (bm_disk_call_finish).  If it has, the
+ * disk is stopped (or refused) as it says.
+ */
+static void
+call_abandon(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+	struct bm_call *q = call->arg2, **pp;
+
+	if (bm_waiter_done(&q->w)) {
+		/* It drained as the take gave up: its result stands. */
+	} else if (q->i == QUIESCE_DRAINING) {
+		bm_disk_quiesce_cancel(disk, group_drained);
+		quiesce_fail(disk, q, -ETIMEDOUT);
+	} else if (disk->control_call == q) {
+		/* Its turn came and call_quiesce is posted: it ends it. */
+		q->i = QUIESCE_ABANDONED;
+	} else {
+		for (pp = &disk->control_head; *pp != q; pp = &(*pp)->next_control)
+			;
+		*pp = q->next_control;
+		if (!*pp)
+			disk->control_tail = pp;
+		bm_waiter_signal(&q->w, -ETIMEDOUT);
+	}
+	bm_waiter_signal(&call->w, 0);
+}
+
+/* Phase 1 on one disk of a group, by `deadline` (bm_now_ns). */
+static int
+quiesce_by(struct blockmirror_disk *disk, struct bm_call *call,
+	   uint64_t deadline)
+{
+	struct bm_call abandon = { .fn = call_abandon, .arg = disk,
+				   .arg2 = call };
+	uint64_t now = bm_now_ns();
+	char *image;
+	int r;
+
+	r = bm_disk_call_ms(disk, call, now < deadline
+				? (int)((deadline - now) / 1000000u) : 0);
+	if (r != -ETIMEDOUT)
+		return r;
+	r = bm_disk_call(disk, &abandon);
+	if (r == 0)
+		r = bm_disk_call_finish(disk, call);
+	if (r != -ETIMEDOUT)
+		return r; /* it drained as we gave up */
+	image = blockmirror_disk_get_image(disk);
+	r = bm_error(-ETIMEDOUT, "%s: did not drain within %d s (a guest "
+		     "request there does not complete); no snapshot taken, "
+		     "the group's other disks go on", image ? image : "a disk",
+		     GROUP_DRAIN_MS / 1000);
+	free(image);
+	return r;
+}
+
+/* The end of a take on one disk: it goes on, and the next snapshot or
+ * checkpoint call may start. */
+static void
+push_end(struct blockmirror_disk *disk, struct bm_call *call, int r)
+{
+	bm_disk_unquiesce(disk);
+	bm_disk_control_end(disk);
+	bm_waiter_signal(&call->w, r);
 }
 
 /* Phase 2: the filter goes on top (or, with no snapshot, nothing), and
@@ -943,6 +800,13 @@ call_push(struct bm_call *call)
 	struct blockmirror_disk *disk = call->arg;
 	struct blockmirror_snapshot *snap = call->arg2;
 
+	/* A close that came between the phases has detached the disk's
+	 * snapshots already: this one must not go on after them. */
+	if (snap && atomic_load(&disk->closing)) {
+		push_end(disk, call, bm_error(-ESHUTDOWN, "the disk is "
+					      "closing"));
+		return;
+	}
 	if (snap && (snap->since || snap->checkpoint)) {
 		int r = bm_checkpoint_at_instant(disk, snap->since,
 						 snap->checkpoint,
@@ -950,8 +814,7 @@ call_push(struct bm_call *call)
 						 &snap->changed_bytes);
 
 		if (r < 0) {
-			bm_disk_unquiesce(disk);
-			bm_waiter_signal(&call->w, r);
+			push_end(disk, call, r);
 			return;
 		}
 		snap->has_changed = snap->since != NULL;
@@ -964,10 +827,10 @@ call_push(struct bm_call *call)
 		if (snap->scratch->store == img->store ||
 		    !bm_file_same(img->store, snap->scratch->name))
 			continue;
-		bm_disk_unquiesce(disk);
-		bm_waiter_signal(&call->w, bm_error(-EINVAL, "%s: is an image "
-				 "of the disk (%s); a snapshot would overwrite "
-				 "it", snap->scratch->name, img->name));
+		push_end(disk, call, bm_error(-EINVAL, "%s: is an image of the "
+					      "disk (%s); a snapshot would "
+					      "overwrite it",
+					      snap->scratch->name, img->name));
 		return;
 	}
 	if (snap) {
@@ -985,7 +848,7 @@ call_push(struct bm_call *call)
 		f->zero_init = top->zero_init;
 		f->below = top;
 		snap->view = *f;
-		snap->view.ops = &view_ops;
+		snap->view.ops = &bm_snapshot_view_ops;
 		snap->view.readonly = true;
 		snap->view.below = NULL;
 		bm_disk_swap_image(disk, top, f);
@@ -996,8 +859,7 @@ call_push(struct bm_call *call)
 		snap->taken_unix_ns = (int64_t)ts.tv_sec * 1000000000 +
 				      ts.tv_nsec;
 	}
-	bm_disk_unquiesce(disk);
-	bm_waiter_signal(&call->w, 0);
+	push_end(disk, call, 0);
 }
 
 BM_EXPORT int
@@ -1005,8 +867,10 @@ blockmirror_snapshot_take(struct blockmirror_disk **disks, size_t n,
 			  const struct blockmirror_snapshot_options *options,
 			  struct blockmirror_snapshot **out)
 {
+	struct bm_call *calls = NULL; /* phase 1's: the control calls */
 	struct bm_loop *tmp = NULL;
 	size_t i, stopped = 0;
+	uint64_t deadline;
 	int r;
 
 	bm_error_clear();
@@ -1023,27 +887,35 @@ blockmirror_snapshot_take(struct blockmirror_disk **disks, size_t n,
 					    "checkpoint named for %zu disks",
 					    n));
 	memset(out, 0, n * sizeof *out);
-	for (i = 0; i < n; i++)
+	for (i = 0; i < n; i++) {
+		if (!disks[i])
+			return bm_api_fail("blockmirror_snapshot_take",
+				bm_error(-EINVAL, "disks[%zu] is NULL", i));
 		for (size_t j = 0; j < i; j++)
 			if (disks[i] == disks[j])
 				return bm_api_fail("blockmirror_snapshot_take",
-					bm_error(-EINVAL, "a disk named twice "
-						 "in one group"));
-	r = bm_loop_new(8, &tmp);
+					bm_error(-EINVAL, "disks[%zu] and "
+						 "disks[%zu] are the same disk",
+						 j, i));
+	}
+	calls = calloc(n, sizeof *calls);
+	r = calls ? bm_loop_new(8, &tmp)
+		  : bm_error(-ENOMEM, "out of memory");
 	for (i = 0; r == 0 && i < n; i++) {
-		if (!disks[i])
-			r = bm_error(-EINVAL, "no disk");
-		else if (bm_disk_on_loop(disks[i]))
+		if (bm_disk_on_loop(disks[i]))
 			r = bm_error(-EDEADLK, "called from a disk's loop "
 				     "thread");
 		else
 			r = snap_new(disks[i], tmp, options, &out[i]);
 	}
-	/* 1. every disk still, nothing in flight */
+	/* 1. every disk still, nothing in flight; a group within a time
+	 * limit, since the disks stopped already stall their guests */
+	deadline = bm_now_ns() + GROUP_DRAIN_MS * 1000000ull;
 	for (i = 0; r == 0 && i < n; i++) {
-		struct bm_call call = { .fn = call_quiesce, .arg = disks[i] };
-
-		r = bm_disk_call(disks[i], &call);
+		calls[i] = (struct bm_call){ .fn = call_quiesce,
+					     .arg = disks[i] };
+		r = n == 1 ? bm_disk_call(disks[i], &calls[i])
+			   : quiesce_by(disks[i], &calls[i], deadline);
 		if (r == 0)
 			stopped++;
 	}
@@ -1063,6 +935,7 @@ blockmirror_snapshot_take(struct blockmirror_disk **disks, size_t n,
 			out[i] = NULL;
 		}
 	}
+	free(calls);
 	bm_loop_free(tmp);
 	return r < 0 ? bm_api_fail("blockmirror_snapshot_take", r) : 0;
 }
@@ -1249,20 +1122,21 @@ release_idle(struct bm_call *call)
 static void
 release_drained(struct blockmirror_disk *disk)
 {
-	struct bm_call *call = disk->snap_call;
+	struct bm_call *call = disk->control_call;
 	struct blockmirror_snapshot *snap = call->arg2;
 	struct bm_store *st = snap->scratch->store;
 
-	disk->snap_call = NULL;
 	take_off(disk, snap);
 	bm_disk_unquiesce(disk);
+	/* The disk's part is done; the scratch's is the snapshot's own. */
+	bm_disk_control_end(disk);
 	/* Copies still in flight belong to a broken snapshot (a guest write
 	 * in flight would have kept the disk from draining): a hung
 	 * scratch must not hold the release. */
 	if (snap->cbw_inflight && st->ops->cancel)
 		st->ops->cancel(st);
-	if (snap->ops)
-		snap->release_call = call; /* op_done goes on */
+	if (snap->callbacks_pending)
+		snap->release_call = call; /* callback_done goes on */
 	else
 		release_idle(call);
 }
@@ -1271,14 +1145,17 @@ static void
 call_release(struct bm_call *call)
 {
 	struct blockmirror_disk *disk = call->arg;
+	int r;
 
-	if (disk->snap_call) {
-		bm_waiter_signal(&call->w, bm_error(-EBUSY, "the disk is busy "
-				 "with another snapshot; try again"));
-		return;
+	/* Closing, the disk takes the filter off itself (detached): the
+	 * caller releases the handle once it is closed. */
+	if (!bm_disk_control_begin(disk, call))
+		return; /* another call first, or the disk closes */
+	r = bm_disk_quiesce(disk, release_drained);
+	if (r < 0) {
+		bm_disk_control_end(disk);
+		bm_waiter_signal(&call->w, r);
 	}
-	disk->snap_call = call;
-	bm_disk_quiesce(disk, release_drained);
 }
 
 BM_EXPORT int

@@ -31,15 +31,4 @@ const char *bm_snapshot_since(const struct blockmirror_snapshot *snap);
 void bm_snapshot_detach_all(struct blockmirror_disk *disk);
 void bm_snapshot_disk_closed(struct blockmirror_disk *disk);
 
-/*
- * checkpoint.c, for a snapshot's instant (the disk quiesced, nothing in
- * flight, on its loop): `changed` (when `since`) gets what changed since
- * checkpoint `since`, then checkpoint `create` (when not NULL) is made.
- * 0, or -errno with nothing changed.
- */
-struct bm_bitmap;
-int bm_checkpoint_at_instant(struct blockmirror_disk *disk, const char *since,
-			     const char *create, struct bm_bitmap *changed,
-			     uint64_t *bytes);
-
 #endif /* BM_SNAPSHOT_H */

@@ -749,7 +749,11 @@ struct blockmirror_snapshot_info {
  * waits for those in flight, and only when all are still does any of
  * them go on.  A write acknowledged before the call is in every
  * snapshot; a write started after it returns is in none.  out[i] is the
- * snapshot of disks[i].  0 or -errno (then none is taken).
+ * snapshot of disks[i].  0 or -errno (then none is taken).  Another
+ * snapshot or checkpoint operation under way on a disk is waited for, not
+ * refused.  A group waits at most 10 s for its disks to drain, since
+ * those stopped already stall their guests: then -ETIMEDOUT, naming the
+ * disk that did not drain, and every disk goes on.
  */
 extern int blockmirror_snapshot_take(struct blockmirror_disk **disks,
 				     size_t n,
@@ -774,6 +778,9 @@ extern int blockmirror_snapshot_query(struct blockmirror_snapshot *snap,
  * Let the snapshot go: guest writes stop saving old data, the scratch
  * space is freed (a scratch the library created is removed), and the
  * handle is freed.  Accepts NULL.  Blocking; not from the loop thread.
+ * Waits for another snapshot or checkpoint operation on the disk to end
+ * first.  -ESHUTDOWN (the handle kept) while the disk is closing: the
+ * close detaches the snapshot; release it once the close returned.
  */
 extern int blockmirror_snapshot_release(struct blockmirror_snapshot *snap);
 
@@ -794,8 +801,11 @@ extern int blockmirror_snapshot_changed(struct blockmirror_snapshot *snap,
  * `sidecar` (NULL: the disk's image path plus ".bmirror-cbt"; created if
  * missing) at `granularity` (0: the file's, or 64 KiB).  Each write is
  * marked on disk before it reaches the image, so the record survives a
- * crash or a power loss.  Blocking; -EBUSY if already tracking.
- * *crashed (may be NULL) says the previous tracker did not close.
+ * crash or a power loss.  Writes in flight complete first.  Blocking;
+ * -EBUSY if already tracking; -ESTALE if the disk has served a write
+ * since it was opened and the sidecar holds checkpoints (they would miss
+ * it: start tracking before the first write).  *crashed (may be NULL)
+ * says the previous tracker did not close.
  */
 extern int blockmirror_disk_track(struct blockmirror_disk *disk,
 				  const char *sidecar, uint32_t granularity,

@@ -9,6 +9,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 
+#include "fault.h"
 #include "helpers.h"
 
 #define BLOCK 4096u
@@ -280,6 +281,13 @@ START_TEST(test_bad_input)
 	o.since = "a";
 	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap),
 			 -EINVAL);
+	/* A bad name is refused before the disk stops for it. */
+	o.since = "no/such";
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap),
+			 -EINVAL);
+	ck_assert_msg(strstr(blockmirror_last_error(), "checkpoint name"),
+		      "%s", blockmirror_last_error());
+	o.since = "a";
 	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
 	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), -EBUSY);
 	/* A missing checkpoint: the snapshot is not taken. */
@@ -304,6 +312,84 @@ START_TEST(test_bad_input)
 }
 END_TEST
 
+struct pending {
+	atomic_bool done;
+	int err;
+};
+
+static void
+pending_done(void *user_data, int err)
+{
+	struct pending *p = user_data;
+
+	p->err = err;
+	atomic_store(&p->done, true);
+}
+
+/*
+ * Tracking starts with the disk drained: a write in flight when
+ * blockmirror_disk_track is called has completed when it returns.  A
+ * disk that served writes before tracking started refuses a sidecar
+ * that holds checkpoints (they would miss those writes), and takes one
+ * that holds none.
+ */
+START_TEST(test_writes_before_tracking)
+{
+	static struct bm_fault_rules rules;
+	struct blockmirror_checkpoint *list;
+	struct blockmirror_disk *disk;
+	struct pending p = { 0 };
+	uint8_t *buf = aligned_alloc(BLOCK, BLOCK);
+	char side[160];
+	size_t n;
+
+	memset(&rules, 0, sizeof rules);
+	ck_assert_int_eq(bm_fault_register(image, &rules), 0);
+	memset(buf, 0x5c, BLOCK);
+	/* A write in flight: done before tracking starts. */
+	disk = open_disk();
+	atomic_store(&rules.next_write_delay_ns, 300 * 1000000ull);
+	ck_assert_int_eq(blockmirror_disk_aio_write(disk, buf, BLOCK, 0, 0,
+						    pending_done, &p), 0);
+	sleep_ms(30);
+	/* No checkpoint in a new sidecar: nothing can have missed it. */
+	ck_assert_msg(blockmirror_disk_track(disk, NULL, GRAN, NULL) == 0,
+		      "%s", blockmirror_last_error());
+	ck_assert_msg(atomic_load(&p.done), "tracking started with a write "
+		      "in flight");
+	ck_assert_int_eq(p.err, 0);
+	ck_assert_int_eq(blockmirror_checkpoint_create(disk, "c1"), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	/* A write before tracking: c1 would miss it. */
+	disk = open_disk();
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, BLOCK, BLOCK, 0), 0);
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, GRAN, NULL),
+			 -ESTALE);
+	ck_assert_msg(strstr(blockmirror_last_error(), "before the first "
+			     "write"), "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	/* Tracking before the first write: c1 holds. */
+	disk = open_disk();
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, GRAN, NULL), 0);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, BLOCK, BLOCK, 0), 0);
+	ck_assert_int_eq(blockmirror_checkpoint_list(disk, &list, &n), 0);
+	ck_assert_uint_eq(n, 1);
+	ck_assert(list[0].trusted);
+	free(list);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	/* A sidecar without checkpoints: written disks may start. */
+	snprintf(side, sizeof side, "%s.bmirror-cbt", image);
+	unlink(side);
+	disk = open_disk();
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, BLOCK, BLOCK, 0), 0);
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, GRAN, NULL), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	bm_fault_unregister(image);
+	unlink(side);
+	free(buf);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -315,6 +401,7 @@ main(void)
 	tcase_add_test(tc, test_changed_between_instants);
 	tcase_add_test(tc, test_survives_kill);
 	tcase_add_test(tc, test_bad_input);
+	tcase_add_test(tc, test_writes_before_tracking);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }

@@ -1,9 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
- * Snapshots of a running disk (lib/snapshot.c): the view holds what the
- * disk held at the instant while guest writers keep writing, through a
- * move and its pivot, and a snapshot in trouble breaks rather than fail
- * or stall the guest.
+ * Snapshots of a running disk (lib/snapshot.c, lib/snapshot-view.c): the
+ * view holds what the disk held at the instant while guest writers keep
+ * writing, through a move and its pivot, and a snapshot in trouble
+ * breaks rather than fail or stall the guest.
  *
  * The model: every 4 KiB block carries a stamp (its block number and a
  * version) in every word.  Writer w owns the blocks of every w-th group
@@ -600,6 +600,245 @@ START_TEST(test_group_one_instant)
 }
 END_TEST
 
+/* Someone else's snapshot or checkpoint operation under way on the disk:
+ * a take queues behind it instead of failing with -EBUSY. */
+struct bg_release {
+	struct blockmirror_snapshot *snap;
+	int r;
+};
+
+static void *
+bg_release_main(void *arg)
+{
+	struct bg_release *b = arg;
+
+	b->r = blockmirror_snapshot_release(b->snap);
+	return NULL;
+}
+
+START_TEST(test_operations_queue)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	static struct bm_fault_rules rules;
+	struct blockmirror_snapshot *s1, *s2;
+	struct blockmirror_disk *disk;
+	struct pending_read p = { 0 };
+	struct bg_release b = { 0 };
+	uint8_t *buf = aligned_alloc(BLOCK, BLOCK);
+	pthread_t t;
+
+	memset(&rules, 0, sizeof rules);
+	ck_assert_int_eq(bm_fault_register(image, &rules), 0);
+	disk = open_disk(image);
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &s1), 0);
+	/* A guest write in flight for 500 ms keeps the release draining. */
+	atomic_store(&rules.next_write_delay_ns, 500 * 1000000ull);
+	memset(buf, 0x42, BLOCK);
+	ck_assert_int_eq(blockmirror_disk_aio_write(disk, buf, BLOCK,
+						    BLOCK * 100, 0,
+						    pending_read_done, &p), 0);
+	sleep_ms(50);
+	b.snap = s1;
+	ck_assert_int_eq(pthread_create(&t, NULL, bg_release_main, &b), 0);
+	sleep_ms(100);
+	ck_assert_msg(blockmirror_snapshot_take(&disk, 1, &o, &s2) == 0,
+		      "a take beside a release: %s", blockmirror_last_error());
+	pthread_join(t, NULL);
+	ck_assert_int_eq(b.r, 0);
+	ck_assert(atomic_load(&p.done));
+	ck_assert_int_eq(p.err, 0);
+	ck_assert_int_eq(blockmirror_snapshot_release(s2), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	bm_fault_unregister(image);
+	free(buf);
+}
+END_TEST
+
+/*
+ * A guest fstrim (a large discard) over chunks not yet saved neither
+ * copies them nor waits: the discard leaves them as they were, the
+ * snapshot stays active even with a slow scratch and a short timeout,
+ * and the view still reads the instant.
+ */
+START_TEST(test_large_discard_does_not_copy)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	static struct bm_fault_rules rules;
+	struct blockmirror_snapshot_info info;
+	struct blockmirror_snapshot *snap;
+	struct blockmirror_disk *disk = open_disk(image);
+	uint8_t *old = aligned_alloc(BLOCK, DISK_SIZE);
+	uint8_t *view = aligned_alloc(BLOCK, DISK_SIZE);
+	char scratch[160];
+	uint64_t t0;
+
+	snprintf(scratch, sizeof scratch, "%s/slow-scratch.raw", dir);
+	memset(&rules, 0, sizeof rules);
+	atomic_store(&rules.write_delay_ns, 200 * 1000000ull);
+	ck_assert_int_eq(bm_fault_register(scratch, &rules), 0);
+	ck_assert_int_eq(blockmirror_disk_read(disk, old, DISK_SIZE, 0), 0);
+	o.scratch = scratch;
+	o.flags = BLOCKMIRROR_SNAPSHOT_CREATE;
+	o.timeout_ms = 100;
+	ck_assert_msg(blockmirror_snapshot_take(&disk, 1, &o, &snap) == 0,
+		      "%s", blockmirror_last_error());
+	/* Copying 6 MiB to this scratch (200 ms a write) would break the
+	 * snapshot after 100 ms. */
+	t0 = now_ms();
+	ck_assert_int_eq(blockmirror_disk_discard(disk, 6 << 20, 1 << 20), 0);
+	ck_assert_msg(now_ms() - t0 < 1000, "the discard took %" PRIu64 " ms",
+		      now_ms() - t0);
+	ck_assert_int_eq(blockmirror_snapshot_query(snap, &info), 0);
+	ck_assert_msg(info.state == BLOCKMIRROR_SNAPSHOT_ACTIVE, "%s",
+		      info.reason);
+	ck_assert_int_eq(blockmirror_snapshot_read(snap, view, DISK_SIZE, 0),
+			 0);
+	ck_assert_msg(!memcmp(view, old, DISK_SIZE), "the view changed");
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	bm_fault_unregister(scratch);
+	free(old);
+	free(view);
+}
+END_TEST
+
+/*
+ * Pins cost linear time: a view read of a whole 64 MiB disk saved in
+ * every other 4 KiB chunk (8192 runs from below), with guest writes
+ * waiting on its pins all along, completes in well under 2 s: tens of
+ * ms with one pin per read, a few hundred with a pin per run and a walk
+ * of every pin per completion, seconds at a few times the size.
+ */
+#define PIN_DISK (64ull << 20)
+#define PIN_WRITERS 4
+
+struct write_loop {
+	struct blockmirror_disk *disk;
+	atomic_bool *stop;
+	unsigned id;
+	int err;
+};
+
+static void *
+write_loop_main(void *arg)
+{
+	struct write_loop *q = arg;
+	uint8_t *b = aligned_alloc(BLOCK, BLOCK);
+
+	memset(b, 0x11, BLOCK);
+	for (uint64_t i = 0; !atomic_load(q->stop) && !q->err; i++) {
+		/* Unsaved chunks near the end, which the view reads from
+		 * below (pinned) last. */
+		uint64_t chunk = (i * PIN_WRITERS + q->id) * 2 + 1;
+
+		q->err = blockmirror_disk_write(q->disk, b, BLOCK,
+						PIN_DISK - (chunk + 1) * BLOCK,
+						0);
+	}
+	free(b);
+	return NULL;
+}
+
+START_TEST(test_pins_linear)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct write_loop q[PIN_WRITERS];
+	struct blockmirror_snapshot *snap;
+	struct blockmirror_disk *disk;
+	uint8_t *buf = aligned_alloc(BLOCK, PIN_DISK);
+	pthread_t t[PIN_WRITERS];
+	atomic_bool stop = false;
+	uint64_t t0, ms;
+	char big[160];
+	int fd;
+
+	snprintf(big, sizeof big, "%s/big.raw", dir);
+	memset(buf, 0x99, PIN_DISK);
+	fd = open(big, O_CREAT | O_WRONLY | O_TRUNC, 0600);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(pwrite(fd, buf, PIN_DISK, 0), (ssize_t)PIN_DISK);
+	close(fd);
+	disk = open_disk(big);
+	o.granularity = BLOCK;
+	o.timeout_ms = 60000;
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap), 0);
+	/* Save every other chunk. */
+	for (uint64_t off = 0; off < PIN_DISK; off += 2 * BLOCK)
+		ck_assert_int_eq(blockmirror_disk_write(disk, buf, BLOCK, off,
+							0), 0);
+	for (unsigned i = 0; i < PIN_WRITERS; i++) {
+		q[i] = (struct write_loop){ .disk = disk, .stop = &stop,
+					    .id = i };
+		ck_assert_int_eq(pthread_create(&t[i], NULL, write_loop_main,
+						&q[i]), 0);
+	}
+	sleep_ms(20);
+	t0 = now_ms();
+	ck_assert_int_eq(blockmirror_snapshot_read(snap, buf, PIN_DISK, 0), 0);
+	ms = now_ms() - t0;
+	atomic_store(&stop, true);
+	for (unsigned i = 0; i < PIN_WRITERS; i++) {
+		pthread_join(t[i], NULL);
+		ck_assert_int_eq(q[i].err, 0);
+	}
+	ck_assert_msg(ms < 2000, "a whole view read took %" PRIu64 " ms", ms);
+	for (uint64_t i = 0; i < PIN_DISK; i++)
+		if (buf[i] != 0x99)
+			ck_abort_msg("the view read new data at %" PRIu64, i);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	free(buf);
+}
+END_TEST
+
+/*
+ * A group take whose second disk does not drain (a guest write hangs
+ * there) gives up after 10 s with -ETIMEDOUT naming that disk, and lets
+ * the first disk go on.
+ */
+START_TEST(test_group_take_deadline)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	static struct bm_fault_rules rules;
+	struct blockmirror_snapshot *snaps[2];
+	struct blockmirror_disk *disks[2];
+	struct pending_read p = { 0 };
+	uint8_t *buf = aligned_alloc(BLOCK, BLOCK);
+	char second[160], cmd[400];
+	uint64_t t0;
+
+	snprintf(second, sizeof second, "%s/hang.raw", dir);
+	snprintf(cmd, sizeof cmd, "cp %s %s", image, second);
+	ck_assert_int_eq(system(cmd), 0);
+	memset(&rules, 0, sizeof rules);
+	ck_assert_int_eq(bm_fault_register(second, &rules), 0);
+	disks[0] = open_disk(image);
+	disks[1] = open_disk(second);
+	atomic_store(&rules.next_write_delay_ns, 14000 * 1000000ull);
+	memset(buf, 0x33, BLOCK);
+	ck_assert_int_eq(blockmirror_disk_aio_write(disks[1], buf, BLOCK, 0, 0,
+						    pending_read_done, &p), 0);
+	sleep_ms(50);
+	t0 = now_ms();
+	ck_assert_int_eq(blockmirror_snapshot_take(disks, 2, &o, snaps),
+			 -ETIMEDOUT);
+	ck_assert_msg(now_ms() - t0 < 13000, "took %" PRIu64 " ms",
+		      now_ms() - t0);
+	ck_assert_msg(strstr(blockmirror_last_error(), second), "%s",
+		      blockmirror_last_error());
+	/* The first disk goes on. */
+	t0 = now_ms();
+	ck_assert_int_eq(blockmirror_disk_write(disks[0], buf, BLOCK, 0, 0), 0);
+	ck_assert_uint_lt(now_ms() - t0, 1000);
+	while (!atomic_load(&p.done))
+		sleep_ms(10);
+	ck_assert_int_eq(blockmirror_disk_close(disks[0]), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disks[1]), 0);
+	bm_fault_unregister(second);
+	free(buf);
+}
+END_TEST
+
 /* Bad options, and a disk closed under a snapshot. */
 START_TEST(test_bad_options_and_close)
 {
@@ -662,6 +901,15 @@ main(void)
 		return missing;
 	tcase_add_test(tc, test_group_one_instant);
 	tcase_add_test(tc, test_bad_options_and_close);
+	suite_add_tcase(s, tc);
+	/* From the review of the filter and the view (CK_RUN_CASE=review). */
+	tc = tcase_create("review");
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, test_operations_queue);
+	tcase_add_test(tc, test_large_discard_does_not_copy);
+	tcase_add_test(tc, test_pins_linear);
+	tcase_add_test(tc, test_group_take_deadline);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
