@@ -32,6 +32,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -47,7 +48,10 @@
 
 #define COPY_BYTES (1024 * BM_KiB)
 #define FULL_GRANULARITY (64 * BM_KiB)
-#define MAX_POINTS 9999
+#define MIN_GRANULARITY (4 * BM_KiB)
+#define MAX_GRANULARITY (64 * 1024 * BM_KiB)
+#define MAX_POINTS 99999999u
+#define LOCK_FILE ".bmirror-backup.lock"
 
 /* What a manifest says. */
 struct point {
@@ -74,10 +78,11 @@ point_file(char *out, size_t len, const char *dir, unsigned n,
 static int
 manifest_read(const char *dir, unsigned n, struct point *p)
 {
-	char path[PATH_MAX], hex[33];
+	char path[PATH_MAX], want[80];
 	json_error_t jerr;
 	json_t *m, *v;
 	const char *s;
+	json_int_t size, g, num;
 	int r = 0;
 
 	point_file(path, sizeof path, dir, n, "json");
@@ -91,8 +96,9 @@ manifest_read(const char *dir, unsigned n, struct point *p)
 	s = json_string_value(json_object_get(m, "consistency"));
 	p->application = s && !strcmp(s, "application");
 	p->instant = json_integer_value(json_object_get(m, "instant"));
-	p->disk_size = json_integer_value(json_object_get(m, "disk_size"));
-	p->granularity = json_integer_value(json_object_get(m, "granularity"));
+	size = json_integer_value(json_object_get(m, "disk_size"));
+	g = json_integer_value(json_object_get(m, "granularity"));
+	num = json_integer_value(json_object_get(m, "point"));
 	v = json_object_get(m, "checkpoint");
 	if (json_is_string(v))
 		snprintf(p->checkpoint, sizeof p->checkpoint, "%s",
@@ -102,9 +108,21 @@ manifest_read(const char *dir, unsigned n, struct point *p)
 		snprintf(p->chain, sizeof p->chain, "%s", json_string_value(v));
 	s = json_string_value(json_object_get(m, "digests_xxh128"));
 	if (json_integer_value(json_object_get(m, "version")) != 1 ||
-	    !p->disk_size || !p->granularity ||
-	    p->granularity & (p->granularity - 1) || !s || strlen(s) != 32)
-		r = bm_error(-EBADMSG, "%s: a field is missing or wrong", path);
+	    num != (json_int_t)n || size <= 0 || g < (json_int_t)MIN_GRANULARITY ||
+	    g > (json_int_t)MAX_GRANULARITY || g & (g - 1) || !s ||
+	    strlen(s) != 32)
+		r = bm_error(-EBADMSG, "%s: a field is missing or out of range "
+			     "(version, point, disk_size, granularity, "
+			     "digests_xxh128)", path);
+	p->disk_size = (uint64_t)size;
+	p->granularity = (uint64_t)g;
+	/* Only our own checkpoint: a backup removes it later, and verify
+	 * trusts the record since it. */
+	snprintf(want, sizeof want, "bm-%s-%04u", p->chain, n);
+	if (r == 0 && p->checkpoint[0] &&
+	    (strlen(p->chain) != 12 || strcmp(p->checkpoint, want)))
+		r = bm_error(-EBADMSG, "%s: names checkpoint \"%.80s\", not "
+			     "its own", path, p->checkpoint);
 	for (int i = 0; r == 0 && i < 16; i++) {
 		unsigned b;
 
@@ -113,7 +131,6 @@ manifest_read(const char *dir, unsigned n, struct point *p)
 				     path);
 		p->digests_digest.bytes[i] = (uint8_t)b;
 	}
-	(void)hex;
 	json_decref(m);
 	return r;
 }
@@ -147,33 +164,55 @@ manifest_write(const char *dir, const struct point *p, const char *backing)
 	return r;
 }
 
+/* Granules of a point's disk. */
+static uint64_t
+granules(const struct point *p)
+{
+	return (p->disk_size + p->granularity - 1) / p->granularity;
+}
+
 /* The digests of a point, checked against its manifest. */
 static int
 digests_read(const char *dir, const struct point *p, struct bm_digest **out,
 	     uint64_t *count)
 {
-	uint64_t n = (p->disk_size + p->granularity - 1) / p->granularity;
+	uint64_t n = granules(p), len = n * sizeof (struct bm_digest);
 	char path[PATH_MAX];
 	struct bm_digest d, *v;
-	ssize_t got;
+	struct stat st;
+	uint64_t got = 0;
 	int fd, r = 0;
 
 	point_file(path, sizeof path, dir, p->number, "digests");
-	fd = open(path, O_RDONLY | O_CLOEXEC);
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
 	if (fd < 0)
 		return bm_error(-errno, "%s: %s", path, strerror(errno));
-	v = malloc(n * sizeof *v);
+	if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode) ||
+	    (uint64_t)st.st_size != len) {
+		close(fd);
+		return bm_error(-EBADMSG, "%s: is not %" PRIu64 " bytes of "
+				"digests", path, len);
+	}
+	v = malloc(len ? len : 1);
 	if (!v) {
 		close(fd);
-		return bm_error(-ENOMEM, "out of memory");
+		return bm_error(-ENOMEM, "%s: out of memory for %" PRIu64
+				" bytes of digests", path, len);
 	}
-	got = pread(fd, v, n * sizeof *v, 0);
+	while (r == 0 && got < len) {
+		ssize_t k = pread(fd, (char *)v + got, len - got, (off_t)got);
+
+		if (k < 0 && errno == EINTR)
+			continue;
+		if (k <= 0)
+			r = bm_error(k < 0 ? -errno : -EBADMSG, "%s: %s", path,
+				     k < 0 ? strerror(errno) : "short");
+		else
+			got += (uint64_t)k;
+	}
 	close(fd);
-	if (got != (ssize_t)(n * sizeof *v)) {
-		r = bm_error(-EBADMSG, "%s: holds %zd bytes, not %" PRIu64,
-			     path, got, n * sizeof *v);
-	} else {
-		bm_hash_buffer(v, n * sizeof *v, &d);
+	if (r == 0) {
+		bm_hash_buffer(v, len, &d);
 		if (memcmp(&d, &p->digests_digest, sizeof d))
 			r = bm_error(-EBADMSG, "%s: does not match the digest "
 				     "in its manifest (damaged)", path);
@@ -187,48 +226,109 @@ digests_read(const char *dir, const struct point *p, struct bm_digest **out,
 	return 0;
 }
 
+/* Is `name` NNNN.json (4 to 8 digits, as point_file writes it)? */
+static unsigned
+point_number(const char *name)
+{
+	size_t len = strlen(name);
+	unsigned n = 0;
+
+	if (len < 9 || len > 13 || strcmp(name + len - 5, ".json"))
+		return 0;
+	for (size_t i = 0; i < len - 5; i++) {
+		if (name[i] < '0' || name[i] > '9')
+			return 0;
+		n = n * 10 + (unsigned)(name[i] - '0');
+	}
+	/* No leading zero beyond the four digits of %04u. */
+	if (len > 9 && name[0] == '0')
+		return 0;
+	return n;
+}
+
 /*
- * The points of `dir`: first..last (0..0: none), refusing a gap.  Pruning
- * removes the oldest points, so a chain may start above 1.
+ * The newest chain of `dir`: points first..last (0..0: none), numbers
+ * without a gap, `first` a full point.  Points below a gap under a full
+ * point are an older chain (a prune stopped half way): `older` says so,
+ * and prune removes them.  A gap under an incremental point breaks the
+ * chain.
  */
 static int
-chain_range(const char *dir, unsigned *first, unsigned *last)
+chain_range_older(const char *dir, unsigned *first, unsigned *last,
+		  unsigned *older)
 {
-	unsigned lo = MAX_POINTS + 1, hi = 0, count = 0;
+	unsigned hi = 0, lo, count = 0, below = 0;
 	struct dirent *e;
+	unsigned *nums = NULL;
+	size_t cap = 0;
 	DIR *d = opendir(dir);
+	int r = 0;
 
+	*first = *last = 0;
+	if (older)
+		*older = 0;
 	if (!d) {
-		if (errno == ENOENT) {
-			*first = *last = 0;
+		if (errno == ENOENT)
 			return 0;
-		}
 		return bm_error(-errno, "%s: %s", dir, strerror(errno));
 	}
 	while ((e = readdir(d))) {
-		unsigned n;
-		char tail[8];
+		unsigned n = point_number(e->d_name);
 
-		if (strlen(e->d_name) != 9 ||
-		    sscanf(e->d_name, "%4u.%4s", &n, tail) != 2 ||
-		    strcmp(tail, "json") || !n || n > MAX_POINTS)
+		if (!n)
 			continue;
-		lo = BM_MIN(lo, n);
+		if (count == cap) {
+			unsigned *v = realloc(nums, (cap = cap ? 2 * cap : 64) *
+					      sizeof *nums);
+
+			if (!v) {
+				r = bm_error(-ENOMEM, "out of memory");
+				break;
+			}
+			nums = v;
+		}
+		nums[count++] = n;
 		hi = BM_MAX(hi, n);
-		count++;
 	}
 	closedir(d);
-	if (!count) {
-		*first = *last = 0;
-		return 0;
+	if (r < 0 || !count) {
+		free(nums);
+		return r;
 	}
-	if (hi - lo + 1 != count)
-		return bm_error(-EBADMSG, "%s: points %04u to %04u, but %u of "
-				"them are missing; the chain is broken", dir,
-				lo, hi, hi - lo + 1 - count);
+	/* Down from the newest while the numbers run on. */
+	for (lo = hi; lo > 1; lo--) {
+		bool have = false;
+
+		for (unsigned i = 0; i < count && !have; i++)
+			have = nums[i] == lo - 1;
+		if (!have)
+			break;
+	}
+	for (unsigned i = 0; i < count; i++)
+		below += nums[i] < lo;
+	free(nums);
+	if (below) {
+		struct point p;
+
+		r = manifest_read(dir, lo, &p);
+		if (r == 0 && p.incremental)
+			return bm_error(-EBADMSG, "%s: point %04u is missing "
+					"but older points exist; the chain is "
+					"broken", dir, lo - 1);
+		if (r < 0)
+			return r;
+	}
 	*first = lo;
 	*last = hi;
+	if (older)
+		*older = below;
 	return 0;
+}
+
+static int
+chain_range(const char *dir, unsigned *first, unsigned *last)
+{
+	return chain_range_older(dir, first, last, NULL);
 }
 
 static int
@@ -237,6 +337,48 @@ newest_point(const char *dir, unsigned *out)
 	unsigned first;
 
 	return chain_range(dir, &first, out);
+}
+
+/*
+ * One backup or prune at a time in a directory: an exclusive lock on a
+ * file in it, held until the descriptor is closed.  -EBUSY names the
+ * directory.
+ */
+static int
+lock_dir(const char *dir, bool exclusive)
+{
+	char path[PATH_MAX];
+	int fd;
+
+	snprintf(path, sizeof path, "%s/" LOCK_FILE, dir);
+	fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+	if (fd < 0)
+		return bm_error(-errno, "%s: %s", path, strerror(errno));
+	if (flock(fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) < 0) {
+		int err = errno;
+
+		close(fd);
+		return bm_error(err == EWOULDBLOCK ? -EBUSY : -err, "%s: %s",
+				dir, err == EWOULDBLOCK ? "another backup or "
+				"prune is running there" : strerror(err));
+	}
+	return fd;
+}
+
+/* Files a backup that died left for point n (no manifest: no point). */
+static void
+clean_leftovers(const char *dir, unsigned n)
+{
+	static const char *const ext[] = { "qcow2", "digests", "qcow2.new" };
+	char path[PATH_MAX];
+
+	point_file(path, sizeof path, dir, n, "json");
+	if (access(path, F_OK) == 0)
+		return;
+	for (size_t i = 0; i < sizeof ext / sizeof ext[0]; i++) {
+		point_file(path, sizeof path, dir, n, ext[i]);
+		unlink(path);
+	}
 }
 
 /* ---- taking a point -------------------------------------------------- */
@@ -273,7 +415,8 @@ struct run {
 	struct bm_digest zero_digest;      /* of a granule of zeroes */
 	struct bm_digest zero_tail;        /* of the last one, if shorter */
 	uint64_t g, size, done, total;
-	uint8_t *buf;
+	uint64_t chunk;                    /* bytes per read: whole granules */
+	uint8_t *buf;                      /* chunk bytes */
 	bool incremental;
 	bool heal;                         /* write only what differs from
 					      the previous point's digests */
@@ -288,7 +431,7 @@ zero_of(const struct run *run, uint64_t k)
 					    : &run->zero_digest;
 }
 
-/* Copy [off, off + len) (granule-aligned, at most COPY_BYTES) from the
+/* Copy [off, off + len) (granule-aligned, at most run->chunk) from the
  * view to the point, digesting every granule. */
 static int
 copy_range(struct run *run, uint64_t off, uint64_t len)
@@ -326,23 +469,20 @@ copy_range(struct run *run, uint64_t off, uint64_t len)
 		if (r < 0)
 			return r;
 	}
-	run->done += len;
+	run->done = BM_MIN(run->done + len, run->total);
 	if (run->o->progress)
 		run->o->progress(run->o->user_data, run->done, run->total);
 	return 0;
 }
 
-/* Healing: a granule that is a hole now but not in the previous point
- * is written as zeroes. */
+/* Healing: the granules of [off, end) hold no data now; those that held
+ * data in the previous point are written as zeroes. */
 static int
-heal_hole(struct run *run, uint64_t off, uint64_t end)
+heal_zeroes(struct run *run, uint64_t off, uint64_t end)
 {
 	int r = 0;
 
-	/* Whole granules of the hole, and the disk's short last one. */
-	for (off = bm_round_up(off, run->g);
-	     r == 0 && off < end && (off + run->g <= end || end == run->size);
-	     off += run->g) {
+	for (; r == 0 && off < end; off += run->g) {
 		uint64_t k = off / run->g, n = BM_MIN(run->g, run->size - off);
 
 		if (!memcmp(&run->digests[k], zero_of(run, k),
@@ -356,16 +496,17 @@ heal_hole(struct run *run, uint64_t off, uint64_t end)
 }
 
 /*
- * A full point: every granule the view holds data in.  Healing (an
- * incremental point without a change record to trust): the same reads,
- * but only granules whose digest differs from the previous point's are
- * written.
+ * A full point: every granule the view holds data in (a data extent
+ * touches it).  Healing (an incremental point without a change record to
+ * trust): the same reads, but only granules whose digest differs from
+ * the previous point's are written, and the granules between data
+ * extents, which hold no data at all, are zeroes.
  */
 static int
 copy_full(struct run *run)
 {
 	struct bm_extent_list l = { 0 };
-	uint64_t copied = 0;
+	uint64_t copied = 0;  /* granules below are done */
 	int r = 0;
 
 	run->total = run->size;
@@ -377,8 +518,6 @@ copy_full(struct run *run)
 		bm_extent_list_reset(&l);
 		r = view_extents(run->disk, run->snap, pos, step, &l);
 		for (size_t i = 0; r == 0 && i < l.len; i++) {
-			/* Granules already copied for an earlier extent
-			 * that ended inside them are not read again. */
 			uint64_t s = BM_MAX(bm_round_down(l.v[i].offset,
 							  run->g), copied);
 			uint64_t e = BM_MIN(bm_round_up(l.v[i].offset +
@@ -386,16 +525,14 @@ copy_full(struct run *run)
 					    run->size);
 
 			if (l.v[i].flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO)) {
-				run->done += l.v[i].length;
-				if (run->heal)
-					r = heal_hole(run, BM_MAX(l.v[i].offset,
-								  copied),
-						      l.v[i].offset +
-						      l.v[i].length);
+				run->done = BM_MIN(run->done + l.v[i].length,
+						   run->total);
 				continue;
 			}
-			for (; r == 0 && s < e; s += COPY_BYTES)
-				r = copy_range(run, s, BM_MIN(COPY_BYTES,
+			if (run->heal)
+				r = heal_zeroes(run, copied, s);
+			for (; r == 0 && s < e; s += run->chunk)
+				r = copy_range(run, s, BM_MIN(run->chunk,
 							      e - s));
 			copied = BM_MAX(copied, e);
 		}
@@ -405,6 +542,8 @@ copy_full(struct run *run)
 		if (r == 0)
 			pos = BM_MAX(bm_extent_list_end(&l), pos + 1);
 	}
+	if (r == 0 && run->heal)
+		r = heal_zeroes(run, copied, run->size);
 	bm_extent_list_free(&l);
 	return r;
 }
@@ -414,7 +553,7 @@ static int
 copy_changed(struct run *run, const uint64_t *words, uint64_t nbits,
 	     uint64_t changed_bytes)
 {
-	uint64_t per = COPY_BYTES / run->g;
+	uint64_t per = run->chunk / run->g;
 	int r = 0;
 
 	run->total = changed_bytes;
@@ -461,7 +600,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	bool tracking, created = false, heal = false, frozen;
 	unsigned newest;
 	size_t ncp = 0;
-	int r;
+	int r, lock = -1;
 
 	bm_error_clear();
 	if (!disk || !res)
@@ -472,12 +611,19 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	if (r == 0 && mkdir(o->dir, 0755) < 0 && errno != EEXIST)
 		r = bm_error(-errno, "%s: %s", o->dir, strerror(errno));
 	if (r == 0)
+		r = lock = lock_dir(o->dir, true);
+	if (r >= 0)
 		r = newest_point(o->dir, &newest);
 	if (r == 0 && newest == MAX_POINTS)
-		r = bm_error(-ENOSPC, "%s: %u points already; prune it",
-			     o->dir, MAX_POINTS);
-	if (r < 0)
+		r = bm_error(-ENOSPC, "%s: %u points already", o->dir,
+			     MAX_POINTS);
+	if (r < 0) {
+		if (lock >= 0)
+			close(lock);
 		return bm_api_fail("blockmirror_backup", r);
+	}
+	/* What a backup that died left of the next point is no point. */
+	clean_leftovers(o->dir, newest + 1);
 	tracking = blockmirror_checkpoint_list(disk, &list, &ncp) == 0;
 	bm_error_clear();
 	if (o->incremental && !newest)
@@ -498,8 +644,10 @@ blockmirror_backup(struct blockmirror_disk *disk,
 			r = digests_read(o->dir, &prev, &run.digests, &ndig);
 	}
 	free(list);
-	if (r < 0)
+	if (r < 0) {
+		close(lock);
 		return bm_api_fail("blockmirror_backup", r);
+	}
 
 	p.number = newest + 1;
 	p.incremental = o->incremental;
@@ -521,6 +669,13 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		snprintf(p.chain, sizeof p.chain, "%.12s", hex);
 	}
 	snprintf(cp, sizeof cp, "bm-%s-%04u", p.chain, p.number);
+	/* A backup of this point that died left its checkpoint: removing
+	 * it merges its record into the previous point's, which is whole
+	 * again. */
+	if (tracking && blockmirror_checkpoint_remove(disk, cp) == 0)
+		bm_warn("%s: removed checkpoint %s, left by a backup that did "
+			"not finish", o->dir, cp);
+	bm_error_clear();
 	if (tracking) {
 		so.checkpoint = cp;
 		so.since = o->incremental && !heal ? prev.checkpoint : NULL;
@@ -571,14 +726,17 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		run.digests = calloc((run.size + g - 1) / g,
 				     sizeof *run.digests);
 		if (!run.digests)
-			r = bm_error(-ENOMEM, "out of memory");
+			r = bm_error(-ENOMEM, "out of memory for the digests "
+				     "of %" PRIu64 " granules",
+				     (run.size + g - 1) / g);
 	}
 	if (r < 0)
 		goto fail;
 	p.granularity = run.g = g;
 	run.incremental = o->incremental;
 	run.heal = heal;
-	run.buf = aligned_alloc(4096, COPY_BYTES);
+	run.chunk = BM_MAX(COPY_BYTES, g);
+	run.buf = aligned_alloc(4096, run.chunk);
 	run.zero_digest = (struct bm_digest){ { 0 } };
 	if (!run.buf) {
 		r = bm_error(-ENOMEM, "out of memory");
@@ -664,6 +822,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	free(words);
 	free(run.digests);
 	free(run.buf);
+	close(lock);
 	return 0;
 
 fail:
@@ -689,6 +848,7 @@ fail:
 	free(words);
 	free(run.digests);
 	free(run.buf);
+	close(lock);
 	return bm_api_fail("blockmirror_backup", r);
 }
 
@@ -716,8 +876,9 @@ verify_point(const char *dir, const struct point *p,
 			     " its manifest says %" PRIu64, p->number, path,
 			     blockmirror_disk_get_size(img), p->disk_size);
 	for (uint64_t off = 0; r == 0 && off < p->disk_size;
-	     off += COPY_BYTES) {
-		uint64_t len = BM_MIN(COPY_BYTES, p->disk_size - off);
+	     off += BM_MAX(COPY_BYTES, p->granularity)) {
+		uint64_t len = BM_MIN(BM_MAX(COPY_BYTES, p->granularity),
+				      p->disk_size - off);
 
 		r = blockmirror_disk_read(img, buf, len, off);
 		res->bytes_read += r == 0 ? len : 0;
@@ -760,6 +921,12 @@ verify_live(struct blockmirror_disk *live, const struct point *p,
 	int r;
 
 	bool record = p->checkpoint[0] && bm_checkpoint_granularity(live);
+
+	if (blockmirror_disk_get_size(live) != p->disk_size)
+		return bm_error(-EINVAL, "the disk holds %" PRIu64 " bytes, "
+				"point %04u %" PRIu64,
+				blockmirror_disk_get_size(live), p->number,
+				p->disk_size);
 
 	/* Without a change record every granule must match: the disk is
 	 * expected not to have changed since (an image nobody runs). */
@@ -818,21 +985,23 @@ blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
 	struct bm_digest *dg = NULL;
 	struct point p = { 0 };
 	uint8_t *buf = NULL;
+	uint64_t n, cap = 0;
 	unsigned first, newest;
-	uint64_t n;
-	int r;
+	int r, lock = -1;
 
 	bm_error_clear();
 	if (!dir || !res)
 		return bm_api_fail("blockmirror_backup_verify",
 				   bm_error(-EINVAL, "bad arguments"));
 	memset(res, 0, sizeof *res);
-	r = chain_range(dir, &first, &newest);
+	r = lock = lock_dir(dir, false);
+	if (r >= 0)
+		r = chain_range(dir, &first, &newest);
 	if (r == 0 && !newest)
 		r = bm_error(-ENOENT, "%s: holds no backup point", dir);
-	if (r == 0 && !(buf = aligned_alloc(4096, COPY_BYTES)))
-		r = bm_error(-ENOMEM, "out of memory");
 	for (unsigned k = first; r == 0 && k <= newest; k++) {
+		uint64_t want;
+
 		free(dg);
 		dg = NULL;
 		r = manifest_read(dir, k, &p);
@@ -840,6 +1009,13 @@ blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
 			r = bm_error(-EBADMSG, "%s: point %04u is incremental, "
 				     "but the chain must start with a full "
 				     "point", dir, k);
+		want = BM_MAX(COPY_BYTES, p.granularity);
+		if (r == 0 && want > cap) {
+			free(buf);
+			cap = want;
+			if (!(buf = aligned_alloc(4096, cap)))
+				r = bm_error(-ENOMEM, "out of memory");
+		}
 		if (r == 0)
 			r = digests_read(dir, &p, &dg, &n);
 		if (r == 0)
@@ -851,29 +1027,59 @@ blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
 	}
 	if (r == 0 && live)
 		r = verify_live(live, &p, dg, buf, res);
+	if (lock >= 0)
+		close(lock);
 	free(dg);
 	free(buf);
 	return r < 0 ? bm_api_fail("blockmirror_backup_verify", r) : 0;
 }
 
-/* ---- pruning: a synthetic full point --------------------------------- */
+/* ---- restoring and pruning ------------------------------------------ */
 
-/* Write point `p` (read through its chain) as a standalone image at
- * `tmp`, checking every granule against its digests on the way. */
+/* Keep the first error's message across the public calls that clean up
+ * (each clears the message). */
 static int
-flatten(const char *dir, const struct point *p, const struct bm_digest *dg,
-	const char *tmp, struct blockmirror_backup_prune_result *res)
+close_keeping_error(struct blockmirror_disk *disk, int r)
 {
-	char path[PATH_MAX], opts[64];
+	char msg[512];
+	int cr;
+
+	if (!disk)
+		return r;
+	snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
+	cr = blockmirror_disk_close(disk);
+	if (r < 0)
+		return bm_error(r, "%s", msg);
+	return cr;
+}
+
+/*
+ * Write point `p` (read through its chain) to a new image `target` of
+ * `format`, checking every granule against the point's digests on the
+ * way: a damaged chain never restores silently.  Granules of zeroes are
+ * neither read nor written (the new image reads as zeroes).
+ */
+static int
+copy_point(const char *dir, const struct point *p, const struct bm_digest *dg,
+	   const char *target, enum blockmirror_format format,
+	   const char *options, blockmirror_progress_fn progress,
+	   void *user_data, uint64_t *bytes_read, uint64_t *bytes_written)
+{
+	uint64_t chunk = BM_MAX(COPY_BYTES, p->granularity), done = 0;
+	char path[PATH_MAX];
 	struct blockmirror_disk *src, *dst = NULL;
-	struct bm_digest zero;
-	uint8_t *buf = aligned_alloc(4096, COPY_BYTES);
+	struct bm_digest zero, zero_tail;
+	uint8_t *buf = aligned_alloc(4096, chunk);
+	bool made;
 	int r;
 
 	if (!buf)
 		return bm_error(-ENOMEM, "out of memory");
 	memset(buf, 0, p->granularity);
 	bm_hash_buffer(buf, p->granularity, &zero);
+	bm_hash_buffer(buf, p->disk_size % p->granularity ?
+		       p->disk_size % p->granularity : p->granularity,
+		       &zero_tail);
 	point_file(path, sizeof path, dir, p->number, "qcow2");
 	src = blockmirror_disk_open(path, BLOCKMIRROR_FORMAT_QCOW2,
 				    BLOCKMIRROR_DISK_READONLY);
@@ -881,72 +1087,134 @@ flatten(const char *dir, const struct point *p, const struct bm_digest *dg,
 		free(buf);
 		return -errno;
 	}
-	snprintf(opts, sizeof opts, "cluster_size=%" PRIu64,
-		 BM_MIN(BM_MAX(p->granularity, 64 * BM_KiB), 2048 * BM_KiB));
-	r = blockmirror_image_create(tmp, BLOCKMIRROR_FORMAT_QCOW2,
-				     p->disk_size, opts, true);
-	if (r == 0 && !(dst = blockmirror_disk_open(tmp,
-						    BLOCKMIRROR_FORMAT_QCOW2,
-						    0)))
+	r = blockmirror_image_create(target, format, p->disk_size, options,
+				     false);
+	made = r == 0;
+	if (r == 0 && !(dst = blockmirror_disk_open(target, format, 0)))
 		r = -errno;
 	for (uint64_t off = 0; r == 0 && off < p->disk_size;
 	     off += p->granularity) {
 		uint64_t k = off / p->granularity;
 		uint64_t len = BM_MIN(p->granularity, p->disk_size - off);
+		const struct bm_digest *z = len < p->granularity ? &zero_tail
+								 : &zero;
 		struct bm_digest d;
 
-		/* Zero granules stay holes and need no reading. */
-		if (!memcmp(&dg[k], &zero, sizeof zero) &&
-		    len == p->granularity)
+		done += len;
+		if (progress && (done % chunk < len || done == p->disk_size))
+			progress(user_data, done, p->disk_size);
+		if (!memcmp(&dg[k], z, sizeof *z))
 			continue;
 		r = blockmirror_disk_read(src, buf, len, off);
 		if (r < 0)
 			break;
-		res->bytes_read += len;
+		*bytes_read += len;
 		bm_hash_buffer(buf, len, &d);
-		if (memcmp(&d, &dg[k], sizeof d))
-			r = bm_error(-EBADMSG, "point %04u is damaged at %"
-				     PRIu64 "; not pruning", p->number, off);
-		else if (!bm_is_zero(buf, len))
+		if (memcmp(&d, &dg[k], sizeof d)) {
+			r = bm_error(-EBADMSG, "point %04u is damaged: %" PRIu64
+				     " bytes at %" PRIu64 " do not match its "
+				     "manifest", p->number, len, off);
+		} else if (!bm_is_zero(buf, len)) {
 			r = blockmirror_disk_write(dst, buf, len, off, 0);
+			*bytes_written += len;
+		}
 	}
 	if (r == 0)
 		r = blockmirror_disk_flush(dst);
-	if (dst) {
-		char msg[512];
-		int cr;
-
-		snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
-		cr = blockmirror_disk_close(dst);
-		if (r == 0)
-			r = cr;
-		else
-			bm_error(r, "%s", msg);
-	}
-	{
-		char msg[512];
-
-		snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
-		blockmirror_disk_close(src);
-		if (r < 0)
-			bm_error(r, "%s", msg);
-	}
+	r = close_keeping_error(dst, r);
+	r = close_keeping_error(src, r);
+	if (r < 0 && made)
+		unlink(target); /* ours: made above, never there before */
 	free(buf);
 	return r;
 }
 
-static void
-remove_point(const char *dir, unsigned n)
+/* A point's number as given (0: the newest), checked: its manifest and
+ * digests. */
+static int
+open_point(const char *dir, unsigned number, struct point *p,
+	   struct bm_digest **dg)
 {
-	char path[PATH_MAX];
+	unsigned first, last;
+	uint64_t n;
+	int r = chain_range(dir, &first, &last);
 
-	/* The manifest first: without it the rest is no point. */
-	point_file(path, sizeof path, dir, n, "json");
-	bm_durable_unlink(path);
-	point_file(path, sizeof path, dir, n, "qcow2");
-	unlink(path);
-	point_file(path, sizeof path, dir, n, "digests");
-	unlink(path);
+	if (r == 0 && !last)
+		r = bm_error(-ENOENT, "%s: holds no backup point", dir);
+	if (r == 0 && number && (number < first || number > last))
+		r = bm_error(-ENOENT, "%s: no point %04u (it holds %04u to "
+			     "%04u)", dir, number, first, last);
+	if (r == 0)
+		r = manifest_read(dir, number ? number : last, p);
+	if (r == 0)
+		r = digests_read(dir, p, dg, &n);
+	return r;
+}
+
+BM_EXPORT int
+blockmirror_backup_restore(const char *dir, unsigned number,
+			   const char *target, enum blockmirror_format format,
+			   blockmirror_progress_fn progress, void *user_data,
+			   uint64_t *bytes_written)
+{
+	struct bm_digest *dg = NULL;
+	struct point p;
+	uint64_t rd = 0, wr = 0;
+	int r, lock;
+
+	bm_error_clear();
+	if (!dir || !target)
+		return bm_api_fail("blockmirror_backup_restore",
+				   bm_error(-EINVAL, "bad arguments"));
+	if (format == BLOCKMIRROR_FORMAT_AUTO)
+		format = BLOCKMIRROR_FORMAT_RAW;
+	r = lock = lock_dir(dir, false);
+	if (r >= 0)
+		r = open_point(dir, number, &p, &dg);
+	if (r >= 0)
+		r = copy_point(dir, &p, dg, target, format, NULL, progress,
+			       user_data, &rd, &wr);
+	if (lock >= 0)
+		close(lock);
+	free(dg);
+	if (bytes_written)
+		*bytes_written = wr;
+	return r < 0 ? bm_api_fail("blockmirror_backup_restore", r) : 0;
+}
+
+/* Remove every point numbered below `k`, newest first: at each step the
+ * points left below are a whole older chain, and those from k up start
+ * with a full point. */
+static unsigned
+remove_below(const char *dir, unsigned k)
+{
+	unsigned removed = 0;
+
+	for (;;) {
+		unsigned best = 0;
+		struct dirent *e;
+		DIR *d = opendir(dir);
+		char path[PATH_MAX];
+
+		if (!d)
+			break;
+		while ((e = readdir(d))) {
+			unsigned n = point_number(e->d_name);
+
+			if (n && n < k && n > best)
+				best = n;
+		}
+		closedir(d);
+		if (!best)
+			break;
+		/* The manifest first: without it the rest is no point. */
+		point_file(path, sizeof path, dir, best, "json");
+		if (bm_durable_unlink(path) < 0)
+			break;
+		clean_leftovers(dir, best);
+		removed++;
+	}
+	return removed;
 }
 
 BM_EXPORT int
@@ -954,11 +1222,11 @@ blockmirror_backup_prune(const char *dir, unsigned keep,
 			 struct blockmirror_backup_prune_result *res)
 {
 	struct bm_digest *dg = NULL;
-	char tmp[PATH_MAX], path[PATH_MAX];
+	char tmp[PATH_MAX], path[PATH_MAX], opts[64];
 	struct point p;
-	unsigned first, last, k;
-	uint64_t n;
-	int r;
+	unsigned first, last, older, k;
+	uint64_t n, wr = 0;
+	int r, lock;
 
 	bm_error_clear();
 	if (!dir || !keep || !res)
@@ -966,19 +1234,33 @@ blockmirror_backup_prune(const char *dir, unsigned keep,
 				   bm_error(-EINVAL, "bad arguments (keep at "
 					    "least one point)"));
 	memset(res, 0, sizeof *res);
-	r = chain_range(dir, &first, &last);
-	if (r < 0 || last - first + 1 <= keep || !last) {
-		res->first = first;
-		return r < 0 ? bm_api_fail("blockmirror_backup_prune", r) : 0;
+	r = lock = lock_dir(dir, true);
+	if (r >= 0)
+		r = chain_range_older(dir, &first, &last, &older);
+	if (r < 0) {
+		if (lock >= 0)
+			close(lock);
+		return bm_api_fail("blockmirror_backup_prune", r);
 	}
-	k = last - keep + 1;
+	k = last - first + 1 > keep ? last - keep + 1 : first;
+	res->first = k;
+	if (!last) {
+		close(lock);
+		return 0;
+	}
 	r = manifest_read(dir, k, &p);
 	if (r == 0 && p.incremental) {
 		r = digests_read(dir, &p, &dg, &n);
 		point_file(tmp, sizeof tmp, dir, k, "qcow2.new");
 		point_file(path, sizeof path, dir, k, "qcow2");
+		snprintf(opts, sizeof opts, "cluster_size=%" PRIu64,
+			 BM_MIN(BM_MAX(p.granularity, 64 * BM_KiB),
+				2048 * BM_KiB));
+		unlink(tmp); /* a prune that died */
 		if (r == 0)
-			r = flatten(dir, &p, dg, tmp, res);
+			r = copy_point(dir, &p, dg, tmp,
+				       BLOCKMIRROR_FORMAT_QCOW2, opts, NULL,
+				       NULL, &res->bytes_read, &wr);
 		if (r == 0)
 			r = bm_durable_rename(tmp, path, NULL);
 		/* The image reads the same with or without its backing
@@ -986,15 +1268,13 @@ blockmirror_backup_prune(const char *dir, unsigned keep,
 		p.incremental = false;
 		if (r == 0)
 			r = manifest_write(dir, &p, NULL);
-		if (r < 0)
-			unlink(tmp);
 		res->merged = r == 0;
 	}
-	for (unsigned j = first; r == 0 && j < k; j++) {
-		remove_point(dir, j);
-		res->removed++;
-	}
-	res->first = r == 0 ? k : first;
+	if (r == 0)
+		res->removed = remove_below(dir, k);
+	else
+		res->first = first;
+	close(lock);
 	free(dg);
 	return r < 0 ? bm_api_fail("blockmirror_backup_prune", r) : 0;
 }

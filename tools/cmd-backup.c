@@ -250,8 +250,8 @@ take_served(const char *control, const char *dir, bool incremental,
 	json_t *reply, *r;
 	int fd;
 
-	/* The server opens DIR, by its absolute name; made here if new
-	 * (the server only checks where it is). */
+	/* The server opens DIR by its absolute name, which must exist
+	 * for the server to check where it is: made here if new. */
 	if (mkdir(dir, 0755) < 0 && errno != EEXIST)
 		return tool_usage_error("%s: %s", dir, strerror(errno));
 	if (!realpath(dir, real))
@@ -430,47 +430,45 @@ do_restore(const char *dir, uint64_t point, const char *to,
 	   const char *overlay, enum blockmirror_format fmt, bool json,
 	   bool want_bar)
 {
-	struct blockmirror_copy_options o = { .size = sizeof o };
-	struct blockmirror_copy_stats st = { .size = sizeof st };
 	struct blockmirror_backup_point *v;
 	struct progress *bar;
-	char file[PATH_MAX];
+	uint64_t written = 0;
 	size_t n;
+	int r;
 
-	if (blockmirror_backup_list(dir, &v, &n) < 0) {
-		tool_lib_error();
-		return EXIT_FAILED;
-	}
-	if (!n || (point && (point < v[0].number ||
-			     point > v[n - 1].number))) {
-		tool_error("%s: no point %04" PRIu64 " (it holds %zu points%s)",
-			   dir, point, n, n ? ", see bmirror backup list" : "");
+	if (overlay) {
+		char file[PATH_MAX];
+
+		if (blockmirror_backup_list(dir, &v, &n) < 0) {
+			tool_lib_error();
+			return EXIT_FAILED;
+		}
+		if (!n || (point && (point < v[0].number ||
+				     point > v[n - 1].number))) {
+			tool_error("%s: no point %04" PRIu64 " (%s)", dir,
+				   point, n ? "see bmirror backup list"
+					    : "it holds no backup point");
+			free(v);
+			return EXIT_FAILED;
+		}
+		snprintf(file, sizeof file, "%s",
+			 v[point ? point - v[0].number : n - 1].file);
 		free(v);
-		return EXIT_FAILED;
-	}
-	snprintf(file, sizeof file, "%s",
-		 v[point ? point - v[0].number : n - 1].file);
-	free(v);
-	if (overlay)
 		return make_overlay(file, overlay, json);
-	o.src_format = BLOCKMIRROR_FORMAT_QCOW2;
-	o.dst_format = fmt == BLOCKMIRROR_FORMAT_AUTO ? BLOCKMIRROR_FORMAT_RAW
-						      : fmt;
+	}
 	bar = progress_new("restoring", want_bar);
-	o.progress = bar ? progress_update : NULL;
-	o.progress_data = bar;
-	if (blockmirror_copy(file, to, &o, &st) < 0) {
-		progress_end(bar);
+	r = blockmirror_backup_restore(dir, (unsigned)point, to, fmt,
+				       bar ? progress_update : NULL, bar,
+				       &written);
+	progress_end(bar);
+	if (r < 0) {
 		tool_lib_error();
 		return EXIT_FAILED;
 	}
-	progress_end(bar);
 	if (json)
-		json_print(json_pack("{s:s, s:s, s:I, s:I}", "point", file,
-				     "to", to, "bytes_read",
-				     (json_int_t)st.bytes_read,
-				     "bytes_written",
-				     (json_int_t)st.bytes_written));
+		json_print(json_pack("{s:s, s:i, s:s, s:I}", "dir", dir,
+				     "point", (int)point, "to", to,
+				     "bytes_written", (json_int_t)written));
 	return EXIT_OK;
 }
 
@@ -502,7 +500,7 @@ cmd_backup(int argc, char **argv)
 	struct hooks hooks = { .timeout_s = 10 };
 	bool incremental = false, json = false;
 	bool want_bar = isatty(STDOUT_FILENO);
-	uint64_t keep = 0, point = 0;
+	uint64_t keep = 0, point = 0, secs;
 	int c;
 
 	opterr = 0;
@@ -535,12 +533,11 @@ cmd_backup(int argc, char **argv)
 			hooks.thaw = optarg;
 			break;
 		case OPT_FREEZE_TIMEOUT:
-			if (!parse_uint(optarg, 3600, &keep) || !keep)
+			if (!parse_uint(optarg, 3600, &secs) || !secs)
 				return tool_usage_error("--freeze-timeout: '%s' "
 					"is not a number of seconds from 1 to "
 					"3600", optarg);
-			hooks.timeout_s = (unsigned)keep;
-			keep = 0;
+			hooks.timeout_s = (unsigned)secs;
 			break;
 		case OPT_KEEP:
 		case OPT_POINT:
@@ -598,6 +595,10 @@ cmd_backup(int argc, char **argv)
 	if (control) {
 		if (argc != optind)
 			return tool_usage_error("--control takes no IMAGE");
+		if (hooks.freeze || hooks.thaw)
+			return tool_usage_error("--freeze-cmd and --thaw-cmd "
+						"apply to an IMAGE; the server "
+						"runs no hooks");
 		return take_served(control, to, incremental, json, want_bar);
 	}
 	if (argc - optind != 1)

@@ -907,6 +907,20 @@ extern int blockmirror_backup_list(const char *dir,
 				   struct blockmirror_backup_point **points,
 				   size_t *count);
 
+/*
+ * Restore point `number` of DIR (0: the newest) to a new image `target`
+ * of `format` (AUTO: raw), reading it through its chain and checking
+ * every granule against the point's digests: a damaged point fails the
+ * restore (-EBADMSG, naming the point and offset; the new image is
+ * removed) instead of restoring wrong data.  Blocking.
+ */
+extern int blockmirror_backup_restore(const char *dir, unsigned number,
+				      const char *target,
+				      enum blockmirror_format format,
+				      blockmirror_progress_fn progress,
+				      void *user_data,
+				      uint64_t *bytes_written);
+
 struct blockmirror_backup_prune_result {
 	unsigned first;               /* the oldest point left */
 	unsigned removed;             /* points removed */

@@ -41,7 +41,7 @@ point() {
 	kill -STOP "$FIO"
 	sleep 0.3   # what fio had in flight completes at the server
 	run_ok qemu-img convert -f raw -O raw "$MAIN" "$T/at$n.raw"
-	"$BMIRROR" backup --control "$CTL" --to "$DIR" --progress "$@" \
+	"$BMIRROR" backup --control "$CTL" --to "$DIR" --json --progress "$@" \
 		>"$T/b$n.out" 2>"$T/b$n.err" &
 	local b=$! i
 	for ((i = 0; i < 600; i++)); do
@@ -68,6 +68,13 @@ pass "incremental points by the change record equal their instants"
 
 # The record, not digests: about what fio wrote between the points, far
 # less than the disk.
+# The result (the last line of the output, after the progress bar).
+for n in 2 3; do
+	tail -n 1 "$T/b$n.out" | tr -d '\r' | sed 's/^.*{/{/' >"$T/b$n.json"
+	json_assert "$T/b$n.json" "d['healed'] is False" "d['incremental'] is True" \
+		"d['bytes_read'] == d['bytes_changed']" \
+		"0 < d['bytes_changed'] <= $SIZE"
+done
 run_ok "$BMIRROR" backup list "$DIR" --json
 json_assert "$RUN_OUT" "len(d['points']) == 3" \
 	"all(p['checkpoint'] for p in d['points'])"

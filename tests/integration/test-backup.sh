@@ -110,6 +110,8 @@ run_ok cmp -- "$T/prod.raw" "$T/want.raw"
 run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0002.qcow2" "$T/at2.raw"
 pass "instant restore: the guest runs on an overlay of point 2 while it moves to production"
 
+cp -a -- "$DIR" "$T/damaged"   # points 1 to 3, for the damage below
+
 # --- prune -------------------------------------------------------------
 run_ok "$BMIRROR" backup prune "$DIR" --keep 2 --json
 cp -- "$RUN_OUT" "$T/prune.json"
@@ -122,17 +124,29 @@ run_ok "$BMIRROR" backup verify "$DIR"
 pass "prune into a synthetic full point"
 
 # --- damage ------------------------------------------------------------
-cp -a -- "$DIR" "$T/damaged"
-flip_byte "$T/damaged/0003.qcow2" $(($(file_size "$T/damaged/0003.qcow2") - 100))
-expect_fail_with nonzero 'point 0003 is damaged' \
+# The data of point 3 (its 64 KiB at 9 MiB), not its metadata: where
+# qemu-img map says the file holds it.
+HOST=$(qemu-img map --output=json -f qcow2 "$T/damaged/0003.qcow2" | python3 -c '
+import json, sys
+for e in json.load(sys.stdin):
+    if e["depth"] == 0 and e["data"] and e["start"] <= 9 * 2**20 < e["start"] + e["length"]:
+        print(e["offset"] + 9 * 2**20 - e["start"] + 100)
+        break
+')
+[[ -n $HOST ]] || fail "qemu-img map shows no data of point 3 at 9 MiB"
+flip_byte "$T/damaged/0003.qcow2" "$HOST"
+expect_fail_with nonzero 'point 0003 is damaged.* at 9437184' \
 	"$BMIRROR" backup verify "$T/damaged"
-rm -- "$T/damaged/0003.json"
-cp -- "$DIR/0003.json" "$T/damaged/0004.json"
-expect_fail_with --names "$T/damaged" nonzero 'missing.*chain is broken' \
+expect_fail_with nonzero 'point 0003 is damaged' \
+	"$BMIRROR" backup restore "$T/damaged" --to "$T/bad.raw"
+[[ ! -e $T/bad.raw ]] || fail "a failed restore left its image"
+mv -- "$T/damaged/0002.json" "$T/p2.json.saved"
+expect_fail_with --names "$T/damaged" nonzero 'point 0002 is missing.*chain is broken' \
 	"$BMIRROR" backup verify "$T/damaged"
 expect_fail_with nonzero 'chain is broken' \
 	"$BMIRROR" backup "$IMG" --to "$T/damaged" --incremental
-echo '{"version": 1' > "$T/damaged/0003.json"
+mv -- "$T/p2.json.saved" "$T/damaged/0002.json"
+echo '{"version": 1' > "$T/damaged/0002.json"
 expect_fail_with --names "$T/damaged" nonzero 'not a backup manifest' \
 	"$BMIRROR" backup verify "$T/damaged"
 pass "damage and a broken chain are named"

@@ -11,6 +11,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
@@ -467,6 +468,112 @@ START_TEST(test_odd_size)
 }
 END_TEST
 
+/* Granularities far from the 1 MiB reads: 4 KiB and 4 MiB records. */
+static void
+granularity_case(uint32_t g)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point res;
+	struct blockmirror_backup_check chk;
+	struct blockmirror_disk *disk = open_disk();
+	uint8_t *want = aligned_alloc(BLOCK, DISK_SIZE);
+	uint8_t *buf = aligned_alloc(BLOCK, BLOCK);
+	char side[200];
+
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, g, NULL), 0);
+	o.dir = bdir;
+	ck_assert_msg(blockmirror_backup(disk, &o, &res) == 0, "%s",
+		      blockmirror_last_error());
+	memset(buf, 0x3c, BLOCK);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, BLOCK, 5 << 20, 0),
+			 0);
+	o.incremental = true;
+	ck_assert_msg(blockmirror_backup(disk, &o, &res) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert(!res.healed);
+	ck_assert_uint_eq(res.bytes_changed, g);
+	ck_assert_uint_eq(res.bytes_read, g);
+	ck_assert_int_eq(blockmirror_disk_read(disk, want, DISK_SIZE, 0), 0);
+	check_point(2, want);
+	ck_assert_msg(blockmirror_backup_verify(bdir, disk, &chk) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	snprintf(side, sizeof side, "%s.bmirror-cbt", image);
+	unlink(side);
+	free(want);
+	free(buf);
+}
+
+START_TEST(test_granularities)
+{
+	granularity_case(_i ? 4u << 20 : 4096);
+}
+END_TEST
+
+/*
+ * A backup that died half way (its checkpoint made, its image begun, no
+ * manifest) leaves nothing that stops the next one: it is still
+ * incremental by the record, and holds what changed since the last point
+ * that exists.  A second backup into a directory being backed up into is
+ * refused.
+ */
+START_TEST(test_after_a_dead_backup)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point res;
+	struct blockmirror_snapshot_options so = { .size = sizeof so };
+	struct blockmirror_snapshot *snap;
+	struct blockmirror_disk *disk = open_disk();
+	uint8_t *want = aligned_alloc(BLOCK, DISK_SIZE);
+	uint8_t *buf = aligned_alloc(BLOCK, 65536);
+	char cp[80], path[256];
+	int fd;
+
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
+	o.dir = bdir;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	memset(buf, 0x44, 65536);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 65536, 1 << 20, 0),
+			 0);
+	/* What point 2's backup left when it died: its checkpoint (made
+	 * at its instant), a begun image, and no manifest. */
+	snprintf(cp, sizeof cp, "bm-%.12s-0002", res.checkpoint + 3);
+	so.since = res.checkpoint;
+	so.checkpoint = cp;
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &so, &snap), 0);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	snprintf(path, sizeof path, "%s/0002.qcow2", bdir);
+	fd = open(path, O_CREAT | O_WRONLY, 0644);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(write(fd, "junk", 4), 4);
+	close(fd);
+	memset(buf, 0x45, 65536);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 65536, 3 << 20, 0),
+			 0);
+	o.incremental = true;
+	ck_assert_msg(blockmirror_backup(disk, &o, &res) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert_uint_eq(res.number, 2);
+	ck_assert(!res.healed);
+	ck_assert_uint_eq(res.bytes_changed, 2 * 65536);
+	ck_assert_int_eq(blockmirror_disk_read(disk, want, DISK_SIZE, 0), 0);
+	check_point(2, want);
+
+	/* Someone backs up into the directory: the lock says so. */
+	snprintf(path, sizeof path, "%s/.bmirror-backup.lock", bdir);
+	fd = open(path, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(flock(fd, LOCK_EX), 0);
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), -EBUSY);
+	ck_assert_msg(strstr(blockmirror_last_error(), "another backup"), "%s",
+		      blockmirror_last_error());
+	close(fd);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	free(want);
+	free(buf);
+}
+END_TEST
+
 /* What the freeze and thaw hooks of the next test do. */
 struct hooks {
 	struct blockmirror_disk *disk;
@@ -663,6 +770,8 @@ main(void)
 	tcase_add_test(tc, test_freeze_hooks);
 	tcase_add_test(tc, test_two_chains);
 	tcase_add_test(tc, test_odd_size);
+	tcase_add_loop_test(tc, test_granularities, 0, 2);
+	tcase_add_test(tc, test_after_a_dead_backup);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
