@@ -1102,7 +1102,10 @@ extern const char *blockmirror_server_address(struct blockmirror_server *s);
  * export called `export_name` (not empty, at most 4096 bytes, neither
  * the disk's export name nor one already exported; at most 64 of them).
  * Clients that ask for that name read the frozen view and its block
- * status; writes fail with EPERM.  NBD_OPT_LIST lists every export.  The
+ * status; writes fail with EPERM.  A snapshot taken with options.since
+ * also offers the meta context "qemu:dirty-bitmap:SINCE" (flag 1: the
+ * granule changed since that checkpoint), copied from
+ * blockmirror_snapshot_changed at this call (docs/nbd-server.md).  NBD_OPT_LIST lists every export.  The
  * snapshot stays the caller's: it must outlive the export
  * (blockmirror_server_unexport, or blockmirror_server_stop).  0 or
  * -errno (-EEXIST: the name is taken; -EXDEV: not a snapshot of this
