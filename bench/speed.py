@@ -479,7 +479,7 @@ class Qmp:
             self.events.append(m)
         return m
 
-    def cmd(self, name, **arguments):
+    def cmd(self, name, /, **arguments):
         self.f.write(json.dumps({'execute': name, 'arguments': arguments}) + '\n')
         self.f.flush()
         while 'event' in (m := self.read()):
@@ -613,6 +613,29 @@ def report(out):
     for f in out['failures']:
         print(f'FAILED: {f["case"]}')
 
+def add_common_options(ap):
+    """--dir, --keep, --json and --bmirror, shared with bench/backup.py."""
+    ap.add_argument('--dir', default='/var/tmp', help='a new folder for the images is made in it (default /var/tmp)')
+    ap.add_argument('--keep', action='store_true', help='keep that folder (logs, images) at the end')
+    ap.add_argument('--json', help='write the raw figures to this file')
+    ap.add_argument('--bmirror', default='build/tools/bmirror')
+
+def clean_up(args, d):
+    """Kill the background processes left, remove the bench folder unless --keep."""
+    for p in list(LIVE):
+        p.stop(signal.SIGKILL)
+    if args.keep:
+        print(f'kept {d}')
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+
+def save(args, out):
+    """Write --json FILE; the exit status: 1 if a case failed."""
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(out, f, indent=1)
+    return 1 if out['failures'] else 0
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument('--only', default='copy,move,sparse,steady', help='parts to run (default: all)')
@@ -624,10 +647,7 @@ def main():
     ap.add_argument('--formats', default='raw,qcow2,vhdx,nbd',
                     help='copy cases with a side of these formats, and move disks (default raw,qcow2,vhdx,nbd)')
     ap.add_argument('--warmup', type=float, default=2.0, help='seconds of guest load before a move starts')
-    ap.add_argument('--dir', default='/var/tmp', help='a new folder for the images is made in it (default /var/tmp)')
-    ap.add_argument('--keep', action='store_true', help='keep that folder (logs) at the end')
-    ap.add_argument('--json', help='write the raw figures to this file')
-    ap.add_argument('--bmirror', default='build/tools/bmirror')
+    add_common_options(ap)
     args = ap.parse_args()
     args.bmirror = os.path.abspath(args.bmirror)
     parts = set(args.only.split(',')) | ({'steady'} if args.steady else set())
@@ -661,17 +681,9 @@ def main():
         elif 'move' in parts:
             bench_move(args, d, srcs, have, out)
     finally:
-        for p in list(LIVE):
-            p.stop(signal.SIGKILL)
-        if args.keep:
-            print(f'kept {d}')
-        else:
-            shutil.rmtree(d, ignore_errors=True)
+        clean_up(args, d)
     report(out)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(out, f, indent=1)
-    return 1 if out['failures'] else 0
+    return save(args, out)
 
 if __name__ == '__main__':
     sys.exit(main())
