@@ -73,6 +73,38 @@ point_file(char *out, size_t len, const char *dir, unsigned n,
 	snprintf(out, len, "%s/%04u.%s", dir, n, ext);
 }
 
+/* The last error without the name of the public call that raised it:
+ * this file's messages wrap those of the calls it makes. */
+static const char *
+inner_error(void)
+{
+	const char *m = blockmirror_last_error(), *c;
+
+	if (!m)
+		return "";
+	if (!strncmp(m, "blockmirror_", 12) && (c = strstr(m, ": ")) &&
+	    !memchr(m, ' ', (size_t)(c - m)))
+		return c + 2;
+	return m;
+}
+
+/* Keep the first error's message across the public calls that clean up
+ * (each clears the message). */
+static int
+close_keeping_error(struct blockmirror_disk *disk, int r)
+{
+	char msg[512];
+	int cr;
+
+	if (!disk)
+		return r;
+	snprintf(msg, sizeof msg, "%s", inner_error());
+	cr = blockmirror_disk_close(disk);
+	if (r < 0)
+		return bm_error(r, "%s", msg);
+	return cr;
+}
+
 /* ---- manifests ------------------------------------------------------- */
 
 static int
@@ -416,6 +448,7 @@ struct run {
 	struct bm_digest zero_tail;        /* of the last one, if shorter */
 	uint64_t g, size, done, total;
 	uint64_t chunk;                    /* bytes per read: whole granules */
+	const char *file;                  /* the point's image, for messages */
 	uint8_t *buf;                      /* chunk bytes */
 	bool incremental;
 	bool heal;                         /* write only what differs from
@@ -467,7 +500,7 @@ copy_range(struct run *run, uint64_t off, uint64_t len)
 			run->res->bytes_written += n;
 		}
 		if (r < 0)
-			return r;
+			return bm_error(r, "%s: %s", run->file, inner_error());
 	}
 	run->done = BM_MIN(run->done + len, run->total);
 	if (run->o->progress)
@@ -686,7 +719,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		/* The record since the point is gone or not trusted (a
 		 * failing sidecar, a removed checkpoint): heal. */
 		bm_warn("%s: %s; comparing digests instead", o->dir,
-			blockmirror_last_error());
+			inner_error());
 		heal = true;
 		so.since = NULL;
 		r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
@@ -694,7 +727,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	if (o->thaw) {
 		char msg[512];
 
-		snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
+		snprintf(msg, sizeof msg, "%s", inner_error());
 		o->thaw(o->user_data);
 		if (r < 0)
 			bm_error(r, "%s", msg);
@@ -761,6 +794,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		r = blockmirror_image_create(data, BLOCKMIRROR_FORMAT_QCOW2,
 					     run.size, opts, false);
 	}
+	run.file = data;
 	if (r == 0) {
 		run.target = blockmirror_disk_open(data,
 						   BLOCKMIRROR_FORMAT_QCOW2, 0);
@@ -778,13 +812,8 @@ blockmirror_backup(struct blockmirror_disk *disk,
 			     info.reason);
 	if (r == 0)
 		r = blockmirror_disk_flush(run.target);
-	if (run.target) {
-		int cr = blockmirror_disk_close(run.target);
-
-		run.target = NULL;
-		if (r == 0)
-			r = cr;
-	}
+	r = close_keeping_error(run.target, r);
+	run.target = NULL;
 	if (r == 0)
 		r = bm_durable_sync_parent(data);
 	if (r == 0) {
@@ -807,7 +836,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	    blockmirror_checkpoint_remove(disk, prev.checkpoint) < 0 &&
 	    blockmirror_last_errno() != ENOENT)
 		bm_warn("%s: checkpoint %s could not be removed: %s", o->dir,
-			prev.checkpoint, blockmirror_last_error());
+			prev.checkpoint, inner_error());
 	res->number = p.number;
 	res->incremental = p.incremental;
 	res->instant = p.instant;
@@ -829,7 +858,7 @@ fail:
 	{
 		char first[512];
 
-		snprintf(first, sizeof first, "%s", blockmirror_last_error());
+		snprintf(first, sizeof first, "%s", inner_error());
 		if (run.target)
 			blockmirror_disk_close(run.target);
 		if (run.snap) {
@@ -837,7 +866,7 @@ fail:
 			/* The record since the last point must stay whole. */
 			if (created && blockmirror_checkpoint_remove(disk, cp) < 0)
 				bm_warn("checkpoint %s could not be removed: "
-					"%s", cp, blockmirror_last_error());
+					"%s", cp, inner_error());
 			if (data[0])
 				unlink(data);
 			if (dig[0])
@@ -870,7 +899,7 @@ verify_point(const char *dir, const struct point *p,
 				    BLOCKMIRROR_DISK_READONLY);
 	if (!img)
 		return bm_error(-errno, "point %04u: %s", p->number,
-				blockmirror_last_error());
+				inner_error());
 	if (blockmirror_disk_get_size(img) != p->disk_size)
 		r = bm_error(-EBADMSG, "point %04u: %s holds %" PRIu64 " bytes,"
 			     " its manifest says %" PRIu64, p->number, path,
@@ -901,7 +930,7 @@ verify_point(const char *dir, const struct point *p,
 		/* The close is a public call: it clears the message. */
 		char msg[512];
 
-		snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
+		snprintf(msg, sizeof msg, "%s", inner_error());
 		blockmirror_disk_close(img);
 		return bm_error(r, "%s", msg);
 	}
@@ -1035,23 +1064,6 @@ blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
 }
 
 /* ---- restoring and pruning ------------------------------------------ */
-
-/* Keep the first error's message across the public calls that clean up
- * (each clears the message). */
-static int
-close_keeping_error(struct blockmirror_disk *disk, int r)
-{
-	char msg[512];
-	int cr;
-
-	if (!disk)
-		return r;
-	snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
-	cr = blockmirror_disk_close(disk);
-	if (r < 0)
-		return bm_error(r, "%s", msg);
-	return cr;
-}
 
 /*
  * Write point `p` (read through its chain) to a new image `target` of

@@ -228,25 +228,39 @@ take_local(const char *image, enum blockmirror_format fmt, const char *dir,
 	return EXIT_OK;
 }
 
+struct served {
+	struct progress *bar;
+	struct hooks *hooks;
+	bool thawed;
+};
+
 static void
-served_progress(json_t *ev, void *data)
+served_event(json_t *ev, void *data)
 {
+	struct served *sv = data;
 	const char *name = json_string_value(json_object_get(ev, "event"));
 
-	if (data && name && !strcmp(name, "BACKUP_PROGRESS"))
-		progress_update(data, (uint64_t)json_integer_value(
+	if (!name)
+		return;
+	if (!strcmp(name, "SNAPSHOT_TAKEN") && !sv->thawed) {
+		sv->thawed = true;
+		thaw_hook(sv->hooks);
+	} else if (!strcmp(name, "BACKUP_PROGRESS") && sv->bar) {
+		progress_update(sv->bar, (uint64_t)json_integer_value(
 					json_object_get(ev, "bytes_done")),
 				(uint64_t)json_integer_value(
 					json_object_get(ev, "bytes_total")));
+	}
 }
 
 static int
 take_served(const char *control, const char *dir, bool incremental,
-	    bool json, bool want_bar)
+	    struct hooks *hooks, bool json, bool want_bar)
 {
+	struct served sv = { .hooks = hooks };
 	struct line_reader rd = { 0 };
 	char real[PATH_MAX];
-	struct progress *bar;
+	bool frozen = false;
 	json_t *reply, *r;
 	int fd;
 
@@ -260,12 +274,19 @@ take_served(const char *control, const char *dir, bool incremental,
 	if (fd < 0)
 		return EXIT_FAILED;
 	rd.fd = fd;
-	bar = progress_new("backing up", want_bar);
-	reply = client_request(fd, &rd, json_pack("{s:s, s:s, s:b}", "cmd",
-						  "backup", "dir", real,
-						  "incremental", incremental),
-			       served_progress, bar);
-	progress_end(bar);
+	/* The freeze runs here, the instant in the server right after,
+	 * and the thaw as soon as the server says the instant is taken. */
+	if (hooks->freeze)
+		frozen = freeze_hook(hooks) == 0;
+	sv.bar = progress_new("backing up", want_bar);
+	reply = client_request(fd, &rd, json_pack("{s:s, s:s, s:b, s:b}",
+						  "cmd", "backup", "dir", real,
+						  "incremental", incremental,
+						  "frozen", frozen),
+			       served_event, &sv);
+	progress_end(sv.bar);
+	if (!sv.thawed)
+		thaw_hook(hooks);
 	close(fd);
 	if (!reply) {
 		tool_error("%s: the server closed the connection", control);
@@ -279,10 +300,11 @@ take_served(const char *control, const char *dir, bool incremental,
 	if (json)
 		json_print(json_incref(r));
 	else
-		printf("point %04" JSON_INTEGER_FORMAT " %s %s%s\n",
+		printf("point %04" JSON_INTEGER_FORMAT " %s %s %s%s\n",
 		       json_integer_value(json_object_get(r, "point")),
 		       json_is_true(json_object_get(r, "incremental")) ?
 		       "incremental" : "full",
+		       json_string_value(json_object_get(r, "consistency")),
 		       json_string_value(json_object_get(r, "file")),
 		       json_is_true(json_object_get(r, "healed")) ?
 		       " (healed by digests)" : "");
@@ -595,11 +617,8 @@ cmd_backup(int argc, char **argv)
 	if (control) {
 		if (argc != optind)
 			return tool_usage_error("--control takes no IMAGE");
-		if (hooks.freeze || hooks.thaw)
-			return tool_usage_error("--freeze-cmd and --thaw-cmd "
-						"apply to an IMAGE; the server "
-						"runs no hooks");
-		return take_served(control, to, incremental, json, want_bar);
+		return take_served(control, to, incremental, &hooks, json,
+				   want_bar);
 	}
 	if (argc - optind != 1)
 		return tool_usage_error("expected IMAGE (or --control PATH)");

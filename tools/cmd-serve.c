@@ -875,7 +875,27 @@ ctl_move_base(json_t *req, int ci)
 struct backup_progress {
 	int ci;
 	double last;
+	bool frozen;                  /* the client's freeze held */
 };
+
+/* The client ran its freeze hook before asking ("frozen"): the point is
+ * application-consistent if that held. */
+static int
+backup_freeze(void *user_data)
+{
+	struct backup_progress *bp = user_data;
+
+	return bp->frozen ? 0 : -1;
+}
+
+/* Right after the instant: the client may thaw now. */
+static void
+backup_thaw(void *user_data)
+{
+	struct backup_progress *bp = user_data;
+
+	client_send(bp->ci, json_pack("{s:s}", "event", "SNAPSHOT_TAKEN"));
+}
 
 /* BACKUP_PROGRESS events to the client that asked, twice a second. */
 static void
@@ -914,9 +934,11 @@ backup_dir(json_t *req, char *dir, size_t len, char *why, size_t whylen)
 /*
  * "backup": take a point of the served disk into "dir" ("incremental":
  * only what changed since the newest point there; with --track by the
- * change record, else by digests).  Blocking like a base move: the
- * control socket waits, NBD does not; BACKUP_PROGRESS events go to the
- * client meanwhile.
+ * change record, else by digests; "frozen": the client's freeze hook
+ * held, so the point is application-consistent).  SNAPSHOT_TAKEN goes
+ * to the client right after the instant (it may thaw), then
+ * BACKUP_PROGRESS events.  Blocking like a base move: the control socket
+ * waits, NBD does not.
  */
 static json_t *
 ctl_backup(json_t *req, int ci)
@@ -926,12 +948,13 @@ ctl_backup(json_t *req, int ci)
 	struct blockmirror_backup_point pt;
 	char dir[PATH_MAX], why[PATH_MAX + 128];
 	json_t *v = json_object_get(req, "incremental");
+	json_t *fz = json_object_get(req, "frozen");
 	double t0 = now_s();
 	int r;
 
-	if (v && !json_is_boolean(v))
-		return error_reply(-EINVAL, "\"incremental\" must be true or "
-				   "false");
+	if ((v && !json_is_boolean(v)) || (fz && !json_is_boolean(fz)))
+		return error_reply(-EINVAL, "\"incremental\" and \"frozen\" "
+				   "must be true or false");
 	r = backup_dir(req, dir, sizeof dir, why, sizeof why);
 	if (r < 0)
 		return error_reply(r, why);
@@ -939,6 +962,9 @@ ctl_backup(json_t *req, int ci)
 	o.incremental = json_is_true(v);
 	o.progress = backup_progress;
 	o.user_data = &bp;
+	bp.frozen = json_is_true(fz);
+	o.freeze = backup_freeze;
+	o.thaw = backup_thaw;
 	r = blockmirror_backup(S.disk, &o, &pt);
 	if (r < 0)
 		return lib_error_reply(r);

@@ -88,11 +88,23 @@ assert differ > 0
 EOF
 pass "points carry their checkpoints"
 
+# Freeze and thaw hooks around the server's instant: the client runs the
+# freeze, the server takes the snapshot and says so, the client thaws.
+run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
+	--freeze-cmd "echo frozen >> $T/hook" --thaw-cmd "echo thawed >> $T/hook"
+json_assert "$RUN_OUT" "d['consistency'] == 'application'" "d['point'] == 4"
+[[ $(cat "$T/hook") == $'frozen\nthawed' ]] || fail "hooks ran as: $(cat "$T/hook")"
+run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
+	--freeze-cmd "exit 1" --thaw-cmd "echo thawed >> $T/hook"
+json_assert "$RUN_OUT" "d['consistency'] == 'crash'"
+[[ $(tail -n 1 "$T/hook") == thawed ]] || fail "no thaw after a failed freeze"
+pass "freeze and thaw around a served disk's instant"
+
 # fio writes every block once: let it finish, so that it can verify.
 kill -CONT "$FIO" 2>/dev/null || true
 wait "$FIO" || { cat "$T/fio.out" >&2; fail "fio failed while writing"; }
 run_ok "$BMIRROR" backup verify "$DIR" --control "$CTL" --json
-json_assert "$RUN_OUT" "d['points'] == 3" "d['live_bytes_read'] > 0" \
+json_assert "$RUN_OUT" "d['points'] == 5" "d['live_bytes_read'] > 0" \
 	"d['live_mismatches'] == 0"
 pass "verify over the control socket: the chain and the live disk"
 
@@ -105,7 +117,7 @@ f = s.makefile('rw')
 for cmd, want in (({'cmd': 'backup'}, 'backup needs "dir"'),
                   ({'cmd': 'backup', 'dir': '/nonexistent/x'}, '/nonexistent'),
                   ({'cmd': 'backup', 'dir': '/tmp', 'incremental': 'yes'},
-                   '"incremental" must be')):
+                   'must be true or false')):
     f.write(json.dumps(cmd) + '\n')
     f.flush()
     r = json.loads(f.readline())

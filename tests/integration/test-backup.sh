@@ -151,6 +151,32 @@ expect_fail_with --names "$T/damaged" nonzero 'not a backup manifest' \
 	"$BMIRROR" backup verify "$T/damaged"
 pass "damage and a broken chain are named"
 
+# --- a backup target that fills up ------------------------------------
+# The error names the problem, no point is left, the image is unchanged,
+# and a served disk goes on serving.
+if [[ $(id -u) == 0 ]] && mkdir -p -- "$T/full" &&
+	mount -t tmpfs -o size=3M tmpfs "$T/full" 2>"$T/mount.err"; then
+	sum=$(checksum "$IMG")
+	expect_fail_with nonzero 'space' "$BMIRROR" backup "$IMG" --to "$T/full/b"
+	[[ -z $(ls -- "$T/full/b") ]] || { ls -la -- "$T/full/b" >&2; fail "a full target kept files"; }
+	[[ $(checksum "$IMG") == "$sum" ]] || fail "the image changed"
+	start_serve "$IMG"
+	expect_fail_with nonzero 'space' \
+		"$BMIRROR" backup --control "$T/ctl.sock" --to "$T/full/s"
+	[[ -z $(ls -- "$T/full/s") ]] || fail "a full target kept files (served)"
+	run_ok qemu-io -f raw -c "write -P 0x71 0 64k" -c "read -P 0x71 0 64k" \
+		"nbd+unix:///?socket=$T/nbd.sock"
+	run_ok "$BMIRROR" snapshot --control "$T/ctl.sock" --list --json
+	json_assert "$RUN_OUT" "d['snapshots'] == []"
+	stop_serve
+	umount "$T/full"
+	pass "a full backup target: clear error, nothing left, the disk goes on"
+elif [[ ${CI:-} == true ]]; then
+	fail "the full-target case needs root and tmpfs: $(cat "$T/mount.err" 2>/dev/null)"
+else
+	skip_subcase "the full-target case needs root (mount -t tmpfs)"
+fi
+
 # --- bad arguments -----------------------------------------------------
 expect_fail_with 2 'needs --to' "$BMIRROR" backup "$IMG"
 expect_fail_with 2 'keep' "$BMIRROR" backup prune "$DIR"
