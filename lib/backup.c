@@ -13,13 +13,18 @@
  * A backup takes a snapshot (snapshot.c) and reads its view, never the
  * moving disk: the point is the disk at the snapshot's instant.  With
  * change tracking on (checkpoint.c), the snapshot creates checkpoint
- * "bm-backup-NNNN" at that instant, and an incremental point copies
- * exactly the granules the record says changed since the previous
- * point's checkpoint.  After a successful point the previous checkpoint
- * is removed (its record merges into the one before); after a failed one
- * the new checkpoint is, so that the next incremental still covers
- * everything since the last point that exists.
+ * "bm-CHAIN-NNNN" at that instant (CHAIN: the chain's id, drawn at its
+ * full point), and an incremental point copies exactly the granules the
+ * record says changed since the previous point's checkpoint.  Without a
+ * record to trust, an incremental point heals: it reads the snapshot's
+ * data and writes the granules whose digests differ from the previous
+ * point's.  After a successful point the previous checkpoint is removed
+ * (its record merges into the one before); after a failed one the new
+ * checkpoint is, and a backup that died is cleaned up by the next (its
+ * files without a manifest, its checkpoint), so the next incremental
+ * still covers everything since the last point that exists.
  *
+ * One backup or prune at a time per directory (a lock file in it).
  * Everything here runs on the caller's thread and uses the disk only
  * through the public calls, which post to its loop.
  */
@@ -469,7 +474,11 @@ zero_of(const struct run *run, uint64_t k)
 static int
 copy_range(struct run *run, uint64_t off, uint64_t len)
 {
-	int r = blockmirror_snapshot_read(run->snap, run->buf, len, off);
+	int r;
+
+	if (run->o->cancelled && run->o->cancelled(run->o->user_data))
+		return bm_error(-ECANCELED, "the backup was cancelled");
+	r = blockmirror_snapshot_read(run->snap, run->buf, len, off);
 
 	if (r < 0)
 		return r;
@@ -825,6 +834,9 @@ blockmirror_backup(struct blockmirror_disk *disk,
 					  n * sizeof *run.digests, 0644);
 	}
 	p.instant = info.taken_unix_ns / 1000000000;
+	/* The last moment a cancel can still leave no point behind. */
+	if (r == 0 && o->cancelled && o->cancelled(o->user_data))
+		r = bm_error(-ECANCELED, "the backup was cancelled");
 	if (r == 0)
 		r = manifest_write(o->dir, &p, o->incremental ? backing : NULL);
 	if (r < 0)
@@ -1015,7 +1027,7 @@ blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
 	struct point p = { 0 };
 	uint8_t *buf = NULL;
 	uint64_t n, cap = 0;
-	unsigned first, newest;
+	unsigned first = 0, newest = 0;
 	int r, lock = -1;
 
 	bm_error_clear();
@@ -1147,7 +1159,7 @@ static int
 open_point(const char *dir, unsigned number, struct point *p,
 	   struct bm_digest **dg)
 {
-	unsigned first, last;
+	unsigned first = 0, last = 0;
 	uint64_t n;
 	int r = chain_range(dir, &first, &last);
 
@@ -1236,7 +1248,7 @@ blockmirror_backup_prune(const char *dir, unsigned keep,
 	struct bm_digest *dg = NULL;
 	char tmp[PATH_MAX], path[PATH_MAX], opts[64];
 	struct point p;
-	unsigned first, last, older, k;
+	unsigned first = 0, last = 0, older = 0, k;
 	uint64_t n, wr = 0;
 	int r, lock;
 
@@ -1298,7 +1310,7 @@ blockmirror_backup_list(const char *dir, struct blockmirror_backup_point **out,
 			size_t *count)
 {
 	struct blockmirror_backup_point *v = NULL;
-	unsigned first, last;
+	unsigned first = 0, last = 0;
 	int r;
 
 	bm_error_clear();

@@ -28,6 +28,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -54,6 +55,7 @@ struct client {
 	struct line_reader rd;
 	struct line_out out;          /* lines not yet taken by the client */
 	bool eof;                     /* it sent EOF: close once out is sent */
+	unsigned gen;                 /* which connection holds the slot */
 };
 
 struct serve {
@@ -91,6 +93,26 @@ struct serve {
 	} snaps[MAX_SNAPSHOTS];
 	size_t n_snaps;
 	unsigned snap_counter;        /* the default names: snap-N */
+	unsigned client_gen;          /* numbers connections (client.gen) */
+
+	/* A backup ("backup"), on a thread of its own so that this one goes
+	 * on answering; it wakes this one through event_fd. */
+	struct {
+		bool running;             /* this thread's view */
+		pthread_t thread;
+		int client;               /* who asked, and the slot's gen */
+		unsigned gen;
+		char dir[PATH_MAX];
+		bool incremental, frozen;
+		atomic_bool cancel;       /* quit: stop at the next read */
+		double t0;
+		pthread_mutex_t lock;     /* guards the rest */
+		uint64_t done, total;
+		bool progressed, taken, taken_sent, finished;
+		int r;
+		char err[512];
+		struct blockmirror_backup_point pt;
+	} bk;
 
 	/* Crash-resumable state (docs/state.md). */
 	const char *state_dir;        /* NULL: moves keep none */
@@ -396,6 +418,8 @@ snapshots_json(void)
 	return a;
 }
 
+static json_t *backup_json(void);
+
 static json_t *
 ctl_query(void)
 {
@@ -409,6 +433,9 @@ ctl_query(void)
 	if (r)
 		json_object_set_new(json_object_get(r, "return"),
 				    "snapshots", snapshots_json());
+	if (r && S.bk.running)
+		json_object_set_new(json_object_get(r, "return"), "backup",
+				    backup_json());
 	if (r && S.track_sidecar)
 		json_object_set_new(json_object_get(r, "return"), "tracking",
 				    json_pack("{s:s, s:b}", "sidecar",
@@ -872,45 +899,163 @@ ctl_move_base(json_t *req, int ci)
 
 /* ---- backups (docs/backup.md) --------------------------------------- */
 
-struct backup_progress {
-	int ci;
-	double last;
-	bool frozen;                  /* the client's freeze held */
-};
+static void
+backup_wake(void)
+{
+	uint64_t one = 1;
+
+	if (write(S.event_fd, &one, sizeof one) < 0) {
+		/* EAGAIN: the counter is non-zero, this thread wakes anyway */
+	}
+}
+
+/* The backup's callbacks, on its thread. */
+static void
+bk_progress(void *user_data, uint64_t done, uint64_t total)
+{
+	pthread_mutex_lock(&S.bk.lock);
+	S.bk.done = done;
+	S.bk.total = total;
+	S.bk.progressed = true;
+	pthread_mutex_unlock(&S.bk.lock);
+	backup_wake();
+}
 
 /* The client ran its freeze hook before asking ("frozen"): the point is
  * application-consistent if that held. */
 static int
-backup_freeze(void *user_data)
+bk_freeze(void *user_data)
 {
-	struct backup_progress *bp = user_data;
-
-	return bp->frozen ? 0 : -1;
+	return S.bk.frozen ? 0 : -1;
 }
 
 /* Right after the instant: the client may thaw now. */
 static void
-backup_thaw(void *user_data)
+bk_thaw(void *user_data)
 {
-	struct backup_progress *bp = user_data;
-
-	client_send(bp->ci, json_pack("{s:s}", "event", "SNAPSHOT_TAKEN"));
+	pthread_mutex_lock(&S.bk.lock);
+	S.bk.taken = true;
+	pthread_mutex_unlock(&S.bk.lock);
+	backup_wake();
 }
 
-/* BACKUP_PROGRESS events to the client that asked, twice a second. */
-static void
-backup_progress(void *user_data, uint64_t done, uint64_t total)
+static bool
+bk_cancelled(void *user_data)
 {
-	struct backup_progress *bp = user_data;
-	double t = now_s();
+	return atomic_load(&S.bk.cancel);
+}
 
-	if (t - bp->last < 0.5 && done < total)
+static void *
+backup_main(void *arg)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point pt;
+	int r;
+
+	o.dir = S.bk.dir;
+	o.incremental = S.bk.incremental;
+	o.progress = bk_progress;
+	o.freeze = bk_freeze;
+	o.thaw = bk_thaw;
+	o.cancelled = bk_cancelled;
+	r = blockmirror_backup(S.disk, &o, &pt);
+	pthread_mutex_lock(&S.bk.lock);
+	S.bk.r = r;
+	if (r < 0)
+		snprintf(S.bk.err, sizeof S.bk.err, "%s",
+			 blockmirror_last_error() ? blockmirror_last_error()
+						  : strerror(-r));
+	S.bk.pt = pt;
+	S.bk.finished = true;
+	pthread_mutex_unlock(&S.bk.lock);
+	backup_wake();
+	return NULL;
+}
+
+/* The client that asked, if its connection is still the one in the
+ * slot; else -1 (nobody: what is sent is dropped). */
+static int
+backup_client(void)
+{
+	int ci = S.bk.client;
+
+	return ci >= 0 && S.clients[ci].fd >= 0 &&
+	       S.clients[ci].gen == S.bk.gen ? ci : -1;
+}
+
+/* On this thread, woken by event_fd: pass the backup's news on, and its
+ * answer once it has ended. */
+static void
+backup_deliver(void)
+{
+	bool taken, progressed, finished;
+	uint64_t done, total;
+	int ci = backup_client();
+
+	if (!S.bk.running)
 		return;
-	bp->last = t;
-	client_send(bp->ci, json_pack("{s:s, s:I, s:I}", "event",
-				      "BACKUP_PROGRESS", "bytes_done",
-				      (json_int_t)done, "bytes_total",
-				      (json_int_t)total));
+	pthread_mutex_lock(&S.bk.lock);
+	taken = S.bk.taken && !S.bk.taken_sent;
+	S.bk.taken_sent |= taken;
+	progressed = S.bk.progressed;
+	S.bk.progressed = false;
+	done = S.bk.done;
+	total = S.bk.total;
+	finished = S.bk.finished;
+	pthread_mutex_unlock(&S.bk.lock);
+	if (taken)
+		client_send(ci, json_pack("{s:s}", "event", "SNAPSHOT_TAKEN"));
+	if (progressed)
+		client_send(ci, json_pack("{s:s, s:I, s:I}", "event",
+					  "BACKUP_PROGRESS", "bytes_done",
+					  (json_int_t)done, "bytes_total",
+					  (json_int_t)total));
+	if (!finished)
+		return;
+	pthread_join(S.bk.thread, NULL);
+	S.bk.running = false;
+	if (S.bk.r < 0) {
+		client_send(ci, error_reply(S.bk.r, S.bk.err));
+		return;
+	}
+	client_send(ci, json_pack("{s:{s:i, s:s, s:b, s:b, s:I, s:I, s:I, s:I, "
+				  "s:s, s:s, s:f}}", "return",
+		"point", (int)S.bk.pt.number, "file", S.bk.pt.file,
+		"incremental", S.bk.pt.incremental, "healed", S.bk.pt.healed,
+		"instant", (json_int_t)S.bk.pt.instant,
+		"bytes_changed", (json_int_t)S.bk.pt.bytes_changed,
+		"bytes_read", (json_int_t)S.bk.pt.bytes_read,
+		"bytes_written", (json_int_t)S.bk.pt.bytes_written,
+		"checkpoint", S.bk.pt.checkpoint,
+		"consistency", S.bk.pt.application_consistent ?
+			       "application" : "crash",
+		"elapsed_s", now_s() - S.bk.t0));
+}
+
+/* Quit: a running backup stops at its next read and leaves no point. */
+static void
+backup_stop(void)
+{
+	if (!S.bk.running)
+		return;
+	atomic_store(&S.bk.cancel, true);
+	pthread_join(S.bk.thread, NULL);
+	S.bk.running = false;
+}
+
+/* What query says of a running backup. */
+static json_t *
+backup_json(void)
+{
+	json_t *j;
+
+	pthread_mutex_lock(&S.bk.lock);
+	j = json_pack("{s:s, s:b, s:b, s:I, s:I}", "dir", S.bk.dir,
+		      "incremental", S.bk.incremental, "taken", S.bk.taken,
+		      "bytes_done", (json_int_t)S.bk.done,
+		      "bytes_total", (json_int_t)S.bk.total);
+	pthread_mutex_unlock(&S.bk.lock);
+	return j;
 }
 
 /* The backup directory: absolute, existing, and inside an allowed
@@ -935,51 +1080,42 @@ backup_dir(json_t *req, char *dir, size_t len, char *why, size_t whylen)
  * "backup": take a point of the served disk into "dir" ("incremental":
  * only what changed since the newest point there; with --track by the
  * change record, else by digests; "frozen": the client's freeze hook
- * held, so the point is application-consistent).  SNAPSHOT_TAKEN goes
- * to the client right after the instant (it may thaw), then
- * BACKUP_PROGRESS events.  Blocking like a base move: the control socket
- * waits, NBD does not.
+ * held, so the point is application-consistent).  It runs on a thread
+ * of its own: this one goes on answering.  The client gets
+ * SNAPSHOT_TAKEN right after the instant (it may thaw), BACKUP_PROGRESS
+ * events, and the answer when the backup ends.  One backup at a time.
  */
 static json_t *
 ctl_backup(json_t *req, int ci)
 {
-	struct blockmirror_backup_options o = { .size = sizeof o };
-	struct backup_progress bp = { .ci = ci };
-	struct blockmirror_backup_point pt;
-	char dir[PATH_MAX], why[PATH_MAX + 128];
 	json_t *v = json_object_get(req, "incremental");
 	json_t *fz = json_object_get(req, "frozen");
-	double t0 = now_s();
+	char dir[PATH_MAX], why[PATH_MAX + 128];
 	int r;
 
 	if ((v && !json_is_boolean(v)) || (fz && !json_is_boolean(fz)))
 		return error_reply(-EINVAL, "\"incremental\" and \"frozen\" "
 				   "must be true or false");
+	if (S.bk.running)
+		return error_reply(-EBUSY, "a backup is running");
 	r = backup_dir(req, dir, sizeof dir, why, sizeof why);
 	if (r < 0)
 		return error_reply(r, why);
-	o.dir = dir;
-	o.incremental = json_is_true(v);
-	o.progress = backup_progress;
-	o.user_data = &bp;
-	bp.frozen = json_is_true(fz);
-	o.freeze = backup_freeze;
-	o.thaw = backup_thaw;
-	r = blockmirror_backup(S.disk, &o, &pt);
-	if (r < 0)
-		return lib_error_reply(r);
-	return json_pack("{s:{s:i, s:s, s:b, s:b, s:I, s:I, s:I, s:I, s:s, "
-			 "s:s, s:f}}", "return",
-			 "point", (int)pt.number, "file", pt.file,
-			 "incremental", pt.incremental, "healed", pt.healed,
-			 "instant", (json_int_t)pt.instant,
-			 "bytes_changed", (json_int_t)pt.bytes_changed,
-			 "bytes_read", (json_int_t)pt.bytes_read,
-			 "bytes_written", (json_int_t)pt.bytes_written,
-			 "checkpoint", pt.checkpoint,
-			 "consistency", pt.application_consistent ?
-					"application" : "crash",
-			 "elapsed_s", now_s() - t0);
+	snprintf(S.bk.dir, sizeof S.bk.dir, "%s", dir);
+	S.bk.incremental = json_is_true(v);
+	S.bk.frozen = json_is_true(fz);
+	S.bk.client = ci;
+	S.bk.gen = S.clients[ci].gen;
+	S.bk.t0 = now_s();
+	atomic_store(&S.bk.cancel, false);
+	S.bk.done = S.bk.total = 0;
+	S.bk.progressed = S.bk.taken = S.bk.taken_sent = false;
+	S.bk.finished = false;
+	r = pthread_create(&S.bk.thread, NULL, backup_main, NULL);
+	if (r)
+		return error_reply(-r, "cannot start the backup's thread");
+	S.bk.running = true;
+	return NULL; /* the answer comes when it ends */
 }
 
 /* "backup-verify": every point of "dir" against its digests, and the
@@ -1095,6 +1231,7 @@ deliver_events(void)
 	if (read(S.event_fd, &count, sizeof count) < 0) {
 		/* EAGAIN: a wake-up for events already taken */
 	}
+	backup_deliver();
 	list = take_events();
 	while ((n = list)) {
 		list = n->next;
@@ -1288,6 +1425,7 @@ accept_clients(void)
 			continue;
 		}
 		S.clients[i].fd = fd;
+		S.clients[i].gen = ++S.client_gen;
 		S.clients[i].rd.fd = fd;
 		S.clients[i].rd.len = 0;
 		S.clients[i].eof = false;
@@ -1758,6 +1896,7 @@ cmd_serve(int argc, char **argv)
 	pthread_sigmask(SIG_BLOCK, &mask, NULL);
 	signal(SIGPIPE, SIG_IGN);
 	S.signal_fd = signalfd(-1, &mask, SFD_CLOEXEC);
+	pthread_mutex_init(&S.bk.lock, NULL);
 	S.event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (S.event_fd < 0) {
 		tool_error("eventfd: %s", strerror(errno));
@@ -1824,6 +1963,7 @@ out:
 		close(S.listen_fd);
 		unlink(S.control_path);
 	}
+	backup_stop();
 	blockmirror_server_stop(S.server);
 	release_snapshots();
 	if (blockmirror_disk_close(S.disk) < 0) {

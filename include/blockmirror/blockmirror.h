@@ -848,6 +848,9 @@ struct blockmirror_backup_options {
 	 * backup goes on.  Both may be NULL; they get user_data. */
 	int (*freeze)(void *user_data);
 	void (*thaw)(void *user_data);
+	/* Asked between reads (from the backup's thread): true stops the
+	 * backup with -ECANCELED, leaving no point behind.  May be NULL. */
+	bool (*cancelled)(void *user_data);
 };
 
 struct blockmirror_backup_point {

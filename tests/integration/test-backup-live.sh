@@ -16,7 +16,7 @@
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
 
-requires qemu-img fio python3
+requires qemu-img qemu-io fio python3
 
 SIZE=$((64 * MiB))
 CTL=$T/ctl.sock
@@ -100,11 +100,22 @@ json_assert "$RUN_OUT" "d['consistency'] == 'crash'"
 [[ $(tail -n 1 "$T/hook") == thawed ]] || fail "no thaw after a failed freeze"
 pass "freeze and thaw around a served disk's instant"
 
+# The backup runs beside the control socket: asked from the thaw hook,
+# i.e. while the backup is copying, status answers at once and shows it,
+# and a second backup is refused.
+run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
+	--thaw-cmd "'$BMIRROR' status --control '$CTL' --json > '$T/st.json';
+		'$BMIRROR' backup --control '$CTL' --to '$T/other' 2> '$T/second.err'; true"
+json_assert "$T/st.json" "d['backup']['taken'] is True" \
+	"d['backup']['dir'].endswith('/backups')"
+grep -q 'a backup is running' "$T/second.err" || fail "a second backup: $(cat "$T/second.err")"
+pass "control commands answered while a backup runs; one backup at a time"
+
 # fio writes every block once: let it finish, so that it can verify.
 kill -CONT "$FIO" 2>/dev/null || true
 wait "$FIO" || { cat "$T/fio.out" >&2; fail "fio failed while writing"; }
 run_ok "$BMIRROR" backup verify "$DIR" --control "$CTL" --json
-json_assert "$RUN_OUT" "d['points'] == 5" "d['live_bytes_read'] > 0" \
+json_assert "$RUN_OUT" "d['points'] == 6" "d['live_bytes_read'] > 0" \
 	"d['live_mismatches'] == 0"
 pass "verify over the control socket: the chain and the live disk"
 
@@ -123,11 +134,24 @@ for cmd, want in (({'cmd': 'backup'}, 'backup needs "dir"'),
     r = json.loads(f.readline())
     assert 'error' in r and want in r['error']['message'], r
 EOF
-stop_serve
-fio_serve_verify() {
-	start_serve "$T/disk.raw"
-	fio_verify "after three backups"
-	stop_serve
-}
-fio_serve_verify
+fio_verify "after the backups"
 pass "fio verifies every write it made"
+
+# quit while a backup copies: the server stops it, leaves no point, and
+# exits 0; the client says the server went away.
+# 48 MiB changed: the copy the quit interrupts takes far longer than the
+# hook's python takes to start.
+run_ok qemu-io -f raw -c "write -P 0x5e 8M 48M" "$MAIN"
+n_before=$(ls "$DIR"/*.json | wc -l)
+run "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental \
+	--thaw-cmd "python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b\"{\\\"cmd\\\": \\\"quit\\\"}\\n\"); s.recv(100)' '$CTL'"
+((RUN_RC == 1)) || { show_run backup; fail "backup during quit: exit $RUN_RC"; }
+rc=0
+wait "$SERVE_PID" || rc=$?
+((rc == 0)) || { cat "$T/serve.err" >&2; fail "serve exited $rc after quit during a backup"; }
+SERVE_PID=
+[[ $(ls "$DIR"/*.json | wc -l) == "$n_before" ]] || fail "a cancelled backup left a point"
+for f in "$DIR"/*.qcow2 "$DIR"/*.digests; do
+	[[ -e ${f%.*}.json ]] || { ls -la "$DIR" >&2; fail "a cancelled backup left $f"; }
+done
+pass "quit during a backup: cancelled, no point left, the server exits 0"
