@@ -42,7 +42,7 @@ UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 CC=clang bm_build build-tsan -Dwerror=true -Db_sanitize=thread \
 	-Db_lundef=false -Dbuildtype=debug
 tsan_tests=(loop file format mirror mirror-errors pivot-crash nbd
-	    mirror-scenarios chain state model)
+	    mirror-scenarios chain state model snapshot checkpoint backup)
 BM_MODEL_SEEDS=${BM_MODEL_SEEDS:-2} \
 TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1 \
 	meson test -C build-tsan --print-errorlogs "${tsan_tests[@]}" "$@"
