@@ -155,3 +155,32 @@ for f in "$DIR"/*.qcow2 "$DIR"/*.digests; do
 	[[ -e ${f%.*}.json ]] || { ls -la "$DIR" >&2; fail "a cancelled backup left $f"; }
 done
 pass "quit during a backup: cancelled, no point left, the server exits 0"
+
+# kill -9 of the server while a backup copies, then a restart: the next
+# backup is still incremental (no healing), holds every write since the
+# last point that exists, and equals the disk.
+start_serve "$T/disk.raw"
+run_ok qemu-io -f raw -c "write -P 0x6b 4M 32M" "$MAIN"
+n_before=$(ls "$DIR"/*.json | wc -l)
+"$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --progress \
+	>"$T/dead.out" 2>"$T/dead.err" &
+b=$!
+for ((i = 0; i < 600; i++)); do
+	[[ -s $T/dead.out ]] && break
+	kill -0 "$b" 2>/dev/null || break
+	sleep 0.05
+done
+kill -9 "$SERVE_PID"
+wait "$SERVE_PID" 2>/dev/null || true
+SERVE_PID=
+wait "$b" && fail "the backup of a killed server said it succeeded"
+[[ $(ls "$DIR"/*.json | wc -l) == "$n_before" ]] || fail "a killed backup left a point"
+start_serve "$T/disk.raw"
+grep -q crashed "$T/serve.err" || fail "the restarted server did not say the tracker crashed"
+run_ok qemu-io -f raw -c "write -P 0x6c 60M 64k" "$MAIN"
+run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json
+json_assert "$RUN_OUT" "d['healed'] is False" "d['point'] == $n_before + 1" \
+	"d['bytes_changed'] >= 32 * 2**20 + 65536"
+stop_serve
+run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/$(printf %04d $((n_before + 1))).qcow2" "$T/disk.raw"
+pass "kill -9 of the server during a backup: the next one is incremental and whole"
