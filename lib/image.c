@@ -374,6 +374,29 @@ bm_image_create_options(struct bm_image *src, enum blockmirror_format format,
 }
 
 void
+bm_filter_pass_read(struct bm_image *img, struct bm_io *io)
+{
+	bm_image_read(img->below, io);
+}
+
+void
+bm_filter_pass_flush(struct bm_image *img, struct bm_io *io)
+{
+	bm_image_flush(img->below, io);
+}
+
+void
+bm_filter_pass_block_status(struct bm_image *img, struct bm_io *io)
+{
+	bm_image_block_status(img->below, io);
+}
+
+void
+bm_filter_no_close(struct bm_image *img)
+{
+}
+
+void
 bm_image_set_loop(struct bm_image *img, struct bm_loop *loop)
 {
 	if (img->ops->set_loop)

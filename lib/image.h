@@ -48,6 +48,16 @@ struct bm_image {
 					  over (NULL: not a filter) */
 };
 
+/*
+ * For filter images (below set): requests a filter does not change pass
+ * to the image it stands over; the filter's owner closes what is under
+ * it, so close does nothing.
+ */
+void bm_filter_pass_read(struct bm_image *img, struct bm_io *io);
+void bm_filter_pass_flush(struct bm_image *img, struct bm_io *io);
+void bm_filter_pass_block_status(struct bm_image *img, struct bm_io *io);
+void bm_filter_no_close(struct bm_image *img);
+
 /* The image under every filter of `img` (img itself if not a filter). */
 static inline struct bm_image *
 bm_image_base(struct bm_image *img)

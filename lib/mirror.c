@@ -770,12 +770,6 @@ filter_write_type(struct bm_image *img, struct bm_io *io,
 }
 
 static void
-filter_read(struct bm_image *img, struct bm_io *io)
-{
-	bm_image_read(filter_job(img)->src, io);
-}
-
-static void
 filter_write(struct bm_image *img, struct bm_io *io)
 {
 	filter_write_type(img, io, BM_REQ_WRITE);
@@ -802,26 +796,16 @@ filter_flush(struct bm_image *img, struct bm_io *io)
 	bm_image_flush(job->src, io);
 }
 
-static void
-filter_block_status(struct bm_image *img, struct bm_io *io)
-{
-	bm_image_block_status(filter_job(img)->src, io);
-}
-
-static void
-filter_close(struct bm_image *img)
-{
-	/* The job owns the filter and both images under it. */
-}
-
+/* Reads and block status pass to the source (below); the job owns the
+ * filter and both images under it. */
 static const struct bm_image_ops filter_ops = {
-	.read = filter_read,
+	.read = bm_filter_pass_read,
 	.write = filter_write,
 	.zero = filter_zero,
 	.discard = filter_discard,
 	.flush = filter_flush,
-	.block_status = filter_block_status,
-	.close = filter_close,
+	.block_status = bm_filter_pass_block_status,
+	.close = bm_filter_no_close,
 };
 
 /* The filter looks like the source to whoever asks the disk's image. */

@@ -984,6 +984,19 @@ bs_start(struct srv_req *req)
 	}
 }
 
+/* A request was handed to the disk (err 0): it calls back, so the
+ * connection counts it; or it was refused, and is answered now. */
+static void
+req_handed(struct srv_req *req, int err)
+{
+	if (err < 0) {
+		req_reply(req, bm_server_nbd_error(err));
+		return;
+	}
+	req->conn->disk_ops++;
+	req->conn->ops++;
+}
+
 /* A request to a snapshot's export (checked read-only): the view, read
  * through the disk (bm_disk_aio_to) so that it counts and queues like
  * the guest's requests and no swap happens under it. */
@@ -1011,12 +1024,7 @@ snapshot_submit(struct srv_req *req)
 		req_reply(req, 0);
 		return;
 	}
-	if (err < 0) {
-		req_reply(req, bm_server_nbd_error(err));
-		return;
-	}
-	c->disk_ops++;
-	c->ops++;
+	req_handed(req, err);
 }
 
 static void
@@ -1068,12 +1076,7 @@ req_submit(struct srv_req *req)
 		req_reply(req, 0);
 		return;
 	}
-	if (err < 0) {
-		req_reply(req, bm_server_nbd_error(err));
-		return;
-	}
-	c->disk_ops++;
-	c->ops++;
+	req_handed(req, err);
 }
 
 static void

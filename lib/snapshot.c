@@ -473,38 +473,16 @@ filter_discard(struct bm_image *img, struct bm_io *io)
 	}
 }
 
-static void
-filter_read(struct bm_image *img, struct bm_io *io)
-{
-	bm_image_read(img->below, io);
-}
-
-static void
-filter_flush(struct bm_image *img, struct bm_io *io)
-{
-	bm_image_flush(img->below, io);
-}
-
-static void
-filter_block_status(struct bm_image *img, struct bm_io *io)
-{
-	bm_image_block_status(img->below, io);
-}
-
-static void
-filter_close(struct bm_image *img)
-{
-	/* The snapshot owns its images. */
-}
-
+/* Reads, flushes and block status pass below; the snapshot owns its
+ * images. */
 static const struct bm_image_ops filter_ops = {
-	.read = filter_read,
+	.read = bm_filter_pass_read,
 	.write = filter_write,
 	.zero = filter_zero,
 	.discard = filter_discard,
-	.flush = filter_flush,
-	.block_status = filter_block_status,
-	.close = filter_close,
+	.flush = bm_filter_pass_flush,
+	.block_status = bm_filter_pass_block_status,
+	.close = bm_filter_no_close,
 };
 
 struct blockmirror_disk *
