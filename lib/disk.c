@@ -392,6 +392,21 @@ req_marked(struct bm_cbt_waiter *w, int err)
 	submit_to_image(req);
 }
 
+/* Write-ahead: the change is on record before it happens. */
+static void
+mark_then_submit(struct bm_req *req)
+{
+	int r;
+
+	req->mark.fn = req_marked;
+	r = bm_cbt_mark(req->disk->cbt, req->offset, req->length, &req->mark);
+	if (r == 1)
+		return; /* req_marked submits it */
+	if (r < 0)
+		bm_disk_tracking_failed(req->disk, r);
+	submit_to_image(req);
+}
+
 void
 bm_disk_submit(struct bm_req *req)
 {
@@ -408,21 +423,12 @@ bm_disk_submit(struct bm_req *req)
 	disk->inflight++;
 	if (!req->target && (req->type == BM_REQ_WRITE ||
 			     req->type == BM_REQ_ZERO ||
-			     req->type == BM_REQ_DISCARD))
+			     req->type == BM_REQ_DISCARD)) {
 		disk->writes_seen++;
-	if (disk->cbt && !req->target &&
-	    (req->type == BM_REQ_WRITE || req->type == BM_REQ_ZERO ||
-	     req->type == BM_REQ_DISCARD)) {
-		/* Write-ahead: the change is on record before it happens. */
-		int r;
-
-		req->mark.fn = req_marked;
-		r = bm_cbt_mark(disk->cbt, req->offset, req->length,
-				&req->mark);
-		if (r == 1)
+		if (disk->cbt) {
+			mark_then_submit(req);
 			return;
-		if (r < 0)
-			bm_disk_tracking_failed(disk, r);
+		}
 	}
 	submit_to_image(req);
 }
