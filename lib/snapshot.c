@@ -43,6 +43,12 @@
  * still waits for other chunks (the guest orders overlapping writes by
  * waiting for their completion, never by submission).
  *
+ * A hold (blockmirror_snapshot_hold) is phase 1 of a one-disk take
+ * kept open under a lease, for a group whose disks are in several
+ * processes: the caller holds every disk before it takes any, and the
+ * lease's timer on the disk's loop lets the guest go on by itself if the
+ * take does not come in time.
+ *
  * Threads: a snapshot is made (snap_new: its bitmaps, its scratch image
  * on a private loop) on the caller's thread, before it is on any stack;
  * from the moment call_push puts its filter on, everything runs on the
@@ -731,10 +737,11 @@ call_abandon(struct bm_call *call)
 	bm_waiter_signal(&call->w, 0);
 }
 
-/* Phase 1 on one disk of a group, by `deadline` (bm_now_ns). */
+/* Phase 1 on one disk of a group, by `deadline` (bm_now_ns); `limit_ms`
+ * is what the error says the limit was. */
 static int
 quiesce_by(struct blockmirror_disk *disk, struct bm_call *call,
-	   uint64_t deadline)
+	   uint64_t deadline, unsigned limit_ms)
 {
 	struct bm_call abandon = { .fn = call_abandon, .arg = disk,
 				   .arg2 = call };
@@ -752,10 +759,10 @@ quiesce_by(struct blockmirror_disk *disk, struct bm_call *call,
 	if (r != -ETIMEDOUT)
 		return r; /* it drained as we gave up */
 	image = blockmirror_disk_get_image(disk);
-	r = bm_error(-ETIMEDOUT, "%s: did not drain within %d s (a guest "
+	r = bm_error(-ETIMEDOUT, "%s: did not drain within %u ms (a guest "
 		     "request there does not complete); no snapshot taken, "
 		     "the group's other disks go on", image ? image : "a disk",
-		     GROUP_DRAIN_MS / 1000);
+		     limit_ms);
 	free(image);
 	return r;
 }
@@ -893,7 +900,8 @@ blockmirror_snapshot_take(struct blockmirror_disk **disks, size_t n,
 		calls[i] = (struct bm_call){ .fn = call_quiesce,
 					     .arg = disks[i] };
 		r = n == 1 ? bm_disk_call(disks[i], &calls[i])
-			   : quiesce_by(disks[i], &calls[i], deadline);
+			   : quiesce_by(disks[i], &calls[i], deadline,
+					 GROUP_DRAIN_MS);
 		if (r == 0)
 			stopped++;
 	}
@@ -916,6 +924,269 @@ blockmirror_snapshot_take(struct blockmirror_disk **disks, size_t n,
 	free(calls);
 	bm_loop_free(tmp);
 	return r < 0 ? bm_api_fail("blockmirror_snapshot_take", r) : 0;
+}
+
+/* ---- holding: a group that spans processes (docs/control.md) ---------- */
+
+/*
+ * A hold is phase 1 of a take kept open: the disk stopped and drained,
+ * its control call the hold's, until blockmirror_snapshot_hold_take does
+ * phase 2 or the lease runs out.  The lease is a timer on the disk's own
+ * loop, so it fires whatever the holder does (a caller that stalls, a
+ * control client that died): the guest is never held past it.
+ */
+enum hold_state {
+	HOLD_HELD,                    /* the disk is stopped for us */
+	HOLD_EXPIRED,                 /* the lease ran out: it went on */
+	HOLD_DONE,                    /* taken or let go */
+};
+
+struct blockmirror_snapshot_hold {
+	struct blockmirror_disk *disk;
+	struct blockmirror_snapshot *snap; /* made, not on the stack yet */
+	struct bm_loop *tmp;          /* the scratch's until the take */
+	char *since, *checkpoint;     /* the options' (snap points here) */
+	uint32_t lease_ms;
+
+	/* loop thread only */
+	enum hold_state state;
+	struct bm_timer lease;
+	bool lease_armed;             /* its callback has not run yet */
+	struct bm_call *end_call;     /* hold_free: waits for that callback */
+	uint64_t held_ns;             /* how long the guest was held */
+	uint64_t queued_ns;           /* the longest a guest request waited */
+};
+
+/* The guest goes on: the disk's stop and its control call end. */
+static void
+hold_let_go(struct blockmirror_snapshot_hold *h)
+{
+	struct blockmirror_disk *disk = h->disk;
+	uint64_t now = bm_now_ns();
+
+	h->held_ns = now - disk->quiesce_start_ns;
+	h->queued_ns = disk->first_queued_ns ? now - disk->first_queued_ns
+					     : 0;
+	bm_disk_unquiesce(disk);
+	bm_disk_control_end(disk);
+}
+
+static void
+lease_fired(struct bm_op *op, int res)
+{
+	struct blockmirror_snapshot_hold *h =
+		bm_container_of(op, struct blockmirror_snapshot_hold, lease.op);
+
+	h->lease_armed = false;
+	if (res != -ECANCELED && h->state == HOLD_HELD) {
+		h->state = HOLD_EXPIRED;
+		hold_let_go(h);
+		bm_warn("%s: the hold's lease of %" PRIu32 " ms ran out; the "
+			"guest goes on", h->snap->name, h->lease_ms);
+	}
+	if (h->end_call)
+		bm_waiter_signal(&h->end_call->w, 0);
+}
+
+/* After phase 1: the lease runs to `call->u64` (bm_now_ns). */
+static void
+call_lease(struct bm_call *call)
+{
+	struct blockmirror_snapshot_hold *h = call->arg;
+	uint64_t now = bm_now_ns();
+
+	h->state = HOLD_HELD;
+	h->lease_armed = true;
+	bm_loop_timer_start(h->disk->loop, &h->lease,
+			    call->u64 > now ? call->u64 - now : 1, lease_fired);
+	bm_waiter_signal(&call->w, 0);
+}
+
+BM_EXPORT int
+blockmirror_snapshot_hold(struct blockmirror_disk *disk,
+			  const struct blockmirror_snapshot_options *options,
+			  uint32_t lease_ms,
+			  struct blockmirror_snapshot_hold **out)
+{
+	struct blockmirror_snapshot_hold *h;
+	struct bm_call q = { .fn = call_quiesce, .arg = disk };
+	struct bm_call lease = { .fn = call_lease };
+	uint64_t deadline;
+	int r;
+
+	bm_error_clear();
+	if (!disk || !out || !lease_ms)
+		return bm_api_fail("blockmirror_snapshot_hold",
+				   bm_error(-EINVAL, "bad arguments"));
+	*out = NULL;
+	r = check_options(options);
+	if (r < 0)
+		return bm_api_fail("blockmirror_snapshot_hold", r);
+	if (bm_disk_on_loop(disk))
+		return bm_api_fail("blockmirror_snapshot_hold",
+				   bm_error(-EDEADLK, "called from the disk's "
+					    "loop thread"));
+	h = calloc(1, sizeof *h);
+	if (!h || (options->since && !(h->since = strdup(options->since))) ||
+	    (options->checkpoint &&
+	     !(h->checkpoint = strdup(options->checkpoint)))) {
+		r = bm_error(-ENOMEM, "out of memory");
+		goto fail;
+	}
+	h->disk = disk;
+	h->lease_ms = lease_ms;
+	h->state = HOLD_DONE;
+	/* The scratch is opened before the disk stops: it is not the
+	 * guest's wait. */
+	r = bm_loop_new(8, &h->tmp);
+	if (r == 0)
+		r = snap_new(disk, h->tmp, options, &h->snap);
+	if (r < 0)
+		goto fail;
+	h->snap->since = h->since;
+	h->snap->checkpoint = h->checkpoint;
+	/* The lease counts from here: draining is holding already. */
+	deadline = bm_now_ns() + (uint64_t)lease_ms * 1000000u;
+	r = quiesce_by(disk, &q, deadline, lease_ms);
+	if (r < 0)
+		goto fail;
+	lease.arg = h;
+	lease.u64 = deadline;
+	r = bm_disk_call(disk, &lease);
+	if (r < 0)
+		goto fail; /* never: call_lease cannot fail */
+	*out = h;
+	return 0;
+fail:
+	if (h) {
+		snap_free(h->snap);
+		bm_loop_free(h->tmp);
+		free(h->since);
+		free(h->checkpoint);
+		free(h);
+	}
+	return bm_api_fail("blockmirror_snapshot_hold", r);
+}
+
+/* Phase 2, if the lease has not run out (call_push ends the hold). */
+static void
+call_hold_take(struct bm_call *call)
+{
+	struct blockmirror_snapshot_hold *h = call->arg;
+	struct blockmirror_disk *disk = h->disk;
+	uint64_t now = bm_now_ns();
+
+	if (h->state != HOLD_HELD) {
+		bm_waiter_signal(&call->w, bm_error(-ETIMEDOUT, "the hold's "
+				 "lease of %" PRIu32 " ms ran out before the "
+				 "take; the guest went on, no snapshot taken",
+				 h->lease_ms));
+		return;
+	}
+	if (h->lease_armed)
+		bm_loop_timer_cancel(disk->loop, &h->lease);
+	h->state = HOLD_DONE;
+	h->held_ns = now - disk->quiesce_start_ns;
+	h->queued_ns = disk->first_queued_ns ? now - disk->first_queued_ns
+					     : 0;
+	call->arg = disk;
+	call->arg2 = h->snap;
+	call_push(call);
+}
+
+BM_EXPORT int
+blockmirror_snapshot_hold_take(struct blockmirror_snapshot_hold *hold,
+			       struct blockmirror_snapshot **out)
+{
+	struct bm_call call = { .fn = call_hold_take };
+	int r;
+
+	bm_error_clear();
+	if (!hold || !out)
+		return bm_api_fail("blockmirror_snapshot_hold_take",
+				   bm_error(-EINVAL, "bad arguments"));
+	*out = NULL;
+	if (!hold->snap)
+		return bm_api_fail("blockmirror_snapshot_hold_take",
+				   bm_error(-EINVAL, "taken already"));
+	call.arg = hold;
+	r = bm_disk_call(hold->disk, &call);
+	if (r < 0)
+		return bm_api_fail("blockmirror_snapshot_hold_take", r);
+	*out = hold->snap;
+	hold->snap = NULL;
+	return 0;
+}
+
+/* Let go (if still held), and wait for the lease's callback. */
+static void
+call_hold_end(struct bm_call *call)
+{
+	struct blockmirror_snapshot_hold *h = call->arg;
+
+	if (h->state == HOLD_HELD) {
+		h->state = HOLD_DONE;
+		hold_let_go(h);
+	}
+	if (!h->lease_armed) {
+		bm_waiter_signal(&call->w, 0);
+		return;
+	}
+	h->end_call = call;
+	bm_loop_timer_cancel(h->disk->loop, &h->lease);
+}
+
+BM_EXPORT void
+blockmirror_snapshot_hold_free(struct blockmirror_snapshot_hold *hold)
+{
+	struct bm_call call = { .fn = call_hold_end };
+
+	if (!hold)
+		return;
+	call.arg = hold;
+	bm_disk_call(hold->disk, &call);
+	snap_free(hold->snap);
+	bm_loop_free(hold->tmp);
+	free(hold->since);
+	free(hold->checkpoint);
+	free(hold);
+}
+
+static void
+call_hold_query(struct bm_call *call)
+{
+	struct blockmirror_snapshot_hold *h = call->arg;
+	struct blockmirror_snapshot_hold_info *i = call->arg2;
+	uint64_t now = bm_now_ns();
+
+	i->held = h->state == HOLD_HELD;
+	i->expired = h->state == HOLD_EXPIRED;
+	if (i->held) {
+		i->held_us = (now - h->disk->quiesce_start_ns) / 1000;
+		i->queued_us = h->disk->first_queued_ns ?
+			       (now - h->disk->first_queued_ns) / 1000 : 0;
+	} else {
+		i->held_us = h->held_ns / 1000;
+		i->queued_us = h->queued_ns / 1000;
+	}
+	bm_waiter_signal(&call->w, 0);
+}
+
+BM_EXPORT int
+blockmirror_snapshot_hold_query(struct blockmirror_snapshot_hold *hold,
+				struct blockmirror_snapshot_hold_info *info)
+{
+	struct bm_call call = { .fn = call_hold_query };
+	int r;
+
+	bm_error_clear();
+	if (!hold || !info || info->size < sizeof *info)
+		return bm_api_fail("blockmirror_snapshot_hold_query",
+				   bm_error(-EINVAL, "bad arguments"));
+	call.arg = hold;
+	call.arg2 = info;
+	r = bm_disk_call(hold->disk, &call);
+	return r < 0 ? bm_api_fail("blockmirror_snapshot_hold_query", r) : 0;
 }
 
 /* ---- reading, asking ------------------------------------------------- */

@@ -760,6 +760,49 @@ extern int blockmirror_snapshot_take(struct blockmirror_disk **disks,
 				     const struct blockmirror_snapshot_options *options,
 				     struct blockmirror_snapshot **out);
 
+/*
+ * A snapshot in two phases, for a consistency group whose disks are in
+ * several processes (bmirror serve: docs/control.md).  Phase 1,
+ * blockmirror_snapshot_hold: the scratch is made, then the disk stops
+ * admitting guest requests (they queue) and waits for those in flight;
+ * it stays stopped under a lease of `lease_ms` counted from the call:
+ * when the lease runs out the disk goes on by itself, whatever the
+ * holder does, and the hold can no longer be taken.  A disk that does
+ * not drain within the lease fails the call (-ETIMEDOUT naming it), and
+ * goes on.  Phase 2, blockmirror_snapshot_hold_take: the snapshot is
+ * taken at the held instant (every write acknowledged before the hold is
+ * in it, none that queued is) and the disk goes on; -ETIMEDOUT if the
+ * lease ran out first.  The caller holds every disk of the group before
+ * it takes any.  Options as blockmirror_snapshot_take with one disk
+ * (since and checkpoint included; the strings are copied).  While held,
+ * the disk's other snapshot and checkpoint operations wait.  Blocking;
+ * not from the loop thread.  0 or -errno.
+ */
+struct blockmirror_snapshot_hold;
+
+struct blockmirror_snapshot_hold_info {
+	size_t size;                  /* sizeof (struct ...), for growth */
+	bool held;                    /* the disk is stopped for the hold */
+	bool expired;                 /* the lease ran out: it went on */
+	uint64_t held_us;             /* how long guest requests were held
+					 (so far, if held) */
+	uint64_t queued_us;           /* the longest a guest request waited
+					 in the queue (0: none came) */
+};
+
+extern int blockmirror_snapshot_hold(struct blockmirror_disk *disk,
+				     const struct blockmirror_snapshot_options *options,
+				     uint32_t lease_ms,
+				     struct blockmirror_snapshot_hold **out);
+/* *out: the snapshot, the caller's (blockmirror_snapshot_release). */
+extern int blockmirror_snapshot_hold_take(struct blockmirror_snapshot_hold *hold,
+					  struct blockmirror_snapshot **out);
+extern int blockmirror_snapshot_hold_query(struct blockmirror_snapshot_hold *hold,
+					   struct blockmirror_snapshot_hold_info *info);
+/* Let the disk go if still held, and free the hold (not a snapshot it
+ * gave).  Accepts NULL.  Blocking. */
+extern void blockmirror_snapshot_hold_free(struct blockmirror_snapshot_hold *hold);
+
 /* Read the frozen view (aio: done runs on the disk's loop thread). */
 extern int blockmirror_snapshot_aio_read(struct blockmirror_snapshot *snap,
 					 void *buf, size_t count,

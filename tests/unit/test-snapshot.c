@@ -551,11 +551,40 @@ log_writer_main(void *arg)
 	return NULL;
 }
 
-/* Two disks, one instant: a write to disk B that follows an acknowledged
- * write to disk A is never in B's snapshot unless A's is in A's. */
-START_TEST(test_group_one_instant)
+/* Both disks at once, by the one-process group take. */
+static int
+take_group(struct blockmirror_disk **disks, struct blockmirror_snapshot **out)
 {
 	struct blockmirror_snapshot_options o = { .size = sizeof o };
+
+	return blockmirror_snapshot_take(disks, 2, &o, out);
+}
+
+/* Both disks held, then each taken: what bmirror serve does for a group
+ * across processes (snapshot-hold, snapshot-take). */
+static int
+take_held(struct blockmirror_disk **disks, struct blockmirror_snapshot **out)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct blockmirror_snapshot_hold *h[2] = { NULL, NULL };
+	int r = blockmirror_snapshot_hold(disks[0], &o, 5000, &h[0]);
+
+	if (r == 0)
+		r = blockmirror_snapshot_hold(disks[1], &o, 5000, &h[1]);
+	/* A write to disk A now would wait: the writer stands still. */
+	for (int i = 0; r == 0 && i < 2; i++)
+		r = blockmirror_snapshot_hold_take(h[i], &out[i]);
+	blockmirror_snapshot_hold_free(h[0]);
+	blockmirror_snapshot_hold_free(h[1]);
+	return r;
+}
+
+/* Two disks, one instant: a write to disk B that follows an acknowledged
+ * write to disk A is never in B's snapshot unless A's is in A's. */
+static void
+group_rounds(int (*take_fn)(struct blockmirror_disk **disks,
+			    struct blockmirror_snapshot **out))
+{
 	struct blockmirror_snapshot *snaps[2];
 	struct blockmirror_disk *disks[2];
 	char second[160];
@@ -576,8 +605,8 @@ START_TEST(test_group_one_instant)
 
 		while (atomic_load(&s.n) < (uint64_t)(round + 1) * 20)
 			sleep_ms(1);
-		ck_assert_msg(blockmirror_snapshot_take(disks, 2, &o, snaps) ==
-			      0, "%s", blockmirror_last_error());
+		ck_assert_msg(take_fn(disks, snaps) == 0, "%s",
+			      blockmirror_last_error());
 		ck_assert_int_eq(blockmirror_snapshot_read(snaps[0], a, BLOCK,
 							   0), 0);
 		ck_assert_int_eq(blockmirror_snapshot_read(snaps[1], buf, BLOCK,
@@ -597,6 +626,102 @@ START_TEST(test_group_one_instant)
 	ck_assert_int_eq(blockmirror_disk_close(disks[1]), 0);
 	free(buf);
 	free(a);
+}
+
+START_TEST(test_group_one_instant)
+{
+	group_rounds(take_group);
+}
+END_TEST
+
+START_TEST(test_hold_group_one_instant)
+{
+	group_rounds(take_held);
+}
+END_TEST
+
+/* A guest write, from a thread of its own, and how long it took. */
+struct timed_write {
+	struct blockmirror_disk *disk;
+	uint8_t *buf;
+	uint64_t ms;
+	int r;
+};
+
+static void *
+timed_write_main(void *arg)
+{
+	struct timed_write *w = arg;
+	uint64_t t0 = now_ms();
+
+	w->r = blockmirror_disk_write(w->disk, w->buf, BLOCK, 0, 0);
+	w->ms = now_ms() - t0;
+	return NULL;
+}
+
+/*
+ * The lease: a hold nobody takes lets the guest go on by itself after
+ * lease_ms (a write held meanwhile completes then), the take fails naming
+ * the lease, and the disk takes the next hold.  A hold let go early
+ * frees the guest at once.
+ */
+START_TEST(test_hold_lease)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct blockmirror_snapshot_hold_info hi = { .size = sizeof hi };
+	struct blockmirror_snapshot_hold *h;
+	struct blockmirror_snapshot *snap;
+	struct blockmirror_disk *disk = open_disk(image);
+	uint8_t *buf = aligned_alloc(BLOCK, BLOCK);
+	struct timed_write w = { .disk = disk, .buf = buf };
+	pthread_t t;
+
+	ck_assert_int_eq(blockmirror_snapshot_hold(disk, &o, 0, &h), -EINVAL);
+	ck_assert_int_eq(blockmirror_snapshot_hold(disk, &o, 300, &h), 0);
+	stamp(buf, 0, 7);
+	ck_assert_int_eq(pthread_create(&t, NULL, timed_write_main, &w), 0);
+	pthread_join(t, NULL);
+	ck_assert_int_eq(w.r, 0);
+	ck_assert_msg(w.ms >= 150 && w.ms < 3000, "the held write took %"
+		      PRIu64 " ms", w.ms);
+	ck_assert_int_eq(blockmirror_snapshot_hold_query(h, &hi), 0);
+	ck_assert(!hi.held && hi.expired);
+	ck_assert_uint_ge(hi.held_us, 250000);
+	ck_assert_uint_ge(hi.queued_us, 100000);
+	ck_assert_int_eq(blockmirror_snapshot_hold_take(h, &snap), -ETIMEDOUT);
+	ck_assert_msg(strstr(blockmirror_last_error(), "lease"), "%s",
+		      blockmirror_last_error());
+	blockmirror_snapshot_hold_free(h);
+
+	/* Let go before the take: the guest goes on at once. */
+	ck_assert_int_eq(blockmirror_snapshot_hold(disk, &o, 10000, &h), 0);
+	ck_assert_int_eq(blockmirror_snapshot_hold_query(h, &hi), 0);
+	ck_assert(hi.held && !hi.expired);
+	stamp(buf, 0, 8);
+	ck_assert_int_eq(pthread_create(&t, NULL, timed_write_main, &w), 0);
+	sleep_ms(100);
+	blockmirror_snapshot_hold_free(h);
+	pthread_join(t, NULL);
+	ck_assert_int_eq(w.r, 0);
+	ck_assert_uint_lt(w.ms, 3000);
+
+	/* The next hold is taken, at its instant. */
+	ck_assert_int_eq(blockmirror_snapshot_hold(disk, &o, 5000, &h), 0);
+	stamp(buf, 0, 9);
+	ck_assert_int_eq(pthread_create(&t, NULL, timed_write_main, &w), 0);
+	sleep_ms(50);
+	ck_assert_int_eq(blockmirror_snapshot_hold_take(h, &snap), 0);
+	pthread_join(t, NULL);
+	ck_assert_int_eq(blockmirror_snapshot_hold_query(h, &hi), 0);
+	ck_assert(!hi.held && !hi.expired && hi.held_us >= 40000);
+	blockmirror_snapshot_hold_free(h);
+	ck_assert_int_eq(blockmirror_snapshot_read(snap, buf, BLOCK, 0), 0);
+	ck_assert_int_eq(version_of(buf, 0), 8);
+	ck_assert_int_eq(blockmirror_disk_read(disk, buf, BLOCK, 0), 0);
+	ck_assert_int_eq(version_of(buf, 0), 9);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	free(buf);
 }
 END_TEST
 
@@ -900,6 +1025,8 @@ main(void)
 	else if (missing != 77)
 		return missing;
 	tcase_add_test(tc, test_group_one_instant);
+	tcase_add_test(tc, test_hold_group_one_instant);
+	tcase_add_test(tc, test_hold_lease);
 	tcase_add_test(tc, test_bad_options_and_close);
 	suite_add_tcase(s, tc);
 	/* From the review of the filter and the view (CK_RUN_CASE=review). */
