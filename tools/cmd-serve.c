@@ -19,6 +19,11 @@
  * itself); one whose queue still grows past OUT_MAX (events it does not
  * read) is disconnected.  Each poll round reads at most LINES_PER_ROUND
  * commands from each client, so a flooding client cannot starve others.
+ *
+ * A consistency group's hold ("snapshot-hold", docs/control.md) stops
+ * the guest under a lease that runs on the loop thread, so the guest goes
+ * on in time even while this thread is busy; the holder's connection
+ * closing before the commit ends the group's part here.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -48,6 +53,7 @@
 #define OUT_PAUSE (64 * 1024)       /* queued output that pauses reading */
 #define OUT_MAX (1024 * 1024)       /* queued output that disconnects */
 #define MAX_SNAPSHOTS 64            /* the server's limit of exports */
+#define DEFAULT_LEASE_MS 1000       /* a group's hold, unless asked */
 #define BM_MIN_U64(a, b) ((uint64_t)(a) < (uint64_t)(b) ? (uint64_t)(a) : (uint64_t)(b))
 
 struct client {
@@ -56,6 +62,16 @@ struct client {
 	struct line_out out;          /* lines not yet taken by the client */
 	bool eof;                     /* it sent EOF: close once out is sent */
 	unsigned gen;                 /* which connection holds the slot */
+};
+
+/* What a "snapshot" or "snapshot-hold" asks for, checked: the options
+ * point into it. */
+struct snap_request {
+	struct blockmirror_snapshot_options o;
+	char scratch[PATH_MAX], dir[PATH_MAX];
+	char *export_name;            /* malloc'd */
+	char *since, *checkpoint;     /* copies, for a request kept past its
+				       * command (a group's hold) */
 };
 
 struct serve {
@@ -90,10 +106,26 @@ struct serve {
 		char *since;          /* taken since this checkpoint, or NULL */
 		char *checkpoint;     /* and created this one, or NULL */
 		uint64_t changed_bytes; /* since `since` */
+		char *group;          /* taken in this group, or NULL */
+		uint64_t held_us, queued_us; /* the group's hold */
 	} snaps[MAX_SNAPSHOTS];
 	size_t n_snaps;
 	unsigned snap_counter;        /* the default names: snap-N */
 	unsigned client_gen;          /* numbers connections (client.gen) */
+
+	/* This disk's part in a consistency group (serve-group below):
+	 * held, then taken (its snapshot pending), until committed or
+	 * aborted; one at a time, for the client that held it. */
+	struct {
+		bool active;
+		char name[65];
+		int client;               /* the holder's slot and gen */
+		unsigned gen;
+		uint32_t lease_ms;
+		struct blockmirror_snapshot_hold *hold; /* until the take */
+		struct snap_request *req; /* what the hold asked for */
+		char *pending;            /* taken: its export, to commit */
+	} grp;
 
 	/* A backup ("backup"), on a thread of its own so that this one goes
 	 * on answering; it wakes this one through event_fd. */
@@ -400,6 +432,13 @@ snapshot_json(size_t i)
 	if (j && S.snaps[i].checkpoint)
 		json_object_set_new(j, "checkpoint",
 				    json_string(S.snaps[i].checkpoint));
+	if (j && S.snaps[i].group) {
+		json_object_set_new(j, "group", json_string(S.snaps[i].group));
+		json_object_set_new(j, "held_us", json_integer(
+			(json_int_t)S.snaps[i].held_us));
+		json_object_set_new(j, "queued_us", json_integer(
+			(json_int_t)S.snaps[i].queued_us));
+	}
 	if (j && S.snaps[i].since) {
 		json_object_set_new(j, "since", json_string(S.snaps[i].since));
 		json_object_set_new(j, "changed_bytes", json_integer(
@@ -419,6 +458,7 @@ snapshots_json(void)
 }
 
 static json_t *backup_json(void);
+static json_t *group_json(void);
 
 static json_t *
 ctl_query(void)
@@ -433,6 +473,9 @@ ctl_query(void)
 	if (r)
 		json_object_set_new(json_object_get(r, "return"),
 				    "snapshots", snapshots_json());
+	if (r && S.grp.active)
+		json_object_set_new(json_object_get(r, "return"), "group",
+				    group_json());
 	if (r && S.bk.running)
 		json_object_set_new(json_object_get(r, "return"), "backup",
 				    backup_json());
@@ -577,28 +620,29 @@ snapshot_forget(size_t i)
 {
 	free(S.snaps[i].since);
 	free(S.snaps[i].checkpoint);
-	S.snaps[i].since = S.snaps[i].checkpoint = NULL;
+	free(S.snaps[i].group);
+	S.snaps[i].since = S.snaps[i].checkpoint = S.snaps[i].group = NULL;
 	S.snaps[i].changed_bytes = 0;
+	S.snaps[i].held_us = S.snaps[i].queued_us = 0;
 }
 
 /* Keep what a snapshot taken `since` was asked for, in slot i. */
 static int
-snapshot_note(size_t i, struct blockmirror_snapshot *snap,
-	      const struct control_request *cr)
+snapshot_note(size_t i, struct blockmirror_snapshot *snap, const char *since,
+	      const char *checkpoint)
 {
 	uint64_t gran, nbits, *words = NULL;
 	int r;
 
-	if (cr->since) {
+	if (since) {
 		r = blockmirror_snapshot_changed(snap, &gran, &words, &nbits,
 						 &S.snaps[i].changed_bytes);
 		free(words);
 		if (r < 0)
 			return r;
 	}
-	if ((cr->since && !(S.snaps[i].since = strdup(cr->since))) ||
-	    (cr->checkpoint &&
-	     !(S.snaps[i].checkpoint = strdup(cr->checkpoint)))) {
+	if ((since && !(S.snaps[i].since = strdup(since))) ||
+	    (checkpoint && !(S.snaps[i].checkpoint = strdup(checkpoint)))) {
 		snapshot_forget(i);
 		return -ENOMEM;
 	}
@@ -606,108 +650,165 @@ snapshot_note(size_t i, struct blockmirror_snapshot *snap,
 }
 
 /*
- * "snapshot": take a snapshot of the disk and export it read-only under
- * "export" (default snap-N).  A scratch the client names is a
- * destination like a move's: inside --allow-dir (or --allow-nbd) when
- * the server is confined, and so is a scratch_dir.
+ * Check a snapshot's members into sr (a scratch the client names is a
+ * destination like a move's: inside --allow-dir or --allow-nbd when the
+ * server is confined, and so is a scratch_dir) and choose its export
+ * name.  NULL, or the error to answer (sr then holds nothing).
  */
 static json_t *
-ctl_snapshot(const struct control_request *cr)
+snapshot_prepare(const struct control_request *cr, struct snap_request *sr)
 {
-	struct blockmirror_snapshot_options o = { .size = sizeof o };
 	const struct control_allow allow = {
 		.dirs = S.allow_dirs, .n_dirs = S.n_allow,
 		.nbd = S.allow_nbd, .n_nbd = S.n_allow_nbd,
 	};
-	char why[PATH_MAX + 128], scratch[PATH_MAX], dir[PATH_MAX];
-	char name[32], *export_name;
-	struct blockmirror_snapshot *snap = NULL;
-	struct blockmirror_disk *disk = S.disk;
-	size_t i = S.n_snaps;
-	json_t *ret;
+	struct blockmirror_snapshot_options *o = &sr->o;
+	char why[PATH_MAX + 128], name[32];
 	int r;
 
+	memset(sr, 0, sizeof *sr);
+	o->size = sizeof *o;
 	if (S.n_snaps == MAX_SNAPSHOTS)
 		return error_reply(-EMFILE, "too many snapshots");
 	if ((cr->since || cr->checkpoint) && !S.track_sidecar)
 		return error_reply(-EINVAL, NOT_TRACKING);
-	o.since = cr->since;
-	o.checkpoint = cr->checkpoint;
+	o->since = cr->since;
+	o->checkpoint = cr->checkpoint;
 	if (cr->scratch) {
-		r = check_destination(cr->scratch, cr->create, scratch,
-				      sizeof scratch, why, sizeof why);
+		r = check_destination(cr->scratch, cr->create, sr->scratch,
+				      sizeof sr->scratch, why, sizeof why);
 		if (r < 0)
 			return error_reply(r, why);
-		o.scratch = scratch;
+		o->scratch = sr->scratch;
 		if (cr->create)
-			o.flags |= BLOCKMIRROR_SNAPSHOT_CREATE;
+			o->flags |= BLOCKMIRROR_SNAPSHOT_CREATE;
 		/* As a move's destination: no link may appear in the
 		 * checked name before the open. */
-		if (S.n_allow && !blockmirror_nbd_is_uri(scratch))
-			o.flags |= BLOCKMIRROR_SNAPSHOT_NOFOLLOW;
+		if (S.n_allow && !blockmirror_nbd_is_uri(sr->scratch))
+			o->flags |= BLOCKMIRROR_SNAPSHOT_NOFOLLOW;
 	}
 	if (cr->scratch_dir) {
-		r = control_check_dir(cr->scratch_dir, &allow, dir, sizeof dir,
-				      why, sizeof why);
+		r = control_check_dir(cr->scratch_dir, &allow, sr->dir,
+				      sizeof sr->dir, why, sizeof why);
 		if (r < 0)
 			return error_reply(r, why);
-		o.scratch_dir = dir;
+		o->scratch_dir = sr->dir;
 	}
 	if (cr->format) {
 		int f = blockmirror_format_from_name(cr->format);
 
 		if (f < 0)
 			return lib_error_reply(f);
-		o.scratch_format = (enum blockmirror_format)f;
+		o->scratch_format = (enum blockmirror_format)f;
 	}
-	o.granularity = cr->granularity;
-	o.timeout_ms = (uint32_t)cr->timeout_ms;
-	o.max_scratch = cr->max_scratch;
-	if (cr->export_name) {
-		export_name = strdup(cr->export_name);
-	} else {
+	o->granularity = cr->granularity;
+	o->timeout_ms = (uint32_t)cr->timeout_ms;
+	o->max_scratch = cr->max_scratch;
+	if (!cr->export_name)
 		snprintf(name, sizeof name, "snap-%u", ++S.snap_counter);
-		export_name = strdup(name);
-	}
-	if (!export_name)
+	sr->export_name = strdup(cr->export_name ? cr->export_name : name);
+	if (!sr->export_name)
 		return error_reply(-ENOMEM, NULL);
 	for (size_t k = 0; k < S.n_snaps; k++) {
-		if (strcmp(S.snaps[k].export_name, export_name) == 0) {
+		if (strcmp(S.snaps[k].export_name, sr->export_name) == 0) {
 			snprintf(why, sizeof why, "%s: a snapshot is exported "
-				 "under that name", export_name);
-			free(export_name);
+				 "under that name", sr->export_name);
+			free(sr->export_name);
+			sr->export_name = NULL;
 			return error_reply(-EEXIST, why);
 		}
 	}
-	r = blockmirror_snapshot_take(&disk, 1, &o, &snap);
-	if (r == 0) {
-		r = snapshot_note(i, snap, cr);
-		if (r == 0)
-			r = blockmirror_server_export_snapshot(S.server,
-							       export_name,
-							       snap);
-		if (r < 0) {
-			ret = lib_error_reply(r);
-			snapshot_forget(i);
-			blockmirror_snapshot_release(snap);
-			/* No backup was started from it: the checkpoint
-			 * goes, its record merged into the one before. */
-			if (cr->checkpoint)
-				blockmirror_checkpoint_remove(disk,
-							      cr->checkpoint);
-			free(export_name);
-			return ret;
-		}
-	}
+	return NULL;
+}
+
+/*
+ * The snapshot `snap`, taken as sr asked, goes into a slot and is
+ * exported under sr->export_name (consumed, with snap).  The slot's
+ * index, or -1 with *err the answer: the snapshot is released, and the
+ * checkpoint it created removed (no backup was started from it: its
+ * record merges into the one before).
+ */
+static int
+snapshot_install(struct snap_request *sr, struct blockmirror_snapshot *snap,
+		 json_t **err)
+{
+	size_t i = S.n_snaps;
+	int r = snapshot_note(i, snap, sr->o.since, sr->o.checkpoint);
+
+	if (r == 0)
+		r = blockmirror_server_export_snapshot(S.server,
+						       sr->export_name, snap);
 	if (r < 0) {
-		free(export_name);
+		*err = lib_error_reply(r);
+		snapshot_forget(i);
+		blockmirror_snapshot_release(snap);
+		if (sr->o.checkpoint)
+			blockmirror_checkpoint_remove(S.disk, sr->o.checkpoint);
+		free(sr->export_name);
+		sr->export_name = NULL;
+		return -1;
+	}
+	S.snaps[i].export_name = sr->export_name;
+	S.snaps[i].snap = snap;
+	sr->export_name = NULL;
+	S.n_snaps++;
+	return (int)i;
+}
+
+static json_t *group_busy(void);
+
+/* "snapshot": take a snapshot of the disk and export it read-only under
+ * "export" (default snap-N). */
+static json_t *
+ctl_snapshot(const struct control_request *cr)
+{
+	struct snap_request sr;
+	struct blockmirror_snapshot *snap = NULL;
+	struct blockmirror_disk *disk = S.disk;
+	json_t *ret;
+	int r, i;
+
+	if (S.grp.active)
+		return group_busy();
+	ret = snapshot_prepare(cr, &sr);
+	if (ret)
+		return ret;
+	r = blockmirror_snapshot_take(&disk, 1, &sr.o, &snap);
+	if (r < 0) {
+		free(sr.export_name);
 		return lib_error_reply(r);
 	}
-	S.snaps[i].export_name = export_name;
-	S.snaps[i].snap = snap;
-	S.n_snaps++;
-	ret = snapshot_json(i);
+	i = snapshot_install(&sr, snap, &ret);
+	if (i < 0)
+		return ret;
+	ret = snapshot_json((size_t)i);
 	return json_pack("{s:o}", "return", ret ? ret : json_null());
+}
+
+/* The slot of the snapshot exported as `name`, or -1. */
+static int
+snapshot_find(const char *name)
+{
+	for (size_t i = 0; i < S.n_snaps; i++)
+		if (strcmp(S.snaps[i].export_name, name) == 0)
+			return (int)i;
+	return -1;
+}
+
+/* Unexport slot i (its clients are closed), then release it. */
+static int
+snapshot_drop(size_t i)
+{
+	int r = blockmirror_server_unexport(S.server, S.snaps[i].export_name);
+
+	if (r < 0)
+		return r;
+	blockmirror_snapshot_release(S.snaps[i].snap);
+	free(S.snaps[i].export_name);
+	snapshot_forget(i);
+	S.snaps[i] = S.snaps[--S.n_snaps];
+	memset(&S.snaps[S.n_snaps], 0, sizeof S.snaps[S.n_snaps]);
+	return 0;
 }
 
 /* "snapshot-release": unexport (its clients are closed), then release. */
@@ -715,28 +816,20 @@ static json_t *
 ctl_snapshot_release(const struct control_request *cr)
 {
 	char why[4200];
-	size_t i;
-	int r;
+	int i, r;
 
 	if (!cr->export_name)
 		return error_reply(-EINVAL, "snapshot-release needs "
 				   "\"export\"");
-	for (i = 0; i < S.n_snaps; i++)
-		if (strcmp(S.snaps[i].export_name, cr->export_name) == 0)
-			break;
-	if (i == S.n_snaps) {
+	i = snapshot_find(cr->export_name);
+	if (i < 0) {
 		snprintf(why, sizeof why, "%s: no such snapshot export",
 			 cr->export_name);
 		return error_reply(-ENOENT, why);
 	}
-	r = blockmirror_server_unexport(S.server, S.snaps[i].export_name);
+	r = snapshot_drop((size_t)i);
 	if (r < 0)
 		return lib_error_reply(r);
-	blockmirror_snapshot_release(S.snaps[i].snap);
-	free(S.snaps[i].export_name);
-	snapshot_forget(i);
-	S.snaps[i] = S.snaps[--S.n_snaps];
-	memset(&S.snaps[S.n_snaps], 0, sizeof S.snaps[S.n_snaps]);
 	return json_pack("{s:{s:s}}", "return", "export", cr->export_name);
 }
 
@@ -750,6 +843,253 @@ release_snapshots(void)
 		free(S.snaps[S.n_snaps].export_name);
 		snapshot_forget(S.n_snaps);
 	}
+}
+
+/* ---- consistency groups (docs/control.md) ----------------------------- */
+
+/*
+ * A group's snapshot across several servers, driven by one client
+ * (bmirror snapshot --control A --control B): "snapshot-hold" stops and
+ * drains the disk under a lease (blockmirror_snapshot_hold: the lease
+ * runs on the disk's loop, so the guest goes on when it runs out even if
+ * this thread is busy), "snapshot-take" takes and exports the snapshot
+ * at the held instant and lets the guest go on, "snapshot-commit" makes
+ * it stay.  "snapshot-abort", or the holder's connection closing before
+ * the commit, ends the hold or releases the snapshot taken, so a group
+ * that fails anywhere leaves nothing here.
+ */
+
+static json_t *
+group_busy(void)
+{
+	char why[160];
+
+	snprintf(why, sizeof why, "group %s holds this disk's snapshots; try "
+		 "again when it ends", S.grp.name);
+	return error_reply(-EBUSY, why);
+}
+
+static void
+snap_request_free(struct snap_request *sr)
+{
+	if (!sr)
+		return;
+	free(sr->export_name);
+	free(sr->since);
+	free(sr->checkpoint);
+	free(sr);
+}
+
+static void
+group_clear(void)
+{
+	snap_request_free(S.grp.req);
+	free(S.grp.pending);
+	memset(&S.grp, 0, sizeof S.grp);
+	S.grp.client = -1;
+}
+
+/* What the hold says of the guest's wait, into obj (NULL: nothing). */
+static void
+group_hold_times(json_t *obj, uint64_t *held_us, uint64_t *queued_us)
+{
+	struct blockmirror_snapshot_hold_info hi = { .size = sizeof hi };
+
+	if (blockmirror_snapshot_hold_query(S.grp.hold, &hi) < 0)
+		return;
+	if (held_us)
+		*held_us = hi.held_us;
+	if (queued_us)
+		*queued_us = hi.queued_us;
+	if (!obj)
+		return;
+	json_object_set_new(obj, "held", json_boolean(hi.held));
+	json_object_set_new(obj, "expired", json_boolean(hi.expired));
+	json_object_set_new(obj, "held_us", json_integer((json_int_t)hi.held_us));
+	json_object_set_new(obj, "queued_us",
+			    json_integer((json_int_t)hi.queued_us));
+}
+
+/* The group's part here ends with nothing left: the disk is let go, or
+ * the snapshot taken is released (and the checkpoint it created goes).
+ * What happened goes into obj (NULL: nowhere). */
+static void
+group_abort(json_t *obj)
+{
+	if (S.grp.hold) {
+		group_hold_times(obj, NULL, NULL);
+		blockmirror_snapshot_hold_free(S.grp.hold);
+		S.grp.hold = NULL;
+	}
+	if (S.grp.pending) {
+		int i = snapshot_find(S.grp.pending);
+
+		if (i >= 0 && snapshot_drop((size_t)i) == 0 &&
+		    S.grp.req->checkpoint)
+			blockmirror_checkpoint_remove(S.disk,
+						      S.grp.req->checkpoint);
+		if (obj)
+			json_object_set_new(obj, "released",
+					    json_string(S.grp.pending));
+	}
+	group_clear();
+}
+
+/* The holder's connection closes before the commit: its group failed. */
+static void
+group_client_gone(int ci)
+{
+	if (!S.grp.active || S.grp.client != ci ||
+	    S.clients[ci].gen != S.grp.gen)
+		return;
+	fprintf(stderr, "bmirror serve: %s: the client of group %s went "
+		"away before the commit; %s\n", S.control_path, S.grp.name,
+		S.grp.hold ? "the disk goes on, no snapshot taken"
+			   : "its snapshot is released");
+	group_abort(NULL);
+}
+
+static json_t *
+group_hold(const struct control_request *cr, int ci)
+{
+	struct snap_request *sr;
+	struct blockmirror_snapshot_hold *h;
+	json_t *ret;
+	int r;
+
+	if (S.grp.active)
+		return group_busy();
+	sr = malloc(sizeof *sr);
+	if (!sr)
+		return error_reply(-ENOMEM, NULL);
+	ret = snapshot_prepare(cr, sr);
+	if (ret) {
+		free(sr);
+		return ret;
+	}
+	if ((cr->since && !(sr->since = strdup(cr->since))) ||
+	    (cr->checkpoint && !(sr->checkpoint = strdup(cr->checkpoint)))) {
+		snap_request_free(sr);
+		return error_reply(-ENOMEM, NULL);
+	}
+	sr->o.since = sr->since;
+	sr->o.checkpoint = sr->checkpoint;
+	S.grp.lease_ms = cr->lease_ms ? (uint32_t)cr->lease_ms
+				      : DEFAULT_LEASE_MS;
+	r = blockmirror_snapshot_hold(S.disk, &sr->o, S.grp.lease_ms, &h);
+	if (r < 0) {
+		snap_request_free(sr);
+		return lib_error_reply(r);
+	}
+	S.grp.active = true;
+	snprintf(S.grp.name, sizeof S.grp.name, "%s", cr->group);
+	S.grp.client = ci;
+	S.grp.gen = S.clients[ci].gen;
+	S.grp.hold = h;
+	S.grp.req = sr;
+	ret = json_pack("{s:s, s:s, s:i}", "group", S.grp.name, "export",
+			sr->export_name, "lease_ms", (int)S.grp.lease_ms);
+	if (ret)
+		group_hold_times(ret, NULL, NULL);
+	return json_pack("{s:o}", "return", ret ? ret : json_null());
+}
+
+static json_t *
+group_take(void)
+{
+	struct blockmirror_snapshot *snap;
+	uint64_t held_us = 0, queued_us = 0;
+	json_t *ret;
+	int r, i;
+
+	if (!S.grp.hold)
+		return error_reply(-EINVAL, "the group's snapshot is taken "
+				   "already");
+	r = blockmirror_snapshot_hold_take(S.grp.hold, &snap);
+	if (r < 0) {
+		ret = lib_error_reply(r);
+		group_abort(NULL);
+		return ret;
+	}
+	group_hold_times(NULL, &held_us, &queued_us);
+	blockmirror_snapshot_hold_free(S.grp.hold);
+	S.grp.hold = NULL;
+	i = snapshot_install(S.grp.req, snap, &ret);
+	if (i < 0) {
+		group_clear();
+		return ret;
+	}
+	S.snaps[i].group = strdup(S.grp.name);
+	S.snaps[i].held_us = held_us;
+	S.snaps[i].queued_us = queued_us;
+	S.grp.pending = strdup(S.snaps[i].export_name);
+	if (!S.snaps[i].group || !S.grp.pending) {
+		group_abort(NULL);
+		return error_reply(-ENOMEM, NULL);
+	}
+	ret = snapshot_json((size_t)i);
+	return json_pack("{s:o}", "return", ret ? ret : json_null());
+}
+
+/* "snapshot-hold", "snapshot-take", "snapshot-commit", "snapshot-abort",
+ * each with "group": the group's name. */
+static json_t *
+ctl_group(const char *cmd, const struct control_request *cr, int ci)
+{
+	char why[200];
+	json_t *ret;
+	int i;
+
+	if (!cr->group)
+		return error_reply(-EINVAL, "the snapshot-hold, -take, -commit "
+				   "and -abort commands need \"group\"");
+	if (strcmp(cmd, "snapshot-hold") == 0)
+		return group_hold(cr, ci);
+	if (!S.grp.active || strcmp(S.grp.name, cr->group) != 0) {
+		snprintf(why, sizeof why, "group %s: not held here",
+			 cr->group);
+		return error_reply(-ENOENT, why);
+	}
+	if (S.grp.client != ci || S.clients[ci].gen != S.grp.gen) {
+		snprintf(why, sizeof why, "group %s is another control "
+			 "client's", cr->group);
+		return error_reply(-EPERM, why);
+	}
+	if (strcmp(cmd, "snapshot-take") == 0)
+		return group_take();
+	if (strcmp(cmd, "snapshot-abort") == 0) {
+		ret = json_pack("{s:s}", "group", S.grp.name);
+		group_abort(ret);
+		return json_pack("{s:o}", "return", ret ? ret : json_null());
+	}
+	if (S.grp.hold)
+		return error_reply(-EINVAL, "the group's snapshot is not taken "
+				   "yet");
+	i = snapshot_find(S.grp.pending);
+	if (i < 0) {
+		snprintf(why, sizeof why, "group %s: its snapshot was released "
+			 "before the commit", cr->group);
+		group_clear();
+		return error_reply(-ENOENT, why);
+	}
+	group_clear();
+	ret = snapshot_json((size_t)i);
+	return json_pack("{s:o}", "return", ret ? ret : json_null());
+}
+
+/* What query says of a group under way here. */
+static json_t *
+group_json(void)
+{
+	json_t *j = json_pack("{s:s, s:s, s:i}", "name", S.grp.name,
+			      "state", S.grp.hold ? "held" : "taken",
+			      "lease_ms", (int)S.grp.lease_ms);
+
+	if (j && S.grp.hold)
+		group_hold_times(j, NULL, NULL);
+	if (j && S.grp.pending)
+		json_object_set_new(j, "export", json_string(S.grp.pending));
+	return j;
 }
 
 /* ---- checkpoints (docs/cbt.md) ------------------------------------- */
@@ -1160,6 +1500,11 @@ handle(json_t *req, int ci)
 		return ctl_snapshot(&cr);
 	if (strcmp(cmd, "snapshot-release") == 0)
 		return ctl_snapshot_release(&cr);
+	if (strcmp(cmd, "snapshot-hold") == 0 ||
+	    strcmp(cmd, "snapshot-take") == 0 ||
+	    strcmp(cmd, "snapshot-commit") == 0 ||
+	    strcmp(cmd, "snapshot-abort") == 0)
+		return ctl_group(cmd, &cr, ci);
 	if (strcmp(cmd, "backup") == 0)
 		return ctl_backup(req, ci);
 	if (strcmp(cmd, "backup-verify") == 0)
@@ -1322,6 +1667,7 @@ listen_control(const char *path)
 static void
 drop_client(struct client *c)
 {
+	group_client_gone((int)(c - S.clients));
 	if (S.job_client == (int)(c - S.clients))
 		S.job_client = -1;
 	close(c->fd);
@@ -1792,6 +2138,7 @@ cmd_serve(int argc, char **argv)
 	opterr = 0;
 	S.listen_fd = S.signal_fd = S.event_fd = -1;
 	S.job_client = -1;
+	S.grp.client = -1;
 	while ((c = getopt_long(argc, argv, ":f:h", longopts, NULL)) != -1) {
 		switch (c) {
 		case 'f':
@@ -1963,6 +2310,8 @@ out:
 		close(S.listen_fd);
 		unlink(S.control_path);
 	}
+	if (S.grp.active)
+		group_abort(NULL); /* its client stayed to the end */
 	backup_stop();
 	blockmirror_server_stop(S.server);
 	release_snapshots();

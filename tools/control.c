@@ -291,6 +291,10 @@ control_parse_request(json_t *req, struct control_request *out,
 		       "\"checkpoint\" must be a string") < 0 ||
 	    get_string(req, "name", &out->name, err,
 		       "\"name\" must be a string") < 0 ||
+	    get_string(req, "group", &out->group, err,
+		       "\"group\" must be a string") < 0 ||
+	    get_u64(req, "lease_ms", &out->lease_ms, err,
+		    "\"lease_ms\" must be an integer of at least 0") < 0 ||
 	    get_u64(req, "timeout_ms", &out->timeout_ms, err,
 		    "\"timeout_ms\" must be an integer of at least 0") < 0 ||
 	    get_u64(req, "max_scratch", &out->max_scratch, err,
@@ -308,6 +312,17 @@ control_parse_request(json_t *req, struct control_request *out,
 		return -EINVAL;
 	if (out->to && !*out->to) {
 		*err = "\"to\" is empty";
+		return -EINVAL;
+	}
+	if (out->lease_ms > CONTROL_LEASE_MAX_MS) {
+		*err = "\"lease_ms\" is more than 60000";
+		return -EINVAL;
+	}
+	if (out->group && (!*out->group || strlen(out->group) > 64 ||
+			   strspn(out->group, "abcdefghijklmnopqrstuvwxyz"
+				  "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-") !=
+			   strlen(out->group))) {
+		*err = "\"group\" must be 1 to 64 of A-Z a-z 0-9 . _ -";
 		return -EINVAL;
 	}
 	if (out->timeout_ms > UINT32_MAX) {

@@ -90,6 +90,10 @@ struct control_request {
 				       * checkpoint */
 	const char *checkpoint;       /* snapshot: create this checkpoint */
 	const char *name;             /* checkpoint-create, -remove */
+	const char *group;            /* snapshot-hold, -take, -commit,
+				       * -abort: the group's name */
+	uint64_t lease_ms;            /* snapshot-hold: 0 (default) to
+				       * CONTROL_LEASE_MAX_MS */
 	uint64_t timeout_ms;          /* snapshot: at most UINT32_MAX */
 	uint64_t max_scratch;
 	uint64_t speed;
@@ -99,10 +103,15 @@ struct control_request {
 	bool force;
 };
 
+/* The longest lease a group hold may ask for: a guest is never held
+ * longer than this by a client that dies (docs/control.md). */
+#define CONTROL_LEASE_MAX_MS 60000
+
 /*
  * Check a command's members: "cmd" a string, the strings strings, speed,
  * granularity and max_scratch integers from 0 to INT64_MAX, timeout_ms
- * from 0 to UINT32_MAX, the flags booleans.
+ * from 0 to UINT32_MAX, lease_ms to CONTROL_LEASE_MAX_MS, the flags
+ * booleans; a group's name 1 to 64 bytes of [A-Za-z0-9._-].
  * Pure.  0, or -EINVAL with *err set to a static message.
  */
 int control_parse_request(json_t *req, struct control_request *out,

@@ -456,9 +456,76 @@ def test_careless():
     check(srv.stop(3.0), "serve exits 0 after the careless clients")
 
 
+# ---- consistency-group commands (snapshot-hold and the rest) --------------
+def test_group():
+    disk = os.path.join(T, "g.raw")
+    make_image(disk)
+    srv = Serve("group", disk)
+    c, other = Client(srv.ctl), Client(srv.ctl)
+    bad = [
+        ({"cmd": "snapshot-hold"}, 22),
+        ({"cmd": "snapshot-hold", "group": 7}, 22),
+        ({"cmd": "snapshot-hold", "group": ""}, 22),
+        ({"cmd": "snapshot-hold", "group": "a/b"}, 22),
+        ({"cmd": "snapshot-hold", "group": "x" * 65}, 22),
+        ({"cmd": "snapshot-hold", "group": "g", "lease_ms": -1}, 22),
+        ({"cmd": "snapshot-hold", "group": "g", "lease_ms": "5"}, 22),
+        ({"cmd": "snapshot-hold", "group": "g", "lease_ms": 60001}, 22),
+        ({"cmd": "snapshot-hold", "group": "g", "lease_ms": 2 ** 70},
+         (22, 71)),
+        ({"cmd": "snapshot-hold", "group": "g", "export": 1}, 22),
+        ({"cmd": "snapshot-hold", "group": "g", "since": "cp"}, 22),
+        ({"cmd": "snapshot-take", "group": "nosuch"}, 2),
+        ({"cmd": "snapshot-commit", "group": "nosuch"}, 2),
+        ({"cmd": "snapshot-abort", "group": "nosuch"}, 2),
+    ]
+    for req, want in bad:
+        a = c.ask(req)
+        want = want if isinstance(want, tuple) else (want,)
+        check(errno_of(a) in want, "%s is refused with errno %s (got %s)"
+              % (json.dumps(req)[:80], want, a))
+    a = c.ask({"cmd": "query"})
+    check(a and "group" not in a["return"] and
+          a["return"]["snapshots"] == [],
+          "refused group commands leave nothing (got %s)" % a)
+
+    # Another client can neither take nor abort the holder's group, nor
+    # start one of its own, nor a plain snapshot, while it is held.
+    a = c.ask({"cmd": "snapshot-hold", "group": "mine", "lease_ms": 60000})
+    check(a and a.get("return", {}).get("held") is True,
+          "a hold with the longest lease is granted (got %s)" % a)
+    for req, want in (({"cmd": "snapshot-take", "group": "mine"}, 1),
+                      ({"cmd": "snapshot-abort", "group": "mine"}, 1),
+                      ({"cmd": "snapshot-hold", "group": "theirs"}, 16),
+                      ({"cmd": "snapshot"}, 16)):
+        a = other.ask(req)
+        check(errno_of(a) == want, "another client's %s while held: "
+              "errno %d (got %s)" % (req["cmd"], want, a))
+    a = c.ask({"cmd": "snapshot-commit", "group": "mine"})
+    check(errno_of(a) == 22, "a commit before the take is refused (got %s)"
+          % a)
+    # The holder goes away: the 60 s lease does not keep the disk.
+    c.close()
+    t0 = time.monotonic()
+    while True:
+        a = other.ask({"cmd": "snapshot", "export": "after"}, 5.0)
+        if errno_of(a) != 16 or time.monotonic() - t0 > 2:
+            break
+        time.sleep(0.01)  # the close not seen yet
+    check(a and "return" in a and time.monotonic() - t0 < 2,
+          "a holder that goes away lets the disk go at once (%.2f s, %s)"
+          % (time.monotonic() - t0, a))
+    a = other.ask({"cmd": "query"})
+    check(a and "group" not in a["return"],
+          "the group is gone with its holder (got %s)" % a)
+    other.close()
+    check(srv.stop(3.0), "serve exits 0 after the group commands")
+
+
 only = os.environ.get("ONLY")
 for name, fn in (("destinations", test_destinations), ("unread", test_unread),
-                 ("flood", test_flood), ("careless", test_careless)):
+                 ("flood", test_flood), ("careless", test_careless),
+                 ("group", test_group)):
     if not only or only == name:
         fn()
 sys.exit(1 if failures else 0)

@@ -17,8 +17,11 @@
 #     the next move (no EBUSY from a lost COMPLETED) or SIGTERM;
 #   - two flooding clients do not starve a third;
 #   - clients gone mid-line or before their answer, half-closed clients
-#     (answered, then EOF), over-long lines, 50 clients at once.
-# ONLY=destinations|unread|flood|careless runs one group.
+#     (answered, then EOF), over-long lines, 50 clients at once;
+#   - consistency-group commands with bad members, for unknown groups,
+#     or from a client that does not hold the group are refused; a
+#     holder that goes away lets the disk go at once, whatever its lease.
+# ONLY=destinations|unread|flood|careless|group runs one of them.
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
 
