@@ -220,7 +220,7 @@ ok_nothing(struct member *m, json_t *ret)
 }
 
 /* Undo what a failed group left: holds and pending snapshots aborted,
- * committed snapshots released.  Problems are noted; the servers abort
+ * committed snapshots released (and the checkpoints they made removed).  Problems are noted; the servers abort
  * on their own when the connections close. */
 static void
 roll_back(struct member *ms, size_t n, const char *group)
@@ -235,6 +235,7 @@ roll_back(struct member *ms, size_t n, const char *group)
 		struct member *m = &ms[i];
 		const char *exp = json_string_value(json_object_get(m->ret,
 								    "export"));
+		const char *cp;
 		json_t *c, *a;
 
 		if (!m->committed || m->fd < 0 || !exp)
@@ -247,8 +248,24 @@ roll_back(struct member *ms, size_t n, const char *group)
 		if (a && !json_object_get(a, "error"))
 			m->committed = false;
 		json_decref(a);
-		if (m->committed)
+		if (m->committed) {
 			note("%s: %s: could not release it", m->control, exp);
+			continue;
+		}
+		/* The checkpoint made at its instant goes too (its record
+		 * merges into the one before), as an abort does. */
+		cp = json_string_value(json_object_get(m->ret, "checkpoint"));
+		if (!cp || m->fd < 0)
+			continue;
+		c = json_pack("{s:s, s:s}", "cmd", "checkpoint-remove", "name",
+			      cp);
+		if (!c || line_write(m->fd, c) < 0)
+			continue;
+		a = member_answer(m, deadline);
+		if (!a || json_object_get(a, "error"))
+			note("%s: could not remove checkpoint %s", m->control,
+			     cp);
+		json_decref(a);
 	}
 }
 

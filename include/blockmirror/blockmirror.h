@@ -775,8 +775,9 @@ extern int blockmirror_snapshot_take(struct blockmirror_disk **disks,
  * lease ran out first.  The caller holds every disk of the group before
  * it takes any.  Options as blockmirror_snapshot_take with one disk
  * (since and checkpoint included; the strings are copied).  While held,
- * the disk's other snapshot and checkpoint operations wait.  Blocking;
- * not from the loop thread.  0 or -errno.
+ * the disk's other snapshot and checkpoint operations wait.  Free every
+ * hold of a disk before closing it.  Blocking; not from the loop thread.
+ * 0 or -errno.
  */
 struct blockmirror_snapshot_hold;
 

@@ -9,6 +9,9 @@
 #     runs: each pair of snapshots matches the model, B never holds a
 #     record A does not, A is at most one ahead; the answer names both
 #     servers, the group and its instant, and how long writes were held;
+#   - --since and --checkpoint per disk (serve --track); a take that fails
+#     on one server (an unknown checkpoint) after the other took leaves
+#     neither a snapshot nor a checkpoint there;
 #   - a client that holds both disks and is killed (-9) before the take:
 #     the guest goes on within the lease, no snapshot or hold is left,
 #     and the next group works;
@@ -36,7 +39,7 @@ declare -A SPID
 start_one() { # start_one NAME: serve $T/NAME.raw on $T/NAME.{nbd,ctl}
 	rm -f "$T/$1.nbd" "$T/$1.ctl"
 	"$BMIRROR" serve --nbd "unix:$T/$1.nbd" --control "$T/$1.ctl" \
-		"$T/$1.raw" 2>"$T/$1.err" &
+		--track "$T/$1.raw" 2>"$T/$1.err" &
 	SPID[$1]=$!
 	wait_for_socket "$T/$1.nbd"
 	wait_for_socket "$T/$1.ctl"
@@ -83,7 +86,6 @@ start_one a
 start_one b
 "$GROUP_WRITER" write "$A_URI" "$B_URI" "$T/progress" "$T/stop" 2>"$T/writer.err" &
 WRITER=$!
-trap 'touch "$T/stop"; wait "$WRITER" 2>/dev/null || true; kill "${SPID[@]}" 2>/dev/null || true; _cleanup' EXIT
 wait_progress 100 10 >/dev/null
 
 # ---- many groups while the guest writes ------------------------------
@@ -137,6 +139,32 @@ json_assert "$RUN_OUT" "len(d['snapshots']) == 1" \
 run_ok "$BMIRROR" snapshot --control "$T/a.ctl" --release ta
 run_ok "$BMIRROR" snapshot --control "$T/b.ctl" --release tb
 pass "the text answer and each server's list name the group"
+
+# ---- checkpoints per disk (serve --track) ------------------------------
+run_ok "$BMIRROR" snapshot --control "$T/a.ctl" --export c1a --checkpoint mon-a \
+	--control "$T/b.ctl" --export c1b --checkpoint mon-b
+run_ok "$BMIRROR" snapshot --control "$T/a.ctl" --release c1a
+run_ok "$BMIRROR" snapshot --control "$T/b.ctl" --release c1b
+wait_progress $(($(progress) + 20)) 10 >/dev/null
+run_ok "$BMIRROR" snapshot --control "$T/a.ctl" --export c2a --since mon-a \
+	--control "$T/b.ctl" --export c2b --since mon-b --json
+json_assert "$RUN_OUT" "[s['since'] for s in d['snapshots']] == ['mon-a', 'mon-b']" \
+	"all(s['changed_bytes'] > 0 for s in d['snapshots'])"
+run_ok "$GROUP_WRITER" check "nbd+unix:///c2a?socket=$T/a.nbd" "nbd+unix:///c2b?socket=$T/b.nbd"
+run_ok "$BMIRROR" snapshot --control "$T/a.ctl" --release c2a
+run_ok "$BMIRROR" snapshot --control "$T/b.ctl" --release c2b
+pass "--since and --checkpoint go to the --control before them"
+
+# A take that fails on B (an unknown checkpoint, found at the instant)
+# after A took: A's snapshot and the checkpoint it made are undone.
+expect_fail_with --names "$T/b.ctl" 1 'failed at the take: .*b\.ctl: snapshot-take: .*nosuch' \
+	"$BMIRROR" snapshot --control "$T/a.ctl" --export x1a --checkpoint tue-a \
+	--control "$T/b.ctl" --export x1b --since nosuch
+no_leftovers a
+no_leftovers b
+run_ok "$BMIRROR" checkpoint --control "$T/a.ctl" --list --json
+json_assert "$RUN_OUT" "[c['name'] for c in d['checkpoints']] == ['mon-a']"
+pass "a take that fails on one server leaves no snapshot or checkpoint on the other"
 
 # ---- a client that holds, then dies before the take -------------------
 # It holds both disks with a 5 s lease, sees the guest stand still, and
@@ -229,6 +257,14 @@ wait_progress "$n" 5 >/dev/null
 run_ok "$BMIRROR" snapshot --control "$T/b.ctl" --release taken
 no_leftovers b
 pass "a server that refuses fails the group naming it; the other holds nothing"
+
+# The same server twice: its second hold is refused, its first let go.
+n=$(progress)
+expect_fail_with --names "$T/a.ctl" 1 "a\.ctl: snapshot-hold: group .* holds this disk's snapshots" \
+	"$BMIRROR" snapshot --control "$T/a.ctl" --control "$T/a.ctl"
+no_leftovers a
+wait_progress "$n" 5 >/dev/null
+pass "the same server twice in a group is refused, and let go"
 
 # ---- usage -------------------------------------------------------------
 expect_fail_with 2 'lease-ms' "$BMIRROR" snapshot --control "$T/a.ctl" \
