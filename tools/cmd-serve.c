@@ -113,8 +113,8 @@ struct serve {
 	unsigned snap_counter;        /* the default names: snap-N */
 	unsigned client_gen;          /* numbers connections (client.gen) */
 
-	/* This disk's part in a consistency group (serve-group below):
-	 * held, then taken (its snapshot pending), until committed or
+	/* This disk's part in a consistency group ("consistency groups"
+	 * below): held, then taken (its snapshot pending), until committed or
 	 * aborted; one at a time, for the client that held it. */
 	struct {
 		bool active;
