@@ -8,7 +8,9 @@
  * as the point holds it, 16 bytes each) and NNNN.json (the manifest: what
  * the point is, and the digest of NNNN.digests).  The manifest is written
  * last, durably: a point without one does not exist, so a backup that
- * dies half way leaves nothing a restore could take for a point.
+ * dies half way leaves nothing a restore could take for a point.  (A
+ * directory the backup creates is made durably first, or a power loss
+ * could take it, and every point in it, along.)
  *
  * A backup takes a snapshot (snapshot.c) and reads its view, never the
  * moving disk: the point is the disk at the snapshot's instant.  With
@@ -650,8 +652,10 @@ blockmirror_backup(struct blockmirror_disk *disk,
 				   bm_error(-EINVAL, "bad arguments"));
 	memset(res, 0, sizeof *res);
 	r = check_options(o);
-	if (r == 0 && mkdir(o->dir, 0755) < 0 && errno != EEXIST)
-		r = bm_error(-errno, "%s: %s", o->dir, strerror(errno));
+	/* A new directory's name must last as long as the points in it:
+	 * the parent is synced (an existing one: once more, harmless). */
+	if (r == 0)
+		r = bm_durable_mkdir(o->dir, 0755);
 	if (r == 0)
 		r = lock = lock_dir(o->dir, true);
 	if (r >= 0)
