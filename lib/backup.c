@@ -10,7 +10,10 @@
  * last, durably: a point without one does not exist, so a backup that
  * dies half way leaves nothing a restore could take for a point.  (A
  * directory the backup creates is made durably first, or a power loss
- * could take it, and every point in it, along.)
+ * could take it, and every point in it, along.)  The disk is flushed
+ * before the manifest too: what the point holds of it must not be lost
+ * from the disk once the point exists, since the record since the
+ * point's checkpoint would not say so.
  *
  * A backup takes a snapshot (snapshot.c) and reads its view, never the
  * moving disk: the point is the disk at the snapshot's instant.  With
@@ -823,6 +826,12 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	if (r == 0 && info.state != BLOCKMIRROR_SNAPSHOT_ACTIVE)
 		r = bm_error(-EIO, "the snapshot broke during the backup: %s",
 			     info.reason);
+	/* The point may hold guest writes not yet flushed: they must be
+	 * durable on the disk before the point exists, or a power loss
+	 * could take them from the disk while no record since the point
+	 * says so, and the next increment would miss the difference. */
+	if (r == 0 && (r = blockmirror_disk_flush(disk)) < 0)
+		r = bm_error(r, "flushing the disk: %s", inner_error());
 	if (r == 0)
 		r = blockmirror_disk_flush(run.target);
 	r = close_keeping_error(run.target, r);
