@@ -660,8 +660,24 @@ replay(struct crash *c, struct tally *t, uint8_t *cur, uint8_t *buf)
 			blockmirror_last_error());
 		goto out;
 	}
-	if (blockmirror_checkpoint_list(disk, &cps, &ncp) == 0 && ncp > 1)
+	/* Only the new point's checkpoint is left of its chain ("bm-" and
+	 * 12 digits of chain).  One of another chain is a full backup's
+	 * that died: no manifest names its chain, nothing can remove it. */
+	if (blockmirror_checkpoint_list(disk, &cps, &ncp) < 0) {
+		fail_at(t, c, "listing checkpoints: %s",
+			blockmirror_last_error());
+		goto out;
+	}
+	for (size_t i = 0; i < ncp; i++) {
+		if (!strcmp(cps[i].name, res.checkpoint))
+			continue;
+		if (!strncmp(cps[i].name, res.checkpoint, 15)) {
+			fail_at(t, c, "checkpoint %s is left beside %s",
+				cps[i].name, res.checkpoint);
+			goto out;
+		}
 		t->stale_checkpoints++;
+	}
 out:
 	free(list);
 	free(cps);
@@ -769,7 +785,24 @@ cmp_crash(const void *a, const void *b)
 	return x->k < y->k ? -1 : x->k > y->k;
 }
 
-#define FIXED POINTS
+#define FIXED (2 * POINTS - 1)
+
+/* The event that makes point n's manifest durable: the sync of the
+ * backup directory after its rename. */
+static uint64_t
+manifest_durable(unsigned n)
+{
+	char name[32];
+	uint64_t e = G.bstart[n];
+
+	snprintf(name, sizeof name, "/%04u.json.tmp -> ", n);
+	while (e < G.bdone[n] && !strstr(rec_describe(e), name))
+		e++;
+	while (e < G.bdone[n] && strncmp(rec_describe(e), "fsync dir", 9))
+		e++;
+	ck_assert_msg(e < G.bdone[n], "no manifest of point %u recorded", n);
+	return e;
+}
 
 /*
  * Crash points: a third right after flush points (evenly through them),
@@ -805,13 +838,16 @@ choose(unsigned points, uint64_t *rng, unsigned *out)
 			c->k = 1 + rec_rand(rng) % nev;
 		}
 	}
-	/* Fixed cases: a crash right after each backup returned leaves
-	 * only what was durable, and the point is in it. */
-	for (unsigned n = 1; n <= POINTS; n++) {
-		struct crash *c = &cs[points + n - 1];
+	/* Fixed cases, only what was durable: a crash right after each
+	 * backup returned (the point is there); a crash right after an
+	 * incremental point's manifest, before the previous checkpoint is
+	 * removed (the next backup removes it). */
+	for (unsigned f = 0; f < FIXED; f++) {
+		struct crash *c = &cs[points + f];
 
-		c->index = points + n - 1;
-		c->k = G.bdone[n] + 1;
+		c->index = points + f;
+		c->k = f < POINTS ? G.bdone[f + 1] + 1
+			: manifest_durable(f - POINTS + 2) + 1;
 		c->variant = REC_DURABLE_ONLY;
 	}
 	free(fps);
@@ -848,7 +884,7 @@ START_TEST(test_power_loss)
 		"ops, %zu guest requests) in %.1f s; replayed %u crash points "
 		"(durable-only %u, all %u, random %u; in backup 1/2/3: %u/%u/"
 		"%u, between: %u; with 0/1/2/3 points: %u/%u/%u/%u; crashed "
-		"%u) in %.1f s; %u left a stale checkpoint; %u failures\n",
+		"%u) in %.1f s; %u stale checkpoints of dead full backups; %u failures\n",
 		G.sc->name, seed, rec_now(), w, f, nn, G.nops,
 		(double)(t1 - t0) / 1000, n, t.replayed[0], t.replayed[1],
 		t.replayed[2], t.in_backup[1], t.in_backup[2], t.in_backup[3],
