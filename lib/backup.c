@@ -24,7 +24,8 @@
  * record to trust, an incremental point heals: it reads the snapshot's
  * data and writes the granules whose digests differ from the previous
  * point's.  After a successful point the previous checkpoint is removed
- * (its record merges into the one before); after a failed one the new
+ * (its record merges into the one before), and any older one of the
+ * chain a crash left before that removal; after a failed one the new
  * checkpoint is, and a backup that died is cleaned up by the next (its
  * files without a manifest, its checkpoint), so the next incremental
  * still covers everything since the last point that exists.
@@ -421,6 +422,39 @@ clean_leftovers(const char *dir, unsigned n)
 		point_file(path, sizeof path, dir, n, ext[i]);
 		unlink(path);
 	}
+}
+
+/*
+ * Point p exists: the checkpoints of its chain older than its own are of
+ * no use.  The previous point's goes every time; older ones are there
+ * when a crash came between a manifest and that removal.  Removing
+ * merges each record into the one before, so no other checkpoint's
+ * record changes.
+ */
+static void
+remove_older_checkpoints(struct blockmirror_disk *disk, const char *dir,
+			 const struct point *p)
+{
+	struct blockmirror_checkpoint *l = NULL;
+	char prefix[32];
+	size_t n = 0, len;
+
+	len = (size_t)snprintf(prefix, sizeof prefix, "bm-%s-", p->chain);
+	if (blockmirror_checkpoint_list(disk, &l, &n) < 0)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		char *end = l[i].name;
+		unsigned long k = strncmp(l[i].name, prefix, len) ? 0
+				  : strtoul(l[i].name + len, &end, 10);
+
+		if (!k || k >= p->number || *end)
+			continue;
+		if (blockmirror_checkpoint_remove(disk, l[i].name) < 0 &&
+		    blockmirror_last_errno() != ENOENT)
+			bm_warn("%s: checkpoint %s could not be removed: %s",
+				dir, l[i].name, inner_error());
+	}
+	free(l);
 }
 
 /* ---- taking a point -------------------------------------------------- */
@@ -862,6 +896,8 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	    blockmirror_last_errno() != ENOENT)
 		bm_warn("%s: checkpoint %s could not be removed: %s", o->dir,
 			prev.checkpoint, inner_error());
+	if (tracking)
+		remove_older_checkpoints(disk, o->dir, &p);
 	res->number = p.number;
 	res->incremental = p.incremental;
 	res->instant = p.instant;
