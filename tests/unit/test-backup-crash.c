@@ -430,10 +430,67 @@ struct crash {
 static const char *const variant_names[] = { "durable-only", "all",
 					     "random" };
 
+/* The event that makes point n's manifest durable: the sync of the
+ * backup directory after its rename. */
+static uint64_t
+manifest_durable(unsigned n)
+{
+	char name[32];
+	uint64_t e = G.bstart[n];
+
+	snprintf(name, sizeof name, "/%04u.json.tmp -> ", n);
+	while (e < G.bdone[n] && !strstr(rec_describe(e), name))
+		e++;
+	while (e < G.bdone[n] && strncmp(rec_describe(e), "fsync dir", 9))
+		e++;
+	ck_assert_msg(e < G.bdone[n], "no manifest of point %u recorded", n);
+	return e;
+}
+
+/* The first event of [from, to) whose description holds `what`. */
+static uint64_t
+find_event(uint64_t from, uint64_t to, const char *what)
+{
+	while (from < to && !strstr(rec_describe(from), what))
+		from++;
+	return from;
+}
+
+/* The steps of a backup, by the event that ends each. */
+enum { S_SNAPSHOT, S_COPY, S_DIGESTS, S_MANIFEST, S_END, STEPS };
+static const char *const step_names[] = {
+	"snapshot and checkpoint", "copy and flush", "digests", "manifest",
+	"checkpoint removal",
+};
+
+/* The last event of each step of backup n. */
+static void
+steps_of(unsigned n, uint64_t *end)
+{
+	end[S_SNAPSHOT] = find_event(G.bstart[n], G.bdone[n], ".bmirror-cbt");
+	end[S_COPY] = find_event(end[S_SNAPSHOT], G.bdone[n], ".digests.tmp");
+	end[S_DIGESTS] = find_event(end[S_COPY], G.bdone[n], ".json.tmp");
+	end[S_MANIFEST] = manifest_durable(n);
+	end[S_END] = G.bdone[n];
+}
+
+/* Which step of backup n a crash before event k (inside it) cuts. */
+static unsigned
+step_of(unsigned n, uint64_t k)
+{
+	uint64_t end[STEPS];
+
+	steps_of(n, end);
+	for (unsigned s = 0; s < STEPS; s++)
+		if (k <= end[s])
+			return s;
+	return S_END;
+}
+
 struct tally {
 	unsigned failures, replayed[REC_VARIANTS], with_points[POINTS + 2];
 	unsigned stale_checkpoints, crashed_seen;
-	unsigned in_backup[POINTS + 1], between;
+	unsigned in_backup[POINTS + 1], between, steps[STEPS];
 	bool kept;
 };
 
@@ -575,10 +632,12 @@ replay(struct crash *c, struct tally *t, uint8_t *cur, uint8_t *buf)
 		done += G.bdone[n] < c->k;
 		started += G.bstart[n] < c->k;
 	}
-	if (started > done)
+	if (started > done) {
 		t->in_backup[started]++;
-	else
+		t->steps[step_of(started, c->k)]++;
+	} else {
 		t->between++;
+	}
 
 	disk = reopen(&crashed);
 	if (!disk) {
@@ -787,26 +846,10 @@ cmp_crash(const void *a, const void *b)
 
 #define FIXED (2 * POINTS - 1)
 
-/* The event that makes point n's manifest durable: the sync of the
- * backup directory after its rename. */
-static uint64_t
-manifest_durable(unsigned n)
-{
-	char name[32];
-	uint64_t e = G.bstart[n];
-
-	snprintf(name, sizeof name, "/%04u.json.tmp -> ", n);
-	while (e < G.bdone[n] && !strstr(rec_describe(e), name))
-		e++;
-	while (e < G.bdone[n] && strncmp(rec_describe(e), "fsync dir", 9))
-		e++;
-	ck_assert_msg(e < G.bdone[n], "no manifest of point %u recorded", n);
-	return e;
-}
 
 /*
  * Crash points: a third right after flush points (evenly through them),
- * a third inside the backups (evenly through each one's events), a third
+ * a third inside the backups (each step of each one in turn), a third
  * anywhere; the variants take turns within each third.  Then the
  * fixed cases (FIXED of them).
  */
@@ -829,11 +872,13 @@ choose(unsigned points, uint64_t *rng, unsigned *out)
 		if (third == 0 && nfp) {
 			c->k = fps[(uint64_t)j * nfp / per];
 		} else if (third == 1) {
-			unsigned n = 1 + j % POINTS, m = j / POINTS;
-			uint64_t span = G.bdone[n] - G.bstart[n] + 1;
+			/* Each step of each backup in turn, anywhere in it. */
+			unsigned n = 1 + j % POINTS, st = j / POINTS % STEPS;
+			uint64_t end[STEPS], from;
 
-			c->k = G.bstart[n] + 1 + (uint64_t)m * span /
-			       ((per + POINTS - 1) / POINTS);
+			steps_of(n, end);
+			from = st ? end[st - 1] : G.bstart[n];
+			c->k = from + 1 + rec_rand(rng) % (end[st] - from);
 		} else {
 			c->k = 1 + rec_rand(rng) % nev;
 		}
@@ -882,16 +927,19 @@ START_TEST(test_power_loss)
 	fprintf(stderr, "%s: seed %" PRIu64 ", recorded %" PRIu64 " events "
 		"(%" PRIu64 " writes, %" PRIu64 " flushes, %" PRIu64 " name "
 		"ops, %zu guest requests) in %.1f s; replayed %u crash points "
-		"(durable-only %u, all %u, random %u; in backup 1/2/3: %u/%u/"
-		"%u, between: %u; with 0/1/2/3 points: %u/%u/%u/%u; crashed "
-		"%u) in %.1f s; %u stale checkpoints of dead full backups; %u failures\n",
-		G.sc->name, seed, rec_now(), w, f, nn, G.nops,
-		(double)(t1 - t0) / 1000, n, t.replayed[0], t.replayed[1],
-		t.replayed[2], t.in_backup[1], t.in_backup[2], t.in_backup[3],
-		t.between, t.with_points[0], t.with_points[1],
+		"in %.1f s: durable-only %u, all %u, random %u; between "
+		"backups %u, in backup 1/2/3 %u/%u/%u; with 0/1/2/3 points "
+		"%u/%u/%u/%u; crashed %u; %u stale checkpoints of dead full "
+		"backups; %u failures\n", G.sc->name, seed, rec_now(), w, f,
+		nn, G.nops, (double)(t1 - t0) / 1000, n,
+		(double)(now_ms() - t1) / 1000, t.replayed[0], t.replayed[1],
+		t.replayed[2], t.between, t.in_backup[1], t.in_backup[2],
+		t.in_backup[3], t.with_points[0], t.with_points[1],
 		t.with_points[2], t.with_points[3], t.crashed_seen,
-		(double)(now_ms() - t1) / 1000, t.stale_checkpoints,
-		t.failures);
+		t.stale_checkpoints, t.failures);
+	for (unsigned s = 0; s < STEPS; s++)
+		fprintf(stderr, "%s:   %u crash points in the step \"%s\"\n",
+			G.sc->name, t.steps[s], step_names[s]);
 	rec_free();
 	free(cs);
 	free(cur);
