@@ -10,8 +10,11 @@
  * write carries its id in each 4 KiB block; its submission and its
  * acknowledgement are recorder events, and so are the start and end of
  * each backup.  The writer is paused around each point's instant (it
- * goes on at the backup's first progress report), so each point's
- * content is the model's disk after every write acknowledged before.
+ * goes on at the backup's first progress report; for point 1 only once
+ * the backup returned), so each point's content is the model's disk
+ * after every write acknowledged before.  The last write before each
+ * instant is not flushed, so that the point holds a write a power loss
+ * may take from the disk.
  *
  * Then, at crash points spread over the recording (inside every step of
  * each backup and between them), for each variant the recorder rebuilds
@@ -30,7 +33,11 @@
  *    exactly its instant;
  *  - a new backup succeeds, incremental when a point exists, and not
  *    healed: a power loss does not cost the chain.  It restores to the
- *    disk as it is.
+ *    disk as it is, and only its own checkpoint is left of its chain.
+ *
+ * Fixed cases (durable writes only) keep the crash points that showed
+ * defects: right after each backup returned, and right after an
+ * incremental point's manifest became durable.
  *
  * And the cases where the record is rightly refused: a sidecar replaced
  * by an older copy (it lacks the newest point's checkpoint), and writes
