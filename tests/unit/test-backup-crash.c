@@ -792,6 +792,9 @@ check_healed(struct blockmirror_disk *disk, const char *why, uint8_t *cur,
 	ck_assert_uint_ge(res.bytes_changed, BLOCK);
 	ck_assert_msg(check_restore(3, cur, buf, msg, sizeof msg) == 0,
 		      "%s: %s", why, msg);
+	fprintf(stderr, "%s: %s: refused, point 3 healed (%" PRIu64 " bytes "
+		"differed from point 2) and equals the disk\n", G.sc->name,
+		why, res.bytes_changed);
 }
 
 /*
