@@ -6,7 +6,8 @@
  * The crash recorder (recorder.h) logs everything the library writes
  * under one directory, which holds a tracked disk (raw, then qcow2), its
  * sidecar and the backup directory, while a guest writer writes the disk
- * and the test takes a full point and two incremental ones.  Every guest
+ * and the test takes a full point and two incremental ones, with a
+ * backup cancelled half way between points 2 and 3.  Every guest
  * write carries its id in each 4 KiB block; its submission and its
  * acknowledgement are recorder events, and so are the start and end of
  * each backup.  The writer is paused around each point's instant (it
@@ -102,6 +103,7 @@ static struct {
 	uint8_t *instant[POINTS + 1];
 	uint64_t bstart[POINTS + 1], bdone[POINTS + 1];
 	uint64_t tracking, close_start, closed;
+	uint64_t cstart, cdone;        /* the cancelled backup */
 	uint64_t sentinel;             /* the op index of the test's write */
 	/* the writer */
 	struct blockmirror_disk *disk;
@@ -324,6 +326,38 @@ teardown(bool keep)
 	G.bops = G.bstart_of = G.blen = NULL;
 }
 
+/* Cancels a backup at its second question: after its first chunk, or
+ * right before its manifest. */
+static bool
+cancel_second(void *user_data)
+{
+	unsigned *asked = user_data;
+
+	return ++*asked >= 2;
+}
+
+/* A backup that dies between points 2 and 3 (cancelled half way): it
+ * leaves nothing the next one, or a crash, could take for a point. */
+static void
+cancelled_backup(void)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point res;
+	unsigned asked = 0;
+
+	o.dir = G.bdir;
+	o.incremental = true;
+	o.progress = go_on_progress;
+	o.cancelled = cancel_second;
+	o.user_data = &asked;
+	writer_pause();
+	G.cstart = rec_event("backup cancelled");
+	ck_assert_int_eq(blockmirror_backup(G.disk, &o, &res), -ECANCELED);
+	G.cdone = rec_event("backup cancelled done");
+	writer_go();
+	wait_ops(G.nops + WRITES_BETWEEN);
+}
+
 static void
 record(void)
 {
@@ -372,6 +406,8 @@ record(void)
 		ck_assert(!res.healed);
 		writer_go();
 		wait_ops(G.nops + WRITES_BETWEEN);
+		if (n == 2)
+			cancelled_backup();
 	}
 	pthread_mutex_lock(&G.lock);
 	G.stop = true;
@@ -497,7 +533,7 @@ step_of(unsigned n, uint64_t k)
 struct tally {
 	unsigned failures, replayed[REC_VARIANTS], with_points[POINTS + 2];
 	unsigned stale_checkpoints, crashed_seen;
-	unsigned in_backup[POINTS + 1], between, steps[STEPS];
+	unsigned in_backup[POINTS + 1], between, in_cancelled, steps[STEPS];
 	bool kept;
 };
 
@@ -639,7 +675,9 @@ replay(struct crash *c, struct tally *t, uint8_t *cur, uint8_t *buf)
 		done += G.bdone[n] < c->k;
 		started += G.bstart[n] < c->k;
 	}
-	if (started > done) {
+	if (c->k > G.cstart && c->k <= G.cdone) {
+		t->in_cancelled++;
+	} else if (started > done) {
 		t->in_backup[started]++;
 		t->steps[step_of(started, c->k)]++;
 	} else {
@@ -859,7 +897,8 @@ cmp_crash(const void *a, const void *b)
 
 /*
  * Crash points: a third right after flush points (evenly through them),
- * a third inside the backups (each step of each one in turn), a third
+ * a third inside the backups (each step of each one in turn, and the
+ * cancelled one), a third
  * anywhere; the variants take turns within each third.  Then the
  * fixed cases (FIXED of them).
  */
@@ -881,9 +920,14 @@ choose(unsigned points, uint64_t *rng, unsigned *out)
 		c->variant = (enum rec_variant)(j % REC_VARIANTS);
 		if (third == 0 && nfp) {
 			c->k = fps[(uint64_t)j * nfp / per];
+		} else if (third == 1 && j % (POINTS + 1) == POINTS) {
+			c->k = G.cstart + 1 + rec_rand(rng) % (G.cdone -
+							       G.cstart);
 		} else if (third == 1) {
-			/* Each step of each backup in turn, anywhere in it. */
-			unsigned n = 1 + j % POINTS, st = j / POINTS % STEPS;
+			/* Each step of each backup in turn, anywhere in it;
+			 * and the cancelled backup. */
+			unsigned n = 1 + j % (POINTS + 1);
+			unsigned st = j / (POINTS + 1) % STEPS;
 			uint64_t end[STEPS], from;
 
 			steps_of(n, end);
@@ -938,13 +982,13 @@ START_TEST(test_power_loss)
 		"(%" PRIu64 " writes, %" PRIu64 " flushes, %" PRIu64 " name "
 		"ops, %zu guest requests) in %.1f s; replayed %u crash points "
 		"in %.1f s: durable-only %u, all %u, random %u; between "
-		"backups %u, in backup 1/2/3 %u/%u/%u; with 0/1/2/3 points "
+		"backups %u, in backup 1/2/3 %u/%u/%u, in the cancelled one %u; with 0/1/2/3 points "
 		"%u/%u/%u/%u; crashed %u; %u stale checkpoints of dead full "
 		"backups; %u failures\n", G.sc->name, seed, rec_now(), w, f,
 		nn, G.nops, (double)(t1 - t0) / 1000, n,
 		(double)(now_ms() - t1) / 1000, t.replayed[0], t.replayed[1],
 		t.replayed[2], t.between, t.in_backup[1], t.in_backup[2],
-		t.in_backup[3], t.with_points[0], t.with_points[1],
+		t.in_backup[3], t.in_cancelled, t.with_points[0], t.with_points[1],
 		t.with_points[2], t.with_points[3], t.crashed_seen,
 		t.stale_checkpoints, t.failures);
 	for (unsigned s = 0; s < STEPS; s++)
