@@ -8,7 +8,12 @@
  * as the point holds it, 16 bytes each) and NNNN.json (the manifest: what
  * the point is, and the digest of NNNN.digests).  The manifest is written
  * last, durably: a point without one does not exist, so a backup that
- * dies half way leaves nothing a restore could take for a point.
+ * dies half way leaves nothing a restore could take for a point.  (A
+ * directory the backup creates is made durably first, or a power loss
+ * could take it, and every point in it, along.)  The disk is flushed
+ * before the manifest too: what the point holds of it must not be lost
+ * from the disk once the point exists, since the record since the
+ * point's checkpoint would not say so.
  *
  * A backup takes a snapshot (snapshot.c) and reads its view, never the
  * moving disk: the point is the disk at the snapshot's instant.  With
@@ -19,7 +24,8 @@
  * record to trust, an incremental point heals: it reads the snapshot's
  * data and writes the granules whose digests differ from the previous
  * point's.  After a successful point the previous checkpoint is removed
- * (its record merges into the one before); after a failed one the new
+ * (its record merges into the one before), and any older one of the
+ * chain a crash left before that removal; after a failed one the new
  * checkpoint is, and a backup that died is cleaned up by the next (its
  * files without a manifest, its checkpoint), so the next incremental
  * still covers everything since the last point that exists.
@@ -418,6 +424,39 @@ clean_leftovers(const char *dir, unsigned n)
 	}
 }
 
+/*
+ * Point p exists: the checkpoints of its chain older than its own are of
+ * no use.  The previous point's goes every time; older ones are there
+ * when a crash came between a manifest and that removal.  Removing
+ * merges each record into the one before, so no other checkpoint's
+ * record changes.
+ */
+static void
+remove_older_checkpoints(struct blockmirror_disk *disk, const char *dir,
+			 const struct point *p)
+{
+	struct blockmirror_checkpoint *l = NULL;
+	char prefix[32];
+	size_t n = 0, len;
+
+	len = (size_t)snprintf(prefix, sizeof prefix, "bm-%s-", p->chain);
+	if (blockmirror_checkpoint_list(disk, &l, &n) < 0)
+		return;
+	for (size_t i = 0; i < n; i++) {
+		char *end = l[i].name;
+		unsigned long k = strncmp(l[i].name, prefix, len) ? 0
+				  : strtoul(l[i].name + len, &end, 10);
+
+		if (!k || k >= p->number || *end)
+			continue;
+		if (blockmirror_checkpoint_remove(disk, l[i].name) < 0 &&
+		    blockmirror_last_errno() != ENOENT)
+			bm_warn("%s: checkpoint %s could not be removed: %s",
+				dir, l[i].name, inner_error());
+	}
+	free(l);
+}
+
 /* ---- taking a point -------------------------------------------------- */
 
 static void
@@ -650,8 +689,10 @@ blockmirror_backup(struct blockmirror_disk *disk,
 				   bm_error(-EINVAL, "bad arguments"));
 	memset(res, 0, sizeof *res);
 	r = check_options(o);
-	if (r == 0 && mkdir(o->dir, 0755) < 0 && errno != EEXIST)
-		r = bm_error(-errno, "%s: %s", o->dir, strerror(errno));
+	/* A new directory's name must last as long as the points in it:
+	 * the parent is synced (an existing one: once more, harmless). */
+	if (r == 0)
+		r = bm_durable_mkdir(o->dir, 0755);
 	if (r == 0)
 		r = lock = lock_dir(o->dir, true);
 	if (r >= 0)
@@ -819,6 +860,12 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	if (r == 0 && info.state != BLOCKMIRROR_SNAPSHOT_ACTIVE)
 		r = bm_error(-EIO, "the snapshot broke during the backup: %s",
 			     info.reason);
+	/* The point may hold guest writes not yet flushed: they must be
+	 * durable on the disk before the point exists, or a power loss
+	 * could take them from the disk while no record since the point
+	 * says so, and the next increment would miss the difference. */
+	if (r == 0 && (r = blockmirror_disk_flush(disk)) < 0)
+		r = bm_error(r, "flushing the disk: %s", inner_error());
 	if (r == 0)
 		r = blockmirror_disk_flush(run.target);
 	r = close_keeping_error(run.target, r);
@@ -849,6 +896,8 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	    blockmirror_last_errno() != ENOENT)
 		bm_warn("%s: checkpoint %s could not be removed: %s", o->dir,
 			prev.checkpoint, inner_error());
+	if (tracking)
+		remove_older_checkpoints(disk, o->dir, &p);
 	res->number = p.number;
 	res->incremental = p.incremental;
 	res->instant = p.instant;

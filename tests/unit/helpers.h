@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Small helpers shared by the unit tests: time (sleep_ms, now_ms, now_s),
- * a deterministic PRNG (rnd, rnd_range), running a Check suite, removing
+ * a deterministic PRNG (rnd, rnd_range), settings from the environment
+ * (env_u64), a log that drops everything, running a Check suite, removing
  * a test directory, tools on PATH and servers started for a test
  * (nbdkit), and for the mirror job: an event counter (struct events,
  * on_event) and a blocking job call run on a thread with a deadline
@@ -77,6 +78,35 @@ static inline uint64_t
 rnd_range(uint64_t *s, uint64_t n)
 {
 	return n ? rnd(s) % n : 0;
+}
+
+/* An environment variable as a number (0x... too), or def if unset. */
+static inline uint64_t
+env_u64(const char *name, uint64_t def)
+{
+	const char *v = getenv(name);
+
+	return v && *v ? strtoull(v, NULL, 0) : def;
+}
+
+/* A run's seed: from the environment variable `name`, else the time (the
+ * test prints it, for a failure to be replayed). */
+static inline uint64_t
+env_seed(const char *name)
+{
+	uint64_t seed = env_u64(name, 0);
+
+	return seed ? seed : (uint64_t)time(NULL);
+}
+
+/* A log callback that drops everything (blockmirror_set_log): for tests
+ * that make the library warn thousands of times on purpose. */
+static inline void
+log_silent(void *data, enum blockmirror_log_level level, const char *msg)
+{
+	(void)data;
+	(void)level;
+	(void)msg;
 }
 
 /* ---- Check ------------------------------------------------------------ */

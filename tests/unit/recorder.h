@@ -89,4 +89,15 @@ void rec_rewind(void);
 /* A splitmix64 step: the tests' random numbers. */
 uint64_t rec_rand(uint64_t *state);
 
+/*
+ * Word i of what a test writes as write `id` into unit `unit` (a sector
+ * or a block) under its own `magic`: read back, a unit says which write
+ * it holds (the id sits above bit 24, the unit below).
+ */
+static inline uint64_t
+rec_pattern_word(uint64_t magic, uint64_t id, uint64_t unit, unsigned i)
+{
+	return (magic ^ (id << 24) ^ unit) + (uint64_t)i * 0x9e3779b97f4a7c15ull;
+}
+
 #endif /* BM_TEST_RECORDER_H */

@@ -134,8 +134,7 @@ static struct {
 static uint64_t
 pattern_word(uint32_t gid, uint64_t sect, unsigned i)
 {
-	return (MAGIC ^ ((uint64_t)gid << 24) ^ sect) +
-	       (uint64_t)i * 0x9e3779b97f4a7c15ull;
+	return rec_pattern_word(MAGIC, gid, sect, i);
 }
 
 static void
@@ -446,14 +445,6 @@ out:
 }
 
 /* ---- setting up ------------------------------------------------------- */
-
-static uint64_t
-env_u64(const char *name, uint64_t def)
-{
-	const char *v = getenv(name);
-
-	return v && *v ? strtoull(v, NULL, 0) : def;
-}
 
 static void
 fsync_path(const char *p)
@@ -811,14 +802,6 @@ out:
 	blockmirror_recovery_free(&rec);
 }
 
-static void
-silent(void *data, enum blockmirror_log_level level, const char *m)
-{
-	(void)data;
-	(void)level;
-	(void)m;
-}
-
 /* One seed for the whole run (set before the tests fork). */
 static uint64_t run_seed;
 
@@ -842,7 +825,7 @@ START_TEST(test_crash_points)
 	    strcmp(getenv("BM_CRASH_SCENARIO"), sc->name) != 0)
 		return;
 	cs = calloc(points, sizeof *cs);
-	blockmirror_set_log(silent, NULL, BLOCKMIRROR_LOG_ERROR);
+	blockmirror_set_log(log_silent, NULL, BLOCKMIRROR_LOG_ERROR);
 	G.rng = rec_rand(&rng);
 	G.ops = calloc(MAX_OPS, sizeof *G.ops);
 	atomic_store(&G.nops, 0);
@@ -936,9 +919,7 @@ main(void)
 	Suite *s = suite_create("crash-record");
 	TCase *tc = tcase_create("replay");
 
-	run_seed = env_u64("BM_CRASH_SEED", 0);
-	if (!run_seed)
-		run_seed = (uint64_t)time(NULL);
+	run_seed = env_seed("BM_CRASH_SEED");
 	tcase_set_timeout(tc, 300);
 	tcase_add_loop_test(tc, test_crash_points, 0, SCENARIOS);
 	suite_add_tcase(s, tc);
