@@ -4,8 +4,9 @@
 # Backups of a served disk while fio writes to it (docs/backup.md):
 #   - fio (crc32c-verified 4 KiB random writes over NBD) is stopped, the
 #     disk is copied with qemu-img (the instant), and a backup is started;
-#     fio goes on as soon as the backup reports progress, i.e. after its
-#     snapshot was taken, and writes while the point is copied;
+#     fio goes on as soon as the backup reports its snapshot taken
+#     (backup_at_instant, functions.sh), and writes while the point is
+#     copied;
 #   - every point (full, then incremental by the change record that
 #     `bmirror serve --track` keeps) restores to exactly its instant copy
 #     (qemu-img compare), and an incremental point reads about what
@@ -34,23 +35,12 @@ FIO=$!
 sleep 1
 
 # point N [--incremental]: the instant copied with fio stopped, then the
-# backup, fio let go once the backup reports progress.
+# backup, fio let go once the backup reports its snapshot taken.
 point() {
 	local n=$1
 	shift
-	kill -STOP "$FIO"
-	sleep 0.3   # what fio had in flight completes at the server
-	run_ok qemu-img convert -f raw -O raw "$MAIN" "$T/at$n.raw"
-	"$BMIRROR" backup --control "$CTL" --to "$DIR" --json --progress "$@" \
-		>"$T/b$n.out" 2>"$T/b$n.err" &
-	local b=$! i
-	for ((i = 0; i < 600; i++)); do
-		[[ -s $T/b$n.out ]] && break
-		kill -0 "$b" 2>/dev/null || break
-		sleep 0.05
-	done
-	kill -CONT "$FIO"
-	wait "$b" || { cat "$T/b$n.err" >&2; fail "backup $n failed"; }
+	backup_at_instant "$FIO" "$T/at$n.raw" "$T/b$n.out" --to "$DIR" "$@"
+	((BACKUP_RC == 0)) || { cat "$T/b$n.out.err" >&2; fail "backup $n failed"; }
 }
 
 point 1
@@ -68,9 +58,9 @@ pass "incremental points by the change record equal their instants"
 
 # The record, not digests: about what fio wrote between the points, far
 # less than the disk.
-# The result (the last line of the output, after the progress bar).
+# The result (the last line of the output, after the events).
 for n in 2 3; do
-	tail -n 1 "$T/b$n.out" | tr -d '\r' | sed 's/^.*{/{/' >"$T/b$n.json"
+	tail -n 1 "$T/b$n.out" >"$T/b$n.json"
 	json_assert "$T/b$n.json" "d['healed'] is False" "d['incremental'] is True" \
 		"d['bytes_read'] == d['bytes_changed']" \
 		"0 < d['bytes_changed'] <= $SIZE"
@@ -92,11 +82,13 @@ pass "points carry their checkpoints"
 # freeze, the server takes the snapshot and says so, the client thaws.
 run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
 	--freeze-cmd "echo frozen >> $T/hook" --thaw-cmd "echo thawed >> $T/hook"
-json_assert "$RUN_OUT" "d['consistency'] == 'application'" "d['point'] == 4"
+tail -n 1 "$RUN_OUT" >"$T/b4.json"
+json_assert "$T/b4.json" "d['consistency'] == 'application'" "d['point'] == 4"
 [[ $(cat "$T/hook") == $'frozen\nthawed' ]] || fail "hooks ran as: $(cat "$T/hook")"
 run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
 	--freeze-cmd "exit 1" --thaw-cmd "echo thawed >> $T/hook"
-json_assert "$RUN_OUT" "d['consistency'] == 'crash'"
+tail -n 1 "$RUN_OUT" >"$T/b5.json"
+json_assert "$T/b5.json" "d['consistency'] == 'crash'"
 [[ $(tail -n 1 "$T/hook") == thawed ]] || fail "no thaw after a failed freeze"
 pass "freeze and thaw around a served disk's instant"
 
@@ -132,6 +124,8 @@ for cmd, want in (({'cmd': 'backup'}, 'backup needs "dir"'),
     f.write(json.dumps(cmd) + '\n')
     f.flush()
     r = json.loads(f.readline())
+    while 'event' in r:   # a backup that began says each step first
+        r = json.loads(f.readline())
     assert 'error' in r and want in r['error']['message'], r
 EOF
 fio_verify "after the backups"
@@ -179,7 +173,8 @@ start_serve "$T/disk.raw"
 grep -q crashed "$T/serve.err" || fail "the restarted server did not say the tracker crashed"
 run_ok qemu-io -f raw -c "write -P 0x6c 60M 64k" "$MAIN"
 run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json
-json_assert "$RUN_OUT" "d['healed'] is False" "d['point'] == $n_before + 1" \
+tail -n 1 "$RUN_OUT" >"$T/after-kill.json"
+json_assert "$T/after-kill.json" "d['healed'] is False" "d['point'] == $n_before + 1" \
 	"d['bytes_changed'] >= 32 * 2**20 + 65536"
 stop_serve
 run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/$(printf %04d $((n_before + 1))).qcow2" "$T/disk.raw"
