@@ -118,6 +118,13 @@ backup_event_json(const struct blockmirror_backup_event *ev)
 	return j;
 }
 
+/* --json over the control socket: the server's events as they come. */
+static void
+print_line(json_t *ev, void *data)
+{
+	json_print(json_incref(ev));
+}
+
 /* --json: each event as a line (progress only in the bar otherwise). */
 static void
 print_event(void *user_data, const struct blockmirror_backup_event *ev)
@@ -314,7 +321,7 @@ served_event(json_t *ev, void *data)
 	if (!name)
 		return;
 	if (sv->json)
-		json_print(json_incref(ev));
+		print_line(ev, NULL);
 	if (!strcmp(name, "SNAPSHOT_TAKEN") && !sv->thawed) {
 		sv->thawed = true;
 		thaw_hook(sv->hooks);
@@ -435,9 +442,9 @@ do_verify(const char *dir, const char *against, enum blockmirror_format fmt,
 
 		if (!realpath(dir, real))
 			return tool_usage_error("%s: %s", dir, strerror(errno));
-		reply = client_call(control, json_pack("{s:s, s:s}", "cmd",
-						       "backup-verify", "dir",
-						       real));
+		reply = client_call_events(control, json_pack(
+				"{s:s, s:s}", "cmd", "backup-verify", "dir",
+				real), json ? print_line : NULL, NULL);
 		if (!reply)
 			return EXIT_FAILED;
 		if (json)

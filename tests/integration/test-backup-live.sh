@@ -107,7 +107,10 @@ pass "control commands answered while a backup runs; one backup at a time"
 kill -CONT "$FIO" 2>/dev/null || true
 wait "$FIO" || { cat "$T/fio.out" >&2; fail "fio failed while writing"; }
 run_ok "$BMIRROR" backup verify "$DIR" --control "$CTL" --json
-json_assert "$RUN_OUT" "d['points'] == 6" "d['live_bytes_read'] > 0" \
+[[ $(events_in "$RUN_OUT") == "$(printf 'POINT_VERIFIED %.0s' 1 2 3 4 5 6)LIVE_VERIFIED" ]] ||
+	fail "the events of verify over the control socket: $(events_in "$RUN_OUT")"
+tail -n 1 "$RUN_OUT" >"$T/verify.json"
+json_assert "$T/verify.json" "d['points'] == 6" "d['live_bytes_read'] > 0" \
 	"d['live_mismatches'] == 0"
 pass "verify over the control socket: the chain and the live disk"
 
