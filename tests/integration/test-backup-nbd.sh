@@ -15,8 +15,11 @@
 #   - fio never sees an error and verifies every write it made;
 #   - then a full target (nbdkit's full plugin; the error filter failing
 #     writes half way into the raw file), a target killed half way: clear
-#     errors naming the target, no point recorded, and the next point is
-#     whole; the served disk goes on.
+#     errors naming the target, no point recorded, verify and restore say
+#     the export was partly overwritten, and the next point is whole; the
+#     served disk goes on;
+#   - healing by digests (an image without a change record) after a point
+#     that failed half way into the export rewrites every granule.
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
 
@@ -197,6 +200,12 @@ export_stop
 cmp -s -- "$T/export.raw" "$T/at3.raw" && fail "the half-written point wrote nothing: no test"
 [[ $(points_in "$CAT") == "0001.json 0002.json 0003.json " ]] ||
 	fail "a target full half way left a point: $(points_in "$CAT")"
+# The export no longer holds point 3 alone: verify and restore say why.
+expect_fail_with --names "$(export_uri efile)" nonzero \
+	'point 0003: its export .* was partly overwritten by a backup that failed \(point 0004, into ' \
+	"$BMIRROR" backup verify --catalog "$CAT"
+expect_fail_with nonzero 'partly overwritten' \
+	"$BMIRROR" backup restore --catalog "$CAT" --to "$T/r.raw"
 
 # The next point, into the raw export again, covers everything since
 # point 3 (the failed attempts' checkpoints were removed), and so puts
@@ -248,3 +257,37 @@ EXPORT_PID=$RAW_PID
 export_stop
 stop_serve
 pass "the served disk is unaffected by failing targets"
+
+# --- healing into an export that a failed point wrote into -------------
+# An image that no program runs has no change record: its incremental
+# points heal by digests, trusting the export to hold the previous point.
+# A point that failed half way broke that trust, and its mark makes the
+# next point write every granule.
+IMG=$T/img.raw
+head -c $((8 * MiB)) /dev/urandom >"$IMG"
+cp -- "$IMG" "$T/img.p1"
+truncate -s $((8 * MiB)) "$T/hexp.raw"
+export_start hexp qemu-nbd -f raw -t -k "$T/hexp.sock" "$T/hexp.raw"
+HEXP=$EXPORT_PID
+run_ok "$BMIRROR" backup "$IMG" --to "$(export_uri hexp)" --catalog "$T/hcat"
+run_ok cmp -- "$T/hexp.raw" "$IMG"
+# Point 2 writes its new data at 1 MiB, then fails to zero 5 MiB.
+run_ok qemu-io -f raw -c "write -P 0x77 1M 64k" -c "write -z 5M 64k" "$IMG"
+export_start hfail nbdkit -f --exit-with-parent -U "$T/hfail.sock" --filter=error \
+	file "$T/hexp.raw" error-zero=ENOSPC error-zero-rate=100%
+expect_fail_with --names "$(export_uri hfail)" nonzero 'no space left on device' \
+	"$BMIRROR" backup "$IMG" --to "$(export_uri hfail)" --catalog "$T/hcat" --incremental
+export_stop
+cmp -s -- "$T/hexp.raw" "$T/img.p1" && fail "the failed point wrote nothing: no test"
+# Back to point 1's content: by the digests nothing changed since.
+cp -- "$T/img.p1" "$IMG"
+run_ok "$BMIRROR" backup "$IMG" --to "$(export_uri hexp)" --catalog "$T/hcat" \
+	--incremental --json
+tail -n 1 "$RUN_OUT" >"$T/h2.json"
+json_assert "$T/h2.json" "d['point'] == 2" "d['healed'] is True" \
+	"d['bytes_written'] == 8 * 2**20"
+run_ok cmp -- "$T/hexp.raw" "$IMG"
+run_ok "$BMIRROR" backup verify --catalog "$T/hcat"
+EXPORT_PID=$HEXP
+export_stop
+pass "healing after a failed point into the export writes every granule"
