@@ -30,7 +30,12 @@
  * not already read as zeroes), an incremental one exactly the granules
  * that changed, so the export holds the newest point and an older NBD
  * point's data is superseded.  Everything else (numbering, the manifest
- * last, checkpoints, leftovers) is as for a directory.
+ * last, checkpoints, leftovers) is as for a directory, but for one mark:
+ * DIR/NNNN.writing is made before point NNNN's first write into an export
+ * and removed once the point exists.  Left behind, it says that a point
+ * that failed wrote part of itself over the newest point there, so verify
+ * and restore say so, and a backup that heals by digests (which trusts
+ * the export to hold the previous point) writes every granule instead.
  *
  * Each step is reported to the caller's event callback, from the
  * caller's thread; a backup that began ends with exactly one of
@@ -536,6 +541,35 @@ clean_leftovers(const char *dir, unsigned n)
 	return removed;
 }
 
+/*
+ * Has a point numbered `next` that failed written part of itself into
+ * the export of point `p` (its mark is there)?  -EBADMSG saying so.
+ */
+static int
+check_export_whole(const char *dir, const struct point *p, unsigned next)
+{
+	char mark[PATH_MAX], uri[4096] = "";
+	ssize_t n;
+	int fd;
+
+	point_file(mark, sizeof mark, dir, next, "writing");
+	if (!p->target[0])
+		return 0;
+	fd = open(mark, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return 0;
+	/* What the failed point wrote to (the same storage, perhaps by
+	 * another name). */
+	n = read(fd, uri, sizeof uri - 1);
+	uri[n > 0 ? n : 0] = '\0';
+	close(fd);
+	return bm_error(-EBADMSG, "point %04u: its export %s was partly "
+			"overwritten by a backup that failed (point %04u, "
+			"into %s); the next point into it makes it whole "
+			"again", p->number, p->target, next,
+			uri[0] ? uri : "the same export");
+}
+
 /* ---- taking a point -------------------------------------------------- */
 
 static void
@@ -842,6 +876,8 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	struct point prev = { 0 }, p = { 0 };
 	struct run run = { .disk = disk, .o = o, .res = res, .ev = &ev };
 	char cp[80], data[PATH_MAX] = "", dig[PATH_MAX] = "", backing[32];
+	char mark[PATH_MAX];
+	bool export_dirty;
 	uint64_t *words = NULL, nbits = 0, changed = 0, g = 0, ndig;
 	bool tracking, created = false, heal = false, frozen;
 	unsigned newest;
@@ -921,6 +957,9 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		}
 		event_send(&ev, &e);
 	}
+	/* A point that failed wrote into the previous point's export. */
+	point_file(mark, sizeof mark, o->dir, newest + 1, "writing");
+	export_dirty = prev.target[0] && access(mark, F_OK) == 0;
 	/* What a backup that died left of the next point is no point. */
 	if (clean_leftovers(o->dir, newest + 1))
 		event_step(&ev, BLOCKMIRROR_BACKUP_LEFTOVERS_CLEANED,
@@ -1062,6 +1101,18 @@ blockmirror_backup(struct blockmirror_disk *disk,
 				     " bytes, the disk %" PRIu64, data,
 				     blockmirror_disk_get_size(run.target),
 				     run.size);
+		else
+			r = bm_durable_write_file(mark, data, strlen(data),
+						  0644);
+		if (r == 0 && heal && export_dirty) {
+			/* The export may differ from the previous point's
+			 * digests anywhere: every granule "differs". */
+			bm_warn("%s: a point that failed wrote part of itself "
+				"into the export; healing writes every granule",
+				o->dir);
+			memset(run.digests, 0, granules(&p) *
+			       sizeof *run.digests);
+		}
 	} else {
 		char copts[128];
 
@@ -1121,6 +1172,9 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	if (r < 0)
 		goto fail;
 	event_step(&ev, BLOCKMIRROR_BACKUP_POINT_COMMITTED, p.number, NULL);
+	/* The export holds this point alone now (or another kind of target
+	 * took it: the mark says nothing any more). */
+	unlink(mark);
 
 	/* The point exists: the record before it is no longer needed. */
 	blockmirror_snapshot_release(run.snap);
@@ -1359,6 +1413,8 @@ verify_chain(const char *dir, struct blockmirror_disk *live,
 			continue;
 		}
 		if (r == 0)
+			r = check_export_whole(dir, &p, k + 1);
+		if (r == 0)
 			r = verify_point(dir, &p, dg, buf, res);
 		if (r < 0 && !res->bad_point)
 			res->bad_point = k;
@@ -1505,6 +1561,8 @@ open_point(const char *dir, unsigned number, struct point *p,
 			     "%s has since been written by point %04u", dir,
 			     p->number, p->target, last);
 	if (r == 0)
+		r = check_export_whole(dir, p, last + 1);
+	if (r == 0)
 		r = digests_read(dir, p, dg, &n);
 	return r;
 }
@@ -1589,6 +1647,8 @@ remove_below(const char *dir, unsigned k, const struct events *ev)
 		if (bm_durable_unlink(path) < 0)
 			break;
 		clean_leftovers(dir, best);
+		point_file(path, sizeof path, dir, best, "writing");
+		unlink(path);
 		removed++;
 		event_step(ev, BLOCKMIRROR_BACKUP_POINT_REMOVED, best, NULL);
 	}
