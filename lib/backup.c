@@ -32,7 +32,7 @@
  * point's data is superseded.  Everything else (numbering, the manifest
  * last, checkpoints, leftovers) is as for a directory, but for one mark:
  * DIR/NNNN.writing is made before point NNNN's first write into an export
- * and removed once the point exists.  Left behind, it says that a point
+ * when point NNNN-1 is in an export, and removed once the point exists.  Left behind, it says that a point
  * that failed wrote part of itself over the newest point there, so verify
  * and restore say so, and a backup that heals by digests (which trusts
  * the export to hold the previous point) writes every granule instead.
@@ -1101,7 +1101,9 @@ blockmirror_backup(struct blockmirror_disk *disk,
 				     " bytes, the disk %" PRIu64, data,
 				     blockmirror_disk_get_size(run.target),
 				     run.size);
-		else
+		else if (prev.target[0])
+			/* Only an export's newest point can be written over;
+			 * any URI may name the same storage as its own. */
 			r = bm_durable_write_file(mark, data, strlen(data),
 						  0644);
 		if (r == 0 && heal && export_dirty) {
