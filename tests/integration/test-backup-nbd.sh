@@ -134,6 +134,9 @@ run_ok cmp -- "$T/r3.raw" "$T/at3.raw"
 expect_fail_with --names "$CAT" nonzero 'point 0002 is superseded' \
 	"$BMIRROR" backup restore --catalog "$CAT" --point 2 --to "$T/r2.raw"
 [[ ! -e $T/r2.raw ]] || fail "a refused restore left an image"
+expect_fail_with --names "$(export_uri export)" nonzero 'in the NBD export .*not in a file' \
+	"$BMIRROR" backup restore --catalog "$CAT" --overlay "$T/ov.qcow2"
+[[ ! -e $T/ov.qcow2 ]] || fail "a refused overlay was made"
 # Damage in the export: verify names the point and the offset.
 cp -- "$T/export.raw" "$T/export.good"
 flip_byte "$T/export.raw" $((5 * MiB + 7))
