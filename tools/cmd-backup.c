@@ -561,6 +561,14 @@ do_restore(const char *dir, uint64_t point, const char *to,
 		snprintf(file, sizeof file, "%s",
 			 v[point ? point - v[0].number : n - 1].file);
 		free(v);
+		/* An overlay's backing file must be a file here. */
+		if (blockmirror_nbd_is_uri(file)) {
+			tool_error("%s: the point's data is in the NBD export "
+				   "%s, not in a file: restore it with --to "
+				   "TARGET, or serve an overlay of the export "
+				   "yourself", dir, file);
+			return EXIT_FAILED;
+		}
 		return make_overlay(file, overlay, json);
 	}
 	bar = progress_new("restoring", want_bar);
