@@ -30,6 +30,23 @@
  * files without a manifest, its checkpoint), so the next incremental
  * still covers everything since the last point that exists.
  *
+ * With an NBD target the point's data goes into an export instead of
+ * NNNN.qcow2, and DIR holds only the catalogue (manifests, digests): a
+ * full point writes the whole disk there (zeroes where the export does
+ * not already read as zeroes), an incremental one exactly the granules
+ * that changed, so the export holds the newest point and an older NBD
+ * point's data is superseded.  Everything else (numbering, the manifest
+ * last, checkpoints, leftovers) is as for a directory, but for one mark:
+ * DIR/NNNN.writing is made before point NNNN's first write into an export
+ * when point NNNN-1 is in an export, and removed once the point exists.  Left behind, it says that a point
+ * that failed wrote part of itself over the newest point there, so verify
+ * and restore say so, and a backup that heals by digests (which trusts
+ * the export to hold the previous point) writes every granule instead.
+ *
+ * Each step is reported to the caller's event callback, from the
+ * caller's thread; a backup that began ends with exactly one of
+ * COMPLETED, FAILED, CANCELLED.
+ *
  * One backup or prune at a time per directory (a lock file in it).
  * Everything here runs on the caller's thread and uses the disk only
  * through the public calls, which post to its loop.
@@ -40,6 +57,7 @@
 #include <inttypes.h>
 #include <jansson.h>
 #include <limits.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,6 +73,7 @@
 #include "checkpoint.h"
 #include "disk.h"
 #include "internal.h"
+#include "nbd.h"
 #include "snapshot.h"
 
 #define COPY_BYTES (1024 * BM_KiB)
@@ -75,6 +94,7 @@ struct point {
 	char chain[17];            /* the chain's id, in its checkpoints' names */
 	bool application;          /* freeze succeeded at the instant */
 	struct bm_digest digests_digest;
+	char target[4096];         /* the NBD URI holding the data, or "" */
 };
 
 static void
@@ -82,6 +102,95 @@ point_file(char *out, size_t len, const char *dir, unsigned n,
 	   const char *ext)
 {
 	snprintf(out, len, "%s/%04u.%s", dir, n, ext);
+}
+
+/* Where a point's data is: its export, or DIR/NNNN.qcow2. */
+static void
+point_data(char *out, size_t len, const char *dir, const struct point *p)
+{
+	if (p->target[0])
+		snprintf(out, len, "%s", p->target);
+	else
+		point_file(out, len, dir, p->number, "qcow2");
+}
+
+static enum blockmirror_format
+point_format(const struct point *p)
+{
+	return p->target[0] ? BLOCKMIRROR_FORMAT_RAW : BLOCKMIRROR_FORMAT_QCOW2;
+}
+
+/* ---- events ---------------------------------------------------------- */
+
+static const char *const event_names[] = {
+	[BLOCKMIRROR_BACKUP_STARTED] = "BACKUP_STARTED",
+	[BLOCKMIRROR_BACKUP_LEFTOVERS_CLEANED] = "LEFTOVERS_CLEANED",
+	[BLOCKMIRROR_BACKUP_FREEZE_BEGUN] = "FREEZE_BEGUN",
+	[BLOCKMIRROR_BACKUP_FROZEN] = "FROZEN",
+	[BLOCKMIRROR_BACKUP_FREEZE_FAILED] = "FREEZE_FAILED",
+	[BLOCKMIRROR_BACKUP_SNAPSHOT_TAKEN] = "SNAPSHOT_TAKEN",
+	[BLOCKMIRROR_BACKUP_THAWED] = "THAWED",
+	[BLOCKMIRROR_BACKUP_CHECKPOINT_CREATED] = "CHECKPOINT_CREATED",
+	[BLOCKMIRROR_BACKUP_PROGRESS] = "BACKUP_PROGRESS",
+	[BLOCKMIRROR_BACKUP_DATA_FLUSHED] = "DATA_FLUSHED",
+	[BLOCKMIRROR_BACKUP_DIGESTS_WRITTEN] = "DIGESTS_WRITTEN",
+	[BLOCKMIRROR_BACKUP_POINT_COMMITTED] = "POINT_COMMITTED",
+	[BLOCKMIRROR_BACKUP_CHECKPOINT_REMOVED] = "CHECKPOINT_REMOVED",
+	[BLOCKMIRROR_BACKUP_COMPLETED] = "BACKUP_COMPLETED",
+	[BLOCKMIRROR_BACKUP_FAILED] = "BACKUP_FAILED",
+	[BLOCKMIRROR_BACKUP_CANCELLED] = "BACKUP_CANCELLED",
+	[BLOCKMIRROR_BACKUP_POINT_VERIFIED] = "POINT_VERIFIED",
+	[BLOCKMIRROR_BACKUP_POINT_SUPERSEDED] = "POINT_SUPERSEDED",
+	[BLOCKMIRROR_BACKUP_LIVE_VERIFIED] = "LIVE_VERIFIED",
+	[BLOCKMIRROR_BACKUP_POINT_RESTORED] = "POINT_RESTORED",
+	[BLOCKMIRROR_BACKUP_POINT_MERGED] = "POINT_MERGED",
+	[BLOCKMIRROR_BACKUP_POINT_REMOVED] = "POINT_REMOVED",
+};
+
+BM_EXPORT const char *
+blockmirror_backup_event_name(enum blockmirror_backup_event_type type)
+{
+	const char *name = BM_NAME_OF(event_names, type);
+
+	return name ? name : "UNKNOWN";
+}
+
+/* Where events go: the callback and its data (fn may be NULL). */
+struct events {
+	blockmirror_backup_event_fn fn;
+	void *data;
+};
+
+/* Send `ev`; the callback may make public calls, which clear this
+ * thread's error message: it is kept across. */
+static void
+event_send(const struct events *e, const struct blockmirror_backup_event *ev)
+{
+	char msg[1024];
+	int err = blockmirror_last_errno(), saved = errno;
+
+	if (!e->fn)
+		return;
+	snprintf(msg, sizeof msg, "%s", blockmirror_last_error() ?
+		 blockmirror_last_error() : "");
+	e->fn(e->data, ev);
+	if (msg[0])
+		bm_error(-err, "%s", msg);
+	else
+		bm_error_clear();
+	errno = saved;
+}
+
+/* A step with no field but the point and a name. */
+static void
+event_step(const struct events *e, enum blockmirror_backup_event_type type,
+	   unsigned point, const char *name)
+{
+	struct blockmirror_backup_event ev = {
+		.type = type, .point = point, .name = name,
+	};
+
+	event_send(e, &ev);
 }
 
 /* The last error without the name of the public call that raised it:
@@ -149,11 +258,21 @@ manifest_read(const char *dir, unsigned n, struct point *p)
 	v = json_object_get(m, "chain");
 	if (json_is_string(v))
 		snprintf(p->chain, sizeof p->chain, "%s", json_string_value(v));
+	v = json_object_get(m, "target");
+	if (json_is_null(v))
+		v = NULL;
+	if (v && (!json_is_string(v) ||
+		  strlen(json_string_value(v)) >= sizeof p->target ||
+		  !bm_nbd_is_uri(json_string_value(v))))
+		r = bm_error(-EBADMSG, "%s: \"target\" is not an NBD URI", path);
+	else if (v)
+		snprintf(p->target, sizeof p->target, "%s",
+			 json_string_value(v));
 	s = json_string_value(json_object_get(m, "digests_xxh128"));
-	if (json_integer_value(json_object_get(m, "version")) != 1 ||
+	if (r == 0 && (json_integer_value(json_object_get(m, "version")) != 1 ||
 	    num != (json_int_t)n || size <= 0 || g < (json_int_t)MIN_GRANULARITY ||
 	    g > (json_int_t)MAX_GRANULARITY || g & (g - 1) || !s ||
-	    strlen(s) != 32)
+	    strlen(s) != 32))
 		r = bm_error(-EBADMSG, "%s: a field is missing or out of range "
 			     "(version, point, disk_size, granularity, "
 			     "digests_xxh128)", path);
@@ -186,8 +305,8 @@ manifest_write(const char *dir, const struct point *p, const char *backing)
 	int r;
 
 	bm_digest_hex(&p->digests_digest, hex);
-	m = json_pack("{s:i, s:i, s:s, s:b, s:I, s:I, s:I, s:s?, s:s?, s:s, "
-		      "s:s}",
+	m = json_pack("{s:i, s:i, s:s, s:b, s:I, s:I, s:I, s:s?, s:s?, s:s?, "
+		      "s:s, s:s}",
 		      "version", 1, "point", (int)p->number, "chain", p->chain,
 		      "incremental", p->incremental,
 		      "instant", (json_int_t)p->instant,
@@ -195,6 +314,7 @@ manifest_write(const char *dir, const struct point *p, const char *backing)
 		      "granularity", (json_int_t)p->granularity,
 		      "checkpoint", p->checkpoint[0] ? p->checkpoint : NULL,
 		      "backing", backing,
+		      "target", p->target[0] ? p->target : NULL,
 		      "consistency", p->application ? "application" : "crash",
 		      "digests_xxh128", hex);
 	text = m ? json_dumps(m, JSON_INDENT(2)) : NULL;
@@ -408,20 +528,67 @@ lock_dir(const char *dir, bool exclusive)
 	return fd;
 }
 
-/* Files a backup that died left for point n (no manifest: no point). */
-static void
+/* Files a backup that died left for point n (no manifest: no point);
+ * how many there were. */
+static unsigned
 clean_leftovers(const char *dir, unsigned n)
 {
 	static const char *const ext[] = { "qcow2", "digests", "qcow2.new" };
 	char path[PATH_MAX];
+	unsigned removed = 0;
 
 	point_file(path, sizeof path, dir, n, "json");
 	if (access(path, F_OK) == 0)
-		return;
+		return 0;
 	for (size_t i = 0; i < sizeof ext / sizeof ext[0]; i++) {
 		point_file(path, sizeof path, dir, n, ext[i]);
-		unlink(path);
+		removed += unlink(path) == 0;
 	}
+	return removed;
+}
+
+/*
+ * Has a point numbered `next` that failed written part of itself into
+ * the export of point `p` (its mark is there)?  -EBADMSG saying so.
+ */
+static int
+check_export_whole(const char *dir, const struct point *p, unsigned next)
+{
+	char mark[PATH_MAX], uri[4096] = "";
+	ssize_t n;
+	int fd;
+
+	point_file(mark, sizeof mark, dir, next, "writing");
+	if (!p->target[0])
+		return 0;
+	fd = open(mark, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return 0;
+	/* What the failed point wrote to (the same storage, perhaps by
+	 * another name). */
+	n = read(fd, uri, sizeof uri - 1);
+	uri[n > 0 ? n : 0] = '\0';
+	close(fd);
+	return bm_error(-EBADMSG, "point %04u: its export %s was partly "
+			"overwritten by a backup that failed (point %04u, "
+			"into %s); the next point into it makes it whole "
+			"again", p->number, p->target, next,
+			uri[0] ? uri : "the same export");
+}
+
+/* Remove a checkpoint the new point `p` no longer needs; one already
+ * gone is fine, any other failure only a warning (the point exists). */
+static void
+remove_checkpoint(struct blockmirror_disk *disk, const char *dir,
+		  const struct point *p, const char *name,
+		  const struct events *ev)
+{
+	if (blockmirror_checkpoint_remove(disk, name) == 0)
+		event_step(ev, BLOCKMIRROR_BACKUP_CHECKPOINT_REMOVED, p->number,
+			   name);
+	else if (blockmirror_last_errno() != ENOENT)
+		bm_warn("%s: checkpoint %s could not be removed: %s", dir,
+			name, inner_error());
 }
 
 /*
@@ -433,7 +600,7 @@ clean_leftovers(const char *dir, unsigned n)
  */
 static void
 remove_older_checkpoints(struct blockmirror_disk *disk, const char *dir,
-			 const struct point *p)
+			 const struct point *p, const struct events *ev)
 {
 	struct blockmirror_checkpoint *l = NULL;
 	char prefix[32];
@@ -449,10 +616,7 @@ remove_older_checkpoints(struct blockmirror_disk *disk, const char *dir,
 
 		if (!k || k >= p->number || *end)
 			continue;
-		if (blockmirror_checkpoint_remove(disk, l[i].name) < 0 &&
-		    blockmirror_last_errno() != ENOENT)
-			bm_warn("%s: checkpoint %s could not be removed: %s",
-				dir, l[i].name, inner_error());
+		remove_checkpoint(disk, dir, p, l[i].name, ev);
 	}
 	free(l);
 }
@@ -495,6 +659,8 @@ struct run {
 	const char *file;                  /* the point's image, for messages */
 	uint8_t *buf;                      /* chunk bytes */
 	bool incremental;
+	bool nbd;                          /* the target is an export */
+	const struct events *ev;
 	bool heal;                         /* write only what differs from
 					      the previous point's digests */
 	struct blockmirror_backup_point *res;
@@ -536,8 +702,9 @@ copy_range(struct run *run, uint64_t off, uint64_t len)
 		}
 		if (bm_is_zero(run->buf + p, n)) {
 			run->digests[k] = *zero_of(run, k);
-			/* Over a backing point, zeroes must be said. */
-			if (run->incremental)
+			/* Over a backing point or an export that held data,
+			 * zeroes must be said. */
+			if (run->incremental || run->nbd)
 				r = blockmirror_disk_write_zeroes(run->target,
 								  n, off + p,
 								  0);
@@ -553,6 +720,53 @@ copy_range(struct run *run, uint64_t off, uint64_t len)
 	run->done = BM_MIN(run->done + len, run->total);
 	if (run->o->progress)
 		run->o->progress(run->o->user_data, run->done, run->total);
+	{
+		struct blockmirror_backup_event ev = {
+			.type = BLOCKMIRROR_BACKUP_PROGRESS,
+			.done = run->done, .total = run->total,
+		};
+
+		event_send(run->ev, &ev);
+	}
+	return 0;
+}
+
+/* A full point into an export: [off, end) holds no data in the view, so
+ * the export must read zeroes there; written where it does not already
+ * (its block status says so). */
+static int
+zero_target(struct run *run, uint64_t off, uint64_t end)
+{
+	struct bm_extent_list l = { 0 };
+	struct bm_waiter w;
+	int r = 0;
+
+	while (r == 0 && off < end) {
+		bm_extent_list_reset(&l);
+		bm_waiter_init(&w);
+		r = bm_disk_aio_block_status(run->target, end - off, off, &l,
+					     extents_done, &w);
+		if (r == 0)
+			r = bm_disk_wait(run->target, &w);
+		bm_waiter_destroy(&w);
+		for (size_t i = 0; r == 0 && i < l.len && off < end; i++) {
+			uint64_t n = BM_MIN(l.v[i].length, end - off);
+
+			if (!(l.v[i].flags & BM_EXTENT_ZERO))
+				r = blockmirror_disk_write_zeroes(run->target,
+								  n, off, 0);
+			off += n;
+		}
+		if (r == 0 && !l.len) {
+			/* Nothing said: zero the rest. */
+			r = blockmirror_disk_write_zeroes(run->target,
+							  end - off, off, 0);
+			off = end;
+		}
+	}
+	bm_extent_list_free(&l);
+	if (r < 0)
+		return bm_error(r, "%s: %s", run->file, inner_error());
 	return 0;
 }
 
@@ -608,6 +822,12 @@ copy_full(struct run *run)
 			if (l.v[i].flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO)) {
 				run->done = BM_MIN(run->done + l.v[i].length,
 						   run->total);
+				if (run->nbd && !run->heal)
+					r = zero_target(run, BM_MAX(
+						l.v[i].offset, copied),
+						BM_MIN(l.v[i].offset +
+						       l.v[i].length,
+						       run->size));
 				continue;
 			}
 			if (run->heal)
@@ -655,28 +875,60 @@ copy_changed(struct run *run, const uint64_t *words, uint64_t nbits,
 	return r;
 }
 
+/* The caller's options into `out`, the fields its size leaves out
+ * zero. */
 static int
-check_options(const struct blockmirror_backup_options *o)
+check_options(const struct blockmirror_backup_options *o,
+	      struct blockmirror_backup_options *out)
 {
-	if (!o || o->size < sizeof *o)
-		return bm_error(-EINVAL, "no options, or options of an older "
+	memset(out, 0, sizeof *out);
+	if (!BM_SIZE_COVERS(o, struct blockmirror_backup_options, cancelled))
+		return bm_error(-EINVAL, "no options, or options of a bad "
 				"size");
-	if (!o->dir || !*o->dir)
+	memcpy(out, o, BM_MIN(o->size, sizeof *out));
+	out->size = sizeof *out;
+	if (!out->dir || !*out->dir)
 		return bm_error(-EINVAL, "no backup directory");
+	if (out->target && !bm_nbd_is_uri(out->target))
+		return bm_error(-EINVAL, "%s: a backup target must be an NBD "
+				"URI (nbd://, nbds://, nbd+unix://); a "
+				"directory goes in dir", out->target);
+	if (out->target &&
+	    strlen(out->target) >= sizeof ((struct point *)0)->target)
+		return bm_error(-ENAMETOOLONG, "the target URI is too long");
 	return 0;
+}
+
+/* The end of a backup that began: FAILED or CANCELLED, and its errno. */
+static int
+backup_end(const struct events *e, unsigned point, int r)
+{
+	struct blockmirror_backup_event ev = {
+		.type = r == -ECANCELED ? BLOCKMIRROR_BACKUP_CANCELLED
+					: BLOCKMIRROR_BACKUP_FAILED,
+		.point = point, .err = -r, .message = inner_error(),
+	};
+
+	event_send(e, &ev);
+	return bm_api_fail("blockmirror_backup", r);
 }
 
 BM_EXPORT int
 blockmirror_backup(struct blockmirror_disk *disk,
-		   const struct blockmirror_backup_options *o,
+		   const struct blockmirror_backup_options *caller,
 		   struct blockmirror_backup_point *res)
 {
+	struct blockmirror_backup_options opts;
+	const struct blockmirror_backup_options *o = &opts;
+	struct events ev = { 0 };
 	struct blockmirror_snapshot_options so = { .size = sizeof so };
 	struct blockmirror_snapshot_info info;
 	struct blockmirror_checkpoint *list = NULL;
 	struct point prev = { 0 }, p = { 0 };
-	struct run run = { .disk = disk, .o = o, .res = res };
+	struct run run = { .disk = disk, .o = o, .res = res, .ev = &ev };
 	char cp[80], data[PATH_MAX] = "", dig[PATH_MAX] = "", backing[32];
+	char mark[PATH_MAX];
+	bool export_dirty;
 	uint64_t *words = NULL, nbits = 0, changed = 0, g = 0, ndig;
 	bool tracking, created = false, heal = false, frozen;
 	unsigned newest;
@@ -688,11 +940,14 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		return bm_api_fail("blockmirror_backup",
 				   bm_error(-EINVAL, "bad arguments"));
 	memset(res, 0, sizeof *res);
-	r = check_options(o);
+	r = check_options(caller, &opts);
+	if (r < 0)
+		return bm_api_fail("blockmirror_backup", r);
+	ev.fn = o->on_event;
+	ev.data = o->event_data;
 	/* A new directory's name must last as long as the points in it:
 	 * the parent is synced (an existing one: once more, harmless). */
-	if (r == 0)
-		r = bm_durable_mkdir(o->dir, 0755);
+	r = bm_durable_mkdir(o->dir, 0755);
 	if (r == 0)
 		r = lock = lock_dir(o->dir, true);
 	if (r >= 0)
@@ -703,10 +958,8 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	if (r < 0) {
 		if (lock >= 0)
 			close(lock);
-		return bm_api_fail("blockmirror_backup", r);
+		return backup_end(&ev, 0, r);
 	}
-	/* What a backup that died left of the next point is no point. */
-	clean_leftovers(o->dir, newest + 1);
 	tracking = blockmirror_checkpoint_list(disk, &list, &ncp) == 0;
 	bm_error_clear();
 	if (o->incremental && !newest)
@@ -723,14 +976,46 @@ blockmirror_backup(struct blockmirror_disk *disk,
 				     "%" PRIu64 " bytes, this one has %" PRIu64,
 				     o->dir, newest, prev.disk_size,
 				     blockmirror_disk_get_size(disk));
+		/* The data it builds on is where the previous point's is:
+		 * in DIR's chain, or in an export. */
+		if (r == 0 && !prev.target[0] != !o->target)
+			r = bm_error(-EINVAL, "%s: point %04u's data is %s; an "
+				     "incremental point goes to the same kind "
+				     "of target; take a full one", o->dir,
+				     newest, prev.target[0] ? "in an NBD export"
+				     : "in the directory");
 		if (r == 0)
 			r = digests_read(o->dir, &prev, &run.digests, &ndig);
 	}
 	free(list);
 	if (r < 0) {
 		close(lock);
-		return bm_api_fail("blockmirror_backup", r);
+		free(run.digests);
+		return backup_end(&ev, 0, r);
 	}
+	{
+		struct blockmirror_backup_event e = {
+			.type = BLOCKMIRROR_BACKUP_STARTED,
+			.point = newest + 1, .incremental = o->incremental,
+			.healing = heal,
+		};
+
+		if (o->target) {
+			e.name = o->target;
+		} else {
+			point_file(data, sizeof data, o->dir, newest + 1,
+				   "qcow2");
+			e.name = data;
+		}
+		event_send(&ev, &e);
+	}
+	/* A point that failed wrote into the previous point's export. */
+	point_file(mark, sizeof mark, o->dir, newest + 1, "writing");
+	export_dirty = prev.target[0] && access(mark, F_OK) == 0;
+	/* What a backup that died left of the next point is no point. */
+	if (clean_leftovers(o->dir, newest + 1))
+		event_step(&ev, BLOCKMIRROR_BACKUP_LEFTOVERS_CLEANED,
+			   newest + 1, NULL);
 
 	p.number = newest + 1;
 	p.incremental = o->incremental;
@@ -755,15 +1040,25 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	/* A backup of this point that died left its checkpoint: removing
 	 * it merges its record into the previous point's, which is whole
 	 * again. */
-	if (tracking && blockmirror_checkpoint_remove(disk, cp) == 0)
+	if (tracking && blockmirror_checkpoint_remove(disk, cp) == 0) {
 		bm_warn("%s: removed checkpoint %s, left by a backup that did "
 			"not finish", o->dir, cp);
+		event_step(&ev, BLOCKMIRROR_BACKUP_LEFTOVERS_CLEANED, p.number,
+			   cp);
+	}
 	bm_error_clear();
 	if (tracking) {
 		so.checkpoint = cp;
 		so.since = o->incremental && !heal ? prev.checkpoint : NULL;
 	}
-	frozen = o->freeze && o->freeze(o->user_data) == 0;
+	frozen = false;
+	if (o->freeze) {
+		event_step(&ev, BLOCKMIRROR_BACKUP_FREEZE_BEGUN, p.number, NULL);
+		frozen = o->freeze(o->user_data) == 0;
+		event_step(&ev, frozen ? BLOCKMIRROR_BACKUP_FROZEN
+				       : BLOCKMIRROR_BACKUP_FREEZE_FAILED,
+			   p.number, NULL);
+	}
 	r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
 	if ((r == -ENOENT || r == -ESTALE) && so.since) {
 		/* The record since the point is gone or not trusted (a
@@ -774,6 +1069,14 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		so.since = NULL;
 		r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
 	}
+	if (r == 0) {
+		struct blockmirror_backup_event e = {
+			.type = BLOCKMIRROR_BACKUP_SNAPSHOT_TAKEN,
+			.point = p.number, .healing = heal,
+		};
+
+		event_send(&ev, &e);
+	}
 	if (o->thaw) {
 		char msg[512];
 
@@ -781,13 +1084,17 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		o->thaw(o->user_data);
 		if (r < 0)
 			bm_error(r, "%s", msg);
+		event_step(&ev, BLOCKMIRROR_BACKUP_THAWED, p.number, NULL);
 	}
 	p.application = frozen;
 	if (r < 0)
 		goto fail;
 	created = tracking;
-	if (tracking)
+	if (tracking) {
 		snprintf(p.checkpoint, sizeof p.checkpoint, "%s", cp);
+		event_step(&ev, BLOCKMIRROR_BACKUP_CHECKPOINT_CREATED, p.number,
+			   cp);
+	}
 	if (o->incremental && !heal) {
 		r = blockmirror_snapshot_changed(run.snap, &g, &words, &nbits,
 						 &changed);
@@ -829,27 +1136,54 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	bm_hash_buffer(run.buf, g, &run.zero_digest);
 	bm_hash_buffer(run.buf, run.size % g ? run.size % g : g, &run.zero_tail);
 
-	/* The point's image, then its data. */
-	point_file(data, sizeof data, o->dir, p.number, "qcow2");
+	/* The point's image (or the export), then its data. */
 	point_file(dig, sizeof dig, o->dir, p.number, "digests");
 	snprintf(backing, sizeof backing, "%04u.qcow2", newest);
-	{
-		char opts[128];
+	run.file = data;
+	run.nbd = o->target;
+	if (run.nbd) {
+		snprintf(p.target, sizeof p.target, "%s", o->target);
+		snprintf(data, sizeof data, "%s", o->target);
+		run.target = blockmirror_disk_open(data, BLOCKMIRROR_FORMAT_RAW,
+						   0);
+		if (!run.target)
+			r = bm_error(-errno, "%s", inner_error());
+		else if (blockmirror_disk_get_size(run.target) != run.size)
+			r = bm_error(-EINVAL, "%s: the export holds %" PRIu64
+				     " bytes, the disk %" PRIu64, data,
+				     blockmirror_disk_get_size(run.target),
+				     run.size);
+		else if (prev.target[0])
+			/* Only an export's newest point can be written over;
+			 * any URI may name the same storage as its own. */
+			r = bm_durable_write_file(mark, data, strlen(data),
+						  0644);
+		if (r == 0 && heal && export_dirty) {
+			/* The export may differ from the previous point's
+			 * digests anywhere: every granule "differs". */
+			bm_warn("%s: a point that failed wrote part of itself "
+				"into the export; healing writes every granule",
+				o->dir);
+			memset(run.digests, 0, granules(&p) *
+			       sizeof *run.digests);
+		}
+	} else {
+		char copts[128];
 
-		snprintf(opts, sizeof opts, "cluster_size=%" PRIu64 "%s%s%s",
+		snprintf(copts, sizeof copts, "cluster_size=%" PRIu64 "%s%s%s",
 			 BM_MIN(BM_MAX(g, 64 * BM_KiB), 2048 * BM_KiB),
 			 o->incremental ? ",backing_file=" : "",
 			 o->incremental ? backing : "",
 			 o->incremental ? ",backing_fmt=qcow2" : "");
+		point_file(data, sizeof data, o->dir, p.number, "qcow2");
 		r = blockmirror_image_create(data, BLOCKMIRROR_FORMAT_QCOW2,
-					     run.size, opts, false);
-	}
-	run.file = data;
-	if (r == 0) {
-		run.target = blockmirror_disk_open(data,
-						   BLOCKMIRROR_FORMAT_QCOW2, 0);
-		if (!run.target)
-			r = -errno;
+					     run.size, copts, false);
+		if (r == 0) {
+			run.target = blockmirror_disk_open(
+				data, BLOCKMIRROR_FORMAT_QCOW2, 0);
+			if (!run.target)
+				r = -errno;
+		}
 	}
 	if (r == 0)
 		r = o->incremental && !heal
@@ -868,10 +1202,15 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		r = bm_error(r, "flushing the disk: %s", inner_error());
 	if (r == 0)
 		r = blockmirror_disk_flush(run.target);
+	/* Every failure of the export names it. */
+	if (r < 0 && run.nbd && !strstr(inner_error(), data))
+		bm_error_prefix(r, "%s: ", data);
 	r = close_keeping_error(run.target, r);
 	run.target = NULL;
-	if (r == 0)
+	if (r == 0 && !run.nbd)
 		r = bm_durable_sync_parent(data);
+	if (r == 0)
+		event_step(&ev, BLOCKMIRROR_BACKUP_DATA_FLUSHED, p.number, data);
 	if (r == 0) {
 		uint64_t n = (run.size + g - 1) / g;
 
@@ -879,25 +1218,30 @@ blockmirror_backup(struct blockmirror_disk *disk,
 			       &p.digests_digest);
 		r = bm_durable_write_file(dig, run.digests,
 					  n * sizeof *run.digests, 0644);
+		if (r == 0)
+			event_step(&ev, BLOCKMIRROR_BACKUP_DIGESTS_WRITTEN,
+				   p.number, dig);
 	}
 	p.instant = info.taken_unix_ns / 1000000000;
 	/* The last moment a cancel can still leave no point behind. */
 	if (r == 0 && o->cancelled && o->cancelled(o->user_data))
 		r = bm_error(-ECANCELED, "the backup was cancelled");
 	if (r == 0)
-		r = manifest_write(o->dir, &p, o->incremental ? backing : NULL);
+		r = manifest_write(o->dir, &p, o->incremental && !run.nbd
+						? backing : NULL);
 	if (r < 0)
 		goto fail;
+	event_step(&ev, BLOCKMIRROR_BACKUP_POINT_COMMITTED, p.number, NULL);
+	/* The export holds this point alone now (or another kind of target
+	 * took it: the mark says nothing any more). */
+	unlink(mark);
 
 	/* The point exists: the record before it is no longer needed. */
 	blockmirror_snapshot_release(run.snap);
-	if (tracking && prev.checkpoint[0] &&
-	    blockmirror_checkpoint_remove(disk, prev.checkpoint) < 0 &&
-	    blockmirror_last_errno() != ENOENT)
-		bm_warn("%s: checkpoint %s could not be removed: %s", o->dir,
-			prev.checkpoint, inner_error());
+	if (tracking && prev.checkpoint[0])
+		remove_checkpoint(disk, o->dir, &p, prev.checkpoint, &ev);
 	if (tracking)
-		remove_older_checkpoints(disk, o->dir, &p);
+		remove_older_checkpoints(disk, o->dir, &p, &ev);
 	res->number = p.number;
 	res->incremental = p.incremental;
 	res->instant = p.instant;
@@ -913,6 +1257,15 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	free(run.digests);
 	free(run.buf);
 	close(lock);
+	{
+		struct blockmirror_backup_event e = {
+			.type = BLOCKMIRROR_BACKUP_COMPLETED, .point = p.number,
+			.incremental = p.incremental, .healing = heal,
+		};
+
+		bm_error_clear();
+		event_send(&ev, &e);
+	}
 	return 0;
 
 fail:
@@ -928,7 +1281,7 @@ fail:
 			if (created && blockmirror_checkpoint_remove(disk, cp) < 0)
 				bm_warn("checkpoint %s could not be removed: "
 					"%s", cp, inner_error());
-			if (data[0])
+			if (data[0] && !run.nbd)
 				unlink(data);
 			if (dig[0])
 				unlink(dig);
@@ -939,7 +1292,7 @@ fail:
 	free(run.digests);
 	free(run.buf);
 	close(lock);
-	return bm_api_fail("blockmirror_backup", r);
+	return backup_end(&ev, p.number, r);
 }
 
 /* ---- verifying a chain ----------------------------------------------- */
@@ -955,8 +1308,8 @@ verify_point(const char *dir, const struct point *p,
 	struct blockmirror_disk *img;
 	int r = 0;
 
-	point_file(path, sizeof path, dir, p->number, "qcow2");
-	img = blockmirror_disk_open(path, BLOCKMIRROR_FORMAT_QCOW2,
+	point_data(path, sizeof path, dir, p);
+	img = blockmirror_disk_open(path, point_format(p),
 				    BLOCKMIRROR_DISK_READONLY);
 	if (!img)
 		return bm_error(-errno, "point %04u: %s", p->number,
@@ -971,6 +1324,9 @@ verify_point(const char *dir, const struct point *p,
 				      p->disk_size - off);
 
 		r = blockmirror_disk_read(img, buf, len, off);
+		if (r < 0)
+			r = bm_error(r, "point %04u: %s: %s", p->number, path,
+				     inner_error());
 		res->bytes_read += r == 0 ? len : 0;
 		for (uint64_t q = 0; r == 0 && q < len; q += p->granularity) {
 			struct bm_digest d;
@@ -1068,9 +1424,9 @@ verify_live(struct blockmirror_disk *live, const struct point *p,
 	return r;
 }
 
-BM_EXPORT int
-blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
-			  struct blockmirror_backup_check *res)
+static int
+verify_chain(const char *dir, struct blockmirror_disk *live,
+	     struct blockmirror_backup_check *res, const struct events *e)
 {
 	struct bm_digest *dg = NULL;
 	struct point p = { 0 };
@@ -1079,10 +1435,8 @@ blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
 	unsigned first = 0, newest = 0;
 	int r, lock = -1;
 
-	bm_error_clear();
 	if (!dir || !res)
-		return bm_api_fail("blockmirror_backup_verify",
-				   bm_error(-EINVAL, "bad arguments"));
+		return bm_error(-EINVAL, "bad arguments");
 	memset(res, 0, sizeof *res);
 	r = lock = lock_dir(dir, false);
 	if (r >= 0)
@@ -1108,19 +1462,58 @@ blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
 		}
 		if (r == 0)
 			r = digests_read(dir, &p, &dg, &n);
+		/* An older point in an export: a newer one wrote over it. */
+		if (r == 0 && p.target[0] && k < newest) {
+			event_step(e, BLOCKMIRROR_BACKUP_POINT_SUPERSEDED, k,
+				   p.target);
+			continue;
+		}
+		if (r == 0)
+			r = check_export_whole(dir, &p, k + 1);
 		if (r == 0)
 			r = verify_point(dir, &p, dg, buf, res);
 		if (r < 0 && !res->bad_point)
 			res->bad_point = k;
-		if (r == 0)
+		if (r == 0) {
+			char where[PATH_MAX];
+
 			res->points++;
+			point_data(where, sizeof where, dir, &p);
+			event_step(e, BLOCKMIRROR_BACKUP_POINT_VERIFIED, k,
+				   where);
+		}
 	}
 	if (r == 0 && live)
 		r = verify_live(live, &p, dg, buf, res);
+	if (r == 0 && live)
+		event_step(e, BLOCKMIRROR_BACKUP_LIVE_VERIFIED, p.number, NULL);
 	if (lock >= 0)
 		close(lock);
 	free(dg);
 	free(buf);
+	return r;
+}
+
+BM_EXPORT int
+blockmirror_backup_verify(const char *dir, struct blockmirror_disk *live,
+			  struct blockmirror_backup_check *res)
+{
+	return blockmirror_backup_verify_with_events(dir, live, res, NULL,
+						     NULL);
+}
+
+BM_EXPORT int
+blockmirror_backup_verify_with_events(const char *dir,
+				      struct blockmirror_disk *live,
+				      struct blockmirror_backup_check *res,
+				      blockmirror_backup_event_fn on_event,
+				      void *event_data)
+{
+	const struct events e = { on_event, event_data };
+	int r;
+
+	bm_error_clear();
+	r = verify_chain(dir, live, res, &e);
 	return r < 0 ? bm_api_fail("blockmirror_backup_verify", r) : 0;
 }
 
@@ -1153,8 +1546,8 @@ copy_point(const char *dir, const struct point *p, const struct bm_digest *dg,
 	bm_hash_buffer(buf, p->disk_size % p->granularity ?
 		       p->disk_size % p->granularity : p->granularity,
 		       &zero_tail);
-	point_file(path, sizeof path, dir, p->number, "qcow2");
-	src = blockmirror_disk_open(path, BLOCKMIRROR_FORMAT_QCOW2,
+	point_data(path, sizeof path, dir, p);
+	src = blockmirror_disk_open(path, point_format(p),
 				    BLOCKMIRROR_DISK_READONLY);
 	if (!src) {
 		free(buf);
@@ -1219,6 +1612,12 @@ open_point(const char *dir, unsigned number, struct point *p,
 			     "%04u)", dir, number, first, last);
 	if (r == 0)
 		r = manifest_read(dir, number ? number : last, p);
+	if (r == 0 && p->target[0] && p->number != last)
+		r = bm_error(-ESTALE, "%s: point %04u is superseded: its export "
+			     "%s has since been written by point %04u", dir,
+			     p->number, p->target, last);
+	if (r == 0)
+		r = check_export_whole(dir, p, last + 1);
 	if (r == 0)
 		r = digests_read(dir, p, dg, &n);
 	return r;
@@ -1230,6 +1629,22 @@ blockmirror_backup_restore(const char *dir, unsigned number,
 			   blockmirror_progress_fn progress, void *user_data,
 			   uint64_t *bytes_written)
 {
+	return blockmirror_backup_restore_with_events(dir, number, target,
+						      format, progress,
+						      user_data, bytes_written,
+						      NULL, NULL);
+}
+
+BM_EXPORT int
+blockmirror_backup_restore_with_events(const char *dir, unsigned number,
+				       const char *target,
+				       enum blockmirror_format format,
+				       blockmirror_progress_fn progress,
+				       void *user_data, uint64_t *bytes_written,
+				       blockmirror_backup_event_fn on_event,
+				       void *event_data)
+{
+	const struct events e = { on_event, event_data };
 	struct bm_digest *dg = NULL;
 	struct point p;
 	uint64_t rd = 0, wr = 0;
@@ -1247,6 +1662,9 @@ blockmirror_backup_restore(const char *dir, unsigned number,
 	if (r >= 0)
 		r = copy_point(dir, &p, dg, target, format, NULL, progress,
 			       user_data, &rd, &wr);
+	if (r >= 0)
+		event_step(&e, BLOCKMIRROR_BACKUP_POINT_RESTORED, p.number,
+			   target);
 	if (lock >= 0)
 		close(lock);
 	free(dg);
@@ -1259,7 +1677,7 @@ blockmirror_backup_restore(const char *dir, unsigned number,
  * points left below are a whole older chain, and those from k up start
  * with a full point. */
 static unsigned
-remove_below(const char *dir, unsigned k)
+remove_below(const char *dir, unsigned k, const struct events *ev)
 {
 	unsigned removed = 0;
 
@@ -1285,7 +1703,10 @@ remove_below(const char *dir, unsigned k)
 		if (bm_durable_unlink(path) < 0)
 			break;
 		clean_leftovers(dir, best);
+		point_file(path, sizeof path, dir, best, "writing");
+		unlink(path);
 		removed++;
+		event_step(ev, BLOCKMIRROR_BACKUP_POINT_REMOVED, best, NULL);
 	}
 	return removed;
 }
@@ -1294,6 +1715,17 @@ BM_EXPORT int
 blockmirror_backup_prune(const char *dir, unsigned keep,
 			 struct blockmirror_backup_prune_result *res)
 {
+	return blockmirror_backup_prune_with_events(dir, keep, res, NULL,
+						    NULL);
+}
+
+BM_EXPORT int
+blockmirror_backup_prune_with_events(const char *dir, unsigned keep,
+				     struct blockmirror_backup_prune_result *res,
+				     blockmirror_backup_event_fn on_event,
+				     void *event_data)
+{
+	const struct events e = { on_event, event_data };
 	struct bm_digest *dg = NULL;
 	char tmp[PATH_MAX], path[PATH_MAX], opts[64];
 	struct point p;
@@ -1322,7 +1754,12 @@ blockmirror_backup_prune(const char *dir, unsigned keep,
 		return 0;
 	}
 	r = manifest_read(dir, k, &p);
-	if (r == 0 && p.incremental) {
+	if (r == 0 && p.incremental && p.target[0]) {
+		/* An export always holds a whole disk: nothing to copy. */
+		p.incremental = false;
+		r = manifest_write(dir, &p, NULL);
+		res->merged = r == 0;
+	} else if (r == 0 && p.incremental) {
 		r = digests_read(dir, &p, &dg, &n);
 		point_file(tmp, sizeof tmp, dir, k, "qcow2.new");
 		point_file(path, sizeof path, dir, k, "qcow2");
@@ -1343,8 +1780,10 @@ blockmirror_backup_prune(const char *dir, unsigned keep,
 			r = manifest_write(dir, &p, NULL);
 		res->merged = r == 0;
 	}
+	if (r == 0 && res->merged)
+		event_step(&e, BLOCKMIRROR_BACKUP_POINT_MERGED, k, NULL);
 	if (r == 0)
-		res->removed = remove_below(dir, k);
+		res->removed = remove_below(dir, k, &e);
 	else
 		res->first = first;
 	close(lock);
@@ -1381,8 +1820,9 @@ blockmirror_backup_list(const char *dir, struct blockmirror_backup_point **out,
 		e->incremental = p.incremental;
 		e->application_consistent = p.application;
 		e->instant = p.instant;
-		point_file(e->file, sizeof e->file, dir, k, "qcow2");
-		if (stat(e->file, &st) == 0)
+		point_data(e->file, sizeof e->file, dir, &p);
+		e->superseded = p.target[0] && k < last;
+		if (!p.target[0] && stat(e->file, &st) == 0)
 			e->bytes_written = (uint64_t)st.st_blocks * 512;
 		snprintf(e->checkpoint, sizeof e->checkpoint, "%s",
 			 p.checkpoint);

@@ -50,6 +50,12 @@ void progress_end(struct progress *p);
 /* Print a JSON object as one line on stdout and free it. */
 void json_print(json_t *obj);
 
+/* A backup's, verify's, restore's or prune's event as one JSON object,
+ * {"event": NAME, "point": N, ...} with its type's fields
+ * (docs/backup.md): what `bmirror backup --json` prints and what
+ * `bmirror serve` sends to a "backup" client (cmd-backup.c). */
+json_t *backup_event_json(const struct blockmirror_backup_event *ev);
+
 int cmd_copy(int argc, char **argv);
 int cmd_create(int argc, char **argv);
 int cmd_info(int argc, char **argv);

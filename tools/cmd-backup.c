@@ -4,6 +4,7 @@
  *
  *   bmirror backup [-f FMT] IMAGE --to DIR [--incremental]
  *   bmirror backup --control SOCK --to DIR [--incremental]
+ *   bmirror backup ... --to NBD-URI --catalog DIR  (the data in an export)
  *   bmirror backup list DIR
  *   bmirror backup verify DIR [--against IMAGE | --control SOCK]
  *   bmirror backup prune DIR --keep N
@@ -12,6 +13,7 @@
  * An image that no program runs is backed up here, in this process; a
  * disk that `bmirror serve` runs is backed up by the server (the
  * `backup` control command), which holds the disk and its change record.
+ * With --json every step is a line (backup_event_json), then the result.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -36,6 +38,8 @@ help_backup(void)
 	       "         [--freeze-cmd CMD] [--thaw-cmd CMD] "
 	       "[--freeze-timeout SECS]\n"
 	       "       bmirror backup --control PATH --to DIR [--incremental]\n"
+	       "       bmirror backup IMAGE|--control PATH --to NBD-URI "
+	       "--catalog DIR ...\n"
 	       "       bmirror backup list DIR\n"
 	       "       bmirror backup verify DIR [--against IMAGE | --control "
 	       "PATH]\n"
@@ -55,7 +59,77 @@ help_backup(void)
 	       "is\ncrash-consistent, else application-consistent; "
 	       "--thaw-cmd runs\nright after.  prune keeps the newest N points; restore\nwrites a point to "
 	       "an image (raw by default), or with --overlay makes a\nqcow2 "
-	       "overlay of it to serve at once (instant restore).\n");
+	       "overlay of it to serve at once (instant restore).  With an "
+	       "NBD URI\n(nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket="
+	       "PATH) as --to, the\npoint's data goes into that export and "
+	       "its manifest and digests into\nthe --catalog DIR (list, verify,"
+	       " prune and restore take --catalog DIR\nfor DIR too).  --json "
+	       "prints every step as a line, then the result.\n");
+}
+
+json_t *
+backup_event_json(const struct blockmirror_backup_event *ev)
+{
+	json_t *j = json_pack("{s:s}", "event",
+			      blockmirror_backup_event_name(ev->type));
+	const char *key = "data";
+
+	if (!j)
+		return NULL;
+	if (ev->point)
+		json_object_set_new(j, "point", json_integer(ev->point));
+	switch (ev->type) {
+	case BLOCKMIRROR_BACKUP_STARTED:
+	case BLOCKMIRROR_BACKUP_COMPLETED:
+		json_object_set_new(j, "incremental",
+				    json_boolean(ev->incremental));
+		/* fall through */
+	case BLOCKMIRROR_BACKUP_SNAPSHOT_TAKEN:
+		json_object_set_new(j, "healing", json_boolean(ev->healing));
+		break;
+	case BLOCKMIRROR_BACKUP_PROGRESS:
+		json_object_set_new(j, "bytes_done", json_integer(
+					    (json_int_t)ev->done));
+		json_object_set_new(j, "bytes_total", json_integer(
+					    (json_int_t)ev->total));
+		break;
+	case BLOCKMIRROR_BACKUP_FAILED:
+	case BLOCKMIRROR_BACKUP_CANCELLED:
+		json_object_set_new(j, "errno", json_integer(ev->err));
+		json_object_set_new(j, "error", json_string(ev->message ?
+							    ev->message : ""));
+		break;
+	case BLOCKMIRROR_BACKUP_CHECKPOINT_CREATED:
+	case BLOCKMIRROR_BACKUP_CHECKPOINT_REMOVED:
+	case BLOCKMIRROR_BACKUP_LEFTOVERS_CLEANED:
+		key = "checkpoint";
+		break;
+	case BLOCKMIRROR_BACKUP_DIGESTS_WRITTEN:
+		key = "digests";
+		break;
+	case BLOCKMIRROR_BACKUP_POINT_RESTORED:
+		key = "to";
+		break;
+	default:
+		break;
+	}
+	if (ev->name)
+		json_object_set_new(j, key, json_string(ev->name));
+	return j;
+}
+
+/* --json over the control socket: the server's events as they come. */
+static void
+print_line(json_t *ev, void *data)
+{
+	json_print(json_incref(ev));
+}
+
+/* --json: each event as a line (progress only in the bar otherwise). */
+static void
+print_event(void *user_data, const struct blockmirror_backup_event *ev)
+{
+	json_print(backup_event_json(ev));
 }
 
 static void
@@ -193,7 +267,8 @@ hooked_progress(void *user_data, uint64_t done, uint64_t total)
 
 static int
 take_local(const char *image, enum blockmirror_format fmt, const char *dir,
-	   bool incremental, struct hooks *hooks, bool json, bool want_bar)
+	   const char *target, bool incremental, struct hooks *hooks,
+	   bool json, bool want_bar)
 {
 	struct blockmirror_backup_options o = { .size = sizeof o };
 	struct blockmirror_backup_point p;
@@ -205,7 +280,9 @@ take_local(const char *image, enum blockmirror_format fmt, const char *dir,
 		return EXIT_FAILED;
 	bar = progress_new("backing up", want_bar);
 	o.dir = dir;
+	o.target = target;
 	o.incremental = incremental;
+	o.on_event = json ? print_event : NULL;
 	/* The hooks get user_data too: the bar goes through them. */
 	hooks_bar = bar;
 	o.progress = bar ? hooked_progress : NULL;
@@ -232,6 +309,7 @@ struct served {
 	struct progress *bar;
 	struct hooks *hooks;
 	bool thawed;
+	bool json;                    /* print each event */
 };
 
 static void
@@ -242,6 +320,8 @@ served_event(json_t *ev, void *data)
 
 	if (!name)
 		return;
+	if (sv->json)
+		print_line(ev, NULL);
 	if (!strcmp(name, "SNAPSHOT_TAKEN") && !sv->thawed) {
 		sv->thawed = true;
 		thaw_hook(sv->hooks);
@@ -254,10 +334,11 @@ served_event(json_t *ev, void *data)
 }
 
 static int
-take_served(const char *control, const char *dir, bool incremental,
-	    struct hooks *hooks, bool json, bool want_bar)
+take_served(const char *control, const char *dir, const char *target,
+	    bool incremental, struct hooks *hooks, bool json, bool want_bar)
 {
-	struct served sv = { .hooks = hooks };
+	struct served sv = { .hooks = hooks, .json = json };
+	json_t *req;
 	struct line_reader rd = { 0 };
 	char real[PATH_MAX];
 	bool frozen = false;
@@ -279,11 +360,11 @@ take_served(const char *control, const char *dir, bool incremental,
 	if (hooks->freeze)
 		frozen = freeze_hook(hooks) == 0;
 	sv.bar = progress_new("backing up", want_bar);
-	reply = client_request(fd, &rd, json_pack("{s:s, s:s, s:b, s:b}",
-						  "cmd", "backup", "dir", real,
-						  "incremental", incremental,
-						  "frozen", frozen),
-			       served_event, &sv);
+	req = json_pack("{s:s, s:s, s:b, s:b}", "cmd", "backup", "dir", real,
+			"incremental", incremental, "frozen", frozen);
+	if (req && target)
+		json_object_set_new(req, "target", json_string(target));
+	reply = client_request(fd, &rd, req, served_event, &sv);
 	progress_end(sv.bar);
 	if (!sv.thawed)
 		thaw_hook(hooks);
@@ -327,19 +408,21 @@ do_list(const char *dir, bool json)
 
 		for (size_t i = 0; i < n; i++)
 			json_array_append_new(a, json_pack(
-				"{s:i, s:s, s:b, s:I, s:I, s:s}",
+				"{s:i, s:s, s:b, s:I, s:I, s:s, s:b}",
 				"point", (int)v[i].number, "file", v[i].file,
 				"incremental", v[i].incremental,
 				"instant", (json_int_t)v[i].instant,
 				"bytes", (json_int_t)v[i].bytes_written,
-				"checkpoint", v[i].checkpoint));
+				"checkpoint", v[i].checkpoint,
+				"superseded", v[i].superseded));
 		json_print(json_pack("{s:o}", "points", a));
 	} else {
 		for (size_t i = 0; i < n; i++)
-			printf("%04u %-11s %" PRId64 " %" PRIu64 " %s\n",
+			printf("%04u %-11s %" PRId64 " %" PRIu64 " %s%s\n",
 			       v[i].number, v[i].incremental ? "incremental"
 			       : "full", v[i].instant, v[i].bytes_written,
-			       v[i].file);
+			       v[i].file, v[i].superseded ? " (superseded)"
+							  : "");
 	}
 	free(v);
 	return EXIT_OK;
@@ -359,9 +442,9 @@ do_verify(const char *dir, const char *against, enum blockmirror_format fmt,
 
 		if (!realpath(dir, real))
 			return tool_usage_error("%s: %s", dir, strerror(errno));
-		reply = client_call(control, json_pack("{s:s, s:s}", "cmd",
-						       "backup-verify", "dir",
-						       real));
+		reply = client_call_events(control, json_pack(
+				"{s:s, s:s}", "cmd", "backup-verify", "dir",
+				real), json ? print_line : NULL, NULL);
 		if (!reply)
 			return EXIT_FAILED;
 		if (json)
@@ -375,7 +458,8 @@ do_verify(const char *dir, const char *against, enum blockmirror_format fmt,
 	}
 	if (against && !(disk = open_tracked(against, fmt, true)))
 		return EXIT_FAILED;
-	r = blockmirror_backup_verify(dir, disk, &c);
+	r = blockmirror_backup_verify_with_events(dir, disk, &c, json ?
+						  print_event : NULL, NULL);
 	if (r < 0)
 		tool_lib_error();
 	if (disk)
@@ -398,7 +482,8 @@ do_prune(const char *dir, uint64_t keep, bool json)
 {
 	struct blockmirror_backup_prune_result p;
 
-	if (blockmirror_backup_prune(dir, (unsigned)keep, &p) < 0) {
+	if (blockmirror_backup_prune_with_events(dir, (unsigned)keep, &p, json ?
+						 print_event : NULL, NULL) < 0) {
 		tool_lib_error();
 		return EXIT_FAILED;
 	}
@@ -476,12 +561,22 @@ do_restore(const char *dir, uint64_t point, const char *to,
 		snprintf(file, sizeof file, "%s",
 			 v[point ? point - v[0].number : n - 1].file);
 		free(v);
+		/* An overlay's backing file must be a file here. */
+		if (blockmirror_nbd_is_uri(file)) {
+			tool_error("%s: the point's data is in the NBD export "
+				   "%s, not in a file: restore it with --to "
+				   "TARGET, or serve an overlay of the export "
+				   "yourself", dir, file);
+			return EXIT_FAILED;
+		}
 		return make_overlay(file, overlay, json);
 	}
 	bar = progress_new("restoring", want_bar);
-	r = blockmirror_backup_restore(dir, (unsigned)point, to, fmt,
-				       bar ? progress_update : NULL, bar,
-				       &written);
+	r = blockmirror_backup_restore_with_events(dir, (unsigned)point, to,
+						   fmt, bar ? progress_update
+							    : NULL, bar,
+						   &written, json ?
+						   print_event : NULL, NULL);
 	progress_end(bar);
 	if (r < 0) {
 		tool_lib_error();
@@ -497,11 +592,13 @@ do_restore(const char *dir, uint64_t point, const char *to,
 int
 cmd_backup(int argc, char **argv)
 {
-	enum { OPT_TO = 256, OPT_INCREMENTAL, OPT_CONTROL, OPT_AGAINST,
+	enum { OPT_TO = 256, OPT_CATALOG, OPT_INCREMENTAL, OPT_CONTROL,
+	       OPT_AGAINST,
 	       OPT_KEEP, OPT_POINT, OPT_JSON, OPT_PROGRESS, OPT_OVERLAY,
 	       OPT_FREEZE, OPT_THAW, OPT_FREEZE_TIMEOUT, OPT_HELP };
 	static const struct option longopts[] = {
 		{ "to", required_argument, NULL, OPT_TO },
+		{ "catalog", required_argument, NULL, OPT_CATALOG },
 		{ "incremental", no_argument, NULL, OPT_INCREMENTAL },
 		{ "control", required_argument, NULL, OPT_CONTROL },
 		{ "against", required_argument, NULL, OPT_AGAINST },
@@ -518,7 +615,7 @@ cmd_backup(int argc, char **argv)
 	};
 	enum blockmirror_format fmt = BLOCKMIRROR_FORMAT_AUTO;
 	const char *to = NULL, *control = NULL, *against = NULL, *action;
-	const char *overlay = NULL;
+	const char *overlay = NULL, *catalog = NULL, *target = NULL;
 	struct hooks hooks = { .timeout_s = 10 };
 	bool incremental = false, json = false;
 	bool want_bar = isatty(STDOUT_FILENO);
@@ -535,6 +632,9 @@ cmd_backup(int argc, char **argv)
 			break;
 		case OPT_TO:
 			to = *optarg ? optarg : NULL;
+			break;
+		case OPT_CATALOG:
+			catalog = *optarg ? optarg : NULL;
 			break;
 		case OPT_INCREMENTAL:
 			incremental = true;
@@ -590,8 +690,15 @@ cmd_backup(int argc, char **argv)
 		       !strcmp(action, "restore"))) {
 		const char *dir = argc - optind == 2 ? argv[optind + 1] : NULL;
 
+		if (dir && catalog)
+			return tool_usage_error("backup %s: give DIR or "
+						"--catalog DIR, not both",
+						action);
 		if (!dir)
-			return tool_usage_error("backup %s needs DIR", action);
+			dir = argc == optind + 1 ? catalog : NULL;
+		if (!dir)
+			return tool_usage_error("backup %s needs DIR (or "
+						"--catalog DIR)", action);
 		if (!strcmp(action, "list"))
 			return do_list(dir, json);
 		if (!strcmp(action, "verify")) {
@@ -613,15 +720,29 @@ cmd_backup(int argc, char **argv)
 				  want_bar);
 	}
 	if (!to)
-		return tool_usage_error("backup needs --to DIR");
+		return tool_usage_error("backup needs --to DIR (or --to NBD-URI "
+					"--catalog DIR)");
+	if (blockmirror_nbd_is_uri(to)) {
+		target = to;
+		to = catalog;
+		if (!to)
+			return tool_usage_error("--to %s: an NBD target needs "
+						"--catalog DIR, the directory "
+						"for the points' manifests and "
+						"digests", target);
+	} else if (catalog) {
+		return tool_usage_error("--catalog goes with an NBD URI as "
+					"--to; with a directory the catalogue "
+					"is in it");
+	}
 	if (control) {
 		if (argc != optind)
 			return tool_usage_error("--control takes no IMAGE");
-		return take_served(control, to, incremental, &hooks, json,
-				   want_bar);
+		return take_served(control, to, target, incremental, &hooks,
+				   json, want_bar);
 	}
 	if (argc - optind != 1)
 		return tool_usage_error("expected IMAGE (or --control PATH)");
-	return take_local(argv[optind], fmt, to, incremental, &hooks, json,
-			  want_bar);
+	return take_local(argv[optind], fmt, to, target, incremental, &hooks,
+			  json, want_bar);
 }

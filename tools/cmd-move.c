@@ -79,6 +79,13 @@ client_reply_error(json_t *reply)
 json_t *
 client_call(const char *control, json_t *cmd)
 {
+	return client_call_events(control, cmd, NULL, NULL);
+}
+
+json_t *
+client_call_events(const char *control, json_t *cmd,
+		   void (*ev_fn)(json_t *ev, void *data), void *data)
+{
 	struct line_reader rd = { 0 };
 	json_t *reply;
 	int fd;
@@ -89,7 +96,7 @@ client_call(const char *control, json_t *cmd)
 		return NULL;
 	}
 	rd.fd = fd;
-	reply = client_request(fd, &rd, cmd, NULL, NULL);
+	reply = client_request(fd, &rd, cmd, ev_fn, data);
 	close(fd);
 	if (!reply) {
 		tool_error("%s: the server closed the connection", control);

@@ -135,12 +135,14 @@ struct serve {
 		int client;               /* who asked, and the slot's gen */
 		unsigned gen;
 		char dir[PATH_MAX];
+		char target[PATH_MAX];    /* an NBD export, or "" */
 		bool incremental, frozen;
 		atomic_bool cancel;       /* quit: stop at the next read */
 		double t0;
 		pthread_mutex_t lock;     /* guards the rest */
 		uint64_t done, total;
-		bool progressed, taken, taken_sent, finished;
+		json_t *events;           /* to send, in order */
+		bool taken, finished;
 		int r;
 		char err[512];
 		struct blockmirror_backup_point pt;
@@ -1249,34 +1251,39 @@ backup_wake(void)
 	}
 }
 
-/* The backup's callbacks, on its thread. */
+/* The backup's callbacks, on its thread.  Every event is queued for
+ * the client; a progress event replaces one not yet sent, so that a slow
+ * client gets the steps in order without a flood. */
 static void
-bk_progress(void *user_data, uint64_t done, uint64_t total)
+bk_event(void *user_data, const struct blockmirror_backup_event *ev)
 {
+	json_t *j = backup_event_json(ev);
+	size_t n;
+
 	pthread_mutex_lock(&S.bk.lock);
-	S.bk.done = done;
-	S.bk.total = total;
-	S.bk.progressed = true;
+	if (ev->type == BLOCKMIRROR_BACKUP_PROGRESS) {
+		S.bk.done = ev->done;
+		S.bk.total = ev->total;
+	}
+	if (ev->type == BLOCKMIRROR_BACKUP_SNAPSHOT_TAKEN)
+		S.bk.taken = true;
+	n = json_array_size(S.bk.events);
+	if (j && n && ev->type == BLOCKMIRROR_BACKUP_PROGRESS &&
+	    !strcmp(json_string_value(json_object_get(json_array_get(
+			S.bk.events, n - 1), "event")), "BACKUP_PROGRESS"))
+		json_array_set_new(S.bk.events, n - 1, j);
+	else if (j)
+		json_array_append_new(S.bk.events, j);
 	pthread_mutex_unlock(&S.bk.lock);
 	backup_wake();
 }
 
-/* The client ran its freeze hook before asking ("frozen"): the point is
- * application-consistent if that held. */
+/* The client ran its freeze hook before asking ("frozen") and it held:
+ * the point is application-consistent. */
 static int
 bk_freeze(void *user_data)
 {
-	return S.bk.frozen ? 0 : -1;
-}
-
-/* Right after the instant: the client may thaw now. */
-static void
-bk_thaw(void *user_data)
-{
-	pthread_mutex_lock(&S.bk.lock);
-	S.bk.taken = true;
-	pthread_mutex_unlock(&S.bk.lock);
-	backup_wake();
+	return 0;
 }
 
 static bool
@@ -1293,11 +1300,14 @@ backup_main(void *arg)
 	int r;
 
 	o.dir = S.bk.dir;
+	o.target = S.bk.target[0] ? S.bk.target : NULL;
 	o.incremental = S.bk.incremental;
-	o.progress = bk_progress;
-	o.freeze = bk_freeze;
-	o.thaw = bk_thaw;
+	/* The client froze before asking: the freeze is said to have held
+	 * only when it did, and a point without one has no freeze step. */
+	o.freeze = S.bk.frozen ? bk_freeze : NULL;
 	o.cancelled = bk_cancelled;
+	/* SNAPSHOT_TAKEN, right after the instant, lets the client thaw. */
+	o.on_event = bk_event;
 	r = blockmirror_backup(S.disk, &o, &pt);
 	pthread_mutex_lock(&S.bk.lock);
 	S.bk.r = r;
@@ -1328,32 +1338,27 @@ backup_client(void)
 static void
 backup_deliver(void)
 {
-	bool taken, progressed, finished;
-	uint64_t done, total;
+	bool finished;
+	json_t *events, *ev;
+	size_t i;
 	int ci = backup_client();
 
 	if (!S.bk.running)
 		return;
 	pthread_mutex_lock(&S.bk.lock);
-	taken = S.bk.taken && !S.bk.taken_sent;
-	S.bk.taken_sent |= taken;
-	progressed = S.bk.progressed;
-	S.bk.progressed = false;
-	done = S.bk.done;
-	total = S.bk.total;
+	events = S.bk.events;
+	S.bk.events = json_array();
 	finished = S.bk.finished;
 	pthread_mutex_unlock(&S.bk.lock);
-	if (taken)
-		client_send(ci, json_pack("{s:s}", "event", "SNAPSHOT_TAKEN"));
-	if (progressed)
-		client_send(ci, json_pack("{s:s, s:I, s:I}", "event",
-					  "BACKUP_PROGRESS", "bytes_done",
-					  (json_int_t)done, "bytes_total",
-					  (json_int_t)total));
+	json_array_foreach(events, i, ev)
+		client_send(ci, json_incref(ev));
+	json_decref(events);
 	if (!finished)
 		return;
 	pthread_join(S.bk.thread, NULL);
 	S.bk.running = false;
+	json_decref(S.bk.events); /* its thread has ended: nothing comes */
+	S.bk.events = NULL;
 	if (S.bk.r < 0) {
 		client_send(ci, error_reply(S.bk.r, S.bk.err));
 		return;
@@ -1381,6 +1386,8 @@ backup_stop(void)
 	atomic_store(&S.bk.cancel, true);
 	pthread_join(S.bk.thread, NULL);
 	S.bk.running = false;
+	json_decref(S.bk.events);
+	S.bk.events = NULL;
 }
 
 /* What query says of a running backup. */
@@ -1390,7 +1397,8 @@ backup_json(void)
 	json_t *j;
 
 	pthread_mutex_lock(&S.bk.lock);
-	j = json_pack("{s:s, s:b, s:b, s:I, s:I}", "dir", S.bk.dir,
+	j = json_pack("{s:s, s:s?, s:b, s:b, s:I, s:I}", "dir", S.bk.dir,
+		      "target", S.bk.target[0] ? S.bk.target : NULL,
 		      "incremental", S.bk.incremental, "taken", S.bk.taken,
 		      "bytes_done", (json_int_t)S.bk.done,
 		      "bytes_total", (json_int_t)S.bk.total);
@@ -1420,28 +1428,37 @@ backup_dir(json_t *req, char *dir, size_t len, char *why, size_t whylen)
  * "backup": take a point of the served disk into "dir" ("incremental":
  * only what changed since the newest point there; with --track by the
  * change record, else by digests; "frozen": the client's freeze hook
- * held, so the point is application-consistent).  It runs on a thread
- * of its own: this one goes on answering.  The client gets
- * SNAPSHOT_TAKEN right after the instant (it may thaw), BACKUP_PROGRESS
- * events, and the answer when the backup ends.  One backup at a time.
+ * held, so the point is application-consistent; "target": an NBD export
+ * for the data, "dir" then the catalogue).  It runs on a thread of its
+ * own: this one goes on answering.  The client gets every step as an
+ * event (SNAPSHOT_TAKEN right after the instant: it may thaw), and the
+ * answer when the backup ends.  One backup at a time.
  */
 static json_t *
 ctl_backup(json_t *req, int ci)
 {
 	json_t *v = json_object_get(req, "incremental");
 	json_t *fz = json_object_get(req, "frozen");
-	char dir[PATH_MAX], why[PATH_MAX + 128];
+	json_t *tg = json_object_get(req, "target");
+	char dir[PATH_MAX], why[PATH_MAX + 128], target[PATH_MAX] = "";
 	int r;
 
 	if ((v && !json_is_boolean(v)) || (fz && !json_is_boolean(fz)))
 		return error_reply(-EINVAL, "\"incremental\" and \"frozen\" "
 				   "must be true or false");
+	if (tg && (!json_is_string(tg) ||
+		   !blockmirror_nbd_is_uri(json_string_value(tg))))
+		return error_reply(-EINVAL, "\"target\" must be an NBD URI");
 	if (S.bk.running)
 		return error_reply(-EBUSY, "a backup is running");
 	r = backup_dir(req, dir, sizeof dir, why, sizeof why);
+	if (r == 0 && tg)
+		r = check_destination(json_string_value(tg), false, target,
+				      sizeof target, why, sizeof why);
 	if (r < 0)
 		return error_reply(r, why);
 	snprintf(S.bk.dir, sizeof S.bk.dir, "%s", dir);
+	snprintf(S.bk.target, sizeof S.bk.target, "%s", target);
 	S.bk.incremental = json_is_true(v);
 	S.bk.frozen = json_is_true(fz);
 	S.bk.client = ci;
@@ -1449,8 +1466,9 @@ ctl_backup(json_t *req, int ci)
 	S.bk.t0 = now_s();
 	atomic_store(&S.bk.cancel, false);
 	S.bk.done = S.bk.total = 0;
-	S.bk.progressed = S.bk.taken = S.bk.taken_sent = false;
-	S.bk.finished = false;
+	S.bk.taken = S.bk.finished = false;
+	json_decref(S.bk.events);
+	S.bk.events = json_array();
 	r = pthread_create(&S.bk.thread, NULL, backup_main, NULL);
 	if (r)
 		return error_reply(-r, "cannot start the backup's thread");
@@ -1458,10 +1476,18 @@ ctl_backup(json_t *req, int ci)
 	return NULL; /* the answer comes when it ends */
 }
 
+/* Verify's steps, to the client that asked (queued: sent after). */
+static void
+verify_event(void *user_data, const struct blockmirror_backup_event *ev)
+{
+	client_send(*(int *)user_data, backup_event_json(ev));
+}
+
 /* "backup-verify": every point of "dir" against its digests, and the
- * served disk against the newest point where nothing changed since. */
+ * served disk against the newest point where nothing changed since;
+ * each step an event. */
 static json_t *
-ctl_backup_verify(json_t *req)
+ctl_backup_verify(json_t *req, int ci)
 {
 	struct blockmirror_backup_check c;
 	char dir[PATH_MAX], why[PATH_MAX + 128];
@@ -1469,7 +1495,8 @@ ctl_backup_verify(json_t *req)
 
 	if (r < 0)
 		return error_reply(r, why);
-	r = blockmirror_backup_verify(dir, S.disk, &c);
+	r = blockmirror_backup_verify_with_events(dir, S.disk, &c,
+						  verify_event, &ci);
 	if (r < 0)
 		return lib_error_reply(r);
 	return json_pack("{s:{s:i, s:I, s:I, s:I}}", "return",
@@ -1508,7 +1535,7 @@ handle(json_t *req, int ci)
 	if (strcmp(cmd, "backup") == 0)
 		return ctl_backup(req, ci);
 	if (strcmp(cmd, "backup-verify") == 0)
-		return ctl_backup_verify(req);
+		return ctl_backup_verify(req, ci);
 	if (strcmp(cmd, "checkpoints") == 0 ||
 	    strcmp(cmd, "checkpoint-create") == 0 ||
 	    strcmp(cmd, "checkpoint-remove") == 0)

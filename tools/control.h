@@ -68,8 +68,11 @@ json_t *client_request(int fd, struct line_reader *rd, json_t *cmd,
 int client_reply_error(json_t *reply);
 
 /* One command, `cmd` (stolen), on a new connection to `control`: its
- * successful reply, or NULL with the error printed. */
+ * successful reply, or NULL with the error printed.  client_call_events
+ * also passes the events that come before the reply to ev_fn. */
 json_t *client_call(const char *control, json_t *cmd);
+json_t *client_call_events(const char *control, json_t *cmd,
+			   void (*ev_fn)(json_t *ev, void *data), void *data);
 
 /*
  * The members of a command that the server reads, type-checked

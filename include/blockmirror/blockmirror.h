@@ -876,6 +876,62 @@ extern int blockmirror_checkpoint_list(struct blockmirror_disk *disk,
 
 /* ---- Backups of a running disk (docs/backup.md) ------------------------ */
 
+/*
+ * The steps of a backup, a verify, a restore and a prune, in the order
+ * they happen (docs/backup.md lists each with its fields).  A backup
+ * sends STARTED first and exactly one of COMPLETED, FAILED or CANCELLED
+ * last (none when its arguments or options are refused outright).
+ */
+enum blockmirror_backup_event_type {
+	BLOCKMIRROR_BACKUP_STARTED = 1,
+	BLOCKMIRROR_BACKUP_LEFTOVERS_CLEANED = 2, /* of a backup that died */
+	BLOCKMIRROR_BACKUP_FREEZE_BEGUN = 3,
+	BLOCKMIRROR_BACKUP_FROZEN = 4,
+	BLOCKMIRROR_BACKUP_FREEZE_FAILED = 5,   /* the point: crash-consistent */
+	BLOCKMIRROR_BACKUP_SNAPSHOT_TAKEN = 6,  /* the instant */
+	BLOCKMIRROR_BACKUP_THAWED = 7,
+	BLOCKMIRROR_BACKUP_CHECKPOINT_CREATED = 8,
+	BLOCKMIRROR_BACKUP_PROGRESS = 9,
+	BLOCKMIRROR_BACKUP_DATA_FLUSHED = 10,   /* the target holds the data */
+	BLOCKMIRROR_BACKUP_DIGESTS_WRITTEN = 11,
+	BLOCKMIRROR_BACKUP_POINT_COMMITTED = 12, /* the manifest is durable */
+	BLOCKMIRROR_BACKUP_CHECKPOINT_REMOVED = 13,
+	BLOCKMIRROR_BACKUP_COMPLETED = 14,
+	BLOCKMIRROR_BACKUP_FAILED = 15,
+	BLOCKMIRROR_BACKUP_CANCELLED = 16,
+	BLOCKMIRROR_BACKUP_POINT_VERIFIED = 17, /* verify */
+	BLOCKMIRROR_BACKUP_POINT_SUPERSEDED = 18, /* verify: not readable */
+	BLOCKMIRROR_BACKUP_LIVE_VERIFIED = 19,  /* verify with the live disk */
+	BLOCKMIRROR_BACKUP_POINT_RESTORED = 20, /* restore */
+	BLOCKMIRROR_BACKUP_POINT_MERGED = 21,   /* prune: made full */
+	BLOCKMIRROR_BACKUP_POINT_REMOVED = 22,  /* prune */
+};
+
+struct blockmirror_backup_event {
+	enum blockmirror_backup_event_type type;
+	unsigned point;        /* the point it is about */
+	bool incremental;      /* STARTED, COMPLETED */
+	bool healing;          /* STARTED, SNAPSHOT_TAKEN, COMPLETED: by
+				  digests, without a change record */
+	uint64_t done, total;  /* PROGRESS: bytes */
+	/* Borrowed, valid during the call, else NULL.  STARTED, DATA_FLUSHED,
+	 * POINT_VERIFIED, POINT_RESTORED: the data's file or NBD URI;
+	 * CHECKPOINT_CREATED, CHECKPOINT_REMOVED: the checkpoint;
+	 * LEFTOVERS_CLEANED: the checkpoint, or NULL for files only. */
+	const char *name;
+	int err;               /* FAILED, CANCELLED: errno (positive) */
+	const char *message;   /* FAILED, CANCELLED: borrowed, valid during
+				  the call */
+};
+
+typedef void (*blockmirror_backup_event_fn)(
+	void *user_data, const struct blockmirror_backup_event *event);
+
+/* The event's name as the command line and the control socket print it
+ * ("BACKUP_STARTED", "SNAPSHOT_TAKEN", ...); "UNKNOWN" for others. */
+extern const char *blockmirror_backup_event_name(
+	enum blockmirror_backup_event_type type);
+
 struct blockmirror_backup_options {
 	size_t size;                  /* sizeof (struct ...), for growth */
 	const char *dir;              /* the backup's directory of points */
@@ -895,6 +951,16 @@ struct blockmirror_backup_options {
 	/* Asked between reads (from the backup's thread): true stops the
 	 * backup with -ECANCELED, leaving no point behind.  May be NULL. */
 	bool (*cancelled)(void *user_data);
+	/* Appended fields: a caller's smaller size leaves them zero. */
+	/* Each step, on the backup's thread (the caller's).  May be NULL. */
+	blockmirror_backup_event_fn on_event;
+	void *event_data;
+	/* An NBD export (nbd://, nbds://, nbd+unix:// URI) to write the
+	 * point's data into, instead of DIR/NNNN.qcow2: a full point writes
+	 * the whole disk there, an incremental one the granules that
+	 * changed.  DIR is then the catalogue (manifests, digests).  NULL:
+	 * the data goes into DIR. */
+	const char *target;
 };
 
 struct blockmirror_backup_point {
@@ -913,15 +979,20 @@ struct blockmirror_backup_point {
 	char file[4096];              /* DIR/NNNN.qcow2 */
 	char checkpoint[80];          /* created at the instant, or "" */
 	bool application_consistent;  /* freeze succeeded */
+	/* list: an NBD point whose export has since been written by a newer
+	 * point (its data is no longer readable; file is the URI) */
+	bool superseded;
 };
 
 /*
  * Take a point: a snapshot of the disk (one instant), read into
  * DIR/NNNN.qcow2 (an incremental point's backing file is the previous
- * point), with XXH128 digests of every granule and a manifest, written
- * durably last.  The guest keeps running.  Blocking (the caller's
- * thread; not the disk's loop).  0, or -errno with nothing left behind
- * that a restore could take for a point.
+ * point) or into the export `target`, with XXH128 digests of every
+ * granule and a manifest, written durably last.  The guest keeps
+ * running.  Blocking (the caller's thread; not the disk's loop).  0, or
+ * -errno with nothing left behind that a restore could take for a point
+ * (a failing export's message names its URI).  Each step goes to
+ * on_event.
  */
 extern int blockmirror_backup(struct blockmirror_disk *disk,
 			      const struct blockmirror_backup_options *options,
@@ -939,7 +1010,9 @@ struct blockmirror_backup_check {
 
 /*
  * Reread every point of DIR through its chain and compare it with its
- * digests (-EBADMSG naming the first damaged point and offset).  With
+ * digests (-EBADMSG naming the first damaged point and offset).  In an
+ * NBD catalogue only the newest point is reread, from its export; the
+ * older ones are superseded and only their digests files are checked.  With
  * `live`, also compare the live disk with the newest point where the
  * change record says nothing changed since: a difference there means the
  * record missed a write (-EBADMSG).  Blocking.
@@ -949,7 +1022,8 @@ extern int blockmirror_backup_verify(const char *dir,
 				     struct blockmirror_backup_check *check);
 
 /* The points of DIR, oldest first (malloc'd; bytes_written: the space
- * each point's image takes).  0 points is not an error. */
+ * each point's image takes, 0 in an export; file: the image or the
+ * export's URI).  0 points is not an error. */
 extern int blockmirror_backup_list(const char *dir,
 				   struct blockmirror_backup_point **points,
 				   size_t *count);
@@ -959,7 +1033,8 @@ extern int blockmirror_backup_list(const char *dir,
  * of `format` (AUTO: raw), reading it through its chain and checking
  * every granule against the point's digests: a damaged point fails the
  * restore (-EBADMSG, naming the point and offset; the new image is
- * removed) instead of restoring wrong data.  Blocking.
+ * removed) instead of restoring wrong data.  A superseded point of an NBD
+ * catalogue: -ESTALE.  Blocking.
  */
 extern int blockmirror_backup_restore(const char *dir, unsigned number,
 				      const char *target,
@@ -983,6 +1058,26 @@ struct blockmirror_backup_prune_result {
  */
 extern int blockmirror_backup_prune(const char *dir, unsigned keep,
 				    struct blockmirror_backup_prune_result *r);
+
+/*
+ * As blockmirror_backup_verify, _restore and _prune, with each step sent
+ * to on_event (may be NULL) on the caller's thread: POINT_VERIFIED or
+ * POINT_SUPERSEDED per point and LIVE_VERIFIED; POINT_RESTORED;
+ * POINT_MERGED and POINT_REMOVED per point.
+ */
+extern int blockmirror_backup_verify_with_events(
+	const char *dir, struct blockmirror_disk *live,
+	struct blockmirror_backup_check *check,
+	blockmirror_backup_event_fn on_event, void *event_data);
+extern int blockmirror_backup_restore_with_events(
+	const char *dir, unsigned number, const char *target,
+	enum blockmirror_format format, blockmirror_progress_fn progress,
+	void *user_data, uint64_t *bytes_written,
+	blockmirror_backup_event_fn on_event, void *event_data);
+extern int blockmirror_backup_prune_with_events(
+	const char *dir, unsigned keep,
+	struct blockmirror_backup_prune_result *r,
+	blockmirror_backup_event_fn on_event, void *event_data);
 
 /* ---- Crash-resumable state (docs/state.md) --------------------------- */
 

@@ -560,3 +560,47 @@ fio_verify() {
 	((RUN_RC == 0)) || { cat "$T/fio-verify.out" >&2; fail "fio verify failed: $1"; }
 	grep -q "err= 0" "$T/fio-verify.out" || { cat "$T/fio-verify.out" >&2; fail "fio verify reported errors: $1"; }
 }
+
+# ---- backups of a served disk at an instant ----------------------------
+# backup_at_instant FIO_PID COPY OUT ARGS...: stop fio (started with
+#   --thread: one process, so that SIGSTOP stops its writes), copy the
+#   served disk to the raw file COPY (the instant's content), then run
+#   `bmirror backup --control $T/ctl.sock --json ARGS...` with its lines in
+#   OUT and its stderr in OUT.err, and let fio go on as soon as the backup
+#   reports SNAPSHOT_TAKEN (or ends).  BACKUP_RC is its exit status; the
+#   last line of OUT is the result.
+BACKUP_RC=0
+backup_at_instant() {
+	local fio=$1 copy=$2 out=$3 b i
+	shift 3
+	kill -STOP "$fio"
+	sleep 0.3 # what fio had in flight completes at the server
+	run_ok qemu-img convert -f raw -O raw "nbd+unix:///?socket=$T/nbd.sock" "$copy"
+	"$BMIRROR" backup --control "$T/ctl.sock" --json "$@" >"$out" 2>"$out.err" &
+	b=$!
+	for ((i = 0; i < 600; i++)); do
+		grep -q '"SNAPSHOT_TAKEN"' "$out" && break
+		kill -0 "$b" 2>/dev/null || break
+		sleep 0.05
+	done
+	kill -CONT "$fio"
+	BACKUP_RC=0
+	wait "$b" || BACKUP_RC=$?
+}
+
+# events_in FILE: the "event" names of FILE's JSON lines, space-separated,
+# consecutive BACKUP_PROGRESS lines as one.
+events_in() {
+	python3 - "$1" <<'PYEOF'
+import json, sys
+names = []
+for line in open(sys.argv[1]):
+    line = line.strip()
+    if not line.startswith('{'):
+        continue
+    e = json.loads(line).get('event')
+    if e and not (e == 'BACKUP_PROGRESS' and names and names[-1] == e):
+        names.append(e)
+print(' '.join(names))
+PYEOF
+}

@@ -4,8 +4,9 @@
 # Backups of a served disk while fio writes to it (docs/backup.md):
 #   - fio (crc32c-verified 4 KiB random writes over NBD) is stopped, the
 #     disk is copied with qemu-img (the instant), and a backup is started;
-#     fio goes on as soon as the backup reports progress, i.e. after its
-#     snapshot was taken, and writes while the point is copied;
+#     fio goes on as soon as the backup reports its snapshot taken
+#     (backup_at_instant, functions.sh), and writes while the point is
+#     copied;
 #   - every point (full, then incremental by the change record that
 #     `bmirror serve --track` keeps) restores to exactly its instant copy
 #     (qemu-img compare), and an incremental point reads about what
@@ -16,7 +17,7 @@
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
 
-requires qemu-img qemu-io fio python3
+requires qemu-img qemu-io fio python3 nbdkit
 
 SIZE=$((64 * MiB))
 CTL=$T/ctl.sock
@@ -34,23 +35,12 @@ FIO=$!
 sleep 1
 
 # point N [--incremental]: the instant copied with fio stopped, then the
-# backup, fio let go once the backup reports progress.
+# backup, fio let go once the backup reports its snapshot taken.
 point() {
 	local n=$1
 	shift
-	kill -STOP "$FIO"
-	sleep 0.3   # what fio had in flight completes at the server
-	run_ok qemu-img convert -f raw -O raw "$MAIN" "$T/at$n.raw"
-	"$BMIRROR" backup --control "$CTL" --to "$DIR" --json --progress "$@" \
-		>"$T/b$n.out" 2>"$T/b$n.err" &
-	local b=$! i
-	for ((i = 0; i < 600; i++)); do
-		[[ -s $T/b$n.out ]] && break
-		kill -0 "$b" 2>/dev/null || break
-		sleep 0.05
-	done
-	kill -CONT "$FIO"
-	wait "$b" || { cat "$T/b$n.err" >&2; fail "backup $n failed"; }
+	backup_at_instant "$FIO" "$T/at$n.raw" "$T/b$n.out" --to "$DIR" "$@"
+	((BACKUP_RC == 0)) || { cat "$T/b$n.out.err" >&2; fail "backup $n failed"; }
 }
 
 point 1
@@ -68,9 +58,9 @@ pass "incremental points by the change record equal their instants"
 
 # The record, not digests: about what fio wrote between the points, far
 # less than the disk.
-# The result (the last line of the output, after the progress bar).
+# The result (the last line of the output, after the events).
 for n in 2 3; do
-	tail -n 1 "$T/b$n.out" | tr -d '\r' | sed 's/^.*{/{/' >"$T/b$n.json"
+	tail -n 1 "$T/b$n.out" >"$T/b$n.json"
 	json_assert "$T/b$n.json" "d['healed'] is False" "d['incremental'] is True" \
 		"d['bytes_read'] == d['bytes_changed']" \
 		"0 < d['bytes_changed'] <= $SIZE"
@@ -92,11 +82,13 @@ pass "points carry their checkpoints"
 # freeze, the server takes the snapshot and says so, the client thaws.
 run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
 	--freeze-cmd "echo frozen >> $T/hook" --thaw-cmd "echo thawed >> $T/hook"
-json_assert "$RUN_OUT" "d['consistency'] == 'application'" "d['point'] == 4"
+tail -n 1 "$RUN_OUT" >"$T/b4.json"
+json_assert "$T/b4.json" "d['consistency'] == 'application'" "d['point'] == 4"
 [[ $(cat "$T/hook") == $'frozen\nthawed' ]] || fail "hooks ran as: $(cat "$T/hook")"
 run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
 	--freeze-cmd "exit 1" --thaw-cmd "echo thawed >> $T/hook"
-json_assert "$RUN_OUT" "d['consistency'] == 'crash'"
+tail -n 1 "$RUN_OUT" >"$T/b5.json"
+json_assert "$T/b5.json" "d['consistency'] == 'crash'"
 [[ $(tail -n 1 "$T/hook") == thawed ]] || fail "no thaw after a failed freeze"
 pass "freeze and thaw around a served disk's instant"
 
@@ -115,7 +107,10 @@ pass "control commands answered while a backup runs; one backup at a time"
 kill -CONT "$FIO" 2>/dev/null || true
 wait "$FIO" || { cat "$T/fio.out" >&2; fail "fio failed while writing"; }
 run_ok "$BMIRROR" backup verify "$DIR" --control "$CTL" --json
-json_assert "$RUN_OUT" "d['points'] == 6" "d['live_bytes_read'] > 0" \
+[[ $(events_in "$RUN_OUT") == "$(printf 'POINT_VERIFIED %.0s' 1 2 3 4 5 6)LIVE_VERIFIED" ]] ||
+	fail "the events of verify over the control socket: $(events_in "$RUN_OUT")"
+tail -n 1 "$RUN_OUT" >"$T/verify.json"
+json_assert "$T/verify.json" "d['points'] == 6" "d['live_bytes_read'] > 0" \
 	"d['live_mismatches'] == 0"
 pass "verify over the control socket: the chain and the live disk"
 
@@ -132,28 +127,33 @@ for cmd, want in (({'cmd': 'backup'}, 'backup needs "dir"'),
     f.write(json.dumps(cmd) + '\n')
     f.flush()
     r = json.loads(f.readline())
+    while 'event' in r:   # a backup that began says each step first
+        r = json.loads(f.readline())
     assert 'error' in r and want in r['error']['message'], r
 EOF
 fio_verify "after the backups"
 pass "fio verifies every write it made"
 
 # quit while a backup copies: the server stops it, leaves no point, and
-# exits 0; the client says the server went away.
-# 48 MiB changed: the copy the quit interrupts takes far longer than the
-# hook's python takes to start.
-run_ok qemu-io -f raw -c "write -P 0x5e 8M 48M" "$MAIN"
-n_before=$(ls "$DIR"/*.json | wc -l)
-run "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental \
+# exits 0; the client says the server went away.  The point goes into an
+# export whose writes take 10 ms each (nbdkit's delay filter): the copy
+# the quit interrupts takes seconds, the hook's python far less.
+nbdkit -f --exit-with-parent -U "$T/slow.sock" --filter=delay memory "$SIZE" \
+	delay-write=10ms 2>"$T/slow.err" &
+SLOW=$!
+wait_for_socket "$T/slow.sock"
+run "$BMIRROR" backup --control "$CTL" --to "nbd+unix:///?socket=$T/slow.sock" \
+	--catalog "$T/slowcat" \
 	--thaw-cmd "python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b\"{\\\"cmd\\\": \\\"quit\\\"}\\n\"); s.recv(100)' '$CTL'"
 ((RUN_RC == 1)) || { show_run backup; fail "backup during quit: exit $RUN_RC"; }
 rc=0
 wait "$SERVE_PID" || rc=$?
 ((rc == 0)) || { cat "$T/serve.err" >&2; fail "serve exited $rc after quit during a backup"; }
 SERVE_PID=
-[[ $(ls "$DIR"/*.json | wc -l) == "$n_before" ]] || fail "a cancelled backup left a point"
-for f in "$DIR"/*.qcow2 "$DIR"/*.digests; do
-	[[ -e ${f%.*}.json ]] || { ls -la "$DIR" >&2; fail "a cancelled backup left $f"; }
-done
+kill "$SLOW"
+wait "$SLOW" 2>/dev/null || true
+[[ -z $(ls -A -- "$T/slowcat" | grep -v '^\.bmirror-backup\.lock$') ]] ||
+	{ ls -la "$T/slowcat" >&2; fail "a cancelled backup left files in its catalogue"; }
 pass "quit during a backup: cancelled, no point left, the server exits 0"
 
 # kill -9 of the server while a backup copies, then a restart: the next
@@ -179,7 +179,8 @@ start_serve "$T/disk.raw"
 grep -q crashed "$T/serve.err" || fail "the restarted server did not say the tracker crashed"
 run_ok qemu-io -f raw -c "write -P 0x6c 60M 64k" "$MAIN"
 run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json
-json_assert "$RUN_OUT" "d['healed'] is False" "d['point'] == $n_before + 1" \
+tail -n 1 "$RUN_OUT" >"$T/after-kill.json"
+json_assert "$T/after-kill.json" "d['healed'] is False" "d['point'] == $n_before + 1" \
 	"d['bytes_changed'] >= 32 * 2**20 + 65536"
 stop_serve
 run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/$(printf %04d $((n_before + 1))).qcow2" "$T/disk.raw"

@@ -7,6 +7,7 @@
 #     each point, and pass qemu-img check;
 #   - an incremental point writes only the granules that changed;
 #   - list, verify (and --against the image), prune --keep, restore;
+#   - --json: every step an event line, in order, then the result;
 #   - instant restore: an overlay of a point is served at once, written,
 #     and moved to production storage with a pivot, the point untouched;
 #   - damage in a point, a missing middle point, bad arguments: clear
@@ -23,10 +24,12 @@ SIZE=$MIXED_SIZE
 
 # --- a full point, then incremental ones -------------------------------
 run_ok "$BMIRROR" backup "$IMG" --to "$DIR" --json
-cp -- "$RUN_OUT" "$T/p1.json"
+tail -n 1 -- "$RUN_OUT" >"$T/p1.json"   # the result, after the events
 json_assert "$T/p1.json" "d['point'] == 1" "d['incremental'] is False" \
 	"d['bytes_read'] < $SIZE"
 cp -- "$IMG" "$T/at1.raw"
+[[ $(events_in "$RUN_OUT") == "BACKUP_STARTED SNAPSHOT_TAKEN BACKUP_PROGRESS DATA_FLUSHED DIGESTS_WRITTEN POINT_COMMITTED BACKUP_COMPLETED" ]] ||
+	fail "the events of a full point: $(events_in "$RUN_OUT")"
 run_ok qemu-img check -q "$DIR/0001.qcow2"
 run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0001.qcow2" "$T/at1.raw"
 pass "full point equals the image"
@@ -34,7 +37,7 @@ pass "full point equals the image"
 # Two granules of new data and one zeroed: only those are written.
 run_ok qemu-io -f raw -c "write -P 0x5a 5M 128K" -c "write -z 1M 64K" "$IMG"
 run_ok "$BMIRROR" backup "$IMG" --to "$DIR" --incremental --json
-cp -- "$RUN_OUT" "$T/p2.json"
+tail -n 1 -- "$RUN_OUT" >"$T/p2.json"   # the result, after the events
 json_assert "$T/p2.json" "d['point'] == 2" "d['incremental'] is True" \
 	"d['healed'] is True" "d['bytes_written'] == 128 * 1024" \
 	"d['bytes_changed'] == 192 * 1024"
@@ -48,9 +51,11 @@ pass "incremental point: only the changed granules, restores with qemu-img"
 run_ok qemu-io -f raw -c "write -P 0x33 9M 64K" "$IMG"
 run_ok "$BMIRROR" backup "$IMG" --to "$DIR" --incremental --json \
 	--freeze-cmd "echo frozen > $T/hook" --thaw-cmd "echo thawed >> $T/hook"
-cp -- "$RUN_OUT" "$T/p3.json"
+tail -n 1 -- "$RUN_OUT" >"$T/p3.json"   # the result, after the events
 json_assert "$T/p3.json" "d['consistency'] == 'application'"
 [[ $(cat "$T/hook") == $'frozen\nthawed' ]] || fail "hooks ran as: $(cat "$T/hook")"
+[[ $(events_in "$RUN_OUT") == "BACKUP_STARTED FREEZE_BEGUN FROZEN SNAPSHOT_TAKEN THAWED BACKUP_PROGRESS DATA_FLUSHED DIGESTS_WRITTEN POINT_COMMITTED BACKUP_COMPLETED" ]] ||
+	fail "the events of a frozen point: $(events_in "$RUN_OUT")"
 cp -- "$IMG" "$T/at3.raw"
 python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["consistency"] == "application"' "$DIR/0003.json" ||
 	fail "the manifest of point 3 does not say application"
@@ -64,14 +69,16 @@ SECONDS=0
 run_ok "$BMIRROR" backup "$IMG" --to "$T/hooked" --json --freeze-timeout 1 \
 	--freeze-cmd "sleep 60" --thaw-cmd "echo thawed > $T/hook"
 ((SECONDS < 20)) || fail "a hung freeze held the backup ${SECONDS}s"
-cp -- "$RUN_OUT" "$T/h1.json"
+tail -n 1 -- "$RUN_OUT" >"$T/h1.json"   # the result, after the events
 json_assert "$T/h1.json" "d['consistency'] == 'crash'"
 grep -q 'freeze command did not finish in 1 s' "$RUN_ERR" || fail "no word of the freeze timeout"
 [[ $(cat "$T/hook") == thawed ]] || fail "the thaw did not run after a timed-out freeze"
 run_ok "$BMIRROR" backup "$IMG" --to "$T/hooked" --incremental --json \
 	--freeze-cmd "exit 3"
-cp -- "$RUN_OUT" "$T/h2.json"
+tail -n 1 -- "$RUN_OUT" >"$T/h2.json"   # the result, after the events
 json_assert "$T/h2.json" "d['consistency'] == 'crash'"
+[[ $(events_in "$RUN_OUT") == "BACKUP_STARTED FREEZE_BEGUN FREEZE_FAILED SNAPSHOT_TAKEN THAWED BACKUP_PROGRESS DATA_FLUSHED DIGESTS_WRITTEN POINT_COMMITTED BACKUP_COMPLETED" ]] ||
+	fail "the events of a point whose freeze failed: $(events_in "$RUN_OUT")"
 grep -q 'freeze command failed (exit status 3)' "$RUN_ERR" || fail "no word of the failed freeze"
 expect_fail_with 2 'freeze-timeout' "$BMIRROR" backup "$IMG" --to "$T/hooked" --freeze-timeout 0
 pass "a hung or failing freeze: crash-consistent point, thawed, said"
@@ -82,8 +89,10 @@ cp -- "$RUN_OUT" "$T/list.json"
 json_assert "$T/list.json" "[p['point'] for p in d['points']] == [1, 2, 3]" \
 	"d['points'][0]['incremental'] is False"
 run_ok "$BMIRROR" backup verify "$DIR" --against "$IMG" --json
-cp -- "$RUN_OUT" "$T/v.json"
+tail -n 1 -- "$RUN_OUT" >"$T/v.json"   # the result, after the events
 json_assert "$T/v.json" "d['ok'] is True" "d['points'] == 3"
+[[ $(events_in "$RUN_OUT") == "POINT_VERIFIED POINT_VERIFIED POINT_VERIFIED LIVE_VERIFIED" ]] ||
+	fail "the events of verify: $(events_in "$RUN_OUT")"
 pass "list and verify"
 
 # --- restore -----------------------------------------------------------
@@ -114,9 +123,11 @@ cp -a -- "$DIR" "$T/damaged"   # points 1 to 3, for the damage below
 
 # --- prune -------------------------------------------------------------
 run_ok "$BMIRROR" backup prune "$DIR" --keep 2 --json
-cp -- "$RUN_OUT" "$T/prune.json"
+tail -n 1 -- "$RUN_OUT" >"$T/prune.json"   # the result, after the events
 json_assert "$T/prune.json" "d['first'] == 2" "d['removed'] == 1" \
 	"d['merged'] is True"
+[[ $(events_in "$RUN_OUT") == "POINT_MERGED POINT_REMOVED" ]] ||
+	fail "the events of prune: $(events_in "$RUN_OUT")"
 [[ ! -e $DIR/0001.qcow2 ]] || fail "prune left point 1"
 run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0002.qcow2" "$T/at2.raw"
 run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/0003.qcow2" "$T/at3.raw"
@@ -179,6 +190,10 @@ fi
 
 # --- bad arguments -----------------------------------------------------
 expect_fail_with 2 'needs --to' "$BMIRROR" backup "$IMG"
+expect_fail_with --names "nbd+unix:///?socket=$T/none.sock" 2 'an NBD target needs --catalog DIR' \
+	"$BMIRROR" backup "$IMG" --to "nbd+unix:///?socket=$T/none.sock"
+expect_fail_with 2 'catalog goes with an NBD URI' \
+	"$BMIRROR" backup "$IMG" --to "$DIR" --catalog "$T/c"
 expect_fail_with 2 'keep' "$BMIRROR" backup prune "$DIR"
 expect_fail_with 2 'keep' "$BMIRROR" backup prune "$DIR" --keep 0
 expect_fail_with nonzero 'no point to build' \

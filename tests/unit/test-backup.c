@@ -4,6 +4,8 @@
  * disk was at its instant while writers keep writing, increments copy only
  * what changed, the chain survives kill -9 of the writer between points,
  * and verification names damage and a change record that missed writes.
+ * Each step is an event, in order, for a full, an incremental, a failed
+ * and a cancelled point.
  *
  * The model: writers pause, the test reads the disk (the instant's
  * content), and the backup's first progress report (made after its
@@ -11,6 +13,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stddef.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -751,6 +754,249 @@ START_TEST(test_verify_names_damage)
 }
 END_TEST
 
+/* ---- events ------------------------------------------------------------ */
+
+struct seen {
+	enum blockmirror_backup_event_type type;
+	unsigned point;
+	bool incremental, healing;
+	uint64_t done, total;
+	char name[256];
+	int err;
+	char message[512];
+};
+
+static struct {
+	struct seen v[4096];
+	size_t n;
+	bool cancel_on_progress;
+} E;
+
+static void
+record_event(void *user_data, const struct blockmirror_backup_event *ev)
+{
+	struct seen *s;
+
+	ck_assert_ptr_eq(user_data, &E);
+	if (ev->type == BLOCKMIRROR_BACKUP_PROGRESS && E.n &&
+	    E.v[E.n - 1].type == BLOCKMIRROR_BACKUP_PROGRESS) {
+		/* One entry for a run of progress; done only grows. */
+		ck_assert_uint_ge(ev->done, E.v[E.n - 1].done);
+		E.v[E.n - 1].done = ev->done;
+		return;
+	}
+	ck_assert_uint_lt(E.n, sizeof E.v / sizeof E.v[0]);
+	s = &E.v[E.n++];
+	memset(s, 0, sizeof *s);
+	s->type = ev->type;
+	s->point = ev->point;
+	s->incremental = ev->incremental;
+	s->healing = ev->healing;
+	s->done = ev->done;
+	s->total = ev->total;
+	s->err = ev->err;
+	snprintf(s->name, sizeof s->name, "%s", ev->name ? ev->name : "");
+	snprintf(s->message, sizeof s->message, "%s",
+		 ev->message ? ev->message : "");
+	if (ev->type == BLOCKMIRROR_BACKUP_FAILED) {
+		struct blockmirror_backup_point *v;
+		size_t n;
+
+		/* A public call from the callback clears this thread's
+		 * message: the backup's own must survive it. */
+		ck_assert_int_eq(blockmirror_backup_list(bdir, &v, &n), 0);
+		free(v);
+	}
+}
+
+static bool
+cancel_after_progress(void *user_data)
+{
+	return E.cancel_on_progress && E.n &&
+	       E.v[E.n - 1].type == BLOCKMIRROR_BACKUP_PROGRESS;
+}
+
+static int
+quiet_freeze(void *user_data)
+{
+	return 0;
+}
+
+static void
+quiet_thaw(void *user_data)
+{
+}
+
+/* The events seen are `want`, in order. */
+static void
+expect_events(const enum blockmirror_backup_event_type *want, size_t n)
+{
+	char got[2048] = "";
+
+	for (size_t i = 0; i < E.n; i++)
+		snprintf(got + strlen(got), sizeof got - strlen(got), " %s",
+			 blockmirror_backup_event_name(E.v[i].type));
+	ck_assert_msg(E.n == n, "%zu events, want %zu:%s", E.n, n, got);
+	for (size_t i = 0; i < n; i++)
+		ck_assert_msg(E.v[i].type == want[i], "event %zu is %s, want "
+			      "%s:%s", i, blockmirror_backup_event_name(
+				      E.v[i].type),
+			      blockmirror_backup_event_name(want[i]), got);
+}
+
+#define EXPECT_EVENTS(...)                                                  \
+	do {                                                                \
+		static const enum blockmirror_backup_event_type w_[] = {    \
+			__VA_ARGS__ };                                      \
+		expect_events(w_, sizeof w_ / sizeof w_[0]);                \
+	} while (0)
+
+START_TEST(test_events)
+{
+	struct blockmirror_backup_options o = { .size = sizeof o };
+	struct blockmirror_backup_point res;
+	struct blockmirror_checkpoint *cps;
+	struct blockmirror_disk *disk = open_disk();
+	uint8_t *buf = aligned_alloc(BLOCK, 65536);
+	char path[256], first_cp[80], second_cp[80];
+	size_t ncp;
+	int fd;
+
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
+	o.dir = bdir;
+	o.on_event = record_event;
+	o.event_data = &E;
+	o.cancelled = cancel_after_progress;
+
+	/* A full point. */
+	memset(&E, 0, sizeof E);
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	EXPECT_EVENTS(BLOCKMIRROR_BACKUP_STARTED,
+		      BLOCKMIRROR_BACKUP_SNAPSHOT_TAKEN,
+		      BLOCKMIRROR_BACKUP_CHECKPOINT_CREATED,
+		      BLOCKMIRROR_BACKUP_PROGRESS,
+		      BLOCKMIRROR_BACKUP_DATA_FLUSHED,
+		      BLOCKMIRROR_BACKUP_DIGESTS_WRITTEN,
+		      BLOCKMIRROR_BACKUP_POINT_COMMITTED,
+		      BLOCKMIRROR_BACKUP_COMPLETED);
+	for (size_t i = 0; i < E.n; i++)
+		ck_assert_uint_eq(E.v[i].point,
+				  E.v[i].type == BLOCKMIRROR_BACKUP_PROGRESS
+				  ? 0 : 1);
+	ck_assert(!E.v[0].incremental && !E.v[0].healing);
+	snprintf(path, sizeof path, "%s/0001.qcow2", bdir);
+	ck_assert_str_eq(E.v[0].name, path);
+	ck_assert_str_eq(E.v[4].name, path);
+	ck_assert_str_eq(E.v[2].name, res.checkpoint);
+	ck_assert_uint_eq(E.v[3].total, DISK_SIZE);
+	/* Half the disk is data: progress went at least that far. */
+	ck_assert_uint_ge(E.v[3].done, DISK_SIZE / 2);
+	snprintf(path, sizeof path, "%s/0001.digests", bdir);
+	ck_assert_str_eq(E.v[5].name, path);
+	ck_assert(!E.v[7].incremental && !E.v[7].healing);
+	snprintf(first_cp, sizeof first_cp, "%s", res.checkpoint);
+
+	/* An incremental one, frozen, after a backup that died. */
+	memset(buf, 0x51, 65536);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, 65536, 1 << 20, 0),
+			 0);
+	snprintf(path, sizeof path, "%s/0002.digests", bdir);
+	fd = open(path, O_CREAT | O_WRONLY, 0644);
+	ck_assert_int_ge(fd, 0);
+	close(fd);
+	o.incremental = true;
+	o.freeze = quiet_freeze;
+	o.thaw = quiet_thaw;
+	memset(&E, 0, sizeof E);
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	EXPECT_EVENTS(BLOCKMIRROR_BACKUP_STARTED,
+		      BLOCKMIRROR_BACKUP_LEFTOVERS_CLEANED,
+		      BLOCKMIRROR_BACKUP_FREEZE_BEGUN,
+		      BLOCKMIRROR_BACKUP_FROZEN,
+		      BLOCKMIRROR_BACKUP_SNAPSHOT_TAKEN,
+		      BLOCKMIRROR_BACKUP_THAWED,
+		      BLOCKMIRROR_BACKUP_CHECKPOINT_CREATED,
+		      BLOCKMIRROR_BACKUP_PROGRESS,
+		      BLOCKMIRROR_BACKUP_DATA_FLUSHED,
+		      BLOCKMIRROR_BACKUP_DIGESTS_WRITTEN,
+		      BLOCKMIRROR_BACKUP_POINT_COMMITTED,
+		      BLOCKMIRROR_BACKUP_CHECKPOINT_REMOVED,
+		      BLOCKMIRROR_BACKUP_COMPLETED);
+	ck_assert(E.v[0].incremental && !E.v[0].healing);
+	ck_assert_uint_eq(E.v[0].point, 2);
+	ck_assert_str_eq(E.v[1].name, "");   /* files only */
+	ck_assert_str_eq(E.v[6].name, res.checkpoint);
+	ck_assert_uint_eq(E.v[7].done, 65536);
+	ck_assert_uint_eq(E.v[7].total, 65536);
+	ck_assert_str_eq(E.v[11].name, first_cp);
+	ck_assert(E.v[12].incremental && !E.v[12].healing);
+	ck_assert_uint_eq(E.v[12].point, 2);
+	snprintf(second_cp, sizeof second_cp, "%s", res.checkpoint);
+
+	/* A dead target: the point fails, leaves nothing, and its
+	 * checkpoint goes. */
+	o.freeze = NULL;
+	o.thaw = NULL;
+	o.incremental = false;
+	o.target = "nbd+unix:///?socket=/nonexistent/bm-dead.sock";
+	memset(&E, 0, sizeof E);
+	ck_assert_int_lt(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert_msg(strstr(blockmirror_last_error(), "bm-dead.sock"), "%s",
+		      blockmirror_last_error());
+	EXPECT_EVENTS(BLOCKMIRROR_BACKUP_STARTED,
+		      BLOCKMIRROR_BACKUP_SNAPSHOT_TAKEN,
+		      BLOCKMIRROR_BACKUP_CHECKPOINT_CREATED,
+		      BLOCKMIRROR_BACKUP_FAILED);
+	ck_assert_str_eq(E.v[0].name, o.target);
+	ck_assert_uint_eq(E.v[3].point, 3);
+	ck_assert_int_gt(E.v[3].err, 0);
+	ck_assert_msg(strstr(E.v[3].message, "bm-dead.sock"), "%s",
+		      E.v[3].message);
+	snprintf(path, sizeof path, "%s/0003.json", bdir);
+	ck_assert_int_ne(access(path, F_OK), 0);
+	ck_assert_int_eq(blockmirror_checkpoint_list(disk, &cps, &ncp), 0);
+	ck_assert_uint_eq(ncp, 1);
+	ck_assert_str_eq(cps[0].name, second_cp);
+	free(cps);
+
+	/* Cancelled once it has copied something: CANCELLED, no point. */
+	o.target = NULL;
+	E.n = 0;
+	E.cancel_on_progress = true;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), -ECANCELED);
+	EXPECT_EVENTS(BLOCKMIRROR_BACKUP_STARTED,
+		      BLOCKMIRROR_BACKUP_SNAPSHOT_TAKEN,
+		      BLOCKMIRROR_BACKUP_CHECKPOINT_CREATED,
+		      BLOCKMIRROR_BACKUP_PROGRESS,
+		      BLOCKMIRROR_BACKUP_CANCELLED);
+	ck_assert_int_eq(E.v[4].err, ECANCELED);
+	ck_assert_uint_eq(E.v[4].point, 3);
+	ck_assert_int_ne(access(path, F_OK), 0);
+
+	/* Refused before it began (a busy directory): only FAILED. */
+	E.n = 0;
+	E.cancel_on_progress = false;
+	snprintf(path, sizeof path, "%s/.bmirror-backup.lock", bdir);
+	fd = open(path, O_RDWR);
+	ck_assert_int_ge(fd, 0);
+	ck_assert_int_eq(flock(fd, LOCK_EX), 0);
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), -EBUSY);
+	EXPECT_EVENTS(BLOCKMIRROR_BACKUP_FAILED);
+	ck_assert_int_eq(E.v[0].err, EBUSY);
+	close(fd);
+
+	/* An older caller's options (without the appended fields) still
+	 * work, and send nothing. */
+	o.size = offsetof(struct blockmirror_backup_options, on_event);
+	E.n = 0;
+	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
+	ck_assert_uint_eq(E.n, 0);
+	ck_assert_uint_eq(res.number, 3);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	free(buf);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -771,6 +1017,7 @@ main(void)
 	tcase_add_test(tc, test_odd_size);
 	tcase_add_loop_test(tc, test_granularities, 0, 2);
 	tcase_add_test(tc, test_after_a_dead_backup);
+	tcase_add_test(tc, test_events);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
