@@ -27,8 +27,9 @@
  * (its record merges into the one before), and any older one of the
  * chain a crash left before that removal; after a failed one the new
  * checkpoint is, and a backup that died is cleaned up by the next (its
- * files without a manifest, its checkpoint), so the next incremental
- * still covers everything since the last point that exists.
+ * files without a manifest, its checkpoint, which DIR/NNNN.checkpoint
+ * names from before the instant until the point exists), so the next
+ * incremental still covers everything since the last point that exists.
  *
  * With an NBD target the point's data goes into an export instead of
  * NNNN.qcow2, and DIR holds only the catalogue (manifests, digests): a
@@ -548,6 +549,64 @@ clean_leftovers(const char *dir, unsigned n)
 }
 
 /*
+ * DIR/NNNN.checkpoint names the checkpoint point NNNN's backup creates at
+ * its instant; it is written durably before the snapshot is taken and
+ * removed once the point exists or its backup has removed the checkpoint
+ * again.  A backup that died in between leaves it, and the next backup
+ * removes the checkpoint it names: for a full point no manifest names
+ * the new chain, so nothing else could find it.  What it says is only
+ * used when point NNNN has no manifest.
+ */
+static int
+checkpoint_mark_write(const char *dir, unsigned n, const char *cp)
+{
+	char path[PATH_MAX];
+
+	point_file(path, sizeof path, dir, n, "checkpoint");
+	return bm_durable_write_file(path, cp, strlen(cp), 0644);
+}
+
+static void
+checkpoint_mark_remove(const char *dir, unsigned n)
+{
+	char path[PATH_MAX];
+
+	point_file(path, sizeof path, dir, n, "checkpoint");
+	unlink(path);
+}
+
+/* The checkpoint a backup of point n that died left, from its mark:
+ * removed (merging its record into the one before).  Whether one was. */
+static bool
+remove_dead_checkpoint(struct blockmirror_disk *disk, const char *dir,
+		       unsigned n)
+{
+	char path[PATH_MAX], name[80] = "";
+	ssize_t len;
+	bool removed = false;
+	int fd;
+
+	point_file(path, sizeof path, dir, n, "json");
+	if (access(path, F_OK) == 0)
+		return false;
+	point_file(path, sizeof path, dir, n, "checkpoint");
+	fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+	if (fd < 0)
+		return false;
+	len = read(fd, name, sizeof name - 1);
+	close(fd);
+	name[len > 0 ? len : 0] = '\0';
+	if (name[0] && blockmirror_checkpoint_remove(disk, name) == 0) {
+		bm_warn("%s: removed checkpoint %s, left by a backup that did "
+			"not finish", dir, name);
+		removed = true;
+	}
+	bm_error_clear();
+	unlink(path);
+	return removed;
+}
+
+/*
  * Has a point numbered `next` that failed written part of itself into
  * the export of point `p` (its mark is there)?  -EBADMSG saying so.
  */
@@ -1016,6 +1075,9 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	if (clean_leftovers(o->dir, newest + 1))
 		event_step(&ev, BLOCKMIRROR_BACKUP_LEFTOVERS_CLEANED,
 			   newest + 1, NULL);
+	if (tracking && remove_dead_checkpoint(disk, o->dir, newest + 1))
+		event_step(&ev, BLOCKMIRROR_BACKUP_LEFTOVERS_CLEANED,
+			   newest + 1, NULL);
 
 	p.number = newest + 1;
 	p.incremental = o->incremental;
@@ -1050,6 +1112,9 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	if (tracking) {
 		so.checkpoint = cp;
 		so.since = o->incremental && !heal ? prev.checkpoint : NULL;
+		r = checkpoint_mark_write(o->dir, p.number, cp);
+		if (r < 0)
+			goto fail;
 	}
 	frozen = false;
 	if (o->freeze) {
@@ -1232,6 +1297,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	if (r < 0)
 		goto fail;
 	event_step(&ev, BLOCKMIRROR_BACKUP_POINT_COMMITTED, p.number, NULL);
+	checkpoint_mark_remove(o->dir, p.number);
 	/* The export holds this point alone now (or another kind of target
 	 * took it: the mark says nothing any more). */
 	unlink(mark);
@@ -1281,10 +1347,15 @@ fail:
 			if (created && blockmirror_checkpoint_remove(disk, cp) < 0)
 				bm_warn("checkpoint %s could not be removed: "
 					"%s", cp, inner_error());
+			else
+				checkpoint_mark_remove(o->dir, p.number);
 			if (data[0] && !run.nbd)
 				unlink(data);
 			if (dig[0])
 				unlink(dig);
+		} else if (tracking) {
+			/* No instant, no checkpoint. */
+			checkpoint_mark_remove(o->dir, p.number);
 		}
 		bm_error(r, "%s", first);
 	}
