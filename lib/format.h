@@ -277,4 +277,22 @@ int bm_fmt_create(const struct bm_fmt_driver *drv, struct bm_store *store,
 		  const char *path, uint64_t size, const char *options,
 		  unsigned flags, struct bm_image **out);
 
+/* Is `img` a mapped-format image run by driver `drv`? */
+bool bm_image_has_driver(const struct bm_image *img,
+			 const struct bm_fmt_driver *drv);
+
+/*
+ * Run fn(driver state, arg) on the driver's thread (the flusher, or the
+ * worker), ordered like a flush: after every earlier request, after a
+ * flush of the image's metadata, before every later request.  io (its
+ * done, opaque) completes on the image's loop with fn's result.  For a
+ * driver's own entry points that change metadata outside map (qcow2's
+ * persistent bitmaps).  -ENOTSUP if img is not run by drv, -EROFS if it
+ * is read-only.
+ */
+void bm_image_driver_call(struct bm_image *img,
+			  const struct bm_fmt_driver *drv,
+			  int (*fn)(void *drv, void *arg), void *arg,
+			  struct bm_io *io);
+
 #endif /* BM_FORMAT_H */
