@@ -60,6 +60,19 @@ backup_json() {
 	echo "$T/b$1.json"
 }
 
+# heal N REASON: every checkpoint is untrusted for REASON; incremental
+# backup point N heals, and its new checkpoint is trusted.
+heal() {
+	run_ok "$BMIRROR" checkpoint --control "$CTL" --list --json
+	json_assert "$RUN_OUT" "not any(c['trusted'] for c in d['checkpoints'])" \
+		"all('$2' in c['reason'] for c in d['checkpoints'])"
+	"$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
+		>"$T/b$1.out" 2>"$T/b$1.err" || { cat "$T/b$1.err" >&2; fail "healing backup"; }
+	json_assert "$(backup_json "$1")" "d['healed'] is True"
+	run_ok "$BMIRROR" checkpoint --control "$CTL" --list --json
+	json_assert "$RUN_OUT" "d['checkpoints'][-1]['trusted'] is True"
+}
+
 qemu-img create -q -f qcow2 "$IMG" "$SIZE"
 
 # ---- serve --track records in the image --------------------------------------
@@ -129,16 +142,7 @@ pass "writes QEMU made into the auto bitmap are in the next incremental point"
 run_ok qemu-io -f qcow2 -c "write -P 0 40M 1M" "$IMG"
 start_serve "$IMG"
 run_ok "$BMIRROR" checkpoint --control "$CTL" --create k1
-for ((i = 0; i < 200; i++)); do
-	qemu-io -f raw -c "write -P 0x44 $((40 * MiB + i * 4 * KiB)) 4k" "$MAIN" ||
-		break
-done >"$T/qio.out" 2>&1 &
-qio_pid=$!
-sleep 0.5
-kill -9 "$SERVE_PID"
-wait "$SERVE_PID" 2>/dev/null || true
-wait "$qio_pid" 2>/dev/null || true
-SERVE_PID=
+kill_serve_during_writes $((40 * MiB)) "$T/qio.out"
 acked=$(grep -c '^wrote 4096/4096' "$T/qio.out" || true)
 ((acked > 0)) || fail "no write was acknowledged before the kill"
 run_ok qemu-img check "$IMG"
@@ -176,14 +180,7 @@ kill -9 "$(cat "$T/q.pid")"
 while kill -0 "$(cat "$T/q.pid")" 2>/dev/null; do sleep 0.05; done
 info_assert "all('in-use' in x['flags'] for x in b)"
 start_serve "$IMG"
-run_ok "$BMIRROR" checkpoint --control "$CTL" --list --json
-json_assert "$RUN_OUT" "not any(c['trusted'] for c in d['checkpoints'])" \
-	"all('in use' in c['reason'] for c in d['checkpoints'])"
-"$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
-	>"$T/b3.out" 2>"$T/b3.err" || { cat "$T/b3.err" >&2; fail "healing backup"; }
-json_assert "$(backup_json 3)" "d['healed'] is True"
-run_ok "$BMIRROR" checkpoint --control "$CTL" --list --json
-json_assert "$RUN_OUT" "d['checkpoints'][-1]['trusted'] is True"
+heal 3 'in use'
 stop_serve
 run_ok qemu-img compare -q -f qcow2 -F qcow2 "$DIR/0003.qcow2" "$IMG"
 info_assert "b[-1]['flags'] == ['auto']"
@@ -197,12 +194,7 @@ run_ok qemu-io -f raw -c "write -P 0x77 60M 4k" "$MAIN"
 stop_serve
 SERVE_EXTRA=(--track)
 start_serve "$IMG"
-run_ok "$BMIRROR" checkpoint --control "$CTL" --list --json
-json_assert "$RUN_OUT" "not any(c['trusted'] for c in d['checkpoints'])" \
-	"all('does not keep' in c['reason'] for c in d['checkpoints'])"
-"$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
-	>"$T/b4.out" 2>"$T/b4.err" || { cat "$T/b4.err" >&2; fail "healing backup"; }
-json_assert "$(backup_json 4)" "d['healed'] is True"
+heal 4 'does not keep'
 stop_serve
 run_ok qemu-img compare -q -f qcow2 -F qcow2 "$DIR/0004.qcow2" "$IMG"
 run_ok qemu-img check -q "$IMG"
