@@ -100,6 +100,13 @@ image_bytes(const struct bm_cbt *cbt)
 	       cbt->cluster_size;
 }
 
+void
+bm_cbt_image_gone(struct bm_cbt *cbt, const struct bm_image *img)
+{
+	if (cbt->image && cbt->image == img)
+		cbt->image_gone = true;
+}
+
 int
 bm_cbt_image_write(struct bm_cbt *cbt, const struct bm_cbt_entry *ents,
 		   struct bm_bitmap *const *bits, size_t count)
@@ -107,6 +114,12 @@ bm_cbt_image_write(struct bm_cbt *cbt, const struct bm_cbt_entry *ents,
 	struct bm_qcow2_bitmap_set set = { 0 };
 	uint64_t bytes = image_bytes(cbt);
 	int r = 0;
+
+	if (cbt->image_gone)
+		return bm_error(-ESTALE, "%s: the checkpoints are this image's "
+				"bitmaps, and the disk was moved off it: they "
+				"still take marks, but cannot change; start "
+				"tracking anew on the new image", cbt->path);
 
 	set.n = (uint32_t)count;
 	set.alloc_last = true;
@@ -147,6 +160,8 @@ bm_cbt_image_write(struct bm_cbt *cbt, const struct bm_cbt_entry *ents,
 int
 bm_cbt_image_release(struct bm_cbt *cbt)
 {
+	if (cbt->image_gone)
+		return 0;
 	return driver_call(cbt, bm_qcow2_bitmaps_release, NULL);
 }
 

@@ -29,6 +29,7 @@ struct bm_cbt {
 	 * (last[i]: cluster i of its data); NULL for a sidecar.  new_last
 	 * is a commit's, applied by bm_cbt_rewritten. */
 	struct bm_image *image;
+	bool image_gone;             /* closed under us (bm_cbt_image_gone) */
 	uint64_t *last, *new_last;
 	uint32_t cluster_size;
 	struct bm_store *store;

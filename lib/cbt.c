@@ -721,7 +721,7 @@ close_image(struct bm_cbt *cbt)
 
 	for (size_t i = 0; i < cbt->count; i++)
 		lost |= (cbt->cp[i].e.flags & BM_CBT_LOST) != 0;
-	if (lost)
+	if (lost && !cbt->image_gone)
 		r = write_current(cbt, false);
 	r2 = bm_cbt_image_release(cbt);
 	return r < 0 ? r : r2;

@@ -170,6 +170,14 @@ int bm_cbt_open_image(struct bm_loop *loop, struct bm_image *image,
 		      uint64_t disk_size, uint32_t granularity,
 		      struct bm_cbt **out);
 
+/*
+ * The image `img` is about to be closed while the disk goes on (a move's
+ * pivot): if the tracker keeps its checkpoints in it, marks go on into
+ * its file through the tracker's own handle, and the list can no longer
+ * change (create, remove: -ESTALE, saying why).
+ */
+void bm_cbt_image_gone(struct bm_cbt *cbt, const struct bm_image *img);
+
 /* Does the tracker keep its checkpoints in the image (not a sidecar)?
  * bm_cbt_path: the sidecar's path or the image's name. */
 bool bm_cbt_in_image(const struct bm_cbt *cbt);

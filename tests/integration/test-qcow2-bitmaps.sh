@@ -17,6 +17,8 @@
 #   - a bitmap left in use (qemu-nbd killed with the image open) and an
 #     image written without the tracker (autoclear bit 0 cleared) are
 #     reported untrusted, and the next backup heals;
+#   - after a move the source's bitmaps still take marks, and creating a
+#     checkpoint is refused, saying why;
 #   - --track=FILE still keeps a sidecar.
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
@@ -199,6 +201,22 @@ stop_serve
 run_ok qemu-img compare -q -f qcow2 -F qcow2 "$DIR/0004.qcow2" "$IMG"
 run_ok qemu-img check -q "$IMG"
 pass "an image written without the tracker: untrusted, the next backup heals"
+
+# ---- after a move -----------------------------------------------------------
+# The record stays in the source's bitmaps: marks go on there, the list
+# can no longer change (docs/cbt.md).
+start_serve "$IMG"
+run_ok "$BMIRROR" checkpoint --control "$CTL" --create m1
+run_ok "$BMIRROR" move --control "$CTL" --to "$T/moved.raw" -O raw
+run_ok qemu-io -f raw -c "write -P 0x78 62M 4k" "$MAIN"
+expect_fail_with --names "$IMG" 1 "moved off it" \
+	"$BMIRROR" checkpoint --control "$CTL" --create m2
+stop_serve
+info_assert "b[-1]['name'] == 'm1'" "b[-1]['flags'] == ['auto']"
+run_ok qemu-img check -q "$IMG"
+dirty_map m1 >"$T/map"
+printf '65011712 65536\n' | cmp -s - "$T/map" || { cat "$T/map" >&2; fail "the write after the move is not in m1"; }
+pass "after a move: marks go on into the source's bitmaps, the list is fixed"
 
 # ---- --track=FILE keeps a sidecar -------------------------------------------
 SERVE_EXTRA=(--track="$T/side.cbt")
