@@ -96,14 +96,15 @@ track_drained(struct blockmirror_disk *disk)
 	control_done(disk, call, r);
 }
 
-/* Would the record go into the image?  A writable qcow2 one. */
+/* Would the record go into the image?  A writable qcow2 one whose
+ * clusters hold whole 4 KiB pages of a bitmap (cbt-image.c). */
 static void
 call_in_image(struct bm_call *call)
 {
 	struct bm_image *base = bm_disk_base(call->arg);
 
 	call->u64 = bm_image_has_driver(base, &bm_qcow2_driver) &&
-		    !base->readonly;
+		    !base->readonly && base->cluster_size >= BM_CBT_PAGE;
 	bm_waiter_signal(&call->w, 0);
 }
 

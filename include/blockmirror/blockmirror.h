@@ -801,7 +801,7 @@ extern int blockmirror_snapshot_changed(struct blockmirror_snapshot *snap,
  * (0: the record's, or 64 KiB).  Where: in the sidecar file `sidecar`
  * (created if missing); with sidecar NULL, in the image itself as
  * persistent dirty bitmaps when the disk's image is a writable qcow2
- * version 3 image (clusters of 4 KiB or more), else in the image path
+ * version 3 image with clusters of 4 KiB or more, else in the image path
  * plus ".bmirror-cbt".  Each write is marked on disk before it reaches
  * the image, so the record survives a crash or a power loss.  Writes in
  * flight complete first.  Blocking; -EBUSY if already tracking; -ESTALE

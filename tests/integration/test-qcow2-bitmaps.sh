@@ -19,7 +19,7 @@
 #     reported untrusted, and the next backup heals;
 #   - after a move the source's bitmaps still take marks, and creating a
 #     checkpoint is refused, saying why;
-#   - --track=FILE still keeps a sidecar.
+#   - --track=FILE, and qcow2 clusters under 4 KiB, still keep a sidecar.
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
 
@@ -226,4 +226,12 @@ json_assert "$RUN_OUT" "d['tracking']['record'] == 'sidecar'" \
 	"d['tracking']['sidecar'].endswith('side.cbt')"
 stop_serve
 [[ -f $T/side.cbt ]] || fail "no sidecar with --track=FILE"
-pass "--track=FILE on a qcow2 image keeps the sidecar"
+# Clusters smaller than a 4 KiB page of a bitmap: the sidecar.
+qemu-img create -q -f qcow2 -o cluster_size=512 "$T/small.qcow2" 1M
+SERVE_EXTRA=(--track)
+start_serve "$T/small.qcow2"
+run_ok "$BMIRROR" status --control "$CTL" --json
+json_assert "$RUN_OUT" "d['tracking']['record'] == 'sidecar'"
+stop_serve
+[[ -f $T/small.qcow2.bmirror-cbt ]] || fail "no sidecar for 512-byte clusters"
+pass "--track=FILE, and a qcow2 image with 512-byte clusters, keep a sidecar"
