@@ -158,8 +158,9 @@ untrusted(const struct bm_cbt *cbt, size_t i)
 			       "not keep its bitmaps (autoclear bit 0 clear)";
 		if (cbt->cp[i].e.flags & BM_CBT_STALE)
 			return "the image marks a bitmap since it was created "
-			       "in use: the program that had it open (QEMU) "
-			       "did not store it";
+			       "in use: the last program to write the image "
+			       "did not store it (QEMU stopped, or it was "
+			       "found untrusted before)";
 	}
 	return NULL;
 }
