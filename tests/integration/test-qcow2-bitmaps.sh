@@ -19,6 +19,7 @@
 #     reported untrusted, and the next backup heals;
 #   - after a move the source's bitmaps still take marks, and creating a
 #     checkpoint is refused, saying why;
+#   - a damaged bitmap directory is refused at open, naming the entry;
 #   - --track=FILE, and qcow2 clusters under 4 KiB, still keep a sidecar.
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
@@ -217,6 +218,29 @@ run_ok qemu-img check -q "$IMG"
 dirty_map m1 >"$T/map"
 printf '65011712 65536\n' | cmp -s - "$T/map" || { cat "$T/map" >&2; fail "the write after the move is not in m1"; }
 pass "after a move: marks go on into the source's bitmaps, the list is fixed"
+
+# ---- a damaged directory -----------------------------------------------------
+# Its first entry's table size (offset 8 in the entry) made wrong: every
+# open refuses the image, naming it and the entry.
+cp -- "$IMG" "$T/bad.qcow2"
+python3 - "$T/bad.qcow2" <<'PY'
+import struct, sys
+f = open(sys.argv[1], 'r+b')
+h = f.read(65536)
+pos = struct.unpack('>I', h[100:104])[0]
+while True:
+    t, n = struct.unpack('>II', h[pos:pos + 8])
+    if t == 0x23852875:
+        break
+    assert t, "no bitmaps extension"
+    pos += 8 + (n + 7) // 8 * 8
+d = struct.unpack('>Q', h[pos + 24:pos + 32])[0]
+f.seek(d + 8)
+f.write(struct.pack('>I', 7))
+PY
+expect_fail_with --names "$T/bad.qcow2" nonzero 'bitmap directory entry 0 .*table size' \
+	"$BMIRROR" info "$T/bad.qcow2"
+pass "a damaged bitmap directory is refused at open, naming the entry"
 
 # ---- --track=FILE keeps a sidecar -------------------------------------------
 SERVE_EXTRA=(--track="$T/side.cbt")
