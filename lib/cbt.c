@@ -41,6 +41,12 @@
  * unrecorded (bm_disk_tracking_failed: the guest comes first), so every
  * checkpoint existing then is flagged BM_CBT_LOST (in memory at once, on
  * disk at the next rewrite, close included).  The next structural rewrite mends the tracker.
+ *
+ * A record kept in a qcow2 image (cbt-image.c) is the same tracker: the
+ * pages of Bn are written in place in the image's file, at the offsets
+ * of its bitmap's clusters, and a structural rewrite is a commit of a new
+ * bitmap list by the qcow2 driver instead of a new file; the store is
+ * the tracker's own handle on the image file and is never reopened.
  */
 #include <errno.h>
 #include <fcntl.h>

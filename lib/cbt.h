@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Changed-block tracking: named checkpoints of one disk and, for each, a
- * bitmap of the blocks written since, kept in a sidecar file that stays
- * valid after a crash (docs/cbt.md).
+ * bitmap of the blocks written since, kept in a sidecar file or in a
+ * qcow2 image's persistent bitmaps (cbt-image.c), valid after a crash
+ * either way (docs/cbt.md).
  *
  * A tracker holds checkpoints C1..Cn, oldest first.  Bitmap Bk holds the
  * blocks written after Ck was created and before C(k+1) was; only Bn

@@ -27,7 +27,8 @@
  *   with a private loop, so driver I/O never waits for the image's loop
  *   and the image's loop never waits for the worker (close joins the
  *   worker, which by then has nothing to wait for).  A driver with
- *   flush_apart has its flushes (and backing changes) run on a flusher
+ *   flush_apart has its flushes (and backing changes, and the driver's own
+ *   calls, bm_image_driver_call) run on a flusher
  *   thread with a third handle and loop of its own, so that maps go on
  *   during a flush; the driver orders the two itself.
  * - Data marks.  A chunk is counted (mapped_io) from before its map until
