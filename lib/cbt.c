@@ -669,8 +669,11 @@ bm_cbt_open_image(struct bm_loop *loop, struct bm_image *image,
 	cbt->wtail = &cbt->waiters;
 	r = bm_cbt_image_load(cbt, granularity);
 	loaded = r >= 0;
-	if (r >= 0 && setup_marking(cbt) < 0)
-		r = -ENOMEM;
+	if (r >= 0) {
+		int r2 = setup_marking(cbt);
+
+		r = r2 < 0 ? r2 : r;
+	}
 	if (r == 1 && (r = write_current(cbt, true)) == 0)
 		bm_cbt_rewritten(cbt);
 	if (r < 0)

@@ -78,11 +78,14 @@ track_drained(struct blockmirror_disk *disk)
 	}
 	if (disk->writes_seen && bm_cbt_count(cbt))
 		r = bm_error(-ESTALE, "%s: the disk has served %" PRIu64
-			     " writes since it was opened, which the sidecar's "
+			     " writes since it was opened, which the %s's "
 			     "%zu checkpoints miss; start tracking before the "
-			     "first write (or remove the sidecar, and with it "
-			     "the checkpoints)", bm_disk_base(disk)->name,
-			     disk->writes_seen, bm_cbt_count(cbt));
+			     "first write (or remove %s, and with it the "
+			     "checkpoints)", bm_disk_base(disk)->name,
+			     disk->writes_seen, bm_cbt_in_image(cbt) ? "image"
+			     : "sidecar", bm_cbt_count(cbt),
+			     bm_cbt_in_image(cbt) ? "its bitmaps (qemu-img "
+			     "bitmap --remove)" : "the sidecar");
 	else if (disk->cbt)
 		r = bm_error(-EBUSY, "the disk is tracking changes already");
 	if (r == 0) {

@@ -461,6 +461,8 @@ START_TEST(test_qcow2_in_image)
 	ck_assert_int_eq(blockmirror_disk_write(disk, buf, sizeof buf,
 						2 << 20, 0), 0);
 	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), -ESTALE);
+	ck_assert_msg(strstr(blockmirror_last_error(), "the image's 1 "
+			     "checkpoints miss"), "%s", blockmirror_last_error());
 	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
 	disk = blockmirror_disk_open(qimg, BLOCKMIRROR_FORMAT_QCOW2, 0);
 	ck_assert_int_eq(blockmirror_disk_start_thread(disk), 0);
