@@ -14,7 +14,8 @@
  * Tracking: marks, checkpoint creations and removals on a qcow2 image
  * against a model; reopened, the image's bitmaps hold exactly the model
  * (the newest with every data cluster allocated, the only auto one), and
- * qemu-img check is clean.
+ * qemu-img check is clean.  Bad bitmap table entries make tracking
+ * refuse the image, naming the bitmap and the problem.
  *
  * Crash: the crash recorder (recorder.h) logs marks, each acknowledged
  * (rec_event) once its waiter runs, with a checkpoint created and the
@@ -483,6 +484,88 @@ START_TEST(test_track_model)
 }
 END_TEST
 
+/* Where the image's first bitmap table is (read from the file). */
+static uint64_t
+first_table(void)
+{
+	static uint8_t c0[65536], d[4096];
+	struct bm_qcow2_header h;
+	struct bm_qcow2_bitmap *b;
+	uint64_t off;
+	FILE *f = fopen(path, "rb");
+
+	ck_assert_ptr_nonnull(f);
+	ck_assert_uint_eq(fread(c0, 1, sizeof c0, f), sizeof c0);
+	ck_assert_int_eq(bm_qcow2_header_parse("img", c0, sizeof c0, &h), 0);
+	ck_assert(h.has_bitmaps && h.bitmaps_dir_size <= sizeof d);
+	ck_assert_int_eq(fseek(f, (long)h.bitmaps_dir_offset, SEEK_SET), 0);
+	ck_assert_uint_eq(fread(d, 1, h.bitmaps_dir_size, f),
+			  h.bitmaps_dir_size);
+	fclose(f);
+	ck_assert_int_eq(bm_qcow2_bitmap_dir_parse("img", &h, d,
+						   h.bitmaps_dir_size, &b), 0);
+	off = b[0].table_offset;
+	bm_qcow2_bitmaps_free(b, h.bitmaps_nb);
+	bm_qcow2_header_free(&h);
+	return off;
+}
+
+/* Bad bitmap table entries: tracking refuses the image, saying why;
+ * nothing is changed. */
+START_TEST(test_bad_tables)
+{
+	static const struct {
+		uint64_t entry;
+		const char *msg;
+	} cases[] = {
+		{ 0x10000, "overlaps the image's metadata" },  /* L1 or refcounts */
+		{ 0x10200, "not cluster-aligned" },
+		{ UINT64_C(1) << 40, "outside the file" },
+		{ 0x3fe, "reserved bits" },
+	};
+	struct bm_image *img;
+	struct bm_cbt *cbt;
+	uint64_t table;
+	FILE *f;
+
+	setup();
+	cbt = new_tracked(&img);
+	ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
+	ck_assert_int_eq(bm_cbt_close(cbt), 0);
+	bm_image_close(img);
+	table = first_table();
+	for (size_t i = 0; i < BM_ARRAY_SIZE(cases); i++) {
+		uint8_t e[8], old[8];
+		int r;
+
+		f = fopen(path, "r+b");
+		ck_assert_int_eq(fseek(f, (long)table, SEEK_SET), 0);
+		ck_assert_uint_eq(fread(old, 1, 8, f), 8);
+		bm_put_be64(e, cases[i].entry);
+		ck_assert_int_eq(fseek(f, (long)table, SEEK_SET), 0);
+		ck_assert_uint_eq(fwrite(e, 1, 8, f), 8);
+		fclose(f);
+		img = image_open();
+		r = bm_cbt_open_image(loop, img, DISK, 0, &cbt);
+		ck_assert_msg(r == -EINVAL, "case %zu: %d %s", i, r,
+			      blockmirror_last_error());
+		ck_assert_msg_has(cases[i].msg);
+		ck_assert_msg_has("bitmap c1");
+		bm_image_close(img);
+		f = fopen(path, "r+b");
+		ck_assert_int_eq(fseek(f, (long)table, SEEK_SET), 0);
+		ck_assert_uint_eq(fwrite(old, 1, 8, f), 8);
+		fclose(f);
+	}
+	img = image_open();
+	cbt = track(img);
+	ck_assert_uint_eq(bm_cbt_count(cbt), 1);
+	ck_assert_int_eq(bm_cbt_close(cbt), 0);
+	bm_image_close(img);
+	teardown();
+}
+END_TEST
+
 /* ---- crashes ---------------------------------------------------------- */
 
 #define CRASH_MARKS 48
@@ -639,6 +722,7 @@ main(void)
 	tcase_add_test(tc, test_dir_flips);
 	tcase_add_test(tc, test_table_entry);
 	tcase_add_test(tc, test_track_model);
+	tcase_add_test(tc, test_bad_tables);
 	tcase_add_test(tc, test_crash);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
