@@ -1,7 +1,8 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Fuzz target for qcow2: the input is an image file.  The pure parsers
- * of qcow2-parse.c see it directly (the header and extensions, each
+ * of qcow2-parse.c and qcow2-bitmap.c see it directly (the header and
+ * extensions, the bitmap directory it names, each
  * 8-byte word of the first sector as an L2 entry (the driver decodes
  * the real tables), the first bytes as a compressed stream
  * and as refcount blocks of each width); then the driver opens it from
@@ -30,6 +31,20 @@ parse_direct(const uint8_t *data, size_t size)
 
 	if (bm_qcow2_header_parse("f", data, size, &h) == 0) {
 		cb = h.cluster_bits;
+		/* The bitmap directory where the header says (or at 0), as
+		 * much of it as the input holds. */
+		if (h.has_bitmaps) {
+			uint64_t off = h.bitmaps_dir_offset < size ?
+				       h.bitmaps_dir_offset : 0;
+			struct bm_qcow2_bitmap *b;
+
+			h.bitmaps_dir_size = BM_MIN(h.bitmaps_dir_size,
+						    size - off);
+			if (bm_qcow2_bitmap_dir_parse("f", &h, data + off,
+						      h.bitmaps_dir_size,
+						      &b) == 0)
+				bm_qcow2_bitmaps_free(b, h.bitmaps_nb);
+		}
 		bm_qcow2_header_free(&h);
 	}
 	for (size_t i = 0; i + 8 <= size && i < 512; i += 8) {

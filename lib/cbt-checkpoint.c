@@ -153,6 +153,14 @@ untrusted(const struct bm_cbt *cbt, size_t i)
 			       "was created: writes may be missing";
 		if (cbt->cp[i].e.flags & BM_CBT_DAMAGED)
 			return "a bitmap since it was created is damaged";
+		if (cbt->cp[i].e.flags & BM_CBT_UNKEPT)
+			return "the image was written by a program that does "
+			       "not keep its bitmaps (autoclear bit 0 clear)";
+		if (cbt->cp[i].e.flags & BM_CBT_STALE)
+			return "the image marks a bitmap since it was created "
+			       "in use: the last program to write the image "
+			       "did not store it (QEMU stopped, or it was "
+			       "found untrusted before)";
 	}
 	return NULL;
 }

@@ -23,7 +23,15 @@ struct checkpoint {
 
 struct bm_cbt {
 	struct bm_loop *loop;
-	char *path;
+	char *path;                  /* the sidecar, or the image */
+	/* In-image record (cbt-image.c): the qcow2 image whose persistent
+	 * bitmaps hold the checkpoints, and where the clusters of Bn are
+	 * (last[i]: cluster i of its data); NULL for a sidecar.  new_last
+	 * is a commit's, applied by bm_cbt_rewritten. */
+	struct bm_image *image;
+	bool image_gone;             /* closed under us (bm_cbt_image_gone) */
+	uint64_t *last, *new_last;
+	uint32_t cluster_size;
 	struct bm_store *store;
 	uint64_t disk_size;
 	uint32_t granularity;
@@ -66,5 +74,23 @@ int bm_cbt_write_file(struct bm_cbt *cbt, const struct bm_cbt_entry *ents,
 /* After a rewrite that matches memory: Bn is durable as it is, the
  * tracker is mended, and the store moves to the new file. */
 void bm_cbt_rewritten(struct bm_cbt *cbt);
+
+/* ---- the in-image record (cbt-image.c) ---- */
+
+/* Load the image's bitmaps as checkpoints (cbt->image, loop, path and
+ * disk_size set): 0, or 1 when the image must be rewritten before marks
+ * can go in place (the newest not fully allocated, flags to change), or
+ * -errno. */
+int bm_cbt_image_load(struct bm_cbt *cbt, uint32_t granularity);
+
+/* bm_cbt_write_file's in-image half: replace the image's bitmaps. */
+int bm_cbt_image_write(struct bm_cbt *cbt, const struct bm_cbt_entry *ents,
+		       struct bm_bitmap *const *bits, size_t count);
+
+/* File offset of page `page` of Bn. */
+uint64_t bm_cbt_image_page(const struct bm_cbt *cbt, uint64_t page);
+
+/* Stop keeping the image's bitmaps (the tracker closes). */
+int bm_cbt_image_release(struct bm_cbt *cbt);
 
 #endif /* BM_CBT_INT_H */

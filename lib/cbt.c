@@ -41,6 +41,12 @@
  * unrecorded (bm_disk_tracking_failed: the guest comes first), so every
  * checkpoint existing then is flagged BM_CBT_LOST (in memory at once, on
  * disk at the next rewrite, close included).  The next structural rewrite mends the tracker.
+ *
+ * A record kept in a qcow2 image (cbt-image.c) is the same tracker: the
+ * pages of Bn are written in place in the image's file, at the offsets
+ * of its bitmap's clusters, and a structural rewrite is a commit of a new
+ * bitmap list by the qcow2 driver instead of a new file; the store is
+ * the tracker's own handle on the image file and is never reopened.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -55,6 +61,7 @@
 #include "durable.h"
 #include "errors.h"
 #include "fault.h"
+#include "image.h"
 #include "internal.h"
 #include "store.h"
 
@@ -183,9 +190,18 @@ next_step(struct bm_cbt *cbt)
 	cbt->io.done = writeback_done;
 	cbt->io.opaque = cbt;
 	if (bm_bitmap_next_dirty(&cbt->inflight, cbt->cursor, 0, &page, &n)) {
+		if (cbt->image) {
+			/* In an image, only a cluster's pages are
+			 * contiguous. */
+			uint64_t per = cbt->cluster_size / BM_CBT_PAGE;
+
+			n = BM_MIN(n, per - page % per);
+			cbt->io.offset = bm_cbt_image_page(cbt, page);
+		} else {
+			cbt->io.offset = bitmap_offset(cbt, cbt->count - 1) +
+					 page * BM_CBT_PAGE;
+		}
 		cbt->cursor = page + n;
-		cbt->io.offset = bitmap_offset(cbt, cbt->count - 1) +
-				 page * BM_CBT_PAGE;
 		cbt->io.length = n * BM_CBT_PAGE;
 		cbt->io.buf = cbt->wbuf + page * BM_CBT_PAGE;
 		cbt->store->ops->write(cbt->store, &cbt->io);
@@ -316,9 +332,12 @@ bm_cbt_write_file(struct bm_cbt *cbt, const struct bm_cbt_entry *ents,
 	};
 	size_t hsize = bm_cbt_header_size(h.count);
 	size_t len = hsize + count * (size_t)cbt->bitmap_size;
-	uint8_t *buf = malloc(len);
+	uint8_t *buf;
 	int r;
 
+	if (cbt->image)
+		return bm_cbt_image_write(cbt, ents, bits, count);
+	buf = malloc(len);
 	if (!buf)
 		return bm_error(-ENOMEM, "%s: out of memory", cbt->path);
 	r = bm_cbt_header_encode(&h, buf);
@@ -374,6 +393,14 @@ bm_cbt_rewritten(struct bm_cbt *cbt)
 	cbt->err = 0;
 	free(cbt->errmsg);
 	cbt->errmsg = NULL;
+	if (cbt->image) {
+		/* Same file; Bn's clusters moved. */
+		free(cbt->last);
+		cbt->last = cbt->new_last;
+		cbt->new_last = NULL;
+		release(cbt, 0);
+		return;
+	}
 	bm_store_close(cbt->store);
 	cbt->store = NULL;
 	r = bm_file_open(cbt->loop, cbt->path, BM_OPEN_WRITE, 0, &s);
@@ -548,7 +575,28 @@ free_tracker(struct bm_cbt *cbt)
 	free(cbt->wbuf);
 	free(cbt->errmsg);
 	free(cbt->path);
+	free(cbt->last);
+	free(cbt->new_last);
 	free(cbt);
+}
+
+/* The sets marking needs, once the geometry is known. */
+static int
+setup_marking(struct bm_cbt *cbt)
+{
+	if (bm_cbt_blocks(cbt->disk_size, cbt->granularity) >
+	    (UINT64_C(1) << 33))
+		return bm_error(-EINVAL, "%s: too many blocks", cbt->path);
+	if (bm_bitmap_init(&cbt->durable, cbt->disk_size,
+			   cbt->granularity) < 0 ||
+	    bm_bitmap_init(&cbt->pending, cbt->npages, 1) < 0 ||
+	    bm_bitmap_init(&cbt->inflight, cbt->npages, 1) < 0 ||
+	    posix_memalign((void **)&cbt->wbuf, BM_CBT_PAGE,
+			   cbt->bitmap_size)) {
+		cbt->wbuf = NULL;
+		return bm_error(-ENOMEM, "%s: out of memory", cbt->path);
+	}
+	return 0;
 }
 
 int
@@ -576,21 +624,10 @@ bm_cbt_open(struct bm_loop *loop, const char *path, uint64_t disk_size,
 	cbt->disk_size = disk_size;
 	cbt->wtail = &cbt->waiters;
 	r = load(cbt, disk_size, granularity, create);
+	if (r == 0)
+		r = setup_marking(cbt);
 	if (r < 0)
 		goto fail;
-	if (bm_cbt_blocks(disk_size, cbt->granularity) > (UINT64_C(1) << 33)) {
-		r = bm_error(-EINVAL, "%s: too many blocks", path);
-		goto fail;
-	}
-	if (bm_bitmap_init(&cbt->durable, disk_size, cbt->granularity) < 0 ||
-	    bm_bitmap_init(&cbt->pending, cbt->npages, 1) < 0 ||
-	    bm_bitmap_init(&cbt->inflight, cbt->npages, 1) < 0 ||
-	    posix_memalign((void **)&cbt->wbuf, BM_CBT_PAGE,
-			   cbt->bitmap_size)) {
-		cbt->wbuf = NULL;
-		r = bm_error(-ENOMEM, "%s: out of memory", path);
-		goto fail;
-	}
 	/* In use from now on: a crash shows at the next open. */
 	r = write_current(cbt, true);
 	if (r < 0)
@@ -611,6 +648,95 @@ fail:
 }
 
 int
+bm_cbt_open_image(struct bm_loop *loop, struct bm_image *image,
+		  uint64_t disk_size, uint32_t granularity,
+		  struct bm_cbt **out)
+{
+	struct bm_store *s = NULL;
+	struct bm_cbt *cbt;
+	bool loaded;
+	int r;
+
+	*out = NULL;
+	cbt = calloc(1, sizeof *cbt);
+	if (!cbt || !(cbt->path = strdup(image->name))) {
+		free(cbt);
+		return bm_error(-ENOMEM, "out of memory");
+	}
+	cbt->loop = loop;
+	cbt->image = image;
+	cbt->disk_size = disk_size;
+	cbt->wtail = &cbt->waiters;
+	r = bm_cbt_image_load(cbt, granularity);
+	loaded = r >= 0;
+	if (r >= 0) {
+		int r2 = setup_marking(cbt);
+
+		r = r2 < 0 ? r2 : r;
+	}
+	if (r == 1 && (r = write_current(cbt, true)) == 0)
+		bm_cbt_rewritten(cbt);
+	if (r < 0)
+		goto fail;
+	/* The tracker's own handle: marks are written beside the driver's
+	 * I/O, into clusters only the tracker writes. */
+	r = bm_file_open(loop, image->name, BM_OPEN_WRITE, 0, &s);
+	if (r == 0) {
+		s->growable = true; /* commits allocate past its end */
+		r = bm_store_wrap(image->name, &s);
+	}
+	if (r < 0) {
+		bm_store_close(s);
+		goto fail;
+	}
+	cbt->store = s;
+	bm_bitmap_clear_all(&cbt->durable);
+	if (cbt->count)
+		bm_cbt_or_into(&cbt->durable, &newest(cbt)->bits);
+	*out = cbt;
+	return 0;
+fail:
+	if (loaded) {
+		/* Keep the first error's message. */
+		char *msg = strdup(blockmirror_last_error());
+
+		bm_cbt_image_release(cbt);
+		bm_error(r, "%s", msg ? msg : "");
+		free(msg);
+	}
+	free_tracker(cbt);
+	return r;
+}
+
+bool
+bm_cbt_in_image(const struct bm_cbt *cbt)
+{
+	return cbt->image != NULL;
+}
+
+const char *
+bm_cbt_path(const struct bm_cbt *cbt)
+{
+	return cbt->path;
+}
+
+/* Lost checkpoints are flagged in memory: say so in the image too (as
+ * in_use), then stop keeping its bitmaps. */
+static int
+close_image(struct bm_cbt *cbt)
+{
+	bool lost = false;
+	int r = 0, r2;
+
+	for (size_t i = 0; i < cbt->count; i++)
+		lost |= (cbt->cp[i].e.flags & BM_CBT_LOST) != 0;
+	if (lost && !cbt->image_gone)
+		r = write_current(cbt, false);
+	r2 = bm_cbt_image_release(cbt);
+	return r < 0 ? r : r2;
+}
+
+int
 bm_cbt_close(struct bm_cbt *cbt)
 {
 	int r, r2;
@@ -618,6 +744,11 @@ bm_cbt_close(struct bm_cbt *cbt)
 	if (!cbt)
 		return 0;
 	r = bm_cbt_flush(cbt);
+	if (cbt->image) {
+		r2 = close_image(cbt);
+		free_tracker(cbt);
+		return r < 0 ? r : r2;
+	}
 	/* Lost checkpoints are flagged in memory: say so on disk too. */
 	r2 = write_current(cbt, false);
 	free_tracker(cbt);

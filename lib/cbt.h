@@ -1,8 +1,9 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Changed-block tracking: named checkpoints of one disk and, for each, a
- * bitmap of the blocks written since, kept in a sidecar file that stays
- * valid after a crash (docs/cbt.md).
+ * bitmap of the blocks written since, kept in a sidecar file or in a
+ * qcow2 image's persistent bitmaps (cbt-image.c), valid after a crash
+ * either way (docs/cbt.md).
  *
  * A tracker holds checkpoints C1..Cn, oldest first.  Bitmap Bk holds the
  * blocks written after Ck was created and before C(k+1) was; only Bn
@@ -29,6 +30,8 @@
 #include "bitmap.h"
 #include "loop.h"
 
+struct bm_image;
+
 #define BM_CBT_NAME_MAX 64u              /* bytes of a checkpoint name */
 #define BM_CBT_MAX_CHECKPOINTS 256u
 #define BM_CBT_DEFAULT_GRANULARITY (UINT32_C(64) << 10)
@@ -46,6 +49,11 @@
 /* Checkpoint flags: why "changed since" it can no longer be trusted. */
 #define BM_CBT_LOST 1u            /* a write-back of its marks failed */
 #define BM_CBT_DAMAGED 2u         /* its bitmap held impossible bits */
+/* In-image only (kept as the bitmap's in_use flag, never in a sidecar): */
+#define BM_CBT_STALE 4u           /* found in use: its writer did not
+				     store it (QEMU died, or a LOST one) */
+#define BM_CBT_UNKEPT 8u          /* the image was written by a program
+				     that does not keep bitmaps */
 
 struct bm_cbt_entry {
 	uint64_t id;                      /* unique, increasing */
@@ -148,6 +156,33 @@ struct bm_cbt_info {
  */
 int bm_cbt_open(struct bm_loop *loop, const char *path, uint64_t disk_size,
 		uint32_t granularity, bool create, struct bm_cbt **out);
+
+/*
+ * The same with the checkpoints kept in the image itself: the persistent
+ * dirty bitmaps of `image`, a writable qcow2 version 3 image with
+ * clusters of 4 KiB or more, whose loop is `loop` (this turns it, and
+ * runs the driver's thread, so: on that loop's thread, the image idle).
+ * Every bitmap of the image is a checkpoint, in directory order; all
+ * must share one granularity and have names bm_cbt_name_ok accepts
+ * (-ENOTSUP otherwise, naming it).  Never crashed (there is no in-use
+ * flag to find: marks are written ahead in place).  See docs/cbt.md.
+ */
+int bm_cbt_open_image(struct bm_loop *loop, struct bm_image *image,
+		      uint64_t disk_size, uint32_t granularity,
+		      struct bm_cbt **out);
+
+/*
+ * The image `img` is about to be closed while the disk goes on (a move's
+ * pivot): if the tracker keeps its checkpoints in it, marks go on into
+ * its file through the tracker's own handle, and the list can no longer
+ * change (create, remove: -ESTALE, saying why).
+ */
+void bm_cbt_image_gone(struct bm_cbt *cbt, const struct bm_image *img);
+
+/* Does the tracker keep its checkpoints in the image (not a sidecar)?
+ * bm_cbt_path: the sidecar's path or the image's name. */
+bool bm_cbt_in_image(const struct bm_cbt *cbt);
+const char *bm_cbt_path(const struct bm_cbt *cbt);
 
 /*
  * Make every mark durable, rewrite the file with the in-use flag clear

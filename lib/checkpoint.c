@@ -3,8 +3,13 @@
  * Change tracking of a disk (the public half; the record itself is
  * cbt.c, its file docs/cbt.md).
  *
- * blockmirror_disk_track opens the sidecar on a private loop and hands it
- * to the disk's loop with the disk quiesced and drained, so every write
+ * The record's place: an explicit sidecar; else, for a writable qcow2
+ * image, the image's own persistent bitmaps (cbt-image.c); else the
+ * sidecar IMAGE.bmirror-cbt.  blockmirror_disk_track opens a sidecar on
+ * a private loop and hands it to the disk's loop; a record in the image
+ * is opened on the disk's loop itself (its structural changes run the
+ * image's request queue).  Either happens with the disk quiesced and
+ * drained, so every write
  * either completed before or is marked; from then on bm_disk_submit
  * marks every guest write, write-zeroes and discard before it reaches
  * the top of the disk's stack, whatever filters stand there (a move's, a
@@ -34,9 +39,9 @@
 #include "checkpoint.h"
 #include "disk.h"
 #include "errors.h"
+#include "format.h"
 #include "internal.h"
 #include "nbd.h"
-#include "checkpoint.h"
 
 /* ---- turning tracking on -------------------------------------------- */
 
@@ -60,22 +65,50 @@ track_drained(struct blockmirror_disk *disk)
 	struct bm_cbt *cbt = call->arg2;
 	int r = 0;
 
+	/* In the image: opened here, as it runs the image's queue. */
+	if (!cbt) {
+		r = bm_cbt_open_image(disk->loop, bm_disk_base(disk),
+				      bm_disk_base(disk)->size,
+				      (uint32_t)call->u64, &cbt);
+		if (r < 0) {
+			bm_disk_unquiesce(disk);
+			control_done(disk, call, r);
+			return;
+		}
+	}
 	if (disk->writes_seen && bm_cbt_count(cbt))
 		r = bm_error(-ESTALE, "%s: the disk has served %" PRIu64
-			     " writes since it was opened, which the sidecar's "
+			     " writes since it was opened, which the %s's "
 			     "%zu checkpoints miss; start tracking before the "
-			     "first write (or remove the sidecar, and with it "
-			     "the checkpoints)", bm_disk_base(disk)->name,
-			     disk->writes_seen, bm_cbt_count(cbt));
+			     "first write (or remove %s, and with it the "
+			     "checkpoints)", bm_disk_base(disk)->name,
+			     disk->writes_seen, bm_cbt_in_image(cbt) ? "image"
+			     : "sidecar", bm_cbt_count(cbt),
+			     bm_cbt_in_image(cbt) ? "its bitmaps (qemu-img "
+			     "bitmap --remove)" : "the sidecar");
 	else if (disk->cbt)
 		r = bm_error(-EBUSY, "the disk is tracking changes already");
 	if (r == 0) {
 		bm_cbt_set_loop(cbt, disk->loop);
 		disk->cbt = cbt;
 		disk->cbt_failed = false;
+	} else if (!call->arg2) {
+		bm_cbt_close(cbt);
 	}
 	bm_disk_unquiesce(disk);
 	control_done(disk, call, r);
+}
+
+/* Would the record go into the image?  A writable qcow2 one whose
+ * clusters hold whole 4 KiB pages of a bitmap (cbt-image.c). */
+static void
+call_in_image(struct bm_call *call)
+{
+	struct bm_image *base = bm_disk_base(call->arg);
+
+	call->u64 = bm_image_has_driver(base, &bm_qcow2_driver) &&
+		    !base->readonly && base->cluster_size >= BM_CBT_PAGE;
+	bm_waiter_signal(&call->w, 0);
 }
 
 static void
@@ -120,6 +153,19 @@ blockmirror_disk_track(struct blockmirror_disk *disk, const char *sidecar,
 		bm_error_clear();
 	}
 	if (!sidecar) {
+		struct bm_call where = { .fn = call_in_image, .arg = disk };
+
+		r = bm_disk_call(disk, &where);
+		if (r < 0)
+			return bm_api_fail("blockmirror_disk_track", r);
+		if (where.u64) {
+			call.u64 = granularity;
+			if (crashed)
+				*crashed = false;
+			r = bm_disk_call(disk, &call);
+			return r < 0 ? bm_api_fail("blockmirror_disk_track", r)
+				     : 0;
+		}
 		image = blockmirror_disk_get_image(disk);
 		if (!image)
 			return bm_api_fail("blockmirror_disk_track", -errno);
@@ -154,6 +200,43 @@ out:
 	free(image);
 	free(path);
 	return r < 0 ? bm_api_fail("blockmirror_disk_track", r) : 0;
+}
+
+static void
+call_record(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+	char *path;
+
+	if (!disk->cbt) {
+		bm_waiter_signal(&call->w, bm_error(-EINVAL, "the disk does "
+				 "not track changes (blockmirror_disk_track)"));
+		return;
+	}
+	path = strdup(bm_cbt_path(disk->cbt));
+	call->arg2 = path;
+	call->u64 = bm_cbt_in_image(disk->cbt);
+	bm_waiter_signal(&call->w, path ? 0 : bm_error(-ENOMEM, "out of "
+						       "memory"));
+}
+
+BM_EXPORT int
+blockmirror_disk_track_record(struct blockmirror_disk *disk, char **path,
+			      bool *in_image)
+{
+	struct bm_call call = { .fn = call_record, .arg = disk };
+	int r;
+
+	bm_error_clear();
+	if (!disk || !path || !in_image)
+		return bm_api_fail("blockmirror_disk_track_record",
+				   bm_error(-EINVAL, "bad arguments"));
+	r = bm_disk_call(disk, &call);
+	if (r < 0)
+		return bm_api_fail("blockmirror_disk_track_record", r);
+	*path = call.arg2;
+	*in_image = call.u64 != 0;
+	return 0;
 }
 
 /* ---- checkpoints ----------------------------------------------------- */

@@ -27,7 +27,8 @@
  *   with a private loop, so driver I/O never waits for the image's loop
  *   and the image's loop never waits for the worker (close joins the
  *   worker, which by then has nothing to wait for).  A driver with
- *   flush_apart has its flushes (and backing changes) run on a flusher
+ *   flush_apart has its flushes (and backing changes, and the driver's own
+ *   calls, bm_image_driver_call) run on a flusher
  *   thread with a third handle and loop of its own, so that maps go on
  *   during a flush; the driver orders the two itself.
  * - Data marks.  A chunk is counted (mapped_io) from before its map until
@@ -50,9 +51,17 @@
 #include "memstore.h"
 #include "waiter.h"
 
-/* R_BACKING: a backing file change, ordered like a flush. */
+/* R_BACKING: a backing file change, ordered like a flush.  R_CALL: a
+ * driver's own call (bm_image_driver_call), ordered the same way. */
 enum req_kind { R_READ, R_WRITE, R_ZERO, R_DISCARD, R_STATUS, R_FLUSH,
-		R_BACKING };
+		R_BACKING, R_CALL };
+
+/* Runs on the driver's thread after a flush, not on the loop. */
+static bool
+flush_like(enum req_kind kind)
+{
+	return kind == R_FLUSH || kind == R_BACKING || kind == R_CALL;
+}
 
 struct fmt_req;
 
@@ -92,6 +101,8 @@ struct fmt_req {
 	struct bm_extent_list tmp;   /* STATUS: the backing image's extents */
 	bool top;                    /* STATUS: this layer only (BACKING) */
 	struct bm_backing_change *bc; /* R_BACKING */
+	int (*call)(void *drv, void *arg); /* R_CALL */
+	void *call_arg;
 	struct fmt_sub sub[BM_MAP_MAX_SEGS];
 };
 
@@ -680,6 +691,8 @@ run_flush(struct fmt_req *req)
 					req->bc->backing->format);
 	if (r == 0 && req->kind == R_BACKING)
 		r = swap_on_loop(f, req->bc);
+	if (r == 0 && req->kind == R_CALL)
+		r = req->call(f->state, req->call_arg);
 	return r;
 }
 
@@ -730,7 +743,7 @@ worker_main(void *arg)
 		 * wait for its data (bm_fmt_data_mark).  bm_fmt_wait_data
 		 * on this thread leaves it out.
 		 */
-		map = req->kind != R_FLUSH && req->kind != R_BACKING;
+		map = !flush_like(req->kind);
 		if (map) {
 			count_locked(req);
 			f->worker_req = req;
@@ -777,7 +790,7 @@ worker_send(struct bm_fmt *f, struct fmt_req *req)
 	req->job_next = NULL;
 	pthread_mutex_lock(&f->qlock);
 	if (f->flusher_started &&
-	    (req->kind == R_FLUSH || req->kind == R_BACKING)) {
+	    flush_like(req->kind)) {
 		f->fjob = req;
 		pthread_cond_signal(&f->fcond);
 		pthread_mutex_unlock(&f->qlock);
@@ -1278,7 +1291,7 @@ chunk_mapped(struct bm_work *w)
 		finish(req);
 		return;
 	}
-	if (req->kind == R_BACKING) {
+	if (req->kind == R_BACKING || req->kind == R_CALL) {
 		finish(req);
 		return;
 	}
@@ -1316,7 +1329,7 @@ try_flush(struct bm_fmt *f)
 
 	/* Not before the request's own start_later: until then the loop
 	 * reads its fields, and a backing change is checked there. */
-	if (!req || (req->kind != R_FLUSH && req->kind != R_BACKING) ||
+	if (!req || !flush_like(req->kind) ||
 	    req->flush_sent || !req->started)
 		return;
 	req->flush_sent = true;
@@ -1347,9 +1360,9 @@ start_later(struct bm_op *op, int res)
 
 	(void)res;
 	req->started = true;
-	if (req->err < 0 && req->kind == R_BACKING)
+	if (req->err < 0 && (req->kind == R_BACKING || req->kind == R_CALL))
 		fail(req, req->err);
-	else if (req->kind == R_FLUSH || req->kind == R_BACKING)
+	else if (flush_like(req->kind))
 		try_flush(req->f);
 	else if (req->err < 0)
 		fail(req, req->err);
@@ -1388,6 +1401,9 @@ submit(struct bm_image *img, struct bm_io *io, enum req_kind kind)
 		   (io->flags & BM_IO_FUA);
 	if (kind == R_BACKING)
 		err = backing_change_check(f, io);
+	else if (kind == R_CALL)
+		err = img->readonly ? bm_error(-EROFS, "%s: opened read-only",
+					       f->path) : 0;
 	else if (kind != R_FLUSH &&
 		 !bm_range_ok(io->offset, io->length, img->size))
 		err = bm_error(-EINVAL, "%s: request at %" PRIu64 "+%" PRIu64
@@ -1533,6 +1549,33 @@ bm_image_set_backing(struct bm_image *img, struct bm_backing_change *bc)
 	req = submit(img, &bc->io, R_BACKING);
 	if (req)
 		req->bc = bc;
+}
+
+void
+bm_image_driver_call(struct bm_image *img, const struct bm_fmt_driver *drv,
+		     int (*fn)(void *drv, void *arg), void *arg,
+		     struct bm_io *io)
+{
+	struct fmt_req *req;
+
+	if (!bm_image_has_driver(img, drv)) {
+		bm_error(-ENOTSUP, "%s: not a %s image", img->name, drv->name);
+		bm_loop_defer(img->store->loop, &io->op, oom_done, -ENOTSUP);
+		return;
+	}
+	io->offset = io->length = 0;
+	req = submit(img, io, R_CALL);
+	if (req) {
+		req->call = fn;
+		req->call_arg = arg;
+	}
+}
+
+bool
+bm_image_has_driver(const struct bm_image *img,
+		    const struct bm_fmt_driver *drv)
+{
+	return img->ops == &fmt_ops && ((const struct bm_fmt *)img)->drv == drv;
 }
 
 void

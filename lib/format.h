@@ -21,9 +21,9 @@
  * which never waits for it).
  *
  * A driver that sets flush_apart gets a third thread, the flusher, with
- * its own loop and handle on the file: flush and set_backing of a
- * writable image run there, one at a time, while map goes on on the
- * worker.  The bm_fmt_* helpers work on either thread (each uses its
+ * its own loop and handle on the file: flush, set_backing and the
+ * driver's own calls (bm_image_driver_call) of a writable image run
+ * there, one at a time, while map goes on on the worker.  The bm_fmt_* helpers work on either thread (each uses its
  * own handle; a sync on one makes the other's completed writes durable
  * too, being an fdatasync of the same file).  Such a driver serializes
  * flush against map itself, and must not make the worker wait for a
@@ -276,5 +276,23 @@ int bm_fmt_open(const struct bm_fmt_driver *drv, struct bm_store *store,
 int bm_fmt_create(const struct bm_fmt_driver *drv, struct bm_store *store,
 		  const char *path, uint64_t size, const char *options,
 		  unsigned flags, struct bm_image **out);
+
+/* Is `img` a mapped-format image run by driver `drv`? */
+bool bm_image_has_driver(const struct bm_image *img,
+			 const struct bm_fmt_driver *drv);
+
+/*
+ * Run fn(driver state, arg) on the driver's thread (the flusher, or the
+ * worker), ordered like a flush: after every earlier request, after a
+ * flush of the image's metadata, before every later request.  io (its
+ * done, opaque) completes on the image's loop with fn's result.  For a
+ * driver's own entry points that change metadata outside map (qcow2's
+ * persistent bitmaps).  -ENOTSUP if img is not run by drv, -EROFS if it
+ * is read-only.
+ */
+void bm_image_driver_call(struct bm_image *img,
+			  const struct bm_fmt_driver *drv,
+			  int (*fn)(void *drv, void *arg), void *arg,
+			  struct bm_io *io);
 
 #endif /* BM_FORMAT_H */

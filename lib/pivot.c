@@ -51,6 +51,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "cbt.h"
 #include "durable.h"
 #include "errors.h"
 #include "internal.h"
@@ -249,6 +250,9 @@ pivot(struct bm_job *job)
 	/* 3. the release */
 	job->pivot_stall_us = bm_disk_unquiesce(disk) / 1000;
 	job->quiesced = false;
+	/* A record kept in the source's bitmaps outlives the image. */
+	if (disk->cbt)
+		bm_cbt_image_gone(disk->cbt, old);
 	bm_image_close(old);
 	pivot_hook(BM_PIVOT_SWAPPED);
 	bm_info("pivot: now on %s, guest stalled %" PRIu64 " us",

@@ -178,21 +178,41 @@ parse_ext(const char *name, struct bm_qcow2_header *h, uint32_t type,
 		}
 		return 0;
 	case BM_QCOW2_EXT_BITMAPS: {
-		uint64_t dir_off;
+		uint64_t dir_off, dir_size;
+		uint32_t nb;
 
-		if (len < 24)
+		if (len != 24)
 			return bm_error(-EINVAL, "%s: qcow2 bitmaps extension "
-					"too short (%" PRIu32 " bytes)", name,
+					"of %" PRIu32 " bytes, not 24", name,
 					len);
-		if (bm_get_be32(data) == 0)
+		nb = bm_get_be32(data);
+		if (nb == 0)
 			return bm_error(-EINVAL, "%s: qcow2 bitmaps extension "
 					"with zero bitmaps", name);
+		if (nb > BM_QCOW2_MAX_BITMAPS)
+			return bm_error(-EINVAL, "%s: qcow2 bitmaps extension "
+					"with %" PRIu32 " bitmaps (at most "
+					"65535)", name, nb);
 		dir_off = bm_get_be64(data + 16);
-		if (dir_off & (cs - 1) || dir_off == 0)
+		if (dir_off & (cs - 1) || dir_off == 0 ||
+		    dir_off > BM_QCOW2_OFFSET_MASK)
 			return bm_error(-EINVAL, "%s: qcow2 bitmaps extension: "
 					"invalid bitmap directory offset "
 					"0x%" PRIx64, name, dir_off);
+		if (bm_get_be32(data + 4))
+			return bm_error(-EINVAL, "%s: qcow2 bitmaps extension: "
+					"reserved field set", name);
+		dir_size = bm_get_be64(data + 8);
+		if (dir_size < (uint64_t)nb * BM_QCOW2_BITMAP_ENTRY_FIXED ||
+		    dir_size > BM_QCOW2_MAX_BITMAP_DIR)
+			return bm_error(-EINVAL, "%s: qcow2 bitmaps extension: "
+					"bitmap directory of %" PRIu64 " bytes "
+					"for %" PRIu32 " bitmaps", name,
+					dir_size, nb);
 		h->has_bitmaps = true;
+		h->bitmaps_nb = nb;
+		h->bitmaps_dir_size = dir_size;
+		h->bitmaps_dir_offset = dir_off;
 		return keep_ext(name, h, whole, total);
 	}
 	case BM_QCOW2_EXT_CRYPTO:
@@ -226,8 +246,10 @@ parse_exts(const char *name, struct bm_qcow2_header *h, const uint8_t *buf,
 					"(0x%" PRIx64 ")", name, end);
 		type = bm_get_be32(buf + pos);
 		len = bm_get_be32(buf + pos + 4);
-		if (type == BM_QCOW2_EXT_END)
+		if (type == BM_QCOW2_EXT_END) {
+			h->ext_end_pos = (uint32_t)pos;
 			return 0;
+		}
 		if (len > end - pos - 8)
 			return bm_error(-EINVAL, "%s: qcow2 header extension "
 					"0x%08" PRIx32 " too large (%" PRIu32
@@ -247,6 +269,8 @@ parse_exts(const char *name, struct bm_qcow2_header *h, const uint8_t *buf,
 				total);
 		if (err)
 			return err;
+		if (type == BM_QCOW2_EXT_BITMAPS)
+			h->bitmaps_ext_pos = (uint32_t)pos;
 		pos += total;
 	}
 }
@@ -378,6 +402,8 @@ parse_header(const char *name, const uint8_t *buf, size_t len,
 	err = check_features(name, h);
 	if (err)
 		return err;
+	h->backing_offset = backing_off;
+	h->backing_size = backing_off ? backing_size : 0;
 	if (backing_off)
 		return parse_backing(name, h, buf, backing_off, backing_size,
 				     limit);

@@ -56,6 +56,14 @@
  * the old table is freed like any other cluster.  The L1 table is never
  * resized (there is no resize), so it is only ever updated in place.
  *
+ * Autoclear bits: set, they promise the next reader that what they
+ * guard (bit 0: the persistent bitmaps) holds our writes too.  So the
+ * bits we do not maintain are cleared before the first change of the
+ * image (in map, on the worker), not at open: a change tracker that
+ * attaches before that (qcow2-bitmap-io.c, keep_bitmaps) keeps bit 0 and
+ * the bitmaps up to date instead.  The bitmap directory is checked at
+ * open (qcow2-bitmap.c).
+ *
  * Images with internal snapshots, dirty (lazy refcount) or corrupt
  * images and version 2 images are read-only here.  A data write whose
  * host range overlaps metadata marks the image corrupt (as QEMU does)
@@ -80,75 +88,7 @@
 #include "format.h"
 #include "internal.h"
 #include "qcow2.h"
-
-struct table {
-	uint64_t offset;       /* host offset; 0: free slot */
-	uint8_t *buf;          /* one cluster, big-endian entries */
-	uint64_t used;         /* LRU stamp */
-	uint32_t young;        /* L2: entries allocated since last flush */
-	/* Generations, never reset for the life of the slot: gen counts
-	 * changes in memory, wgen is the gen that was last written to the
-	 * file (or read from it).  Dirty: gen != wgen. */
-	uint64_t gen, wgen;
-};
-
-struct cache {
-	struct table **t;
-	unsigned n;            /* slots in use (t[0..n)) */
-	unsigned bound;        /* soft limit on n */
-	uint64_t tick;
-};
-
-struct pending_free {
-	uint64_t cluster;
-	uint64_t count;
-};
-
-struct qcow2 {
-	struct bm_fmt *f;
-	const char *name;
-	pthread_mutex_t lock;
-	struct bm_qcow2_header h;
-	uint32_t cb;           /* cluster bits */
-	uint64_t cs;           /* cluster size */
-	uint64_t l2_entries;
-	uint64_t rpb;          /* refcounts per block */
-	bool writable;
-	bool corrupt;
-
-	uint8_t *l1;           /* l1_size entries, buffer rounded to 512 */
-	uint64_t l1_buf_len;
-	uint64_t l1_lo, l1_hi; /* dirty entries [lo, hi) */
-	uint64_t l1_gen;       /* changes to the L1 table */
-
-	uint8_t *rt;           /* refcount table, rt_entries entries */
-	uint64_t rt_entries;
-	uint64_t rt_lo, rt_hi;
-	uint64_t rt_gen, rt_wgen; /* as struct table's */
-
-	/* Flushes, one at a time (flush_lock, taken before lock).  While
-	 * `flushing`, the flusher writes its copies without the lock and
-	 * nobody else writes metadata: an eviction or a refcount table
-	 * growth that must write waits for `flushed`. */
-	pthread_mutex_t flush_lock;
-	pthread_cond_t flushed;
-	bool flushing;
-
-	struct cache l2c, rbc;
-	struct pending_free *pend;
-	size_t npend, pend_cap;
-	uint64_t cursor;       /* first cluster that may be free */
-
-	/* Allocated on first use (cluster_bufs): up to 2 MiB each, and
-	 * many opens never write part of a cluster or decompress. */
-	uint8_t *zero;         /* one cluster of zeroes */
-	uint8_t *work;         /* one cluster: COW source */
-	uint8_t *cin;          /* compressed input, 2 clusters + 512 */
-	uint8_t *cout;         /* last decompressed cluster */
-	uint64_t cout_entry;   /* its L2 entry; 0: none */
-	ZSTD_DCtx *zstd;       /* reused: creating one costs more than a
-				* cluster's decompression */
-};
+#include "qcow2-int.h"
 
 /* ---- small helpers ------------------------------------------------- */
 
@@ -714,6 +654,96 @@ apply_frees(struct qcow2 *q, size_t n)
 	return 0;
 }
 
+/* Autoclear bits we do not maintain (bit 0 unless a tracker keeps the
+ * bitmaps): set, they would tell the next reader the bitmaps hold our
+ * writes.  Called under the lock before the first change. */
+static uint64_t
+stale_autoclear(const struct qcow2 *q)
+{
+	return q->h.autoclear & ~(q->keep_bitmaps ? BM_QCOW2_AUTOCLEAR_BITMAPS
+						   : UINT64_C(0));
+}
+
+int
+bm_qcow2_clear_autoclear(struct qcow2 *q)
+{
+	uint8_t b[8];
+	int err;
+
+	if (!stale_autoclear(q))
+		return 0;
+	bm_put_be64(b, q->h.autoclear & ~stale_autoclear(q));
+	err = bm_fmt_pwrite(q->f, b, 8, BM_QCOW2_OFF_AUTOCLEAR);
+	if (!err)
+		err = bm_fmt_sync(q->f);
+	if (!err)
+		q->h.autoclear &= ~stale_autoclear(q);
+	return err;
+}
+
+/* The refcount of `cluster`, 0 where there is no block. */
+static int
+rc_get(struct qcow2 *q, uint64_t cluster, uint64_t *v)
+{
+	struct table *t;
+	int err = rc_block(q, cluster, false, 0, &t);
+
+	*v = 0;
+	if (!err && t)
+		*v = bm_qcow2_refcount_get(t->buf, q->h.refcount_order,
+					   cluster % q->rpb);
+	return err;
+}
+
+int
+bm_qcow2_alloc_run(struct qcow2 *q, uint64_t count, uint64_t *host)
+{
+	uint64_t start = bm_round_up(bm_fmt_file_size(q->f), q->cs) >> q->cb;
+	uint64_t i = 0, v;
+	int err = 0;
+
+	/* Past the end of the file everything is free, but for refcount
+	 * blocks made meanwhile (a new block takes a cluster of its range):
+	 * a run that meets one starts again after it. */
+	while (!err && i < count) {
+		if (start + count >= (UINT64_C(1) << (56 - q->cb)))
+			return bm_error(-EFBIG, "%s: qcow2 image full", q->name);
+		err = rc_get(q, start + i, &v);
+		if (!err && v) {
+			for (uint64_t k = 0; !err && k < i; k++)
+				err = rc_set(q, start + k, 0);
+			start += i + 1;
+			i = 0;
+			continue;
+		}
+		if (!err)
+			err = rc_set(q, start + i, 1);
+		i++;
+	}
+	if (err)
+		return err;
+	*host = start << q->cb;
+	return 0;
+}
+
+int
+bm_qcow2_flush_refcounts(struct qcow2 *q)
+{
+	return flush_refcounts(q);
+}
+
+int
+bm_qcow2_free_later(struct qcow2 *q, uint64_t cluster, uint64_t count)
+{
+	return add_pending(q, cluster, count);
+}
+
+void *
+bm_qcow2_alloc_buf(uint64_t len)
+{
+	return alloc_buf(len);
+}
+
 /* ---- L2 tables ------------------------------------------------------ */
 
 /* The L2 table for L1 index `i` (*t NULL: none).  With `alloc` a
@@ -1185,6 +1215,8 @@ qcow2_map(void *drv, struct bm_map_req *r)
 	else if (change && q->corrupt)
 		err = bm_error(-EIO, "%s: qcow2 image is marked corrupt; "
 			       "refusing to write", q->name);
+	else if (change && stale_autoclear(q))
+		err = r->nowait ? -EAGAIN : bm_qcow2_clear_autoclear(q);
 	while (!err && pos < end && r->nseg < BM_MAP_MAX_SEGS) {
 		uint64_t n = BM_MIN(q->cs - (pos & (q->cs - 1)), end - pos);
 
@@ -1673,20 +1705,6 @@ setup(struct qcow2 *q, unsigned flags)
 	return load_tables(q);
 }
 
-/* Clear autoclear bits we do not maintain (bitmaps become
- * inconsistent, as the specification asks of such writers). */
-static int
-clear_autoclear(struct qcow2 *q)
-{
-	uint8_t b[8] = { 0 };
-	int err;
-
-	if (!q->h.autoclear)
-		return 0;
-	q->h.autoclear = 0;
-	err = bm_fmt_pwrite(q->f, b, 8, BM_QCOW2_OFF_AUTOCLEAR);
-	return err ? err : bm_fmt_sync(q->f);
-}
 
 static int
 qcow2_open(struct bm_fmt *f, unsigned flags, struct bm_fmt_info *info,
@@ -1703,8 +1721,8 @@ qcow2_open(struct bm_fmt *f, unsigned flags, struct bm_fmt_info *info,
 	pthread_mutex_init(&q->flush_lock, NULL);
 	pthread_cond_init(&q->flushed, NULL);
 	err = setup(q, flags);
-	if (!err && q->writable)
-		err = clear_autoclear(q);
+	if (!err)
+		err = bm_qcow2_bitmaps_check(q);
 	if (!err)
 		err = backing_format(q, &info->backing_format);
 	if (!err && q->h.backing_name &&

@@ -96,6 +96,13 @@ struct bm_qcow2_header {
 	char feature_names[3][64][47];
 
 	bool has_bitmaps;          /* bitmaps extension present */
+	/* Its fields, where it is in cluster 0 (its type field), and where
+	 * the end-of-extensions marker is (0 if the list ran to the end). */
+	uint32_t bitmaps_nb;
+	uint64_t bitmaps_dir_size, bitmaps_dir_offset;
+	uint32_t bitmaps_ext_pos, ext_end_pos;
+	uint64_t backing_offset;   /* of the name in cluster 0, or 0 */
+	uint32_t backing_size;
 	/* Extensions to keep when rewriting: the bitmaps extension and
 	 * unknown ones, as found (type, length, data, padding). */
 	uint8_t *kept_exts;
@@ -204,6 +211,106 @@ uint64_t bm_qcow2_refcount_get(const uint8_t *block, uint32_t order,
 			       uint64_t i);
 void bm_qcow2_refcount_set(uint8_t *block, uint32_t order, uint64_t i,
 			   uint64_t value);
+
+/* ---- persistent bitmaps (qcow2-bitmap.c) ------------------------- */
+
+#define BM_QCOW2_BME_IN_USE (1u << 0)          /* may be stale */
+#define BM_QCOW2_BME_AUTO (1u << 1)            /* writers must mark it */
+#define BM_QCOW2_BME_EXTRA_COMPAT (1u << 2)
+#define BM_QCOW2_BITMAP_DIRTY_TRACKING 1u      /* the only type */
+#define BM_QCOW2_MAX_BITMAPS 65535u
+#define BM_QCOW2_BITMAP_NAME_MAX 1023u
+#define BM_QCOW2_MAX_BITMAP_DIR (UINT64_C(64) << 20)
+#define BM_QCOW2_BITMAP_ENTRY_FIXED 24u
+
+/* One entry of the bitmap directory. */
+struct bm_qcow2_bitmap {
+	char *name;                /* malloc'd, NUL-terminated */
+	uint32_t flags;            /* BM_QCOW2_BME_* */
+	uint32_t granularity_bits;
+	uint64_t table_offset;
+	uint32_t table_size;       /* entries */
+};
+
+/* Entries of the bitmap table of a disk of `size` bytes (0 if that would
+ * not fit in 32 bits).  QEMU requires exactly this many. */
+uint64_t bm_qcow2_bitmap_table_size(uint64_t size, uint32_t granularity_bits,
+				    uint32_t cluster_bits);
+
+/* Bytes of a directory holding `n` entries (8-byte aligned entries). */
+uint64_t bm_qcow2_bitmap_dir_size(const struct bm_qcow2_bitmap *b,
+				  uint32_t n);
+
+/*
+ * Parse the directory of image `h` (`len` bytes, h->bitmaps_dir_size)
+ * strictly: h->bitmaps_nb entries filling it exactly, each with known
+ * flags, the dirty-tracking type, granularity 2^9..2^31, a name of 1 to
+ * 1023 bytes without NUL, unique, no extra data, a cluster-aligned table
+ * of exactly bm_qcow2_bitmap_table_size entries that overlaps neither
+ * cluster 0, the directory nor another table.  -EINVAL (-ENOTSUP for
+ * what is valid but not ours to keep: extra data, unknown types or
+ * flags) with a message naming the image and the entry.  On success *out
+ * is malloc'd: free it with bm_qcow2_bitmaps_free.
+ */
+int bm_qcow2_bitmap_dir_parse(const char *img, const struct bm_qcow2_header *h,
+			      const uint8_t *buf, size_t len,
+			      struct bm_qcow2_bitmap **out);
+
+/* Encode `n` entries into buf (bm_qcow2_bitmap_dir_size bytes, zeroed
+ * first).  -EINVAL for an entry that would not parse back. */
+int bm_qcow2_bitmap_dir_encode(const struct bm_qcow2_bitmap *b, uint32_t n,
+			       uint8_t *buf, size_t len);
+
+void bm_qcow2_bitmaps_free(struct bm_qcow2_bitmap *b, uint32_t n);
+
+/*
+ * A bitmap table entry: *host the data cluster (0: none), *ones for a
+ * cluster that reads as all ones.  -EINVAL for reserved bits or an
+ * unaligned offset.
+ */
+int bm_qcow2_bitmap_entry(const char *img, uint64_t e, uint32_t cluster_bits,
+			  uint64_t *host, bool *ones);
+
+/* The bitmaps extension's 24 bytes. */
+void bm_qcow2_bitmap_ext_encode(uint32_t nb, uint64_t dir_size,
+				uint64_t dir_offset, uint8_t out[24]);
+
+/*
+ * The driver's bitmap entry points (qcow2-bitmap-io.c), run through
+ * bm_image_driver_call(img, &bm_qcow2_driver, fn, set, io) on a
+ * writable version 3 image.
+ *
+ * load: read the directory, the tables and the data of every bitmap
+ *   into *set (n, b, data, allocated, consistent, cluster_bits, and in
+ *   last the data clusters of the last bitmap, 0 for none; free
+ *   with bm_qcow2_bitmap_set_free) and keep autoclear bit 0 from then
+ *   on: the caller keeps the bitmaps up to date.
+ * commit: make the image's bitmaps set->b[0..n) (name, flags,
+ *   granularity_bits) with data set->data[i], crash-safely: new clusters
+ *   for every data cluster that is not all zeroes (every one of the last
+ *   bitmap's with alloc_last), the tables and the directory, refcounts
+ *   first, all synced before the header extension switches to them;
+ *   then the old ones are freed.  A crash leaves the old list or the
+ *   new one, at worst with leaked clusters.  set->last gets the host
+ *   offset of each data cluster of the last bitmap (malloc'd).
+ * release: the caller stops keeping the bitmaps: autoclear bit 0 is
+ *   cleared before the next change of the image.
+ */
+struct bm_qcow2_bitmap_set {
+	uint32_t n;
+	struct bm_qcow2_bitmap *b;
+	uint8_t **data;            /* n buffers of table_size clusters */
+	bool *allocated;           /* load: every data cluster allocated */
+	bool consistent;           /* load: autoclear bit 0 set, or none */
+	uint32_t cluster_bits;     /* load */
+	bool alloc_last;           /* commit */
+	uint64_t *last;            /* the last bitmap's data clusters */
+};
+
+int bm_qcow2_bitmaps_load(void *drv, void *set);
+int bm_qcow2_bitmaps_commit(void *drv, void *set);
+int bm_qcow2_bitmaps_release(void *drv, void *set);
+void bm_qcow2_bitmap_set_free(struct bm_qcow2_bitmap_set *set);
 
 /* The driver's create op (qcow2-create.c). */
 struct bm_fmt;

@@ -23,8 +23,9 @@ help_checkpoint(void)
 	       "List, create or remove the checkpoints of a disk served with "
 	       "bmirror serve\n--track.  A name is 1 to 64 of A-Z a-z 0-9 . _ "
 	       "-.  Removing a checkpoint\nmerges what changed since it into "
-	       "the one before.  Each prints the list\nafterwards: name, id, "
-	       "creation time, bytes changed since, trusted or why not.\n");
+	       "the one before.  Each prints the list\nafterwards: where the "
+	       "record is (\"# record: image|sidecar PATH\"), then\nname, "
+	       "id, creation time, bytes changed since, trusted or why not.\n");
 }
 
 static void
@@ -59,7 +60,7 @@ cmd_checkpoint(int argc, char **argv)
 	};
 	const char *control = NULL, *what = NULL, *name = NULL;
 	bool json = false;
-	json_t *reply, *list, *cp;
+	json_t *reply, *list, *cp, *track;
 	size_t i;
 	int c, n = 0;
 
@@ -106,9 +107,17 @@ cmd_checkpoint(int argc, char **argv)
 		return EXIT_FAILED;
 	list = json_object_get(json_object_get(reply, "return"),
 			       "checkpoints");
+	track = json_object_get(json_object_get(reply, "return"), "tracking");
 	if (json) {
-		json_print(json_pack("{s:O}", "checkpoints", list));
+		json_print(json_pack("{s:O, s:O?}", "checkpoints", list,
+				     "tracking", track));
 	} else {
+		const char *rec = json_string_value(json_object_get(track,
+								    "record"));
+
+		if (rec)
+			printf("# record: %s %s\n", rec, json_string_value(
+			       json_object_get(track, "path")));
 		json_array_foreach(list, i, cp)
 			print_checkpoint(cp);
 	}

@@ -155,7 +155,9 @@ struct serve {
 
 	/* Change tracking (--track, docs/cbt.md): on from before the first
 	 * guest request, until the disk closes. */
-	char *track_sidecar;          /* NULL: not tracking */
+	char *track_sidecar;          /* where the record is (the sidecar or
+					 the image); NULL: not tracking */
+	bool track_in_image;          /* the image's persistent bitmaps */
 	bool track_crashed;           /* the previous tracker did not close */
 };
 
@@ -462,6 +464,21 @@ snapshots_json(void)
 static json_t *backup_json(void);
 static json_t *group_json(void);
 
+/* Where the change record is: {record: "image"|"sidecar", path, crashed}
+ * (and "sidecar": path for a sidecar, as before). */
+static json_t *
+track_json(void)
+{
+	json_t *t = json_pack("{s:s, s:s, s:b}", "record",
+			      S.track_in_image ? "image" : "sidecar", "path",
+			      S.track_sidecar, "crashed", S.track_crashed);
+
+	if (t && !S.track_in_image)
+		json_object_set_new(t, "sidecar",
+				    json_string(S.track_sidecar));
+	return t;
+}
+
 static json_t *
 ctl_query(void)
 {
@@ -483,9 +500,7 @@ ctl_query(void)
 				    backup_json());
 	if (r && S.track_sidecar)
 		json_object_set_new(json_object_get(r, "return"), "tracking",
-				    json_pack("{s:s, s:b}", "sidecar",
-					      S.track_sidecar, "crashed",
-					      S.track_crashed));
+				    track_json());
 
 	if (S.resume && r)
 		json_object_set(json_object_get(r, "return"), "resume",
@@ -1140,8 +1155,8 @@ ctl_checkpoint(const char *cmd, const struct control_request *cr)
 	for (size_t i = 0; a && i < n; i++)
 		json_array_append_new(a, checkpoint_json(&l[i]));
 	free(l);
-	return json_pack("{s:{s:o}}", "return", "checkpoints",
-			 a ? a : json_null());
+	return json_pack("{s:{s:o, s:o}}", "return", "checkpoints",
+			 a ? a : json_null(), "tracking", track_json());
 }
 
 typedef int (*job_fn)(struct blockmirror_job *);
@@ -2060,35 +2075,22 @@ out:
 }
 
 /*
- * --track: record the disk's changes in `sidecar` (NULL: the image's
- * name plus .bmirror-cbt), and say so if the previous tracker did not
- * close it (a crash: its checkpoints stay trusted, docs/cbt.md).
+ * --track: record the disk's changes in `sidecar` (NULL: in a qcow2
+ * image itself, else the image's name plus .bmirror-cbt), and say so if
+ * the previous tracker did not close a sidecar (a crash: its checkpoints
+ * stay trusted, docs/cbt.md).
  */
 static int
 track_setup(const char *sidecar)
 {
-	char *img = NULL;
 	int r;
 
-	if (!sidecar) {
-		img = blockmirror_disk_get_image(S.disk);
-		if (!img || asprintf(&S.track_sidecar, "%s.bmirror-cbt",
-				     img) < 0)
-			S.track_sidecar = NULL;
-		free(img);
-	} else {
-		S.track_sidecar = strdup(sidecar);
-	}
-	if (!S.track_sidecar) {
-		tool_error("out of memory");
-		return -ENOMEM;
-	}
-	r = blockmirror_disk_track(S.disk, S.track_sidecar, 0,
-				   &S.track_crashed);
+	r = blockmirror_disk_track(S.disk, sidecar, 0, &S.track_crashed);
+	if (r == 0)
+		r = blockmirror_disk_track_record(S.disk, &S.track_sidecar,
+						  &S.track_in_image);
 	if (r < 0) {
 		tool_lib_error();
-		free(S.track_sidecar);
-		S.track_sidecar = NULL;
 		return r;
 	}
 	if (S.track_crashed)
@@ -2122,8 +2124,9 @@ help(void)
 	       "(default 10) is disconnected.\n");
 	printf("\n--track[=SIDECAR] records which blocks the guest writes, "
 	       "for incremental\nbackups (bmirror checkpoint, bmirror snapshot "
-	       "--since); the record is kept in\nSIDECAR (default "
-	       "IMAGE.bmirror-cbt) and survives crashes (docs/cbt.md).\n");
+	       "--since); the record is kept in\nSIDECAR, by default in a "
+	       "qcow2 IMAGE as its persistent dirty bitmaps, else\nin "
+	       "IMAGE.bmirror-cbt, and survives crashes (docs/cbt.md).\n");
 	printf("\nA move keeps crash-resumable state in --state-dir DIR "
 	       "(with --link, by\ndefault LINK.bmirror-state; --no-state: "
 	       "none).  Started again after a\ncrash, serve resumes the move "

@@ -841,19 +841,33 @@ extern int blockmirror_snapshot_changed(struct blockmirror_snapshot *snap,
 /* ---- Changed-block tracking: checkpoints (docs/cbt.md) ---------------- */
 
 /*
- * Record every guest write of the disk from now on, in the sidecar file
- * `sidecar` (NULL: the disk's image path plus ".bmirror-cbt"; created if
- * missing) at `granularity` (0: the file's, or 64 KiB).  Each write is
- * marked on disk before it reaches the image, so the record survives a
- * crash or a power loss.  Writes in flight complete first.  Blocking;
- * -EBUSY if already tracking; -ESTALE if the disk has served a write
- * since it was opened and the sidecar holds checkpoints (they would miss
- * it: start tracking before the first write).  *crashed (may be NULL)
- * says the previous tracker did not close.
+ * Record every guest write of the disk from now on, at `granularity`
+ * (0: the record's, or 64 KiB).  Where: in the sidecar file `sidecar`
+ * (created if missing); with sidecar NULL, in the image itself as
+ * persistent dirty bitmaps when the disk's image is a writable qcow2
+ * version 3 image with clusters of 4 KiB or more, else in the image path
+ * plus ".bmirror-cbt".  Each write is marked on disk before it reaches
+ * the image, so the record survives a crash or a power loss.  Writes in
+ * flight complete first.  Blocking; -EBUSY if already tracking; -ESTALE
+ * if the disk has served a write since it was opened and the record
+ * holds checkpoints (they would miss it: start tracking before the first
+ * write), or if the granularity differs from the record's; -ENOTSUP for
+ * a qcow2 image whose bitmaps cannot be checkpoints (the message says
+ * why).  *crashed (may be NULL) says the previous tracker did not close
+ * a sidecar (never set for a record in the image: see docs/cbt.md).
  */
 extern int blockmirror_disk_track(struct blockmirror_disk *disk,
 				  const char *sidecar, uint32_t granularity,
 				  bool *crashed);
+
+/*
+ * Where the disk's change record lives: *path (malloc'd, the caller's)
+ * is the sidecar's path or the image's name, *in_image says the
+ * checkpoints are the image's persistent bitmaps.  -EINVAL if the disk
+ * does not track changes.  Blocking.
+ */
+extern int blockmirror_disk_track_record(struct blockmirror_disk *disk,
+					 char **path, bool *in_image);
 
 struct blockmirror_checkpoint {
 	char name[65];

@@ -546,6 +546,25 @@ stop_serve() {
 	SERVE_PID=
 }
 
+# kill_serve_during_writes BASE OUT: qemu-io writes 4 KiB blocks of 0x44
+# from byte BASE of the served disk, one process per block, so that a
+# kill -9 of serve after half a second falls between some; OUT gets
+# qemu-io's output ("wrote 4096/4096 bytes at offset N" per
+# acknowledged block).  SERVE_PID is cleared.
+kill_serve_during_writes() {
+	local base=$1 out=$2 i qio_pid
+	for ((i = 0; i < 200; i++)); do
+		qemu-io -f raw -c "write -P 0x44 $((base + i * 4096)) 4k" \
+			"nbd+unix:///?socket=$T/nbd.sock" || break
+	done >"$out" 2>&1 &
+	qio_pid=$!
+	sleep 0.5
+	kill -9 "$SERVE_PID"
+	wait "$SERVE_PID" 2>/dev/null || true
+	wait "$qio_pid" 2>/dev/null || true
+	SERVE_PID=
+}
+
 # fio over the served disk: each 4 KiB block written once, with a crc32c
 # header, at a limited rate so that the move happens in the middle.
 FIO_COMMON=(--name=guest --ioengine=nbd --rw=randwrite --bs=4k --iodepth=16

@@ -290,13 +290,14 @@ same_as_qemu "$T/bad.qcow2"
 expect_fail_with nonzero 'not closed cleanly.*qemu-img check -r all' "$W" --format qcow2 --ops 1 "$T/bad.qcow2"
 pass "dirty image: read-only open works, read-write refused"
 
-# Unknown autoclear bits are cleared on a read-write open.
+# Autoclear bits (bit 0 with no tracker keeping the bitmaps) are cleared
+# before the first write of a read-write open.
 cp -- "$base" "$T/bad.qcow2"
 poke "$T/bad.qcow2" 88 Q 0x8001
 run_ok "$W" --format qcow2 --ops 5 "$T/bad.qcow2"
 [[ $(peek "$T/bad.qcow2" 88 Q) == 0 ]] || fail "autoclear bits not cleared"
 check_clean "$T/bad.qcow2"
-pass "autoclear bits cleared on a read-write open"
+pass "autoclear bits cleared before the first write"
 
 # Version 2 and internal snapshots: read-only.
 expect_fail_with nonzero 'version 2.*read-only' "$W" --format qcow2 --ops 1 "$T/q-0.10-64K.qcow2"

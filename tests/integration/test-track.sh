@@ -95,17 +95,7 @@ json_assert "$RUN_OUT" "d['snapshots'] == []"
 pass "bad checkpoints and names are refused, nothing is left behind"
 
 # ---- kill -9 while the guest writes ----------------------------------------
-# One qemu-io per 4 KiB block, so that the kill falls between some.
-for ((i = 0; i < 200; i++)); do
-	qemu-io -f raw -c "write -P 0x44 $((8 * MiB + i * 4 * KiB)) 4k" "$MAIN" ||
-		break
-done >/dev/null 2>&1 &
-qio_pid=$!
-sleep 0.5
-kill -9 "$SERVE_PID"
-wait "$SERVE_PID" 2>/dev/null || true
-wait "$qio_pid" 2>/dev/null || true
-SERVE_PID=
+kill_serve_during_writes $((8 * MiB)) /dev/null
 start_serve "$T/disk.raw"
 grep -q 'crashed' "$T/serve.err" || { cat "$T/serve.err" >&2; fail "serve did not say the tracker crashed"; }
 run_ok "$BMIRROR" status --control "$CTL" --json

@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "cbt.h"
+#include "cbt-marks.h"
 #include "fault.h"
 #include "helpers.h"
 #include "internal.h"
@@ -72,63 +73,6 @@ msg_has(const char *s)
 #define ck_assert_msg_has(s) \
 	ck_assert_msg(msg_has(s), "message \"%s\" lacks \"%s\"", \
 		      blockmirror_last_error(), (s))
-
-/* ---- marks and their waiters ------------------------------------------ */
-
-struct mark {
-	struct bm_cbt_waiter w;
-	uint64_t off, len;
-	int err;
-	bool done;
-	uint64_t ack;              /* recorder event, with the recorder on */
-};
-
-static int marks_left;
-static bool recording;
-
-static void
-mark_done(struct bm_cbt_waiter *w, int err)
-{
-	struct mark *m = bm_container_of(w, struct mark, w);
-
-	ck_assert(!m->done);
-	m->err = err;
-	m->done = true;
-	if (recording)
-		m->ack = rec_event("ack mark %" PRIu64 "+%" PRIu64, m->off,
-				   m->len);
-	marks_left--;
-}
-
-/* Mark; returns what bm_cbt_mark did, completing m at once for 0. */
-static int
-issue(struct bm_cbt *cbt, struct mark *m, uint64_t off, uint64_t len)
-{
-	int r;
-
-	memset(m, 0, sizeof *m);
-	m->w.fn = mark_done;
-	m->off = off;
-	m->len = len;
-	marks_left++;
-	r = bm_cbt_mark(cbt, off, len, &m->w);
-	if (r <= 0) {
-		marks_left--;
-		m->err = r;
-		m->done = true;
-		if (recording && r == 0)
-			m->ack = rec_event("ack mark %" PRIu64 "+%" PRIu64
-					   " (durable already)", off, len);
-	}
-	return r;
-}
-
-static void
-wait_marks(void)
-{
-	while (marks_left > 0)
-		ck_assert_int_ge(bm_loop_run_once(loop, -1), 0);
-}
 
 static struct bm_cbt *
 open_ok(bool create)
@@ -443,21 +387,9 @@ check_model(struct bm_cbt *cbt)
 	}
 }
 
-static uint64_t
-seed_from_env(void)
-{
-	const char *s = getenv("BM_CBT_SEED");
-	uint64_t seed = s ? strtoull(s, NULL, 0) : (uint64_t)time(NULL);
-
-	printf("test-cbt: seed %" PRIu64 " (BM_CBT_SEED=%" PRIu64
-	       " replays it)\n", seed, seed);
-	fflush(stdout);
-	return seed;
-}
-
 START_TEST(test_model)
 {
-	uint64_t rng = seed_from_env(), id = 0;
+	uint64_t rng = seed_from_env("BM_CBT_SEED", "test-cbt"), id = 0;
 	struct bm_cbt *cbt;
 	static struct mark m[16];
 
@@ -478,7 +410,7 @@ START_TEST(test_model)
 						 0);
 				model_mark(off, len);
 			}
-			wait_marks();
+			wait_marks(loop);
 			for (int i = 0; i < n; i++)
 				ck_assert_int_eq(m[i].err, 0);
 		} else if (op < 80 && M.n < MAX_CP) {
@@ -546,7 +478,7 @@ START_TEST(test_group_commit)
 	for (int i = 0; i < N; i++)
 		waited += issue(cbt, &m[i], (uint64_t)i * (DISK / N), 100);
 	ck_assert_int_eq(waited, N);
-	wait_marks();
+	wait_marks(loop);
 	for (int i = 0; i < N; i++)
 		ck_assert_int_eq(m[i].err, 0);
 	ck_assert_uint_le(rules.flushes, 2);
@@ -566,7 +498,7 @@ START_TEST(test_group_commit)
 	ck_assert_uint_eq(rules.flushes, flushes);
 	/* One block more and it must wait again. */
 	ck_assert_int_eq(issue(cbt, &m[0], 0, GRAN + 1), 1);
-	wait_marks();
+	wait_marks(loop);
 	ck_assert_int_eq(m[0].err, 0);
 	ck_assert_uint_eq(rules.flushes, flushes + 1);
 	ck_assert_int_eq(bm_cbt_close(cbt), 0);
@@ -591,7 +523,7 @@ START_TEST(test_writeback_error)
 	cbt = open_ok(true);
 	ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
 	ck_assert_int_eq(issue(cbt, &m[0], 0, 10), 1);
-	wait_marks();
+	wait_marks(loop);
 	ck_assert_int_eq(m[0].err, 0);
 
 	/* The next sync fails: its waiters and the ones queued behind it. */
@@ -600,7 +532,7 @@ START_TEST(test_writeback_error)
 	for (int i = 0; i < 8; i++)
 		ck_assert_int_eq(issue(cbt, &m[i], (uint64_t)(i + 1) << 20,
 				       10), 1);
-	wait_marks();
+	wait_marks(loop);
 	for (int i = 0; i < 8; i++)
 		ck_assert_int_eq(m[i].err, -EIO);
 	ck_assert(!bm_cbt_trusted(cbt));
@@ -619,7 +551,7 @@ START_TEST(test_writeback_error)
 	ck_assert_int_eq(bm_cbt_create(cbt, "c2"), 0);
 	ck_assert(bm_cbt_trusted(cbt));
 	ck_assert_int_eq(issue(cbt, &m[0], 7 << 20, 10), 1);
-	wait_marks();
+	wait_marks(loop);
 	ck_assert_int_eq(m[0].err, 0);
 	ck_assert_int_eq(bm_cbt_changed_since(cbt, "c2", &bm, &bytes), 0);
 	ck_assert_uint_eq(bytes, GRAN);
@@ -725,7 +657,7 @@ check_crash(uint64_t k, int variant)
 
 START_TEST(test_crash)
 {
-	uint64_t rng = seed_from_env() ^ 0xc8a54, crng = 1, total, checked = 0;
+	uint64_t rng = seed_from_env("BM_CBT_SEED", "test-cbt") ^ 0xc8a54, crng = 1, total, checked = 0;
 	struct bm_cbt *cbt;
 	struct mark pre;
 
@@ -735,7 +667,7 @@ START_TEST(test_crash)
 	cbt = open_ok(true);
 	ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
 	ck_assert_int_eq(issue(cbt, &pre, 5 * GRAN, 10), 1);
-	wait_marks();
+	wait_marks(loop);
 	ck_assert_int_eq(bm_cbt_close(cbt), 0);
 
 	ck_assert_int_eq(rec_start(dir), 0);
@@ -752,7 +684,7 @@ START_TEST(test_crash)
 			ck_assert_int_ge(issue(cbt, &C.m[C.n++], off, len),
 					 0);
 		}
-		wait_marks();
+		wait_marks(loop);
 		if (C.n >= CRASH_MARKS / 2 && !C.create_start) {
 			C.create_start = rec_event("create c2");
 			ck_assert_int_eq(bm_cbt_create(cbt, "c2"), 0);
@@ -762,20 +694,9 @@ START_TEST(test_crash)
 	C.close_start = rec_event("close");
 	ck_assert_int_eq(bm_cbt_close(cbt), 0);
 	rec_event("closed");
-	recording = false;
-	rec_stop();
-	for (size_t i = 0; i < C.n; i++)
-		ck_assert_int_eq(C.m[i].err, 0);
-
+	stop_recording(C.m, C.n);
 	total = rec_now();
-	for (uint64_t k = 0; k <= total; k++) {
-		for (int v = 0; v < REC_VARIANTS; v++) {
-			ck_assert_int_eq(rec_materialize(k, (enum rec_variant)v,
-							 &crng), 0);
-			check_crash(k, v);
-			checked++;
-		}
-	}
+	checked = replay_crash_points(check_crash, &crng);
 	printf("test-cbt: %" PRIu64 " crash points over %" PRIu64
 	       " events\n", checked, total);
 	rec_free();

@@ -2,7 +2,8 @@
 /*
  * Change tracking of a running disk (lib/checkpoint.c over lib/cbt.c):
  * every write is on record before it happens, checkpoints split the
- * record at a snapshot's instant, and the record survives kill -9.
+ * record at a snapshot's instant, and the record survives kill -9.  A
+ * qcow2 disk keeps it in the image (lib/cbt-image.c).
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -390,6 +391,90 @@ START_TEST(test_writes_before_tracking)
 }
 END_TEST
 
+/* The list of a disk: names, trusted flags and reasons in one string. */
+static void
+list_is(struct blockmirror_disk *disk, const char *want)
+{
+	struct blockmirror_checkpoint *l;
+	char got[512] = "";
+	size_t n;
+
+	ck_assert_int_eq(blockmirror_checkpoint_list(disk, &l, &n), 0);
+	for (size_t i = 0; i < n; i++)
+		snprintf(got + strlen(got), sizeof got - strlen(got),
+			 "%s%s:%" PRIu64 ":%s", i ? " " : "", l[i].name,
+			 l[i].changed_bytes, l[i].trusted ? "trusted"
+			 : l[i].reason);
+	free(l);
+	ck_assert_msg(strstr(got, want) == got, "list \"%s\", want \"%s\"",
+		      got, want);
+}
+
+/*
+ * A qcow2 disk keeps its record in the image (no sidecar), says so, and
+ * finds it again; writes served before tracking starts clear autoclear
+ * bit 0, so the next tracker finds the checkpoints untrusted.
+ */
+START_TEST(test_qcow2_in_image)
+{
+	char qimg[160], cmd[512], side[200], *where = NULL;
+	struct blockmirror_disk *disk;
+	bool in_image = false, crashed = true;
+	static char buf[65536];
+
+	snprintf(qimg, sizeof qimg, "%s/disk.qcow2", dir);
+	snprintf(side, sizeof side, "%s.bmirror-cbt", qimg);
+	snprintf(cmd, sizeof cmd, "qemu-img convert -O qcow2 %s %s", image,
+		 qimg);
+	ck_assert_int_eq(system(cmd), 0);
+	disk = blockmirror_disk_open(qimg, BLOCKMIRROR_FORMAT_QCOW2, 0);
+	ck_assert_msg(disk, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_start_thread(disk), 0);
+	ck_assert_int_eq(blockmirror_disk_track_record(disk, &where, &in_image),
+			 -EINVAL);
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, &crashed), 0);
+	ck_assert(!crashed);
+	ck_assert_int_eq(blockmirror_disk_track_record(disk, &where, &in_image),
+			 0);
+	ck_assert(in_image);
+	ck_assert_str_eq(where, qimg);
+	free(where);
+	ck_assert_int_eq(blockmirror_checkpoint_create(disk, "c1"), 0);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, sizeof buf,
+						1 << 20, 0), 0);
+	list_is(disk, "c1:65536:trusted");
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	ck_assert_int_eq(access(side, F_OK), -1);
+
+	/* Found again. */
+	disk = blockmirror_disk_open(qimg, BLOCKMIRROR_FORMAT_QCOW2, 0);
+	ck_assert_int_eq(blockmirror_disk_start_thread(disk), 0);
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
+	list_is(disk, "c1:65536:trusted");
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+
+	/* A write before tracking: refused as for a sidecar, and the image
+	 * says its bitmaps no longer hold every write (autoclear bit 0
+	 * clear; the refused tracker wrote that down as in_use). */
+	disk = blockmirror_disk_open(qimg, BLOCKMIRROR_FORMAT_QCOW2, 0);
+	ck_assert_int_eq(blockmirror_disk_start_thread(disk), 0);
+	ck_assert_int_eq(blockmirror_disk_write(disk, buf, sizeof buf,
+						2 << 20, 0), 0);
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), -ESTALE);
+	ck_assert_msg(strstr(blockmirror_last_error(), "the image's 1 "
+			     "checkpoints miss"), "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	disk = blockmirror_disk_open(qimg, BLOCKMIRROR_FORMAT_QCOW2, 0);
+	ck_assert_int_eq(blockmirror_disk_start_thread(disk), 0);
+	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
+	list_is(disk, "c1:65536:the image marks a bitmap since it was created "
+		"in use");
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	snprintf(cmd, sizeof cmd, "qemu-img check -q %s", qimg);
+	ck_assert_int_eq(system(cmd), 0);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -402,6 +487,7 @@ main(void)
 	tcase_add_test(tc, test_survives_kill);
 	tcase_add_test(tc, test_bad_input);
 	tcase_add_test(tc, test_writes_before_tracking);
+	tcase_add_test(tc, test_qcow2_in_image);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
