@@ -4,8 +4,9 @@
  * docs/backup.md, docs/cbt.md).
  *
  * The crash recorder (recorder.h) logs everything the library writes
- * under one directory, which holds a tracked disk (raw, then qcow2), its
- * sidecar and the backup directory, while a guest writer writes the disk
+ * under one directory, which holds a tracked disk (raw with its sidecar,
+ * then qcow2 with its record in the image's bitmaps) and the backup
+ * directory, while a guest writer writes the disk
  * and the test takes a full point and two incremental ones, with a
  * backup cancelled half way between points 2 and 3.  Every guest
  * write carries its id in each 4 KiB block; its submission and its
@@ -23,7 +24,8 @@
  * does what a user would do, checking what the user relies on:
  *
  *  - the disk reopens with tracking, `crashed` set when the tracker was
- *    open at the crash and clear after a clean close;
+ *    open at the crash (a sidecar says so; a qcow2 image's bitmaps need
+ *    no in-use flag and do not) and clear after a clean close;
  *  - every guest write that was durable at the crash (FUA, or before an
  *    acknowledged flush) is on the disk, and every block holds that write
  *    or one submitted after it;
@@ -41,7 +43,8 @@
  * incremental point's manifest became durable.
  *
  * And the cases where the record is rightly refused: a sidecar replaced
- * by an older copy (it lacks the newest point's checkpoint), and writes
+ * by an older copy (it lacks the newest point's checkpoint), a qcow2
+ * image written and closed by an open without tracking, and writes
  * made by a process that opened the disk without tracking (tracking is
  * then refused).  A trusting backup would miss a write there; the next
  * backup heals by digests and holds it.
@@ -510,7 +513,13 @@ static const char *const step_names[] = {
 static void
 steps_of(unsigned n, uint64_t *end)
 {
-	end[S_SNAPSHOT] = find_event(G.bstart[n], G.bdone[n], ".bmirror-cbt");
+	char data[32];
+
+	/* The point's image is made right after the instant (whichever
+	 * place the record's checkpoint went to: a sidecar, or a raw
+	 * disk's or the qcow2 image itself). */
+	snprintf(data, sizeof data, "/%04u.qcow2", n);
+	end[S_SNAPSHOT] = find_event(G.bstart[n], G.bdone[n], data);
 	end[S_COPY] = find_event(end[S_SNAPSHOT], G.bdone[n], ".digests.tmp");
 	end[S_DIGESTS] = find_event(end[S_COPY], G.bdone[n], ".json.tmp");
 	end[S_MANIFEST] = manifest_durable(n);
@@ -634,15 +643,17 @@ check_restore(unsigned n, const uint8_t *want, uint8_t *buf, char *msg,
 
 /* Open the disk the crash left, with tracking. */
 static struct blockmirror_disk *
-reopen(bool *crashed)
+reopen(bool *crashed, bool *in_image)
 {
 	struct blockmirror_disk *disk =
 		blockmirror_disk_open(G.image, G.sc->format, 0);
+	char *where = NULL;
 
 	if (!disk)
 		return NULL;
 	if (blockmirror_disk_start_thread(disk) < 0 ||
-	    blockmirror_disk_track(disk, NULL, 0, crashed) < 0) {
+	    blockmirror_disk_track(disk, NULL, 0, crashed) < 0 ||
+	    blockmirror_disk_track_record(disk, &where, in_image) < 0) {
 		char msg[512];
 
 		snprintf(msg, sizeof msg, "%s", blockmirror_last_error());
@@ -650,6 +661,7 @@ reopen(bool *crashed)
 		fprintf(stderr, "%s\n", msg);
 		return NULL;
 	}
+	free(where);
 	return disk;
 }
 
@@ -663,7 +675,7 @@ replay(struct crash *c, struct tally *t, uint8_t *cur, uint8_t *buf)
 	struct blockmirror_disk *disk;
 	unsigned done = 0, started = 0;
 	size_t count = 0, ncp = 0;
-	bool crashed = false;
+	bool crashed = false, in_image = false;
 	char msg[1024];
 	int r;
 
@@ -684,14 +696,17 @@ replay(struct crash *c, struct tally *t, uint8_t *cur, uint8_t *buf)
 		t->between++;
 	}
 
-	disk = reopen(&crashed);
+	disk = reopen(&crashed, &in_image);
 	if (!disk) {
 		fail_at(t, c, "the disk does not reopen with tracking: %s",
 			blockmirror_last_error());
 		return;
 	}
 	t->crashed_seen += crashed;
-	if (c->k > G.tracking && c->k <= G.close_start && !crashed) {
+	/* A qcow2 image's record in its bitmaps does not say (docs/cbt.md:
+	 * it needs no in-use flag); a sidecar does. */
+	if (c->k > G.tracking && c->k <= G.close_start && !crashed &&
+	    !in_image) {
 		fail_at(t, c, "the tracker was open at the crash, and the "
 			"sidecar does not say so");
 		goto out;
@@ -835,8 +850,11 @@ check_healed(struct blockmirror_disk *disk, const char *why, uint8_t *cur,
 /*
  * Crash states where trusting the record would lose a change, and the
  * design refuses it:
- *  - the sidecar replaced by an older copy (from before point 2's
- *    checkpoint): the newest point's checkpoint is not in it;
+ *  - a raw disk's sidecar replaced by an older copy (from before point
+ *    2's checkpoint): the newest point's checkpoint is not in it;
+ *  - a qcow2 disk's record is in the image: a process that opens it
+ *    without tracking, writes and closes clears the bitmaps' autoclear
+ *    bit, and the record is untrusted when tracking comes back;
  *  - after the crash, a process opens the disk without tracking and
  *    writes: turning tracking on is refused (-ESTALE), since no bitmap
  *    holds that write.
@@ -849,19 +867,43 @@ rightly_refused(uint8_t *cur, uint8_t *buf)
 	uint64_t rng = 3;
 	uint8_t data[BLOCK];
 	char old[160];
-	bool crashed;
+	bool crashed, in_image;
 
-	snprintf(old, sizeof old, "%s/old-sidecar", G.out);
-	rec_rewind();
-	ck_assert_int_eq(rec_materialize(G.bstart[2], REC_ALL, &rng), 0);
-	copy_file(G.side, old);
-	ck_assert_int_eq(rec_materialize(G.bstart[3], REC_DURABLE_ONLY, &rng),
-			 0);
-	copy_file(old, G.side);
-	disk = reopen(&crashed);
-	ck_assert_msg(disk, "an older sidecar: %s", blockmirror_last_error());
-	check_healed(disk, "an older sidecar", cur, buf);
-	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	memset(data, 0x5a, sizeof data);
+	if (G.sc->format == BLOCKMIRROR_FORMAT_QCOW2) {
+		rec_rewind();
+		ck_assert_int_eq(rec_materialize(G.bstart[3], REC_DURABLE_ONLY,
+						 &rng), 0);
+		disk = blockmirror_disk_open(G.image, G.sc->format, 0);
+		ck_assert_msg(disk, "%s", blockmirror_last_error());
+		ck_assert_int_eq(blockmirror_disk_write(disk, data, BLOCK,
+							(SENTINEL_BLK + 5) *
+							BLOCK, 0), 0);
+		ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+		disk = reopen(&crashed, &in_image);
+		ck_assert_msg(disk && in_image, "written without tracking: %s",
+			      blockmirror_last_error());
+		check_healed(disk, "written without tracking, closed", cur,
+			     buf);
+		ck_assert_msg(!memcmp(cur + (SENTINEL_BLK + 5) * BLOCK, data,
+				      BLOCK),
+			      "the untracked write is not on the disk");
+		ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	} else {
+		snprintf(old, sizeof old, "%s/old-sidecar", G.out);
+		rec_rewind();
+		ck_assert_int_eq(rec_materialize(G.bstart[2], REC_ALL, &rng),
+				 0);
+		copy_file(G.side, old);
+		ck_assert_int_eq(rec_materialize(G.bstart[3], REC_DURABLE_ONLY,
+						 &rng), 0);
+		copy_file(old, G.side);
+		disk = reopen(&crashed, &in_image);
+		ck_assert_msg(disk, "an older sidecar: %s",
+			      blockmirror_last_error());
+		check_healed(disk, "an older sidecar", cur, buf);
+		ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	}
 
 	rec_rewind();
 	ck_assert_int_eq(rec_materialize(G.bstart[3], REC_DURABLE_ONLY, &rng),
@@ -869,7 +911,6 @@ rightly_refused(uint8_t *cur, uint8_t *buf)
 	disk = blockmirror_disk_open(G.image, G.sc->format, 0);
 	ck_assert_msg(disk, "%s", blockmirror_last_error());
 	ck_assert_int_eq(blockmirror_disk_start_thread(disk), 0);
-	memset(data, 0x5a, sizeof data);
 	ck_assert_int_eq(blockmirror_disk_write(disk, data, BLOCK,
 						(SENTINEL_BLK + 5) * BLOCK,
 						0), 0);
