@@ -1429,9 +1429,11 @@ verify_point(const char *dir, const struct point *p,
  * record says is unchanged since the point must read the same now. */
 static int
 verify_live(struct blockmirror_disk *live, const struct point *p,
-	    const struct bm_digest *dg, uint8_t *buf,
+	    const struct bm_digest *dg, uint8_t *buf, unsigned sample,
 	    struct blockmirror_backup_check *res)
 {
+	struct timespec ts;
+	uint64_t rng;
 	struct blockmirror_snapshot_options so = { .size = sizeof so };
 	struct blockmirror_snapshot *snap;
 	uint64_t g, *words = NULL, nbits, bytes;
@@ -1453,6 +1455,10 @@ verify_live(struct blockmirror_disk *live, const struct point *p,
 		return r;
 	g = p->granularity;
 	nbits = (p->disk_size + g - 1) / g;
+	/* A sample differs from run to run, so that runs add up. */
+	clock_gettime(CLOCK_REALTIME, &ts);
+	rng = ((uint64_t)ts.tv_sec << 30 ^ (uint64_t)ts.tv_nsec ^
+	       (uint64_t)getpid() << 48) | 1;
 	if (record) {
 		r = blockmirror_snapshot_changed(snap, &g, &words, &nbits,
 						 &bytes);
@@ -1466,6 +1472,14 @@ verify_live(struct blockmirror_disk *live, const struct point *p,
 
 		if (words && words[b / 64] >> (b % 64) & 1)
 			continue;
+		if (sample % 100) {
+			/* xorshift64 */
+			rng ^= rng << 13;
+			rng ^= rng >> 7;
+			rng ^= rng << 17;
+			if (rng % 100 >= sample)
+				continue;
+		}
 		r = blockmirror_snapshot_read(snap, buf, len, off);
 		if (r < 0)
 			break;
@@ -1496,7 +1510,7 @@ verify_live(struct blockmirror_disk *live, const struct point *p,
 }
 
 static int
-verify_chain(const char *dir, struct blockmirror_disk *live,
+verify_chain(const char *dir, struct blockmirror_disk *live, unsigned sample,
 	     struct blockmirror_backup_check *res, const struct events *e)
 {
 	struct bm_digest *dg = NULL;
@@ -1555,7 +1569,7 @@ verify_chain(const char *dir, struct blockmirror_disk *live,
 		}
 	}
 	if (r == 0 && live)
-		r = verify_live(live, &p, dg, buf, res);
+		r = verify_live(live, &p, dg, buf, sample, res);
 	if (r == 0 && live)
 		event_step(e, BLOCKMIRROR_BACKUP_LIVE_VERIFIED, p.number, NULL);
 	if (lock >= 0)
@@ -1580,11 +1594,35 @@ blockmirror_backup_verify_with_events(const char *dir,
 				      blockmirror_backup_event_fn on_event,
 				      void *event_data)
 {
-	const struct events e = { on_event, event_data };
+	const struct blockmirror_backup_verify_options o = {
+		.size = sizeof o, .live = live, .on_event = on_event,
+		.event_data = event_data,
+	};
+
+	return blockmirror_backup_verify_opts(dir, &o, res);
+}
+
+BM_EXPORT int
+blockmirror_backup_verify_opts(const char *dir,
+			       const struct blockmirror_backup_verify_options *o,
+			       struct blockmirror_backup_check *res)
+{
+	struct blockmirror_backup_verify_options opts = { .size = sizeof opts };
+	struct events e;
 	int r;
 
 	bm_error_clear();
-	r = verify_chain(dir, live, res, &e);
+	if (!o || o->size < offsetof(struct blockmirror_backup_verify_options,
+				     live_sample_percent) + sizeof(unsigned))
+		return bm_api_fail("blockmirror_backup_verify",
+				   bm_error(-EINVAL, "bad options"));
+	memcpy(&opts, o, BM_MIN(o->size, sizeof opts));
+	if (opts.live_sample_percent > 100)
+		return bm_api_fail("blockmirror_backup_verify",
+				   bm_error(-EINVAL, "a sample of %u%% of the "
+					    "disk", opts.live_sample_percent));
+	e = (struct events){ opts.on_event, opts.event_data };
+	r = verify_chain(dir, opts.live, opts.live_sample_percent, res, &e);
 	return r < 0 ? bm_api_fail("blockmirror_backup_verify", r) : 0;
 }
 

@@ -6,7 +6,7 @@
  *   bmirror backup --control SOCK --to DIR [--incremental]
  *   bmirror backup ... --to NBD-URI --catalog DIR  (the data in an export)
  *   bmirror backup list DIR
- *   bmirror backup verify DIR [--against IMAGE | --control SOCK]
+ *   bmirror backup verify DIR [--against IMAGE | --control SOCK] [--sample PCT]
  *   bmirror backup prune DIR --keep N
  *   bmirror backup restore DIR [--point N] --to TARGET [-O FMT]
  *
@@ -42,7 +42,7 @@ help_backup(void)
 	       "--catalog DIR ...\n"
 	       "       bmirror backup list DIR\n"
 	       "       bmirror backup verify DIR [--against IMAGE | --control "
-	       "PATH]\n"
+	       "PATH] [--sample PCT]\n"
 	       "       bmirror backup prune DIR --keep N\n"
 	       "       bmirror backup restore DIR [--point N] --to TARGET "
 	       "[-O FMT]\n"
@@ -53,11 +53,13 @@ help_backup(void)
 	       "what\nchanged since the newest point, by the disk's change "
 	       "record, or by\ncomparing digests when there is none).  "
 	       "verify rereads every point\n(and with --against or --control "
-	       "checks the live disk where the record\nsays nothing changed); "
+	       "checks the live disk where the record\nsays nothing changed, or "
+	       "a random --sample PCT percent of it);\n"
 	       "--freeze-cmd runs right before the instant (for example\n"
 	       "virsh domfsfreeze); if it fails or times out (10 s) the point "
 	       "is\ncrash-consistent, else application-consistent; "
-	       "--thaw-cmd runs\nright after.  prune keeps the newest N points; restore\nwrites a point to "
+	       "--thaw-cmd runs\nright after.  prune keeps the newest N points; "
+	       "restore writes a point to\n"
 	       "an image (raw by default), or with --overlay makes a\nqcow2 "
 	       "overlay of it to serve at once (instant restore).  With an "
 	       "NBD URI\n(nbd://HOST[:PORT]/EXPORT, nbd+unix:///EXPORT?socket="
@@ -430,8 +432,9 @@ do_list(const char *dir, bool json)
 
 static int
 do_verify(const char *dir, const char *against, enum blockmirror_format fmt,
-	  const char *control, bool json)
+	  const char *control, unsigned sample, bool json)
 {
+	struct blockmirror_backup_verify_options o = { .size = sizeof o };
 	struct blockmirror_backup_check c;
 	struct blockmirror_disk *disk = NULL;
 	int r;
@@ -443,8 +446,9 @@ do_verify(const char *dir, const char *against, enum blockmirror_format fmt,
 		if (!realpath(dir, real))
 			return tool_usage_error("%s: %s", dir, strerror(errno));
 		reply = client_call_events(control, json_pack(
-				"{s:s, s:s}", "cmd", "backup-verify", "dir",
-				real), json ? print_line : NULL, NULL);
+				"{s:s, s:s, s:i}", "cmd", "backup-verify", "dir",
+				real, "sample", (int)sample),
+				json ? print_line : NULL, NULL);
 		if (!reply)
 			return EXIT_FAILED;
 		if (json)
@@ -458,8 +462,10 @@ do_verify(const char *dir, const char *against, enum blockmirror_format fmt,
 	}
 	if (against && !(disk = open_tracked(against, fmt, true)))
 		return EXIT_FAILED;
-	r = blockmirror_backup_verify_with_events(dir, disk, &c, json ?
-						  print_event : NULL, NULL);
+	o.live = disk;
+	o.live_sample_percent = sample;
+	o.on_event = json ? print_event : NULL;
+	r = blockmirror_backup_verify_opts(dir, &o, &c);
 	if (r < 0)
 		tool_lib_error();
 	if (disk)
@@ -593,7 +599,7 @@ int
 cmd_backup(int argc, char **argv)
 {
 	enum { OPT_TO = 256, OPT_CATALOG, OPT_INCREMENTAL, OPT_CONTROL,
-	       OPT_AGAINST,
+	       OPT_AGAINST, OPT_SAMPLE,
 	       OPT_KEEP, OPT_POINT, OPT_JSON, OPT_PROGRESS, OPT_OVERLAY,
 	       OPT_FREEZE, OPT_THAW, OPT_FREEZE_TIMEOUT, OPT_HELP };
 	static const struct option longopts[] = {
@@ -602,6 +608,7 @@ cmd_backup(int argc, char **argv)
 		{ "incremental", no_argument, NULL, OPT_INCREMENTAL },
 		{ "control", required_argument, NULL, OPT_CONTROL },
 		{ "against", required_argument, NULL, OPT_AGAINST },
+		{ "sample", required_argument, NULL, OPT_SAMPLE },
 		{ "keep", required_argument, NULL, OPT_KEEP },
 		{ "point", required_argument, NULL, OPT_POINT },
 		{ "json", no_argument, NULL, OPT_JSON },
@@ -619,7 +626,7 @@ cmd_backup(int argc, char **argv)
 	struct hooks hooks = { .timeout_s = 10 };
 	bool incremental = false, json = false;
 	bool want_bar = isatty(STDOUT_FILENO);
-	uint64_t keep = 0, point = 0, secs;
+	uint64_t keep = 0, point = 0, secs, sample = 0;
 	int c;
 
 	opterr = 0;
@@ -647,6 +654,11 @@ cmd_backup(int argc, char **argv)
 			break;
 		case OPT_OVERLAY:
 			overlay = optarg;
+			break;
+		case OPT_SAMPLE:
+			if (!parse_uint(optarg, 100, &sample) || !sample)
+				return tool_usage_error("--sample: '%s' is not "
+					"a percentage from 1 to 100", optarg);
 			break;
 		case OPT_FREEZE:
 			hooks.freeze = optarg;
@@ -706,7 +718,13 @@ cmd_backup(int argc, char **argv)
 				return tool_usage_error("--against and "
 							"--control exclude "
 							"each other");
-			return do_verify(dir, against, fmt, control, json);
+			if (sample && !against && !control)
+				return tool_usage_error("--sample is of the "
+							"live disk: it needs "
+							"--against or "
+							"--control");
+			return do_verify(dir, against, fmt, control,
+					 (unsigned)sample, json);
 		}
 		if (!strcmp(action, "prune")) {
 			if (!keep)

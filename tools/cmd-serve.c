@@ -1499,19 +1499,23 @@ verify_event(void *user_data, const struct blockmirror_backup_event *ev)
 }
 
 /* "backup-verify": every point of "dir" against its digests, and the
- * served disk against the newest point where nothing changed since;
- * each step an event. */
+ * served disk against the newest point where nothing changed since (all
+ * of it, or a "sample" percent); each step an event. */
 static json_t *
-ctl_backup_verify(json_t *req, int ci)
+ctl_backup_verify(json_t *req, const struct control_request *cr, int ci)
 {
+	struct blockmirror_backup_verify_options o = {
+		.size = sizeof o, .live = S.disk,
+		.live_sample_percent = (unsigned)cr->sample,
+		.on_event = verify_event, .event_data = &ci,
+	};
 	struct blockmirror_backup_check c;
 	char dir[PATH_MAX], why[PATH_MAX + 128];
 	int r = backup_dir(req, dir, sizeof dir, why, sizeof why);
 
 	if (r < 0)
 		return error_reply(r, why);
-	r = blockmirror_backup_verify_with_events(dir, S.disk, &c,
-						  verify_event, &ci);
+	r = blockmirror_backup_verify_opts(dir, &o, &c);
 	if (r < 0)
 		return lib_error_reply(r);
 	return json_pack("{s:{s:i, s:I, s:I, s:I}}", "return",
@@ -1550,7 +1554,7 @@ handle(json_t *req, int ci)
 	if (strcmp(cmd, "backup") == 0)
 		return ctl_backup(req, ci);
 	if (strcmp(cmd, "backup-verify") == 0)
-		return ctl_backup_verify(req, ci);
+		return ctl_backup_verify(req, &cr, ci);
 	if (strcmp(cmd, "checkpoints") == 0 ||
 	    strcmp(cmd, "checkpoint-create") == 0 ||
 	    strcmp(cmd, "checkpoint-remove") == 0)

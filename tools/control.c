@@ -297,6 +297,8 @@ control_parse_request(json_t *req, struct control_request *out,
 		    "\"lease_ms\" must be an integer of at least 0") < 0 ||
 	    get_u64(req, "timeout_ms", &out->timeout_ms, err,
 		    "\"timeout_ms\" must be an integer of at least 0") < 0 ||
+	    get_u64(req, "sample", &out->sample, err,
+		    "\"sample\" must be an integer of at least 0") < 0 ||
 	    get_u64(req, "max_scratch", &out->max_scratch, err,
 		    "\"max_scratch\" must be an integer of at least 0") < 0 ||
 	    get_u64(req, "speed", &out->speed, err, "\"speed\" must be "
@@ -312,6 +314,10 @@ control_parse_request(json_t *req, struct control_request *out,
 		return -EINVAL;
 	if (out->to && !*out->to) {
 		*err = "\"to\" is empty";
+		return -EINVAL;
+	}
+	if (out->sample > 100) {
+		*err = "\"sample\" is more than 100 (percent)";
 		return -EINVAL;
 	}
 	if (out->lease_ms > CONTROL_LEASE_MAX_MS) {

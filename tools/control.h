@@ -98,6 +98,7 @@ struct control_request {
 	uint64_t lease_ms;            /* snapshot-hold: 0 (default) to
 				       * CONTROL_LEASE_MAX_MS */
 	uint64_t timeout_ms;          /* snapshot: at most UINT32_MAX */
+	uint64_t sample;              /* backup-verify: percent, 0 to 100 */
 	uint64_t max_scratch;
 	uint64_t speed;
 	uint64_t granularity;
@@ -113,7 +114,8 @@ struct control_request {
 /*
  * Check a command's members: "cmd" a string, the strings strings, speed,
  * granularity and max_scratch integers from 0 to INT64_MAX, timeout_ms
- * from 0 to UINT32_MAX, lease_ms to CONTROL_LEASE_MAX_MS, the flags
+ * from 0 to UINT32_MAX, lease_ms to CONTROL_LEASE_MAX_MS, sample to 100,
+ * the flags
  * booleans; a group's name 1 to 64 bytes of [A-Za-z0-9._-].
  * Pure.  0, or -EINVAL with *err set to a static message.
  */

@@ -113,6 +113,15 @@ tail -n 1 "$RUN_OUT" >"$T/verify.json"
 json_assert "$T/verify.json" "d['points'] == 6" "d['live_bytes_read'] > 0" \
 	"d['live_mismatches'] == 0"
 pass "verify over the control socket: the chain and the live disk"
+all=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["live_bytes_read"])' "$T/verify.json")
+echo "verify: the live check read $all bytes"
+run_ok "$BMIRROR" backup verify "$DIR" --control "$CTL" --sample 30 --json
+tail -n 1 "$RUN_OUT" >"$T/verify.json"
+json_assert "$T/verify.json" "d['points'] == 6" "d['live_mismatches'] == 0" \
+	"0 < d['live_bytes_read'] < $all * 0.6"
+expect_fail_with 2 'needs --against or --control' "$BMIRROR" backup verify "$DIR" --sample 30
+expect_fail_with 2 'percentage from 1 to 100' "$BMIRROR" backup verify "$DIR" --control "$CTL" --sample 101
+pass "verify --sample: a part of the live disk, chosen anew each run"
 
 expect_fail_with 2 'needs --to' "$BMIRROR" backup --control "$CTL" --to ""
 run_ok python3 - "$CTL" <<'EOF'

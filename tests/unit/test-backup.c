@@ -726,6 +726,38 @@ START_TEST(test_verify_names_damage)
 	ck_assert_msg(strstr(blockmirror_last_error(), "missed"), "%s",
 		      blockmirror_last_error());
 
+	/* A sample: each run checks about a quarter of the granules, a
+	 * different quarter each time, so the bypassing write is found by
+	 * some runs and not by others (40 runs: both by far). */
+	{
+		struct blockmirror_backup_verify_options vo = {
+			.size = sizeof vo, .live = disk,
+			.live_sample_percent = 25,
+		};
+		uint64_t all = chk.live_bytes_read;
+		unsigned found = 0;
+
+		for (int i = 0; i < 40; i++) {
+			int r = blockmirror_backup_verify_opts(bdir, &vo, &chk);
+
+			ck_assert_msg(r == 0 || r == -EBADMSG, "%s",
+				      blockmirror_last_error());
+			ck_assert_uint_eq(chk.live_mismatches, r < 0);
+			ck_assert_uint_ge(chk.live_bytes_read, all / 20);
+			ck_assert_uint_le(chk.live_bytes_read, all / 2);
+			found += r < 0;
+		}
+		ck_assert_uint_gt(found, 0);
+		ck_assert_uint_lt(found, 40);
+		vo.live_sample_percent = 100;
+		ck_assert_int_eq(blockmirror_backup_verify_opts(bdir, &vo, &chk),
+				 -EBADMSG);
+		ck_assert_uint_eq(chk.live_bytes_read, all);
+		vo.live_sample_percent = 101;
+		ck_assert_int_eq(blockmirror_backup_verify_opts(bdir, &vo, &chk),
+				 -EINVAL);
+	}
+
 	/* The data of point 2 damaged: the last cluster of its file. */
 	snprintf(path, sizeof path, "%s/0002.qcow2", bdir);
 	{
