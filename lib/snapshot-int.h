@@ -64,6 +64,8 @@ struct blockmirror_snapshot {
 	enum blockmirror_snapshot_state state;
 	int error;
 	char reason[256];
+	blockmirror_event_fn on_event;  /* the options': told of a break */
+	void *event_data;
 	int64_t taken_unix_ns;
 	uint64_t bytes_saved;
 	uint64_t cbw_count;

@@ -61,6 +61,7 @@
 #include <inttypes.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,6 +126,14 @@ snap_break(struct blockmirror_snapshot *snap, int err, const char *fmt, ...)
 	va_end(ap);
 	bm_warn("%s: broken, the guest goes on: %s", snap->name,
 		snap->reason);
+	if (snap->on_event) {
+		struct blockmirror_event ev = {
+			.type = BLOCKMIRROR_EVENT_SNAPSHOT_BROKEN,
+			.err = snap->error, .message = snap->reason,
+		};
+
+		snap->on_event(snap->event_data, &ev);
+	}
 	/* Copies still running are of no use now; a hung scratch must not
 	 * keep them (they hold the disk's drain) for its own timeout. */
 	if (snap->cbw_inflight && snap->scratch &&
@@ -606,6 +615,11 @@ snap_new(struct blockmirror_disk *disk, struct bm_loop *loop,
 	snap->timeout_ns = (uint64_t)(o->timeout_ms ? o->timeout_ms
 					: DEFAULT_TIMEOUT_MS) * 1000000u;
 	snap->max_scratch = o->max_scratch;
+	if (o->size >= offsetof(struct blockmirror_snapshot_options,
+				event_data) + sizeof o->event_data) {
+		snap->on_event = o->on_event;
+		snap->event_data = o->event_data;
+	}
 	snap->wait_tail = &snap->wait_head;
 	snap->state = BLOCKMIRROR_SNAPSHOT_ACTIVE;
 	snap->since = o->since;
@@ -633,7 +647,8 @@ check_options(const struct blockmirror_snapshot_options *o)
 {
 	uint64_t g;
 
-	if (!o || o->size < sizeof *o)
+	if (!o || o->size < offsetof(struct blockmirror_snapshot_options,
+				     on_event))
 		return bm_error(-EINVAL, "no options, or options of an older "
 				"size");
 	if (o->flags & ~(BLOCKMIRROR_SNAPSHOT_CREATE |

@@ -108,6 +108,7 @@ struct serve {
 		uint64_t changed_bytes; /* since `since` */
 		char *group;          /* taken in this group, or NULL */
 		uint64_t held_us, queued_us; /* the group's hold */
+		bool broken_told;     /* SNAPSHOT_BROKEN sent */
 	} snaps[MAX_SNAPSHOTS];
 	size_t n_snaps;
 	unsigned snap_counter;        /* the default names: snap-N */
@@ -641,6 +642,7 @@ snapshot_forget(size_t i)
 	S.snaps[i].since = S.snaps[i].checkpoint = S.snaps[i].group = NULL;
 	S.snaps[i].changed_bytes = 0;
 	S.snaps[i].held_us = S.snaps[i].queued_us = 0;
+	S.snaps[i].broken_told = false;
 }
 
 /* Keep what a snapshot taken `since` was asked for, in slot i. */
@@ -672,6 +674,41 @@ snapshot_note(size_t i, struct blockmirror_snapshot *snap, const char *since,
  * server is confined, and so is a scratch_dir) and choose its export
  * name.  NULL, or the error to answer (sr then holds nothing).
  */
+static void wake(void);
+
+/* A snapshot broke (on the disk's loop thread): this thread tells the
+ * clients (snapshots_tell_broken), woken through event_fd. */
+static void
+snapshot_broke(void *user_data, const struct blockmirror_event *ev)
+{
+	wake();
+}
+
+/* Every control client hears once of each exported snapshot that broke:
+ * its export stays (reads fail, naming why) until released. */
+static void
+snapshots_tell_broken(void)
+{
+	for (size_t i = 0; i < S.n_snaps; i++) {
+		struct blockmirror_snapshot_info si;
+		json_t *ev;
+
+		if (S.snaps[i].broken_told ||
+		    blockmirror_snapshot_query(S.snaps[i].snap, &si) < 0 ||
+		    si.state != BLOCKMIRROR_SNAPSHOT_BROKEN)
+			continue;
+		S.snaps[i].broken_told = true;
+		ev = json_pack("{s:s, s:s, s:i, s:s}", "event",
+			       "SNAPSHOT_BROKEN", "export",
+			       S.snaps[i].export_name, "errno", si.error,
+			       "reason", si.reason);
+		for (int ci = 0; ci < MAX_CLIENTS; ci++)
+			if (S.clients[ci].fd >= 0)
+				client_send(ci, json_incref(ev));
+		json_decref(ev);
+	}
+}
+
 static json_t *
 snapshot_prepare(const struct control_request *cr, struct snap_request *sr)
 {
@@ -721,6 +758,7 @@ snapshot_prepare(const struct control_request *cr, struct snap_request *sr)
 	o->granularity = cr->granularity;
 	o->timeout_ms = (uint32_t)cr->timeout_ms;
 	o->max_scratch = cr->max_scratch;
+	o->on_event = snapshot_broke;
 	if (!cr->export_name)
 		snprintf(name, sizeof name, "snap-%u", ++S.snap_counter);
 	sr->export_name = strdup(cr->export_name ? cr->export_name : name);
@@ -769,6 +807,7 @@ snapshot_install(struct snap_request *sr, struct blockmirror_snapshot *snap,
 	S.snaps[i].snap = snap;
 	sr->export_name = NULL;
 	S.n_snaps++;
+	snapshots_tell_broken(); /* it may have broken before it got here */
 	return (int)i;
 }
 
@@ -1256,8 +1295,10 @@ ctl_move_base(json_t *req, int ci)
 
 /* ---- backups (docs/backup.md) --------------------------------------- */
 
+/* Wake this thread (from another): it delivers what was queued for it,
+ * and tells of snapshots that broke. */
 static void
-backup_wake(void)
+wake(void)
 {
 	uint64_t one = 1;
 
@@ -1290,7 +1331,7 @@ bk_event(void *user_data, const struct blockmirror_backup_event *ev)
 	else if (j)
 		json_array_append_new(S.bk.events, j);
 	pthread_mutex_unlock(&S.bk.lock);
-	backup_wake();
+	wake();
 }
 
 /* The client ran its freeze hook before asking ("frozen") and it held:
@@ -1333,7 +1374,7 @@ backup_main(void *arg)
 	S.bk.pt = pt;
 	S.bk.finished = true;
 	pthread_mutex_unlock(&S.bk.lock);
-	backup_wake();
+	wake();
 	return NULL;
 }
 
@@ -1623,6 +1664,7 @@ deliver_events(void)
 		/* EAGAIN: a wake-up for events already taken */
 	}
 	backup_deliver();
+	snapshots_tell_broken();
 	list = take_events();
 	while ((n = list)) {
 		list = n->next;

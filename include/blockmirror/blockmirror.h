@@ -518,6 +518,9 @@ enum blockmirror_event_type {
 	BLOCKMIRROR_EVENT_MODE_CHANGED = 6, /* auto mode switched to active */
 	BLOCKMIRROR_EVENT_PAUSED = 7,
 	BLOCKMIRROR_EVENT_RESUMED = 8,
+	/* A snapshot's (blockmirror_snapshot_options.on_event): it broke,
+	 * the guest went on; err and message say why. */
+	BLOCKMIRROR_EVENT_SNAPSHOT_BROKEN = 9,
 };
 
 struct blockmirror_event {
@@ -722,6 +725,13 @@ struct blockmirror_snapshot_options {
 	 * `checkpoint`.  Either may be NULL.  One disk only. */
 	const char *since;
 	const char *checkpoint;
+	/* Appended (an older size leaves them NULL): called once, on the
+	 * disk's loop thread, when the snapshot breaks, with
+	 * BLOCKMIRROR_EVENT_SNAPSHOT_BROKEN (err, message).  It must not
+	 * block nor call the library's blocking functions: a program wakes
+	 * its own thread from it. */
+	blockmirror_event_fn on_event;
+	void *event_data;
 };
 
 enum blockmirror_snapshot_state {

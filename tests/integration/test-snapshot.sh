@@ -125,3 +125,47 @@ run_ok "$BMIRROR" snapshot --control "$T/ctl.sock" --release inside
 [[ ! -e $T/ok/s.raw ]] || fail "the created scratch was not removed at release"
 pass "a confined server makes scratch images only inside --allow-dir"
 stop_serve
+
+# A snapshot whose scratch may hold only 64 KiB breaks at the first
+# larger overwrite; the guest's write succeeds, and every control client
+# is told once, with the reason, without asking.
+start_serve "$T/disk.raw"
+run_ok python3 - "$T/ctl.sock" "$MAIN" <<'EOF'
+import json, socket, subprocess, sys, time
+def connect():
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(sys.argv[1])
+    s.settimeout(10)
+    return s, s.makefile('rw')
+s, f = connect()
+w, wf = connect()                # a bystander: it hears it too
+f.write(json.dumps({'cmd': 'snapshot', 'export': 'small',
+                    'max_scratch': 65536}) + '\n')
+f.flush()
+r = json.loads(f.readline())
+assert 'return' in r, r
+subprocess.run(['qemu-io', '-f', 'raw', '-c', 'write -P 0x3c 2M 1M',
+                sys.argv[2]], check=True, stdout=subprocess.DEVNULL)
+for fh in (f, wf):
+    deadline = time.time() + 10
+    while True:
+        assert time.time() < deadline, 'no SNAPSHOT_BROKEN'
+        ev = json.loads(fh.readline())
+        if ev.get('event') == 'SNAPSHOT_BROKEN':
+            break
+    assert ev['export'] == 'small' and 'max_scratch' in ev['reason'], ev
+# Once: a second write tells nobody again; the next line is the answer.
+subprocess.run(['qemu-io', '-f', 'raw', '-c', 'write -P 0x3d 2M 1M',
+                sys.argv[2]], check=True, stdout=subprocess.DEVNULL)
+f.write(json.dumps({'cmd': 'query'}) + '\n')
+f.flush()
+r = json.loads(f.readline())
+assert 'return' in r, r
+snaps = [x for x in r['return']['snapshots'] if x['export'] == 'small']
+assert snaps and snaps[0]['state'] == 'broken', r
+EOF
+run_ok qemu-io -f raw -r -c "read -P 0x3d 2M 1M" "$MAIN"
+expect_fail_with nonzero '' qemu-img convert -f raw -O raw \
+	"nbd+unix:///small?socket=$T/nbd.sock" "$T/broken.raw"
+pass "a snapshot that breaks is told to every control client, once; the guest went on"
+stop_serve

@@ -17,6 +17,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <sys/stat.h>
 
 #include "fault.h"
@@ -439,10 +440,32 @@ START_TEST(test_slow_view_read_holds_write)
 }
 END_TEST
 
-/* A scratch that fills up breaks the snapshot; the guest never sees it. */
+/* What on_event heard (on the disk's loop thread). */
+struct heard {
+	atomic_int events;
+	int type, err;
+	char message[256];
+};
+
+static void
+hear(void *user_data, const struct blockmirror_event *ev)
+{
+	struct heard *h = user_data;
+
+	h->type = ev->type;
+	h->err = ev->err;
+	snprintf(h->message, sizeof h->message, "%s", ev->message);
+	atomic_fetch_add(&h->events, 1);
+}
+
+/* A scratch that fills up breaks the snapshot; the guest never sees it.
+ * The caller is told once, with why. */
 START_TEST(test_full_scratch_breaks_not_guest)
 {
-	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct heard heard = { 0 };
+	struct blockmirror_snapshot_options o = {
+		.size = sizeof o, .on_event = hear, .event_data = &heard,
+	};
 	struct blockmirror_snapshot_info info;
 	struct blockmirror_snapshot *snap;
 	struct blockmirror_disk *disk = open_disk(image);
@@ -462,6 +485,10 @@ START_TEST(test_full_scratch_breaks_not_guest)
 	ck_assert_int_eq(info.state, BLOCKMIRROR_SNAPSHOT_BROKEN);
 	ck_assert_int_eq(info.error, ENOSPC);
 	ck_assert_msg(strstr(info.reason, "full"), "reason: %s", info.reason);
+	ck_assert_int_eq(atomic_load(&heard.events), 1);
+	ck_assert_int_eq(heard.type, BLOCKMIRROR_EVENT_SNAPSHOT_BROKEN);
+	ck_assert_int_eq(heard.err, ENOSPC);
+	ck_assert_str_eq(heard.message, info.reason);
 	ck_assert_int_eq(blockmirror_snapshot_read(snap, view, BLOCK, 0),
 			 -EIO);
 	ck_assert_msg(strstr(blockmirror_last_error(), "full"), "%s",
