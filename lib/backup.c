@@ -36,17 +36,23 @@
  * full point writes the whole disk there (zeroes where the export does
  * not already read as zeroes), an incremental one exactly the granules
  * that changed, so the export holds the newest point and an older NBD
- * point's data is superseded.  Everything else (numbering, the manifest
- * last, checkpoints, leftovers) is as for a directory, but for one mark:
- * DIR/NNNN.writing is made before point NNNN's first write into an export
- * when point NNNN-1 is in an export, and removed once the point exists.  Left behind, it says that a point
- * that failed wrote part of itself over the newest point there, so verify
- * and restore say so, and a backup that heals by digests (which trusts
- * the export to hold the previous point) writes every granule instead.
+ * point's data is superseded.  An incremental point first reads a
+ * sample of granules from the export and checks them against the
+ * previous point's digests: any URI may name the same storage, and one
+ * that does not hold the previous point is refused before a write.
+ * Everything else (numbering, the manifest last, checkpoints, leftovers)
+ * is as for a directory, but for one mark: DIR/NNNN.writing is made
+ * before point NNNN's first write into an export when point NNNN-1 is in
+ * an export, and removed once the point exists.  Left behind, it says
+ * that a point that failed wrote part of itself over the newest point
+ * there, so list, verify and restore say so, and a backup that heals by
+ * digests (which trusts the export to hold the previous point) writes
+ * every granule instead.
  *
  * Each step is reported to the caller's event callback, from the
- * caller's thread; a backup that began ends with exactly one of
- * COMPLETED, FAILED, CANCELLED.
+ * caller's thread; a backup that began (STARTED) ends with exactly one
+ * of COMPLETED, FAILED, CANCELLED; one refused before it began sends
+ * FAILED alone.
  *
  * One backup or prune at a time per directory (a lock file in it).
  * Everything here runs on the caller's thread and uses the disk only
@@ -596,7 +602,9 @@ remove_dead_checkpoint(struct blockmirror_disk *disk, const char *dir,
 	len = read(fd, name, sizeof name - 1);
 	close(fd);
 	name[len > 0 ? len : 0] = '\0';
-	if (name[0] && blockmirror_checkpoint_remove(disk, name) == 0) {
+	/* Only what a backup names: a mark cannot remove others. */
+	if (!strncmp(name, "bm-", 3) &&
+	    blockmirror_checkpoint_remove(disk, name) == 0) {
 		bm_warn("%s: removed checkpoint %s, left by a backup that did "
 			"not finish", dir, name);
 		removed = true;
@@ -731,6 +739,58 @@ zero_of(const struct run *run, uint64_t k)
 {
 	return (k + 1) * run->g > run->size ? &run->zero_tail
 					    : &run->zero_digest;
+}
+
+/*
+ * An incremental point into an export writes only what changed: the
+ * export must hold the previous point `prev` already (any URI may name
+ * the same storage, so the name proves nothing).  Granules drawn at
+ * random, those with data first, are read from the export and compared
+ * with prev's digests (run->digests, granularity run->g): -ESTALE at the
+ * first that differs, so a point is never built on another disk's data.
+ */
+#define EXPORT_SAMPLES 16
+
+static int
+check_export_holds(struct run *run, const struct point *prev)
+{
+	uint64_t n = granules(prev), rng, picked = 0;
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	rng = ((uint64_t)ts.tv_nsec << 20 ^ (uint64_t)ts.tv_sec) | 1;
+	for (unsigned tries = 0; tries < 64 * EXPORT_SAMPLES &&
+	     picked < EXPORT_SAMPLES; tries++) {
+		uint64_t k, off, len;
+		struct bm_digest d;
+		int r;
+
+		rng ^= rng << 13;
+		rng ^= rng >> 7;
+		rng ^= rng << 17;
+		k = rng % n;
+		/* Zero granules prove little against a blank export: only
+		 * the last tries take them. */
+		if (tries < 48 * EXPORT_SAMPLES &&
+		    !memcmp(&run->digests[k], zero_of(run, k), sizeof d))
+			continue;
+		off = k * run->g;
+		len = BM_MIN(run->g, run->size - off);
+		r = blockmirror_disk_read(run->target, run->buf, len, off);
+		if (r < 0)
+			return bm_error(r, "%s: reading it: %s", run->file,
+					inner_error());
+		bm_hash_buffer(run->buf, len, &d);
+		if (memcmp(&d, &run->digests[k], sizeof d))
+			return bm_error(-ESTALE, "%s does not hold point %04u "
+					"(at %" PRIu64 " it differs from the "
+					"point's digest), and an incremental "
+					"point writes only what changed since "
+					"it: take a full point", run->file,
+					prev->number, off);
+		picked++;
+	}
+	return 0;
 }
 
 /* Copy [off, off + len) (granule-aligned, at most run->chunk) from the
@@ -1134,6 +1194,19 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		so.since = NULL;
 		r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
 	}
+	if (r == -ESTALE && so.checkpoint) {
+		/* The record takes no new checkpoint (a qcow2 image's, after
+		 * a move off that image: cbt.md): the point is taken without
+		 * one, and the next point heals too.  Better than no point. */
+		bm_warn("%s: %s; the point is taken without a checkpoint",
+			o->dir, inner_error());
+		checkpoint_mark_remove(o->dir, p.number);
+		tracking = false;
+		so.checkpoint = NULL;
+		so.since = NULL;
+		heal = o->incremental;
+		r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
+	}
 	if (r == 0) {
 		struct blockmirror_backup_event e = {
 			.type = BLOCKMIRROR_BACKUP_SNAPSHOT_TAKEN,
@@ -1218,7 +1291,9 @@ blockmirror_backup(struct blockmirror_disk *disk,
 				     " bytes, the disk %" PRIu64, data,
 				     blockmirror_disk_get_size(run.target),
 				     run.size);
-		else if (prev.target[0])
+		else if (prev.target[0] && o->incremental && !export_dirty)
+			r = check_export_holds(&run, &prev);
+		if (r == 0 && prev.target[0])
 			/* Only an export's newest point can be written over;
 			 * any URI may name the same storage as its own. */
 			r = bm_durable_write_file(mark, data, strlen(data),
@@ -1930,7 +2005,11 @@ blockmirror_backup_list(const char *dir, struct blockmirror_backup_point **out,
 		e->application_consistent = p.application;
 		e->instant = p.instant;
 		point_data(e->file, sizeof e->file, dir, &p);
-		e->superseded = p.target[0] && k < last;
+		/* A point that failed may have written part of itself
+		 * over the newest one too (its mark says so). */
+		e->superseded = p.target[0] &&
+				(k < last || check_export_whole(dir, &p, k + 1));
+		bm_error_clear();
 		if (!p.target[0] && stat(e->file, &st) == 0)
 			e->bytes_written = (uint64_t)st.st_blocks * 512;
 		snprintf(e->checkpoint, sizeof e->checkpoint, "%s",

@@ -1004,7 +1004,8 @@ struct blockmirror_backup_point {
 	char checkpoint[80];          /* created at the instant, or "" */
 	bool application_consistent;  /* freeze succeeded */
 	/* list: an NBD point whose export has since been written by a newer
-	 * point (its data is no longer readable; file is the URI) */
+	 * point, or partly by one that failed (its data is no longer
+	 * readable as the point; file is the URI) */
 	bool superseded;
 };
 

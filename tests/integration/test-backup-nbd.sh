@@ -166,8 +166,13 @@ point_now() {
 # --- a target that fills up -------------------------------------------
 run_ok qemu-io -f raw -c "write -P 0x3c 4M 8M" "$MAIN"
 export_start full nbdkit -f --exit-with-parent -U "$T/full.sock" full "size=$SIZE"
-expect_fail_with --names "$(export_uri full)" nonzero 'no space left on device' \
+# An incremental point writes only what changed: into an export that
+# does not hold point 3 (this one reads as zeroes) it is refused before
+# a byte is written.  A full point runs into the full disk.
+expect_fail_with --names "$(export_uri full)" nonzero 'does not hold point 0003' \
 	"$BMIRROR" backup --control "$CTL" --to "$(export_uri full)" --catalog "$CAT" --incremental
+expect_fail_with --names "$(export_uri full)" nonzero 'no space left on device' \
+	"$BMIRROR" backup --control "$CTL" --to "$(export_uri full)" --catalog "$CAT"
 export_stop
 [[ $(points_in "$CAT") == "0001.json 0002.json 0003.json " ]] ||
 	fail "a full target left a point: $(points_in "$CAT")"
@@ -209,13 +214,20 @@ expect_fail_with --names "$(export_uri efile)" nonzero \
 	"$BMIRROR" backup verify --catalog "$CAT"
 expect_fail_with nonzero 'partly overwritten' \
 	"$BMIRROR" backup restore --catalog "$CAT" --to "$T/r.raw"
+run_ok "$BMIRROR" backup list --catalog "$CAT" --json
+python3 - "$RUN_OUT" <<'EOF' || fail "list does not say point 3's export was overwritten"
+import json, sys
+pts = json.load(open(sys.argv[1]))
+pts = pts['points'] if isinstance(pts, dict) else pts
+assert [p['superseded'] for p in pts] == [True, True, True], pts
+EOF
 
 # The next point, into the raw export again, covers everything since
 # point 3 (the failed attempts' checkpoints were removed), and so puts
 # right what the half-written one left in the export.
 point_now 4
 json_assert "$T/b4.json" "d['bytes_changed'] >= 8 * 2**20"
-pass "a full target: clear error naming it, no point, the next point whole"
+pass "a full target: clear error naming it, no point, the next point whole; an incremental into an export without the previous point is refused"
 
 # --- a target that dies half way ---------------------------------------
 run_ok qemu-io -f raw -c "write -P 0x4d 12M 8M" "$MAIN"

@@ -212,12 +212,23 @@ run_ok "$BMIRROR" move --control "$CTL" --to "$T/moved.raw" -O raw
 run_ok qemu-io -f raw -c "write -P 0x78 62M 4k" "$MAIN"
 expect_fail_with --names "$IMG" 1 "moved off it" \
 	"$BMIRROR" checkpoint --control "$CTL" --create m2
+# Backups go on, without checkpoints (each point heals), rather than fail.
+run_ok "$BMIRROR" backup --control "$CTL" --to "$T/after-move" --json
+tail -n 1 "$RUN_OUT" >"$T/am1.json"
+json_assert "$T/am1.json" "d['point'] == 1" "not d['checkpoint']"
+run_ok qemu-io -f raw -c "write -P 0x79 20M 64k" "$MAIN"
+run_ok qemu-img convert -f raw -O raw "$MAIN" "$T/am2.raw"
+run_ok "$BMIRROR" backup --control "$CTL" --to "$T/after-move" --incremental --json
+tail -n 1 "$RUN_OUT" >"$T/am2.json"
+json_assert "$T/am2.json" "d['point'] == 2" "d['incremental'] is True" \
+	"d['healed'] is True" "d['bytes_changed'] >= 65536"
+run_ok qemu-img compare -q -f qcow2 -F raw "$T/after-move/0002.qcow2" "$T/am2.raw"
 stop_serve
 info_assert "b[-1]['name'] == 'm1'" "b[-1]['flags'] == ['auto']"
 run_ok qemu-img check -q "$IMG"
 dirty_map m1 >"$T/map"
-printf '65011712 65536\n' | cmp -s - "$T/map" || { cat "$T/map" >&2; fail "the write after the move is not in m1"; }
-pass "after a move: marks go on into the source's bitmaps, the list is fixed"
+printf '20971520 65536\n65011712 65536\n' | cmp -s - "$T/map" || { cat "$T/map" >&2; fail "the writes after the move are not in m1"; }
+pass "after a move: marks go on into the source's bitmaps, the list is fixed, backups heal"
 
 # ---- a damaged directory -----------------------------------------------------
 # Its first entry's table size (offset 8 in the entry) made wrong: every
