@@ -807,6 +807,18 @@ call_push(struct bm_call *call)
 					      "closing"));
 		return;
 	}
+	/* Refused before the checkpoint is made: nothing to undo. */
+	for (struct bm_image *img = bm_disk_base(disk); snap && img;
+	     img = bm_image_backing(img)) {
+		if (snap->scratch->store == img->store ||
+		    !bm_file_same(img->store, snap->scratch->name))
+			continue;
+		push_end(disk, call, bm_error(-EINVAL, "%s: is an image of the "
+					      "disk (%s); a snapshot would "
+					      "overwrite it",
+					      snap->scratch->name, img->name));
+		return;
+	}
 	if (snap && (snap->since || snap->checkpoint)) {
 		int r = bm_checkpoint_at_instant(disk, snap->since,
 						 snap->checkpoint,
@@ -821,17 +833,6 @@ call_push(struct bm_call *call)
 		if (snap->since)
 			snprintf(snap->since_name, sizeof snap->since_name,
 				 "%s", snap->since);
-	}
-	for (struct bm_image *img = bm_disk_base(disk); snap && img;
-	     img = bm_image_backing(img)) {
-		if (snap->scratch->store == img->store ||
-		    !bm_file_same(img->store, snap->scratch->name))
-			continue;
-		push_end(disk, call, bm_error(-EINVAL, "%s: is an image of the "
-					      "disk (%s); a snapshot would "
-					      "overwrite it",
-					      snap->scratch->name, img->name));
-		return;
 	}
 	if (snap) {
 		struct bm_image *top = disk->image, *f = &snap->filter;
