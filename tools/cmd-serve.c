@@ -127,6 +127,14 @@ struct serve {
 		struct snap_request *req; /* what the hold asked for */
 		char *pending;            /* taken: its export, to commit */
 	} grp;
+	/* The last group let go here because its hold's lease ran out: its
+	 * holder's take, commit or abort is told so (group_expire). */
+	struct {
+		char name[65];
+		int client;
+		unsigned gen;
+		uint32_t lease_ms;
+	} grp_expired;
 
 	/* A backup ("backup"), on a thread of its own so that this one goes
 	 * on answering; it wakes this one through event_fd. */
@@ -912,7 +920,16 @@ release_snapshots(void)
  * at the held instant and lets the guest go on, "snapshot-commit" makes
  * it stay.  "snapshot-abort", or the holder's connection closing before
  * the commit, ends the hold or releases the snapshot taken, so a group
- * that fails anywhere leaves nothing here.
+ * that fails anywhere leaves nothing here (a snapshot that cannot be
+ * unexported stays, and the abort says so).  A hold whose lease ran out
+ * ends the group before the next command (group_expire): the guest went
+ * on, so nothing waits for the holder, whose take or commit is then told
+ * of the lease.
+ *
+ * snapshot-hold blocks this thread while it makes the scratch and the
+ * disk drains: the drain for at most lease_ms (at most 60 s, 1 s unless
+ * asked).  Other clients' commands wait meanwhile; events queue and are
+ * sent after (none is lost).
  */
 
 static json_t *
@@ -968,8 +985,10 @@ group_hold_times(json_t *obj, uint64_t *held_us, uint64_t *queued_us)
 
 /* The group's part here ends with nothing left: the disk is let go, or
  * the snapshot taken is released (and the checkpoint it created goes).
- * What happened goes into obj (NULL: nowhere). */
-static void
+ * What happened goes into obj (NULL: nowhere).  If the snapshot cannot
+ * be released, the group stays as it is (its snapshot pending, its
+ * checkpoint kept) and the error is returned: nothing claims it gone. */
+static int
 group_abort(json_t *obj)
 {
 	if (S.grp.hold) {
@@ -979,9 +998,11 @@ group_abort(json_t *obj)
 	}
 	if (S.grp.pending) {
 		int i = snapshot_find(S.grp.pending);
+		int r = i >= 0 ? snapshot_drop((size_t)i) : 0;
 
-		if (i >= 0 && snapshot_drop((size_t)i) == 0 &&
-		    S.grp.req->checkpoint)
+		if (r < 0)
+			return r;
+		if (i >= 0 && S.grp.req->checkpoint)
 			blockmirror_checkpoint_remove(S.disk,
 						      S.grp.req->checkpoint);
 		if (obj)
@@ -989,6 +1010,7 @@ group_abort(json_t *obj)
 					    json_string(S.grp.pending));
 	}
 	group_clear();
+	return 0;
 }
 
 /* The holder's connection closes before the commit: its group failed. */
@@ -1002,7 +1024,57 @@ group_client_gone(int ci)
 		"away before the commit; %s\n", S.control_path, S.grp.name,
 		S.grp.hold ? "the disk goes on, no snapshot taken"
 			   : "its snapshot is released");
+	if (group_abort(NULL) < 0) {
+		/* Nobody may abort it now: it stays as a plain snapshot,
+		 * listed with its group, released with snapshot-release. */
+		fprintf(stderr, "bmirror serve: %s: %s: could not release "
+			"it (%s); it stays exported\n", S.control_path,
+			S.grp.pending, blockmirror_last_error());
+		group_clear();
+	}
+}
+
+/* A hold whose lease ran out ends the group here: the guest went on by
+ * itself, so nothing is left to keep, and `snapshot` or another group
+ * need not wait for the holder to come back.  Checked before each
+ * command. */
+static void
+group_expire(void)
+{
+	struct blockmirror_snapshot_hold_info hi = { .size = sizeof hi };
+
+	if (!S.grp.active || !S.grp.hold ||
+	    blockmirror_snapshot_hold_query(S.grp.hold, &hi) < 0 ||
+	    !hi.expired)
+		return;
+	fprintf(stderr, "bmirror serve: %s: the hold of group %s ran out of "
+		"its lease (%u ms); the group ends here\n",
+		S.control_path, S.grp.name, (unsigned)S.grp.lease_ms);
+	memcpy(S.grp_expired.name, S.grp.name, sizeof S.grp_expired.name);
+	S.grp_expired.client = S.grp.client;
+	S.grp_expired.gen = S.grp.gen;
+	S.grp_expired.lease_ms = S.grp.lease_ms;
 	group_abort(NULL);
+}
+
+/* A take, commit or abort for the group that group_expire ended, from
+ * its holder: the error that says so, or NULL. */
+static json_t *
+group_expired_reply(const char *cmd, const char *group, int ci)
+{
+	char why[200];
+
+	if (strcmp(S.grp_expired.name, group) != 0 ||
+	    S.grp_expired.client != ci ||
+	    S.clients[ci].gen != S.grp_expired.gen)
+		return NULL;
+	if (strcmp(cmd, "snapshot-abort") == 0)
+		return json_pack("{s:{s:s, s:b, s:b}}", "return", "group",
+				 group, "held", 0, "expired", 1);
+	snprintf(why, sizeof why, "group %s: the hold's lease of %u"
+		 " ms ran out before the %s; the guest went on, no snapshot "
+		 "taken", group, (unsigned)S.grp_expired.lease_ms, cmd + 9);
+	return error_reply(-ETIMEDOUT, why);
 }
 
 static json_t *
@@ -1094,13 +1166,16 @@ ctl_group(const char *cmd, const struct control_request *cr, int ci)
 {
 	char why[200];
 	json_t *ret;
-	int i;
+	int i, r;
 
 	if (!cr->group)
 		return error_reply(-EINVAL, "the snapshot-hold, -take, -commit "
 				   "and -abort commands need \"group\"");
 	if (strcmp(cmd, "snapshot-hold") == 0)
 		return group_hold(cr, ci);
+	if ((!S.grp.active || strcmp(S.grp.name, cr->group) != 0) &&
+	    (ret = group_expired_reply(cmd, cr->group, ci)))
+		return ret;
 	if (!S.grp.active || strcmp(S.grp.name, cr->group) != 0) {
 		snprintf(why, sizeof why, "group %s: not held here",
 			 cr->group);
@@ -1115,7 +1190,11 @@ ctl_group(const char *cmd, const struct control_request *cr, int ci)
 		return group_take();
 	if (strcmp(cmd, "snapshot-abort") == 0) {
 		ret = json_pack("{s:s}", "group", S.grp.name);
-		group_abort(ret);
+		r = group_abort(ret);
+		if (r < 0) {
+			json_decref(ret);
+			return lib_error_reply(r);
+		}
 		return json_pack("{s:o}", "return", ret ? ret : json_null());
 	}
 	if (S.grp.hold)
@@ -1576,6 +1655,7 @@ handle(json_t *req, int ci)
 	if (control_parse_request(req, &cr, &why) < 0)
 		return error_reply(-EINVAL, why);
 	cmd = cr.cmd;
+	group_expire();
 	if (strcmp(cmd, "query") == 0)
 		return ctl_query();
 	if (strcmp(cmd, "move") == 0 &&

@@ -518,6 +518,39 @@ def test_group():
     a = other.ask({"cmd": "query"})
     check(a and "group" not in a["return"],
           "the group is gone with its holder (got %s)" % a)
+    a = other.ask({"cmd": "snapshot-release", "export": "after"})
+    check(a and "return" in a, "release after (got %s)" % a)
+
+    # A holder that stays connected but silent: once the lease ran out
+    # the group ends, for the others (a plain snapshot is not refused;
+    # the group is not theirs, errno 2) and for the holder (errno 110
+    # naming the lease; an abort says it expired).
+    c = Client(srv.ctl)
+    a = c.ask({"cmd": "snapshot-hold", "group": "short", "lease_ms": 100})
+    check(a and a.get("return", {}).get("held") is True,
+          "a hold with a 100 ms lease is granted (got %s)" % a)
+    t0 = time.monotonic()
+    while True:
+        a = other.ask({"cmd": "snapshot", "export": "late"}, 5.0)
+        if errno_of(a) != 16 or time.monotonic() - t0 > 5:
+            break
+        time.sleep(0.01)  # the lease has not run out yet
+    check(a and "return" in a,
+          "a snapshot after the lease ran out is not refused (after %.2f "
+          "s: %s)" % (time.monotonic() - t0, a))
+    a = other.ask({"cmd": "snapshot-take", "group": "short"})
+    check(errno_of(a) == 2, "another client's take of an expired group: "
+          "errno 2 (got %s)" % a)
+    a = c.ask({"cmd": "snapshot-take", "group": "short"})
+    check(errno_of(a) == 110 and "lease of 100 ms" in str(a),
+          "the holder's take after the lease: errno 110 naming the lease "
+          "(got %s)" % a)
+    a = c.ask({"cmd": "snapshot-abort", "group": "short"})
+    check(a and a.get("return", {}).get("expired") is True,
+          "the holder's abort after the lease says it expired (got %s)" % a)
+    a = other.ask({"cmd": "snapshot-release", "export": "late"})
+    check(a and "return" in a, "release late (got %s)" % a)
+    c.close()
     other.close()
     check(srv.stop(3.0), "serve exits 0 after the group commands")
 
