@@ -22,8 +22,9 @@
  *
  * A consistency group's hold ("snapshot-hold", docs/control.md) stops
  * the guest under a lease that runs on the loop thread, so the guest goes
- * on in time even while this thread is busy; the holder's connection
- * closing before the commit ends the group's part here.
+ * on in time even while this thread is busy; the hold itself runs on a
+ * thread of its own, like a backup; the holder's connection closing
+ * before the commit ends the group's part here.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -126,6 +127,15 @@ struct serve {
 		struct blockmirror_snapshot_hold *hold; /* until the take */
 		struct snap_request *req; /* what the hold asked for */
 		char *pending;            /* taken: its export, to commit */
+		/* The hold itself runs on a thread of its own (hold_main):
+		 * this one goes on answering the other clients meanwhile. */
+		bool holding;             /* hold_thread runs (this thread's
+					   * view) */
+		pthread_t hold_thread;
+		atomic_bool hold_done;    /* set by hold_thread, then wake() */
+		int hold_r;               /* hold_thread's, read once done */
+		struct blockmirror_snapshot_hold *hold_new;
+		char hold_err[512];
 	} grp;
 	/* The last group let go here because its hold's lease ran out: its
 	 * holder's take, commit or abort is told so (group_expire). */
@@ -926,10 +936,11 @@ release_snapshots(void)
  * on, so nothing waits for the holder, whose take or commit is then told
  * of the lease.
  *
- * snapshot-hold blocks this thread while it makes the scratch and the
- * disk drains: the drain for at most lease_ms (at most 60 s, 1 s unless
- * asked).  Other clients' commands wait meanwhile; events queue and are
- * sent after (none is lost).
+ * snapshot-hold runs on a thread of its own (hold_main: the scratch is
+ * made, then the disk drains, for at most lease_ms), so this thread goes
+ * on answering the others; the holder's answer is sent when it is done
+ * (group_hold_deliver, woken through event_fd), and its next commands
+ * are read only after that, so its answers stay in order.
  */
 
 static json_t *
@@ -1018,8 +1029,8 @@ static void
 group_client_gone(int ci)
 {
 	if (!S.grp.active || S.grp.client != ci ||
-	    S.clients[ci].gen != S.grp.gen)
-		return;
+	    S.clients[ci].gen != S.grp.gen || S.grp.holding)
+		return; /* holding: group_hold_deliver sees it gone */
 	fprintf(stderr, "bmirror serve: %s: the client of group %s went "
 		"away before the commit; %s\n", S.control_path, S.grp.name,
 		S.grp.hold ? "the disk goes on, no snapshot taken"
@@ -1077,11 +1088,30 @@ group_expired_reply(const char *cmd, const char *group, int ci)
 	return error_reply(-ETIMEDOUT, why);
 }
 
+/* The hold's thread: the scratch is made and the disk drains there, for
+ * at most the lease, while the control thread goes on. */
+static void *
+hold_main(void *arg)
+{
+	struct blockmirror_snapshot_hold *h = NULL;
+	int r = blockmirror_snapshot_hold(S.disk, &S.grp.req->o,
+					  S.grp.lease_ms, &h);
+
+	S.grp.hold_new = h;
+	S.grp.hold_r = r;
+	if (r < 0)
+		snprintf(S.grp.hold_err, sizeof S.grp.hold_err, "%s",
+			 blockmirror_last_error() ? blockmirror_last_error()
+						  : strerror(-r));
+	atomic_store(&S.grp.hold_done, true);
+	wake();
+	return NULL;
+}
+
 static json_t *
 group_hold(const struct control_request *cr, int ci)
 {
 	struct snap_request *sr;
-	struct blockmirror_snapshot_hold *h;
 	json_t *ret;
 	int r;
 
@@ -1104,22 +1134,70 @@ group_hold(const struct control_request *cr, int ci)
 	sr->o.checkpoint = sr->checkpoint;
 	S.grp.lease_ms = cr->lease_ms ? (uint32_t)cr->lease_ms
 				      : DEFAULT_LEASE_MS;
-	r = blockmirror_snapshot_hold(S.disk, &sr->o, S.grp.lease_ms, &h);
-	if (r < 0) {
-		snap_request_free(sr);
-		return lib_error_reply(r);
-	}
 	S.grp.active = true;
 	snprintf(S.grp.name, sizeof S.grp.name, "%s", cr->group);
 	S.grp.client = ci;
 	S.grp.gen = S.clients[ci].gen;
-	S.grp.hold = h;
 	S.grp.req = sr;
+	atomic_store(&S.grp.hold_done, false);
+	r = pthread_create(&S.grp.hold_thread, NULL, hold_main, NULL);
+	if (r) {
+		group_clear();
+		return error_reply(-r, "cannot start the hold's thread");
+	}
+	S.grp.holding = true;
+	return NULL; /* the answer comes when the disk is held */
+}
+
+/* On this thread, woken by event_fd: the hold's answer, once it is
+ * done.  A holder gone meanwhile lets the disk go at once. */
+static void
+group_hold_deliver(void)
+{
+	int ci = S.grp.client;
+	json_t *ret;
+
+	if (!S.grp.holding || !atomic_load(&S.grp.hold_done))
+		return;
+	pthread_join(S.grp.hold_thread, NULL);
+	S.grp.holding = false;
+	if (S.clients[ci].fd < 0 || S.clients[ci].gen != S.grp.gen)
+		ci = -1;
+	if (S.grp.hold_r < 0) {
+		ret = error_reply(S.grp.hold_r, S.grp.hold_err);
+		group_clear();
+		client_send(ci, ret);
+		return;
+	}
+	S.grp.hold = S.grp.hold_new;
+	if (ci < 0) {
+		fprintf(stderr, "bmirror serve: %s: the client of group %s "
+			"went away before its hold was answered; the disk "
+			"goes on, no snapshot taken\n", S.control_path,
+			S.grp.name);
+		group_abort(NULL);
+		return;
+	}
 	ret = json_pack("{s:s, s:s, s:i}", "group", S.grp.name, "export",
-			sr->export_name, "lease_ms", (int)S.grp.lease_ms);
+			S.grp.req->export_name, "lease_ms",
+			(int)S.grp.lease_ms);
 	if (ret)
 		group_hold_times(ret, NULL, NULL);
-	return json_pack("{s:o}", "return", ret ? ret : json_null());
+	client_send(ci, json_pack("{s:o}", "return", ret ? ret : json_null()));
+}
+
+/* At quit: a hold still running is waited for (the lease bounds it). */
+static void
+group_hold_stop(void)
+{
+	if (!S.grp.holding)
+		return;
+	pthread_join(S.grp.hold_thread, NULL);
+	S.grp.holding = false;
+	if (S.grp.hold_r < 0)
+		group_clear();
+	else
+		S.grp.hold = S.grp.hold_new;
 }
 
 static json_t *
@@ -1217,7 +1295,8 @@ static json_t *
 group_json(void)
 {
 	json_t *j = json_pack("{s:s, s:s, s:i}", "name", S.grp.name,
-			      "state", S.grp.hold ? "held" : "taken",
+			      "state", S.grp.holding ? "holding"
+				       : S.grp.hold ? "held" : "taken",
 			      "lease_ms", (int)S.grp.lease_ms);
 
 	if (j && S.grp.hold)
@@ -1744,6 +1823,7 @@ deliver_events(void)
 		/* EAGAIN: a wake-up for events already taken */
 	}
 	backup_deliver();
+	group_hold_deliver();
 	snapshots_tell_broken();
 	list = take_events();
 	while ((n = list)) {
@@ -1873,12 +1953,22 @@ client_send(int ci, json_t *obj)
 	}
 }
 
+/* Does the client wait for its snapshot-hold's answer (answers go in
+ * order, so its next commands are read after it)? */
+static bool
+client_holding(const struct client *c)
+{
+	return S.grp.holding && c == &S.clients[S.grp.client] &&
+	       c->gen == S.grp.gen;
+}
+
 /* Are the client's commands read now?  Not after its EOF, nor while its
- * answers pile up unread. */
+ * answers pile up unread, nor while its hold runs. */
 static bool
 client_reads(const struct client *c)
 {
-	return c->fd >= 0 && !c->eof && c->out.len < OUT_PAUSE;
+	return c->fd >= 0 && !c->eof && c->out.len < OUT_PAUSE &&
+	       !client_holding(c);
 }
 
 /* Run up to LINES_PER_ROUND of the client's commands. */
@@ -1996,6 +2086,12 @@ serve_loop(void)
 				continue;
 			if (c->out.len && (re & (POLLOUT | POLLERR | POLLHUP)) &&
 			    line_out_flush(&c->out, c->fd) < 0) {
+				drop_client(c);
+				continue;
+			}
+			/* A holder that hung up while its hold runs: not
+			 * read, so not seen to go otherwise. */
+			if (client_holding(c) && (re & (POLLHUP | POLLERR))) {
 				drop_client(c);
 				continue;
 			}
@@ -2441,6 +2537,8 @@ cmd_serve(int argc, char **argv)
 	serve_loop();
 
 out:
+	/* Before event_fd closes: the hold's thread wakes us through it. */
+	group_hold_stop();
 	/* A move still running is cancelled: no job is left half-done. */
 	if (S.job) {
 		if (!S.job_ended)
