@@ -283,8 +283,10 @@ member_ask(struct member *m, json_t *c, uint64_t deadline, char *why,
  * commit, or after a take whose abort failed or whose member was lost
  * since (its commit may have reached the server, which then keeps the
  * snapshot when the connection closes; or not, and the server drops it
- * itself: then both are gone already, errno 2).  A lost member is reached again on a new
- * connection.  Returns whether nothing of m's is known to be left.
+ * itself: then both are gone already, errno 2).  A lost member is
+ * reached again on a new connection.  Returns whether nothing of m's is
+ * known to be left; if something may be, a note names it and the
+ * command that removes it.
  */
 static bool
 release_member(struct member *m, const char *exp, uint64_t deadline)
@@ -292,27 +294,36 @@ release_member(struct member *m, const char *exp, uint64_t deadline)
 	const char *cp = json_string_value(json_object_get(m->ret,
 							   "checkpoint"));
 	char why[512] = "";
-	int r;
+	int r = m->fd < 0 ? member_reconnect(m) : 0;
 
-	if (m->fd < 0 && member_reconnect(m) < 0)
-		return false;
-	r = member_ask(m, json_pack("{s:s, s:s}", "cmd", "snapshot-release",
-				    "export", exp), deadline, why, sizeof why);
+	if (r == 0)
+		r = member_ask(m, json_pack("{s:s, s:s}", "cmd",
+					    "snapshot-release", "export", exp),
+			       deadline, why, sizeof why);
 	if (r < 0 && r != -ENOENT) {
-		if (r != -EIO || *why)
+		if (*why)
 			note("%s: snapshot-release %s: %s", m->control, exp,
-			     *why ? why : strerror(-r));
+			     why);
+		note("%s may still hold the group's snapshot %s%s%s (release "
+		     "it with bmirror snapshot --control %s --release %s)",
+		     m->control, exp, cp ? " and checkpoint " : "",
+		     cp ? cp : "", m->control, exp);
 		return false;
 	}
 	/* The checkpoint made at its instant goes too (its record merges
 	 * into the one before), as an abort does. */
 	if (!cp)
 		return true;
+	*why = '\0';
 	r = member_ask(m, json_pack("{s:s, s:s}", "cmd", "checkpoint-remove",
 				    "name", cp), deadline, why, sizeof why);
 	if (r < 0 && r != -ENOENT) {
-		note("%s: could not remove checkpoint %s: %s", m->control, cp,
-		     *why ? why : strerror(-r));
+		if (*why)
+			note("%s: checkpoint-remove %s: %s", m->control, cp,
+			     why);
+		note("%s may still hold the group's checkpoint %s (remove it "
+		     "with bmirror checkpoint --control %s --remove %s)",
+		     m->control, cp, m->control, cp);
 		return false;
 	}
 	return true;
@@ -340,19 +351,11 @@ roll_back(struct member *ms, size_t n, const char *group)
 		struct member *m = &ms[i];
 		const char *exp = json_string_value(json_object_get(m->ret,
 								    "export"));
-		const char *cp = json_string_value(json_object_get(m->ret,
-								   "checkpoint"));
 
 		/* Taken still: its abort failed, or its answer was lost. */
-		if (!exp || !(m->committed || m->taken))
-			continue;
-		if (release_member(m, exp, deadline))
-			continue;
-		note("%s may still hold the group's snapshot %s%s%s (release "
-		     "it with bmirror snapshot --control %s --release %s)",
-		     m->control, exp, cp ? " and checkpoint " : "",
-		     cp ? cp : "", m->control, exp);
-		left++;
+		if (exp && (m->committed || m->taken) &&
+		    !release_member(m, exp, deadline))
+			left++;
 	}
 	return left;
 }
