@@ -329,15 +329,23 @@ error_reply(int err, const char *msg)
 			 msg ? msg : strerror(-err));
 }
 
-static json_t *
-lib_error_reply(int err)
+/* This thread's last library error, without the function's name (NULL:
+ * none). */
+static const char *
+lib_error_message(void)
 {
 	const char *m = blockmirror_last_error();
 	const char *p;
 
 	if (m && strncmp(m, "blockmirror_", 12) == 0 && (p = strstr(m, ": ")))
 		m = p + 2;
-	return error_reply(err, m);
+	return m;
+}
+
+static json_t *
+lib_error_reply(int err)
+{
+	return error_reply(err, lib_error_message());
 }
 
 static json_t *
@@ -1101,8 +1109,8 @@ hold_main(void *arg)
 	S.grp.hold_r = r;
 	if (r < 0)
 		snprintf(S.grp.hold_err, sizeof S.grp.hold_err, "%s",
-			 blockmirror_last_error() ? blockmirror_last_error()
-						  : strerror(-r));
+			 lib_error_message() ? lib_error_message()
+					     : strerror(-r));
 	atomic_store(&S.grp.hold_done, true);
 	wake();
 	return NULL;
