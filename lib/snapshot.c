@@ -684,12 +684,20 @@ enum {
 	QUIESCE_ABANDONED,            /* the take gave up before its turn */
 };
 
+static void hold_arm_lease(struct blockmirror_snapshot_hold *h);
+
 /* Phase 1 ends: the disk stays stopped, and the control call stays the
- * take's, until phase 2. */
+ * take's, until phase 2.  A hold's (call->arg2) lease starts running in
+ * this same callback, so no stall of the caller's thread can leave the
+ * disk stopped without it. */
 static void
 group_drained(struct blockmirror_disk *disk)
 {
-	bm_waiter_signal(&disk->control_call->w, 0);
+	struct bm_call *call = disk->control_call;
+
+	if (call->arg2)
+		hold_arm_lease(call->arg2);
+	bm_waiter_signal(&call->w, 0);
 }
 
 static void
@@ -807,6 +815,18 @@ call_push(struct bm_call *call)
 					      "closing"));
 		return;
 	}
+	/* Refused before the checkpoint is made: nothing to undo. */
+	for (struct bm_image *img = bm_disk_base(disk); snap && img;
+	     img = bm_image_backing(img)) {
+		if (snap->scratch->store == img->store ||
+		    !bm_file_same(img->store, snap->scratch->name))
+			continue;
+		push_end(disk, call, bm_error(-EINVAL, "%s: is an image of the "
+					      "disk (%s); a snapshot would "
+					      "overwrite it",
+					      snap->scratch->name, img->name));
+		return;
+	}
 	if (snap && (snap->since || snap->checkpoint)) {
 		int r = bm_checkpoint_at_instant(disk, snap->since,
 						 snap->checkpoint,
@@ -821,17 +841,6 @@ call_push(struct bm_call *call)
 		if (snap->since)
 			snprintf(snap->since_name, sizeof snap->since_name,
 				 "%s", snap->since);
-	}
-	for (struct bm_image *img = bm_disk_base(disk); snap && img;
-	     img = bm_image_backing(img)) {
-		if (snap->scratch->store == img->store ||
-		    !bm_file_same(img->store, snap->scratch->name))
-			continue;
-		push_end(disk, call, bm_error(-EINVAL, "%s: is an image of the "
-					      "disk (%s); a snapshot would "
-					      "overwrite it",
-					      snap->scratch->name, img->name));
-		return;
 	}
 	if (snap) {
 		struct bm_image *top = disk->image, *f = &snap->filter;
@@ -962,6 +971,7 @@ struct blockmirror_snapshot_hold {
 	struct bm_loop *tmp;          /* the scratch's until the take */
 	char *since, *checkpoint;     /* the options' (snap points here) */
 	uint32_t lease_ms;
+	uint64_t lease_end_ns;        /* bm_now_ns: counted from the hold call */
 
 	/* loop thread only */
 	enum hold_state state;
@@ -1003,18 +1013,18 @@ lease_fired(struct bm_op *op, int res)
 		bm_waiter_signal(&h->end_call->w, 0);
 }
 
-/* After phase 1: the lease runs to `call->u64` (bm_now_ns). */
+/* Phase 1 is done (group_drained, on the loop): the lease runs to
+ * h->lease_end_ns. */
 static void
-call_lease(struct bm_call *call)
+hold_arm_lease(struct blockmirror_snapshot_hold *h)
 {
-	struct blockmirror_snapshot_hold *h = call->arg;
 	uint64_t now = bm_now_ns();
 
 	h->state = HOLD_HELD;
 	h->lease_armed = true;
 	bm_loop_timer_start(h->disk->loop, &h->lease,
-			    call->u64 > now ? call->u64 - now : 1, lease_fired);
-	bm_waiter_signal(&call->w, 0);
+			    h->lease_end_ns > now ? h->lease_end_ns - now : 1,
+			    lease_fired);
 }
 
 BM_EXPORT int
@@ -1025,8 +1035,6 @@ blockmirror_snapshot_hold(struct blockmirror_disk *disk,
 {
 	struct blockmirror_snapshot_hold *h;
 	struct bm_call q = { .fn = call_quiesce, .arg = disk };
-	struct bm_call lease = { .fn = call_lease };
-	uint64_t deadline;
 	int r;
 
 	bm_error_clear();
@@ -1060,16 +1068,13 @@ blockmirror_snapshot_hold(struct blockmirror_disk *disk,
 		goto fail;
 	h->snap->since = h->since;
 	h->snap->checkpoint = h->checkpoint;
-	/* The lease counts from here: draining is holding already. */
-	deadline = bm_now_ns() + (uint64_t)lease_ms * 1000000u;
-	r = quiesce_by(disk, &q, deadline, lease_ms);
+	/* The lease counts from here: draining is holding already.  It is
+	 * armed on the loop as the drain ends (group_drained). */
+	h->lease_end_ns = bm_now_ns() + (uint64_t)lease_ms * 1000000u;
+	q.arg2 = h;
+	r = quiesce_by(disk, &q, h->lease_end_ns, lease_ms);
 	if (r < 0)
 		goto fail;
-	lease.arg = h;
-	lease.u64 = deadline;
-	r = bm_disk_call(disk, &lease);
-	if (r < 0)
-		goto fail; /* never: call_lease cannot fail */
 	*out = h;
 	return 0;
 fail:

@@ -22,8 +22,9 @@
  *
  * A consistency group's hold ("snapshot-hold", docs/control.md) stops
  * the guest under a lease that runs on the loop thread, so the guest goes
- * on in time even while this thread is busy; the holder's connection
- * closing before the commit ends the group's part here.
+ * on in time even while this thread is busy; the hold itself runs on a
+ * thread of its own, like a backup; the holder's connection closing
+ * before the commit ends the group's part here.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -126,7 +127,24 @@ struct serve {
 		struct blockmirror_snapshot_hold *hold; /* until the take */
 		struct snap_request *req; /* what the hold asked for */
 		char *pending;            /* taken: its export, to commit */
+		/* The hold itself runs on a thread of its own (hold_main):
+		 * this one goes on answering the other clients meanwhile. */
+		bool holding;             /* hold_thread runs (this thread's
+					   * view) */
+		pthread_t hold_thread;
+		atomic_bool hold_done;    /* set by hold_thread, then wake() */
+		int hold_r;               /* hold_thread's, read once done */
+		struct blockmirror_snapshot_hold *hold_new;
+		char hold_err[512];
 	} grp;
+	/* The last group let go here because its hold's lease ran out: its
+	 * holder's take, commit or abort is told so (group_expire). */
+	struct {
+		char name[65];
+		int client;
+		unsigned gen;
+		uint32_t lease_ms;
+	} grp_expired;
 
 	/* A backup ("backup"), on a thread of its own so that this one goes
 	 * on answering; it wakes this one through event_fd. */
@@ -311,15 +329,23 @@ error_reply(int err, const char *msg)
 			 msg ? msg : strerror(-err));
 }
 
-static json_t *
-lib_error_reply(int err)
+/* This thread's last library error, without the function's name (NULL:
+ * none). */
+static const char *
+lib_error_message(void)
 {
 	const char *m = blockmirror_last_error();
 	const char *p;
 
 	if (m && strncmp(m, "blockmirror_", 12) == 0 && (p = strstr(m, ": ")))
 		m = p + 2;
-	return error_reply(err, m);
+	return m;
+}
+
+static json_t *
+lib_error_reply(int err)
+{
+	return error_reply(err, lib_error_message());
 }
 
 static json_t *
@@ -912,7 +938,17 @@ release_snapshots(void)
  * at the held instant and lets the guest go on, "snapshot-commit" makes
  * it stay.  "snapshot-abort", or the holder's connection closing before
  * the commit, ends the hold or releases the snapshot taken, so a group
- * that fails anywhere leaves nothing here.
+ * that fails anywhere leaves nothing here (a snapshot that cannot be
+ * unexported stays, and the abort says so).  A hold whose lease ran out
+ * ends the group before the next command (group_expire): the guest went
+ * on, so nothing waits for the holder, whose take or commit is then told
+ * of the lease.
+ *
+ * snapshot-hold runs on a thread of its own (hold_main: the scratch is
+ * made, then the disk drains, for at most lease_ms), so this thread goes
+ * on answering the others; the holder's answer is sent when it is done
+ * (group_hold_deliver, woken through event_fd), and its next commands
+ * are read only after that, so its answers stay in order.
  */
 
 static json_t *
@@ -968,8 +1004,10 @@ group_hold_times(json_t *obj, uint64_t *held_us, uint64_t *queued_us)
 
 /* The group's part here ends with nothing left: the disk is let go, or
  * the snapshot taken is released (and the checkpoint it created goes).
- * What happened goes into obj (NULL: nowhere). */
-static void
+ * What happened goes into obj (NULL: nowhere).  If the snapshot cannot
+ * be released, the group stays as it is (its snapshot pending, its
+ * checkpoint kept) and the error is returned: nothing claims it gone. */
+static int
 group_abort(json_t *obj)
 {
 	if (S.grp.hold) {
@@ -979,9 +1017,11 @@ group_abort(json_t *obj)
 	}
 	if (S.grp.pending) {
 		int i = snapshot_find(S.grp.pending);
+		int r = i >= 0 ? snapshot_drop((size_t)i) : 0;
 
-		if (i >= 0 && snapshot_drop((size_t)i) == 0 &&
-		    S.grp.req->checkpoint)
+		if (r < 0)
+			return r;
+		if (i >= 0 && S.grp.req->checkpoint)
 			blockmirror_checkpoint_remove(S.disk,
 						      S.grp.req->checkpoint);
 		if (obj)
@@ -989,6 +1029,7 @@ group_abort(json_t *obj)
 					    json_string(S.grp.pending));
 	}
 	group_clear();
+	return 0;
 }
 
 /* The holder's connection closes before the commit: its group failed. */
@@ -996,20 +1037,89 @@ static void
 group_client_gone(int ci)
 {
 	if (!S.grp.active || S.grp.client != ci ||
-	    S.clients[ci].gen != S.grp.gen)
-		return;
+	    S.clients[ci].gen != S.grp.gen || S.grp.holding)
+		return; /* holding: group_hold_deliver sees it gone */
 	fprintf(stderr, "bmirror serve: %s: the client of group %s went "
 		"away before the commit; %s\n", S.control_path, S.grp.name,
 		S.grp.hold ? "the disk goes on, no snapshot taken"
 			   : "its snapshot is released");
+	if (group_abort(NULL) < 0) {
+		/* Nobody may abort it now: it stays as a plain snapshot,
+		 * listed with its group, released with snapshot-release. */
+		fprintf(stderr, "bmirror serve: %s: %s: could not release "
+			"it (%s); it stays exported\n", S.control_path,
+			S.grp.pending, blockmirror_last_error());
+		group_clear();
+	}
+}
+
+/* A hold whose lease ran out ends the group here: the guest went on by
+ * itself, so nothing is left to keep, and `snapshot` or another group
+ * need not wait for the holder to come back.  Checked before each
+ * command. */
+static void
+group_expire(void)
+{
+	struct blockmirror_snapshot_hold_info hi = { .size = sizeof hi };
+
+	if (!S.grp.active || !S.grp.hold ||
+	    blockmirror_snapshot_hold_query(S.grp.hold, &hi) < 0 ||
+	    !hi.expired)
+		return;
+	fprintf(stderr, "bmirror serve: %s: the hold of group %s ran out of "
+		"its lease (%u ms); the group ends here\n",
+		S.control_path, S.grp.name, (unsigned)S.grp.lease_ms);
+	memcpy(S.grp_expired.name, S.grp.name, sizeof S.grp_expired.name);
+	S.grp_expired.client = S.grp.client;
+	S.grp_expired.gen = S.grp.gen;
+	S.grp_expired.lease_ms = S.grp.lease_ms;
 	group_abort(NULL);
+}
+
+/* A take, commit or abort for the group that group_expire ended, from
+ * its holder: the error that says so, or NULL. */
+static json_t *
+group_expired_reply(const char *cmd, const char *group, int ci)
+{
+	char why[200];
+
+	if (strcmp(S.grp_expired.name, group) != 0 ||
+	    S.grp_expired.client != ci ||
+	    S.clients[ci].gen != S.grp_expired.gen)
+		return NULL;
+	if (strcmp(cmd, "snapshot-abort") == 0)
+		return json_pack("{s:{s:s, s:b, s:b}}", "return", "group",
+				 group, "held", 0, "expired", 1);
+	snprintf(why, sizeof why, "group %s: the hold's lease of %u"
+		 " ms ran out before the %s; the guest went on, no snapshot "
+		 "taken", group, (unsigned)S.grp_expired.lease_ms, cmd + 9);
+	return error_reply(-ETIMEDOUT, why);
+}
+
+/* The hold's thread: the scratch is made and the disk drains there, for
+ * at most the lease, while the control thread goes on. */
+static void *
+hold_main(void *arg)
+{
+	struct blockmirror_snapshot_hold *h = NULL;
+	int r = blockmirror_snapshot_hold(S.disk, &S.grp.req->o,
+					  S.grp.lease_ms, &h);
+
+	S.grp.hold_new = h;
+	S.grp.hold_r = r;
+	if (r < 0)
+		snprintf(S.grp.hold_err, sizeof S.grp.hold_err, "%s",
+			 lib_error_message() ? lib_error_message()
+					     : strerror(-r));
+	atomic_store(&S.grp.hold_done, true);
+	wake();
+	return NULL;
 }
 
 static json_t *
 group_hold(const struct control_request *cr, int ci)
 {
 	struct snap_request *sr;
-	struct blockmirror_snapshot_hold *h;
 	json_t *ret;
 	int r;
 
@@ -1032,22 +1142,70 @@ group_hold(const struct control_request *cr, int ci)
 	sr->o.checkpoint = sr->checkpoint;
 	S.grp.lease_ms = cr->lease_ms ? (uint32_t)cr->lease_ms
 				      : DEFAULT_LEASE_MS;
-	r = blockmirror_snapshot_hold(S.disk, &sr->o, S.grp.lease_ms, &h);
-	if (r < 0) {
-		snap_request_free(sr);
-		return lib_error_reply(r);
-	}
 	S.grp.active = true;
 	snprintf(S.grp.name, sizeof S.grp.name, "%s", cr->group);
 	S.grp.client = ci;
 	S.grp.gen = S.clients[ci].gen;
-	S.grp.hold = h;
 	S.grp.req = sr;
+	atomic_store(&S.grp.hold_done, false);
+	r = pthread_create(&S.grp.hold_thread, NULL, hold_main, NULL);
+	if (r) {
+		group_clear();
+		return error_reply(-r, "cannot start the hold's thread");
+	}
+	S.grp.holding = true;
+	return NULL; /* the answer comes when the disk is held */
+}
+
+/* On this thread, woken by event_fd: the hold's answer, once it is
+ * done.  A holder gone meanwhile lets the disk go at once. */
+static void
+group_hold_deliver(void)
+{
+	int ci = S.grp.client;
+	json_t *ret;
+
+	if (!S.grp.holding || !atomic_load(&S.grp.hold_done))
+		return;
+	pthread_join(S.grp.hold_thread, NULL);
+	S.grp.holding = false;
+	if (S.clients[ci].fd < 0 || S.clients[ci].gen != S.grp.gen)
+		ci = -1;
+	if (S.grp.hold_r < 0) {
+		ret = error_reply(S.grp.hold_r, S.grp.hold_err);
+		group_clear();
+		client_send(ci, ret);
+		return;
+	}
+	S.grp.hold = S.grp.hold_new;
+	if (ci < 0) {
+		fprintf(stderr, "bmirror serve: %s: the client of group %s "
+			"went away before its hold was answered; the disk "
+			"goes on, no snapshot taken\n", S.control_path,
+			S.grp.name);
+		group_abort(NULL);
+		return;
+	}
 	ret = json_pack("{s:s, s:s, s:i}", "group", S.grp.name, "export",
-			sr->export_name, "lease_ms", (int)S.grp.lease_ms);
+			S.grp.req->export_name, "lease_ms",
+			(int)S.grp.lease_ms);
 	if (ret)
 		group_hold_times(ret, NULL, NULL);
-	return json_pack("{s:o}", "return", ret ? ret : json_null());
+	client_send(ci, json_pack("{s:o}", "return", ret ? ret : json_null()));
+}
+
+/* At quit: a hold still running is waited for (the lease bounds it). */
+static void
+group_hold_stop(void)
+{
+	if (!S.grp.holding)
+		return;
+	pthread_join(S.grp.hold_thread, NULL);
+	S.grp.holding = false;
+	if (S.grp.hold_r < 0)
+		group_clear();
+	else
+		S.grp.hold = S.grp.hold_new;
 }
 
 static json_t *
@@ -1094,13 +1252,16 @@ ctl_group(const char *cmd, const struct control_request *cr, int ci)
 {
 	char why[200];
 	json_t *ret;
-	int i;
+	int i, r;
 
 	if (!cr->group)
 		return error_reply(-EINVAL, "the snapshot-hold, -take, -commit "
 				   "and -abort commands need \"group\"");
 	if (strcmp(cmd, "snapshot-hold") == 0)
 		return group_hold(cr, ci);
+	if ((!S.grp.active || strcmp(S.grp.name, cr->group) != 0) &&
+	    (ret = group_expired_reply(cmd, cr->group, ci)))
+		return ret;
 	if (!S.grp.active || strcmp(S.grp.name, cr->group) != 0) {
 		snprintf(why, sizeof why, "group %s: not held here",
 			 cr->group);
@@ -1115,7 +1276,11 @@ ctl_group(const char *cmd, const struct control_request *cr, int ci)
 		return group_take();
 	if (strcmp(cmd, "snapshot-abort") == 0) {
 		ret = json_pack("{s:s}", "group", S.grp.name);
-		group_abort(ret);
+		r = group_abort(ret);
+		if (r < 0) {
+			json_decref(ret);
+			return lib_error_reply(r);
+		}
 		return json_pack("{s:o}", "return", ret ? ret : json_null());
 	}
 	if (S.grp.hold)
@@ -1138,7 +1303,8 @@ static json_t *
 group_json(void)
 {
 	json_t *j = json_pack("{s:s, s:s, s:i}", "name", S.grp.name,
-			      "state", S.grp.hold ? "held" : "taken",
+			      "state", S.grp.holding ? "holding"
+				       : S.grp.hold ? "held" : "taken",
 			      "lease_ms", (int)S.grp.lease_ms);
 
 	if (j && S.grp.hold)
@@ -1576,6 +1742,7 @@ handle(json_t *req, int ci)
 	if (control_parse_request(req, &cr, &why) < 0)
 		return error_reply(-EINVAL, why);
 	cmd = cr.cmd;
+	group_expire();
 	if (strcmp(cmd, "query") == 0)
 		return ctl_query();
 	if (strcmp(cmd, "move") == 0 &&
@@ -1664,6 +1831,7 @@ deliver_events(void)
 		/* EAGAIN: a wake-up for events already taken */
 	}
 	backup_deliver();
+	group_hold_deliver();
 	snapshots_tell_broken();
 	list = take_events();
 	while ((n = list)) {
@@ -1793,12 +1961,22 @@ client_send(int ci, json_t *obj)
 	}
 }
 
+/* Does the client wait for its snapshot-hold's answer (answers go in
+ * order, so its next commands are read after it)? */
+static bool
+client_holding(const struct client *c)
+{
+	return S.grp.holding && c == &S.clients[S.grp.client] &&
+	       c->gen == S.grp.gen;
+}
+
 /* Are the client's commands read now?  Not after its EOF, nor while its
- * answers pile up unread. */
+ * answers pile up unread, nor while its hold runs. */
 static bool
 client_reads(const struct client *c)
 {
-	return c->fd >= 0 && !c->eof && c->out.len < OUT_PAUSE;
+	return c->fd >= 0 && !c->eof && c->out.len < OUT_PAUSE &&
+	       !client_holding(c);
 }
 
 /* Run up to LINES_PER_ROUND of the client's commands. */
@@ -1916,6 +2094,12 @@ serve_loop(void)
 				continue;
 			if (c->out.len && (re & (POLLOUT | POLLERR | POLLHUP)) &&
 			    line_out_flush(&c->out, c->fd) < 0) {
+				drop_client(c);
+				continue;
+			}
+			/* A holder that hung up while its hold runs: not
+			 * read, so not seen to go otherwise. */
+			if (client_holding(c) && (re & (POLLHUP | POLLERR))) {
 				drop_client(c);
 				continue;
 			}
@@ -2361,6 +2545,8 @@ cmd_serve(int argc, char **argv)
 	serve_loop();
 
 out:
+	/* Before event_fd closes: the hold's thread wakes us through it. */
+	group_hold_stop();
 	/* A move still running is cancelled: no job is left half-done. */
 	if (S.job) {
 		if (!S.job_ended)

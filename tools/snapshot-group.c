@@ -14,7 +14,12 @@
  * (snapshot-take), every server keeps (snapshot-commit).  A failure
  * anywhere aborts the others (snapshot-abort: the hold ends, or the
  * snapshot taken is released), so no half group is left; a failure at
- * the commit releases the snapshots committed already.  If this client
+ * the commit releases the snapshots committed already, also on a server
+ * whose connection was lost after its take (its commit may have got
+ * there): a new connection releases its export by name and removes its
+ * checkpoint.  A server that cannot be reached or refuses is named as
+ * possibly still holding its snapshot: the tool says "no snapshot of the
+ * group is left" only when that is known.  If this client
  * dies, each server aborts when its connection closes, and a server's
  * lease lets its guest go on whatever happens here.
  *
@@ -214,59 +219,145 @@ ok_commit(struct member *m, json_t *ret)
 	ok_take(m, ret);
 }
 
+/* Aborted: nothing of the group is left there. */
 static void
-ok_nothing(struct member *m, json_t *ret)
+ok_abort(struct member *m, json_t *ret)
 {
+	m->held = m->taken = false;
 }
 
-/* Undo what a failed group left: holds and pending snapshots aborted,
- * committed snapshots released (and the checkpoints they made removed).  Problems are noted; the servers abort
- * on their own when the connections close. */
-static void
+/* A new connection to m, whose first was lost (or never made). */
+static int
+member_reconnect(struct member *m)
+{
+	int fd = control_connect(m->control);
+
+	if (fd < 0) {
+		note("%s: cannot reconnect: %s", m->control, strerror(-fd));
+		return fd;
+	}
+	fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+	m->fd = fd;
+	memset(m->rd, 0, sizeof *m->rd);
+	m->rd->fd = fd;
+	return 0;
+}
+
+/* Send `c` (consumed) to m and read its answer by `deadline`: 0, the
+ * server's -errno (its message into why), or -EIO with the problem
+ * noted (the connection is then closed: what it was doing is unknown). */
+static int
+member_ask(struct member *m, json_t *c, uint64_t deadline, char *why,
+	   size_t why_len)
+{
+	char cmd[32];
+	json_t *a, *e;
+	int r;
+
+	snprintf(cmd, sizeof cmd, "%s", c ? json_string_value(
+		 json_object_get(c, "cmd")) : "a command");
+	r = c ? line_write(m->fd, c) : -ENOMEM;
+	if (r < 0) {
+		note("%s: cannot send %s: %s", m->control, cmd, strerror(-r));
+	} else if (!(a = member_answer(m, deadline))) {
+		r = -EIO;
+	} else {
+		e = json_object_get(a, "error");
+		r = e ? -(int)json_integer_value(json_object_get(e, "errno"))
+		      : 0;
+		if (e)
+			snprintf(why, why_len, "%s", json_string_value(
+				 json_object_get(e, "message")));
+		if (r > 0 || (e && r == 0))
+			r = -EIO; /* a server that gave no errno */
+		json_decref(a);
+		return r;
+	}
+	close(m->fd);
+	m->fd = -1;
+	return r;
+}
+
+/*
+ * Release m's snapshot, `exp`, and the checkpoint its take made: after a
+ * commit, or after a take whose abort failed or whose member was lost
+ * since (its commit may have reached the server, which then keeps the
+ * snapshot when the connection closes; or not, and the server drops it
+ * itself: then both are gone already, errno 2).  A lost member is
+ * reached again on a new connection.  Returns whether nothing of m's is
+ * known to be left; if something may be, a note names it and the
+ * command that removes it.
+ */
+static bool
+release_member(struct member *m, const char *exp, uint64_t deadline)
+{
+	const char *cp = json_string_value(json_object_get(m->ret,
+							   "checkpoint"));
+	char why[512] = "";
+	int r = m->fd < 0 ? member_reconnect(m) : 0;
+
+	if (r == 0)
+		r = member_ask(m, json_pack("{s:s, s:s}", "cmd",
+					    "snapshot-release", "export", exp),
+			       deadline, why, sizeof why);
+	if (r < 0 && r != -ENOENT) {
+		if (*why)
+			note("%s: snapshot-release %s: %s", m->control, exp,
+			     why);
+		note("%s may still hold the group's snapshot %s%s%s (release "
+		     "it with bmirror snapshot --control %s --release %s)",
+		     m->control, exp, cp ? " and checkpoint " : "",
+		     cp ? cp : "", m->control, exp);
+		return false;
+	}
+	/* The checkpoint made at its instant goes too (its record merges
+	 * into the one before), as an abort does. */
+	if (!cp)
+		return true;
+	*why = '\0';
+	r = member_ask(m, json_pack("{s:s, s:s}", "cmd", "checkpoint-remove",
+				    "name", cp), deadline, why, sizeof why);
+	if (r < 0 && r != -ENOENT) {
+		if (*why)
+			note("%s: checkpoint-remove %s: %s", m->control, cp,
+			     why);
+		note("%s may still hold the group's checkpoint %s (remove it "
+		     "with bmirror checkpoint --control %s --remove %s)",
+		     m->control, cp, m->control, cp);
+		return false;
+	}
+	return true;
+}
+
+/*
+ * Undo what a failed group left: holds and pending snapshots aborted,
+ * committed snapshots released (and the checkpoints they made removed),
+ * also on a server whose connection was lost after its take.  Problems
+ * are noted; the servers abort on their own when the connections close.
+ * Returns how many servers may still hold a snapshot of the group, each
+ * named in a note with what to release.
+ */
+static int
 roll_back(struct member *ms, size_t n, const char *group)
 {
 	uint64_t deadline = now_ms() + ANSWER_MS;
+	int left = 0;
 
 	for (size_t i = 0; i < n; i++)
 		if (ms[i].committed)
 			ms[i].held = false;
-	phase(ms, n, "snapshot-abort", group, want_held, ok_nothing, deadline);
+	phase(ms, n, "snapshot-abort", group, want_held, ok_abort, deadline);
 	for (size_t i = 0; i < n; i++) {
 		struct member *m = &ms[i];
 		const char *exp = json_string_value(json_object_get(m->ret,
 								    "export"));
-		const char *cp;
-		json_t *c, *a;
 
-		if (!m->committed || m->fd < 0 || !exp)
-			continue;
-		c = json_pack("{s:s, s:s}", "cmd", "snapshot-release",
-			      "export", exp);
-		if (!c || line_write(m->fd, c) < 0)
-			continue;
-		a = member_answer(m, deadline);
-		if (a && !json_object_get(a, "error"))
-			m->committed = false;
-		json_decref(a);
-		if (m->committed) {
-			note("%s: %s: could not release it", m->control, exp);
-			continue;
-		}
-		/* The checkpoint made at its instant goes too (its record
-		 * merges into the one before), as an abort does. */
-		cp = json_string_value(json_object_get(m->ret, "checkpoint"));
-		if (!cp || m->fd < 0)
-			continue;
-		c = json_pack("{s:s, s:s}", "cmd", "checkpoint-remove", "name",
-			      cp);
-		if (!c || line_write(m->fd, c) < 0)
-			continue;
-		a = member_answer(m, deadline);
-		if (!a || json_object_get(a, "error"))
-			note("%s: could not remove checkpoint %s", m->control,
-			     cp);
-		json_decref(a);
+		/* Taken still: its abort failed, or its answer was lost. */
+		if (exp && (m->committed || m->taken) &&
+		    !release_member(m, exp, deadline))
+			left++;
 	}
+	return left;
 }
 
 /* What the group tells the operator: each server's export and URI, and
@@ -371,9 +462,12 @@ snapshot_group(const char *const *controls, json_t *const *reqs, size_t n,
 	status = EXIT_OK;
 	goto out;
 fail:
-	roll_back(ms, n, group);
-	tool_error("group %s failed at the %s: %s; no snapshot of the group "
-		   "is left", group, failed_at, problems);
+	if (roll_back(ms, n, group))
+		tool_error("group %s failed at the %s: %s", group, failed_at,
+			   problems);
+	else
+		tool_error("group %s failed at the %s: %s; no snapshot of the "
+			   "group is left", group, failed_at, problems);
 out:
 	for (size_t i = 0; i < n; i++) {
 		if (ms[i].fd >= 0)

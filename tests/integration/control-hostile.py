@@ -518,6 +518,83 @@ def test_group():
     a = other.ask({"cmd": "query"})
     check(a and "group" not in a["return"],
           "the group is gone with its holder (got %s)" % a)
+    a = other.ask({"cmd": "snapshot-release", "export": "after"})
+    check(a and "return" in a, "release after (got %s)" % a)
+
+    # A holder that stays connected but silent: once the lease ran out
+    # the group ends, for the others (a plain snapshot is not refused;
+    # the group is not theirs, errno 2) and for the holder (errno 110
+    # naming the lease; an abort says it expired).
+    c = Client(srv.ctl)
+    a = c.ask({"cmd": "snapshot-hold", "group": "short", "lease_ms": 100})
+    check(a and a.get("return", {}).get("held") is True,
+          "a hold with a 100 ms lease is granted (got %s)" % a)
+    t0 = time.monotonic()
+    while True:
+        a = other.ask({"cmd": "snapshot", "export": "late"}, 5.0)
+        if errno_of(a) != 16 or time.monotonic() - t0 > 5:
+            break
+        time.sleep(0.01)  # the lease has not run out yet
+    check(a and "return" in a,
+          "a snapshot after the lease ran out is not refused (after %.2f "
+          "s: %s)" % (time.monotonic() - t0, a))
+    a = other.ask({"cmd": "snapshot-take", "group": "short"})
+    check(errno_of(a) == 2, "another client's take of an expired group: "
+          "errno 2 (got %s)" % a)
+    a = c.ask({"cmd": "snapshot-take", "group": "short"})
+    check(errno_of(a) == 110 and "lease of 100 ms" in str(a),
+          "the holder's take after the lease: errno 110 naming the lease "
+          "(got %s)" % a)
+    a = c.ask({"cmd": "snapshot-abort", "group": "short"})
+    check(a and a.get("return", {}).get("expired") is True,
+          "the holder's abort after the lease says it expired (got %s)" % a)
+    a = other.ask({"cmd": "snapshot-release", "export": "late"})
+    check(a and "return" in a, "release late (got %s)" % a)
+    c.close()
+
+    # The hold runs beside the control thread: a hold whose scratch is
+    # slow to open (an NBD server that takes 2 s over each connection)
+    # does not stop the server answering the others; the holder gets its
+    # answer when the disk is held, and its next command after that.
+    sock = os.path.join(T, "slow-scratch.sock")
+    kit = subprocess.Popen(["nbdkit", "--exit-with-parent", "-f", "-U", sock,
+                            "--filter=delay", "memory", "16M",
+                            "delay-open=2"], stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    c = Client(srv.ctl)
+    t0 = time.monotonic()
+    c.send({"cmd": "snapshot-hold", "group": "slow", "lease_ms": 5000,
+            "scratch": "nbd+unix:///?socket=" + sock})
+    c.send({"cmd": "query"})
+    while True:  # until the server has read the hold
+        t1 = time.monotonic()
+        a = other.ask({"cmd": "query"}, 5.0)
+        took = time.monotonic() - t1
+        if not a or "group" in a["return"] or t1 - t0 > 1.5:
+            break
+        time.sleep(0.01)
+    check(a and a["return"].get("group", {}).get("state") == "holding"
+          and took < 0.5,
+          "another client is answered while a hold opens its scratch "
+          "(in %.2f s: %s)" % (took, a))
+    a = other.ask({"cmd": "snapshot"})
+    check(errno_of(a) == 16, "a snapshot while a hold runs: errno 16 "
+          "(got %s)" % a)
+    a = c.answer(15.0)
+    took = time.monotonic() - t0
+    check(a and a.get("return", {}).get("held") is True and took >= 1.5,
+          "the holder's answer comes once held (%.2f s: %s)" % (took, a))
+    a = c.answer(5.0)
+    check(a and a["return"].get("group", {}).get("state") == "held",
+          "the holder's next command is answered after the hold (%s)" % a)
+    a = c.ask({"cmd": "snapshot-abort", "group": "slow"})
+    check(a and a.get("return", {}).get("group") == "slow",
+          "the slow hold is aborted (got %s)" % a)
+    c.close()
+    kit.terminate()
+    kit.wait()
     other.close()
     check(srv.stop(3.0), "serve exits 0 after the group commands")
 

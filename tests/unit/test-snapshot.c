@@ -1033,6 +1033,41 @@ START_TEST(test_bad_options_and_close)
 }
 END_TEST
 
+/* A snapshot that makes a checkpoint and is refused (its scratch is the
+ * disk's own image) leaves no checkpoint behind: the refusal comes
+ * before the checkpoint is made. */
+START_TEST(test_refused_take_leaves_no_checkpoint)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct blockmirror_snapshot *snap = NULL;
+	struct blockmirror_disk *disk = open_disk(image);
+	struct blockmirror_checkpoint *list = NULL;
+	char sidecar[160];
+	size_t n = 99;
+
+	snprintf(sidecar, sizeof sidecar, "%s/disk.cbt", dir);
+	ck_assert_int_eq(blockmirror_disk_track(disk, sidecar, 0, NULL), 0);
+	ck_assert_int_eq(blockmirror_checkpoint_create(disk, "c0"), 0);
+	o.scratch = image;
+	o.since = "c0";
+	o.checkpoint = "c1";
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap),
+			 -EINVAL);
+	ck_assert_msg(strstr(blockmirror_last_error(), "image of the disk"),
+		      "%s", blockmirror_last_error());
+	ck_assert_ptr_null(snap);
+	ck_assert_int_eq(blockmirror_checkpoint_list(disk, &list, &n), 0);
+	ck_assert_uint_eq(n, 1);
+	ck_assert_str_eq(list[0].name, "c0");
+	free(list);
+	/* And c1 may be made now: the name was not taken. */
+	o.scratch = NULL;
+	ck_assert_int_eq(blockmirror_snapshot_take(&disk, 1, &o, &snap), 0);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -1055,6 +1090,7 @@ main(void)
 	tcase_add_test(tc, test_hold_group_one_instant);
 	tcase_add_test(tc, test_hold_lease);
 	tcase_add_test(tc, test_bad_options_and_close);
+	tcase_add_test(tc, test_refused_take_leaves_no_checkpoint);
 	suite_add_tcase(s, tc);
 	/* From the review of the filter and the view (CK_RUN_CASE=review). */
 	tc = tcase_create("review");
