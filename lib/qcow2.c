@@ -1705,7 +1705,6 @@ setup(struct qcow2 *q, unsigned flags)
 	return load_tables(q);
 }
 
-
 static int
 qcow2_open(struct bm_fmt *f, unsigned flags, struct bm_fmt_info *info,
 	   void **drv)
