@@ -1746,7 +1746,8 @@ qcow2_open(struct bm_fmt *f, unsigned flags, struct bm_fmt_info *info,
  * goes into free space in cluster 0 first, then one sector write flips
  * the header to it.  The header area is read from the file, under the
  * lock, so the sector written back carries every field the driver has
- * changed before (they are all written through at once).
+ * changed before (they are all written through at once).  The header
+ * fields that say where the name is follow the disk.
  */
 static int
 qcow2_set_backing(void *drv, const char *name, enum blockmirror_format format)
@@ -1786,6 +1787,10 @@ qcow2_set_backing(void *drv, const char *name, enum blockmirror_format format)
 		free(q->h.backing_name);
 		q->h.backing_name = copy;
 		copy = NULL;
+		/* Where the name now is: a new bitmaps extension may have to
+		 * move it (qcow2-bitmap-io.c). */
+		q->h.backing_offset = off;
+		q->h.backing_size = (uint32_t)strlen(name);
 		if (fmt)
 			snprintf(q->h.backing_format,
 				 sizeof q->h.backing_format, "%s", fmt);

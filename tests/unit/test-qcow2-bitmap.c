@@ -15,7 +15,9 @@
  * against a model; reopened, the image's bitmaps hold exactly the model
  * (the newest with every data cluster allocated, the only auto one), and
  * qemu-img check is clean.  Bad bitmap table entries make tracking
- * refuse the image, naming the bitmap and the problem.
+ * refuse the image, naming the bitmap and the problem.  A backing file
+ * changed (set_backing, to a shorter and to a longer name) before the
+ * first checkpoint stays whole and right in the header.
  *
  * Crash: the crash recorder (recorder.h) logs marks, each acknowledged
  * (rec_event) once its waiter runs, with a checkpoint created and the
@@ -28,6 +30,7 @@
  */
 #include <check.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
@@ -309,6 +312,17 @@ track(struct bm_image *img)
 	return cbt;
 }
 
+/* Tracked, the image holds n checkpoints; then closed. */
+static void
+track_count_close(struct bm_image *img, size_t n)
+{
+	struct bm_cbt *cbt = track(img);
+
+	ck_assert_uint_eq(bm_cbt_count(cbt), n);
+	ck_assert_int_eq(bm_cbt_close(cbt), 0);
+	bm_image_close(img);
+}
+
 /* A new empty image, tracked. */
 static struct bm_cbt *
 new_tracked(struct bm_image **img)
@@ -485,18 +499,30 @@ START_TEST(test_track_model)
 END_TEST
 
 /* Where the image's first bitmap table is (read from the file). */
+/* The image's header, parsed (free with bm_qcow2_header_free). */
+static void
+read_header(struct bm_qcow2_header *h)
+{
+	static uint8_t c0[65536];
+	FILE *f = fopen(path, "rb");
+
+	ck_assert_ptr_nonnull(f);
+	ck_assert_uint_eq(fread(c0, 1, sizeof c0, f), sizeof c0);
+	fclose(f);
+	ck_assert_int_eq(bm_qcow2_header_parse("img", c0, sizeof c0, h), 0);
+}
+
 static uint64_t
 first_table(void)
 {
-	static uint8_t c0[65536], d[4096];
+	static uint8_t d[4096];
 	struct bm_qcow2_header h;
 	struct bm_qcow2_bitmap *b;
 	uint64_t off;
 	FILE *f = fopen(path, "rb");
 
 	ck_assert_ptr_nonnull(f);
-	ck_assert_uint_eq(fread(c0, 1, sizeof c0, f), sizeof c0);
-	ck_assert_int_eq(bm_qcow2_header_parse("img", c0, sizeof c0, &h), 0);
+	read_header(&h);
 	ck_assert(h.has_bitmaps && h.bitmaps_dir_size <= sizeof d);
 	ck_assert_int_eq(fseek(f, (long)h.bitmaps_dir_offset, SEEK_SET), 0);
 	ck_assert_uint_eq(fread(d, 1, h.bitmaps_dir_size, f),
@@ -558,10 +584,101 @@ START_TEST(test_bad_tables)
 		fclose(f);
 	}
 	img = image_open();
-	cbt = track(img);
-	ck_assert_uint_eq(bm_cbt_count(cbt), 1);
-	ck_assert_int_eq(bm_cbt_close(cbt), 0);
-	bm_image_close(img);
+	track_count_close(img, 1);
+	teardown();
+}
+END_TEST
+
+/* ---- a backing file changed before the first checkpoint --------------- */
+
+static void
+set_backing_op(struct bm_image *img, struct bm_io *io)
+{
+	bm_image_set_backing(img, bm_container_of(io,
+						  struct bm_backing_change,
+						  io));
+}
+
+/* A sparse raw base of the disk's size: 0x5a in its first and its
+ * last 64 KiB. */
+static void
+write_base(const char *name)
+{
+	static uint8_t buf[65536];
+	int fd = open(name, O_CREAT | O_TRUNC | O_WRONLY, 0644);
+
+	ck_assert_int_ge(fd, 0);
+	memset(buf, 0x5a, sizeof buf);
+	ck_assert_int_eq(ftruncate(fd, (off_t)DISK), 0);
+	ck_assert_int_eq(pwrite(fd, buf, sizeof buf, 0), (ssize_t)sizeof buf);
+	ck_assert_int_eq(pwrite(fd, buf, sizeof buf,
+				(off_t)(DISK - sizeof buf)),
+			 (ssize_t)sizeof buf);
+	close(fd);
+}
+
+/*
+ * set_backing, then the first checkpoint (which adds the bitmaps
+ * extension, moving the backing file name out of its way when needed):
+ * the name the image records is the new one, whole, the bitmap is
+ * there, qemu-img check is clean and the data reads through the new
+ * backing file.  A shorter and a longer name than the old one.
+ */
+START_TEST(test_set_backing_then_checkpoint)
+{
+	static const char *const names[] = { "b", "a-much-longer-name-for-"
+					     "the-new-backing-file.raw" };
+	char old[PATH_MAX + 16], neu[PATH_MAX + 64], opts[PATH_MAX + 64];
+	static uint8_t buf[65536];
+
+	setup();
+	snprintf(old, sizeof old, "%s/base.raw", dir);
+	write_base(old);
+	for (size_t k = 0; k < BM_ARRAY_SIZE(names); k++) {
+		struct bm_backing_change bc = { 0 };
+		struct bm_qcow2_header h;
+		struct bm_image *img;
+		struct bm_cbt *cbt;
+		struct bm_io io = { .length = sizeof buf, .buf = buf };
+
+		snprintf(neu, sizeof neu, "%s/%s", dir, names[k]);
+		write_base(neu);
+		snprintf(opts, sizeof opts, "backing_file=%s,backing_fmt=raw",
+			 old);
+		ck_assert_int_eq(bm_image_create(loop, path,
+						 BLOCKMIRROR_FORMAT_QCOW2,
+						 DISK, opts, true,
+						 BM_IMAGE_WRITE, &img), 0);
+		bc.name = neu;
+		ck_assert_int_eq(bm_image_open(loop, neu, BLOCKMIRROR_FORMAT_RAW,
+					       0, &bc.backing), 0);
+		ck_assert_msg(bm_image_sync(img, set_backing_op, &bc.io) == 0,
+			      "set_backing: %s", blockmirror_last_error());
+		cbt = track(img);
+		ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
+		ck_assert_int_eq(bm_cbt_create(cbt, "c2"), 0);
+		ck_assert_int_eq(bm_cbt_close(cbt), 0);
+		bm_image_close(img);
+
+		read_header(&h);
+		ck_assert_ptr_nonnull(h.backing_name);
+		ck_assert_str_eq(h.backing_name, neu);
+		ck_assert(h.has_bitmaps);
+		ck_assert_uint_eq(h.bitmaps_nb, 2);
+		bm_qcow2_header_free(&h);
+		if (have_qemu_img)
+			ck_assert_int_eq(run_qemu_img("check -q"), 0);
+
+		img = image_open();
+		for (int end = 0; end < 2; end++) {
+			io.offset = end ? DISK - sizeof buf : 0;
+			ck_assert_int_eq(bm_image_sync(img, bm_image_read,
+						       &io), 0);
+			for (size_t i = 0; i < sizeof buf; i++)
+				ck_assert_uint_eq(buf[i], 0x5a);
+		}
+		track_count_close(img, 2);
+	}
 	teardown();
 }
 END_TEST
@@ -723,6 +840,7 @@ main(void)
 	tcase_add_test(tc, test_table_entry);
 	tcase_add_test(tc, test_track_model);
 	tcase_add_test(tc, test_bad_tables);
+	tcase_add_test(tc, test_set_backing_then_checkpoint);
 	tcase_add_test(tc, test_crash);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
