@@ -305,6 +305,11 @@ struct bm_qcow2_bitmap_set {
 	uint32_t cluster_bits;     /* load */
 	bool alloc_last;           /* commit */
 	uint64_t *last;            /* the last bitmap's data clusters */
+	/* load, in: the caller's limits, run on the directory (n, b,
+	 * cluster_bits) before anything its sizes ask is allocated; an
+	 * error refuses the load.  NULL: none. */
+	int (*check)(void *opaque, const struct bm_qcow2_bitmap_set *set);
+	void *opaque;
 };
 
 int bm_qcow2_bitmaps_load(void *drv, void *set);

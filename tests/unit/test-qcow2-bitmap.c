@@ -16,7 +16,13 @@
  * against a model; reopened, the image's bitmaps hold exactly the model
  * (the newest with every data cluster allocated, the only auto one), and
  * qemu-img check is clean.  Bad bitmap table entries make tracking
- * refuse the image, naming the bitmap and the problem.  A backing file
+ * refuse the image, naming the bitmap and the problem, and so do
+ * clusters that belong to the image (an L2 table, a refcount block,
+ * guest data) or that the list names twice; the tracker's limits are
+ * applied before anything the image sizes is read.  A creation whose
+ * writes start failing at any point leaves no leak if the header was not
+ * touched, and otherwise says the bitmaps are in an unknown state and
+ * has them read back untrusted.  A backing file
  * changed (set_backing, to a shorter and to a longer name) before the
  * first checkpoint stays whole and right in the header.
  *
@@ -44,6 +50,7 @@
 #include "cbt-int.h"
 #include "cbt-marks.h"
 #include "errors.h"
+#include "fault.h"
 #include "helpers.h"
 #include "image.h"
 #include "internal.h"
@@ -596,41 +603,87 @@ first_table(void)
 	return off;
 }
 
+static uint64_t
+file_be64(uint64_t off)
+{
+	uint8_t b[8];
+	FILE *f = fopen(path, "rb");
+
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(fseek(f, (long)off, SEEK_SET), 0);
+	ck_assert_uint_eq(fread(b, 1, 8, f), 8);
+	fclose(f);
+	return bm_get_be64(b);
+}
+
+static void
+put_file_be64(uint64_t off, uint64_t v)
+{
+	uint8_t b[8];
+	FILE *f = fopen(path, "r+b");
+
+	ck_assert_ptr_nonnull(f);
+	bm_put_be64(b, v);
+	ck_assert_int_eq(fseek(f, (long)off, SEEK_SET), 0);
+	ck_assert_uint_eq(fwrite(b, 1, 8, f), 8);
+	fclose(f);
+}
+
 /* Bad bitmap table entries: tracking refuses the image, saying why;
- * nothing is changed. */
+ * nothing is changed.  Among them, clusters that belong to the image
+ * (an L2 table, a refcount block, guest data) or that the list names
+ * twice: a commit would free them, and the next allocation reuse them. */
 START_TEST(test_bad_tables)
 {
+	enum { FIXED, L2, RBLOCK, DATA, TWICE };
 	static const struct {
+		int kind;
 		uint64_t entry;
 		const char *msg;
 	} cases[] = {
-		{ 0x10000, "overlaps the image's metadata" },  /* L1 or refcounts */
-		{ 0x10200, "not cluster-aligned" },
-		{ UINT64_C(1) << 40, "outside the file" },
-		{ 0x3fe, "reserved bits" },
+		{ FIXED, 0x10000, "overlaps the image's metadata" },
+		{ FIXED, 0x10200, "not cluster-aligned" },
+		{ FIXED, UINT64_C(1) << 40, "outside the file" },
+		{ FIXED, 0x3fe, "reserved bits" },
+		{ L2, 0, "is also an L2 table" },
+		{ RBLOCK, 0, "is also a refcount block" },
+		{ DATA, 0, "is also guest data" },
+		{ TWICE, 0, "is used twice" },
 	};
+	static uint8_t data[65536], back[65536];
+	struct bm_io io = { .offset = 0, .length = sizeof data, .buf = data };
+	struct bm_qcow2_header h;
 	struct bm_image *img;
 	struct bm_cbt *cbt;
-	uint64_t table;
-	FILE *f;
+	uint64_t table, l2, guest, rblock;
 
 	setup();
 	cbt = new_tracked(&img);
+	for (size_t i = 0; i < sizeof data; i++)
+		data[i] = (uint8_t)(i * 7 + 1);
+	ck_assert_int_eq(bm_image_sync(img, bm_image_write, &io), 0);
 	ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
 	ck_assert_int_eq(bm_cbt_close(cbt), 0);
 	bm_image_close(img);
 	table = first_table();
+	read_header(&h);
+	l2 = file_be64(h.l1_table_offset) & BM_QCOW2_OFFSET_MASK;
+	guest = file_be64(l2) & BM_QCOW2_OFFSET_MASK;
+	rblock = file_be64(h.refcount_table_offset);
+	bm_qcow2_header_free(&h);
+	ck_assert(l2 && guest && rblock);
 	for (size_t i = 0; i < BM_ARRAY_SIZE(cases); i++) {
-		uint8_t e[8], old[8];
+		uint64_t at = table, old = file_be64(table), e;
 		int r;
 
-		f = fopen(path, "r+b");
-		ck_assert_int_eq(fseek(f, (long)table, SEEK_SET), 0);
-		ck_assert_uint_eq(fread(old, 1, 8, f), 8);
-		bm_put_be64(e, cases[i].entry);
-		ck_assert_int_eq(fseek(f, (long)table, SEEK_SET), 0);
-		ck_assert_uint_eq(fwrite(e, 1, 8, f), 8);
-		fclose(f);
+		switch (cases[i].kind) {
+		case L2: e = l2; break;
+		case RBLOCK: e = rblock; break;
+		case DATA: e = guest; break;
+		case TWICE: at = table + 8; e = old; old = file_be64(at); break;
+		default: e = cases[i].entry; break;
+		}
+		put_file_be64(at, e);
 		img = image_open();
 		r = bm_cbt_open_image(loop, img, DISK, 0, &cbt);
 		ck_assert_msg(r == -EINVAL, "case %zu: %d %s", i, r,
@@ -638,13 +691,139 @@ START_TEST(test_bad_tables)
 		ck_assert_msg_has(cases[i].msg);
 		ck_assert_msg_has("bitmap c1");
 		bm_image_close(img);
-		f = fopen(path, "r+b");
-		ck_assert_int_eq(fseek(f, (long)table, SEEK_SET), 0);
-		ck_assert_uint_eq(fwrite(old, 1, 8, f), 8);
-		fclose(f);
+		put_file_be64(at, old);
 	}
 	img = image_open();
+	io.buf = back;
+	ck_assert_int_eq(bm_image_sync(img, bm_image_read, &io), 0);
+	ck_assert(memcmp(back, data, sizeof data) == 0);
 	track_count_close(img, 1);
+	if (have_qemu_img)
+		ck_assert_int_eq(run_qemu_img("check -q"), 0);
+	teardown();
+}
+END_TEST
+
+/* A granularity the tracker cannot hold is refused on the directory
+ * alone, before the tables are read or anything they size allocated:
+ * the bad table entry also there is never reached. */
+START_TEST(test_limits_first)
+{
+	struct bm_qcow2_header h;
+	struct bm_image *img;
+	struct bm_cbt *cbt;
+	uint8_t e[4];
+	uint64_t table;
+	FILE *f;
+	int r;
+
+	setup();
+	cbt = new_tracked(&img);
+	ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
+	ck_assert_int_eq(bm_cbt_close(cbt), 0);
+	bm_image_close(img);
+	table = first_table();
+	read_header(&h);
+	put_file_be64(table, 0x3fe);
+	f = fopen(path, "r+b");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(fseek(f, (long)h.bitmaps_dir_offset + 8, SEEK_SET),
+			 0);
+	bm_put_be32(e, (uint32_t)bm_qcow2_bitmap_table_size(DISK, 9, CB));
+	ck_assert_uint_eq(fwrite(e, 1, 4, f), 4);
+	ck_assert_int_eq(fseek(f, (long)h.bitmaps_dir_offset + 17, SEEK_SET),
+			 0);
+	ck_assert_int_eq(fputc(9, f), 9);
+	fclose(f);
+	bm_qcow2_header_free(&h);
+	img = image_open();
+	r = bm_cbt_open_image(loop, img, DISK, 0, &cbt);
+	ck_assert_msg(r == -ENOTSUP, "%d %s", r, blockmirror_last_error());
+	ck_assert_msg_has("granularity of 2^9 bytes");
+	bm_image_close(img);
+	teardown();
+}
+END_TEST
+
+/*
+ * A checkpoint creation whose writes (and syncs) start failing after k
+ * of them, for every k until it succeeds.  A failure before the header
+ * switch leaves nothing behind: the new clusters go back, qemu-img
+ * check finds no leak.  A failure during the switch says the bitmaps
+ * are in an unknown state, refuses further changes, and after the next
+ * guest write every checkpoint reads back untrusted (leaks allowed).
+ */
+START_TEST(test_commit_failures)
+{
+	static struct bm_fault_rules rules;
+	static uint8_t byte[512];
+	struct bm_io io = { .offset = 0, .length = sizeof byte, .buf = byte };
+	unsigned clean = 0, lost = 0;
+	bool done = false;
+
+	setup();
+	for (uint64_t k = 0; !done && k < 64; k++) {
+		struct bm_image *img;
+		struct bm_cbt *cbt;
+		bool unknown;
+		int r;
+
+		unlink(path);
+		cbt = new_tracked(&img);
+
+		ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
+		ck_assert_int_eq(bm_cbt_close(cbt), 0);
+		bm_image_close(img);
+
+		memset(&rules, 0, sizeof rules);
+		ck_assert_int_eq(bm_fault_register(path, &rules), 0);
+		img = image_open();
+		cbt = track(img);
+		rules.write_err_after = rules.writes + k;
+		rules.write_err_count = -1;
+		rules.fail_flush = true;
+		rules.write_errno = EIO;
+		r = bm_cbt_create(cbt, "c2");
+		rules.write_errno = 0;
+		done = r == 0;
+		unknown = r < 0 && strstr(blockmirror_last_error(),
+					  "unknown state");
+		if (unknown) {
+			/* No more changes; a guest write unkeeps them. */
+			ck_assert_int_lt(bm_cbt_create(cbt, "c3"), 0);
+			ck_assert_msg_has("unknown state");
+			ck_assert_int_eq(bm_image_sync(img, bm_image_write,
+						       &io), 0);
+		}
+		bm_cbt_close(cbt);
+		bm_image_close(img);
+		bm_fault_unregister(path);
+
+		if (have_qemu_img) {
+			int rc = run_qemu_img("check -q");
+
+			ck_assert_msg(rc == 0 || (unknown && rc == 3),
+				      "k %" PRIu64 ": qemu-img check exit %d",
+				      k, rc);
+		}
+		img = image_open();
+		cbt = track(img);
+		ck_assert_uint_eq(bm_cbt_count(cbt), done ? 2 :
+				  unknown ? bm_cbt_count(cbt) : 1);
+		for (size_t i = 0; unknown && i < bm_cbt_count(cbt); i++) {
+			struct bm_cbt_info info;
+
+			ck_assert_int_eq(bm_cbt_get(cbt, i, &info), 0);
+			ck_assert_ptr_nonnull(info.untrusted);
+		}
+		bm_cbt_close(cbt);
+		bm_image_close(img);
+		clean += !done && !unknown;
+		lost += unknown;
+	}
+	ck_assert(done);
+	ck_assert_uint_gt(clean, 0);
+	ck_assert_uint_gt(lost, 0);
 	teardown();
 }
 END_TEST
@@ -901,6 +1080,8 @@ main(void)
 	tcase_add_test(tc, test_table_entry);
 	tcase_add_test(tc, test_track_model);
 	tcase_add_test(tc, test_bad_tables);
+	tcase_add_test(tc, test_limits_first);
+	tcase_add_test(tc, test_commit_failures);
 	tcase_add_test(tc, test_set_backing_then_checkpoint);
 	tcase_add_test(tc, test_crash);
 	suite_add_tcase(s, tc);
