@@ -20,7 +20,10 @@
 #   - after a move the source's bitmaps still take marks, and creating a
 #     checkpoint is refused, saying why;
 #   - a damaged bitmap directory is refused at open, naming the entry;
-#   - --track=FILE, and qcow2 clusters under 4 KiB, still keep a sidecar.
+#   - --track=FILE, and qcow2 clusters under 4 KiB, still keep a sidecar;
+#   - a base moved (to a shorter, then a longer name) before the first
+#     checkpoint: the overlay names the new base, whole, beside its
+#     bitmaps; qemu-img check is clean and the data reads through it.
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
 
@@ -259,3 +262,36 @@ json_assert "$RUN_OUT" "d['tracking']['record'] == 'sidecar'"
 stop_serve
 [[ -f $T/small.qcow2.bmirror-cbt ]] || fail "no sidecar for 512-byte clusters"
 pass "--track=FILE, and a qcow2 image with 512-byte clusters, keep a sidecar"
+
+# ---- a base moved before the first checkpoint -------------------------------
+# The move re-points the overlay (set_backing) at a shorter, then at a
+# longer name; the first checkpoint then adds the bitmaps extension and
+# must not write over the name, nor move it with the old one's length.
+OLDBASE=$T/the-original-base-of-the-overlay.qcow2
+TOP=$T/top.qcow2
+SERVE_EXTRA=(--track)
+for newbase in "$T/b.qcow2" "$T/a-much-longer-name-for-the-new-base-of-the-overlay-disk.qcow2"; do
+	rm -f "$TOP" "$OLDBASE" "$newbase"
+	run_ok qemu-img create -q -f qcow2 "$OLDBASE" "$SIZE"
+	run_ok qemu-io -f qcow2 -c "write -P 0x21 0 1M" -c "write -P 0x22 8M 1M" "$OLDBASE"
+	run_ok qemu-img create -q -f qcow2 -b "$OLDBASE" -F qcow2 "$TOP"
+	run_ok qemu-io -f qcow2 -c "write -P 0x31 9M 64k" "$TOP"
+	run_ok qemu-img convert -O raw "$TOP" "$T/expected.raw"
+	start_serve "$TOP"
+	run_ok "$BMIRROR" move --control "$CTL" --base --to "$newbase" --json
+	grep -q '"event":"COMPLETED"' "$RUN_OUT" || fail "base move to $newbase: no COMPLETED event"
+	run_ok "$BMIRROR" checkpoint --control "$CTL" --create c1
+	run_ok qemu-io -f raw -c "write -P 0x41 16M 64k" "$MAIN"
+	run_ok "$BMIRROR" checkpoint --control "$CTL" --create c2
+	stop_serve
+	run_ok qemu-io -f raw -c "write -P 0x41 16M 64k" "$T/expected.raw"
+	qemu-img info --output=json "$TOP" |
+		python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' \
+			>"$T/top-info.json" || fail "qemu-img info of the overlay"
+	json_assert "$T/top-info.json" "d['backing-filename'] == '$newbase'" \
+		"[b['name'] for b in d['format-specific']['data']['bitmaps']] == ['c1', 'c2']"
+	run_ok qemu-img check -q "$TOP"
+	rm -f "$OLDBASE"
+	run_ok qemu-img compare -q "$T/expected.raw" "$TOP"
+done
+pass "a base moved before the first checkpoint: the overlay names the new base, whole, beside its bitmaps"
