@@ -19,7 +19,8 @@
 #     reported untrusted, and the next backup heals;
 #   - after a move the source's bitmaps still take marks, and creating a
 #     checkpoint is refused, saying why;
-#   - a damaged bitmap directory is refused at open, naming the entry;
+#   - a damaged bitmap directory is refused at open, naming the entry; a
+#     bitmap naming an L2 table is refused when tracking starts;
 #   - --track=FILE, and qcow2 clusters under 4 KiB, still keep a sidecar;
 #   - a base moved (to a shorter, then a longer name) before the first
 #     checkpoint: the overlay names the new base, whole, beside its
@@ -27,7 +28,7 @@
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
 
-requires qemu-img qemu-io qemu-nbd nbdinfo python3
+requires qemu-img qemu-io qemu-nbd nbdinfo python3 timeout
 
 SIZE=$((64 * MiB))
 IMG=$T/disk.qcow2
@@ -244,6 +245,35 @@ PY
 expect_fail_with --names "$T/bad.qcow2" nonzero 'bitmap directory entry 0 .*table size' \
 	"$BMIRROR" info "$T/bad.qcow2"
 pass "a damaged bitmap directory is refused at open, naming the entry"
+
+# ---- a bitmap that names an L2 table -----------------------------------------
+# Its first table entry made the image's first L2 table: a checkpoint
+# creation would free that table and reuse it.  Tracking is refused,
+# naming the bitmap and the cluster, and the guest's data is untouched.
+cp -- "$IMG" "$T/hostile.qcow2"
+python3 - "$T/hostile.qcow2" <<'PY'
+import struct, sys
+f = open(sys.argv[1], 'r+b')
+h = f.read(65536)
+f.seek(struct.unpack('>Q', h[40:48])[0])
+l2 = struct.unpack('>Q', f.read(8))[0] & 0x00fffffffffffe00
+assert l2
+pos = struct.unpack('>I', h[100:104])[0]
+while True:
+    t, n = struct.unpack('>II', h[pos:pos + 8])
+    if t == 0x23852875:
+        break
+    pos += 8 + (n + 7) // 8 * 8
+d = struct.unpack('>Q', h[pos + 24:pos + 32])[0]
+f.seek(d)
+f.seek(struct.unpack('>Q', f.read(8))[0])
+f.write(struct.pack('>Q', l2))
+PY
+expect_fail_with --names "$T/hostile.qcow2" nonzero 'qcow2 bitmap [^ ]*: cluster 0x[0-9a-f]* is also an L2 table' \
+	timeout -k 5 20 "$BMIRROR" serve --nbd "unix:$T/h.sock" --control "$T/h-ctl.sock" \
+	--track "$T/hostile.qcow2"
+run_ok qemu-img compare -q "$IMG" "$T/hostile.qcow2"
+pass "a bitmap naming an L2 table: tracking refused, naming it; the data untouched"
 
 # ---- --track=FILE keeps a sidecar -------------------------------------------
 SERVE_EXTRA=(--track="$T/side.cbt")
