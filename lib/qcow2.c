@@ -778,7 +778,8 @@ l2_hit(struct qcow2 *q, const uint8_t *buf, uint64_t l2_off,
 			bm_error_clear();
 			continue;
 		}
-		if (e.kind != BM_QCOW2_NORMAL && e.kind != BM_QCOW2_ZERO_ALLOC &&
+		if (e.kind != BM_QCOW2_NORMAL &&
+		    e.kind != BM_QCOW2_ZERO_ALLOC &&
 		    e.kind != BM_QCOW2_COMPRESSED)
 			continue;
 		first = e.host >> q->cb;

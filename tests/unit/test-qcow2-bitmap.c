@@ -263,7 +263,8 @@ START_TEST(test_dir_many)
 		b[i].name = malloc(16);
 		snprintf(b[i].name, 16, "b%" PRIu32, (i * 7919u) % n);
 		b[i].granularity_bits = 16;
-		b[i].table_offset = (UINT64_C(64) + (uint64_t)i * 104729 % n) << CB;
+		b[i].table_offset = (UINT64_C(64) +
+				     (uint64_t)i * 104729 % n) << CB;
 		b[i].table_size = 1;
 	}
 	h.version = 3;
@@ -889,8 +890,9 @@ START_TEST(test_set_backing_then_checkpoint)
 						 DISK, opts, true,
 						 BM_IMAGE_WRITE, &img), 0);
 		bc.name = neu;
-		ck_assert_int_eq(bm_image_open(loop, neu, BLOCKMIRROR_FORMAT_RAW,
-					       0, &bc.backing), 0);
+		ck_assert_int_eq(bm_image_open(loop, neu,
+					       BLOCKMIRROR_FORMAT_RAW, 0,
+					       &bc.backing), 0);
 		ck_assert_msg(bm_image_sync(img, set_backing_op, &bc.io) == 0,
 			      "set_backing: %s", blockmirror_last_error());
 		cbt = track(img);
