@@ -43,6 +43,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -632,11 +633,12 @@ put_file_be64(uint64_t off, uint64_t v)
 
 /* Bad bitmap table entries: tracking refuses the image, saying why;
  * nothing is changed.  Among them, clusters that belong to the image
- * (an L2 table, a refcount block, guest data) or that the list names
- * twice: a commit would free them, and the next allocation reuse them. */
+ * (an L2 table, a refcount block, guest data), that the list names
+ * twice, or that nothing counts: a commit would free them (or drive a
+ * refcount below 0), and the next allocation reuse them. */
 START_TEST(test_bad_tables)
 {
-	enum { FIXED, L2, RBLOCK, DATA, TWICE };
+	enum { FIXED, L2, RBLOCK, DATA, TWICE, FREE };
 	static const struct {
 		int kind;
 		uint64_t entry;
@@ -650,13 +652,15 @@ START_TEST(test_bad_tables)
 		{ RBLOCK, 0, "is also a refcount block" },
 		{ DATA, 0, "is also guest data" },
 		{ TWICE, 0, "is used twice" },
+		{ FREE, 0, "has refcount 0, not 1" },
 	};
 	static uint8_t data[65536], back[65536];
 	struct bm_io io = { .offset = 0, .length = sizeof data, .buf = data };
 	struct bm_qcow2_header h;
 	struct bm_image *img;
 	struct bm_cbt *cbt;
-	uint64_t table, l2, guest, rblock;
+	uint64_t table, l2, guest, rblock, free_c = 0;
+	struct stat st;
 
 	setup();
 	cbt = new_tracked(&img);
@@ -671,8 +675,13 @@ START_TEST(test_bad_tables)
 	l2 = file_be64(h.l1_table_offset) & BM_QCOW2_OFFSET_MASK;
 	guest = file_be64(l2) & BM_QCOW2_OFFSET_MASK;
 	rblock = file_be64(h.refcount_table_offset);
+	/* A cluster inside the file that nothing counts: one more at its
+	 * end. */
+	ck_assert_int_eq(stat(path, &st), 0);
+	free_c = bm_round_up((uint64_t)st.st_size, UINT64_C(1) << CB);
+	ck_assert_int_eq(truncate(path, (off_t)free_c + (1 << CB)), 0);
 	bm_qcow2_header_free(&h);
-	ck_assert(l2 && guest && rblock);
+	ck_assert(l2 && guest && rblock && free_c);
 	for (size_t i = 0; i < BM_ARRAY_SIZE(cases); i++) {
 		uint64_t at = table, old = file_be64(table), e;
 		int r;
@@ -682,6 +691,7 @@ START_TEST(test_bad_tables)
 		case RBLOCK: e = rblock; break;
 		case DATA: e = guest; break;
 		case TWICE: at = table + 8; e = old; old = file_be64(at); break;
+		case FREE: e = free_c; break;
 		default: e = cases[i].entry; break;
 		}
 		put_file_be64(at, e);
