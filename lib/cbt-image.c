@@ -165,16 +165,28 @@ bm_cbt_image_release(struct bm_cbt *cbt)
 	return driver_call(cbt, bm_qcow2_bitmaps_release, NULL);
 }
 
-/* What the image says, checked against what the tracker can hold. */
+/* What the image says, checked against what the tracker can hold: by
+ * the driver's load (bm_qcow2_bitmap_set.check), on the directory alone,
+ * before it allocates what the image's sizes ask. */
+struct load_check {
+	struct bm_cbt *cbt;
+	uint32_t granularity;      /* in: wanted or 0; out: the image's */
+	uint32_t cluster_size;
+};
+
 static int
-check_set(struct bm_cbt *cbt, const struct bm_qcow2_bitmap_set *set,
-	  uint32_t *granularity)
+check_set(void *opaque, const struct bm_qcow2_bitmap_set *set)
 {
-	if (cbt->cluster_size < BM_CBT_PAGE)
+	struct load_check *lc = opaque;
+	const struct bm_cbt *cbt = lc->cbt;
+	uint32_t *granularity = &lc->granularity;
+
+	lc->cluster_size = UINT32_C(1) << set->cluster_bits;
+	if (lc->cluster_size < BM_CBT_PAGE)
 		return bm_error(-ENOTSUP, "%s: checkpoints in the image need "
 				"clusters of 4 KiB or more (this one has %"
 				PRIu32 " bytes); give a sidecar path",
-				cbt->path, cbt->cluster_size);
+				cbt->path, lc->cluster_size);
 	if (set->n > BM_CBT_MAX_CHECKPOINTS)
 		return bm_error(-ENOTSUP, "%s: %" PRIu32 " bitmaps, more than "
 				"the %u checkpoints a tracker holds",
@@ -224,17 +236,15 @@ needs_commit(const struct bm_cbt *cbt, const struct bm_qcow2_bitmap_set *set)
 int
 bm_cbt_image_load(struct bm_cbt *cbt, uint32_t granularity)
 {
-	struct bm_qcow2_bitmap_set set = { 0 };
+	struct load_check lc = { cbt, granularity, 0 };
+	struct bm_qcow2_bitmap_set set = { .check = check_set, .opaque = &lc };
 	int r = driver_call(cbt, bm_qcow2_bitmaps_load, &set);
 
 	if (r < 0)
 		return r;
-	cbt->cluster_size = UINT32_C(1) << set.cluster_bits;
-	r = check_set(cbt, &set, &granularity);
-	if (r < 0)
-		goto out;
-	cbt->granularity = granularity ? granularity
-				       : BM_CBT_DEFAULT_GRANULARITY;
+	cbt->cluster_size = lc.cluster_size;
+	cbt->granularity = lc.granularity ? lc.granularity
+					  : BM_CBT_DEFAULT_GRANULARITY;
 	cbt->blocks = bm_cbt_blocks(cbt->disk_size, cbt->granularity);
 	cbt->bitmap_size = bm_cbt_bitmap_size(cbt->disk_size,
 					      cbt->granularity);

@@ -1287,11 +1287,7 @@ chunk_mapped(struct bm_work *w)
 	struct fmt_req *req = bm_container_of(w, struct fmt_req, work);
 
 	bm_loop_unhold(req->f->loop);
-	if (req->kind == R_FLUSH) {
-		finish(req);
-		return;
-	}
-	if (req->kind == R_BACKING || req->kind == R_CALL) {
+	if (flush_like(req->kind)) {
 		finish(req);
 		return;
 	}
@@ -1360,9 +1356,9 @@ start_later(struct bm_op *op, int res)
 
 	(void)res;
 	req->started = true;
-	if (req->err < 0 && (req->kind == R_BACKING || req->kind == R_CALL))
-		fail(req, req->err);
-	else if (flush_like(req->kind))
+	/* A backing change or driver call refused at submission fails
+	 * here; a flush always goes through try_flush. */
+	if (flush_like(req->kind) && (req->err == 0 || req->kind == R_FLUSH))
 		try_flush(req->f);
 	else if (req->err < 0)
 		fail(req, req->err);

@@ -23,9 +23,10 @@
  * A driver that sets flush_apart gets a third thread, the flusher, with
  * its own loop and handle on the file: flush, set_backing and the
  * driver's own calls (bm_image_driver_call) of a writable image run
- * there, one at a time, while map goes on on the worker.  The bm_fmt_* helpers work on either thread (each uses its
- * own handle; a sync on one makes the other's completed writes durable
- * too, being an fdatasync of the same file).  Such a driver serializes
+ * there, one at a time, while map goes on on the worker.  The bm_fmt_*
+ * helpers work on either thread (each uses its own handle; a sync on
+ * one makes the other's completed writes durable too, being an
+ * fdatasync of the same file).  Such a driver serializes
  * flush against map itself, and must not make the worker wait for a
  * flush while the flush waits for data (bm_fmt_wait_mark).
  *

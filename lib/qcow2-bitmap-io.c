@@ -28,11 +28,32 @@
  * extension (ours always is).  Autoclear bit 0 is set before an
  * extension appears, so a reader never sees our bitmaps without it.
  *
- * Everything runs on the driver's thread (bm_image_driver_call) with
- * flush_lock and lock held: no flush runs meanwhile, and map waits.
+ * What the list may free: the parser (qcow2-bitmap.c) checks its
+ * arithmetic, not the rest of the image.  So at load, and again before
+ * a commit frees the list it replaces, every cluster of the list
+ * (directory, tables, data) must have refcount exactly 1, appear once,
+ * and be none of the header, L1 table, refcount table, refcount blocks,
+ * L2 tables or guest data (the L2 tables are looked through only for a
+ * list this open has not checked or written itself); otherwise tracking
+ * is refused, naming the bitmap, and nothing is changed.  Freeing a
+ * cluster that something else still uses would let the next allocation
+ * overwrite it.  Load applies the caller's limits (set->check) to the
+ * directory before it allocates anything the image's sizes ask.
+ *
+ * Failures: one before the header switch frees the new run again (at
+ * the next flush) and leaves the old list, memory and disk alike.  One
+ * during the switch (a write or sync of cluster 0) leaves the file's
+ * list unknown: the bitmaps are given up for this open (lose()), never
+ * guessed at.
+ *
+ * Every entry point (load, commit, release, and the open-time check,
+ * which has the image to itself) takes flush_lock and lock: no flush
+ * runs meanwhile, and map waits.  Load, commit and release run on the
+ * driver's thread (bm_image_driver_call).
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -87,6 +108,10 @@ usable(struct qcow2 *q)
 	if (q->corrupt)
 		return bm_error(-EIO, "%s: qcow2 image is marked corrupt",
 				q->name);
+	if (q->bitmaps_lost)
+		return bm_error(-EIO, "%s: the qcow2 bitmaps are in an unknown "
+				"state since a write of the header failed; "
+				"reopen the image", q->name);
 	return 0;
 }
 
@@ -132,9 +157,16 @@ static int
 read_table(struct qcow2 *q, const struct bm_qcow2_bitmap *b, uint64_t **t)
 {
 	uint64_t n = b->table_size, fsize = bm_fmt_file_size(q->f);
-	uint8_t *buf = malloc(n * 8);
+	uint8_t *buf;
 	int err;
 
+	*t = NULL;
+	/* Tables do not overlap (the parser): together no larger than the
+	 * file, and so is what they cost here. */
+	if (b->table_offset > fsize || n * 8 > fsize - b->table_offset)
+		return bm_error(-EINVAL, "%s: qcow2 bitmap %.80s: bitmap "
+				"table is outside the file", q->name, b->name);
+	buf = malloc(n * 8);
 	*t = calloc(n, sizeof **t);
 	if (!buf || !*t) {
 		free(buf);
@@ -162,15 +194,141 @@ read_table(struct qcow2 *q, const struct bm_qcow2_bitmap *b, uint64_t **t)
 	return err;
 }
 
+static void
+free_tables(uint64_t **t, uint32_t n)
+{
+	for (uint32_t i = 0; t && i < n; i++)
+		free(t[i]);
+	free(t);
+}
+
+/* Read and check the table of each of the n bitmaps b (*t: n tables). */
 static int
-load_one(struct qcow2 *q, struct bm_qcow2_bitmap_set *s, uint32_t i)
+read_tables(struct qcow2 *q, const struct bm_qcow2_bitmap *b, uint32_t n,
+	    uint64_t ***t)
+{
+	int err = 0;
+
+	*t = calloc(n ? n : 1, sizeof **t);
+	if (!*t)
+		return bm_error(-ENOMEM, "%s: out of memory", q->name);
+	for (uint32_t i = 0; !err && i < n; i++)
+		err = read_table(q, &b[i], &(*t)[i]);
+	return err;
+}
+
+static int
+cmp_use(const void *a, const void *b)
+{
+	const struct bm_qcow2_use *x = a, *y = b;
+
+	if (x->cluster != y->cluster)
+		return x->cluster < y->cluster ? -1 : 1;
+	return (x->owner > y->owner) - (x->owner < y->owner);
+}
+
+static void
+add_use(struct bm_qcow2_use *u, size_t *nu, uint64_t off, uint64_t bytes,
+	uint32_t owner, uint32_t cb)
+{
+	for (uint64_t c = off >> cb; c < (off + bytes + (UINT64_C(1) << cb) -
+					  1) >> cb; c++) {
+		u[*nu].cluster = c;
+		u[*nu].owner = owner;
+		(*nu)++;
+	}
+}
+
+/* Every cluster of the current list (directory, tables t, data), sorted
+ * by cluster. */
+static int
+list_uses(struct qcow2 *q, const struct bm_qcow2_bitmap *b, uint32_t n,
+	  uint64_t *const *t, struct bm_qcow2_use **out, size_t *nu)
+{
+	size_t total = bm_round_up(q->h.bitmaps_dir_size, q->cs) >> q->cb;
+	struct bm_qcow2_use *u;
+
+	for (uint32_t i = 0; i < n; i++)
+		total += (bm_round_up((uint64_t)b[i].table_size * 8, q->cs) >>
+			  q->cb) + b[i].table_size;
+	*nu = 0;
+	*out = u = malloc(total * sizeof *u);
+	if (!u)
+		return bm_error(-ENOMEM, "%s: out of memory", q->name);
+	add_use(u, nu, q->h.bitmaps_dir_offset, q->h.bitmaps_dir_size,
+		UINT32_MAX, q->cb);
+	for (uint32_t i = 0; i < n; i++) {
+		add_use(u, nu, b[i].table_offset,
+			(uint64_t)b[i].table_size * 8, i, q->cb);
+		for (uint64_t j = 0; j < b[i].table_size; j++)
+			if (t[i][j] & BM_QCOW2_OFFSET_MASK)
+				add_use(u, nu, t[i][j] & BM_QCOW2_OFFSET_MASK,
+					q->cs, i, q->cb);
+	}
+	qsort(u, *nu, sizeof *u, cmp_use);
+	return 0;
+}
+
+/*
+ * Freeing the list is safe only if each of its clusters belongs to it
+ * alone: refcount exactly 1, named once, not the header, an L1, L2 or
+ * refcount table or block, nor guest data.  `deep`: look through the L2
+ * tables too (not needed for a list this open checked or wrote).
+ */
+static int
+check_uses(struct qcow2 *q, const struct bm_qcow2_bitmap *b, uint32_t n,
+	   uint64_t *const *t, bool deep)
+{
+	struct bm_qcow2_use *u;
+	size_t nu, hit = 0;
+	const char *what = NULL;
+	char why[64];
+	uint64_t v;
+	int err = list_uses(q, b, n, t, &u, &nu);
+
+	for (size_t k = 0; !err && !what && k < nu; k++) {
+		hit = k;
+		if (k && u[k].cluster == u[k - 1].cluster)
+			what = "is used twice";
+		else if (meta_overlap(q, u[k].cluster << q->cb))
+			what = "overlaps the image's metadata";
+		else if (!(err = bm_qcow2_refcount(q, u[k].cluster, &v)) &&
+			 v != 1) {
+			snprintf(why, sizeof why, "has refcount %" PRIu64
+				 ", not 1", v);
+			what = why;
+		}
+	}
+	if (!err && !what && deep) {
+		err = bm_qcow2_find_in_use(q, u, nu, &hit, &what);
+		if (!err && hit < nu) {
+			snprintf(why, sizeof why, "is also %s", what);
+			what = why;
+		} else {
+			what = NULL;
+		}
+	}
+	if (!err && what)
+		err = bm_error(-EINVAL, "%s: qcow2 bitmap %s%.80s: cluster 0x%"
+			       PRIx64 " %s", q->name,
+			       u[hit].owner == UINT32_MAX ? "directory" : "",
+			       u[hit].owner == UINT32_MAX ? "" :
+			       b[u[hit].owner].name,
+			       u[hit].cluster << q->cb, what);
+	free(u);
+	return err;
+}
+
+static int
+load_one(struct qcow2 *q, struct bm_qcow2_bitmap_set *s, uint32_t i,
+	 uint64_t **tp)
 {
 	const struct bm_qcow2_bitmap *b = &s->b[i];
-	uint64_t *t = NULL;
-	int err = read_table(q, b, &t);
+	uint64_t *t = *tp;
+	int err = 0;
 
 	s->allocated[i] = true;
-	if (!err && !(s->data[i] = bm_qcow2_alloc_buf(b->table_size * q->cs)))
+	if (!(s->data[i] = bm_qcow2_alloc_buf(b->table_size * q->cs)))
 		err = bm_error(-ENOMEM, "%s: out of memory", q->name);
 	for (uint64_t j = 0; !err && j < b->table_size; j++) {
 		uint8_t *dst = s->data[i] + j * q->cs;
@@ -184,11 +342,10 @@ load_one(struct qcow2 *q, struct bm_qcow2_bitmap_set *s, uint32_t i)
 	}
 	if (!err && i == s->n - 1) {
 		s->last = t;   /* entries of aligned offsets: the hosts */
-		t = NULL;
+		*tp = NULL;
 		for (uint64_t j = 0; j < b->table_size; j++)
 			s->last[j] &= BM_QCOW2_OFFSET_MASK;
 	}
-	free(t);
 	return err;
 }
 
@@ -197,6 +354,9 @@ bm_qcow2_bitmaps_load(void *drv, void *arg)
 {
 	struct qcow2 *q = drv;
 	struct bm_qcow2_bitmap_set *s = arg;
+	int (*check)(void *, const struct bm_qcow2_bitmap_set *) = s->check;
+	void *opaque = s->opaque;
+	uint64_t **t = NULL;
 	int err;
 
 	memset(s, 0, sizeof *s);
@@ -205,20 +365,31 @@ bm_qcow2_bitmaps_load(void *drv, void *arg)
 	err = usable(q);
 	if (!err)
 		err = read_dir(q, &s->b);
-	if (!err && s->b) {
+	if (!err && s->b)
 		s->n = q->h.bitmaps_nb;
+	/* The caller's limits before anything sized by the image. */
+	if (!err && check)
+		err = check(opaque, s);
+	if (!err && s->n)
+		err = read_tables(q, s->b, s->n, &t);
+	if (!err && s->n)
+		err = check_uses(q, s->b, s->n, t, true);
+	if (!err && s->n) {
 		s->data = calloc(s->n, sizeof *s->data);
 		s->allocated = calloc(s->n, sizeof *s->allocated);
 		if (!s->data || !s->allocated)
 			err = bm_error(-ENOMEM, "%s: out of memory", q->name);
 	}
 	for (uint32_t i = 0; !err && i < s->n; i++)
-		err = load_one(q, s, i);
+		err = load_one(q, s, i, &t[i]);
 	s->consistent = !q->h.has_bitmaps ||
 			(q->h.autoclear & BM_QCOW2_AUTOCLEAR_BITMAPS);
-	if (!err)
+	if (!err) {
 		q->keep_bitmaps = true;
+		q->checked_dir = q->h.bitmaps_dir_offset;
+	}
 	unlock(q);
+	free_tables(t, s->n);
 	if (err)
 		bm_qcow2_bitmap_set_free(s);
 	return err;
@@ -228,8 +399,11 @@ int
 bm_qcow2_bitmaps_check(struct qcow2 *q)
 {
 	struct bm_qcow2_bitmap *b;
-	int err = read_dir(q, &b);
+	int err;
 
+	lock(q);   /* nobody else yet: for the rule of the file */
+	err = read_dir(q, &b);
+	unlock(q);
 	bm_qcow2_bitmaps_free(b, q->h.bitmaps_nb);
 	/* Valid but not ours to rewrite: refused when tracking starts. */
 	if (err == -ENOTSUP)
@@ -243,9 +417,9 @@ bm_qcow2_bitmaps_release(void *drv, void *arg)
 	struct qcow2 *q = drv;
 
 	(void)arg;
-	pthread_mutex_lock(&q->lock);
+	lock(q);
 	q->keep_bitmaps = false;
-	pthread_mutex_unlock(&q->lock);
+	unlock(q);
 	return 0;
 }
 
@@ -289,25 +463,31 @@ static int
 old_clusters(struct qcow2 *q, struct frees *fr)
 {
 	struct bm_qcow2_bitmap *b;
+	uint64_t **t = NULL;
+	uint32_t n = q->h.bitmaps_nb;
 	int err = read_dir(q, &b);
 
 	if (err || !b)
 		return err;
-	err = add_free(q, fr, q->h.bitmaps_dir_offset, q->h.bitmaps_dir_size);
-	for (uint32_t i = 0; !err && i < q->h.bitmaps_nb; i++) {
-		uint64_t *t = NULL;
-
-		err = read_table(q, &b[i], &t);
+	err = read_tables(q, b, n, &t);
+	if (!err)
+		err = check_uses(q, b, n, t,
+				 q->h.bitmaps_dir_offset != q->checked_dir);
+	if (!err)
+		err = add_free(q, fr, q->h.bitmaps_dir_offset,
+			       q->h.bitmaps_dir_size);
+	for (uint32_t i = 0; !err && i < n; i++) {
 		for (uint64_t j = 0; !err && j < b[i].table_size; j++)
-			if (t[j] & BM_QCOW2_OFFSET_MASK)
-				err = add_free(q, fr, t[j] & BM_QCOW2_OFFSET_MASK,
+			if (t[i][j] & BM_QCOW2_OFFSET_MASK)
+				err = add_free(q, fr,
+					       t[i][j] & BM_QCOW2_OFFSET_MASK,
 					       q->cs);
 		if (!err)
 			err = add_free(q, fr, b[i].table_offset,
 				       (uint64_t)b[i].table_size * 8);
-		free(t);
 	}
-	bm_qcow2_bitmaps_free(b, q->h.bitmaps_nb);
+	free_tables(t, n);
+	bm_qcow2_bitmaps_free(b, n);
 	return err;
 }
 
@@ -365,10 +545,11 @@ one_sector(uint64_t off, uint64_t len)
 	return off / BM_QCOW2_SECTOR == (off + len - 1) / BM_QCOW2_SECTOR;
 }
 
-/* Point the header at the new directory (n bitmaps; n == 0: none). */
+/* Point the header at the new directory (n bitmaps; n == 0: none).
+ * *wrote: cluster 0 may have changed (a failure is then not clean). */
 static int
 switch_header(struct qcow2 *q, uint32_t n, uint64_t dir_size,
-	      uint64_t dir_off)
+	      uint64_t dir_off, bool *wrote)
 {
 	uint8_t ext[EXT_HEADER + EXT_DATA + 8] = { 0 };
 	uint64_t pos = q->h.bitmaps_ext_pos, end = q->h.ext_end_pos;
@@ -381,6 +562,7 @@ switch_header(struct qcow2 *q, uint32_t n, uint64_t dir_size,
 					"extension straddles a sector: it "
 					"cannot be switched atomically",
 					q->name);
+		*wrote = true;
 		return write_sync(q, ext + EXT_HEADER, EXT_DATA,
 				  pos + EXT_HEADER);
 	}
@@ -392,11 +574,13 @@ switch_header(struct qcow2 *q, uint32_t n, uint64_t dir_size,
 					"extension is not the last one: it "
 					"cannot be removed atomically",
 					q->name);
+		*wrote = true;
 		return write_sync(q, ext + EXT_HEADER + EXT_DATA, 8, pos);
 	}
 	if (!end || end + sizeof ext > q->cs)
 		return bm_error(-ENOSPC, "%s: no room in the qcow2 header for "
 				"the bitmaps extension", q->name);
+	*wrote = true;
 	err = move_backing_name(q, end + sizeof ext);
 	if (!err)
 		err = set_autoclear(q);
@@ -489,6 +673,27 @@ fill(struct qcow2 *q, struct bm_qcow2_bitmap_set *s, uint64_t base,
 			bm_round_up(l->dir_size, q->cs)) : 0;
 }
 
+/*
+ * The header switch failed part way: the file may show the old list or
+ * the new one.  Rather than guess, give up the bitmaps for this open:
+ * no more commits, nothing of either list freed (leaks at worst), and
+ * autoclear bit 0 cleared, now if the file takes it, else before the
+ * next change of the image (keep_bitmaps), so that QEMU and the next
+ * load distrust every bitmap and a backup heals.
+ */
+static int
+lose(struct qcow2 *q, int err)
+{
+	char why[256];
+
+	snprintf(why, sizeof why, "%s", blockmirror_last_error());
+	q->bitmaps_lost = true;
+	q->keep_bitmaps = false;
+	(void)bm_qcow2_clear_autoclear(q);
+	return bm_error(err, "%s; the image's bitmaps are now in an unknown "
+			"state and not trusted", why);
+}
+
 static int
 commit_locked(struct qcow2 *q, struct bm_qcow2_bitmap_set *s)
 {
@@ -496,6 +701,7 @@ commit_locked(struct qcow2 *q, struct bm_qcow2_bitmap_set *s)
 	struct frees fr = { 0 };
 	uint64_t base = 0, dir_off = 0;
 	uint8_t *run = NULL;
+	bool wrote = false;
 	int err = usable(q);
 
 	if (!err && s->n > BM_QCOW2_MAX_BITMAPS)
@@ -536,9 +742,16 @@ commit_locked(struct qcow2 *q, struct bm_qcow2_bitmap_set *s)
 		dir_off = base + (l.clusters << q->cb) -
 			  bm_round_up(l.dir_size, q->cs);
 	if (!err)
-		err = switch_header(q, s->n, l.dir_size, dir_off);
+		err = switch_header(q, s->n, l.dir_size, dir_off, &wrote);
 	if (!err && s->n)
 		err = set_autoclear(q);
+	if (err && wrote) {
+		err = lose(q, err);
+		goto out;
+	}
+	/* Nothing refers to the run: it goes back at the next flush. */
+	if (err && base)
+		bm_qcow2_free_later(q, base >> q->cb, l.clusters);
 	if (err)
 		goto out;
 	q->h.has_bitmaps = s->n != 0;
@@ -549,6 +762,7 @@ commit_locked(struct qcow2 *q, struct bm_qcow2_bitmap_set *s)
 		q->h.ext_end_pos = q->h.bitmaps_ext_pos;
 	for (size_t i = 0; !err && i < fr.n; i++)
 		err = bm_qcow2_free_later(q, fr.c[2 * i], fr.c[2 * i + 1]);
+	q->checked_dir = dir_off;
 	if (s->n) {
 		s->last = l.host[s->n - 1];
 		l.host[s->n - 1] = NULL;

@@ -8,11 +8,16 @@
  * entry checks out and the entries fill it exactly; it is never
  * repaired.  An entry's table must have exactly the size the disk and
  * the granularity give (QEMU refuses any other), be cluster-aligned and
- * lie clear of cluster 0, the directory and every other table, so the
- * driver may read and free what the directory names without further
- * checks on its arithmetic.  Entries we could read but not write back
- * faithfully (extra data, unknown flags or types) are refused with
- * -ENOTSUP: rewriting the directory would drop what they hold.
+ * lie clear of cluster 0, the directory and every other table, and
+ * names are unique (checked sorted: n log n for up to 65535 entries), so
+ * the driver may size and read what the directory names without further
+ * checks on its arithmetic.  That alone does not make freeing it safe:
+ * the parser sees no other structure of the image.  Before the driver
+ * reads data or frees anything it checks the whole list against the
+ * image itself (qcow2-bitmap-io.c, check_uses).  Entries we could read
+ * but not write back faithfully (extra data, unknown flags or types) are
+ * refused with -ENOTSUP: rewriting the directory would drop what they
+ * hold.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -199,35 +204,77 @@ parse_entry(const char *img, const struct bm_qcow2_header *h,
 	return why ? bad_entry(img, i, b->name, err, why) : 0;
 }
 
-/* Tables clear of the directory and of each other, names unique. */
+static int
+cmp_name(const void *a, const void *b)
+{
+	const struct bm_qcow2_bitmap *const *pa = a, *const *pb = b;
+	const struct bm_qcow2_bitmap *x = *pa, *y = *pb;
+	int c = strcmp(x->name, y->name);
+
+	return c ? c : (x > y) - (x < y);
+}
+
+static int
+cmp_table(const void *a, const void *b)
+{
+	const struct bm_qcow2_bitmap *const *pa = a, *const *pb = b;
+	const struct bm_qcow2_bitmap *x = *pa, *y = *pb;
+
+	if (x->table_offset != y->table_offset)
+		return x->table_offset < y->table_offset ? -1 : 1;
+	return (x > y) - (x < y);
+}
+
+/* Of two entries in conflict, the later one in the directory. */
+static uint32_t
+later(const struct bm_qcow2_bitmap *b, const struct bm_qcow2_bitmap *x,
+      const struct bm_qcow2_bitmap *y)
+{
+	return (uint32_t)((x > y ? x : y) - b);
+}
+
+/* Tables clear of the directory and of each other, names unique:
+ * sorted, so that a directory of 65535 entries costs n log n, not n^2
+ * (sorted by offset, two tables overlap only if neighbours do). */
 static int
 check_list(const char *img, const struct bm_qcow2_header *h,
 	   const struct bm_qcow2_bitmap *b, uint32_t n)
 {
 	uint64_t cs = UINT64_C(1) << h->cluster_bits;
 	uint64_t dlen = bm_round_up(h->bitmaps_dir_size, cs);
+	const struct bm_qcow2_bitmap **p;
+	const char *why = NULL;
+	uint32_t bad = 0;
 
-	for (uint32_t i = 0; i < n; i++) {
-		uint64_t tlen = bm_round_up((uint64_t)b[i].table_size * 8, cs);
-
-		if (overlaps(b[i].table_offset, tlen, h->bitmaps_dir_offset,
-			     dlen))
+	for (uint32_t i = 0; i < n; i++)
+		if (overlaps(b[i].table_offset,
+			     bm_round_up((uint64_t)b[i].table_size * 8, cs),
+			     h->bitmaps_dir_offset, dlen))
 			return bad_entry(img, i, b[i].name, -EINVAL, "bitmap "
 					 "table overlaps the directory");
-		for (uint32_t j = 0; j < i; j++) {
-			if (!strcmp(b[i].name, b[j].name))
-				return bad_entry(img, i, b[i].name, -EINVAL,
-						 "two bitmaps with one name");
-			if (overlaps(b[i].table_offset, tlen,
-				     b[j].table_offset,
-				     bm_round_up((uint64_t)b[j].table_size * 8,
-						 cs)))
-				return bad_entry(img, i, b[i].name, -EINVAL,
-						 "bitmap table overlaps the "
-						 "table of another bitmap");
+	p = malloc((n ? n : 1) * sizeof *p);
+	if (!p)
+		return bm_error(-ENOMEM, "%s: out of memory", img);
+	for (uint32_t i = 0; i < n; i++)
+		p[i] = &b[i];
+	qsort(p, n, sizeof *p, cmp_name);
+	for (uint32_t i = 1; !why && i < n; i++)
+		if (!strcmp(p[i - 1]->name, p[i]->name)) {
+			why = "two bitmaps with one name";
+			bad = later(b, p[i - 1], p[i]);
 		}
-	}
-	return 0;
+	qsort(p, n, sizeof *p, cmp_table);
+	for (uint32_t i = 1; !why && i < n; i++)
+		if (overlaps(p[i - 1]->table_offset,
+			     bm_round_up((uint64_t)p[i - 1]->table_size * 8,
+					 cs),
+			     p[i]->table_offset, 1)) {
+			why = "bitmap table overlaps the table of another "
+			      "bitmap";
+			bad = later(b, p[i - 1], p[i]);
+		}
+	free(p);
+	return why ? bad_entry(img, bad, b[bad].name, -EINVAL, why) : 0;
 }
 
 int

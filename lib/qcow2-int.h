@@ -89,6 +89,12 @@ struct qcow2 {
 	 * tracker that attaches before that (keep_bitmaps) keeps bit 0, as
 	 * it keeps the bitmaps up to date. */
 	bool keep_bitmaps;
+	/* The bitmap directory this open checked against the L2 tables
+	 * (at load) or wrote: its list needs no such check to be freed. */
+	uint64_t checked_dir;
+	/* A switch of the bitmaps extension failed part way: what the file
+	 * holds is not known, so no more commits (qcow2-bitmap-io.c). */
+	bool bitmaps_lost;
 };
 
 /*
@@ -108,7 +114,24 @@ int bm_qcow2_free_later(struct qcow2 *q, uint64_t cluster, uint64_t count);
 void *bm_qcow2_alloc_buf(uint64_t len);
 int bm_qcow2_clear_autoclear(struct qcow2 *q);
 
-/* At open (qcow2-bitmap-io.c): the bitmap directory, if any, parses. */
+/*
+ * Also for qcow2-bitmap-io.c, under the locks: the refcount of a
+ * cluster (0 where no block counts it), and whether any host cluster of
+ * u[0..n) (sorted by cluster) is a refcount block, an L2 table or holds
+ * guest data: *hit its index (n: none), *what which of those.  The L2
+ * tables are read as they are in memory, without touching the cache.
+ */
+struct bm_qcow2_use {
+	uint64_t cluster;      /* host offset >> cluster bits */
+	uint32_t owner;        /* bitmap index; UINT32_MAX: the directory */
+};
+
+int bm_qcow2_refcount(struct qcow2 *q, uint64_t cluster, uint64_t *v);
+int bm_qcow2_find_in_use(struct qcow2 *q, const struct bm_qcow2_use *u,
+			 size_t n, size_t *hit, const char **what);
+
+/* At open (qcow2-bitmap-io.c, taking the locks): the bitmap directory,
+ * if any, parses. */
 int bm_qcow2_bitmaps_check(struct qcow2 *q);
 
 #endif /* BM_QCOW2_INT_H */

@@ -744,6 +744,108 @@ bm_qcow2_alloc_buf(uint64_t len)
 	return alloc_buf(len);
 }
 
+/* Is host cluster `c` one of u[0..n) (sorted)?  Its index, or n. */
+static size_t
+use_find(const struct bm_qcow2_use *u, size_t n, uint64_t c)
+{
+	size_t lo = 0, hi = n;
+
+	while (lo < hi) {
+		size_t mid = lo + (hi - lo) / 2;
+
+		if (u[mid].cluster < c)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < n && u[lo].cluster == c ? lo : n;
+}
+
+/* The clusters guest data of one L2 table (buf) takes, against u. */
+static size_t
+l2_hit(struct qcow2 *q, const uint8_t *buf, uint64_t l2_off,
+       const struct bm_qcow2_use *u, size_t n)
+{
+	for (uint64_t i = 0; i < q->l2_entries; i++) {
+		struct bm_qcow2_l2 e;
+		uint64_t first, last;
+		size_t k;
+
+		/* A bad entry is refused where it is used; here it holds
+		 * nothing we could free by mistake. */
+		if (bm_qcow2_l2_decode(q->name, bm_get_be64(buf + i * 8), q->cb,
+				       q->h.version, &e, l2_off, i) < 0) {
+			bm_error_clear();
+			continue;
+		}
+		if (e.kind != BM_QCOW2_NORMAL &&
+		    e.kind != BM_QCOW2_ZERO_ALLOC &&
+		    e.kind != BM_QCOW2_COMPRESSED)
+			continue;
+		first = e.host >> q->cb;
+		last = e.kind == BM_QCOW2_COMPRESSED && e.csize ?
+		       (e.host + e.csize - 1) >> q->cb : first;
+		for (uint64_t c = first; c <= last; c++)
+			if ((k = use_find(u, n, c)) < n)
+				return k;
+	}
+	return n;
+}
+
+int
+bm_qcow2_find_in_use(struct qcow2 *q, const struct bm_qcow2_use *u,
+		     size_t n, size_t *hit, const char **what)
+{
+	uint8_t *buf = NULL;
+	int err = 0;
+
+	*hit = n;
+	for (uint64_t i = 0; i < q->rt_entries && *hit == n; i++)
+		if (rt_get(q, i))
+			*hit = use_find(u, n, rt_get(q, i) >> q->cb);
+	*what = "a refcount block";
+	if (*hit < n)
+		return 0;
+	*what = "an L2 table";
+	for (uint64_t i = 0; i < q->h.l1_size && *hit == n; i++) {
+		uint64_t off = l1_get(q, i) & BM_QCOW2_OFFSET_MASK;
+
+		if (off)
+			*hit = use_find(u, n, off >> q->cb);
+	}
+	if (*hit < n)
+		return 0;
+	/* Guest data: a cached table may be newer than the file; one that
+	 * is not cached is clean there.  Read aside, evicting nothing. */
+	*what = "guest data";
+	for (uint64_t i = 0; !err && i < q->h.l1_size && *hit == n; i++) {
+		uint64_t off = l1_get(q, i) & BM_QCOW2_OFFSET_MASK;
+		struct table *t;
+
+		if (!off || off & (q->cs - 1))
+			continue;
+		if ((t = cache_find(&q->l2c, off))) {
+			*hit = l2_hit(q, t->buf, off, u, n);
+			continue;
+		}
+		if (!buf && !(buf = alloc_buf(q->cs))) {
+			err = bm_error(-ENOMEM, "%s: out of memory", q->name);
+			break;
+		}
+		err = bm_fmt_pread_zero(q->f, buf, q->cs, off);
+		if (!err)
+			*hit = l2_hit(q, buf, off, u, n);
+	}
+	free(buf);
+	return err;
+}
+
+int
+bm_qcow2_refcount(struct qcow2 *q, uint64_t cluster, uint64_t *v)
+{
+	return rc_get(q, cluster, v);
+}
+
 /* ---- L2 tables ------------------------------------------------------ */
 
 /* The L2 table for L1 index `i` (*t NULL: none).  With `alloc` a
@@ -1705,7 +1807,6 @@ setup(struct qcow2 *q, unsigned flags)
 	return load_tables(q);
 }
 
-
 static int
 qcow2_open(struct bm_fmt *f, unsigned flags, struct bm_fmt_info *info,
 	   void **drv)
@@ -1747,7 +1848,8 @@ qcow2_open(struct bm_fmt *f, unsigned flags, struct bm_fmt_info *info,
  * goes into free space in cluster 0 first, then one sector write flips
  * the header to it.  The header area is read from the file, under the
  * lock, so the sector written back carries every field the driver has
- * changed before (they are all written through at once).
+ * changed before (they are all written through at once).  The header
+ * fields that say where the name is follow the disk.
  */
 static int
 qcow2_set_backing(void *drv, const char *name, enum blockmirror_format format)
@@ -1787,6 +1889,10 @@ qcow2_set_backing(void *drv, const char *name, enum blockmirror_format format)
 		free(q->h.backing_name);
 		q->h.backing_name = copy;
 		copy = NULL;
+		/* Where the name now is: a new bitmaps extension may have to
+		 * move it (qcow2-bitmap-io.c). */
+		q->h.backing_offset = off;
+		q->h.backing_size = (uint32_t)strlen(name);
 		if (fmt)
 			snprintf(q->h.backing_format,
 				 sizeof q->h.backing_format, "%s", fmt);

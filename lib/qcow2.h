@@ -284,7 +284,10 @@ void bm_qcow2_bitmap_ext_encode(uint32_t nb, uint64_t dir_size,
  *   into *set (n, b, data, allocated, consistent, cluster_bits, and in
  *   last the data clusters of the last bitmap, 0 for none; free
  *   with bm_qcow2_bitmap_set_free) and keep autoclear bit 0 from then
- *   on: the caller keeps the bitmaps up to date.
+ *   on: the caller keeps the bitmaps up to date.  set->check, if set,
+ *   sees the directory first.  -EINVAL, naming the bitmap, if a cluster
+ *   of the list is not the list's alone (refcount not 1, named twice,
+ *   or image metadata or guest data): a commit would free it.
  * commit: make the image's bitmaps set->b[0..n) (name, flags,
  *   granularity_bits) with data set->data[i], crash-safely: new clusters
  *   for every data cluster that is not all zeroes (every one of the last
@@ -292,7 +295,9 @@ void bm_qcow2_bitmap_ext_encode(uint32_t nb, uint64_t dir_size,
  *   first, all synced before the header extension switches to them;
  *   then the old ones are freed.  A crash leaves the old list or the
  *   new one, at worst with leaked clusters.  set->last gets the host
- *   offset of each data cluster of the last bitmap (malloc'd).
+ *   offset of each data cluster of the last bitmap (malloc'd).  A
+ *   failure before the switch leaves the old list; one during it says
+ *   the bitmaps are in an unknown state, and later commits fail -EIO.
  * release: the caller stops keeping the bitmaps: autoclear bit 0 is
  *   cleared before the next change of the image.
  */
@@ -305,6 +310,11 @@ struct bm_qcow2_bitmap_set {
 	uint32_t cluster_bits;     /* load */
 	bool alloc_last;           /* commit */
 	uint64_t *last;            /* the last bitmap's data clusters */
+	/* load, in: the caller's limits, run on the directory (n, b,
+	 * cluster_bits) before anything its sizes ask is allocated; an
+	 * error refuses the load.  NULL: none. */
+	int (*check)(void *opaque, const struct bm_qcow2_bitmap_set *set);
+	void *opaque;
 };
 
 int bm_qcow2_bitmaps_load(void *drv, void *set);

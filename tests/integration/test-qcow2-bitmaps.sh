@@ -19,12 +19,16 @@
 #     reported untrusted, and the next backup heals;
 #   - after a move the source's bitmaps still take marks, and creating a
 #     checkpoint is refused, saying why;
-#   - a damaged bitmap directory is refused at open, naming the entry;
-#   - --track=FILE, and qcow2 clusters under 4 KiB, still keep a sidecar.
+#   - a damaged bitmap directory is refused at open, naming the entry; a
+#     bitmap naming an L2 table is refused when tracking starts;
+#   - --track=FILE, and qcow2 clusters under 4 KiB, still keep a sidecar;
+#   - a base moved (to a shorter, then a longer name) before the first
+#     checkpoint: the overlay names the new base, whole, beside its
+#     bitmaps; qemu-img check is clean and the data reads through it.
 set -euo pipefail
 . "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
 
-requires qemu-img qemu-io qemu-nbd nbdinfo python3
+requires qemu-img qemu-io qemu-nbd nbdinfo python3 timeout
 
 SIZE=$((64 * MiB))
 IMG=$T/disk.qcow2
@@ -253,6 +257,35 @@ expect_fail_with --names "$T/bad.qcow2" nonzero 'bitmap directory entry 0 .*tabl
 	"$BMIRROR" info "$T/bad.qcow2"
 pass "a damaged bitmap directory is refused at open, naming the entry"
 
+# ---- a bitmap that names an L2 table -----------------------------------------
+# Its first table entry made the image's first L2 table: a checkpoint
+# creation would free that table and reuse it.  Tracking is refused,
+# naming the bitmap and the cluster, and the guest's data is untouched.
+cp -- "$IMG" "$T/hostile.qcow2"
+python3 - "$T/hostile.qcow2" <<'PY'
+import struct, sys
+f = open(sys.argv[1], 'r+b')
+h = f.read(65536)
+f.seek(struct.unpack('>Q', h[40:48])[0])
+l2 = struct.unpack('>Q', f.read(8))[0] & 0x00fffffffffffe00
+assert l2
+pos = struct.unpack('>I', h[100:104])[0]
+while True:
+    t, n = struct.unpack('>II', h[pos:pos + 8])
+    if t == 0x23852875:
+        break
+    pos += 8 + (n + 7) // 8 * 8
+d = struct.unpack('>Q', h[pos + 24:pos + 32])[0]
+f.seek(d)
+f.seek(struct.unpack('>Q', f.read(8))[0])
+f.write(struct.pack('>Q', l2))
+PY
+expect_fail_with --names "$T/hostile.qcow2" nonzero 'qcow2 bitmap [^ ]*: cluster 0x[0-9a-f]* is also an L2 table' \
+	timeout -k 5 20 "$BMIRROR" serve --nbd "unix:$T/h.sock" --control "$T/h-ctl.sock" \
+	--track "$T/hostile.qcow2"
+run_ok qemu-img compare -q "$IMG" "$T/hostile.qcow2"
+pass "a bitmap naming an L2 table: tracking refused, naming it; the data untouched"
+
 # ---- --track=FILE keeps a sidecar -------------------------------------------
 SERVE_EXTRA=(--track="$T/side.cbt")
 start_serve "$IMG"
@@ -270,3 +303,36 @@ json_assert "$RUN_OUT" "d['tracking']['record'] == 'sidecar'"
 stop_serve
 [[ -f $T/small.qcow2.bmirror-cbt ]] || fail "no sidecar for 512-byte clusters"
 pass "--track=FILE, and a qcow2 image with 512-byte clusters, keep a sidecar"
+
+# ---- a base moved before the first checkpoint -------------------------------
+# The move re-points the overlay (set_backing) at a shorter, then at a
+# longer name; the first checkpoint then adds the bitmaps extension and
+# must not write over the name, nor move it with the old one's length.
+OLDBASE=$T/the-original-base-of-the-overlay.qcow2
+TOP=$T/top.qcow2
+SERVE_EXTRA=(--track)
+for newbase in "$T/b.qcow2" "$T/a-much-longer-name-for-the-new-base-of-the-overlay-disk.qcow2"; do
+	rm -f "$TOP" "$OLDBASE" "$newbase"
+	run_ok qemu-img create -q -f qcow2 "$OLDBASE" "$SIZE"
+	run_ok qemu-io -f qcow2 -c "write -P 0x21 0 1M" -c "write -P 0x22 8M 1M" "$OLDBASE"
+	run_ok qemu-img create -q -f qcow2 -b "$OLDBASE" -F qcow2 "$TOP"
+	run_ok qemu-io -f qcow2 -c "write -P 0x31 9M 64k" "$TOP"
+	run_ok qemu-img convert -O raw "$TOP" "$T/expected.raw"
+	start_serve "$TOP"
+	run_ok "$BMIRROR" move --control "$CTL" --base --to "$newbase" --json
+	grep -q '"event":"COMPLETED"' "$RUN_OUT" || fail "base move to $newbase: no COMPLETED event"
+	run_ok "$BMIRROR" checkpoint --control "$CTL" --create c1
+	run_ok qemu-io -f raw -c "write -P 0x41 16M 64k" "$MAIN"
+	run_ok "$BMIRROR" checkpoint --control "$CTL" --create c2
+	stop_serve
+	run_ok qemu-io -f raw -c "write -P 0x41 16M 64k" "$T/expected.raw"
+	qemu-img info --output=json "$TOP" |
+		python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)))' \
+			>"$T/top-info.json" || fail "qemu-img info of the overlay"
+	json_assert "$T/top-info.json" "d['backing-filename'] == '$newbase'" \
+		"[b['name'] for b in d['format-specific']['data']['bitmaps']] == ['c1', 'c2']"
+	run_ok qemu-img check -q "$TOP"
+	rm -f "$OLDBASE"
+	run_ok qemu-img compare -q "$T/expected.raw" "$TOP"
+done
+pass "a base moved before the first checkpoint: the overlay names the new base, whole, beside its bitmaps"

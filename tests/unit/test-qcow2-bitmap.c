@@ -7,7 +7,8 @@
  * Format: a directory round-trips; each kind of malformed directory
  * (offsets, sizes, names, flags, types, extra data, overlaps, trailing
  * bytes) is refused with a message naming the entry, and no single-byte
- * change makes the parser misbehave.
+ * change makes the parser misbehave; 65535 entries are checked in well
+ * under a second.
  *
  * (BM_QBM_SEED replays a seed; it is printed.)
  *
@@ -15,7 +16,15 @@
  * against a model; reopened, the image's bitmaps hold exactly the model
  * (the newest with every data cluster allocated, the only auto one), and
  * qemu-img check is clean.  Bad bitmap table entries make tracking
- * refuse the image, naming the bitmap and the problem.
+ * refuse the image, naming the bitmap and the problem, and so do
+ * clusters that belong to the image (an L2 table, a refcount block,
+ * guest data) or that the list names twice; the tracker's limits are
+ * applied before anything the image sizes is read.  A creation whose
+ * writes start failing at any point leaves no leak if the header was not
+ * touched, and otherwise says the bitmaps are in an unknown state and
+ * has them read back untrusted.  A backing file
+ * changed (set_backing, to a shorter and to a longer name) before the
+ * first checkpoint stays whole and right in the header.
  *
  * Crash: the crash recorder (recorder.h) logs marks, each acknowledged
  * (rec_event) once its waiter runs, with a checkpoint created and the
@@ -28,11 +37,13 @@
  */
 #include <check.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -40,6 +51,7 @@
 #include "cbt-int.h"
 #include "cbt-marks.h"
 #include "errors.h"
+#include "fault.h"
 #include "helpers.h"
 #include "image.h"
 #include "internal.h"
@@ -234,6 +246,66 @@ START_TEST(test_dir_malformed)
 }
 END_TEST
 
+/* A directory of 65535 entries (the most there may be) is checked in
+ * well under a second: names and tables are sorted, not compared pair
+ * by pair (2e9 comparisons, seconds at every open).  A name given twice
+ * and a table given twice, the two entries far apart, are still found. */
+START_TEST(test_dir_many)
+{
+	const uint32_t n = BM_QCOW2_MAX_BITMAPS;
+	struct bm_qcow2_bitmap *b = calloc(n, sizeof *b);
+	struct bm_qcow2_bitmap *out;
+	struct bm_qcow2_header h = { 0 };
+	uint8_t *buf;
+	size_t len;
+
+	ck_assert_ptr_nonnull(b);
+	for (uint32_t i = 0; i < n; i++) {
+		b[i].name = malloc(16);
+		snprintf(b[i].name, 16, "b%" PRIu32, (i * 7919u) % n);
+		b[i].granularity_bits = 16;
+		b[i].table_offset = (UINT64_C(64) +
+				     (uint64_t)i * 104729 % n) << CB;
+		b[i].table_size = 1;
+	}
+	h.version = 3;
+	h.cluster_bits = CB;
+	h.size = UINT64_C(1) << 30;
+	h.has_bitmaps = true;
+	h.bitmaps_nb = n;
+	h.bitmaps_dir_offset = 1u << CB;
+	len = h.bitmaps_dir_size = bm_qcow2_bitmap_dir_size(b, n);
+	buf = malloc(len);
+	ck_assert_ptr_nonnull(buf);
+	for (int round = 0; round < 3; round++) {
+		uint64_t t0 = now_ms();
+		int r, want = round ? -EINVAL : 0;
+
+		if (round == 1)
+			snprintf(b[n - 1].name, 16, "%s", b[0].name);
+		if (round == 2) {
+			snprintf(b[n - 1].name, 16, "unique");
+			b[n - 1].table_offset = b[1].table_offset;
+		}
+		ck_assert_int_eq(bm_qcow2_bitmap_dir_encode(b, n, buf, len), 0);
+		r = bm_qcow2_bitmap_dir_parse("img", &h, buf, len, &out);
+		ck_assert_msg(r == want, "round %d: %s", round,
+			      blockmirror_last_error());
+		ck_assert_msg(now_ms() - t0 < 1000, "round %d: %" PRIu64
+			      " ms", round, now_ms() - t0);
+		if (round == 1)
+			ck_assert_msg_has("entry 65534 (b0): two bitmaps");
+		if (round == 2)
+			ck_assert_msg_has("entry 65534 (unique): bitmap table "
+					  "overlaps the table of another");
+		if (!r)
+			bm_qcow2_bitmaps_free(out, n);
+	}
+	free(buf);
+	bm_qcow2_bitmaps_free(b, n);
+}
+END_TEST
+
 START_TEST(test_dir_flips)
 {
 	uint64_t rng = 77;
@@ -307,6 +379,17 @@ track(struct bm_image *img)
 	ck_assert(bm_cbt_in_image(cbt));
 	ck_assert(!bm_cbt_crashed(cbt));
 	return cbt;
+}
+
+/* Tracked, the image holds n checkpoints; then closed. */
+static void
+track_count_close(struct bm_image *img, size_t n)
+{
+	struct bm_cbt *cbt = track(img);
+
+	ck_assert_uint_eq(bm_cbt_count(cbt), n);
+	ck_assert_int_eq(bm_cbt_close(cbt), 0);
+	bm_image_close(img);
 }
 
 /* A new empty image, tracked. */
@@ -485,18 +568,30 @@ START_TEST(test_track_model)
 END_TEST
 
 /* Where the image's first bitmap table is (read from the file). */
+/* The image's header, parsed (free with bm_qcow2_header_free). */
+static void
+read_header(struct bm_qcow2_header *h)
+{
+	static uint8_t c0[65536];
+	FILE *f = fopen(path, "rb");
+
+	ck_assert_ptr_nonnull(f);
+	ck_assert_uint_eq(fread(c0, 1, sizeof c0, f), sizeof c0);
+	fclose(f);
+	ck_assert_int_eq(bm_qcow2_header_parse("img", c0, sizeof c0, h), 0);
+}
+
 static uint64_t
 first_table(void)
 {
-	static uint8_t c0[65536], d[4096];
+	static uint8_t d[4096];
 	struct bm_qcow2_header h;
 	struct bm_qcow2_bitmap *b;
 	uint64_t off;
 	FILE *f = fopen(path, "rb");
 
 	ck_assert_ptr_nonnull(f);
-	ck_assert_uint_eq(fread(c0, 1, sizeof c0, f), sizeof c0);
-	ck_assert_int_eq(bm_qcow2_header_parse("img", c0, sizeof c0, &h), 0);
+	read_header(&h);
 	ck_assert(h.has_bitmaps && h.bitmaps_dir_size <= sizeof d);
 	ck_assert_int_eq(fseek(f, (long)h.bitmaps_dir_offset, SEEK_SET), 0);
 	ck_assert_uint_eq(fread(d, 1, h.bitmaps_dir_size, f),
@@ -510,41 +605,96 @@ first_table(void)
 	return off;
 }
 
+static uint64_t
+file_be64(uint64_t off)
+{
+	uint8_t b[8];
+	FILE *f = fopen(path, "rb");
+
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(fseek(f, (long)off, SEEK_SET), 0);
+	ck_assert_uint_eq(fread(b, 1, 8, f), 8);
+	fclose(f);
+	return bm_get_be64(b);
+}
+
+static void
+put_file_be64(uint64_t off, uint64_t v)
+{
+	uint8_t b[8];
+	FILE *f = fopen(path, "r+b");
+
+	ck_assert_ptr_nonnull(f);
+	bm_put_be64(b, v);
+	ck_assert_int_eq(fseek(f, (long)off, SEEK_SET), 0);
+	ck_assert_uint_eq(fwrite(b, 1, 8, f), 8);
+	fclose(f);
+}
+
 /* Bad bitmap table entries: tracking refuses the image, saying why;
- * nothing is changed. */
+ * nothing is changed.  Among them, clusters that belong to the image
+ * (an L2 table, a refcount block, guest data), that the list names
+ * twice, or that nothing counts: a commit would free them (or drive a
+ * refcount below 0), and the next allocation reuse them. */
 START_TEST(test_bad_tables)
 {
+	enum { FIXED, L2, RBLOCK, DATA, TWICE, FREE };
 	static const struct {
+		int kind;
 		uint64_t entry;
 		const char *msg;
 	} cases[] = {
-		{ 0x10000, "overlaps the image's metadata" },  /* L1 or refcounts */
-		{ 0x10200, "not cluster-aligned" },
-		{ UINT64_C(1) << 40, "outside the file" },
-		{ 0x3fe, "reserved bits" },
+		{ FIXED, 0x10000, "overlaps the image's metadata" },
+		{ FIXED, 0x10200, "not cluster-aligned" },
+		{ FIXED, UINT64_C(1) << 40, "outside the file" },
+		{ FIXED, 0x3fe, "reserved bits" },
+		{ L2, 0, "is also an L2 table" },
+		{ RBLOCK, 0, "is also a refcount block" },
+		{ DATA, 0, "is also guest data" },
+		{ TWICE, 0, "is used twice" },
+		{ FREE, 0, "has refcount 0, not 1" },
 	};
+	static uint8_t data[65536], back[65536];
+	struct bm_io io = { .offset = 0, .length = sizeof data, .buf = data };
+	struct bm_qcow2_header h;
 	struct bm_image *img;
 	struct bm_cbt *cbt;
-	uint64_t table;
-	FILE *f;
+	uint64_t table, l2, guest, rblock, free_c = 0;
+	struct stat st;
 
 	setup();
 	cbt = new_tracked(&img);
+	for (size_t i = 0; i < sizeof data; i++)
+		data[i] = (uint8_t)(i * 7 + 1);
+	ck_assert_int_eq(bm_image_sync(img, bm_image_write, &io), 0);
 	ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
 	ck_assert_int_eq(bm_cbt_close(cbt), 0);
 	bm_image_close(img);
 	table = first_table();
+	read_header(&h);
+	l2 = file_be64(h.l1_table_offset) & BM_QCOW2_OFFSET_MASK;
+	guest = file_be64(l2) & BM_QCOW2_OFFSET_MASK;
+	rblock = file_be64(h.refcount_table_offset);
+	/* A cluster inside the file that nothing counts: one more at its
+	 * end. */
+	ck_assert_int_eq(stat(path, &st), 0);
+	free_c = bm_round_up((uint64_t)st.st_size, UINT64_C(1) << CB);
+	ck_assert_int_eq(truncate(path, (off_t)free_c + (1 << CB)), 0);
+	bm_qcow2_header_free(&h);
+	ck_assert(l2 && guest && rblock && free_c);
 	for (size_t i = 0; i < BM_ARRAY_SIZE(cases); i++) {
-		uint8_t e[8], old[8];
+		uint64_t at = table, old = file_be64(table), e;
 		int r;
 
-		f = fopen(path, "r+b");
-		ck_assert_int_eq(fseek(f, (long)table, SEEK_SET), 0);
-		ck_assert_uint_eq(fread(old, 1, 8, f), 8);
-		bm_put_be64(e, cases[i].entry);
-		ck_assert_int_eq(fseek(f, (long)table, SEEK_SET), 0);
-		ck_assert_uint_eq(fwrite(e, 1, 8, f), 8);
-		fclose(f);
+		switch (cases[i].kind) {
+		case L2: e = l2; break;
+		case RBLOCK: e = rblock; break;
+		case DATA: e = guest; break;
+		case TWICE: at = table + 8; e = old; old = file_be64(at); break;
+		case FREE: e = free_c; break;
+		default: e = cases[i].entry; break;
+		}
+		put_file_be64(at, e);
 		img = image_open();
 		r = bm_cbt_open_image(loop, img, DISK, 0, &cbt);
 		ck_assert_msg(r == -EINVAL, "case %zu: %d %s", i, r,
@@ -552,16 +702,234 @@ START_TEST(test_bad_tables)
 		ck_assert_msg_has(cases[i].msg);
 		ck_assert_msg_has("bitmap c1");
 		bm_image_close(img);
-		f = fopen(path, "r+b");
-		ck_assert_int_eq(fseek(f, (long)table, SEEK_SET), 0);
-		ck_assert_uint_eq(fwrite(old, 1, 8, f), 8);
-		fclose(f);
+		put_file_be64(at, old);
 	}
 	img = image_open();
-	cbt = track(img);
-	ck_assert_uint_eq(bm_cbt_count(cbt), 1);
+	io.buf = back;
+	ck_assert_int_eq(bm_image_sync(img, bm_image_read, &io), 0);
+	ck_assert(memcmp(back, data, sizeof data) == 0);
+	track_count_close(img, 1);
+	if (have_qemu_img)
+		ck_assert_int_eq(run_qemu_img("check -q"), 0);
+	teardown();
+}
+END_TEST
+
+/* A granularity the tracker cannot hold is refused on the directory
+ * alone, before the tables are read or anything they size allocated:
+ * the bad table entry also there is never reached. */
+START_TEST(test_limits_first)
+{
+	struct bm_qcow2_header h;
+	struct bm_image *img;
+	struct bm_cbt *cbt;
+	uint8_t e[4];
+	uint64_t table;
+	FILE *f;
+	int r;
+
+	setup();
+	cbt = new_tracked(&img);
+	ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
 	ck_assert_int_eq(bm_cbt_close(cbt), 0);
 	bm_image_close(img);
+	table = first_table();
+	read_header(&h);
+	put_file_be64(table, 0x3fe);
+	f = fopen(path, "r+b");
+	ck_assert_ptr_nonnull(f);
+	ck_assert_int_eq(fseek(f, (long)h.bitmaps_dir_offset + 8, SEEK_SET),
+			 0);
+	bm_put_be32(e, (uint32_t)bm_qcow2_bitmap_table_size(DISK, 9, CB));
+	ck_assert_uint_eq(fwrite(e, 1, 4, f), 4);
+	ck_assert_int_eq(fseek(f, (long)h.bitmaps_dir_offset + 17, SEEK_SET),
+			 0);
+	ck_assert_int_eq(fputc(9, f), 9);
+	fclose(f);
+	bm_qcow2_header_free(&h);
+	img = image_open();
+	r = bm_cbt_open_image(loop, img, DISK, 0, &cbt);
+	ck_assert_msg(r == -ENOTSUP, "%d %s", r, blockmirror_last_error());
+	ck_assert_msg_has("granularity of 2^9 bytes");
+	bm_image_close(img);
+	teardown();
+}
+END_TEST
+
+/*
+ * A checkpoint creation whose writes (and syncs) start failing after k
+ * of them, for every k until it succeeds.  A failure before the header
+ * switch leaves nothing behind: the new clusters go back, qemu-img
+ * check finds no leak.  A failure during the switch says the bitmaps
+ * are in an unknown state, refuses further changes, and after the next
+ * guest write every checkpoint reads back untrusted (leaks allowed).
+ */
+START_TEST(test_commit_failures)
+{
+	static struct bm_fault_rules rules;
+	static uint8_t byte[512];
+	struct bm_io io = { .offset = 0, .length = sizeof byte, .buf = byte };
+	unsigned clean = 0, lost = 0;
+	bool done = false;
+
+	setup();
+	for (uint64_t k = 0; !done && k < 64; k++) {
+		struct bm_image *img;
+		struct bm_cbt *cbt;
+		bool unknown;
+		int r;
+
+		unlink(path);
+		cbt = new_tracked(&img);
+
+		ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
+		ck_assert_int_eq(bm_cbt_close(cbt), 0);
+		bm_image_close(img);
+
+		memset(&rules, 0, sizeof rules);
+		ck_assert_int_eq(bm_fault_register(path, &rules), 0);
+		img = image_open();
+		cbt = track(img);
+		rules.write_err_after = rules.writes + k;
+		rules.write_err_count = -1;
+		rules.fail_flush = true;
+		rules.write_errno = EIO;
+		r = bm_cbt_create(cbt, "c2");
+		rules.write_errno = 0;
+		done = r == 0;
+		unknown = r < 0 && strstr(blockmirror_last_error(),
+					  "unknown state");
+		if (unknown) {
+			/* No more changes; a guest write unkeeps them. */
+			ck_assert_int_lt(bm_cbt_create(cbt, "c3"), 0);
+			ck_assert_msg_has("unknown state");
+			ck_assert_int_eq(bm_image_sync(img, bm_image_write,
+						       &io), 0);
+		}
+		bm_cbt_close(cbt);
+		bm_image_close(img);
+		bm_fault_unregister(path);
+
+		if (have_qemu_img) {
+			int rc = run_qemu_img("check -q");
+
+			ck_assert_msg(rc == 0 || (unknown && rc == 3),
+				      "k %" PRIu64 ": qemu-img check exit %d",
+				      k, rc);
+		}
+		img = image_open();
+		cbt = track(img);
+		ck_assert_uint_eq(bm_cbt_count(cbt), done ? 2 :
+				  unknown ? bm_cbt_count(cbt) : 1);
+		for (size_t i = 0; unknown && i < bm_cbt_count(cbt); i++) {
+			struct bm_cbt_info info;
+
+			ck_assert_int_eq(bm_cbt_get(cbt, i, &info), 0);
+			ck_assert_ptr_nonnull(info.untrusted);
+		}
+		bm_cbt_close(cbt);
+		bm_image_close(img);
+		clean += !done && !unknown;
+		lost += unknown;
+	}
+	ck_assert(done);
+	ck_assert_uint_gt(clean, 0);
+	ck_assert_uint_gt(lost, 0);
+	teardown();
+}
+END_TEST
+
+/* ---- a backing file changed before the first checkpoint --------------- */
+
+static void
+set_backing_op(struct bm_image *img, struct bm_io *io)
+{
+	bm_image_set_backing(img, bm_container_of(io,
+						  struct bm_backing_change,
+						  io));
+}
+
+/* A sparse raw base of the disk's size: 0x5a in its first and its
+ * last 64 KiB. */
+static void
+write_base(const char *name)
+{
+	static uint8_t buf[65536];
+	int fd = open(name, O_CREAT | O_TRUNC | O_WRONLY, 0644);
+
+	ck_assert_int_ge(fd, 0);
+	memset(buf, 0x5a, sizeof buf);
+	ck_assert_int_eq(ftruncate(fd, (off_t)DISK), 0);
+	ck_assert_int_eq(pwrite(fd, buf, sizeof buf, 0), (ssize_t)sizeof buf);
+	ck_assert_int_eq(pwrite(fd, buf, sizeof buf,
+				(off_t)(DISK - sizeof buf)),
+			 (ssize_t)sizeof buf);
+	close(fd);
+}
+
+/*
+ * set_backing, then the first checkpoint (which adds the bitmaps
+ * extension, moving the backing file name out of its way when needed):
+ * the name the image records is the new one, whole, the bitmap is
+ * there, qemu-img check is clean and the data reads through the new
+ * backing file.  A shorter and a longer name than the old one.
+ */
+START_TEST(test_set_backing_then_checkpoint)
+{
+	static const char *const names[] = { "b", "a-much-longer-name-for-"
+					     "the-new-backing-file.raw" };
+	char old[PATH_MAX + 16], neu[PATH_MAX + 64], opts[PATH_MAX + 64];
+	static uint8_t buf[65536];
+
+	setup();
+	snprintf(old, sizeof old, "%s/base.raw", dir);
+	write_base(old);
+	for (size_t k = 0; k < BM_ARRAY_SIZE(names); k++) {
+		struct bm_backing_change bc = { 0 };
+		struct bm_qcow2_header h;
+		struct bm_image *img;
+		struct bm_cbt *cbt;
+		struct bm_io io = { .length = sizeof buf, .buf = buf };
+
+		snprintf(neu, sizeof neu, "%s/%s", dir, names[k]);
+		write_base(neu);
+		snprintf(opts, sizeof opts, "backing_file=%s,backing_fmt=raw",
+			 old);
+		ck_assert_int_eq(bm_image_create(loop, path,
+						 BLOCKMIRROR_FORMAT_QCOW2,
+						 DISK, opts, true,
+						 BM_IMAGE_WRITE, &img), 0);
+		bc.name = neu;
+		ck_assert_int_eq(bm_image_open(loop, neu,
+					       BLOCKMIRROR_FORMAT_RAW, 0,
+					       &bc.backing), 0);
+		ck_assert_msg(bm_image_sync(img, set_backing_op, &bc.io) == 0,
+			      "set_backing: %s", blockmirror_last_error());
+		cbt = track(img);
+		ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
+		ck_assert_int_eq(bm_cbt_create(cbt, "c2"), 0);
+		ck_assert_int_eq(bm_cbt_close(cbt), 0);
+		bm_image_close(img);
+
+		read_header(&h);
+		ck_assert_ptr_nonnull(h.backing_name);
+		ck_assert_str_eq(h.backing_name, neu);
+		ck_assert(h.has_bitmaps);
+		ck_assert_uint_eq(h.bitmaps_nb, 2);
+		bm_qcow2_header_free(&h);
+		if (have_qemu_img)
+			ck_assert_int_eq(run_qemu_img("check -q"), 0);
+
+		img = image_open();
+		for (int end = 0; end < 2; end++) {
+			io.offset = end ? DISK - sizeof buf : 0;
+			ck_assert_int_eq(bm_image_sync(img, bm_image_read,
+						       &io), 0);
+			for (size_t i = 0; i < sizeof buf; i++)
+				ck_assert_uint_eq(buf[i], 0x5a);
+		}
+		track_count_close(img, 2);
+	}
 	teardown();
 }
 END_TEST
@@ -719,10 +1087,14 @@ main(void)
 	tcase_set_timeout(tc, 240);
 	tcase_add_test(tc, test_dir_roundtrip);
 	tcase_add_test(tc, test_dir_malformed);
+	tcase_add_test(tc, test_dir_many);
 	tcase_add_test(tc, test_dir_flips);
 	tcase_add_test(tc, test_table_entry);
 	tcase_add_test(tc, test_track_model);
 	tcase_add_test(tc, test_bad_tables);
+	tcase_add_test(tc, test_limits_first);
+	tcase_add_test(tc, test_commit_failures);
+	tcase_add_test(tc, test_set_backing_then_checkpoint);
 	tcase_add_test(tc, test_crash);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
