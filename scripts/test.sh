@@ -4,7 +4,8 @@
 # missing, build (warnings are errors), run every suite (valgrind's test
 # among them), run them again under AddressSanitizer + UBSan, the unit
 # suites under ThreadSanitizer, and then every libFuzzer target for a
-# while (FUZZ_SECONDS each, default 10; 0 skips).
+# while (FUZZ_SECONDS each, default 10, as many at a time as there are
+# CPUs; 0 skips).
 #
 # With CI=true a test that would skip for a missing tool fails instead.
 set -euo pipefail
@@ -53,25 +54,44 @@ TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1 \
 # build-fuzz/artifacts and printed.  The executions per target are
 # printed at the end.
 fuzz_seconds=${FUZZ_SECONDS:-10}
+# fuzz_one NAME EXE: one target for fuzz_seconds; its log and exit status
+# in build-fuzz/artifacts/NAME.{log,rc}.
+fuzz_one() {
+	local name=$1 exe=$2 work rc=0
+	work=$(mktemp -d)
+	ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		"$exe" -max_total_time="$fuzz_seconds" -timeout=30 \
+		-print_final_stats=1 \
+		-artifact_prefix=build-fuzz/artifacts/"$name"- \
+		"$work" "fuzz/corpus/$name" >build-fuzz/artifacts/"$name".log \
+		2>&1 || rc=$?
+	rm -rf "$work"
+	echo "$rc" >build-fuzz/artifacts/"$name".rc
+}
 if [ "$fuzz_seconds" -gt 0 ]; then
 	CC=clang bm_build build-fuzz -Dfuzzing=true -Dtests=false \
 		-Db_sanitize=address,undefined -Db_lundef=false -Dwerror=true
 	mkdir -p build-fuzz/artifacts
-	summary=()
+	# The targets are single-threaded: as many at a time as there are
+	# CPUs, each for its full time.
+	jobs_max=$(nproc)
+	names=()
 	for exe in build-fuzz/fuzz/fuzz-*; do
 		[ -x "$exe" ] && [ -f "$exe" ] || continue
 		name=${exe##*/fuzz-}
-		work=$(mktemp -d)
-		log=build-fuzz/artifacts/$name.log
+		names+=("$name")
 		echo "fuzz-$name: ${fuzz_seconds}s"
-		rc=0
-		ASAN_OPTIONS=detect_leaks=1:allocator_may_return_null=1 \
-		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-			"$exe" -max_total_time="$fuzz_seconds" -timeout=30 \
-			-print_final_stats=1 \
-			-artifact_prefix=build-fuzz/artifacts/"$name"- \
-			"$work" "fuzz/corpus/$name" >"$log" 2>&1 || rc=$?
-		rm -rf "$work"
+		while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do
+			wait -n || true
+		done
+		fuzz_one "$name" "$exe" &
+	done
+	wait
+	summary=()
+	for name in "${names[@]}"; do
+		log=build-fuzz/artifacts/$name.log
+		rc=$(cat build-fuzz/artifacts/"$name".rc)
 		runs=$(sed -n 's/^#\([0-9]*\)[[:space:]]*DONE.*/\1/p' "$log" | tail -n 1)
 		summary+=("fuzz-$name: ${runs:-?} executions in ${fuzz_seconds}s")
 		if [ "$rc" -ne 0 ]; then

@@ -36,7 +36,7 @@ help_snapshot(void)
 	       "[--checkpoint NAME] [--json]\n"
 	       "       bmirror snapshot --control PATH [--export NAME]... "
 	       "--control PATH [...]\n"
-	       "         [--lease-ms N] [--group NAME] [other options]\n"
+	       "         [--lease-ms N] [--answer-ms N] [--group NAME] [other options]\n"
 	       "       bmirror snapshot --control PATH --release NAME\n"
 	       "       bmirror snapshot --control PATH --list [--json]\n\n"
 	       "Take a snapshot of the served disk and export it read-only "
@@ -50,7 +50,9 @@ help_snapshot(void)
 	       "With several --control, the disks of those servers are "
 	       "taken at one instant\n(a consistency group): each server "
 	       "holds its guest's writes until all\nhold, for at most "
-	       "--lease-ms (default 1000), then takes its snapshot.\n"
+	       "--lease-ms (default 1000), then takes its snapshot; each has "
+	       "--answer-ms\n(default 10000) to answer a take, a commit or an "
+	       "abort.\n"
 	       "--export, --scratch, --since and --checkpoint are for the "
 	       "--control before\nthem.  A failure anywhere leaves no "
 	       "snapshot of the group.\n");
@@ -88,7 +90,7 @@ cmd_snapshot(int argc, char **argv)
 		OPT_CONTROL = 256, OPT_EXPORT, OPT_SCRATCH, OPT_SCRATCH_DIR,
 		OPT_TIMEOUT, OPT_MAX_SCRATCH, OPT_GRANULARITY, OPT_RELEASE,
 		OPT_LIST, OPT_JSON, OPT_HELP, OPT_SINCE, OPT_CHECKPOINT,
-		OPT_LEASE, OPT_GROUP,
+		OPT_LEASE, OPT_ANSWER, OPT_GROUP,
 	};
 	static const struct option longopts[] = {
 		{ "control", required_argument, NULL, OPT_CONTROL },
@@ -105,6 +107,7 @@ cmd_snapshot(int argc, char **argv)
 		{ "since", required_argument, NULL, OPT_SINCE },
 		{ "checkpoint", required_argument, NULL, OPT_CHECKPOINT },
 		{ "lease-ms", required_argument, NULL, OPT_LEASE },
+		{ "answer-ms", required_argument, NULL, OPT_ANSWER },
 		{ "group", required_argument, NULL, OPT_GROUP },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -113,7 +116,7 @@ cmd_snapshot(int argc, char **argv)
 	size_t n = 0;
 	bool json = false, list = false, take_opts = false;
 	json_t *cmd, *reply, *ret;
-	uint64_t v, lease_ms = 0;
+	uint64_t v, lease_ms = 0, answer_ms = 0;
 	int c, status;
 
 	cmd = json_object();
@@ -190,6 +193,16 @@ cmd_snapshot(int argc, char **argv)
 			}
 			lease_ms = v;
 			break;
+		case OPT_ANSWER:
+			if (!parse_uint(optarg, 600000, &v) || !v) {
+				status = tool_usage_error("--answer-ms: '%s' is "
+							  "not a number of "
+							  "milliseconds from 1 "
+							  "to 600000", optarg);
+				goto done;
+			}
+			answer_ms = v;
+			break;
 		case OPT_GROUP:
 			if (!*optarg)
 				goto empty;
@@ -255,9 +268,9 @@ cmd_snapshot(int argc, char **argv)
 					  "--control");
 		goto done;
 	}
-	if (n == 1 && (lease_ms || group)) {
-		status = tool_usage_error("--lease-ms and --group are for a "
-					  "group: several --control");
+	if (n == 1 && (lease_ms || answer_ms || group)) {
+		status = tool_usage_error("--lease-ms, --answer-ms and --group "
+					  "are for a group: several --control");
 		goto done;
 	}
 	if (n > 1 && json_object_size(pre)) {
@@ -271,6 +284,7 @@ cmd_snapshot(int argc, char **argv)
 			json_object_update(disks[i], cmd);
 		status = snapshot_group(controls, disks, n, group,
 					lease_ms ? (uint32_t)lease_ms : 1000,
+					answer_ms ? (uint32_t)answer_ms : 10000,
 					json);
 		goto done;
 	}

@@ -41,7 +41,6 @@
 #include "control.h"
 #include "snapshot-group.h"
 
-#define ANSWER_MS 10000   /* a take, a commit, an abort: answered by then */
 
 struct member {
 	const char *control;
@@ -338,9 +337,10 @@ release_member(struct member *m, const char *exp, uint64_t deadline)
  * named in a note with what to release.
  */
 static int
-roll_back(struct member *ms, size_t n, const char *group)
+roll_back(struct member *ms, size_t n, const char *group,
+	  uint32_t answer_ms)
 {
-	uint64_t deadline = now_ms() + ANSWER_MS;
+	uint64_t deadline = now_ms() + answer_ms;
 	int left = 0;
 
 	for (size_t i = 0; i < n; i++)
@@ -410,7 +410,8 @@ report(struct member *ms, size_t n, const char *group, bool json)
 
 int
 snapshot_group(const char *const *controls, json_t *const *reqs, size_t n,
-	       const char *group, uint32_t lease_ms, bool json)
+	       const char *group, uint32_t lease_ms, uint32_t answer_ms,
+	       bool json)
 {
 	struct member *ms = calloc(n, sizeof *ms);
 	char name[80];
@@ -446,23 +447,23 @@ snapshot_group(const char *const *controls, json_t *const *reqs, size_t n,
 	/* 1. every disk held: its guest's writes queue from here on */
 	failed_at = "hold";
 	if (phase(ms, n, "snapshot-hold", group, want_all, ok_hold,
-		  now_ms() + lease_ms + ANSWER_MS))
+		  now_ms() + lease_ms + answer_ms))
 		goto fail;
 	/* 2. every disk taken at the held instant, each then going on */
 	failed_at = "take";
 	if (phase(ms, n, "snapshot-take", group, want_held, ok_take,
-		  now_ms() + ANSWER_MS))
+		  now_ms() + answer_ms))
 		goto fail;
 	/* 3. kept: until now a server drops its part when we go */
 	failed_at = "commit";
 	if (phase(ms, n, "snapshot-commit", group, want_taken, ok_commit,
-		  now_ms() + ANSWER_MS))
+		  now_ms() + answer_ms))
 		goto fail;
 	report(ms, n, group, json);
 	status = EXIT_OK;
 	goto out;
 fail:
-	if (roll_back(ms, n, group))
+	if (roll_back(ms, n, group, answer_ms))
 		tool_error("group %s failed at the %s: %s", group, failed_at,
 			   problems);
 	else

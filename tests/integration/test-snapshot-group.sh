@@ -238,7 +238,7 @@ checkpoints_are() { # checkpoints_are NAME CHECKPOINT...
 
 start_proxy ok
 expect_fail_with --names "$T/p.ctl" 1 'failed at the commit: .*p\.ctl: no answer in time.*; no snapshot of the group is left$' \
-	"$BMIRROR" snapshot --control "$T/a.ctl" --export la --checkpoint wed-a \
+	"$BMIRROR" snapshot --answer-ms 2000 --control "$T/a.ctl" --export la --checkpoint wed-a \
 	--control "$T/p.ctl" --export lb --checkpoint wed-b
 stop_proxy
 no_leftovers a
@@ -249,7 +249,7 @@ pass "a commit whose answer is lost: the server that committed is reached again 
 
 start_proxy mute
 expect_fail_with --names "$T/p.ctl" 1 'failed at the commit: .*p\.ctl may still hold the group.s snapshot lb2 and checkpoint thu-b \(release it with bmirror snapshot --control [^ ]*p\.ctl --release lb2\)' \
-	"$BMIRROR" snapshot --control "$T/a.ctl" --export la2 --checkpoint thu-a \
+	"$BMIRROR" snapshot --answer-ms 2000 --control "$T/a.ctl" --export la2 --checkpoint thu-a \
 	--control "$T/p.ctl" --export lb2 --checkpoint thu-b
 if grep -q "no snapshot of the group is left" "$RUN_ERR"; then
 	fail "the tool claims nothing is left: $(cat "$RUN_ERR")"
@@ -387,6 +387,10 @@ expect_fail_with 2 'lease-ms' "$BMIRROR" snapshot --control "$T/a.ctl" \
 	--control "$T/b.ctl" --lease-ms 0
 expect_fail_with 2 'lease-ms' "$BMIRROR" snapshot --control "$T/a.ctl" \
 	--control "$T/b.ctl" --lease-ms 60001
+expect_fail_with 2 'answer-ms' "$BMIRROR" snapshot --control "$T/a.ctl" \
+	--control "$T/b.ctl" --answer-ms 0
+expect_fail_with 2 'for a group' "$BMIRROR" snapshot --control "$T/a.ctl" \
+	--answer-ms 5000
 expect_fail_with 2 'follow the --control' "$BMIRROR" snapshot --export x \
 	--control "$T/a.ctl" --control "$T/b.ctl"
 expect_fail_with 2 'several --control' "$BMIRROR" snapshot --control "$T/a.ctl" --group g
