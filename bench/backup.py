@@ -21,8 +21,8 @@ Parts (--only snap,incr,restore; all by default):
            over each fio phase.
   incr     Incremental backups.  bmirror: `bmirror serve --track`, a full point
            (`bmirror backup --control`), then 1%, 10% and 50% of the disk changed
-           (64 KiB-aligned extents written over NBD by qemu-io, the same list for
-           both systems) each followed by `bmirror backup --incremental --json`,
+           (64 KiB-aligned extents written over NBD by qemu-io, then flushed, the
+           same list for both systems) each followed by `bmirror backup --incremental --json`,
            timed as a process.  QSD: a dirty bitmap (64 KiB) added in the same
            transaction as a blockdev-backup sync=full to a qcow2 target, then
            blockdev-backup sync=incremental into a new qcow2 whose backing file is
@@ -242,7 +242,10 @@ def change_list(size, pct, seed):
     return writes, chunks
 
 def apply_changes(uri, writes, pattern):
-    script = ''.join(f'write -P {pattern} {o} {n}\n' for o, n in writes)
+    # Then a flush, as a guest's filesystem would: the point starts from
+    # durable data on both systems (bmirror flushes the disk before a
+    # point's manifest, and would otherwise time the write-back too).
+    script = ''.join(f'write -P {pattern} {o} {n}\n' for o, n in writes) + 'flush\n'
     r = subprocess.run(['qemu-io', '-f', 'raw', uri], input=script, capture_output=True, text=True)
     if r.returncode != 0 or 'error' in r.stdout.lower() or 'failed' in r.stdout.lower():
         raise Failed(['qemu-io', '-f', 'raw', uri], r.stdout[-3000:] + r.stderr, 'writing the changes failed')
