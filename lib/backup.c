@@ -741,6 +741,27 @@ zero_of(const struct run *run, uint64_t k)
 					    : &run->zero_digest;
 }
 
+/* Random draws for samples: seeded from the clock and the process, so
+ * that each run draws others (xorshift64; never 0). */
+static uint64_t
+sample_seed(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_REALTIME, &ts);
+	return ((uint64_t)ts.tv_sec << 30 ^ (uint64_t)ts.tv_nsec ^
+		(uint64_t)getpid() << 48) | 1;
+}
+
+static uint64_t
+sample_next(uint64_t *rng)
+{
+	*rng ^= *rng << 13;
+	*rng ^= *rng >> 7;
+	*rng ^= *rng << 17;
+	return *rng;
+}
+
 /*
  * An incremental point into an export writes only what changed: the
  * export must hold the previous point `prev` already (any URI may name
@@ -754,21 +775,15 @@ zero_of(const struct run *run, uint64_t k)
 static int
 check_export_holds(struct run *run, const struct point *prev)
 {
-	uint64_t n = granules(prev), rng, picked = 0;
-	struct timespec ts;
+	uint64_t n = granules(prev), rng = sample_seed(), picked = 0;
 
-	clock_gettime(CLOCK_REALTIME, &ts);
-	rng = ((uint64_t)ts.tv_nsec << 20 ^ (uint64_t)ts.tv_sec) | 1;
 	for (unsigned tries = 0; tries < 64 * EXPORT_SAMPLES &&
 	     picked < EXPORT_SAMPLES; tries++) {
 		uint64_t k, off, len;
 		struct bm_digest d;
 		int r;
 
-		rng ^= rng << 13;
-		rng ^= rng >> 7;
-		rng ^= rng << 17;
-		k = rng % n;
+		k = sample_next(&rng) % n;
 		/* Zero granules prove little against a blank export: only
 		 * the last tries take them. */
 		if (tries < 48 * EXPORT_SAMPLES &&
@@ -1507,11 +1522,9 @@ verify_live(struct blockmirror_disk *live, const struct point *p,
 	    const struct bm_digest *dg, uint8_t *buf, unsigned sample,
 	    struct blockmirror_backup_check *res)
 {
-	struct timespec ts;
-	uint64_t rng;
 	struct blockmirror_snapshot_options so = { .size = sizeof so };
 	struct blockmirror_snapshot *snap;
-	uint64_t g, *words = NULL, nbits, bytes;
+	uint64_t g, *words = NULL, nbits, bytes, rng;
 	int r;
 
 	bool record = p->checkpoint[0] && bm_checkpoint_granularity(live);
@@ -1531,9 +1544,7 @@ verify_live(struct blockmirror_disk *live, const struct point *p,
 	g = p->granularity;
 	nbits = (p->disk_size + g - 1) / g;
 	/* A sample differs from run to run, so that runs add up. */
-	clock_gettime(CLOCK_REALTIME, &ts);
-	rng = ((uint64_t)ts.tv_sec << 30 ^ (uint64_t)ts.tv_nsec ^
-	       (uint64_t)getpid() << 48) | 1;
+	rng = sample_seed();
 	if (record) {
 		r = blockmirror_snapshot_changed(snap, &g, &words, &nbits,
 						 &bytes);
@@ -1547,14 +1558,8 @@ verify_live(struct blockmirror_disk *live, const struct point *p,
 
 		if (words && words[b / 64] >> (b % 64) & 1)
 			continue;
-		if (sample % 100) {
-			/* xorshift64 */
-			rng ^= rng << 13;
-			rng ^= rng >> 7;
-			rng ^= rng << 17;
-			if (rng % 100 >= sample)
-				continue;
-		}
+		if (sample % 100 && sample_next(&rng) % 100 >= sample)
+			continue;
 		r = blockmirror_snapshot_read(snap, buf, len, off);
 		if (r < 0)
 			break;
