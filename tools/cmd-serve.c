@@ -111,6 +111,7 @@ struct serve {
 		uint64_t held_us, queued_us; /* the group's hold */
 		bool broken_told;     /* SNAPSHOT_BROKEN sent */
 	} snaps[MAX_SNAPSHOTS];
+	atomic_bool snaps_broke;      /* one broke since they were looked at */
 	size_t n_snaps;
 	unsigned snap_counter;        /* the default names: snap-N */
 	unsigned client_gen;          /* numbers connections (client.gen) */
@@ -707,6 +708,7 @@ static void wake(void);
 static void
 snapshot_broke(void *user_data, const struct blockmirror_event *ev)
 {
+	atomic_store(&S.snaps_broke, true);
 	wake();
 }
 
@@ -715,6 +717,9 @@ snapshot_broke(void *user_data, const struct blockmirror_event *ev)
 static void
 snapshots_tell_broken(void)
 {
+	/* Most wake-ups are for other events: look only after a break. */
+	if (!atomic_exchange(&S.snaps_broke, false))
+		return;
 	for (size_t i = 0; i < S.n_snaps; i++) {
 		struct blockmirror_snapshot_info si;
 		json_t *ev;
@@ -833,7 +838,9 @@ snapshot_install(struct snap_request *sr, struct blockmirror_snapshot *snap,
 	S.snaps[i].snap = snap;
 	sr->export_name = NULL;
 	S.n_snaps++;
-	snapshots_tell_broken(); /* it may have broken before it got here */
+	/* It may have broken before it got here, its wake-up gone. */
+	atomic_store(&S.snaps_broke, true);
+	snapshots_tell_broken();
 	return (int)i;
 }
 
