@@ -64,6 +64,7 @@
  *    BS_MAX_LENGTH of it (see "dirty bitmap" below).  A reply carries one
  *    chunk per selected context, the last one DONE.
  */
+#include "listen.h"
 #include "server-int.h"
 #include "snapshot.h"
 
@@ -1658,55 +1659,10 @@ call_unexport(struct bm_call *call)
 static int
 listen_unix(struct blockmirror_server *s, const char *path)
 {
-	struct sockaddr_un sa = { .sun_family = AF_UNIX };
-	struct stat st;
-	int fd, r;
+	int fd, r = bm_listen_unix(path, 0, &fd, NULL);
 
-	strcpy(sa.sun_path, path);
-	if (lstat(path, &st) == 0) {
-		if (!S_ISSOCK(st.st_mode))
-			return bm_error(-EEXIST, "%s exists and is not a "
-					"socket", path);
-		/* Replace it only if nobody answers on it. */
-		fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-		if (fd < 0)
-			return bm_error(-errno, "socket: %s", strerror(errno));
-		r = connect(fd, (struct sockaddr *)&sa, sizeof sa);
-		close(fd);
-		if (r == 0)
-			return bm_error(-EADDRINUSE, "%s: a server is "
-					"listening on it", path);
-		if (unlink(path) < 0 && errno != ENOENT)
-			return bm_error(-errno, "%s: cannot remove the stale "
-					"socket: %s", path, strerror(errno));
-	}
-	fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return bm_error(-errno, "socket: %s", strerror(errno));
-	/* On Linux the mode of the socket's inode is the mode bind gives
-	 * the file: 0600 from the start, no window, and no process-wide
-	 * umask to change behind other threads' backs. */
-	if (fchmod(fd, 0600) < 0 ||
-	    bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
-		r = -errno;
-		close(fd);
-		return bm_error(r, "%s: %s", path, strerror(-r));
-	}
-	/* Should a kernel ignore the socket's own mode, fix the file's
-	 * (lstat first: never chmod through a symlink put in its place). */
-	if (lstat(path, &st) == 0 && S_ISSOCK(st.st_mode) &&
-	    (st.st_mode & 0777) != 0600 && chmod(path, 0600) < 0) {
-		r = -errno;
-		unlink(path);
-		close(fd);
-		return bm_error(r, "%s: %s", path, strerror(-r));
-	}
-	if (listen(fd, 128) < 0) {
-		r = -errno;
-		unlink(path);
-		close(fd);
-		return bm_error(r, "%s: %s", path, strerror(-r));
-	}
+	if (r < 0)
+		return r;
 	s->unix_path = strdup(path);
 	if (asprintf(&s->address, "unix:%s", path) < 0)
 		s->address = NULL;
@@ -1722,65 +1678,10 @@ listen_unix(struct blockmirror_server *s, const char *path)
 static int
 listen_tcp(struct blockmirror_server *s, const struct bm_server_address *a)
 {
-	struct addrinfo hints = {
-		.ai_family = AF_UNSPEC,
-		.ai_socktype = SOCK_STREAM,
-		.ai_flags = AI_PASSIVE | AI_NUMERICSERV,
-	};
-	struct addrinfo *res, *ai;
-	struct sockaddr_storage ss;
-	socklen_t sl = sizeof ss;
-	char host[INET6_ADDRSTRLEN];
-	int fd = -1, r, one = 1, port;
+	int r = bm_listen_tcp(a->host, a->port, 0, &s->fd, &s->address);
 
-	r = getaddrinfo(a->host, a->port, &hints, &res);
-	if (r)
-		return bm_error(-EADDRNOTAVAIL, "%s: %s", a->host,
-				gai_strerror(r));
-	r = -EADDRNOTAVAIL;
-	for (ai = res; ai; ai = ai->ai_next) {
-		fd = socket(ai->ai_family, ai->ai_socktype | SOCK_CLOEXEC,
-			    ai->ai_protocol);
-		if (fd < 0) {
-			r = -errno;
-			continue;
-		}
-		setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-		if (bind(fd, ai->ai_addr, ai->ai_addrlen) == 0 &&
-		    listen(fd, 128) == 0)
-			break;
-		r = -errno;
-		close(fd);
-		fd = -1;
-	}
-	freeaddrinfo(res);
-	if (fd < 0)
-		return bm_error(r, "tcp:%s:%s: %s", a->host, a->port,
-				strerror(-r));
-	if (getsockname(fd, (struct sockaddr *)&ss, &sl) < 0) {
-		r = -errno;
-		close(fd);
-		return bm_error(r, "getsockname: %s", strerror(-r));
-	}
-	if (ss.ss_family == AF_INET6) {
-		struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)&ss;
-
-		inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof host);
-		port = ntohs(sin6->sin6_port);
-		r = asprintf(&s->address, "tcp:[%s]:%d", host, port);
-	} else {
-		struct sockaddr_in *sin = (struct sockaddr_in *)&ss;
-
-		inet_ntop(AF_INET, &sin->sin_addr, host, sizeof host);
-		port = ntohs(sin->sin_port);
-		r = asprintf(&s->address, "tcp:%s:%d", host, port);
-	}
-	if (r < 0) {
-		s->address = NULL;
-		close(fd);
-		return bm_error(-ENOMEM, "out of memory");
-	}
-	s->fd = fd;
+	if (r < 0)
+		return r;
 	s->tcp = true;
 	return 0;
 }
