@@ -291,17 +291,19 @@ static int
 listen_unix(struct bm_chan_listener *l, const char *path)
 {
 	struct stat st;
-	int r = bm_listen_unix(path, SOCK_NONBLOCK, &l->fd, &st);
+	int r;
 
-	if (r < 0)
-		return r;
-	l->dev = st.st_dev;
-	l->ino = st.st_ino;
+	/* Names first: once the file exists, close must find it. */
 	l->unix_path = strdup(path);
 	if (asprintf(&l->address, "unix:%s", path) < 0)
 		l->address = NULL;
 	if (!l->unix_path || !l->address)
 		return bm_error(-ENOMEM, "out of memory");
+	r = bm_listen_unix(path, SOCK_NONBLOCK, &l->fd, &st);
+	if (r < 0)
+		return r;
+	l->dev = st.st_dev;
+	l->ino = st.st_ino;
 	return 0;
 }
 
@@ -458,9 +460,9 @@ check_peer_uid(struct bm_chan *c, const char *role)
 	snprintf(c->peer, sizeof c->peer, "unix (uid %u)", (unsigned)cred.uid);
 	if (cred.uid != geteuid() && cred.uid != 0)
 		return bm_chan_break(c, -EPERM, "%s: refused: the %s (pid %d) "
-				  "runs as uid %u, neither ours (%u) nor "
-				  "root", c->address, role, (int)cred.pid,
-				  (unsigned)cred.uid, (unsigned)geteuid());
+				     "runs as uid %u, neither ours (%u) nor "
+				     "root", c->address, role, (int)cred.pid,
+				     (unsigned)cred.uid, (unsigned)geteuid());
 	return 0;
 }
 
@@ -499,26 +501,28 @@ bm_chan_handshake(struct bm_chan *c, int timeout_ms)
 	r = run_handshake(c, bm_chan_deadline(timeout_ms), &tls_err);
 	if (r == -ETIMEDOUT)
 		return bm_chan_break(c, r, "%s: no TLS handshake within %d ms",
-				  c->address, timeout_ms);
+				     c->address, timeout_ms);
 	if (r < 0 && !tls_err)
 		return bm_chan_break(c, r, "%s: TLS handshake: %s", c->address,
-				  strerror(-r));
+				     strerror(-r));
 	if (r < 0 && c->offered[0] && !c->offered_known) {
 		refuse(c, GNUTLS_A_UNKNOWN_PSK_IDENTITY);
-		return bm_chan_break(c, -EACCES, "tls-psk: %s offered the unknown "
-				  "identity %s", c->address, c->offered);
+		return bm_chan_break(c, -EACCES, "tls-psk: %s offered the "
+				     "unknown identity %s", c->address,
+				     c->offered);
 	}
 	/* GnuTLS's word for a PSK binder that does not verify. */
 	if (r < 0 && c->offered_known &&
 	    (tls_err == GNUTLS_E_RECEIVED_ILLEGAL_PARAMETER ||
 	     tls_err == GNUTLS_E_DECRYPTION_FAILED)) {
 		refuse(c, GNUTLS_A_DECRYPT_ERROR);
-		return bm_chan_break(c, -EACCES, "tls-psk: %s has another key for "
-				  "identity %s", c->address, c->offered);
+		return bm_chan_break(c, -EACCES, "tls-psk: %s has another key "
+				     "for identity %s", c->address,
+				     c->offered);
 	}
 	if (r < 0)
 		return bm_chan_break(c, -EPROTO, "%s: TLS handshake: %s",
-				  c->address, gnutls_strerror(tls_err));
+				     c->address, gnutls_strerror(tls_err));
 	/* Resumption is off: the identity is the one the lookup saw. */
 	snprintf(c->peer, sizeof c->peer, "%s (identity %s)", c->address,
 		 c->offered);

@@ -211,18 +211,18 @@ chan_write(struct bm_chan *c, const char *buf, size_t len, int64_t deadline)
 			n = gnutls_record_send(c->tls, buf + done, len - done);
 			if (n < 0 && n != GNUTLS_E_AGAIN &&
 			    n != GNUTLS_E_INTERRUPTED)
-				return bm_chan_break(c, -ECONNRESET, "%s: send: %s",
-						  c->peer,
-						  gnutls_strerror((int)n));
+				return bm_chan_break(
+					c, -ECONNRESET, "%s: send: %s",
+					c->peer, gnutls_strerror((int)n));
 		} else {
 			n = send(c->fd, buf + done, len - done,
 				 MSG_DONTWAIT | MSG_NOSIGNAL);
 			if (n < 0 && errno != EAGAIN && errno != EINTR)
-				return bm_chan_break(c, errno == EPIPE ?
-							     -ECONNRESET :
-							     -errno,
-						  "%s: send: %s", c->peer,
-						  strerror(errno));
+				return bm_chan_break(
+					c, errno == EPIPE ? -ECONNRESET
+							  : -errno,
+					"%s: send: %s", c->peer,
+					strerror(errno));
 		}
 		if (n > 0) {
 			done += (size_t)n;
@@ -234,9 +234,9 @@ chan_write(struct bm_chan *c, const char *buf, size_t len, int64_t deadline)
 					"the deadline", c->peer);
 		/* Part of a line is out: the stream cannot go on. */
 		if (r < 0)
-			return bm_chan_break(c, r, "%s: send: %s after %zu of %zu "
-					  "bytes", c->peer, strerror(-r), done,
-					  len);
+			return bm_chan_break(c, r, "%s: send: %s after %zu of "
+					     "%zu bytes", c->peer, strerror(-r),
+					     done, len);
 	}
 	return 0;
 }
@@ -247,7 +247,9 @@ bm_chan_send_bytes(struct bm_chan *c, const void *buf, size_t len,
 {
 	int r = chan_usable(c);
 
-	return r < 0 ? r : chan_write(c, buf, len, bm_chan_deadline(timeout_ms));
+	if (r < 0)
+		return r;
+	return chan_write(c, buf, len, bm_chan_deadline(timeout_ms));
 }
 
 static int
@@ -294,11 +296,11 @@ note_op_id(struct bm_chan *c, json_t *j)
 
 	if (op && !json_is_string(op))
 		return bm_chan_break(c, -EPROTO, "%s: line %" PRIu64 ": \"op\" "
-				  "is not a string", c->peer, c->lines);
+				     "is not a string", c->peer, c->lines);
 	if (id && (!json_is_integer(id) || json_integer_value(id) < 0))
 		return bm_chan_break(c, -EPROTO, "%s: line %" PRIu64 ": \"id\" "
-				  "is not a non-negative integer", c->peer,
-				  c->lines);
+				     "is not a non-negative integer", c->peer,
+				     c->lines);
 	json_decref(c->last_op);
 	json_decref(c->last_id);
 	c->last_op = json_incref(op);
@@ -337,18 +339,20 @@ take_line(struct bm_chan *c, char *nl, json_t **msg)
 	j = json_loadb(line, len, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY,
 		       &jerr);
 	if (!j) {
-		bm_chan_printable(jerr.text, strnlen(jerr.text, sizeof jerr.text),
-			  text, sizeof text);
+		bm_chan_printable(jerr.text,
+				  strnlen(jerr.text, sizeof jerr.text), text,
+				  sizeof text);
 		return bm_chan_break(c, -EPROTO, "%s: line %" PRIu64 " is not "
-				  "JSON in UTF-8: %s (byte %d)", c->peer,
-				  c->lines, text, jerr.position);
+				     "JSON in UTF-8: %s (byte %d)", c->peer,
+				     c->lines, text, jerr.position);
 	}
 	if (!json_is_object(j)) {
 		const char *kind = json_kind(j);
 
 		json_decref(j);
-		return bm_chan_break(c, -EPROTO, "%s: line %" PRIu64 " is %s, not "
-				  "a JSON object", c->peer, c->lines, kind);
+		return bm_chan_break(c, -EPROTO, "%s: line %" PRIu64 " is %s, "
+				     "not a JSON object", c->peer, c->lines,
+				     kind);
 	}
 	if (note_op_id(c, j) < 0) {
 		json_decref(j);
@@ -377,9 +381,10 @@ recv_deadline(struct bm_chan *c, json_t **msg, int64_t deadline)
 			return take_line(c, nl, msg);
 		c->scanned = c->end;
 		if (c->end - c->start > BM_CHAN_MAX_LINE)
-			return bm_chan_break(c, -EPROTO, "%s: a line longer than "
-					  "the limit of %u bytes (4 MiB)",
-					  c->peer, BM_CHAN_MAX_LINE);
+			return bm_chan_break(c, -EPROTO, "%s: a line longer "
+					     "than the limit of %u bytes "
+					     "(4 MiB)", c->peer,
+					     BM_CHAN_MAX_LINE);
 		/* Room for one more chunk, never past limit + newline. */
 		if (c->start && c->start == c->end)
 			c->start = c->end = c->scanned = 0;
@@ -408,16 +413,18 @@ recv_deadline(struct bm_chan *c, json_t **msg, int64_t deadline)
 			return bm_error(-ETIMEDOUT, "%s: nothing received "
 					"within the deadline", c->peer);
 		if (n < 0)
-			return bm_chan_break(c, (int)n, "%s: receive: %s", c->peer,
-					  why ? why : strerror((int)-n));
+			return bm_chan_break(c, (int)n, "%s: receive: %s",
+					     c->peer,
+					     why ? why : strerror((int)-n));
 		if (n == 0 && c->end > c->start)
-			return bm_chan_break(c, -ECONNRESET, "%s: the peer closed "
-					  "the connection in the middle of a "
-					  "line (%zu bytes of it came)",
-					  c->peer, c->end - c->start);
+			return bm_chan_break(c, -ECONNRESET, "%s: the peer "
+					     "closed the connection in the "
+					     "middle of a line (%zu bytes of "
+					     "it came)", c->peer,
+					     c->end - c->start);
 		if (n == 0)
-			return bm_chan_break(c, -ECONNRESET, "%s: the peer closed "
-					  "the connection", c->peer);
+			return bm_chan_break(c, -ECONNRESET, "%s: the peer "
+					     "closed the connection", c->peer);
 		c->end += (size_t)n;
 	}
 }
@@ -498,8 +505,10 @@ bm_chan_reply(struct bm_chan *c, json_t *result_or_null, int err,
 	if (!reply)
 		return bm_error(-ENOMEM, "out of memory");
 	if (err) {
-		body = json_pack("{s:i, s:s}", "errno", err < 0 ? -err : err,
-				 "message", message ? message : strerror(-err));
+		int e = err < 0 ? -err : err;
+
+		body = json_pack("{s:i, s:s}", "errno", e, "message",
+				 message ? message : strerror(e));
 		if (body && json_object_set_new(reply, "error", body) < 0)
 			goto out;
 	} else {

@@ -37,13 +37,15 @@ UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	meson test -C build-asan --print-errorlogs "$@"
 
 # ThreadSanitizer over the unit suites where the disk, the job and the
-# loop are driven from several threads (the server's floods and the crash
+# loop are driven from several threads, and the replication channel's
+# thread-per-connection test server (the server's floods and the crash
 # replayer are single-threaded and slow under it: the builds above run
 # them).
 CC=clang bm_build build-tsan -Dwerror=true -Db_sanitize=thread \
 	-Db_lundef=false -Dbuildtype=debug
 tsan_tests=(loop file format mirror mirror-errors pivot-crash nbd
-	    mirror-scenarios chain state model snapshot checkpoint backup)
+	    mirror-scenarios chain state model snapshot checkpoint backup
+	    repl-channel)
 BM_MODEL_SEEDS=${BM_MODEL_SEEDS:-2} \
 TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1 \
 	meson test -C build-tsan --print-errorlogs "${tsan_tests[@]}" "$@"

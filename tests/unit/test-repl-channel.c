@@ -523,6 +523,13 @@ START_TEST(test_handshake_deadline)
 	/* The server hung up on it. */
 	ck_assert_int_eq(read(silent, buf, 1), 0);
 	close(silent);
+
+	/* A client that speaks without TLS is refused, not read. */
+	silent = socket(AF_INET, SOCK_STREAM, 0);
+	ck_assert_int_eq(connect(silent, (struct sockaddr *)&sa, sizeof sa), 0);
+	ck_assert_int_eq(write(silent, "{\"op\":\"hello\"}\n", 15), 15);
+	ck_assert(server_logged(s, "TLS handshake: ", 3000));
+	close(silent);
 	close_pair(s, c);
 }
 END_TEST
@@ -624,6 +631,11 @@ START_TEST(test_psk_files)
 	ck_assert_int_eq(bm_chan_connect("tcp::1", keys, "nobody", 1000, &c),
 			 -ENOENT);
 	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), "nobody"));
+	/* Nobody there: refused at once, not after the deadline. */
+	ck_assert_int_eq(bm_chan_connect("unix:/nonexistent/x.sock", NULL,
+					 NULL, 5000, &c), -ENOENT);
+	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(),
+				     "unix:/nonexistent/x.sock"));
 	/* Bad addresses. */
 	ck_assert_int_eq(bm_chan_listen("udp:x", NULL, &l), -EINVAL);
 	ck_assert_int_eq(bm_chan_listen("tcp:::1:0", keys, &l), -EINVAL);
