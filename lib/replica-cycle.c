@@ -115,6 +115,10 @@ bm_replica_set_policy(struct bm_replica *r, const struct bm_replica_policy *p)
 	struct bm_replica_policy old;
 	int err;
 
+	if (p->keep > BM_REPLICA_MAX_KEEP)
+		return bm_error(-EINVAL, "%s: keep %u: at most %d older points "
+				"are kept", r->dir, p->keep,
+				BM_REPLICA_MAX_KEEP);
 	pthread_mutex_lock(&r->lock);
 	old = r->st.policy;
 	r->st.policy = *p;
@@ -337,19 +341,40 @@ bm_replica_abort(struct bm_replica *r)
 
 /* ---- pins and test overlays ------------------------------------------ */
 
+/* May `p` be pinned (once more)?  Each pinned point may hold layers of
+ * the chain, whose depth is bounded. */
+static int
+may_pin(struct bm_replica *r, const struct bm_replica_entry *p)
+{
+	unsigned n = 0;
+
+	if (bm_replica_pinned(r, p))
+		return 0;
+	for (size_t i = 0; i < r->st.npoints; i++)
+		n += bm_replica_pinned(r, &r->st.points[i]);
+	if (n >= BM_REPLICA_MAX_PINS)
+		return bm_error(-EMFILE, "%s: point %" PRIu64 ": %u points are "
+				"pinned or under test overlays already, the "
+				"most a chain allows", r->dir, p->number, n);
+	return 0;
+}
+
 static int
 pin(struct bm_replica *r, uint64_t point, char **image)
 {
 	struct bm_replica_entry *p = bm_replica_find(r, point);
 	char path[PATH_MAX];
 	unsigned *n;
+	int err;
 
 	if (!p)
 		return bm_replica_no_point(r, point);
+	err = may_pin(r, p);
+	if (err < 0)
+		return err;
 	n = bm_replica_pin_slot(r, p->number, true);
 	if (!n)
-		return bm_error(-EMFILE, "%s: %d points pinned already", r->dir,
-				BM_REPLICA_MAX_PINS);
+		return bm_error(-EMFILE, "%s: too many pins", r->dir);
 	if (image) {
 		bm_replica_layer_path(r, p->layer, path, sizeof path);
 		*image = strdup(path);
@@ -399,6 +424,9 @@ test_overlay(struct bm_replica *r, uint64_t point, char **image)
 	if (p->test_overlay)
 		return bm_error(-EEXIST, "%s: point %" PRIu64 " has a test "
 				"overlay already: %s", r->dir, p->number, path);
+	err = may_pin(r, p);
+	if (err < 0)
+		return err;
 	bm_replica_layer_path(r, p->layer, below, sizeof below);
 	err = bm_replica_image_overlay(r->loop, path, r->st.size, below,
 				       bm_replica_layer_fmt(r, p->layer),

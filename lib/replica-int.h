@@ -66,7 +66,11 @@ int bm_replica_image_digests(struct bm_loop *loop, const char *path,
 
 /* ---- the store (replica.c) -------------------------------------------- */
 
-#define BM_REPLICA_MAX_PINS 64
+/* Points pinned at once (test overlays included): each may hold two
+ * layers of the chain (its own, and one a merge waits to fold), and a
+ * chain has at most 32 backing files (backing.c): 1 + BM_REPLICA_MAX_KEEP
+ * + 2 * 7 + a staging or test overlay stays below. */
+#define BM_REPLICA_MAX_PINS 7
 
 struct bm_replica_entry {
 	uint64_t number;

@@ -26,8 +26,9 @@
  * file, named by no state, is swept).  Dropping a point (retention, a
  * commit over a latest point nobody keeps) only takes it out of the
  * state; the merges that follow fold its layer away.  So after tidying,
- * the chain has one layer per point, and a cycle costs its changed bytes
- * twice (received, then merged once its point is dropped).
+ * the chain has one layer per point (and one below each pinned point
+ * whose merge waits), and a cycle costs its changed bytes twice
+ * (received, then merged once the point before it is dropped).
  *
  * A pinned point's layer is never a merge's D (it has an owner) nor its
  * U (that merge waits for the unpin), so a reader that holds it open

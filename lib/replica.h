@@ -58,9 +58,13 @@ struct bm_replica_point {
  * point is a window of its own).  keep 0: the latest only.
  */
 struct bm_replica_policy {
-	unsigned keep;
+	unsigned keep;               /* at most BM_REPLICA_MAX_KEEP */
 	uint32_t every_s;
 };
+
+/* Each retained point is a layer of a chain that opens only up to 32
+ * deep (docs/chains.md), pinned points too (7 at most at once). */
+#define BM_REPLICA_MAX_KEEP 16
 
 /* What tidying has cost since the handle was opened (for tests and
  * status): layers merged, bytes written into the layers below them, and
@@ -108,7 +112,7 @@ const char *bm_replica_base(struct bm_replica *r);
 int bm_replica_get_gen(struct bm_replica *r, struct bm_replica_gen *gen);
 
 /* Persisted at once; points are dropped by it at the next tidy (a
- * commit, an unpin, an open). */
+ * commit, an unpin, an open).  -EINVAL: keep above BM_REPLICA_MAX_KEEP. */
 int bm_replica_set_policy(struct bm_replica *r,
 			  const struct bm_replica_policy *p);
 
@@ -151,7 +155,8 @@ int bm_replica_latest(struct bm_replica *r, uint64_t *point);
  * Pin `point` (0: the latest): *image (the caller's) is the image whose
  * chain reads as it; that file is neither written nor removed until the
  * last unpin (pins nest; they last as long as the handle).  -ENOENT: no
- * such point.
+ * such point; -EMFILE: 7 other points are pinned (or under test
+ * overlays) already.
  */
 int bm_replica_pin(struct bm_replica *r, uint64_t point, char **image);
 int bm_replica_unpin(struct bm_replica *r, uint64_t point);

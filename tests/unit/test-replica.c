@@ -583,6 +583,67 @@ START_TEST(test_pin_over_dropped)
 }
 END_TEST
 
+/* The deepest chain the limits allow: 16 retained points, 7 pinned ones
+ * each over a dropped point whose merge waits; every point opens, and
+ * so does the next cycle's image and a test overlay. */
+START_TEST(test_limits)
+{
+	uint64_t rng = seed ^ 0x5151, size = 4 * 65536, p;
+	struct bm_replica_policy keep = { .keep = BM_REPLICA_MAX_KEEP };
+	struct bm_replica *r;
+	struct model m;
+	char *image, msg[4400];
+
+	model_init(&m, size, 65536);
+	ck_assert_int_eq(bm_replica_create(rdir, size, NULL, 0, &r), 0);
+	keep.keep++;
+	ck_assert_int_eq(bm_replica_set_policy(r, &keep), -EINVAL);
+	keep.keep--;
+	ck_assert_int_eq(bm_replica_set_policy(r, &keep), 0);
+	for (p = 1; p <= 17; p++)
+		cycle(r, &m, p, (int64_t)p, 1, &rng);
+	for (p = 2; p <= 14; p += 2) {
+		ck_assert_int_eq(bm_replica_pin(r, p, &image), 0);
+		free(image);
+	}
+	ck_assert_int_eq(bm_replica_pin(r, 4, &image), 0);
+	free(image);
+	ck_assert_int_eq(bm_replica_pin(r, 15, &image), -EMFILE);
+	ck_assert_int_eq(bm_replica_test_overlay(r, 15, &image), -EMFILE);
+	/* 1, 3, ..., 15 fall out of the newest 16; 16 and on stay. */
+	for (p = 18; p <= 34; p++)
+		cycle(r, &m, p, (int64_t)p, 1, &rng);
+	ck_assert_msg(check_points(r, &m, msg, sizeof msg) == 24, "%s", msg);
+	{
+		struct bm_replica_point *list;
+		size_t n;
+
+		ck_assert_int_eq(bm_replica_points(r, &list, &n), 0);
+		/* A layer a point, and one below each pinned point. */
+		ck_assert_uint_eq(chain_depth(list[n - 1].image), 24 + 7);
+		free(list);
+	}
+	ck_assert_int_eq(bm_replica_test_overlay(r, 2, &image), 0);
+	{
+		uint8_t *got = read_image(image, size, msg, sizeof msg);
+
+		ck_assert_msg(got, "%s", msg);
+		ck_assert(differs(got, m.snap[2], size) < 0);
+		free(got);
+	}
+	free(image);
+	cycle(r, &m, 35, 35, 1, &rng);
+	ck_assert_int_eq(bm_replica_test_discard(r, 2), 0);
+	for (p = 2; p <= 14; p += 2)
+		ck_assert_int_eq(bm_replica_unpin(r, p), 0);
+	ck_assert_int_eq(bm_replica_unpin(r, 4), 0);
+	ck_assert_msg(check_points(r, &m, msg, sizeof msg) == 17, "%s", msg);
+	ck_assert_msg(check_files(r, 0, msg, sizeof msg) == 0, "%s", msg);
+	bm_replica_close(r);
+	model_free(&m);
+}
+END_TEST
+
 /* ---- digests, a seed, promote ---------------------------------------- */
 
 static void
@@ -993,6 +1054,7 @@ main(void)
 			    (int)env_u64("BM_REPLICA_SEEDS", 3));
 	tcase_add_test(tc, test_pinned_reader);
 	tcase_add_test(tc, test_pin_over_dropped);
+	tcase_add_test(tc, test_limits);
 	tcase_add_test(tc, test_digests_seed_promote);
 	tcase_add_test(tc, test_refusals);
 	tcase_add_test(tc, test_power_loss);
