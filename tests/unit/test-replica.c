@@ -20,7 +20,8 @@
  * crash interrupted, if its state was written), nothing is left that the
  * state does not name, and the store takes the next cycle.
  *
- * And the refusals, the digests, a seed base, test overlays, promote.
+ * And the refusals, failing durable steps (bm_durable_hook), the limits
+ * on depth, the digests, a seed base, test overlays, promote.
  *
  * BM_REPLICA_CYCLES (default 40 per seed), BM_REPLICA_SEEDS (default 3),
  * BM_CRASH_POINTS (default 150), BM_REPLICA_SEED / BM_CRASH_SEED: the
@@ -32,6 +33,7 @@
 #include <sys/stat.h>
 #include <xxhash.h>
 
+#include "durable.h"
 #include "helpers.h"
 #include "image.h"
 #include "internal.h"
@@ -644,6 +646,117 @@ START_TEST(test_limits)
 }
 END_TEST
 
+/* ---- failing steps ---------------------------------------------------- */
+
+/* Fail the `nth` step `step` on a path holding `what` (after a rename
+ * onto the state, with `after_state`), once, with `err`. */
+static struct fault {
+	enum bm_durable_step step;
+	const char *what;
+	unsigned nth;
+	bool after_state, renamed;
+	int err;
+	bool fired;
+} F;
+
+static int
+fault_hook(const struct bm_durable_event *ev)
+{
+	if (ev->done) {
+		F.renamed |= ev->step == BM_DURABLE_RENAME && ev->path2 &&
+			     strstr(ev->path2, "replica.json");
+		return 0;
+	}
+	if (F.fired || ev->step != F.step || !strstr(ev->path, F.what) ||
+	    (F.after_state && !F.renamed) || --F.nth)
+		return 0;
+	F.fired = true;
+	return F.err;
+}
+
+static void
+fault_arm(enum bm_durable_step step, const char *what, unsigned nth,
+	  bool after_state)
+{
+	F = (struct fault){ .step = step, .what = what, .nth = nth,
+			 .after_state = after_state, .err = -EIO };
+	bm_durable_hook = fault_hook;
+}
+
+/* Begin and write a cycle; the model's snapshot, ready for a commit. */
+static void
+cycle_open(struct bm_replica *r, struct model *m, uint64_t point,
+	   uint64_t *rng)
+{
+	char *image;
+
+	ck_assert_int_eq(bm_replica_begin(r, point, GEN_A, &image), 0);
+	m->bytes[point] = write_cycle(m, image, 3, rng);
+	free(image);
+	m->snap[point] = malloc(m->size);
+	memcpy(m->snap[point], m->cur, m->size);
+}
+
+START_TEST(test_faults)
+{
+	uint64_t rng = seed ^ 0xfa17, size = 6 * 65536 + 4096, v;
+	struct bm_replica *r;
+	struct model m;
+	char msg[4400];
+
+	model_init(&m, size, 65536);
+	ck_assert_int_eq(bm_replica_create(rdir, size, NULL, 0, &r), 0);
+	cycle(r, &m, 1, 1, 3, &rng);
+	cycle(r, &m, 2, 2, 3, &rng);
+
+	/* The state renamed into place, its directory's sync failed: the
+	 * point may exist, and does in memory; the cycle is over, so an
+	 * abort cannot take the latest point's layer. */
+	cycle_open(r, &m, 3, &rng);
+	fault_arm(BM_DURABLE_FSYNC_DIR, rdir, 1, true);
+	ck_assert_int_eq(bm_replica_commit(r, 3, m.bytes[3], false), -EIO);
+	bm_durable_hook = NULL;
+	ck_assert(F.fired);
+	ck_assert_int_eq(bm_replica_latest(r, &v), 0);
+	ck_assert_uint_eq(v, 3);
+	ck_assert_int_eq(bm_replica_pending(r, &v), -ENOENT);
+	ck_assert_int_eq(bm_replica_abort(r), -ENOENT);
+	ck_assert_msg(check_points(r, &m, msg, sizeof msg) > 0, "%s", msg);
+
+	/* The state's rename failed: no point 4, the cycle still open;
+	 * aborted, the store is as before. */
+	memcpy(m.cur, m.snap[3], size);
+	cycle_open(r, &m, 4, &rng);
+	fault_arm(BM_DURABLE_RENAME, "replica.json", 1, false);
+	ck_assert_int_eq(bm_replica_commit(r, 4, m.bytes[4], false), -EIO);
+	bm_durable_hook = NULL;
+	ck_assert_int_eq(bm_replica_latest(r, &v), 0);
+	ck_assert_uint_eq(v, 3);
+	ck_assert_int_eq(bm_replica_pending(r, &v), 0);
+	ck_assert_uint_eq(v, 4);
+	ck_assert_int_eq(bm_replica_abort(r), 0);
+	free(m.snap[4]);
+	m.snap[4] = NULL;
+	memcpy(m.cur, m.snap[3], size);
+	ck_assert_msg(check_points(r, &m, msg, sizeof msg) > 0, "%s", msg);
+
+	/* A merge's state write fails: the commit stands, open finishes
+	 * the tidy. */
+	cycle_open(r, &m, 5, &rng);
+	fault_arm(BM_DURABLE_RENAME, "replica.json", 2, false);
+	ck_assert_int_eq(bm_replica_commit(r, 5, m.bytes[5], false), 0);
+	bm_durable_hook = NULL;
+	ck_assert(F.fired);
+	ck_assert_msg(check_points(r, &m, msg, sizeof msg) > 0, "%s", msg);
+	bm_replica_close(r);
+	ck_assert_int_eq(bm_replica_open(rdir, &r), 0);
+	ck_assert_msg(check_points(r, &m, msg, sizeof msg) == 1, "%s", msg);
+	ck_assert_msg(check_files(r, 0, msg, sizeof msg) == 0, "%s", msg);
+	bm_replica_close(r);
+	model_free(&m);
+}
+END_TEST
+
 /* ---- digests, a seed, promote ---------------------------------------- */
 
 static void
@@ -1055,6 +1168,7 @@ main(void)
 	tcase_add_test(tc, test_pinned_reader);
 	tcase_add_test(tc, test_pin_over_dropped);
 	tcase_add_test(tc, test_limits);
+	tcase_add_test(tc, test_faults);
 	tcase_add_test(tc, test_digests_seed_promote);
 	tcase_add_test(tc, test_refusals);
 	tcase_add_test(tc, test_power_loss);
