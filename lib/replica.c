@@ -178,6 +178,32 @@ bm_replica_pinned(struct bm_replica *r, const struct bm_replica_entry *p)
 	return p->test_overlay || bm_replica_pin_slot(r, p->number, false);
 }
 
+enum store_name { NAME_OTHER, NAME_LAYER, NAME_TEST, NAME_TMP, NAME_OWN };
+
+/* Is `name` one the store makes?  *id: a layer's or a test's number. */
+static enum store_name
+store_name(const char *name, uint64_t *id)
+{
+	static const struct { const char *prefix; enum store_name kind; }
+	numbered[] = { { "layer-", NAME_LAYER }, { "test-", NAME_TEST } };
+
+	for (size_t i = 0; i < BM_ARRAY_SIZE(numbered); i++) {
+		size_t len = strlen(numbered[i].prefix);
+		const char *n = name + len;
+
+		if (strncmp(name, numbered[i].prefix, len) ||
+		    strspn(n, "0123456789") != 8 || strcmp(n + 8, ".qcow2"))
+			continue;
+		*id = strtoull(n, NULL, 10);
+		return numbered[i].kind;
+	}
+	if (!strcmp(name, STATE_FILE ".tmp"))
+		return NAME_TMP;
+	if (!strcmp(name, STATE_FILE) || !strcmp(name, LOCK_FILE))
+		return NAME_OWN;
+	return NAME_OTHER;
+}
+
 /* ---- the state file -------------------------------------------------- */
 
 static int
@@ -382,7 +408,8 @@ state_load(const char *dir, struct bm_replica_state *s)
 	str = json_string_value(json_object_get(m, "base"));
 	if (r == 0 && (!str || !*str || strchr(str, '/') ||
 		       !strcmp(str, ".") || !strcmp(str, "..") ||
-		       strlen(str) >= sizeof s->base))
+		       strlen(str) >= sizeof s->base ||
+		       store_name(str, &u) != NAME_OTHER))
 		r = bad_field(path, "base", "");
 	if (r == 0)
 		snprintf(s->base, sizeof s->base, "%s", str);
@@ -647,26 +674,26 @@ bm_replica_sweep(struct bm_replica *r)
 	struct dirent *e;
 
 	while (d && (e = readdir(d))) {
-		char path[PATH_MAX], tail[8];
-		unsigned long long id;
+		enum store_name kind;
+		char path[PATH_MAX];
+		uint64_t id;
 		bool keep = true;
 
-		if (sscanf(e->d_name, "layer-%8llu.qc%7s", &id, tail) == 2 &&
-		    !strcmp(tail, "ow2") && strlen(e->d_name) == 20) {
+		kind = store_name(e->d_name, &id);
+		if (kind == NAME_LAYER) {
 			keep = false;
 			for (size_t i = 0; i < r->st.nlayers; i++)
 				keep |= r->st.layers[i] == id;
-		} else if (sscanf(e->d_name, "test-%8llu.qc%7s", &id,
-				  tail) == 2 && !strcmp(tail, "ow2") &&
-			   strlen(e->d_name) == 19) {
+		} else if (kind == NAME_TEST) {
 			struct bm_replica_entry *p =
 				id ? bm_replica_find(r, id) : NULL;
 
 			keep = p && p->test_overlay;
-		} else if (!strcmp(e->d_name, STATE_FILE ".tmp")) {
+		} else if (kind == NAME_TMP) {
 			keep = false;
 		}
-		if (keep)
+		/* (An operator's base may have any name but these.) */
+		if (keep || !strcmp(e->d_name, r->st.base))
 			continue;
 		snprintf(path, sizeof path, "%s/%s", r->dir, e->d_name);
 		if (bm_durable_unlink(path) == 0)
@@ -822,6 +849,11 @@ bm_replica_create(const char *dir, uint64_t size, const char *base,
 		goto fail;
 	}
 	snprintf(s->base, sizeof s->base, "%s", real + strlen(r->dir) + 1);
+	if (store_name(s->base, &bsize) != NAME_OTHER) {
+		err = bm_error(-EINVAL, "%s: a name the replica store uses for "
+			       "its own files; rename the base", base);
+		goto fail;
+	}
 	err = set_base(r);
 	if (err == 0)
 		err = bm_replica_image_probe(r->loop, r->base, &s->base_fmt,

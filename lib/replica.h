@@ -79,7 +79,8 @@ struct bm_replica_stats {
  * Make DIR (created if missing) a new store for a disk of `size` bytes.
  * `base`: NULL for a new sparse raw DIR/base.raw; else an existing image
  * inside DIR (a seed copy, an old primary's disk), raw, qcow2 without a
- * backing file, or VHDX, of exactly `size` bytes, adopted as it is.
+ * backing file, or VHDX, of exactly `size` bytes, not named like the
+ * store's own files (docs/replica-store.md), adopted as it is.
  * `granularity`: a power of two from 4 KiB to 64 MiB, 0 for 64 KiB.
  * -EEXIST if DIR already holds a store.  *out is the caller's
  * (bm_replica_close).

@@ -928,7 +928,11 @@ START_TEST(test_refusals)
 	corrupt("1,5d", "replica.json");
 	corrupt("s/\"size\": [0-9]*/\"size\": -1/", "size");
 
-	/* A base of the wrong size, or outside DIR. */
+	corrupt("s/\"base\": \"base.raw\"/\"base\": \"layer-00000001.qcow2\"/",
+		"base");
+
+	/* A base of the wrong size, or outside DIR, or with a name the
+	 * store's own files have: refused, and left alone. */
 	snprintf(path, sizeof path, "%s/b2", dir);
 	ck_assert_int_eq(mkdir(path, 0755), 0);
 	snprintf(path, sizeof path, "%s/b2/seed.raw", dir);
@@ -937,13 +941,21 @@ START_TEST(test_refusals)
 	ck_assert_int_eq(bm_replica_create(dir, size, path, 0, &r), -EXDEV);
 	snprintf(path, sizeof path, "%s/b2", dir);
 	{
-		char seedp[220];
+		char seedp[260];
 
 		snprintf(seedp, sizeof seedp, "%s/seed.raw", path);
 		ck_assert_int_eq(bm_replica_create(path, size, seedp, 0, &r),
 				 -EINVAL);
 		ck_assert_msg(strstr(blockmirror_last_error(), seedp), "%s",
 			      blockmirror_last_error());
+		snprintf(seedp, sizeof seedp, "%s/layer-00000001.qcow2", path);
+		f = fopen(seedp, "w");
+		ck_assert(f && !ftruncate(fileno(f), size) && !fclose(f));
+		ck_assert_int_eq(bm_replica_create(path, size, seedp, 0, &r),
+				 -EINVAL);
+		ck_assert_msg(strstr(blockmirror_last_error(), seedp), "%s",
+			      blockmirror_last_error());
+		ck_assert(access(seedp, F_OK) == 0);
 	}
 	model_free(&m);
 }
