@@ -76,7 +76,7 @@ bm_replica_image_probe(struct bm_loop *loop, const char *path,
 	struct bm_image *img;
 	int r;
 
-	r = bm_image_open(loop, path, BLOCKMIRROR_FORMAT_AUTO, 0, &img);
+	r = bm_image_open(loop, path, *fmt, 0, &img);
 	if (r < 0)
 		return r;
 	*fmt = img->format;

@@ -35,8 +35,8 @@ int bm_replica_image_overlay(struct bm_loop *loop, const char *path,
 			     uint64_t size, const char *backing,
 			     enum blockmirror_format fmt, uint32_t cluster);
 
-/* What an existing image is: format and size; -EINVAL if it has a
- * backing file. */
+/* What an existing image is: its format (probed if *fmt is AUTO, else
+ * that one) and size; -EINVAL if it has a backing file. */
 int bm_replica_image_probe(struct bm_loop *loop, const char *path,
 			   enum blockmirror_format *fmt, uint64_t *size);
 

@@ -755,8 +755,10 @@ set_base(struct bm_replica *r)
 int
 bm_replica_open(const char *dir, struct bm_replica **out)
 {
+	enum blockmirror_format fmt;
 	struct bm_replica *r;
 	char path[PATH_MAX];
+	uint64_t size;
 	int err;
 
 	err = handle_new(dir, &r);
@@ -772,6 +774,15 @@ bm_replica_open(const char *dir, struct bm_replica **out)
 				       "missing: %s", r->dir, r->st.layers[i],
 				       path);
 	}
+	/* The base as the state says it is (opened in its format: a raw
+	 * base's first sector is guest data, whatever it looks like). */
+	fmt = r->st.base_fmt;
+	if (err == 0)
+		err = bm_replica_image_probe(r->loop, r->base, &fmt, &size);
+	if (err == 0 && size != r->st.size)
+		err = bm_error(-EINVAL, "%s: holds %" PRIu64 " bytes, %s/%s "
+			       "says the disk has %" PRIu64, r->base, size,
+			       r->dir, STATE_FILE, r->st.size);
 	if (err == 0) {
 		bm_replica_sweep(r);
 		err = bm_replica_tidy(r);
@@ -855,6 +866,7 @@ bm_replica_create(const char *dir, uint64_t size, const char *base,
 		goto fail;
 	}
 	err = set_base(r);
+	s->base_fmt = BLOCKMIRROR_FORMAT_AUTO;
 	if (err == 0)
 		err = bm_replica_image_probe(r->loop, r->base, &s->base_fmt,
 					     &bsize);

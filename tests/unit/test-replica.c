@@ -860,10 +860,10 @@ END_TEST
 
 /* ---- refusals --------------------------------------------------------- */
 
-/* Open with a state edited by `sed_expr`: refused, the message naming
- * the file and `field`. */
+/* Open with a state edited by `sed_expr`: refused with `want`, the
+ * message naming the file and `field`. */
 static void
-corrupt(const char *sed_expr, const char *field)
+corrupt_with(const char *sed_expr, int want, const char *field)
 {
 	char cmd[1200], path[200], save[220];
 	struct bm_replica *r = NULL;
@@ -875,7 +875,7 @@ corrupt(const char *sed_expr, const char *field)
 		 sed_expr, path);
 	ck_assert_int_eq(system(cmd), 0);
 	err = bm_replica_open(rdir, &r);
-	ck_assert_msg(err == -EBADMSG, "%s: %d (%s)", sed_expr, err,
+	ck_assert_msg(err == want, "%s: %d (%s)", sed_expr, err,
 		      blockmirror_last_error());
 	ck_assert_ptr_null(r);
 	ck_assert_msg(blockmirror_last_error(), "%s: no message", sed_expr);
@@ -884,6 +884,12 @@ corrupt(const char *sed_expr, const char *field)
 		      "%s: \"%s\" names not the file and %s", sed_expr,
 		      blockmirror_last_error(), field);
 	ck_assert_int_eq(rename(save, path), 0);
+}
+
+static void
+corrupt(const char *sed_expr, const char *field)
+{
+	corrupt_with(sed_expr, -EBADMSG, field);
 }
 
 START_TEST(test_refusals)
@@ -927,6 +933,9 @@ START_TEST(test_refusals)
 	corrupt("s/\"base\": \"base.raw\"/\"base\": \"..\\/x\"/", "base");
 	corrupt("1,5d", "replica.json");
 	corrupt("s/\"size\": [0-9]*/\"size\": -1/", "size");
+	/* The base is not the size the state says. */
+	corrupt_with("s/\"size\": 262144/\"size\": 327680/", -EINVAL,
+		     "base.raw");
 
 	corrupt("s/\"base\": \"base.raw\"/\"base\": \"layer-00000001.qcow2\"/",
 		"base");
@@ -957,6 +966,78 @@ START_TEST(test_refusals)
 			      blockmirror_last_error());
 		ck_assert(access(seedp, F_OK) == 0);
 	}
+	model_free(&m);
+}
+END_TEST
+
+/* Random damage to replica.json (bytes changed, cut, a range removed):
+ * open returns 0 or an error with a message, never a crash (the
+ * sanitizer build makes that a check of memory too). */
+START_TEST(test_state_fuzz)
+{
+	unsigned runs = (unsigned)env_u64("BM_REPLICA_FUZZ", 60);
+	uint64_t rng = seed ^ 0xf022, size = 4 * 65536 + 4096;
+	struct bm_replica_policy keep = { .keep = 2 };
+	struct bm_replica *r;
+	struct model m;
+	char cmd[600], path[200], *text;
+	size_t len;
+	FILE *f;
+
+	model_init(&m, size, 65536);
+	ck_assert_int_eq(bm_replica_create(rdir, size, NULL, 0, &r), 0);
+	ck_assert_int_eq(bm_replica_set_policy(r, &keep), 0);
+	for (uint64_t p = 1; p <= 4; p++)
+		cycle(r, &m, p, (int64_t)p, 2, &rng);
+	ck_assert_int_eq(bm_replica_pin(r, 3, &text), 0);
+	free(text);
+	ck_assert_int_eq(bm_replica_test_overlay(r, 3, &text), 0);
+	free(text);
+	bm_replica_close(r);
+	snprintf(cmd, sizeof cmd, "cp -a %s %s.orig", rdir, rdir);
+	ck_assert_int_eq(system(cmd), 0);
+	snprintf(path, sizeof path, "%s.orig/replica.json", rdir);
+	f = fopen(path, "r");
+	ck_assert(f);
+	text = malloc(1 << 16);
+	len = fread(text, 1, 1 << 16, f);
+	fclose(f);
+	snprintf(path, sizeof path, "%s/replica.json", rdir);
+	for (unsigned i = 0; i < runs; i++) {
+		char *t = malloc(len);
+		size_t n = len, at = rnd_range(&rng, len);
+		int err;
+
+		memcpy(t, text, len);
+		switch (rnd_range(&rng, 3)) {
+		case 0:
+			for (unsigned k = 1 + rnd_range(&rng, 3); k--;)
+				t[rnd_range(&rng, len)] = "0123456789-,:\"[]{}ax"
+					[rnd_range(&rng, 20)];
+			break;
+		case 1:
+			n = at;
+			break;
+		default:
+			n = len - BM_MIN(len - at, 1 + rnd_range(&rng, 40));
+			memmove(t + at, t + len - n + at, n - at);
+			break;
+		}
+		snprintf(cmd, sizeof cmd, "rm -rf %s && cp -a %s.orig %s",
+			 rdir, rdir, rdir);
+		ck_assert_int_eq(system(cmd), 0);
+		f = fopen(path, "w");
+		ck_assert(f && fwrite(t, 1, n, f) == n && !fclose(f));
+		r = NULL;
+		err = bm_replica_open(rdir, &r);
+		if (err == 0)
+			bm_replica_close(r);
+		else
+			ck_assert_msg(blockmirror_last_error() && !r,
+				      "run %u: %d without a message", i, err);
+		free(t);
+	}
+	free(text);
 	model_free(&m);
 }
 END_TEST
@@ -1183,6 +1264,7 @@ main(void)
 	tcase_add_test(tc, test_faults);
 	tcase_add_test(tc, test_digests_seed_promote);
 	tcase_add_test(tc, test_refusals);
+	tcase_add_test(tc, test_state_fuzz);
 	tcase_add_test(tc, test_power_loss);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
