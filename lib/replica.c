@@ -108,7 +108,7 @@ bm_replica_test_path(const struct bm_replica *r, uint64_t point, char *out,
 uint32_t
 bm_replica_cluster(uint32_t g)
 {
-	return (uint32_t)BM_MIN(BM_MAX(g, 64 * BM_KiB), 2 * BM_MiB);
+	return (uint32_t)BM_MIN(g, 2 * BM_MiB);
 }
 
 bool

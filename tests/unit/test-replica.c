@@ -424,6 +424,16 @@ START_TEST(test_model)
 			ck_assert_int_eq(bm_replica_unpin(r, readers[i].point),
 					 0);
 		}
+	bm_replica_get_stats(r, &st1);
+	{
+		uint64_t sent = 0;
+
+		for (uint64_t p = 1; p <= point; p++)
+			sent += m.bytes[p];
+		fprintf(stderr, "model: %u cycles, %" PRIu64 " bytes received, "
+			"%" PRIu64 " merged in %" PRIu64 " merges\n", cycles,
+			sent, st1.merge_bytes, st1.merges);
+	}
 	/* Reopened, the same points read the same. */
 	bm_replica_close(r);
 	ck_assert_msg(bm_replica_open(rdir, &r) == 0, "%s",
@@ -641,6 +651,31 @@ START_TEST(test_limits)
 	ck_assert_int_eq(bm_replica_unpin(r, 4), 0);
 	ck_assert_msg(check_points(r, &m, msg, sizeof msg) == 17, "%s", msg);
 	ck_assert_msg(check_files(r, 0, msg, sizeof msg) == 0, "%s", msg);
+	bm_replica_close(r);
+	model_free(&m);
+}
+END_TEST
+
+/* A cycle of one 4 KiB granule costs one 4 KiB merge, not a cluster's
+ * worth: the layers' clusters are the granule. */
+START_TEST(test_merge_cost)
+{
+	uint64_t rng = seed ^ 0xc057, size = 64 * 4096;
+	struct bm_replica_stats st0, st1;
+	struct bm_replica *r;
+	struct model m;
+
+	model_init(&m, size, 4096);
+	ck_assert_int_eq(bm_replica_create(rdir, size, NULL, 4096, &r), 0);
+	cycle(r, &m, 1, 1, 1, &rng);
+	for (uint64_t p = 2; p <= 12; p++) {
+		bm_replica_get_stats(r, &st0);
+		cycle(r, &m, p, (int64_t)p, 1, &rng);
+		bm_replica_get_stats(r, &st1);
+		ck_assert_uint_eq(st1.merges - st0.merges, 1);
+		ck_assert_uint_le(st1.merge_bytes - st0.merge_bytes, 4096);
+		ck_assert_uint_le(st1.merged_alloc - st0.merged_alloc, 4096);
+	}
 	bm_replica_close(r);
 	model_free(&m);
 }
@@ -1262,6 +1297,7 @@ main(void)
 	tcase_add_test(tc, test_pin_over_dropped);
 	tcase_add_test(tc, test_limits);
 	tcase_add_test(tc, test_faults);
+	tcase_add_test(tc, test_merge_cost);
 	tcase_add_test(tc, test_digests_seed_promote);
 	tcase_add_test(tc, test_refusals);
 	tcase_add_test(tc, test_state_fuzz);
