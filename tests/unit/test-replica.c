@@ -549,6 +549,76 @@ START_TEST(test_pinned_reader)
 }
 END_TEST
 
+/* A reader on its own thread, reading a pinned point over and over. */
+struct bg_reader {
+	struct blockmirror_disk *disk;
+	const uint8_t *want;
+	uint64_t size;
+	atomic_bool stop;
+	unsigned reads, wrong, errors;
+};
+
+static void *
+bg_reader_main(void *arg)
+{
+	struct bg_reader *b = arg;
+	uint8_t *buf = malloc(b->size);
+
+	while (!atomic_load(&b->stop)) {
+		if (blockmirror_disk_read(b->disk, buf, b->size, 0) < 0)
+			b->errors++;
+		else if (differs(buf, b->want, b->size) >= 0)
+			b->wrong++;
+		b->reads++;
+	}
+	free(buf);
+	return NULL;
+}
+
+/* Layers below a pinned point are merged and its image re-pointed while
+ * a reader reads it: every read returns the point. */
+START_TEST(test_reader_during_merges)
+{
+	uint64_t rng = seed ^ 0x2468, size = 16 * 65536 + 4096;
+	struct bm_replica_policy keep2 = { .keep = 2 }, none = { 0 };
+	struct bg_reader b = { .size = size };
+	struct bm_replica *r;
+	struct model m;
+	pthread_t t;
+	char *image;
+
+	model_init(&m, size, 65536);
+	ck_assert_int_eq(bm_replica_create(rdir, size, NULL, 0, &r), 0);
+	ck_assert_int_eq(bm_replica_set_policy(r, &keep2), 0);
+	for (uint64_t p = 1; p <= 3; p++)
+		cycle(r, &m, p, (int64_t)p, 6, &rng);
+	ck_assert_int_eq(bm_replica_pin(r, 3, &image), 0);
+	ck_assert_uint_eq(chain_depth(image), 3);
+	b.disk = blockmirror_disk_open(image, BLOCKMIRROR_FORMAT_AUTO,
+				       BLOCKMIRROR_DISK_READONLY);
+	ck_assert(b.disk);
+	b.want = m.snap[3];
+	ck_assert_int_eq(pthread_create(&t, NULL, bg_reader_main, &b), 0);
+	/* 1 and 2 go: 2 is merged into the base, 3 re-pointed at it; then
+	 * every cycle merges above 3. */
+	ck_assert_int_eq(bm_replica_set_policy(r, &none), 0);
+	for (uint64_t p = 4; p <= 12; p++)
+		cycle(r, &m, p, (int64_t)p, 6, &rng);
+	atomic_store(&b.stop, true);
+	pthread_join(t, NULL);
+	fprintf(stderr, "reader: %u reads during merges\n", b.reads);
+	ck_assert_uint_gt(b.reads, 0);
+	ck_assert_uint_eq(b.errors, 0);
+	ck_assert_uint_eq(b.wrong, 0);
+	ck_assert_uint_eq(chain_depth(image), 2);
+	blockmirror_disk_close(b.disk);
+	ck_assert_int_eq(bm_replica_unpin(r, 3), 0);
+	free(image);
+	bm_replica_close(r);
+	model_free(&m);
+}
+END_TEST
+
 /* A pinned point over a dropped one: its file stays, with a test
  * overlay naming it; the merge waits for the unpin. */
 START_TEST(test_pin_over_dropped)
@@ -1295,6 +1365,7 @@ main(void)
 			    (int)env_u64("BM_REPLICA_SEEDS", 3));
 	tcase_add_test(tc, test_pinned_reader);
 	tcase_add_test(tc, test_pin_over_dropped);
+	tcase_add_test(tc, test_reader_during_merges);
 	tcase_add_test(tc, test_limits);
 	tcase_add_test(tc, test_faults);
 	tcase_add_test(tc, test_merge_cost);
