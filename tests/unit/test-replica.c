@@ -189,6 +189,24 @@ cycle(struct bm_replica *r, struct model *m, uint64_t point, int64_t instant,
 	free(image);
 }
 
+/* A new store of `size` bytes (64 KiB granules) under policy `keep`
+ * (every point a window), with points 1 to `points` committed, each
+ * writing `per` granules. */
+static struct bm_replica *
+store_with_points(struct model *m, uint64_t size, unsigned keep,
+		  uint64_t points, unsigned per, uint64_t *rng)
+{
+	struct bm_replica_policy pol = { .keep = keep };
+	struct bm_replica *r;
+
+	model_init(m, size, 65536);
+	ck_assert_int_eq(bm_replica_create(rdir, size, NULL, 0, &r), 0);
+	ck_assert_int_eq(bm_replica_set_policy(r, &pol), 0);
+	for (uint64_t p = 1; p <= points; p++)
+		cycle(r, m, p, (int64_t)p, per, rng);
+	return r;
+}
+
 /* Read an image whole (read-only, through its chain); NULL + message. */
 static uint8_t *
 read_image(const char *image, uint64_t size, char *msg, size_t len)
@@ -580,18 +598,14 @@ bg_reader_main(void *arg)
 START_TEST(test_reader_during_merges)
 {
 	uint64_t rng = seed ^ 0x2468, size = 16 * 65536 + 4096;
-	struct bm_replica_policy keep2 = { .keep = 2 }, none = { 0 };
+	struct bm_replica_policy none = { 0 };
 	struct bg_reader b = { .size = size };
 	struct bm_replica *r;
 	struct model m;
 	pthread_t t;
 	char *image;
 
-	model_init(&m, size, 65536);
-	ck_assert_int_eq(bm_replica_create(rdir, size, NULL, 0, &r), 0);
-	ck_assert_int_eq(bm_replica_set_policy(r, &keep2), 0);
-	for (uint64_t p = 1; p <= 3; p++)
-		cycle(r, &m, p, (int64_t)p, 6, &rng);
+	r = store_with_points(&m, size, 2, 3, 6, &rng);
 	ck_assert_int_eq(bm_replica_pin(r, 3, &image), 0);
 	ck_assert_uint_eq(chain_depth(image), 3);
 	b.disk = blockmirror_disk_open(image, BLOCKMIRROR_FORMAT_AUTO,
@@ -624,7 +638,7 @@ END_TEST
 START_TEST(test_pin_over_dropped)
 {
 	uint64_t rng = seed ^ 0x4321, size = 6 * 65536 + 4096;
-	struct bm_replica_policy keep5 = { .keep = 5 }, none = { 0 };
+	struct bm_replica_policy none = { 0 };
 	struct bm_replica_point *list;
 	struct bm_replica *r;
 	struct model m;
@@ -632,11 +646,7 @@ START_TEST(test_pin_over_dropped)
 	uint8_t *got;
 	size_t n;
 
-	model_init(&m, size, 65536);
-	ck_assert_int_eq(bm_replica_create(rdir, size, NULL, 0, &r), 0);
-	ck_assert_int_eq(bm_replica_set_policy(r, &keep5), 0);
-	for (uint64_t p = 1; p <= 3; p++)
-		cycle(r, &m, p, (int64_t)p, 3, &rng);
+	r = store_with_points(&m, size, 5, 3, 3, &rng);
 	ck_assert_int_eq(bm_replica_pin(r, 2, &pin), 0);
 	ck_assert_int_eq(bm_replica_test_overlay(r, 2, &test), 0);
 	ck_assert_int_eq(bm_replica_set_policy(r, &none), 0);
@@ -809,10 +819,7 @@ START_TEST(test_faults)
 	struct model m;
 	char msg[4400];
 
-	model_init(&m, size, 65536);
-	ck_assert_int_eq(bm_replica_create(rdir, size, NULL, 0, &r), 0);
-	cycle(r, &m, 1, 1, 3, &rng);
-	cycle(r, &m, 2, 2, 3, &rng);
+	r = store_with_points(&m, size, 0, 2, 3, &rng);
 
 	/* The state renamed into place, its directory's sync failed: the
 	 * point may exist, and does in memory; the cycle is over, so an
@@ -1082,18 +1089,13 @@ START_TEST(test_state_fuzz)
 {
 	unsigned runs = (unsigned)env_u64("BM_REPLICA_FUZZ", 60);
 	uint64_t rng = seed ^ 0xf022, size = 4 * 65536 + 4096;
-	struct bm_replica_policy keep = { .keep = 2 };
 	struct bm_replica *r;
 	struct model m;
 	char cmd[600], path[200], *text;
 	size_t len;
 	FILE *f;
 
-	model_init(&m, size, 65536);
-	ck_assert_int_eq(bm_replica_create(rdir, size, NULL, 0, &r), 0);
-	ck_assert_int_eq(bm_replica_set_policy(r, &keep), 0);
-	for (uint64_t p = 1; p <= 4; p++)
-		cycle(r, &m, p, (int64_t)p, 2, &rng);
+	r = store_with_points(&m, size, 2, 4, 2, &rng);
 	ck_assert_int_eq(bm_replica_pin(r, 3, &text), 0);
 	free(text);
 	ck_assert_int_eq(bm_replica_test_overlay(r, 3, &text), 0);
