@@ -195,6 +195,8 @@ bm_replica_pending(struct bm_replica *r, uint64_t *point)
 
 /* ---- cycles ----------------------------------------------------------- */
 
+static void tidy_or_warn(struct bm_replica *r, const char *after);
+
 static int
 begin(struct bm_replica *r, uint64_t point, const char *primary_gen,
       char **image)
@@ -220,6 +222,9 @@ begin(struct bm_replica *r, uint64_t point, const char *primary_gen,
 				latest ? latest->number : 0);
 	if (r->st.next_layer >= 100000000)
 		return bm_error(-ENOSPC, "%s: out of layer names", r->dir);
+	/* What a failed tidy left (a full disk may have room again). */
+	tidy_or_warn(r, "the previous cycle");
+	latest = bm_replica_find(r, 0);   /* the tidy may have moved it */
 	r->cycle_layer = 0;
 	if (latest) {
 		r->cycle_layer = r->st.next_layer;

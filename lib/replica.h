@@ -113,7 +113,7 @@ const char *bm_replica_base(struct bm_replica *r);
 int bm_replica_get_gen(struct bm_replica *r, struct bm_replica_gen *gen);
 
 /* Persisted at once; points are dropped by it at the next tidy (a
- * commit, an unpin, an open).  -EINVAL: keep above BM_REPLICA_MAX_KEEP. */
+ * commit, an unpin, a begin, an open).  -EINVAL: keep above BM_REPLICA_MAX_KEEP. */
 int bm_replica_set_policy(struct bm_replica *r,
 			  const struct bm_replica_policy *p);
 
@@ -124,7 +124,8 @@ int bm_replica_set_policy(struct bm_replica *r,
  * the latest point, or the base itself for the first point.  Nothing is
  * durable until bm_replica_commit.  -EROFS once the store is a primary
  * (the fence), -EBUSY while a cycle is open, -EINVAL for a point not
- * above the latest or a bad generation.
+ * above the latest or a bad generation.  A tidy that an earlier call
+ * could not finish (a full disk) is tried again first.
  */
 int bm_replica_begin(struct bm_replica *r, uint64_t point,
 		     const char *primary_gen, char **image);
