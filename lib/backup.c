@@ -696,23 +696,6 @@ extents_done(void *user_data, int err)
 	bm_waiter_signal(user_data, err);
 }
 
-/* What the view holds in [off, off + len): appended to `l`. */
-static int
-view_extents(struct blockmirror_disk *disk, struct blockmirror_snapshot *snap,
-	     uint64_t off, uint64_t len, struct bm_extent_list *l)
-{
-	struct bm_waiter w;
-	int r;
-
-	bm_waiter_init(&w);
-	r = bm_disk_aio_to(disk, bm_snapshot_view(snap), BM_REQ_BLOCK_STATUS,
-			   l, len, off, extents_done, &w);
-	if (r == 0)
-		r = bm_disk_wait(disk, &w);
-	bm_waiter_destroy(&w);
-	return r;
-}
-
 struct run {
 	struct blockmirror_disk *disk;     /* the served one */
 	struct blockmirror_disk *target;   /* the new point's image */
@@ -945,7 +928,7 @@ copy_full(struct run *run)
 		uint64_t step = BM_MIN(run->size - pos, 1024 * COPY_BYTES);
 
 		bm_extent_list_reset(&l);
-		r = view_extents(run->disk, run->snap, pos, step, &l);
+		r = bm_snapshot_extents(run->disk, run->snap, pos, step, &l);
 		for (size_t i = 0; r == 0 && i < l.len; i++) {
 			uint64_t s = BM_MAX(bm_round_down(l.v[i].offset,
 							  run->g), copied);

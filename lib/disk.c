@@ -593,6 +593,10 @@ disk_aio_to(struct blockmirror_disk *disk, struct bm_image *target,
 	if ((type == BM_REQ_WRITE || type == BM_REQ_ZERO ||
 	     type == BM_REQ_DISCARD) && (disk->readonly || target))
 		return bm_error(-EROFS, "the disk is read-only");
+	if ((type == BM_REQ_WRITE || type == BM_REQ_ZERO ||
+	     type == BM_REQ_DISCARD) && atomic_load(&disk->fenced))
+		return bm_error(-EROFS, "the disk failed over to its replica: "
+				"it takes no more writes");
 	if (flags & ~(BLOCKMIRROR_REQ_FUA | BLOCKMIRROR_REQ_MAY_TRIM))
 		return bm_error(-EINVAL, "unknown request flags 0x%x", flags);
 	if ((type == BM_REQ_READ || type == BM_REQ_WRITE) && len > (1u << 30))
@@ -888,4 +892,10 @@ blockmirror_disk_close(struct blockmirror_disk *disk)
 	pthread_mutex_destroy(&disk->run_lock);
 	free(disk);
 	return r < 0 ? bm_api_fail("blockmirror_disk_close", r) : 0;
+}
+
+void
+bm_disk_fence(struct blockmirror_disk *disk)
+{
+	atomic_store(&disk->fenced, true);
 }

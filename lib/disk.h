@@ -77,6 +77,8 @@ struct blockmirror_disk {
 					 runs, its mirror filter) */
 	uint64_t size;
 	bool readonly;
+	atomic_bool fenced;           /* a failover made the replica the
+					 primary: writes refused (any thread) */
 	unsigned open_flags;          /* BM_IMAGE_* for images of this disk */
 
 	/* who runs the loop */
@@ -214,6 +216,11 @@ int bm_disk_aio_to(struct blockmirror_disk *disk, struct bm_image *target,
  * the loop thread.  Returns what the waiter was signalled with.
  */
 int bm_disk_wait(struct blockmirror_disk *disk, struct bm_waiter *w);
+
+/* Refuse guest writes from now on (-EROFS naming the failover): a
+ * request already admitted still completes, so the caller drains (a
+ * snapshot does) before it takes the disk's last state. */
+void bm_disk_fence(struct blockmirror_disk *disk);
 
 /* Work of the disk's own that a drain must wait for like a guest request
  * (a snapshot's copy-before-write). */

@@ -308,3 +308,26 @@ bm_snapshot_view(struct blockmirror_snapshot *snap)
 {
 	return &snap->view;
 }
+
+static void
+extents_done(void *user_data, int err)
+{
+	bm_waiter_signal(user_data, err);
+}
+
+int
+bm_snapshot_extents(struct blockmirror_disk *disk,
+		    struct blockmirror_snapshot *snap, uint64_t off,
+		    uint64_t len, struct bm_extent_list *l)
+{
+	struct bm_waiter w;
+	int r;
+
+	bm_waiter_init(&w);
+	r = bm_disk_aio_to(disk, bm_snapshot_view(snap), BM_REQ_BLOCK_STATUS,
+			   l, len, off, extents_done, &w);
+	if (r == 0)
+		r = bm_disk_wait(disk, &w);
+	bm_waiter_destroy(&w);
+	return r;
+}

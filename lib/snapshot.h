@@ -18,6 +18,13 @@ struct bm_image *bm_snapshot_view(struct blockmirror_snapshot *snap);
 /* The disk the snapshot is of (NULL once the disk was closed). */
 struct blockmirror_disk *bm_snapshot_disk(struct blockmirror_snapshot *snap);
 
+/* What the view holds in [off, off + len): extents appended to `l`
+ * (HOLE, ZERO or data).  Blocking; not from the loop thread. */
+struct bm_extent_list;
+int bm_snapshot_extents(struct blockmirror_disk *disk,
+			struct blockmirror_snapshot *snap, uint64_t off,
+			uint64_t len, struct bm_extent_list *l);
+
 /* The checkpoint the snapshot was taken `since` (borrowed, as long as the
  * snapshot), or NULL: blockmirror_snapshot_changed has nothing. */
 const char *bm_snapshot_since(const struct blockmirror_snapshot *snap);

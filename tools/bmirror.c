@@ -29,6 +29,8 @@ static const struct {
 	{ "snapshot", cmd_snapshot, "snapshot a served disk, export it over NBD" },
 	{ "backup", cmd_backup, "back up a disk: full and incremental points" },
 	{ "checkpoint", cmd_checkpoint, "list, create, remove a served disk's checkpoints" },
+	{ "replicate", cmd_replicate, "replicate a served disk to a replica, fail over" },
+	{ "replica", cmd_replica, "keep a replica's recovery points; export, promote" },
 	{ "rebalance", cmd_rebalance, "move many disks between pools (a plan)" },
 };
 

@@ -66,5 +66,7 @@ int cmd_client(int argc, char **argv);
 int cmd_snapshot(int argc, char **argv);
 int cmd_backup(int argc, char **argv);
 int cmd_checkpoint(int argc, char **argv);
+int cmd_replicate(int argc, char **argv);
+int cmd_replica(int argc, char **argv);
 
 #endif /* BMIRROR_H */

@@ -48,6 +48,7 @@
 
 #include "bmirror.h"
 #include "control.h"
+#include "serve-replicate.h"
 
 #define MAX_CLIENTS 64
 #define LINES_PER_ROUND 16          /* commands per client per poll round */
@@ -529,6 +530,13 @@ ctl_query(void)
 	if (r && S.track_sidecar)
 		json_object_set_new(json_object_get(r, "return"), "tracking",
 				    track_json());
+	if (r) {
+		json_t *repl = serve_repl_status();
+
+		if (repl)
+			json_object_set_new(json_object_get(r, "return"),
+					    "replication", repl);
+	}
 
 	if (S.resume && r)
 		json_object_set(json_object_get(r, "return"), "resume",
@@ -1752,6 +1760,9 @@ handle(json_t *req, int ci)
 	group_expire();
 	if (strcmp(cmd, "query") == 0)
 		return ctl_query();
+	if (serve_repl_is_command(cmd))
+		return serve_repl_command(cmd, req, S.disk, ci,
+					  S.clients[ci].gen);
 	if (strcmp(cmd, "move") == 0 &&
 	    json_is_true(json_object_get(req, "base")))
 		return ctl_move_base(req, ci);
@@ -1827,6 +1838,22 @@ forward_event(json_t *ev)
 	json_decref(ev);
 }
 
+/* Replication's news: an event for every client (client -1), an answer
+ * for the one that asked if its connection is still there. */
+static void
+repl_send(int client, unsigned gen, json_t *obj)
+{
+	if (client >= 0) {
+		client_send(S.clients[client].fd >= 0 &&
+			    S.clients[client].gen == gen ? client : -1, obj);
+		return;
+	}
+	for (int ci = 0; ci < MAX_CLIENTS; ci++)
+		if (S.clients[ci].fd >= 0)
+			client_send(ci, json_incref(obj));
+	json_decref(obj);
+}
+
 /* Forward the queued events of the current job, in order. */
 static void
 deliver_events(void)
@@ -1838,6 +1865,7 @@ deliver_events(void)
 		/* EAGAIN: a wake-up for events already taken */
 	}
 	backup_deliver();
+	serve_repl_deliver(repl_send);
 	group_hold_deliver();
 	snapshots_tell_broken();
 	list = take_events();
@@ -2512,6 +2540,7 @@ cmd_serve(int argc, char **argv)
 	S.signal_fd = signalfd(-1, &mask, SFD_CLOEXEC);
 	pthread_mutex_init(&S.bk.lock, NULL);
 	S.event_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+	serve_repl_init(wake);
 	if (S.event_fd < 0) {
 		tool_error("eventfd: %s", strerror(errno));
 		return EXIT_FAILED;
@@ -2582,6 +2611,7 @@ out:
 	if (S.grp.active)
 		group_abort(NULL); /* its client stayed to the end */
 	backup_stop();
+	serve_repl_stop();
 	blockmirror_server_stop(S.server);
 	release_snapshots();
 	if (blockmirror_disk_close(S.disk) < 0) {

@@ -1124,6 +1124,241 @@ extern int blockmirror_backup_prune_with_events(
 	struct blockmirror_backup_prune_result *r,
 	blockmirror_backup_event_fn on_event, void *event_data);
 
+/* ---- Continuous replication (docs/replication.md) --------------------- */
+
+/*
+ * A disk replicates to a replica (`bmirror replica serve`, on another
+ * host): every interval a cycle takes a snapshot of the disk, sends the
+ * granules changed since the last point the replica committed (over NBD,
+ * TLS with a pre-shared key when the transport is TCP), and asks the
+ * replica to commit them as a new recovery point; the replica only ever
+ * exposes whole points.  The disk must track changes
+ * (blockmirror_disk_track) before replication starts: the checkpoint
+ * "repl-N" marks the instant of point N.  The guest never sees an error
+ * of replication's: a lost link, a stalled or full replica fail the
+ * cycle, the changes stay tracked, and the next cycle sends them.
+ */
+struct blockmirror_replication;
+
+enum blockmirror_replication_state {
+	BLOCKMIRROR_REPLICATION_CONNECTING = 1, /* no answer from the replica yet */
+	BLOCKMIRROR_REPLICATION_SYNCING,        /* initial copy or resync */
+	BLOCKMIRROR_REPLICATION_IDLE,           /* between cycles */
+	BLOCKMIRROR_REPLICATION_SENDING,        /* a cycle */
+	BLOCKMIRROR_REPLICATION_FENCED,         /* the replica refused us for
+						   good (it was promoted, or
+						   another primary owns it) */
+	BLOCKMIRROR_REPLICATION_FAILED_OVER,    /* a planned failover made the
+						   replica the primary */
+	BLOCKMIRROR_REPLICATION_STOPPED,
+};
+
+enum blockmirror_replication_event_type {
+	BLOCKMIRROR_REPLICATION_EVENT_CONNECTED = 1,
+	BLOCKMIRROR_REPLICATION_EVENT_DISCONNECTED = 2,  /* err, message */
+	BLOCKMIRROR_REPLICATION_EVENT_POINT_COMMITTED = 3, /* point, bytes, instant */
+	BLOCKMIRROR_REPLICATION_EVENT_CYCLE_FAILED = 4,  /* err, message */
+	BLOCKMIRROR_REPLICATION_EVENT_RPO_MISSED = 5,    /* rpo_ms past the target */
+	BLOCKMIRROR_REPLICATION_EVENT_RPO_MET = 6,       /* back within the target */
+	BLOCKMIRROR_REPLICATION_EVENT_RESYNC = 7,        /* a cycle compares digests
+						      (bytes: what differed) */
+	BLOCKMIRROR_REPLICATION_EVENT_FENCED = 8,  /* err, message */
+	BLOCKMIRROR_REPLICATION_EVENT_FAILOVER_DONE = 9, /* point: the replica's */
+};
+
+struct blockmirror_replication_event {
+	enum blockmirror_replication_event_type type;
+	uint64_t point;
+	uint64_t bytes;
+	int64_t instant_ns;   /* CLOCK_REALTIME of the point's snapshot */
+	uint64_t rpo_ms;
+	int err;              /* positive errno */
+	const char *message;  /* borrowed, valid during the call */
+};
+
+typedef void (*blockmirror_replication_event_fn)(
+	void *user_data, const struct blockmirror_replication_event *event);
+
+enum {
+	/* The replica holds data this disk's replication did not put there
+	 * (a seed copy, the old primary after a failover) or lost track of
+	 * it: compare XXH3 digests of every granule and send only those
+	 * that differ, instead of refusing. */
+	BLOCKMIRROR_REPLICATION_RESYNC_OK = 1u << 0,
+	/* After a split brain (the replica's disk was written after the
+	 * point both sides last shared), overwrite its divergent data. */
+	BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT = 1u << 1,
+};
+
+struct blockmirror_replication_options {
+	size_t size;                  /* sizeof (struct ...), for growth */
+	/* The replica's channel: "tcp:HOST:PORT" (TLS-PSK, required) or
+	 * "unix:PATH". */
+	const char *replica;
+	const char *tls_psk_file;     /* psktool format: "identity:hexkey" */
+	const char *tls_identity;     /* NULL: the file's first */
+	uint32_t interval_ms;         /* between cycle starts; 0: 5000;
+					 at least 1000 */
+	uint32_t rpo_target_ms;       /* 0: 2 * interval + 5000 */
+	/* This disk's side of the pairing (generation identifiers, the
+	 * fencing token, the last committed point), written durably.
+	 * NULL: the image's name + ".bmirror-repl". */
+	const char *state_file;
+	unsigned flags;               /* BLOCKMIRROR_REPLICATION_* */
+	/* Each event, on replication's thread; must not block. */
+	blockmirror_replication_event_fn on_event;
+	void *event_data;
+	/* Application-consistent points (as the backup's): freeze before
+	 * the instant, thaw right after, every `app_every_s` seconds
+	 * (0: never).  May be NULL. */
+	int (*freeze)(void *user_data);
+	void (*thaw)(void *user_data);
+	void *freeze_data;
+	uint32_t app_every_s;
+};
+
+struct blockmirror_replication_info {
+	size_t size;                  /* sizeof (struct ...), for growth */
+	enum blockmirror_replication_state state;
+	char generation[37];          /* this disk's */
+	uint64_t point;               /* the newest the replica committed, 0:
+					 none yet */
+	int64_t point_instant_ns;
+	uint64_t rpo_ms;              /* now - that point's instant */
+	bool rpo_missed;
+	uint64_t bytes_behind;        /* written since that point (an upper
+					 bound: granules) */
+	uint64_t cycles, cycles_failed;
+	uint64_t bytes_sent;          /* data over NBD, all cycles */
+	uint64_t last_cycle_bytes;
+	uint64_t last_cycle_ms;
+	double throughput;            /* bytes/s of the last cycle's data */
+	int last_error;               /* positive errno, 0: none */
+	char message[256];            /* the last error's */
+};
+
+/* Start replicating `disk` on a thread of the library's.  -EINVAL (the
+ * disk does not track changes, bad options), or the first connection's
+ * refusal for good (-EPERM fenced, -EEXIST split brain, -ESTALE a
+ * replica of another disk); a replica that cannot be reached is retried,
+ * not an error. */
+extern int blockmirror_replication_start(
+	struct blockmirror_disk *disk,
+	const struct blockmirror_replication_options *options,
+	struct blockmirror_replication **out);
+
+extern int blockmirror_replication_query(struct blockmirror_replication *r,
+					 struct blockmirror_replication_info *info);
+
+/* Run a cycle now and wait (at most timeout_ms; 0: no limit) until a
+ * point at least as new as this instant is committed: *point (may be
+ * NULL) is its number. */
+extern int blockmirror_replication_sync(struct blockmirror_replication *r,
+					uint32_t timeout_ms, uint64_t *point);
+
+/*
+ * Planned failover: the disk refuses guest writes from now on (-EROFS;
+ * the VM is shut down first), a last cycle sends every write
+ * acknowledged before, and the replica is promoted at that point: it
+ * becomes the primary, with a new generation, and this side is fenced.
+ * *point: the point the replica became.  Replication then stops.
+ */
+extern int blockmirror_replication_failover(struct blockmirror_replication *r,
+					    uint32_t timeout_ms,
+					    uint64_t *point);
+
+/*
+ * Online verify: compare the replica's latest point with the disk by
+ * digests (only digests cross the network): a snapshot of the disk now,
+ * and every granule the change record says was not written since that
+ * point must have the replica's digest.  Those that differ are counted
+ * and sent again by the next cycle.  Runs on replication's thread, between
+ * cycles; waits at most timeout_ms (0: no limit).
+ */
+struct blockmirror_replication_check {
+	size_t size;                  /* sizeof (struct ...), for growth */
+	uint64_t point;               /* the replica's point compared */
+	uint64_t granules;            /* compared */
+	uint64_t skipped;             /* written since the point: not */
+	uint64_t mismatches;          /* marked to send again */
+	uint64_t first_mismatch;      /* byte offset, if any */
+};
+
+extern int blockmirror_replication_verify(
+	struct blockmirror_replication *r, uint32_t timeout_ms,
+	struct blockmirror_replication_check *check);
+
+/* Stop (a cycle under way is abandoned; the replica keeps its last
+ * point) and free.  Accepts NULL. */
+extern void blockmirror_replication_stop(struct blockmirror_replication *r);
+
+/* "connecting", "syncing", "idle", "sending", "fenced", "failed-over",
+ * "stopped"; and the events' names ("POINT_COMMITTED", ...). */
+extern const char *blockmirror_replication_state_name(
+	enum blockmirror_replication_state s);
+extern const char *blockmirror_replication_event_name(
+	enum blockmirror_replication_event_type t);
+
+/*
+ * The replica's side: a server over a replica directory (its recovery
+ * points, docs/replica-store.md).  Primaries connect to `listen`
+ * ("tcp:HOST:PORT", TLS-PSK required; or "unix:PATH"); each cycle's data
+ * arrives over NBD on a server of its own (TCP, TLS with the same keys,
+ * on `nbd_host` and a port chosen per cycle; or a Unix socket in the
+ * directory).  The operator's commands (points, exports, test failover,
+ * promotion) come over the Unix socket `control` (mode 0600).  The
+ * protocol is in docs/replication.md.
+ */
+struct blockmirror_replica_server;
+
+enum blockmirror_replica_event_type {
+	BLOCKMIRROR_REPLICA_PAIRED = 1,          /* message: the primary */
+	BLOCKMIRROR_REPLICA_CYCLE_BEGUN = 2,     /* point */
+	BLOCKMIRROR_REPLICA_POINT_COMMITTED = 3, /* point, bytes */
+	BLOCKMIRROR_REPLICA_CYCLE_ABORTED = 4,   /* point, message */
+	BLOCKMIRROR_REPLICA_REFUSED = 5,         /* err, message */
+	BLOCKMIRROR_REPLICA_PROMOTED = 6,        /* point, bytes (discarded),
+						    message: the disk's image */
+};
+
+typedef void (*blockmirror_replica_event_fn)(
+	void *user_data, enum blockmirror_replica_event_type type,
+	const struct blockmirror_replication_event *event);
+
+struct blockmirror_replica_server_options {
+	size_t size;                  /* sizeof (struct ...), for growth */
+	const char *dir;
+	const char *listen;
+	const char *control;          /* NULL: DIR/control.sock */
+	const char *nbd_host;         /* NULL: listen's host (TCP) */
+	const char *tls_psk_file;
+	/* Make DIR a replica first (it must not be one): of a disk of
+	 * `disk_size` bytes on a new sparse base, or of `base`, an image
+	 * the operator placed (a seed copy, or the old primary's disk after
+	 * a failover: its replication state is adopted). */
+	bool create;
+	uint64_t disk_size;
+	const char *base;
+	uint32_t granularity;         /* 0: 64 KiB */
+	/* Recovery points beyond the latest: `keep`, one per `every_s`
+	 * seconds (0 0: the latest only).  Kept in DIR. */
+	unsigned keep;
+	uint32_t every_s;
+	bool set_policy;              /* apply keep/every_s to an existing DIR */
+	blockmirror_replica_event_fn on_event; /* any thread; must not block */
+	void *event_data;
+};
+
+extern int blockmirror_replica_server_start(
+	const struct blockmirror_replica_server_options *options,
+	struct blockmirror_replica_server **out);
+/* The address primaries connect to, as bound ("tcp:127.0.0.1:41234"). */
+extern const char *blockmirror_replica_server_address(
+	struct blockmirror_replica_server *s);
+/* Stop listening, abandon an open cycle (the latest point stays), end
+ * every export, close the directory.  Accepts NULL. */
+extern void blockmirror_replica_server_stop(struct blockmirror_replica_server *s);
+
 /* ---- Crash-resumable state (docs/state.md) --------------------------- */
 
 struct blockmirror_state_info {

@@ -1,0 +1,421 @@
+/* SPDX-License-Identifier: LGPL-2.1-or-later */
+/*
+ * Replication end to end in one process (lib/replicate.c over
+ * lib/replica-serve.c and lib/replica.c, on Unix sockets): a tracked disk
+ * replicates to a replica directory while writers write, and
+ *   - every point equals the disk as it was when it was asked for (the
+ *     writers paused, replication_sync), and a cycle sends only what
+ *     changed (at most the granules written, rounded to the tracker's);
+ *   - a seed copy already on the replica costs only what differs
+ *     (digests);
+ *   - online verify finds a point damaged behind replication's back, and
+ *     the next cycle repairs it;
+ *   - a replica of another disk is refused, unless told to resync;
+ *   - a promoted replica fences its old primary: replication stops with
+ *     FENCED and never writes into it again;
+ *   - a replica server stopped and started again mid-stream: replication
+ *     resumes from the point it holds, and the writers never saw an error.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <jansson.h>
+#include <sys/stat.h>
+
+#include "helpers.h"
+#include "repl-channel.h"
+
+#define DISK_SIZE (UINT64_C(8) << 20)
+#define BLOCK 4096u
+
+static char dir[64], image[128], rdir[128], rsock[160], rctl[160];
+static uint8_t *model;
+
+static void
+setup(void)
+{
+	char cmd[512];
+
+	snprintf(dir, sizeof dir, "/var/tmp/bm-repl-XXXXXX");
+	ck_assert(mkdtemp(dir));
+	snprintf(image, sizeof image, "%s/disk.raw", dir);
+	snprintf(rdir, sizeof rdir, "%s/replica", dir);
+	snprintf(rsock, sizeof rsock, "unix:%s/repl.sock", dir);
+	snprintf(rctl, sizeof rctl, "%s/ctl.sock", dir);
+	snprintf(cmd, sizeof cmd, "head -c %" PRIu64 " /dev/urandom > %s && "
+		 "truncate -s %" PRIu64 " %s", DISK_SIZE / 2, image, DISK_SIZE,
+		 image);
+	ck_assert_int_eq(system(cmd), 0);
+	model = malloc(DISK_SIZE);
+	ck_assert_ptr_nonnull(model);
+}
+
+static void
+teardown(void)
+{
+	free(model);
+	remove_tree(dir);
+}
+
+static struct blockmirror_disk *
+open_tracked(const char *path)
+{
+	struct blockmirror_disk *d = blockmirror_disk_open(path,
+		BLOCKMIRROR_FORMAT_RAW, 0);
+
+	ck_assert_msg(d, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_start_thread(d), 0);
+	ck_assert_int_eq(blockmirror_disk_track(d, NULL, 0, NULL), 0);
+	return d;
+}
+
+static struct blockmirror_replica_server *
+start_replica(bool create, const char *base)
+{
+	struct blockmirror_replica_server_options o = {
+		.size = sizeof o, .dir = rdir, .listen = rsock,
+		.control = rctl, .create = create,
+		.disk_size = base ? 0 : DISK_SIZE, .base = base,
+	};
+	struct blockmirror_replica_server *s = NULL;
+	int r = blockmirror_replica_server_start(&o, &s);
+
+	ck_assert_msg(r == 0, "replica server: %s", blockmirror_last_error());
+	return s;
+}
+
+static struct blockmirror_replication *
+start_replication(struct blockmirror_disk *d, unsigned flags, int *err)
+{
+	struct blockmirror_replication_options o = {
+		.size = sizeof o, .replica = rsock, .interval_ms = 1000,
+		.flags = flags,
+	};
+	struct blockmirror_replication *r = NULL;
+
+	*err = blockmirror_replication_start(d, &o, &r);
+	return r;
+}
+
+/* A control-socket request to the replica server; the result object. */
+static json_t *
+replica_call(const char *op, uint64_t point, int *err)
+{
+	char addr[200];
+	struct bm_chan *c = NULL;
+	json_t *req = json_pack("{s:s, s:I}", "op", op, "point",
+				(json_int_t)point), *res = NULL;
+
+	snprintf(addr, sizeof addr, "unix:%s", rctl);
+	*err = bm_chan_connect(addr, NULL, NULL, 5000, &c);
+	if (*err == 0)
+		*err = bm_chan_call(c, req, &res, 60000);
+	bm_chan_close(c);
+	json_decref(req);
+	return res;
+}
+
+/* The latest point's image as the replica lists it. */
+static char *
+latest_image(void)
+{
+	int err;
+	json_t *res = replica_call("points", 0, &err), *p;
+	char *img = NULL;
+	size_t i;
+
+	ck_assert_msg(err == 0, "points: %s", blockmirror_last_error());
+	json_array_foreach(json_object_get(res, "points"), i, p)
+		if (json_is_true(json_object_get(p, "latest")))
+			img = strdup(json_string_value(json_object_get(p,
+								      "image")));
+	json_decref(res);
+	ck_assert_ptr_nonnull(img);
+	return img;
+}
+
+static void
+check_image_is_model(const char *img)
+{
+	struct blockmirror_disk *d = blockmirror_disk_open(img,
+		BLOCKMIRROR_FORMAT_AUTO, BLOCKMIRROR_DISK_READONLY);
+	uint8_t *buf = malloc(1 << 20);
+
+	ck_assert_msg(d, "%s: %s", img, blockmirror_last_error());
+	ck_assert_uint_eq(blockmirror_disk_get_size(d), DISK_SIZE);
+	for (uint64_t off = 0; off < DISK_SIZE; off += 1 << 20) {
+		ck_assert_int_eq(blockmirror_disk_read(d, buf, 1 << 20, off), 0);
+		for (uint64_t i = 0; i < 1 << 20; i++)
+			ck_assert_msg(buf[i] == model[off + i], "%s differs "
+				      "from the disk at %" PRIu64, img,
+				      off + i);
+	}
+	free(buf);
+	blockmirror_disk_close(d);
+}
+
+static void
+read_model(struct blockmirror_disk *d)
+{
+	for (uint64_t off = 0; off < DISK_SIZE; off += 1 << 20)
+		ck_assert_int_eq(blockmirror_disk_read(d, model + off, 1 << 20,
+						       off), 0);
+}
+
+/* The replica's latest point reads as the disk now. */
+static void
+check_latest_is(struct blockmirror_disk *d)
+{
+	char *img = latest_image();
+
+	read_model(d);
+	check_image_is_model(img);
+	free(img);
+}
+
+/* Random writes: data, zeroes, the disk's last block.  Returns the
+ * bytes of 64 KiB granules touched. */
+static uint64_t
+scribble(struct blockmirror_disk *d, uint64_t *rng, unsigned n)
+{
+	static bool touched[DISK_SIZE / 65536];
+	uint8_t buf[4 * BLOCK];
+	uint64_t bytes = 0;
+
+	memset(touched, 0, sizeof touched);
+	for (unsigned i = 0; i < n; i++) {
+		uint64_t len = BLOCK * (1 + rnd_range(rng, 4));
+		uint64_t off = i == 0 ? DISK_SIZE - BLOCK :
+			       BLOCK * rnd_range(rng, (DISK_SIZE - len) / BLOCK);
+
+		if (i == 0)
+			len = BLOCK;
+		if (rnd_range(rng, 4) == 0) {
+			ck_assert_int_eq(blockmirror_disk_write_zeroes(d, len,
+								       off, 0),
+					 0);
+		} else {
+			for (size_t k = 0; k < len; k++)
+				buf[k] = (uint8_t)rnd(rng);
+			ck_assert_int_eq(blockmirror_disk_write(d, buf, len,
+								off, 0), 0);
+		}
+		for (uint64_t g = off / 65536; g <= (off + len - 1) / 65536;
+		     g++)
+			if (!touched[g]) {
+				touched[g] = true;
+				bytes += 65536;
+			}
+	}
+	return bytes;
+}
+
+START_TEST(test_cycles_are_instants)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image);
+	struct blockmirror_replication_info info = { .size = sizeof info };
+	struct blockmirror_replication *r;
+	uint64_t rng = 17, point = 0, prev = 0;
+	int err;
+
+	r = start_replication(d, 0, &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
+	check_latest_is(d);
+	for (int round = 0; round < 6; round++) {
+		uint64_t touched = scribble(d, &rng, 40);
+
+		prev = point;
+		ck_assert_int_eq(blockmirror_replication_sync(r, 30000,
+							      &point), 0);
+		ck_assert_uint_gt(point, prev);
+		check_latest_is(d);
+		ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
+		ck_assert_msg(info.last_cycle_bytes <= touched,
+			      "cycle sent %" PRIu64 " bytes for %" PRIu64
+			      " bytes of granules written",
+			      info.last_cycle_bytes, touched);
+	}
+	ck_assert_uint_eq(info.cycles_failed, 0);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+}
+END_TEST
+
+START_TEST(test_seed_sends_differences)
+{
+	char seed[192], cmd[512];
+	struct blockmirror_replica_server *rs;
+	struct blockmirror_disk *d;
+	struct blockmirror_replication_info info = { .size = sizeof info };
+	struct blockmirror_replication *r;
+	uint64_t rng = 5, touched;
+	int err;
+
+	/* The seed: a copy of the disk in the replica's directory; then the
+	 * disk moves on. */
+	snprintf(seed, sizeof seed, "%s/seed.raw", rdir);
+	snprintf(cmd, sizeof cmd, "mkdir -p %s && cp --sparse=always %s %s",
+		 rdir, image, seed);
+	ck_assert_int_eq(system(cmd), 0);
+	d = open_tracked(image);
+	touched = scribble(d, &rng, 20);
+	rs = start_replica(true, seed);
+	r = start_replication(d, 0, &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
+	ck_assert_msg(info.bytes_sent <= touched, "seeding sent %" PRIu64
+		      " bytes for %" PRIu64 " bytes of granules written",
+		      info.bytes_sent, touched);
+	check_latest_is(d);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+}
+END_TEST
+
+START_TEST(test_verify_repairs)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image), *p;
+	struct blockmirror_replication_check c = { .size = sizeof c };
+	struct blockmirror_replication *r;
+	uint8_t junk[BLOCK];
+	char *img;
+	int err;
+
+	r = start_replication(d, 0, &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	ck_assert_int_eq(blockmirror_replication_verify(r, 30000, &c), 0);
+	ck_assert_uint_eq(c.mismatches, 0);
+	ck_assert_uint_gt(c.granules, 0);
+	/* Damage the latest point behind replication's back. */
+	img = latest_image();
+	p = blockmirror_disk_open(img, BLOCKMIRROR_FORMAT_AUTO, 0);
+	ck_assert_ptr_nonnull(p);
+	memset(junk, 0xa5, sizeof junk);
+	ck_assert_int_eq(blockmirror_disk_write(p, junk, BLOCK, 3 * 65536, 0),
+			 0);
+	blockmirror_disk_close(p);
+	ck_assert_int_eq(blockmirror_replication_verify(r, 30000, &c), 0);
+	ck_assert_uint_eq(c.mismatches, 1);
+	ck_assert_uint_eq(c.first_mismatch, 3 * 65536);
+	free(img);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	check_latest_is(d);
+	ck_assert_int_eq(blockmirror_replication_verify(r, 30000, &c), 0);
+	ck_assert_uint_eq(c.mismatches, 0);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+}
+END_TEST
+
+START_TEST(test_other_disk_refused)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image), *d2;
+	struct blockmirror_replication *r;
+	char other[192], cmd[512];
+	int err;
+
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	blockmirror_replication_stop(r);
+
+	snprintf(other, sizeof other, "%s/other.raw", dir);
+	snprintf(cmd, sizeof cmd, "head -c %" PRIu64 " /dev/urandom > %s",
+		 DISK_SIZE, other);
+	ck_assert_int_eq(system(cmd), 0);
+	d2 = open_tracked(other);
+	r = start_replication(d2, 0, &err);
+	ck_assert_int_eq(err, -ESTALE);
+	ck_assert_ptr_null(r);
+	ck_assert_msg(strstr(blockmirror_last_error(), "another disk"), "%s",
+		      blockmirror_last_error());
+	r = start_replication(d2, BLOCKMIRROR_REPLICATION_RESYNC_OK, &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	check_latest_is(d2);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d2);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+}
+END_TEST
+
+START_TEST(test_promotion_fences)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image);
+	struct blockmirror_replication_info info = { .size = sizeof info };
+	struct blockmirror_replication *r;
+	uint64_t rng = 9;
+	json_t *res;
+	int err;
+
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	res = replica_call("promote", 0, &err);
+	ck_assert_msg(err == 0, "promote: %s", blockmirror_last_error());
+	json_decref(res);
+	scribble(d, &rng, 10);
+	err = blockmirror_replication_sync(r, 10000, NULL);
+	ck_assert_int_lt(err, 0);
+	ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
+	ck_assert_int_eq(info.state, BLOCKMIRROR_REPLICATION_FENCED);
+	ck_assert_msg(strstr(info.message, "promoted"), "%s", info.message);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+}
+END_TEST
+
+START_TEST(test_replica_restarts)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image);
+	struct blockmirror_replication *r;
+	uint64_t rng = 3, point = 0, before;
+	int err;
+
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
+	blockmirror_replica_server_stop(rs);
+	/* The guest goes on while the replica is away. */
+	scribble(d, &rng, 30);
+	sleep_ms(1500);
+	rs = start_replica(false, NULL);
+	before = point;
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
+	ck_assert_uint_gt(point, before);
+	check_latest_is(d);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+}
+END_TEST
+
+int
+main(void)
+{
+	Suite *s = suite_create("replication");
+	TCase *tc = tcase_create("replication");
+
+	tcase_add_checked_fixture(tc, setup, teardown);
+	tcase_set_timeout(tc, 120);
+	tcase_add_test(tc, test_cycles_are_instants);
+	tcase_add_test(tc, test_seed_sends_differences);
+	tcase_add_test(tc, test_verify_repairs);
+	tcase_add_test(tc, test_other_disk_refused);
+	tcase_add_test(tc, test_promotion_fences);
+	tcase_add_test(tc, test_replica_restarts);
+	suite_add_tcase(s, tc);
+	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
+}
