@@ -47,8 +47,10 @@
 #include "snapshot.h"
 
 #define CHECKPOINT_PREFIX "repl-"
-#define CALL_MS 30000           /* a control call's deadline */
-#define COMMIT_MS 120000        /* the replica syncs and merges */
+/* A control call's deadline (BLOCKMIRROR_REPL_TIMEOUT seconds, default
+ * 30), and a commit's or a promotion's, which sync and merge: four. */
+#define CALL_MS call_ms()
+#define COMMIT_MS (4 * call_ms())
 #define DIGEST_BATCH 4096       /* granules per digests call */
 #define SLOTS 8                 /* NBD writes in flight */
 #define SLOT_BYTES (1024 * 1024)
@@ -94,6 +96,19 @@ struct blockmirror_replication {
 	char verify_msg[256];
 	struct blockmirror_replication_check check;
 };
+
+static int
+call_ms(void)
+{
+	const char *e = getenv("BLOCKMIRROR_REPL_TIMEOUT");
+	char *end;
+	unsigned long v;
+
+	if (!e || !*e)
+		return 30000;
+	v = strtoul(e, &end, 10);
+	return *end || v == 0 || v > 3600 ? 30000 : (int)v * 1000;
+}
 
 static int64_t
 realtime_ns(void)

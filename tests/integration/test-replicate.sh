@@ -31,58 +31,6 @@ KEY=$T/keys.psk
 printf 'bmirror:%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >"$KEY"
 chmod 600 "$KEY"
 
-# start_replica NAME ARGS...: `bmirror replica serve $T/NAME --json ARGS`
-# in the background, on $LISTEN (default any port); REPLICA_PID,
-# REPLICA_ADDR (its tcp:HOST:PORT).
-start_replica() {
-	local name=$1 i
-	shift
-	rm -f "$T/$name.out"
-	"$BMIRROR" replica serve "$T/$name" --listen "${LISTEN:-tcp:127.0.0.1:0}" \
-		--tls-psk "$KEY" --json "$@" >"$T/$name.out" 2>"$T/$name.err" &
-	REPLICA_PID=$!
-	for ((i = 0; i < 200; i++)); do
-		grep -q '"LISTENING"' "$T/$name.out" 2>/dev/null && break
-		kill -0 "$REPLICA_PID" 2>/dev/null || { cat "$T/$name.err" >&2; fail "replica $name did not start"; }
-		sleep 0.05
-	done
-	REPLICA_ADDR=$(python3 -c 'import json,sys
-for l in open(sys.argv[1]):
-    d = json.loads(l)
-    if d.get("event") == "LISTENING": print(d["address"])' "$T/$name.out")
-	[[ -n $REPLICA_ADDR ]] || fail "replica $name said no address"
-}
-
-stop_replica() {
-	kill -TERM "$REPLICA_PID"
-	local rc=0
-	wait "$REPLICA_PID" || rc=$?
-	((rc == 0)) || fail "bmirror replica serve exited with $rc on SIGTERM"
-}
-
-# wait_point N: until the primary's replication has committed point >= N.
-wait_point() {
-	local i p
-	for ((i = 0; i < 300; i++)); do
-		p=$("$BMIRROR" replicate status --control "$CTL" --json |
-			python3 -c 'import json,sys; print(json.load(sys.stdin)["point"])')
-		((p >= $1)) && return 0
-		sleep 0.1
-	done
-	"$BMIRROR" replicate status --control "$CTL" >&2 || true
-	fail "no point $1 committed in 30 s"
-}
-
-# The replica's latest point's image, and point N's.
-point_image() { # point_image DIR N (0: latest)
-	"$BMIRROR" replica points "$1" --json | python3 -c '
-import json, sys
-n = int(sys.argv[1])
-ps = json.load(sys.stdin)["points"]
-p = [p for p in ps if (p["latest"] if n == 0 else p["point"] == n)]
-print(p[0]["image"] if p else "")' "$2"
-}
-
 # at_instant FIO COPY: stop the guest, force a cycle (its point holds
 # every write acknowledged so far), copy the disk; the guest goes on.
 # SYNC_POINT: the point.

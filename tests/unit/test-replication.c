@@ -143,11 +143,15 @@ check_image_is_model(const char *img)
 	ck_assert_msg(d, "%s: %s", img, blockmirror_last_error());
 	ck_assert_uint_eq(blockmirror_disk_get_size(d), DISK_SIZE);
 	for (uint64_t off = 0; off < DISK_SIZE; off += 1 << 20) {
+		uint64_t i = 0;
+
 		ck_assert_int_eq(blockmirror_disk_read(d, buf, 1 << 20, off), 0);
-		for (uint64_t i = 0; i < 1 << 20; i++)
-			ck_assert_msg(buf[i] == model[off + i], "%s differs "
-				      "from the disk at %" PRIu64, img,
-				      off + i);
+		/* One assertion per MiB: each costs Check a message. */
+		if (memcmp(buf, model + off, 1 << 20))
+			while (buf[i] == model[off + i])
+				i++;
+		ck_assert_msg(!memcmp(buf, model + off, 1 << 20), "%s differs "
+			      "from the disk at %" PRIu64, img, off + i);
 	}
 	free(buf);
 	blockmirror_disk_close(d);

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: LGPL-2.1-or-later
+#
+# Replication when things go wrong (docs/replication.md, "Faults"); the
+# primary replicates over TCP+TLS through a proxy whose link can stall or
+# be cut (tcp-proxy.py), with BLOCKMIRROR_REPL_TIMEOUT=2:
+#   - a stalled link: cycles fail at the deadline, the RPO target is
+#     reported missed, the guest's writes go on without waiting for it;
+#     once the link is back, the next point equals the disk;
+#   - the link cut in the middle of a cycle: the cycle fails, the next one
+#     sends everything since the replica's latest point;
+#   - a replica whose file system is full: the cycle fails naming it, the
+#     replica keeps its latest point whole, the guest goes on; with space
+#     again, replication resumes and the point equals the disk.
+set -euo pipefail
+. "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
+
+requires qemu-img qemu-io python3
+requires_root # a small tmpfs for the full replica
+
+SIZE=$((16 * MiB))
+CTL=$T/ctl.sock
+NBD="nbd+unix:///?socket=$T/nbd.sock"
+KEY=$T/keys.psk
+printf 'bmirror:%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >"$KEY"
+chmod 600 "$KEY"
+export BLOCKMIRROR_REPL_TIMEOUT=2
+
+head -c "$SIZE" /dev/urandom >"$T/disk.raw"
+SERVE_EXTRA=(--track)
+start_serve "$T/disk.raw"
+start_replica rep --create --size "$SIZE"
+
+python3 "$INTEG_DIR/tcp-proxy.py" "$T/proxy.port" 127.0.0.1 "${REPLICA_ADDR##*:}" &
+PROXY=$!
+for ((i = 0; i < 100; i++)); do [[ -s $T/proxy.port ]] && break; sleep 0.05; done
+PROXY_ADDR=tcp:127.0.0.1:$(cat "$T/proxy.port")
+
+run_ok "$BMIRROR" replicate --control "$CTL" --to "$PROXY_ADDR" --tls-psk "$KEY" \
+	--interval 1 --rpo 3
+wait_point 1
+
+# latest_is_disk DIR: a cycle now; the replica's latest point equals the
+# disk.
+latest_is_disk() {
+	run_ok "$BMIRROR" replicate sync --control "$CTL" --timeout 60
+	run_ok qemu-img convert -f raw -O raw "$NBD" "$T/now.raw"
+	run_ok qemu-img compare -q -F raw "$(point_image "$1" 0)" "$T/now.raw"
+}
+
+# guest_writes N BASE: N 64 KiB writes from BASE, each its own qemu-io;
+# fails if one takes 5 s or more (a guest held by replication).
+guest_writes() {
+	local i t0 t1
+	for ((i = 0; i < $1; i++)); do
+		t0=$(date +%s%N)
+		run_ok qemu-io -f raw -c "write -P $((i % 200 + 1)) $(($2 + i * 65536)) 64k" "$NBD"
+		t1=$(date +%s%N)
+		(((t1 - t0) < 5000000000)) || fail "a guest write took $(((t1 - t0) / 1000000)) ms"
+	done
+}
+
+# ---- a stalled link ---------------------------------------------------------
+kill -USR1 "$PROXY"
+guest_writes 40 0
+sleep 4 # at least one cycle meets its deadline
+run_ok "$BMIRROR" replicate status --control "$CTL" --json
+json_assert "$RUN_OUT" "d['cycles_failed'] >= 1" "d['rpo_missed'] is True" \
+	"d['bytes_behind'] >= 40 * 65536"
+kill -HUP "$PROXY"
+latest_is_disk "$T/rep"
+pass "a stalled link fails cycles at their deadline, the guest goes on, and replication catches up"
+
+# ---- the link cut mid-cycle ---------------------------------------------------
+guest_writes 40 $((4 * MiB))
+"$BMIRROR" replicate sync --control "$CTL" --timeout 60 >/dev/null 2>&1 &
+SYNC=$!
+sleep 0.05
+kill -USR2 "$PROXY"
+wait "$SYNC" || true # committed or not: the next cycle says
+latest_is_disk "$T/rep"
+pass "a link cut in the middle of a cycle: the next cycle sends what the replica lacks"
+
+# ---- a full replica -------------------------------------------------------------
+run_ok "$BMIRROR" replicate stop --control "$CTL"
+stop_replica
+mkdir "$T/small"
+run_ok mount -t tmpfs -o size=$((SIZE + 6 * MiB)) tmpfs "$T/small"
+start_replica small/rep --create --size "$SIZE"
+run_ok "$BMIRROR" replicate --control "$CTL" --to "$REPLICA_ADDR" --tls-psk "$KEY" \
+	--interval 1 --resync
+wait_point 1
+run_ok "$BMIRROR" replicate sync --control "$CTL" --json
+FULL_AT=$(json_get "$RUN_OUT" point)
+run_ok qemu-img convert -f raw -O raw "$NBD" "$T/before.raw"
+# The whole disk again: a point's layer of 16 MiB does not fit in 6.
+run_ok qemu-io -f raw -c "write -P 0x61 0 $SIZE" "$NBD"
+sleep 3
+run_ok "$BMIRROR" replicate status --control "$CTL" --json
+json_assert "$RUN_OUT" "d['cycles_failed'] >= 1" "d['point'] == $FULL_AT" \
+	"'space' in d['last_error']"
+run_ok qemu-img compare -q -F raw "$(point_image "$T/small/rep" 0)" "$T/before.raw"
+guest_writes 4 0
+pass "a full replica fails the cycle naming it, keeps its latest point whole, the guest goes on"
+run_ok mount -o remount,size=$((4 * SIZE)) "$T/small"
+latest_is_disk "$T/small/rep"
+pass "with space again, replication resumes"
+
+run_ok "$BMIRROR" replicate stop --control "$CTL"
+stop_replica
+kill "$PROXY"
+stop_serve
+run_ok umount "$T/small"
