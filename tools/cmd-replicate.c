@@ -19,6 +19,8 @@ help_replicate(void)
 	printf("Usage: bmirror replicate --control PATH --to ADDRESS [--tls-psk FILE]\n"
 	       "           [--tls-identity ID] [--interval SECONDS] [--rpo SECONDS]\n"
 	       "           [--state FILE] [--resync] [--discard-divergent] [--json]\n"
+	       "           [--freeze-cmd CMD [--thaw-cmd CMD] [--app-every SECONDS]\n"
+	       "            [--freeze-timeout SECONDS]]\n"
 	       "       bmirror replicate status --control PATH [--json]\n"
 	       "       bmirror replicate sync --control PATH [--timeout SECONDS] [--json]\n"
 	       "       bmirror replicate verify --control PATH [--timeout SECONDS] [--json]\n"
@@ -35,6 +37,15 @@ help_replicate(void)
 	       "  --discard-divergent  after a split brain, overwrite what the "
 	       "replica's disk\n"
 	       "                       holds that this one does not\n"
+	       "  --freeze-cmd CMD     run by the server right before a point's "
+	       "instant (for\n"
+	       "                       example virsh domfsfreeze): the point is "
+	       "application-\n"
+	       "                       consistent if it exits 0 within "
+	       "--freeze-timeout (10 s);\n"
+	       "                       --thaw-cmd right after; every point, or "
+	       "one per\n"
+	       "                       --app-every seconds\n"
 	       "  status               state, last committed point and its age (the "
 	       "RPO), bytes\n"
 	       "                       behind, throughput, errors\n"
@@ -88,6 +99,7 @@ cmd_replicate(int argc, char **argv)
 {
 	enum { OPT_CONTROL = 256, OPT_TO, OPT_PSK, OPT_ID, OPT_INTERVAL,
 	       OPT_RPO, OPT_STATE, OPT_RESYNC, OPT_DISCARD, OPT_TIMEOUT,
+	       OPT_FREEZE, OPT_THAW, OPT_APP_EVERY, OPT_FREEZE_TIMEOUT,
 	       OPT_JSON, OPT_HELP };
 	static const struct option longopts[] = {
 		{ "control", required_argument, NULL, OPT_CONTROL },
@@ -100,13 +112,18 @@ cmd_replicate(int argc, char **argv)
 		{ "resync", no_argument, NULL, OPT_RESYNC },
 		{ "discard-divergent", no_argument, NULL, OPT_DISCARD },
 		{ "timeout", required_argument, NULL, OPT_TIMEOUT },
+		{ "freeze-cmd", required_argument, NULL, OPT_FREEZE },
+		{ "thaw-cmd", required_argument, NULL, OPT_THAW },
+		{ "app-every", required_argument, NULL, OPT_APP_EVERY },
+		{ "freeze-timeout", required_argument, NULL, OPT_FREEZE_TIMEOUT },
 		{ "json", no_argument, NULL, OPT_JSON },
 		{ "help", no_argument, NULL, OPT_HELP },
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *control = NULL, *to = NULL, *psk = NULL, *id = NULL;
-	const char *state = NULL, *sub = "start";
-	uint64_t interval = 0, rpo = 0, timeout = 0;
+	const char *state = NULL, *sub = "start", *fz = NULL, *th = NULL;
+	uint64_t interval = 0, rpo = 0, timeout = 0, app_every = 0;
+	uint64_t freeze_timeout = 0;
 	bool resync = false, discard = false, json = false;
 	char psk_abs[4096];
 	json_t *req, *reply, *ret;
@@ -128,6 +145,19 @@ cmd_replicate(int argc, char **argv)
 		case OPT_RESYNC: resync = true; break;
 		case OPT_DISCARD: discard = true; break;
 		case OPT_JSON: json = true; break;
+		case OPT_FREEZE: fz = optarg; break;
+		case OPT_THAW: th = optarg; break;
+		case OPT_APP_EVERY:
+		case OPT_FREEZE_TIMEOUT:
+			if (!parse_uint(optarg, c == OPT_APP_EVERY ?
+					366 * 86400 : 3600,
+					c == OPT_APP_EVERY ? &app_every :
+					&freeze_timeout))
+				return tool_usage_error("--%s needs a number "
+					"of seconds: \"%s\"",
+					c == OPT_APP_EVERY ? "app-every" :
+					"freeze-timeout", optarg);
+			break;
 		case OPT_INTERVAL:
 		case OPT_RPO:
 		case OPT_TIMEOUT:
@@ -162,6 +192,10 @@ cmd_replicate(int argc, char **argv)
 						"FILE");
 		if (interval && interval < 1000)
 			return tool_usage_error("--interval is at least 1 s");
+		if ((app_every || th || freeze_timeout) && !fz)
+			return tool_usage_error("--app-every, --thaw-cmd and "
+						"--freeze-timeout go with "
+						"--freeze-cmd");
 		/* The server opens the key file: give it a whole path. */
 		if (psk && !realpath(psk, psk_abs)) {
 			tool_error("--tls-psk %s: %m", psk);
@@ -174,6 +208,12 @@ cmd_replicate(int argc, char **argv)
 				"interval_ms", (json_int_t)interval,
 				"rpo_ms", (json_int_t)rpo, "resync", resync,
 				"discard_divergent", discard);
+		if (fz)
+			json_object_update_new(req, json_pack(
+				"{s:s, s:s?, s:I, s:I}", "freeze_cmd", fz,
+				"thaw_cmd", th, "app_every_s",
+				(json_int_t)app_every, "freeze_timeout_s",
+				(json_int_t)freeze_timeout));
 	} else if (strcmp(sub, "status") == 0 || strcmp(sub, "stop") == 0) {
 		req = json_pack("{s:s}", "cmd", strcmp(sub, "stop") ?
 				"replicate-status" : "replicate-stop");

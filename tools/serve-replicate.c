@@ -19,11 +19,14 @@
 #include <string.h>
 
 #include "bmirror.h"
+#include "hooks.h"
 #include "serve-replicate.h"
 
 static struct {
 	struct blockmirror_replication *r;
 	char replica[512];
+	char *freeze_cmd, *thaw_cmd;   /* application-consistent points */
+	unsigned freeze_timeout_s;
 	void (*wake)(void);
 	pthread_mutex_t lock;         /* the queues */
 	json_t *events;               /* for everyone */
@@ -107,6 +110,21 @@ error_json(int err, const char *fallback)
 			 m ? m : fallback ? fallback : strerror(-err));
 }
 
+/* On replication's thread, around the instant of a point. */
+static int
+freeze(void *user_data)
+{
+	return run_hook("freeze", R.freeze_cmd, R.freeze_timeout_s) == 0 ?
+		0 : -1;
+}
+
+static void
+thaw(void *user_data)
+{
+	if (R.thaw_cmd)
+		run_hook("thaw", R.thaw_cmd, R.freeze_timeout_s);
+}
+
 static json_t *
 start(json_t *req, struct blockmirror_disk *disk)
 {
@@ -115,6 +133,9 @@ start(json_t *req, struct blockmirror_disk *disk)
 	json_t *iv = json_object_get(req, "interval_ms");
 	json_t *rpo = json_object_get(req, "rpo_ms");
 	json_t *app = json_object_get(req, "app_every_s");
+	json_t *ft = json_object_get(req, "freeze_timeout_s");
+	const char *fz = json_string_value(json_object_get(req, "freeze_cmd"));
+	const char *th = json_string_value(json_object_get(req, "thaw_cmd"));
 	int r;
 
 	if (R.r)
@@ -131,6 +152,29 @@ start(json_t *req, struct blockmirror_disk *disk)
 		return error_json(-EINVAL, "\"interval_ms\" and \"rpo_ms\" "
 				  "must be whole numbers of milliseconds up to "
 				  "a day");
+	if ((ft && !json_is_integer(ft)) || json_integer_value(ft) < 0 ||
+	    json_integer_value(ft) > 3600 || json_integer_value(app) < 0 ||
+	    json_integer_value(app) > 86400 * 366)
+		return error_json(-EINVAL, "\"app_every_s\" and "
+				  "\"freeze_timeout_s\" must be whole numbers "
+				  "of seconds");
+	if (json_integer_value(app) && !fz)
+		return error_json(-EINVAL, "\"app_every_s\" needs "
+				  "\"freeze_cmd\"");
+	free(R.freeze_cmd);
+	free(R.thaw_cmd);
+	R.freeze_cmd = fz ? strdup(fz) : NULL;
+	R.thaw_cmd = th ? strdup(th) : NULL;
+	R.freeze_timeout_s = ft ? (unsigned)json_integer_value(ft) : 10;
+	if (!R.freeze_timeout_s)
+		R.freeze_timeout_s = 10;
+	if (R.freeze_cmd) {
+		o.freeze = freeze;
+		o.thaw = thaw;
+		o.app_every_s = (uint32_t)json_integer_value(app);
+		if (!o.app_every_s)
+			o.app_every_s = 1; /* every point */
+	}
 	o.replica = to;
 	o.tls_psk_file = json_string_value(json_object_get(req, "tls_psk"));
 	o.tls_identity = json_string_value(json_object_get(req,

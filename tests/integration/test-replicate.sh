@@ -65,6 +65,27 @@ run_ok "$BMIRROR" replicate status --control "$CTL" --json
 json_assert "$RUN_OUT" "d['last_cycle_bytes'] == $MiB"
 pass "a cycle sends only the granules written since the last point"
 
+# Application-consistent points: the server runs the freeze command right
+# before the instant and the thaw command after; a failing freeze makes a
+# crash-consistent point.
+run_ok "$BMIRROR" replicate stop --control "$CTL"
+run_ok "$BMIRROR" replicate --control "$CTL" --to "$REP_ADDR" --tls-psk "$KEY" \
+	--interval 3600 --freeze-cmd "touch $T/froze" --thaw-cmd "touch $T/thawed"
+run_ok "$BMIRROR" replicate sync --control "$CTL"
+[[ -e $T/froze && -e $T/thawed ]] || fail "the freeze and thaw commands did not run"
+run_ok "$BMIRROR" replica points "$T/rep" --json
+json_assert "$RUN_OUT" "[p for p in d['points'] if p['latest']][0]['app_consistent'] is True"
+run_ok "$BMIRROR" replicate stop --control "$CTL"
+run_ok "$BMIRROR" replicate --control "$CTL" --to "$REP_ADDR" --tls-psk "$KEY" \
+	--interval 3600 --freeze-cmd "exit 3"
+run_ok "$BMIRROR" replicate sync --control "$CTL"
+run_ok "$BMIRROR" replica points "$T/rep" --json
+json_assert "$RUN_OUT" "[p for p in d['points'] if p['latest']][0]['app_consistent'] is False"
+run_ok "$BMIRROR" replicate stop --control "$CTL"
+run_ok "$BMIRROR" replicate --control "$CTL" --to "$REP_ADDR" --tls-psk "$KEY" \
+	--interval 1
+pass "application-consistent points through the freeze and thaw commands"
+
 # One pass over the disk, about 14 s: fio_verify checks every block later.
 fio "${FIO_COMMON[@]}" --thread --uri="$NBD" --do_verify=0 --rate_iops=600 \
 	--output="$T/fio.out" >/dev/null 2>&1 &
