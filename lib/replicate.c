@@ -83,6 +83,7 @@ struct blockmirror_replication {
 	bool connected_once;
 	bool resync;                 /* the next cycle compares digests */
 	bool base_zero;              /* the replica's disk reads as zeroes */
+	bool refused;                /* the last begin was refused for good */
 	uint64_t replica_latest;
 	char since[64];              /* checkpoint for the next cycle */
 	int64_t last_app_ns;
@@ -220,6 +221,27 @@ remove_checkpoints_but(struct blockmirror_replication *r, uint64_t keep)
 	free(l);
 }
 
+/* Remove the repl-K checkpoints above `latest`: cycles the replica never
+ * committed (a primary that died in one); their records merge into the
+ * older checkpoints', so nothing they covered is lost, and their numbers
+ * are free for the next cycles. */
+static void
+remove_checkpoints_above(struct blockmirror_replication *r, uint64_t latest)
+{
+	struct blockmirror_checkpoint *l = NULL;
+	size_t n = 0;
+
+	if (blockmirror_checkpoint_list(r->disk, &l, &n) < 0)
+		return;
+	for (size_t i = n; i-- > 0;) {
+		uint64_t k = checkpoint_point(l[i].name);
+
+		if (k > latest)
+			blockmirror_checkpoint_remove(r->disk, l[i].name);
+	}
+	free(l);
+}
+
 /* ---- the channel -------------------------------------------------------- */
 
 static json_t *
@@ -304,6 +326,7 @@ connect_replica(struct blockmirror_replication *r)
 	}
 	r->since[0] = '\0';
 	r->resync = false;
+	remove_checkpoints_above(r, r->replica_latest);
 	if (strcmp(mode, "incremental") == 0) {
 		uint64_t k = newest_checkpoint(r, r->replica_latest);
 
@@ -819,6 +842,9 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 			"whole", r->resync || !so.since);
 	ret = bm_chan_call(r->chan, req, &res, CALL_MS);
 	json_decref(req);
+	/* The replica's refusal for good (promoted, paired with another):
+	 * not the errors of this side's own steps. */
+	r->refused = ret < 0 && refused_for_good(ret);
 	if (ret < 0)
 		goto out;
 	addr = json_string_value(json_object_get(res, "nbd"));
@@ -1192,7 +1218,9 @@ run(void *arg)
 			emit(r, BLOCKMIRROR_REPLICATION_EVENT_CYCLE_FAILED, 0,
 			     0, ret, blockmirror_last_error());
 			disconnect(r);
-			if (refused_for_good(ret)) {
+			if (r->refused) {
+				emit(r, BLOCKMIRROR_REPLICATION_EVENT_FENCED,
+				     0, 0, ret, r->info.message);
 				set_state(r, BLOCKMIRROR_REPLICATION_FENCED);
 				goto fenced;
 			}

@@ -83,11 +83,13 @@ start_replica(bool create, const char *base)
 	return s;
 }
 
+static uint32_t interval_ms = 1000;
+
 static struct blockmirror_replication *
 start_replication(struct blockmirror_disk *d, unsigned flags, int *err)
 {
 	struct blockmirror_replication_options o = {
-		.size = sizeof o, .replica = rsock, .interval_ms = 1000,
+		.size = sizeof o, .replica = rsock, .interval_ms = interval_ms,
 		.flags = flags,
 	};
 	struct blockmirror_replication *r = NULL;
@@ -406,6 +408,42 @@ START_TEST(test_replica_restarts)
 }
 END_TEST
 
+/* The primary died after a cycle's snapshot made checkpoint repl-N and
+ * before the replica committed N: the next run numbers its cycle N again
+ * and must neither trip over the leftover nor lose what it covered. */
+START_TEST(test_leftover_checkpoint)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image);
+	struct blockmirror_replication *r;
+	uint64_t rng = 11, point = 0;
+	int err;
+
+	interval_ms = 3600 * 1000; /* cycles only when asked */
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
+	blockmirror_replication_stop(r);
+	scribble(d, &rng, 10);
+	{
+		char cp[64];
+
+		snprintf(cp, sizeof cp, "repl-%" PRIu64, point + 1);
+		ck_assert_int_eq(blockmirror_checkpoint_create(d, cp), 0);
+	}
+	scribble(d, &rng, 10);
+	r = start_replication(d, 0, &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	ck_assert_msg(blockmirror_replication_sync(r, 30000, NULL) == 0, "%s",
+		      blockmirror_last_error());
+	check_latest_is(d);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+	interval_ms = 1000;
+}
+END_TEST
+
 int
 main(void)
 {
@@ -420,6 +458,7 @@ main(void)
 	tcase_add_test(tc, test_other_disk_refused);
 	tcase_add_test(tc, test_promotion_fences);
 	tcase_add_test(tc, test_replica_restarts);
+	tcase_add_test(tc, test_leftover_checkpoint);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
