@@ -24,7 +24,8 @@ CRASH_ITERATIONS=${CRASH_ITERATIONS:-20} \
 # AddressSanitizer + UBSan over everything (clang: its runtimes are the
 # ones fuzz/ uses too).  The allocator may return NULL: tests check ENOMEM.
 # The kill loops run their full counts in the build above; here fewer
-# rounds look for memory errors on the same paths, to keep CI short.
+# rounds (and one seed of the replica store's model) look for memory
+# errors on the same paths, to keep CI short.
 CC=clang bm_build build-asan -Dwerror=true -Db_sanitize=address,undefined \
 	-Db_lundef=false -Dbuildtype=debug
 CRASH_ITERATIONS=${CRASH_ITERATIONS:-8} \
@@ -32,20 +33,22 @@ QCOW2_CRASH_ITERATIONS=${QCOW2_CRASH_ITERATIONS:-8} \
 CHAINS_KILLS=${CHAINS_KILLS:-5} \
 BM_MODEL_SEEDS=${BM_MODEL_SEEDS:-2} \
 BM_CRASH_POINTS=${BM_CRASH_POINTS:-200} \
+BM_REPLICA_SEEDS=${BM_REPLICA_SEEDS:-1} \
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:allocator_may_return_null=1 \
 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	meson test -C build-asan --print-errorlogs "$@"
 
 # ThreadSanitizer over the unit suites where the disk, the job and the
-# loop are driven from several threads, and the replication channel's
-# thread-per-connection test server (the server's floods and the crash
-# replayer are single-threaded and slow under it: the builds above run
-# them).
+# loop are driven from several threads, the replication channel's
+# thread-per-connection test server, and replication end to end (its
+# thread, the callers waiting on it, the replica's connection threads;
+# the server's floods and the crash replayers are single-threaded and
+# slow under it: the builds above run them).
 CC=clang bm_build build-tsan -Dwerror=true -Db_sanitize=thread \
 	-Db_lundef=false -Dbuildtype=debug
 tsan_tests=(loop file format mirror mirror-errors pivot-crash nbd
 	    mirror-scenarios chain state model snapshot checkpoint backup
-	    repl-channel)
+	    repl-channel replication)
 BM_MODEL_SEEDS=${BM_MODEL_SEEDS:-2} \
 TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1 \
 	meson test -C build-tsan --print-errorlogs "${tsan_tests[@]}" "$@"
