@@ -899,3 +899,9 @@ bm_disk_fence(struct blockmirror_disk *disk)
 {
 	atomic_store(&disk->fenced, true);
 }
+
+void
+bm_disk_unfence(struct blockmirror_disk *disk)
+{
+	atomic_store(&disk->fenced, false);
+}

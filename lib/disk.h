@@ -221,6 +221,8 @@ int bm_disk_wait(struct blockmirror_disk *disk, struct bm_waiter *w);
  * request already admitted still completes, so the caller drains (a
  * snapshot does) before it takes the disk's last state. */
 void bm_disk_fence(struct blockmirror_disk *disk);
+/* A failover that certainly did not happen: writes are taken again. */
+void bm_disk_unfence(struct blockmirror_disk *disk);
 
 /* Work of the disk's own that a drain must wait for like a guest request
  * (a snapshot's copy-before-write). */

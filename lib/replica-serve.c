@@ -68,7 +68,7 @@ struct served {
 	struct blockmirror_disk *disk;
 	struct blockmirror_server *srv;
 	char *address;
-	char export[32];
+	char export[64];
 };
 
 struct blockmirror_replica_server {
@@ -82,7 +82,9 @@ struct blockmirror_replica_server {
 	pthread_mutex_t lock;       /* everything below, and rep */
 	pthread_cond_t cond;
 	bool stopping;
-	unsigned nconns;
+	unsigned nconns;            /* both kinds, for stop */
+	unsigned nremote;           /* on the primaries' listener: a flood
+				       there never takes the operator's */
 	struct pairing pair;
 	struct served *stage;       /* the open cycle's */
 	struct served *served;      /* exports and test failovers */
@@ -235,7 +237,8 @@ serve_image(struct blockmirror_replica_server *s, const char *image,
 		if (asprintf(&addr, "tcp:%s:0", s->nbd_host) < 0)
 			addr = NULL;
 		so.tls_psk_file = s->psk;
-	} else if (asprintf(&addr, "unix:%s/%s.sock", s->dir, export) < 0) {
+	} else if (asprintf(&addr, "unix:%s/%s.sock", s->dir,
+			    kind == SERVED_STAGE ? "stage" : export) < 0) {
 		addr = NULL;
 	}
 	if (!addr) {
@@ -330,13 +333,25 @@ get_str(struct req *q, const char *key, size_t max, const char **v)
 	return 0;
 }
 
+/* Compared in a time that does not depend on where they differ. */
+static bool
+same_secret(const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b);
+	unsigned char d = la != lb;
+
+	for (size_t i = 0; i < la && i < lb; i++)
+		d |= (unsigned char)(a[i] ^ b[i]);
+	return d == 0;
+}
+
 static int
 check_token(struct req *q)
 {
 	const char *t;
 
 	if (get_str(q, "token", 64, &t) < 0 || !q->s->pair.gen[0] ||
-	    strcmp(t, q->s->pair.token))
+	    !same_secret(t, q->s->pair.token))
 		return bm_error(-EACCES, "this replica is paired with another "
 				"primary (generation %s): the fencing token "
 				"does not match",
@@ -383,7 +398,9 @@ latest_point(struct blockmirror_replica_server *s, uint64_t *n, char gen[37])
 
 /*
  * hello: who the primary is, and how its next cycle must go.  See the
- * pairing rules at the top.
+ * pairing rules at the top: a paired replica takes only its primary (the
+ * generation and the token); an unpaired one (new, adopted, or released
+ * by the operator with "unpair") decides by lineage.
  */
 static int
 op_hello(struct req *q)
@@ -393,7 +410,7 @@ op_hello(struct req *q)
 	json_t *hist = json_object_get(q->in, "history"), *e;
 	uint64_t size = 0, latest = 0, fork = 0;
 	char lgen[37] = "";
-	bool have, forked = false, resync_ok, discard;
+	bool have, forked = false, resync_ok, discard, paired;
 	size_t i;
 	int r;
 
@@ -417,25 +434,35 @@ op_hello(struct req *q)
 			fork = json_integer_value(json_object_get(e, "point"));
 		}
 	}
-	if (!have) {
-		/* Nothing committed to protect: (re)pair. */
-		if (strcmp(s->pair.gen, gen) && (r = pair_with(s, gen)) < 0)
-			return r;
-		mode = s->pair.base_zero ? "full" : "digests";
-	} else if (strcmp(s->pair.gen, gen) == 0 && strcmp(lgen, gen) == 0) {
+	paired = s->pair.gen[0] != '\0';
+	if (paired) {
+		if (strcmp(s->pair.gen, gen))
+			return bm_error(-EEXIST, "this replica is paired with "
+					"another primary (generation %s); its "
+					"operator can release it for this one "
+					"with bmirror replica unpair",
+					s->pair.gen);
 		if ((r = check_token(q)) < 0)
 			return r;
+		if (!have)
+			mode = s->pair.base_zero ? "full" : "digests";
+		else if (strcmp(lgen, gen) &&
+			 !(forked && fork == latest && !s->pair.diverged))
+			mode = "digests";
+	} else if (!have) {
+		mode = s->pair.base_zero ? "full" : "digests";
+	} else if (strcmp(lgen, gen) == 0) {
+		mode = s->pair.diverged ? "digests" : "incremental";
 	} else if (forked && fork == latest && s->pair.diverged == 0) {
 		/* A failover's new primary, from the point we hold. */
-		if ((r = pair_with(s, gen)) < 0)
-			return r;
 	} else if (forked) {
-		char amount[64];
+		char amount[96];
 
 		if (s->pair.diverged < 0)
 			snprintf(amount, sizeof amount, "an unknown amount");
 		else
-			snprintf(amount, sizeof amount, "%" PRId64 " bytes",
+			snprintf(amount, sizeof amount, "%s%" PRId64 " bytes",
+				 latest > fork ? "at least " : "",
 				 s->pair.diverged);
 		if (!discard)
 			return bm_error(-EEXIST, "split brain: this replica's "
@@ -448,13 +475,6 @@ op_hello(struct req *q)
 					lgen, latest, fork, amount,
 					latest > fork ? ", and the points "
 					"after the fork" : "");
-		if ((r = pair_with(s, gen)) < 0)
-			return r;
-		mode = "digests";
-	} else if (strcmp(s->pair.gen, gen) == 0) {
-		/* Ours, but the latest point came from elsewhere. */
-		if ((r = check_token(q)) < 0)
-			return r;
 		mode = "digests";
 	} else {
 		if (!resync_ok)
@@ -462,12 +482,14 @@ op_hello(struct req *q)
 					"another disk (generation %s, point "
 					"%" PRIu64 "); resync to overwrite it "
 					"with this one", lgen, latest);
-		if ((r = pair_with(s, gen)) < 0)
-			return r;
 		mode = "digests";
 	}
-	event(s, BLOCKMIRROR_REPLICA_PAIRED, latest, 0, 0,
-	      bm_chan_peer(q->c->chan));
+	if (!paired) {
+		if ((r = pair_with(s, gen)) < 0)
+			return r;
+		event(s, BLOCKMIRROR_REPLICA_PAIRED, latest, 0, 0,
+		      bm_chan_peer(q->c->chan));
+	}
 	q->out = json_pack("{s:s,s:I,s:I,s:s,s:s,s:b}", "role", "replica",
 			   "size", (json_int_t)bm_replica_size(s->rep),
 			   "granularity",
@@ -480,6 +502,20 @@ op_hello(struct req *q)
 		json_object_set_new(q->out, "latest_gen", json_string(lgen));
 	}
 	return 0;
+}
+
+/* The operator releases the replica from its primary: the next primary
+ * to say hello is paired, by the lineage rules. */
+static int
+op_unpair(struct req *q)
+{
+	struct blockmirror_replica_server *s = q->s;
+
+	cycle_abandon(s, "the operator unpaired the replica");
+	s->pair.gen[0] = '\0';
+	s->pair.token[0] = '\0';
+	q->out = json_object();
+	return pairing_save(s);
 }
 
 static int
@@ -510,9 +546,12 @@ op_begin(struct req *q)
 	}
 	r = bm_replica_begin(s->rep, point, gen, &image);
 	if (r == 0) {
-		char name[32];
+		char name[64], secret[65];
 
-		snprintf(name, sizeof name, "stage");
+		/* Named at random, told only to this primary: another peer
+		 * with the key cannot find the data path. */
+		new_token(secret);
+		snprintf(name, sizeof name, "stage-%.32s", secret);
 		r = serve_image(s, image, true, name, point, SERVED_STAGE,
 				&sv);
 		if (r < 0)
@@ -885,10 +924,12 @@ dispatch(struct req *q)
 		return op_digests(q);
 	if (strcmp(op, "promote") == 0)
 		return op_promote(q);
-	if (strcmp(op, "status") == 0)
+	if (local && strcmp(op, "status") == 0)
 		return op_status(q);
-	if (strcmp(op, "points") == 0)
+	if (local && strcmp(op, "points") == 0)
 		return op_points(q);
+	if (local && strcmp(op, "unpair") == 0)
+		return op_unpair(q);
 	if (local && strcmp(op, "export") == 0)
 		return op_serve_point(q, false);
 	if (local && strcmp(op, "unexport") == 0)
@@ -898,8 +939,8 @@ dispatch(struct req *q)
 	if (local && strcmp(op, "test-discard") == 0)
 		return op_unserve_point(q, true);
 	return bm_error(-EINVAL, "unknown op \"%.64s\"%s", op, local ? "" :
-			" (exports, test failovers and unplanned promotions "
-			"are the control socket's)");
+			" (status, points, exports, test failovers, unpair "
+			"and unplanned promotions are the control socket's)");
 }
 
 /* ---- connections ------------------------------------------------------------- */
@@ -948,6 +989,7 @@ conn_thread(void *arg)
 	bm_chan_close(c->chan);
 	pthread_mutex_lock(&s->lock);
 	s->nconns--;
+	s->nremote -= !c->local;
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
 	free(c);
@@ -966,7 +1008,8 @@ accept_one(struct blockmirror_replica_server *s,
 	if (bm_chan_accept(l, 0, &ch) < 0)
 		return;
 	pthread_mutex_lock(&s->lock);
-	if (s->nconns >= MAX_CONNS || !(c = calloc(1, sizeof *c))) {
+	if ((local ? s->nconns - s->nremote : s->nremote) >= MAX_CONNS ||
+	    !(c = calloc(1, sizeof *c))) {
 		pthread_mutex_unlock(&s->lock);
 		bm_chan_close(ch);
 		return;
@@ -975,10 +1018,12 @@ accept_one(struct blockmirror_replica_server *s,
 	c->chan = ch;
 	c->local = local;
 	s->nconns++;
+	s->nremote += !local;
 	pthread_attr_init(&a);
 	pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
 	if (pthread_create(&t, &a, conn_thread, c)) {
 		s->nconns--;
+		s->nremote -= !local;
 		bm_chan_close(ch);
 		free(c);
 	}
@@ -1071,10 +1116,7 @@ adopt(struct blockmirror_replica_server *s)
 	free(image);
 	if (r == 0)
 		r = bm_replica_commit(s->rep, st.committed_instant_ns, 0, false);
-	if (r == 0) {
-		strcpy(s->pair.gen, st.gen);
-		new_token(s->pair.token);
-	}
+	/* Unpaired: the next primary is paired by its lineage. */
 	return r;
 }
 

@@ -23,7 +23,7 @@
  *   the last committed point) is written durably after each commit.
  *
  * The guest never waits for any of this: a failing cycle only fails the
- * cycle.  The replica's side is tools/replica-serve.c over lib/replica.c.
+ * cycle.  The replica's side is lib/replica-serve.c over lib/replica.c.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -52,6 +52,7 @@
 #define CALL_MS call_ms()
 #define COMMIT_MS (4 * call_ms())
 #define DIGEST_BATCH 4096       /* granules per digests call */
+#define IDLE_RECONNECT_MS (5 * 60 * 1000) /* under the replica's 10 */
 #define SLOTS 8                 /* NBD writes in flight */
 #define SLOT_BYTES (1024 * 1024)
 
@@ -72,7 +73,8 @@ struct blockmirror_replication {
 	int64_t sync_after_ns;       /* the newest asked instant */
 	int failover_err;
 	bool failover_done;
-	unsigned waiters;            /* in sync or failover */
+	unsigned waiters;            /* in sync, verify or failover */
+	bool joined;                 /* halt joined the thread */
 
 	/* under lock */
 	struct bm_repl_state st;
@@ -84,6 +86,8 @@ struct blockmirror_replication {
 	bool resync;                 /* the next cycle compares digests */
 	bool base_zero;              /* the replica's disk reads as zeroes */
 	bool refused;                /* the last begin was refused for good */
+	bool promote_unknown;        /* a promote got no answer */
+	uint64_t chan_used_ms;       /* the channel's last use */
 	uint64_t replica_latest;
 	char since[64];              /* checkpoint for the next cycle */
 	int64_t last_app_ns;
@@ -732,9 +736,23 @@ nbd_uri(struct blockmirror_replication *r, const char *addr,
 	if (strncmp(addr, "unix:", 5) == 0)
 		n = asprintf(&uri, "nbd+unix:///%s?socket=%s", export,
 			     addr + 5);
-	else if (strncmp(addr, "tcp:", 4) == 0 && r->psk && r->identity)
-		n = asprintf(&uri, "nbds://%s@%s/%s?tls-psk-file=%s",
-			     r->identity, addr + 4, export, r->psk);
+	else if (strncmp(addr, "tcp:", 4) == 0 && r->psk && r->identity) {
+		const char *port = strrchr(addr, ':');
+		size_t hl = (size_t)(port - addr - 4);
+		const char *rport = strrchr(r->replica, ':');
+		int rl = (int)(rport - r->replica - 4);
+
+		/* A server on every address (0.0.0.0, [::]) is reached the
+		 * way the channel reached the replica. */
+		if ((hl == 7 && !strncmp(addr + 4, "0.0.0.0", 7)) ||
+		    (hl == 4 && !strncmp(addr + 4, "[::]", 4)) || hl == 0)
+			n = asprintf(&uri, "nbds://%s@%.*s%s/%s?tls-psk-file=%s",
+				     r->identity, rl, r->replica + 4, port,
+				     export, r->psk);
+		else
+			n = asprintf(&uri, "nbds://%s@%s/%s?tls-psk-file=%s",
+				     r->identity, addr + 4, export, r->psk);
+	}
 	if (n < 0)
 		return NULL;
 	return uri;
@@ -875,9 +893,6 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	ret = sender_close(&s, ret);
 	if (ret < 0)
 		goto abort;
-	if (r->resync || (!so.since && !r->base_zero))
-		emit(r, BLOCKMIRROR_REPLICATION_EVENT_RESYNC, n, differ, 0,
-		     NULL);
 
 	json_decref(res);
 	res = NULL;
@@ -901,7 +916,12 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	r->info.throughput = r->info.last_cycle_ms ?
 		s.sent * 1000.0 / r->info.last_cycle_ms : 0;
 	pthread_mutex_unlock(&r->lock);
+	/* The replica holds point N whatever this file says (the next hello
+	 * tells): a failure to record it is told, the cycle stands. */
 	ret = bm_repl_state_save(r->state_path, &st);
+	if (ret < 0)
+		note_error(r, ret);
+	ret = 0;
 	r->replica_latest = n;
 	snprintf(r->since, sizeof r->since, "%s", cp);
 	r->resync = false;
@@ -910,6 +930,9 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	r->nresend = 0;
 	remove_checkpoints_but(r, n);
 	*committed = n;
+	if (!so.since && !r->base_zero)
+		emit(r, BLOCKMIRROR_REPLICATION_EVENT_RESYNC, n, differ, 0,
+		     NULL);
 	emit(r, BLOCKMIRROR_REPLICATION_EVENT_POINT_COMMITTED, n, s.sent, 0,
 	     NULL);
 	goto out;
@@ -1089,6 +1112,9 @@ promote(struct blockmirror_replication *r, uint64_t point)
 			"planned", 1);
 	ret = bm_chan_call(r->chan, req, &res, COMMIT_MS);
 	json_decref(req);
+	/* No answer: the replica may or may not have been promoted. */
+	r->promote_unknown = ret == -ETIMEDOUT || ret == -ECONNRESET ||
+			     ret == -EPIPE || ret == -EPROTO;
 	if (ret < 0)
 		return ret;
 	gen = json_string_value(json_object_get(res, "gen"));
@@ -1102,7 +1128,12 @@ promote(struct blockmirror_replication *r, uint64_t point)
 	st = r->st;
 	pthread_mutex_unlock(&r->lock);
 	json_decref(res);
-	return bm_repl_state_save(r->state_path, &st);
+	/* The replica is the primary now, whatever this file says: a
+	 * failure here is told, the failover stands. */
+	ret = bm_repl_state_save(r->state_path, &st);
+	if (ret < 0)
+		note_error(r, ret);
+	return 0;
 }
 
 /* A verify asked for has ended (ret), or cannot run. */
@@ -1166,6 +1197,10 @@ run(void *arg)
 		pthread_mutex_unlock(&r->lock);
 
 		now = mono_ms();
+		/* The replica drops a connection silent for 10 minutes:
+		 * after a long interval, start afresh rather than fail. */
+		if (r->chan && now - r->chan_used_ms > IDLE_RECONNECT_MS)
+			disconnect(r);
 		if (!r->chan) {
 			set_state(r, BLOCKMIRROR_REPLICATION_CONNECTING);
 			ret = connect_replica(r);
@@ -1192,6 +1227,7 @@ run(void *arg)
 			}
 			down_said = false;
 			backoff = 500;
+			r->chan_used_ms = mono_ms();
 			emit(r, BLOCKMIRROR_REPLICATION_EVENT_CONNECTED,
 			     r->replica_latest, 0, 0, NULL);
 		}
@@ -1218,6 +1254,8 @@ run(void *arg)
 			emit(r, BLOCKMIRROR_REPLICATION_EVENT_CYCLE_FAILED, 0,
 			     0, ret, blockmirror_last_error());
 			disconnect(r);
+			if (failover && !(r->refused && ret == -EROFS))
+				bm_disk_unfence(r->disk);
 			if (r->refused) {
 				emit(r, BLOCKMIRROR_REPLICATION_EVENT_FENCED,
 				     0, 0, ret, r->info.message);
@@ -1232,6 +1270,7 @@ run(void *arg)
 			continue;
 		}
 		backoff = 500;
+		r->chan_used_ms = mono_ms();
 		set_state(r, BLOCKMIRROR_REPLICATION_IDLE);
 		if (failover) {
 			ret = promote(r, committed);
@@ -1252,6 +1291,22 @@ run(void *arg)
 		next = now + r->o.interval_ms;
 		continue;
 failover_failed:
+		/* The replica was not promoted: the guest may write again.
+		 * If the promote's answer was lost, it may have been: the
+		 * fence stays, and the message says so. */
+		if (r->promote_unknown) {
+			pthread_mutex_lock(&r->lock);
+			snprintf(r->info.message + strlen(r->info.message),
+				 sizeof r->info.message -
+				 strlen(r->info.message),
+				 "; the promotion's answer was lost, so the "
+				 "disk stays fenced: see whether the replica "
+				 "is the primary (bmirror replica status)");
+			pthread_mutex_unlock(&r->lock);
+		} else {
+			bm_disk_unfence(r->disk);
+		}
+		r->promote_unknown = false;
 		pthread_mutex_lock(&r->lock);
 		r->failover = false;
 		r->failover_done = true;
@@ -1463,6 +1518,13 @@ wait_until(struct blockmirror_replication *r, bool (*done)(
 	while (!done(r, arg)) {
 		struct timespec ts;
 
+		if (r->info.state == BLOCKMIRROR_REPLICATION_FAILED_OVER) {
+			ret = bm_error(-EALREADY, "replication to %s ended: "
+				       "the replica is the primary since a "
+				       "planned failover at point %" PRIu64,
+				       r->replica, r->st.committed);
+			break;
+		}
 		if (r->info.state == BLOCKMIRROR_REPLICATION_FENCED ||
 		    r->info.state == BLOCKMIRROR_REPLICATION_STOPPED ||
 		    (r->stop && !done(r, arg))) {
@@ -1607,22 +1669,38 @@ blockmirror_replication_verify(struct blockmirror_replication *r,
 }
 
 BM_EXPORT void
-blockmirror_replication_stop(struct blockmirror_replication *r)
+blockmirror_replication_halt(struct blockmirror_replication *r)
 {
+	bool join;
+
 	if (!r)
 		return;
 	pthread_mutex_lock(&r->lock);
 	r->stop = true;
+	join = !r->joined;
+	r->joined = true;
 	pthread_cond_broadcast(&r->cond);
 	pthread_mutex_unlock(&r->lock);
 	/* A cycle under way ends at its next call's deadline at worst. */
-	pthread_join(r->thread, NULL);
-	/* Callers waiting in sync or failover see STOPPED and return. */
+	if (join)
+		pthread_join(r->thread, NULL);
+	/* Callers waiting in sync, verify or failover see STOPPED and
+	 * return; so does any that comes later. */
 	pthread_mutex_lock(&r->lock);
 	r->info.state = BLOCKMIRROR_REPLICATION_STOPPED;
 	snprintf(r->info.message, sizeof r->info.message,
 		 "replication was stopped");
 	pthread_cond_broadcast(&r->cond);
+	pthread_mutex_unlock(&r->lock);
+}
+
+BM_EXPORT void
+blockmirror_replication_stop(struct blockmirror_replication *r)
+{
+	if (!r)
+		return;
+	blockmirror_replication_halt(r);
+	pthread_mutex_lock(&r->lock);
 	while (r->waiters)
 		pthread_cond_wait(&r->cond, &r->lock);
 	pthread_mutex_unlock(&r->lock);

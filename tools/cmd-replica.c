@@ -33,7 +33,8 @@ help_replica(void)
 	       "       bmirror replica unexport DIR --point N\n"
 	       "       bmirror replica test-failover DIR --point N\n"
 	       "       bmirror replica test-discard DIR --point N\n"
-	       "       bmirror replica promote DIR [--point N]\n\n"
+	       "       bmirror replica promote DIR [--point N]\n"
+	       "       bmirror replica unpair DIR\n\n"
 	       "serve keeps the recovery points of a disk in DIR for primaries "
 	       "that replicate\nto ADDRESS (tcp:HOST:PORT, TLS with --tls-psk; or "
 	       "unix:PATH).  --create makes\nDIR a replica of a new, empty disk of "
@@ -134,9 +135,9 @@ replica_serve(int argc, char **argv)
 		case OPT_BASE: o.base = optarg; break;
 		case OPT_JSON: json_events = true; break;
 		case OPT_KEEP:
-			if (!parse_uint(optarg, 10000, &v) && strcmp(optarg, "0"))
+			if (!parse_uint(optarg, 16, &v) && strcmp(optarg, "0"))
 				return tool_usage_error("--keep needs a number "
-					"of points up to 10000: \"%s\"", optarg);
+					"of points up to 16: \"%s\"", optarg);
 			o.keep = strcmp(optarg, "0") ? (unsigned)v : 0;
 			o.set_policy = true;
 			break;
@@ -250,6 +251,7 @@ replica_client(const char *sub, int argc, char **argv)
 		{ "test-failover", "test-failover", true },
 		{ "test-discard", "test-discard", true },
 		{ "promote", "promote", false },
+		{ "unpair", "unpair", false },
 	};
 	const char *control = NULL, *op = NULL;
 	char path[4096];

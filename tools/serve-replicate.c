@@ -355,11 +355,13 @@ serve_repl_stop(void)
 
 	if (!r)
 		return;
-	/* A waiting sync or failover ends with the replication. */
-	blockmirror_replication_stop(r);
+	/* A waiting sync, verify or failover returns once halted (or at
+	 * once, if its thread had not called yet); only then is r freed. */
+	blockmirror_replication_halt(r);
 	if (R.joinable) {
 		pthread_join(R.thread, NULL);
 		R.joinable = false;
 	}
+	blockmirror_replication_stop(r);
 	R.r = NULL;
 }

@@ -1288,8 +1288,16 @@ extern int blockmirror_replication_verify(
 	struct blockmirror_replication *r, uint32_t timeout_ms,
 	struct blockmirror_replication_check *check);
 
-/* Stop (a cycle under way is abandoned; the replica keeps its last
- * point) and free.  Accepts NULL. */
+/* Stop replicating (a cycle under way ends at its next deadline; the
+ * replica keeps its last point), and make every call waiting on `r` in
+ * another thread return; calls made afterwards return at once.  `r`
+ * stays valid until blockmirror_replication_stop: a program whose other
+ * threads may still be about to call halts first, lets them finish, then
+ * stops.  Accepts NULL. */
+extern void blockmirror_replication_halt(struct blockmirror_replication *r);
+
+/* Halt if not halted yet, wait for calls in progress to return, and free.
+ * No call may start once this one has.  Accepts NULL. */
 extern void blockmirror_replication_stop(struct blockmirror_replication *r);
 
 /* "connecting", "syncing", "idle", "sending", "fenced", "failed-over",

@@ -338,6 +338,16 @@ START_TEST(test_other_disk_refused)
 		 DISK_SIZE, other);
 	ck_assert_int_eq(system(cmd), 0);
 	d2 = open_tracked(other);
+	/* Paired with the first disk: no other, whatever it asks. */
+	r = start_replication(d2, BLOCKMIRROR_REPLICATION_RESYNC_OK |
+			      BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT, &err);
+	ck_assert_int_eq(err, -EEXIST);
+	ck_assert_ptr_null(r);
+	ck_assert_msg(strstr(blockmirror_last_error(), "paired with another"),
+		      "%s", blockmirror_last_error());
+	/* Released by its operator: still not without resync. */
+	json_decref(replica_call("unpair", 0, &err));
+	ck_assert_int_eq(err, 0);
 	r = start_replication(d2, 0, &err);
 	ck_assert_int_eq(err, -ESTALE);
 	ck_assert_ptr_null(r);
@@ -444,6 +454,135 @@ START_TEST(test_leftover_checkpoint)
 }
 END_TEST
 
+/* A peer that holds the key but not the fencing token: a hello that
+ * claims to descend from the paired primary at the latest point is
+ * refused (it could promote the replica otherwise), and the replica's
+ * status and points are not its to read. */
+START_TEST(test_forged_successor_refused)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image);
+	struct blockmirror_replication_info info = { .size = sizeof info };
+	struct blockmirror_replication *r;
+	struct bm_chan *c = NULL;
+	json_t *req, *res = NULL;
+	uint64_t point = 0;
+	int err;
+
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
+	ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
+	ck_assert_int_eq(bm_chan_connect(rsock, NULL, NULL, 5000, &c), 0);
+	req = json_pack("{s:s, s:i, s:I, s:s, s:[{s:s, s:I}], s:I}",
+			"op", "hello", "version", 1, "size",
+			(json_int_t)DISK_SIZE, "gen",
+			"00000000-1111-2222-3333-444444444444", "history",
+			"gen", info.generation, "point", (json_int_t)point,
+			"committed", (json_int_t)0);
+	err = bm_chan_call(c, req, &res, 10000);
+	json_decref(req);
+	ck_assert_int_eq(err, -EEXIST);
+	ck_assert_ptr_null(res);
+	req = json_pack("{s:s}", "op", "status");
+	err = bm_chan_call(c, req, &res, 10000);
+	json_decref(req);
+	ck_assert_int_eq(err, -EINVAL);
+	bm_chan_close(c);
+	/* The real primary goes on. */
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+}
+END_TEST
+
+/* A planned failover the replica refuses (a point is exported) leaves
+ * the disk writable; one that succeeds fences it, and later calls say
+ * so at once. */
+START_TEST(test_failover_fence)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image);
+	struct blockmirror_replication *r;
+	uint8_t buf[BLOCK] = { 1 };
+	uint64_t point = 0, t0;
+	int err;
+
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	json_decref(replica_call("export", 0, &err));
+	ck_assert_int_eq(err, 0);
+	err = blockmirror_replication_failover(r, 60000, &point);
+	ck_assert_int_eq(err, -EBUSY);
+	ck_assert_int_eq(blockmirror_disk_write(d, buf, BLOCK, 0, 0), 0);
+	{
+		json_t *res = replica_call("points", 0, &err);
+		json_t *p0 = json_array_get(json_object_get(res, "points"), 0);
+
+		ck_assert_int_eq(err, 0);
+		json_decref(replica_call("unexport", (uint64_t)json_integer_value(
+			json_object_get(p0, "point")), &err));
+		ck_assert_int_eq(err, 0);
+		json_decref(res);
+	}
+	ck_assert_int_eq(blockmirror_replication_failover(r, 60000, &point), 0);
+	ck_assert_int_eq(blockmirror_disk_write(d, buf, BLOCK, 0, 0), -EROFS);
+	t0 = now_ms();
+	ck_assert_int_eq(blockmirror_replication_sync(r, 60000, NULL),
+			 -EALREADY);
+	ck_assert_uint_lt(now_ms() - t0, 2000);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+}
+END_TEST
+
+struct waiting {
+	struct blockmirror_replication *r;
+	int err;
+	uint64_t ms;
+};
+
+static void *
+sync_main(void *arg)
+{
+	struct waiting *w = arg;
+	uint64_t t0 = now_ms();
+
+	w->err = blockmirror_replication_sync(w->r, 60000, NULL);
+	w->ms = now_ms() - t0;
+	return NULL;
+}
+
+/* A call waiting on replication returns when it is halted, and the
+ * handle stays valid for it until stop. */
+START_TEST(test_halt_releases_waiters)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image);
+	struct waiting w = { 0 };
+	pthread_t t;
+	int err;
+
+	w.r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_int_eq(blockmirror_replication_sync(w.r, 30000, NULL), 0);
+	blockmirror_replica_server_stop(rs); /* cycles fail from now on */
+	ck_assert_int_eq(pthread_create(&t, NULL, sync_main, &w), 0);
+	sleep_ms(300);
+	blockmirror_replication_halt(w.r);
+	pthread_join(t, NULL);
+	ck_assert_int_lt(w.err, 0);
+	ck_assert_uint_lt(w.ms, 10000);
+	/* A call after the halt returns at once. */
+	ck_assert_int_lt(blockmirror_replication_sync(w.r, 60000, NULL), 0);
+	blockmirror_replication_stop(w.r);
+	blockmirror_disk_close(d);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -459,6 +598,9 @@ main(void)
 	tcase_add_test(tc, test_promotion_fences);
 	tcase_add_test(tc, test_replica_restarts);
 	tcase_add_test(tc, test_leftover_checkpoint);
+	tcase_add_test(tc, test_forged_successor_refused);
+	tcase_add_test(tc, test_failover_fence);
+	tcase_add_test(tc, test_halt_releases_waiters);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
