@@ -23,7 +23,8 @@
  *   the last committed point) is written durably after each commit.
  *
  * The guest never waits for any of this: a failing cycle only fails the
- * cycle.  The replica's side is lib/replica-serve.c over lib/replica.c.
+ * cycle.  What crosses to the replica, and the online verify, are in
+ * repl-send.c; the replica's side is replica-serve.c over replica.c.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -34,8 +35,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <uuid/uuid.h>
-#include <xxhash.h>
 
 #include "disk.h"
 #include "durable.h"
@@ -44,66 +43,13 @@
 #include "internal.h"
 #include "repl-channel.h"
 #include "repl-state.h"
+#include "replicate-int.h"
 #include "snapshot.h"
 
-#define CHECKPOINT_PREFIX "repl-"
-/* A control call's deadline (BLOCKMIRROR_REPL_TIMEOUT seconds, default
- * 30), and a commit's or a promotion's, which sync and merge: four. */
-#define CALL_MS call_ms()
-#define COMMIT_MS (4 * call_ms())
-#define DIGEST_BATCH 4096       /* granules per digests call */
-#define IDLE_RECONNECT_MS (5 * 60 * 1000) /* under the replica's 10 */
-#define SLOTS 8                 /* NBD writes in flight */
-#define SLOT_BYTES (1024 * 1024)
+/* ---- the handle: replicate-int.h ------------------------------------- */
 
-/* ---- the handle -------------------------------------------------------- */
-
-struct blockmirror_replication {
-	struct blockmirror_disk *disk;
-	struct blockmirror_replication_options o;
-	char *replica, *psk, *identity, *state_path;
-	uint64_t size, granule;      /* the replica's granule for digests */
-
-	pthread_t thread;
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	bool stop;
-	bool failover;               /* asked for: the next cycle is last */
-	uint64_t sync_asked;         /* requests (counter) */
-	int64_t sync_after_ns;       /* the newest asked instant */
-	int failover_err;
-	bool failover_done;
-	unsigned waiters;            /* in sync, verify or failover */
-	bool joined;                 /* halt joined the thread */
-
-	/* under lock */
-	struct bm_repl_state st;
-	struct blockmirror_replication_info info;
-
-	/* the thread's own */
-	struct bm_chan *chan;
-	bool connected_once;
-	bool resync;                 /* the next cycle compares digests */
-	bool base_zero;              /* the replica's disk reads as zeroes */
-	bool refused;                /* the last begin was refused for good */
-	bool promote_unknown;        /* a promote got no answer */
-	uint64_t chan_used_ms;       /* the channel's last use */
-	uint64_t replica_latest;
-	char since[64];              /* checkpoint for the next cycle */
-	int64_t last_app_ns;
-	/* Granules (the replica's) a verify found different: the next
-	 * cycle sends them too. */
-	uint64_t *resend;
-	uint64_t nresend;
-	/* verify, asked from another thread (under lock) */
-	bool verify_asked, verify_done;
-	int verify_err;
-	char verify_msg[256];
-	struct blockmirror_replication_check check;
-};
-
-static int
-call_ms(void)
+int
+bm_repl_call_ms(void)
 {
 	const char *e = getenv("BLOCKMIRROR_REPL_TIMEOUT");
 	char *end;
@@ -175,8 +121,8 @@ note_error(struct blockmirror_replication *r, int err)
 
 /* ---- checkpoints --------------------------------------------------------- */
 
-static uint64_t
-checkpoint_point(const char *name)
+uint64_t
+bm_repl_checkpoint_point(const char *name)
 {
 	char *end;
 	unsigned long long k;
@@ -198,7 +144,7 @@ newest_checkpoint(struct blockmirror_replication *r, uint64_t most)
 	if (blockmirror_checkpoint_list(r->disk, &l, &n) < 0)
 		return 0;
 	for (size_t i = 0; i < n; i++) {
-		uint64_t k = checkpoint_point(l[i].name);
+		uint64_t k = bm_repl_checkpoint_point(l[i].name);
 
 		if (k && k <= most && l[i].trusted && k > best)
 			best = k;
@@ -217,7 +163,7 @@ remove_checkpoints_but(struct blockmirror_replication *r, uint64_t keep)
 	if (blockmirror_checkpoint_list(r->disk, &l, &n) < 0)
 		return;
 	for (size_t i = 0; i < n; i++) {
-		uint64_t k = checkpoint_point(l[i].name);
+		uint64_t k = bm_repl_checkpoint_point(l[i].name);
 
 		if (k && k != keep)
 			blockmirror_checkpoint_remove(r->disk, l[i].name);
@@ -238,7 +184,7 @@ remove_checkpoints_above(struct blockmirror_replication *r, uint64_t latest)
 	if (blockmirror_checkpoint_list(r->disk, &l, &n) < 0)
 		return;
 	for (size_t i = n; i-- > 0;) {
-		uint64_t k = checkpoint_point(l[i].name);
+		uint64_t k = bm_repl_checkpoint_point(l[i].name);
 
 		if (k > latest)
 			blockmirror_checkpoint_remove(r->disk, l[i].name);
@@ -373,439 +319,6 @@ refused_for_good(int err)
 	       err == -ESTALE || err == -EROFS;
 }
 
-/* ---- sending data -------------------------------------------------------- */
-
-struct slot {
-	struct sender *s;
-	uint8_t *buf;
-	bool busy;
-};
-
-struct sender {
-	struct blockmirror_replication *r;
-	struct blockmirror_snapshot *snap;
-	struct blockmirror_disk *target;
-	const char *uri;
-	struct slot slots[SLOTS];
-	uint8_t *bufs;
-	pthread_mutex_t lock;
-	pthread_cond_t cond;
-	unsigned busy;
-	int err;
-	char msg[256];
-	uint64_t sent;                /* bytes written (data and zeroes) */
-	uint64_t *theirs;             /* digests mode: the replica's batch */
-	uint64_t theirs_first, theirs_n;
-	uint64_t zero_digest, zero_tail;
-};
-
-static void
-slot_done(void *user_data, int err)
-{
-	struct slot *sl = user_data;
-	struct sender *s = sl->s;
-	const char *m = err < 0 ? blockmirror_last_error() : NULL;
-
-	pthread_mutex_lock(&s->lock);
-	if (err < 0 && !s->err) {
-		s->err = err;
-		snprintf(s->msg, sizeof s->msg, "%s", m ? m : strerror(-err));
-	}
-	sl->busy = false;
-	s->busy--;
-	pthread_cond_broadcast(&s->cond);
-	pthread_mutex_unlock(&s->lock);
-}
-
-/* A free slot, or NULL once a write failed (s->err). */
-static struct slot *
-slot_get(struct sender *s)
-{
-	struct slot *got = NULL;
-
-	pthread_mutex_lock(&s->lock);
-	while (!s->err && s->busy == SLOTS)
-		pthread_cond_wait(&s->cond, &s->lock);
-	for (unsigned i = 0; !s->err && i < SLOTS; i++)
-		if (!s->slots[i].busy) {
-			got = &s->slots[i];
-			got->busy = true;
-			s->busy++;
-			break;
-		}
-	pthread_mutex_unlock(&s->lock);
-	return got;
-}
-
-static int
-drain(struct sender *s)
-{
-	int err;
-
-	pthread_mutex_lock(&s->lock);
-	while (s->busy)
-		pthread_cond_wait(&s->cond, &s->lock);
-	err = s->err;
-	pthread_mutex_unlock(&s->lock);
-	if (err < 0)
-		return bm_error(err, "%s: %s", s->uri, s->msg);
-	return 0;
-}
-
-/* Write `len` bytes of `sl`'s buffer at `off`: zeroes as such. */
-static int
-slot_write(struct sender *s, struct slot *sl, uint64_t len, uint64_t off)
-{
-	int r;
-
-	if (bm_is_zero(sl->buf, len))
-		r = blockmirror_disk_aio_write_zeroes(s->target, len, off, 0,
-						      slot_done, sl);
-	else
-		r = blockmirror_disk_aio_write(s->target, sl->buf, len, off,
-					       0, slot_done, sl);
-	if (r < 0) {
-		slot_done(sl, r);
-		return drain(s);
-	}
-	s->sent += len;
-	return 0;
-}
-
-/* Send [off, off + len) of the snapshot, at most SLOT_BYTES at a time. */
-static int
-send_range(struct sender *s, uint64_t off, uint64_t len)
-{
-	while (len) {
-		uint64_t n = BM_MIN(len, SLOT_BYTES);
-		struct slot *sl = slot_get(s);
-		int r;
-
-		if (!sl)
-			return drain(s);
-		r = blockmirror_snapshot_read(s->snap, sl->buf, n, off);
-		if (r < 0) {
-			slot_done(sl, 0);
-			return r;
-		}
-		r = slot_write(s, sl, n, off);
-		if (r < 0)
-			return r;
-		off += n;
-		len -= n;
-	}
-	return 0;
-}
-
-/* The granules the snapshot says changed since the cycle's checkpoint. */
-static int
-send_changed(struct sender *s)
-{
-	uint64_t g, *words = NULL, nbits, bytes, size = s->r->size;
-	int r = blockmirror_snapshot_changed(s->snap, &g, &words, &nbits,
-					     &bytes);
-
-	for (uint64_t b = 0; r == 0 && b < nbits;) {
-		uint64_t e;
-
-		if (!(words[b / 64] >> (b % 64) & 1)) {
-			b++;
-			continue;
-		}
-		for (e = b; e < nbits && words[e / 64] >> (e % 64) & 1; e++)
-			;
-		r = send_range(s, b * g, BM_MIN(e * g, size) - b * g);
-		b = e;
-	}
-	free(words);
-	return r;
-}
-
-/* Every data extent of the snapshot (the replica's disk reads as zeroes
- * elsewhere). */
-static int
-send_full(struct sender *s)
-{
-	struct bm_extent_list l = { 0 };
-	uint64_t size = s->r->size;
-	int r = 0;
-
-	for (uint64_t pos = 0; r == 0 && pos < size;) {
-		bm_extent_list_reset(&l);
-		r = bm_snapshot_extents(s->r->disk, s->snap, pos,
-					BM_MIN(size - pos, BM_GiB), &l);
-		for (size_t i = 0; r == 0 && i < l.len; i++)
-			if (!(l.v[i].flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO)))
-				r = send_range(s, l.v[i].offset,
-					       BM_MIN(l.v[i].length,
-						      size - l.v[i].offset));
-		if (r == 0 && !l.len)
-			r = bm_error(-EIO, "the snapshot reported nothing at "
-				     "%" PRIu64, pos);
-		if (r == 0)
-			pos = BM_MAX(bm_extent_list_end(&l), pos + 1);
-	}
-	bm_extent_list_free(&l);
-	return r;
-}
-
-/* The replica's digests of granules [first, first + n). */
-static int
-fetch_digests(struct sender *s, uint64_t point, uint64_t first, uint64_t n)
-{
-	struct blockmirror_replication *r = s->r;
-	json_t *req, *res = NULL;
-	void *buf = NULL;
-	size_t len = 0;
-	int ret;
-
-	req = json_pack("{s:s,s:I,s:I,s:I,s:s}", "op", "digests",
-			"offset", (json_int_t)(first * r->granule),
-			"count", (json_int_t)n, "point", (json_int_t)point,
-			"token", r->st.token);
-	ret = bm_chan_call(r->chan, req, &res, CALL_MS);
-	json_decref(req);
-	if (ret == 0)
-		ret = bm_chan_b64_get(res, "digests", &buf, &len, n * 8);
-	json_decref(res);
-	if (ret < 0)
-		return ret;
-	if (len != n * 8) {
-		free(buf);
-		return bm_error(-EPROTO, "the replica at %s sent %zu bytes of "
-				"digests for %" PRIu64 " granules", r->replica,
-				len, n);
-	}
-	for (uint64_t i = 0; i < n; i++) {
-		uint8_t *p = (uint8_t *)buf + i * 8;
-		uint64_t d = 0;
-
-		for (int b = 7; b >= 0; b--)
-			d = d << 8 | p[b];
-		s->theirs[i] = d;
-	}
-	free(buf);
-	s->theirs_first = first;
-	s->theirs_n = n;
-	return 0;
-}
-
-/* The granules a verify found different (replica granularity). */
-static int
-send_resend(struct sender *s)
-{
-	struct blockmirror_replication *r = s->r;
-	int ret = 0;
-
-	for (uint64_t k = 0; ret == 0 && k < r->nresend; k++)
-		if (r->resend[k / 64] >> (k % 64) & 1)
-			ret = send_range(s, k * r->granule,
-					 BM_MIN(r->granule,
-						r->size - k * r->granule));
-	return ret;
-}
-
-/* has[k - first]: granule k of [first, first + n) holds data in the
- * snapshot (a data extent touches it); the others read as zeroes. */
-static int
-granules_with_data(struct sender *s, uint64_t first, uint64_t n,
-		   uint8_t *has)
-{
-	struct blockmirror_replication *r = s->r;
-	uint64_t g = r->granule, end = BM_MIN((first + n) * g, r->size);
-	struct bm_extent_list l = { 0 };
-	int ret = 0;
-
-	memset(has, 0, n);
-	for (uint64_t pos = first * g; ret == 0 && pos < end;) {
-		bm_extent_list_reset(&l);
-		ret = bm_snapshot_extents(r->disk, s->snap, pos, end - pos, &l);
-		if (ret == 0 && !l.len)
-			ret = bm_error(-EIO, "the snapshot reported nothing at "
-				       "%" PRIu64, pos);
-		for (size_t i = 0; ret == 0 && i < l.len; i++) {
-			uint64_t a = BM_MAX(l.v[i].offset, first * g);
-			uint64_t b = BM_MIN(l.v[i].offset + l.v[i].length, end);
-
-			if (l.v[i].flags & (BM_EXTENT_HOLE | BM_EXTENT_ZERO) ||
-			    a >= b)
-				continue;
-			for (uint64_t k = a / g; k <= (b - 1) / g; k++)
-				has[k - first] = 1;
-		}
-		if (ret == 0)
-			pos = BM_MAX(bm_extent_list_end(&l), pos + 1);
-	}
-	bm_extent_list_free(&l);
-	return ret;
-}
-
-/* Granule [ks, ke) against the replica's digest `theirs`: sent if it
- * differs (*differ counts it). */
-static int
-send_if_differs(struct sender *s, bool data, uint64_t ks, uint64_t ke,
-		uint64_t theirs, uint64_t *differ)
-{
-	uint64_t zd = ke - ks < s->r->granule ? s->zero_tail : s->zero_digest;
-	struct slot *sl;
-	int ret;
-
-	if (!data && theirs == zd)
-		return 0;
-	sl = slot_get(s);
-	if (!sl)
-		return drain(s);
-	if (data) {
-		ret = blockmirror_snapshot_read(s->snap, sl->buf, ke - ks, ks);
-		if (ret < 0) {
-			slot_done(sl, 0);
-			return ret;
-		}
-		if (XXH3_64bits(sl->buf, ke - ks) == theirs) {
-			slot_done(sl, 0);
-			return 0;
-		}
-	} else {
-		memset(sl->buf, 0, ke - ks);
-	}
-	*differ += ke - ks;
-	return slot_write(s, sl, ke - ks, ks);
-}
-
-static void
-zero_digests(struct sender *s, const uint8_t *zero)
-{
-	uint64_t g = s->r->granule, size = s->r->size;
-
-	s->zero_digest = XXH3_64bits(zero, g);
-	s->zero_tail = XXH3_64bits(zero, size % g ? size % g : g);
-}
-
-/*
- * Digests mode: read the whole snapshot (holes cost nothing: their
- * digest is known), compare each granule's XXH3-64 with the replica's,
- * send those that differ.  *differ: their bytes.
- */
-static int
-send_differing(struct sender *s, uint64_t *differ)
-{
-	struct blockmirror_replication *r = s->r;
-	uint64_t g = r->granule, size = r->size;
-	uint64_t ngran = (size + g - 1) / g;
-	uint8_t *zero = calloc(1, g), *has = malloc(DIGEST_BATCH);
-	int ret = 0;
-
-	s->theirs = malloc(DIGEST_BATCH * sizeof *s->theirs);
-	if (!zero || !has || !s->theirs) {
-		free(zero);
-		free(has);
-		return bm_error(-ENOMEM, "out of memory");
-	}
-	zero_digests(s, zero);
-	free(zero);
-	*differ = 0;
-	for (uint64_t first = 0; ret == 0 && first < ngran;
-	     first += DIGEST_BATCH) {
-		uint64_t n = BM_MIN(DIGEST_BATCH, ngran - first);
-
-		ret = fetch_digests(s, 0, first, n);
-		if (ret == 0)
-			ret = granules_with_data(s, first, n, has);
-		for (uint64_t k = first; ret == 0 && k < first + n; k++)
-			ret = send_if_differs(s, has[k - first], k * g,
-					      BM_MIN(k * g + g, size),
-					      s->theirs[k - first], differ);
-		if (ret == 0)
-			ret = drain(s);
-	}
-	free(has);
-	free(s->theirs);
-	s->theirs = NULL;
-	return ret;
-}
-
-/* "tcp:HOST:PORT" or "unix:PATH" and an export name as an NBD URI, TLS
- * when TCP. */
-static char *
-nbd_uri(struct blockmirror_replication *r, const char *addr,
-	const char *export)
-{
-	char *uri = NULL;
-	int n = -1;
-
-	if (strncmp(addr, "unix:", 5) == 0)
-		n = asprintf(&uri, "nbd+unix:///%s?socket=%s", export,
-			     addr + 5);
-	else if (strncmp(addr, "tcp:", 4) == 0 && r->psk && r->identity) {
-		const char *port = strrchr(addr, ':');
-		size_t hl = (size_t)(port - addr - 4);
-		const char *rport = strrchr(r->replica, ':');
-		int rl = (int)(rport - r->replica - 4);
-
-		/* A server on every address (0.0.0.0, [::]) is reached the
-		 * way the channel reached the replica. */
-		if ((hl == 7 && !strncmp(addr + 4, "0.0.0.0", 7)) ||
-		    (hl == 4 && !strncmp(addr + 4, "[::]", 4)) || hl == 0)
-			n = asprintf(&uri, "nbds://%s@%.*s%s/%s?tls-psk-file=%s",
-				     r->identity, rl, r->replica + 4, port,
-				     export, r->psk);
-		else
-			n = asprintf(&uri, "nbds://%s@%s/%s?tls-psk-file=%s",
-				     r->identity, addr + 4, export, r->psk);
-	}
-	if (n < 0)
-		return NULL;
-	return uri;
-}
-
-static int
-sender_open(struct sender *s, struct blockmirror_replication *r,
-	    struct blockmirror_snapshot *snap, const char *uri)
-{
-	memset(s, 0, sizeof *s);
-	s->r = r;
-	s->snap = snap;
-	s->uri = uri;
-	pthread_mutex_init(&s->lock, NULL);
-	pthread_cond_init(&s->cond, NULL);
-	s->bufs = aligned_alloc(4096, (size_t)SLOTS * SLOT_BYTES);
-	if (!s->bufs)
-		return bm_error(-ENOMEM, "out of memory");
-	for (unsigned i = 0; i < SLOTS; i++) {
-		s->slots[i].s = s;
-		s->slots[i].buf = s->bufs + (size_t)i * SLOT_BYTES;
-	}
-	s->target = blockmirror_disk_open(uri, BLOCKMIRROR_FORMAT_RAW, 0);
-	if (!s->target)
-		return -errno;
-	if (blockmirror_disk_get_size(s->target) != r->size)
-		return bm_error(-ESTALE, "%s: the replica's staging export has "
-				"%" PRIu64 " bytes, the disk %" PRIu64, uri,
-				blockmirror_disk_get_size(s->target), r->size);
-	return blockmirror_disk_start_thread(s->target);
-}
-
-static int
-sender_close(struct sender *s, int r)
-{
-	if (s->target) {
-		int c;
-
-		drain(s);
-		c = blockmirror_disk_close(s->target);
-		if (r == 0 && c < 0)
-			r = bm_error(c, "%s: flushing the replica's staging "
-				     "export: %s", s->uri,
-				     blockmirror_last_error() ?
-				     blockmirror_last_error() : strerror(-c));
-	}
-	free(s->bufs);
-	free(s->theirs);
-	pthread_mutex_destroy(&s->lock);
-	pthread_cond_destroy(&s->cond);
-	return r;
-}
-
 /* ---- a cycle --------------------------------------------------------------- */
 
 /*
@@ -818,7 +331,7 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	struct blockmirror_snapshot_options so = { .size = sizeof so };
 	struct blockmirror_snapshot *snap = NULL;
 	struct blockmirror_snapshot_info si;
-	struct sender s = { 0 };
+	struct bm_repl_sender s = { 0 };
 	struct bm_repl_state st;
 	char cp[64], *uri = NULL, msg[512];
 	const char *addr, *export;
@@ -867,30 +380,30 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 		goto out;
 	addr = json_string_value(json_object_get(res, "nbd"));
 	export = json_string_value(json_object_get(res, "export"));
-	if (!addr || !export || !(uri = nbd_uri(r, addr, export))) {
+	if (!addr || !export || !(uri = bm_repl_nbd_uri(r, addr, export))) {
 		ret = bm_error(-EPROTO, "the replica at %s answered begin "
 			       "without a usable NBD address", r->replica);
 		goto out;
 	}
-	ret = sender_open(&s, r, snap, uri);
+	ret = bm_repl_sender_open(&s, r, snap, uri);
 	if (ret == 0) {
 		if (r->resync)
-			ret = send_differing(&s, &differ);
+			ret = bm_repl_send_differing(&s, &differ);
 		else if (so.since)
-			ret = send_changed(&s);
+			ret = bm_repl_send_changed(&s);
 		else if (r->base_zero)
-			ret = send_full(&s);
+			ret = bm_repl_send_full(&s);
 		else
-			ret = send_differing(&s, &differ);
+			ret = bm_repl_send_differing(&s, &differ);
 		/* What a verify found different, unless all was compared. */
 		if (ret == 0 && so.since && !r->resync && r->resend)
-			ret = send_resend(&s);
+			ret = bm_repl_send_resend(&s);
 	}
 	if (ret == 0)
-		ret = drain(&s);
+		ret = bm_repl_drain(&s);
 	if (ret == 0)
 		ret = blockmirror_disk_flush(s.target);
-	ret = sender_close(&s, ret);
+	ret = bm_repl_sender_close(&s, ret);
 	if (ret < 0)
 		goto abort;
 
@@ -958,113 +471,6 @@ out:
 	free(uri);
 	if (snap)
 		blockmirror_snapshot_release(snap);
-	if (ret < 0)
-		return bm_error(ret, "%s", msg);
-	return ret;
-}
-
-/* ---- online verify ------------------------------------------------------------ */
-
-/* Was any part of [off, off + len) written since the snapshot's
- * checkpoint (bitmap of granularity gt)? */
-static bool
-written_since(const uint64_t *words, uint64_t nbits, uint64_t gt,
-	      uint64_t off, uint64_t len)
-{
-	for (uint64_t b = off / gt; b <= (off + len - 1) / gt && b < nbits; b++)
-		if (words[b / 64] >> (b % 64) & 1)
-			return true;
-	return false;
-}
-
-/*
- * The replica's latest point against a snapshot of the disk now: every
- * granule not written since that point's checkpoint must have the
- * replica's digest.  Those that do not go into r->resend.
- */
-static int
-verify(struct blockmirror_replication *r,
-       struct blockmirror_replication_check *c)
-{
-	struct blockmirror_snapshot_options so = { .size = sizeof so };
-	struct sender s = { 0 };
-	uint64_t gt, *words = NULL, nbits = 0, bytes, g = r->granule;
-	uint64_t ngran = (r->size + g - 1) / g, point;
-	uint8_t *has = NULL, *buf = NULL, *zero = NULL;
-	char msg[512];
-	int ret;
-
-	memset(c, 0, sizeof *c);
-	c->size = sizeof *c;
-	pthread_mutex_lock(&r->lock);
-	point = r->st.committed;
-	pthread_mutex_unlock(&r->lock);
-	if (!point || !r->since[0] || r->resync ||
-	    checkpoint_point(r->since) != point)
-		return bm_error(-EAGAIN, "no committed point of this disk's "
-				"line to verify yet: wait for a cycle");
-	c->point = point;
-	so.since = r->since;
-	s.r = r;
-	ret = blockmirror_snapshot_take(&r->disk, 1, &so, &s.snap);
-	if (ret == 0)
-		ret = blockmirror_snapshot_changed(s.snap, &gt, &words, &nbits,
-						   &bytes);
-	has = malloc(DIGEST_BATCH);
-	buf = malloc(g);
-	zero = calloc(1, g);
-	s.theirs = malloc(DIGEST_BATCH * sizeof *s.theirs);
-	free(r->resend);
-	r->resend = calloc((ngran + 63) / 64, sizeof *r->resend);
-	r->nresend = ngran;
-	if (ret == 0 && (!has || !buf || !zero || !s.theirs || !r->resend))
-		ret = bm_error(-ENOMEM, "out of memory");
-	if (ret == 0)
-		zero_digests(&s, zero);
-	for (uint64_t first = 0; ret == 0 && first < ngran;
-	     first += DIGEST_BATCH) {
-		uint64_t n = BM_MIN(DIGEST_BATCH, ngran - first);
-
-		ret = fetch_digests(&s, point, first, n);
-		if (ret == 0)
-			ret = granules_with_data(&s, first, n, has);
-		for (uint64_t k = first; ret == 0 && k < first + n; k++) {
-			uint64_t off = k * g, len = BM_MIN(g, r->size - off);
-			uint64_t d = len < g ? s.zero_tail : s.zero_digest;
-
-			if (written_since(words, nbits, gt, off, len)) {
-				c->skipped++;
-				continue;
-			}
-			if (has[k - first]) {
-				ret = blockmirror_snapshot_read(s.snap, buf,
-								len, off);
-				d = XXH3_64bits(buf, len);
-			}
-			c->granules++;
-			if (ret == 0 && d != s.theirs[k - first]) {
-				if (!c->mismatches)
-					c->first_mismatch = off;
-				c->mismatches++;
-				r->resend[k / 64] |= UINT64_C(1) << (k % 64);
-			}
-		}
-	}
-	if (ret < 0 || !c->mismatches) {
-		free(r->resend);
-		r->resend = NULL;
-		r->nresend = 0;
-	}
-	if (ret < 0)
-		snprintf(msg, sizeof msg, "%s", blockmirror_last_error() ?
-			 blockmirror_last_error() : strerror(-ret));
-	free(words);
-	free(has);
-	free(buf);
-	free(zero);
-	free(s.theirs);
-	if (s.snap)
-		blockmirror_snapshot_release(s.snap);
 	if (ret < 0)
 		return bm_error(ret, "%s", msg);
 	return ret;
@@ -1234,7 +640,7 @@ run(void *arg)
 		if (r->verify_asked && !failover) {
 			struct blockmirror_replication_check c;
 
-			ret = verify(r, &c);
+			ret = bm_repl_verify(r, &c);
 			verify_end(r, ret, &c);
 			if (ret < 0 && ret != -EAGAIN) {
 				note_error(r, ret);
@@ -1494,7 +900,7 @@ blockmirror_replication_query(struct blockmirror_replication *r,
 	pthread_mutex_unlock(&r->lock);
 	if (blockmirror_checkpoint_list(r->disk, &l, &n) == 0) {
 		for (size_t i = 0; i < n; i++)
-			if (checkpoint_point(l[i].name) == committed)
+			if (bm_repl_checkpoint_point(l[i].name) == committed)
 				behind = l[i].changed_bytes;
 		free(l);
 	}

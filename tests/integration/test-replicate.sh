@@ -183,6 +183,7 @@ run_ok "$BMIRROR" replicate --control "$CTL" --to "$BACK_ADDR" --tls-psk "$KEY" 
 wait_point $((PF + 1))
 run_ok "$BMIRROR" replicate status --control "$CTL" --json
 json_assert "$RUN_OUT" "d['bytes_sent'] <= 2 * $MiB"
+info "reverse replication sent $(json_get "$RUN_OUT" bytes_sent) bytes for 1 MiB written"
 run_ok qemu-img convert -f raw -O raw "$NBD" "$T/now.raw"
 run_ok qemu-img compare -q -F raw "$(point_image "$T/back" 0)" "$T/now.raw"
 pass "reverse replication sends only what changed since the failover"
@@ -229,6 +230,7 @@ wait_point $((PA + 1))
 run_ok "$BMIRROR" replicate status --control "$CTL" --json
 # What differs: the writes at 2 MiB and 3 MiB the new line does not have.
 json_assert "$RUN_OUT" "$MiB <= d['bytes_sent'] <= 3 * $MiB"
+info "the resync sent $(json_get "$RUN_OUT" bytes_sent) bytes for 2 MiB that differed"
 run_ok qemu-img compare -q -F raw "$(point_image "$T/old" 0)" "$T/atA.raw"
 pass "after a split brain, a resync with --discard-divergent sends what differs"
 run_ok "$BMIRROR" replicate stop --control "$CTL"
