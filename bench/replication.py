@@ -7,7 +7,7 @@
   python3 bench/replication.py --runs 7 --json repl.json
 
 A raw disk (75% of its 1 MiB extents random data) is served by `bmirror serve
---track`; a replica (`bmirror replica serve`, over TCP on localhost with TLS-PSK, as
+--track` (--granularity: the tracking unit, default 64K); a replica (`bmirror replica serve`, over TCP on localhost with TLS-PSK, as
 between two hosts) takes its points at 1-second cycles (`bmirror replicate
 --interval 1`).  The guest is fio over NBD: 4 KiB random writes, queue depth 16.
 
@@ -114,8 +114,9 @@ class Setup:
         self.ctl = os.path.join(d, 'ctl.sock')
         self.nbd = os.path.join(d, 'nbd.sock')
         self.uri = f'nbd+unix:///?socket={self.nbd}'
-        self.serve = Daemon([args.bmirror, 'serve', '--track', '--nbd', 'unix:' + self.nbd, '--control', self.ctl,
-                             self.disk], d, 'serve', [self.nbd, self.ctl])
+        self.serve = Daemon([args.bmirror, 'serve', '--track', '--track-granularity', args.granularity,
+                             '--nbd', 'unix:' + self.nbd, '--control', self.ctl, self.disk],
+                            d, 'serve', [self.nbd, self.ctl])
         rdir = os.path.join(d, 'replica')
         shutil.rmtree(rdir, ignore_errors=True)
         out = os.path.join(d, 'replica.out')
@@ -202,6 +203,7 @@ def main():
     ap.add_argument('--seconds', type=int, default=20)
     ap.add_argument('--rates', default='1000,5000', help='guest IOPS for the RPO part')
     ap.add_argument('--only', default='rpo,iops')
+    ap.add_argument('--granularity', default='64K', help="the served disk's change-tracking unit")
     ap.add_argument('--quick', action='store_true')
     ap.add_argument('--dir', default='/var/tmp')
     ap.add_argument('--keep', action='store_true')
