@@ -1083,8 +1083,9 @@ static int
 adopt(struct blockmirror_replica_server *s)
 {
 	struct bm_repl_state st;
-	char *state = NULL, *image = NULL, cp[64];
+	char *state = NULL, *image = NULL;
 	struct blockmirror_disk *disk;
+	uint64_t point;
 	int r;
 
 	s->pair.diverged = -1;
@@ -1096,8 +1097,13 @@ adopt(struct blockmirror_replica_server *s)
 		return 0;
 	if (r < 0)
 		return r;
-	/* What the old primary wrote since its last committed point. */
-	snprintf(cp, sizeof cp, "repl-%" PRIu64, st.committed);
+	/*
+	 * The point it holds: its newest trusted repl-M (the replica may
+	 * have committed M while this side died before writing its state
+	 * file: M is then the truth, and the state file's point older), and
+	 * what it wrote since: the divergent amount.
+	 */
+	point = st.committed;
 	disk = blockmirror_disk_open(s->o.base, BLOCKMIRROR_FORMAT_AUTO, 0);
 	if (disk) {
 		struct blockmirror_checkpoint *l = NULL;
@@ -1105,14 +1111,22 @@ adopt(struct blockmirror_replica_server *s)
 
 		if (blockmirror_disk_track(disk, NULL, 0, NULL) == 0 &&
 		    blockmirror_checkpoint_list(disk, &l, &n) == 0)
-			for (size_t i = 0; i < n; i++)
-				if (strcmp(l[i].name, cp) == 0 && l[i].trusted)
-					s->pair.diverged =
-						(int64_t)l[i].changed_bytes;
+			for (size_t i = 0; i < n; i++) {
+				unsigned long long k;
+				int end = 0;
+
+				if (sscanf(l[i].name, "repl-%llu%n", &k,
+					   &end) != 1 || l[i].name[end] ||
+				    !l[i].trusted || k < point ||
+				    (k == point && s->pair.diverged >= 0))
+					continue;
+				point = k;
+				s->pair.diverged = (int64_t)l[i].changed_bytes;
+			}
 		free(l);
 		blockmirror_disk_close(disk);
 	}
-	r = bm_replica_begin(s->rep, st.committed, st.gen, &image);
+	r = bm_replica_begin(s->rep, point, st.gen, &image);
 	free(image);
 	if (r == 0)
 		r = bm_replica_commit(s->rep, st.committed_instant_ns, 0, false);

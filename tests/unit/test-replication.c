@@ -583,6 +583,76 @@ START_TEST(test_halt_releases_waiters)
 }
 END_TEST
 
+/* The primary died after the replica committed point P and before its
+ * own state file said so; the replica was promoted at P; the old disk
+ * comes back as its replica: it holds P (its checkpoint repl-P says so,
+ * with nothing written since), so replication goes on without a split
+ * brain and sends nothing. */
+START_TEST(test_adopt_newer_than_state)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image), *nd;
+	struct blockmirror_replication_info info = { .size = sizeof info };
+	struct blockmirror_replication *r;
+	struct blockmirror_replica_server_options o2;
+	struct blockmirror_replica_server *rs2 = NULL;
+	char state[200], newimg[4096], sock2[200], ctl2[200];
+	uint64_t rng = 21, point = 0;
+	json_t *st, *res;
+	int err;
+
+	interval_ms = 3600 * 1000;
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	scribble(d, &rng, 10);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	/* The state file one point behind, as if the write had been lost. */
+	snprintf(state, sizeof state, "%s.bmirror-repl", image);
+	st = json_load_file(state, 0, NULL);
+	ck_assert_ptr_nonnull(st);
+	json_object_set_new(st, "committed", json_integer(
+				    (json_int_t)point - 1));
+	ck_assert_int_eq(json_dump_file(st, state, 0), 0);
+	json_decref(st);
+	res = replica_call("promote", point, &err);
+	ck_assert_msg(err == 0, "promote: %s", blockmirror_last_error());
+	snprintf(newimg, sizeof newimg, "%s",
+		 json_string_value(json_object_get(res, "image")));
+	json_decref(res);
+	blockmirror_replica_server_stop(rs);
+
+	/* The old disk, in its own directory, as the new one's replica. */
+	snprintf(sock2, sizeof sock2, "unix:%s/repl2.sock", dir);
+	snprintf(ctl2, sizeof ctl2, "%s/ctl2.sock", dir);
+	o2 = (struct blockmirror_replica_server_options){
+		.size = sizeof o2, .dir = dir, .listen = sock2,
+		.control = ctl2, .create = true, .base = image,
+	};
+	ck_assert_msg(blockmirror_replica_server_start(&o2, &rs2) == 0, "%s",
+		      blockmirror_last_error());
+	nd = open_tracked(newimg);
+	{
+		struct blockmirror_replication_options o = {
+			.size = sizeof o, .replica = sock2,
+			.interval_ms = 3600 * 1000,
+		};
+
+		err = blockmirror_replication_start(nd, &o, &r);
+		ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	}
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
+	ck_assert_uint_eq(info.bytes_sent, 0);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(nd);
+	blockmirror_replica_server_stop(rs2);
+	interval_ms = 1000;
+}
+END_TEST
+
 int
 main(void)
 {
@@ -601,6 +671,7 @@ main(void)
 	tcase_add_test(tc, test_forged_successor_refused);
 	tcase_add_test(tc, test_failover_fence);
 	tcase_add_test(tc, test_halt_releases_waiters);
+	tcase_add_test(tc, test_adopt_newer_than_state);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
