@@ -27,7 +27,7 @@
 static void
 slot_done(void *user_data, int err)
 {
-	struct slot *sl = user_data;
+	struct bm_repl_slot *sl = user_data;
 	struct bm_repl_sender *s = sl->s;
 	const char *m = err < 0 ? blockmirror_last_error() : NULL;
 
@@ -43,10 +43,10 @@ slot_done(void *user_data, int err)
 }
 
 /* A free slot, or NULL once a write failed (s->err). */
-static struct slot *
+static struct bm_repl_slot *
 slot_get(struct bm_repl_sender *s)
 {
-	struct slot *got = NULL;
+	struct bm_repl_slot *got = NULL;
 
 	pthread_mutex_lock(&s->lock);
 	while (!s->err && s->busy == SLOTS)
@@ -79,7 +79,7 @@ bm_repl_drain(struct bm_repl_sender *s)
 
 /* Write `len` bytes of `sl`'s buffer at `off`: zeroes as such. */
 static int
-slot_write(struct bm_repl_sender *s, struct slot *sl, uint64_t len, uint64_t off)
+slot_write(struct bm_repl_sender *s, struct bm_repl_slot *sl, uint64_t len, uint64_t off)
 {
 	int r;
 
@@ -103,8 +103,15 @@ send_range(struct bm_repl_sender *s, uint64_t off, uint64_t len)
 {
 	while (len) {
 		uint64_t n = BM_MIN(len, SLOT_BYTES);
-		struct slot *sl = slot_get(s);
+		struct bm_repl_slot *sl = slot_get(s);
 		int r;
+
+		if (bm_repl_stopping(s->r)) {
+			if (sl)
+				slot_done(sl, 0);
+			bm_repl_drain(s);
+			return bm_error(-ECANCELED, "replication was stopped");
+		}
 
 		if (!sl)
 			return bm_repl_drain(s);
@@ -188,7 +195,7 @@ fetch_digests(struct bm_repl_sender *s, uint64_t point, uint64_t first, uint64_t
 			"offset", (json_int_t)(first * r->granule),
 			"count", (json_int_t)n, "point", (json_int_t)point,
 			"token", r->st.token);
-	ret = bm_chan_call(r->chan, req, &res, CALL_MS);
+	ret = bm_repl_call(r, req, &res, CALL_MS);
 	json_decref(req);
 	if (ret == 0)
 		ret = bm_chan_b64_get(res, "digests", &buf, &len, n * 8);
@@ -272,7 +279,7 @@ send_if_differs(struct bm_repl_sender *s, bool data, uint64_t ks, uint64_t ke,
 		uint64_t theirs, uint64_t *differ)
 {
 	uint64_t zd = ke - ks < s->r->granule ? s->zero_tail : s->zero_digest;
-	struct slot *sl;
+	struct bm_repl_slot *sl;
 	int ret;
 
 	if (!data && theirs == zd)

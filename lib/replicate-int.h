@@ -12,6 +12,8 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include <jansson.h>
+
 #include <blockmirror/blockmirror.h>
 
 #include "repl-state.h"
@@ -74,7 +76,7 @@ struct blockmirror_replication {
 
 /* One cycle's data on its way to the replica's staging export: SLOTS
  * writes in flight, each with its own buffer. */
-struct slot {
+struct bm_repl_slot {
 	struct bm_repl_sender *s;
 	uint8_t *buf;
 	bool busy;
@@ -85,7 +87,7 @@ struct bm_repl_sender {
 	struct blockmirror_snapshot *snap;
 	struct blockmirror_disk *target;
 	const char *uri;
-	struct slot slots[SLOTS];
+	struct bm_repl_slot slots[SLOTS];
 	uint8_t *bufs;
 	pthread_mutex_t lock;
 	pthread_cond_t cond;
@@ -100,6 +102,11 @@ struct bm_repl_sender {
 
 /* A control call's deadline in ms (BLOCKMIRROR_REPL_TIMEOUT). */
 int bm_repl_call_ms(void);
+/* Replication is being halted (any thread). */
+bool bm_repl_stopping(struct blockmirror_replication *r);
+/* A control call that a halt cuts short (-ECANCELED). */
+int bm_repl_call(struct blockmirror_replication *r, json_t *req,
+		 json_t **res, int timeout_ms);
 /* K of checkpoint "repl-K", 0 for another name. */
 uint64_t bm_repl_checkpoint_point(const char *name);
 

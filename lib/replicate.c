@@ -61,6 +61,54 @@ bm_repl_call_ms(void)
 	return *end || v == 0 || v > 3600 ? 30000 : (int)v * 1000;
 }
 
+bool
+bm_repl_stopping(struct blockmirror_replication *r)
+{
+	bool stop;
+
+	pthread_mutex_lock(&r->lock);
+	stop = r->stop;
+	pthread_mutex_unlock(&r->lock);
+	return stop;
+}
+
+/*
+ * bm_chan_call, but a halt ends the wait within a fifth of a second
+ * (-ECANCELED) rather than at the deadline: a replica that stalls must
+ * not hold up whoever stops replication.
+ */
+int
+bm_repl_call(struct blockmirror_replication *r, json_t *req, json_t **res,
+	     int timeout_ms)
+{
+	struct timespec t0, now;
+	json_t *reply = NULL;
+	int ret;
+
+	*res = NULL;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	ret = bm_chan_send(r->chan, req, timeout_ms);
+	while (ret == 0) {
+		ret = bm_chan_recv(r->chan, &reply, 200);
+		if (ret != -ETIMEDOUT)
+			break;
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		if (bm_repl_stopping(r))
+			return bm_error(-ECANCELED, "replication was stopped");
+		if ((now.tv_sec - t0.tv_sec) * 1000 +
+		    (now.tv_nsec - t0.tv_nsec) / 1000000 >= timeout_ms)
+			return bm_error(-ETIMEDOUT, "the replica at %s did not "
+					"answer within %d ms", r->replica,
+					timeout_ms);
+		ret = 0;
+	}
+	if (ret < 0)
+		return ret;
+	ret = bm_chan_parse_reply(req, reply, bm_chan_peer(r->chan), res);
+	json_decref(reply);
+	return ret;
+}
+
 static int64_t
 realtime_ns(void)
 {
@@ -246,7 +294,7 @@ connect_replica(struct blockmirror_replication *r)
 				BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT));
 	if (st.token[0])
 		json_object_set_new(req, "token", json_string(st.token));
-	ret = bm_chan_call(r->chan, req, &res, CALL_MS);
+	ret = bm_repl_call(r, req, &res, CALL_MS);
 	json_decref(req);
 	if (ret < 0)
 		goto fail;
@@ -354,6 +402,11 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 		frozen = true;
 		app = fr == 0;
 	}
+	/* Syncs asked until now are served by this instant; one asked
+	 * later waits for a cycle of its own. */
+	pthread_mutex_lock(&r->lock);
+	r->sync_asked = 0;
+	pthread_mutex_unlock(&r->lock);
 	ret = blockmirror_snapshot_take(&r->disk, 1, &so, &snap);
 	if (frozen && r->o.thaw)
 		r->o.thaw(r->o.freeze_data);
@@ -371,7 +424,7 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 			"point", (json_int_t)n, "gen", st.gen,
 			"token", st.token,
 			"whole", r->resync || !so.since);
-	ret = bm_chan_call(r->chan, req, &res, CALL_MS);
+	ret = bm_repl_call(r, req, &res, CALL_MS);
 	json_decref(req);
 	/* The replica's refusal for good (promoted, paired with another):
 	 * not the errors of this side's own steps. */
@@ -413,7 +466,7 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 			"point", (json_int_t)n, "token", st.token,
 			"instant_ns", (json_int_t)si.taken_unix_ns,
 			"bytes", (json_int_t)s.sent, "app_consistent", app);
-	ret = bm_chan_call(r->chan, req, &res, COMMIT_MS);
+	ret = bm_repl_call(r, req, &res, COMMIT_MS);
 	json_decref(req);
 	if (ret < 0)
 		goto out; /* committed or not: the next hello says */
@@ -455,7 +508,7 @@ abort:
 	json_decref(res);
 	res = NULL;
 	req = json_pack("{s:s,s:s}", "op", "abort", "token", st.token);
-	bm_chan_call(r->chan, req, &res, CALL_MS);
+	bm_repl_call(r, req, &res, CALL_MS);
 	json_decref(req);
 	bm_error(ret, "%s", msg);
 out:
@@ -516,7 +569,7 @@ promote(struct blockmirror_replication *r, uint64_t point)
 	req = json_pack("{s:s,s:I,s:s,s:b}", "op", "promote",
 			"point", (json_int_t)point, "token", st.token,
 			"planned", 1);
-	ret = bm_chan_call(r->chan, req, &res, COMMIT_MS);
+	ret = bm_repl_call(r, req, &res, COMMIT_MS);
 	json_decref(req);
 	/* No answer: the replica may or may not have been promoted. */
 	r->promote_unknown = ret == -ETIMEDOUT || ret == -ECONNRESET ||

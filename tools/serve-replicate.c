@@ -8,12 +8,15 @@
  *
  * The library's replication thread sends events; they are queued here and
  * the control thread (woken through `wake`) sends them to every client.
- * replicate-sync, -verify and -failover wait for the replica, so each runs
- * on a thread of its own and its answer is queued the same way, for the
- * client that asked: the control thread never waits.
+ * replicate (its first connection), -sync, -verify and -failover wait
+ * for the replica, so each runs on a thread of its own, one at a time,
+ * and its answer is queued the same way, for the client that asked: the
+ * control thread never waits for the replica.  replicate-stop and quit
+ * halt replication, which cuts a call under way short.
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,10 +128,54 @@ thaw(void *user_data)
 		run_hook("thaw", R.thaw_cmd, R.freeze_timeout_s);
 }
 
+struct start_arg {
+	json_t *req;
+	struct blockmirror_disk *disk;
+	struct blockmirror_replication_options o;
+	int client;
+	unsigned gen;
+};
+
+/* The answer to queue: [client, gen, answer] or, once started,
+ * [client, gen, null, handle]: the control thread takes the handle. */
+static void
+queue_answer(int client, unsigned gen, json_t *answer,
+	     struct blockmirror_replication *started)
+{
+	json_t *e = json_pack("[i, i, o]", client, (int)gen,
+			      answer ? answer : json_null());
+
+	if (started)
+		json_array_append_new(e, json_integer(
+			(json_int_t)(uintptr_t)started));
+	pthread_mutex_lock(&R.lock);
+	if (!R.answers)
+		R.answers = json_array();
+	json_array_append_new(R.answers, e);
+	R.waiting = false;
+	pthread_mutex_unlock(&R.lock);
+	R.wake();
+}
+
+static void *
+start_main(void *arg)
+{
+	struct start_arg *a = arg;
+	struct blockmirror_replication *r = NULL;
+	int ret = blockmirror_replication_start(a->disk, &a->o, &r);
+
+	queue_answer(a->client, a->gen, ret < 0 ? error_json(ret, NULL) : NULL,
+		     ret < 0 ? NULL : r);
+	json_decref(a->req);
+	free(a);
+	return NULL;
+}
+
 static json_t *
-start(json_t *req, struct blockmirror_disk *disk)
+start(json_t *req, struct blockmirror_disk *disk, int client, unsigned gen)
 {
 	struct blockmirror_replication_options o = { .size = sizeof o };
+	struct start_arg *a;
 	const char *to = json_string_value(json_object_get(req, "to"));
 	json_t *iv = json_object_get(req, "interval_ms");
 	json_t *rpo = json_object_get(req, "rpo_ms");
@@ -136,11 +183,12 @@ start(json_t *req, struct blockmirror_disk *disk)
 	json_t *ft = json_object_get(req, "freeze_timeout_s");
 	const char *fz = json_string_value(json_object_get(req, "freeze_cmd"));
 	const char *th = json_string_value(json_object_get(req, "thaw_cmd"));
-	int r;
 
 	if (R.r)
 		return error_json(-EBUSY, "the disk replicates already: "
 				  "replicate-stop first");
+	if (R.waiting)
+		return error_json(-EBUSY, "a replicate command is under way");
 	if (!to || !*to)
 		return error_json(-EINVAL, "replicate needs \"to\": the "
 				  "replica's tcp:HOST:PORT or unix:PATH");
@@ -188,12 +236,29 @@ start(json_t *req, struct blockmirror_disk *disk)
 		o.flags |= BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT;
 	o.on_event = on_event;
 	snprintf(R.replica, sizeof R.replica, "%s", to);
-	r = blockmirror_replication_start(disk, &o, &R.r);
-	if (r < 0) {
-		R.r = NULL;
-		return error_json(r, NULL);
+	/* The first connection may take a call's deadline: on a thread of
+	 * its own, answered when it ends (serve_repl_deliver). */
+	if (R.joinable) {
+		pthread_join(R.thread, NULL);
+		R.joinable = false;
 	}
-	return json_pack("{s:o}", "return", serve_repl_status());
+	a = calloc(1, sizeof *a);
+	if (!a)
+		return error_json(-ENOMEM, NULL);
+	a->req = json_incref(req);   /* o's strings point into it */
+	a->disk = disk;
+	a->o = o;
+	a->client = client;
+	a->gen = gen;
+	R.waiting = true;
+	if (pthread_create(&R.thread, NULL, start_main, a)) {
+		R.waiting = false;
+		json_decref(a->req);
+		free(a);
+		return error_json(-EAGAIN, "cannot start a thread");
+	}
+	R.joinable = true;
+	return NULL;
 }
 
 enum wait_kind { WAIT_SYNC, WAIT_FAILOVER, WAIT_VERIFY };
@@ -234,15 +299,8 @@ wait_main(void *arg)
 		ans = json_pack("{s:{s:I, s:b}}", "return", "point",
 				(json_int_t)point, "failed_over",
 				a->kind == WAIT_FAILOVER);
-	pthread_mutex_lock(&R.lock);
-	if (!R.answers)
-		R.answers = json_array();
-	json_array_append_new(R.answers, json_pack("[i, i, o]", a->client,
-						   (int)a->gen, ans));
-	R.waiting = false;
-	pthread_mutex_unlock(&R.lock);
+	queue_answer(a->client, a->gen, ans, NULL);
 	free(a);
-	R.wake();
 	return NULL;
 }
 
@@ -292,7 +350,7 @@ serve_repl_command(const char *cmd, json_t *req, struct blockmirror_disk *disk,
 		   int client, unsigned gen)
 {
 	if (strcmp(cmd, "replicate") == 0)
-		return start(req, disk);
+		return start(req, disk, client, gen);
 	if (strcmp(cmd, "replicate-status") == 0) {
 		json_t *st = serve_repl_status();
 
@@ -340,19 +398,43 @@ serve_repl_deliver(void (*send)(int client, unsigned gen, json_t *obj))
 	pthread_mutex_unlock(&R.lock);
 	json_array_foreach(events, i, e)
 		send(-1, 0, json_incref(e));
-	json_array_foreach(answers, i, e)
+	json_array_foreach(answers, i, e) {
+		json_t *ans = json_array_get(e, 2);
+
+		if (json_array_size(e) == 4) {
+			/* Started: the handle is this thread's now. */
+			R.r = (struct blockmirror_replication *)(uintptr_t)
+				json_integer_value(json_array_get(e, 3));
+			ans = json_pack("{s:o}", "return",
+					serve_repl_status());
+		} else {
+			json_incref(ans);
+		}
 		send((int)json_integer_value(json_array_get(e, 0)),
-		     (unsigned)json_integer_value(json_array_get(e, 1)),
-		     json_incref(json_array_get(e, 2)));
+		     (unsigned)json_integer_value(json_array_get(e, 1)), ans);
+	}
 	json_decref(events);
 	json_decref(answers);
+}
+
+static void
+drop_answer(int client, unsigned gen, json_t *obj)
+{
+	json_decref(obj);
 }
 
 void
 serve_repl_stop(void)
 {
-	struct blockmirror_replication *r = R.r;
+	struct blockmirror_replication *r;
 
+	/* A start under way ends first, and its handle is taken. */
+	if (!R.r && R.joinable) {
+		pthread_join(R.thread, NULL);
+		R.joinable = false;
+		serve_repl_deliver(drop_answer);
+	}
+	r = R.r;
 	if (!r)
 		return;
 	/* A waiting sync, verify or failover returns once halted (or at
