@@ -113,6 +113,17 @@ error_json(int err, const char *fallback)
 			 m ? m : fallback ? fallback : strerror(-err));
 }
 
+/* The thread of the last replicate, -sync, -verify or -failover, once
+ * it has ended (or to wait for it: quit). */
+static void
+join_worker(void)
+{
+	if (R.joinable) {
+		pthread_join(R.thread, NULL);
+		R.joinable = false;
+	}
+}
+
 /* On replication's thread, around the instant of a point. */
 static int
 freeze(void *user_data)
@@ -238,10 +249,7 @@ start(json_t *req, struct blockmirror_disk *disk, int client, unsigned gen)
 	snprintf(R.replica, sizeof R.replica, "%s", to);
 	/* The first connection may take a call's deadline: on a thread of
 	 * its own, answered when it ends (serve_repl_deliver). */
-	if (R.joinable) {
-		pthread_join(R.thread, NULL);
-		R.joinable = false;
-	}
+	join_worker();
 	a = calloc(1, sizeof *a);
 	if (!a)
 		return error_json(-ENOMEM, NULL);
@@ -323,10 +331,7 @@ start_wait(json_t *req, enum wait_kind kind, int client, unsigned gen)
 	if (busy)
 		return error_json(-EBUSY, "a replicate-sync, -verify or "
 				  "-failover is under way");
-	if (R.joinable) {
-		pthread_join(R.thread, NULL);
-		R.joinable = false;
-	}
+	join_worker();
 	a = calloc(1, sizeof *a);
 	if (!a)
 		return error_json(-ENOMEM, NULL);
@@ -430,8 +435,7 @@ serve_repl_stop(void)
 
 	/* A start under way ends first, and its handle is taken. */
 	if (!R.r && R.joinable) {
-		pthread_join(R.thread, NULL);
-		R.joinable = false;
+		join_worker();
 		serve_repl_deliver(drop_answer);
 	}
 	r = R.r;
@@ -440,10 +444,7 @@ serve_repl_stop(void)
 	/* A waiting sync, verify or failover returns once halted (or at
 	 * once, if its thread had not called yet); only then is r freed. */
 	blockmirror_replication_halt(r);
-	if (R.joinable) {
-		pthread_join(R.thread, NULL);
-		R.joinable = false;
-	}
+	join_worker();
 	blockmirror_replication_stop(r);
 	R.r = NULL;
 }
