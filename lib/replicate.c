@@ -395,9 +395,9 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	snprintf(cp, sizeof cp, CHECKPOINT_PREFIX "%" PRIu64, n);
 	so.since = r->since[0] && !r->resync ? r->since : NULL;
 	so.checkpoint = cp;
-	if (r->o.freeze && r->o.app_every_s &&
-	    realtime_ns() - r->last_app_ns >=
-	    (int64_t)r->o.app_every_s * 1000000000) {
+	if (r->o.freeze && (!r->o.app_every_s || !r->last_app_ns ||
+			    realtime_ns() - r->last_app_ns >=
+			    (int64_t)r->o.app_every_s * 1000000000)) {
 		fr = r->o.freeze(r->o.freeze_data);
 		frozen = true;
 		app = fr == 0;

@@ -230,9 +230,7 @@ start(json_t *req, struct blockmirror_disk *disk, int client, unsigned gen)
 	if (R.freeze_cmd) {
 		o.freeze = freeze;
 		o.thaw = thaw;
-		o.app_every_s = (uint32_t)json_integer_value(app);
-		if (!o.app_every_s)
-			o.app_every_s = 1; /* every point */
+		o.app_every_s = (uint32_t)json_integer_value(app); /* 0: all */
 	}
 	o.replica = to;
 	o.tls_psk_file = json_string_value(json_object_get(req, "tls_psk"));

@@ -1209,8 +1209,8 @@ struct blockmirror_replication_options {
 	blockmirror_replication_event_fn on_event;
 	void *event_data;
 	/* Application-consistent points (as the backup's): freeze before
-	 * the instant, thaw right after, every `app_every_s` seconds
-	 * (0: never).  May be NULL. */
+	 * the instant, thaw right after: for every point (app_every_s 0),
+	 * or for one every `app_every_s` seconds at most.  NULL: none. */
 	int (*freeze)(void *user_data);
 	void (*thaw)(void *user_data);
 	void *freeze_data;
