@@ -4,7 +4,7 @@
 # missing, build (warnings are errors), run every suite (valgrind's test
 # among them), run them again under AddressSanitizer + UBSan, the unit
 # suites under ThreadSanitizer, and then every libFuzzer target for a
-# while (FUZZ_SECONDS each, default 10, as many at a time as there are
+# while (FUZZ_SECONDS each, default 7, as many at a time as there are
 # CPUs; 0 skips).
 #
 # With CI=true a test that would skip for a missing tool fails instead.
@@ -15,10 +15,10 @@ cd "$(dirname "$0")/.."
 bm_install_missing "${BM_BUILD_PACKAGES[@]}" "${BM_TEST_PACKAGES[@]}"
 
 bm_build build -Dwerror=true
-# The kill loop of test-crash.sh runs 20 rounds here (50 by default when
-# run alone); the crash recorder (unit crash-record) replays thousands of
-# crash points more cheaply.
-CRASH_ITERATIONS=${CRASH_ITERATIONS:-20} \
+# The kill loop of test-crash.sh runs 12 rounds here (50 by default when
+# run alone: CRASH_ITERATIONS=50); the crash recorder (unit crash-record)
+# replays thousands of crash points more cheaply.
+CRASH_ITERATIONS=${CRASH_ITERATIONS:-12} \
 	meson test -C build --print-errorlogs "$@"
 
 # AddressSanitizer + UBSan over everything (clang: its runtimes are the
@@ -49,7 +49,7 @@ CC=clang bm_build build-tsan -Dwerror=true -Db_sanitize=thread \
 tsan_tests=(loop file format mirror mirror-errors pivot-crash nbd
 	    mirror-scenarios chain state model snapshot checkpoint backup
 	    repl-channel replication)
-BM_MODEL_SEEDS=${BM_MODEL_SEEDS:-2} \
+BM_MODEL_SEEDS=${BM_MODEL_SEEDS:-1} \
 TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1 \
 	meson test -C build-tsan --print-errorlogs "${tsan_tests[@]}" "$@"
 
@@ -58,7 +58,7 @@ TSAN_OPTIONS=halt_on_error=1:allocator_may_return_null=1 \
 # leak, sanitizer report or hang fails; the input is kept in
 # build-fuzz/artifacts and printed.  The executions per target are
 # printed at the end.
-fuzz_seconds=${FUZZ_SECONDS:-10}
+fuzz_seconds=${FUZZ_SECONDS:-7}
 # fuzz_one NAME EXE: one target for fuzz_seconds; its log and exit status
 # in build-fuzz/artifacts/NAME.{log,rc}.
 fuzz_one() {
