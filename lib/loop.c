@@ -38,6 +38,16 @@ struct bm_loop {
 	struct bm_op **deferred_tail;
 
 	unsigned inflight;
+
+	/* Timeout removals still in the kernel: freed when they complete,
+	 * or by bm_loop_free if the loop ends first. */
+	struct timer_remove *removes;
+};
+
+struct timer_remove {
+	struct bm_op op;
+	struct bm_loop *loop;
+	struct timer_remove *prev, *next;
 };
 
 static void loop_arm_wake(struct bm_loop *loop);
@@ -84,8 +94,15 @@ bm_loop_free(struct bm_loop *loop)
 {
 	if (!loop)
 		return;
-	/* Tearing down the ring cancels the wake poll. */
+	/* Tearing down the ring cancels the wake poll; no completion comes
+	 * after it, so removals still pending are freed here. */
 	io_uring_queue_exit(&loop->ring);
+	while (loop->removes) {
+		struct timer_remove *rm = loop->removes;
+
+		loop->removes = rm->next;
+		free(rm);
+	}
 	close(loop->wake_fd);
 	pthread_mutex_destroy(&loop->post_lock);
 	free(loop);
@@ -143,22 +160,35 @@ bm_loop_timer_start(struct bm_loop *loop, struct bm_timer *t, uint64_t ns,
 static void
 timer_remove_done(struct bm_op *op, int res)
 {
-	free(op);
+	struct timer_remove *rm = bm_container_of(op, struct timer_remove, op);
+
+	if (rm->prev)
+		rm->prev->next = rm->next;
+	else
+		rm->loop->removes = rm->next;
+	if (rm->next)
+		rm->next->prev = rm->prev;
+	free(rm);
 }
 
 void
 bm_loop_timer_cancel(struct bm_loop *loop, struct bm_timer *t)
 {
 	struct io_uring_sqe *sqe;
-	struct bm_op *op;
+	struct timer_remove *rm;
 
 	if (!t->armed)
 		return;
 	/* The remove request needs an op of its own; it is tiny. */
-	op = calloc(1, sizeof *op);
-	if (!op)
+	rm = calloc(1, sizeof *rm);
+	if (!rm)
 		return; /* the timer will simply fire */
-	sqe = bm_loop_sqe(loop, op, timer_remove_done);
+	rm->loop = loop;
+	rm->next = loop->removes;
+	if (rm->next)
+		rm->next->prev = rm;
+	loop->removes = rm;
+	sqe = bm_loop_sqe(loop, &rm->op, timer_remove_done);
 	io_uring_prep_timeout_remove(sqe, (__u64)(uintptr_t)&t->op, 0);
 }
 
