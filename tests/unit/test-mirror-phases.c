@@ -1053,8 +1053,12 @@ run_preflush(void)
 			bg_require(&f, 5000, "racing a pivot");
 			bg_require(&c, 5000, "racing a forced cancel");
 			check_cancel_result(&f);
-			ck_assert(c.result == 0 || c.result == -ECANCELED ||
-				  c.result == -EINVAL);
+			ck_assert_msg(c.result == 0 ||
+				      c.result == -ECANCELED ||
+				      c.result == -EINVAL,
+				      "%s: complete racing a forced cancel "
+				      "returned %d (%s)", fx.name, c.result,
+				      strerror(-c.result));
 			ck_assert_int_eq(c.result == 0,
 					 job_state() ==
 					 BLOCKMIRROR_JOB_COMPLETED);
