@@ -42,7 +42,6 @@ struct blockmirror_replication {
 	bool stop;
 	bool failover;               /* asked for: the next cycle is last */
 	uint64_t sync_asked;         /* requests (counter) */
-	int64_t sync_after_ns;       /* the newest asked instant */
 	int failover_err;
 	bool failover_done;
 	unsigned waiters;            /* in sync, verify or failover */
@@ -54,7 +53,6 @@ struct blockmirror_replication {
 
 	/* the thread's own */
 	struct bm_chan *chan;
-	bool connected_once;
 	bool resync;                 /* the next cycle compares digests */
 	bool base_zero;              /* the replica's disk reads as zeroes */
 	bool refused;                /* the last begin was refused for good */

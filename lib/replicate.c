@@ -45,6 +45,7 @@
 #include "repl-state.h"
 #include "replicate-int.h"
 #include "snapshot.h"
+#include "waiter.h"
 
 /* ---- the handle: replicate-int.h ------------------------------------- */
 
@@ -638,13 +639,7 @@ run(void *arg)
 			if (r->stop || r->failover || r->sync_asked ||
 			    r->verify_asked)
 				break;
-			clock_gettime(CLOCK_REALTIME, &ts);
-			ts.tv_sec += (time_t)(wait / 1000);
-			ts.tv_nsec += (long)(wait % 1000) * 1000000;
-			if (ts.tv_nsec >= 1000000000) {
-				ts.tv_sec++;
-				ts.tv_nsec -= 1000000000;
-			}
+			bm_deadline(&ts, (int)wait);
 			pthread_cond_timedwait(&r->cond, &r->lock, &ts);
 		}
 		failover = r->failover;
@@ -999,12 +994,7 @@ wait_until(struct blockmirror_replication *r, bool (*done)(
 							  : "none");
 			break;
 		}
-		clock_gettime(CLOCK_REALTIME, &ts);
-		ts.tv_nsec += 50 * 1000000;
-		if (ts.tv_nsec >= 1000000000) {
-			ts.tv_sec++;
-			ts.tv_nsec -= 1000000000;
-		}
+		bm_deadline(&ts, 50);
 		pthread_cond_timedwait(&r->cond, &r->lock, &ts);
 	}
 	return ret;
