@@ -52,6 +52,45 @@ struct timer_remove {
 
 static void loop_arm_wake(struct bm_loop *loop);
 
+/*
+ * liburing maps the ring with its own system calls, which ThreadSanitizer
+ * does not see: when a ring is torn down on one thread and another thread's
+ * new ring is mapped at the same address, it takes the new ring's first
+ * writes for a race with the old ring's last.  The kernel orders the unmap
+ * before the map; tell ThreadSanitizer so.
+ */
+#if defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define BM_TSAN 1
+#endif
+#endif
+#if defined(__SANITIZE_THREAD__)
+#define BM_TSAN 1
+#endif
+
+#ifdef BM_TSAN
+#include <sanitizer/tsan_interface.h>
+
+static void
+ring_mapped(struct io_uring *ring)
+{
+	__tsan_acquire(ring->sq.ring_ptr);
+	__tsan_acquire(ring->cq.ring_ptr);
+	__tsan_acquire(ring->sq.sqes);
+}
+
+static void
+ring_unmapping(struct io_uring *ring)
+{
+	__tsan_release(ring->sq.ring_ptr);
+	__tsan_release(ring->cq.ring_ptr);
+	__tsan_release(ring->sq.sqes);
+}
+#else
+static inline void ring_mapped(struct io_uring *ring) { (void)ring; }
+static inline void ring_unmapping(struct io_uring *ring) { (void)ring; }
+#endif
+
 int
 bm_loop_new(unsigned entries, struct bm_loop **out)
 {
@@ -75,9 +114,11 @@ bm_loop_new(unsigned entries, struct bm_loop **out)
 		free(loop);
 		return bm_error(r, "io_uring_queue_init: %s", strerror(-r));
 	}
+	ring_mapped(&loop->ring);
 	loop->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (loop->wake_fd < 0) {
 		r = -errno;
+		ring_unmapping(&loop->ring);
 		io_uring_queue_exit(&loop->ring);
 		free(loop);
 		return bm_error(r, "eventfd: %s", strerror(-r));
@@ -96,6 +137,7 @@ bm_loop_free(struct bm_loop *loop)
 		return;
 	/* Tearing down the ring cancels the wake poll; no completion comes
 	 * after it, so removals still pending are freed here. */
+	ring_unmapping(&loop->ring);
 	io_uring_queue_exit(&loop->ring);
 	while (loop->removes) {
 		struct timer_remove *rm = loop->removes;

@@ -8,6 +8,8 @@
 #include <check.h>
 #include <errno.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
 #include "helpers.h"
@@ -164,6 +166,48 @@ START_TEST(test_nothing_to_wait_for)
 }
 END_TEST
 
+/*
+ * A ring torn down on one thread and a new one made on another, with
+ * nothing between the threads but a relaxed flag: the new ring often lands
+ * at the old one's address.  Under ThreadSanitizer this fails unless the
+ * loop tells it that the kernel orders the two mappings.
+ */
+static atomic_int handoff;
+
+static void *
+ring_then_wait(void *arg)
+{
+	struct bm_loop *loop;
+
+	(void)arg;
+	ck_assert_int_eq(bm_loop_new(64, &loop), 0);
+	bm_loop_free(loop);
+	atomic_store_explicit(&handoff, 1, memory_order_relaxed);
+	while (atomic_load_explicit(&handoff, memory_order_relaxed) != 2)
+		sched_yield();
+	return NULL;
+}
+
+START_TEST(test_rings_reused_across_threads)
+{
+	for (int i = 0; i < 20; i++) {
+		struct bm_loop *loop;
+		bool never = false;
+		pthread_t t;
+
+		atomic_store(&handoff, 0);
+		ck_assert_int_eq(pthread_create(&t, NULL, ring_then_wait, NULL), 0);
+		while (atomic_load_explicit(&handoff, memory_order_relaxed) != 1)
+			sched_yield();
+		ck_assert_int_eq(bm_loop_new(64, &loop), 0);
+		ck_assert_int_eq(bm_loop_run_until(loop, &never), -EDEADLK);
+		bm_loop_free(loop);
+		atomic_store_explicit(&handoff, 2, memory_order_relaxed);
+		ck_assert_int_eq(pthread_join(t, NULL), 0);
+	}
+}
+END_TEST
+
 int
 main(void)
 {
@@ -174,6 +218,7 @@ main(void)
 	tcase_add_test(tc, test_defer_order);
 	tcase_add_test(tc, test_timers);
 	tcase_add_test(tc, test_nothing_to_wait_for);
+	tcase_add_test(tc, test_rings_reused_across_threads);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
