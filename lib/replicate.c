@@ -946,12 +946,16 @@ blockmirror_replication_query(struct blockmirror_replication *r,
 	pthread_mutex_lock(&r->lock);
 	committed = r->st.committed;
 	pthread_mutex_unlock(&r->lock);
+	/* Written since the committed point: its checkpoint's record and
+	 * those of any cycle's taken since (each up to the next), summed. */
 	if (blockmirror_checkpoint_list(r->disk, &l, &n) == 0) {
 		for (size_t i = 0; i < n; i++)
-			if (bm_repl_checkpoint_point(l[i].name) == committed)
-				behind = l[i].changed_bytes;
+			if (bm_repl_checkpoint_point(l[i].name) >= committed &&
+			    bm_repl_checkpoint_point(l[i].name) > 0)
+				behind += l[i].changed_bytes;
 		free(l);
 	}
+	behind = BM_MIN(behind, r->size);
 	pthread_mutex_lock(&r->lock);
 	r->info.point = r->st.committed;
 	r->info.point_instant_ns = r->st.committed_instant_ns;
