@@ -116,6 +116,9 @@ send_range(struct bm_repl_sender *s, uint64_t off, uint64_t len)
 		if (!sl)
 			return bm_repl_drain(s);
 		r = blockmirror_snapshot_read(s->snap, sl->buf, n, off);
+		/* Read once: the guest's next writes there need no copy. */
+		if (r == 0 && s->drop)
+			r = blockmirror_snapshot_drop(s->snap, off, n);
 		if (r < 0) {
 			slot_done(sl, 0);
 			return r;

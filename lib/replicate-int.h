@@ -93,6 +93,8 @@ struct bm_repl_sender {
 	int err;
 	char msg[256];
 	uint64_t sent;                /* bytes written (data and zeroes) */
+	bool drop;                    /* a CHANGED_ONLY snapshot: let go of
+					 each range once read */
 	uint64_t *theirs;             /* digests mode: the replica's batch */
 	uint64_t theirs_first, theirs_n;
 	uint64_t zero_digest, zero_tail;

@@ -396,6 +396,12 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	snprintf(cp, sizeof cp, CHECKPOINT_PREFIX "%" PRIu64, n);
 	so.since = r->since[0] && !r->resync ? r->since : NULL;
 	so.checkpoint = cp;
+	/* A cycle that sends only what changed holds only that, and lets go
+	 * of each range as it reads it: the guest's writes elsewhere, and
+	 * to what was sent, cost no copy.  What a verify asks to resend is
+	 * outside that record: such a cycle holds the whole disk. */
+	if (so.since && !r->resend)
+		so.flags |= BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY;
 	if (r->o.freeze && (!r->o.app_every_s || !r->last_app_ns ||
 			    realtime_ns() - r->last_app_ns >=
 			    (int64_t)r->o.app_every_s * 1000000000)) {
@@ -440,6 +446,7 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 		goto out;
 	}
 	ret = bm_repl_sender_open(&s, r, snap, uri);
+	s.drop = so.flags & BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY;
 	if (ret == 0) {
 		if (r->resync)
 			ret = bm_repl_send_differing(&s, &differ);

@@ -51,6 +51,8 @@ struct blockmirror_snapshot {
 
 	/* loop thread only */
 	struct bm_bitmap needed;       /* rule 2 */
+	struct bm_bitmap gone;         /* rule 5 */
+	bool changed_only;             /* BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY */
 	struct bm_bitmap busy;
 	unsigned cbw_inflight;
 	struct snap_write *wait_head, **wait_tail;

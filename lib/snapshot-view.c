@@ -15,9 +15,11 @@
  * whole range), taken when it starts and dropped when it ends, so a read
  * of many runs costs one pin, and dropping it costs O(1) and one retry
  * of the waiting writes.  A view operation that ends after the snapshot
- * broke fails (rule 4).  Everything runs on the disk's loop.
+ * broke fails (rule 4), and one that touches a GONE chunk fails at once
+ * (rule 5).  Everything runs on the disk's loop.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -65,14 +67,26 @@ bm_snapshot_complete_soon(struct blockmirror_snapshot *snap, struct bm_io *io,
 	bm_loop_defer(snap->disk->loop, &io->op, view_complete_soon, res);
 }
 
+/* Rules 4 and 5: a broken snapshot, and chunks the view no longer
+ * holds, fail. */
 static bool
 view_refuse(struct blockmirror_snapshot *snap, struct bm_io *io)
 {
-	if (bm_snapshot_ok(snap))
-		return false;
-	bm_error(-EIO, "%s: broken: %s", snap->name, snap->reason);
-	bm_snapshot_complete_soon(snap, io, -EIO);
-	return true;
+	if (!bm_snapshot_ok(snap)) {
+		bm_error(-EIO, "%s: broken: %s", snap->name, snap->reason);
+		bm_snapshot_complete_soon(snap, io, -EIO);
+		return true;
+	}
+	if (io->length && bm_bitmap_test_range(&snap->gone, io->offset,
+					       io->length)) {
+		bm_error(-ENODATA, "%s: [%" PRIu64 ", +%" PRIu64 ") is not "
+			 "held: %s", snap->name, io->offset, io->length,
+			 snap->changed_only ? "the snapshot holds only what "
+			 "changed, less what was dropped" : "it was dropped");
+		bm_snapshot_complete_soon(snap, io, -ENODATA);
+		return true;
+	}
+	return false;
 }
 
 bool

@@ -36,6 +36,12 @@
  *     pass straight through, and the view fails every read with -EIO and
  *     the reason.  A view read that completes after the break fails too,
  *     even if it may have read the right bytes.
+ *  5. A chunk is GONE when the view no longer holds it: it is neither
+ *     NEEDED nor saved, and a view read or block status that touches it
+ *     fails with -ENODATA.  A snapshot taken CHANGED_ONLY starts with
+ *     every chunk GONE but those the `since` record marks (which start
+ *     NEEDED); blockmirror_snapshot_drop makes the chunks it covers GONE
+ *     (and not NEEDED: a guest write waiting only for them goes on).
  *
  * A write that cannot go yet waits in a FIFO; new writes queue behind it
  * whatever their range, and each retry lets go, in FIFO order, every
@@ -525,6 +531,7 @@ snap_free(struct blockmirror_snapshot *snap)
 		bm_warn("%s: could not remove the scratch image: %s",
 			snap->scratch_path, strerror(errno));
 	bm_bitmap_free(&snap->needed);
+	bm_bitmap_free(&snap->gone);
 	bm_bitmap_free(&snap->busy);
 	bm_bitmap_free(&snap->changed);
 	free(snap->scratch_path);
@@ -624,7 +631,10 @@ snap_new(struct blockmirror_disk *disk, struct bm_loop *loop,
 	snap->state = BLOCKMIRROR_SNAPSHOT_ACTIVE;
 	snap->since = o->since;
 	snap->checkpoint = o->checkpoint;
+	snap->changed_only = o->flags & BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY;
 	r = bm_bitmap_init(&snap->needed, disk->size, snap->granularity);
+	if (r == 0)
+		r = bm_bitmap_init(&snap->gone, disk->size, snap->granularity);
 	if (r == 0)
 		r = bm_bitmap_init(&snap->busy, disk->size, snap->granularity);
 	if (r < 0) {
@@ -652,9 +662,13 @@ check_options(const struct blockmirror_snapshot_options *o)
 		return bm_error(-EINVAL, "no options, or options of an older "
 				"size");
 	if (o->flags & ~(BLOCKMIRROR_SNAPSHOT_CREATE |
-			 BLOCKMIRROR_SNAPSHOT_NOFOLLOW))
+			 BLOCKMIRROR_SNAPSHOT_NOFOLLOW |
+			 BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY))
 		return bm_error(-EINVAL, "unknown snapshot flags 0x%x",
 				o->flags);
+	if ((o->flags & BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY) && !o->since)
+		return bm_error(-EINVAL, "CHANGED_ONLY needs a checkpoint to "
+				"compare with (since)");
 	if ((o->flags & BLOCKMIRROR_SNAPSHOT_CREATE) && !o->scratch)
 		return bm_error(-EINVAL, "CREATE needs a scratch image name");
 	g = o->granularity;
@@ -800,6 +814,26 @@ push_end(struct blockmirror_disk *disk, struct bm_call *call, int r)
 	bm_waiter_signal(&call->w, r);
 }
 
+/* Rule 5 at the instant, for CHANGED_ONLY: the chunks that the record
+ * marks (in its own granularity) are NEEDED, every other one is GONE. */
+static void
+hold_only_changed(struct blockmirror_snapshot *snap)
+{
+	uint64_t g = snap->granularity, pos = 0, off, len;
+
+	bm_bitmap_clear_all(&snap->needed);
+	bm_bitmap_set_all(&snap->gone);
+	while (bm_bitmap_next_dirty(&snap->changed, pos, 0, &off, &len)) {
+		uint64_t start = bm_round_down(off, g);
+		uint64_t end = BM_MIN(bm_round_up(off + len, g),
+				      snap->disk->size);
+
+		bm_bitmap_set_range(&snap->needed, start, end - start);
+		bm_bitmap_clear_range(&snap->gone, start, end - start);
+		pos = off + len;
+	}
+}
+
 /* Phase 2: the filter goes on top (or, with no snapshot, nothing), and
  * the disk goes on. */
 static void
@@ -841,6 +875,8 @@ call_push(struct bm_call *call)
 		if (snap->since)
 			snprintf(snap->since_name, sizeof snap->since_name,
 				 "%s", snap->since);
+		if (snap->changed_only)
+			hold_only_changed(snap);
 	}
 	if (snap) {
 		struct bm_image *top = disk->image, *f = &snap->filter;
@@ -1210,6 +1246,56 @@ blockmirror_snapshot_hold_query(struct blockmirror_snapshot_hold *hold,
 }
 
 /* ---- reading, asking ------------------------------------------------- */
+
+/* Rule 5: the whole chunks of the range (arg2: offset, length) go;
+ * whatever waits only for them goes on. */
+static void
+call_drop(struct bm_call *call)
+{
+	struct blockmirror_snapshot *snap = call->arg;
+	const uint64_t *range = call->arg2;
+	uint64_t g = snap->granularity, size = snap->needed.size;
+	uint64_t start = bm_round_up(range[0], g);
+	uint64_t end = range[0] + range[1] >= size
+		       ? size : bm_round_down(range[0] + range[1], g);
+
+	if (start < end) {
+		bm_bitmap_clear_range(&snap->needed, start, end - start);
+		bm_bitmap_set_range(&snap->gone, start, end - start);
+		if (snap->wait_head)
+			bm_snapshot_retry_waiting(snap);
+	}
+	bm_waiter_signal(&call->w, 0);
+}
+
+BM_EXPORT int
+blockmirror_snapshot_drop(struct blockmirror_snapshot *snap, uint64_t offset,
+			  uint64_t length)
+{
+	struct bm_call call = { .fn = call_drop };
+	uint64_t range[2] = { offset, length };
+	int r;
+
+	bm_error_clear();
+	if (!snap)
+		r = bm_error(-EINVAL, "bad arguments");
+	else if (!snap->disk)
+		r = bm_error(-ESHUTDOWN, "%s: the disk was closed", snap->name);
+	else if (offset > snap->needed.size ||
+		 length > snap->needed.size - offset)
+		r = bm_error(-EINVAL, "%s: [%" PRIu64 ", +%" PRIu64 ") is "
+			     "beyond the end (%" PRIu64 ")", snap->name,
+			     offset, length, snap->needed.size);
+	else if (bm_disk_on_loop(snap->disk))
+		r = bm_error(-EDEADLK, "blocking call from the disk's loop "
+			     "thread");
+	else {
+		call.arg = snap;
+		call.arg2 = range;
+		r = bm_disk_call(snap->disk, &call);
+	}
+	return r < 0 ? bm_api_fail("blockmirror_snapshot_drop", r) : 0;
+}
 
 BM_EXPORT int
 blockmirror_snapshot_changed(struct blockmirror_snapshot *snap,

@@ -704,6 +704,12 @@ enum {
 	 * in its path (-ELOOP otherwise), as BLOCKMIRROR_JOB_NOFOLLOW: for a
 	 * name the caller checked inside an allowed directory. */
 	BLOCKMIRROR_SNAPSHOT_NOFOLLOW = 1u << 1,
+	/* With `since`: hold only what changed since that checkpoint.  Old
+	 * data is saved before a guest write only in the chunks its record
+	 * marks, and reading anything else fails with -ENODATA.  For a
+	 * caller that reads only the changes (a replication cycle, an
+	 * incremental backup): the guest pays for no other copies. */
+	BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY = 1u << 2,
 };
 
 struct blockmirror_snapshot_options {
@@ -837,6 +843,16 @@ extern int blockmirror_snapshot_query(struct blockmirror_snapshot *snap,
  * close detaches the snapshot; release it once the close returned.
  */
 extern int blockmirror_snapshot_release(struct blockmirror_snapshot *snap);
+
+/*
+ * The caller will not read [offset, offset + length) again: the whole
+ * chunks in it stop costing a copy before the guest's next write to them,
+ * and reading any of them fails with -ENODATA from now on.  For a caller
+ * that reads the snapshot once, in pieces (QEMU's fleecing discards what
+ * its backup has read, to the same end).  Blocking; not on the disk's loop.
+ */
+extern int blockmirror_snapshot_drop(struct blockmirror_snapshot *snap,
+				     uint64_t offset, uint64_t length);
 
 /*
  * What changed between checkpoint `since` and the snapshot's instant

@@ -6,6 +6,8 @@
  *   - every point equals the disk as it was when it was asked for (the
  *     writers paused, replication_sync), and a cycle sends only what
  *     changed (at most the granules written, rounded to the tracker's);
+ *   - with writers running through every cycle, every point is the
+ *     instant its sync asked for, block by block;
  *   - a seed copy already on the replica costs only what differs
  *     (digests);
  *   - online verify finds a point damaged behind replication's back, and
@@ -19,6 +21,7 @@
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
+#include <stdatomic.h>
 #include <sys/stat.h>
 
 #include "helpers.h"
@@ -653,6 +656,148 @@ START_TEST(test_adopt_newer_than_state)
 }
 END_TEST
 
+/*
+ * Points taken while writers write (the cycle's snapshot holds only what
+ * changed and lets go of each range as it is sent, while the writers'
+ * copy-before-writes race with it).  Writer w owns every other group of
+ * four 4 KiB blocks and stamps a block with its number and a version in
+ * every word, so versions only grow.  Before a sync the test notes the
+ * newest version acknowledged per block (lo), after it the newest started
+ * (hi): every block of the point must be one whole stamp with lo <=
+ * version <= hi, or, never written before the sync returned, the block
+ * as it was at the start.
+ */
+#define NB (DISK_SIZE / BLOCK)
+#define PW 2
+
+struct point_writer {
+	struct blockmirror_disk *d;
+	unsigned id;
+	atomic_bool *stop;
+	_Atomic uint64_t *acked, *started;
+	int err;
+};
+
+static void
+pw_stamp(uint8_t *buf, uint64_t block, uint64_t version)
+{
+	uint64_t v = block << 32 | version;
+
+	for (unsigned i = 0; i < BLOCK / 8; i++)
+		memcpy(buf + i * 8, &v, 8);
+}
+
+static void *
+pw_main(void *arg)
+{
+	struct point_writer *w = arg;
+	uint8_t *buf = aligned_alloc(BLOCK, 4 * BLOCK);
+	uint64_t rng = 1000 + w->id;
+
+	while (!atomic_load(w->stop) && !w->err) {
+		uint64_t g = rnd_range(&rng, NB / 4 / PW) * PW + w->id;
+		uint64_t first = g * 4 + rnd_range(&rng, 4);
+		uint64_t n = 1 + rnd_range(&rng, 4 - first % 4), v[4];
+
+		for (uint64_t i = 0; i < n; i++) {
+			v[i] = atomic_load(&w->started[first + i]) + 1;
+			pw_stamp(buf + i * BLOCK, first + i, v[i]);
+			atomic_store(&w->started[first + i], v[i]);
+		}
+		w->err = blockmirror_disk_write(w->d, buf, n * BLOCK,
+						first * BLOCK, 0);
+		for (uint64_t i = 0; !w->err && i < n; i++)
+			atomic_store(&w->acked[first + i], v[i]);
+		sleep_ms(1);
+	}
+	free(buf);
+	return NULL;
+}
+
+START_TEST(test_points_under_writers)
+{
+	static _Atomic uint64_t acked[NB], started[NB];
+	static uint64_t lo[NB], hi[NB];
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image), *p;
+	struct blockmirror_replication_info info = { .size = sizeof info };
+	struct blockmirror_replication *r;
+	struct point_writer w[PW];
+	pthread_t t[PW];
+	atomic_bool stop = false;
+	uint8_t *buf = malloc(DISK_SIZE);
+	uint64_t point = 0;
+	int err;
+
+	read_model(d);
+	interval_ms = 3600 * 1000; /* cycles only when asked */
+	r = start_replication(d, 0, &err);
+	interval_ms = 1000;
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
+	for (unsigned i = 0; i < PW; i++) {
+		w[i] = (struct point_writer){ .d = d, .id = i, .stop = &stop,
+					      .acked = acked,
+					      .started = started };
+		ck_assert_int_eq(pthread_create(&t[i], NULL, pw_main, &w[i]),
+				 0);
+	}
+	for (int round = 0; round < 8; round++) {
+		char *img;
+
+		sleep_ms(50);
+		for (uint64_t b = 0; b < NB; b++)
+			lo[b] = atomic_load(&acked[b]);
+		ck_assert_msg(blockmirror_replication_sync(r, 30000,
+							   &point) == 0,
+			      "%s", blockmirror_last_error());
+		for (uint64_t b = 0; b < NB; b++)
+			hi[b] = atomic_load(&started[b]);
+		img = latest_image();
+		p = blockmirror_disk_open(img, BLOCKMIRROR_FORMAT_AUTO,
+					  BLOCKMIRROR_DISK_READONLY);
+		ck_assert_msg(p, "%s: %s", img, blockmirror_last_error());
+		ck_assert_int_eq(blockmirror_disk_read(p, buf, DISK_SIZE, 0),
+				 0);
+		blockmirror_disk_close(p);
+		for (uint64_t b = 0; b < NB; b++) {
+			const uint8_t *blk = buf + b * BLOCK;
+			uint64_t v, k;
+
+			memcpy(&v, blk, 8);
+			for (k = 8; k < BLOCK && !memcmp(blk + k, &v, 8); k += 8)
+				;
+			if (lo[b] == 0 &&
+			    !memcmp(blk, model + b * BLOCK, BLOCK))
+				continue;
+			ck_assert_msg(k == BLOCK && v >> 32 == b &&
+				      (v & 0xffffffffu) >= lo[b] &&
+				      (v & 0xffffffffu) <= hi[b],
+				      "point %" PRIu64 ", block %" PRIu64
+				      ": not the instant (version %" PRIu64
+				      ", acknowledged %" PRIu64 ", started %"
+				      PRIu64 ")", point, b,
+				      k == BLOCK && v >> 32 == b
+				      ? v & 0xffffffffu : UINT64_MAX,
+				      lo[b], hi[b]);
+		}
+		free(img);
+	}
+	atomic_store(&stop, true);
+	for (unsigned i = 0; i < PW; i++) {
+		pthread_join(t[i], NULL);
+		ck_assert_msg(w[i].err == 0, "writer %u: %s", i,
+			      strerror(-w[i].err));
+	}
+	ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
+	ck_assert_uint_eq(info.cycles_failed, 0);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+	free(buf);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -662,6 +807,7 @@ main(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, test_cycles_are_instants);
+	tcase_add_test(tc, test_points_under_writers);
 	tcase_add_test(tc, test_seed_sends_differences);
 	tcase_add_test(tc, test_verify_repairs);
 	tcase_add_test(tc, test_other_disk_refused);

@@ -1068,6 +1068,131 @@ START_TEST(test_refused_take_leaves_no_checkpoint)
 }
 END_TEST
 
+/*
+ * CHANGED_ONLY (rule 5): a snapshot taken since checkpoint c0 among the
+ * writers holds their changes at the instant and nothing else.  The
+ * changed chunks read as the instant; every other chunk fails with
+ * -ENODATA, and the guest's writes to them save nothing; a chunk dropped
+ * while the writers go on stops costing copies and stops reading.  Runs
+ * with the record's granularity below, equal to and above the snapshot's.
+ */
+static const uint32_t changed_only_track[] = { 4096, 65536, 262144 };
+
+START_TEST(test_changed_only)
+{
+	struct blockmirror_snapshot_options o = { .size = sizeof o };
+	struct blockmirror_snapshot_info info;
+	static struct model m;
+	static uint64_t lo[NBLOCKS], hi[NBLOCKS];
+	struct writer w[NWRITERS];
+	pthread_t t[NWRITERS];
+	uint64_t gt, *words = NULL, nbits, bytes, saved, cbw;
+	uint64_t held = 0, unheld = 0, g = 16384;
+	uint8_t *first = aligned_alloc(BLOCK, DISK_SIZE);
+	uint8_t *buf = aligned_alloc(BLOCK, DISK_SIZE);
+	char sidecar[160];
+	struct blockmirror_snapshot *snap;
+
+	memset(first, 0, DISK_SIZE);
+	snprintf(sidecar, sizeof sidecar, "%s/disk.cbt", dir);
+	model_init(&m, open_disk(image), false);
+	m.seed = 11 + (uint64_t)_i;
+	ck_assert_int_eq(blockmirror_disk_track(m.disk, sidecar,
+						changed_only_track[_i], NULL),
+			 0);
+	ck_assert_int_eq(blockmirror_checkpoint_create(m.disk, "c0"), 0);
+	o.flags = BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY;
+	ck_assert_int_eq(blockmirror_snapshot_take(&m.disk, 1, &o, &snap),
+			 -EINVAL);
+	o.since = "c0";
+	o.granularity = g;
+	o.timeout_ms = 30000;
+	start_writers(&m, w, t);
+	wait_writes(&m, 20);
+	snap = take(&m, &o, lo, hi);
+	ck_assert_int_eq(blockmirror_snapshot_changed(snap, &gt, &words,
+						      &nbits, &bytes), 0);
+	ck_assert_uint_eq(gt, changed_only_track[_i]);
+	wait_writes(&m, 200);
+
+	/* Each chunk of the snapshot: held if the record marks any of it. */
+	for (uint64_t c = 0; c < DISK_SIZE / g; c++) {
+		bool marked = false;
+
+		for (uint64_t off = c * g; off < (c + 1) * g; off += BLOCK)
+			marked |= words[off / gt / 64] >> (off / gt % 64) & 1;
+		/* Whatever was acknowledged before the instant is marked. */
+		for (uint64_t b = c * g / BLOCK; !marked &&
+		     b < (c + 1) * g / BLOCK; b++)
+			ck_assert_msg(lo[b] == 1, "block %" PRIu64 " was "
+				      "written before the instant but is not "
+				      "in the record", b);
+		if (!marked) {
+			ck_assert_int_eq(blockmirror_snapshot_read(snap, buf,
+					 BLOCK, c * g + BLOCK), -ENODATA);
+			unheld++;
+			continue;
+		}
+		held++;
+		ck_assert_msg(blockmirror_snapshot_read(snap, first + c * g, g,
+							c * g) == 0,
+			      "%s", blockmirror_last_error());
+		for (uint64_t b = c * g / BLOCK; b < (c + 1) * g / BLOCK; b++) {
+			int64_t v = version_of(first + b * BLOCK, b);
+
+			ck_assert_msg(v >= 1 && (uint64_t)v >= lo[b] &&
+				      (uint64_t)v <= hi[b], "block %" PRIu64
+				      ": version %" PRId64 " outside [%" PRIu64
+				      ", %" PRIu64 "]", b, v, lo[b], hi[b]);
+		}
+	}
+	ck_assert_msg(held && unheld, "%" PRIu64 " chunks held, %" PRIu64
+		      " not: the test wants both", held, unheld);
+	/* Only held chunks were ever saved. */
+	ck_assert_int_eq(blockmirror_snapshot_query(snap, &info), 0);
+	ck_assert_uint_le(info.bytes_saved, held * g);
+	/* A read across a held and an unheld chunk fails whole. */
+	ck_assert_int_eq(blockmirror_snapshot_read(snap, buf, DISK_SIZE, 0),
+			 -ENODATA);
+
+	/* Drop the first half of the disk, as a sender would after reading
+	 * it; the second half still reads as the instant. */
+	ck_assert_int_eq(blockmirror_snapshot_drop(snap, DISK_SIZE - 1, 2),
+			 -EINVAL);
+	ck_assert_int_eq(blockmirror_snapshot_drop(snap, 0, DISK_SIZE / 2), 0);
+	wait_writes(&m, 200);
+	for (uint64_t c = 0; c < DISK_SIZE / g; c++) {
+		int r = blockmirror_snapshot_read(snap, buf, g, c * g);
+		bool was = version_of(first + c * g, c * g / BLOCK) > 0;
+
+		if (c < DISK_SIZE / g / 2 || !was) {
+			ck_assert_int_eq(r, -ENODATA);
+			continue;
+		}
+		ck_assert_int_eq(r, 0);
+		ck_assert_msg(!memcmp(buf, first + c * g, g),
+			      "held chunk %" PRIu64 " changed", c);
+	}
+	/* With everything dropped, the writers cost no more copies. */
+	ck_assert_int_eq(blockmirror_snapshot_drop(snap, 0, DISK_SIZE), 0);
+	ck_assert_int_eq(blockmirror_snapshot_query(snap, &info), 0);
+	saved = info.bytes_saved;
+	cbw = info.cbw_count;
+	wait_writes(&m, 300);
+	ck_assert_int_eq(blockmirror_snapshot_query(snap, &info), 0);
+	ck_assert_uint_eq(info.cbw_count, cbw);
+	ck_assert_uint_eq(info.bytes_saved, saved);
+	ck_assert_int_eq(info.state, BLOCKMIRROR_SNAPSHOT_ACTIVE);
+	stop_writers(&m, w, t);
+	ck_assert_int_eq(blockmirror_snapshot_release(snap), 0);
+	check_disk(&m);
+	ck_assert_int_eq(blockmirror_disk_close(m.disk), 0);
+	free(words);
+	free(first);
+	free(buf);
+}
+END_TEST
+
 int
 main(void)
 {
@@ -1091,6 +1216,7 @@ main(void)
 	tcase_add_test(tc, test_hold_lease);
 	tcase_add_test(tc, test_bad_options_and_close);
 	tcase_add_test(tc, test_refused_take_leaves_no_checkpoint);
+	tcase_add_loop_test(tc, test_changed_only, 0, 3);
 	suite_add_tcase(s, tc);
 	/* From the review of the filter and the view (CK_RUN_CASE=review). */
 	tc = tcase_create("review");
