@@ -332,6 +332,24 @@ bm_bitmap_dirty_bytes(const struct bm_bitmap *b)
 	return b->count << b->shift;
 }
 
+void
+bm_bitmap_assign(struct bm_bitmap *dst, const struct bm_bitmap *src,
+		 bool invert)
+{
+	uint64_t words = nwords(src->nbits), tail = src->nbits % 64;
+
+	dst->count = 0;
+	for (uint64_t i = 0; i < words; i++) {
+		uint64_t w = invert ? ~src->words[i] : src->words[i];
+
+		/* Bits past nbits stay clear: popcounts never see them. */
+		if (i == words - 1 && tail)
+			w &= (UINT64_C(1) << tail) - 1;
+		dst->words[i] = w;
+		dst->count += (uint64_t)__builtin_popcountll(w);
+	}
+}
+
 uint64_t
 bm_bitmap_both_bytes(const struct bm_bitmap *a, const struct bm_bitmap *b)
 {

@@ -83,6 +83,11 @@ bm_bitmap_count(const struct bm_bitmap *b)
 /* Bytes in set chunks (the last chunk counts only up to size). */
 uint64_t bm_bitmap_dirty_bytes(const struct bm_bitmap *b);
 
+/* dst = src, or its complement: same size and granularity.
+ * O(size / granularity / 64). */
+void bm_bitmap_assign(struct bm_bitmap *dst, const struct bm_bitmap *src,
+		      bool invert);
+
 /* Bytes in chunks set in both a and b, which must have the same size and
  * granularity: O(size / granularity / 64). */
 uint64_t bm_bitmap_both_bytes(const struct bm_bitmap *a,

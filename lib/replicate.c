@@ -447,6 +447,7 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	}
 	ret = bm_repl_sender_open(&s, r, snap, uri);
 	s.drop = so.flags & BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY;
+	s.drop_granularity = si.granularity;
 	if (ret == 0) {
 		if (r->resync)
 			ret = bm_repl_send_differing(&s, &differ);
@@ -457,7 +458,8 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 		else
 			ret = bm_repl_send_differing(&s, &differ);
 		/* What a verify found different, unless all was compared. */
-		if (ret == 0 && so.since && !r->resync && r->resend)
+		if (ret == 0 && so.since && !r->resync && r->resend &&
+		    !s.drop)
 			ret = bm_repl_send_resend(&s);
 	}
 	if (ret == 0)

@@ -96,6 +96,8 @@ struct cbw {
 	struct bm_io io;
 	struct blockmirror_snapshot *snap;
 	void *buf;
+	bool dropped;                 /* GONE before its read ended: not
+					 saved, not counted */
 };
 
 static inline struct blockmirror_snapshot *
@@ -176,7 +178,7 @@ cbw_end(struct cbw *c, int err)
 	if (!err) {
 		bm_bitmap_clear_range(&snap->needed, c->io.offset,
 				      c->io.length);
-		snap->cbw_count++;
+		snap->cbw_count += !c->dropped;
 	}
 	snap->cbw_inflight--;
 	free(c->buf);
@@ -201,6 +203,19 @@ cbw_written(struct bm_io *io, int err)
 	cbw_end(c, err);
 }
 
+static bool
+all_gone(const struct blockmirror_snapshot *snap, uint64_t offset,
+	 uint64_t length)
+{
+	if (!bm_bitmap_count(&snap->gone))
+		return false;
+	for (uint64_t pos = offset; pos < offset + length;
+	     pos += snap->granularity)
+		if (!bm_bitmap_test(&snap->gone, pos))
+			return false;
+	return true;
+}
+
 static void
 cbw_read(struct bm_io *io, int err)
 {
@@ -215,6 +230,12 @@ cbw_read(struct bm_io *io, int err)
 	}
 	if (!bm_snapshot_ok(snap)) {
 		cbw_end(c, -ECANCELED);
+		return;
+	}
+	/* Dropped while it read (rule 5): no one will read it. */
+	if (all_gone(snap, io->offset, io->length)) {
+		c->dropped = true;
+		cbw_end(c, 0);
 		return;
 	}
 	/* A scratch of ours reads as zeroes where it was never written,
@@ -633,7 +654,9 @@ snap_new(struct blockmirror_disk *disk, struct bm_loop *loop,
 	snap->checkpoint = o->checkpoint;
 	snap->changed_only = o->flags & BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY;
 	r = bm_bitmap_init(&snap->needed, disk->size, snap->granularity);
-	if (r == 0)
+	/* Rule 5's bitmap: at once when it starts full, else at the first
+	 * drop (call_drop). */
+	if (r == 0 && snap->changed_only)
 		r = bm_bitmap_init(&snap->gone, disk->size, snap->granularity);
 	if (r == 0)
 		r = bm_bitmap_init(&snap->busy, disk->size, snap->granularity);
@@ -821,6 +844,14 @@ hold_only_changed(struct blockmirror_snapshot *snap)
 {
 	uint64_t g = snap->granularity, pos = 0, off, len;
 
+	/* The guest waits: one pass over the words where the record's chunks
+	 * are the snapshot's, else one step per run of the record. */
+	if (bm_bitmap_granularity(&snap->changed) == g &&
+	    snap->changed.nbits == snap->needed.nbits) {
+		bm_bitmap_assign(&snap->needed, &snap->changed, false);
+		bm_bitmap_assign(&snap->gone, &snap->changed, true);
+		return;
+	}
 	bm_bitmap_clear_all(&snap->needed);
 	bm_bitmap_set_all(&snap->gone);
 	while (bm_bitmap_next_dirty(&snap->changed, pos, 0, &off, &len)) {
@@ -1259,6 +1290,13 @@ call_drop(struct bm_call *call)
 	uint64_t end = range[0] + range[1] >= size
 		       ? size : bm_round_down(range[0] + range[1], g);
 
+	if (start < end && !snap->gone.words &&
+	    bm_bitmap_init(&snap->gone, size, g) < 0) {
+		bm_waiter_signal(&call->w, bm_error(-ENOMEM, "out of memory "
+						    "for the snapshot's "
+						    "bitmaps"));
+		return;
+	}
 	if (start < end) {
 		bm_bitmap_clear_range(&snap->needed, start, end - start);
 		bm_bitmap_set_range(&snap->gone, start, end - start);

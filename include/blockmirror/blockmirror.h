@@ -704,11 +704,13 @@ enum {
 	 * in its path (-ELOOP otherwise), as BLOCKMIRROR_JOB_NOFOLLOW: for a
 	 * name the caller checked inside an allowed directory. */
 	BLOCKMIRROR_SNAPSHOT_NOFOLLOW = 1u << 1,
-	/* With `since`: hold only what changed since that checkpoint.  Old
-	 * data is saved before a guest write only in the chunks its record
-	 * marks, and reading anything else fails with -ENODATA.  For a
-	 * caller that reads only the changes (a replication cycle, an
-	 * incremental backup): the guest pays for no other copies. */
+	/* With `since` (one disk; -EINVAL otherwise): hold only what
+	 * changed since that checkpoint.  Old data is saved before a guest
+	 * write only in the chunks (of `granularity`) that hold a change
+	 * the record marks; a read or block status of the view that
+	 * touches any other chunk fails with -ENODATA.  For a caller that
+	 * reads only the changes (a replication cycle): the guest pays for
+	 * no other copies. */
 	BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY = 1u << 2,
 };
 
@@ -820,7 +822,9 @@ extern int blockmirror_snapshot_hold_query(struct blockmirror_snapshot_hold *hol
  * gave).  Accepts NULL.  Blocking. */
 extern void blockmirror_snapshot_hold_free(struct blockmirror_snapshot_hold *hold);
 
-/* Read the frozen view (aio: done runs on the disk's loop thread). */
+/* Read the frozen view (aio: done runs on the disk's loop thread):
+ * -EIO once the snapshot broke, -ENODATA for chunks it does not hold
+ * (CHANGED_ONLY, blockmirror_snapshot_drop). */
 extern int blockmirror_snapshot_aio_read(struct blockmirror_snapshot *snap,
 					 void *buf, size_t count,
 					 uint64_t offset,
@@ -845,11 +849,14 @@ extern int blockmirror_snapshot_query(struct blockmirror_snapshot *snap,
 extern int blockmirror_snapshot_release(struct blockmirror_snapshot *snap);
 
 /*
- * The caller will not read [offset, offset + length) again: the whole
- * chunks in it stop costing a copy before the guest's next write to them,
- * and reading any of them fails with -ENODATA from now on.  For a caller
+ * The caller will not read [offset, offset + length) again: the chunks
+ * wholly inside it (and the last, partial chunk of the disk if the range
+ * reaches the end) stop costing a copy before the guest's next write to
+ * them, and reading any of them fails with -ENODATA from now on; a copy
+ * already under way ends without saving.  Any snapshot.  For a caller
  * that reads the snapshot once, in pieces (QEMU's fleecing discards what
- * its backup has read, to the same end).  Blocking; not on the disk's loop.
+ * its backup has read, to the same end).  Blocking.  -EINVAL past the
+ * end, -ESHUTDOWN if the disk was closed, -EDEADLK on the disk's loop.
  */
 extern int blockmirror_snapshot_drop(struct blockmirror_snapshot *snap,
 				     uint64_t offset, uint64_t length);

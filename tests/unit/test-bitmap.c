@@ -532,6 +532,36 @@ START_TEST(test_both_bytes)
 }
 END_TEST
 
+/* assign: a copy or the complement, bits past the end left clear, the
+ * count exact. */
+START_TEST(test_assign)
+{
+	struct bm_bitmap a, b;
+	const uint64_t size = 200 * 512 + 7;   /* 201 chunks: a tail word */
+
+	ck_assert_int_eq(bm_bitmap_init(&a, size, 512), 0);
+	ck_assert_int_eq(bm_bitmap_init(&b, size, 512), 0);
+	bm_bitmap_set_range(&a, 60 * 512, 70 * 512);
+	bm_bitmap_set_range(&a, size - 1, 1);
+	bm_bitmap_assign(&b, &a, false);
+	ck_assert_uint_eq(bm_bitmap_count(&b), 71);
+	ck_assert_uint_eq(bm_bitmap_both_bytes(&a, &b), 70 * 512 + 7);
+	bm_bitmap_assign(&b, &a, true);
+	ck_assert_uint_eq(bm_bitmap_count(&b), 201 - 71);
+	ck_assert_uint_eq(bm_bitmap_both_bytes(&a, &b), 0);
+	ck_assert(bm_bitmap_test(&b, 0));
+	ck_assert(!bm_bitmap_test(&b, 60 * 512));
+	ck_assert(!bm_bitmap_test(&b, size - 1));
+	ck_assert_uint_eq(bm_bitmap_dirty_bytes(&b), 130 * 512);
+	/* The complement of the complement is the original. */
+	bm_bitmap_assign(&a, &b, true);
+	ck_assert_uint_eq(bm_bitmap_count(&a), 71);
+	ck_assert_uint_eq(bm_bitmap_dirty_bytes(&a), 70 * 512 + 7);
+	bm_bitmap_free(&a);
+	bm_bitmap_free(&b);
+}
+END_TEST
+
 /* 2^24 chunks of 1 TiB, the last one a byte short: nothing may overflow. */
 START_TEST(test_huge)
 {
@@ -961,6 +991,7 @@ bitmap_suite(void)
 	tcase_add_test(tc, test_next_dirty);
 	tcase_add_test(tc, test_huge);
 	tcase_add_test(tc, test_both_bytes);
+	tcase_add_test(tc, test_assign);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("random");

@@ -59,16 +59,24 @@ teardown(void)
 	remove_tree(dir);
 }
 
+/* Tracked in `granularity` chunks (0: the default). */
 static struct blockmirror_disk *
-open_tracked(const char *path)
+open_tracked_by(const char *path, uint32_t granularity)
 {
 	struct blockmirror_disk *d = blockmirror_disk_open(path,
 		BLOCKMIRROR_FORMAT_RAW, 0);
 
 	ck_assert_msg(d, "%s", blockmirror_last_error());
 	ck_assert_int_eq(blockmirror_disk_start_thread(d), 0);
-	ck_assert_int_eq(blockmirror_disk_track(d, NULL, 0, NULL), 0);
+	ck_assert_int_eq(blockmirror_disk_track(d, NULL, granularity, NULL),
+			 0);
 	return d;
+}
+
+static struct blockmirror_disk *
+open_tracked(const char *path)
+{
+	return open_tracked_by(path, 0);
 }
 
 static struct blockmirror_replica_server *
@@ -665,7 +673,8 @@ END_TEST
  * newest version acknowledged per block (lo), after it the newest started
  * (hi): every block of the point must be one whole stamp with lo <=
  * version <= hi, or, never written before the sync returned, the block
- * as it was at the start.
+ * as it was at the start.  Tracked at 64 KiB (the snapshot's chunk) and
+ * at 4 KiB (chunks the sender reads in pieces).
  */
 #define NB (DISK_SIZE / BLOCK)
 #define PW 2
@@ -719,7 +728,7 @@ START_TEST(test_points_under_writers)
 	static _Atomic uint64_t acked[NB], started[NB];
 	static uint64_t lo[NB], hi[NB];
 	struct blockmirror_replica_server *rs = start_replica(true, NULL);
-	struct blockmirror_disk *d = open_tracked(image), *p;
+	struct blockmirror_disk *d = open_tracked_by(image, _i ? 4096 : 0), *p;
 	struct blockmirror_replication_info info = { .size = sizeof info };
 	struct blockmirror_replication *r;
 	struct point_writer w[PW];
@@ -807,7 +816,7 @@ main(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, test_cycles_are_instants);
-	tcase_add_test(tc, test_points_under_writers);
+	tcase_add_loop_test(tc, test_points_under_writers, 0, 2);
 	tcase_add_test(tc, test_seed_sends_differences);
 	tcase_add_test(tc, test_verify_repairs);
 	tcase_add_test(tc, test_other_disk_refused);

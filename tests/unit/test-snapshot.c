@@ -1073,10 +1073,12 @@ END_TEST
  * writers holds their changes at the instant and nothing else.  The
  * changed chunks read as the instant; every other chunk fails with
  * -ENODATA, and the guest's writes to them save nothing; a chunk dropped
- * while the writers go on stops costing copies and stops reading.  Runs
- * with the record's granularity below, equal to and above the snapshot's.
+ * while the writers go on stops costing copies and stops reading, and a
+ * drop that is not chunk-aligned lets go only of the chunks wholly in it.
+ * Runs with the record's granularity below, equal to and above the
+ * snapshot's.
  */
-static const uint32_t changed_only_track[] = { 4096, 65536, 262144 };
+static const uint32_t changed_only_track[] = { 4096, 16384, 65536, 262144 };
 
 START_TEST(test_changed_only)
 {
@@ -1155,6 +1157,20 @@ START_TEST(test_changed_only)
 	ck_assert_int_eq(blockmirror_snapshot_read(snap, buf, DISK_SIZE, 0),
 			 -ENODATA);
 
+	/* A drop from the middle of chunk 0 to the middle of chunk 2 lets
+	 * go of chunk 1 only. */
+	ck_assert_int_eq(blockmirror_snapshot_drop(snap, g / 2, 2 * g), 0);
+	for (uint64_t c = 0; c < 3; c++) {
+		int r = blockmirror_snapshot_read(snap, buf, g, c * g);
+
+		if (c == 1 || version_of(first + c * g, c * g / BLOCK) <= 0) {
+			ck_assert_int_eq(r, -ENODATA);
+			continue;
+		}
+		ck_assert_int_eq(r, 0);
+		ck_assert_msg(!memcmp(buf, first + c * g, g),
+			      "chunk %" PRIu64 " changed", c);
+	}
 	/* Drop the first half of the disk, as a sender would after reading
 	 * it; the second half still reads as the instant. */
 	ck_assert_int_eq(blockmirror_snapshot_drop(snap, DISK_SIZE - 1, 2),
@@ -1173,8 +1189,10 @@ START_TEST(test_changed_only)
 		ck_assert_msg(!memcmp(buf, first + c * g, g),
 			      "held chunk %" PRIu64 " changed", c);
 	}
-	/* With everything dropped, the writers cost no more copies. */
+	/* With everything dropped, the writers cost no more copies (once
+	 * those whose read and write had both begun are done). */
 	ck_assert_int_eq(blockmirror_snapshot_drop(snap, 0, DISK_SIZE), 0);
+	wait_writes(&m, 20);
 	ck_assert_int_eq(blockmirror_snapshot_query(snap, &info), 0);
 	saved = info.bytes_saved;
 	cbw = info.cbw_count;
@@ -1216,7 +1234,7 @@ main(void)
 	tcase_add_test(tc, test_hold_lease);
 	tcase_add_test(tc, test_bad_options_and_close);
 	tcase_add_test(tc, test_refused_take_leaves_no_checkpoint);
-	tcase_add_loop_test(tc, test_changed_only, 0, 3);
+	tcase_add_loop_test(tc, test_changed_only, 0, 4);
 	suite_add_tcase(s, tc);
 	/* From the review of the filter and the view (CK_RUN_CASE=review). */
 	tc = tcase_create("review");
