@@ -713,6 +713,9 @@ struct run {
 	const struct events *ev;
 	bool heal;                         /* write only what differs from
 					      the previous point's digests */
+	bool drop;                         /* a CHANGED_ONLY snapshot: let
+					      go of what is read */
+	uint64_t dropped_to;               /* bm_snapshot_drop_behind's */
 	struct blockmirror_backup_point *res;
 };
 
@@ -801,7 +804,11 @@ copy_range(struct run *run, uint64_t off, uint64_t len)
 	if (run->o->cancelled && run->o->cancelled(run->o->user_data))
 		return bm_error(-ECANCELED, "the backup was cancelled");
 	r = blockmirror_snapshot_read(run->snap, run->buf, len, off);
-
+	/* Read once, in ascending order: the guest's next writes there
+	 * need no copy. */
+	if (r == 0 && run->drop)
+		r = bm_snapshot_drop_behind(run->snap, &run->dropped_to,
+					    off + len);
 	if (r < 0)
 		return r;
 	run->res->bytes_read += len;
@@ -1170,6 +1177,12 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	if (tracking) {
 		so.checkpoint = cp;
 		so.since = o->incremental && !heal ? prev.checkpoint : NULL;
+		/* An increment reads only what changed (unless the record's
+		 * granularity is not the previous point's: then it heals,
+		 * reading everything): the snapshot holds only that. */
+		if (so.since &&
+		    bm_checkpoint_granularity(disk) == prev.granularity)
+			so.flags |= BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY;
 		r = checkpoint_mark_write(o->dir, p.number, cp);
 		if (r < 0)
 			goto fail;
@@ -1190,6 +1203,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 			inner_error());
 		heal = true;
 		so.since = NULL;
+		so.flags &= ~BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY;
 		r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
 	}
 	if (r == -ESTALE && so.checkpoint) {
@@ -1202,6 +1216,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 		tracking = false;
 		so.checkpoint = NULL;
 		so.since = NULL;
+		so.flags &= ~BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY;
 		heal = o->incremental;
 		r = blockmirror_snapshot_take(&disk, 1, &so, &run.snap);
 	}
@@ -1261,6 +1276,7 @@ blockmirror_backup(struct blockmirror_disk *disk,
 	p.granularity = run.g = g;
 	run.incremental = o->incremental;
 	run.heal = heal;
+	run.drop = !heal && (so.flags & BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY);
 	run.chunk = BM_MAX(COPY_BYTES, g);
 	run.buf = aligned_alloc(4096, run.chunk);
 	run.zero_digest = (struct bm_digest){ { 0 } };

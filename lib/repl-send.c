@@ -116,17 +116,10 @@ send_range(struct bm_repl_sender *s, uint64_t off, uint64_t len)
 		if (!sl)
 			return bm_repl_drain(s);
 		r = blockmirror_snapshot_read(s->snap, sl->buf, n, off);
-		/* Read once: the guest's next writes there need no copy.
-		 * From the chunk holding dropped_to, since a chunk that two
-		 * ranges share is whole only once the second is read. */
-		if (r == 0 && s->drop) {
-			uint64_t from = bm_round_down(s->dropped_to,
-						      s->drop_granularity);
-
-			r = blockmirror_snapshot_drop(s->snap, from,
-						      off + n - from);
-			s->dropped_to = off + n;
-		}
+		/* Read once: the guest's next writes there need no copy. */
+		if (r == 0 && s->drop)
+			r = bm_snapshot_drop_behind(s->snap, &s->dropped_to,
+						    off + n);
 		if (r < 0) {
 			slot_done(sl, 0);
 			return r;

@@ -94,10 +94,8 @@ struct bm_repl_sender {
 	char msg[256];
 	uint64_t sent;                /* bytes written (data and zeroes) */
 	bool drop;                    /* a CHANGED_ONLY snapshot: let go of
-					 all before each range's end once
-					 it is read (ranges ascend) */
-	uint64_t dropped_to;          /* all below is read or not held */
-	uint64_t drop_granularity;    /* the snapshot's chunk */
+					 what is read (ranges ascend) */
+	uint64_t dropped_to;          /* bm_snapshot_drop_behind's */
 	uint64_t *theirs;             /* digests mode: the replica's batch */
 	uint64_t theirs_first, theirs_n;
 	uint64_t zero_digest, zero_tail;

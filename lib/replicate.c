@@ -447,7 +447,6 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	}
 	ret = bm_repl_sender_open(&s, r, snap, uri);
 	s.drop = so.flags & BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY;
-	s.drop_granularity = si.granularity;
 	if (ret == 0) {
 		if (r->resync)
 			ret = bm_repl_send_differing(&s, &differ);

@@ -1306,6 +1306,18 @@ call_drop(struct bm_call *call)
 	bm_waiter_signal(&call->w, 0);
 }
 
+int
+bm_snapshot_drop_behind(struct blockmirror_snapshot *snap, uint64_t *done,
+			uint64_t end)
+{
+	uint64_t from = bm_round_down(*done, snap->granularity);
+	int r = blockmirror_snapshot_drop(snap, from, end - from);
+
+	if (r == 0)
+		*done = end;
+	return r;
+}
+
 BM_EXPORT int
 blockmirror_snapshot_drop(struct blockmirror_snapshot *snap, uint64_t offset,
 			  uint64_t length)

@@ -25,6 +25,15 @@ int bm_snapshot_extents(struct blockmirror_disk *disk,
 			struct blockmirror_snapshot *snap, uint64_t off,
 			uint64_t len, struct bm_extent_list *l);
 
+/*
+ * For a reader that reads the view once, in ascending order, and nothing
+ * it skips: all below `end` is read (or not held), so drop it from the
+ * chunk holding *done (a chunk two reads share goes with the second), and
+ * set *done = end.  Blocking, as blockmirror_snapshot_drop.
+ */
+int bm_snapshot_drop_behind(struct blockmirror_snapshot *snap, uint64_t *done,
+			    uint64_t end);
+
 /* The checkpoint the snapshot was taken `since` (borrowed, as long as the
  * snapshot), or NULL: blockmirror_snapshot_changed has nothing. */
 const char *bm_snapshot_since(const struct blockmirror_snapshot *snap);

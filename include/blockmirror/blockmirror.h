@@ -709,8 +709,8 @@ enum {
 	 * write only in the chunks (of `granularity`) that hold a change
 	 * the record marks; a read or block status of the view that
 	 * touches any other chunk fails with -ENODATA.  For a caller that
-	 * reads only the changes (a replication cycle): the guest pays for
-	 * no other copies. */
+	 * reads only the changes (a replication cycle, an incremental
+	 * backup): the guest pays for no other copies. */
 	BLOCKMIRROR_SNAPSHOT_CHANGED_ONLY = 1u << 2,
 };
 
