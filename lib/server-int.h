@@ -122,7 +122,13 @@ enum {
 #define BS_STEP_MIN (1u << 20)
 #define BS_STEP_MAX (16u << 20)
 #define BS_CHARGE (8u * BS_MAX_DESCRIPTORS + 1024u) /* per context */
-#define TLS_PRIORITY "NORMAL:+ECDHE-PSK:+DHE-PSK:+PSK"
+/* The server picks the cipher, AES-GCM first: with AES-NI it costs a
+ * quarter of the CPU of ChaCha20-Poly1305, which this machine's GnuTLS
+ * otherwise negotiated with libnbd (23% of all CPU time while replicating
+ * over TLS, against 6%). */
+#define TLS_PRIORITY "NORMAL:%SERVER_PRECEDENCE:-CIPHER-ALL:+AES-128-GCM:" \
+	"+AES-256-GCM:+CHACHA20-POLY1305:+AES-256-CBC:+AES-128-CBC:" \
+	"+ECDHE-PSK:+DHE-PSK:+PSK"
 
 
 /* ---- the server's state ---------------------------------------------- */
