@@ -202,10 +202,9 @@ newest_checkpoint(struct blockmirror_replication *r, uint64_t most)
 	return best;
 }
 
-/* Remove every repl-* checkpoint but repl-`keep` and repl-`also`. */
+/* Remove every repl-* checkpoint but repl-`keep`. */
 static void
-remove_checkpoints_but(struct blockmirror_replication *r, uint64_t keep,
-		       uint64_t also)
+remove_checkpoints_but(struct blockmirror_replication *r, uint64_t keep)
 {
 	struct blockmirror_checkpoint *l = NULL;
 	size_t n = 0;
@@ -215,7 +214,7 @@ remove_checkpoints_but(struct blockmirror_replication *r, uint64_t keep,
 	for (size_t i = 0; i < n; i++) {
 		uint64_t k = bm_repl_checkpoint_point(l[i].name);
 
-		if (k && k != keep && k != also)
+		if (k && k != keep)
 			blockmirror_checkpoint_remove(r->disk, l[i].name);
 	}
 	free(l);
@@ -499,17 +498,12 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 		note_error(r, ret);
 	ret = 0;
 	r->replica_latest = n;
-	/* The checkpoint this cycle was sent since stays until the next
-	 * one commits: while it is the newest's predecessor, a guest write
-	 * to a block written in the last interval need not wait for the
-	 * record's sync after each new checkpoint (cbt.c). */
-	remove_checkpoints_but(r, n, so.since ? bm_repl_checkpoint_point(
-					      so.since) : 0);
 	snprintf(r->since, sizeof r->since, "%s", cp);
 	r->resync = false;
 	free(r->resend);
 	r->resend = NULL;
 	r->nresend = 0;
+	remove_checkpoints_but(r, n);
 	*committed = n;
 	if (!so.since && !r->base_zero)
 		emit(r, BLOCKMIRROR_REPLICATION_EVENT_RESYNC, n, differ, 0,
