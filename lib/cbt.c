@@ -4,18 +4,12 @@
  * cbt-format.c, docs/cbt.md).
  *
  * The invariant: a guest write is never let through while a block it
- * touches is clear in the newest bitmap Bn on disk, nor, in a sidecar,
- * while it is clear in both Bn and B(n-1) there (B(n-1) is frozen: the
- * rewrite that created Cn wrote it whole).  So after a crash at any
- * instant (kill -9 or a power loss), every block the guest may have
- * written since Cn was created is set in the file's Bn, or in B(n-1),
- * which the next open of a sidecar that was not closed ORs into Bn; and
- * "changed since" any checkpoint is a superset of what changed.  An
- * unclean shutdown therefore costs nothing but that union: the next open
- * reports it (bm_cbt_crashed) and the bitmaps stay trusted.  (The second
- * half spares the guest a sync for every block it wrote in the previous
- * interval, after each checkpoint: a replication cycle makes one every
- * second.  A record in an image has no crash flag, and keeps the first.)
+ * touches is clear in the newest bitmap Bn on disk.  So after a crash at
+ * any instant (kill -9 or a power loss), every block the guest may have
+ * written since Cn was created is set in the file, and "changed since"
+ * any checkpoint is a superset of what changed.  An unclean shutdown
+ * therefore costs nothing: the next open reports it (bm_cbt_crashed) and
+ * the bitmaps stay trusted.
  *
  * For Bn the tracker keeps three sets:
  *
@@ -266,26 +260,12 @@ start_writeback(struct bm_cbt *cbt)
 	next_step(cbt);
 }
 
-/* Set the range in Bn's `want`, and its pages in `pending`. */
-static void
-mark_behind(struct bm_cbt *cbt, uint64_t offset, uint64_t length)
-{
-	struct bm_bitmap *want = &newest(cbt)->bits;
-	uint64_t before = want->count, first, last;
-
-	bm_bitmap_set_range(want, offset, length);
-	if (want->count != before) {
-		first = (offset / cbt->granularity) / (BM_CBT_PAGE * 8);
-		last = ((offset + length - 1) / cbt->granularity) /
-		       (BM_CBT_PAGE * 8);
-		bm_bitmap_set_range(&cbt->pending, first, last - first + 1);
-	}
-}
-
 int
 bm_cbt_mark(struct bm_cbt *cbt, uint64_t offset, uint64_t length,
 	    struct bm_cbt_waiter *w)
 {
+	struct bm_bitmap *want;
+	uint64_t before, first, last;
 
 	if (!cbt->count || !length)
 		return 0;
@@ -298,19 +278,18 @@ bm_cbt_mark(struct bm_cbt *cbt, uint64_t offset, uint64_t length,
 				cbt->disk_size);
 	if (all_set(&cbt->durable, offset, length))
 		return 0;
-	/* Marked in B(n-1), which is on disk whole: set in Bn, written
-	 * back when it may, and the write goes on (a crash merges B(n-1)
-	 * into Bn: see the top). */
-	if (!cbt->image && cbt->count >= 2 &&
-	    all_set(&cbt->cp[cbt->count - 2].bits, offset, length)) {
-		mark_behind(cbt, offset, length);
-		start_writeback(cbt);
-		return 0;
-	}
 	if (!w || !w->fn)
 		return bm_error(-EINVAL, "%s: a mark that must wait needs a "
 				"waiter", cbt->path);
-	mark_behind(cbt, offset, length);
+	want = &newest(cbt)->bits;
+	before = want->count;
+	bm_bitmap_set_range(want, offset, length);
+	if (want->count != before) {
+		first = (offset / cbt->granularity) / (BM_CBT_PAGE * 8);
+		last = ((offset + length - 1) / cbt->granularity) /
+		       (BM_CBT_PAGE * 8);
+		bm_bitmap_set_range(&cbt->pending, first, last - first + 1);
+	}
 	w->offset = offset;
 	w->length = length;
 	w->next = NULL;
@@ -645,11 +624,6 @@ bm_cbt_open(struct bm_loop *loop, const char *path, uint64_t disk_size,
 	cbt->disk_size = disk_size;
 	cbt->wtail = &cbt->waiters;
 	r = load(cbt, disk_size, granularity, create);
-	/* Writes to blocks marked in B(n-1) went on before Bn's mark was
-	 * on disk: after a crash, Bn holds B(n-1) too. */
-	if (r == 0 && cbt->crashed && cbt->count >= 2)
-		bm_cbt_or_into(&cbt->cp[cbt->count - 1].bits,
-			       &cbt->cp[cbt->count - 2].bits);
 	if (r == 0)
 		r = setup_marking(cbt);
 	if (r < 0)
