@@ -243,6 +243,13 @@ view_status_step(struct view_op *op)
 	while (op->pos < end && !op->err) {
 		uint64_t e = bm_snapshot_run_end(snap, op->pos, end);
 
+		/* Dropped since the request began (rule 5). */
+		if (bm_bitmap_test_range(&snap->gone, op->pos, e - op->pos)) {
+			op->err = bm_error(-ENODATA, "%s: dropped while its "
+					   "block status was asked",
+					   snap->name);
+			break;
+		}
 		if (!bm_bitmap_test(&snap->needed, op->pos)) {
 			op->err = bm_extent_list_append(parent->extents,
 							op->pos, e - op->pos,
