@@ -144,6 +144,26 @@ any_bits(const struct bm_bitmap *b, uint64_t first, uint64_t end)
 	return b->words[last] & tail_mask(end);
 }
 
+/* Are all of chunks [first, end) set?  first < end <= nbits. */
+static bool
+all_bits(const struct bm_bitmap *b, uint64_t first, uint64_t end)
+{
+	uint64_t i = first / WORD_BITS;
+	uint64_t last = (end - 1) / WORD_BITS;
+	uint64_t m;
+
+	if (i == last) {
+		m = head_mask(first) & tail_mask(end);
+		return (b->words[i] & m) == m;
+	}
+	if ((b->words[i] & head_mask(first)) != head_mask(first))
+		return false;
+	for (i++; i < last; i++)
+		if (b->words[i] != ALL_ONES)
+			return false;
+	return (b->words[last] & tail_mask(end)) == tail_mask(end);
+}
+
 /* The first set chunk at or after `from`, or nbits. */
 static uint64_t
 find_set(const struct bm_bitmap *b, uint64_t from)
@@ -294,6 +314,18 @@ bm_bitmap_test_range(const struct bm_bitmap *b, uint64_t offset,
 	    !touched_chunks(b, offset, length, &first, &end))
 		return false;
 	return any_bits(b, first, end);
+}
+
+bool
+bm_bitmap_test_all(const struct bm_bitmap *b, uint64_t offset,
+		   uint64_t length)
+{
+	uint64_t first, end;
+
+	if (b->count == 0 ||
+	    !touched_chunks(b, offset, length, &first, &end))
+		return false;
+	return all_bits(b, first, end);
 }
 
 bool

@@ -62,6 +62,11 @@ bool bm_bitmap_test(const struct bm_bitmap *b, uint64_t offset);
 bool bm_bitmap_test_range(const struct bm_bitmap *b, uint64_t offset,
 			  uint64_t length);
 
+/* Is every chunk that [offset, offset + length) touches set?  false for
+ * an empty range or one past the end. */
+bool bm_bitmap_test_all(const struct bm_bitmap *b, uint64_t offset,
+			uint64_t length);
+
 /*
  * Find the first run of set chunks at or after the chunk holding `from`.
  * On success stores the run as bytes, chunk-aligned at the start and

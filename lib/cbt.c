@@ -81,25 +81,6 @@ bm_cbt_or_into(struct bm_bitmap *dst, const struct bm_bitmap *src)
 	}
 }
 
-/* Is every block that [offset, +length) touches set?  (length > 0) */
-static bool
-all_set(const struct bm_bitmap *b, uint64_t offset, uint64_t length)
-{
-	uint64_t c = offset >> b->shift;
-	uint64_t end = ((offset + length - 1) >> b->shift) + 1;
-
-	while (c < end) {
-		uint64_t bit = c % 64, n = BM_MIN(64 - bit, end - c);
-		uint64_t mask = (n == 64 ? ~UINT64_C(0)
-				 : (UINT64_C(1) << n) - 1) << bit;
-
-		if ((b->words[c / 64] & mask) != mask)
-			return false;
-		c += n;
-	}
-	return true;
-}
-
 /* ---- write-back ------------------------------------------------------ */
 
 static void start_writeback(struct bm_cbt *cbt);
@@ -118,7 +99,8 @@ release(struct bm_cbt *cbt, int err)
 
 		list = w->next;
 		w->next = NULL;
-		if (err || all_set(&cbt->durable, w->offset, w->length)) {
+		if (err || bm_bitmap_test_all(&cbt->durable, w->offset,
+					      w->length)) {
 			*rtail = w;
 			rtail = &w->next;
 		} else {
@@ -276,7 +258,7 @@ bm_cbt_mark(struct bm_cbt *cbt, uint64_t offset, uint64_t length,
 				PRIu64 " is beyond the disk (%" PRIu64
 				" bytes)", cbt->path, length, offset,
 				cbt->disk_size);
-	if (all_set(&cbt->durable, offset, length))
+	if (bm_bitmap_test_all(&cbt->durable, offset, length))
 		return 0;
 	if (!w || !w->fn)
 		return bm_error(-EINVAL, "%s: a mark that must wait needs a "

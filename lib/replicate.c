@@ -457,8 +457,7 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 		else
 			ret = bm_repl_send_differing(&s, &differ);
 		/* What a verify found different, unless all was compared. */
-		if (ret == 0 && so.since && !r->resync && r->resend &&
-		    !s.drop)
+		if (ret == 0 && so.since && !r->resync && r->resend)
 			ret = bm_repl_send_resend(&s);
 	}
 	if (ret == 0)

@@ -203,19 +203,6 @@ cbw_written(struct bm_io *io, int err)
 	cbw_end(c, err);
 }
 
-static bool
-all_gone(const struct blockmirror_snapshot *snap, uint64_t offset,
-	 uint64_t length)
-{
-	if (!bm_bitmap_count(&snap->gone))
-		return false;
-	for (uint64_t pos = offset; pos < offset + length;
-	     pos += snap->granularity)
-		if (!bm_bitmap_test(&snap->gone, pos))
-			return false;
-	return true;
-}
-
 static void
 cbw_read(struct bm_io *io, int err)
 {
@@ -233,7 +220,7 @@ cbw_read(struct bm_io *io, int err)
 		return;
 	}
 	/* Dropped while it read (rule 5): no one will read it. */
-	if (all_gone(snap, io->offset, io->length)) {
+	if (bm_bitmap_test_all(&snap->gone, io->offset, io->length)) {
 		c->dropped = true;
 		cbw_end(c, 0);
 		return;

@@ -532,6 +532,29 @@ START_TEST(test_both_bytes)
 }
 END_TEST
 
+/* test_all: every touched chunk set, across words, clipped at the end. */
+START_TEST(test_test_all)
+{
+	struct bm_bitmap b;
+	const uint64_t size = 200 * 512 + 7;
+
+	ck_assert_int_eq(bm_bitmap_init(&b, size, 512), 0);
+	ck_assert(!bm_bitmap_test_all(&b, 0, 512));
+	bm_bitmap_set_range(&b, 60 * 512, 70 * 512);   /* chunks 60..129 */
+	ck_assert(bm_bitmap_test_all(&b, 60 * 512, 70 * 512));
+	ck_assert(bm_bitmap_test_all(&b, 60 * 512 + 1, 1));
+	ck_assert(!bm_bitmap_test_all(&b, 59 * 512, 2 * 512));
+	ck_assert(!bm_bitmap_test_all(&b, 129 * 512, 512 + 1));
+	ck_assert(!bm_bitmap_test_all(&b, 70 * 512, 0));
+	bm_bitmap_set_range(&b, size - 1, 1);
+	ck_assert(bm_bitmap_test_all(&b, size - 7, 100)); /* clipped */
+	ck_assert(!bm_bitmap_test_all(&b, size, 1));
+	bm_bitmap_set_all(&b);
+	ck_assert(bm_bitmap_test_all(&b, 0, size));
+	bm_bitmap_free(&b);
+}
+END_TEST
+
 /* assign: a copy or the complement, bits past the end left clear, the
  * count exact. */
 START_TEST(test_assign)
@@ -992,6 +1015,7 @@ bitmap_suite(void)
 	tcase_add_test(tc, test_huge);
 	tcase_add_test(tc, test_both_bytes);
 	tcase_add_test(tc, test_assign);
+	tcase_add_test(tc, test_test_all);
 	suite_add_tcase(s, tc);
 
 	tc = tcase_create("random");
