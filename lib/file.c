@@ -20,6 +20,9 @@
  *   buffer are all multiples of the page size and the device's logical
  *   block size goes through it, anything else (a qcow2 table entry, the
  *   tail of a file whose size is not a multiple) through the page cache.
+ *   With BM_OPEN_DIRECT_BULK only bulk copy writes (BM_IO_WRITEBACK) may
+ *   go through it: a move's destination, whose guest writes stay
+ *   cached.
  *   The store so takes any request (align stays 1), and a direct request
  *   never shares a page with a cached one unless their byte ranges
  *   overlap.  The kernel keeps the two coherent: a direct write drops the
@@ -28,10 +31,10 @@
  *   otherwise the kernel copies cached data inline, on the loop thread,
  *   in the submit call, and a burst of bulk copies holds up every other
  *   request of the loop meanwhile.
- * - A bulk write through the page cache (BM_IO_WRITEBACK) starts its
- *   writeback; with BM_IO_EVICT it is written back and its pages dropped
- *   before it completes, so a copy keeps the cache it uses to what is in
- *   flight.
+ * - A bulk write through the page cache (BM_IO_WRITEBACK, not direct)
+ *   starts its writeback; with BM_IO_EVICT it is written back and its
+ *   pages dropped before it completes, so a copy keeps the cache it uses
+ *   to what is in flight.
  */
 #include <errno.h>
 #include <linux/openat2.h>
@@ -58,6 +61,7 @@ struct file_store {
 	struct bm_store s;
 	int fd;
 	int dfd;         /* O_DIRECT descriptor, or -1 */
+	bool bulk_only;  /* dfd only for bulk writes (BM_OPEN_DIRECT_BULK) */
 	uint32_t dalign; /* what a request needs to go through dfd */
 	dev_t dev;
 	ino_t ino;
@@ -174,7 +178,8 @@ rw_submit(struct file_store *f, struct bm_io *io, bool write)
 	uint64_t off = io->offset + io->progress;
 	size_t n = io->length - io->progress;
 	bool direct = f->dfd >= 0 && off % f->dalign == 0 &&
-		      n % f->dalign == 0 && (uintptr_t)buf % f->dalign == 0;
+		      n % f->dalign == 0 && (uintptr_t)buf % f->dalign == 0 &&
+		      (!f->bulk_only || (write && (io->flags & BM_IO_WRITEBACK)));
 	int fd = direct ? f->dfd : f->fd;
 
 	sqe = bm_loop_sqe(f->s.loop, &io->op, rw_done);
@@ -766,8 +771,9 @@ bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 		f->s.allocated = (uint64_t)st.st_blocks * 512;
 		f->dalign = 4096;
 	}
-	if (flags & BM_OPEN_DIRECT)
+	if (flags & (BM_OPEN_DIRECT | BM_OPEN_DIRECT_BULK))
 		open_direct(f, oflags);
+	f->bulk_only = !(flags & BM_OPEN_DIRECT);
 	posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
 	*out = &f->s;
 	return 0;

@@ -157,6 +157,8 @@ bm_image_open(struct bm_loop *loop, const char *name,
 		sflags |= BM_OPEN_WRITE;
 	if (flags & BM_IMAGE_DIRECT)
 		sflags |= BM_OPEN_DIRECT;
+	if (flags & BM_IMAGE_DIRECT_BULK)
+		sflags |= BM_OPEN_DIRECT_BULK;
 	if (flags & BM_IMAGE_NOFOLLOW)
 		sflags |= BM_OPEN_NOFOLLOW;
 	if (bm_nbd_is_uri(name)) {
@@ -294,6 +296,8 @@ bm_image_create(struct bm_loop *loop, const char *name,
 				name, size);
 	if (flags & BM_IMAGE_DIRECT)
 		sflags |= BM_OPEN_DIRECT;
+	if (flags & BM_IMAGE_DIRECT_BULK)
+		sflags |= BM_OPEN_DIRECT_BULK;
 	if (flags & BM_IMAGE_NOFOLLOW)
 		sflags |= BM_OPEN_NOFOLLOW;
 	r = bm_file_open(loop, name, sflags,

@@ -44,6 +44,9 @@ struct bm_image {
 	uint32_t align;                /* request alignment, >= 1 */
 	bool readonly;
 	bool zero_init;                /* created by us: reads as zeroes */
+	bool close_syncs;              /* close writes and syncs (qcow2,
+					  VHDX written to): slow after many
+					  cached writes */
 	struct bm_image *below;        /* a filter's: the image it stands
 					  over (NULL: not a filter) */
 };
@@ -73,6 +76,7 @@ enum {
 	BM_IMAGE_NOFOLLOW = 1u << 2,   /* no symbolic link in the path */
 	BM_IMAGE_MULTI_CONN = 1u << 3, /* a bulk copy: an NBD export may
 					  use several connections */
+	BM_IMAGE_DIRECT_BULK = 1u << 4, /* BM_OPEN_DIRECT_BULK */
 };
 
 /*

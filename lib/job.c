@@ -413,7 +413,9 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 	if (r < 0)
 		goto fail_job;
 	fmt = options->format;
-	dflags = disk->open_flags |
+	/* The bulk copy streams past the page cache; the guest's mirrored
+	 * writes, and the disk's after the pivot, stay cached. */
+	dflags = disk->open_flags | BM_IMAGE_DIRECT_BULK |
 		 ((options->flags & BLOCKMIRROR_JOB_NOFOLLOW) ?
 		  BM_IMAGE_NOFOLLOW : 0);
 	if (options->flags & BLOCKMIRROR_JOB_CREATE) {

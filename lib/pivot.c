@@ -12,10 +12,10 @@
  *   MAPPING, COPYING, READY, PAUSED   the job runs (mirror.c, job.c)
  *
  *   pivot (complete) and clean cancel (cancel after READY):
- *   PREFLUSH     flush the destination (and for a pivot the source, which
- *                is closed after the switch) while the guest still runs, so the
- *                flush in the stall finds little to write; wait for state
- *                I/O too, for the same reason
+ *   PREFLUSH     flush the destination (and for a pivot a source whose
+ *                close syncs, qcow2 or VHDX) while the guest still runs, so
+ *                the flush in the stall, and the close, find little to
+ *                write; wait for state I/O too, for the same reason
  *   DRAIN        the disk is quiesced: new guest requests queue, those in
  *                flight finish
  *   FINAL_COPY   (pivot: first give up if the copy would stall the guest
@@ -317,11 +317,15 @@ enter_preflush(struct bm_job *job)
 	if (!job->flushing)
 		flush_dst(job);
 	/* A pivot closes the source with the guest already on the
-	 * destination, on the disk's loop: its last flush syncs whatever
-	 * the guest wrote during the move (over half a second after a
-	 * busy 1 GiB qcow2 move here).  Flush it now, while the guest
-	 * runs, so that little is left then. */
-	if (job->goal == BM_GOAL_PIVOT) {
+	 * destination, on the disk's loop.  Where closing syncs (qcow2,
+	 * VHDX), that last flush writes whatever the guest wrote during
+	 * the move (over half a second after a busy 1 GiB qcow2 move
+	 * here): flush it now, while the guest runs, so that little is
+	 * left then.  A raw source is closed without a sync, and nothing
+	 * needs its cached writes on disk once the destination holds them
+	 * all: syncing it here only makes the guest's writes wait on a
+	 * disk busy with seconds of them. */
+	if (job->goal == BM_GOAL_PIVOT && job->src->close_syncs) {
 		job->src_flushing = true;
 		memset(&job->src_flush_io, 0, sizeof job->src_flush_io);
 		job->src_flush_io.done = src_flushed;

@@ -101,6 +101,12 @@ enum {
 	 * through bm_image_open and bm_image_create.  File stores ignore
 	 * it. */
 	BM_OPEN_MULTI_CONN = 1u << 5,
+	/* File stores: O_DIRECT for bulk copy writes (BM_IO_WRITEBACK)
+	 * only; every other request goes through the page cache.  A move's
+	 * destination: the copy streams to the disk without filling the
+	 * cache, the guest's mirrored writes stay cached as on the
+	 * source. */
+	BM_OPEN_DIRECT_BULK = 1u << 6,
 };
 
 /*

@@ -194,6 +194,51 @@ START_TEST(test_bulk_write_leaves_no_cache)
 }
 END_TEST
 
+/* BM_OPEN_DIRECT_BULK (a move's destination): a bulk copy write goes
+ * past the page cache, a guest's write of the same shape stays in it, and
+ * each sees the other's data. */
+START_TEST(test_direct_for_bulk_only)
+{
+	const size_t mib = 1 << 20;
+	unsigned char *w, *r;
+	struct bm_store *s;
+
+	ck_assert_int_eq(posix_memalign((void **)&w, 4096, mib), 0);
+	ck_assert_int_eq(posix_memalign((void **)&r, 4096, mib), 0);
+	ck_assert_int_eq(bm_file_open(loop, path, BM_OPEN_CREATE |
+				      BM_OPEN_DIRECT_BULK, 8 * mib, &s), 0);
+	if (!bm_file_direct(s)) {
+		bm_store_close(s);
+		free(w);
+		free(r);
+		fprintf(stderr, "test-file: no O_DIRECT on this file system\n");
+		return;
+	}
+	fill(w, mib, 7);
+	ck_assert_int_eq(do_io(s, s->ops->write, 0, mib, w,
+			       BM_IO_WRITEBACK | BM_IO_ASYNC), 0);
+	ck_assert_uint_eq(cached_pages(0, mib), 0);
+	/* Aligned, but not a bulk write: cached. */
+	ck_assert_int_eq(do_io(s, s->ops->write, 2 * mib, mib, w, 0), 0);
+	ck_assert_uint_eq(cached_pages(2 * mib, mib), mib / 4096);
+	/* A guest write into the bulk range, then a bulk write over a
+	 * cached page: both read back as the newer data. */
+	fill(w, 4096, 8);
+	ck_assert_int_eq(do_io(s, s->ops->write, 8192, 4096, w, 0), 0);
+	ck_assert_int_eq(do_io(s, s->ops->read, 8192, 4096, r, 0), 0);
+	ck_assert_mem_eq(r, w, 4096);
+	fill(w, mib, 9);
+	ck_assert_int_eq(do_io(s, s->ops->write, 2 * mib, mib, w,
+			       BM_IO_WRITEBACK), 0);
+	ck_assert_int_eq(do_io(s, s->ops->read, 2 * mib, mib, r, 0), 0);
+	ck_assert_mem_eq(r, w, mib);
+	ck_assert_int_eq(do_io(s, s->ops->flush, 0, 0, NULL, 0), 0);
+	bm_store_close(s);
+	free(w);
+	free(r);
+}
+END_TEST
+
 START_TEST(test_new_file_reads_zero)
 {
 	static unsigned char r[1 << 20], zero[1 << 20];
@@ -476,6 +521,7 @@ main(void)
 	tcase_add_test(tc, test_same_file);
 	tcase_add_test(tc, test_direct_beside_cache);
 	tcase_add_test(tc, test_bulk_write_leaves_no_cache);
+	tcase_add_test(tc, test_direct_for_bulk_only);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
