@@ -880,6 +880,7 @@ blockmirror_disk_close(struct blockmirror_disk *disk)
 	while (bm_loop_inflight(disk->loop))
 		bm_loop_run_once(disk->loop, 100);
 	bm_snapshot_disk_closed(disk);
+	bm_disk_join_closer(disk);
 	if (disk->cbt) {
 		int cr = bm_cbt_close(disk->cbt);
 
@@ -892,6 +893,37 @@ blockmirror_disk_close(struct blockmirror_disk *disk)
 	pthread_mutex_destroy(&disk->run_lock);
 	free(disk);
 	return r < 0 ? bm_api_fail("blockmirror_disk_close", r) : 0;
+}
+
+static void *
+closer_main(void *img)
+{
+	bm_image_close(img);
+	return NULL;
+}
+
+void
+bm_disk_join_closer(struct blockmirror_disk *disk)
+{
+	if (disk->closer_started) {
+		pthread_join(disk->closer, NULL);
+		disk->closer_started = false;
+	}
+}
+
+void
+bm_disk_close_later(struct blockmirror_disk *disk, struct bm_image *img)
+{
+	/* Its store's requests are all done; closing touches only its own
+	 * descriptors and, for a format image, its own worker, flusher and
+	 * loops. */
+	bm_disk_join_closer(disk);
+	if (img->close_syncs &&
+	    pthread_create(&disk->closer, NULL, closer_main, img) == 0) {
+		disk->closer_started = true;
+		return;
+	}
+	bm_image_close(img);
 }
 
 void

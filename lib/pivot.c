@@ -12,10 +12,9 @@
  *   MAPPING, COPYING, READY, PAUSED   the job runs (mirror.c, job.c)
  *
  *   pivot (complete) and clean cancel (cancel after READY):
- *   PREFLUSH     flush the destination (and for a pivot a source whose
- *                close syncs, qcow2 or VHDX) while the guest still runs, so
- *                the flush in the stall, and the close, find little to
- *                write; wait for state I/O too, for the same reason
+ *   PREFLUSH     flush the destination while the guest still runs, so the
+ *                flush in the stall finds little to write; wait for state
+ *                I/O too, for the same reason
  *   DRAIN        the disk is quiesced: new guest requests queue, those in
  *                flight finish
  *   FINAL_COPY   (pivot: first give up if the copy would stall the guest
@@ -204,7 +203,8 @@ back_to_ready(struct bm_job *job, int err)
  * 2. The swap: the destination replaces the mirror filter as the disk's
  *    image (bm_disk_swap_image); the job lets go.
  * 3. The release: the queued guest requests go to the destination, and
- *    the source is closed.
+ *    the source is closed: a raw file at once, a qcow2 or VHDX image,
+ *    whose close writes back and syncs, on the disk's closer thread.
  */
 static void
 pivot(struct bm_job *job)
@@ -253,7 +253,7 @@ pivot(struct bm_job *job)
 	/* A record kept in the source's bitmaps outlives the image. */
 	if (disk->cbt)
 		bm_cbt_image_gone(disk->cbt, old);
-	bm_image_close(old);
+	bm_disk_close_later(disk, old);
 	pivot_hook(BM_PIVOT_SWAPPED);
 	bm_info("pivot: now on %s, guest stalled %" PRIu64 " us",
 		bm_disk_base(disk)->name, job->pivot_stall_us);
@@ -297,17 +297,6 @@ flush_dst(struct bm_job *job)
 	bm_image_flush(job->dst, &job->flush_io);
 }
 
-static void
-src_flushed(struct bm_io *io, int err)
-{
-	struct bm_job *job = io->opaque;
-
-	/* Only to make closing the source quick; a failure shows when it
-	 * is closed (and the guest's own flushes report to the guest). */
-	job->src_flushing = false;
-	bm_job_step(job);
-}
-
 /* Pivot or clean cancel, from READY (or PAUSED after READY). */
 static void
 enter_preflush(struct bm_job *job)
@@ -316,22 +305,11 @@ enter_preflush(struct bm_job *job)
 	/* A READY flush in flight serves as the preflush. */
 	if (!job->flushing)
 		flush_dst(job);
-	/* A pivot closes the source with the guest already on the
-	 * destination, on the disk's loop.  Where closing syncs (qcow2,
-	 * VHDX), that last flush writes whatever the guest wrote during
-	 * the move (over half a second after a busy 1 GiB qcow2 move
-	 * here): flush it now, while the guest runs, so that little is
-	 * left then.  A raw source is closed without a sync, and nothing
-	 * needs its cached writes on disk once the destination holds them
-	 * all: syncing it here only makes the guest's writes wait on a
-	 * disk busy with seconds of them. */
-	if (job->goal == BM_GOAL_PIVOT && job->src->close_syncs) {
-		job->src_flushing = true;
-		memset(&job->src_flush_io, 0, sizeof job->src_flush_io);
-		job->src_flush_io.done = src_flushed;
-		job->src_flush_io.opaque = job;
-		bm_image_flush(job->src, &job->src_flush_io);
-	}
+	/* The source is not flushed: nothing needs its cached writes on
+	 * disk once the destination holds them all, and a qcow2 or VHDX
+	 * source, whose close syncs them (seconds of the guest's random
+	 * writes after a busy move), is closed on the disk's closer thread
+	 * after the switch (pivot()). */
 }
 
 static void
@@ -518,7 +496,7 @@ bm_job_step(struct bm_job *job)
 	case BM_PHASE_PREFLUSH:
 		/* State I/O finishes while the guest still runs too, so that
 		 * it never adds to the stall. */
-		if (!job->flushing && !job->src_flushing &&
+		if (!job->flushing &&
 		    !bm_state_busy(job))
 			enter_drain(job);
 		break;

@@ -830,11 +830,12 @@ START_TEST(test_active_write_overtakes_copy)
 END_TEST
 
 /*
- * A pivot flushes the source while the guest still runs (PREFLUSH), so
- * that closing it after the switch, on the disk's loop with the guest
- * already on the destination, finds nothing much left to sync.
+ * A pivot does not flush a raw source: the destination holds every write,
+ * and closing a raw file syncs nothing.  (It used to, in PREFLUSH: seconds
+ * of the guest's cached writes after a busy move, the guest's writes
+ * waiting behind them.)
  */
-START_TEST(test_pivot_flushes_source_first)
+START_TEST(test_pivot_leaves_raw_source_unsynced)
 {
 	static unsigned char buf[4096];
 	uint64_t flushes;
@@ -850,8 +851,70 @@ START_TEST(test_pivot_flushes_source_first)
 	flushes = atomic_load(&fx.rules.flushes);
 	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
 		      blockmirror_last_error());
-	ck_assert_uint_gt(atomic_load(&fx.rules.flushes), flushes);
+	ck_assert_uint_eq(atomic_load(&fx.rules.flushes), flushes);
 	close_and_compare(fx.src, BLOCKMIRROR_FORMAT_RAW);
+}
+END_TEST
+
+/*
+ * A qcow2 source, whose close writes its tables and syncs, is closed off
+ * the disk's loop after the pivot: with the source's flushes hung, the
+ * pivot still completes and the guest reads and writes on the
+ * destination; the close finishes once the flushes go through, and the
+ * source is a sound image holding what the destination held at the pivot
+ * (blockmirror_verify opens it).
+ */
+START_TEST(test_pivot_closes_qcow2_source_aside)
+{
+	static unsigned char buf[1 << 16], back[1 << 16];
+	char src[128];
+
+	snprintf(src, sizeof src, "%s/src.qcow2", fx.dir);
+	ck_assert_int_eq(blockmirror_image_create(src,
+		BLOCKMIRROR_FORMAT_QCOW2, SIZE, "cluster_size=65536", false),
+		0);
+	memset(&fx.rules, 0, sizeof fx.rules);
+	ck_assert_int_eq(bm_fault_register(src, &fx.rules), 0);
+	open_disk_quiet(src, BLOCKMIRROR_FORMAT_QCOW2);
+	memset(buf, 0x4d, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf, 0,
+						0), 0);
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	/* A new cluster: the source's close has tables to write. */
+	memset(buf, 0x4e, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf,
+						4 * MiB, 0), 0);
+	atomic_store(&fx.rules.hang_flush, true);
+	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
+		      blockmirror_last_error());
+	memset(buf, 0x4f, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf,
+						6 * MiB, 0), 0);
+	ck_assert_int_eq(blockmirror_disk_read(fx.disk, back, sizeof back,
+					       6 * MiB), 0);
+	ck_assert_mem_eq(back, buf, sizeof buf);
+	atomic_store(&fx.rules.hang_flush, false);
+	blockmirror_job_free(fx.job);
+	ck_assert_int_eq(blockmirror_disk_close(fx.disk), 0);
+	ck_assert_uint_gt(atomic_load(&fx.rules.flushes), 0);
+	/* The source as the pivot left it: without the write made after
+	 * it, which went to the destination only. */
+	{
+		struct blockmirror_disk *d = blockmirror_disk_open(src,
+			BLOCKMIRROR_FORMAT_QCOW2, 0);
+		static const unsigned char zero[1 << 16];
+
+		ck_assert_msg(d != NULL, "%s", blockmirror_last_error());
+		ck_assert_int_eq(blockmirror_disk_read(d, back, sizeof back,
+						       4 * MiB), 0);
+		ck_assert_uint_eq(back[0], 0x4e);
+		ck_assert_int_eq(blockmirror_disk_read(d, back, sizeof back,
+						       6 * MiB), 0);
+		ck_assert_mem_eq(back, zero, sizeof back);
+		ck_assert_int_eq(blockmirror_disk_close(d), 0);
+	}
+	unlink(src);
 }
 END_TEST
 
@@ -1109,7 +1172,8 @@ main(void)
 	tcase_add_test(order, test_job_nofollow);
 	tcase_add_loop_test(order, test_error_while_draining, 0, 3);
 	tcase_add_test(order, test_active_write_overtakes_copy);
-	tcase_add_test(order, test_pivot_flushes_source_first);
+	tcase_add_test(order, test_pivot_leaves_raw_source_unsynced);
+	tcase_add_test(order, test_pivot_closes_qcow2_source_aside);
 	suite_add_tcase(s, order);
 
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
