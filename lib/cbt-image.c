@@ -100,6 +100,12 @@ image_bytes(const struct bm_cbt *cbt)
 	       cbt->cluster_size;
 }
 
+bool
+bm_cbt_kept_in(const struct bm_cbt *cbt, const struct bm_image *img)
+{
+	return cbt && cbt->image && cbt->image == img;
+}
+
 void
 bm_cbt_image_gone(struct bm_cbt *cbt, const struct bm_image *img)
 {

@@ -178,6 +178,8 @@ int bm_cbt_open_image(struct bm_loop *loop, struct bm_image *image,
  * change (create, remove: -ESTALE, saying why).
  */
 void bm_cbt_image_gone(struct bm_cbt *cbt, const struct bm_image *img);
+/* Is the record kept in `img` (its qcow2 bitmaps)?  Accepts NULL. */
+bool bm_cbt_kept_in(const struct bm_cbt *cbt, const struct bm_image *img);
 
 /* Does the tracker keep its checkpoints in the image (not a sidecar)?
  * bm_cbt_path: the sidecar's path or the image's name. */

@@ -96,6 +96,7 @@ blockmirror_disk_open(const char *name, enum blockmirror_format format,
 	disk->queue_tail = &disk->queue_head;
 	disk->control_tail = &disk->control_head;
 	pthread_mutex_init(&disk->run_lock, NULL);
+	pthread_mutex_init(&disk->closers_lock, NULL);
 	return disk;
 
 fail_loop:
@@ -880,7 +881,7 @@ blockmirror_disk_close(struct blockmirror_disk *disk)
 	while (bm_loop_inflight(disk->loop))
 		bm_loop_run_once(disk->loop, 100);
 	bm_snapshot_disk_closed(disk);
-	bm_disk_join_closer(disk);
+	bm_disk_join_closers(disk);
 	if (disk->cbt) {
 		int cr = bm_cbt_close(disk->cbt);
 
@@ -891,39 +892,65 @@ blockmirror_disk_close(struct blockmirror_disk *disk)
 	bm_image_close(disk->image);
 	bm_loop_free(disk->loop);
 	pthread_mutex_destroy(&disk->run_lock);
+	pthread_mutex_destroy(&disk->closers_lock);
 	free(disk);
 	return r < 0 ? bm_api_fail("blockmirror_disk_close", r) : 0;
 }
 
+struct bm_closer {
+	pthread_t thread;
+	struct bm_image *img;
+	struct bm_closer *next;
+};
+
 static void *
-closer_main(void *img)
+closer_main(void *arg)
 {
-	bm_image_close(img);
+	struct bm_closer *c = arg;
+
+	bm_image_close(c->img);
 	return NULL;
 }
 
 void
-bm_disk_join_closer(struct blockmirror_disk *disk)
+bm_disk_join_closers(struct blockmirror_disk *disk)
 {
-	if (disk->closer_started) {
-		pthread_join(disk->closer, NULL);
-		disk->closer_started = false;
+	struct bm_closer *c;
+
+	pthread_mutex_lock(&disk->closers_lock);
+	c = disk->closers;
+	disk->closers = NULL;
+	pthread_mutex_unlock(&disk->closers_lock);
+	while (c) {
+		struct bm_closer *next = c->next;
+
+		pthread_join(c->thread, NULL);
+		free(c);
+		c = next;
 	}
 }
 
 void
 bm_disk_close_later(struct blockmirror_disk *disk, struct bm_image *img)
 {
-	/* Its store's requests are all done; closing touches only its own
-	 * descriptors and, for a format image, its own worker, flusher and
-	 * loops. */
-	bm_disk_join_closer(disk);
-	if (img->close_syncs &&
-	    pthread_create(&disk->closer, NULL, closer_main, img) == 0) {
-		disk->closer_started = true;
-		return;
+	struct bm_closer *c = img->close_slow ? malloc(sizeof *c) : NULL;
+
+	/* Closing touches only the image's own descriptors and, for a
+	 * format image, its own worker, flusher and loops. */
+	if (c) {
+		c->img = img;
+		pthread_mutex_lock(&disk->closers_lock);
+		if (pthread_create(&c->thread, NULL, closer_main, c) == 0) {
+			c->next = disk->closers;
+			disk->closers = c;
+			c = NULL;
+			img = NULL;
+		}
+		pthread_mutex_unlock(&disk->closers_lock);
+		free(c);
 	}
-	bm_image_close(img);
+	if (img)
+		bm_image_close(img);
 }
 
 void

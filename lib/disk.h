@@ -120,11 +120,12 @@ struct blockmirror_disk {
 	struct bm_call *control_call;
 	struct bm_call *control_head, **control_tail;
 	struct bm_io close_io;
-	/* A source a pivot left whose close syncs (qcow2, VHDX), closed on
-	 * this thread so the guest never waits for it (pivot.c); joined
-	 * before the next one starts and when the disk closes. */
-	pthread_t closer;
-	bool closer_started;
+	/* Sources pivots left, being closed on threads of their own so
+	 * that the guest never waits for them (pivot.c); joined before the
+	 * next job opens its destination and when the disk closes, never
+	 * on the loop. */
+	pthread_mutex_t closers_lock;
+	struct bm_closer *closers;
 };
 
 /*
@@ -141,10 +142,13 @@ struct blockmirror_disk {
 void bm_disk_swap_image(struct blockmirror_disk *disk, struct bm_image *old,
 			struct bm_image *img);
 
-/* Close `img`, which nothing references any more; one that syncs on
- * close does so on the disk's closer thread.  Loop thread. */
+/* Close `img`, which nothing references any more and which has nothing
+ * in flight: at once, or on a thread of its own when closing may write
+ * back (bm_image.close_slow).  Loop thread. */
 void bm_disk_close_later(struct blockmirror_disk *disk, struct bm_image *img);
-void bm_disk_join_closer(struct blockmirror_disk *disk);
+/* Wait for every close bm_disk_close_later started.  Not the loop
+ * thread. */
+void bm_disk_join_closers(struct blockmirror_disk *disk);
 
 /* The image under every filter: the one a move moves. */
 static inline struct bm_image *

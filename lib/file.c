@@ -769,7 +769,9 @@ bm_file_open(struct bm_loop *loop, const char *path, unsigned flags,
 		}
 		f->s.size = (uint64_t)st.st_size;
 		f->s.allocated = (uint64_t)st.st_blocks * 512;
-		f->dalign = 4096;
+		/* A direct request must not share a page with a cached
+		 * one (the kernel could not drop a dirty page under it). */
+		f->dalign = (uint32_t)BM_MAX(4096L, sysconf(_SC_PAGESIZE));
 	}
 	if (flags & (BM_OPEN_DIRECT | BM_OPEN_DIRECT_BULK))
 		open_direct(f, oflags);

@@ -1615,7 +1615,7 @@ fmt_new(const struct bm_fmt_driver *drv, struct bm_store *store,
 	f->img.ops = &fmt_ops;
 	f->img.format = drv->format;
 	f->img.readonly = !(flags & BM_IMAGE_WRITE);
-	f->img.close_syncs = !f->img.readonly;
+	f->img.close_slow = !f->img.readonly;
 	store->growable = true;
 
 	r = bm_loop_new(16, &f->wloop);

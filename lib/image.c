@@ -198,6 +198,8 @@ bm_image_open(struct bm_loop *loop, const char *name,
 	r = open_driver(s, name, format, flags, out);
 	if (r < 0)
 		goto out_close;
+	if (flags & BM_IMAGE_WRITE)
+		(*out)->close_slow = true;
 	return 0;
 
 out_close:
@@ -341,6 +343,7 @@ bm_image_create(struct bm_loop *loop, const char *name,
 		return r;
 	}
 	(*out)->zero_init = !s->block_device;
+	(*out)->close_slow = true;
 	return 0;
 }
 

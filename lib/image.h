@@ -44,9 +44,10 @@ struct bm_image {
 	uint32_t align;                /* request alignment, >= 1 */
 	bool readonly;
 	bool zero_init;                /* created by us: reads as zeroes */
-	bool close_syncs;              /* close writes and syncs (qcow2,
-					  VHDX written to): slow after many
-					  cached writes */
+	bool close_slow;               /* closing may write back: a qcow2
+					  or VHDX image written to (tables,
+					  sync), a file written to (NFS and
+					  FUSE write back at close) */
 	struct bm_image *below;        /* a filter's: the image it stands
 					  over (NULL: not a filter) */
 };

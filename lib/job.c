@@ -407,6 +407,9 @@ blockmirror_job_start(struct blockmirror_disk *disk, const char *destination,
 	pthread_mutex_init(&job->state_lock, NULL);
 	pthread_cond_init(&job->state_cond, NULL);
 
+	/* A source an earlier pivot left may still be closing; it may be
+	 * this job's destination. */
+	bm_disk_join_closers(disk);
 	/* Open the destination on a private loop, here, so the disk's loop
 	 * never waits on it; call_start hands it over. */
 	r = bm_loop_new(8, &tmp);

@@ -841,7 +841,8 @@ bm_mirror_remaining(struct bm_job *job)
 bool
 bm_mirror_busy(const struct bm_job *job)
 {
-	return job->copier.inflight || job->mapping || job->flushing;
+	return job->copier.inflight || job->mapping || job->flushing ||
+	       job->src_flushing;
 }
 
 /* The READY flush is done (pivot.c's dst_flushed() steps next). */

@@ -145,6 +145,8 @@ struct bm_job {
 					  READY flush, the preflush or the
 					  final flush: the phase says which) */
 	struct bm_io flush_io;
+	bool src_flushing;             /* the preflush of the source */
+	struct bm_io src_flush_io;
 	uint64_t bytes_copied;
 	uint64_t bytes_mirrored;
 	uint64_t copy_start_ns;

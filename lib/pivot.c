@@ -13,7 +13,8 @@
  *
  *   pivot (complete) and clean cancel (cancel after READY):
  *   PREFLUSH     flush the destination while the guest still runs, so the
- *                flush in the stall finds little to write; wait for state
+ *                flush in the stall finds little to write (and the source
+ *                where the change record lives in it); wait for state
  *                I/O too, for the same reason
  *   DRAIN        the disk is quiesced: new guest requests queue, those in
  *                flight finish
@@ -203,8 +204,8 @@ back_to_ready(struct bm_job *job, int err)
  * 2. The swap: the destination replaces the mirror filter as the disk's
  *    image (bm_disk_swap_image); the job lets go.
  * 3. The release: the queued guest requests go to the destination, and
- *    the source is closed: a raw file at once, a qcow2 or VHDX image,
- *    whose close writes back and syncs, on the disk's closer thread.
+ *    the source is closed, on a thread of its own where closing may
+ *    write back (bm_disk_close_later).
  */
 static void
 pivot(struct bm_job *job)
@@ -297,6 +298,17 @@ flush_dst(struct bm_job *job)
 	bm_image_flush(job->dst, &job->flush_io);
 }
 
+static void
+src_flushed(struct bm_io *io, int err)
+{
+	struct bm_job *job = io->opaque;
+
+	/* Only so that the record's marks find little to sync; a failure
+	 * shows there (and the guest's own flushes report to the guest). */
+	job->src_flushing = false;
+	bm_job_step(job);
+}
+
 /* Pivot or clean cancel, from READY (or PAUSED after READY). */
 static void
 enter_preflush(struct bm_job *job)
@@ -306,10 +318,21 @@ enter_preflush(struct bm_job *job)
 	if (!job->flushing)
 		flush_dst(job);
 	/* The source is not flushed: nothing needs its cached writes on
-	 * disk once the destination holds them all, and a qcow2 or VHDX
-	 * source, whose close syncs them (seconds of the guest's random
-	 * writes after a busy move), is closed on the disk's closer thread
-	 * after the switch (pivot()). */
+	 * disk once the destination holds them all, and one whose close
+	 * writes back (a qcow2 or VHDX image, a file on NFS) is closed on
+	 * a thread of its own after the switch (pivot()).  Except where
+	 * the disk's change record lives in the source's bitmaps: the
+	 * record goes on marking there after the pivot, each new mark
+	 * followed by a data sync of that file, and the guest's first
+	 * write to an unmarked block would wait for all of it. */
+	if (job->goal == BM_GOAL_PIVOT &&
+	    bm_cbt_kept_in(job->disk->cbt, job->src)) {
+		job->src_flushing = true;
+		memset(&job->src_flush_io, 0, sizeof job->src_flush_io);
+		job->src_flush_io.done = src_flushed;
+		job->src_flush_io.opaque = job;
+		bm_image_flush(job->src, &job->src_flush_io);
+	}
 }
 
 static void
@@ -496,7 +519,7 @@ bm_job_step(struct bm_job *job)
 	case BM_PHASE_PREFLUSH:
 		/* State I/O finishes while the guest still runs too, so that
 		 * it never adds to the stall. */
-		if (!job->flushing &&
+		if (!job->flushing && !job->src_flushing &&
 		    !bm_state_busy(job))
 			enter_drain(job);
 		break;

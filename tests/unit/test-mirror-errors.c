@@ -867,6 +867,7 @@ END_TEST
 START_TEST(test_pivot_closes_qcow2_source_aside)
 {
 	static unsigned char buf[1 << 16], back[1 << 16];
+	uint64_t flushes;
 	char src[128];
 
 	snprintf(src, sizeof src, "%s/src.qcow2", fx.dir);
@@ -886,6 +887,7 @@ START_TEST(test_pivot_closes_qcow2_source_aside)
 	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf,
 						4 * MiB, 0), 0);
 	atomic_store(&fx.rules.hang_flush, true);
+	flushes = atomic_load(&fx.rules.flushes);
 	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
 		      blockmirror_last_error());
 	memset(buf, 0x4f, sizeof buf);
@@ -897,7 +899,9 @@ START_TEST(test_pivot_closes_qcow2_source_aside)
 	atomic_store(&fx.rules.hang_flush, false);
 	blockmirror_job_free(fx.job);
 	ck_assert_int_eq(blockmirror_disk_close(fx.disk), 0);
-	ck_assert_uint_gt(atomic_load(&fx.rules.flushes), 0);
+	/* The close synced, once let through. */
+	ck_assert_uint_gt(atomic_load(&fx.rules.flushes), flushes);
+	bm_fault_unregister(src);
 	/* The source as the pivot left it: without the write made after
 	 * it, which went to the destination only. */
 	{
@@ -914,6 +918,117 @@ START_TEST(test_pivot_closes_qcow2_source_aside)
 		ck_assert_mem_eq(back, zero, sizeof back);
 		ck_assert_int_eq(blockmirror_disk_close(d), 0);
 	}
+	unlink(src);
+}
+END_TEST
+
+static atomic_bool released;
+
+static void *
+release_flushes(void *arg)
+{
+	sleep_ms(200);
+	atomic_store(&released, true);
+	atomic_store(&fx.rules.hang_flush, false);
+	return NULL;
+}
+
+/*
+ * A move back onto a source that is still being closed (its flushes hung)
+ * waits for that close before it opens the image: two owners of one qcow2
+ * file would corrupt it.  The moved-back disk then equals the
+ * destination it came from.
+ */
+START_TEST(test_move_back_waits_for_close)
+{
+	static unsigned char buf[1 << 16];
+	struct blockmirror_job_options o;
+	pthread_t t;
+	char src[128];
+
+	snprintf(src, sizeof src, "%s/back.qcow2", fx.dir);
+	ck_assert_int_eq(blockmirror_image_create(src,
+		BLOCKMIRROR_FORMAT_QCOW2, SIZE, "cluster_size=65536", false),
+		0);
+	memset(&fx.rules, 0, sizeof fx.rules);
+	ck_assert_int_eq(bm_fault_register(src, &fx.rules), 0);
+	open_disk_quiet(src, BLOCKMIRROR_FORMAT_QCOW2);
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	memset(buf, 0x71, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf,
+						3 * MiB, 0), 0);
+	atomic_store(&fx.rules.hang_flush, true);
+	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
+		      blockmirror_last_error());
+	blockmirror_job_free(fx.job);
+	atomic_store(&released, false);
+	ck_assert_int_eq(pthread_create(&t, NULL, release_flushes, NULL), 0);
+	o = job_options(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
+	o.flags = 0;
+	fx.job = blockmirror_job_start(fx.disk, src, &o);
+	ck_assert_msg(atomic_load(&released), "the move back opened the "
+		      "source while its close was still writing it");
+	pthread_join(t, NULL);
+	ck_assert_msg(fx.job != NULL, "%s", blockmirror_last_error());
+	wait_ready();
+	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
+		      blockmirror_last_error());
+	blockmirror_job_free(fx.job);
+	fx.job = NULL;
+	ck_assert_int_eq(blockmirror_disk_close(fx.disk), 0);
+	bm_fault_unregister(src);
+	{
+		struct blockmirror_verify_result v = { .size = sizeof v };
+
+		ck_assert_int_eq(blockmirror_verify(src,
+			BLOCKMIRROR_FORMAT_QCOW2, fx.dst,
+			BLOCKMIRROR_FORMAT_QCOW2, NULL, NULL, &v), 0);
+		ck_assert(v.identical);
+	}
+	unlink(src);
+}
+END_TEST
+
+/*
+ * Where the disk's change record is the qcow2 source's own bitmaps, the
+ * tracker goes on marking there after the pivot, each new mark followed
+ * by a data sync of that file: the pivot flushes the source first, while
+ * the guest still runs, so that the first write after it does not wait
+ * for everything the guest wrote during the move.
+ */
+START_TEST(test_pivot_flushes_source_holding_record)
+{
+	static unsigned char buf[1 << 16];
+	bool in_image = false;
+	uint64_t flushes;
+	char src[128], *where = NULL;
+
+	snprintf(src, sizeof src, "%s/rec.qcow2", fx.dir);
+	ck_assert_int_eq(blockmirror_image_create(src,
+		BLOCKMIRROR_FORMAT_QCOW2, SIZE, "cluster_size=65536", false),
+		0);
+	memset(&fx.rules, 0, sizeof fx.rules);
+	ck_assert_int_eq(bm_fault_register(src, &fx.rules), 0);
+	open_disk_quiet(src, BLOCKMIRROR_FORMAT_QCOW2);
+	ck_assert_msg(blockmirror_disk_track(fx.disk, NULL, 0, NULL) == 0,
+		      "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_disk_track_record(fx.disk, &where,
+						       &in_image), 0);
+	free(where);
+	ck_assert(in_image);
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	memset(buf, 0x61, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf,
+						2 * MiB, 0), 0);
+	flushes = atomic_load(&fx.rules.flushes);
+	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
+		      blockmirror_last_error());
+	ck_assert_uint_gt(atomic_load(&fx.rules.flushes), flushes);
+	blockmirror_job_free(fx.job);
+	ck_assert_int_eq(blockmirror_disk_close(fx.disk), 0);
+	bm_fault_unregister(src);
 	unlink(src);
 }
 END_TEST
@@ -1174,6 +1289,8 @@ main(void)
 	tcase_add_test(order, test_active_write_overtakes_copy);
 	tcase_add_test(order, test_pivot_leaves_raw_source_unsynced);
 	tcase_add_test(order, test_pivot_closes_qcow2_source_aside);
+	tcase_add_test(order, test_pivot_flushes_source_holding_record);
+	tcase_add_test(order, test_move_back_waits_for_close);
 	suite_add_tcase(s, order);
 
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
