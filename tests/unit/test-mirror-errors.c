@@ -856,6 +856,20 @@ START_TEST(test_pivot_leaves_raw_source_unsynced)
 }
 END_TEST
 
+/* A new qcow2 image in the test's directory, with fault rules (fx.rules),
+ * opened as the disk. */
+static void
+qcow2_source_open(char *src, size_t len, const char *name)
+{
+	snprintf(src, len, "%s/%s", fx.dir, name);
+	ck_assert_int_eq(blockmirror_image_create(src,
+		BLOCKMIRROR_FORMAT_QCOW2, SIZE, "cluster_size=65536", false),
+		0);
+	memset(&fx.rules, 0, sizeof fx.rules);
+	ck_assert_int_eq(bm_fault_register(src, &fx.rules), 0);
+	open_disk_quiet(src, BLOCKMIRROR_FORMAT_QCOW2);
+}
+
 /*
  * A qcow2 source, whose close writes its tables and syncs, is closed off
  * the disk's loop after the pivot: with the source's flushes hung, the
@@ -870,13 +884,7 @@ START_TEST(test_pivot_closes_qcow2_source_aside)
 	uint64_t flushes;
 	char src[128];
 
-	snprintf(src, sizeof src, "%s/src.qcow2", fx.dir);
-	ck_assert_int_eq(blockmirror_image_create(src,
-		BLOCKMIRROR_FORMAT_QCOW2, SIZE, "cluster_size=65536", false),
-		0);
-	memset(&fx.rules, 0, sizeof fx.rules);
-	ck_assert_int_eq(bm_fault_register(src, &fx.rules), 0);
-	open_disk_quiet(src, BLOCKMIRROR_FORMAT_QCOW2);
+	qcow2_source_open(src, sizeof src, "src.qcow2");
 	memset(buf, 0x4d, sizeof buf);
 	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf, 0,
 						0), 0);
@@ -946,13 +954,7 @@ START_TEST(test_move_back_waits_for_close)
 	pthread_t t;
 	char src[128];
 
-	snprintf(src, sizeof src, "%s/back.qcow2", fx.dir);
-	ck_assert_int_eq(blockmirror_image_create(src,
-		BLOCKMIRROR_FORMAT_QCOW2, SIZE, "cluster_size=65536", false),
-		0);
-	memset(&fx.rules, 0, sizeof fx.rules);
-	ck_assert_int_eq(bm_fault_register(src, &fx.rules), 0);
-	open_disk_quiet(src, BLOCKMIRROR_FORMAT_QCOW2);
+	qcow2_source_open(src, sizeof src, "back.qcow2");
 	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
 	wait_ready();
 	memset(buf, 0x71, sizeof buf);
@@ -1004,13 +1006,7 @@ START_TEST(test_pivot_flushes_source_holding_record)
 	uint64_t flushes;
 	char src[128], *where = NULL;
 
-	snprintf(src, sizeof src, "%s/rec.qcow2", fx.dir);
-	ck_assert_int_eq(blockmirror_image_create(src,
-		BLOCKMIRROR_FORMAT_QCOW2, SIZE, "cluster_size=65536", false),
-		0);
-	memset(&fx.rules, 0, sizeof fx.rules);
-	ck_assert_int_eq(bm_fault_register(src, &fx.rules), 0);
-	open_disk_quiet(src, BLOCKMIRROR_FORMAT_QCOW2);
+	qcow2_source_open(src, sizeof src, "rec.qcow2");
 	ck_assert_msg(blockmirror_disk_track(fx.disk, NULL, 0, NULL) == 0,
 		      "%s", blockmirror_last_error());
 	ck_assert_int_eq(blockmirror_disk_track_record(fx.disk, &where,
