@@ -165,24 +165,23 @@ wait "$SLOW" 2>/dev/null || true
 	{ ls -la "$T/slowcat" >&2; fail "a cancelled backup left files in its catalogue"; }
 pass "quit during a backup: cancelled, no point left, the server exits 0"
 
-# kill -9 of the server while a backup copies, then a restart: the next
+# kill -9 of the server during a backup (from its thaw hook, right after
+# its instant), then a restart: the next
 # backup is still incremental (no healing), holds every write since the
 # last point that exists, and equals the disk.
 start_serve "$T/disk.raw"
 run_ok qemu-io -f raw -c "write -P 0x6b 4M 32M" "$MAIN"
 n_before=$(ls "$DIR"/*.json | wc -l)
+# The thaw hook runs once the server has taken the backup's instant and
+# before the copy ends: the kill lands there on any machine.
 "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --progress \
+	--freeze-cmd true --thaw-cmd "touch $T/killed; kill -9 $SERVE_PID" \
 	>"$T/dead.out" 2>"$T/dead.err" &
 b=$!
-for ((i = 0; i < 600; i++)); do
-	[[ -s $T/dead.out ]] && break
-	kill -0 "$b" 2>/dev/null || break
-	sleep 0.05
-done
-kill -9 "$SERVE_PID"
+wait "$b" && fail "the backup of a killed server said it succeeded"
+[[ -e $T/killed ]] || { cat "$T/dead.err" >&2; fail "the backup failed before its instant"; }
 wait "$SERVE_PID" 2>/dev/null || true
 SERVE_PID=
-wait "$b" && fail "the backup of a killed server said it succeeded"
 [[ $(ls "$DIR"/*.json | wc -l) == "$n_before" ]] || fail "a killed backup left a point"
 start_serve "$T/disk.raw"
 grep -q crashed "$T/serve.err" || fail "the restarted server did not say the tracker crashed"

@@ -155,7 +155,8 @@ make_mixed_image "$T/src.raw"
 truncate -s "$SIZE" "$T/src.raw"
 start_serve "$T/src.raw"
 rm -f "$T/k.sock"
-nbdkit --exit-with-parent -f -U "$T/k.sock" --filter=delay memory "$SIZE" wdelay=500ms &
+# Writes that never finish: the kill always lands in the middle.
+nbdkit --exit-with-parent -f -U "$T/k.sock" --filter=delay memory "$SIZE" wdelay=60 &
 kpid=$!
 wait_for_socket "$T/k.sock"
 fio_write "$T/fio.out" 2000 &

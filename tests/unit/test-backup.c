@@ -13,6 +13,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <stddef.h>
 #include <sys/file.h>
 #include <sys/mman.h>
@@ -55,6 +56,7 @@ struct writers {
 	atomic_bool stop;
 	atomic_bool paused;
 	atomic_uint busy;              /* writers inside a write */
+	atomic_uint done;              /* writes acknowledged */
 	atomic_bool touched[NBLOCKS];  /* written since cleared */
 	uint64_t blocks;               /* write below this block (0: all) */
 };
@@ -89,6 +91,7 @@ writer_main(void *arg)
 		else
 			blockmirror_disk_write(W.disk, buf, n * BLOCK,
 					       b * BLOCK, 0);
+		atomic_fetch_add(&W.done, 1);
 		atomic_fetch_sub(&W.busy, 1);
 	}
 	free(buf);
@@ -285,23 +288,39 @@ START_TEST(test_incremental_after_kill)
 	struct blockmirror_disk *disk = open_disk();
 	uint8_t *want = aligned_alloc(BLOCK, DISK_SIZE);
 	bool crashed = false;
+	struct pollfd pfd = { .events = POLLIN };
+	int fds[2];
+	char c = 0;
 	pid_t pid;
 
 	o.dir = bdir;
 	ck_assert_int_eq(blockmirror_disk_track(disk, NULL, 0, NULL), 0);
 	ck_assert_int_eq(blockmirror_backup(disk, &o, &res), 0);
 	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
+	ck_assert_int_eq(pipe(fds), 0);
 	pid = fork();
 	ck_assert_int_ge(pid, 0);
 	if (pid == 0) {
+		close(fds[0]);
 		disk = open_disk();
 		if (blockmirror_disk_track(disk, NULL, 0, NULL) < 0)
 			_exit(3);
 		writers_start(disk, NBLOCKS / 4);
+		/* Killed only once writes were acknowledged, on any
+		 * machine. */
+		while (atomic_load(&W.done) < 20)
+			sleep_ms(5);
+		if (write(fds[1], "w", 1) != 1)
+			_exit(4);
 		for (;;)
 			pause();
 	}
-	sleep_ms(400);
+	close(fds[1]);
+	pfd.fd = fds[0];
+	ck_assert_msg(poll(&pfd, 1, 30000) == 1 && read(fds[0], &c, 1) == 1,
+		      "the writers acknowledged no 20 writes in 30 s");
+	close(fds[0]);
+	sleep_ms(50);
 	kill(pid, SIGKILL);
 	waitpid(pid, NULL, 0);
 	disk = open_disk();

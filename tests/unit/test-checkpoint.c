@@ -101,6 +101,28 @@ read_all(struct blockmirror_snapshot *snap, uint8_t *buf)
 			      "%s", blockmirror_last_error());
 }
 
+/* Wait until n granules hold an acknowledged block; false after ms. */
+static bool
+wait_acked_granules(struct shared *sh, unsigned n, unsigned ms)
+{
+	for (unsigned waited = 0; waited < ms; waited += 10) {
+		unsigned count = 0;
+
+		for (uint64_t g = 0; g < DISK_SIZE / GRAN; g++) {
+			bool any = false;
+
+			for (uint64_t b = g * GRAN / BLOCK;
+			     !any && b < (g + 1) * GRAN / BLOCK; b++)
+				any = atomic_load(&sh->acked[b]);
+			count += any;
+		}
+		if (count >= n)
+			return true;
+		sleep_ms(10);
+	}
+	return false;
+}
+
 static bool
 bit(const uint64_t *words, uint64_t b)
 {
@@ -139,7 +161,10 @@ START_TEST(test_changed_between_instants)
 		ck_assert_int_eq(pthread_create(&t[i], NULL, writer_main,
 						&w[i]), 0);
 	}
-	sleep_ms(300);
+	/* Enough changed granules for the check below, however slow the
+	 * record's syncs are here. */
+	ck_assert_msg(wait_acked_granules(&sh, 20, 20000), "the writers "
+		      "changed fewer than 20 granules in 20 s");
 	o.since = "c1";
 	o.checkpoint = "c2";
 	ck_assert_msg(blockmirror_snapshot_take(&disk, 1, &o, &s2) == 0, "%s",

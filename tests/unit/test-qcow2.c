@@ -734,6 +734,7 @@ qcow2_suite(void)
 	tcase_add_test(tc, test_compression);
 	suite_add_tcase(s, tc);
 	tc = tcase_create("driver");
+	tcase_set_timeout(tc, 60);
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_test(tc, test_driver);
 	tcase_add_test(tc, test_zero_fua);
@@ -743,6 +744,7 @@ qcow2_suite(void)
 	tcase_add_test(tc, test_flush_under_load);
 	suite_add_tcase(s, tc);
 	tc = tcase_create("race");
+	tcase_set_timeout(tc, 60);
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_add_loop_test(tc, test_reuse_under_write, 0, 2);
 	suite_add_tcase(s, tc);
