@@ -668,6 +668,20 @@ wait_point() {
 	fail "no point $1 committed in 30 s"
 }
 
+# wait_status EXPR: until the primary's replication status (d, its JSON)
+# makes the Python expression EXPR true; 30 s at most.
+wait_status() {
+	local i
+	for ((i = 0; i < 300; i++)); do
+		"$BMIRROR" replicate status --control "$CTL" --json |
+			python3 -c "import json,sys; d = json.load(sys.stdin); sys.exit(0 if ($1) else 1)" &&
+			return 0
+		sleep 0.1
+	done
+	"$BMIRROR" replicate status --control "$CTL" >&2 || true
+	fail "replication never came to: $1"
+}
+
 # The replica's latest point's image, and point N's.
 point_image() { # point_image DIR N (0: latest)
 	"$BMIRROR" replica points "$1" --json | python3 -c '

@@ -117,7 +117,7 @@ FULL_AT=$(json_get "$RUN_OUT" point)
 run_ok qemu-img convert -f raw -O raw "$NBD" "$T/before.raw"
 # The whole disk again: a point's layer of 16 MiB does not fit in 6.
 run_ok qemu-io -f raw -c "write -P 0x61 0 $SIZE" "$NBD"
-sleep 3
+wait_status "d['cycles_failed'] >= 1"
 run_ok "$BMIRROR" replicate status --control "$CTL" --json
 json_assert "$RUN_OUT" "d['cycles_failed'] >= 1" "d['point'] == $FULL_AT" \
 	"'space' in d['last_error']"

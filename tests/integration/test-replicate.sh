@@ -129,7 +129,8 @@ pass "a point exported over NBD reads as its instant, a test failover writes bes
 # ---- the replica dies mid-stream ------------------------------------------
 kill -9 "$REPLICA_PID"
 wait "$REPLICA_PID" 2>/dev/null || true
-sleep 2 # cycles fail meanwhile; the guest goes on
+# Cycles fail meanwhile; the guest goes on.
+wait_status "d['cycles_failed'] >= 1 or d['state'] == 'connecting'"
 run_ok "$BMIRROR" replicate status --control "$CTL" --json
 json_assert "$RUN_OUT" "d['cycles_failed'] >= 1 or d['state'] == 'connecting'"
 LISTEN=$REP_ADDR start_replica rep

@@ -801,9 +801,10 @@ START_TEST(test_active_write_overtakes_copy)
 	ck_assert_msg(atomic_load(&w2.left) == 0, "a guest write waited for "
 		      "a copy into a hung destination");
 	ck_assert_int_eq(w2.err, 0);
-	/* The copy lands, the chunk is copied again, slowly: that copy is
-	 * the one the guest waits for. */
-	atomic_store(&dst_rules.write_delay_ns, 400 * 1000000ull);
+	/* The copy lands, the chunk is copied again, slowly (long enough
+	 * for the check below on a loaded machine): that copy is the one
+	 * the guest waits for. */
+	atomic_store(&dst_rules.write_delay_ns, 2000 * 1000000ull);
 	sub = atomic_load(&dst_rules.submitted);
 	atomic_store(&dst_rules.hang, false);
 	ck_assert_msg(wait_counter(&dst_rules.submitted, sub),
@@ -817,7 +818,7 @@ START_TEST(test_active_write_overtakes_copy)
 	ck_assert_msg(atomic_load(&fx.rules.submitted) == sub &&
 		      atomic_load(&w3.left) == 1, "a guest write overtook "
 		      "the copy of a contended chunk");
-	for (int i = 0; i < 1000 && atomic_load(&w3.left); i++)
+	for (int i = 0; i < 2000 && atomic_load(&w3.left); i++)
 		sleep_ms(5);
 	ck_assert_int_eq(atomic_load(&w3.left), 0);
 	ck_assert_int_eq(w3.err, 0);
@@ -1053,8 +1054,9 @@ START_TEST(test_error_while_draining)
 	start_job(BLOCKMIRROR_MODE_ACTIVE, policy[_i]);
 	wait_ready();
 	/* The next destination write (the mirrored half of the guest's)
-	 * takes 300 ms and then fails once. */
-	dst_rules.next_write_delay_ns = 300 * 1000000ull;
+	 * takes 1.5 s, for complete() to start first on a loaded machine,
+	 * and then fails once. */
+	dst_rules.next_write_delay_ns = 1500 * 1000000ull;
 	dst_rules.write_err_after = 0;
 	dst_rules.write_err_count = 1;
 	dst_rules.write_errno = EIO;

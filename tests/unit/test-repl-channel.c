@@ -476,7 +476,8 @@ START_TEST(test_silent_peer)
 
 	ck_assert_int_eq(bm_chan_recv(c, &m, 300), -ETIMEDOUT);
 	dt = now_ms() - t0;
-	ck_assert_msg(dt >= 290 && dt <= 600, "timed out after %llu ms",
+	/* The upper bound leaves room for a loaded machine and TSan. */
+	ck_assert_msg(dt >= 290 && dt <= 3000, "timed out after %llu ms",
 		      (unsigned long long)dt);
 	ck_assert_ptr_null(m);
 
@@ -485,7 +486,7 @@ START_TEST(test_silent_peer)
 	ask_raw(c, "{\"op\":\"ha", 0, "", false);
 	t0 = now_ms();
 	ck_assert_int_eq(bm_chan_recv(c, &m, 300), -ETIMEDOUT);
-	ck_assert_uint_le(now_ms() - t0, 600);
+	ck_assert_uint_le(now_ms() - t0, 3000);
 	ask_raw(c, "lf\"}\n", 0, "", false);
 	ck_assert_int_eq(bm_chan_recv(c, &m, 5000), 0);
 	ck_assert_str_eq(json_string_value(json_object_get(m, "op")), "half");
@@ -498,7 +499,7 @@ END_TEST
  * handshake; it is dropped after the deadline. */
 START_TEST(test_handshake_deadline)
 {
-	struct server *s = server_start(TCP4, 1000);
+	struct server *s = server_start(TCP4, 3000);
 	const char *addr = bm_chan_listener_address(s->l);
 	int port = atoi(strrchr(addr, ':') + 1);
 	struct sockaddr_in sa = { .sin_family = AF_INET,
@@ -516,10 +517,11 @@ START_TEST(test_handshake_deadline)
 	ck_assert_int_eq(bm_chan_call(c, req, &res, 5000), 0);
 	json_decref(res);
 	json_decref(req);
-	ck_assert_msg(now_ms() - t0 < 900, "the second client waited");
+	/* Well before the silent one's deadline, on a loaded machine too. */
+	ck_assert_msg(now_ms() - t0 < 2500, "the second client waited");
 
-	ck_assert(server_logged(s, "no TLS handshake within 1000 ms", 3000));
-	ck_assert_uint_le(now_ms() - t0, 2000);
+	ck_assert(server_logged(s, "no TLS handshake within 3000 ms", 6000));
+	ck_assert_uint_le(now_ms() - t0, 6000);
 	/* The server hung up on it. */
 	ck_assert_int_eq(read(silent, buf, 1), 0);
 	close(silent);
