@@ -2696,6 +2696,14 @@ bs_flood(const struct big *b, double secs)
 	_exit(0);
 }
 
+static int
+cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
 /*
  * Block status for ranges of 4 GiB over a sparse 64 GiB file with tens
  * of thousands of extents: each reply is a bounded prefix, and while
@@ -2708,7 +2716,7 @@ START_TEST(test_block_status_flood)
 	static uint8_t payload[4 + 8 * 8192];
 	struct big b;
 	pid_t kids[FLOODERS];
-	double worst = 0, t0;
+	double worst = 0, t0, times[1024];
 	uint64_t cookie, covered = 0;
 	unsigned reads = 0;
 	long n;
@@ -2770,6 +2778,8 @@ START_TEST(test_block_status_flood)
 		t = now_s() - t;
 		if (t > worst)
 			worst = t;
+		if (reads < 1024)
+			times[reads] = t;
 		reads++;
 		usleep(20 * 1000);
 	}
@@ -2780,9 +2790,15 @@ START_TEST(test_block_status_flood)
 		ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0,
 			      "flooder %d: status %d", i, st);
 	}
-	/* A hang check, not a speed test: before the steps, a read here
-	 * waited behind whole 4 GiB walks (over 1 s); now a few ms. */
-	ck_assert_msg(worst < 0.5, "a read took %.2f s during the block "
+	/* A hang check, not a speed test: before the steps, every read
+	 * here waited behind whole 4 GiB walks (over 1 s); now a few ms.
+	 * The median says that; the worst only has to be no hang, since a
+	 * loaded machine may stall any one read. */
+	qsort(times, BM_MIN(reads, 1024u), sizeof times[0], cmp_double);
+	ck_assert_msg(times[BM_MIN(reads, 1024u) / 2] < 0.1, "the median read "
+		      "took %.3f s during the block status flood (%u reads)",
+		      times[BM_MIN(reads, 1024u) / 2], reads);
+	ck_assert_msg(worst < 2, "a read took %.2f s during the block "
 		      "status flood (%u reads)", worst, reads);
 	close(fd);
 	big_stop(&b);

@@ -47,6 +47,7 @@ struct writer {
 	unsigned id;
 	uint64_t rng;
 	int err;
+	atomic_uint done;             /* its writes acknowledged */
 };
 
 static void
@@ -148,6 +149,7 @@ writer_main(void *arg)
 		for (uint64_t i = 0; i < n; i++)
 			atomic_store(&m->acked[first + i], v[i]);
 		atomic_fetch_add(&m->writes, 1);
+		atomic_fetch_add(&w->done, 1);
 	}
 	free(buf);
 	return NULL;
@@ -283,6 +285,25 @@ wait_writes(struct model *m, unsigned n)
 		sleep_ms(5);
 	ck_assert_msg(atomic_load(&m->writes) - start >= n,
 		      "the writers stalled");
+}
+
+/* Until every writer has had n more writes acknowledged: each has one
+ * write at a time, so whatever any of them had started before is done. */
+static void
+wait_each_writer(struct writer *w, unsigned n)
+{
+	unsigned start[NWRITERS];
+	uint64_t deadline = now_ms() + 20000;
+
+	for (unsigned i = 0; i < NWRITERS; i++)
+		start[i] = atomic_load(&w[i].done);
+	for (unsigned i = 0; i < NWRITERS; i++) {
+		while (atomic_load(&w[i].done) - start[i] < n &&
+		       now_ms() < deadline)
+			sleep_ms(5);
+		ck_assert_msg(atomic_load(&w[i].done) - start[i] >= n,
+			      "writer %u stalled", i);
+	}
 }
 
 /*
@@ -1197,7 +1218,7 @@ START_TEST(test_changed_only)
 	/* With everything dropped, the writers cost no more copies (once
 	 * those whose read and write had both begun are done). */
 	ck_assert_int_eq(blockmirror_snapshot_drop(snap, 0, DISK_SIZE), 0);
-	wait_writes(&m, 20);
+	wait_each_writer(w, 2);
 	ck_assert_int_eq(blockmirror_snapshot_query(snap, &info), 0);
 	saved = info.bytes_saved;
 	cbw = info.cbw_count;
