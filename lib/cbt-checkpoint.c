@@ -9,6 +9,15 @@
  * nothing, in memory or on disk, and a crash leaves the old file or the
  * new one.  Removing Ck merges Bk into B(k-1) before the write, so
  * "changed since C(k-1)" is the same in both.
+ *
+ * A checkpoint made within bm_cbt_carry_window seconds of the newest
+ * carries: its bitmap is written with every block durable in the
+ * newest's, not empty, so the guest's next writes to those blocks do not
+ * wait for a sync (cbt.c).  That is a checkpoint a second for
+ * replication, whose writes mostly fall in blocks written the second
+ * before.  The carried blocks are dropped once they go back more than
+ * CARRY_MAX seconds: after a crash, "changed since" a checkpoint holds
+ * at most that much from before it.  Removals keep what Bn carries.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -18,6 +27,10 @@
 
 #include "cbt-int.h"
 #include "errors.h"
+
+#define CARRY_MAX 60
+
+unsigned bm_cbt_carry_window = 10;
 
 static int
 copy_bitmap(struct bm_bitmap *dst, const struct bm_bitmap *src)
@@ -47,13 +60,22 @@ bad_name(const struct bm_cbt *cbt, const char *name)
 			name ? name : "", BM_CBT_NAME_MAX);
 }
 
+static uint64_t
+newest_created(const struct bm_cbt *cbt)
+{
+	return cbt->cp[cbt->count - 1].e.created;
+}
+
 int
 bm_cbt_create(struct bm_cbt *cbt, const char *name)
 {
 	struct bm_cbt_entry ents[BM_CBT_MAX_CHECKPOINTS];
 	struct bm_bitmap *bits[BM_CBT_MAX_CHECKPOINTS];
 	struct checkpoint c = { 0 };
+	struct bm_bitmap carry = { 0 };
 	size_t n = cbt->count;
+	uint64_t now = (uint64_t)time(NULL);
+	bool carry_on;
 	int r;
 
 	if (!bm_cbt_name_ok(name))
@@ -64,26 +86,45 @@ bm_cbt_create(struct bm_cbt *cbt, const char *name)
 	if (n == BM_CBT_MAX_CHECKPOINTS)
 		return bm_error(-ENOSPC, "%s: %u checkpoints already",
 				cbt->path, BM_CBT_MAX_CHECKPOINTS);
-	bm_cbt_flush(cbt); /* a failure is flagged on the checkpoints */
-	if (bm_bitmap_init(&c.bits, cbt->disk_size, cbt->granularity) < 0)
+	/* A failed write-back is flagged on the checkpoints; one still in
+	 * flight (the loop failed) must not complete into the new file. */
+	if ((r = bm_cbt_flush(cbt)) < 0 && cbt->writing)
+		return r;
+	/* Carry what is durable of the newest if it is recent, and what it
+	 * carried if that is not too old either; a broken tracker's
+	 * durable set is no promise, so nothing then. */
+	carry_on = n && !cbt->err && !cbt->carried_unknown &&
+		   bm_cbt_carry_window &&
+		   now - newest_created(cbt) < bm_cbt_carry_window &&
+		   (!cbt->carrying || now - cbt->carry_since < CARRY_MAX);
+	if (carry_on && (r = copy_bitmap(&carry, &cbt->durable)) < 0)
+		return r;
+	if (bm_bitmap_init(&c.bits, cbt->disk_size, cbt->granularity) < 0) {
+		bm_bitmap_free(&carry);
 		return bm_error(-ENOMEM, "%s: out of memory", cbt->path);
+	}
 	snprintf(c.e.name, sizeof c.e.name, "%s", name);
 	c.e.id = cbt->next_id++;
-	c.e.created = (uint64_t)time(NULL);
+	c.e.created = now;
 	for (size_t i = 0; i < n; i++) {
 		ents[i] = cbt->cp[i].e;
 		bits[i] = &cbt->cp[i].bits;
 	}
 	ents[n] = c.e;
-	bits[n] = &c.bits;
+	bits[n] = carry_on ? &carry : &c.bits;
 	r = bm_cbt_write_file(cbt, ents, bits, n + 1, true);
 	if (r < 0) {
 		cbt->next_id--;
 		bm_bitmap_free(&c.bits);
+		bm_bitmap_free(&carry);
 		return r;
 	}
+	if (!carry_on || !cbt->carrying)
+		cbt->carry_since = n ? newest_created(cbt) : now;
+	cbt->carried_unknown = false;
 	cbt->cp[cbt->count++] = c;
-	bm_cbt_rewritten(cbt);
+	bm_cbt_rewritten(cbt, carry_on ? &carry : NULL);
+	bm_bitmap_free(&carry);
 	return 0;
 }
 
@@ -92,7 +133,7 @@ bm_cbt_remove(struct bm_cbt *cbt, const char *name)
 {
 	struct bm_cbt_entry ents[BM_CBT_MAX_CHECKPOINTS];
 	struct bm_bitmap *bits[BM_CBT_MAX_CHECKPOINTS];
-	struct bm_bitmap merged = { 0 };
+	struct bm_bitmap merged = { 0 }, shown = { 0 };
 	long k = name ? find(cbt, name) : -1;
 	size_t j = 0;
 	int r;
@@ -100,7 +141,8 @@ bm_cbt_remove(struct bm_cbt *cbt, const char *name)
 	if (k < 0)
 		return bm_error(-ENOENT, "%s: no checkpoint named %.80s",
 				cbt->path, name ? name : "(null)");
-	bm_cbt_flush(cbt);
+	if ((r = bm_cbt_flush(cbt)) < 0 && cbt->writing)
+		return r;
 	/* B(k-1) | Bk keeps "changed since C(k-1)" as it was. */
 	if (k > 0) {
 		r = copy_bitmap(&merged, &cbt->cp[k - 1].bits);
@@ -119,9 +161,21 @@ bm_cbt_remove(struct bm_cbt *cbt, const char *name)
 		}
 		j++;
 	}
+	/* The newest on disk keeps what it carries (and what is durable of
+	 * it, whichever bitmap it becomes). */
+	if (cbt->carrying && j) {
+		r = copy_bitmap(&shown, bits[j - 1]);
+		if (r < 0) {
+			bm_bitmap_free(&merged);
+			return r;
+		}
+		bm_cbt_or_into(&shown, &cbt->durable);
+		bits[j - 1] = &shown;
+	}
 	r = bm_cbt_write_file(cbt, ents, bits, j, true);
 	if (r < 0) {
 		bm_bitmap_free(&merged);
+		bm_bitmap_free(&shown);
 		return r;
 	}
 	bm_bitmap_free(&cbt->cp[k].bits);
@@ -133,7 +187,8 @@ bm_cbt_remove(struct bm_cbt *cbt, const char *name)
 	memmove(&cbt->cp[k], &cbt->cp[k + 1],
 		(cbt->count - (size_t)k - 1) * sizeof cbt->cp[0]);
 	cbt->count--;
-	bm_cbt_rewritten(cbt);
+	bm_cbt_rewritten(cbt, shown.words ? &shown : NULL);
+	bm_bitmap_free(&shown);
 	return 0;
 }
 

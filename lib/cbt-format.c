@@ -285,14 +285,16 @@ bm_cbt_header_decode(const uint8_t *buf, size_t len, struct bm_cbt_header *h)
 }
 
 void
-bm_cbt_bits_encode(const uint64_t *words, uint64_t blocks, uint64_t page,
-		   uint64_t npages, uint8_t *buf)
+bm_cbt_bits_encode(const uint64_t *words, const uint64_t *also,
+		   uint64_t blocks, uint64_t page, uint64_t npages,
+		   uint8_t *buf)
 {
 	uint64_t nwords = (blocks + 63) / 64;
 
 	for (uint64_t i = 0; i < npages * WORDS_PER_PAGE; i++) {
 		uint64_t wi = page * WORDS_PER_PAGE + i;
-		uint64_t w = wi < nwords ? words[wi] : 0;
+		uint64_t w = wi < nwords ? words[wi] | (also ? also[wi] : 0)
+					 : 0;
 
 		/* Little-endian bytes: block b is bit b % 8 of byte b / 8. */
 		bm_put_be64(buf + 8 * i, __builtin_bswap64(w));

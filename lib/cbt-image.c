@@ -147,7 +147,7 @@ bm_cbt_image_write(struct bm_cbt *cbt, const struct bm_cbt_entry *ents,
 		/* Whatever makes it untrusted here makes QEMU refuse it. */
 		if (ents[i].flags)
 			b->flags |= BM_QCOW2_BME_IN_USE;
-		bm_cbt_bits_encode(bits[i]->words, cbt->blocks, 0,
+		bm_cbt_bits_encode(bits[i]->words, NULL, cbt->blocks, 0,
 				   bytes / BM_CBT_PAGE, set.data[i]);
 	}
 	if (r < 0)

@@ -44,7 +44,15 @@ struct bm_cbt {
 	size_t count;
 	struct checkpoint cp[BM_CBT_MAX_CHECKPOINTS];
 
-	struct bm_bitmap durable;    /* of Bn */
+	struct bm_bitmap durable;    /* set in Bn on disk */
+	/* Bn on disk holds blocks of the checkpoints before Cn too
+	 * (carried: durable is not within Bn's `want`), since carry_since
+	 * (unix seconds).  See bm_cbt_create. */
+	bool carrying;
+	uint64_t carry_since;
+	/* Opened after a crash: Bn may hold carried blocks of unknown age,
+	 * so the next checkpoint starts empty. */
+	bool carried_unknown;
 	struct bm_bitmap pending;    /* pages of Bn to write; one bit a page */
 	struct bm_bitmap inflight;   /* pages the write-back in flight holds */
 	uint8_t *wbuf;               /* those pages' snapshot, at their place */
@@ -71,9 +79,11 @@ int bm_cbt_write_file(struct bm_cbt *cbt, const struct bm_cbt_entry *ents,
 		      struct bm_bitmap *const *bits, size_t count,
 		      bool in_use);
 
-/* After a rewrite that matches memory: Bn is durable as it is, the
- * tracker is mended, and the store moves to the new file. */
-void bm_cbt_rewritten(struct bm_cbt *cbt);
+/* After a rewrite that matches memory: Bn is durable as it is (with
+ * the blocks of `carried` too, unless NULL: what the rewrite wrote for
+ * Bn beyond it), the tracker is mended, and the store moves to the new
+ * file. */
+void bm_cbt_rewritten(struct bm_cbt *cbt, const struct bm_bitmap *carried);
 
 /* ---- the in-image record (cbt-image.c) ---- */
 

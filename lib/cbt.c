@@ -29,7 +29,16 @@
  *
  * Writing pages in place is safe because between two rewrites of the
  * whole file the bits of Bn only go from 0 to 1: a torn page (each
- * sector old or new) can only lose bits whose writers are still waiting.  Everything else (the
+ * sector old or new) can only lose bits whose writers are still waiting.
+ *
+ * Carrying: Bn on disk may hold more than Bn.  A checkpoint created soon
+ * after the previous one (replication makes one a second) starts its
+ * bitmap on disk with the blocks already durable, not empty
+ * (cbt-checkpoint.c), so writes to blocks written just before it do not
+ * wait for a sync again.  Memory keeps Bn exact (`want`); `durable` is
+ * then no subset of it, a write-back writes want | durable, and only a
+ * crash shows the extra blocks, as "changed since Cn" a little too large
+ * (a superset still).  A close writes Bn exact.  Everything else (the
  * checkpoint list, frozen bitmaps, the in-use flag) changes only by a
  * structural rewrite: the whole file from memory to a temporary file,
  * fsynced and renamed over (bm_durable_write_file), so a crash leaves
@@ -233,8 +242,12 @@ start_writeback(struct bm_cbt *cbt)
 	cbt->inflight = cbt->pending;
 	cbt->pending = t;
 	while (bm_bitmap_next_dirty(&cbt->inflight, page, 0, &page, &n)) {
-		bm_cbt_bits_encode(newest(cbt)->bits.words, cbt->blocks, page,
-				   n, cbt->wbuf + page * BM_CBT_PAGE);
+		/* Never clear a durable bit: the carried ones are not in
+		 * want. */
+		bm_cbt_bits_encode(newest(cbt)->bits.words,
+				   cbt->carrying ? cbt->durable.words : NULL,
+				   cbt->blocks, page, n,
+				   cbt->wbuf + page * BM_CBT_PAGE);
 		page += n;
 	}
 	cbt->writing = true;
@@ -258,8 +271,12 @@ bm_cbt_mark(struct bm_cbt *cbt, uint64_t offset, uint64_t length,
 				PRIu64 " is beyond the disk (%" PRIu64
 				" bytes)", cbt->path, length, offset,
 				cbt->disk_size);
-	if (bm_bitmap_test_all(&cbt->durable, offset, length))
+	if (bm_bitmap_test_all(&cbt->durable, offset, length)) {
+		/* Carried: durable, but Bn in memory does not have it. */
+		if (cbt->carrying)
+			bm_bitmap_set_range(&newest(cbt)->bits, offset, length);
 		return 0;
+	}
 	if (!w || !w->fn)
 		return bm_error(-EINVAL, "%s: a mark that must wait needs a "
 				"waiter", cbt->path);
@@ -328,7 +345,7 @@ bm_cbt_write_file(struct bm_cbt *cbt, const struct bm_cbt_entry *ents,
 		goto out;
 	}
 	for (size_t i = 0; i < count; i++)
-		bm_cbt_bits_encode(bits[i]->words, cbt->blocks, 0,
+		bm_cbt_bits_encode(bits[i]->words, NULL, cbt->blocks, 0,
 				   cbt->npages,
 				   buf + hsize + i * cbt->bitmap_size);
 	r = bm_durable_write_file(cbt->path, buf, len, 0600);
@@ -363,7 +380,7 @@ out:
 /* The file holds every bit of memory now; a failure to reopen the
  * store breaks the tracker. */
 void
-bm_cbt_rewritten(struct bm_cbt *cbt)
+bm_cbt_rewritten(struct bm_cbt *cbt, const struct bm_bitmap *carried)
 {
 	struct bm_store *s = NULL;
 	int r;
@@ -372,6 +389,10 @@ bm_cbt_rewritten(struct bm_cbt *cbt)
 	bm_bitmap_clear_all(&cbt->durable);
 	if (cbt->count)
 		bm_cbt_or_into(&cbt->durable, &newest(cbt)->bits);
+	cbt->carrying = cbt->count && carried &&
+			bm_bitmap_count(carried) != 0;
+	if (cbt->carrying)
+		bm_cbt_or_into(&cbt->durable, carried);
 	cbt->err = 0;
 	free(cbt->errmsg);
 	cbt->errmsg = NULL;
@@ -614,7 +635,7 @@ bm_cbt_open(struct bm_loop *loop, const char *path, uint64_t disk_size,
 	r = write_current(cbt, true);
 	if (r < 0)
 		goto fail;
-	bm_cbt_rewritten(cbt);
+	bm_cbt_rewritten(cbt, NULL);
 	if (cbt->err) {
 		r = broken(cbt);
 		goto fail;
@@ -622,6 +643,7 @@ bm_cbt_open(struct bm_loop *loop, const char *path, uint64_t disk_size,
 	if (cbt->crashed)
 		bm_info("%s: the previous tracker did not close; its marks "
 			"were written ahead and stay valid", path);
+	cbt->carried_unknown = cbt->crashed;
 	*out = cbt;
 	return 0;
 fail:
@@ -657,7 +679,7 @@ bm_cbt_open_image(struct bm_loop *loop, struct bm_image *image,
 		r = r2 < 0 ? r2 : r;
 	}
 	if (r == 1 && (r = write_current(cbt, true)) == 0)
-		bm_cbt_rewritten(cbt);
+		bm_cbt_rewritten(cbt, NULL);
 	if (r < 0)
 		goto fail;
 	/* The tracker's own handle: marks are written beside the driver's
@@ -703,7 +725,8 @@ bm_cbt_path(const struct bm_cbt *cbt)
 }
 
 /* Lost checkpoints are flagged in memory: say so in the image too (as
- * in_use), then stop keeping its bitmaps. */
+ * in_use), and write Bn exact if it carried blocks; then stop keeping
+ * its bitmaps. */
 static int
 close_image(struct bm_cbt *cbt)
 {
@@ -712,7 +735,8 @@ close_image(struct bm_cbt *cbt)
 
 	for (size_t i = 0; i < cbt->count; i++)
 		lost |= (cbt->cp[i].e.flags & BM_CBT_LOST) != 0;
-	if (lost && !cbt->image_gone)
+	/* Carried blocks go too: the image's Bn is exact once closed. */
+	if ((lost || cbt->carrying) && !cbt->image_gone)
 		r = write_current(cbt, false);
 	r2 = bm_cbt_image_release(cbt);
 	return r < 0 ? r : r2;

@@ -38,6 +38,13 @@ struct bm_image;
 #define BM_CBT_MIN_GRANULARITY (UINT32_C(4) << 10)
 #define BM_CBT_MAX_GRANULARITY (UINT32_C(64) << 20)
 
+/*
+ * A checkpoint created less than this many seconds after the newest
+ * starts its bitmap on disk with the newest's durable blocks
+ * (cbt-checkpoint.c); 0 never.  Tests change it.
+ */
+extern unsigned bm_cbt_carry_window;
+
 /* ---- the format (cbt-format.c) --------------------------------------- */
 
 #define BM_CBT_HEADER_FIXED 64u   /* then 128 bytes per checkpoint */
@@ -104,12 +111,14 @@ int bm_cbt_header_decode(const uint8_t *buf, size_t len,
 /*
  * Bitmap bytes <-> words: block b is bit b % 8 of byte b / 8.  Encode
  * writes pages [page, page + npages) of a bitmap of `blocks` bits from
- * `words` to buf (which holds those pages); decode ORs them into words
+ * `words` (ORed with `also` unless NULL) to buf (which holds those
+ * pages); decode ORs them into words
  * and returns the number of bits newly set, or UINT64_MAX (words
  * untouched) if a bit past the last block is set.
  */
-void bm_cbt_bits_encode(const uint64_t *words, uint64_t blocks,
-			uint64_t page, uint64_t npages, uint8_t *buf);
+void bm_cbt_bits_encode(const uint64_t *words, const uint64_t *also,
+			uint64_t blocks, uint64_t page, uint64_t npages,
+			uint8_t *buf);
 uint64_t bm_cbt_bits_decode(const uint8_t *buf, uint64_t blocks,
 			    uint64_t page, uint64_t npages, uint64_t *words);
 

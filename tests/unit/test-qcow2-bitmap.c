@@ -1024,6 +1024,48 @@ check_crash(uint64_t k, int variant)
 	}
 }
 
+/*
+ * A checkpoint made right after the newest carries the newest's blocks
+ * in the image (cbt.c): closed, the image's newest bitmap holds only what
+ * was written since it, for us and for qemu-img.
+ */
+START_TEST(test_carry_close_exact)
+{
+	struct bm_image *img;
+	struct bm_cbt *cbt;
+	struct bm_bitmap since;
+	struct mark m;
+	uint64_t bytes;
+
+	setup();
+	bm_cbt_carry_window = 3600; /* however slow the machine */
+	cbt = new_tracked(&img);
+	ck_assert_int_eq(bm_cbt_create(cbt, "c1"), 0);
+	mark_now(cbt, &m, 3 * GRAN, 10);
+	ck_assert_int_eq(bm_cbt_create(cbt, "c2"), 0);
+	/* Carried: durable at once. */
+	ck_assert_int_eq(bm_cbt_mark(cbt, 3 * GRAN, 10, NULL), 0);
+	mark_now(cbt, &m, 9 * GRAN, 10);
+	ck_assert_int_eq(bm_cbt_create(cbt, "c3"), 0);
+	ck_assert_int_eq(bm_cbt_close(cbt), 0);
+	bm_image_close(img);
+
+	img = image_open();
+	cbt = track(img);
+	ck_assert_int_eq(bm_cbt_changed_since(cbt, "c3", &since, &bytes), 0);
+	ck_assert_uint_eq(bm_bitmap_count(&since), 0);
+	bm_bitmap_free(&since);
+	ck_assert_int_eq(bm_cbt_changed_since(cbt, "c2", &since, &bytes), 0);
+	ck_assert_uint_eq(bm_bitmap_count(&since), 2);
+	bm_bitmap_free(&since);
+	ck_assert_int_eq(bm_cbt_close(cbt), 0);
+	bm_image_close(img);
+	ck_assert_int_eq(run_qemu_img("check -q"), 0);
+	bm_cbt_carry_window = 10;
+	teardown();
+}
+END_TEST
+
 START_TEST(test_crash)
 {
 	uint64_t rng = seed() ^ 0xc4a5, crng = 3, total, checked = 0;
@@ -1095,6 +1137,7 @@ main(void)
 	tcase_add_test(tc, test_limits_first);
 	tcase_add_test(tc, test_commit_failures);
 	tcase_add_test(tc, test_set_backing_then_checkpoint);
+	tcase_add_test(tc, test_carry_close_exact);
 	tcase_add_test(tc, test_crash);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
