@@ -32,6 +32,14 @@
 
 unsigned bm_cbt_carry_window = 10;
 
+static uint64_t
+wall_clock(void)
+{
+	return (uint64_t)time(NULL);
+}
+
+uint64_t (*bm_cbt_clock)(void) = wall_clock;
+
 static int
 copy_bitmap(struct bm_bitmap *dst, const struct bm_bitmap *src)
 {
@@ -74,7 +82,7 @@ bm_cbt_create(struct bm_cbt *cbt, const char *name)
 	struct checkpoint c = { 0 };
 	struct bm_bitmap carry = { 0 };
 	size_t n = cbt->count;
-	uint64_t now = (uint64_t)time(NULL);
+	uint64_t now = bm_cbt_clock();
 	bool carry_on;
 	int r;
 

@@ -41,9 +41,11 @@ struct bm_image;
 /*
  * A checkpoint created less than this many seconds after the newest
  * starts its bitmap on disk with the newest's durable blocks
- * (cbt-checkpoint.c); 0 never.  Tests change it.
+ * (cbt-checkpoint.c); 0 never.  Tests change it, and the clock
+ * checkpoints are created by (unix seconds).
  */
 extern unsigned bm_cbt_carry_window;
+extern uint64_t (*bm_cbt_clock)(void);
 
 /* ---- the format (cbt-format.c) --------------------------------------- */
 

@@ -624,6 +624,64 @@ START_TEST(test_carry)
 }
 END_TEST
 
+static uint64_t fake_now;
+
+static uint64_t
+fake_clock(void)
+{
+	return fake_now;
+}
+
+/* Create checkpoint `name` at fake time t; then whether a write to
+ * block a had to wait. */
+static int
+create_at(struct bm_cbt *cbt, const char *name, uint64_t t, uint64_t a)
+{
+	static struct mark m;
+	int r;
+
+	fake_now = t;
+	ck_assert_int_eq(bm_cbt_create(cbt, name), 0);
+	r = issue(cbt, &m, a, 10);
+	wait_marks(loop);
+	ck_assert_int_eq(m.err, 0);
+	return r;
+}
+
+/*
+ * The limits of carrying, on a fake clock: a checkpoint 9 s after the
+ * newest carries, one 10 s after does not; carried blocks that go back
+ * 60 s or more are dropped (a chain of checkpoints 9 s apart carries
+ * until then, and starts empty at 63 s); a clock gone backwards carries
+ * nothing.
+ */
+START_TEST(test_carry_limits)
+{
+	uint64_t (*wall)(void) = bm_cbt_clock;
+	struct bm_cbt *cbt;
+	uint64_t a = 7 * GRAN;
+	char name[16];
+
+	setup();
+	bm_cbt_clock = fake_clock;
+	cbt = open_ok(true);
+	ck_assert_int_eq(create_at(cbt, "c0", 1000, a), 1);
+	for (unsigned i = 1; i <= 6; i++) {
+		snprintf(name, sizeof name, "c%u", i);
+		ck_assert_msg(create_at(cbt, name, 1000 + 9 * i, a) == 0,
+			      "c%u, %u s after the chain began, did not "
+			      "carry", i, 9 * i);
+	}
+	ck_assert_int_eq(create_at(cbt, "c7", 1063, a), 1);
+	ck_assert_int_eq(create_at(cbt, "c8", 1073, a), 1);
+	ck_assert_int_eq(create_at(cbt, "c9", 1082, a), 0);
+	ck_assert_int_eq(create_at(cbt, "c10", 500, a), 1);
+	ck_assert_int_eq(bm_cbt_close(cbt), 0);
+	bm_cbt_clock = wall;
+	teardown();
+}
+END_TEST
+
 /* ---- write-back errors ------------------------------------------------ */
 
 START_TEST(test_writeback_error)
@@ -838,6 +896,7 @@ main(void)
 	tcase_add_test(tc, test_model);
 	tcase_add_test(tc, test_group_commit);
 	tcase_add_test(tc, test_carry);
+	tcase_add_test(tc, test_carry_limits);
 	tcase_add_test(tc, test_writeback_error);
 	tcase_add_test(tc, test_crash);
 	suite_add_tcase(s, tc);

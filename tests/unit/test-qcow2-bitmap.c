@@ -27,8 +27,8 @@
  * first checkpoint stays whole and right in the header.
  *
  * Crash: the crash recorder (recorder.h) logs marks, each acknowledged
- * (rec_event) once its waiter runs, with a checkpoint created and the
- * oldest removed in the middle.  At every event, for each variant
+ * (rec_event) once its waiter runs, with a checkpoint created (carrying
+ * its predecessor's blocks) and the oldest removed in the middle.  At every event, for each variant
  * (durable writes only, all of them, a random torn subset), the image a
  * crash may have left opens, holds the old or the new list (never
  * anything else), and marks every block of every mark acknowledged
@@ -1066,8 +1066,18 @@ START_TEST(test_carry_close_exact)
 }
 END_TEST
 
+/* The image keeps no creation times (its checkpoints load as created at
+ * 0): on this clock c2, made after the reopen, counts as soon after c1
+ * and carries its blocks. */
+static uint64_t
+clock_at_5(void)
+{
+	return 5;
+}
+
 START_TEST(test_crash)
 {
+	uint64_t (*wall)(void) = bm_cbt_clock;
 	uint64_t rng = seed() ^ 0xc4a5, crng = 3, total, checked = 0;
 	struct bm_image *img;
 	struct bm_cbt *cbt;
@@ -1086,6 +1096,7 @@ START_TEST(test_crash)
 
 	ck_assert_int_eq(rec_start(dir), 0);
 	recording = true;
+	bm_cbt_clock = clock_at_5;
 	img = image_open();
 	cbt = track(img);
 	rec_event("opened");
@@ -1098,6 +1109,11 @@ START_TEST(test_crash)
 			C.create_start = rec_event("create c2");
 			ck_assert_int_eq(bm_cbt_create(cbt, "c2"), 0);
 			C.created = rec_event("created c2");
+			/* A block of the first page written back, then one
+			 * carried from c1 in the same page: acknowledged at
+			 * once, it must still be in c2 after a crash. */
+			mark_now(cbt, &C.m[C.n++], 9 * GRAN, 10);
+			mark_now(cbt, &C.m[C.n++], 5 * GRAN, 10);
 		}
 		if (C.n == 2 * CRASH_MARKS / 3) {
 			C.remove_start = rec_event("remove c0");
@@ -1109,6 +1125,7 @@ START_TEST(test_crash)
 	ck_assert_int_eq(bm_cbt_close(cbt), 0);
 	bm_image_close(img);
 	rec_event("closed");
+	bm_cbt_clock = wall;
 	stop_recording(C.m, C.n);
 	total = rec_now();
 	checked = replay_crash_points(check_crash, &crng);
