@@ -58,7 +58,8 @@ struct pairing {
 	bool base_zero;             /* the base reads as zeroes (new) */
 	int64_t diverged;           /* bytes the base holds after its latest
 				       point that no primary sent; -1
-				       unknown */
+				       unknown.  Kept through pairing, until
+				       a point is committed over it */
 };
 
 struct served {
@@ -193,12 +194,14 @@ new_token(char out[65])
 		 b + 24);
 }
 
+/* Divergence stays as it was: until a point of this primary is
+ * committed, the latest point is still the disk that diverged, and a
+ * hello after a failed first cycle must resync again. */
 static int
 pair_with(struct blockmirror_replica_server *s, const char *gen)
 {
 	strcpy(s->pair.gen, gen);
 	new_token(s->pair.token);
-	s->pair.diverged = 0;
 	return pairing_save(s);
 }
 
@@ -444,10 +447,12 @@ op_hello(struct req *q)
 					s->pair.gen);
 		if ((r = check_token(q)) < 0)
 			return r;
+		/* Until its first commit here the latest point may still
+		 * be a disk that diverged (a failed first cycle). */
 		if (!have)
 			mode = s->pair.base_zero ? "full" : "digests";
-		else if (strcmp(lgen, gen) &&
-			 !(forked && fork == latest && !s->pair.diverged))
+		else if (s->pair.diverged ||
+			 (strcmp(lgen, gen) && !(forked && fork == latest)))
 			mode = "digests";
 	} else if (!have) {
 		mode = s->pair.base_zero ? "full" : "digests";
@@ -600,6 +605,13 @@ op_commit(struct req *q)
 		bm_replica_abort(s->rep);
 		event(s, BLOCKMIRROR_REPLICA_CYCLE_ABORTED, point, 0, e, msg);
 		return bm_error(e, "%s", msg);
+	}
+	/* The point was sent whole over the divergence: it is gone.  A
+	 * failure to say so costs one more resync, nothing else. */
+	if (s->pair.diverged) {
+		s->pair.diverged = 0;
+		if (pairing_save(s) < 0)
+			bm_warn("%s", blockmirror_last_error());
 	}
 	event(s, BLOCKMIRROR_REPLICA_POINT_COMMITTED, point, bytes, 0, NULL);
 	q->out = json_pack("{s:I}", "point", (json_int_t)point);

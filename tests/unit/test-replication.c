@@ -24,6 +24,7 @@
 #include <stdatomic.h>
 #include <sys/stat.h>
 
+#include "fault.h"
 #include "helpers.h"
 #include "repl-channel.h"
 
@@ -665,6 +666,72 @@ START_TEST(test_adopt_newer_than_state)
 END_TEST
 
 /*
+ * A split brain: the old primary wrote after its last committed point P
+ * and comes back as the replica of the disk promoted at P.  With
+ * DISCARD_DIVERGENT its writes are overwritten, and that holds when the
+ * first resync cycle fails: the next one, after a new hello, must still
+ * resync (the replica's point P is the old disk, divergent writes
+ * included), not go on incrementally from P as if nothing differed.
+ */
+START_TEST(test_split_brain_retry)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image), *nd;
+	struct blockmirror_replica_server_options o2;
+	struct blockmirror_replica_server *rs2 = NULL;
+	struct blockmirror_replication *r;
+	static struct bm_fault_rules rules;
+	char newimg[4096], layer[200];
+	uint64_t rng = 33, point = 0;
+	json_t *res;
+	int err;
+
+	interval_ms = 3600 * 1000;
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	scribble(d, &rng, 10);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
+	blockmirror_replication_stop(r);
+	scribble(d, &rng, 10); /* divergent: never sent */
+	blockmirror_disk_close(d);
+	res = replica_call("promote", point, &err);
+	ck_assert_msg(err == 0, "promote: %s", blockmirror_last_error());
+	snprintf(newimg, sizeof newimg, "%s",
+		 json_string_value(json_object_get(res, "image")));
+	json_decref(res);
+	blockmirror_replica_server_stop(rs);
+
+	/* The old disk as the new one's replica; the first write into its
+	 * staging layer fails. */
+	o2 = (struct blockmirror_replica_server_options){
+		.size = sizeof o2, .dir = dir, .listen = rsock,
+		.control = rctl, .create = true, .base = image,
+	};
+	ck_assert_msg(blockmirror_replica_server_start(&o2, &rs2) == 0, "%s",
+		      blockmirror_last_error());
+	snprintf(layer, sizeof layer, "%s/layer-00000001.qcow2", dir);
+	memset(&rules, 0, sizeof rules);
+	rules.write_errno = EIO;
+	rules.write_err_count = 1;
+	ck_assert_int_eq(bm_fault_register(layer, &rules), 0);
+	nd = open_tracked(newimg);
+	r = start_replication(nd, BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT,
+			      &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	/* The failed cycle is retried within the sync's time. */
+	ck_assert_msg(blockmirror_replication_sync(r, 60000, NULL) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert_uint_gt(atomic_load(&rules.failures), 0);
+	bm_fault_unregister(layer);
+	check_latest_is(nd);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(nd);
+	blockmirror_replica_server_stop(rs2);
+	interval_ms = 1000;
+}
+END_TEST
+
+/*
  * Points taken while writers write (the cycle's snapshot holds only what
  * changed and lets go of each range as it is sent, while the writers'
  * copy-before-writes race with it).  Writer w owns every other group of
@@ -827,6 +894,7 @@ main(void)
 	tcase_add_test(tc, test_failover_fence);
 	tcase_add_test(tc, test_halt_releases_waiters);
 	tcase_add_test(tc, test_adopt_newer_than_state);
+	tcase_add_test(tc, test_split_brain_retry);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
