@@ -595,6 +595,22 @@ START_TEST(test_halt_releases_waiters)
 }
 END_TEST
 
+/* An unplanned failover: the replica promoted at `point` (newimg: the
+ * new primary's disk), its server stopped. */
+static void
+promote_and_stop(struct blockmirror_replica_server *rs, uint64_t point,
+		 char *newimg, size_t len)
+{
+	int err;
+	json_t *res = replica_call("promote", point, &err);
+
+	ck_assert_msg(err == 0, "promote: %s", blockmirror_last_error());
+	snprintf(newimg, len, "%s",
+		 json_string_value(json_object_get(res, "image")));
+	json_decref(res);
+	blockmirror_replica_server_stop(rs);
+}
+
 /* The primary died after the replica committed point P and before its
  * own state file said so; the replica was promoted at P; the old disk
  * comes back as its replica: it holds P (its checkpoint repl-P says so,
@@ -610,7 +626,7 @@ START_TEST(test_adopt_newer_than_state)
 	struct blockmirror_replica_server *rs2 = NULL;
 	char state[200], newimg[4096], sock2[200], ctl2[200];
 	uint64_t rng = 21, point = 0;
-	json_t *st, *res;
+	json_t *st;
 	int err;
 
 	interval_ms = 3600 * 1000;
@@ -629,12 +645,7 @@ START_TEST(test_adopt_newer_than_state)
 				    (json_int_t)point - 1));
 	ck_assert_int_eq(json_dump_file(st, state, 0), 0);
 	json_decref(st);
-	res = replica_call("promote", point, &err);
-	ck_assert_msg(err == 0, "promote: %s", blockmirror_last_error());
-	snprintf(newimg, sizeof newimg, "%s",
-		 json_string_value(json_object_get(res, "image")));
-	json_decref(res);
-	blockmirror_replica_server_stop(rs);
+	promote_and_stop(rs, point, newimg, sizeof newimg);
 
 	/* The old disk, in its own directory, as the new one's replica. */
 	snprintf(sock2, sizeof sock2, "unix:%s/repl2.sock", dir);
@@ -683,7 +694,6 @@ START_TEST(test_split_brain_retry)
 	static struct bm_fault_rules rules;
 	char newimg[4096], layer[200];
 	uint64_t rng = 33, point = 0;
-	json_t *res;
 	int err;
 
 	interval_ms = 3600 * 1000;
@@ -694,12 +704,7 @@ START_TEST(test_split_brain_retry)
 	blockmirror_replication_stop(r);
 	scribble(d, &rng, 10); /* divergent: never sent */
 	blockmirror_disk_close(d);
-	res = replica_call("promote", point, &err);
-	ck_assert_msg(err == 0, "promote: %s", blockmirror_last_error());
-	snprintf(newimg, sizeof newimg, "%s",
-		 json_string_value(json_object_get(res, "image")));
-	json_decref(res);
-	blockmirror_replica_server_stop(rs);
+	promote_and_stop(rs, point, newimg, sizeof newimg);
 
 	/* The old disk as the new one's replica; the first write into its
 	 * staging layer fails. */
