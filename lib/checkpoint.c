@@ -397,6 +397,38 @@ bm_checkpoint_at_instant(struct blockmirror_disk *disk, const char *since,
 	return 0;
 }
 
+struct changed_args {
+	const char *since;
+	struct bm_bitmap *out;
+};
+
+static void
+call_changed(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+	struct changed_args *a = call->arg2;
+
+	if (!disk->cbt) {
+		bm_waiter_signal(&call->w, bm_error(-EINVAL, "the disk does "
+						    "not track changes"));
+		return;
+	}
+	bm_waiter_signal(&call->w, bm_cbt_changed_since(disk->cbt, a->since,
+							a->out, &call->u64));
+}
+
+int
+bm_checkpoint_changed(struct blockmirror_disk *disk, const char *since,
+		      struct bm_bitmap *changed, uint64_t *bytes)
+{
+	struct changed_args a = { since, changed };
+	struct bm_call call = { .fn = call_changed, .arg = disk, .arg2 = &a };
+	int r = bm_disk_call(disk, &call);
+
+	*bytes = call.u64;
+	return r;
+}
+
 static void
 call_granularity(struct bm_call *call)
 {

@@ -16,6 +16,14 @@ struct bm_bitmap;
 uint64_t bm_checkpoint_granularity(struct blockmirror_disk *disk);
 
 /*
+ * What changed since checkpoint `since` (a bitmap in the record's
+ * granularity, and its bytes): -ESTALE if it is not trusted, -ENOENT if
+ * there is none.  Blocking (from any thread but the disk's loop).
+ */
+int bm_checkpoint_changed(struct blockmirror_disk *disk, const char *since,
+			  struct bm_bitmap *changed, uint64_t *bytes);
+
+/*
  * For a snapshot's instant (the disk quiesced, nothing in flight, on its
  * loop): `changed` (when `since`) gets what changed since checkpoint
  * `since`, then checkpoint `create` (when not NULL) is made.  0, or

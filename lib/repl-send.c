@@ -133,7 +133,19 @@ send_range(struct bm_repl_sender *s, uint64_t off, uint64_t len)
 	return 0;
 }
 
-/* The granules the snapshot says changed since the cycle's checkpoint. */
+/* Granules of [start, end) that r->resend need not send again. */
+static void
+resend_clear(struct blockmirror_replication *r, uint64_t start, uint64_t end)
+{
+	uint64_t g = r->granule;
+	uint64_t k1 = end >= r->size ? r->nresend : end / g;
+
+	for (uint64_t k = (start + g - 1) / g; k < k1; k++)
+		r->resend[k / 64] &= ~(UINT64_C(1) << (k % 64));
+}
+
+/* The granules the snapshot says changed since the cycle's checkpoint
+ * (and no more from r->resend). */
 int
 bm_repl_send_changed(struct bm_repl_sender *s)
 {
@@ -151,6 +163,8 @@ bm_repl_send_changed(struct bm_repl_sender *s)
 		for (e = b; e < nbits && words[e / 64] >> (e % 64) & 1; e++)
 			;
 		r = send_range(s, b * g, BM_MIN(e * g, size) - b * g);
+		if (s->r->resend)
+			resend_clear(s->r, b * g, BM_MIN(e * g, size));
 		b = e;
 	}
 	free(words);
@@ -226,7 +240,54 @@ fetch_digests(struct bm_repl_sender *s, uint64_t point, uint64_t first, uint64_t
 	return 0;
 }
 
-/* The granules a verify found different (replica granularity). */
+/* Pages of the replica's divergence bits, ORed into r->resend. */
+int
+bm_repl_fetch_divergent(struct blockmirror_replication *r)
+{
+	uint64_t ngran = (r->size + r->granule - 1) / r->granule;
+	uint64_t page = UINT64_C(1) << 20; /* granules, a multiple of 64 */
+	int ret = 0;
+
+	if (r->resend && r->nresend != ngran) {
+		free(r->resend);
+		r->resend = NULL;
+	}
+	if (!r->resend) {
+		r->resend = calloc((ngran + 63) / 64, sizeof *r->resend);
+		r->nresend = ngran;
+		if (!r->resend)
+			return bm_error(-ENOMEM, "out of memory");
+	}
+	for (uint64_t first = 0; ret == 0 && first < ngran; first += page) {
+		uint64_t n = BM_MIN(page, ngran - first);
+		json_t *req, *res = NULL;
+		uint8_t *bits = NULL;
+		size_t len = 0;
+
+		req = json_pack("{s:s,s:I,s:I,s:s}", "op", "divergent",
+				"offset", (json_int_t)(first * r->granule),
+				"count", (json_int_t)n, "token", r->st.token);
+		ret = bm_repl_call(r, req, &res, CALL_MS);
+		json_decref(req);
+		if (ret == 0)
+			ret = bm_chan_b64_get(res, "bits", (void **)&bits,
+					      &len, (n + 7) / 8);
+		json_decref(res);
+		if (ret == 0 && len != (n + 7) / 8)
+			ret = bm_error(-EPROTO, "the replica at %s sent %zu "
+				       "bytes of divergence for %" PRIu64
+				       " granules", r->replica, len, n);
+		for (uint64_t k = 0; ret == 0 && k < n; k++)
+			if (bits[k / 8] >> (k % 8) & 1)
+				r->resend[(first + k) / 64] |=
+					UINT64_C(1) << ((first + k) % 64);
+		free(bits);
+	}
+	return ret;
+}
+
+/* The granules a verify found different, or the replica's disk diverged
+ * in (replica granularity). */
 int
 bm_repl_send_resend(struct bm_repl_sender *s)
 {

@@ -12,12 +12,16 @@
  *   generation is refused, unless it descends from the paired one at the
  *   replica's latest point with nothing written since (a failover's new
  *   primary taking the old one's disk back: "incremental"), or the
- *   operator allowed a resync by digests (an unrelated disk, or after a
- *   split brain with discard_divergent, the amount divergent said first).
+ *   operator allowed a resync (an unrelated disk, or after a split brain
+ *   with discard_divergent, the amount divergent said first).
  * - The fence.  A promoted replica is a primary: it refuses every hello.
  * - The mode of the next cycle, told at hello: "incremental" (since a
  *   point both hold), "full" (onto a base known to read as zeroes) or
  *   "digests" (the primary compares XXH3 digests and sends what differs).
+ *   A split brain forked at our latest point, whose divergence the old
+ *   disk's record gave us (DIR/divergent.bits), is resynced as
+ *   "incremental" plus those granules ("divergent": op divergent).  Until
+ *   a point is committed over it, every hello resyncs again.
  * - Each cycle's data arrives over NBD into the staging image that
  *   bm_replica_begin made, on a server of its own; commit stops that
  *   server, closes (flushes) the image and commits the point.
@@ -26,6 +30,7 @@
  *   unplanned promotion.  A planned one comes from the paired primary.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <jansson.h>
 #include <libgen.h>
@@ -39,6 +44,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bitmap.h"
+#include "checkpoint.h"
 #include "durable.h"
 #include "errors.h"
 #include "internal.h"
@@ -203,6 +210,77 @@ pair_with(struct blockmirror_replica_server *s, const char *gen)
 	strcpy(s->pair.gen, gen);
 	new_token(s->pair.token);
 	return pairing_save(s);
+}
+
+/*
+ * DIR/divergent.bits: the replica granules an adopted base was written in
+ * after its latest point, as the old primary's change record says (one
+ * bit a granule, the lowest bit of each byte first).  It is there only
+ * while pair.diverged is, and lets a resync after a split brain send the
+ * union of both sides' changes instead of comparing every granule.
+ */
+#define DIVERGENT_FILE "divergent.bits"
+#define MAX_DIVERGENT (UINT64_C(1) << 20)  /* granules per request */
+
+static uint64_t
+granules(const struct blockmirror_replica_server *s)
+{
+	uint64_t g = bm_replica_granularity(s->rep);
+
+	return (bm_replica_size(s->rep) + g - 1) / g;
+}
+
+static void
+divergent_forget(struct blockmirror_replica_server *s)
+{
+	char *path = dir_file(s, DIVERGENT_FILE);
+
+	if (path && unlink(path) < 0 && errno != ENOENT)
+		bm_warn("%s: %s", path, strerror(errno));
+	free(path);
+}
+
+/* The blocks written since `cp` in `disk`'s record, as replica granules,
+ * kept in DIR.  0, or -errno with no file kept. */
+static int
+divergent_save(struct blockmirror_replica_server *s,
+	       struct blockmirror_disk *disk, const char *cp, uint64_t *bytes)
+{
+	uint64_t g = bm_replica_granularity(s->rep), size = bm_replica_size(s->rep);
+	uint64_t len = (granules(s) + 7) / 8, off = 0, run;
+	struct bm_bitmap changed = { 0 };
+	char *path = dir_file(s, DIVERGENT_FILE);
+	uint8_t *bits = calloc(1, len ? len : 1);
+	int r = path && bits ? 0 : bm_error(-ENOMEM, "out of memory");
+
+	if (r == 0)
+		r = bm_checkpoint_changed(disk, cp, &changed, bytes);
+	while (r == 0 && bm_bitmap_next_dirty(&changed, off, 0, &off, &run)) {
+		uint64_t end = BM_MIN(off + run, size);
+
+		for (uint64_t k = off / g; k <= (end - 1) / g; k++)
+			bits[k / 8] |= (uint8_t)(1u << (k % 8));
+		off = end;
+	}
+	if (r == 0)
+		r = bm_durable_write_file(path, bits, len, 0600);
+	bm_bitmap_free(&changed);
+	free(bits);
+	free(path);
+	return r;
+}
+
+/* The divergence can be resynced by the records: its file is whole. */
+static bool
+divergent_kept(const struct blockmirror_replica_server *s)
+{
+	char *path = dir_file(s, DIVERGENT_FILE);
+	struct stat st;
+	bool ok = path && stat(path, &st) == 0 && S_ISREG(st.st_mode) &&
+		  (uint64_t)st.st_size == (granules(s) + 7) / 8;
+
+	free(path);
+	return ok && s->pair.diverged > 0;
 }
 
 /* ---- NBD servers of images in the directory --------------------------------- */
@@ -413,7 +491,7 @@ op_hello(struct req *q)
 	json_t *hist = json_object_get(q->in, "history"), *e;
 	uint64_t size = 0, latest = 0, fork = 0;
 	char lgen[37] = "";
-	bool have, forked = false, resync_ok, discard, paired;
+	bool have, forked = false, resync_ok, discard, paired, by_record;
 	size_t i;
 	int r;
 
@@ -424,6 +502,9 @@ op_hello(struct req *q)
 		return refuse_primary(s);
 	resync_ok = json_is_true(json_object_get(q->in, "resync_ok"));
 	discard = json_is_true(json_object_get(q->in, "discard_divergent"));
+	/* Forked at the point we hold, which diverged after it by what the
+	 * record kept says: the union of that and the primary's own
+	 * changes since the fork is what differs (a primary that can). */
 	if (size != bm_replica_size(s->rep))
 		return bm_error(-ESTALE, "this replica holds a disk of %" PRIu64
 				" bytes; the primary's has %" PRIu64,
@@ -438,6 +519,8 @@ op_hello(struct req *q)
 		}
 	}
 	paired = s->pair.gen[0] != '\0';
+	by_record = forked && fork == latest && divergent_kept(s) &&
+		    json_is_true(json_object_get(q->in, "divergent_ok"));
 	if (paired) {
 		if (strcmp(s->pair.gen, gen))
 			return bm_error(-EEXIST, "this replica is paired with "
@@ -453,7 +536,7 @@ op_hello(struct req *q)
 			mode = s->pair.base_zero ? "full" : "digests";
 		else if (s->pair.diverged ||
 			 (strcmp(lgen, gen) && !(forked && fork == latest)))
-			mode = "digests";
+			mode = by_record ? "incremental" : "digests";
 	} else if (!have) {
 		mode = s->pair.base_zero ? "full" : "digests";
 	} else if (strcmp(lgen, gen) == 0) {
@@ -480,7 +563,7 @@ op_hello(struct req *q)
 					lgen, latest, fork, amount,
 					latest > fork ? ", and the points "
 					"after the fork" : "");
-		mode = "digests";
+		mode = by_record ? "incremental" : "digests";
 	} else {
 		if (!resync_ok)
 			return bm_error(-ESTALE, "this replica holds points of "
@@ -506,6 +589,9 @@ op_hello(struct req *q)
 					    (json_int_t)latest));
 		json_object_set_new(q->out, "latest_gen", json_string(lgen));
 	}
+	/* The granules to send besides its own changes: op divergent. */
+	if (by_record && strcmp(mode, "incremental") == 0)
+		json_object_set_new(q->out, "divergent", json_true());
 	return 0;
 }
 
@@ -612,6 +698,7 @@ op_commit(struct req *q)
 		s->pair.diverged = 0;
 		if (pairing_save(s) < 0)
 			bm_warn("%s", blockmirror_last_error());
+		divergent_forget(s);
 	}
 	event(s, BLOCKMIRROR_REPLICA_POINT_COMMITTED, point, bytes, 0, NULL);
 	q->out = json_pack("{s:I}", "point", (json_int_t)point);
@@ -670,6 +757,61 @@ op_digests(struct req *q)
 	}
 	free(d);
 	free(bytes);
+	return r;
+}
+
+/*
+ * divergent: bits of the granules [offset / granularity, + count) that
+ * the adopted base was written in after its latest point (a multiple of
+ * 8 granules from the start), the lowest bit of each byte first.
+ */
+static int
+op_divergent(struct req *q)
+{
+	struct blockmirror_replica_server *s = q->s;
+	uint64_t off = 0, count = 0, g = bm_replica_granularity(s->rep);
+	uint64_t first, len;
+	char *path = NULL;
+	uint8_t *bytes = NULL;
+	ssize_t n;
+	int fd = -1, r;
+
+	if ((r = get_u64(q, "offset", true, &off)) < 0 ||
+	    (r = get_u64(q, "count", true, &count)) < 0)
+		return r;
+	if (!q->c->local && (r = check_token(q)) < 0)
+		return r;
+	if (!count || count > MAX_DIVERGENT || off % (8 * g) ||
+	    off >= bm_replica_size(s->rep))
+		return bm_error(-EINVAL, "divergent granules: %" PRIu64 " at "
+				"%" PRIu64 ": at most %" PRIu64 ", from a "
+				"multiple of 8 granules, inside the disk",
+				count, off, MAX_DIVERGENT);
+	if (!divergent_kept(s))
+		return bm_error(-ENOENT, "this replica keeps no record of how "
+				"its disk diverged");
+	first = off / g / 8;
+	len = BM_MIN((count + 7) / 8, (granules(s) + 7) / 8 - first);
+	path = dir_file(s, DIVERGENT_FILE);
+	bytes = malloc(len);
+	if (!path || !bytes) {
+		r = bm_error(-ENOMEM, "out of memory");
+		goto out;
+	}
+	fd = open(path, O_RDONLY | O_CLOEXEC);
+	n = fd < 0 ? -1 : pread(fd, bytes, len, (off_t)first);
+	if (n != (ssize_t)len) {
+		r = bm_error(n < 0 ? -errno : -EIO, "%s: %s", path,
+			     n < 0 ? strerror(errno) : "short read");
+		goto out;
+	}
+	q->out = json_object();
+	r = bm_chan_b64_put(q->out, "bits", bytes, len);
+out:
+	if (fd >= 0)
+		close(fd);
+	free(bytes);
+	free(path);
 	return r;
 }
 
@@ -934,6 +1076,8 @@ dispatch(struct req *q)
 		return op_abort(q);
 	if (strcmp(op, "digests") == 0)
 		return op_digests(q);
+	if (strcmp(op, "divergent") == 0)
+		return op_divergent(q);
 	if (strcmp(op, "promote") == 0)
 		return op_promote(q);
 	if (local && strcmp(op, "status") == 0)
@@ -1136,6 +1280,19 @@ adopt(struct blockmirror_replica_server *s)
 				s->pair.diverged = (int64_t)l[i].changed_bytes;
 			}
 		free(l);
+		/* What it wrote since, granule by granule, for a resync that
+		 * reads only that and the new primary's changes.  Without it
+		 * a resync compares digests. */
+		if (s->pair.diverged >= 0) {
+			char cp[48];
+			uint64_t bytes = 0;
+
+			snprintf(cp, sizeof cp, "repl-%" PRIu64, point);
+			if (divergent_save(s, disk, cp, &bytes) == 0)
+				s->pair.diverged = (int64_t)bytes;
+			if (s->pair.diverged <= 0)
+				divergent_forget(s);
+		}
 		blockmirror_disk_close(disk);
 	}
 	r = bm_replica_begin(s->rep, point, st.gen, &image);

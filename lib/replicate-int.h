@@ -130,8 +130,12 @@ int bm_repl_send_full(struct bm_repl_sender *s);
 /* Granules whose XXH3-64 differs from the replica's latest point's
  * (*differ: their bytes). */
 int bm_repl_send_differing(struct bm_repl_sender *s, uint64_t *differ);
-/* The granules a verify found different (r->resend). */
+/* The granules a verify found different, or the replica's disk was
+ * written in after a split brain (r->resend). */
 int bm_repl_send_resend(struct bm_repl_sender *s);
+/* After a split brain: the granules the replica's disk was written in
+ * after the fork, added to r->resend (op divergent), on the thread. */
+int bm_repl_fetch_divergent(struct blockmirror_replication *r);
 /* Online verify (blockmirror_replication_verify), on the thread. */
 int bm_repl_verify(struct blockmirror_replication *r,
 		   struct blockmirror_replication_check *c);

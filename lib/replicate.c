@@ -18,7 +18,9 @@
  * - Without a checkpoint to trust (the first point onto a replica that
  *   is not known to be zero, a lost record, a replica re-paired after a
  *   failover), XXH3 digests of every granule are compared and only those
- *   that differ are sent (as DRBD's checksum-based resync).
+ *   that differ are sent (as DRBD's checksum-based resync).  After a
+ *   split brain where the replica kept how its disk diverged, a cycle
+ *   sends what changed since the fork plus those granules instead.
  * - The state file (the generation, the fencing token the replica gave,
  *   the last committed point) is written durably after each commit.
  *
@@ -275,6 +277,7 @@ connect_replica(struct blockmirror_replication *r)
 	json_t *req, *res = NULL, *v;
 	struct bm_repl_state st;
 	const char *mode, *token;
+	bool divergent = false;
 	int ret;
 
 	ret = bm_chan_connect(r->replica, r->psk, r->identity, CALL_MS,
@@ -284,8 +287,8 @@ connect_replica(struct blockmirror_replication *r)
 	pthread_mutex_lock(&r->lock);
 	st = r->st;
 	pthread_mutex_unlock(&r->lock);
-	req = json_pack("{s:s,s:i,s:I,s:s,s:o,s:I,s:b,s:b}",
-			"op", "hello", "version", 1,
+	req = json_pack("{s:s,s:i,s:b,s:I,s:s,s:o,s:I,s:b,s:b}",
+			"op", "hello", "version", 1, "divergent_ok", 1,
 			"size", (json_int_t)r->size, "gen", st.gen,
 			"history", history_json(&st),
 			"committed", (json_int_t)st.committed,
@@ -334,6 +337,8 @@ connect_replica(struct blockmirror_replication *r)
 				 CHECKPOINT_PREFIX "%" PRIu64, k);
 		else
 			r->resync = true; /* our record of it is gone */
+		divergent = k && json_is_true(json_object_get(res,
+							       "divergent"));
 	} else if (strcmp(mode, "digests") == 0) {
 		r->resync = true;
 	} else if (strcmp(mode, "full") != 0) {
@@ -352,6 +357,10 @@ connect_replica(struct blockmirror_replication *r)
 	} else {
 		pthread_mutex_unlock(&r->lock);
 	}
+	/* After a split brain: what the replica's disk was written in
+	 * after the fork goes too (asked with the token just given). */
+	if (divergent && (ret = bm_repl_fetch_divergent(r)) < 0)
+		goto fail;
 	json_decref(res);
 	return 0;
 fail:

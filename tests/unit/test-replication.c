@@ -677,6 +677,47 @@ START_TEST(test_adopt_newer_than_state)
 END_TEST
 
 /*
+ * A split brain: the disk replicated to a point P, then written by `n`
+ * writes no cycle sends (*divergent: their granules' bytes); the replica
+ * promoted at P (newimg: the new primary's disk) and stopped.
+ */
+static void
+split_brain(uint64_t *rng, unsigned n, uint64_t *divergent, char *newimg,
+	    size_t len)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image);
+	struct blockmirror_replication *r;
+	uint64_t point = 0;
+	int err;
+
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	scribble(d, rng, 10);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
+	blockmirror_replication_stop(r);
+	*divergent = scribble(d, rng, n);
+	blockmirror_disk_close(d);
+	promote_and_stop(rs, point, newimg, len);
+}
+
+/* The old disk, in the test's directory, as the new primary's replica,
+ * on the first replica's sockets. */
+static struct blockmirror_replica_server *
+start_old_as_replica(void)
+{
+	struct blockmirror_replica_server_options o = {
+		.size = sizeof o, .dir = dir, .listen = rsock,
+		.control = rctl, .create = true, .base = image,
+	};
+	struct blockmirror_replica_server *s = NULL;
+
+	ck_assert_msg(blockmirror_replica_server_start(&o, &s) == 0, "%s",
+		      blockmirror_last_error());
+	return s;
+}
+
+/*
  * A split brain: the old primary wrote after its last committed point P
  * and comes back as the replica of the disk promoted at P.  With
  * DISCARD_DIVERGENT its writes are overwritten, and that holds when the
@@ -686,34 +727,24 @@ END_TEST
  */
 START_TEST(test_split_brain_retry)
 {
-	struct blockmirror_replica_server *rs = start_replica(true, NULL);
-	struct blockmirror_disk *d = open_tracked(image), *nd;
-	struct blockmirror_replica_server_options o2;
-	struct blockmirror_replica_server *rs2 = NULL;
+	struct blockmirror_replica_server *rs2;
 	struct blockmirror_replication *r;
+	struct blockmirror_disk *nd;
 	static struct bm_fault_rules rules;
 	char newimg[4096], layer[200];
-	uint64_t rng = 33, point = 0;
+	uint64_t rng = 33, divergent;
 	int err;
 
 	interval_ms = 3600 * 1000;
-	r = start_replication(d, 0, &err);
-	ck_assert_int_eq(err, 0);
-	scribble(d, &rng, 10);
-	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
-	blockmirror_replication_stop(r);
-	scribble(d, &rng, 10); /* divergent: never sent */
-	blockmirror_disk_close(d);
-	promote_and_stop(rs, point, newimg, sizeof newimg);
-
+	split_brain(&rng, 10, &divergent, newimg, sizeof newimg);
 	/* The old disk as the new one's replica; the first write into its
-	 * staging layer fails. */
-	o2 = (struct blockmirror_replica_server_options){
-		.size = sizeof o2, .dir = dir, .listen = rsock,
-		.control = rctl, .create = true, .base = image,
-	};
-	ck_assert_msg(blockmirror_replica_server_start(&o2, &rs2) == 0, "%s",
-		      blockmirror_last_error());
+	 * staging layer fails.  _i = 0: what the old disk's record said
+	 * is lost, the resync compares digests; 1: it goes by the records. */
+	rs2 = start_old_as_replica();
+	if (_i == 0) {
+		snprintf(layer, sizeof layer, "%s/divergent.bits", dir);
+		ck_assert_int_eq(unlink(layer), 0);
+	}
 	snprintf(layer, sizeof layer, "%s/layer-00000001.qcow2", dir);
 	memset(&rules, 0, sizeof rules);
 	rules.write_errno = EIO;
@@ -728,6 +759,57 @@ START_TEST(test_split_brain_retry)
 		      blockmirror_last_error());
 	ck_assert_uint_gt(atomic_load(&rules.failures), 0);
 	bm_fault_unregister(layer);
+	check_latest_is(nd);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(nd);
+	blockmirror_replica_server_stop(rs2);
+	interval_ms = 1000;
+}
+END_TEST
+
+/*
+ * A split brain resynced by the records: the old primary wrote after its
+ * last committed point P, the replica was promoted at P, and the new
+ * primary wrote too.  The old disk, back as the replica, kept what its
+ * record says it wrote since P; the resync sends the union of that and
+ * the new primary's changes, reads nothing of the old disk (no digests
+ * over it), sends no more than the two sets, and leaves the replica equal
+ * to the new primary.
+ */
+START_TEST(test_split_brain_by_record)
+{
+	struct blockmirror_replication_info info = { .size = sizeof info };
+	struct blockmirror_replica_server *rs2;
+	struct blockmirror_replication *r;
+	struct blockmirror_disk *nd;
+	static struct bm_fault_rules base;
+	char newimg[4096];
+	uint64_t rng = 44, theirs, ours, reads;
+	int err;
+
+	interval_ms = 3600 * 1000;
+	split_brain(&rng, 6, &theirs, newimg, sizeof newimg);
+	memset(&base, 0, sizeof base);
+	ck_assert_int_eq(bm_fault_register(image, &base), 0);
+	rs2 = start_old_as_replica();
+	reads = atomic_load(&base.reads);
+	nd = open_tracked(newimg);
+	ours = scribble(nd, &rng, 6);
+	r = start_replication(nd, 0, &err);
+	ck_assert_int_eq(err, -EEXIST); /* a split brain, refused */
+	r = start_replication(nd, BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT,
+			      &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	ck_assert_msg(blockmirror_replication_sync(r, 60000, NULL) == 0, "%s",
+		      blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
+	ck_assert_msg(atomic_load(&base.reads) == reads, "the resync read "
+		      "the old disk (%" PRIu64 " reads): digests, not the "
+		      "records", atomic_load(&base.reads) - reads);
+	ck_assert_msg(info.bytes_sent > 0 && info.bytes_sent <= theirs + ours,
+		      "sent %" PRIu64 " bytes for %" PRIu64 " + %" PRIu64
+		      " changed", info.bytes_sent, theirs, ours);
+	bm_fault_unregister(image);
 	check_latest_is(nd);
 	blockmirror_replication_stop(r);
 	blockmirror_disk_close(nd);
@@ -899,7 +981,8 @@ main(void)
 	tcase_add_test(tc, test_failover_fence);
 	tcase_add_test(tc, test_halt_releases_waiters);
 	tcase_add_test(tc, test_adopt_newer_than_state);
-	tcase_add_test(tc, test_split_brain_retry);
+	tcase_add_loop_test(tc, test_split_brain_retry, 0, 2);
+	tcase_add_test(tc, test_split_brain_by_record);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
