@@ -701,6 +701,19 @@ split_brain(uint64_t *rng, unsigned n, uint64_t *divergent, char *newimg,
 	promote_and_stop(rs, point, newimg, len);
 }
 
+/* After the resync: the replica's latest point is the new primary's
+ * disk; everything stopped. */
+static void
+resynced(struct blockmirror_replication *r, struct blockmirror_disk *nd,
+	 struct blockmirror_replica_server *rs2)
+{
+	check_latest_is(nd);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(nd);
+	blockmirror_replica_server_stop(rs2);
+	interval_ms = 1000;
+}
+
 /* The old disk, in the test's directory, as the new primary's replica,
  * on the first replica's sockets. */
 static struct blockmirror_replica_server *
@@ -759,11 +772,7 @@ START_TEST(test_split_brain_retry)
 		      blockmirror_last_error());
 	ck_assert_uint_gt(atomic_load(&rules.failures), 0);
 	bm_fault_unregister(layer);
-	check_latest_is(nd);
-	blockmirror_replication_stop(r);
-	blockmirror_disk_close(nd);
-	blockmirror_replica_server_stop(rs2);
-	interval_ms = 1000;
+	resynced(r, nd, rs2);
 }
 END_TEST
 
@@ -810,11 +819,7 @@ START_TEST(test_split_brain_by_record)
 		      "sent %" PRIu64 " bytes for %" PRIu64 " + %" PRIu64
 		      " changed", info.bytes_sent, theirs, ours);
 	bm_fault_unregister(image);
-	check_latest_is(nd);
-	blockmirror_replication_stop(r);
-	blockmirror_disk_close(nd);
-	blockmirror_replica_server_stop(rs2);
-	interval_ms = 1000;
+	resynced(r, nd, rs2);
 }
 END_TEST
 
