@@ -254,9 +254,9 @@ bm_repl_fetch_divergent(struct blockmirror_replication *r)
 	}
 	if (!r->resend) {
 		r->resend = calloc((ngran + 63) / 64, sizeof *r->resend);
-		r->nresend = ngran;
 		if (!r->resend)
 			return bm_error(-ENOMEM, "out of memory");
+		r->nresend = ngran;
 	}
 	for (uint64_t first = 0; ret == 0 && first < ngran; first += page) {
 		uint64_t n = BM_MIN(page, ngran - first);

@@ -142,6 +142,10 @@ pairing_load(struct blockmirror_replica_server *s)
 	if (!path)
 		return -ENOMEM;
 	memset(&s->pair, 0, sizeof s->pair);
+	/* No file: a crash of --create before it was written (after an
+	 * adopted point was committed, say): how the disk diverged is not
+	 * known, so a resync compares digests. */
+	s->pair.diverged = -1;
 	j = json_load_file(path, 0, &jerr);
 	if (!j) {
 		r = access(path, F_OK) == 0 ?
@@ -1288,8 +1292,11 @@ adopt(struct blockmirror_replica_server *s)
 			uint64_t bytes = 0;
 
 			snprintf(cp, sizeof cp, "repl-%" PRIu64, point);
-			if (divergent_save(s, disk, cp, &bytes) == 0)
-				s->pair.diverged = (int64_t)bytes;
+			/* changed_bytes above counts only up to the next
+			 * checkpoint: without the whole record, unknown. */
+			s->pair.diverged = divergent_save(s, disk, cp,
+							  &bytes) == 0 ?
+					   (int64_t)bytes : -1;
 			if (s->pair.diverged <= 0)
 				divergent_forget(s);
 		}

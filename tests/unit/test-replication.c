@@ -777,6 +777,45 @@ START_TEST(test_split_brain_retry)
 END_TEST
 
 /*
+ * The replica crashed while it was made from the old disk, after the
+ * adopted point and before its pairing file: reopened, it does not know
+ * how the disk diverged, so the new primary is refused as a split brain
+ * and, allowed to discard, resyncs; never an incremental cycle over the
+ * divergent disk.
+ */
+START_TEST(test_split_brain_pairing_lost)
+{
+	struct blockmirror_replica_server_options o = {
+		.size = sizeof o, .dir = dir, .listen = rsock, .control = rctl,
+	};
+	struct blockmirror_replica_server *rs2;
+	struct blockmirror_replication *r;
+	struct blockmirror_disk *nd;
+	char newimg[4096], path[200];
+	uint64_t rng = 55, divergent;
+	int err;
+
+	interval_ms = 3600 * 1000;
+	split_brain(&rng, 6, &divergent, newimg, sizeof newimg);
+	rs2 = start_old_as_replica();
+	blockmirror_replica_server_stop(rs2);
+	snprintf(path, sizeof path, "%s/pairing.json", dir);
+	ck_assert_int_eq(unlink(path), 0);
+	ck_assert_msg(blockmirror_replica_server_start(&o, &rs2) == 0, "%s",
+		      blockmirror_last_error());
+	nd = open_tracked(newimg);
+	r = start_replication(nd, 0, &err);
+	ck_assert_int_eq(err, -EEXIST);
+	r = start_replication(nd, BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT,
+			      &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	ck_assert_msg(blockmirror_replication_sync(r, 60000, NULL) == 0, "%s",
+		      blockmirror_last_error());
+	resynced(r, nd, rs2);
+}
+END_TEST
+
+/*
  * A split brain resynced by the records: the old primary wrote after its
  * last committed point P, the replica was promoted at P, and the new
  * primary wrote too.  The old disk, back as the replica, kept what its
@@ -988,6 +1027,7 @@ main(void)
 	tcase_add_test(tc, test_adopt_newer_than_state);
 	tcase_add_loop_test(tc, test_split_brain_retry, 0, 2);
 	tcase_add_test(tc, test_split_brain_by_record);
+	tcase_add_test(tc, test_split_brain_pairing_lost);
 	suite_add_tcase(s, tc);
 	return run_suite(s) ? EXIT_FAILURE : EXIT_SUCCESS;
 }
