@@ -701,6 +701,22 @@ split_brain(uint64_t *rng, unsigned n, uint64_t *divergent, char *newimg,
 	promote_and_stop(rs, point, newimg, len);
 }
 
+/* Replication of the new primary allowed to discard the divergence, and
+ * its first point committed. */
+static struct blockmirror_replication *
+resync_discarding(struct blockmirror_disk *nd)
+{
+	struct blockmirror_replication *r;
+	int err;
+
+	r = start_replication(nd, BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT,
+			      &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	ck_assert_msg(blockmirror_replication_sync(r, 60000, NULL) == 0, "%s",
+		      blockmirror_last_error());
+	return r;
+}
+
 /* After the resync: the replica's latest point is the new primary's
  * disk; everything stopped. */
 static void
@@ -746,7 +762,6 @@ START_TEST(test_split_brain_retry)
 	static struct bm_fault_rules rules;
 	char newimg[4096], layer[200];
 	uint64_t rng = 33, divergent;
-	int err;
 
 	interval_ms = 3600 * 1000;
 	split_brain(&rng, 10, &divergent, newimg, sizeof newimg);
@@ -764,12 +779,8 @@ START_TEST(test_split_brain_retry)
 	rules.write_err_count = 1;
 	ck_assert_int_eq(bm_fault_register(layer, &rules), 0);
 	nd = open_tracked(newimg);
-	r = start_replication(nd, BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT,
-			      &err);
-	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
-	/* The failed cycle is retried within the sync's time. */
-	ck_assert_msg(blockmirror_replication_sync(r, 60000, NULL) == 0, "%s",
-		      blockmirror_last_error());
+	/* A failed cycle is retried within the sync's time. */
+	r = resync_discarding(nd);
 	ck_assert_uint_gt(atomic_load(&rules.failures), 0);
 	bm_fault_unregister(layer);
 	resynced(r, nd, rs2);
@@ -806,11 +817,7 @@ START_TEST(test_split_brain_pairing_lost)
 	nd = open_tracked(newimg);
 	r = start_replication(nd, 0, &err);
 	ck_assert_int_eq(err, -EEXIST);
-	r = start_replication(nd, BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT,
-			      &err);
-	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
-	ck_assert_msg(blockmirror_replication_sync(r, 60000, NULL) == 0, "%s",
-		      blockmirror_last_error());
+	r = resync_discarding(nd);
 	resynced(r, nd, rs2);
 }
 END_TEST
@@ -845,11 +852,7 @@ START_TEST(test_split_brain_by_record)
 	ours = scribble(nd, &rng, 6);
 	r = start_replication(nd, 0, &err);
 	ck_assert_int_eq(err, -EEXIST); /* a split brain, refused */
-	r = start_replication(nd, BLOCKMIRROR_REPLICATION_DISCARD_DIVERGENT,
-			      &err);
-	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
-	ck_assert_msg(blockmirror_replication_sync(r, 60000, NULL) == 0, "%s",
-		      blockmirror_last_error());
+	r = resync_discarding(nd);
 	ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
 	ck_assert_msg(atomic_load(&base.reads) == reads, "the resync read "
 		      "the old disk (%" PRIu64 " reads): digests, not the "
