@@ -667,6 +667,7 @@ op_commit(struct req *q)
 {
 	struct blockmirror_replica_server *s = q->s;
 	uint64_t point = 0, bytes = 0, instant = 0;
+	const char *stage;
 	bool app = json_is_true(json_object_get(q->in, "app_consistent"));
 	int r;
 
@@ -678,6 +679,13 @@ op_commit(struct req *q)
 	if (!s->stage || s->stage->point != point)
 		return bm_error(-ENOENT, "no cycle for point %" PRIu64 " is "
 				"open", point);
+	/* The stage this cycle began, not a later one of the same point (a
+	 * commit late from a connection the primary gave up on).  Older
+	 * primaries do not name it. */
+	stage = json_string_value(json_object_get(q->in, "export"));
+	if (stage && strcmp(stage, s->stage->export))
+		return bm_error(-ENOENT, "the cycle of point %" PRIu64 " that "
+				"began on that export is over", point);
 	r = stage_close(s);
 	if (r < 0) {
 		bm_replica_abort(s->rep);

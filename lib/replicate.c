@@ -477,12 +477,15 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	if (ret < 0)
 		goto abort;
 
-	json_decref(res);
-	res = NULL;
-	req = json_pack("{s:s,s:I,s:s,s:I,s:I,s:b}", "op", "commit",
+	/* The stage is named: a commit late from a connection given up
+	 * on cannot commit a later cycle's (export is begin's answer's). */
+	req = json_pack("{s:s,s:I,s:s,s:s,s:I,s:I,s:b}", "op", "commit",
 			"point", (json_int_t)n, "token", st.token,
+			"export", export,
 			"instant_ns", (json_int_t)si.taken_unix_ns,
 			"bytes", (json_int_t)s.sent, "app_consistent", app);
+	json_decref(res);
+	res = NULL;
 	ret = bm_repl_call(r, req, &res, COMMIT_MS);
 	json_decref(req);
 	if (ret < 0)

@@ -509,6 +509,91 @@ START_TEST(test_forged_successor_refused)
 }
 END_TEST
 
+/* A call over the channel as a primary makes it (req consumed): the
+ * answer, or NULL with *err. */
+static json_t *
+primary_call(struct bm_chan *c, json_t *req, int *err)
+{
+	json_t *res = NULL;
+
+	*err = bm_chan_call(c, req, &res, 10000);
+	json_decref(req);
+	return res;
+}
+
+/*
+ * A commit names the stage its cycle began: a commit late from a
+ * connection the primary gave up on, arriving after the next begin of
+ * the same point, is refused instead of committing that cycle's stage
+ * half written.
+ */
+START_TEST(test_stale_commit_refused)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image);
+	struct blockmirror_replication *r;
+	struct bm_chan *c = NULL;
+	char state[200], first[64];
+	const char *gen, *token;
+	uint64_t point = 0;
+	json_t *st, *res;
+	int err;
+
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, &point), 0);
+	blockmirror_replication_stop(r);
+	snprintf(state, sizeof state, "%s.bmirror-repl", image);
+	st = json_load_file(state, 0, NULL);
+	ck_assert_ptr_nonnull(st);
+	gen = json_string_value(json_object_get(st, "gen"));
+	token = json_string_value(json_object_get(st, "token"));
+	ck_assert(gen && token);
+	ck_assert_int_eq(bm_chan_connect(rsock, NULL, NULL, 5000, &c), 0);
+	res = primary_call(c, json_pack("{s:s,s:i,s:I,s:s,s:[],s:I,s:s}",
+					"op", "hello", "version", 1, "size",
+					(json_int_t)DISK_SIZE, "gen", gen,
+					"history", "committed",
+					(json_int_t)point, "token", token),
+			   &err);
+	ck_assert_msg(err == 0, "hello: %s", blockmirror_last_error());
+	json_decref(res);
+	res = primary_call(c, json_pack("{s:s,s:I,s:s,s:s}", "op", "begin",
+					"point", (json_int_t)point + 1, "gen",
+					gen, "token", token), &err);
+	ck_assert_msg(err == 0, "begin: %s", blockmirror_last_error());
+	snprintf(first, sizeof first, "%s",
+		 json_string_value(json_object_get(res, "export")));
+	json_decref(res);
+	/* The primary gave up and began the point again. */
+	res = primary_call(c, json_pack("{s:s,s:I,s:s,s:s}", "op", "begin",
+					"point", (json_int_t)point + 1, "gen",
+					gen, "token", token), &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_str_ne(first, json_string_value(json_object_get(res,
+								  "export")));
+	json_decref(res);
+	res = primary_call(c, json_pack("{s:s,s:I,s:s,s:s,s:I,s:I}", "op",
+					"commit", "point",
+					(json_int_t)point + 1, "token", token,
+					"export", first, "instant_ns",
+					(json_int_t)1, "bytes", (json_int_t)0),
+			   &err);
+	ck_assert_int_eq(err, -ENOENT);
+	ck_assert_ptr_null(res);
+	bm_chan_close(c);
+	json_decref(st);
+	/* The primary goes on from its point. */
+	r = start_replication(d, 0, &err);
+	ck_assert_int_eq(err, 0);
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	check_latest_is(d);
+	blockmirror_replication_stop(r);
+	blockmirror_disk_close(d);
+	blockmirror_replica_server_stop(rs);
+}
+END_TEST
+
 /* A planned failover the replica refuses (a point is exported) leaves
  * the disk writable; one that succeeds fences it, and later calls say
  * so at once. */
@@ -1025,6 +1110,7 @@ main(void)
 	tcase_add_test(tc, test_replica_restarts);
 	tcase_add_test(tc, test_leftover_checkpoint);
 	tcase_add_test(tc, test_forged_successor_refused);
+	tcase_add_test(tc, test_stale_commit_refused);
 	tcase_add_test(tc, test_failover_fence);
 	tcase_add_test(tc, test_halt_releases_waiters);
 	tcase_add_test(tc, test_adopt_newer_than_state);
