@@ -580,7 +580,8 @@ dst_flush_errors(int count)
 /*
  * The pivot's final flush, apart from its preflush: hold the preflush
  * (the guest runs meanwhile and asks for durability), delay the guest's
- * next source write so that the drain after the preflush lasts 400 ms,
+ * next source write so that the drain after the preflush lasts 1.2 s
+ * (time for this thread to set the fault on a loaded machine),
  * let the preflush through, and set the fault as soon as it has been.
  */
 static void
@@ -597,7 +598,7 @@ arm_final_flush(struct bg_call *c)
 	WAIT_FOR(atomic_load(&fx.ops) >= ops + 8, 2000); /* FUA, flushes */
 	ck_assert_msg(atomic_load(&fx.ops) >= ops + 8, "%s: the guest does "
 		      "not run during the preflush", fx.name);
-	atomic_store(&fx.src_rules.next_write_delay_ns, 400 * 1000000ull);
+	atomic_store(&fx.src_rules.next_write_delay_ns, 1200 * 1000000ull);
 	WAIT_FOR(atomic_load(&fx.src_rules.next_write_delay_ns) == 0, 2000);
 	ck_assert_uint_eq(atomic_load(&fx.src_rules.next_write_delay_ns), 0);
 	f0 = atomic_load(&fx.dst_rules.flushes);
@@ -1100,7 +1101,7 @@ run_final(void)
 		return;
 	}
 	/* A hung final flush: the guest is quiesced, complete blocks. */
-	sleep_ms(450); /* past the delayed guest write */
+	sleep_ms(1250); /* past the delayed guest write */
 	ck_assert(!atomic_load(&c.done));
 	ck_assert_int_eq(job_state(), BLOCKMIRROR_JOB_PIVOTING);
 	check_guest_stalled();

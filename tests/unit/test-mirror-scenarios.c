@@ -644,9 +644,17 @@ START_TEST(test_pause_resume)
 	ck_assert_int_eq(f.ev.paused, 1);
 	ck_assert_int_eq(blockmirror_job_pause(job), -EINVAL);
 	ck_assert_int_eq(blockmirror_job_complete(job), -EBUSY);
-	/* Copies already in flight may still land: let them. */
-	sleep_ms(100);
+	/* Copies already in flight may still land: let them, however
+	 * slowly they do here (two samples 300 ms apart agree). */
 	info = query(job);
+	for (int i = 0; i < 33; i++) {
+		sleep_ms(300);
+		later = query(job);
+		if (later.bytes_done == info.bytes_done &&
+		    later.bytes_copied == info.bytes_copied)
+			break;
+		info = later;
+	}
 	ck_assert_msg(info.state == BLOCKMIRROR_JOB_PAUSED && info.paused,
 		      "after pause: %s paused %d", state_name(info.state),
 		      info.paused);

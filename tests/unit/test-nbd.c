@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -1640,12 +1641,41 @@ START_TEST(test_copy_multi_conn)
 }
 END_TEST
 
+/* Sockets process `pid` holds open. */
+static int
+sockets_of(pid_t pid)
+{
+	char path[64], link[64];
+	struct dirent *e;
+	DIR *d;
+	int n = 0;
+
+	snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
+	d = opendir(path);
+	if (!d)
+		return 0;
+	while ((e = readdir(d))) {
+		char fd[64 + 256];
+		ssize_t len;
+
+		snprintf(fd, sizeof fd, "%s/%s", path, e->d_name);
+		len = readlink(fd, link, sizeof link - 1);
+		if (len > 0) {
+			link[len] = '\0';
+			n += strncmp(link, "socket:", 7) == 0;
+		}
+	}
+	closedir(d);
+	return n;
+}
+
 /* The server dies in the middle of a copy over several connections: the
  * copy fails soon with -EIO and says why; it does not wait out the
  * timeout. */
 START_TEST(test_copy_server_killed)
 {
 	struct blockmirror_copy_options co = { .size = sizeof co };
+	volatile uint64_t *killed_at;
 	const char *msg;
 	char src[96];
 	pid_t pid, killer;
@@ -1657,19 +1687,29 @@ START_TEST(test_copy_server_killed)
 	write_pattern_file(src, 24 * MiB, 9);
 	pid = start_nbdkit("--filter=delay", "memory", "24M", "wdelay=5",
 			   NULL);
+	killed_at = mmap(NULL, sizeof *killed_at, PROT_READ | PROT_WRITE,
+			 MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+	ck_assert(killed_at != MAP_FAILED);
+	*killed_at = 0;
 	killer = fork();
 	ck_assert_int_ge(killer, 0);
 	if (killer == 0) {
-		usleep(700 * 1000);
+		/* Once the copy's four connections are up (the listening
+		 * socket and theirs), on any machine. */
+		for (int i = 0; i < 1000 && sockets_of(pid) < 5; i++)
+			usleep(10 * 1000);
+		usleep(100 * 1000);
+		*killed_at = now_ms();
 		kill(pid, SIGKILL);
 		_exit(0);
 	}
-	t0 = now_ms();
 	r = blockmirror_copy(src, uri, &co, NULL);
+	t0 = now_ms();
 	msg = blockmirror_last_error();
 	ck_assert_int_eq(waitpid(killer, NULL, 0), killer);
 	ck_assert_msg(r == -EIO, "copy: %d %s", r, msg);
-	ck_assert_uint_lt(now_ms() - t0, 4000);
+	ck_assert_uint_lt(t0 - *killed_at, 4000);
+	munmap((void *)killed_at, sizeof *killed_at);
 	ck_assert_msg(strstr(msg, "lost") && strstr(msg, " of 4)"), "%s",
 		      msg);
 }
