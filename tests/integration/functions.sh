@@ -548,7 +548,7 @@ stop_serve() {
 
 # kill_serve_during_writes BASE OUT: qemu-io writes 4 KiB blocks of 0x44
 # from byte BASE of the served disk, one process per block, so that a
-# kill -9 of serve after half a second falls between some; OUT gets
+# kill -9 of serve once three are acknowledged falls between some; OUT gets
 # qemu-io's output ("wrote 4096/4096 bytes at offset N" per
 # acknowledged block).  SERVE_PID is cleared.
 kill_serve_during_writes() {
@@ -558,7 +558,12 @@ kill_serve_during_writes() {
 			"nbd+unix:///?socket=$T/nbd.sock" || break
 	done >"$out" 2>&1 &
 	qio_pid=$!
-	sleep 0.5
+	# Some acknowledged first, however slowly qemu-io starts here.
+	for ((i = 0; i < 200; i++)); do
+		(($(grep -c '^wrote 4096/4096' "$out" 2>/dev/null || true) >= 3)) && break
+		kill -0 "$qio_pid" 2>/dev/null || break
+		sleep 0.1
+	done
 	kill -9 "$SERVE_PID"
 	wait "$SERVE_PID" 2>/dev/null || true
 	wait "$qio_pid" 2>/dev/null || true

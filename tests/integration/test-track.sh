@@ -95,7 +95,7 @@ json_assert "$RUN_OUT" "d['snapshots'] == []"
 pass "bad checkpoints and names are refused, nothing is left behind"
 
 # ---- kill -9 while the guest writes ----------------------------------------
-kill_serve_during_writes $((8 * MiB)) /dev/null
+kill_serve_during_writes $((8 * MiB)) "$T/qio.out"
 start_serve "$T/disk.raw"
 grep -q 'crashed' "$T/serve.err" || { cat "$T/serve.err" >&2; fail "serve did not say the tracker crashed"; }
 run_ok "$BMIRROR" status --control "$CTL" --json
