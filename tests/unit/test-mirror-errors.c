@@ -872,6 +872,30 @@ qcow2_source_open(char *src, size_t len, const char *name)
 }
 
 /*
+ * Start an active job and, once READY, write 64 KiB of `byte` at `off` (a
+ * new cluster of a qcow2 source: its close has tables to write); then
+ * hang the source's flushes and complete, which must go through.  The
+ * source's flush count when they were hung.
+ */
+static uint64_t
+pivot_with_source_flushes_hung(uint64_t off, int byte)
+{
+	static unsigned char buf[1 << 16];
+	uint64_t flushes;
+
+	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
+	wait_ready();
+	memset(buf, byte, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf, off,
+						0), 0);
+	atomic_store(&fx.rules.hang_flush, true);
+	flushes = atomic_load(&fx.rules.flushes);
+	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
+		      blockmirror_last_error());
+	return flushes;
+}
+
+/*
  * A qcow2 source, whose close writes its tables and syncs, is closed off
  * the disk's loop after the pivot: with the source's flushes hung, the
  * pivot still completes and the guest reads and writes on the
@@ -889,16 +913,7 @@ START_TEST(test_pivot_closes_qcow2_source_aside)
 	memset(buf, 0x4d, sizeof buf);
 	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf, 0,
 						0), 0);
-	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
-	wait_ready();
-	/* A new cluster: the source's close has tables to write. */
-	memset(buf, 0x4e, sizeof buf);
-	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf,
-						4 * MiB, 0), 0);
-	atomic_store(&fx.rules.hang_flush, true);
-	flushes = atomic_load(&fx.rules.flushes);
-	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
-		      blockmirror_last_error());
+	flushes = pivot_with_source_flushes_hung(4 * MiB, 0x4e);
 	memset(buf, 0x4f, sizeof buf);
 	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf,
 						6 * MiB, 0), 0);
@@ -950,20 +965,12 @@ release_flushes(void *arg)
  */
 START_TEST(test_move_back_waits_for_close)
 {
-	static unsigned char buf[1 << 16];
 	struct blockmirror_job_options o;
 	pthread_t t;
 	char src[128];
 
 	qcow2_source_open(src, sizeof src, "back.qcow2");
-	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_REPORT);
-	wait_ready();
-	memset(buf, 0x71, sizeof buf);
-	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf,
-						3 * MiB, 0), 0);
-	atomic_store(&fx.rules.hang_flush, true);
-	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
-		      blockmirror_last_error());
+	pivot_with_source_flushes_hung(3 * MiB, 0x71);
 	blockmirror_job_free(fx.job);
 	atomic_store(&released, false);
 	ck_assert_int_eq(pthread_create(&t, NULL, release_flushes, NULL), 0);
