@@ -18,8 +18,15 @@
  * before.  The carried blocks are dropped once they go back more than
  * CARRY_MAX seconds: after a crash, "changed since" a checkpoint holds
  * at most that much from before it.  Removals keep what Bn carries.
+ *
+ * The fine bitmaps (memory only, cbt.c) follow the coarse ones: a
+ * checkpoint created while the fine record is kept gets one (unless
+ * memory is short: then none), a removal merges Fk into F(k-1) when both
+ * have one and else leaves C(k-1) without, so a fine bitmap always
+ * covers its checkpoint's whole life.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -111,6 +118,11 @@ bm_cbt_create(struct bm_cbt *cbt, const char *name)
 		bm_bitmap_free(&carry);
 		return bm_error(-ENOMEM, "%s: out of memory", cbt->path);
 	}
+	/* Without room for it, the checkpoint just has no fine bitmap. */
+	if (cbt->fine_granularity &&
+	    bm_bitmap_init(&c.fine, cbt->disk_size,
+			   cbt->fine_granularity) < 0)
+		memset(&c.fine, 0, sizeof c.fine);
 	snprintf(c.e.name, sizeof c.e.name, "%s", name);
 	c.e.id = cbt->next_id++;
 	c.e.created = now;
@@ -124,6 +136,7 @@ bm_cbt_create(struct bm_cbt *cbt, const char *name)
 	if (r < 0) {
 		cbt->next_id--;
 		bm_bitmap_free(&c.bits);
+		bm_bitmap_free(&c.fine);
 		bm_bitmap_free(&carry);
 		return r;
 	}
@@ -190,8 +203,16 @@ bm_cbt_remove(struct bm_cbt *cbt, const char *name)
 	if (k > 0) {
 		bm_bitmap_free(&cbt->cp[k - 1].bits);
 		cbt->cp[k - 1].bits = merged;
+		/* In place (memory only, nothing to undo); without Fk,
+		 * F(k-1) would miss Bk's blocks: it goes. */
+		if (cbt->cp[k - 1].fine.words && cbt->cp[k].fine.words)
+			bm_cbt_or_into(&cbt->cp[k - 1].fine,
+				       &cbt->cp[k].fine);
+		else
+			bm_bitmap_free(&cbt->cp[k - 1].fine);
 		cbt->cp[k - 1].e.flags = ents[k - 1].flags;
 	}
+	bm_bitmap_free(&cbt->cp[k].fine);
 	memmove(&cbt->cp[k], &cbt->cp[k + 1],
 		(cbt->count - (size_t)k - 1) * sizeof cbt->cp[0]);
 	cbt->count--;
@@ -242,10 +263,47 @@ bm_cbt_get(const struct bm_cbt *cbt, size_t i, struct bm_cbt_info *info)
 }
 
 int
-bm_cbt_changed_since(const struct bm_cbt *cbt, const char *name,
-		     struct bm_bitmap *out, uint64_t *bytes)
+bm_cbt_keep_fine(struct bm_cbt *cbt, uint32_t granularity)
+{
+	if (granularity &&
+	    (granularity & (granularity - 1) ||
+	     granularity < BM_CBT_MIN_GRANULARITY ||
+	     granularity >= cbt->granularity))
+		return bm_error(-EINVAL, "%s: a fine record of %" PRIu32
+				" bytes: not a power of two from %" PRIu32
+				" below the record's %" PRIu32, cbt->path,
+				granularity, BM_CBT_MIN_GRANULARITY,
+				cbt->granularity);
+	if (granularity) {
+		if (cbt->fine_users && granularity != cbt->fine_granularity)
+			return bm_error(-EBUSY, "%s: a fine record of %" PRIu32
+					" bytes is kept already", cbt->path,
+					cbt->fine_granularity);
+		cbt->fine_users++;
+		cbt->fine_granularity = granularity;
+		return 0;
+	}
+	if (!cbt->fine_users || --cbt->fine_users)
+		return 0;
+	/* Kept no longer: what exists would miss the marks from now on. */
+	for (size_t i = 0; i < cbt->count; i++)
+		bm_bitmap_free(&cbt->cp[i].fine);
+	cbt->fine_granularity = 0;
+	return 0;
+}
+
+uint32_t
+bm_cbt_fine_granularity(const struct bm_cbt *cbt)
+{
+	return cbt->fine_granularity;
+}
+
+static int
+changed_since(const struct bm_cbt *cbt, const char *name, bool fine,
+	      struct bm_bitmap *out, uint64_t *bytes)
 {
 	long k = name ? find(cbt, name) : -1;
+	uint32_t g = cbt->granularity;
 	const char *why;
 
 	memset(out, 0, sizeof *out);
@@ -256,10 +314,31 @@ bm_cbt_changed_since(const struct bm_cbt *cbt, const char *name,
 	if (why)
 		return bm_error(-ESTALE, "%s: checkpoint %s is not trusted: %s",
 				cbt->path, name, why);
-	if (bm_bitmap_init(out, cbt->disk_size, cbt->granularity) < 0)
+	for (size_t i = (size_t)k; fine && i < cbt->count; i++)
+		fine = cbt->cp[i].fine.words != NULL &&
+		       bm_bitmap_granularity(&cbt->cp[i].fine) ==
+		       cbt->fine_granularity;
+	if (fine)
+		g = cbt->fine_granularity;
+	if (bm_bitmap_init(out, cbt->disk_size, g) < 0)
 		return bm_error(-ENOMEM, "%s: out of memory", cbt->path);
 	for (size_t i = (size_t)k; i < cbt->count; i++)
-		bm_cbt_or_into(out, &cbt->cp[i].bits);
+		bm_cbt_or_into(out, fine ? &cbt->cp[i].fine
+					 : &cbt->cp[i].bits);
 	*bytes = bm_bitmap_dirty_bytes(out);
 	return 0;
+}
+
+int
+bm_cbt_changed_since(const struct bm_cbt *cbt, const char *name,
+		     struct bm_bitmap *out, uint64_t *bytes)
+{
+	return changed_since(cbt, name, false, out, bytes);
+}
+
+int
+bm_cbt_changed_since_fine(const struct bm_cbt *cbt, const char *name,
+			  struct bm_bitmap *out, uint64_t *bytes)
+{
+	return changed_since(cbt, name, true, out, bytes);
 }

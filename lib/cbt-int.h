@@ -19,6 +19,10 @@
 struct checkpoint {
 	struct bm_cbt_entry e;
 	struct bm_bitmap bits;       /* Bk; for the newest, `want` */
+	/* Bk at fine_granularity, in memory only: set by every mark since
+	 * Ck was created in this process (words NULL: not kept, as for a
+	 * checkpoint read from the file). */
+	struct bm_bitmap fine;
 };
 
 struct bm_cbt {
@@ -35,6 +39,8 @@ struct bm_cbt {
 	struct bm_store *store;
 	uint64_t disk_size;
 	uint32_t granularity;
+	uint32_t fine_granularity;   /* 0: no fine record (bm_cbt_keep_fine) */
+	unsigned fine_users;         /* the keep_fine calls not undone */
 	uint64_t blocks;
 	uint64_t bitmap_size;        /* bytes of one bitmap in the file */
 	uint64_t npages;             /* pages of one bitmap */

@@ -45,6 +45,15 @@
  * the old file or the new one.  After a rewrite the store is reopened on
  * the new file.
  *
+ * The fine record (bm_cbt_keep_fine): beside each bitmap, a checkpoint
+ * created while it is on keeps, in memory only, the same marks at a
+ * finer granularity, so that what changed since it can be told in small
+ * blocks (replication sends 4 KiB writes as such, not whole 64 KiB
+ * granules) while the file, and every sync a guest write waits for,
+ * stays coarse.  A crash loses it, and with it nothing that matters: a
+ * checkpoint read from the file has none, and "changed since" is then
+ * told by the coarse bitmaps.
+ *
  * A failed write-back breaks the tracker: its waiters and every later
  * mark fail with that error.  The disk lets those guest writes through
  * unrecorded (bm_disk_tracking_failed: the guest comes first), so every
@@ -271,6 +280,8 @@ bm_cbt_mark(struct bm_cbt *cbt, uint64_t offset, uint64_t length,
 				PRIu64 " is beyond the disk (%" PRIu64
 				" bytes)", cbt->path, length, offset,
 				cbt->disk_size);
+	if (newest(cbt)->fine.words)
+		bm_bitmap_set_range(&newest(cbt)->fine, offset, length);
 	if (bm_bitmap_test_all(&cbt->durable, offset, length)) {
 		/* Carried: durable, but Bn in memory does not have it. */
 		if (cbt->carrying)
@@ -570,8 +581,10 @@ static void
 free_tracker(struct bm_cbt *cbt)
 {
 	bm_store_close(cbt->store);
-	for (size_t i = 0; i < cbt->count; i++)
+	for (size_t i = 0; i < cbt->count; i++) {
 		bm_bitmap_free(&cbt->cp[i].bits);
+		bm_bitmap_free(&cbt->cp[i].fine);
+	}
 	bm_bitmap_free(&cbt->durable);
 	bm_bitmap_free(&cbt->pending);
 	bm_bitmap_free(&cbt->inflight);

@@ -249,6 +249,22 @@ int bm_cbt_get(const struct bm_cbt *cbt, size_t i, struct bm_cbt_info *info);
 int bm_cbt_changed_since(const struct bm_cbt *cbt, const char *name,
 			 struct bm_bitmap *out, uint64_t *bytes);
 
+/*
+ * The fine record (memory only, cbt.c): checkpoints created from now on
+ * also keep their marks at `granularity` (a power of two from
+ * BM_CBT_MIN_GRANULARITY, below the record's).  Counted: each call with
+ * a granularity is undone by one with 0, and the last undoing drops the
+ * fine bitmaps kept.  -EINVAL for a bad granularity, -EBUSY for another
+ * one than the record keeps already.
+ */
+int bm_cbt_keep_fine(struct bm_cbt *cbt, uint32_t granularity);
+/* The fine record's granularity, 0 when it is not kept. */
+uint32_t bm_cbt_fine_granularity(const struct bm_cbt *cbt);
+/* bm_cbt_changed_since at the fine record's granularity when every
+ * checkpoint from `name` on has a fine bitmap, else at the record's:
+ * bm_bitmap_granularity(out) says which. */
+int bm_cbt_changed_since_fine(const struct bm_cbt *cbt, const char *name,
+			      struct bm_bitmap *out, uint64_t *bytes);
 /* The previous tracker of this file did not close it. */
 bool bm_cbt_crashed(const struct bm_cbt *cbt);
 

@@ -373,8 +373,8 @@ blockmirror_checkpoint_list(struct blockmirror_disk *disk,
 
 int
 bm_checkpoint_at_instant(struct blockmirror_disk *disk, const char *since,
-			 const char *create, struct bm_bitmap *changed,
-			 uint64_t *bytes)
+			 const char *create, uint64_t g,
+			 struct bm_bitmap *changed, uint64_t *bytes)
 {
 	int r;
 
@@ -382,7 +382,11 @@ bm_checkpoint_at_instant(struct blockmirror_disk *disk, const char *since,
 		return bm_error(-EINVAL, "the disk does not track changes "
 				"(blockmirror_disk_track)");
 	if (since) {
-		r = bm_cbt_changed_since(disk->cbt, since, changed, bytes);
+		r = g && g == bm_cbt_fine_granularity(disk->cbt)
+			? bm_cbt_changed_since_fine(disk->cbt, since, changed,
+						    bytes)
+			: bm_cbt_changed_since(disk->cbt, since, changed,
+					       bytes);
 		if (r < 0)
 			return r;
 	}
@@ -427,6 +431,28 @@ bm_checkpoint_changed(struct blockmirror_disk *disk, const char *since,
 
 	*bytes = call.u64;
 	return r;
+}
+
+/* A control call: never between a checkpoint's steps. */
+static void
+call_keep_fine(struct bm_call *call)
+{
+	struct blockmirror_disk *disk = call->arg;
+
+	if (!bm_disk_control_begin(disk, call))
+		return; /* its turn comes, or the disk closes */
+	control_done(disk, call, disk->cbt ?
+		     bm_cbt_keep_fine(disk->cbt, (uint32_t)call->u64) :
+		     bm_error(-EINVAL, "the disk does not track changes"));
+}
+
+int
+bm_checkpoint_keep_fine(struct blockmirror_disk *disk, uint64_t granularity)
+{
+	struct bm_call call = { .fn = call_keep_fine, .arg = disk,
+				.u64 = granularity };
+
+	return bm_disk_call(disk, &call);
 }
 
 static void

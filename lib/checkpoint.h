@@ -24,13 +24,23 @@ int bm_checkpoint_changed(struct blockmirror_disk *disk, const char *since,
 			  struct bm_bitmap *changed, uint64_t *bytes);
 
 /*
+ * Keep the record's fine, in-memory bitmaps (cbt.h, bm_cbt_keep_fine)
+ * at `granularity` from now on, 0 to undo one such call: what changed
+ * since a checkpoint created after it can then be told at that
+ * granularity, for a snapshot of the same chunk size.  A control call
+ * (checkpoint.c).  Blocking (from any thread but the disk's loop).
+ */
+int bm_checkpoint_keep_fine(struct blockmirror_disk *disk,
+			    uint64_t granularity);
+/*
  * For a snapshot's instant (the disk quiesced, nothing in flight, on its
  * loop): `changed` (when `since`) gets what changed since checkpoint
- * `since`, then checkpoint `create` (when not NULL) is made.  0, or
- * -errno with nothing changed.
+ * `since`, at granularity `g` when the fine record is kept at g and
+ * covers it, else at the record's; then checkpoint `create` (when not
+ * NULL) is made.  0, or -errno with nothing changed.
  */
 int bm_checkpoint_at_instant(struct blockmirror_disk *disk, const char *since,
-			     const char *create, struct bm_bitmap *changed,
-			     uint64_t *bytes);
+			     const char *create, uint64_t g,
+			     struct bm_bitmap *changed, uint64_t *bytes);
 
 #endif /* BM_CHECKPOINT_H */

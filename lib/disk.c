@@ -719,6 +719,26 @@ sync_done(void *user_data, int err)
 	bm_waiter_signal(user_data, err);
 }
 
+bool
+bm_disk_has_thread(struct blockmirror_disk *disk)
+{
+	return atomic_load(&disk->thread_running);
+}
+
+int
+bm_disk_turn(struct blockmirror_disk *disk, int timeout_ms)
+{
+	int r;
+
+	if (atomic_load(&disk->thread_running))
+		return 0;
+	if (pthread_mutex_trylock(&disk->run_lock) != 0)
+		return -EBUSY;
+	r = disk_run_once(disk, timeout_ms);
+	pthread_mutex_unlock(&disk->run_lock);
+	return r < 0 ? r : 1;
+}
+
 int
 bm_disk_wait(struct blockmirror_disk *disk, struct bm_waiter *w)
 {

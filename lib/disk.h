@@ -231,6 +231,16 @@ int bm_disk_aio_to(struct blockmirror_disk *disk, struct bm_image *target,
  */
 int bm_disk_wait(struct blockmirror_disk *disk, struct bm_waiter *w);
 
+/*
+ * For a caller that waits for aio completions of its own: does the
+ * disk's thread run its loop?  If not, bm_disk_turn runs it once here
+ * (at most timeout_ms for something to happen): 1, or 0 when its thread
+ * runs it, -EBUSY when another caller does, or the loop's error.  Not
+ * from the loop thread.
+ */
+bool bm_disk_has_thread(struct blockmirror_disk *disk);
+int bm_disk_turn(struct blockmirror_disk *disk, int timeout_ms);
+
 /* Refuse guest writes from now on (-EROFS naming the failover): a
  * request already admitted still completes, so the caller drains (a
  * snapshot does) before it takes the disk's last state. */

@@ -1,12 +1,18 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * What crosses from the primary to the replica (replicate-int.h): a
- * cycle's data, written into the replica's staging export over NBD with
- * SLOTS requests in flight (all-zero ranges as write-zeroes): the
- * granules the change record says were written, every data extent for a
- * first copy onto zeroes, or, without a record to trust, the granules
- * whose XXH3-64 differs from the replica's (only digests come back).
- * The online verify compares digests the same way, without sending.
+ * cycle's data, written into the replica's staging export over NBD
+ * (all-zero ranges as write-zeroes): the blocks the change record says
+ * were written, every data extent for a first copy onto zeroes, or,
+ * without a record to trust, the granules whose XXH3-64 differs from the
+ * replica's (only digests come back).  The online verify compares
+ * digests the same way, without sending.
+ *
+ * SLOTS slots, each a buffer: a slot reads its range of the snapshot
+ * (aio: the completion, on the disk's loop, only marks it ready), then
+ * the sender thread writes it to the replica and the slot is free again
+ * once that write ends.  The sender thread does all submitting; the
+ * completions only change slot state under s->lock and broadcast.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -15,8 +21,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <xxhash.h>
 
+#include "disk.h"
 #include "errors.h"
 #include "extent.h"
 #include "internal.h"
@@ -24,6 +32,22 @@
 #include "replicate-int.h"
 #include "snapshot.h"
 
+/* Drop what is read only once this far behind: a drop is a call on
+ * the disk's loop, and a chunk read but not yet dropped costs the guest
+ * at most one copy-before-write of it. */
+#define DROP_STEP (4 * BM_MiB)
+
+/* Under s->lock: the first error is the sender's. */
+static void
+set_error(struct bm_repl_sender *s, int err, const char *m)
+{
+	if (err < 0 && !s->err) {
+		s->err = err;
+		snprintf(s->msg, sizeof s->msg, "%s", m ? m : strerror(-err));
+	}
+}
+
+/* A write ended (the target's loop thread), or a slot is given back. */
 static void
 slot_done(void *user_data, int err)
 {
@@ -32,25 +56,115 @@ slot_done(void *user_data, int err)
 	const char *m = err < 0 ? blockmirror_last_error() : NULL;
 
 	pthread_mutex_lock(&s->lock);
-	if (err < 0 && !s->err) {
-		s->err = err;
-		snprintf(s->msg, sizeof s->msg, "%s", m ? m : strerror(-err));
-	}
+	set_error(s, err, m);
 	sl->busy = false;
 	s->busy--;
 	pthread_cond_broadcast(&s->cond);
 	pthread_mutex_unlock(&s->lock);
 }
 
-/* A free slot, or NULL once a write failed (s->err). */
+/* A snapshot read ended (the disk's loop thread): the sender thread
+ * writes the slot out. */
+static void
+read_done(void *user_data, int err)
+{
+	struct bm_repl_slot *sl = user_data;
+	struct bm_repl_sender *s = sl->s;
+
+	pthread_mutex_lock(&s->lock);
+	sl->rerr = err;
+	sl->reading = false;
+	sl->ready = true;
+	pthread_cond_broadcast(&s->cond);
+	pthread_mutex_unlock(&s->lock);
+}
+
+/* Write `len` bytes of `sl`'s buffer at `off`: zeroes as such.  A
+ * failure to submit ends the slot with the error. */
+static void
+slot_write(struct bm_repl_sender *s, struct bm_repl_slot *sl, uint64_t len,
+	   uint64_t off)
+{
+	int r;
+
+	if (bm_is_zero(sl->buf, len))
+		r = blockmirror_disk_aio_write_zeroes(s->target, len, off, 0,
+						      slot_done, sl);
+	else
+		r = blockmirror_disk_aio_write(s->target, sl->buf, len, off,
+					       0, slot_done, sl);
+	if (r < 0)
+		slot_done(sl, r);
+	else
+		s->sent += len;
+}
+
+/* Under s->lock, on the sender thread: write out the slots whose read
+ * is done, or end them on an error.  true if the lock was let go (to
+ * submit a write): what the caller waits for may have happened. */
+static bool
+write_ready(struct bm_repl_sender *s)
+{
+	bool unlocked = false;
+
+	for (unsigned i = 0; i < SLOTS; i++) {
+		struct bm_repl_slot *sl = &s->slots[i];
+		char m[200];
+
+		if (!sl->ready)
+			continue;
+		sl->ready = false;
+		if (sl->rerr < 0 || s->err) {
+			if (sl->rerr < 0) {
+				snprintf(m, sizeof m, "reading the snapshot "
+					 "at %" PRIu64 ": %s", sl->off,
+					 strerror(-sl->rerr));
+				set_error(s, sl->rerr, m);
+			}
+			sl->busy = false;
+			s->busy--;
+			continue;
+		}
+		pthread_mutex_unlock(&s->lock);
+		slot_write(s, sl, sl->len, sl->off);
+		pthread_mutex_lock(&s->lock);
+		unlocked = true;
+	}
+	return unlocked;
+}
+
+/*
+ * Under s->lock: wait for a read or a write to end.  Reads complete on
+ * the disk's loop: without a thread of its own, the loop is turned here
+ * (as the blocking calls do), the lock let go meanwhile.
+ */
+static void
+sender_wait(struct bm_repl_sender *s)
+{
+	if (bm_disk_has_thread(s->r->disk)) {
+		pthread_cond_wait(&s->cond, &s->lock);
+		return;
+	}
+	pthread_mutex_unlock(&s->lock);
+	if (bm_disk_turn(s->r->disk, 10) != 1)
+		usleep(1000); /* another caller turns it */
+	pthread_mutex_lock(&s->lock);
+}
+
+/* A free slot, or NULL once something failed (s->err). */
 static struct bm_repl_slot *
 slot_get(struct bm_repl_sender *s)
 {
 	struct bm_repl_slot *got = NULL;
 
 	pthread_mutex_lock(&s->lock);
-	while (!s->err && s->busy == SLOTS)
-		pthread_cond_wait(&s->cond, &s->lock);
+	for (;;) {
+		if (write_ready(s))
+			continue;
+		if (s->err || s->busy < SLOTS)
+			break;
+		sender_wait(s);
+	}
 	for (unsigned i = 0; !s->err && i < SLOTS; i++)
 		if (!s->slots[i].busy) {
 			got = &s->slots[i];
@@ -68,8 +182,13 @@ bm_repl_drain(struct bm_repl_sender *s)
 	int err;
 
 	pthread_mutex_lock(&s->lock);
-	while (s->busy)
-		pthread_cond_wait(&s->cond, &s->lock);
+	for (;;) {
+		if (write_ready(s))
+			continue;
+		if (!s->busy)
+			break;
+		sender_wait(s);
+	}
 	err = s->err;
 	pthread_mutex_unlock(&s->lock);
 	if (err < 0)
@@ -77,27 +196,25 @@ bm_repl_drain(struct bm_repl_sender *s)
 	return 0;
 }
 
-/* Write `len` bytes of `sl`'s buffer at `off`: zeroes as such. */
+/* CHANGED_ONLY: let go of what every read asked so far has read (reads
+ * are asked in ascending order; one still running holds its place). */
 static int
-slot_write(struct bm_repl_sender *s, struct bm_repl_slot *sl, uint64_t len, uint64_t off)
+drop_read(struct bm_repl_sender *s)
 {
-	int r;
+	uint64_t to = s->read_to;
 
-	if (bm_is_zero(sl->buf, len))
-		r = blockmirror_disk_aio_write_zeroes(s->target, len, off, 0,
-						      slot_done, sl);
-	else
-		r = blockmirror_disk_aio_write(s->target, sl->buf, len, off,
-					       0, slot_done, sl);
-	if (r < 0) {
-		slot_done(sl, r);
-		return bm_repl_drain(s);
-	}
-	s->sent += len;
-	return 0;
+	pthread_mutex_lock(&s->lock);
+	for (unsigned i = 0; i < SLOTS; i++)
+		if (s->slots[i].reading)
+			to = BM_MIN(to, s->slots[i].off);
+	pthread_mutex_unlock(&s->lock);
+	if (to < s->dropped_to + DROP_STEP)
+		return 0;
+	return bm_snapshot_drop_behind(s->snap, &s->dropped_to, to);
 }
 
-/* Send [off, off + len) of the snapshot, at most SLOT_BYTES at a time. */
+/* Send [off, off + len) of the snapshot, at most SLOT_BYTES a slot: each
+ * slot reads, then writes, SLOTS of them in flight. */
 static int
 send_range(struct bm_repl_sender *s, uint64_t off, uint64_t len)
 {
@@ -112,21 +229,29 @@ send_range(struct bm_repl_sender *s, uint64_t off, uint64_t len)
 			bm_repl_drain(s);
 			return bm_error(-ECANCELED, "replication was stopped");
 		}
-
 		if (!sl)
 			return bm_repl_drain(s);
-		r = blockmirror_snapshot_read(s->snap, sl->buf, n, off);
-		/* Read once: the guest's next writes there need no copy. */
-		if (r == 0 && s->drop)
-			r = bm_snapshot_drop_behind(s->snap, &s->dropped_to,
-						    off + n);
+		pthread_mutex_lock(&s->lock);
+		sl->off = off;
+		sl->len = n;
+		sl->rerr = 0;
+		sl->reading = true;
+		pthread_mutex_unlock(&s->lock);
+		r = blockmirror_snapshot_aio_read(s->snap, sl->buf, n, off,
+						  read_done, sl);
 		if (r < 0) {
-			slot_done(sl, 0);
+			pthread_mutex_lock(&s->lock);
+			sl->reading = false;
+			pthread_mutex_unlock(&s->lock);
+			slot_done(sl, r);
+			return bm_repl_drain(s);
+		}
+		s->read_to = off + n;
+		/* Read once: the guest's next writes there need no copy. */
+		if (s->drop && (r = drop_read(s)) < 0) {
+			bm_repl_drain(s);
 			return r;
 		}
-		r = slot_write(s, sl, n, off);
-		if (r < 0)
-			return r;
 		off += n;
 		len -= n;
 	}
@@ -337,6 +462,46 @@ granules_with_data(struct bm_repl_sender *s, uint64_t first, uint64_t n,
 	return ret;
 }
 
+/* A granule larger than a slot: its digest in pieces, then sent as a
+ * range if it differs. */
+static int
+send_big_if_differs(struct bm_repl_sender *s, bool data, uint64_t ks,
+		    uint64_t ke, uint64_t theirs, uint64_t *differ)
+{
+	XXH3_state_t *st = data ? XXH3_createState() : NULL;
+	struct bm_repl_slot *sl = NULL;
+	uint64_t d = 0;
+	int ret = 0;
+
+	if (data && !st)
+		return bm_error(-ENOMEM, "out of memory");
+	if (data) {
+		sl = slot_get(s);
+		if (!sl) {
+			XXH3_freeState(st);
+			return bm_repl_drain(s);
+		}
+		XXH3_64bits_reset(st);
+		for (uint64_t pos = ks; ret == 0 && pos < ke;
+		     pos += SLOT_BYTES) {
+			uint64_t n = BM_MIN(SLOT_BYTES, ke - pos);
+
+			ret = blockmirror_snapshot_read(s->snap, sl->buf, n,
+							pos);
+			if (ret == 0)
+				XXH3_64bits_update(st, sl->buf, n);
+		}
+		d = XXH3_64bits_digest(st);
+		XXH3_freeState(st);
+		slot_done(sl, 0);
+		if (ret < 0 || d == theirs)
+			return ret;
+	}
+	/* A hole reads as zeroes: the range sends write-zeroes. */
+	*differ += ke - ks;
+	return send_range(s, ks, ke - ks);
+}
+
 /* Granule [ks, ke) against the replica's digest `theirs`: sent if it
  * differs (*differ counts it). */
 static int
@@ -349,6 +514,8 @@ send_if_differs(struct bm_repl_sender *s, bool data, uint64_t ks, uint64_t ke,
 
 	if (!data && theirs == zd)
 		return 0;
+	if (ke - ks > SLOT_BYTES)
+		return send_big_if_differs(s, data, ks, ke, theirs, differ);
 	sl = slot_get(s);
 	if (!sl)
 		return bm_repl_drain(s);
@@ -366,7 +533,8 @@ send_if_differs(struct bm_repl_sender *s, bool data, uint64_t ks, uint64_t ke,
 		memset(sl->buf, 0, ke - ks);
 	}
 	*differ += ke - ks;
-	return slot_write(s, sl, ke - ks, ks);
+	slot_write(s, sl, ke - ks, ks);
+	return 0;
 }
 
 static void

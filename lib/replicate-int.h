@@ -25,8 +25,8 @@
 #define COMMIT_MS (4 * bm_repl_call_ms())
 #define DIGEST_BATCH 4096       /* granules per digests call */
 #define IDLE_RECONNECT_MS (5 * 60 * 1000) /* under the replica's 10 */
-#define SLOTS 8                 /* NBD writes in flight */
-#define SLOT_BYTES (1024 * 1024)
+#define SLOTS 32                /* NBD writes in flight */
+#define SLOT_BYTES (256 * 1024)
 
 /* ---- the handle -------------------------------------------------------- */
 
@@ -35,6 +35,9 @@ struct blockmirror_replication {
 	struct blockmirror_replication_options o;
 	char *replica, *psk, *identity, *state_path;
 	uint64_t size, granule;      /* the replica's granule for digests */
+	/* The cycle's snapshot chunk, at which the disk's record keeps a
+	 * fine bitmap for us (bm_checkpoint_keep_fine); 0: neither. */
+	uint64_t fine;
 
 	pthread_t thread;
 	pthread_mutex_t lock;
@@ -42,6 +45,7 @@ struct blockmirror_replication {
 	bool stop;
 	bool failover;               /* asked for: the next cycle is last */
 	uint64_t sync_asked;         /* requests (counter) */
+	int64_t sync_ask_ns;         /* the newest request's time (realtime) */
 	int failover_err;
 	bool failover_done;
 	unsigned waiters;            /* in sync, verify or failover */
@@ -73,11 +77,16 @@ struct blockmirror_replication {
 };
 
 /* One cycle's data on its way to the replica's staging export: SLOTS
- * writes in flight, each with its own buffer. */
+ * reads of the snapshot and writes to the replica in flight, each with
+ * its own buffer.  A slot is busy from slot_get until its write (or the
+ * read before it) ends; `reading` while its snapshot read runs, `ready`
+ * once that is done and the sender thread has still to write it. */
 struct bm_repl_slot {
 	struct bm_repl_sender *s;
 	uint8_t *buf;
-	bool busy;
+	uint64_t off, len;
+	int rerr;                     /* the read's */
+	bool busy, reading, ready;
 };
 
 struct bm_repl_sender {
@@ -96,6 +105,7 @@ struct bm_repl_sender {
 	bool drop;                    /* a CHANGED_ONLY snapshot: let go of
 					 what is read (ranges ascend) */
 	uint64_t dropped_to;          /* bm_snapshot_drop_behind's */
+	uint64_t read_to;             /* the end of the last read asked */
 	uint64_t *theirs;             /* digests mode: the replica's batch */
 	uint64_t theirs_first, theirs_n;
 	uint64_t zero_digest, zero_tail;

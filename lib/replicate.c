@@ -1,15 +1,18 @@
 /* SPDX-License-Identifier: LGPL-2.1-or-later */
 /*
  * Replication, the primary's side (docs/replication.md): a thread that,
- * every interval, takes a snapshot of the disk, sends the granules that
+ * every interval, takes a snapshot of the disk, sends the blocks that
  * changed since the last point the replica committed into the replica's
- * staging export over NBD, and asks the replica to commit them.
+ * staging export over NBD, and asks the replica to commit them.  While it
+ * runs, the disk's change record keeps a fine bitmap (4 KiB) in memory
+ * beside its crash-safe granules, and the snapshots are taken in that
+ * unit, so a guest's small write costs its size on the wire.
  *
  * The rules that keep the replica right:
  * - A cycle's snapshot is taken `since` checkpoint repl-K, where K is a
  *   point the replica holds of this disk's generation (K <= its latest):
  *   what changed since K is a superset of what changed since its latest,
- *   and the data sent is whole granules as they are at the instant, so
+ *   and the data sent is whole blocks as they are at the instant, so
  *   applying it over the latest point gives the instant exactly.  A
  *   commit whose answer was lost is therefore harmless.
  * - The snapshot creates checkpoint repl-N.  Only once the replica said
@@ -38,6 +41,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "checkpoint.h"
 #include "disk.h"
 #include "durable.h"
 #include "errors.h"
@@ -405,6 +409,7 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	snprintf(cp, sizeof cp, CHECKPOINT_PREFIX "%" PRIu64, n);
 	so.since = r->since[0] && !r->resync ? r->since : NULL;
 	so.checkpoint = cp;
+	so.granularity = r->fine;
 	/* A cycle that sends only what changed holds only that, and lets go
 	 * of each range as it reads it: the guest's writes elsewhere, and
 	 * to what was sent, cost no copy.  What a verify asks to resend is
@@ -494,6 +499,10 @@ cycle(struct blockmirror_replication *r, uint64_t *committed)
 	pthread_mutex_lock(&r->lock);
 	r->st.committed = n;
 	r->st.committed_instant_ns = si.taken_unix_ns;
+	/* A sync asked after the reset above and before the instant is
+	 * served by this point: no cycle of its own. */
+	if (si.taken_unix_ns >= r->sync_ask_ns)
+		r->sync_asked = 0;
 	st = r->st;
 	r->info.cycles++;
 	r->info.bytes_sent += s.sent;
@@ -807,6 +816,8 @@ fenced:
 static void
 repl_free(struct blockmirror_replication *r)
 {
+	if (r->fine)
+		bm_checkpoint_keep_fine(r->disk, 0);
 	free(r->resend);
 	free(r->replica);
 	free(r->psk);
@@ -824,6 +835,25 @@ dup_opt(char **dst, const char *src)
 		return 0;
 	*dst = strdup(src);
 	return *dst ? 0 : -ENOMEM;
+}
+
+/*
+ * The unit a cycle sends in: a guest's 4 KiB write costs 4 KiB on the
+ * wire, not the record's whole granule.  The smallest power of two from
+ * 4 KiB whose bitmap of the disk fits in 8 MiB (4 KiB up to 256 GiB),
+ * if finer than the record and at most 1 MiB; else 0 (whole granules).
+ * The record's fine
+ * bitmaps and the cycle's snapshot hold a few such bitmaps each.
+ */
+static uint64_t
+fine_granularity(uint64_t size, uint64_t record)
+{
+	uint64_t g = 4 * BM_KiB;
+
+	while (size / g > (UINT64_C(1) << 26))
+		g *= 2;
+	/* A snapshot's chunk is at most 1 MiB. */
+	return g < record && g <= BM_MiB ? g : 0;
 }
 
 /* The identity of the key file's first line ("identity:hexkey"): NBD
@@ -929,6 +959,10 @@ blockmirror_replication_start(struct blockmirror_disk *disk,
 		ret = state_init(r);
 	if (ret < 0)
 		goto fail;
+	/* Without it, cycles send whole granules: slower, as right. */
+	r->fine = fine_granularity(r->size, bm_checkpoint_granularity(disk));
+	if (r->fine && bm_checkpoint_keep_fine(disk, r->fine) < 0)
+		r->fine = 0;
 	r->info.size = sizeof r->info;
 	r->info.state = BLOCKMIRROR_REPLICATION_CONNECTING;
 	strcpy(r->info.generation, r->st.gen);
@@ -1078,6 +1112,7 @@ blockmirror_replication_sync(struct blockmirror_replication *r,
 	if (!r)
 		return -EINVAL;
 	pthread_mutex_lock(&r->lock);
+	r->sync_ask_ns = BM_MAX(r->sync_ask_ns, asked);
 	ret = ask(r, ask_sync, synced, asked, timeout_ms);
 	if (ret == 0 && point)
 		*point = r->st.committed;

@@ -882,6 +882,7 @@ call_push(struct bm_call *call)
 	if (snap && (snap->since || snap->checkpoint)) {
 		int r = bm_checkpoint_at_instant(disk, snap->since,
 						 snap->checkpoint,
+						 snap->granularity,
 						 &snap->changed,
 						 &snap->changed_bytes);
 

@@ -6,7 +6,8 @@
  * refused.  Input: a missing, damaged, truncated or foreign sidecar, bad
  * and duplicate names and missing checkpoints fail with a message naming
  * the file.  Marking: random marks, checkpoint creations, removals and
- * reopenings against a model (BM_CBT_SEED replays a seed; it is printed);
+ * reopenings against a model (BM_CBT_SEED replays a seed; it is printed),
+ * and the same with the in-memory fine record switched on and off;
  * a burst of marks shares syncs; a durable range costs no I/O, and so
  * does one carried into a checkpoint made soon after the last, which a
  * crash must still find marked (and a close must not); a failed
@@ -454,6 +455,188 @@ START_TEST(test_model)
 }
 END_TEST
 
+/* ---- the fine record ---------------------------------------------------- */
+
+#define FGRAN 65536u
+#define FDISK ((UINT64_C(64) << 20) + 1000)
+#define FBLOCKS ((FDISK + GRAN - 1) / GRAN)
+
+static struct {
+	size_t n;
+	char name[MAX_CP][16];
+	uint8_t *bits[MAX_CP];      /* 4 KiB blocks written since */
+	bool fine[MAX_CP];          /* kept since it was created */
+} F;
+
+static void
+fine_check(struct bm_cbt *cbt)
+{
+	ck_assert_uint_eq(bm_cbt_count(cbt), F.n);
+	for (size_t k = 0; k < F.n; k++) {
+		struct bm_bitmap fb, cb;
+		uint64_t bytes, fbytes, g;
+		bool fine = true;
+
+		for (size_t j = k; j < F.n; j++)
+			fine &= F.fine[j];
+		ck_assert_int_eq(bm_cbt_changed_since(cbt, F.name[k], &cb,
+						      &bytes), 0);
+		ck_assert_int_eq(bm_cbt_changed_since_fine(cbt, F.name[k], &fb,
+							   &fbytes), 0);
+		ck_assert_uint_eq(bm_bitmap_granularity(&cb), FGRAN);
+		g = bm_bitmap_granularity(&fb);
+		ck_assert_msg(g == (fine ? GRAN : FGRAN), "checkpoint %s: "
+			      "changed since at %" PRIu64 ", the model says "
+			      "%u", F.name[k], g, fine ? GRAN : FGRAN);
+		for (uint64_t c = 0; c < FBLOCKS; c += FGRAN / GRAN) {
+			uint64_t e = BM_MIN(c + FGRAN / GRAN, FBLOCKS);
+			bool cwant = false;
+
+			for (uint64_t b = c; b < e; b++)
+				for (size_t j = k; j < F.n; j++)
+					cwant |= F.bits[j][b];
+			for (uint64_t b = c; b < e; b++) {
+				bool want = false;
+
+				for (size_t j = k; j < F.n; j++)
+					want |= F.bits[j][b];
+				if (bm_bitmap_test(&cb, b * GRAN) != cwant ||
+				    bm_bitmap_test(&fb, b * GRAN) !=
+				    (fine ? want : cwant))
+					ck_abort_msg("checkpoint %s, 4 KiB "
+						     "block %" PRIu64 ": "
+						     "coarse %d fine %d, the "
+						     "model says %d, %d",
+						     F.name[k], b,
+						     bm_bitmap_test(&cb,
+								    b * GRAN),
+						     bm_bitmap_test(&fb,
+								    b * GRAN),
+						     cwant,
+						     fine ? want : cwant);
+			}
+		}
+		ck_assert_uint_eq(fbytes, bm_bitmap_dirty_bytes(&fb));
+		ck_assert_uint_le(fbytes, bytes);
+		bm_bitmap_free(&fb);
+		bm_bitmap_free(&cb);
+	}
+}
+
+/*
+ * Random marks, creations, removals, reopenings and the fine record
+ * taken and let go by its users, against a model at 4 KiB: a checkpoint created
+ * while it is kept tells what changed since it in 4 KiB blocks exactly
+ * as long as every checkpoint after it has been kept too (a removal
+ * merges the two records, or leaves the older one without), and in the
+ * record's 64 KiB granules otherwise; a reopened tracker has none.
+ */
+START_TEST(test_fine)
+{
+	uint64_t rng = seed_from_env("BM_CBT_SEED", "test-cbt fine"), id = 0;
+	struct bm_cbt *cbt;
+	static struct mark m[16];
+	bool keep = true;
+	unsigned users = 1;
+	int r;
+
+	setup();
+	memset(&F, 0, sizeof F);
+	ck_assert_int_eq(bm_cbt_open(loop, path, FDISK, FGRAN, true, &cbt), 0);
+	/* A power of two from 4 KiB below the record's granularity. */
+	ck_assert_int_eq(bm_cbt_keep_fine(cbt, 3000), -EINVAL);
+	ck_assert_int_eq(bm_cbt_keep_fine(cbt, 2048), -EINVAL);
+	ck_assert_int_eq(bm_cbt_keep_fine(cbt, FGRAN), -EINVAL);
+	ck_assert_int_eq(bm_cbt_keep_fine(cbt, 2 * FGRAN), -EINVAL);
+	ck_assert_msg_has("below the record's 65536");
+	ck_assert_int_eq(bm_cbt_keep_fine(cbt, GRAN), 0);
+	ck_assert_uint_eq(bm_cbt_fine_granularity(cbt), GRAN);
+	for (int step = 0; step < 600; step++) {
+		unsigned op = (unsigned)rnd_range(&rng, 100);
+
+		if (op < 60) {
+			int n = 1 + (int)rnd_range(&rng, 16);
+
+			for (int i = 0; i < n; i++) {
+				uint64_t off = rnd_range(&rng, FDISK), len;
+
+				len = 1 + (rnd_range(&rng, 8) ?
+					   rnd_range(&rng, 3 * GRAN) :
+					   rnd_range(&rng, 8u << 20));
+				len = BM_MIN(len, FDISK - off);
+				ck_assert_int_ge(issue(cbt, &m[i], off, len),
+						 0);
+				for (uint64_t b = off / GRAN;
+				     F.n && b <= (off + len - 1) / GRAN; b++)
+					F.bits[F.n - 1][b] = 1;
+			}
+			wait_marks(loop);
+			for (int i = 0; i < n; i++)
+				ck_assert_int_eq(m[i].err, 0);
+		} else if (op < 72 && F.n < MAX_CP) {
+			snprintf(F.name[F.n], sizeof F.name[0], "cp%" PRIu64,
+				 id++);
+			F.bits[F.n] = calloc(FBLOCKS, 1);
+			F.fine[F.n] = keep;
+			ck_assert_int_eq(bm_cbt_create(cbt, F.name[F.n]), 0);
+			F.n++;
+		} else if (op < 82 && F.n) {
+			size_t k = (size_t)rnd_range(&rng, F.n);
+
+			ck_assert_int_eq(bm_cbt_remove(cbt, F.name[k]), 0);
+			if (k > 0) {
+				for (uint64_t b = 0; b < FBLOCKS; b++)
+					F.bits[k - 1][b] |= F.bits[k][b];
+				F.fine[k - 1] &= F.fine[k];
+			}
+			free(F.bits[k]);
+			memmove(&F.bits[k], &F.bits[k + 1],
+				(F.n - k - 1) * sizeof F.bits[0]);
+			memmove(&F.name[k], &F.name[k + 1],
+				(F.n - k - 1) * sizeof F.name[0]);
+			memmove(&F.fine[k], &F.fine[k + 1],
+				(F.n - k - 1) * sizeof F.fine[0]);
+			F.n--;
+		} else if (op < 88) {
+			/* Counted: what is kept goes with the last user. */
+			if (users && rnd_range(&rng, 2)) {
+				ck_assert_int_eq(bm_cbt_keep_fine(cbt, 0), 0);
+				if (!--users) {
+					memset(F.fine, 0, sizeof F.fine);
+					keep = false;
+				}
+			} else {
+				ck_assert_int_eq(bm_cbt_keep_fine(cbt, GRAN),
+						 0);
+				users++;
+				keep = true;
+			}
+			ck_assert_int_eq(bm_cbt_keep_fine(cbt, 2 * GRAN),
+					 keep ? -EBUSY : 0);
+			if (!keep)
+				ck_assert_int_eq(bm_cbt_keep_fine(cbt, 0), 0);
+		} else if (op < 92) {
+			ck_assert_int_eq(bm_cbt_close(cbt), 0);
+			r = bm_cbt_open(loop, path, FDISK, FGRAN, false, &cbt);
+			ck_assert_int_eq(r, 0);
+			memset(F.fine, 0, sizeof F.fine);
+			keep = false;
+			users = 0;
+			ck_assert_uint_eq(bm_cbt_fine_granularity(cbt), 0);
+			/* Nothing to undo: a no-op. */
+			ck_assert_int_eq(bm_cbt_keep_fine(cbt, 0), 0);
+		} else {
+			fine_check(cbt);
+		}
+	}
+	fine_check(cbt);
+	ck_assert_int_eq(bm_cbt_close(cbt), 0);
+	for (size_t k = 0; k < F.n; k++)
+		free(F.bits[k]);
+	teardown();
+}
+END_TEST
+
 /* ---- group commit, fast path ------------------------------------------ */
 
 static struct bm_fault_rules rules;
@@ -894,6 +1077,7 @@ main(void)
 	tcase_add_test(tc, test_bad_input);
 	tcase_add_test(tc, test_damaged_bitmap);
 	tcase_add_test(tc, test_model);
+	tcase_add_test(tc, test_fine);
 	tcase_add_test(tc, test_group_commit);
 	tcase_add_test(tc, test_carry);
 	tcase_add_test(tc, test_carry_limits);

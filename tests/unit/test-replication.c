@@ -5,11 +5,12 @@
  * replicates to a replica directory while writers write, and
  *   - every point equals the disk as it was when it was asked for (the
  *     writers paused, replication_sync), and a cycle sends only what
- *     changed (at most the granules written, rounded to the tracker's);
+ *     changed: the 4 KiB blocks written, by the record's fine bitmap
+ *     (whole granules once after replication starts again);
  *   - with writers running through every cycle, every point is the
  *     instant its sync asked for, block by block;
  *   - a seed copy already on the replica costs only what differs
- *     (digests);
+ *     (digests; in granules larger than a send slot too);
  *   - online verify finds a point damaged behind replication's back, and
  *     the next cycle repairs it;
  *   - a replica of another disk is refused, unless told to resync;
@@ -80,6 +81,9 @@ open_tracked(const char *path)
 	return open_tracked_by(path, 0);
 }
 
+/* The replica's granule for start_replica to create (0: its default). */
+static uint32_t replica_granularity;
+
 static struct blockmirror_replica_server *
 start_replica(bool create, const char *base)
 {
@@ -87,6 +91,7 @@ start_replica(bool create, const char *base)
 		.size = sizeof o, .dir = rdir, .listen = rsock,
 		.control = rctl, .create = create,
 		.disk_size = base ? 0 : DISK_SIZE, .base = base,
+		.granularity = replica_granularity,
 	};
 	struct blockmirror_replica_server *s = NULL;
 	int r = blockmirror_replica_server_start(&o, &s);
@@ -190,16 +195,22 @@ check_latest_is(struct blockmirror_disk *d)
 	free(img);
 }
 
+/* The bytes of 4 KiB blocks the last scribble touched. */
+static uint64_t scribbled_blocks;
+
 /* Random writes: data, zeroes, the disk's last block.  Returns the
- * bytes of 64 KiB granules touched. */
+ * bytes of 64 KiB granules touched (scribbled_blocks: of 4 KiB
+ * blocks). */
 static uint64_t
 scribble(struct blockmirror_disk *d, uint64_t *rng, unsigned n)
 {
-	static bool touched[DISK_SIZE / 65536];
+	static bool touched[DISK_SIZE / 65536], btouched[DISK_SIZE / BLOCK];
 	uint8_t buf[4 * BLOCK];
 	uint64_t bytes = 0;
 
 	memset(touched, 0, sizeof touched);
+	memset(btouched, 0, sizeof btouched);
+	scribbled_blocks = 0;
 	for (unsigned i = 0; i < n; i++) {
 		uint64_t len = BLOCK * (1 + rnd_range(rng, 4));
 		uint64_t off = i == 0 ? DISK_SIZE - BLOCK :
@@ -222,6 +233,11 @@ scribble(struct blockmirror_disk *d, uint64_t *rng, unsigned n)
 			if (!touched[g]) {
 				touched[g] = true;
 				bytes += 65536;
+			}
+		for (uint64_t b = off / BLOCK; b < (off + len) / BLOCK; b++)
+			if (!btouched[b]) {
+				btouched[b] = true;
+				scribbled_blocks += BLOCK;
 			}
 	}
 	return bytes;
@@ -278,15 +294,27 @@ START_TEST(test_seed_sends_differences)
 		 rdir, image, seed);
 	ck_assert_int_eq(system(cmd), 0);
 	d = open_tracked(image);
-	touched = scribble(d, &rng, 20);
+	/* _i = 1: granules of 1 MiB, larger than a send slot: each digest
+	 * is taken in pieces, and what differs goes as whole granules (at
+	 * most 3 written, of 8). */
+	touched = scribble(d, &rng, _i ? 3 : 20);
+	replica_granularity = _i ? 1u << 20 : 0;
 	rs = start_replica(true, seed);
+	replica_granularity = 0;
 	r = start_replication(d, 0, &err);
 	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
 	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
 	ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
-	ck_assert_msg(info.bytes_sent <= touched, "seeding sent %" PRIu64
-		      " bytes for %" PRIu64 " bytes of granules written",
-		      info.bytes_sent, touched);
+	if (_i)
+		ck_assert_msg(info.bytes_sent > 0 &&
+			      info.bytes_sent < DISK_SIZE &&
+			      info.bytes_sent % (1u << 20) == 0,
+			      "seeding in 1 MiB granules sent %" PRIu64
+			      " bytes", info.bytes_sent);
+	else
+		ck_assert_msg(info.bytes_sent <= touched, "seeding sent %"
+			      PRIu64 " bytes for %" PRIu64 " bytes of "
+			      "granules written", info.bytes_sent, touched);
 	check_latest_is(d);
 	blockmirror_replication_stop(r);
 	blockmirror_disk_close(d);
@@ -815,6 +843,63 @@ resynced(struct blockmirror_replication *r, struct blockmirror_disk *nd,
 	interval_ms = 1000;
 }
 
+/* A cycle's bytes, with the point it committed. */
+static uint64_t
+cycle_bytes(struct blockmirror_replication *r)
+{
+	struct blockmirror_replication_info info = { .size = sizeof info };
+
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
+	return info.last_cycle_bytes;
+}
+
+/*
+ * The disk's record keeps a fine, in-memory bitmap for replication: a
+ * cycle sends the 4 KiB blocks written since the last point, not their
+ * 64 KiB granules.  Replication started again (the fine record starts
+ * with it) sends at most whole granules once, then blocks again; every
+ * point equals the disk.
+ */
+START_TEST(test_sends_blocks)
+{
+	struct blockmirror_replica_server *rs = start_replica(true, NULL);
+	struct blockmirror_disk *d = open_tracked(image);
+	struct blockmirror_replication_info info = { .size = sizeof info };
+	struct blockmirror_replication *r;
+	uint64_t rng = 19, granules, got;
+	int err;
+
+	interval_ms = 3600 * 1000; /* the syncs' cycles only */
+	r = start_replication(d, 0, &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	ck_assert_int_eq(blockmirror_replication_sync(r, 30000, NULL), 0);
+	for (int round = 0; round < 3; round++) {
+		granules = scribble(d, &rng, 30);
+		got = cycle_bytes(r);
+		ck_assert_msg(got == scribbled_blocks, "round %d: sent %"
+			      PRIu64 " bytes for %" PRIu64 " bytes of 4 KiB "
+			      "blocks written (%" PRIu64 " of granules)",
+			      round, got, scribbled_blocks, granules);
+		ck_assert_uint_lt(got, granules);
+		check_latest_is(d);
+	}
+	blockmirror_replication_stop(r);
+	granules = scribble(d, &rng, 30);
+	r = start_replication(d, 0, &err);
+	ck_assert_msg(err == 0, "%s", blockmirror_last_error());
+	/* Its first cycle starts at once, the sync's may be another. */
+	cycle_bytes(r);
+	ck_assert_int_eq(blockmirror_replication_query(r, &info), 0);
+	ck_assert_uint_ge(info.bytes_sent, scribbled_blocks);
+	ck_assert_uint_le(info.bytes_sent, granules);
+	check_latest_is(d);
+	scribble(d, &rng, 30);
+	ck_assert_uint_eq(cycle_bytes(r), scribbled_blocks);
+	resynced(r, d, rs);
+}
+END_TEST
+
 /* The old disk, in the test's directory, as the new primary's replica,
  * on the first replica's sockets. */
 static struct blockmirror_replica_server *
@@ -1102,8 +1187,9 @@ main(void)
 	tcase_add_checked_fixture(tc, setup, teardown);
 	tcase_set_timeout(tc, 120);
 	tcase_add_test(tc, test_cycles_are_instants);
+	tcase_add_test(tc, test_sends_blocks);
 	tcase_add_loop_test(tc, test_points_under_writers, 0, 2);
-	tcase_add_test(tc, test_seed_sends_differences);
+	tcase_add_loop_test(tc, test_seed_sends_differences, 0, 2);
 	tcase_add_test(tc, test_verify_repairs);
 	tcase_add_test(tc, test_other_disk_refused);
 	tcase_add_test(tc, test_promotion_fences);
