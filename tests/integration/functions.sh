@@ -586,9 +586,28 @@ fio_verify() {
 }
 
 # ---- backups of a served disk at an instant ----------------------------
+# settled_copy URI COPY: copy the raw disk at URI (a guest just stopped)
+#   to COPY once what the guest had in flight has landed, however slowly:
+#   until two copies taken 0.3 s apart are equal (30 s at most).
+settled_copy() {
+	local uri=$1 copy=$2 i
+	run_ok qemu-img convert -f raw -O raw "$uri" "$copy"
+	for ((i = 0; i < 100; i++)); do
+		sleep 0.3
+		run_ok qemu-img convert -f raw -O raw "$uri" "$copy.again"
+		if cmp -s -- "$copy" "$copy.again"; then
+			rm -f -- "$copy.again"
+			return 0
+		fi
+		mv -f -- "$copy.again" "$copy"
+	done
+	fail "$uri kept changing for 30 s with its guest stopped"
+}
+
 # backup_at_instant FIO_PID COPY OUT ARGS...: stop fio (started with
 #   --thread: one process, so that SIGSTOP stops its writes), copy the
-#   served disk to the raw file COPY (the instant's content), then run
+#   served disk to the raw file COPY once its writes in flight have
+#   landed (settled_copy: the instant's content), then run
 #   `bmirror backup --control $T/ctl.sock --json ARGS...` with its lines in
 #   OUT and its stderr in OUT.err, and let fio go on as soon as the backup
 #   reports SNAPSHOT_TAKEN (or ends).  BACKUP_RC is its exit status; the
@@ -598,8 +617,7 @@ backup_at_instant() {
 	local fio=$1 copy=$2 out=$3 b i
 	shift 3
 	kill -STOP "$fio"
-	sleep 0.3 # what fio had in flight completes at the server
-	run_ok qemu-img convert -f raw -O raw "nbd+unix:///?socket=$T/nbd.sock" "$copy"
+	settled_copy "nbd+unix:///?socket=$T/nbd.sock" "$copy"
 	"$BMIRROR" backup --control "$T/ctl.sock" --json "$@" >"$out" 2>"$out.err" &
 	b=$!
 	for ((i = 0; i < 600; i++)); do

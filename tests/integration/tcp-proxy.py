@@ -6,7 +6,8 @@ Usage: tcp-proxy.py PORTFILE TARGET_HOST TARGET_PORT
 
 Listens on 127.0.0.1 (a free port, written to PORTFILE once listening) and
 forwards every connection to TARGET, both ways, bytes untouched (TLS goes
-through).  Signals change the link:
+through).  Each connection accepted adds a line to PORTFILE.accepts, so
+that a test can wait for one.  Signals change the link:
   SIGUSR1  stall: keep every connection open, forward nothing (new ones
            are accepted and stall too)
   SIGUSR2  cut: close every connection now (new ones are forwarded)
@@ -84,4 +85,6 @@ while True:
         c, _ = lsock.accept()
     except InterruptedError:
         continue
+    with open(portfile + '.accepts', 'a') as f:
+        f.write('accepted\n')
     threading.Thread(target=serve, args=(c,), daemon=True).start()

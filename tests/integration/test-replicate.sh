@@ -31,16 +31,25 @@ KEY=$T/keys.psk
 printf 'bmirror:%s\n' "$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')" >"$KEY"
 chmod 600 "$KEY"
 
-# at_instant FIO COPY: stop the guest, force a cycle (its point holds
-# every write acknowledged so far), copy the disk; the guest goes on.
-# SYNC_POINT: the point.
+# at_instant FIO COPY: stop the guest, copy the disk once its writes in
+# flight have landed (settled_copy), force a cycle (its point holds every
+# write acknowledged so far), and export the replica's latest point, which
+# pins it (retention would merge it away once the next point comes); the
+# guest goes on.  Every point committed while the guest is stopped, since
+# the forced one, equals the copy.  AT_POINT: the exported point; EXP_NBD,
+# EXP_NAME: its export (unexport it when done).
 at_instant() {
+	local synced
 	kill -STOP "$1" 2>/dev/null || true # fio may have finished its pass
-	sleep 0.3
+	settled_copy "$NBD" "$2"
 	run_ok "$BMIRROR" replicate sync --control "$CTL" --json
-	SYNC_POINT=$(json_get "$RUN_OUT" point)
-	run_ok qemu-img convert -f raw -O raw "$NBD" "$2"
+	synced=$(json_get "$RUN_OUT" point)
+	run_ok "$BMIRROR" replica export "$T/rep" --point 0 --json
 	kill -CONT "$1" 2>/dev/null || true
+	AT_POINT=$(json_get "$RUN_OUT" point)
+	EXP_NBD=$(json_get "$RUN_OUT" nbd)
+	EXP_NAME=$(json_get "$RUN_OUT" export)
+	((AT_POINT >= synced)) || fail "the latest point $AT_POINT is older than the sync's $synced"
 }
 
 # ---- set up: a replica of a new disk, a primary writing ------------------
@@ -53,9 +62,11 @@ REP_ADDR=$REPLICA_ADDR
 run_ok "$BMIRROR" replicate --control "$CTL" --to "$REP_ADDR" --tls-psk "$KEY" \
 	--interval 1 --json
 wait_point 1
+# The state says syncing until the first cycle has ended, a moment after
+# its point is committed; then incremental cycles (sending) or none (idle).
+wait_status "d['point'] >= 1 and d['state'] in ('idle', 'sending')"
 run_ok "$BMIRROR" replicate status --control "$CTL" --json
-json_assert "$RUN_OUT" "d['point'] >= 1" "d['state'] in ('idle', 'sending')" \
-	"d['bytes_sent'] >= $SIZE * 9 // 10"
+json_assert "$RUN_OUT" "d['point'] >= 1" "d['bytes_sent'] >= $SIZE * 9 // 10"
 pass "initial replication copies the disk over TCP with TLS"
 
 # Application-consistent points: the server runs the freeze command right
@@ -94,15 +105,9 @@ FIO=$!
 sleep 2
 # The guest held: a point now is the disk as it is; exported (which pins
 # it) before the guest goes on.
-kill -STOP "$FIO"
-sleep 0.3
-run_ok "$BMIRROR" replicate sync --control "$CTL" --json
-run_ok qemu-img convert -f raw -O raw "$NBD" "$T/at1.raw"
-run_ok "$BMIRROR" replica export "$T/rep" --point 0 --json
-P1=$(json_get "$RUN_OUT" point)
-EXP_NBD=$(json_get "$RUN_OUT" nbd)
-EXP_NAME=$(json_get "$RUN_OUT" export)
-kill -CONT "$FIO"
+kill -0 "$FIO" || fail "fio ended within 2 s: $(cat "$T/fio.out")"
+at_instant "$FIO" "$T/at1.raw"
+P1=$AT_POINT
 run_ok qemu-img compare -q -F raw "$(point_image "$T/rep" "$P1")" "$T/at1.raw"
 pass "a point equals the disk at its instant while the guest writes"
 
@@ -120,7 +125,9 @@ TF_OBJ="tls-creds-psk,id=tls0,endpoint=client,dir=$T/qpsk,username=bmirror"
 run_ok qemu-io --object "$TF_OBJ" --image-opts "$TF_OPTS" \
 	-c "write -P 0x5a 0 1M" -c "read -P 0x5a 0 1M"
 grep -q "Pattern verification failed" "$RUN_OUT" && fail "the test failover lost its write"
-sleep 2.5 # cycles commit while the point is exported and under test
+# Cycles commit while the point is exported and under test.
+run_ok "$BMIRROR" replicate status --control "$CTL" --json
+wait_point $(($(json_get "$RUN_OUT" point) + 2))
 run_ok "$BMIRROR" replica test-discard "$T/rep" --point "$P1"
 run_ok "$BMIRROR" verify "$EXP_URI" "$T/at1.raw"
 run_ok "$BMIRROR" replica unexport "$T/rep" --point "$P1"
@@ -137,7 +144,8 @@ LISTEN=$REP_ADDR start_replica rep
 before=$(json_get "$RUN_OUT" point)
 wait_point $((before + 1))
 at_instant "$FIO" "$T/at2.raw"
-run_ok qemu-img compare -q -F raw "$(point_image "$T/rep" 0)" "$T/at2.raw"
+run_ok qemu-img compare -q -F raw "$(point_image "$T/rep" "$AT_POINT")" "$T/at2.raw"
+run_ok "$BMIRROR" replica unexport "$T/rep" --point "$AT_POINT"
 pass "a replica killed with kill -9 comes back at a whole point and replication resumes"
 
 # ---- a wrong key -----------------------------------------------------------
