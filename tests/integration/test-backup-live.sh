@@ -23,23 +23,34 @@ SIZE=$((64 * MiB))
 CTL=$T/ctl.sock
 MAIN="nbd+unix:///?socket=$T/nbd.sock"
 DIR=$T/backups
+# fio keeps to the disk's first 48 MiB (its verify too: fio_verify uses
+# FIO_COMMON, and the last --size wins); the last 16 MiB are written only
+# by this script, so what changes there, and when, is known.
+FIO_COMMON+=(--size=$((48 * MiB)))
+TAIL=$((48 * MiB))
 
 head -c "$SIZE" /dev/urandom >"$T/disk.raw"
 SERVE_EXTRA=(--track)
 start_serve "$T/disk.raw"
 
 # --thread: one process, so that SIGSTOP stops its writes.
-fio "${FIO_COMMON[@]}" --thread --uri="$MAIN" --do_verify=0 --rate_iops=1500 \
+fio "${FIO_COMMON[@]}" --thread --uri="$MAIN" --do_verify=0 --rate_iops=1100 \
 	--output="$T/fio.out" >/dev/null 2>&1 &
 FIO=$!
 sleep 1
 
-# point N [--incremental]: the instant copied with fio stopped, then the
-# backup, fio let go once the backup reports its snapshot taken.
+# point N [--incremental]: fio stopped, 64 KiB of pattern N written at
+# TAIL + N MiB (so that every point has a change since the one before,
+# however early fio ends), the instant copied, then the backup, fio let
+# go once the backup reports its snapshot taken.  fio may have written
+# its every block already on a slow machine: then a stand-in is stopped.
 point() {
-	local n=$1
+	local n=$1 f=$FIO
 	shift
-	backup_at_instant "$FIO" "$T/at$n.raw" "$T/b$n.out" --to "$DIR" "$@"
+	kill -STOP "$FIO" 2>/dev/null || { sleep 600 & f=$!; }
+	run_ok qemu-io -f raw -c "write -P $((0x50 + n)) $((TAIL + n * MiB)) 64k" "$MAIN"
+	backup_at_instant "$f" "$T/at$n.raw" "$T/b$n.out" --to "$DIR" "$@"
+	[[ $f == "$FIO" ]] || { kill "$f"; wait "$f" 2>/dev/null || true; }
 	((BACKUP_RC == 0)) || { cat "$T/b$n.out.err" >&2; fail "backup $n failed"; }
 }
 
@@ -57,13 +68,13 @@ run_ok qemu-img check -q "$DIR/0003.qcow2"
 pass "incremental points by the change record equal their instants"
 
 # The record, not digests: about what fio wrote between the points, far
-# less than the disk.
+# less than the disk, and at least the granule point() wrote.
 # The result (the last line of the output, after the events).
 for n in 2 3; do
 	tail -n 1 "$T/b$n.out" >"$T/b$n.json"
 	json_assert "$T/b$n.json" "d['healed'] is False" "d['incremental'] is True" \
 		"d['bytes_read'] == d['bytes_changed']" \
-		"0 < d['bytes_changed'] <= $SIZE"
+		"65536 <= d['bytes_changed'] <= $SIZE"
 done
 run_ok "$BMIRROR" backup list "$DIR" --json
 json_assert "$RUN_OUT" "len(d['points']) == 3" \
@@ -85,6 +96,10 @@ run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
 tail -n 1 "$RUN_OUT" >"$T/b4.json"
 json_assert "$T/b4.json" "d['consistency'] == 'application'" "d['point'] == 4"
 [[ $(cat "$T/hook") == $'frozen\nthawed' ]] || fail "hooks ran as: $(cat "$T/hook")"
+# fio writes every block once: let it finish (so that it can verify, and
+# so that after point 5 only this script writes to the disk).
+kill -CONT "$FIO" 2>/dev/null || true
+wait "$FIO" || { cat "$T/fio.out" >&2; fail "fio failed while writing"; }
 run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json \
 	--freeze-cmd "exit 1" --thaw-cmd "echo thawed >> $T/hook"
 tail -n 1 "$RUN_OUT" >"$T/b5.json"
@@ -122,17 +137,22 @@ kill "$HELD"
 wait "$HELD" 2>/dev/null || true
 pass "control commands answered while a backup runs; one backup at a time"
 
-# fio writes every block once: let it finish, so that it can verify.
-kill -CONT "$FIO" 2>/dev/null || true
-wait "$FIO" || { cat "$T/fio.out" >&2; fail "fio failed while writing"; }
+# Since point 5 nothing but this write changed the disk: the live check
+# reads every granule but the ones it touched (and would find a mismatch
+# there if it read them, or if the record had missed the write).
+run_ok qemu-io -f raw -c "write -P 0x5a $((TAIL + 8 * MiB)) 1M" "$MAIN"
+all=$(python3 -c 'import json, sys
+g = json.load(open(sys.argv[1]))["granularity"]
+first, last = sys.argv[2:4]
+print(int(sys.argv[4]) - ((int(last) - 1) // g - int(first) // g + 1) * g)' \
+	"$DIR/0005.json" $((TAIL + 8 * MiB)) $((TAIL + 9 * MiB)) "$SIZE")
 run_ok "$BMIRROR" backup verify "$DIR" --control "$CTL" --json
 [[ $(events_in "$RUN_OUT") == "$(printf 'POINT_VERIFIED %.0s' 1 2 3 4 5)LIVE_VERIFIED" ]] ||
 	fail "the events of verify over the control socket: $(events_in "$RUN_OUT")"
 tail -n 1 "$RUN_OUT" >"$T/verify.json"
-json_assert "$T/verify.json" "d['points'] == 5" "d['live_bytes_read'] > 0" \
+json_assert "$T/verify.json" "d['points'] == 5" "d['live_bytes_read'] == $all" \
 	"d['live_mismatches'] == 0"
 pass "verify over the control socket: the chain and the live disk"
-all=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["live_bytes_read"])' "$T/verify.json")
 echo "verify: the live check read $all bytes"
 run_ok "$BMIRROR" backup verify "$DIR" --control "$CTL" --sample 30 --json
 tail -n 1 "$RUN_OUT" >"$T/verify.json"
@@ -164,16 +184,22 @@ pass "fio verifies every write it made"
 
 # quit while a backup copies: the server stops it, leaves no point, and
 # exits 0; the client says the server went away.  The point goes into an
-# export whose writes take 50 ms each (nbdkit's delay filter): the copy
-# the quit interrupts takes seconds, the hook's python far less.
-nbdkit -f --exit-with-parent -U "$T/slow.sock" --filter=delay memory "$SIZE" \
-	delay-write=50ms 2>"$T/slow.err" &
+# export held paused (nbdkit's pause filter) until the hook has had quit's
+# answer, i.e. until the server has left its loop to stop the backup, and
+# whose writes take 50 ms each after that (nbdkit's delay filter): the
+# copy cannot end before the quit on any machine.
+nbdkit -f --exit-with-parent -U "$T/slow.sock" --filter=pause --filter=delay \
+	memory "$SIZE" pause-control="$T/slow.ctl" delay-write=50ms 2>"$T/slow.err" &
 SLOW=$!
+wait_for_socket "$T/slow.ctl"
 wait_for_socket "$T/slow.sock"
+run_ok python3 "$T/held.py" "$T/slow.ctl" p
 run "$BMIRROR" backup --control "$CTL" --to "nbd+unix:///?socket=$T/slow.sock" \
 	--catalog "$T/slowcat" \
-	--thaw-cmd "python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b\"{\\\"cmd\\\": \\\"quit\\\"}\\n\"); s.recv(100)' '$CTL'"
+	--thaw-cmd "python3 -c 'import socket, sys; s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b\"{\\\"cmd\\\": \\\"quit\\\"}\\n\"); assert b\"return\" in s.recv(100)' '$CTL' > '$T/quit.out' 2>&1;
+		python3 '$T/held.py' '$T/slow.ctl' r"
 ((RUN_RC == 1)) || { show_run backup; fail "backup during quit: exit $RUN_RC"; }
+[[ ! -s $T/quit.out ]] || fail "quit from the hook: $(cat "$T/quit.out")"
 rc=0
 wait "$SERVE_PID" || rc=$?
 ((rc == 0)) || { cat "$T/serve.err" >&2; fail "serve exited $rc after quit during a backup"; }
@@ -184,31 +210,90 @@ wait "$SLOW" 2>/dev/null || true
 	{ ls -la "$T/slowcat" >&2; fail "a cancelled backup left files in its catalogue"; }
 pass "quit during a backup: cancelled, no point left, the server exits 0"
 
-# kill -9 of the server during a backup (from its thaw hook, right after
-# its instant), then a restart: the next
+# held_export NAME FILE N: FILE served on $T/NAME.sock by nbdkit's sh
+# plugin (one request at a time), HELD_PID: the first N writes go through;
+# the next one waits, $T/NAME.held saying so, until $T/NAME.release
+# exists or nbdkit has gone (a minute at most), and then fails.
+cat >"$T/held-export.sh" <<'EOF'
+#!/bin/sh
+case $1 in
+get_size) stat -Lc %s "$HELD_FILE" ;;
+can_write) exit 0 ;;
+pread) exec dd if="$HELD_FILE" iflag=skip_bytes,count_bytes skip="$4" count="$3" \
+	bs=64K status=none ;;
+pwrite)
+	if [ "$(stat -c %s "$HELD.writes")" -lt "$HELD_N" ]; then
+		printf x >>"$HELD.writes"
+		exec dd of="$HELD_FILE" oflag=seek_bytes seek="$4" conv=notrunc \
+			iflag=fullblock,count_bytes count="$3" bs=64K status=none
+	fi
+	: >"$HELD.held"
+	i=0
+	while [ ! -e "$HELD.release" ] && kill -0 "$PPID" 2>/dev/null && [ $i -lt 1200 ]; do
+		sleep 0.05
+		i=$((i + 1))
+	done
+	echo 'EIO held, then let go' >&2
+	exit 1 ;;
+*) exit 2 ;;
+esac
+EOF
+chmod +x "$T/held-export.sh"
+held_export() {
+	local name=$1
+	rm -f -- "$T/$name.sock" "$T/$name.held" "$T/$name.release"
+	: >"$T/$name.writes"
+	HELD=$T/$name HELD_FILE=$2 HELD_N=$3 nbdkit -f --exit-with-parent \
+		-U "$T/$name.sock" sh "$T/held-export.sh" 2>"$T/$name.err" &
+	HELD_PID=$!
+	wait_for_socket "$T/$name.sock"
+}
+
+# kill -9 of the server during a backup, then a restart: the next
 # backup is still incremental (no healing), holds every write since the
-# last point that exists, and equals the disk.
+# last point that exists, and equals the disk.  The backup killed goes
+# into an export that takes 32 of its writes and holds the next: the
+# kill lands while it copies, on any machine.  (Points into an export, in
+# a catalogue of their own: only a backup into an export can be held.)
 start_serve "$T/disk.raw"
+KCAT=$T/kcat
+truncate -s "$SIZE" "$T/kexp.raw"
+nbdkit -f --exit-with-parent -U "$T/kexp.sock" file "$T/kexp.raw" 2>"$T/kexp.err" &
+KEXP=$!
+wait_for_socket "$T/kexp.sock"
+run_ok "$BMIRROR" backup --control "$CTL" --to "nbd+unix:///?socket=$T/kexp.sock" \
+	--catalog "$KCAT"
 run_ok qemu-io -f raw -c "write -P 0x6b 4M 32M" "$MAIN"
-n_before=$(ls "$DIR"/*.json | wc -l)
-# The thaw hook runs once the server has taken the backup's instant and
-# before the copy ends: the kill lands there on any machine.
-"$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --progress \
-	--freeze-cmd true --thaw-cmd "touch $T/killed; kill -9 $SERVE_PID" \
-	>"$T/dead.out" 2>"$T/dead.err" &
+held_export kheld "$T/kexp.raw" 32
+"$BMIRROR" backup --control "$CTL" --to "nbd+unix:///?socket=$T/kheld.sock" \
+	--catalog "$KCAT" --incremental --json >"$T/dead.out" 2>"$T/dead.err" &
 b=$!
+for ((i = 0; i < 1200; i++)); do
+	[[ -e $T/kheld.held ]] && break
+	kill -0 "$b" 2>/dev/null || break
+	sleep 0.05
+done
+[[ -e $T/kheld.held ]] ||
+	{ cat "$T/dead.err" >&2; fail "the backup to be killed never came to its 33rd write"; }
+kill -9 "$SERVE_PID"
 wait "$b" && fail "the backup of a killed server said it succeeded"
-[[ -e $T/killed ]] || { cat "$T/dead.err" >&2; fail "the backup failed before its instant"; }
 wait "$SERVE_PID" 2>/dev/null || true
 SERVE_PID=
-[[ $(ls "$DIR"/*.json | wc -l) == "$n_before" ]] || fail "a killed backup left a point"
+touch "$T/kheld.release"
+kill "$HELD_PID"
+wait "$HELD_PID" 2>/dev/null || true
+[[ $(cd -- "$KCAT" && echo *.json) == 0001.json ]] || fail "a killed backup left a point"
+cmp -s -- "$T/kexp.raw" "$T/disk.raw" && fail "the killed backup wrote all of it: no test"
 start_serve "$T/disk.raw"
 grep -q crashed "$T/serve.err" || fail "the restarted server did not say the tracker crashed"
 run_ok qemu-io -f raw -c "write -P 0x6c 60M 64k" "$MAIN"
-run_ok "$BMIRROR" backup --control "$CTL" --to "$DIR" --incremental --json
+run_ok "$BMIRROR" backup --control "$CTL" --to "nbd+unix:///?socket=$T/kexp.sock" \
+	--catalog "$KCAT" --incremental --json
 tail -n 1 "$RUN_OUT" >"$T/after-kill.json"
-json_assert "$T/after-kill.json" "d['healed'] is False" "d['point'] == $n_before + 1" \
+json_assert "$T/after-kill.json" "d['healed'] is False" "d['point'] == 2" \
 	"d['bytes_changed'] >= 32 * 2**20 + 65536"
 stop_serve
-run_ok qemu-img compare -q -f qcow2 -F raw "$DIR/$(printf %04d $((n_before + 1))).qcow2" "$T/disk.raw"
+kill "$KEXP"
+wait "$KEXP" 2>/dev/null || true
+run_ok cmp -- "$T/kexp.raw" "$T/disk.raw"
 pass "kill -9 of the server during a backup: the next one is incremental and whole"

@@ -13,7 +13,7 @@
 #     restore takes the newest point and refuses a superseded one;
 #   - every step is an event on the control socket, in order;
 #   - fio never sees an error and verifies every write it made;
-#   - then a full target (nbdkit's full plugin; the error filter failing
+#   - then a full target (nbdkit's full plugin; an sh plugin failing
 #     writes half way into the raw file), a target killed half way: clear
 #     errors naming the target, no point recorded, verify and restore say
 #     the export was partly overwritten, and the next point is whole; the
@@ -31,6 +31,10 @@ MAIN="nbd+unix:///?socket=$T/nbd.sock"
 CAT=$T/catalog        # points in the raw export
 CHAIN=$T/chain        # points in per-point overlays
 export_uri() { printf 'nbd+unix:///?socket=%s' "$T/$1.sock"; }
+# fio keeps to the disk's first 24 MiB (its verify too: fio_verify uses
+# FIO_COMMON, and the last --size wins); the rest is this script's.
+FIO_COMMON+=(--size=$((24 * MiB)))
+TAIL=$((24 * MiB))
 
 # export_start NAME CMD...: a server on $T/NAME.sock (EXPORT_PID).
 EXPORT_PID=
@@ -47,15 +51,70 @@ export_stop() {
 	wait "$EXPORT_PID" 2>/dev/null || true
 	EXPORT_PID=
 }
-# wait_for_event FILE NAME PID: until FILE has event NAME or PID ends (30 s).
-wait_for_event() {
+# wait_for_file FILE PID: until FILE exists or PID ends (60 s); whether
+# it exists.
+wait_for_file() {
 	local i
-	for ((i = 0; i < 600; i++)); do
-		grep -q "\"$2\"" "$1" && return 0
-		kill -0 "$3" 2>/dev/null || return 0
+	for ((i = 0; i < 1200; i++)); do
+		[[ -e $1 ]] && return 0
+		kill -0 "$2" 2>/dev/null || break
 		sleep 0.05
 	done
-	fail "no $2 from the backup in 30 s"
+	[[ -e $1 ]]
+}
+# at_instant COPY OUT ARGS...: backup_at_instant, fio stopped, after 64
+# KiB of a new pattern written at a new place past TAIL (where fio never
+# writes): every point has a change since the one before, however early
+# fio ends.  fio may have written its every block already on a slow
+# machine: then a stand-in is stopped.
+N_AT=0
+at_instant() {
+	local f=$FIO
+	N_AT=$((N_AT + 1))
+	kill -STOP "$FIO" 2>/dev/null || { sleep 600 & f=$!; }
+	run_ok qemu-io -f raw -c "write -P $((0x60 + N_AT)) $((TAIL + N_AT * MiB)) 64k" "$MAIN"
+	backup_at_instant "$f" "$@"
+	[[ $f == "$FIO" ]] || { kill "$f"; wait "$f" 2>/dev/null || true; }
+}
+# A target that gives out half way: FILE served on $T/NAME.sock by nbdkit's
+# sh plugin (one request at a time; EXPORT_PID); the first N writes go
+# through, then $T/NAME.held is made, and that write and all after it
+# fail with ENOSPC (MODE enospc), or wait until nbdkit has gone (a minute
+# at most; MODE hold).  target_start NAME FILE N MODE.
+cat >"$T/target.sh" <<'EOF'
+#!/bin/sh
+case $1 in
+get_size) stat -Lc %s "$TARGET_FILE" ;;
+can_write) exit 0 ;;
+pread) exec dd if="$TARGET_FILE" iflag=skip_bytes,count_bytes skip="$4" \
+	count="$3" bs=64K status=none ;;
+pwrite)
+	if [ "$(stat -c %s "$TARGET.writes")" -lt "$TARGET_N" ]; then
+		printf x >>"$TARGET.writes"
+		exec dd of="$TARGET_FILE" oflag=seek_bytes seek="$4" conv=notrunc \
+			iflag=fullblock,count_bytes count="$3" bs=64K status=none
+	fi
+	echo "$tmpdir" >"$TARGET.tmpdir"
+	: >"$TARGET.held"
+	if [ "$TARGET_MODE" = enospc ]; then
+		echo 'ENOSPC the target is full' >&2
+		exit 1
+	fi
+	i=0
+	while kill -0 "$PPID" 2>/dev/null && [ $i -lt 1200 ]; do
+		sleep 0.05
+		i=$((i + 1))
+	done
+	exit 1 ;;
+*) exit 2 ;;
+esac
+EOF
+chmod +x "$T/target.sh"
+target_start() {
+	rm -f -- "$T/$1.held" "$T/$1.tmpdir"
+	: >"$T/$1.writes"
+	TARGET=$T/$1 TARGET_FILE=$2 TARGET_N=$3 TARGET_MODE=$4 export_start "$1" \
+		nbdkit -f --exit-with-parent -U "$T/$1.sock" sh "$T/target.sh"
 }
 # points_in DIR: the numbers of the points recorded there.
 points_in() { (cd -- "$1" && ls -- *.json 2>/dev/null | tr '\n' ' '); }
@@ -64,14 +123,14 @@ head -c "$SIZE" /dev/urandom >"$T/disk.raw"
 truncate -s "$SIZE" "$T/export.raw"
 SERVE_EXTRA=(--track)
 start_serve "$T/disk.raw"
-fio "${FIO_COMMON[@]}" --thread --uri="$MAIN" --do_verify=0 --rate_iops=400 \
+fio "${FIO_COMMON[@]}" --thread --uri="$MAIN" --do_verify=0 --rate_iops=300 \
 	--output="$T/fio.out" >/dev/null 2>&1 &
 FIO=$!
 
 # --- forever incremental: one raw export ------------------------------
 export_start export qemu-nbd -f raw -t -k "$T/export.sock" "$T/export.raw"
 RAW_PID=$EXPORT_PID
-backup_at_instant "$FIO" "$T/at1.raw" "$T/b1.out" --to "$(export_uri export)" --catalog "$CAT"
+at_instant "$T/at1.raw" "$T/b1.out" --to "$(export_uri export)" --catalog "$CAT"
 ((BACKUP_RC == 0)) || { cat "$T/b1.out.err" >&2; fail "full point into the export"; }
 run_ok cmp -- "$T/export.raw" "$T/at1.raw"
 [[ $(events_in "$T/b1.out") == "BACKUP_STARTED SNAPSHOT_TAKEN CHECKPOINT_CREATED BACKUP_PROGRESS DATA_FLUSHED DIGESTS_WRITTEN POINT_COMMITTED BACKUP_COMPLETED" ]] ||
@@ -81,14 +140,14 @@ json_assert "$T/b1.json" "d['point'] == 1" "d['file'] == '$(export_uri export)'"
 pass "a full point into an NBD export equals its instant; every step an event"
 
 for n in 2 3; do
-	backup_at_instant "$FIO" "$T/at$n.raw" "$T/b$n.out" --to "$(export_uri export)" \
+	at_instant "$T/at$n.raw" "$T/b$n.out" --to "$(export_uri export)" \
 		--catalog "$CAT" --incremental
 	((BACKUP_RC == 0)) || { cat "$T/b$n.out.err" >&2; fail "incremental point $n into the export"; }
 	run_ok cmp -- "$T/export.raw" "$T/at$n.raw"
 	tail -n 1 "$T/b$n.out" >"$T/b$n.json"
 	json_assert "$T/b$n.json" "d['point'] == $n" "d['incremental'] is True" \
 		"d['healed'] is False" "d['bytes_read'] == d['bytes_changed']" \
-		"0 < d['bytes_changed'] < $SIZE"
+		"65536 <= d['bytes_changed'] < $SIZE"
 	[[ $(events_in "$T/b$n.out") == "BACKUP_STARTED SNAPSHOT_TAKEN CHECKPOINT_CREATED BACKUP_PROGRESS DATA_FLUSHED DIGESTS_WRITTEN POINT_COMMITTED CHECKPOINT_REMOVED BACKUP_COMPLETED" ]] ||
 		fail "the events of incremental point $n: $(events_in "$T/b$n.out")"
 done
@@ -109,7 +168,7 @@ for n in 1 2 3; do
 		kind=(--incremental)
 	fi
 	export_start ov qemu-nbd -f qcow2 -t -k "$T/ov.sock" "$T/ov$n.qcow2"
-	backup_at_instant "$FIO" "$T/ov-at$n.raw" "$T/ov$n.out" --to "$(export_uri ov)" \
+	at_instant "$T/ov-at$n.raw" "$T/ov$n.out" --to "$(export_uri ov)" \
 		--catalog "$CHAIN" "${kind[@]}"
 	((BACKUP_RC == 0)) || { cat "$T/ov$n.out.err" >&2; fail "point $n into overlay $n"; }
 	export_stop
@@ -179,21 +238,16 @@ export_stop
 [[ ! -e $CAT/0004.digests ]] || fail "a full target left digests"
 
 # The same export filling up half way through the point: some of the
-# new point's granules are in it, the rest fail.
-rm -f -- "$T/trigger"
-export_start efile nbdkit -f --exit-with-parent -U "$T/efile.sock" --filter=error \
-	--filter=delay file "$T/export.raw" delay-write=5ms \
-	error-pwrite=ENOSPC error-pwrite-rate=100% error-pwrite-file="$T/trigger" \
-	error-zero=ENOSPC error-zero-rate=100% error-zero-file="$T/trigger"
+# new point's granules are in it (32 writes, two whole chunks of 16
+# granules at most: progress said), the rest fail.
+target_start efile "$T/export.raw" 32 enospc
 EFILE_PID=$EXPORT_PID
-"$BMIRROR" backup --control "$CTL" --to "$(export_uri efile)" --catalog "$CAT" \
-	--incremental --json >"$T/efull.out" 2>"$T/efull.err" &
-b=$!
-wait_for_event "$T/efull.out" BACKUP_PROGRESS "$b"
-touch "$T/trigger"
-rc=0
-wait "$b" || rc=$?
-((rc == 1)) || { cat "$T/efull.err" >&2; fail "a target that fills up half way: exit $rc"; }
+run "$BMIRROR" backup --control "$CTL" --to "$(export_uri efile)" --catalog "$CAT" \
+	--incremental --json
+cp -- "$RUN_OUT" "$T/efull.out"
+cp -- "$RUN_ERR" "$T/efull.err"
+((RUN_RC == 1)) || { cat "$T/efull.err" >&2; fail "a target that fills up half way: exit $RUN_RC"; }
+[[ -e $T/efile.held ]] || fail "the target that fills up never filled up"
 grep -Fq "$(export_uri efile)" "$T/efull.err" && grep -qi 'no space' "$T/efull.err" ||
 	fail "the error does not name the target and the problem: $(cat "$T/efull.err")"
 [[ $(events_in "$T/efull.out") == "BACKUP_STARTED SNAPSHOT_TAKEN CHECKPOINT_CREATED BACKUP_PROGRESS BACKUP_FAILED" ]] ||
@@ -230,17 +284,21 @@ json_assert "$T/b4.json" "d['bytes_changed'] >= 8 * 2**20"
 pass "a full target: clear error naming it, no point, the next point whole; an incremental into an export without the previous point is refused"
 
 # --- a target that dies half way ---------------------------------------
+# It takes 32 writes and holds the next: killed then, on any machine.
 run_ok qemu-io -f raw -c "write -P 0x4d 12M 8M" "$MAIN"
-export_start slow nbdkit -f --exit-with-parent -U "$T/slow.sock" --filter=delay \
-	file "$T/export.raw" delay-write=10ms
+target_start slow "$T/export.raw" 32 hold
 SLOW_PID=$EXPORT_PID
 "$BMIRROR" backup --control "$CTL" --to "$(export_uri slow)" --catalog "$CAT" \
 	--incremental --json >"$T/dead.out" 2>"$T/dead.err" &
 b=$!
-wait_for_event "$T/dead.out" BACKUP_PROGRESS "$b"
+wait_for_file "$T/slow.held" "$b" ||
+	{ cat "$T/dead.err" >&2; fail "the backup never came to the target's 33rd write"; }
 kill -9 "$SLOW_PID"
 wait "$SLOW_PID" 2>/dev/null || true
 EXPORT_PID=
+# What nbdkit would have removed on its way out (its sh plugin's).
+d=$(cat "$T/slow.tmpdir")
+[[ $d == */nbdkit?????? ]] && rm -rf -- "$d"
 rc=0
 wait "$b" || rc=$?
 ((rc == 1)) || { cat "$T/dead.err" >&2; fail "a killed target: exit $rc"; }
