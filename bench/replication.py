@@ -19,7 +19,11 @@ between two hosts) takes its points at 1-second cycles (`bmirror replicate
           window: p50, p99 and max, in seconds.
   iops    Unthrottled fio for --seconds, alternately with replication running and
           without (the order rotated from run to run): guest IOPS with / without
-          (goal: a cost under 10%, i.e. a ratio >= 0.90), and serve's CPU time.
+          (goal: a cost under 10%, i.e. a ratio >= 0.90), serve's CPU time, and the
+          MiB replication sent against the MiB the guest wrote.
+
+--replica-dir puts the replica's directory elsewhere (/dev/shm: its writes off the
+disk the guest writes to, as on a second host); --replica-granularity is its granule.
 
 Every case runs --runs times (default 5); tables give medians and min-max.
 
