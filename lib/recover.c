@@ -13,6 +13,9 @@
  *   the link names the recorded source       -> RESUME (or RESTART when
  *                                               the bitmap is damaged)
  *   anything else, or no readable record      -> DISCARDED: the state goes
+ *   no state file at all                      -> nothing to do; a directory
+ *                                               a move was killed in before
+ *                                               its file was in place goes
  *
  * A damaged state is never trusted: at most its record (which move it
  * was) is used, to start that move again from a full copy.
@@ -82,8 +85,11 @@ recover(const char *link, const char *image, const char *state_dir,
 	si->size = sizeof *si;
 	r = blockmirror_state_read(out->state_dir, si);
 	if (r == -ENOENT) {
+		/* No move, or one killed before its state was in place:
+		 * the source is whole, nothing to take up. */
 		bm_error_clear();
-		return 0;
+		return (flags & BLOCKMIRROR_RECOVER_KEEP) ? 0 :
+		       bm_state_remove_unborn(out->state_dir);
 	}
 	if (r < 0 && r != -EBADMSG)
 		return r; /* could not even read it: decide nothing */

@@ -180,6 +180,28 @@ bm_state_remove(const char *dir)
 	return r;
 }
 
+int
+bm_state_remove_unborn(const char *dir)
+{
+	char *path = state_path(dir), tmp[PATH_MAX];
+	int n;
+
+	if (!path)
+		return bm_error(-ENOMEM, "out of memory");
+	/* bm_durable_write_file's temporary name. */
+	n = snprintf(tmp, sizeof tmp, "%s.tmp", path);
+	free(path);
+	if (n < 0 || n >= (int)sizeof tmp)
+		return bm_error(-ENAMETOOLONG, "%s: name too long", dir);
+	if (unlink(tmp) < 0 && errno != ENOENT)
+		return bm_error(-errno, "%s: %s", tmp, strerror(errno));
+	if (rmdir(dir) < 0)
+		return errno == ENOENT || errno == ENOTEMPTY ||
+		       errno == EEXIST || errno == ENOTDIR ? 0 :
+		       bm_error(-errno, "%s: %s", dir, strerror(errno));
+	return bm_durable_sync_parent(dir);
+}
+
 /* Write the record and a first slot to a temporary file, then rename it
  * into place: a state file is complete or absent. */
 static int

@@ -102,6 +102,10 @@ int bm_state_load(const char *dir, struct bm_state *st);
 
 /* Remove DIR/state and DIR, durably.  0 if there was nothing. */
 int bm_state_remove(const char *dir);
+/* A directory a move was killed in before its state file was in place
+ * (empty, or holding only the file's temporary): remove it.  0 when
+ * there is none, or when it holds anything else (left alone). */
+int bm_state_remove_unborn(const char *dir);
 
 struct bm_job;
 struct bm_mirror_write;
