@@ -585,6 +585,31 @@ fio_verify() {
 	grep -q "err= 0" "$T/fio-verify.out" || { cat "$T/fio-verify.out" >&2; fail "fio verify reported errors: $1"; }
 }
 
+# ---- rebalancing --------------------------------------------------------
+# wait_rebalance_progress EVENTS PID DISK...: until EVENTS holds a progress event
+# (emitted a second into a copy) of every DISK; 60 s at most, failing if
+# PID (the rebalance) ends first.
+wait_rebalance_progress() {
+	local ev=$1 pid=$2 end=$((SECONDS + 60))
+	shift 2
+	until python3 - "$ev" "$@" <<'EOF'; do
+import json, sys
+seen = set()
+for l in open(sys.argv[1]):
+    try:
+        e = json.loads(l)
+    except ValueError:
+        continue  # a line still being written
+    if e.get("event") == "progress":
+        seen.add(e["disk"])
+sys.exit(0 if set(sys.argv[2:]) <= seen else 1)
+EOF
+		kill -0 "$pid" 2>/dev/null || { cat "$ev" >&2; fail "the rebalance ended before a progress event of each of $*"; }
+		((SECONDS < end)) || { cat "$ev" >&2; fail "no progress event of each of $* in 60 s"; }
+		sleep 0.1
+	done
+}
+
 # ---- backups of a served disk at an instant ----------------------------
 # settled_copy URI COPY: copy the raw disk at URI (a guest just stopped)
 #   to COPY once what the guest had in flight has landed, however slowly:

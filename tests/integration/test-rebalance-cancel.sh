@@ -86,11 +86,16 @@ for ((i = 0; i < 200; i++)); do
 done
 (($(find "$T/b" -name '.*.rebalance-*' | wc -l) == 2)) ||
 	{ ls -la "$T/b" >&2; fail "the two copies did not start"; }
+# Both copies a second in (a progress event of each, which check_pace
+# needs), and so both started for sure: their threads are created after
+# their temporary files.  At 4 MiB/s each, some 60 MiB of each to go.
+wait_rebalance_progress "$T/term.events" "$rb" d1 d2
 kids=$(cat /proc/"$rb"/task/*/children 2>/dev/null | tr -d ' ')
 [[ -z $kids ]] || fail "rebalance runs child processes: $kids"
 (($(ls /proc/"$rb"/task | wc -l) >= 3)) || fail "no copy threads in the rebalance process"
 pass "offline copies run on threads of the rebalance process"
-sleep 1.5
+(($(find "$T/b" -name '.*.rebalance-*' | wc -l) == 2)) ||
+	{ ls -la "$T/b" >&2; fail "a copy ended before the SIGTERM"; }
 kill -TERM "$rb"
 rc=0
 wait "$rb" || rc=$?

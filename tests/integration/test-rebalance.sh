@@ -75,8 +75,12 @@ fio_verify() {
 }
 
 # Watch the pool directories: the largest total of file sizes each ever
-# held, one "NAME MAX" line per pool in OUT once stopped.
+# held, one "NAME MAX" line per pool in OUT once stopped.  It returns once
+# the sampler is watching (OUT.ready), however slowly python starts, so
+# that it sees all that follows and a SIGTERM finds its handler.
 start_sampler() { # start_sampler OUT NAME=DIR...
+	local i
+	rm -f "$1.ready"
 	python3 - "$@" <<'EOF' &
 import os, signal, sys, time
 out, pools = sys.argv[1], [a.split("=", 1) for a in sys.argv[2:]]
@@ -86,6 +90,7 @@ def on_term(*_):
     global stop
     stop = True
 signal.signal(signal.SIGTERM, on_term)
+first = True
 while not stop:
     for n, d in pools:
         tot = 0
@@ -95,12 +100,21 @@ while not stop:
             except FileNotFoundError:
                 pass
         peak[n] = max(peak[n], tot)
+    if first:
+        open(out + ".ready", "w").close()
+        first = False
     time.sleep(0.01)
 with open(out, "w") as f:
     for n, v in peak.items():
         print(n, v, file=f)
 EOF
 	SAMPLER_PID=$!
+	for ((i = 0; i < 1200; i++)); do
+		[[ -e $1.ready ]] && return 0
+		kill -0 "$SAMPLER_PID" 2>/dev/null || fail "the pool sampler died"
+		sleep 0.05
+	done
+	fail "the pool sampler did not start in 60 s"
 }
 stop_sampler() {
 	kill -TERM "$SAMPLER_PID"
@@ -330,7 +344,9 @@ cat >"$T/int.json" <<EOF
 EOF
 "$BMIRROR" rebalance "$T/int.json" --json --speed 4M >"$T/int.events" 2>"$T/int.err" &
 rb=$!
-sleep 1.5
+# Both moves under way (a progress event of each, a second in), however
+# slowly they start; at 2 MiB/s each, some 14 MiB of each to go.
+wait_rebalance_progress "$T/int.events" "$rb" w1 w2
 kill -INT "$rb"
 rc=0
 wait "$rb" || rc=$?

@@ -16,7 +16,9 @@
 #   - a differencing child made with -o parent= reads as its parent;
 #   - create refuses bad options; damaged images fail with one line naming
 #     the problem;
-#   - speed: raw -> vhdx copy vs `qemu-img convert -O vhdx` (reported).
+#   - a 256 MiB dense raw -> vhdx copy: each byte read and written once,
+#     qemu-img reads it identical; its time and `qemu-img convert -O vhdx`'s
+#     are reported, never compared.
 set -euo pipefail
 source "$(dirname -- "${BASH_SOURCE[0]}")/functions.sh"
 
@@ -132,15 +134,25 @@ printf '\x01' | dd of="$T/bad.vhdx" bs=1 seek=$((128 * 1024 + 4)) conv=notrunc s
 expect_fail_with --names "$T/bad.vhdx" nonzero 'no valid VHDX header' "$BMIRROR" info "$T/bad.vhdx"
 pass "bad options and a damaged image are refused with a message"
 
-# ---- speed (reported, loosely checked) -----------------------------------
+# ---- a large dense copy (timings reported, never asserted) --------------
+# How long it takes says nothing here: the two are timed at different
+# moments of a shared machine, bmirror may be built with a sanitizer, and
+# it writes O_DIRECT where qemu-img leaves dirty pages unflushed (speed
+# goals are met in bench/).  What is checked is what the copy did: every
+# byte of a dense source read once and written once, none as zeroes, and
+# qemu-img reading the image as identical to the source, its check clean.
 head -c $((256 * M)) /dev/urandom >"$T/speed.raw"
 t0=$(date +%s%N)
 run_ok qemu-img convert -O vhdx "$T/speed.raw" "$T/speed-q.vhdx"
 t1=$(date +%s%N)
-run_ok "$BMIRROR" copy -O vhdx "$T/speed.raw" "$T/speed-b.vhdx"
+run_ok "$BMIRROR" copy -O vhdx --json "$T/speed.raw" "$T/speed-b.vhdx"
 t2=$(date +%s%N)
+cp "$RUN_OUT" "$T/speed.json"
+json_assert "$T/speed.json" "d['virtual_size'] == $((256 * M))" \
+	"d['bytes_read'] == $((256 * M))" "d['bytes_written'] == $((256 * M))" \
+	"d['bytes_zeroed'] == 0"
+run_ok qemu-img compare -f raw -F vhdx "$T/speed.raw" "$T/speed-b.vhdx"
+run_ok qemu-img check -f vhdx "$T/speed-b.vhdx"
 q=$(((t1 - t0) / 1000000)) b=$(((t2 - t1) / 1000000))
-info "256 MiB raw -> vhdx: qemu-img convert ${q} ms, bmirror copy ${b} ms"
-# The copy is I/O bound; only a gross regression fails.
-((b <= 3 * q + 500)) || fail "bmirror copy is far slower than qemu-img convert"
-pass "raw -> vhdx speed: ${b} ms vs qemu-img ${q} ms"
+info "256 MiB raw -> vhdx (reported only): qemu-img convert ${q} ms, bmirror copy ${b} ms"
+pass "256 MiB dense raw -> vhdx: each byte read and written once, qemu-img reads it identical"
