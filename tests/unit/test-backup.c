@@ -224,9 +224,17 @@ START_TEST(test_points_are_instants)
 	/* Sparse: the hole half is not read. */
 	ck_assert_uint_le(res.bytes_read, DISK_SIZE / 2 + (4 << 20));
 	for (unsigned k = 2; k <= 4; k++) {
+		unsigned done = atomic_load(&W.done);
 		uint64_t touched;
 
-		sleep_ms(150);
+		/* Writes since the last point's instant (the writers were
+		 * let go after it), however slowly they come here. */
+		for (uint64_t end = now_ms() + 30000;
+		     atomic_load(&W.done) - done < 20 && now_ms() < end;)
+			sleep_ms(5);
+		ck_assert_msg(atomic_load(&W.done) - done >= 20, "the writers "
+			      "had %u writes acknowledged in 30 s",
+			      atomic_load(&W.done) - done);
 		/* The last point with the writers gone for good: the live
 		 * check below then has the whole disk to compare (writers
 		 * let go during it could dirty every granule on a slow

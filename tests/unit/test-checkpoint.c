@@ -250,14 +250,20 @@ START_TEST(test_survives_kill)
 		for (;;)
 			pause();
 	}
-	/* Let it write a while, then kill it mid-write. */
-	for (int i = 0; i < 200; i++) {
-		int count = 0;
+	/* Let it write a while (acknowledged writes mean that it tracks
+	 * and made its checkpoint: the writers start after), however slow
+	 * its syncs are here; then kill it mid-write. */
+	for (uint64_t end = now_ms() + 30000;;) {
+		int count = 0, st = 0;
 
 		for (unsigned b = 0; b < NBLOCKS; b++)
 			count += atomic_load(&sh->acked[b]);
 		if (count > (int)NBLOCKS / 8)
 			break;
+		ck_assert_msg(waitpid(pid, &st, WNOHANG) == 0, "the tracker "
+			      "exited before the kill (status 0x%x)", st);
+		ck_assert_msg(now_ms() < end, "the tracker had %d blocks "
+			      "acknowledged in 30 s", count);
 		sleep_ms(10);
 	}
 	kill(pid, SIGKILL);

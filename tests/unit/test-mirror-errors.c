@@ -43,6 +43,7 @@ struct fixture {
 	pthread_t writer;
 	atomic_bool stop;
 	atomic_int guest_errors;
+	atomic_uint guest_writes;     /* acknowledged */
 	pthread_mutex_t model_lock;
 };
 
@@ -64,6 +65,7 @@ writer_main(void *arg)
 			pthread_mutex_lock(&fx.model_lock);
 			memcpy(fx.model + off, buf, sizeof buf);
 			pthread_mutex_unlock(&fx.model_lock);
+			atomic_fetch_add(&fx.guest_writes, 1);
 		}
 		n++;
 		sleep_ms(1);
@@ -374,16 +376,30 @@ START_TEST(test_mirrored_write_errors)
 	fx.rules.write_err_count = 5;
 	fx.rules.write_err_after = 0;
 	fx.rules.write_errno = EIO;
-	for (int i = 0; i < 200 && fx.rules.write_err_count; i++)
-		sleep_ms(10);
-	ck_assert_int_eq(fx.rules.write_err_count, _i ? 0 : 4);
-	ck_assert_int_ge(fx.ev.dst_errors, 1);
 	if (policy == BLOCKMIRROR_ON_ERROR_REPORT) {
+		unsigned n;
+
+		/* The first error fails the job, and the guest's writes go
+		 * on without touching the destination again. */
 		ck_assert_int_eq(blockmirror_job_wait(fx.job,
-			BLOCKMIRROR_JOB_FAILED, 10000), BLOCKMIRROR_JOB_FAILED);
+			BLOCKMIRROR_JOB_FAILED, 20000), BLOCKMIRROR_JOB_FAILED);
+		n = atomic_load(&fx.guest_writes);
+		for (uint64_t end = now_ms() + 20000;
+		     atomic_load(&fx.guest_writes) - n < 50 && now_ms() < end;)
+			sleep_ms(10);
+		ck_assert_uint_ge(atomic_load(&fx.guest_writes) - n, 50);
+		ck_assert_int_eq(fx.rules.write_err_count, 4);
+		ck_assert_int_ge(fx.ev.dst_errors, 1);
 		check_on_source();
 		return;
 	}
+	/* Retried (after 100, 200, 400... ms) until all five are used up,
+	 * however slowly that goes here. */
+	for (uint64_t end = now_ms() + 20000;
+	     fx.rules.write_err_count && now_ms() < end;)
+		sleep_ms(10);
+	ck_assert_int_eq(fx.rules.write_err_count, 0);
+	ck_assert_int_ge(fx.ev.dst_errors, 1);
 	ck_assert_int_eq(blockmirror_job_query(fx.job, &info), 0);
 	ck_assert(info.ready);
 	pivot_and_check();
@@ -459,7 +475,8 @@ START_TEST(test_map_error_cancel)
 	ck_assert_int_eq(bm_fault_register(fx.src, &fx.rules), 0);
 	open_disk();
 	start_job(BLOCKMIRROR_MODE_ACTIVE, BLOCKMIRROR_ON_ERROR_RETRY);
-	for (int i = 0; i < 100 && !fx.ev.src_errors; i++)
+	for (uint64_t end = now_ms() + 20000;
+	     !fx.ev.src_errors && now_ms() < end;)
 		sleep_ms(10);
 	ck_assert_int_ge(fx.ev.src_errors, 1);
 	bg_start(&c, fx.job, BG_CANCEL);
@@ -757,11 +774,12 @@ START_TEST(test_active_overlap_order)
 }
 END_TEST
 
-/* Wait up to 5 s for a counter of the fault rules to pass `than`. */
+/* Wait up to 20 s for a counter of the fault rules to pass `than`. */
 static bool
 wait_counter(_Atomic uint64_t *c, uint64_t than)
 {
-	for (int i = 0; i < 1000 && atomic_load(c) <= than; i++)
+	for (uint64_t end = now_ms() + 20000;
+	     atomic_load(c) <= than && now_ms() < end;)
 		sleep_ms(5);
 	return atomic_load(c) > than;
 }
@@ -794,35 +812,43 @@ START_TEST(test_active_write_overtakes_copy)
 	ck_assert_int_eq(blockmirror_disk_aio_write(fx.disk, two, sizeof two,
 						    MiB + 8192, 0, aio_done,
 						    &w2), 0);
-	for (int i = 0; i < 1000 && atomic_load(&w2.left); i++)
+	for (uint64_t end = now_ms() + 20000;
+	     atomic_load(&w2.left) && now_ms() < end;)
 		sleep_ms(5);
 	if (atomic_load(&w2.left))
 		atomic_store(&dst_rules.hang, false); /* let it end */
 	ck_assert_msg(atomic_load(&w2.left) == 0, "a guest write waited for "
 		      "a copy into a hung destination");
 	ck_assert_int_eq(w2.err, 0);
-	/* The copy lands, the chunk is copied again, slowly (long enough
-	 * for the check below on a loaded machine): that copy is the one
-	 * the guest waits for. */
-	atomic_store(&dst_rules.write_delay_ns, 2000 * 1000000ull);
-	sub = atomic_load(&dst_rules.submitted);
+	/* The copy lands and the chunk is copied again: that copy is the
+	 * one the guest waits for.  It is held, first in its read of the
+	 * source, then in its write to the destination, until the check
+	 * below is done, however slow this machine is. */
+	atomic_store(&fx.rules.hang, true);
+	sub = atomic_load(&fx.rules.submitted);
 	atomic_store(&dst_rules.hang, false);
-	ck_assert_msg(wait_counter(&dst_rules.submitted, sub),
+	ck_assert_msg(wait_counter(&fx.rules.submitted, sub),
 		      "the chunk was not copied again");
+	sub = atomic_load(&dst_rules.submitted);
+	atomic_store(&dst_rules.hang, true);
+	atomic_store(&fx.rules.hang, false);
+	ck_assert_msg(wait_counter(&dst_rules.submitted, sub),
+		      "the copy read the chunk but did not write it");
 	sub = atomic_load(&fx.rules.submitted);
 	memset(three, 0x33, sizeof three);
 	ck_assert_int_eq(blockmirror_disk_aio_write(fx.disk, three,
 						    sizeof three, MiB + 16384,
 						    0, aio_done, &w3), 0);
-	sleep_ms(100);
+	sleep_ms(300);
 	ck_assert_msg(atomic_load(&fx.rules.submitted) == sub &&
 		      atomic_load(&w3.left) == 1, "a guest write overtook "
 		      "the copy of a contended chunk");
-	for (int i = 0; i < 2000 && atomic_load(&w3.left); i++)
+	atomic_store(&dst_rules.hang, false);
+	for (uint64_t end = now_ms() + 20000;
+	     atomic_load(&w3.left) && now_ms() < end;)
 		sleep_ms(5);
 	ck_assert_int_eq(atomic_load(&w3.left), 0);
 	ck_assert_int_eq(w3.err, 0);
-	atomic_store(&dst_rules.write_delay_ns, 0);
 	wait_ready();
 	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
 		      blockmirror_last_error());
@@ -1044,6 +1070,10 @@ END_TEST
  * policy (_i: report, stop, retry); it used to be abandoned with the
  * stale error (complete() returned -EIO although the destination had
  * recovered).
+ *
+ * The job learns how a mirrored write went once both its halves are
+ * done: its destination half fails at once here, and its source half is
+ * held until complete() is under way, on any machine.
  */
 START_TEST(test_error_while_draining)
 {
@@ -1054,25 +1084,41 @@ START_TEST(test_error_while_draining)
 	static struct bm_fault_rules dst_rules;
 	static unsigned char buf[4096];
 	struct aio_wait w = { .left = 1 };
+	struct blockmirror_job_info info = { .size = sizeof info };
+	struct bg_call c;
+	uint64_t sub;
 
 	memset(&dst_rules, 0, sizeof dst_rules);
+	ck_assert_int_eq(bm_fault_register(fx.src, &fx.rules), 0);
 	ck_assert_int_eq(bm_fault_register(fx.dst, &dst_rules), 0);
 	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
 	start_job(BLOCKMIRROR_MODE_ACTIVE, policy[_i]);
 	wait_ready();
 	/* The next destination write (the mirrored half of the guest's)
-	 * takes 1.5 s, for complete() to start first on a loaded machine,
-	 * and then fails once. */
-	dst_rules.next_write_delay_ns = 1500 * 1000000ull;
+	 * fails once. */
 	dst_rules.write_err_after = 0;
 	dst_rules.write_err_count = 1;
 	dst_rules.write_errno = EIO;
+	atomic_store(&fx.rules.hang, true);
+	sub = atomic_load(&fx.rules.submitted);
 	memset(buf, 0x5a, sizeof buf);
 	ck_assert_int_eq(blockmirror_disk_aio_write(fx.disk, buf, sizeof buf,
 						    MiB, 0, aio_done, &w), 0);
-	sleep_ms(50);
-	ck_assert_msg(blockmirror_job_complete(fx.job) == 0, "complete: %s",
-		      blockmirror_last_error());
+	ck_assert_msg(wait_counter(&dst_rules.failures, 0), "the mirrored "
+		      "write did not fail");
+	ck_assert_msg(wait_counter(&fx.rules.submitted, sub), "the write "
+		      "never reached the source");
+	ck_assert_int_eq(atomic_load(&w.left), 1);
+	bg_start(&c, fx.job, BG_COMPLETE);
+	for (uint64_t end = now_ms() + 20000; now_ms() < end; sleep_ms(5)) {
+		ck_assert_int_eq(blockmirror_job_query(fx.job, &info), 0);
+		if (info.state == BLOCKMIRROR_JOB_PIVOTING)
+			break;
+	}
+	ck_assert_int_eq(info.state, BLOCKMIRROR_JOB_PIVOTING);
+	atomic_store(&fx.rules.hang, false);
+	ck_assert_msg(bg_wait(&c, 60000), "complete() hangs");
+	ck_assert_msg(c.result == 0, "complete: %s", strerror(-c.result));
 	while (atomic_load(&w.left))
 		sleep_ms(5);
 	ck_assert_int_eq(w.err, 0);
@@ -1150,7 +1196,8 @@ START_TEST(test_state_write_during_clear)
 	 * hangs in its slot write. */
 	atomic_store(&st_rules.hang, true);
 	sub = st_rules.submitted;
-	for (int i = 0; i < 500 && st_rules.submitted == sub; i++)
+	for (uint64_t end = now_ms() + 20000;
+	     st_rules.submitted == sub && now_ms() < end;)
 		sleep_ms(10);
 	ck_assert_msg(st_rules.submitted > sub, "no clear of the state");
 	ck_assert_int_eq(blockmirror_job_pause(fx.job), 0);
@@ -1164,7 +1211,8 @@ START_TEST(test_state_write_during_clear)
 		sleep_ms(5);
 	ck_assert_int_eq(w.err, 0);
 	/* The clearing slot has landed (and any slot after it). */
-	for (int i = 0; i < 500 && st_rules.flushes == sub; i++)
+	for (uint64_t end = now_ms() + 20000;
+	     st_rules.flushes == sub && now_ms() < end;)
 		sleep_ms(10);
 	sleep_ms(200);
 	ck_assert_int_eq(blockmirror_state_read(sdir, &si), 0);
@@ -1187,8 +1235,11 @@ START_TEST(test_forced_cancel_hung_clear)
 	struct blockmirror_job_options o =
 		job_options(BLOCKMIRROR_MODE_ACTIVE,
 			    BLOCKMIRROR_ON_ERROR_REPORT);
+	struct blockmirror_state_info si = { .size = sizeof si };
+	static unsigned char buf[4096];
 	struct bg_call c;
 	char sdir[128];
+	uint64_t sub, end;
 
 	snprintf(sdir, sizeof sdir, "%s/state", fx.dir);
 	o.state_dir = sdir;
@@ -1196,9 +1247,30 @@ START_TEST(test_forced_cancel_hung_clear)
 	open_disk_quiet(fx.src, BLOCKMIRROR_FORMAT_RAW);
 	start_job_with(&o);
 	wait_ready();
+	/* Once the state on disk is clean, no clear is under way (the
+	 * last one wrote that). */
+	for (end = now_ms() + 20000; now_ms() < end; sleep_ms(10)) {
+		ck_assert_int_eq(blockmirror_state_read(sdir, &si), 0);
+		free(si.source);
+		free(si.destination);
+		if (si.regions_dirty == 0)
+			break;
+	}
+	ck_assert_uint_eq(si.regions_dirty, 0);
 	atomic_store(&fx.rules.hang_flush, true);
-	/* The next clear (once a second) hangs in its flush. */
-	sleep_ms(2500);
+	/* A write marks region 0 dirty; the next clear (once a second)
+	 * takes it, and hangs in its flush: the only request to the
+	 * destination after the write's own. */
+	memset(buf, 0x5d, sizeof buf);
+	ck_assert_int_eq(blockmirror_disk_write(fx.disk, buf, sizeof buf, 0,
+						0), 0);
+	memcpy(fx.model, buf, sizeof buf);
+	sub = atomic_load(&fx.rules.submitted);
+	for (end = now_ms() + 20000;
+	     atomic_load(&fx.rules.submitted) == sub && now_ms() < end;)
+		sleep_ms(10);
+	ck_assert_msg(atomic_load(&fx.rules.submitted) > sub, "no clear "
+		      "flushed the destination");
 	bg_start(&c, fx.job, BG_FORCE);
 	ck_assert_msg(bg_wait(&c, 5000), "forced cancel hangs on a clear");
 	ck_assert_int_eq(c.result, 0);

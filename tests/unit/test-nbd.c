@@ -285,13 +285,28 @@ log_lines(const char *path, const char *op, unsigned *first_request,
 }
 
 /* Loop tests run with one connection (_i 0), then with a bulk copy's
- * several (_i 1: nbdkit's plugins advertise multi-conn). */
+ * several (_i 1: nbdkit's plugins advertise multi-conn).  The store asks
+ * for 4 and keeps the extra ones whose handshakes end within a second
+ * (EXTRA_WAIT_NS) or 4 times the first's: a loaded machine may give it
+ * fewer than 4.  Several is what these tests need: at least 2. */
+static unsigned
+multi_conns(struct bm_store *s)
+{
+	unsigned n = bm_nbd_connections(s);
+
+	ck_assert_msg(n >= 2 && n <= 4, "%u connections", n);
+	return n;
+}
+
 static struct bm_store *
 open_store_conns(unsigned flags, int i)
 {
 	struct bm_store *s = open_store(flags | (i ? BM_OPEN_MULTI_CONN : 0));
 
-	ck_assert_uint_eq(bm_nbd_connections(s), (i ? 4u : 1u));
+	if (i)
+		multi_conns(s);
+	else
+		ck_assert_uint_eq(bm_nbd_connections(s), 1);
 	return s;
 }
 
@@ -958,7 +973,7 @@ START_TEST(test_connect_errors)
 	t0 = now_ms();
 	ck_assert_int_eq(bm_nbd_open(loop, uri, 0, &s), -ETIMEDOUT);
 	ck_assert_uint_ge(now_ms() - t0, 1500);
-	ck_assert_uint_lt(now_ms() - t0, 6000);
+	ck_assert_uint_lt(now_ms() - t0, 10000);
 	close(lfd);
 	unlink(sock);
 
@@ -993,15 +1008,16 @@ START_TEST(test_hung_server)
 	submit(s, s->ops->read, &rq[0], 0, sizeof buf[0], buf[0], 0);
 	submit(s, s->ops->write, &rq[1], MiB, sizeof buf[1], buf[1], 0);
 	submit(s, s->ops->read, &rq[2], 40, 1000, buf[2], 0);
-	ck_assert(run_all(rq, 3, 10000));
+	/* At the 2 s timeout, not at the server's 60 s. */
+	ck_assert(run_all(rq, 3, 20000));
 	for (int i = 0; i < 3; i++) {
 		ck_assert_int_eq(rq[i].err, -ETIMEDOUT);
 		ck_assert_uint_ge(rq[i].done_ms - t0, 1500);
-		ck_assert_uint_lt(rq[i].done_ms - t0, 5000);
+		ck_assert_uint_lt(rq[i].done_ms - t0, 10000);
 	}
 	/* The server is gone for good. */
 	submit(s, s->ops->read, &late, 0, 512, buf[0], 0);
-	ck_assert(run_all(&late, 1, 1000));
+	ck_assert(run_all(&late, 1, 5000));
 	ck_assert_int_eq(late.err, -EIO);
 	ck_assert_int_eq(do_io(s, s->ops->flush, 0, 0, NULL, 0), -EIO);
 	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), "gone"));
@@ -1017,7 +1033,8 @@ START_TEST(test_slow_server)
 	struct req rq[3];
 	struct bm_store *s;
 
-	setenv("BLOCKMIRROR_NBD_TIMEOUT", "3", 1);
+	/* 1 s writes, well within a 10 s timeout on any machine. */
+	setenv("BLOCKMIRROR_NBD_TIMEOUT", "10", 1);
 	start_nbdkit("--filter=delay", "memory", "1M", "wdelay=1", NULL);
 	s = open_store(BM_OPEN_WRITE);
 	for (int i = 0; i < 3; i++) {
@@ -1025,7 +1042,7 @@ START_TEST(test_slow_server)
 		submit(s, s->ops->write, &rq[i], (uint64_t)i * 4096, 4096,
 		       buf[i], 0);
 	}
-	ck_assert(run_all(rq, 3, 10000));
+	ck_assert(run_all(rq, 3, 20000));
 	for (int i = 0; i < 3; i++)
 		ck_assert_int_eq(rq[i].err, 0);
 	ck_assert_int_eq(do_io(s, s->ops->read, 0, 4096, buf[2], 0), 0);
@@ -1055,13 +1072,14 @@ START_TEST(test_cancel)
 	t0 = now_ms();
 	s->ops->cancel(s);
 	ck_assert(!rq[0].done && !rq[1].done); /* not inside the call */
-	ck_assert(run_all(rq, 2, 2000));
+	/* At once: not at the server's 60 s. */
+	ck_assert(run_all(rq, 2, 20000));
 	for (int i = 0; i < 2; i++) {
 		ck_assert_int_eq(rq[i].err, -ECANCELED);
-		ck_assert_uint_lt(rq[i].done_ms - t0, 1000);
+		ck_assert_uint_lt(rq[i].done_ms - t0, 10000);
 	}
 	submit(s, s->ops->write, &late, 0, 512, buf[0], 0);
-	ck_assert(run_all(&late, 1, 1000));
+	ck_assert(run_all(&late, 1, 5000));
 	ck_assert_int_eq(late.err, -EIO);
 	ck_assert_uint_eq(bm_loop_inflight(loop), 0);
 	bm_store_close(s);
@@ -1087,13 +1105,14 @@ START_TEST(test_server_killed)
 	ck_assert(!rq[0].done);
 	t0 = now_ms();
 	kill(pid, SIGKILL);
-	ck_assert(run_all(rq, 2, 5000));
+	/* At once: not at the 30 s timeout. */
+	ck_assert(run_all(rq, 2, 20000));
 	for (int i = 0; i < 2; i++) {
 		ck_assert_int_eq(rq[i].err, -EIO);
-		ck_assert_uint_lt(rq[i].done_ms - t0, 2000);
+		ck_assert_uint_lt(rq[i].done_ms - t0, 10000);
 	}
 	submit(s, s->ops->read, &late, 0, 512, buf[0], 0);
-	ck_assert(run_all(&late, 1, 1000));
+	ck_assert(run_all(&late, 1, 5000));
 	ck_assert_int_eq(late.err, -EIO);
 	ck_assert_uint_eq(bm_loop_inflight(loop), 0);
 	bm_store_close(s);
@@ -1195,6 +1214,7 @@ START_TEST(test_multi_conn)
 	unsigned flush_sent, last_write, unused;
 	uint64_t before, writers;
 	struct bm_store *s;
+	unsigned n;
 
 	log_option(log, sizeof log, logopt, sizeof logopt, "log");
 	start_nbdkit("--filter=log", "--filter=delay", "memory", "64M",
@@ -1209,7 +1229,7 @@ START_TEST(test_multi_conn)
 	ck_assert_uint_eq(popcount(before), 1);
 
 	s = open_store(BM_OPEN_WRITE | BM_OPEN_MULTI_CONN);
-	ck_assert_uint_eq(bm_nbd_connections(s), 4);
+	n = multi_conns(s);
 	for (int i = 0; i < NW; i++)
 		submit(s, s->ops->write, &wr[i], (uint64_t)i * LEN, LEN,
 		       w + (size_t)i * LEN, 0);
@@ -1228,8 +1248,8 @@ START_TEST(test_multi_conn)
 	bm_store_close(s);
 
 	writers = log_conns(log, "Write") & ~before;
-	ck_assert_msg(popcount(writers) == 4, "writes on %u connections",
-		      popcount(writers));
+	ck_assert_msg(popcount(writers) == n, "writes on %u of %u "
+		      "connections", popcount(writers), n);
 	/* In the log, the flush comes after the last write's reply. */
 	log_lines(log, "Write", &unused, &last_write);
 	log_lines(log, "Flush", &flush_sent, &unused);
@@ -1255,9 +1275,10 @@ START_TEST(test_multi_conn_fewer)
 	fill(w, sizeof w, 9);
 	/* nbdkit closes the extra clients at once. */
 	start_nbdkit("--filter=limit", "memory", "16M", "limit=1", NULL);
+	/* Not long: well before the 30 s timeout, on any machine. */
 	t0 = now_ms();
 	s = open_store(BM_OPEN_WRITE | BM_OPEN_MULTI_CONN);
-	ck_assert_uint_lt(now_ms() - t0, 3000);
+	ck_assert_uint_lt(now_ms() - t0, 15000);
 	ck_assert_uint_eq(bm_nbd_connections(s), 1);
 	ck_assert_int_eq(do_io(s, s->ops->write, MiB, sizeof w, w, 0), 0);
 	ck_assert_int_eq(do_io(s, s->ops->read, MiB, sizeof r, r, 0), 0);
@@ -1283,8 +1304,11 @@ START_TEST(test_multi_conn_fewer)
 	start_qemu_nbd_shared(file, 2);
 	t0 = now_ms();
 	s = open_store(BM_OPEN_WRITE | BM_OPEN_MULTI_CONN);
-	ck_assert_uint_lt(now_ms() - t0, 5000);
-	ck_assert_uint_eq(bm_nbd_connections(s), 2);
+	ck_assert_uint_lt(now_ms() - t0, 15000);
+	/* The second, unless it came too late (a stall); never the
+	 * third. */
+	ck_assert_uint_ge(bm_nbd_connections(s), 1);
+	ck_assert_uint_le(bm_nbd_connections(s), 2);
 	ck_assert_int_eq(do_io(s, s->ops->write, 3 * MiB, sizeof w, w, 0), 0);
 	ck_assert_int_eq(do_io(s, s->ops->flush, 0, 0, NULL, 0), 0);
 	ck_assert_int_eq(do_io(s, s->ops->read, 3 * MiB, sizeof r, r, 0), 0);
@@ -1339,14 +1363,16 @@ START_TEST(test_multi_conn_lost)
 	static unsigned char buf[NR][65536];
 	struct req rq[NR], late;
 	struct bm_store *s;
+	char of[32];
 	int fds[8];
 	uint64_t t0;
+	unsigned n;
 
 	setenv("BLOCKMIRROR_NBD_TIMEOUT", "30", 1);
 	start_nbdkit("--filter=delay", "memory", "16M", "rdelay=10", NULL);
 	s = open_store(BM_OPEN_WRITE | BM_OPEN_MULTI_CONN);
-	ck_assert_uint_eq(bm_nbd_connections(s), 4);
-	ck_assert_int_eq(socket_fds(fds, 8), 4);
+	n = multi_conns(s);
+	ck_assert_int_eq(socket_fds(fds, 8), (int)n);
 	for (int i = 0; i < NR; i++)
 		submit(s, s->ops->read, &rq[i], (uint64_t)i * MiB,
 		       sizeof buf[i], buf[i], 0);
@@ -1354,17 +1380,20 @@ START_TEST(test_multi_conn_lost)
 	for (int i = 0; i < NR; i++)
 		ck_assert(!rq[i].done);
 	t0 = now_ms();
-	/* As if the server dropped that one connection. */
-	ck_assert_int_eq(shutdown(fds[2], SHUT_RDWR), 0);
-	ck_assert(run_all(rq, NR, 5000));
+	/* As if the server dropped that one connection.  At once: not
+	 * when the server answers (10 s) or at the 30 s timeout. */
+	ck_assert_int_eq(shutdown(fds[1], SHUT_RDWR), 0);
+	ck_assert(run_all(rq, NR, 20000));
 	for (int i = 0; i < NR; i++) {
 		ck_assert_int_eq(rq[i].err, -EIO);
-		ck_assert_uint_lt(rq[i].done_ms - t0, 2000);
+		ck_assert_uint_lt(rq[i].done_ms - t0, 8000);
 	}
 	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), "lost"));
-	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), " of 4)"));
+	snprintf(of, sizeof of, " of %u)", n);
+	ck_assert_msg(strstr(blockmirror_last_error(), of), "%s",
+		      blockmirror_last_error());
 	submit(s, s->ops->read, &late, 0, 512, buf[0], 0);
-	ck_assert(run_all(&late, 1, 1000));
+	ck_assert(run_all(&late, 1, 5000));
 	ck_assert_int_eq(late.err, -EIO);
 	ck_assert_ptr_nonnull(strstr(blockmirror_last_error(), "gone"));
 	ck_assert_uint_eq(bm_loop_inflight(loop), 0);
@@ -1641,32 +1670,26 @@ START_TEST(test_copy_multi_conn)
 }
 END_TEST
 
-/* Sockets process `pid` holds open. */
-static int
-sockets_of(pid_t pid)
+/* Has nbdkit's log filter logged a Write request?  (No check: the
+ * killer below is a child process.) */
+static bool
+log_has_write(const char *path)
 {
-	char path[64], link[64];
-	struct dirent *e;
-	DIR *d;
-	int n = 0;
+	FILE *f = fopen(path, "r");
+	char line[1024], word[32];
+	bool found = false;
+	unsigned id;
 
-	snprintf(path, sizeof path, "/proc/%d/fd", (int)pid);
-	d = opendir(path);
-	if (!d)
-		return 0;
-	while ((e = readdir(d))) {
-		char fd[64 + 256];
-		ssize_t len;
+	if (!f)
+		return false;
+	while (!found && fgets(line, sizeof line, f)) {
+		const char *c = strstr(line, " connection=");
 
-		snprintf(fd, sizeof fd, "%s/%s", path, e->d_name);
-		len = readlink(fd, link, sizeof link - 1);
-		if (len > 0) {
-			link[len] = '\0';
-			n += strncmp(link, "socket:", 7) == 0;
-		}
+		found = c && sscanf(c, " connection=%u %31s", &id, word) == 2 &&
+			strcmp(word, "Write") == 0;
 	}
-	closedir(d);
-	return n;
+	fclose(f);
+	return found;
 }
 
 /* The server dies in the middle of a copy over several connections: the
@@ -1676,17 +1699,19 @@ START_TEST(test_copy_server_killed)
 {
 	struct blockmirror_copy_options co = { .size = sizeof co };
 	volatile uint64_t *killed_at;
-	const char *msg;
-	char src[96];
+	const char *msg, *which;
+	char src[96], log[96], logopt[128];
 	pid_t pid, killer;
+	unsigned conn, conns = 0;
 	uint64_t t0;
 	int r;
 
 	setenv("BLOCKMIRROR_NBD_TIMEOUT", "30", 1);
 	snprintf(src, sizeof src, "%s/src.raw", dir);
 	write_pattern_file(src, 24 * MiB, 9);
-	pid = start_nbdkit("--filter=delay", "memory", "24M", "wdelay=5",
-			   NULL);
+	log_option(log, sizeof log, logopt, sizeof logopt, "log");
+	pid = start_nbdkit("--filter=log", "--filter=delay", "memory", "24M",
+			   logopt, "wdelay=5", NULL);
 	killed_at = mmap(NULL, sizeof *killed_at, PROT_READ | PROT_WRITE,
 			 MAP_SHARED | MAP_ANONYMOUS, -1, 0);
 	ck_assert(killed_at != MAP_FAILED);
@@ -1694,9 +1719,9 @@ START_TEST(test_copy_server_killed)
 	killer = fork();
 	ck_assert_int_ge(killer, 0);
 	if (killer == 0) {
-		/* Once the copy's four connections are up (the listening
-		 * socket and theirs), on any machine. */
-		for (int i = 0; i < 1000 && sockets_of(pid) < 5; i++)
+		/* Once the copy writes (its store has every connection it
+		 * will have by then), on any machine; the writes take 5 s. */
+		for (int i = 0; i < 3000 && !log_has_write(log); i++)
 			usleep(10 * 1000);
 		usleep(100 * 1000);
 		*killed_at = now_ms();
@@ -1708,10 +1733,16 @@ START_TEST(test_copy_server_killed)
 	msg = blockmirror_last_error();
 	ck_assert_int_eq(waitpid(killer, NULL, 0), killer);
 	ck_assert_msg(r == -EIO, "copy: %d %s", r, msg);
-	ck_assert_uint_lt(t0 - *killed_at, 4000);
+	/* Soon: well before the 30 s timeout. */
+	ck_assert_uint_lt(t0 - *killed_at, 10000);
 	munmap((void *)killed_at, sizeof *killed_at);
-	ck_assert_msg(strstr(msg, "lost") && strstr(msg, " of 4)"), "%s",
-		      msg);
+	/* "... lost (connection i of n)": several (4, or at least 2 on a
+	 * machine too slow for the extra handshakes). */
+	which = strstr(msg, "(connection ");
+	ck_assert_msg(strstr(msg, "lost") && which &&
+		      sscanf(which, "(connection %u of %u)", &conn,
+			     &conns) == 2 && conns >= 2 && conns <= 4,
+		      "%s", msg);
 }
 END_TEST
 

@@ -219,6 +219,9 @@ END_TEST
 
 static char dir[64], src[96], dst[96], sdir[96];
 static struct bm_fault_rules rules;
+/* The destination's: its flushes are held to hold off the state's
+ * clears, which begin with one. */
+static struct bm_fault_rules drules;
 static _Atomic uint64_t writes_at_durable;
 static _Atomic int durable_calls;
 static _Atomic bool hook_armed;
@@ -274,7 +277,10 @@ START_TEST(test_write_waits_for_mark)
 	snprintf(sdir, sizeof sdir, "%s/state", dir);
 	make_file(src, DISK);
 	make_file(dst, DISK);
+	memset(&rules, 0, sizeof rules);
+	memset(&drules, 0, sizeof drules);
 	ck_assert_int_eq(bm_fault_register(src, &rules), 0);
+	ck_assert_int_eq(bm_fault_register(dst, &drules), 0);
 	bm_state_hook = hook;
 	disk = blockmirror_disk_open(src, BLOCKMIRROR_FORMAT_RAW, 0);
 	ck_assert_ptr_nonnull(disk);
@@ -287,17 +293,29 @@ START_TEST(test_write_waits_for_mark)
 	o.mode = BLOCKMIRROR_MODE_ACTIVE;
 	o.format = BLOCKMIRROR_FORMAT_RAW;
 	o.state_dir = sdir;
+	/* No clear (it begins with a destination flush) before the check
+	 * below, however long this thread waits to make it. */
+	atomic_store(&drules.hang_flush, true);
 	job = blockmirror_job_start(disk, dst, &o);
 	ck_assert_ptr_nonnull(job);
 	/* At first every region is dirty on disk. */
 	ck_assert_uint_eq(dirty_regions_on_disk(&words), DISK / REGION);
+	atomic_store(&drules.hang_flush, false);
 	ck_assert_int_eq(blockmirror_job_wait(job, BLOCKMIRROR_JOB_READY,
 					      20000), BLOCKMIRROR_JOB_READY);
 	/* The once-a-second clear empties it once both images hold it. */
-	for (i = 0; i < 100 && dirty_regions_on_disk(&words); i++)
+	for (i = 0; i < 400 && dirty_regions_on_disk(&words); i++)
 		usleep(50000);
 	ck_assert_uint_eq(dirty_regions_on_disk(&words), 0);
 
+	/*
+	 * From here on no clear gets past its destination flush, so none
+	 * writes a slot while the rounds below run: every slot that
+	 * becomes durable is a round's mark, however slow the syncs are.
+	 * (The state on disk is all clean, so no clear is under way: the
+	 * last one wrote that.)
+	 */
+	atomic_store(&drules.hang_flush, true);
 	atomic_store(&hook_armed, true);
 	for (int round = 0; round < 3; round++) {
 		uint64_t off = (uint64_t)round * REGION + 4096 * 3;
@@ -320,6 +338,11 @@ START_TEST(test_write_waits_for_mark)
 		ck_assert_int_eq(atomic_load(&durable_calls), 0);
 	}
 	atomic_store(&hook_armed, false);
+	/* What the rounds marked is still dirty on disk: no clear took
+	 * it meanwhile. */
+	dirty_regions_on_disk(&words);
+	ck_assert_uint_eq(words & 7, 7);
+	atomic_store(&drules.hang_flush, false);
 
 	/* A pivot-less ending removes the state. */
 	ck_assert_int_eq(blockmirror_job_cancel(job, true), 0);
@@ -328,6 +351,7 @@ START_TEST(test_write_waits_for_mark)
 	ck_assert_int_eq(blockmirror_disk_close(disk), 0);
 	bm_state_hook = NULL;
 	bm_fault_unregister(src);
+	bm_fault_unregister(dst);
 	unlink(src);
 	unlink(dst);
 	rmdir(dir);
