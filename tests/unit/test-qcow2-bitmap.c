@@ -330,9 +330,9 @@ START_TEST(test_dir_many)
 			b[n - 1].table_offset = b[1].table_offset;
 		}
 		t = dir_parse_cost(b, n, &h, buf, want, 3);
-		/* About 25 here (caches favour the small one); pairwise,
-		 * 240. */
-		ck_assert_msg(t < 96 * part, "round %d: %.1f ms, %.0f times "
+		/* 20 to 45 here, sanitizers included (caches favour the
+		 * small one); pairwise, 240. */
+		ck_assert_msg(t < 128 * part, "round %d: %.1f ms, %.0f times "
 			      "the %.2f ms of a sixteenth", round, t * 1e3,
 			      t / part, part * 1e3);
 		if (round == 1)
