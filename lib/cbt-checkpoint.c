@@ -314,10 +314,10 @@ changed_since(const struct bm_cbt *cbt, const char *name, bool fine,
 	if (why)
 		return bm_error(-ESTALE, "%s: checkpoint %s is not trusted: %s",
 				cbt->path, name, why);
+	/* Every fine bitmap is at fine_granularity: another is refused
+	 * while one is kept, and the last user's undoing frees them. */
 	for (size_t i = (size_t)k; fine && i < cbt->count; i++)
-		fine = cbt->cp[i].fine.words != NULL &&
-		       bm_bitmap_granularity(&cbt->cp[i].fine) ==
-		       cbt->fine_granularity;
+		fine = cbt->cp[i].fine.words != NULL;
 	if (fine)
 		g = cbt->fine_granularity;
 	if (bm_bitmap_init(out, cbt->disk_size, g) < 0)

@@ -279,16 +279,36 @@ bm_durable_symlink(const char *target, const char *link, bool *renamed)
 	return r;
 }
 
+/* The temporary bm_durable_write_file writes `path` to first. */
+static int
+tmp_name(const char *path, char *tmp, size_t len)
+{
+	if (snprintf(tmp, len, "%s.tmp", path) >= (int)len)
+		return bm_error(-ENAMETOOLONG, "%s: name too long", path);
+	return 0;
+}
+
+int
+bm_durable_remove_leftover(const char *path)
+{
+	char tmp[PATH_MAX];
+	int r = tmp_name(path, tmp, sizeof tmp);
+
+	if (r == 0 && unlink(tmp) < 0 && errno != ENOENT)
+		r = bm_error(-errno, "%s: %s", tmp, strerror(errno));
+	return r;
+}
+
 int
 bm_durable_write_file(const char *path, const void *buf, size_t len,
 		      mode_t mode)
 {
 	char tmp[PATH_MAX];
 	struct step_args a;
-	int r;
+	int r = tmp_name(path, tmp, sizeof tmp);
 
-	if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp)
-		return bm_error(-ENAMETOOLONG, "%s: name too long", path);
+	if (r < 0)
+		return r;
 	a.fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW,
 		    mode);
 	if (a.fd < 0)

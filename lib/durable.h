@@ -92,6 +92,9 @@ int bm_durable_symlink(const char *target, const char *link, bool *renamed);
  */
 int bm_durable_write_file(const char *path, const void *buf, size_t len,
 			  mode_t mode);
+/* Remove the temporary a bm_durable_write_file of `path` cut short left
+ * (a crash between its write and its rename); 0 if there is none. */
+int bm_durable_remove_leftover(const char *path);
 
 /* Remove `path` and sync its directory; a missing file is not an error. */
 int bm_durable_unlink(const char *path);

@@ -183,18 +183,15 @@ bm_state_remove(const char *dir)
 int
 bm_state_remove_unborn(const char *dir)
 {
-	char *path = state_path(dir), tmp[PATH_MAX];
-	int n;
+	char *path = state_path(dir);
+	int r;
 
 	if (!path)
 		return bm_error(-ENOMEM, "out of memory");
-	/* bm_durable_write_file's temporary name. */
-	n = snprintf(tmp, sizeof tmp, "%s.tmp", path);
+	r = bm_durable_remove_leftover(path);
 	free(path);
-	if (n < 0 || n >= (int)sizeof tmp)
-		return bm_error(-ENAMETOOLONG, "%s: name too long", dir);
-	if (unlink(tmp) < 0 && errno != ENOENT)
-		return bm_error(-errno, "%s: %s", tmp, strerror(errno));
+	if (r < 0)
+		return r;
 	if (rmdir(dir) < 0)
 		return errno == ENOENT || errno == ENOTEMPTY ||
 		       errno == EEXIST || errno == ENOTDIR ? 0 :
